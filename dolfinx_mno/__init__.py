@@ -1,0 +1,51 @@
+"""dolfinx_mno: learned closures and multiscale neural operators for DOLFINx.
+
+A learned closure is a PyTorch model evaluated at the quadrature points of a form; it
+enters UFL like any coefficient::
+
+    import dolfinx_mno as mno
+    closure = mno.Closure(model, [u, ufl.grad(u)], quadrature_degree=4)
+    F -= ufl.inner(closure, v) * closure.dx
+
+Importing this package first also makes the ``dolfinx-solver-real`` wheel's MPI library
+visible to DOLFINx (``import dolfinx_solver`` must precede ``import dolfinx``).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+
+# The dolfinx-solver wheels load their bundled MPI library on import; DOLFINx cannot find
+# libmpi otherwise. Other DOLFINx installations (conda, Spack, Docker) need nothing.
+if importlib.util.find_spec("dolfinx_solver") is not None:
+    import dolfinx_solver  # noqa: F401
+
+from dolfinx_mno.closure import (
+    Closure,
+    ClosureEvaluationError,
+    derivative,
+    extract_closures,
+)
+from dolfinx_mno.normalization import AffineNormalization, NormalizedModel
+from dolfinx_mno.quadrature import check_form, measure, quadrature_space
+from dolfinx_mno.torch_bridge import resolve_device
+
+try:
+    __version__ = importlib.metadata.version("dolfinx_mno")
+except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source tree
+    __version__ = "0.0.0"
+
+__all__ = [
+    "AffineNormalization",
+    "Closure",
+    "ClosureEvaluationError",
+    "NormalizedModel",
+    "__version__",
+    "check_form",
+    "derivative",
+    "extract_closures",
+    "measure",
+    "quadrature_space",
+    "resolve_device",
+]

@@ -1,0 +1,458 @@
+"""Local learned closures: PyTorch models evaluated at the quadrature points of a form.
+
+A :class:`Closure` is a :class:`dolfinx.fem.Function` on a quadrature space, so it enters
+UFL forms like any coefficient::
+
+    closure = Closure(model, [u, ufl.grad(u)], value_shape=(2,), quadrature_degree=4)
+    F -= ufl.inner(closure, ufl.grad(v)) * closure.dx
+    closure.update()  # operands -> model -> values at the quadrature points
+
+The stages of :meth:`Closure.update` are explicit (as in dolfinx-external-operator):
+evaluate all operands with one cached, fused :class:`dolfinx.fem.Expression` on the owned
+cells → feed the model in chunks → check the values → write them into the quadrature
+function → ``scatter_forward`` to make ghosts consistent.
+
+For implicit (Newton) coupling, :func:`derivative` replaces :func:`ufl.derivative`: it adds
+the linearisation of every closure, ``δclosure = T · δ(operands)``, where the tangent
+``T = ∂closure/∂operands`` is computed by ``torch.func`` at the quadrature points and
+stored in :attr:`Closure.tangent`.
+"""
+
+from __future__ import annotations
+
+import time
+import typing
+from collections.abc import Sequence
+
+from mpi4py import MPI
+
+import numpy as np
+import torch
+import ufl
+from dolfinx import fem
+from dolfinx.mesh import Mesh
+from ufl.algorithms import expand_derivatives, extract_coefficients
+from ufl.constantvalue import Zero
+
+from dolfinx_mno.quadrature import (
+    flatten_operands,
+    measure,
+    quadrature_points,
+    quadrature_space,
+)
+from dolfinx_mno.torch_bridge import (
+    NUMPY_TO_TORCH,
+    PointwiseEvaluator,
+    model_device,
+    resolve_device,
+)
+
+__all__ = ["Closure", "ClosureEvaluationError", "derivative", "extract_closures"]
+
+
+class ClosureEvaluationError(RuntimeError):
+    """A closure update failed on at least one rank; the closure values were not changed."""
+
+
+def _operand_mesh(operands: Sequence[ufl.core.expr.Expr], mesh: Mesh | None) -> Mesh:
+    """The mesh all operands live on; raises if they live on several or on another one."""
+    domains = set()
+    for operand in operands:
+        domains.update(ufl.domain.extract_domains(operand))
+    if mesh is not None:
+        others = [d for d in domains if d != mesh.ufl_domain()]
+        if others:
+            raise ValueError(
+                "Closure operands must live on the closure's mesh, but "
+                f"{len(others)} operand domain(s) belong to another mesh."
+            )
+        return mesh
+    if len(domains) != 1:
+        raise ValueError(
+            "Closure operands must live on exactly one mesh, but they live on "
+            f"{len(domains)}; pass mesh= to say which, or rebuild the operands on one mesh."
+        )
+    for operand in operands:
+        for coefficient in extract_coefficients(operand):
+            if hasattr(coefficient, "function_space"):
+                return typing.cast(Mesh, coefficient.function_space.mesh)
+    raise ValueError(
+        "Could not find the DOLFINx mesh of the operands (none of them contains a "
+        "fem.Function); pass mesh= explicitly."
+    )
+
+
+class Closure(fem.Function):
+    """A learned closure whose values live at the quadrature points of a cell rule.
+
+    Args:
+        model: Pointwise model mapping ``(batch, num_inputs)`` to ``(batch, *value_shape)``
+            or ``(batch, prod(value_shape))``. It is evaluated in its own dtype and moved
+            to ``device``; each output row may depend only on the same input row.
+        operands: UFL expressions on one mesh (``u``, ``grad(u)``, ``x``, other
+            coefficients), the same operands a ``ufl.ExternalOperator`` would take. Their
+            components, operand after operand and each in row-major order, form the
+            ``num_inputs`` columns of the model input.
+        value_shape: Shape of the closure value: ``()`` (scalar), ``(d,)`` (a flux) or
+            ``(d, d)`` (a stress).
+        quadrature_degree: Degree of Basix's default cell quadrature rule that carries the
+            values. Integrate the closure with :attr:`dx`.
+        mesh: The mesh; by default the mesh of the operands.
+        device: ``"auto"`` (``cuda:(local rank % number of GPUs)`` when CUDA is available,
+            else the CPU), or any :class:`torch.device`. ``None`` leaves the model where it
+            is.
+        batch_size: Points per model call (bounded memory); default 4096 on the CPU and
+            2¹⁸ on a GPU.
+        tangent: Also compute ``∂closure/∂operands`` at each update (implicit coupling).
+            :func:`derivative` switches it on when a Jacobian needs it.
+        name: Name of the function (used in output files and error messages).
+
+    Shapes:
+        * ``self.x.array`` holds ``(num_cells, num_points, *value_shape)`` values,
+          ``num_points`` being the points of the quadrature rule on one cell.
+        * :attr:`tangent` holds ``(num_cells, num_points, *value_shape, num_inputs)``.
+
+    Raises:
+        ValueError: Operands from another mesh, a model input width different from the
+            operand components, a model output that does not match ``value_shape``, or a
+            bad ``quadrature_degree``/``value_shape``.
+        TypeError: Complex or otherwise unsupported dtypes.
+
+    References:
+        Lütjens et al., "Multiscale Neural Operator: Learning Fast and Grid-independent
+        PDE Solvers", 2022, https://arxiv.org/abs/2207.11417.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        operands: Sequence[ufl.core.expr.Expr | fem.Function],
+        value_shape: tuple[int, ...] = (),
+        quadrature_degree: int = 2,
+        *,
+        mesh: Mesh | None = None,
+        device: str | torch.device | None = "auto",
+        batch_size: int | None = None,
+        tangent: bool = False,
+        name: str = "closure",
+    ):
+        # Everything that can fail on bad input is checked before the first collective
+        # call (the JIT compilation of the operand expression), identically on all ranks.
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        if isinstance(operands, ufl.core.expr.Expr):
+            operands = [operands]
+        operand_list = tuple(ufl.as_ufl(op) for op in operands)
+        if not operand_list:
+            raise ValueError("A closure needs at least one operand.")
+        value_shape = tuple(int(n) for n in value_shape)
+        if any(n < 1 for n in value_shape):
+            raise ValueError(f"value_shape must have positive entries, got {value_shape}.")
+        if not isinstance(quadrature_degree, int | np.integer) or quadrature_degree < 0:
+            raise ValueError(f"quadrature_degree must be a non-negative integer, got "
+                             f"{quadrature_degree!r}.")
+        mesh = _operand_mesh(operand_list, mesh)
+        dtype = _scalar_dtype(operand_list, mesh)
+
+        vector, widths = flatten_operands(operand_list)
+        num_inputs = sum(widths)
+        num_outputs = int(np.prod(value_shape, dtype=int))
+        tdim = mesh.topology.dim
+        num_cells = mesh.topology.index_map(tdim).size_local
+        points = quadrature_points(mesh, int(quadrature_degree))
+        num_points = num_cells * points.shape[0]
+
+        # Probe the model where it is now (local, deterministic: every rank agrees).
+        probe_device = model_device(model) or torch.device("cpu")
+        probe = PointwiseEvaluator(model, num_inputs, num_outputs, 1, dtype, probe_device)
+        output_shape = probe.probe()
+        if output_shape not in (value_shape, (num_outputs,)) or (
+            value_shape == () and output_shape not in ((), (1,))
+        ):
+            raise ValueError(
+                f"Model output width mismatch: the closure has value_shape {value_shape} "
+                f"({num_outputs} components per point) but the model returns "
+                f"{output_shape} per point."
+            )
+
+        # Collective from here on.
+        space = quadrature_space(mesh, int(quadrature_degree), value_shape)
+        super().__init__(space, name=name, dtype=dtype)
+        self._mno_quadrature_degree = int(quadrature_degree)
+        self._operands = operand_list
+        self._operand_widths = widths
+        self._expression = fem.Expression(vector, points, dtype=dtype)
+        self._cells = np.arange(num_cells, dtype=np.int32)
+        self._num_cells = num_cells
+        self._points_per_cell = points.shape[0]
+
+        if device is not None:
+            target = resolve_device(device, mesh.comm)
+            model.to(target)
+        self._model = model
+        self._evaluator = PointwiseEvaluator(
+            model,
+            num_inputs,
+            num_outputs,
+            num_points,
+            dtype,
+            model_device(model) or torch.device("cpu"),
+            batch_size,
+        )
+        self._operand_buffer = self._evaluator.inputs.reshape(
+            num_cells, points.shape[0], num_inputs
+        )
+        self._value_dofs = _owned_dofs(space, num_cells)
+        self._tangent: fem.Function | None = None
+        self._tangent_dofs: slice | np.ndarray | None = None
+        if tangent:
+            self.enable_tangent()
+        self._update_count = 0
+        self.timings: dict[str, float] = {}
+
+    # -- properties -------------------------------------------------------------------
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The torch model."""
+        return self._model
+
+    @property
+    def operands(self) -> tuple[ufl.core.expr.Expr, ...]:
+        """The UFL operands, in the order their components enter the model."""
+        return self._operands
+
+    @property
+    def operand_widths(self) -> list[int]:
+        """Number of input components of each operand."""
+        return list(self._operand_widths)
+
+    @property
+    def num_inputs(self) -> int:
+        """Number of input components per point (the model's input width)."""
+        return self._evaluator.num_inputs
+
+    @property
+    def value_shape(self) -> tuple[int, ...]:
+        """Shape of the closure value at one point."""
+        return tuple(self.ufl_shape)
+
+    @property
+    def quadrature_degree(self) -> int:
+        """Degree of the quadrature rule carrying the values."""
+        return self._mno_quadrature_degree
+
+    @property
+    def device(self) -> torch.device:
+        """Device the model runs on."""
+        return self._evaluator.device
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        """dtype the model runs in."""
+        return self._evaluator.dtype
+
+    @property
+    def dx(self) -> ufl.Measure:
+        """The cell measure with this closure's quadrature rule."""
+        return measure(self.function_space.mesh, self.quadrature_degree)
+
+    @property
+    def tangent(self) -> fem.Function:
+        """``∂closure/∂operands`` at the quadrature points, value shape
+        ``(*value_shape, num_inputs)``; created by :meth:`enable_tangent`."""
+        if self._tangent is None:
+            raise RuntimeError(
+                f"Closure '{self.name}' has no tangent; create it with tangent=True or "
+                "build the Jacobian with dolfinx_mno.derivative."
+            )
+        return self._tangent
+
+    @property
+    def update_count(self) -> int:
+        """Number of successful updates."""
+        return self._update_count
+
+    # -- evaluation -------------------------------------------------------------------
+
+    def enable_tangent(self) -> fem.Function:
+        """Compute the tangent at every update from now on; returns :attr:`tangent`."""
+        if self._tangent is None:
+            mesh = self.function_space.mesh
+            space = quadrature_space(
+                mesh, self.quadrature_degree, (*self.value_shape, self.num_inputs)
+            )
+            self._tangent = fem.Function(space, name=f"{self.name}_tangent", dtype=self.dtype)
+            self._tangent._mno_quadrature_degree = self.quadrature_degree  # type: ignore
+            self._tangent_dofs = _owned_dofs(space, self._num_cells)
+        return self._tangent
+
+    def update(self, tangent: bool | None = None) -> None:
+        """Evaluate the model at the current operands and store the values.
+
+        Collective on the mesh communicator.
+
+        Args:
+            tangent: Also update :attr:`tangent`; by default, whenever it exists.
+
+        Raises:
+            ClosureEvaluationError: If the model raised or returned NaN/Inf on any rank.
+                The closure values (and tangent) keep their previous values, on all ranks.
+        """
+        comm = self.function_space.mesh.comm
+        with_tangent = self._tangent is not None if tangent is None else tangent
+        if with_tangent:
+            self.enable_tangent()
+        attempt = self._update_count + 1
+        timings: dict[str, float] = {}
+        error: str | None = None
+        t0 = time.perf_counter()
+        try:
+            self._expression.eval(
+                self.function_space.mesh, self._cells, values=self._operand_buffer
+            )
+            t1 = time.perf_counter()
+            self._evaluator.evaluate(tangent=with_tangent)
+            t2 = time.perf_counter()
+            timings.update(operands=t1 - t0, model=t2 - t1)
+            error = self._check_finite(with_tangent)
+        except Exception as err:  # noqa: BLE001 - reported collectively below
+            error = f"the model raised {type(err).__name__}: {err}"
+        # Agree on failure before touching any value or entering any other collective.
+        failed = comm.allgather(error is not None)
+        if any(failed):
+            ranks = [r for r, f in enumerate(failed) if f]
+            here = f" On rank {comm.rank}, {error}." if error is not None else ""
+            raise ClosureEvaluationError(
+                f"Update {attempt} of closure '{self.name}' failed on rank(s) {ranks}.{here} "
+                "The previous closure values were kept."
+            )
+        t3 = time.perf_counter()
+        self.x.array[self._value_dofs] = self._evaluator.outputs.reshape(-1)
+        if with_tangent:
+            assert self._tangent is not None and self._tangent_dofs is not None
+            self._tangent.x.array[self._tangent_dofs] = self._evaluator.tangents.reshape(-1)
+        t4 = time.perf_counter()
+        self.x.scatter_forward()
+        if with_tangent:
+            assert self._tangent is not None
+            self._tangent.x.scatter_forward()
+        t5 = time.perf_counter()
+        timings.update(write=t4 - t3, scatter=t5 - t4, total=t5 - t0)
+        self.timings = timings
+        self._update_count = attempt
+
+    def _check_finite(self, with_tangent: bool) -> str | None:
+        """Describe non-finite model output on this rank, or return ``None``."""
+        outputs = self._evaluator.outputs
+        arrays = [outputs]
+        if with_tangent:
+            arrays.append(self._evaluator.tangents.reshape(outputs.shape[0], -1))
+        # A sum is a cheap test for the common all-finite case; count only on failure.
+        if all(np.isfinite(np.sum(a)) for a in arrays):
+            return None
+        bad = np.zeros(outputs.shape[0], dtype=bool)
+        for a in arrays:
+            bad |= ~np.isfinite(a).all(axis=1)
+        if not bad.any():
+            return None
+        what = "values or tangents" if with_tangent else "values"
+        return (
+            f"the model returned NaN/Inf {what} at {int(bad.sum())} of {outputs.shape[0]} "
+            "quadrature points"
+        )
+
+    def linearization(
+        self, coefficient: fem.Function, argument: ufl.Argument
+    ) -> ufl.core.expr.Expr | None:
+        """Return ``δclosure = T · δ(operands)`` in the direction ``argument``.
+
+        Args:
+            coefficient: The unknown the operands are differentiated with respect to.
+            argument: The direction (usually a trial function of ``coefficient``'s space).
+
+        Returns:
+            A UFL expression of shape :attr:`value_shape`, or ``None`` if no operand depends
+            on ``coefficient``.
+        """
+        variations = [
+            expand_derivatives(ufl.derivative(op, coefficient, argument)) for op in self.operands
+        ]
+        flat, _ = flatten_operands(variations)
+        if all(isinstance(component, Zero) for component in flat.ufl_operands):
+            return None
+        return ufl.dot(self.enable_tangent(), flat)
+
+
+def _scalar_dtype(operands: Sequence[ufl.core.expr.Expr], mesh: Mesh) -> np.dtype:
+    """The scalar dtype of the operand functions (or of the mesh geometry), checked."""
+    dtypes = {
+        np.dtype(c.dtype)
+        for op in operands
+        for c in extract_coefficients(op)
+        if hasattr(c, "dtype")
+    }
+    if not dtypes:
+        dtypes = {np.dtype(mesh.geometry.x.dtype)}
+    if len(dtypes) > 1:
+        raise TypeError(f"Closure operands mix scalar types {sorted(map(str, dtypes))}.")
+    dtype = dtypes.pop()
+    if dtype not in NUMPY_TO_TORCH:
+        raise TypeError(
+            f"Unsupported dtype {dtype}: closures support real float32 and float64 DOLFINx "
+            "problems."
+        )
+    return dtype
+
+
+def _owned_dofs(space: fem.FunctionSpace, num_cells: int) -> slice | np.ndarray:
+    """Indices of ``x.array`` holding the owned cells' values, in (cell, point) order.
+
+    Quadrature dofs are cell-local, so for owned cells they are normally numbered
+    contiguously; a slice then avoids a gather on every update.
+    """
+    bs = space.dofmap.bs
+    cell_dofs = space.dofmap.list[:num_cells].reshape(-1)
+    if np.array_equal(cell_dofs, np.arange(cell_dofs.size)):
+        return slice(0, cell_dofs.size * bs)
+    return (cell_dofs[:, None] * bs + np.arange(bs)).reshape(-1)
+
+
+def extract_closures(form: ufl.Form) -> list[Closure]:
+    """The closures a form contains, in a stable order."""
+    return [c for c in form.coefficients() if isinstance(c, Closure)]
+
+
+def derivative(
+    form: ufl.Form,
+    coefficient: fem.Function,
+    argument: ufl.Argument | None = None,
+) -> ufl.Form:
+    """Gateaux derivative of a form containing closures (drop-in for :func:`ufl.derivative`).
+
+    ``ufl.derivative`` treats a closure as a coefficient independent of ``coefficient``.
+    This adds, for every closure ``c`` in ``form``, the term ``∂F/∂c[T · δ(operands)]``,
+    which makes the Jacobian exact and Newton's method converge quadratically. Each such
+    closure computes its tangent at every later :meth:`Closure.update`.
+
+    Args:
+        form: The residual form.
+        coefficient: The unknown.
+        argument: Direction; by default a new :class:`ufl.Argument` on ``coefficient``'s
+            space numbered after the form's arguments (a trial function for a residual).
+
+    Returns:
+        The Jacobian form.
+    """
+    if argument is None:
+        number = max((a.number() for a in form.arguments()), default=-1) + 1
+        argument = ufl.Argument(coefficient.ufl_function_space(), number)
+    jacobian = ufl.derivative(form, coefficient, argument)
+    for closure in extract_closures(form):
+        variation = closure.linearization(coefficient, argument)
+        if variation is None:
+            continue
+        placeholder = ufl.Coefficient(closure.ufl_function_space())
+        partial = expand_derivatives(ufl.derivative(form, closure, placeholder))
+        jacobian += ufl.replace(partial, {placeholder: variation})
+    return jacobian

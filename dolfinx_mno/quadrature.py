@@ -1,0 +1,148 @@
+"""Quadrature spaces, operand flattening and form checks for closures.
+
+A local closure stores its values at the quadrature points of a cell quadrature rule,
+in a ``basix.ufl.quadrature_element`` function space. FFCx integrates a form containing
+such a coefficient with the element's own points and weights, whatever the
+``quadrature_degree`` in the measure's metadata says, so a form that asks for another
+degree would silently be integrated with the closure's rule. :func:`check_form` refuses
+such forms with a clear error; :func:`measure` hands out the matching measure.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Iterable, Sequence
+
+import basix.ufl
+import numpy as np
+import ufl
+from dolfinx import fem
+from dolfinx.mesh import Mesh
+from ufl.algorithms import extract_coefficients
+
+__all__ = [
+    "check_form",
+    "flatten_operands",
+    "measure",
+    "quadrature_points",
+    "quadrature_space",
+]
+
+
+def quadrature_space(
+    mesh: Mesh, quadrature_degree: int, value_shape: tuple[int, ...] = ()
+) -> fem.FunctionSpace:
+    """Create a function space of values at the points of a cell quadrature rule.
+
+    Args:
+        mesh: The mesh.
+        quadrature_degree: Degree of Basix's default quadrature rule on the mesh's cell.
+        value_shape: Shape of the value at each point.
+
+    Returns:
+        The space; its dofs for cell ``c`` are ``(num_points, *value_shape)`` values.
+    """
+    element = basix.ufl.quadrature_element(
+        mesh.basix_cell(), value_shape=value_shape, degree=quadrature_degree
+    )
+    return fem.functionspace(mesh, element)
+
+
+def quadrature_points(mesh: Mesh, quadrature_degree: int) -> np.ndarray:
+    """Reference-cell points of the default rule, shape ``(num_points, tdim)``."""
+    element = basix.ufl.quadrature_element(mesh.basix_cell(), degree=quadrature_degree)
+    return typing.cast(np.ndarray, element.custom_quadrature()[0])
+
+
+def measure(mesh: Mesh, quadrature_degree: int, **kwargs: typing.Any) -> ufl.Measure:
+    """Return the cell measure ``dx`` with the closure's quadrature rule.
+
+    Args:
+        mesh: The mesh.
+        quadrature_degree: The quadrature degree.
+        kwargs: Passed to :class:`ufl.Measure` (``subdomain_data``, ``subdomain_id``).
+    """
+    metadata = {"quadrature_degree": quadrature_degree, "quadrature_rule": "default"}
+    return ufl.Measure("dx", domain=mesh, metadata=metadata, **kwargs)
+
+
+def _components(expression: ufl.core.expr.Expr) -> list[ufl.core.expr.Expr]:
+    """Scalar components of a UFL expression, in row-major (C) order."""
+    shape = expression.ufl_shape
+    if shape == ():
+        return [expression]
+    return [expression[index] for index in np.ndindex(shape)]
+
+
+def flatten_operands(
+    operands: Sequence[ufl.core.expr.Expr],
+) -> tuple[ufl.core.expr.Expr, list[int]]:
+    """Stack the components of all operands into one UFL vector.
+
+    Args:
+        operands: UFL expressions of any shapes.
+
+    Returns:
+        The vector of all components, operand after operand, each in row-major order, and
+        the number of components of each operand.
+    """
+    components: list[ufl.core.expr.Expr] = []
+    widths = []
+    for operand in operands:
+        parts = _components(ufl.as_ufl(operand))
+        components.extend(parts)
+        widths.append(len(parts))
+    return ufl.as_vector(components), widths
+
+
+def _closure_degree(coefficient: typing.Any) -> int | None:
+    return getattr(coefficient, "_mno_quadrature_degree", None)
+
+
+def check_form(form: ufl.Form | Iterable[ufl.Form]) -> None:
+    """Check that every integral containing a closure uses the closure's quadrature rule.
+
+    Args:
+        form: A UFL form, or a (nested) sequence of forms.
+
+    Raises:
+        ValueError: If an integral containing a closure is not a cell integral, asks for a
+            quadrature degree or rule other than the closure's, or mixes closures of
+            different quadrature degrees.
+    """
+    if not isinstance(form, ufl.Form):
+        for item in form:
+            if item is not None:
+                check_form(item)
+        return
+    for integral in form.integrals():
+        closures = {
+            c: d
+            for c in extract_coefficients(integral.integrand())
+            if (d := _closure_degree(c)) is not None
+        }
+        if not closures:
+            continue
+        names = ", ".join(sorted(f"'{c.name}' (degree {d})" for c, d in closures.items()))
+        degrees = set(closures.values())
+        if len(degrees) > 1:
+            raise ValueError(
+                f"One integral mixes closures with different quadrature degrees: {names}. "
+                "Give them the same quadrature_degree or integrate them separately."
+            )
+        degree = degrees.pop()
+        if integral.integral_type() != "cell":
+            raise ValueError(
+                f"Closure(s) {names} hold values at cell quadrature points and cannot be "
+                f"integrated over '{integral.integral_type()}' entities; use closure.dx."
+            )
+        metadata = integral.metadata()
+        requested = metadata.get("quadrature_degree")
+        rule = metadata.get("quadrature_rule", "default")
+        if (requested is not None and requested != degree) or rule not in ("default", None):
+            raise ValueError(
+                f"Quadrature mismatch: an integral containing closure(s) {names} asks for "
+                f"quadrature degree {requested} (rule '{rule}'), but closure values live at "
+                f"the points of the degree-{degree} default rule. Integrate with closure.dx "
+                f"(or dx(metadata={{'quadrature_degree': {degree}}}))."
+            )

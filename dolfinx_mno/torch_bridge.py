@@ -1,0 +1,251 @@
+"""The bridge between NumPy arrays owned by DOLFINx and PyTorch models.
+
+Everything that crosses the NumPy/torch boundary goes through this module:
+the dtype map, the device choice, and :class:`PointwiseEvaluator`, which
+feeds a model with ``(num_points, num_inputs)`` batches from preallocated
+buffers and writes ``(num_points, num_outputs)`` values (and optionally the
+``(num_points, num_outputs, num_inputs)`` tangent) back to host memory.
+
+dtype and device rules:
+    * The model runs in its own dtype (that of its first floating-point
+      parameter or buffer; the DOLFINx dtype for a parameter-free model) and
+      on its own device. Operands are cast at the boundary, once per chunk,
+      into a buffer allocated at construction.
+    * Host-side buffers are pinned when the model is on a CUDA device so that
+      host↔device copies can be asynchronous.
+"""
+
+from __future__ import annotations
+
+import os
+import typing
+
+from mpi4py import MPI
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+__all__ = [
+    "NUMPY_TO_TORCH",
+    "TORCH_TO_NUMPY",
+    "PointwiseEvaluator",
+    "default_batch_size",
+    "model_dtype",
+    "resolve_device",
+]
+
+#: The NumPy dtypes DOLFINx supports for real-valued problems, with their torch twins.
+NUMPY_TO_TORCH: dict[np.dtype, torch.dtype] = {
+    np.dtype(np.float32): torch.float32,
+    np.dtype(np.float64): torch.float64,
+}
+TORCH_TO_NUMPY: dict[torch.dtype, np.dtype] = {v: k for k, v in NUMPY_TO_TORCH.items()}
+
+#: Model dtypes the evaluator accepts. Half precisions are computed in the model's dtype
+#: and cast to the DOLFINx dtype at the boundary.
+SUPPORTED_MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def resolve_device(device: str | torch.device | None, comm: MPI.Comm) -> torch.device:
+    """Return the torch device a rank should use.
+
+    Args:
+        device: ``"auto"`` (or ``None``) picks ``cuda:(local rank % number of GPUs)`` when
+            CUDA is available and the CPU otherwise; anything else is passed to
+            :class:`torch.device`.
+        comm: Communicator of the mesh. The node-local rank is computed with
+            ``MPI.COMM_TYPE_SHARED``, so ranks on one node are spread over its GPUs.
+
+    Returns:
+        The device.
+    """
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+            rank = local.rank
+            local.Free()
+            return torch.device("cuda", rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def model_dtype(model: torch.nn.Module, default: torch.dtype) -> torch.dtype:
+    """Return the dtype of the first floating-point parameter or buffer of ``model``.
+
+    Args:
+        model: The model.
+        default: Returned when the model has no floating-point parameters or buffers.
+    """
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return default
+
+
+def model_device(model: torch.nn.Module) -> torch.device | None:
+    """Return the device of the first parameter or buffer of ``model``, or ``None``."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return None
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Number of points per model call when the user gives none.
+
+    On the CPU a chunk of a few thousand points keeps the activations of a small MLP in
+    cache, which is several times faster than one whole-array call (measured in
+    ``benchmarks/closure_overhead.py``). On a GPU large chunks amortise kernel launches.
+    The environment variable ``DOLFINX_MNO_BATCH_SIZE`` overrides both.
+    """
+    if (env := os.environ.get("DOLFINX_MNO_BATCH_SIZE")) is not None:
+        return int(env)
+    return 4096 if device.type == "cpu" else 1 << 18
+
+
+class PointwiseEvaluator:
+    """Evaluate a pointwise model on ``(num_points, num_inputs)`` arrays in chunks.
+
+    All buffers are allocated once, for a fixed number of points, and reused by every call
+    to :meth:`evaluate`.
+
+    Args:
+        model: Maps ``(batch, num_inputs)`` to ``(batch, num_outputs)`` or
+            ``(batch, *value_shape)``; each row must depend only on the same input row
+            (the tangent is computed per point).
+        num_inputs: Number of input components per point.
+        num_outputs: Number of output components per point.
+        num_points: Number of points evaluated by each call.
+        host_dtype: NumPy dtype of the host arrays (the DOLFINx scalar type).
+        device: Device the model lives on.
+        batch_size: Points per model call; ``None`` uses :func:`default_batch_size`.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        num_inputs: int,
+        num_outputs: int,
+        num_points: int,
+        host_dtype: npt.DTypeLike,
+        device: torch.device,
+        batch_size: int | None = None,
+    ):
+        host_dtype = np.dtype(host_dtype)
+        if host_dtype not in NUMPY_TO_TORCH:
+            raise TypeError(
+                f"Unsupported DOLFINx dtype {host_dtype}; dolfinx_mno supports "
+                f"{sorted(str(d) for d in NUMPY_TO_TORCH)} (real-valued problems)."
+            )
+        self.model = model
+        self.num_inputs = num_inputs
+        self.num_outputs = num_outputs
+        self.num_points = num_points
+        self.device = device
+        self.host_dtype = host_dtype
+        self.dtype = model_dtype(model, NUMPY_TO_TORCH[host_dtype])
+        if self.dtype not in SUPPORTED_MODEL_DTYPES:
+            raise TypeError(
+                f"Unsupported model dtype {self.dtype}; use one of {SUPPORTED_MODEL_DTYPES}."
+            )
+        self.batch_size = int(batch_size or default_batch_size(device))
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}.")
+        pin = device.type == "cuda"
+        torch_host = NUMPY_TO_TORCH[host_dtype]
+        chunk = max(1, min(self.batch_size, num_points))
+
+        # Host buffers, (num_points, num_inputs) and (num_points, num_outputs): DOLFINx
+        # writes operands into the first and reads closure values from the second.
+        self._inputs = torch.empty((num_points, num_inputs), dtype=torch_host, pin_memory=pin)
+        self._outputs = torch.empty((num_points, num_outputs), dtype=torch_host, pin_memory=pin)
+        self._tangents: torch.Tensor | None = None
+        # Device-side input buffer in the model's dtype (the cast happens on copy).
+        self._chunk_inputs = torch.empty((chunk, num_inputs), dtype=self.dtype, device=device)
+        self._non_blocking = pin
+
+    @property
+    def inputs(self) -> npt.NDArray[np.floating]:
+        """Host input buffer, shape ``(num_points, num_inputs)``, written by the caller."""
+        return self._inputs.numpy()
+
+    @property
+    def outputs(self) -> npt.NDArray[np.floating]:
+        """Host output buffer, shape ``(num_points, num_outputs)``."""
+        return self._outputs.numpy()
+
+    @property
+    def tangents(self) -> npt.NDArray[np.floating]:
+        """Host tangent buffer, shape ``(num_points, num_outputs, num_inputs)``."""
+        if self._tangents is None:
+            raise RuntimeError("No tangent has been computed yet.")
+        return self._tangents.numpy()
+
+    def _pointwise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # One point, shape (num_inputs,) -> (num_outputs,); returned twice for has_aux.
+        y = self.model(x.unsqueeze(0)).reshape(-1)
+        return y, y
+
+    def evaluate(self, tangent: bool = False) -> None:
+        """Evaluate the model on :attr:`inputs`, writing :attr:`outputs` (and :attr:`tangents`).
+
+        Args:
+            tangent: Also compute ``∂output/∂input`` per point by forward-mode autograd
+                (``torch.func.jacfwd`` vectorised with ``torch.func.vmap``).
+        """
+        if tangent and self._tangents is None:
+            self._tangents = torch.empty(
+                (self.num_points, self.num_outputs, self.num_inputs),
+                dtype=self._outputs.dtype,
+                pin_memory=self._non_blocking,
+            )
+        jacobian = torch.func.vmap(torch.func.jacfwd(self._pointwise, has_aux=True))
+        nb = self._non_blocking
+        with torch.inference_mode():
+            for start in range(0, self.num_points, self.batch_size):
+                stop = min(start + self.batch_size, self.num_points)
+                x = self._chunk_inputs[: stop - start]
+                x.copy_(self._inputs[start:stop], non_blocking=nb)
+                if tangent:
+                    assert self._tangents is not None
+                    dy, y = jacobian(x)
+                    self._tangents[start:stop].copy_(dy, non_blocking=nb)
+                else:
+                    y = self.model(x)
+                self._outputs[start:stop].copy_(y.reshape(stop - start, -1), non_blocking=nb)
+        if nb:
+            torch.cuda.synchronize(self.device)
+
+    def probe(self) -> tuple[int, ...]:
+        """Run the model on two zero points and return its output shape without the batch.
+
+        Raises:
+            ValueError: If the model cannot take ``(batch, num_inputs)`` inputs.
+        """
+        x = torch.zeros((2, self.num_inputs), dtype=self.dtype, device=self.device)
+        try:
+            with torch.inference_mode():
+                y = self.model(x)
+        except RuntimeError as err:
+            expected = _expected_input_width(self.model)
+            takes = f"takes {expected} input components per point" if expected else "failed"
+            raise ValueError(
+                f"Model input width mismatch: the model {takes}, but the operands provide "
+                f"{self.num_inputs} components per point (a (2, {self.num_inputs}) probe "
+                f"batch raised: {err})"
+            ) from err
+        if not isinstance(y, torch.Tensor) or y.ndim < 1 or y.shape[0] != 2:
+            shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(
+                f"The model must return a tensor of shape (batch, ...); for a batch of 2 "
+                f"points it returned {shape}."
+            )
+        return tuple(y.shape[1:])
+
+
+def _expected_input_width(model: torch.nn.Module) -> int | None:
+    """Input width of the first linear layer of ``model``, when it is easy to tell."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            return typing.cast(int, module.in_features)
+    return None

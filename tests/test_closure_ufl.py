@@ -1,0 +1,120 @@
+"""A closure equals the same function written in UFL: residual vectors and Jacobians."""
+
+from mpi4py import MPI
+
+import numpy as np
+import pytest
+import torch
+import ufl
+from analytic import FluxModel, ScalarModel, StressModel, flux_ufl, scalar_ufl, stress_ufl
+from dolfinx import fem, mesh
+from dolfinx.fem.petsc import assemble_matrix, assemble_vector
+
+import dolfinx_mno as mno
+
+CELLS = {
+    "triangle": lambda: mesh.create_unit_square(
+        MPI.COMM_WORLD, 5, 4, mesh.CellType.triangle, ghost_mode=mesh.GhostMode.shared_facet
+    ),
+    "quadrilateral": lambda: mesh.create_unit_square(
+        MPI.COMM_WORLD, 5, 4, mesh.CellType.quadrilateral
+    ),
+    "tetrahedron": lambda: mesh.create_unit_cube(
+        MPI.COMM_WORLD, 3, 2, 2, mesh.CellType.tetrahedron
+    ),
+}
+
+
+def _problem(kind, msh, degree):
+    """Unknown, test function, closure model/operands/value shape, and the UFL closure."""
+    d = msh.geometry.dim
+    if kind == "stress":
+        V = fem.functionspace(msh, ("Lagrange", degree, (d,)))
+        u = fem.Function(V)
+        u.interpolate(lambda x: np.stack([np.sin(x[i] + 0.3 * i) * x[(i + 1) % d] for i in range(d)]))
+        return u, StressModel(d), [u, ufl.grad(u)], (d, d), stress_ufl(u)
+    V = fem.functionspace(msh, ("Lagrange", degree))
+    u = fem.Function(V)
+    u.interpolate(lambda x: np.sin(2 * x[0]) * np.cos(x[1]) + x[d - 1] ** 2)
+    if kind == "scalar":
+        return u, ScalarModel(), [u, ufl.grad(u)], (), scalar_ufl(u)
+    return u, FluxModel(), [u, ufl.grad(u)], (d,), flux_ufl(u)
+
+
+def _residual(kind, closure_value, u, dx):
+    v = ufl.TestFunction(u.function_space)
+    if kind == "scalar":
+        return ufl.inner(closure_value, v) * dx + ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx
+    return ufl.inner(closure_value, ufl.grad(v)) * dx
+
+
+def _max_abs(array, comm):
+    return comm.allreduce(np.max(np.abs(array)) if array.size else 0.0, op=MPI.MAX)
+
+
+def _compare(kind, msh, degree, q):
+    comm = msh.comm
+    u, model, operands, value_shape, reference = _problem(kind, msh, degree)
+    closure = mno.Closure(
+        model.double(), operands, value_shape, quadrature_degree=q, device="cpu", tangent=True
+    )
+    closure.update()
+    dx = ufl.dx(metadata={"quadrature_degree": q})
+    F_closure = _residual(kind, closure, u, closure.dx)
+    F_ufl = _residual(kind, reference, u, dx)
+    b_closure = assemble_vector(fem.form(F_closure))
+    b_ufl = assemble_vector(fem.form(F_ufl))
+    eps = np.finfo(np.float64).eps
+    scale = _max_abs(b_ufl.array, comm)
+    assert scale > 0
+    assert _max_abs(b_closure.array - b_ufl.array, comm) <= 200 * eps * scale
+
+    J_closure = mno.derivative(F_closure, u)
+    J_ufl = ufl.derivative(F_ufl, u)
+    A_closure = assemble_matrix(fem.form(J_closure))
+    A_closure.assemble()
+    A_ufl = assemble_matrix(fem.form(J_ufl))
+    A_ufl.assemble()
+    closure.update()  # the tangent now exists: J_closure's coefficients are current
+    A_closure.zeroEntries()
+    assemble_matrix(A_closure, fem.form(J_closure))
+    A_closure.assemble()
+    norm = A_ufl.norm()
+    A_closure.axpy(-1.0, A_ufl)
+    assert norm > 0
+    assert A_closure.norm() <= 500 * eps * norm
+    for obj in (b_closure, b_ufl, A_closure, A_ufl):
+        obj.destroy()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("degree", [1, 2])
+@pytest.mark.parametrize("kind", ["scalar", "flux", "stress"])
+def test_matches_ufl(cell, degree, kind):
+    """Residual and Jacobian of a closure equal those of the same UFL expression."""
+    _compare(kind, CELLS[cell](), degree, q=2 * degree + (1 if kind == "scalar" else 0))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("q", [2, 3, 4, 5, 6])
+def test_quadrature_degrees(q):
+    """Degrees 2–6 on triangles and quadrilaterals, scalar and flux closures."""
+    _compare("scalar", CELLS["triangle"](), 2, q)
+    _compare("flux", CELLS["quadrilateral"](), 1, q)
+
+
+def test_closure_is_a_coefficient():
+    """The closure lives on a quadrature space of the requested shape and degree."""
+    msh = CELLS["triangle"]()
+    u, model, operands, value_shape, _ = _problem("flux", msh, 1)
+    closure = mno.Closure(model.double(), operands, value_shape, quadrature_degree=3)
+    assert closure.ufl_shape == (2,)
+    assert closure.num_inputs == 3
+    assert closure.operand_widths == [1, 2]
+    assert closure.device == torch.device("cpu")
+    num_cells = msh.topology.index_map(2).size_local
+    points = mno.quadrature.quadrature_points(msh, 3).shape[0]
+    assert points == 6
+    assert closure.x.array[: num_cells * points * 2].shape == (num_cells * points * 2,)
+    assert closure.dx.metadata() == {"quadrature_degree": 3, "quadrature_rule": "default"}
