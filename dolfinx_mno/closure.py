@@ -24,8 +24,6 @@ import time
 import typing
 from collections.abc import Sequence
 
-from mpi4py import MPI
-
 import numpy as np
 import torch
 import ufl
@@ -149,8 +147,9 @@ class Closure(fem.Function):
         if any(n < 1 for n in value_shape):
             raise ValueError(f"value_shape must have positive entries, got {value_shape}.")
         if not isinstance(quadrature_degree, int | np.integer) or quadrature_degree < 0:
-            raise ValueError(f"quadrature_degree must be a non-negative integer, got "
-                             f"{quadrature_degree!r}.")
+            raise ValueError(
+                f"quadrature_degree must be a non-negative integer, got {quadrature_degree!r}."
+            )
         mesh = _operand_mesh(operand_list, mesh)
         dtype = _scalar_dtype(operand_list, mesh)
 
@@ -249,7 +248,7 @@ class Closure(fem.Function):
 
     @property
     def model_dtype(self) -> torch.dtype:
-        """dtype the model runs in."""
+        """Dtype the model runs in."""
         return self._evaluator.dtype
 
     @property
@@ -259,8 +258,10 @@ class Closure(fem.Function):
 
     @property
     def tangent(self) -> fem.Function:
-        """``∂closure/∂operands`` at the quadrature points, value shape
-        ``(*value_shape, num_inputs)``; created by :meth:`enable_tangent`."""
+        """``∂closure/∂operands`` at the quadrature points.
+
+        Value shape ``(*value_shape, num_inputs)``; created by :meth:`enable_tangent`.
+        """
         if self._tangent is None:
             raise RuntimeError(
                 f"Closure '{self.name}' has no tangent; create it with tangent=True or "
@@ -316,7 +317,7 @@ class Closure(fem.Function):
             t2 = time.perf_counter()
             timings.update(operands=t1 - t0, model=t2 - t1)
             error = self._check_finite(with_tangent)
-        except Exception as err:  # noqa: BLE001 - reported collectively below
+        except Exception as err:  # reported collectively below
             error = f"the model raised {type(err).__name__}: {err}"
         # Agree on failure before touching any value or entering any other collective.
         failed = comm.allgather(error is not None)

@@ -31,7 +31,9 @@ def _problem(kind, msh, degree):
     if kind == "stress":
         V = fem.functionspace(msh, ("Lagrange", degree, (d,)))
         u = fem.Function(V)
-        u.interpolate(lambda x: np.stack([np.sin(x[i] + 0.3 * i) * x[(i + 1) % d] for i in range(d)]))
+        u.interpolate(
+            lambda x: np.stack([np.sin(x[i] + 0.3 * i) * x[(i + 1) % d] for i in range(d)])
+        )
         return u, StressModel(d), [u, ufl.grad(u)], (d, d), stress_ufl(u)
     V = fem.functionspace(msh, ("Lagrange", degree))
     u = fem.Function(V)
@@ -107,7 +109,7 @@ def test_quadrature_degrees(q):
 def test_closure_is_a_coefficient():
     """The closure lives on a quadrature space of the requested shape and degree."""
     msh = CELLS["triangle"]()
-    u, model, operands, value_shape, _ = _problem("flux", msh, 1)
+    _, model, operands, value_shape, _ = _problem("flux", msh, 1)
     closure = mno.Closure(model.double(), operands, value_shape, quadrature_degree=3)
     assert closure.ufl_shape == (2,)
     assert closure.num_inputs == 3

@@ -1,0 +1,181 @@
+"""PETSc solver glue for forms with closures.
+
+Thin subclasses of :mod:`dolfinx.fem.petsc` problems that update the closures a form
+contains at the right moment:
+
+* :class:`NonlinearProblem` (implicit coupling) re-evaluates every closure, with its
+  tangent, at each Newton iterate, and builds the exact Jacobian with
+  :func:`dolfinx_mno.derivative` when none is given.
+* :class:`LinearProblem` (explicit/IMEX coupling) evaluates the closures once, at the
+  current (previous-step) state of their operands, before assembling and solving.
+
+Both check that closures are integrated with their own quadrature rule
+(:func:`dolfinx_mno.check_form`) before compiling anything.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Sequence
+
+from petsc4py import PETSc
+
+import dolfinx.fem.petsc as _fem_petsc
+import ufl
+from dolfinx import fem
+
+from dolfinx_mno.closure import Closure, derivative, extract_closures
+from dolfinx_mno.quadrature import check_form
+
+__all__ = ["LinearProblem", "NonlinearProblem"]
+
+
+def _collect(forms: Sequence[ufl.Form | None], closures: Sequence[Closure] | None) -> list:
+    if closures is not None:
+        return list(closures)
+    found: dict[int, Closure] = {}
+    for form in forms:
+        if form is not None:
+            for closure in extract_closures(form):
+                found.setdefault(closure.count(), closure)
+    return list(found.values())
+
+
+class NonlinearProblem(_fem_petsc.NonlinearProblem):
+    """Nonlinear problem ``F(u) = 0`` whose residual contains closures, solved by SNES.
+
+    At every residual evaluation the closures are updated at the current iterate (values
+    and tangents), so Newton's method sees the exact residual and, with the default
+    Jacobian, the exact linearisation.
+
+    Args:
+        F: Residual form containing closures.
+        u: The unknown.
+        petsc_options_prefix: Prefix of the SNES options (mandatory, non-empty).
+        bcs: Dirichlet conditions.
+        J: Jacobian; by default ``dolfinx_mno.derivative(F, u)``, which includes the
+            closure tangents.
+        closures: The closures to update; by default all closures in ``F`` and ``J``.
+        kwargs: Passed to :class:`dolfinx.fem.petsc.NonlinearProblem`
+            (``petsc_options``, ``P``, ``form_compiler_options``, ``jit_options``, ...).
+
+    Example:
+        >>> problem = NonlinearProblem(F, u, petsc_options_prefix="heat_",
+        ...                            petsc_options={"snes_rtol": 1e-10})
+        >>> problem.solve()
+    """
+
+    def __init__(
+        self,
+        F: ufl.Form,
+        u: fem.Function,
+        *,
+        petsc_options_prefix: str,
+        bcs: Sequence[fem.DirichletBC] | None = None,
+        J: ufl.Form | None = None,
+        closures: Sequence[Closure] | None = None,
+        **kwargs: typing.Any,
+    ):
+        if J is None:
+            J = derivative(F, u)
+        check_form(F)
+        check_form(J)
+        self._closures = _collect([F, J], closures)
+        super().__init__(F, u, petsc_options_prefix=petsc_options_prefix, bcs=bcs, J=J, **kwargs)
+        self._state = self.x.duplicate()
+        self._state_valid = False
+        residual_ctx = {"u": u, "residual": self.F, "jacobian": self.J, "bcs": bcs or []}
+        jacobian_ctx = {
+            "u": u,
+            "jacobian": self.J,
+            "preconditioner": self.preconditioner,
+            "bcs": bcs or [],
+        }
+        self.solver.setFunction(self._residual, self.b, kargs=residual_ctx)
+        self.solver.setJacobian(self._jacobian, self.A, self.P_mat, kargs=jacobian_ctx)
+
+    @property
+    def closures(self) -> list[Closure]:
+        """The closures updated at every iterate."""
+        return list(self._closures)
+
+    def _update_closures(self, x: PETSc.Vec, u: fem.Function) -> None:  # type: ignore[name-defined]
+        """Bring ``u`` and the closures to the iterate ``x``."""
+        x.ghostUpdate(addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)  # type: ignore[attr-defined]
+        _fem_petsc.assign(x, u)
+        for closure in self._closures:
+            closure.update(tangent=True)
+        x.copy(self._state)
+        self._state_valid = True
+
+    def _same_state(self, x: PETSc.Vec) -> bool:  # type: ignore[name-defined]
+        if not self._state_valid:
+            return False
+        self._state.axpy(-1.0, x)
+        same = self._state.norm(PETSc.NormType.NORM_INFINITY) == 0.0  # type: ignore[attr-defined]
+        x.copy(self._state)
+        return bool(same)
+
+    def _residual(self, snes, x, b, **ctx) -> None:
+        self._update_closures(x, ctx["u"])
+        _fem_petsc.assemble_residual(snes, x, b, **ctx)
+
+    def _jacobian(self, snes, x, A, P, **ctx) -> None:
+        # SNES normally evaluates the residual at x just before; re-evaluate otherwise
+        # (e.g. after a line search that ended on another point).
+        if not self._same_state(x):
+            self._update_closures(x, ctx["u"])
+        _fem_petsc.assemble_jacobian(snes, x, A, P, **ctx)
+
+    def solve(self) -> fem.Function:
+        """Solve; returns ``u``. Check ``self.solver.getConvergedReason() > 0``."""
+        self._state_valid = False
+        return typing.cast(fem.Function, super().solve())
+
+    def __del__(self):
+        """Destroy the PETSc objects."""
+        if getattr(self, "_state", None) is not None:
+            self._state.destroy()
+        super().__del__()
+
+
+class LinearProblem(_fem_petsc.LinearProblem):
+    """Linear problem ``a(u, v) = L(v)`` with closures evaluated before each solve.
+
+    This is the explicit/IMEX coupling: closures see the current state of their operands
+    (typically the previous time step), are updated once, and enter the right-hand side
+    (or the matrix) as known coefficients.
+
+    Args:
+        a: Bilinear form.
+        L: Linear form containing closures.
+        petsc_options_prefix: Prefix of the KSP options (mandatory, non-empty).
+        closures: The closures to update; by default all closures in ``a`` and ``L``.
+        kwargs: Passed to :class:`dolfinx.fem.petsc.LinearProblem` (``bcs``, ``u``,
+            ``petsc_options``, ...).
+    """
+
+    def __init__(
+        self,
+        a: ufl.Form,
+        L: ufl.Form,
+        *,
+        petsc_options_prefix: str,
+        closures: Sequence[Closure] | None = None,
+        **kwargs: typing.Any,
+    ):
+        check_form(a)
+        check_form(L)
+        self._closures = _collect([a, L], closures)
+        super().__init__(a, L, petsc_options_prefix=petsc_options_prefix, **kwargs)
+
+    @property
+    def closures(self) -> list[Closure]:
+        """The closures updated before every solve."""
+        return list(self._closures)
+
+    def solve(self) -> fem.Function:
+        """Update the closures, assemble and solve; returns the solution."""
+        for closure in self._closures:
+            closure.update()
+        return typing.cast(fem.Function, super().solve())

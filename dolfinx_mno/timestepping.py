@@ -1,0 +1,109 @@
+"""A small time-stepping helper for explicit/IMEX closure coupling.
+
+In an IMEX step the resolved physics is implicit (the bilinear form ``a``) and the closure
+is explicit: it is evaluated at the previous state ``u_n``::
+
+    closure = Closure(model, [u_n, ufl.grad(u_n)], quadrature_degree=2)
+    a = (u * v + dt * inner(grad(u), grad(v))) * dx
+    L = (u_n * v + dt * f * v) * dx + dt * inner(closure, v) * closure.dx
+    problem = dolfinx_mno.petsc.LinearProblem(a, L, u=u_h, petsc_options_prefix="heat_")
+    stepper = IMEXStepper(problem, u_h, u_n, dt=0.01, time=t)
+    stepper.run(100)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from dolfinx import fem
+from tqdm.auto import tqdm
+
+from dolfinx_mno.petsc import LinearProblem
+
+__all__ = ["IMEXStepper"]
+
+
+class IMEXStepper:
+    """Advance ``u_{n+1}`` from ``u_n`` with closures frozen at ``u_n``.
+
+    Each :meth:`step` sets the time constant to ``t + dt``, updates the closures (at the
+    previous state, through :meth:`LinearProblem.solve`), solves, checks convergence, and
+    copies ``u`` into ``u_previous``.
+
+    Args:
+        problem: The linear problem of one step; its closures read ``u_previous``.
+        u: The solution function of ``problem``.
+        u_previous: The previous state, read by the forms and closures.
+        dt: Time step.
+        t0: Initial time.
+        time: Optional constant holding the time, set to the new time before each solve
+            (for time-dependent sources and boundary data).
+    """
+
+    def __init__(
+        self,
+        problem: LinearProblem,
+        u: fem.Function,
+        u_previous: fem.Function,
+        dt: float,
+        t0: float = 0.0,
+        time: fem.Constant | None = None,
+    ):
+        if not dt > 0:
+            raise ValueError(f"The time step must be positive, got {dt}.")
+        if u.function_space != u_previous.function_space:
+            raise ValueError("u and u_previous must live on the same function space.")
+        self.problem = problem
+        self.u = u
+        self.u_previous = u_previous
+        self.dt = float(dt)
+        self.t = float(t0)
+        self.time = time
+        self.num_steps = 0
+
+    def step(self) -> float:
+        """Take one step; returns the new time.
+
+        Raises:
+            RuntimeError: If the linear solver did not converge (state left at ``u_n``).
+        """
+        t_new = self.t + self.dt
+        if self.time is not None:
+            self.time.value = t_new
+        self.problem.solve()
+        reason = self.problem.solver.getConvergedReason()
+        if reason <= 0:
+            if self.time is not None:
+                self.time.value = self.t
+            raise RuntimeError(f"The linear solver diverged at t = {t_new:g} (reason {reason}).")
+        self.u.x.scatter_forward()
+        self.u_previous.x.array[:] = self.u.x.array
+        self.t = t_new
+        self.num_steps += 1
+        return self.t
+
+    def run(
+        self,
+        num_steps: int,
+        callback: Callable[[IMEXStepper], None] | None = None,
+        progress: bool = True,
+    ) -> float:
+        """Take ``num_steps`` steps, calling ``callback(self)`` after each; returns the time.
+
+        A progress bar is shown on rank 0 when ``progress`` is true.
+        """
+        comm = self.u.function_space.mesh.comm
+        bar = tqdm(
+            total=num_steps,
+            disable=not progress or comm.rank != 0,
+            desc="time steps",
+            unit="step",
+        )
+        with bar:
+            for _ in range(num_steps):
+                self.step()
+                if callback is not None:
+                    callback(self)
+                bar.update()
+                bar.set_postfix(t=f"{self.t:.4g}")
+        return self.t
