@@ -133,10 +133,11 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
         return typing.cast(fem.Function, super().solve())
 
     def __del__(self):
-        """Destroy the PETSc objects."""
+        """Destroy the PETSc objects (nothing to do if construction failed early)."""
         if getattr(self, "_state", None) is not None:
             self._state.destroy()
-        super().__del__()
+        if hasattr(self, "_snes"):
+            super().__del__()
 
 
 class LinearProblem(_fem_petsc.LinearProblem):
@@ -173,6 +174,11 @@ class LinearProblem(_fem_petsc.LinearProblem):
     def closures(self) -> list[Closure]:
         """The closures updated before every solve."""
         return list(self._closures)
+
+    def __del__(self):
+        """Destroy the PETSc objects (nothing to do if construction failed early)."""
+        if hasattr(self, "_solver"):
+            super().__del__()
 
     def solve(self) -> fem.Function:
         """Update the closures, assemble and solve; returns the solution."""

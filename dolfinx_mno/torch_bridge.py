@@ -71,14 +71,14 @@ def resolve_device(device: str | torch.device | None, comm: MPI.Comm) -> torch.d
 
 
 def model_dtype(model: torch.nn.Module, default: torch.dtype) -> torch.dtype:
-    """Return the dtype of the first floating-point parameter or buffer of ``model``.
+    """Return the dtype of the first floating-point or complex parameter/buffer of ``model``.
 
     Args:
         model: The model.
-        default: Returned when the model has no floating-point parameters or buffers.
+        default: Returned when the model has no such parameters or buffers.
     """
     for tensor in (*model.parameters(), *model.buffers()):
-        if tensor.is_floating_point():
+        if tensor.is_floating_point() or tensor.is_complex():
             return tensor.dtype
     return default
 
@@ -228,11 +228,16 @@ class PointwiseEvaluator:
                 y = self.model(x)
         except RuntimeError as err:
             expected = _expected_input_width(self.model)
-            takes = f"takes {expected} input components per point" if expected else "failed"
+            if expected is not None and expected != self.num_inputs:
+                raise ValueError(
+                    f"Model input width mismatch: the model takes {expected} input components "
+                    f"per point, but the operands provide {self.num_inputs} (a "
+                    f"(2, {self.num_inputs}) probe batch raised: {err})"
+                ) from err
             raise ValueError(
-                f"Model input width mismatch: the model {takes}, but the operands provide "
-                f"{self.num_inputs} components per point (a (2, {self.num_inputs}) probe "
-                f"batch raised: {err})"
+                f"The model failed on a (2, {self.num_inputs}) probe batch (the operands "
+                f"provide {self.num_inputs} components per point; is that the model's input "
+                f"width?): {err}"
             ) from err
         if not isinstance(y, torch.Tensor) or y.ndim < 1 or y.shape[0] != 2:
             shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__

@@ -1,0 +1,190 @@
+"""Bad input gets a clear error and loses nothing — on every rank, without hangs."""
+
+from mpi4py import MPI
+
+import numpy as np
+import pytest
+import torch
+import ufl
+from analytic import FluxModel
+from dolfinx import fem, mesh
+
+import dolfinx_mno as mno
+from dolfinx_mno.petsc import LinearProblem, NonlinearProblem
+
+
+@pytest.fixture
+def setup():
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 6, 6)
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    u = fem.Function(V)
+    u.interpolate(lambda x: x[0] + 2 * x[1])
+    return msh, V, u
+
+
+def mlp(n_in, n_out):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(n_in, 8), torch.nn.Tanh(), torch.nn.Linear(8, n_out)
+    ).double()
+
+
+def test_input_width_mismatch(setup):
+    _, _, u = setup
+    expected = r"input width mismatch.*takes 3 input.*provide 1 \(a \(2, 1\) probe"
+    with pytest.raises(ValueError, match=expected):
+        mno.Closure(mlp(3, 1), [u])
+
+
+def test_output_width_mismatch(setup):
+    _, _, u = setup
+    with pytest.raises(ValueError, match=r"output width mismatch.*value_shape \(2,\).*\(3,\)"):
+        mno.Closure(mlp(3, 3), [u, ufl.grad(u)], value_shape=(2,))
+
+
+def test_operands_from_another_mesh(setup):
+    msh, _, u = setup
+    other = mesh.create_unit_square(MPI.COMM_WORLD, 3, 3)
+    w = fem.Function(fem.functionspace(other, ("Lagrange", 1)))
+    with pytest.raises(ValueError, match="live on exactly one mesh"):
+        mno.Closure(mlp(2, 1), [u, w])
+    with pytest.raises(ValueError, match="another mesh"):
+        mno.Closure(mlp(1, 1), [w], mesh=msh)
+
+
+def test_unsupported_dtype(setup):
+    _, V, _ = setup
+    z = fem.Function(V, dtype=np.complex128)
+    with pytest.raises(TypeError, match="Unsupported dtype complex128"):
+        mno.Closure(mlp(1, 1), [z])
+
+
+def test_unsupported_model_dtype(setup):
+    _, _, u = setup
+    model = torch.nn.Linear(1, 1, dtype=torch.complex64)
+    with pytest.raises(TypeError, match="Unsupported model dtype"):
+        mno.Closure(model, [u])
+
+
+def test_bad_arguments(setup):
+    _, _, u = setup
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
+        mno.Closure(lambda x: x, [u])
+    with pytest.raises(ValueError, match="at least one operand"):
+        mno.Closure(mlp(1, 1), [])
+    with pytest.raises(ValueError, match="quadrature_degree"):
+        mno.Closure(mlp(1, 1), [u], quadrature_degree=-1)
+    with pytest.raises(ValueError, match="value_shape"):
+        mno.Closure(mlp(1, 1), [u], value_shape=(0,))
+
+
+@pytest.mark.mpi
+def test_mismatched_quadrature_degree(setup):
+    _, V, u = setup
+    closure = mno.Closure(mlp(1, 1), [u], quadrature_degree=2)
+    v = ufl.TestFunction(V)
+    du = ufl.TrialFunction(V)
+    a = du * v * ufl.dx
+    wrong = closure * v * ufl.dx(metadata={"quadrature_degree": 4})
+    with pytest.raises(ValueError, match=r"Quadrature mismatch.*degree 4.*degree-2"):
+        LinearProblem(a, wrong, petsc_options_prefix="bad_q_")
+    with pytest.raises(ValueError, match="Quadrature mismatch"):
+        mno.check_form(wrong)
+    with pytest.raises(ValueError, match="cannot be integrated over 'exterior_facet'"):
+        mno.check_form(closure * v * ufl.ds)
+    other = mno.Closure(mlp(1, 1), [u], quadrature_degree=3, name="other")
+    with pytest.raises(ValueError, match="mixes closures with different quadrature degrees"):
+        mno.check_form((closure + other) * v * ufl.dx)
+    # The matching measure, and a plain dx (FFCx then uses the closure's rule), are fine.
+    mno.check_form(closure * v * closure.dx + closure * v * ufl.dx)
+    with pytest.raises(ValueError, match="Quadrature mismatch"):
+        NonlinearProblem(
+            wrong + ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx,
+            u,
+            petsc_options_prefix="bad_q_nl_",
+        )
+
+
+class NaNWhereLarge(torch.nn.Module):
+    """Returns NaN where the operand exceeds a threshold (set between updates)."""
+
+    def __init__(self):
+        super().__init__()
+        self.threshold = np.inf
+
+    def forward(self, x):
+        y = 2.0 * x[:, 0]
+        return torch.where(x[:, 0] > self.threshold, torch.nan, y)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("tangent", [False, True])
+def test_nan_output_keeps_previous_values(setup, tangent):
+    msh, _, u = setup
+    comm = msh.comm
+    model = NaNWhereLarge()
+    closure = mno.Closure(model, [u], quadrature_degree=2, tangent=tangent)
+    closure.update()
+    before = closure.x.array.copy()
+    tangent_before = closure.tangent.x.array.copy() if tangent else None
+    assert np.allclose(
+        before[: closure._value_dofs.stop], 2 * np.repeat(closure._evaluator.inputs[:, 0], 1)
+    )
+    # u = x + 2y ∈ [0, 3]: u > 2.5 only in a corner, i.e. on some ranks only.
+    model.threshold = 2.5
+    u.x.array[:] += 0.0  # operands unchanged; only the model misbehaves
+    with pytest.raises(mno.ClosureEvaluationError) as info:
+        closure.update()
+    message = str(info.value)
+    assert "Update 2 of closure 'closure' failed on rank(s)" in message
+    assert "The previous closure values were kept" in message
+    local_bad = int(np.sum(closure._evaluator.inputs[:, 0] > 2.5))
+    if local_bad:
+        assert f"On rank {comm.rank}, the model returned NaN/Inf" in message
+        assert f"at {local_bad} of {closure._evaluator.num_points} quadrature points" in message
+    failing = comm.allgather(local_bad > 0)
+    assert str([r for r, bad in enumerate(failing) if bad]) in message
+    np.testing.assert_array_equal(closure.x.array, before)
+    if tangent:
+        np.testing.assert_array_equal(closure.tangent.x.array, tangent_before)
+    assert closure.update_count == 1
+    # Once the model behaves again, updates go on.
+    model.threshold = np.inf
+    closure.update()
+    assert closure.update_count == 2
+
+
+class RaiseOnLastRank(torch.nn.Module):
+    def __init__(self, rank):
+        super().__init__()
+        self.rank = rank
+        self.armed = False
+
+    def forward(self, x):
+        if self.armed and self.rank == MPI.COMM_WORLD.size - 1:
+            raise RuntimeError("simulated failure")
+        return x[:, 0] * 1.0
+
+
+@pytest.mark.mpi
+def test_error_on_one_rank_does_not_hang(setup):
+    """A model that raises on the last rank only: every rank raises, none hangs."""
+    msh, _, u = setup
+    comm = msh.comm
+    model = RaiseOnLastRank(comm.rank)
+    closure = mno.Closure(model, [u], quadrature_degree=1)
+    closure.update()
+    before = closure.x.array.copy()
+    model.armed = True
+    expected = rf"failed on rank\(s\) \[{comm.size - 1}\]"
+    with pytest.raises(mno.ClosureEvaluationError, match=expected):
+        closure.update()
+    np.testing.assert_array_equal(closure.x.array, before)
+    comm.Barrier()  # every rank got here
+
+
+def test_tangent_requires_enable(setup):
+    _, _, u = setup
+    closure = mno.Closure(FluxModel().double(), [u, ufl.grad(u)], (2,), 2)
+    with pytest.raises(RuntimeError, match="has no tangent"):
+        closure.tangent  # noqa: B018

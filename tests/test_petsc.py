@@ -1,0 +1,190 @@
+"""Solvers with closures: Newton iteration counts, convergence rates and IMEX steps."""
+
+from mpi4py import MPI
+from petsc4py import PETSc
+
+import numpy as np
+import pytest
+import torch
+import ufl
+from analytic import FluxModel, flux_ufl
+from dolfinx import fem, mesh
+
+import dolfinx_mno as mno
+from dolfinx_mno.petsc import LinearProblem, NonlinearProblem
+from dolfinx_mno.timestepping import IMEXStepper
+
+DIRECT = {"ksp_type": "preonly", "pc_type": "lu", "pc_factor_mat_solver_type": "mumps"}
+
+
+def _boundary_bc(V):
+    msh = V.mesh
+    msh.topology.create_connectivity(msh.topology.dim - 1, msh.topology.dim)
+    facets = mesh.exterior_facet_indices(msh.topology)
+    dofs = fem.locate_dofs_topological(V, msh.topology.dim - 1, facets)
+    return fem.dirichletbc(0.0, dofs, V)
+
+
+def _l2(expr, msh, degree=8):
+    form = fem.form(ufl.inner(expr, expr) * ufl.dx(metadata={"quadrature_degree": degree}))
+    return np.sqrt(msh.comm.allreduce(fem.assemble_scalar(form), op=MPI.SUM))
+
+
+class Source(torch.nn.Module):
+    """f(x) = 2π² sin(πx) sin(πy): the source of u = sin(πx) sin(πy) for -Δu = f."""
+
+    def forward(self, x):
+        return 2 * np.pi**2 * torch.sin(np.pi * x[:, 0]) * torch.sin(np.pi * x[:, 1])
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("degree,rate", [(1, 2.0), (2, 3.0)])
+def test_manufactured_source_converges_at_fe_rate(degree, rate):
+    """-Δu = closure(x) with the closure as the only source: L2 rate ≈ degree + 1."""
+    errors = []
+    sizes = [8, 16, 32]
+    for n in sizes:
+        msh = mesh.create_unit_square(MPI.COMM_WORLD, n, n)
+        V = fem.functionspace(msh, ("Lagrange", degree))
+        x = ufl.SpatialCoordinate(msh)
+        closure = mno.Closure(Source().double(), [x], mesh=msh, quadrature_degree=2 * degree + 2)
+        u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
+        a = ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx
+        L = ufl.inner(closure, v) * closure.dx
+        problem = LinearProblem(
+            a, L, bcs=[_boundary_bc(V)], petsc_options=DIRECT, petsc_options_prefix="mms_"
+        )
+        uh = problem.solve()
+        exact = ufl.sin(ufl.pi * x[0]) * ufl.sin(ufl.pi * x[1])
+        errors.append(_l2(uh - exact, msh))
+    rates = np.log2(np.array(errors[:-1]) / np.array(errors[1:]))
+    assert rates[-1] == pytest.approx(rate, abs=0.1), (errors, rates)
+
+
+def _nonlinear_diffusion(n, use_closure, model=None):
+    """-div q(u, ∇u) = f on the unit square, u = 0 on the boundary, solved by Newton."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, n, n)
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    u = fem.Function(V)
+    v = ufl.TestFunction(V)
+    x = ufl.SpatialCoordinate(msh)
+    f = 10 * ufl.sin(ufl.pi * x[0]) * ufl.sin(2 * ufl.pi * x[1]) + 5.0
+    opts = {
+        "snes_type": "newtonls",
+        "snes_linesearch_type": "none",
+        "snes_rtol": 1e-12,
+        "snes_atol": 1e-13,
+        "snes_max_it": 30,
+        **DIRECT,
+    }
+    if use_closure:
+        closure = mno.Closure(model or FluxModel().double(), [u, ufl.grad(u)], (2,), 2)
+        F = ufl.inner(closure, ufl.grad(v)) * closure.dx - f * v * ufl.dx
+        problem = NonlinearProblem(
+            F, u, bcs=[_boundary_bc(V)], petsc_options=opts, petsc_options_prefix="nl_closure_"
+        )
+    else:
+        dx = ufl.dx(metadata={"quadrature_degree": 2})
+        F = ufl.inner(flux_ufl(u), ufl.grad(v)) * dx - f * v * ufl.dx
+        problem = NonlinearProblem(
+            F, u, bcs=[_boundary_bc(V)], petsc_options=opts, petsc_options_prefix="nl_ufl_"
+        )
+    history = []
+    problem.solver.setMonitor(lambda snes, it, norm: history.append(norm))
+    problem.solve()
+    assert problem.solver.getConvergedReason() > 0
+    return u, problem.solver.getIterationNumber(), history
+
+
+@pytest.mark.mpi
+def test_newton_matches_pure_ufl():
+    """Same iteration count and solution as the pure-UFL problem; quadratic convergence."""
+    u_c, its_c, hist_c = _nonlinear_diffusion(16, True)
+    u_u, its_u, hist_u = _nonlinear_diffusion(16, False)
+    assert its_c == its_u
+    assert its_c >= 4  # a genuinely nonlinear solve
+    comm = u_c.function_space.mesh.comm
+    diff = comm.allreduce(np.max(np.abs(u_c.x.array - u_u.x.array)), op=MPI.MAX)
+    scale = comm.allreduce(np.max(np.abs(u_u.x.array)), op=MPI.MAX)
+    assert diff <= 1e-10 * scale
+    # Quadratic convergence: the estimated order log(r_{k+1}/r_k) / log(r_k/r_{k-1}) ≈ 2
+    # for the iterates above round-off.
+    r = np.array(hist_c)
+    orders = [
+        np.log(r[k + 1] / r[k]) / np.log(r[k] / r[k - 1])
+        for k in range(1, len(r) - 1)
+        if r[k + 1] > 1e-12
+    ]
+    assert len(orders) >= 2 and min(orders[-2:]) > 1.8, (r, orders)
+    np.testing.assert_allclose(hist_c, hist_u, rtol=1e-6, atol=1e-13)
+
+
+@pytest.mark.mpi
+def test_newton_reevaluates_closure_every_iterate():
+    """The closure is updated once per residual evaluation (Newton iterate)."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 8, 8)
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    u = fem.Function(V)
+    v = ufl.TestFunction(V)
+    closure = mno.Closure(FluxModel().double(), [u, ufl.grad(u)], (2,), 2)
+    F = ufl.inner(closure, ufl.grad(v)) * closure.dx - 10.0 * v * ufl.dx
+    problem = NonlinearProblem(
+        F,
+        u,
+        bcs=[_boundary_bc(V)],
+        petsc_options_prefix="count_",
+        petsc_options={"snes_linesearch_type": "none", **DIRECT},
+    )
+    problem.solve()
+    its = problem.solver.getIterationNumber()
+    assert problem.solver.getConvergedReason() > 0
+    assert closure.update_count == its + 1  # one residual per iterate plus the initial one
+    assert problem.closures == [closure]
+
+
+class Cubic(torch.nn.Module):
+    """r(u) = u³."""
+
+    def forward(self, x):
+        return x[:, 0] ** 3
+
+
+@pytest.mark.mpi
+def test_imex_step_matches_explicit_ufl():
+    """IMEX heat steps with a closure r(u_n) equal the same scheme written in UFL."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 12, 12)
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    dt = 0.01
+    results = []
+    for use_closure in (True, False):
+        u_n = fem.Function(V)
+        u_n.interpolate(lambda x: 2 * np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]))
+        uh = fem.Function(V)
+        u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
+        time = fem.Constant(msh, PETSc.ScalarType(0.0))
+        f = ufl.cos(time) * 3.0
+        a = (u * v + dt * ufl.inner(ufl.grad(u), ufl.grad(v))) * ufl.dx
+        L = (u_n + dt * f) * v * ufl.dx
+        if use_closure:
+            closure = mno.Closure(Cubic().double(), [u_n], quadrature_degree=3)
+            L -= dt * closure * v * closure.dx
+        else:
+            L -= dt * u_n**3 * v * ufl.dx(metadata={"quadrature_degree": 3})
+        problem = LinearProblem(
+            a,
+            L,
+            u=uh,
+            bcs=[_boundary_bc(V)],
+            petsc_options=DIRECT,
+            petsc_options_prefix=f"imex{int(use_closure)}_",
+        )
+        stepper = IMEXStepper(problem, uh, u_n, dt=dt, time=time)
+        t = stepper.run(5, progress=False)
+        assert t == pytest.approx(5 * dt)
+        assert time.value == pytest.approx(5 * dt)
+        results.append(u_n.x.array.copy())
+    comm = msh.comm
+    diff = comm.allreduce(np.max(np.abs(results[0] - results[1])), op=MPI.MAX)
+    scale = comm.allreduce(np.max(np.abs(results[1])), op=MPI.MAX)
+    assert scale > 0.5
+    assert diff <= 100 * np.finfo(np.float64).eps * scale
