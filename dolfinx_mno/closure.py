@@ -209,6 +209,46 @@ class Closure(fem.Function):
         self._update_count = 0
         self.timings: dict[str, float] = {}
 
+    @classmethod
+    def from_external_operator(
+        cls, operator: ufl.ExternalOperator, model: torch.nn.Module, **kwargs: typing.Any
+    ) -> Closure:
+        """Build a closure with the operands and quadrature space of an external operator.
+
+        ``dolfinx_external_operator.FEMExternalOperator(*operands, function_space=Q)`` and
+        ``Closure(model, operands, ...)`` describe the same thing: a map of UFL operands to
+        values at the points of a quadrature space. This constructor reads the operands,
+        value shape and quadrature degree from ``operator`` (its ``function_space`` must be
+        a default-rule quadrature space, as in the external-operator demos).
+
+        Args:
+            operator: The external operator (not a derivative of one).
+            model: The torch model implementing it.
+            kwargs: Passed to :class:`Closure` (``device``, ``batch_size``, ``name``, ...).
+        """
+        if any(operator.derivatives):
+            raise ValueError("Build the closure from the operator itself, not a derivative.")
+        space = getattr(operator, "original_function_space", None) or operator.ufl_function_space()
+        element = space.ufl_element()
+        degree = element.embedded_superdegree
+        mesh = space.mesh
+        if not element.has_custom_quadrature or not np.allclose(
+            element.custom_quadrature()[0], quadrature_points(mesh, degree)
+        ):
+            raise ValueError(
+                "The external operator's space must be a quadrature space with Basix's "
+                "default rule (basix.ufl.quadrature_element(cell, value_shape, degree=q))."
+            )
+        kwargs.setdefault("name", getattr(operator, "name", None) or "closure")
+        return cls(
+            model,
+            operator.ufl_operands,
+            tuple(operator.ufl_shape),
+            int(degree),
+            mesh=mesh,
+            **kwargs,
+        )
+
     # -- properties -------------------------------------------------------------------
 
     @property

@@ -1,0 +1,77 @@
+"""dtypes: float32 and float64 DOLFINx, float32 models with float64 DOLFINx."""
+
+from mpi4py import MPI
+
+import numpy as np
+import pytest
+import torch
+import ufl
+from analytic import FluxModel, flux_ufl
+from dolfinx import fem, mesh
+
+import dolfinx_mno as mno
+
+
+def _setup(dtype):
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 7, 6, dtype=dtype)
+    V = fem.functionspace(msh, ("Lagrange", 2))
+    u = fem.Function(V, dtype=dtype)
+    u.interpolate(lambda x: np.sin(2 * x[0]) * np.cos(x[1]) + x[1] ** 2)
+    return msh, V, u
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_closure_matches_ufl_in_dtype(dtype):
+    """A model in the DOLFINx dtype assembles the UFL vector to a few eps of that dtype."""
+    msh, V, u = _setup(dtype)
+    torch_dtype = mno.torch_bridge.NUMPY_TO_TORCH[np.dtype(dtype)]
+    closure = mno.Closure(FluxModel().to(torch_dtype), [u, ufl.grad(u)], (2,), 4)
+    closure.update()
+    assert closure.x.array.dtype == dtype
+    v = ufl.TestFunction(V)
+    b_closure = fem.assemble_vector(
+        fem.form(ufl.inner(closure, ufl.grad(v)) * closure.dx, dtype=dtype)
+    )
+    dx = ufl.dx(metadata={"quadrature_degree": 4})
+    b_ufl = fem.assemble_vector(fem.form(ufl.inner(flux_ufl(u), ufl.grad(v)) * dx, dtype=dtype))
+    diff = msh.comm.allreduce(np.max(np.abs(b_closure.array - b_ufl.array)), op=MPI.MAX)
+    scale = msh.comm.allreduce(np.max(np.abs(b_ufl.array)), op=MPI.MAX)
+    assert diff <= 100 * np.finfo(dtype).eps * scale
+
+
+class Mlp(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(7)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(3, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2)
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.mpi
+def test_float32_model_with_float64_dolfinx():
+    """A float32 model is cast at the boundary: values and tangents to float32 accuracy.
+
+    Documented accuracy: relative to the largest value, the float32 closure differs from
+    the float64 evaluation of the same weights by at most ~10 float32 eps (observed ~2).
+    """
+    msh, _, u = _setup(np.float64)
+    model32 = Mlp().float()
+    model64 = Mlp().double()  # same seed, same weights, rounded to float32 then widened
+    model64.load_state_dict({k: v.double() for k, v in model32.state_dict().items()})
+    c32 = mno.Closure(model32, [u, ufl.grad(u)], (2,), 3, tangent=True)
+    c64 = mno.Closure(model64, [u, ufl.grad(u)], (2,), 3, tangent=True)
+    assert c32.model_dtype == torch.float32 and c32.x.array.dtype == np.float64
+    c32.update()
+    c64.update()
+    comm = msh.comm
+    eps32 = np.finfo(np.float32).eps
+    for a, b in ((c32.x.array, c64.x.array), (c32.tangent.x.array, c64.tangent.x.array)):
+        diff = comm.allreduce(np.max(np.abs(a - b)), op=MPI.MAX)
+        scale = comm.allreduce(np.max(np.abs(b)), op=MPI.MAX)
+        assert diff > 0  # really computed in float32
+        assert diff <= 10 * eps32 * scale
