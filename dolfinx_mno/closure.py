@@ -54,7 +54,7 @@ class ClosureEvaluationError(RuntimeError):
 
 def _operand_mesh(operands: Sequence[ufl.core.expr.Expr], mesh: Mesh | None) -> Mesh:
     """The mesh all operands live on; raises if they live on several or on another one."""
-    domains = set()
+    domains: set[ufl.AbstractDomain] = set()
     for operand in operands:
         domains.update(ufl.domain.extract_domains(operand))
     if mesh is not None:

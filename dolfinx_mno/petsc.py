@@ -101,8 +101,8 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
 
     def _update_closures(self, x: PETSc.Vec, u: fem.Function) -> None:  # type: ignore[name-defined]
         """Bring ``u`` and the closures to the iterate ``x``."""
-        x.ghostUpdate(addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)  # type: ignore[attr-defined]
-        _fem_petsc.assign(x, u)
+        x.ghostUpdate(addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)  # type: ignore
+        _fem_petsc.assign(x, u)  # type: ignore[arg-type]
         for closure in self._closures:
             closure.update(tangent=True)
         x.copy(self._state)
@@ -112,7 +112,7 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
         if not self._state_valid:
             return False
         self._state.axpy(-1.0, x)
-        same = self._state.norm(PETSc.NormType.NORM_INFINITY) == 0.0  # type: ignore[attr-defined]
+        same = self._state.norm(PETSc.NormType.NORM_INFINITY) == 0.0  # type: ignore
         x.copy(self._state)
         return bool(same)
 

@@ -69,12 +69,12 @@ class IMEXStepper:
         """
         t_new = self.t + self.dt
         if self.time is not None:
-            self.time.value = t_new
+            self.time.value = t_new  # type: ignore[assignment]
         self.problem.solve()
-        reason = self.problem.solver.getConvergedReason()
+        reason: int = self.problem.solver.getConvergedReason()  # type: ignore[assignment]
         if reason <= 0:
             if self.time is not None:
-                self.time.value = self.t
+                self.time.value = self.t  # type: ignore[assignment]
             raise RuntimeError(f"The linear solver diverged at t = {t_new:g} (reason {reason}).")
         self.u.x.scatter_forward()
         self.u_previous.x.array[:] = self.u.x.array
