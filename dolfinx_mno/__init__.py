@@ -28,7 +28,7 @@ from dolfinx_mno.closure import (
     extract_closures,
 )
 from dolfinx_mno.normalization import AffineNormalization, NormalizedModel
-from dolfinx_mno.quadrature import check_form, measure, quadrature_space
+from dolfinx_mno.quadrature import check_form, form, measure, quadrature_space
 from dolfinx_mno.torch_bridge import resolve_device
 
 try:
@@ -45,6 +45,7 @@ __all__ = [
     "check_form",
     "derivative",
     "extract_closures",
+    "form",
     "measure",
     "quadrature_space",
     "resolve_device",

@@ -23,6 +23,7 @@ from ufl.algorithms import extract_coefficients
 __all__ = [
     "check_form",
     "flatten_operands",
+    "form",
     "measure",
     "quadrature_points",
     "quadrature_space",
@@ -146,3 +147,14 @@ def check_form(form: ufl.Form | Iterable[ufl.Form]) -> None:
                 f"the points of the degree-{degree} default rule. Integrate with closure.dx "
                 f"(or dx(metadata={{'quadrature_degree': {degree}}}))."
             )
+
+
+def form(form: ufl.Form | Sequence[ufl.Form], **kwargs: typing.Any) -> typing.Any:
+    """:func:`dolfinx.fem.form` after :func:`check_form`: compile a form with closures.
+
+    Args:
+        form: The UFL form(s).
+        kwargs: Passed to :func:`dolfinx.fem.form` (``dtype``, ``jit_options``, ...).
+    """
+    check_form(form)
+    return fem.form(form, **kwargs)

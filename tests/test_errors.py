@@ -90,6 +90,9 @@ def test_mismatched_quadrature_degree(setup):
         LinearProblem(a, wrong, petsc_options_prefix="bad_q_")
     with pytest.raises(ValueError, match="Quadrature mismatch"):
         mno.check_form(wrong)
+    with pytest.raises(ValueError, match="Quadrature mismatch"):
+        mno.form(wrong)
+    assert mno.form(closure * v * closure.dx) is not None
     with pytest.raises(ValueError, match="cannot be integrated over 'exterior_facet'"):
         mno.check_form(closure * v * ufl.ds)
     other = mno.Closure(mlp(1, 1), [u], quadrature_degree=3, name="other")
