@@ -207,7 +207,10 @@ class Closure(fem.Function):
         if tangent:
             self.enable_tangent()
         self._update_count = 0
+        #: Seconds spent in each stage of the last successful update.
         self.timings: dict[str, float] = {}
+        #: Seconds spent in each stage, summed over all successful updates.
+        self.total_timings: dict[str, float] = {}
 
     @classmethod
     def from_external_operator(
@@ -381,6 +384,8 @@ class Closure(fem.Function):
         t5 = time.perf_counter()
         timings.update(write=t4 - t3, scatter=t5 - t4, total=t5 - t0)
         self.timings = timings
+        for stage, seconds in timings.items():
+            self.total_timings[stage] = self.total_timings.get(stage, 0.0) + seconds
         self._update_count = attempt
 
     def _check_finite(self, with_tangent: bool) -> str | None:

@@ -152,6 +152,11 @@ class LinearProblem(_fem_petsc.LinearProblem):
         L: Linear form containing closures.
         petsc_options_prefix: Prefix of the KSP options (mandatory, non-empty).
         closures: The closures to update; by default all closures in ``a`` and ``L``.
+        reuse_matrix: Assemble the matrix (and let PETSc factorise or set up the
+            preconditioner) at the first solve only. For IMEX steps, whose matrix does not
+            change, this saves a matrix assembly and, with a direct solver, a
+            factorisation per step. Requires ``a`` without closures and coefficients
+            that stay constant.
         kwargs: Passed to :class:`dolfinx.fem.petsc.LinearProblem` (``bcs``, ``u``,
             ``petsc_options``, ...).
     """
@@ -163,11 +168,21 @@ class LinearProblem(_fem_petsc.LinearProblem):
         *,
         petsc_options_prefix: str,
         closures: Sequence[Closure] | None = None,
+        reuse_matrix: bool = False,
         **kwargs: typing.Any,
     ):
         check_form(a)
         check_form(L)
+        if reuse_matrix and extract_closures(a):
+            raise ValueError(
+                "reuse_matrix=True needs a bilinear form without closures: closures in `a` "
+                "change at every solve."
+            )
+        if reuse_matrix and not isinstance(a, ufl.Form):
+            raise ValueError("reuse_matrix=True supports a single bilinear form only.")
         self._closures = _collect([a, L], closures)
+        self._reuse_matrix = reuse_matrix
+        self._matrix_ready = False
         super().__init__(a, L, petsc_options_prefix=petsc_options_prefix, **kwargs)
 
     @property
@@ -184,4 +199,18 @@ class LinearProblem(_fem_petsc.LinearProblem):
         """Update the closures, assemble and solve; returns the solution."""
         for closure in self._closures:
             closure.update()
-        return typing.cast(fem.Function, super().solve())
+        if not (self._reuse_matrix and self._matrix_ready):
+            self._matrix_ready = True
+            return typing.cast(fem.Function, super().solve())
+        # Right-hand side only; the operator, and its factorisation, are kept.
+        bcs = list(self.bcs or [])
+        with self.b.localForm() as b_local:
+            b_local.set(0.0)
+        _fem_petsc.assemble_vector(self.b, self.L)
+        _fem_petsc.apply_lifting(self.b, [self.a], bcs=[bcs])
+        self.b.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)  # type: ignore
+        _fem_petsc.set_bc(self.b, bcs)
+        self.solver.solve(self.b, self.x)
+        self.x.ghostUpdate(addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)  # type: ignore
+        _fem_petsc.assign(self.x, self.u)  # type: ignore[arg-type]
+        return typing.cast(fem.Function, self.u)

@@ -87,16 +87,17 @@ class IMEXStepper:
         num_steps: int,
         callback: Callable[[IMEXStepper], None] | None = None,
         progress: bool = True,
+        desc: str = "time steps",
     ) -> float:
         """Take ``num_steps`` steps, calling ``callback(self)`` after each; returns the time.
 
-        A progress bar is shown on rank 0 when ``progress`` is true.
+        A progress bar labelled ``desc`` is shown on rank 0 when ``progress`` is true.
         """
         comm = self.u.function_space.mesh.comm
         bar = tqdm(
             total=num_steps,
             disable=not progress or comm.rank != 0,
-            desc="time steps",
+            desc=desc,
             unit="step",
         )
         with bar:
@@ -105,5 +106,5 @@ class IMEXStepper:
                 if callback is not None:
                     callback(self)
                 bar.update()
-                bar.set_postfix(t=f"{self.t:.4g}")
+                bar.set_postfix(t=f"{self.t:.4g}", refresh=False)
         return self.t

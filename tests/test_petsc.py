@@ -156,7 +156,7 @@ def test_imex_step_matches_explicit_ufl():
     V = fem.functionspace(msh, ("Lagrange", 1))
     dt = 0.01
     results = []
-    for use_closure in (True, False):
+    for use_closure, reuse in ((True, False), (True, True), (False, False)):
         u_n = fem.Function(V)
         u_n.interpolate(lambda x: 2 * np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]))
         uh = fem.Function(V)
@@ -176,15 +176,31 @@ def test_imex_step_matches_explicit_ufl():
             u=uh,
             bcs=[_boundary_bc(V)],
             petsc_options=DIRECT,
-            petsc_options_prefix=f"imex{int(use_closure)}_",
+            petsc_options_prefix=f"imex{int(use_closure)}{int(reuse)}_",
+            reuse_matrix=reuse,
         )
         stepper = IMEXStepper(problem, uh, u_n, dt=dt, time=time)
         t = stepper.run(5, progress=False)
         assert t == pytest.approx(5 * dt)
         assert time.value == pytest.approx(5 * dt)
         results.append(u_n.x.array.copy())
+        if use_closure:
+            assert closure.update_count == 5
+            assert closure.total_timings["total"] >= closure.timings["total"] > 0
     comm = msh.comm
-    diff = comm.allreduce(np.max(np.abs(results[0] - results[1])), op=MPI.MAX)
-    scale = comm.allreduce(np.max(np.abs(results[1])), op=MPI.MAX)
+    scale = comm.allreduce(np.max(np.abs(results[-1])), op=MPI.MAX)
     assert scale > 0.5
-    assert diff <= 100 * np.finfo(np.float64).eps * scale
+    for result in results[:-1]:
+        diff = comm.allreduce(np.max(np.abs(result - results[-1])), op=MPI.MAX)
+        assert diff <= 100 * np.finfo(np.float64).eps * scale
+
+
+def test_reuse_matrix_refuses_closures_in_matrix():
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    u_n = fem.Function(V)
+    closure = mno.Closure(Cubic().double(), [u_n], quadrature_degree=2)
+    u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
+    a = (1 + closure) * u * v * closure.dx
+    with pytest.raises(ValueError, match="without closures"):
+        LinearProblem(a, u_n * v * ufl.dx, reuse_matrix=True, petsc_options_prefix="r_")

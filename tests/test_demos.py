@@ -1,0 +1,65 @@
+"""Run every demo in ``--quick`` mode, serially and under ``mpirun -n 2``.
+
+Each demo runs in its own process (as a user would run it), with the demo's folder as the
+working directory; demos write their outputs relative to their own file, so the working
+directory does not matter. The demos end with their own assertions, so a zero exit code
+means they passed. These tests start MPI jobs themselves and belong to the serial session.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mpi4py import MPI
+
+import pytest
+
+DEMO_DIR = Path(__file__).resolve().parent.parent / "demos"
+DEMOS = sorted({*DEMO_DIR.glob("**/demo_*.py"), DEMO_DIR / "quickstart.py"})
+MPIRUN = Path(sys.executable).parent / "mpirun"
+TIMEOUT = 900  # seconds; a failing rank must not leave the test waiting forever
+OUTPUT_TAIL = 6000  # characters of stdout/stderr shown on failure
+
+
+def _tail(text: str | bytes | None) -> str:
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    text = text or ""
+    return text if len(text) <= OUTPUT_TAIL else "[...]\n" + text[-OUTPUT_TAIL:]
+
+
+def _child_environment() -> dict[str, str]:
+    """This process's environment without the variables of its own MPI launch, if any."""
+    prefixes = ("PMI_", "PMIX_", "HYDRA_", "MPIR_", "OMPI_")
+    return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+
+
+@pytest.mark.parametrize("num_ranks", [1, 2], ids=lambda n: f"np{n}")
+@pytest.mark.parametrize("demo", DEMOS, ids=lambda path: str(path.relative_to(DEMO_DIR)))
+def test_demo(demo: Path, num_ranks: int):
+    if MPI.COMM_WORLD.size > 1:
+        pytest.skip("demo tests start their own MPI jobs; run them from the serial session")
+    assert demo.is_file(), f"missing demo {demo}"
+    command = [sys.executable, str(demo), "--quick"]
+    if num_ranks > 1:
+        assert MPIRUN.is_file(), f"no mpirun next to the Python interpreter ({MPIRUN})"
+        command = [str(MPIRUN), "-n", str(num_ranks), *command]
+    try:
+        result = subprocess.run(
+            command,
+            cwd=demo.parent,
+            env=_child_environment(),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(
+            f"{' '.join(command)} timed out after {TIMEOUT} s\n"
+            f"--- stdout ---\n{_tail(err.stdout)}\n--- stderr ---\n{_tail(err.stderr)}"
+        )
+    assert result.returncode == 0, (
+        f"{' '.join(command)} exited with code {result.returncode}\n"
+        f"--- stdout ---\n{_tail(result.stdout)}\n--- stderr ---\n{_tail(result.stderr)}"
+    )
