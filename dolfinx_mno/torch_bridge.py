@@ -181,17 +181,31 @@ class PointwiseEvaluator:
             raise RuntimeError("No tangent has been computed yet.")
         return self._tangents.numpy()
 
-    def _pointwise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # One point, shape (num_inputs,) -> (num_outputs,); returned twice for has_aux.
-        y = self.model(x.unsqueeze(0)).reshape(-1)
-        return y, y
+    def _values_and_tangent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Values ``(n, num_outputs)`` and tangent ``(n, num_outputs, num_inputs)`` at ``x``.
+
+        One forward-mode pass per input component: for a pointwise model the directional
+        derivative along the unit vector ``e_i`` in every row is column ``i`` of every
+        point's Jacobian. This avoids ``vmap`` (not every model or torch version batches
+        forward-mode AD) and keeps memory at one chunk per pass.
+        """
+        n = x.shape[0]
+        direction = self._direction[:n]
+        columns = []
+        y = x
+        for i in range(self.num_inputs):
+            direction.zero_()
+            direction[:, i] = 1
+            y, dy = torch.func.jvp(self.model, (x,), (direction,))
+            columns.append(dy.reshape(n, -1))
+        return y.reshape(n, -1), torch.stack(columns, dim=-1)
 
     def evaluate(self, tangent: bool = False) -> None:
         """Evaluate the model on :attr:`inputs`, writing :attr:`outputs` (and :attr:`tangents`).
 
         Args:
             tangent: Also compute ``∂output/∂input`` per point by forward-mode autograd
-                (``torch.func.jacfwd`` vectorised with ``torch.func.vmap``).
+                (``torch.func.jvp``, one pass per input component).
         """
         if tangent and self._tangents is None:
             self._tangents = torch.empty(
@@ -199,16 +213,17 @@ class PointwiseEvaluator:
                 dtype=self._outputs.dtype,
                 pin_memory=self._non_blocking,
             )
-        jacobian = torch.func.vmap(torch.func.jacfwd(self._pointwise, has_aux=True))
+            self._direction = torch.zeros_like(self._chunk_inputs)
         nb = self._non_blocking
-        with torch.inference_mode():
+        # Forward-mode AD needs dual tensors, which inference mode forbids; no_grad suffices.
+        with torch.no_grad() if tangent else torch.inference_mode():
             for start in range(0, self.num_points, self.batch_size):
                 stop = min(start + self.batch_size, self.num_points)
                 x = self._chunk_inputs[: stop - start]
                 x.copy_(self._inputs[start:stop], non_blocking=nb)
                 if tangent:
                     assert self._tangents is not None
-                    dy, y = jacobian(x)
+                    y, dy = self._values_and_tangent(x)
                     self._tangents[start:stop].copy_(dy, non_blocking=nb)
                 else:
                     y = self.model(x)
