@@ -206,8 +206,8 @@ class LinearProblem(_fem_petsc.LinearProblem):
         bcs = list(self.bcs or [])
         with self.b.localForm() as b_local:
             b_local.set(0.0)
-        _fem_petsc.assemble_vector(self.b, self.L)
-        _fem_petsc.apply_lifting(self.b, [self.a], bcs=[bcs])
+        _fem_petsc.assemble_vector(self.b, self.L)  # type: ignore[arg-type]
+        _fem_petsc.apply_lifting(self.b, [self.a], bcs=[bcs])  # type: ignore[arg-type]
         self.b.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)  # type: ignore
         _fem_petsc.set_bc(self.b, bcs)
         self.solver.solve(self.b, self.x)

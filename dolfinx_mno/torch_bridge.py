@@ -196,7 +196,7 @@ class PointwiseEvaluator:
         for i in range(self.num_inputs):
             direction.zero_()
             direction[:, i] = 1
-            y, dy = torch.func.jvp(self.model, (x,), (direction,))
+            y, dy = torch.func.jvp(self.model, (x,), (direction,))  # type: ignore[misc]
             columns.append(dy.reshape(n, -1))
         return y.reshape(n, -1), torch.stack(columns, dim=-1)
 
