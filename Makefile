@@ -36,11 +36,11 @@ test-mpi: venv
 	timeout $(MPI_TIMEOUT) $(MPIRUN) -n 2 $(PY) -m pytest $(PYTEST_FLAGS) -m mpi tests
 	timeout $(MPI_TIMEOUT) $(MPIRUN) -n 3 $(PY) -m pytest $(PYTEST_FLAGS) -m mpi tests
 
-test: test-serial test-mpi
+test: lint typecheck test-serial test-mpi
 
 lint: venv
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff format --check dolfinx_mno tests demos benchmarks
 
 typecheck: venv
 	$(VENV)/bin/mypy
