@@ -46,8 +46,7 @@ typecheck: venv
 	$(VENV)/bin/mypy
 
 benchmark: venv
-	$(PY) benchmarks/closure_overhead.py
-	$(MPIRUN) -n 2 $(PY) benchmarks/closure_overhead.py --tag mpi2
+	$(PY) benchmarks/closure_overhead.py --compare-ranks
 
 clean:
 	rm -rf $(VENV) build *.egg-info demos/output benchmarks/results

@@ -185,6 +185,8 @@ class Closure(fem.Function):
         self._num_cells = num_cells
         self._points_per_cell = points.shape[0]
 
+        # A model without tensors has no device of its own: it runs where it is sent.
+        target = probe_device
         if device is not None:
             target = resolve_device(device, mesh.comm)
             model.to(target)
@@ -195,7 +197,7 @@ class Closure(fem.Function):
             num_outputs,
             num_points,
             dtype,
-            model_device(model) or torch.device("cpu"),
+            model_device(model) or target,
             batch_size,
         )
         self._operand_buffer = self._evaluator.inputs.reshape(
@@ -364,6 +366,7 @@ class Closure(fem.Function):
             error = f"the model raised {type(err).__name__}: {err}"
         # Agree on failure before touching any value or entering any other collective.
         failed = comm.allgather(error is not None)
+        timings["check"] = time.perf_counter() - t0 - sum(timings.values())
         if any(failed):
             ranks = [r for r, f in enumerate(failed) if f]
             here = f" On rank {comm.rank}, {error}." if error is not None else ""

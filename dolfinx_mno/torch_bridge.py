@@ -163,6 +163,8 @@ class PointwiseEvaluator:
         # Device-side input buffer in the model's dtype (the cast happens on copy).
         self._chunk_inputs = torch.empty((chunk, num_inputs), dtype=self.dtype, device=device)
         self._non_blocking = pin
+        # On the CPU with matching dtypes the host buffer can be fed to the model directly.
+        self._zero_copy = device.type == "cpu" and self.dtype == torch_host
 
     @property
     def inputs(self) -> npt.NDArray[np.floating]:
@@ -219,8 +221,11 @@ class PointwiseEvaluator:
         with torch.no_grad() if tangent else torch.inference_mode():
             for start in range(0, self.num_points, self.batch_size):
                 stop = min(start + self.batch_size, self.num_points)
-                x = self._chunk_inputs[: stop - start]
-                x.copy_(self._inputs[start:stop], non_blocking=nb)
+                if self._zero_copy:
+                    x = self._inputs[start:stop]
+                else:
+                    x = self._chunk_inputs[: stop - start]
+                    x.copy_(self._inputs[start:stop], non_blocking=nb)
                 if tangent:
                     assert self._tangents is not None
                     y, dy = self._values_and_tangent(x)
