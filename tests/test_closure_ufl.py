@@ -120,3 +120,7 @@ def test_closure_is_a_coefficient():
     assert points == 6
     assert closure.x.array[: num_cells * points * 2].shape == (num_cells * points * 2,)
     assert closure.dx.metadata() == {"quadrature_degree": 3, "quadrature_rule": "default"}
+    closure.update()
+    stages = {"operands", "model", "check", "write", "scatter", "total"}
+    assert set(closure.timings) == stages
+    assert closure.timings["total"] >= sum(closure.timings[s] for s in stages - {"total"}) * 0.99
