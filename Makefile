@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml scripts/find_python.sh
 	echo "using $$python ($$($$python --version))"; \
 	[ -x $(PY) ] || $$python -m venv $(VENV) || exit 1
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dolfinx,plot,test,dev]"
+	$(PY) -m pip install -q -e ".[dolfinx,operators,mesh,plot,test,dev]"
 	@# dolfinx-external-operator names fenics-dolfinx, which the wheel does not provide.
 	$(PY) -m pip install -q --no-deps "dolfinx-external-operator>=0.11,<0.12"
 	$(PY) -c "import dolfinx_mno, dolfinx, torch; print('dolfinx', dolfinx.__version__, 'torch', torch.__version__)"

@@ -21,15 +21,18 @@ import importlib.util
 if importlib.util.find_spec("dolfinx_solver") is not None:
     import dolfinx_solver  # noqa: F401
 
+from dolfinx_mno.base import ClosureBase
 from dolfinx_mno.closure import (
     Closure,
     ClosureEvaluationError,
     derivative,
     extract_closures,
 )
+from dolfinx_mno.grid import Grid
+from dolfinx_mno.nonlocal_closure import NonlocalClosure
 from dolfinx_mno.normalization import AffineNormalization, NormalizedModel
 from dolfinx_mno.quadrature import check_form, form, measure, quadrature_space
-from dolfinx_mno.torch_bridge import resolve_device
+from dolfinx_mno.torch_bridge import resolve_device, to_precision
 
 try:
     __version__ = importlib.metadata.version("dolfinx_mno")
@@ -39,7 +42,10 @@ except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source tre
 __all__ = [
     "AffineNormalization",
     "Closure",
+    "ClosureBase",
     "ClosureEvaluationError",
+    "Grid",
+    "NonlocalClosure",
     "NormalizedModel",
     "__version__",
     "check_form",
@@ -49,4 +55,5 @@ __all__ = [
     "measure",
     "quadrature_space",
     "resolve_device",
+    "to_precision",
 ]

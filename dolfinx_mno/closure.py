@@ -32,6 +32,7 @@ from dolfinx.mesh import Mesh
 from ufl.algorithms import expand_derivatives, extract_coefficients
 from ufl.constantvalue import Zero
 
+from dolfinx_mno.base import ClosureBase
 from dolfinx_mno.quadrature import (
     flatten_operands,
     measure,
@@ -80,7 +81,7 @@ def _operand_mesh(operands: Sequence[ufl.core.expr.Expr], mesh: Mesh | None) -> 
     )
 
 
-class Closure(fem.Function):
+class Closure(ClosureBase):
     """A learned closure whose values live at the quadrature points of a cell rule.
 
     Args:
@@ -120,6 +121,8 @@ class Closure(fem.Function):
         Lütjens et al., "Multiscale Neural Operator: Learning Fast and Grid-independent
         PDE Solvers", 2022, https://arxiv.org/abs/2207.11417.
     """
+
+    supports_tangent = True
 
     def __init__(
         self,
@@ -467,9 +470,9 @@ def _owned_dofs(space: fem.FunctionSpace, num_cells: int) -> slice | np.ndarray:
     return (cell_dofs[:, None] * bs + np.arange(bs)).reshape(-1)
 
 
-def extract_closures(form: ufl.Form) -> list[Closure]:
-    """The closures a form contains, in a stable order."""
-    return [c for c in form.coefficients() if isinstance(c, Closure)]
+def extract_closures(form: ufl.Form) -> list[ClosureBase]:
+    """The closures (local and non-local) a form contains, in a stable order."""
+    return [c for c in form.coefficients() if isinstance(c, ClosureBase)]
 
 
 def derivative(

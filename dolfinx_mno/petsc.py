@@ -24,16 +24,17 @@ import dolfinx.fem.petsc as _fem_petsc
 import ufl
 from dolfinx import fem
 
-from dolfinx_mno.closure import Closure, derivative, extract_closures
+from dolfinx_mno.base import ClosureBase
+from dolfinx_mno.closure import derivative, extract_closures
 from dolfinx_mno.quadrature import check_form
 
 __all__ = ["LinearProblem", "NonlinearProblem"]
 
 
-def _collect(forms: Sequence[ufl.Form | None], closures: Sequence[Closure] | None) -> list:
+def _collect(forms: Sequence[ufl.Form | None], closures: Sequence[ClosureBase] | None) -> list:
     if closures is not None:
         return list(closures)
-    found: dict[int, Closure] = {}
+    found: dict[int, ClosureBase] = {}
     for form in forms:
         if form is not None:
             for closure in extract_closures(form):
@@ -73,7 +74,7 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
         petsc_options_prefix: str,
         bcs: Sequence[fem.DirichletBC] | None = None,
         J: ufl.Form | None = None,
-        closures: Sequence[Closure] | None = None,
+        closures: Sequence[ClosureBase] | None = None,
         **kwargs: typing.Any,
     ):
         if J is None:
@@ -95,7 +96,7 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
         self.solver.setJacobian(self._jacobian, self.A, self.P_mat, kargs=jacobian_ctx)
 
     @property
-    def closures(self) -> list[Closure]:
+    def closures(self) -> list[ClosureBase]:
         """The closures updated at every iterate."""
         return list(self._closures)
 
@@ -104,7 +105,7 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
         x.ghostUpdate(addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)  # type: ignore
         _fem_petsc.assign(x, u)  # type: ignore[arg-type]
         for closure in self._closures:
-            closure.update(tangent=True)
+            closure.update(tangent=closure.supports_tangent)
         x.copy(self._state)
         self._state_valid = True
 
@@ -125,6 +126,13 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
         # (e.g. after a line search that ended on another point).
         if not self._same_state(x):
             self._update_closures(x, ctx["u"])
+        if A.getType() == PETSc.Mat.Type.MFFD:  # type: ignore[attr-defined]
+            # -snes_mf_operator: the Jacobian action is matrix-free (differences of the
+            # residual, which re-evaluates every closure); the assembled Jacobian, with
+            # closures that have no tangent frozen, preconditions it.
+            A.assemble()
+            _fem_petsc.assemble_jacobian(snes, x, P, None, **ctx)  # type: ignore[arg-type]
+            return
         _fem_petsc.assemble_jacobian(snes, x, A, P, **ctx)
 
     def solve(self) -> fem.Function:
@@ -167,7 +175,7 @@ class LinearProblem(_fem_petsc.LinearProblem):
         L: ufl.Form,
         *,
         petsc_options_prefix: str,
-        closures: Sequence[Closure] | None = None,
+        closures: Sequence[ClosureBase] | None = None,
         reuse_matrix: bool = False,
         **kwargs: typing.Any,
     ):
@@ -186,7 +194,7 @@ class LinearProblem(_fem_petsc.LinearProblem):
         super().__init__(a, L, petsc_options_prefix=petsc_options_prefix, **kwargs)
 
     @property
-    def closures(self) -> list[Closure]:
+    def closures(self) -> list[ClosureBase]:
         """The closures updated before every solve."""
         return list(self._closures)
 

@@ -33,6 +33,7 @@ __all__ = [
     "default_batch_size",
     "model_dtype",
     "resolve_device",
+    "to_precision",
 ]
 
 #: The NumPy dtypes DOLFINx supports for real-valued problems, with their torch twins.
@@ -81,6 +82,29 @@ def model_dtype(model: torch.nn.Module, default: torch.dtype) -> torch.dtype:
         if tensor.is_floating_point() or tensor.is_complex():
             return tensor.dtype
     return default
+
+
+def to_precision(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast a model's real tensors to ``dtype`` and its complex ones to the matching complex.
+
+    ``model.double()`` leaves complex parameters (the spectral weights of a Fourier neural
+    operator) in ``complex64``, and ``model.to(torch.float64)`` drops their imaginary part;
+    this casts both kinds consistently, in place.
+
+    Args:
+        model: The model.
+        dtype: ``torch.float32`` or ``torch.float64``.
+
+    Returns:
+        The same model.
+    """
+    complex_dtype = {torch.float32: torch.complex64, torch.float64: torch.complex128}[dtype]
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_complex():
+            tensor.data = tensor.data.to(complex_dtype)
+        elif tensor.is_floating_point():
+            tensor.data = tensor.data.to(dtype)
+    return model
 
 
 def model_device(model: torch.nn.Module) -> torch.device | None:

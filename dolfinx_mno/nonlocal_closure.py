@@ -1,0 +1,417 @@
+"""Non-local closures: a neural operator on a grid, coupled to finite-element fields.
+
+The multiscale neural operator (MNO) learns the closure with a neural operator, e.g. a
+Fourier neural operator, so that the closure sees the whole resolved field, is
+grid-independent and costs O(N log N). :class:`NonlocalClosure` is used in UFL forms exactly
+like a local :class:`~dolfinx_mno.Closure` (``closure.dx``, ``update()``,
+:mod:`dolfinx_mno.petsc`), but its model maps gridded fields to gridded fields:
+
+``(1, num_inputs [+ 1 mask], *grid.shape)  →  (1, prod(value_shape), *grid.shape)``
+
+One update:
+
+1. **sample**: the operands are interpolated into a discontinuous Lagrange space and
+   evaluated at the grid points, each point on exactly one rank (see
+   :class:`~dolfinx_mno.grid.GridSampler`);
+2. **gather**: ``MPI.Gatherv`` to the root rank, which assembles the input grid, with a
+   mask channel (1 inside the domain, 0 outside) and ``extension_value`` outside;
+3. **model**: one call on the root rank, on its device;
+4. **scatter**: each rank receives only the sub-block of the output grid around its own
+   quadrature points (``MPI.Scatterv``);
+5. **interpolate**: multilinear interpolation to the quadrature points of the owned cells,
+   then ``scatter_forward`` for the ghosts.
+
+Coupling is explicit/IMEX by default: the Jacobian of a non-local operator is dense. For
+implicit schemes :func:`dolfinx_mno.derivative` leaves the closure frozen (a Picard
+linearisation); pass ``snes_mf_operator`` to :class:`dolfinx_mno.petsc.NonlinearProblem` to
+get the exact Jacobian *action* matrix-free (PETSc differences the residual, which
+re-evaluates the closure) with the frozen-closure Jacobian as preconditioner.
+
+References:
+    Lütjens et al., "Multiscale Neural Operator: Learning Fast and Grid-independent PDE
+    Solvers", 2022, https://arxiv.org/abs/2207.11417.
+    Li et al., "Fourier Neural Operator for Parametric Partial Differential Equations",
+    ICLR 2021, https://arxiv.org/abs/2010.08895.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import typing
+from collections.abc import Sequence
+
+from mpi4py import MPI
+
+import numpy as np
+import torch
+import ufl
+from dolfinx import fem
+from dolfinx.mesh import Mesh
+
+from dolfinx_mno.base import ClosureBase
+from dolfinx_mno.closure import (
+    ClosureEvaluationError,
+    _operand_mesh,
+    _owned_dofs,
+    _scalar_dtype,
+)
+from dolfinx_mno.grid import Grid, GridInterpolator, GridSampler, mesh_bounding_box
+from dolfinx_mno.quadrature import flatten_operands, quadrature_points, quadrature_space
+from dolfinx_mno.torch_bridge import model_device, resolve_device
+
+__all__ = ["NonlocalClosure"]
+
+
+def _sampling_degree(operands: Sequence[ufl.core.expr.Expr]) -> int:
+    degrees = [
+        c.function_space.ufl_element().embedded_superdegree
+        for op in operands
+        for c in ufl.algorithms.extract_coefficients(op)
+        if hasattr(c, "function_space")
+    ]
+    return max([1, *degrees])
+
+
+class NonlocalClosure(ClosureBase):
+    """A closure computed by a neural operator on a structured grid.
+
+    Args:
+        model: Maps ``(1, num_inputs + mask_channel, *grid_shape)`` to
+            ``(1, prod(value_shape), *grid_shape)``, e.g. ``neuralop.models.FNO`` or
+            ``TFNO`` (use their ``domain_padding`` on non-periodic domains), or any
+            ``torch.nn.Module`` with that grid contract. Runs on the root rank only.
+        operands: UFL expressions on one mesh; their components, operand after operand,
+            are the input channels.
+        value_shape: Shape of the closure value at a point.
+        quadrature_degree: Degree of the quadrature rule carrying the values.
+        grid_shape: Points per direction. Default: one point per mean cell size, i.e.
+            ``ceil(extent / h) + 1`` with ``h = (volume / num_cells)^(1/tdim)``.
+        bounding_box: ``(lower, upper)`` of the grid; default the mesh's bounding box. It
+            must contain the mesh.
+        mask_channel: Append a channel that is 1 at grid points inside the domain and 0
+            outside (always 1 on a box-shaped domain).
+        extension_value: Value of every input channel at grid points outside the domain.
+        sampling_degree: Degree of the discontinuous Lagrange space the operands are
+            interpolated into before point evaluation; default the highest degree of the
+            operand coefficients (exact for ``u`` and ``grad u`` of a Lagrange ``u``).
+        mesh: The mesh; by default the mesh of the operands.
+        device: Device of the model on the root rank (``"auto"``: CUDA if available).
+        root: Rank that runs the model.
+        name: Name of the function.
+
+    Shapes:
+        ``self.x.array`` holds ``(num_cells, num_points, *value_shape)`` values, like a
+        local closure. The model input has ``num_inputs + mask_channel`` channels; grid
+        axes are in ``(x, y, z)`` order.
+
+    Attributes:
+        communication: Bytes sent per update: ``{"gather": ..., "scatter": ...}`` summed
+            over ranks (excluding the root's own share), set at construction.
+        timings: Seconds per stage of the last update.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        operands: Sequence[ufl.core.expr.Expr | fem.Function],
+        value_shape: tuple[int, ...] = (),
+        quadrature_degree: int = 2,
+        *,
+        grid_shape: Sequence[int] | None = None,
+        bounding_box: tuple[Sequence[float], Sequence[float]] | None = None,
+        mask_channel: bool = True,
+        extension_value: float = 0.0,
+        sampling_degree: int | None = None,
+        mesh: Mesh | None = None,
+        device: str | torch.device | None = "auto",
+        root: int = 0,
+        name: str = "nonlocal_closure",
+    ):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        if isinstance(operands, ufl.core.expr.Expr):
+            operands = [operands]
+        operand_list = tuple(ufl.as_ufl(op) for op in operands)
+        if not operand_list:
+            raise ValueError("A closure needs at least one operand.")
+        value_shape = tuple(int(n) for n in value_shape)
+        if any(n < 1 for n in value_shape):
+            raise ValueError(f"value_shape must have positive entries, got {value_shape}.")
+        if not isinstance(quadrature_degree, int | np.integer) or quadrature_degree < 0:
+            raise ValueError(
+                f"quadrature_degree must be a non-negative integer, got {quadrature_degree!r}."
+            )
+        mesh = _operand_mesh(operand_list, mesh)
+        comm = mesh.comm
+        if not 0 <= root < comm.size:
+            raise ValueError(f"root must be a rank of the mesh communicator, got {root}.")
+        dtype = _scalar_dtype(operand_list, mesh)
+        gdim = mesh.geometry.dim
+        tdim = mesh.topology.dim
+        if gdim != tdim:
+            raise ValueError("Non-local closures need a mesh whose gdim equals its tdim.")
+        if grid_shape is not None and (
+            len(grid_shape) != gdim or any(int(n) < 2 for n in grid_shape)
+        ):
+            raise ValueError(
+                f"grid_shape must give at least 2 points in each of {gdim} directions, "
+                f"got {tuple(grid_shape)}."
+            )
+
+        # Collective from here on; every decision below is identical on all ranks.
+        lower, upper = mesh_bounding_box(mesh)
+        if bounding_box is not None:
+            box_lower = np.asarray(bounding_box[0], dtype=np.float64)
+            box_upper = np.asarray(bounding_box[1], dtype=np.float64)
+            if box_lower.shape != (gdim,) or box_upper.shape != (gdim,):
+                raise ValueError(f"bounding_box corners must have {gdim} coordinates.")
+        else:
+            box_lower, box_upper = lower, upper
+        if grid_shape is None:
+            num_cells = comm.allreduce(mesh.topology.index_map(tdim).size_local)
+            h = (np.prod(upper - lower) / num_cells) ** (1.0 / tdim)
+            grid_shape = [
+                math.ceil((hi - lo) / h) + 1 for lo, hi in zip(box_lower, box_upper, strict=True)
+            ]
+        grid = Grid(tuple(box_lower), tuple(box_upper), tuple(int(n) for n in grid_shape))
+        if not grid.covers(lower, upper):
+            raise ValueError(
+                f"The grid box [{grid.lower}, {grid.upper}] does not cover the mesh's "
+                f"bounding box [{tuple(lower)}, {tuple(upper)}]."
+            )
+
+        space = quadrature_space(mesh, int(quadrature_degree), value_shape)
+        super().__init__(space, name=name, dtype=dtype)
+        self._mno_quadrature_degree = int(quadrature_degree)
+        self._operands = operand_list
+        self.grid = grid
+        self._value_shape = value_shape
+        self._num_inputs = sum(flatten_operands(operand_list)[1])
+        self.num_outputs = math.prod(value_shape)
+        self.mask_channel = bool(mask_channel)
+        self.extension_value = float(extension_value)
+        self.root = root
+        self._model = model
+        self._update_count = 0
+        self.timings: dict[str, float] = {}
+        self.total_timings: dict[str, float] = {}
+
+        # Sampling: operands → DG space → grid points owned by this rank.
+        vector, _ = flatten_operands(operand_list)
+        degree = sampling_degree or _sampling_degree(operand_list)
+        dg = fem.functionspace(mesh, ("Discontinuous Lagrange", degree, (self.num_inputs,)))
+        self._sampled = fem.Function(dg, dtype=dtype)
+        self._sampling_expression = fem.Expression(
+            vector, dg.element.interpolation_points, dtype=dtype
+        )
+        self._sampler = GridSampler(grid, dg)
+        self._local_samples = np.empty((self._sampler.num_local, self.num_inputs), dtype=dtype)
+
+        # Gather layout on the root.
+        counts = comm.gather(self._sampler.num_local, root=root)
+        indices = comm.gather(self._sampler.indices, root=root)
+        self._is_root = comm.rank == root
+        if self._is_root:
+            assert counts is not None and indices is not None
+            self._gather_counts = np.array(counts) * self.num_inputs
+            self._gather_displs = np.concatenate([[0], np.cumsum(self._gather_counts)[:-1]])
+            self._gather_indices = np.concatenate(indices)
+            self._gather_buffer = np.empty(int(self._gather_counts.sum()), dtype=dtype)
+            channels = self.num_inputs + int(self.mask_channel)
+            self._grid_input = np.full((channels, grid.num_points), self.extension_value)
+            if self.mask_channel:
+                self._grid_input[-1] = self._sampler.inside.astype(np.float64)
+
+        # Quadrature points of the owned cells, and their interpolation from the grid.
+        tdim_cells = mesh.topology.index_map(tdim).size_local
+        points = quadrature_points(mesh, int(quadrature_degree))
+        x = ufl.SpatialCoordinate(mesh)
+        coordinates = fem.Expression(x, points, dtype=dtype).eval(
+            mesh, np.arange(tdim_cells, dtype=np.int32)
+        )
+        self._interpolator = GridInterpolator(grid, coordinates.reshape(-1, gdim))
+        self._value_dofs = _owned_dofs(space, tdim_cells)
+        self._block = np.empty((self.num_outputs, *self._interpolator.block_shape), dtype=dtype)
+        blocks = comm.gather(self._interpolator.block_slices(), root=root)
+        if self._is_root:
+            assert blocks is not None
+            self._scatter_slices = blocks
+            self._scatter_counts = np.array(
+                [self.num_outputs * math.prod(s.stop - s.start for s in b) for b in blocks]
+            )
+            self._scatter_displs = np.concatenate([[0], np.cumsum(self._scatter_counts)[:-1]])
+            self._scatter_buffer = np.empty(int(self._scatter_counts.sum()), dtype=dtype)
+            root_share_in = self._gather_counts[root]
+            root_share_out = self._scatter_counts[root]
+            self.communication = {
+                "gather": int(self._gather_counts.sum() - root_share_in) * dtype.itemsize,
+                "scatter": int(self._scatter_counts.sum() - root_share_out) * dtype.itemsize,
+            }
+        self.communication = comm.bcast(getattr(self, "communication", None), root=root)
+
+        # The model lives on the root rank; probe it once with the real grid shape.
+        error = None
+        if self._is_root:
+            target = resolve_device(device, MPI.COMM_SELF) if device is not None else None
+            if target is not None:
+                model.to(target)
+            self._device = model_device(model) or target or torch.device("cpu")
+            self._model_dtype = next(
+                (t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()),
+                torch.float64 if dtype == np.float64 else torch.float32,
+            )
+            error = self._probe()
+        error = comm.bcast(error, root=root)
+        if error is not None:
+            raise ValueError(error)
+
+    # -- model on the root ------------------------------------------------------------
+
+    def _run_model(self) -> torch.Tensor:
+        x = torch.from_numpy(self._grid_input).reshape(-1, *self.grid.shape)
+        x = x.to(device=self._device, dtype=self._model_dtype).unsqueeze(0)
+        with torch.inference_mode():
+            return typing.cast(torch.Tensor, self._model(x))
+
+    def _probe(self) -> str | None:
+        channels = self.num_inputs + int(self.mask_channel)
+        try:
+            y = self._run_model()
+        except Exception as err:
+            expected = getattr(self._model, "in_channels", None)
+            given = (
+                f"{channels} input channels ({self.num_inputs} operand components"
+                f"{' + 1 mask' if self.mask_channel else ''})"
+            )
+            if expected is not None and expected != channels:
+                return (
+                    f"Channel mismatch: the model has in_channels={expected}, but the closure "
+                    f"gives it {given}."
+                )
+            return (
+                f"The model failed on a probe input of {given} on the {self.grid.shape} grid: "
+                f"{type(err).__name__}: {err}"
+            )
+        expected_shape = (1, self.num_outputs, *self.grid.shape)
+        if tuple(y.shape) != expected_shape:
+            if tuple(y.shape[2:]) != self.grid.shape:
+                what = "changes the grid shape"
+            else:
+                what = "returns the wrong number of output channels"
+            return (
+                f"The model {what}: for input (1, {channels}, *{self.grid.shape}) it returned "
+                f"{tuple(y.shape)}, expected {expected_shape} (value_shape {self.value_shape})."
+            )
+        return None
+
+    # -- update ------------------------------------------------------------------------
+
+    @property
+    def value_shape(self) -> tuple[int, ...]:
+        """Shape of the closure value at one point."""
+        return self._value_shape
+
+    @property
+    def num_inputs(self) -> int:
+        """Number of operand components (input channels without the mask)."""
+        return self._num_inputs
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The neural operator (used on the root rank only)."""
+        return self._model
+
+    @property
+    def operands(self) -> tuple[ufl.core.expr.Expr, ...]:
+        """The UFL operands, in channel order."""
+        return self._operands
+
+    def update(self, tangent: bool | None = None) -> None:
+        """Sample, gather, run the model, scatter and interpolate (collective).
+
+        Args:
+            tangent: Must be falsy: non-local closures provide no pointwise tangent.
+
+        Raises:
+            ClosureEvaluationError: If the model raised or returned NaN/Inf; the values are
+                left unchanged on every rank.
+        """
+        if tangent:
+            raise ValueError("Non-local closures have no pointwise tangent; see the docs.")
+        comm = self.function_space.mesh.comm
+        attempt = self._update_count + 1
+        t0 = time.perf_counter()
+        self._sampled.interpolate(self._sampling_expression)
+        self._sampler.sample(self._sampled, out=self._local_samples)
+        t1 = time.perf_counter()
+        if self._is_root:
+            recv = [
+                self._gather_buffer,
+                (self._gather_counts, self._gather_displs),
+                MPI.DOUBLE if self.dtype == np.float64 else MPI.FLOAT,
+            ]
+        else:
+            recv = None
+        comm.Gatherv(self._local_samples.reshape(-1), recv, root=self.root)
+        t2 = time.perf_counter()
+        error = None
+        if self._is_root:
+            samples = self._gather_buffer.reshape(-1, self.num_inputs)
+            self._grid_input[: self.num_inputs, self._gather_indices] = samples.T
+            try:
+                output = self._run_model()
+                gridded = output[0].reshape(self.num_outputs, *self.grid.shape)
+                values = gridded.to(device="cpu", dtype=torch.float64).numpy()
+                bad = int(np.count_nonzero(~np.isfinite(values).all(axis=0)))
+                if bad:
+                    error = (
+                        f"the model returned NaN/Inf at {bad} of {self.grid.num_points} grid points"
+                    )
+                else:
+                    offset = 0
+                    for block, count in zip(
+                        self._scatter_slices, self._scatter_counts, strict=True
+                    ):
+                        part = values[(slice(None), *block)]
+                        self._scatter_buffer[offset : offset + count] = part.reshape(-1)
+                        offset += count
+            except Exception as err:  # reported collectively below
+                error = f"the model raised {type(err).__name__}: {err}"
+        t3 = time.perf_counter()
+        error = comm.bcast(error, root=self.root)
+        if error is not None:
+            raise ClosureEvaluationError(
+                f"Update {attempt} of non-local closure '{self.name}' failed on rank "
+                f"{self.root}: {error}. The previous closure values were kept."
+            )
+        mpi_type = MPI.DOUBLE if self.dtype == np.float64 else MPI.FLOAT
+        send = (
+            [self._scatter_buffer, (self._scatter_counts, self._scatter_displs), mpi_type]
+            if self._is_root
+            else None
+        )
+        comm.Scatterv(send, self._block.reshape(-1), root=self.root)
+        t4 = time.perf_counter()
+        quadrature_values = self._interpolator.interpolate(self._block)
+        self.x.array[self._value_dofs] = quadrature_values.reshape(-1)
+        self.x.scatter_forward()
+        t5 = time.perf_counter()
+        timings = {
+            "sample": t1 - t0,
+            "gather": t2 - t1,
+            "model": t3 - t2,
+            "scatter": t4 - t3,
+            "interpolate": t5 - t4,
+            "total": t5 - t0,
+        }
+        self.timings = timings
+        for stage, seconds in timings.items():
+            self.total_timings[stage] = self.total_timings.get(stage, 0.0) + seconds
+        self._update_count = attempt
+
+    def gridded_inputs(self) -> np.ndarray | None:
+        """The last model input on the root, shape ``(channels, *grid.shape)``; else ``None``."""
+        if not self._is_root:
+            return None
+        return self._grid_input.reshape(-1, *self.grid.shape).copy()
