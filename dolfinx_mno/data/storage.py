@@ -1,0 +1,602 @@
+"""Closure training data in HDF5: an append-only writer and a reader.
+
+File layout (one file per data set; ``S`` samples, ``P`` points per sample, ``C`` cells)::
+
+    /                 attributes: format, format_version, num_complete, created, versions,
+                      num_inputs, value_shape, num_points, points_per_cell, dtype,
+                      time_step, units, and the sampler's metadata (operands, input_names,
+                      restriction, coarse_mesh, fine_mesh, ...)
+    /inputs           (S, P, num_inputs)       closure inputs
+    /targets          (S, P, *value_shape)     closure targets
+    /time             (S,)                     time of each sample (NaN if not given)
+    /cell_index       (C,)                     global cell index of the points' cells, sorted
+    /coordinates      (P, gdim)                physical coordinates of the points (optional)
+
+Points are ordered by global (original) cell index, then by point of the quadrature rule,
+whatever the number of MPI ranks. Only rank 0 touches the file (serial h5py).
+
+**Crash safety.** Each append resizes the datasets to ``num_complete + 1`` rows, writes
+the row, flushes (and calls ``fsync``), and only then increments the ``num_complete``
+attribute and flushes again. Readers trust only the first ``num_complete`` rows; the writer
+overwrites anything beyond them. A process killed at any point keeps every sample whose
+append had returned.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+
+from mpi4py import MPI
+
+import h5py
+import numpy as np
+import torch
+
+from dolfinx_mno.data.sample import ClosureSample
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "ClosureDataReader", "ClosureDataWriter"]
+
+#: Value of the ``format`` attribute of closure data files.
+FORMAT = "dolfinx_mno.closure_data"
+#: Version of the layout; readers refuse newer versions.
+FORMAT_VERSION = 1
+
+# Attributes that describe the run rather than the data; they may differ on reopening.
+_RUN_ATTRIBUTES = ("format", "format_version", "num_complete", "created", "versions")
+# Attributes holding JSON text (everything that is not a string or a number).
+_JSON_LIST = "json_attributes"
+# Target size of one HDF5 chunk (h5py recommends 10 KiB to 1 MiB).
+_CHUNK_BYTES = 1 << 20
+
+
+def _versions() -> dict[str, str]:
+    import dolfinx
+
+    try:
+        mno = importlib.metadata.version("dolfinx_mno")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source tree
+        mno = "0.0.0"
+    return {
+        "dolfinx_mno": mno,
+        "dolfinx": dolfinx.__version__,
+        "torch": torch.__version__,
+        "h5py": h5py.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def _normalise(metadata: dict[str, typing.Any]) -> dict[str, typing.Any]:
+    """JSON round trip: the values a reader will see (tuples become lists, ...)."""
+    try:
+        return typing.cast(dict[str, typing.Any], json.loads(json.dumps(metadata)))
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"Metadata must be JSON-serialisable: {err}") from err
+
+
+def _write_attributes(attrs: h5py.AttributeManager, metadata: dict[str, typing.Any]) -> None:
+    encoded = []
+    for key, value in metadata.items():
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            attrs[key] = value
+        else:
+            attrs[key] = json.dumps(value)
+            encoded.append(key)
+    attrs[_JSON_LIST] = json.dumps(sorted(encoded))
+
+
+def _read_attributes(attrs: h5py.AttributeManager) -> dict[str, typing.Any]:
+    encoded = set(json.loads(attrs.get(_JSON_LIST, "[]")))
+    metadata: dict[str, typing.Any] = {}
+    for key, value in attrs.items():
+        if key == _JSON_LIST:
+            continue
+        if isinstance(value, bytes):
+            value = value.decode()
+        if isinstance(value, np.generic):
+            value = value.item()
+        metadata[key] = json.loads(value) if key in encoded else value
+    return metadata
+
+
+def _rebuild(kind: type[BaseException], message: str) -> BaseException:
+    """The exception rank 0 raised, rebuilt on another rank from its type and text."""
+    try:
+        return kind(message)
+    except Exception:
+        return RuntimeError(f"{kind.__name__}: {message}")
+
+
+def _chunk_points(num_points: int, row_bytes: int) -> int:
+    return int(max(1, min(num_points, _CHUNK_BYTES // max(row_bytes, 1))))
+
+
+class ClosureDataWriter:
+    """Append closure training samples to an HDF5 file, crash-safely (collective).
+
+    Every rank calls the constructor and :meth:`append`; samples are gathered on rank 0 in
+    rank-independent order (global cell index, then quadrature point) and written there
+    with serial h5py. All arguments are checked on every rank before any communication,
+    and errors are agreed on, so every rank raises the same error; a file is never left
+    invalid by an error.
+
+    Args:
+        path: The file.
+        comm: The communicator the samples are distributed over.
+        num_inputs: Input columns per point.
+        value_shape: Shape of the target at one point.
+        num_points: Points per sample, over all ranks.
+        points_per_cell: Points of the quadrature rule on one cell.
+        dtype: dtype of inputs and targets (``float32`` or ``float64``).
+        time_step: The time step of the samples, recorded as metadata.
+        units: Units of the quantities, e.g. ``{"u": "m/s", "time": "s"}``.
+        metadata: Further JSON-serialisable metadata, one attribute per key (e.g.
+            :meth:`dolfinx_mno.data.ClosureSampler.metadata`).
+        mode: ``"a"``: append to an existing file with the same metadata, or create it;
+            ``"w"``: create, replacing any file; ``"x"``: create, fail if it exists.
+        fsync: ``fsync`` the file after every flush, so that complete samples also survive
+            an operating-system crash, not only a crash of the process.
+
+    Raises:
+        ValueError: Bad shapes or mode; reopening a file whose metadata differ (nothing is
+            changed then); a file that is not closure data.
+        FileExistsError: ``mode="x"`` and the file exists.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        comm: MPI.Comm,
+        *,
+        num_inputs: int,
+        value_shape: Sequence[int],
+        num_points: int,
+        points_per_cell: int,
+        dtype: typing.Any = np.float64,
+        time_step: float | None = None,
+        units: dict[str, str] | None = None,
+        metadata: dict[str, typing.Any] | None = None,
+        mode: str = "a",
+        fsync: bool = True,
+    ):
+        self.path = Path(path)
+        self.comm = comm
+        self.num_inputs = int(num_inputs)
+        self.value_shape = tuple(int(n) for n in value_shape)
+        self.num_points = int(num_points)
+        self.points_per_cell = int(points_per_cell)
+        self.dtype = np.dtype(dtype)
+        self._fsync = bool(fsync)
+        if mode not in ("a", "w", "x"):
+            raise ValueError(f"mode must be 'a', 'w' or 'x', got {mode!r}.")
+        if self.num_inputs < 1 or any(n < 1 for n in self.value_shape):
+            raise ValueError(
+                f"Need num_inputs ≥ 1 and a positive value_shape, got {self.num_inputs} and "
+                f"{self.value_shape}."
+            )
+        if self.points_per_cell < 1 or self.num_points % self.points_per_cell:
+            raise ValueError(
+                f"num_points ({self.num_points}) must be a positive multiple of "
+                f"points_per_cell ({self.points_per_cell})."
+            )
+        if self.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise TypeError(f"dtype must be float32 or float64, got {self.dtype}.")
+        description: dict[str, typing.Any] = {
+            "num_inputs": self.num_inputs,
+            "value_shape": list(self.value_shape),
+            "num_points": self.num_points,
+            "points_per_cell": self.points_per_cell,
+            "dtype": self.dtype.name,
+            "time_step": None if time_step is None else float(time_step),
+            "units": dict(units or {}),
+        }
+        clash = sorted(set(metadata or {}) & (set(description) | set(_RUN_ATTRIBUTES)))
+        if clash or _JSON_LIST in (metadata or {}):
+            raise ValueError(f"metadata must not redefine the reserved attribute(s) {clash}.")
+        self.metadata = _normalise({**description, **(metadata or {})})
+
+        self._closed = False
+        self._file: h5py.File | None = None
+        self._fd: int | None = None
+        error = None
+        if comm.rank == 0:
+            try:
+                self._open(mode)
+            except Exception as err:  # reported on every rank below
+                error = err
+                self._close_file()
+        error = comm.bcast(None if error is None else (type(error), str(error)), root=0)
+        if error is not None:
+            kind, message = error
+            raise _rebuild(kind, message)
+        self._num_complete = int(comm.bcast(self._num_complete_local(), root=0))
+
+    @classmethod
+    def from_sampler(
+        cls,
+        path: str | os.PathLike,
+        sampler: typing.Any,
+        *,
+        fine_mesh: typing.Any = None,
+        time_step: float | None = None,
+        units: dict[str, str] | None = None,
+        attributes: dict[str, typing.Any] | None = None,
+        mode: str = "a",
+        fsync: bool = True,
+    ) -> ClosureDataWriter:
+        """A writer for the samples of a :class:`~dolfinx_mno.data.ClosureSampler`.
+
+        Args:
+            path: The file.
+            sampler: The sampler; its shapes and :meth:`~ClosureSampler.metadata` are
+                recorded.
+            fine_mesh: The fine mesh, whose size is recorded.
+            time_step: The time step between samples.
+            units: Units of the quantities.
+            attributes: Further JSON-serialisable metadata.
+            mode: See :class:`ClosureDataWriter`.
+            fsync: See :class:`ClosureDataWriter`.
+        """
+        mesh = sampler.coarse_state.function_space.mesh
+        metadata = sampler.metadata(fine_mesh)
+        clash = sorted(set(attributes or {}) & set(metadata))
+        if clash:
+            raise ValueError(f"attributes must not redefine the sampler's metadata {clash}.")
+        metadata.update(attributes or {})
+        return cls(
+            path,
+            mesh.comm,
+            num_inputs=sampler.num_inputs,
+            value_shape=sampler.value_shape,
+            num_points=sampler.num_points,
+            points_per_cell=sampler.points_per_cell,
+            dtype=sampler.dtype,
+            time_step=time_step,
+            units=units,
+            metadata=metadata,
+            mode=mode,
+            fsync=fsync,
+        )
+
+    # -- file handling (rank 0) -------------------------------------------------------
+
+    def _open(self, mode: str) -> None:
+        if mode == "x" and self.path.exists():
+            raise FileExistsError(f"{self.path} exists (mode='x').")
+        if mode == "a" and self.path.exists():
+            # Compare read-only first: a mismatch leaves the file untouched.
+            with h5py.File(self.path, "r") as existing:
+                self._check_existing(existing)
+            self._file = h5py.File(self.path, "r+")
+        else:
+            self._file = h5py.File(self.path, "w")
+            self._create(self._file)
+        if self._fsync:
+            self._fd = os.open(self.path, os.O_RDONLY)
+
+    def _check_existing(self, existing: h5py.File) -> None:
+        stored = _read_attributes(existing.attrs)
+        if stored.get("format") != FORMAT:
+            raise ValueError(f"{self.path} is not a dolfinx_mno closure data file.")
+        if int(stored.get("format_version", 0)) > FORMAT_VERSION:
+            raise ValueError(
+                f"{self.path} has format version {stored['format_version']}; this "
+                f"dolfinx_mno reads versions ≤ {FORMAT_VERSION}."
+            )
+        given = self.metadata
+        stored = {k: v for k, v in stored.items() if k not in _RUN_ATTRIBUTES}
+        missing = "<missing>"
+        differences = [
+            f"{key}: file has {stored.get(key, missing)!r}, given {given.get(key, missing)!r}"
+            for key in sorted(set(stored) | set(given))
+            if stored.get(key, missing) != given.get(key, missing)
+        ]
+        if differences:
+            raise ValueError(
+                f"Cannot append to {self.path}: its metadata differ from this writer's "
+                "(use another file, or mode='w' to replace it):\n  " + "\n  ".join(differences)
+            )
+
+    def _create(self, file: h5py.File) -> None:
+        row_bytes = self.dtype.itemsize * max(self.num_inputs, int(np.prod(self.value_shape)))
+        chunk = _chunk_points(self.num_points, row_bytes)
+        file.create_dataset(
+            "inputs",
+            shape=(0, self.num_points, self.num_inputs),
+            maxshape=(None, self.num_points, self.num_inputs),
+            chunks=(1, chunk, self.num_inputs),
+            dtype=self.dtype,
+        )
+        file.create_dataset(
+            "targets",
+            shape=(0, self.num_points, *self.value_shape),
+            maxshape=(None, self.num_points, *self.value_shape),
+            chunks=(1, chunk, *self.value_shape),
+            dtype=self.dtype,
+        )
+        file.create_dataset("time", shape=(0,), maxshape=(None,), chunks=(1024,), dtype=np.float64)
+        run = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "versions": _versions(),
+        }
+        _write_attributes(file.attrs, {**run, **self.metadata})
+        file.attrs["num_complete"] = np.int64(0)
+        self._flush()
+
+    def _num_complete_local(self) -> int:
+        return int(self._file.attrs["num_complete"]) if self._file is not None else 0
+
+    def _flush(self) -> None:
+        assert self._file is not None
+        self._file.flush()
+        if self._fd is not None:
+            os.fsync(self._fd)
+
+    def _close_file(self) -> None:
+        if getattr(self, "_file", None) is not None:
+            self._file.close()  # type: ignore[union-attr]
+            self._file = None
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)  # type: ignore[arg-type]
+            self._fd = None
+
+    # -- public API -------------------------------------------------------------------
+
+    @property
+    def num_samples(self) -> int:
+        """Number of complete samples in the file."""
+        return self._num_complete
+
+    def append(self, sample: ClosureSample, time: float | None = None) -> int:
+        """Append one sample (collective); returns the number of complete samples.
+
+        The sample is checked on every rank, gathered on rank 0 in global order and written
+        there: data, flush, then ``num_complete += 1``, flush.
+
+        Args:
+            sample: This rank's share of the sample (from
+                :meth:`~dolfinx_mno.data.ClosureSampler.sample`, or built by hand).
+            time: Time of the sample, as given on rank 0 (stored as NaN if ``None``).
+
+        Raises:
+            ValueError: On all ranks, if the shapes or dtype do not match the file's on any
+                rank, the points do not add up to ``num_points``, the cells differ from those
+                of the first sample, or the file is closed. The file is not changed.
+            OSError: On all ranks, if writing failed on rank 0; the samples written before
+                stay readable.
+        """
+        comm = self.comm
+        error = None
+        if not isinstance(sample, ClosureSample):
+            error = f"expected a ClosureSample, got {type(sample).__name__}"
+        elif MPI.Comm.Compare(sample.comm, comm) not in (MPI.IDENT, MPI.CONGRUENT):
+            error = "the sample is distributed over another communicator than the writer's"
+        else:
+            error = sample.check(self.num_inputs, self.value_shape, self.dtype)
+        if (
+            error is None
+            and np.asarray(sample.cell_index).size * self.points_per_cell
+            != (sample.inputs.shape[0])
+        ):
+            error = (
+                f"{sample.inputs.shape[0]} points on {np.asarray(sample.cell_index).size} "
+                f"cells, but the file has {self.points_per_cell} points per cell"
+            )
+        count = sample.inputs.shape[0] if error is None else 0
+        with_coordinates = error is None and sample.coordinates is not None
+        if self._closed:
+            error = "the writer is closed"
+        # One collective agrees on the verdict before any data moves.
+        report = comm.allgather((error, count, with_coordinates))
+        failures = [f"rank {rank}: {e}" for rank, (e, _, _) in enumerate(report) if e is not None]
+        if not failures:
+            total = sum(c for _, c, _ in report)
+            if total != self.num_points:
+                failures.append(
+                    f"the sample has {total} points over all ranks, the file {self.num_points}"
+                )
+            if len({w for _, _, w in report}) > 1:
+                failures.append("some ranks give coordinates and others do not")
+        if failures:
+            raise ValueError(
+                f"Cannot append to {self.path}: " + "; ".join(failures) + ". Nothing was written."
+            )
+        gathered = sample.gather(root=0)
+        status = None
+        if comm.rank == 0:
+            assert gathered is not None
+            try:
+                status = self._write(*gathered, time)
+            except Exception as err:
+                status = (type(err).__name__, str(err))
+        status = comm.bcast(status, root=0)
+        if status is not None:
+            kind, message = status
+            exception = ValueError if kind == "ValueError" else OSError
+            raise exception(
+                f"Cannot append to {self.path}: {kind}: {message}. The "
+                f"{self._num_complete} samples written before are intact."
+            )
+        self._num_complete += 1
+        return self._num_complete
+
+    def _write(
+        self,
+        inputs: np.ndarray,
+        targets: np.ndarray,
+        cell_index: np.ndarray,
+        coordinates: np.ndarray | None,
+        time: float | None,
+    ) -> tuple[str, str] | None:
+        file = self._file
+        assert file is not None
+        if "cell_index" in file:
+            if not np.array_equal(file["cell_index"][...], cell_index):
+                return (
+                    "ValueError",
+                    "the sample's cells (global cell indices) differ from those of the "
+                    "samples in the file; was the coarse mesh changed?",
+                )
+        n = int(file.attrs["num_complete"])
+        # Rows beyond num_complete are debris of an interrupted append: overwrite them.
+        for name in ("inputs", "targets", "time"):
+            file[name].resize(n + 1, axis=0)
+        file["inputs"][n] = inputs
+        file["targets"][n] = targets
+        file["time"][n] = np.nan if time is None else float(time)
+        if "cell_index" not in file:
+            file.create_dataset("cell_index", data=cell_index)
+        if coordinates is not None and "coordinates" not in file:
+            file.create_dataset("coordinates", data=coordinates)
+        self._flush()
+        file.attrs["num_complete"] = np.int64(n + 1)
+        self._flush()
+        return None
+
+    def close(self) -> None:
+        """Close the file (collective; appending afterwards raises)."""
+        self._closed = True
+        if self.comm.rank == 0:
+            self._close_file()
+        self.comm.Barrier()
+
+    def __enter__(self) -> ClosureDataWriter:
+        return self
+
+    def __exit__(self, *args: typing.Any) -> None:
+        self.close()
+
+    def __del__(self):
+        """Close the file if still open (rank 0)."""
+        self._close_file()
+
+
+class ClosureDataReader:
+    """Read closure training data written by :class:`ClosureDataWriter` (serial).
+
+    Only the first ``num_complete`` samples are read; rows of an interrupted append are
+    ignored. Arrays are returned flattened over samples and points, as a pointwise model
+    consumes them.
+
+    Args:
+        path: The file.
+
+    Raises:
+        ValueError: The file is not closure data or has a newer format version.
+
+    Example:
+        >>> with ClosureDataReader("data.h5") as data:
+        ...     inputs, targets = data.tensors(dtype=torch.float32)
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._file = h5py.File(self.path, "r")
+        try:
+            #: All attributes, JSON values decoded.
+            self.metadata = _read_attributes(self._file.attrs)
+            if self.metadata.get("format") != FORMAT:
+                raise ValueError(f"{self.path} is not a dolfinx_mno closure data file.")
+            if int(self.metadata["format_version"]) > FORMAT_VERSION:
+                raise ValueError(
+                    f"{self.path} has format version {self.metadata['format_version']}; this "
+                    f"dolfinx_mno reads versions ≤ {FORMAT_VERSION}."
+                )
+        except Exception:
+            self._file.close()
+            raise
+        #: Number of complete samples.
+        self.num_samples = int(self.metadata["num_complete"])
+        self.num_points = int(self.metadata["num_points"])
+        self.num_inputs = int(self.metadata["num_inputs"])
+        self.value_shape = tuple(int(n) for n in self.metadata["value_shape"])
+
+    def _indices(self, samples: slice | Sequence[int] | None) -> np.ndarray:
+        everything = np.arange(self.num_samples)
+        if samples is None:
+            return everything
+        if isinstance(samples, slice):
+            return everything[samples]
+        indices = np.asarray(samples, dtype=np.int64).reshape(-1)
+        n = self.num_samples
+        if indices.size and (indices.min() < -n or indices.max() >= n):
+            raise IndexError(
+                f"Sample indices {indices.tolist()} out of range: the file has "
+                f"{self.num_samples} complete samples."
+            )
+        return everything[indices]
+
+    def _read(self, name: str, samples: slice | Sequence[int] | None) -> np.ndarray:
+        indices = self._indices(samples)
+        dataset = self._file[name]
+        if indices.size and np.all(np.diff(indices) == 1):
+            block = dataset[int(indices[0]) : int(indices[-1]) + 1]
+        else:
+            unique, inverse = np.unique(indices, return_inverse=True)
+            block = dataset[unique][inverse] if unique.size else dataset[0:0]
+        return typing.cast(np.ndarray, block)
+
+    def inputs(self, samples: slice | Sequence[int] | None = None) -> np.ndarray:
+        """Closure inputs, ``(num_selected * num_points, num_inputs)``.
+
+        Args:
+            samples: Which complete samples (a slice or indices); all by default.
+        """
+        return self._read("inputs", samples).reshape(-1, self.num_inputs)
+
+    def targets(self, samples: slice | Sequence[int] | None = None) -> np.ndarray:
+        """Closure targets, ``(num_selected * num_points, *value_shape)``."""
+        return self._read("targets", samples).reshape(-1, *self.value_shape)
+
+    def times(self, samples: slice | Sequence[int] | None = None) -> np.ndarray:
+        """Time of each selected sample, ``(num_selected,)`` (NaN where not given)."""
+        return self._read("time", samples)
+
+    @property
+    def cell_index(self) -> np.ndarray | None:
+        """Global cell index of each cell, ``(num_points // points_per_cell,)``."""
+        return self._file["cell_index"][...] if "cell_index" in self._file else None
+
+    @property
+    def coordinates(self) -> np.ndarray | None:
+        """Physical coordinates of the points, ``(num_points, gdim)``, if stored."""
+        return self._file["coordinates"][...] if "coordinates" in self._file else None
+
+    def tensors(
+        self,
+        samples: slice | Sequence[int] | None = None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets as torch tensors.
+
+        Args:
+            samples: Which complete samples; all by default.
+            dtype: Target dtype; the file's by default.
+            device: Target device; the CPU by default.
+
+        Returns:
+            ``(num_selected * num_points, num_inputs)`` and
+            ``(num_selected * num_points, *value_shape)``.
+        """
+        return (
+            torch.from_numpy(self.inputs(samples)).to(dtype=dtype, device=device),
+            torch.from_numpy(self.targets(samples)).to(dtype=dtype, device=device),
+        )
+
+    def close(self) -> None:
+        """Close the file."""
+        self._file.close()
+
+    def __enter__(self) -> ClosureDataReader:
+        return self
+
+    def __exit__(self, *args: typing.Any) -> None:
+        self.close()

@@ -1,0 +1,112 @@
+"""Jobs run in subprocesses by ``test_data.py``.
+
+``sample DIR``: the same small "simulation" on any number of ranks writes closure data
+with both restrictions to ``DIR/l2.h5`` and ``DIR/interpolation.h5`` (run under
+``mpirun -n 1, 2, 3``; the files must hold the same arrays).
+
+``kill PATH flush N`` / ``kill PATH write N``: appends synthetic samples (serial) and kills
+itself with SIGKILL right after the N-th HDF5 flush, or during the N-th dataset write
+(after the write, before the flush that follows it). Prints ``appended i`` after each
+append that returned.
+"""
+
+import os
+import signal
+import sys
+
+from mpi4py import MPI
+
+import h5py
+import numpy as np
+
+import dolfinx_mno  # noqa: F401  (before dolfinx)
+from dolfinx_mno.data import ClosureDataWriter, ClosureSample
+
+NUM_CELLS, POINTS_PER_CELL, NUM_INPUTS = 7, 3, 2
+
+
+def synthetic_sample(i: int) -> ClosureSample:
+    """Sample ``i``: inputs ``i + row/100``, targets ``-(i + row/100)``, shape (2,)."""
+    rows = np.arange(NUM_CELLS * POINTS_PER_CELL, dtype=np.float64) / 100.0 + i
+    inputs = np.stack([rows, 2 * rows], axis=1)
+    targets = np.stack([-rows, rows**2], axis=1)
+    cells = np.arange(NUM_CELLS, dtype=np.int64)[::-1].copy()  # any order: sorted on write
+    return ClosureSample(inputs, targets, cells, MPI.COMM_SELF)
+
+
+def synthetic_writer(path, mode="a") -> ClosureDataWriter:
+    return ClosureDataWriter(
+        path,
+        MPI.COMM_SELF,
+        num_inputs=NUM_INPUTS,
+        value_shape=(2,),
+        num_points=NUM_CELLS * POINTS_PER_CELL,
+        points_per_cell=POINTS_PER_CELL,
+        time_step=0.5,
+        units={"time": "s"},
+        metadata={"case": "synthetic"},
+        mode=mode,
+    )
+
+
+def _kill_after(cls, method: str, count: int) -> None:
+    original = getattr(cls, method)
+    calls = [0]
+
+    def wrapper(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        calls[0] += 1
+        if calls[0] == count:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    setattr(cls, method, wrapper)
+
+
+def kill(path: str, where: str, count: int) -> None:
+    if where == "flush":
+        _kill_after(h5py.File, "flush", count)
+    else:
+        _kill_after(h5py.Dataset, "__setitem__", count)
+    writer = synthetic_writer(path, mode="w")
+    for i in range(20):
+        writer.append(synthetic_sample(i), time=0.5 * i)
+        print(f"appended {i + 1}", flush=True)
+
+
+def sample(directory: str) -> None:
+    import ufl
+    from dolfinx import fem, mesh
+
+    from dolfinx_mno.data import ClosureSampler, Interpolation, L2Projection, Tendency
+
+    comm = MPI.COMM_WORLD
+    coarse = mesh.create_unit_square(comm, 5, 4, mesh.CellType.triangle)
+    fine = mesh.create_unit_square(comm, 13, 11, mesh.CellType.quadrilateral)
+    V_f = fem.functionspace(fine, ("Lagrange", 2))
+    u_f = fem.Function(V_f, name="u_f")
+    W_f = fem.functionspace(fine, ("Lagrange", 4))
+    fine_tendency = Tendency(u_f**2, W_f)
+    V_c = fem.functionspace(coarse, ("Lagrange", 1))
+    for restriction in (L2Projection(V_c), Interpolation(V_c)):
+        u_c = fem.Function(V_c, name="u_c")
+        x = ufl.SpatialCoordinate(coarse)
+        sampler = ClosureSampler(
+            restriction, u_c, [u_c, ufl.grad(u_c), x[0]], u_c**2, 3, fine_tendency=fine_tendency
+        )
+        path = os.path.join(directory, f"{restriction.method}.h5")
+        writer = ClosureDataWriter.from_sampler(
+            path, sampler, fine_mesh=fine, time_step=0.1, units={"u": "1"}, mode="w"
+        )
+        for step in range(3):
+            t = 0.1 * step
+            u_f.interpolate(lambda x, t=t: np.sin(3 * x[0] + t) * np.cos(2 * x[1]) + x[1] ** 2)
+            writer.append(sampler.sample(u_f), time=t)
+        writer.close()
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "sample":
+        sample(sys.argv[2])
+    else:
+        kill(sys.argv[2], sys.argv[3], int(sys.argv[4]))

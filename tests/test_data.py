@@ -1,0 +1,685 @@
+"""Closure training data: restriction, commutator targets, HDF5 storage."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from mpi4py import MPI
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import ufl
+from data_job import NUM_CELLS, POINTS_PER_CELL, synthetic_sample, synthetic_writer
+from dolfinx import fem, mesh
+
+import dolfinx_mno as mno
+from dolfinx_mno.data import (
+    ClosureDataReader,
+    ClosureDataWriter,
+    ClosureSample,
+    ClosureSampler,
+    Interpolation,
+    L2Projection,
+    Tendency,
+    restrict,
+)
+
+COMM = MPI.COMM_WORLD
+EPS = np.finfo(np.float64).eps
+JOB = Path(__file__).with_name("data_job.py")
+MPIRUN = Path(sys.executable).parent / "mpirun"
+METHODS = {"interpolation": Interpolation, "l2_projection": L2Projection}
+
+
+def _meshes(n, comm=COMM, ratio=3):
+    """A coarse triangle mesh and a non-nested fine quadrilateral mesh of the unit square."""
+    coarse = mesh.create_unit_square(comm, n, n, mesh.CellType.triangle)
+    fine = mesh.create_unit_square(comm, ratio * n + 1, ratio * n + 1, mesh.CellType.quadrilateral)
+    return coarse, fine
+
+
+def _smooth(x):
+    return np.sin(2 * x[0]) * np.cos(3 * x[1]) + x[0] ** 2
+
+
+def _smooth_ufl(x):
+    return ufl.sin(2 * x[0]) * ufl.cos(3 * x[1]) + x[0] ** 2
+
+
+def _l2(expr, msh, degree=10):
+    dx = ufl.dx(domain=msh, metadata={"quadrature_degree": degree})
+    return np.sqrt(msh.comm.allreduce(fem.assemble_scalar(fem.form(ufl.inner(expr, expr) * dx))))
+
+
+def _max_abs(array, comm=COMM):
+    return comm.allreduce(float(np.max(np.abs(array))) if array.size else 0.0, op=MPI.MAX)
+
+
+def _shared_path(tmp_path, name):
+    """Rank 0's temporary path on every rank (only rank 0 touches the file)."""
+    return Path(COMM.bcast(str(tmp_path / name), root=0))
+
+
+# -- restriction ------------------------------------------------------------------------
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize(
+    ("family", "degree", "shape"),
+    [("Lagrange", 1, ()), ("Lagrange", 2, ()), ("DG", 0, ()), ("DG", 1, ()), ("Lagrange", 1, (2,))],
+)
+def test_coarse_functions_are_reproduced(method, family, degree, shape):
+    """A field of the coarse space, given on the fine mesh, comes back exactly."""
+    coarse, fine = _meshes(4)
+    V_c = fem.functionspace(coarse, (family, degree, shape))
+    # Fine Q_k contains the coarse P_k polynomials; DG1 is affine per coarse cell, so the
+    # fine field must be the same global polynomial: take a global polynomial of degree k.
+    coefficients = [0.3, -1.2, 0.7, 0.25, -0.4, 1.1]
+
+    def polynomial(x):
+        p = coefficients[0] + coefficients[1] * x[0] + coefficients[2] * x[1]
+        if degree == 2:
+            p += coefficients[3] * x[0] ** 2 + coefficients[4] * x[0] * x[1] + coefficients[5]
+        if degree == 0:
+            p = np.full_like(x[0], coefficients[0])
+        return p if shape == () else np.stack([p, 2 - p])
+
+    V_f = fem.functionspace(fine, ("Lagrange", max(degree, 1), shape))
+    u_f = fem.Function(V_f)
+    u_f.interpolate(polynomial)
+    expected = fem.Function(V_c)
+    expected.interpolate(polynomial)
+    restricted = METHODS[method](V_c)(u_f)
+    scale = _max_abs(expected.x.array)
+    assert scale > 0.1
+    # Interpolation is exact to round-off; the projection to the CG tolerance (rtol 1e-14).
+    tolerance = 100 * EPS if method == "interpolation" else 1e-12
+    assert _max_abs(restricted.x.array - expected.x.array) <= tolerance * scale
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize(("degree", "rate"), [(1, 2.0), (2, 3.0)])
+def test_restriction_convergence(degree, rate):
+    """Both restrictions of a smooth field converge at O(h^{k+1}); projection is better."""
+    errors = {method: [] for method in METHODS}
+    for n in (4, 8, 16):
+        coarse, fine = _meshes(n)
+        u_f = fem.Function(fem.functionspace(fine, ("Lagrange", degree + 1)))
+        u_f.interpolate(_smooth)
+        V_c = fem.functionspace(coarse, ("Lagrange", degree))
+        exact = _smooth_ufl(ufl.SpatialCoordinate(coarse))
+        for method, cls in METHODS.items():
+            errors[method].append(_l2(cls(V_c)(u_f) - exact, coarse))
+    for method, values in errors.items():
+        rates = np.log2(np.array(values[:-1]) / np.array(values[1:]))
+        assert rates[-1] == pytest.approx(rate, abs=0.15), (method, values, rates)
+    # The L2 projection is the best approximation in L2 (up to quadrature error).
+    assert all(
+        p <= i for p, i in zip(errors["l2_projection"], errors["interpolation"], strict=True)
+    )
+
+
+@pytest.mark.mpi
+def test_piecewise_constant_projection_is_the_cell_mean():
+    """L2 projection onto DG0 of a polynomial field gives the exact cell means."""
+    coarse, fine = _meshes(3)
+    u_f = fem.Function(fem.functionspace(fine, ("Lagrange", 2)))
+    u_f.interpolate(lambda x: x[0] ** 2 + 3 * x[0] * x[1] - x[1])
+    V_c = fem.functionspace(coarse, ("DG", 0))
+    projected = restrict(u_f, V_c, "l2_projection")
+    x = ufl.SpatialCoordinate(coarse)
+    w = ufl.TestFunction(V_c)
+    means = fem.assemble_vector(fem.form((x[0] ** 2 + 3 * x[0] * x[1] - x[1]) * w * ufl.dx))
+    volumes = fem.assemble_vector(fem.form(w * ufl.dx))
+    owned = V_c.dofmap.index_map.size_local
+    reference = means.array[:owned] / volumes.array[:owned]
+    assert _max_abs(projected.x.array[:owned] - reference) <= 100 * EPS
+
+
+@pytest.mark.mpi
+def test_points_outside_the_fine_mesh_raise_on_all_ranks():
+    coarse = mesh.create_unit_square(COMM, 4, 4)
+    fine = mesh.create_rectangle(COMM, [[0.0, 0.0], [0.8, 1.0]], [8, 10])
+    u_f = fem.Function(fem.functionspace(fine, ("Lagrange", 1)))
+    V_c = fem.functionspace(coarse, ("Lagrange", 1))
+    for cls in METHODS.values():
+        with pytest.raises(ValueError, match="lie outside the fine mesh"):
+            cls(V_c)(u_f)
+
+
+def test_restriction_input_errors():
+    coarse, fine = _meshes(2, MPI.COMM_SELF)
+    V_c = fem.functionspace(coarse, ("Lagrange", 1))
+    vector = fem.Function(fem.functionspace(fine, ("Lagrange", 1, (2,))))
+    with pytest.raises(ValueError, match="value shape"):
+        Interpolation(V_c)(vector)
+    with pytest.raises(TypeError, match=r"dolfinx\.fem\.Function"):
+        Interpolation(V_c)(np.zeros(3))
+    with pytest.raises(ValueError, match="quadrature_degree"):
+        L2Projection(V_c, quadrature_degree=1)
+    with pytest.raises(ValueError, match="Unknown restriction"):
+        restrict(vector, V_c, "spectral")
+    scalar = fem.Function(fem.functionspace(fine, ("Lagrange", 1)))
+    other = fem.Function(fem.functionspace(coarse, ("Lagrange", 2)))
+    with pytest.raises(ValueError, match="out must be"):
+        Interpolation(V_c)(scalar, out=other)
+
+
+# -- commutator targets -----------------------------------------------------------------
+
+
+def _target_norm(sampler):
+    """L2 norms of the target and of the filtered fine tendency, at the quadrature points."""
+    msh = sampler.coarse_state.function_space.mesh
+    dx = mno.measure(msh, sampler.quadrature_degree)
+    norm = msh.comm.allreduce(fem.assemble_scalar(fem.form(sampler.target**2 * dx)))
+    reference = fem.assemble_scalar(fem.form(sampler.filtered_tendency**2 * dx))
+    return np.sqrt(norm), np.sqrt(msh.comm.allreduce(reference))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("method", list(METHODS))
+def test_linear_operator_commutes_exactly(method):
+    """N(u) = λu commutes with any linear filter: the target is round-off."""
+    coarse, fine = _meshes(4)
+    u_f = fem.Function(fem.functionspace(fine, ("Lagrange", 2)))
+    u_f.interpolate(_smooth)
+    V_c = fem.functionspace(coarse, ("Lagrange", 1))
+    u_c = fem.Function(V_c)
+    sampler = ClosureSampler(
+        METHODS[method](V_c),
+        u_c,
+        [u_c],
+        -3.0 * u_c,
+        quadrature_degree=2,
+        fine_tendency=Tendency(-3.0 * u_f, u_f.function_space),
+    )
+    sample = sampler.sample(u_f)
+    assert _max_abs(sample.inputs) > 0.5
+    assert _max_abs(sample.targets) <= 100 * EPS * _max_abs(sample.inputs)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize(
+    ("method", "degree", "kind"),
+    [
+        ("l2_projection", 1, "weak"),
+        ("l2_projection", 2, "pointwise"),
+        ("interpolation", 2, "pointwise"),
+    ],
+)
+def test_advection_commutes_to_discretisation_error(method, degree, kind):
+    """N(u) = -a·∇u: the commutator ~ h^k vanishes with refinement (measured rate k)."""
+    a = ufl.as_vector([1.0, -0.5])
+    ratios = []
+    norms = []
+    for n in (4, 8, 16):
+        coarse, fine = _meshes(n)
+        V_f = fem.functionspace(fine, ("Lagrange", degree + 1))
+        u_f = fem.Function(V_f)
+        u_f.interpolate(_smooth)
+        if kind == "weak":
+            fine_tendency = Tendency(-ufl.dot(a, ufl.grad(u_f)) * ufl.TestFunction(V_f) * ufl.dx)
+        else:
+            gradient_space = fem.functionspace(fine, ("DG", degree))
+            fine_tendency = Tendency(-ufl.dot(a, ufl.grad(u_f)), gradient_space)
+        V_c = fem.functionspace(coarse, ("Lagrange", degree))
+        u_c = fem.Function(V_c)
+        sampler = ClosureSampler(
+            METHODS[method](V_c),
+            u_c,
+            [u_c, ufl.grad(u_c)],
+            -ufl.dot(a, ufl.grad(u_c)),
+            quadrature_degree=2 * degree,
+            fine_tendency=fine_tendency,
+        )
+        sampler.sample(u_f)
+        norm, reference = _target_norm(sampler)
+        norms.append(norm)
+        ratios.append(norm / reference)
+    rates = np.log2(np.array(norms[:-1]) / np.array(norms[1:]))
+    assert rates == pytest.approx([degree, degree], abs=0.1), (norms, rates)
+    assert ratios[-1] < 0.06 / degree**2
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("quadrature_degree", [0, 2])
+def test_square_with_piecewise_constants_gives_the_subgrid_variance(quadrature_degree):
+    """N(u) = u², L2 projection onto DG0: target = mean(u²) - mean(u)² on each cell."""
+    coarse, fine = _meshes(3)
+    u_f = fem.Function(fem.functionspace(fine, ("Lagrange", 2)), name="u_f")
+    u_f.interpolate(lambda x: 1 + 2 * x[0] - x[1] + 3 * x[0] * x[1] - x[1] ** 2)
+    # u_f² (degree 4) is exact in fine Q4; the coarse rule of degree 4 integrates it exactly.
+    fine_tendency = Tendency(u_f**2, fem.functionspace(fine, ("Lagrange", 4)))
+    V_c = fem.functionspace(coarse, ("DG", 0))
+    u_c = fem.Function(V_c, name="u_c")
+    x = ufl.SpatialCoordinate(coarse)
+    sampler = ClosureSampler(
+        L2Projection(V_c, quadrature_degree=4),
+        u_c,
+        [u_c, x],
+        u_c**2,
+        quadrature_degree=quadrature_degree,
+        fine_tendency=fine_tendency,
+    )
+    sample = sampler.sample(u_f)
+
+    # Exact cell means on the coarse mesh, integrated with the analytic polynomial.
+    w = ufl.TestFunction(V_c)
+    u = 1 + 2 * x[0] - x[1] + 3 * x[0] * x[1] - x[1] ** 2
+    dx = ufl.dx(metadata={"quadrature_degree": 4})
+    volume, mean, mean_square = (
+        fem.assemble_vector(fem.form(f * w * dx)).array for f in (1.0, u, u**2)
+    )
+    num_cells = coarse.topology.index_map(2).size_local
+    dofs = V_c.dofmap.list[:num_cells, 0]
+    mean, mean_square = mean[dofs] / volume[dofs], mean_square[dofs] / volume[dofs]
+    variance = mean_square - mean**2
+    points = sampler.points_per_cell
+    assert COMM.allreduce(float(variance.min(initial=np.inf)), op=MPI.MIN) > 1e-3
+    assert _max_abs(sample.targets - np.repeat(variance, points)) <= 1e3 * EPS
+    assert _max_abs(sample.inputs[:, 0] - np.repeat(mean, points)) <= 100 * EPS
+    # The input columns: u_c, x[0], x[1]; the last matches the sample's coordinates.
+    assert sampler.input_names == ["u_c", "x[0]", "x[1]"]
+    assert np.array_equal(sample.inputs[:, 1:], sample.coordinates)
+
+    # Interpolation onto DG0 samples u at the midpoint only: it cannot see the variance.
+    interpolated = ClosureSampler(
+        Interpolation(V_c), u_c, [u_c], u_c**2, quadrature_degree, fine_tendency=fine_tendency
+    ).sample(u_f)
+    assert _max_abs(interpolated.targets) <= 100 * EPS
+
+
+class _Identity(torch.nn.Module):
+    def forward(self, x):
+        return x
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("method", list(METHODS))
+def test_inputs_match_a_closure_with_the_same_operands(method):
+    coarse, fine = _meshes(3)
+    u_f = fem.Function(fem.functionspace(fine, ("Lagrange", 2, (2,))))
+    u_f.interpolate(lambda x: np.stack([_smooth(x), x[0] * x[1]]))
+    V_c = fem.functionspace(coarse, ("Lagrange", 2, (2,)))
+    u_c = fem.Function(V_c, name="w")
+    x = ufl.SpatialCoordinate(coarse)
+    operands = [u_c, ufl.grad(u_c), x[0] * ufl.dot(u_c, u_c)]
+    fine_tendency = Tendency(ufl.dot(u_f, u_f) * u_f, fem.functionspace(fine, ("DG", 6, (2,))))
+    sampler = ClosureSampler(
+        METHODS[method](V_c),
+        u_c,
+        operands,
+        ufl.dot(u_c, u_c) * u_c,
+        quadrature_degree=3,
+        fine_tendency=fine_tendency,
+    )
+    sample = sampler.sample(u_f)
+    assert sampler.num_inputs == 7
+    assert sampler.input_names[:4] == ["w[0]", "w[1]", "grad(w)[0,0]", "grad(w)[0,1]"]
+    closure = mno.Closure(_Identity(), operands, (7,), quadrature_degree=3, device="cpu")
+    closure.update()
+    num_cells = coarse.topology.index_map(2).size_local
+    dofs = closure.function_space.dofmap.list[:num_cells].reshape(-1)
+    values = closure.x.array.reshape(-1, 7)[dofs]
+    assert sample.inputs.shape == values.shape == (num_cells * 6, 7)
+    assert _max_abs(sample.inputs - values) <= 10 * EPS * _max_abs(values)
+    # The target quadrature function holds the sample's targets.
+    target_dofs = sampler.target.function_space.dofmap.list[:num_cells].reshape(-1)
+    assert np.array_equal(sampler.target.x.array.reshape(-1, 2)[target_dofs], sample.targets)
+
+
+def test_sampler_input_errors():
+    coarse, fine = _meshes(2, MPI.COMM_SELF)
+    V_c = fem.functionspace(coarse, ("Lagrange", 1))
+    u_c = fem.Function(V_c)
+    u_f = fem.Function(fem.functionspace(fine, ("Lagrange", 1)))
+    restriction = Interpolation(V_c)
+    with pytest.raises(ValueError, match="coarse_state"):
+        ClosureSampler(restriction, u_f, [u_c], u_c)
+    with pytest.raises(ValueError, match="coarse mesh"):
+        ClosureSampler(restriction, u_c, [u_f], u_c)
+    with pytest.raises(ValueError, match="shape"):
+        ClosureSampler(restriction, u_c, [u_c], ufl.grad(u_c))
+    with pytest.raises(ValueError, match="linear form"):
+        Tendency(ufl.TrialFunction(V_c) * ufl.TestFunction(V_c) * ufl.dx)
+    with pytest.raises(ValueError, match="needs a space"):
+        Tendency(u_c**2)
+    sampler = ClosureSampler(restriction, u_c, [u_c], u_c**2)
+    with pytest.raises(ValueError, match="No fine tendency"):
+        sampler.sample(u_f)
+
+
+# -- storage ----------------------------------------------------------------------------
+
+
+def test_write_and_read_back(tmp_path):
+    path = tmp_path / "data.h5"
+    with synthetic_writer(path, mode="x") as writer:
+        for i in range(3):
+            assert writer.append(synthetic_sample(i), time=0.5 * i) == i + 1
+    with ClosureDataReader(path) as data:
+        assert data.num_samples == 3
+        assert data.metadata["time_step"] == 0.5
+        assert data.metadata["units"] == {"time": "s"}
+        assert data.metadata["case"] == "synthetic"
+        assert set(data.metadata["versions"]) >= {"dolfinx_mno", "dolfinx", "torch"}
+        assert data.metadata["created"].endswith("+00:00")
+        assert np.array_equal(data.cell_index, np.arange(NUM_CELLS))
+        inputs, targets = data.inputs(), data.targets()
+        assert inputs.shape == (3 * NUM_CELLS * POINTS_PER_CELL, 2)
+        assert targets.shape == (3 * NUM_CELLS * POINTS_PER_CELL, 2)
+        # Cells were given in reverse order: rows are sorted by cell, points kept in order.
+        first = synthetic_sample(0)
+        order = np.arange(NUM_CELLS * POINTS_PER_CELL).reshape(NUM_CELLS, -1)[::-1].reshape(-1)
+        assert np.array_equal(inputs[: order.size], first.inputs[order])
+        assert np.array_equal(data.inputs([2, 0]), np.concatenate([data.inputs(2), data.inputs(0)]))
+        assert np.array_equal(data.times(), [0.0, 0.5, 1.0])
+        tensors = data.tensors(slice(1, 3), dtype=torch.float32)
+        assert tensors[0].dtype == torch.float32 and tensors[0].shape == (2 * order.size, 2)
+        with pytest.raises(IndexError, match="3 complete samples"):
+            data.inputs([3])
+    with pytest.raises(FileExistsError):
+        synthetic_writer(path, mode="x")
+    with synthetic_writer(path) as writer:  # mode "a": resumes
+        assert writer.num_samples == 3
+        writer.append(synthetic_sample(3))
+    with ClosureDataReader(path) as data:
+        assert data.num_samples == 4 and np.isnan(data.times()[3])
+
+
+def test_interrupted_append_keeps_complete_samples(tmp_path):
+    """Rows written beyond num_complete (a crash before the bump) are ignored, then reused."""
+    path = tmp_path / "data.h5"
+    with synthetic_writer(path) as writer:
+        writer.append(synthetic_sample(0))
+        writer.append(synthetic_sample(1))
+    with h5py.File(path, "r+") as file:  # a crash after writing row 2, before the bump
+        for name in ("inputs", "targets", "time"):
+            file[name].resize(3, axis=0)
+        file["inputs"][2] = np.nan
+    with ClosureDataReader(path) as data:
+        assert data.num_samples == 2
+        assert data.inputs().shape[0] == 2 * NUM_CELLS * POINTS_PER_CELL
+        assert np.isfinite(data.inputs()).all()
+    with synthetic_writer(path) as writer:
+        assert writer.num_samples == 2
+        writer.append(synthetic_sample(2))
+    with ClosureDataReader(path) as data:
+        assert data.num_samples == 3
+        assert data.inputs(2).min() == 2.0
+
+
+#: (where the writer is killed, after how many calls, complete samples, rows in the file)
+KILLS = [
+    ("flush", 4, 1, 2),  # after the data flush of sample 2, before its num_complete bump
+    ("flush", 5, 2, 2),  # after the bump of sample 2, before append() returned
+    ("write", 8, 2, 3),  # between writing the inputs and the targets of sample 3
+]
+
+
+def test_killed_writer_keeps_complete_samples(tmp_path):
+    """SIGKILL in the middle of an append: every complete sample survives, file reopens."""
+    jobs = []
+    for where, count, complete, rows in KILLS:
+        path = tmp_path / f"killed_{where}_{count}.h5"
+        command = [sys.executable, str(JOB), "kill", str(path), where, str(count)]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        jobs.append((process, path, complete, rows))
+    for process, path, complete, rows in jobs:
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == -9, stderr.decode()[-2000:]
+        printed = stdout.decode().split().count("appended")
+        assert printed <= complete <= printed + 1
+        with h5py.File(path, "r") as file:  # the file opens; debris rows may follow
+            assert file["inputs"].shape[0] in (complete, rows)
+        with ClosureDataReader(path) as data:
+            assert data.num_samples == complete
+            for i in range(complete):
+                assert np.array_equal(data.inputs(i), _sorted_rows(synthetic_sample(i).inputs))
+        with synthetic_writer(path) as writer:  # resume: debris is overwritten
+            assert writer.append(synthetic_sample(complete)) == complete + 1
+        with ClosureDataReader(path) as data:
+            assert np.array_equal(
+                data.inputs(complete), _sorted_rows(synthetic_sample(complete).inputs)
+            )
+
+
+def _sorted_rows(rows):
+    """Rows of the synthetic sample (cells given in reverse order) in global cell order."""
+    return rows.reshape(NUM_CELLS, POINTS_PER_CELL, -1)[::-1].reshape(-1, rows.shape[1])
+
+
+def test_bad_input_leaves_the_file_valid(tmp_path):
+    path = tmp_path / "data.h5"
+    writer = synthetic_writer(path)
+    writer.append(synthetic_sample(0))
+    good = synthetic_sample(1)
+    bad_samples = {
+        "inputs have shape": ClosureSample(
+            good.inputs[:, :1], good.targets, good.cell_index, MPI.COMM_SELF
+        ),
+        "targets have shape": ClosureSample(
+            good.inputs, good.targets[:, 0], good.cell_index, MPI.COMM_SELF
+        ),
+        "dtype": ClosureSample(
+            good.inputs.astype(np.float32), good.targets, good.cell_index, MPI.COMM_SELF
+        ),
+        "points per cell": ClosureSample(
+            good.inputs, good.targets, good.cell_index[:-4], MPI.COMM_SELF
+        ),
+        "more than once": ClosureSample(
+            good.inputs, good.targets, np.zeros(NUM_CELLS, dtype=np.int64), MPI.COMM_SELF
+        ),
+        "ClosureSample": "not a sample",
+    }
+    for message, sample in bad_samples.items():
+        with pytest.raises(ValueError, match=message):
+            writer.append(sample)
+    changed_cells = ClosureSample(good.inputs, good.targets, good.cell_index + 1, MPI.COMM_SELF)
+    with pytest.raises(ValueError, match=r"cells .* differ"):
+        writer.append(changed_cells)
+    assert writer.num_samples == 1
+    writer.close()
+    with pytest.raises(ValueError, match="closed"):
+        writer.append(good)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"time_step: file has 0\.5, given 0\.25"):
+        ClosureDataWriter(
+            path,
+            MPI.COMM_SELF,
+            num_inputs=2,
+            value_shape=(2,),
+            num_points=NUM_CELLS * POINTS_PER_CELL,
+            points_per_cell=POINTS_PER_CELL,
+            time_step=0.25,
+            units={"time": "s"},
+            metadata={"case": "synthetic"},
+        )
+    assert path.read_bytes() == before
+    with ClosureDataReader(path) as data:
+        assert data.num_samples == 1
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as file:
+        file["x"] = 1.0
+    with pytest.raises(ValueError, match="not a dolfinx_mno closure data file"):
+        synthetic_writer(other)
+    with pytest.raises(ValueError, match="not a dolfinx_mno closure data file"):
+        ClosureDataReader(other)
+    with pytest.raises(ValueError, match="reserved"):
+        ClosureDataWriter(
+            other,
+            MPI.COMM_SELF,
+            num_inputs=1,
+            value_shape=(),
+            num_points=1,
+            points_per_cell=1,
+            metadata={"num_complete": 3},
+        )
+
+
+def _sampler(comm, method):
+    """The closure data of a small problem: u² with an L2 projection onto P1."""
+    coarse, fine = _meshes(3, comm)
+    u_f = fem.Function(fem.functionspace(fine, ("Lagrange", 2)), name="u_f")
+    u_f.interpolate(_smooth)
+    V_c = fem.functionspace(coarse, ("Lagrange", 1))
+    u_c = fem.Function(V_c, name="u_c")
+    sampler = ClosureSampler(
+        METHODS[method](V_c),
+        u_c,
+        [u_c, ufl.grad(u_c)],
+        u_c**2,
+        quadrature_degree=2,
+        fine_tendency=Tendency(u_f**2, fem.functionspace(fine, ("Lagrange", 4))),
+    )
+    return sampler, u_f, fine
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("method", list(METHODS))
+def test_parallel_file_equals_serial_reference(tmp_path, method):
+    """Gathered in global cell order, the file holds the serial run's arrays."""
+    path = _shared_path(tmp_path, f"{method}.h5")
+    sampler, u_f, fine = _sampler(COMM, method)
+    with ClosureDataWriter.from_sampler(
+        path, sampler, fine_mesh=fine, time_step=0.1, units={"u": "m"}
+    ) as writer:
+        for step in range(2):
+            u_f.x.array[:] *= 1.5
+            writer.append(sampler.sample(u_f), time=0.1 * step)
+    if COMM.rank == 0:
+        serial, u_serial, _ = _sampler(MPI.COMM_SELF, method)
+        references = []
+        for _ in range(2):
+            u_serial.x.array[:] *= 1.5
+            references.append(serial.sample(u_serial).gather(root=0))
+        with ClosureDataReader(path) as data:
+            assert data.num_samples == 2
+            assert data.metadata["coarse_mesh"]["num_cells"] == 18
+            assert data.metadata["input_names"] == ["u_c", "grad(u_c)[0]", "grad(u_c)[1]"]
+            assert data.metadata["restriction"] == method
+            assert np.array_equal(data.cell_index, np.arange(18))
+            assert np.array_equal(data.coordinates, references[0][3])
+            for i, (inputs, targets, cells, _) in enumerate(references):
+                assert np.array_equal(cells, np.arange(18))
+                scale = np.abs(inputs).max()
+                assert np.abs(data.inputs(i) - inputs).max() <= 1e2 * EPS * scale
+                assert np.abs(data.targets(i) - targets).max() <= 1e2 * EPS * scale**2
+                assert np.abs(targets).max() > 1e-3
+    COMM.Barrier()
+
+
+@pytest.mark.skipif(not MPIRUN.exists(), reason="needs mpirun next to the Python executable")
+def test_same_file_on_1_2_3_ranks(tmp_path):
+    """The same run on 1, 2 and 3 ranks writes the same arrays (to round-off)."""
+    import data_job
+
+    (tmp_path / "1").mkdir()
+    data_job.sample(str(tmp_path / "1"))  # this process: one rank
+    for ranks in (2, 3):
+        directory = tmp_path / str(ranks)
+        directory.mkdir()
+        result = subprocess.run(
+            [str(MPIRUN), "-n", str(ranks), sys.executable, str(JOB), "sample", str(directory)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+    for method in METHODS:
+        files = [ClosureDataReader(tmp_path / str(n) / f"{method}.h5") for n in (1, 2, 3)]
+        reference = files[0]
+        assert reference.num_samples == 3
+        # Targets are differences of tendencies of size max|u|²: round-off is relative to that.
+        scales = {"inputs": np.abs(reference.inputs()).max()}
+        scales["targets"] = np.abs(reference.inputs()[:, 0]).max() ** 2
+        assert np.abs(reference.targets()).max() > 1e-2
+        for data in files[1:]:
+            for key, value in reference.metadata.items():
+                if key != "created":
+                    assert json.dumps(data.metadata[key]) == json.dumps(value), key
+            assert np.array_equal(data.cell_index, reference.cell_index)
+            assert np.array_equal(data.coordinates, reference.coordinates)
+            assert np.array_equal(data.times(), reference.times())
+            for name, scale in scales.items():
+                a, b = getattr(data, name)(), getattr(reference, name)()
+                assert a.shape == b.shape
+                assert np.abs(a - b).max() <= 1e2 * EPS * scale, (method, name)
+        for data in files:
+            data.close()
+
+
+@pytest.mark.mpi
+def test_meshes_are_partitioned_independently():
+    """Under MPI, coarse points are evaluated on other ranks' fine cells: data moves."""
+    coarse, fine = _meshes(4)
+    V_c = fem.functionspace(coarse, ("Lagrange", 1))
+    cells = np.arange(coarse.topology.index_map(2).size_local, dtype=np.int32)
+    data = fem.create_interpolation_data(V_c, fem.functionspace(fine, ("Lagrange", 1)), cells)
+    remote = np.count_nonzero(np.asarray(data.src_owner) != COMM.rank)
+    assert (COMM.allreduce(remote) > 0) == (COMM.size > 1)
+
+
+def test_float32(tmp_path):
+    """Interpolation and sampling work in float32; the PETSc projection says it cannot."""
+    coarse = mesh.create_unit_square(MPI.COMM_SELF, 3, 3, dtype=np.float32)
+    fine = mesh.create_unit_square(
+        MPI.COMM_SELF, 7, 7, mesh.CellType.quadrilateral, dtype=np.float32
+    )
+    u_f = fem.Function(fem.functionspace(fine, ("Lagrange", 1)), dtype=np.float32)
+    u_f.interpolate(lambda x: 1 + x[0] - 2 * x[1])
+    V_c = fem.functionspace(coarse, ("Lagrange", 1))
+    u_c = fem.Function(V_c, dtype=np.float32)
+    with pytest.raises(TypeError, match="Use Interpolation instead"):
+        L2Projection(V_c)
+    sampler = ClosureSampler(
+        Interpolation(V_c), u_c, [u_c], -u_c, fine_tendency=Tendency(-u_f, u_f.function_space)
+    )
+    sample = sampler.sample(u_f)
+    assert sample.inputs.dtype == np.float32
+    assert np.abs(sample.targets).max() <= 10 * np.finfo(np.float32).eps
+    with ClosureDataWriter.from_sampler(tmp_path / "f32.h5", sampler) as writer:
+        writer.append(sample)
+    with ClosureDataReader(tmp_path / "f32.h5") as data:
+        assert data.inputs().dtype == np.float32
+        assert data.tensors()[0].dtype == torch.float32
+
+
+def _advection_sampler(comm):
+    """A sampler whose weak tendencies contain free indices and a facet integral."""
+    coarse, fine = _meshes(2, comm)
+    a = ufl.as_vector([1.0, 0.5])
+
+    def weak(u):
+        v = ufl.TestFunction(u.function_space)
+        n = ufl.FacetNormal(u.function_space.mesh)
+        flux = 0.5 * u**2 * a
+        return ufl.inner(flux, ufl.grad(v)) * ufl.dx - ufl.dot(flux, n) * v * ufl.ds
+
+    u_f = fem.Function(fem.functionspace(fine, ("Lagrange", 1)), name="u_f")
+    u_c = fem.Function(fem.functionspace(coarse, ("Lagrange", 1)), name="u_c")
+    sampler = ClosureSampler(
+        L2Projection(u_c.function_space),
+        u_c,
+        [u_c, ufl.as_vector([u_c, 2 * u_c])],
+        Tendency(weak(u_c)),
+        fine_tendency=Tendency(weak(u_f)),
+    )
+    return sampler, fine
+
+
+def test_metadata_is_the_same_in_every_session(tmp_path):
+    """Rebuilding the same sampler gives the same metadata, so a file can be resumed."""
+    first, fine = _advection_sampler(MPI.COMM_SELF)
+    second, _ = _advection_sampler(MPI.COMM_SELF)  # new meshes, new UFL index numbers
+    assert first.metadata(fine) == second.metadata(fine)
+    assert "i_0" in first.metadata()["coarse_tendency"]
+    assert first.input_names == ["u_c", "[u_c, 2 * u_c][0]", "[u_c, 2 * u_c][1]"]
+    ClosureDataWriter.from_sampler(tmp_path / "a.h5", first, fine_mesh=fine).close()
+    with ClosureDataWriter.from_sampler(tmp_path / "a.h5", second, fine_mesh=fine) as writer:
+        assert writer.num_samples == 0
