@@ -29,10 +29,13 @@ from dolfinx_mno.closure import (
     extract_closures,
 )
 from dolfinx_mno.grid import Grid
+from dolfinx_mno.io import ModelFileError, load_model, register_architecture, save_model
+from dolfinx_mno.models import MLP
 from dolfinx_mno.nonlocal_closure import NonlocalClosure
 from dolfinx_mno.normalization import AffineNormalization, NormalizedModel
 from dolfinx_mno.quadrature import check_form, form, measure, quadrature_space
 from dolfinx_mno.torch_bridge import resolve_device, to_precision
+from dolfinx_mno.training import fit
 
 try:
     __version__ = importlib.metadata.version("dolfinx_mno")
@@ -40,20 +43,26 @@ except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source tre
     __version__ = "0.0.0"
 
 __all__ = [
+    "MLP",
     "AffineNormalization",
     "Closure",
     "ClosureBase",
     "ClosureEvaluationError",
     "Grid",
+    "ModelFileError",
     "NonlocalClosure",
     "NormalizedModel",
     "__version__",
     "check_form",
     "derivative",
     "extract_closures",
+    "fit",
     "form",
+    "load_model",
     "measure",
     "quadrature_space",
+    "register_architecture",
     "resolve_device",
+    "save_model",
     "to_precision",
 ]

@@ -20,6 +20,7 @@ stored in :attr:`Closure.tangent`.
 
 from __future__ import annotations
 
+import os
 import time
 import typing
 from collections.abc import Sequence
@@ -33,9 +34,9 @@ from ufl.algorithms import expand_derivatives, extract_coefficients
 from ufl.constantvalue import Zero
 
 from dolfinx_mno.base import ClosureBase
+from dolfinx_mno.io import load_model
 from dolfinx_mno.quadrature import (
     flatten_operands,
-    measure,
     quadrature_points,
     quadrature_space,
 )
@@ -87,7 +88,8 @@ class Closure(ClosureBase):
     Args:
         model: Pointwise model mapping ``(batch, num_inputs)`` to ``(batch, *value_shape)``
             or ``(batch, prod(value_shape))``. It is evaluated in its own dtype and moved
-            to ``device``; each output row may depend only on the same input row.
+            to ``device``; each output row may depend only on the same input row. A path
+            (``str`` or :class:`os.PathLike`) is read with :func:`dolfinx_mno.io.load_model`.
         operands: UFL expressions on one mesh (``u``, ``grad(u)``, ``x``, other
             coefficients), the same operands a ``ufl.ExternalOperator`` would take. Their
             components, operand after operand and each in row-major order, form the
@@ -126,7 +128,7 @@ class Closure(ClosureBase):
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: torch.nn.Module | str | os.PathLike[str],
         operands: Sequence[ufl.core.expr.Expr | fem.Function],
         value_shape: tuple[int, ...] = (),
         quadrature_degree: int = 2,
@@ -139,6 +141,8 @@ class Closure(ClosureBase):
     ):
         # Everything that can fail on bad input is checked before the first collective
         # call (the JIT compilation of the operand expression), identically on all ranks.
+        if isinstance(model, str | os.PathLike):
+            model = load_model(model)  # every rank reads the file; no collective
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         if isinstance(operands, ufl.core.expr.Expr):
@@ -285,11 +289,6 @@ class Closure(ClosureBase):
         return tuple(self.ufl_shape)
 
     @property
-    def quadrature_degree(self) -> int:
-        """Degree of the quadrature rule carrying the values."""
-        return self._mno_quadrature_degree
-
-    @property
     def device(self) -> torch.device:
         """Device the model runs on."""
         return self._evaluator.device
@@ -298,11 +297,6 @@ class Closure(ClosureBase):
     def model_dtype(self) -> torch.dtype:
         """Dtype the model runs in."""
         return self._evaluator.dtype
-
-    @property
-    def dx(self) -> ufl.Measure:
-        """The cell measure with this closure's quadrature rule."""
-        return measure(self.function_space.mesh, self.quadrature_degree)
 
     @property
     def tangent(self) -> fem.Function:
@@ -316,11 +310,6 @@ class Closure(ClosureBase):
                 "build the Jacobian with dolfinx_mno.derivative."
             )
         return self._tangent
-
-    @property
-    def update_count(self) -> int:
-        """Number of successful updates."""
-        return self._update_count
 
     # -- evaluation -------------------------------------------------------------------
 

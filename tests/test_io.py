@@ -1,0 +1,336 @@
+"""Model files: exact round trips, weights_only loading, refusal of bad files, MPI writes."""
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from mpi4py import MPI
+
+import numpy as np
+import pytest
+import torch
+import ufl
+from dolfinx import fem, mesh
+
+import dolfinx_mno as mno
+from dolfinx_mno import io
+from dolfinx_mno.models import MLP
+
+OPERANDS = {"operands": ["u", "grad(u)"], "value_shape": [], "quadrature_degree": 2}
+
+
+@pytest.fixture
+def shared_dir():
+    """A folder every rank sees: rank 0's, removed after the test."""
+    comm = MPI.COMM_WORLD
+    path = comm.bcast(tempfile.mkdtemp(prefix="mno-io-") if comm.rank == 0 else None)
+    yield Path(path)
+    comm.Barrier()
+    if comm.rank == 0:
+        shutil.rmtree(path)
+
+
+@pytest.fixture
+def registry():
+    """Remove architectures a test registers."""
+    before = set(io.registered_architectures())
+    yield
+    for name in set(io.registered_architectures()) - before:
+        del io._REGISTRY[name]
+
+
+def normalized_mlp(dtype="float64"):
+    return mno.NormalizedModel(
+        MLP(3, 1, [8, 8], activation="softplus", dtype=dtype, seed=3),
+        mno.AffineNormalization([1.0, -2.0, 0.5], [2.0, 3.0, 0.25], width=3),
+        mno.AffineNormalization(4.0, 0.5, width=1),
+    )
+
+
+def tensors(model):
+    """The tensors of a state_dict (neuraloperator adds its init kwargs as "_metadata")."""
+    return {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def assert_same_state(a, b):
+    sa, sb = tensors(a), tensors(b)
+    assert sa
+    assert list(sa) == list(sb)
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype, key
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def raw(path):
+    return torch.load(path, weights_only=True)
+
+
+def rewrite(path, payload, *, rehash=True):
+    """Write ``payload`` back, with a valid digest if ``rehash`` (so later checks run)."""
+    if rehash:
+        header = {k: payload[k] for k in ("format", "format_version", "architecture")}
+        header.update(metadata=payload["metadata"], versions=payload["versions"])
+        payload["sha256"] = io._digest(header, payload["state_dict"])
+    torch.save(payload, path)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_round_trip_is_exact(tmp_path, dtype):
+    model = normalized_mlp(dtype)
+    path = tmp_path / "closure.pt"
+    digest = io.save_model(path, model, metadata=OPERANDS)
+    loaded = io.load_model(path)
+    assert isinstance(loaded, mno.NormalizedModel) and isinstance(loaded.model, MLP)
+    assert loaded.model.config == model.model.config
+    assert_same_state(model, loaded)
+    x = torch.randn(50, 3, dtype=getattr(torch, dtype))
+    assert torch.equal(model(x), loaded(x))
+    contents = io.read_model_file(path)
+    assert contents.sha256 == digest and len(digest) == 64
+    assert contents.metadata == OPERANDS
+    assert contents.versions["torch"] == torch.__version__
+    assert contents.versions["numpy"] == np.__version__
+    assert set(contents.versions) == {"dolfinx_mno", "numpy", "python", "torch"}
+    assert {"input_normalization.shift", "output_normalization.scale"} <= set(contents.state_dict)
+    # The file is plain data: weights_only loading, JSON header, tensors.
+    payload = raw(path)
+    assert payload["format"] == "dolfinx_mno.model" and payload["format_version"] == 1
+    assert json.loads(payload["architecture"])["kwargs"]["model"]["name"] == "mlp"
+
+
+@pytest.mark.parametrize("name", ["FNO", "TFNO"])
+def test_neuraloperator_round_trip(tmp_path, name):
+    from neuralop import models
+
+    torch.manual_seed(0)
+    if name == "FNO":
+        model = models.FNO(n_modes=(6,), in_channels=2, out_channels=1, hidden_channels=8)
+        x = torch.randn(3, 2, 16)
+    else:
+        model = models.TFNO((4, 4), 1, 2, 6, n_layers=2, rank=0.5)
+        x = torch.randn(2, 1, 12, 12)
+    wrapped = mno.NormalizedModel(
+        model, mno.AffineNormalization(width=1), mno.AffineNormalization(width=1)
+    )
+    for saved in (model, wrapped):
+        io.save_model(tmp_path / "fno.pt", saved)
+        loaded = io.load_model(tmp_path / "fno.pt")
+        assert type(loaded) is type(saved)
+        assert_same_state(saved, loaded)
+        saved.eval()
+        assert torch.equal(saved(x), loaded(x))
+    contents = io.read_model_file(tmp_path / "fno.pt")
+    assert contents.versions["neuraloperator"] == "2.0.0"
+    kwargs = contents.architecture["kwargs"]["model"]["kwargs"]
+    if name == "TFNO":
+        assert kwargs == {
+            "n_modes": [4, 4],
+            "in_channels": 1,
+            "out_channels": 2,
+            "hidden_channels": 6,
+            "n_layers": 2,
+            "rank": 0.5,
+        }
+    else:
+        assert kwargs["n_modes"] == [6] and "non_linearity" not in kwargs
+
+
+def test_user_architecture(tmp_path, registry):
+    class Cubic(torch.nn.Module):
+        def __init__(self, width=2):
+            super().__init__()
+            self.config = {"width": width}
+            self.weight = torch.nn.Parameter(torch.arange(width, dtype=torch.float64))
+
+        def forward(self, x):
+            return (self.weight * x**3).sum(dim=1, keepdim=True)
+
+    io.register_architecture("cubic", Cubic)
+    with pytest.raises(ValueError, match="'cubic' is already registered"):
+        io.register_architecture("cubic", Cubic)
+    model = Cubic(3)
+    io.save_model(tmp_path / "cubic.pt", model)
+    loaded = io.load_model(tmp_path / "cubic.pt")
+    assert_same_state(model, loaded)
+    # A function factory: models built by build_model remember their architecture.
+    io.register_architecture("cubic4", lambda: Cubic(4))
+    built = io.build_model({"name": "cubic4", "kwargs": {}})
+    io.save_model(tmp_path / "cubic4.pt", built)
+    assert io.read_model_file(tmp_path / "cubic4.pt").architecture["name"] == "cubic4"
+    # The architecture changed since the file was written: the weights no longer fit.
+    io.register_architecture("cubic", lambda width: Cubic(width + 1), overwrite=True)
+    with pytest.raises(
+        io.ModelFileError, match=r"(?s)do not match architecture 'cubic'.*size mismatch for weight"
+    ):
+        io.load_model(tmp_path / "cubic.pt")
+
+
+def test_unsavable_models_are_refused(tmp_path):
+    path = tmp_path / "model.pt"
+    with pytest.raises(
+        io.ModelFileError, match="No registered architecture describes a Sequential"
+    ):
+        io.save_model(path, torch.nn.Sequential(torch.nn.Linear(2, 1)))
+    from neuralop import models
+
+    fno = models.FNO(n_modes=(4,), in_channels=1, out_channels=1, hidden_channels=4,
+                     non_linearity=torch.nn.functional.relu)  # fmt: skip
+    with pytest.raises(io.ModelFileError, match=r"argument non_linearity=.*relu.*is not JSON"):
+        io.save_model(path, fno)
+    with pytest.raises(io.ModelFileError, match=r"metadata must be JSON.*object"):
+        io.save_model(path, MLP(1, 1), metadata={"bad": object()})
+    with pytest.raises(io.ModelFileError, match="Unknown architecture 'nope'"):
+        io.save_model(path, MLP(1, 1), architecture=("nope", {}))
+    assert not path.exists()
+    # NumPy values are converted without loss.
+    io.save_model(path, MLP(1, 1), metadata={"value_shape": np.array([2, 2]), "q": np.int64(4)})
+    assert io.read_model_file(path).metadata == {"value_shape": [2, 2], "q": 4}
+
+
+def test_tampered_truncated_and_foreign_files_are_refused(tmp_path):
+    path = tmp_path / "model.pt"
+    io.save_model(path, normalized_mlp(), metadata=OPERANDS)
+    good = path.read_bytes()
+
+    payload = raw(path)
+    payload["state_dict"]["model.layers.0.weight"][0, 0] += 1e-12
+    rewrite(path, payload, rehash=False)
+    with pytest.raises(io.ModelFileError, match=r"SHA-256 mismatch.*modified after saving"):
+        io.load_model(path)
+
+    path.write_bytes(good)
+    payload = raw(path)
+    payload["metadata"] = json.dumps({"quadrature_degree": 4})
+    rewrite(path, payload, rehash=False)
+    with pytest.raises(io.ModelFileError, match="SHA-256 mismatch"):
+        io.read_model_file(path)
+
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(io.ModelFileError, match="truncated, corrupted or not a torch file"):
+        io.load_model(path)
+
+    path.write_bytes(good)
+    payload = raw(path)
+    payload["format_version"] = 2
+    rewrite(path, payload)
+    with pytest.raises(io.ModelFileError, match=r"format version 2; .* reads format version 1"):
+        io.load_model(path)
+
+    torch.save({"weight": torch.ones(2)}, path)
+    with pytest.raises(io.ModelFileError, match="is not a dolfinx_mno model file"):
+        io.load_model(path)
+
+    path.write_bytes(good)
+    payload = raw(path)
+    payload["architecture"] = json.dumps({"name": "nope", "kwargs": {}})
+    rewrite(path, payload)
+    with pytest.raises(io.ModelFileError, match=r"Unknown architecture 'nope' \(registered: \["):
+        io.load_model(path)
+
+    path.write_bytes(good)
+    payload = raw(path)
+    architecture = json.loads(payload["architecture"])
+    architecture["kwargs"]["model"]["kwargs"]["hidden_features"] = [8, 9]
+    payload["architecture"] = json.dumps(architecture)
+    rewrite(path, payload)
+    with pytest.raises(io.ModelFileError, match=r"do not match architecture 'normalized_model'"):
+        io.load_model(path)
+
+    del payload["sha256"]
+    torch.save(payload, path)
+    with pytest.raises(io.ModelFileError, match="lacks entries of a model file"):
+        io.load_model(path)
+
+    with pytest.raises(FileNotFoundError, match="No model file at"):
+        io.load_model(tmp_path / "missing.pt")
+
+
+class Payload:
+    """Unpickling this would create a file: proof that code from the file ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_pickled_code_is_never_run(tmp_path):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "dolfinx_mno.model", "hook": Payload(marker)}, path)
+    with pytest.raises(io.ModelFileError, match=r"objects other than tensors.*weights_only"):
+        io.load_model(path)
+    torch.save({"format": "dolfinx_mno.model", "hook": print}, path)
+    with pytest.raises(io.ModelFileError, match="would run code from the file"):
+        io.read_model_file(path)
+    assert not marker.exists()
+
+
+def test_interrupted_save_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "model.pt"
+    io.save_model(path, normalized_mlp())
+    good = path.read_bytes()
+    save = torch.save
+
+    def interrupted(obj, f, *args, **kwargs):
+        save(obj, f, *args, **kwargs)
+        f.truncate(100)  # half-written when the job is killed
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_model(path, MLP(3, 1, [4], seed=0))
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+@pytest.mark.mpi
+def test_mpi_rank_0_writes_all_ranks_load(shared_dir):
+    comm = MPI.COMM_WORLD
+    path = shared_dir / "model.pt"
+    model = normalized_mlp()
+    digest = io.save_model(path, model, metadata=OPERANDS, comm=comm)
+    assert comm.allgather(digest) == [digest] * comm.size
+    assert_same_state(model, io.load_model(path))
+    assert sorted(p.name for p in shared_dir.iterdir()) == ["model.pt"]
+    if comm.size > 1:
+        different = normalized_mlp()
+        with torch.no_grad():
+            different.model.layers[0].bias[0] += comm.rank
+        with pytest.raises(io.ModelFileError, match="ranks hold different models"):
+            io.save_model(path, different, comm=comm)
+    bad = MLP(3, 1, [8, 8], seed=3) if comm.rank == comm.size - 1 else normalized_mlp()
+    bad = bad if comm.rank != comm.size - 1 else torch.nn.Sequential(bad)
+    expected = rf"failed on rank\(s\) \[{comm.size - 1}\]; on rank {comm.size - 1}: No registered"
+    with pytest.raises(io.ModelFileError, match=expected):
+        io.save_model(path, bad, comm=comm)
+    assert io.read_model_file(path).sha256 == digest  # the good file is still there
+
+
+@pytest.mark.mpi
+def test_closure_from_file_equals_closure_from_model(shared_dir):
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 5, 5)
+    V = fem.functionspace(msh, ("Lagrange", 2))
+    u = fem.Function(V)
+    u.interpolate(lambda x: np.sin(x[0]) + x[1] ** 2)
+    model = normalized_mlp()
+    path = shared_dir / "closure.pt"
+    io.save_model(path, model, metadata=OPERANDS, comm=MPI.COMM_WORLD)
+    operands = [u, ufl.grad(u)]
+    from_model = mno.Closure(model, operands, quadrature_degree=2, tangent=True)
+    from_file = mno.Closure(path, operands, quadrature_degree=2, tangent=True)
+    from_str = mno.Closure(str(path), operands, quadrature_degree=2)
+    for closure in (from_model, from_file, from_str):
+        closure.update()
+    assert from_model.x.array.size > 0
+    assert np.abs(from_model.x.array).max() > 0.1
+    np.testing.assert_array_equal(from_file.x.array, from_model.x.array)
+    np.testing.assert_array_equal(from_str.x.array, from_model.x.array)
+    np.testing.assert_array_equal(from_file.tangent.x.array, from_model.tangent.x.array)
+    with pytest.raises(io.ModelFileError, match="truncated"):
+        if MPI.COMM_WORLD.rank == 0:
+            path.write_bytes(path.read_bytes()[:50])
+        MPI.COMM_WORLD.Barrier()
+        mno.Closure(path, operands, quadrature_degree=2)

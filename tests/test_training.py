@@ -1,0 +1,274 @@
+"""Training: convergence, reproducibility, schedules, checkpoints and resume, rank invariance."""
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from mpi4py import MPI
+
+import numpy as np
+import pytest
+import torch
+
+import dolfinx_mno as mno
+from dolfinx_mno import io
+from dolfinx_mno.models import MLP
+from dolfinx_mno.training import fit, shard
+
+SERIAL = MPI.COMM_SELF
+
+
+def known_function(num_samples, seed=1):
+    """y = sin(x0) + x1² on [-1.5, 1.5]²: inputs (n, 2), targets (n,)."""
+    x = np.random.default_rng(seed).uniform(-1.5, 1.5, size=(num_samples, 2))
+    return x, np.sin(x[:, 0]) + x[:, 1] ** 2
+
+
+def weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def max_difference(a, b):
+    assert list(a) == list(b)
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture
+def shared_dir():
+    """A folder every rank sees: rank 0's, removed after the test."""
+    comm = MPI.COMM_WORLD
+    path = comm.bcast(tempfile.mkdtemp(prefix="mno-fit-") if comm.rank == 0 else None)
+    yield Path(path)
+    comm.Barrier()
+    if comm.rank == 0:
+        shutil.rmtree(path)
+
+
+def test_fit_learns_a_known_function():
+    x, y = known_function(1000)
+    result = fit(
+        MLP(2, 1, [32, 32], seed=0),
+        x,
+        y,
+        comm=SERIAL,
+        epochs=80,
+        batch_size=50,
+        chunk_size=50,
+        learning_rate=1e-2,
+        progress=False,
+    )
+    history = result.history
+    assert isinstance(result.model, mno.NormalizedModel)
+    assert len(history.train_loss) == len(history.val_loss) == history.epochs == 80
+    # Measured: 4.75e-1 after the first epoch, 1.64e-4 at best (epoch 71), test RMSE 1.22e-2.
+    assert history.val_loss[0] > 0.1
+    assert history.best_val_loss < 5e-4
+    assert history.best_val_loss == min(history.val_loss)
+    assert history.val_loss[history.best_epoch] == history.best_val_loss
+    x_test, y_test = known_function(2000, seed=2)
+    with torch.no_grad():
+        prediction = result.model(torch.from_numpy(x_test)).numpy().ravel()
+    rmse = np.sqrt(np.mean((prediction - y_test) ** 2))
+    assert rmse < 3e-2
+    # The statistics are those of the training split (800 of the 1000 samples).
+    shift = result.model.input_normalization.shift.numpy()
+    assert np.all(np.abs(shift) < 0.15) and not np.allclose(shift, x.mean(axis=0), atol=1e-12)
+    np.testing.assert_allclose(result.model.output_normalization.scale, y.std(), rtol=0.05)
+
+
+def test_same_seed_same_weights_other_seed_other_weights():
+    x, y = known_function(300)
+    settings = dict(comm=SERIAL, epochs=5, batch_size=32, chunk_size=8, progress=False)
+    runs = [fit(MLP(2, 1, [16], seed=0), x, y, seed=s, **settings) for s in (7, 7, 8)]
+    a, b, c = (weights(r.model) for r in runs)
+    assert max_difference(a, b) == 0.0
+    assert runs[0].history.val_loss == runs[1].history.val_loss
+    assert max_difference(a, c) > 1e-3
+    # The caller's random state is untouched.
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    fit(MLP(2, 1, [4], seed=0), x, y, **settings)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_plateau_schedule_and_early_stopping():
+    # Noise cannot be learnt: the validation loss stalls, the rate halves, training stops.
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(200, 2)), rng.normal(size=200)
+    result = fit(
+        MLP(2, 1, [16], seed=0),
+        x,
+        y,
+        comm=SERIAL,
+        epochs=200,
+        batch_size=20,
+        chunk_size=20,
+        learning_rate=1e-2,
+        lr_patience=2,
+        lr_factor=0.5,
+        min_learning_rate=1e-3,
+        patience=8,
+        progress=False,
+    )
+    history = result.history
+    assert history.stopped_early
+    assert history.epochs == history.best_epoch + 8 + 1 < 200
+    rates = sorted(set(history.learning_rate), reverse=True)
+    assert rates[0] == 1e-2 and len(rates) >= 2
+    np.testing.assert_allclose(rates, [max(1e-2 * 0.5**k, 1e-3) for k in range(len(rates))])
+    assert history.learning_rate == sorted(history.learning_rate, reverse=True)
+
+
+def test_without_normalisation_and_value_shapes():
+    x = np.random.default_rng(0).normal(size=(120, 3))
+    y = np.stack([x, 2 * x], axis=1)  # (n, 2, 3): a closure with value_shape (2, 3)
+    model = MLP(3, 6, [8], seed=0)
+    result = fit(model, x, y, comm=SERIAL, epochs=3, normalize=False, progress=False)
+    assert result.model is model
+    assert result.history.epochs == 3 and result.history.val_loss[-1] < result.history.val_loss[0]
+
+
+@pytest.mark.mpi
+def test_bad_input_fails_on_every_rank():
+    comm = MPI.COMM_WORLD
+    x, y = known_function(60)
+    last = comm.size - 1
+    local_x, local_y = shard(x, comm), shard(y, comm)
+    bad_y = local_y[:-1] if comm.rank == last else local_y
+    expected = rf"bad input on rank\(s\) \[{last}\]; on rank {last}: ValueError: inputs have"
+    with pytest.raises(ValueError, match=expected):
+        fit(MLP(2, 1, [4]), local_x, bad_y, progress=False)
+    with pytest.raises(ValueError, match=r"targets have 3 components per sample"):
+        fit(MLP(2, 1, [4]), local_x, np.zeros((local_x.shape[0], 3)), progress=False)
+    nan_x = local_x.copy()
+    nan_x[:1] = np.nan if comm.rank == 0 else nan_x[:1]
+    with pytest.raises(ValueError, match=r"rank\(s\) \[0\].*NaN or Inf in 1 of"):
+        fit(MLP(2, 1, [4]), nan_x, local_y, progress=False)
+    with pytest.raises(ValueError, match=r"validation_fraction must be in \(0, 1\)"):
+        fit(MLP(2, 1, [4]), local_x, local_y, validation_fraction=1.0, progress=False)
+    with pytest.raises(ValueError, match="resume=True needs a checkpoint_dir"):
+        fit(MLP(2, 1, [4]), local_x, local_y, resume=True, progress=False)
+    with pytest.raises(FloatingPointError, match="Training diverged in epoch 0: training loss inf"):
+        fit(MLP(2, 1, [4]), local_x, 1e200 * local_y, normalize=False, progress=False)
+
+
+@pytest.mark.mpi
+def test_same_weights_on_any_number_of_ranks():
+    """Uneven shards (one rank may hold nothing) on all ranks == all data on one rank."""
+    comm = MPI.COMM_WORLD
+    x, y = known_function(333)
+    bounds = [round(333 * (r / comm.size) ** 2) for r in range(comm.size + 1)]
+    bounds[1] = bounds[0] if comm.size == 3 else bounds[1]  # rank 0 holds no sample
+    mine = slice(bounds[comm.rank], bounds[comm.rank + 1])
+    settings = dict(epochs=12, batch_size=40, chunk_size=8, learning_rate=5e-3, seed=3)
+    parallel = fit(MLP(2, 1, [16, 16], seed=0), x[mine], y[mine], progress=False, **settings)
+    serial = fit(MLP(2, 1, [16, 16], seed=0), x, y, comm=SERIAL, progress=False, **settings)
+    # Measured: 0 (bit for bit) on 2 and 3 ranks.
+    assert max_difference(weights(parallel.model), weights(serial.model)) <= 1e-12
+    np.testing.assert_allclose(parallel.history.val_loss, serial.history.val_loss, rtol=1e-12)
+    np.testing.assert_allclose(parallel.history.train_loss, serial.history.train_loss, rtol=1e-12)
+    assert parallel.history.val_loss[-1] < 0.6 * parallel.history.val_loss[0]
+    # And every rank holds the same model.
+    gathered = comm.allgather(weights(parallel.model))
+    assert all(max_difference(gathered[0], w) == 0.0 for w in gathered)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def stop_after(epoch):
+    def callback(e, history):
+        if e == epoch:
+            raise Interrupt
+
+    return callback
+
+
+@pytest.mark.mpi
+def test_interrupted_run_resumes_to_the_same_weights(shared_dir):
+    comm = MPI.COMM_WORLD
+    x, y = known_function(240)
+    y = y + 0.3 * np.random.default_rng(3).normal(size=240)  # noise: the rate gets reduced
+    x, y = shard(x, comm), shard(y, comm)
+    settings = dict(
+        epochs=16,
+        batch_size=32,
+        chunk_size=16,
+        learning_rate=5e-2,
+        lr_patience=0,
+        patience=50,
+        checkpoint_every=4,
+        progress=False,
+        metadata={"operands": ["u", "grad(u)"]},
+    )
+    straight = fit(MLP(2, 1, [16], seed=0), x, y, checkpoint_dir=shared_dir / "a", **settings)
+    # Killed after epoch 13 (0-based): the last checkpoint is after 12 epochs.
+    with pytest.raises(Interrupt):
+        fit(
+            MLP(2, 1, [16], seed=0),
+            x,
+            y,
+            checkpoint_dir=shared_dir / "b",
+            callback=stop_after(13),
+            **settings,
+        )
+    names = sorted(p.name for p in (shared_dir / "b").iterdir())
+    assert names == ["checkpoint-000012.model.pt", "checkpoint-000012.state.pt"]
+    comm.Barrier()
+    if comm.rank == 0:  # a model file written just before the kill, without its state
+        shutil.copy(shared_dir / "b" / names[0], shared_dir / "b" / "checkpoint-000014.model.pt")
+    comm.Barrier()
+    # Resumed with a freshly initialised model of another seed: the checkpoint wins.
+    resumed = fit(
+        MLP(2, 1, [16], seed=99), x, y, checkpoint_dir=shared_dir / "b", resume=True, **settings
+    )
+    assert resumed.history.resumed_from == 12 and straight.history.resumed_from is None
+    assert max_difference(weights(resumed.model), weights(straight.model)) == 0.0
+    assert resumed.history.val_loss == straight.history.val_loss
+    assert resumed.history.learning_rate == straight.history.learning_rate
+    assert resumed.history.best_epoch == straight.history.best_epoch
+    # The rate was reduced before and after the interruption: the schedule state travels.
+    rates = straight.history.learning_rate
+    assert rates[0] == 5e-2 and rates[11] == 6.25e-3 and rates[-1] == 3.90625e-4
+    # The checkpoint files are plain data, and the model file is a model file.
+    state = torch.load(shared_dir / "b" / "checkpoint-000016.state.pt", weights_only=True)
+    assert state["epochs_done"] == 16 and state["history"]["val_loss"] == straight.history.val_loss
+    contents = io.read_model_file(shared_dir / "b" / "checkpoint-000016.model.pt")
+    assert contents.metadata["operands"] == ["u", "grad(u)"]
+    assert contents.metadata["training"]["epochs"] == 16
+    # Other settings are refused, naming them.
+    with pytest.raises(ValueError, match=r"other data or settings \(batch_size: 32 then, 16 now"):
+        fit(
+            MLP(2, 1, [16], seed=0),
+            x,
+            y,
+            checkpoint_dir=shared_dir / "b",
+            resume=True,
+            **{**settings, "batch_size": 16},
+        )
+    with pytest.raises(ValueError, match="was trained on other data"):
+        fit(
+            MLP(2, 1, [16], seed=0),
+            x,
+            1.01 * y,
+            checkpoint_dir=shared_dir / "b",
+            resume=True,
+            **settings,
+        )
+    # resume=True without a checkpoint starts afresh.
+    fresh = fit(
+        MLP(2, 1, [16], seed=0), x, y, checkpoint_dir=shared_dir / "c", resume=True, **settings
+    )
+    assert fresh.history.resumed_from is None
+    assert max_difference(weights(fresh.model), weights(straight.model)) == 0.0
+
+
+@pytest.mark.mpi
+def test_progress_bar_on_rank_0_only(capsys):
+    comm = MPI.COMM_WORLD
+    x, y = known_function(40)
+    fit(MLP(2, 1, [4], seed=0), shard(x, comm), shard(y, comm), epochs=2, progress=True)
+    err = capsys.readouterr().err
+    assert ("fit" in err) == (comm.rank == 0)
