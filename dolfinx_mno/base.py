@@ -7,12 +7,22 @@ form checks (:func:`dolfinx_mno.check_form`) rely only on this interface.
 
 from __future__ import annotations
 
+import os
+import typing
+from collections.abc import Sequence
+
+import numpy as np
+import torch
 import ufl
 from dolfinx import fem
+from dolfinx.mesh import Mesh
+from ufl.algorithms import extract_coefficients
 
+from dolfinx_mno.io import load_model
 from dolfinx_mno.quadrature import measure
+from dolfinx_mno.torch_bridge import NUMPY_TO_TORCH
 
-__all__ = ["ClosureBase"]
+__all__ = ["ClosureBase", "validate_arguments"]
 
 
 class ClosureBase(fem.Function):
@@ -54,3 +64,90 @@ class ClosureBase(fem.Function):
         linearisation of the closure term).
         """
         return None
+
+
+def validate_arguments(
+    model: torch.nn.Module | str | os.PathLike[str],
+    operands: Sequence[ufl.core.expr.Expr | fem.Function] | ufl.core.expr.Expr,
+    value_shape: Sequence[int],
+    quadrature_degree: int,
+    mesh: Mesh | None,
+) -> tuple[torch.nn.Module, tuple[ufl.core.expr.Expr, ...], tuple[int, ...], int, Mesh, np.dtype]:
+    """Check the arguments every closure takes, without any collective call.
+
+    A path for ``model`` is read with :func:`dolfinx_mno.io.load_model` (every rank reads
+    the file). Returns the model, the operands as a tuple of UFL expressions, the value
+    shape, the quadrature degree, the mesh and the scalar dtype.
+
+    Raises:
+        TypeError: A model that is not a ``torch.nn.Module``, or unsupported dtypes.
+        ValueError: No operands, operands from another mesh, a bad value shape or degree.
+    """
+    if isinstance(model, str | os.PathLike):
+        model = load_model(model)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    if isinstance(operands, ufl.core.expr.Expr):
+        operands = [operands]
+    operand_list = tuple(ufl.as_ufl(op) for op in operands)
+    if not operand_list:
+        raise ValueError("A closure needs at least one operand.")
+    shape = tuple(int(n) for n in value_shape)
+    if any(n < 1 for n in shape):
+        raise ValueError(f"value_shape must have positive entries, got {shape}.")
+    if not isinstance(quadrature_degree, int | np.integer) or quadrature_degree < 0:
+        raise ValueError(
+            f"quadrature_degree must be a non-negative integer, got {quadrature_degree!r}."
+        )
+    mesh = _operand_mesh(operand_list, mesh)
+    dtype = _scalar_dtype(operand_list, mesh)
+    return model, operand_list, shape, int(quadrature_degree), mesh, dtype
+
+
+def _operand_mesh(operands: Sequence[ufl.core.expr.Expr], mesh: Mesh | None) -> Mesh:
+    """The mesh all operands live on; raises if they live on several or on another one."""
+    domains: set[ufl.AbstractDomain] = set()
+    for operand in operands:
+        domains.update(ufl.domain.extract_domains(operand))
+    if mesh is not None:
+        others = [d for d in domains if d != mesh.ufl_domain()]
+        if others:
+            raise ValueError(
+                "Closure operands must live on the closure's mesh, but "
+                f"{len(others)} operand domain(s) belong to another mesh."
+            )
+        return mesh
+    if len(domains) != 1:
+        raise ValueError(
+            "Closure operands must live on exactly one mesh, but they live on "
+            f"{len(domains)}; pass mesh= to say which, or rebuild the operands on one mesh."
+        )
+    for operand in operands:
+        for coefficient in extract_coefficients(operand):
+            if hasattr(coefficient, "function_space"):
+                return typing.cast(Mesh, coefficient.function_space.mesh)
+    raise ValueError(
+        "Could not find the DOLFINx mesh of the operands (none of them contains a "
+        "fem.Function); pass mesh= explicitly."
+    )
+
+
+def _scalar_dtype(operands: Sequence[ufl.core.expr.Expr], mesh: Mesh) -> np.dtype:
+    """The scalar dtype of the operand functions (or of the mesh geometry), checked."""
+    dtypes = {
+        np.dtype(c.dtype)
+        for op in operands
+        for c in extract_coefficients(op)
+        if hasattr(c, "dtype")
+    }
+    if not dtypes:
+        dtypes = {np.dtype(mesh.geometry.x.dtype)}
+    if len(dtypes) > 1:
+        raise TypeError(f"Closure operands mix scalar types {sorted(map(str, dtypes))}.")
+    dtype = dtypes.pop()
+    if dtype not in NUMPY_TO_TORCH:
+        raise TypeError(
+            f"Unsupported dtype {dtype}: closures support real float32 and float64 DOLFINx "
+            "problems."
+        )
+    return dtype

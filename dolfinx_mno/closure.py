@@ -30,18 +30,16 @@ import torch
 import ufl
 from dolfinx import fem
 from dolfinx.mesh import Mesh
-from ufl.algorithms import expand_derivatives, extract_coefficients
+from ufl.algorithms import expand_derivatives
 from ufl.constantvalue import Zero
 
-from dolfinx_mno.base import ClosureBase
-from dolfinx_mno.io import load_model
+from dolfinx_mno.base import ClosureBase, validate_arguments
 from dolfinx_mno.quadrature import (
     flatten_operands,
     quadrature_points,
     quadrature_space,
 )
 from dolfinx_mno.torch_bridge import (
-    NUMPY_TO_TORCH,
     PointwiseEvaluator,
     model_device,
     resolve_device,
@@ -52,34 +50,6 @@ __all__ = ["Closure", "ClosureEvaluationError", "derivative", "extract_closures"
 
 class ClosureEvaluationError(RuntimeError):
     """A closure update failed on at least one rank; the closure values were not changed."""
-
-
-def _operand_mesh(operands: Sequence[ufl.core.expr.Expr], mesh: Mesh | None) -> Mesh:
-    """The mesh all operands live on; raises if they live on several or on another one."""
-    domains: set[ufl.AbstractDomain] = set()
-    for operand in operands:
-        domains.update(ufl.domain.extract_domains(operand))
-    if mesh is not None:
-        others = [d for d in domains if d != mesh.ufl_domain()]
-        if others:
-            raise ValueError(
-                "Closure operands must live on the closure's mesh, but "
-                f"{len(others)} operand domain(s) belong to another mesh."
-            )
-        return mesh
-    if len(domains) != 1:
-        raise ValueError(
-            "Closure operands must live on exactly one mesh, but they live on "
-            f"{len(domains)}; pass mesh= to say which, or rebuild the operands on one mesh."
-        )
-    for operand in operands:
-        for coefficient in extract_coefficients(operand):
-            if hasattr(coefficient, "function_space"):
-                return typing.cast(Mesh, coefficient.function_space.mesh)
-    raise ValueError(
-        "Could not find the DOLFINx mesh of the operands (none of them contains a "
-        "fem.Function); pass mesh= explicitly."
-    )
 
 
 class Closure(ClosureBase):
@@ -141,24 +111,9 @@ class Closure(ClosureBase):
     ):
         # Everything that can fail on bad input is checked before the first collective
         # call (the JIT compilation of the operand expression), identically on all ranks.
-        if isinstance(model, str | os.PathLike):
-            model = load_model(model)  # every rank reads the file; no collective
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-        if isinstance(operands, ufl.core.expr.Expr):
-            operands = [operands]
-        operand_list = tuple(ufl.as_ufl(op) for op in operands)
-        if not operand_list:
-            raise ValueError("A closure needs at least one operand.")
-        value_shape = tuple(int(n) for n in value_shape)
-        if any(n < 1 for n in value_shape):
-            raise ValueError(f"value_shape must have positive entries, got {value_shape}.")
-        if not isinstance(quadrature_degree, int | np.integer) or quadrature_degree < 0:
-            raise ValueError(
-                f"quadrature_degree must be a non-negative integer, got {quadrature_degree!r}."
-            )
-        mesh = _operand_mesh(operand_list, mesh)
-        dtype = _scalar_dtype(operand_list, mesh)
+        model, operand_list, value_shape, quadrature_degree, mesh, dtype = validate_arguments(
+            model, operands, value_shape, quadrature_degree, mesh
+        )
 
         vector, widths = flatten_operands(operand_list)
         num_inputs = sum(widths)
@@ -423,27 +378,6 @@ class Closure(ClosureBase):
         if all(isinstance(component, Zero) for component in flat.ufl_operands):
             return None
         return ufl.dot(self.enable_tangent(), flat)
-
-
-def _scalar_dtype(operands: Sequence[ufl.core.expr.Expr], mesh: Mesh) -> np.dtype:
-    """The scalar dtype of the operand functions (or of the mesh geometry), checked."""
-    dtypes = {
-        np.dtype(c.dtype)
-        for op in operands
-        for c in extract_coefficients(op)
-        if hasattr(c, "dtype")
-    }
-    if not dtypes:
-        dtypes = {np.dtype(mesh.geometry.x.dtype)}
-    if len(dtypes) > 1:
-        raise TypeError(f"Closure operands mix scalar types {sorted(map(str, dtypes))}.")
-    dtype = dtypes.pop()
-    if dtype not in NUMPY_TO_TORCH:
-        raise TypeError(
-            f"Unsupported dtype {dtype}: closures support real float32 and float64 DOLFINx "
-            "problems."
-        )
-    return dtype
 
 
 def _owned_dofs(space: fem.FunctionSpace, num_cells: int) -> slice | np.ndarray:

@@ -37,6 +37,7 @@ References:
 from __future__ import annotations
 
 import math
+import os
 import time
 import typing
 from collections.abc import Sequence
@@ -49,13 +50,8 @@ import ufl
 from dolfinx import fem
 from dolfinx.mesh import Mesh
 
-from dolfinx_mno.base import ClosureBase
-from dolfinx_mno.closure import (
-    ClosureEvaluationError,
-    _operand_mesh,
-    _owned_dofs,
-    _scalar_dtype,
-)
+from dolfinx_mno.base import ClosureBase, validate_arguments
+from dolfinx_mno.closure import ClosureEvaluationError, _owned_dofs
 from dolfinx_mno.grid import Grid, GridInterpolator, GridSampler, mesh_bounding_box
 from dolfinx_mno.quadrature import flatten_operands, quadrature_points, quadrature_space
 from dolfinx_mno.torch_bridge import model_device, resolve_device
@@ -80,7 +76,8 @@ class NonlocalClosure(ClosureBase):
         model: Maps ``(1, num_inputs + mask_channel, *grid_shape)`` to
             ``(1, prod(value_shape), *grid_shape)``, e.g. ``neuralop.models.FNO`` or
             ``TFNO`` (use their ``domain_padding`` on non-periodic domains), or any
-            ``torch.nn.Module`` with that grid contract. Runs on the root rank only.
+            ``torch.nn.Module`` with that grid contract, or a model file path
+            (:func:`dolfinx_mno.io.load_model`). Runs on the root rank only.
         operands: UFL expressions on one mesh; their components, operand after operand,
             are the input channels.
         value_shape: Shape of the closure value at a point.
@@ -113,7 +110,7 @@ class NonlocalClosure(ClosureBase):
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: torch.nn.Module | str | os.PathLike[str],
         operands: Sequence[ufl.core.expr.Expr | fem.Function],
         value_shape: tuple[int, ...] = (),
         quadrature_degree: int = 2,
@@ -128,25 +125,12 @@ class NonlocalClosure(ClosureBase):
         root: int = 0,
         name: str = "nonlocal_closure",
     ):
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-        if isinstance(operands, ufl.core.expr.Expr):
-            operands = [operands]
-        operand_list = tuple(ufl.as_ufl(op) for op in operands)
-        if not operand_list:
-            raise ValueError("A closure needs at least one operand.")
-        value_shape = tuple(int(n) for n in value_shape)
-        if any(n < 1 for n in value_shape):
-            raise ValueError(f"value_shape must have positive entries, got {value_shape}.")
-        if not isinstance(quadrature_degree, int | np.integer) or quadrature_degree < 0:
-            raise ValueError(
-                f"quadrature_degree must be a non-negative integer, got {quadrature_degree!r}."
-            )
-        mesh = _operand_mesh(operand_list, mesh)
+        model, operand_list, value_shape, quadrature_degree, mesh, dtype = validate_arguments(
+            model, operands, value_shape, quadrature_degree, mesh
+        )
         comm = mesh.comm
         if not 0 <= root < comm.size:
             raise ValueError(f"root must be a rank of the mesh communicator, got {root}.")
-        dtype = _scalar_dtype(operand_list, mesh)
         gdim = mesh.geometry.dim
         tdim = mesh.topology.dim
         if gdim != tdim:
