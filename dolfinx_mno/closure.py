@@ -36,6 +36,7 @@ from ufl.constantvalue import Zero
 from dolfinx_mno.base import ClosureBase, validate_arguments
 from dolfinx_mno.quadrature import (
     flatten_operands,
+    operand_components,
     quadrature_points,
     quadrature_space,
 )
@@ -374,10 +375,10 @@ class Closure(ClosureBase):
         variations = [
             expand_derivatives(ufl.derivative(op, coefficient, argument)) for op in self.operands
         ]
-        flat, _ = flatten_operands(variations)
-        if all(isinstance(component, Zero) for component in flat.ufl_operands):
+        components, _ = operand_components(variations)
+        if all(isinstance(component, Zero) for component in components):
             return None
-        return ufl.dot(self.enable_tangent(), flat)
+        return ufl.dot(self.enable_tangent(), ufl.as_vector(components))
 
 
 def _owned_dofs(space: fem.FunctionSpace, num_cells: int) -> slice | np.ndarray:

@@ -25,6 +25,7 @@ __all__ = [
     "flatten_operands",
     "form",
     "measure",
+    "operand_components",
     "quadrature_points",
     "quadrature_space",
 ]
@@ -75,10 +76,30 @@ def _components(expression: ufl.core.expr.Expr) -> list[ufl.core.expr.Expr]:
     return [expression[index] for index in np.ndindex(shape)]
 
 
+def operand_components(
+    operands: Sequence[ufl.core.expr.Expr],
+) -> tuple[list[ufl.core.expr.Expr], list[int]]:
+    """The scalar components of all operands, operand after operand, each row-major.
+
+    Returns:
+        The list of components and the number of components of each operand.
+    """
+    components: list[ufl.core.expr.Expr] = []
+    widths = []
+    for operand in operands:
+        parts = _components(ufl.as_ufl(operand))
+        components.extend(parts)
+        widths.append(len(parts))
+    return components, widths
+
+
 def flatten_operands(
     operands: Sequence[ufl.core.expr.Expr],
 ) -> tuple[ufl.core.expr.Expr, list[int]]:
     """Stack the components of all operands into one UFL vector.
+
+    UFL simplifies ``as_vector([g[0], g[1]])`` back to ``g``, so the vector's
+    ``ufl_operands`` are not the components; use :func:`operand_components` for those.
 
     Args:
         operands: UFL expressions of any shapes.
@@ -87,12 +108,7 @@ def flatten_operands(
         The vector of all components, operand after operand, each in row-major order, and
         the number of components of each operand.
     """
-    components: list[ufl.core.expr.Expr] = []
-    widths = []
-    for operand in operands:
-        parts = _components(ufl.as_ufl(operand))
-        components.extend(parts)
-        widths.append(len(parts))
+    components, widths = operand_components(operands)
     return ufl.as_vector(components), widths
 
 

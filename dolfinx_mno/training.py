@@ -555,7 +555,9 @@ def _fit(
         trained: torch.nn.Module = normalized
     else:
         trained = model
-    network = trained.model if isinstance(trained, NormalizedModel) else trained
+    # With normalize=True the inner model learns normalised data; otherwise the model is
+    # trained as given (a user's NormalizedModel included) on the raw data.
+    network = model if settings["normalize"] else trained
 
     params = [p for p in network.parameters() if p.requires_grad]
     num_params = _flat_size(params)

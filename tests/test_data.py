@@ -683,3 +683,30 @@ def test_metadata_is_the_same_in_every_session(tmp_path):
     ClosureDataWriter.from_sampler(tmp_path / "a.h5", first, fine_mesh=fine).close()
     with ClosureDataWriter.from_sampler(tmp_path / "a.h5", second, fine_mesh=fine) as writer:
         assert writer.num_samples == 0
+
+
+@pytest.mark.mpi
+def test_single_vector_operand():
+    """Operands [grad(u)]: UFL folds as_vector([g[0], g[1]]) back to g; inputs still match."""
+    coarse, fine = _meshes(3)
+    u_f = fem.Function(fem.functionspace(fine, ("Lagrange", 2)))
+    u_f.interpolate(_smooth)
+    V_c = fem.functionspace(coarse, ("Lagrange", 1))
+    u_c = fem.Function(V_c)
+    sampler = ClosureSampler(
+        METHODS["interpolation"](V_c),
+        u_c,
+        [ufl.grad(u_c)],
+        u_c,
+        quadrature_degree=2,
+        fine_tendency=Tendency(u_f, fem.functionspace(fine, ("Lagrange", 2))),
+    )
+    sample = sampler.sample(u_f)
+    closure = mno.Closure(_Identity(), [ufl.grad(u_c)], (2,), quadrature_degree=2, device="cpu")
+    closure.update()
+    num_cells = coarse.topology.index_map(2).size_local
+    dofs = closure.function_space.dofmap.list[:num_cells].reshape(-1)
+    values = closure.x.array.reshape(-1, 2)[dofs]
+    assert sample.inputs.shape == values.shape
+    assert _max_abs(values) > 0
+    assert _max_abs(sample.inputs - values) <= 10 * EPS * _max_abs(values)

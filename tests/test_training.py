@@ -272,3 +272,30 @@ def test_progress_bar_on_rank_0_only(capsys):
     fit(MLP(2, 1, [4], seed=0), shard(x, comm), shard(y, comm), epochs=2, progress=True)
     err = capsys.readouterr().err
     assert ("fit" in err) == (comm.rank == 0)
+
+
+def test_fit_a_normalized_model_without_renormalising():
+    """normalize=False trains the model as given, a NormalizedModel's statistics included."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (400, 1))
+    y = 5.0 * x + 1.0
+    model = mno.NormalizedModel(
+        torch.nn.Linear(1, 1).double(),
+        mno.AffineNormalization(shift=2.0, scale=3.0, width=1),
+        mno.AffineNormalization(shift=-1.0, scale=4.0, width=1),
+    )
+    result = fit(
+        model,
+        x,
+        y,
+        comm=SERIAL,
+        epochs=300,
+        batch_size=50,
+        learning_rate=5e-2,
+        normalize=False,
+        progress=False,
+        patience=300,
+    )
+    with torch.no_grad():
+        prediction = result.model(torch.from_numpy(x)).numpy()
+    assert np.max(np.abs(prediction - y)) < 1e-3

@@ -32,7 +32,7 @@ from ufl.algorithms.renumbering import renumber_indices
 
 from dolfinx_mno.data.restriction import MassSolver, Restriction
 from dolfinx_mno.data.sample import ClosureSample, mesh_summary
-from dolfinx_mno.quadrature import flatten_operands, quadrature_points, quadrature_space
+from dolfinx_mno.quadrature import operand_components, quadrature_points, quadrature_space
 from dolfinx_mno.torch_bridge import NUMPY_TO_TORCH
 
 __all__ = ["ClosureSampler", "Tendency", "describe"]
@@ -280,7 +280,7 @@ class ClosureSampler:
         self.value_shape = value_shape
         self.dtype = dtype
 
-        operand_vector, widths = flatten_operands(operand_list)
+        input_components, widths = operand_components(operand_list)
         self._widths = widths
         self.num_inputs = sum(widths)
         num_outputs = int(np.prod(value_shape, dtype=int))
@@ -300,8 +300,8 @@ class ClosureSampler:
         #: ``R t_f``: the filtered fine tendency, on ``V_c``.
         self.filtered_tendency = fem.Function(space, name="filtered_tendency", dtype=dtype)
         commutator = self.filtered_tendency - coarse_value
-        target_vector, _ = flatten_operands([commutator])
-        components = [*operand_vector.ufl_operands, *target_vector.ufl_operands]
+        target_components, _ = operand_components([commutator])
+        components = [*input_components, *target_components]
         components += [x[i] for i in range(gdim)]
         self._expression = fem.Expression(ufl.as_vector(components), points, dtype=dtype)
         self._buffer = np.zeros(
