@@ -1,0 +1,1049 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: light
+#       format_version: '1.5'
+#       jupytext_version: 1.16.0
+# ---
+
+# # Multiscale diffusion: a learned flux closure on a coarse mesh
+#
+# This demo is implemented in {download}`demo_multiscale_diffusion.py`. It illustrates how to:
+#
+# - produce closure training data from fine simulations that resolve a periodic
+#   microstructure: filter the fine gradient and flux to the coarse mesh with a
+#   {py:class}`dolfinx_mno.data.ClosureSampler`, write them with
+#   {py:class}`dolfinx_mno.data.ClosureDataWriter` and read them back with
+#   {py:class}`dolfinx_mno.data.ClosureDataReader`,
+# - plug your own filter (here: exact coarse-cell averages) into the sampler through the
+#   {py:class}`dolfinx_mno.data.Restriction` protocol,
+# - fit a *vector* closure (a flux) with {py:func}`dolfinx_mno.training.fit`, save it with
+#   {py:func}`dolfinx_mno.io.save_model` and build the {py:class}`dolfinx_mno.Closure` from
+#   the file,
+# - couple the closure implicitly: {py:class}`dolfinx_mno.petsc.NonlinearProblem` with the
+#   Jacobian built from the closure tangent $\partial q / \partial \nabla \bar u$,
+# - check the learned closure against homogenisation theory, compare accuracy and cost with
+#   coarse solves without closure and with solves that resolve the microstructure, and use
+#   the same closure on another domain (a plate with holes, unstructured triangles).
+#
+# Run it with `python demo_multiscale_diffusion.py` or `mpirun -n 2 python
+# demo_multiscale_diffusion.py`; `--quick` (used by CI) runs a smaller problem in seconds.
+# All outputs go to `demos/output/multiscale_diffusion/`.
+#
+# ## The problem
+#
+# Diffusion through a material with a fine periodic structure of period $\varepsilon$:
+#
+# $$
+# \begin{align}
+#   -\nabla \cdot \left( a(x / \varepsilon) \nabla u \right) &= f && \text{in } \Omega, \\
+#   u &= g && \text{on } \partial\Omega .
+# \end{align}
+# $$
+#
+# We solve the **steady** problem. The transient one, $u_t = \nabla\cdot(a\nabla u) + f$,
+# has the same closure: the flux closure below is instantaneous, and adding
+# $\int_\Omega u_t v \,\mathrm{d}x$ to every form changes nothing else.
+#
+# The microstructure is a **laminate**: stripes normal to $x_1$ with conductivity $a_2$
+# in the middle half of each period and $a_1$ elsewhere,
+#
+# $$
+#   a(y) = \begin{cases} a_2 & \text{if } \tfrac14 \le y_1 - \lfloor y_1 \rfloor
+#   < \tfrac34, \\ a_1 & \text{otherwise,} \end{cases}
+#   \qquad a_1 = 1,\ a_2 = 10 .
+# $$
+#
+# The period cell is symmetric, so the first-order corrector of homogenisation has zero
+# mean, and it vanishes at $x_1 = 0$ and $1$, where the periods start and end: averages of
+# the fine solution then differ from the homogenised solution only by higher-order terms
+# and thin boundary layers (where the boundary data vary along $x_1$), which makes the
+# comparisons below sharp.
+#
+# **Homogenisation.** As $\varepsilon \to 0$, $u$ tends to the solution of the same
+# problem with the constant tensor (for stripes varying in $x_1$)
+#
+# $$
+#   A_\text{hom} = \begin{pmatrix} \underline a & 0 \\ 0 & \bar a \end{pmatrix},
+#   \qquad \underline a = \left( \tfrac12 a_1^{-1} + \tfrac12 a_2^{-1} \right)^{-1}
+#   = 1.818\ldots, \quad \bar a = \tfrac12 (a_1 + a_2) = 5.5 .
+# $$
+#
+# Across the stripes the flux $a\, \partial_1 u$ is continuous, so the resistances add up
+# (harmonic mean); along them the gradient $\partial_2 u$ is continuous, so the
+# conductivities add up (arithmetic mean).
+#
+# **The coarse model.** A coarse mesh of size $h \gg \varepsilon$ cannot see the stripes. A
+# naive coarse model uses the mean conductivity $\bar a$, which is right along the
+# stripes and wrong across them (by a factor 3 here). We keep $\bar a$ as the known
+# physics and learn the rest of the *filtered flux* as a closure $q_\theta(\nabla \bar u)$:
+# find $\bar u \in V_h$, $\bar u = g$ on $\partial\Omega$, such that
+#
+# $$
+#   F(\bar u; v) = \int_\Omega \bar a \nabla \bar u \cdot \nabla v \,\mathrm{d}x
+#   + \int_\Omega q_\theta(\nabla \bar u) \cdot \nabla v \,\mathrm{d}x
+#   - \int_\Omega f v \,\mathrm{d}x = 0 \quad \forall v \in V_{h,0} .
+# $$
+#
+# **Training data.** From fine solutions $u_f$ under several loadings we form the fine
+# gradient $\nabla u_f$ and the fine flux $a \nabla u_f$, filter both to the coarse scale with
+# the coarse-cell average $R$, and set
+#
+# $$
+#   \text{input} = R(\nabla u_f), \qquad
+#   \text{target} = R(a \nabla u_f) - \bar a\, R(\nabla u_f) .
+# $$
+#
+# This is the commutator of filtering and the coarse flux law, the closure target of the
+# multiscale neural operator (Lütjens et al. 2022,
+# [arXiv:2207.11417](https://arxiv.org/abs/2207.11417)). Homogenisation predicts
+# $q(\nabla \bar u) = (A_\text{hom} - \bar a I) \nabla \bar u$, a linear map, so we fit a
+# linear model and read the learned effective tensor
+# $\bar a I + \partial q_\theta / \partial \nabla \bar u$ off the closure tangent.
+#
+# ## Imports
+
+# +
+import argparse
+import json
+import time
+from pathlib import Path
+
+from mpi4py import MPI
+
+import gmsh
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import ufl
+from dolfinx import fem, geometry, io, mesh
+from dolfinx.fem.petsc import LinearProblem as DolfinxLinearProblem
+from dolfinx.io import gmsh as gmshio
+
+import dolfinx_mno as mno
+from dolfinx_mno.data import ClosureDataReader, ClosureDataWriter, ClosureSampler, L2Projection
+from dolfinx_mno.io import save_model
+from dolfinx_mno.models import MLP
+from dolfinx_mno.petsc import LinearProblem, NonlinearProblem
+from dolfinx_mno.training import fit, shard
+
+matplotlib.use("Agg")  # write files, no display needed
+# -
+
+# ## Settings
+#
+# The full run uses $\varepsilon = 1/64$, a $16 \times 16$ coarse mesh ($h = 4\varepsilon$)
+# and a fine mesh with 8 cells per period ($512 \times 512$ cells). `--quick` uses
+# $\varepsilon = 1/32$ and an $8 \times 8$ coarse mesh (again $h = 4\varepsilon$, so
+# $256 \times 256$ fine cells). The unit-square meshes are quadrilateral and aligned with
+# the stripes: each coarse cell holds exactly four periods, and no fine cell cuts a stripe.
+
+# +
+parser = argparse.ArgumentParser(description="Learned flux closure for multiscale diffusion.")
+parser.add_argument("--quick", action="store_true", help="small problem for CI (seconds)")
+parser.add_argument(
+    "--cells-per-period", type=int, default=8, help="fine cells per period, a multiple of 4"
+)
+args = parser.parse_args()
+if args.cells_per_period % 4:
+    parser.error("--cells-per-period must be a multiple of 4 (the stripes are quarter periods)")
+
+comm = MPI.COMM_WORLD
+torch.set_num_threads(1)  # a tiny model: the cores belong to the MPI ranks
+
+a1, a2 = 1.0, 10.0
+periods, coarse_cells = (32, 8) if args.quick else (64, 16)
+epsilon = 1.0 / periods
+fine_cells_per_period = args.cells_per_period
+fine_cells = periods * fine_cells_per_period
+a_mean = 0.5 * (a1 + a2)
+a_harmonic = 1.0 / (0.5 / a1 + 0.5 / a2)
+A_hom = np.diag([a_harmonic, a_mean])
+
+quadrature_degree = 2  # the closure's rule on the coarse cells
+direct_solver = {"ksp_type": "preonly", "pc_type": "lu", "pc_factor_mat_solver_type": "mumps"}
+repository = Path(__file__).resolve().parents[2]
+output_dir = repository / "demos" / "output" / "multiscale_diffusion"
+if comm.rank == 0:
+    output_dir.mkdir(parents=True, exist_ok=True)
+comm.Barrier()
+data_path = output_dir / "closure_data.h5"
+model_path = output_dir / "flux_closure.pt"
+
+
+def conductivity(x):
+    """The laminate a(x / ε) at points x, shape (3, num_points)."""
+    phase = np.mod(x[0] / epsilon, 1.0)
+    return np.where((phase >= 0.25) & (phase < 0.75), a2, a1)
+
+
+# -
+
+# ## A plain solver
+#
+# Every solve without a closure goes through one ordinary DOLFINx function: Lagrange
+# elements of degree 1, $u = g$ on the whole boundary, a direct solver (MUMPS). Its
+# `conductivity_of(msh)` returns a UFL coefficient: a constant scalar, a constant tensor,
+# or a piecewise-constant function that resolves the stripes. The solve time excludes the
+# set-up (form compilation): it is the slowest rank's time of `problem.solve()`
+# (assembly, factorisation, solve), the best of `repeats` solves.
+
+
+# +
+def unit_square(n):
+    """The unit square as n x n quadrilaterals."""
+    return mesh.create_unit_square(comm, n, n, mesh.CellType.quadrilateral)
+
+
+def boundary_dofs(V):
+    """Degrees of freedom of V on the whole boundary."""
+    msh = V.mesh
+    msh.topology.create_connectivity(msh.topology.dim - 1, msh.topology.dim)
+    facets = mesh.exterior_facet_indices(msh.topology)
+    return fem.locate_dofs_topological(V, msh.topology.dim - 1, facets)
+
+
+def timed(solve, repeats):
+    """Best, over `repeats` calls, of the slowest rank's wall time of `solve()`."""
+    best = np.inf
+    for _ in range(repeats):
+        comm.Barrier()
+        tic = time.perf_counter()
+        solve()
+        best = min(best, comm.allreduce(time.perf_counter() - tic, op=MPI.MAX))
+    return best
+
+
+def resolved_conductivity(msh):
+    """a(x / ε) as a piecewise constant on a mesh whose cells do not cut the stripes."""
+    a = fem.Function(fem.functionspace(msh, ("DG", 0)), name="a")
+    a.interpolate(conductivity)  # DG0: the value at the cell midpoint
+    return a
+
+
+def solve_plain(V, conductivity_of, loading, name, repeats=1):
+    """Solve -div(A grad u) = f, u = g in V; returns (u, seconds, number of dofs)."""
+    msh = V.mesh
+    u_h = fem.Function(V, name=name)
+    f, g = loading(ufl.SpatialCoordinate(msh))
+    g_h = fem.Function(V)
+    g_h.interpolate(fem.Expression(g, V.element.interpolation_points))
+    u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
+    problem = DolfinxLinearProblem(
+        ufl.inner(conductivity_of(msh) * ufl.grad(u), ufl.grad(v)) * ufl.dx,
+        f * v * ufl.dx,
+        bcs=[fem.dirichletbc(g_h, boundary_dofs(V))],
+        u=u_h,
+        petsc_options_prefix=f"{name}_",
+        petsc_options=direct_solver,
+    )
+    seconds = timed(problem.solve, repeats)
+    return u_h, seconds, V.dofmap.index_map.size_global
+
+
+# -
+
+# ## Step 1: fine simulations and training data
+#
+# Six loadings, chosen so that the filtered gradients point in all directions and vary in
+# size: a uniform source, three linear or bilinear boundary data, an oscillating source and
+# a Gaussian source. The comparisons in Steps 4 and 5 use a seventh loading that is not
+# among them.
+
+
+# +
+def zero(x):
+    return 0.0 * x[0]
+
+
+training_loadings = {
+    "f = 1": (lambda x: 1.0 + 0.0 * x[0], zero),
+    "g = x1": (zero, lambda x: x[0]),
+    "g = x2": (zero, lambda x: x[1]),
+    "g = x1 x2": (zero, lambda x: x[0] * x[1]),
+    "f = 20 sin(2 pi x1) sin(pi x2)": (
+        lambda x: 20.0 * np.sin(2 * np.pi * x[0]) * np.sin(np.pi * x[1]),
+        zero,
+    ),
+    "f = Gaussian at (0.3, 0.6)": (
+        lambda x: 100.0 * np.exp(-40.0 * ((x[0] - 0.3) ** 2 + (x[1] - 0.6) ** 2)),
+        zero,
+    ),
+}
+# -
+
+# The fine problem has the same matrix for every loading (only $f$ and $g$ change), so one
+# {py:class}`dolfinx_mno.petsc.LinearProblem` with `reuse_matrix=True` factorises it once
+# and then only assembles right-hand sides. ($f$ and $g$ are interpolated into the fine
+# space; the training data need consistent fine solutions, not a particular $f$.)
+
+# +
+fine = unit_square(fine_cells)
+coarse = unit_square(coarse_cells)
+a_fine = resolved_conductivity(fine)
+
+V_fine = fem.functionspace(fine, ("Lagrange", 1))
+u_fine, f_fine, g_fine = (fem.Function(V_fine, name=n) for n in ("u_fine", "f", "g"))
+u, v = ufl.TrialFunction(V_fine), ufl.TestFunction(V_fine)
+fine_problem = LinearProblem(
+    ufl.inner(a_fine * ufl.grad(u), ufl.grad(v)) * ufl.dx,
+    f_fine * v * ufl.dx,
+    bcs=[fem.dirichletbc(g_fine, boundary_dofs(V_fine))],
+    u=u_fine,
+    petsc_options_prefix="fine_",
+    petsc_options=direct_solver,
+    reuse_matrix=True,
+)
+# -
+
+# **The filter.** The fine fields are piecewise constant on the fine cells: we interpolate
+# $\nabla u_f$ and $a \nabla u_f$ into the fine DG$_0$ vector space, which takes their
+# values at the cell midpoints; on a rectangle that is the exact cell mean of the gradient
+# of a bilinear function. We filter them with the *exact* average over each coarse cell,
+#
+# $$
+#   (R w)_K = \frac{1}{|K|} \int_K w \,\mathrm{d}x
+#   = \frac{1}{|K|} \sum_{k \subset K} |k|\, w_k ,
+# $$
+#
+# summed over the fine cells $k$ inside the coarse cell $K$. The package's
+# {py:class}`~dolfinx_mno.data.L2Projection` does not compute this: it evaluates the fine
+# field at the points of a quadrature rule on the coarse cells, which aliases a field that
+# jumps several times within a coarse cell (the very field a closure is about). Any
+# object with a `space`, a `method` name and `__call__(u, out)` is a
+# {py:class}`~dolfinx_mno.data.Restriction`, so the sampler takes ours. It works under MPI
+# with independently partitioned meshes: each fine cell learns the global index of its
+# coarse cell once (non-matching interpolation of a coarse DG$_0$ function at the fine
+# midpoints), and each average is a sum over the ranks (one `Allreduce` of one value per
+# coarse cell, which is fine for a coarse mesh).
+
+
+class CellAverage:
+    """Exact coarse-cell averages of piecewise-constant fields on a nested fine mesh.
+
+    Args:
+        space: The coarse DG0 space (scalar or vector) to restrict to.
+        fine_mesh: The fine mesh; every fine cell must lie inside one coarse cell.
+
+    Raises:
+        ValueError: If the fine cells do not tile the coarse cells (meshes not nested).
+    """
+
+    method = "cell_average"
+
+    def __init__(self, space, fine_mesh):
+        coarse_mesh = space.mesh
+        self._space, self._fine_mesh, self._comm = space, fine_mesh, coarse_mesh.comm
+        tdim = coarse_mesh.topology.dim
+        num_coarse = coarse_mesh.topology.index_map(tdim).size_local
+        num_fine = fine_mesh.topology.index_map(tdim).size_local
+        self._num_global = coarse_mesh.topology.index_map(tdim).size_global
+        self._coarse_index = np.asarray(
+            coarse_mesh.topology.original_cell_index[:num_coarse], dtype=np.int64
+        )
+        self._coarse_dofs = space.dofmap.list[:num_coarse, 0]
+        self._num_fine = num_fine
+
+        # The global index of the coarse cell that holds each owned fine cell.
+        scalar_coarse = fem.functionspace(coarse_mesh, ("DG", 0))
+        index_coarse = fem.Function(scalar_coarse)
+        index_coarse.x.array[scalar_coarse.dofmap.list[:num_coarse, 0]] = self._coarse_index
+        index_coarse.x.scatter_forward()
+        scalar_fine = fem.functionspace(fine_mesh, ("DG", 0))
+        index_fine = fem.Function(scalar_fine)
+        fine_cells = np.arange(num_fine, dtype=np.int32)
+        transfer = fem.create_interpolation_data(scalar_fine, scalar_coarse, fine_cells)
+        index_fine.interpolate_nonmatching(index_coarse, fine_cells, transfer)
+        fine_dofs = scalar_fine.dofmap.list[:num_fine, 0]
+        self._parent = np.rint(index_fine.x.array[fine_dofs]).astype(np.int64)
+
+        # Cell areas: the fine ones, their sums per coarse cell, the coarse ones to compare.
+        def areas(space, num_cells):
+            area = fem.assemble_vector(fem.form(ufl.TestFunction(space) * ufl.dx))
+            return area.array[space.dofmap.list[:num_cells, 0]]
+
+        self._fine_area = areas(scalar_fine, num_fine)
+        self._area = self._sum(self._fine_area[:, None])[:, 0]
+        coarse_area = areas(scalar_coarse, num_coarse)
+        mismatch = np.abs(self._area[self._coarse_index] - coarse_area) / coarse_area
+        if self._comm.allreduce(np.max(mismatch, initial=0.0), op=MPI.MAX) > 1e-10:
+            raise ValueError("The fine cells do not tile the coarse cells: nest the meshes.")
+
+    @property
+    def space(self):
+        """The coarse DG0 space."""
+        return self._space
+
+    def _sum(self, values):
+        """Sum rows of `values` (one per owned fine cell) per coarse cell, over all ranks."""
+        sums = np.zeros((self._num_global, values.shape[1]))
+        np.add.at(sums, self._parent, values)
+        self._comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
+        return sums
+
+    def __call__(self, w, out=None):
+        """Average the fine DG0 function `w` over the coarse cells (collective)."""
+        V = w.function_space
+        bs = V.dofmap.bs
+        if V.mesh is not self._fine_mesh or V.dofmap.list.shape[1] != 1:
+            raise ValueError("CellAverage filters DG0 functions on its fine mesh.")
+        if bs != self._space.dofmap.bs:
+            raise ValueError(f"Block size {bs} differs from the coarse space's.")
+        out = fem.Function(self._space) if out is None else out
+        values = w.x.array.reshape(-1, bs)[V.dofmap.list[: self._num_fine, 0]]
+        sums = self._sum(self._fine_area[:, None] * values)
+        means = sums[self._coarse_index] / self._area[self._coarse_index, None]
+        out.x.array.reshape(-1, bs)[self._coarse_dofs] = means
+        out.x.scatter_forward()
+        return out
+
+
+# **The sampler.** {py:class}`~dolfinx_mno.data.ClosureSampler` computes
+# `R(fine tendency) - coarse tendency(R(fine state))` at the coarse quadrature points. Read
+# "state" as the gradient and "tendency" as the flux law: the fine state is $\nabla u_f$, the
+# fine tendency is the flux $a \nabla u_f$, the coarse state is the filtered gradient
+# $\bar g = R(\nabla u_f)$ (a coarse DG$_0$ vector) and the coarse tendency is the known
+# coarse flux $\bar a \bar g$. The closure's input is $\bar g$ itself. Both fields are
+# constant on a coarse cell, so one point per cell (degree 0) carries all the information.
+#
+# We pass $\bar g$ as its two components $\bar g \cdot e_i$ rather than as one vector
+# operand: the sampler of this version of the package loses the components of a single
+# vector operand (`[filtered_gradient]` or `[ufl.grad(u)]`: UFL simplifies the stacked
+# components back to the vector), and `sample()` then fails a shape check. The input
+# columns are the same.
+
+# +
+W_fine = fem.functionspace(fine, ("DG", 0, (2,)))
+W_coarse = fem.functionspace(coarse, ("DG", 0, (2,)))
+fine_gradient = fem.Function(W_fine, name="grad_u_fine")
+fine_flux = fem.Function(W_fine, name="flux_fine")
+gradient_expression = fem.Expression(ufl.grad(u_fine), W_fine.element.interpolation_points)
+flux_expression = fem.Expression(a_fine * ufl.grad(u_fine), W_fine.element.interpolation_points)
+
+filtered_gradient = fem.Function(W_coarse, name="filtered_gradient")
+sampler = ClosureSampler(
+    CellAverage(W_coarse, fine),  # R: exact coarse-cell means
+    filtered_gradient,  # ḡ = R(grad u_f), overwritten by each sample
+    [ufl.dot(filtered_gradient, e) for e in ufl.unit_vectors(2)],  # the input ḡ
+    a_mean * filtered_gradient,  # the known coarse flux ā ḡ
+    quadrature_degree=0,
+)
+# -
+
+# Solve, filter, and append one sample per loading to the HDF5 file. The writer gathers
+# each sample on rank 0 in global cell order, so the file does not depend on the number of
+# ranks.
+
+# +
+fine_seconds = []
+with ClosureDataWriter.from_sampler(
+    data_path,
+    sampler,
+    fine_mesh=fine,
+    attributes={
+        "problem": "-div(a(x/eps) grad u) = f, laminate",
+        "epsilon": epsilon,
+        "conductivities": [a1, a2],
+        "loadings": list(training_loadings),
+    },
+    mode="w",
+) as writer:
+    for f_source, g_boundary in training_loadings.values():
+        f_fine.interpolate(f_source)
+        g_fine.interpolate(g_boundary)
+        fine_seconds.append(timed(fine_problem.solve, 1))
+        fine_gradient.interpolate(gradient_expression)
+        fine_flux.interpolate(flux_expression)
+        writer.append(sampler.sample(fine_gradient, fine_tendency=fine_flux))
+# -
+
+# Read the data back. The reader is serial: rank 0 reads and broadcasts, and
+# {py:func}`~dolfinx_mno.training.shard` gives each rank a contiguous block of the rows,
+# which is what `fit` expects of its per-rank samples.
+
+if comm.rank == 0:
+    with ClosureDataReader(data_path) as data:
+        inputs, targets = data.inputs(), data.targets()  # (S * P, 2), (S * P, 2)
+        data_info = {"num_samples": data.num_samples, "num_points": data.num_points}
+else:
+    inputs = targets = data_info = None
+inputs, targets, data_info = comm.bcast((inputs, targets, data_info), root=0)
+
+# ## Step 2: fit and save the closure model
+#
+# The target is linear in the input, so the model is a single linear layer,
+# `MLP(2, 2, hidden_features=[])`. We scale inputs and targets ourselves, with one scale
+# each for both components and no shift, instead of `fit`'s default per-component
+# standardisation: the second target component is zero in theory ($\bar a$ is exact along
+# the stripes), and standardising it would blow its noise up to order one and let it
+# dominate the loss. So we fit the layer to scaled data (`normalize=False`) and wrap the
+# result in a {py:class}`~dolfinx_mno.NormalizedModel` with the same fixed scales, which
+# the model file stores with the weights: the closure takes and returns physical values.
+# The model's offset $q_\theta(0)$ (the layer's bias) is a constant flux, which has no
+# effect with Dirichlet conditions ($\int_\Omega c \cdot \nabla v = 0$ for
+# $v \in V_{h,0}$); we report it anyway. Training is seeded and data-parallel; its result
+# does not depend on the number of ranks.
+
+# +
+input_scale = np.sqrt(np.mean(inputs**2))
+target_scale = np.sqrt(np.mean(targets**2))
+tic = time.perf_counter()
+result = fit(
+    MLP(2, 2, hidden_features=[], seed=0),
+    shard(inputs / input_scale, comm),
+    shard(targets / target_scale, comm),
+    comm=comm,
+    normalize=False,  # scaled above
+    epochs=400,
+    batch_size=32,
+    chunk_size=16,
+    learning_rate=1e-2,
+    patience=50,
+    seed=0,
+    progress=False,
+)
+fit_seconds = comm.allreduce(time.perf_counter() - tic, op=MPI.MAX)
+model = mno.NormalizedModel(
+    result.model,
+    mno.AffineNormalization(shift=0.0, scale=input_scale, width=2),
+    mno.AffineNormalization(shift=0.0, scale=target_scale, width=2),
+)
+save_model(
+    model_path,
+    model,
+    metadata={
+        "operands": ["grad(u)"],
+        "value_shape": [2],
+        "quadrature_degree": quadrature_degree,
+        "closure": "filtered flux minus a_mean * filtered gradient",
+    },
+    comm=comm,
+)
+# -
+
+# ## Step 3: the coarse model with the learned closure
+#
+# The closure is built from the model file, with the operand $\nabla \bar u$ at the points
+# of the degree-2 rule. `NonlinearProblem` builds the Jacobian with
+# {py:func}`dolfinx_mno.derivative`, which includes the closure tangent, and re-evaluates
+# values and tangents at every Newton iterate. The closure is linear, so Newton converges
+# in one iteration. The function below works on any mesh: Step 5 uses it on the plate.
+# All coarse runs on a mesh share one space, $V_h$ ($Q_1$ on the coarse unit square).
+
+
+def solve_closure(V, loading, name, repeats=1):
+    """The coarse model ā + learned closure in V; returns (u, seconds, iterations, closure)."""
+    u_h = fem.Function(V, name=name)
+    f, g = loading(ufl.SpatialCoordinate(V.mesh))
+    g_h = fem.Function(V)
+    g_h.interpolate(fem.Expression(g, V.element.interpolation_points))
+    v = ufl.TestFunction(V)
+    closure = mno.Closure(
+        model_path, [ufl.grad(u_h)], value_shape=(2,), quadrature_degree=quadrature_degree
+    )
+    F = (
+        ufl.inner(a_mean * ufl.grad(u_h), ufl.grad(v)) * ufl.dx
+        + ufl.inner(closure, ufl.grad(v)) * closure.dx
+        - f * v * ufl.dx
+    )
+    problem = NonlinearProblem(
+        F,
+        u_h,
+        bcs=[fem.dirichletbc(g_h, boundary_dofs(V))],
+        petsc_options_prefix=f"{name}_",
+        petsc_options={"snes_rtol": 1e-10, "snes_atol": 1e-12, **direct_solver},
+    )
+
+    def solve():
+        u_h.x.array[:] = 0.0  # the same initial guess for every timed repeat
+        problem.solve()
+        if problem.solver.getConvergedReason() <= 0:
+            raise RuntimeError(f"Newton did not converge ({name})")
+
+    seconds = timed(solve, repeats)
+    return u_h, seconds, problem.solver.getIterationNumber(), closure
+
+
+# The test loading, used for every comparison from here on, is a Gaussian source with
+# bilinear boundary data:
+
+
+def test_loading(x):
+    """(f, g) as UFL expressions of the spatial coordinate x."""
+    f = 50.0 * ufl.exp(-30.0 * ((x[0] - 0.65) ** 2 + (x[1] - 0.35) ** 2))
+    g = 0.5 * x[0] * (1.0 - x[1])
+    return f, g
+
+
+V_coarse = fem.functionspace(coarse, ("Lagrange", 1))
+u_closure, closure_seconds, newton_iterations, closure = solve_closure(
+    V_coarse, test_loading, "u_closure", repeats=5
+)
+# Time of one closure update (operands, model with tangent, write, scatter): the last one.
+closure_update_seconds = closure.timings["total"]
+
+# **The learned effective tensor.** After the solve, `closure.tangent` holds
+# $\partial q_\theta / \partial \nabla \bar u$ at every quadrature point, shape
+# `(num_points, 2, 2)` on a rank's owned cells: the Jacobian Newton used. For a linear
+# model it is the same at all points; we average it over all points of all ranks and
+# record its spread.
+
+# +
+num_owned = coarse.topology.index_map(coarse.topology.dim).size_local
+owned_points = closure.tangent.function_space.dofmap.list[:num_owned].reshape(-1)
+tangents = closure.tangent.x.array.reshape(-1, 2, 2)[owned_points]  # (num_points, 2, 2)
+tangent_mean = comm.allreduce(tangents.sum(axis=0), op=MPI.SUM) / comm.allreduce(
+    len(tangents), op=MPI.SUM
+)
+tangent_spread = comm.allreduce(float(np.max(np.abs(tangents - tangent_mean))), op=MPI.MAX)
+A_learned = a_mean * np.eye(2) + tangent_mean
+tensor_error = np.linalg.norm(A_learned - A_hom) / np.linalg.norm(A_hom)
+with torch.no_grad():
+    offset = closure.model(torch.zeros(1, 2, dtype=torch.float64)).numpy().reshape(2)
+# The best linear fit to the data, for comparison: how far did `fit` get?
+A_least_squares = a_mean * np.eye(2) + np.linalg.lstsq(inputs, targets, rcond=None)[0].T
+fit_gap = np.linalg.norm(A_learned - A_least_squares) / np.linalg.norm(A_hom)
+# -
+
+# ## Step 4: compare with the fine solution and with coarse models without closure
+#
+# The reference is the fine solution for the test loading, filtered to the coarse space
+# $V_h$ ($Q_1$ on the coarse mesh) by the package's
+# {py:class}`~dolfinx_mno.data.L2Projection`. Here it fits: $u_f$ is continuous and its
+# oscillation is small ($O(\varepsilon)$). We raise the projection's quadrature degree to
+# 10 (36 points per coarse cell); degrees 4, 10 and 20 give errors within $10^{-4}$ of each
+# other. Every other solution is brought to $V_h$ by the same projection (the identity for
+# solutions in $V_h$), and its error is
+#
+# $$
+#   e(u) = \frac{\| P u - P u_f \|_{L^2(\Omega)}}{\| P u_f \|_{L^2(\Omega)}} .
+# $$
+#
+# The runs:
+#
+# * **fine**: the reference itself;
+# * **ā only**: the coarse model without closure, on the coarse mesh and on two refinements
+#   of it. It converges, but to the solution of the wrong equation;
+# * **A_hom**: the coarse model with the exact homogenised tensor, the best that any local
+#   closure can do on this mesh;
+# * **closure**: the coarse model with the learned closure (above);
+# * **resolved**: the true $a(x/\varepsilon)$ on a mesh with 4 cells per period, the
+#   coarsest mesh whose cells do not cut the stripes (the stripes are a quarter and a half
+#   period wide). A mesh whose cells contain several stripes either averages them in its
+#   quadrature, which is the ā-only model, or samples them, which aliases; and a mesh that
+#   cuts the stripes converges slowly (on the unit square, with the midpoint value of $a$
+#   on triangles of 5 and 10 cells per period: errors of 6 % and 2 %). So this is the
+#   cheapest solve without closure that can reach the closure's accuracy.
+
+# +
+u_reference, reference_seconds, fine_dofs = solve_plain(
+    V_fine, resolved_conductivity, test_loading, "u_fine"
+)
+projection = L2Projection(V_coarse, quadrature_degree=10)
+
+
+def l2_norm(values, V):
+    w = fem.Function(V)
+    w.x.array[:] = values
+    return np.sqrt(comm.allreduce(fem.assemble_scalar(fem.form(w**2 * ufl.dx)), op=MPI.SUM))
+
+
+def relative_errors(solutions, reference, projection):
+    """e(u) of each solution against the projected reference, on projection.space."""
+    P_reference = projection(reference)
+    V = projection.space
+    norm = l2_norm(P_reference.x.array, V)
+    errors = {}
+    for name, u_h in solutions.items():
+        P_u = u_h if u_h.function_space is V else projection(u_h)
+        errors[name] = l2_norm(P_u.x.array - P_reference.x.array, V) / norm
+    return errors, P_reference
+
+
+def mean_only(msh):
+    return fem.Constant(msh, a_mean)
+
+
+def homogenised(msh):
+    return fem.Constant(msh, A_hom)
+
+
+runs = {"fine (reference)": dict(mesh=fine_cells, dofs=fine_dofs, seconds=reference_seconds)}
+solutions = {}
+for label, conductivity_of in (("ā only", mean_only), ("A_hom", homogenised)):
+    name = "u_mean_only" if label == "ā only" else "u_hom"
+    solutions[label], seconds, dofs = solve_plain(V_coarse, conductivity_of, test_loading, name, 5)
+    runs[label] = dict(mesh=coarse_cells, dofs=dofs, seconds=seconds)
+solutions["closure"] = u_closure
+runs["closure"] = dict(
+    mesh=coarse_cells, dofs=V_coarse.dofmap.index_map.size_global, seconds=closure_seconds
+)
+for n in (2 * coarse_cells, 4 * coarse_cells):
+    label = f"ā only, {n}x{n}"
+    V = fem.functionspace(unit_square(n), ("Lagrange", 1))
+    solutions[label], seconds, dofs = solve_plain(V, mean_only, test_loading, "m", 3)
+    runs[label] = dict(mesh=n, dofs=dofs, seconds=seconds)
+if 4 < fine_cells_per_period:
+    n = 4 * periods
+    label = f"resolved, {n}x{n}"
+    V = fem.functionspace(unit_square(n), ("Lagrange", 1))
+    solutions[label], seconds, dofs = solve_plain(V, resolved_conductivity, test_loading, "r", 3)
+    runs[label] = dict(mesh=n, dofs=dofs, seconds=seconds)
+
+errors, u_filtered = relative_errors(solutions, u_reference, projection)
+u_filtered.name = "u_fine_filtered"
+runs["fine (reference)"]["error"] = 0.0
+for name, error in errors.items():
+    runs[name]["error"] = error
+closure_error = errors["closure"]
+closure_vs_hom = l2_norm(u_closure.x.array - solutions["A_hom"].x.array, V_coarse) / l2_norm(
+    solutions["A_hom"].x.array, V_coarse
+)
+# -
+
+# Which solve without closure matches the closure's error at the least cost? The ā-only
+# runs never do: their error is that of the wrong equation. The candidate is the resolved
+# run (or, failing that, the fine reference).
+
+resolved = [name for name in runs if name.startswith("resolved")]
+matching = [name for name in resolved if runs[name]["error"] <= closure_error]
+match = matching[0] if matching else "fine (reference)"
+
+# ## Step 5: the same closure on another domain
+#
+# The closure is a local constitutive law, $q_\theta(\nabla \bar u)$: nothing in it refers
+# to the unit square or to its mesh. We use it unchanged on a plate with two holes,
+# meshed with unstructured triangles of size $h = 1/40$ (`meshes/plate_with_holes.msh`,
+# made by `meshes/make_meshes.py`), with $u = g$ on the outer boundary and on the holes,
+# and the same test loading. The coarse runs are ā only, $A_\text{hom}$ and the closure.
+#
+# The reference is a fine solution on a triangle mesh of the plate that *conforms to the
+# stripes*: gmsh cuts the plate along every stripe interface and meshes it with cells of
+# size $\varepsilon/8$ (as many per period as the unit square's fine mesh; $\varepsilon/4$
+# with `--quick`), and the cell tags give $a$. (On a mesh that cuts the stripes, $a$ from
+# the cell midpoints converges slowly: on the unit square, triangles with 5 and 10 cells
+# per period gave errors of 6 % and 2 %.) The hole geometry below must be the one of
+# `meshes/make_meshes.py`. The fine mesh's holes are rounder than the coarse mesh's
+# polygons, so a few coarse quadrature points near the holes lie outside the fine mesh, by
+# at most the polygons' sagitta ($h^2 / 8r \approx 7 \cdot 10^{-4}$); the projection takes
+# their values from the nearest fine cell (`padding=2e-3`).
+
+# +
+plate_path = repository / "meshes" / "plate_with_holes.msh"
+plate = gmshio.read_from_msh(plate_path, comm, 0, gdim=2).mesh
+holes = [(0.3, 0.35, 0.12), (0.68, 0.62, 0.15)]  # (x, y, radius), as in make_meshes.py
+
+
+def striped_plate(cell_size):
+    """The plate with holes cut along the stripe interfaces; returns (mesh, a)."""
+    gmsh.initialize()
+    gmsh.option.setNumber("General.Terminal", 0)
+    if comm.rank == 0:
+        occ = gmsh.model.occ
+        square = occ.addRectangle(0, 0, 0, 1, 1)
+        disks = [(2, occ.addDisk(x, y, 0, r, r)) for x, y, r in holes]
+        domain, _ = occ.cut([(2, square)], disks)
+        stripes = [
+            (2, occ.addRectangle((k + 0.25) * epsilon, 0, 0, 0.5 * epsilon, 1))
+            for k in range(periods)
+        ]
+        occ.fragment(domain, stripes)
+        occ.synchronize()
+        phases = {1: [], 2: []}  # physical group = 1 for a1, 2 for a2
+        for dim, tag in gmsh.model.getEntities(2):
+            x = occ.getCenterOfMass(dim, tag)[0]
+            phases[2 if 0.25 <= np.mod(x / epsilon, 1.0) < 0.75 else 1].append(tag)
+        for group, tags in phases.items():
+            gmsh.model.addPhysicalGroup(2, tags, group)
+        gmsh.option.setNumber("Mesh.CharacteristicLengthMin", cell_size)
+        gmsh.option.setNumber("Mesh.CharacteristicLengthMax", cell_size)
+        gmsh.model.mesh.generate(2)
+    data = gmshio.model_to_mesh(gmsh.model, comm, 0, gdim=2)
+    gmsh.finalize()
+    a = fem.Function(fem.functionspace(data.mesh, ("DG", 0)), name="a")
+    a.x.array[:] = a1
+    tags = data.cell_tags
+    a.x.array[a.function_space.dofmap.list[tags.indices[tags.values == 2], 0]] = a2
+    a.x.scatter_forward()
+    return data.mesh, a
+
+
+plate_cells_per_period = 4 if args.quick else fine_cells_per_period
+fine_plate, a_plate = striped_plate(epsilon / plate_cells_per_period)
+u_plate_reference, plate_reference_seconds, plate_fine_dofs = solve_plain(
+    fem.functionspace(fine_plate, ("Lagrange", 1)), lambda msh: a_plate, test_loading, "u_fine"
+)
+plate_runs = {"fine (reference)": dict(dofs=plate_fine_dofs, seconds=plate_reference_seconds)}
+V_plate = fem.functionspace(plate, ("Lagrange", 1))
+plate_solutions = {}
+for label, conductivity_of in (("ā only", mean_only), ("A_hom", homogenised)):
+    name = "u_mean_only" if label == "ā only" else "u_hom"
+    plate_solutions[label], seconds, dofs = solve_plain(
+        V_plate, conductivity_of, test_loading, name, 5
+    )
+    plate_runs[label] = dict(dofs=dofs, seconds=seconds)
+plate_solutions["closure"], seconds, plate_newton_iterations, _ = solve_closure(
+    V_plate, test_loading, "u_closure", repeats=5
+)
+plate_runs["closure"] = dict(dofs=plate_runs["A_hom"]["dofs"], seconds=seconds)
+plate_projection = L2Projection(V_plate, quadrature_degree=10, padding=2e-3)
+plate_errors, u_plate_filtered = relative_errors(
+    plate_solutions, u_plate_reference, plate_projection
+)
+u_plate_filtered.name = "u_fine_filtered"
+plate_runs["fine (reference)"]["error"] = 0.0
+for name, error in plate_errors.items():
+    plate_runs[name]["error"] = error
+plate_closure_vs_hom = l2_norm(
+    plate_solutions["closure"].x.array - plate_solutions["A_hom"].x.array, V_plate
+) / l2_norm(plate_solutions["A_hom"].x.array, V_plate)
+# -
+
+# ## Output: VTX files, plots and a JSON summary
+#
+# The coarse solutions of each domain go to one VTX file (open them in ParaView); the
+# fine unit-square solution and its conductivity to two more (a file holds one element).
+# The plots need values at points: a small helper evaluates a function at given points on
+# the rank that finds them and shares the values (`MPI.MAX` over ranks; points outside the
+# mesh get $-\infty$).
+
+# +
+coarse_fields = [u_filtered, solutions["ā only"], solutions["A_hom"], u_closure]
+with io.VTXWriter(comm, output_dir / "unit_square_coarse.bp", coarse_fields, "BP4") as vtx:
+    vtx.write(0.0)
+with io.VTXWriter(comm, output_dir / "unit_square_fine.bp", [u_reference], "BP4") as vtx:
+    vtx.write(0.0)
+with io.VTXWriter(comm, output_dir / "unit_square_conductivity.bp", [a_fine], "BP4") as vtx:
+    vtx.write(0.0)  # DG0, one value per fine cell
+plate_fields = [u_plate_filtered, *plate_solutions.values()]
+with io.VTXWriter(comm, output_dir / "plate_coarse.bp", plate_fields, "BP4") as vtx:
+    vtx.write(0.0)
+
+
+def evaluate(u_h, points):
+    """Values of the scalar function u_h at points (n, 3), on every rank (collective)."""
+    msh = u_h.function_space.mesh
+    tree = geometry.bb_tree(msh, msh.topology.dim)
+    colliding = geometry.compute_colliding_cells(
+        msh, geometry.compute_collisions_points(tree, points), points
+    )
+    found = np.flatnonzero(np.diff(colliding.offsets) > 0)
+    values = np.full(len(points), -np.inf)
+    if found.size:
+        cells = colliding.array[colliding.offsets[found]]
+        values[found] = u_h.eval(points[found], cells)[:, 0]
+    comm.Allreduce(MPI.IN_PLACE, values, op=MPI.MAX)
+    return values
+
+
+line = np.zeros((401, 3))
+line[:, 0] = np.linspace(0.0, 1.0, 401)
+line[:, 1] = 0.35  # through the centre of the source
+profiles = {
+    "fine $u_f$": evaluate(u_reference, line),
+    "filtered fine $P u_f$": evaluate(u_filtered, line),
+    r"coarse, $\bar a$ only": evaluate(solutions["ā only"], line),
+    r"coarse, $A_\mathrm{hom}$": evaluate(solutions["A_hom"], line),
+    "coarse + learned closure": evaluate(u_closure, line),
+}
+pixels = 160
+grid = np.zeros((pixels * pixels, 3))
+grid[:, :2] = np.stack(
+    np.meshgrid(*(2 * [(np.arange(pixels) + 0.5) / pixels]), indexing="xy"), axis=-1
+).reshape(-1, 2)
+images = {  # masked outside the plate (the holes)
+    name: np.ma.masked_invalid(evaluate(u_h, grid).reshape(pixels, pixels))
+    for name, u_h in [("filtered", u_plate_filtered), *plate_solutions.items()]
+}
+# -
+
+# Two figures on rank 0. The first: the training data with the exact closure
+# $(\underline a - \bar a)\bar g_1$ and the learned one; the unit-square solutions along
+# $x_2 = 0.35$; error against solve time. The second: the plate.
+
+if comm.rank == 0:
+    fig, (ax_data, ax_line, ax_cost) = plt.subplots(1, 3, figsize=(15, 4.4), layout="constrained")
+    g1 = np.linspace(inputs[:, 0].min(), inputs[:, 0].max(), 2)
+    ax_data.plot(inputs[:, 0], targets[:, 0], "C0.", ms=3, alpha=0.5, label=r"data $q_1$")
+    ax_data.plot(inputs[:, 1], targets[:, 1], "C2.", ms=3, alpha=0.5, label=r"data $q_2$")
+    ax_data.plot(
+        g1, (a_harmonic - a_mean) * g1, "k--", label=r"exact $(\underline{a} - \bar a)\,\bar g_1$"
+    )
+    ax_data.plot(g1, tangent_mean[0, 0] * g1 + offset[0], "C3-", lw=1, label=r"learned $q_1$")
+    ax_data.set(
+        xlabel=r"filtered gradient $\bar g_i$",
+        ylabel=r"target $q_i = R(a \partial_i u_f) - \bar a \bar g_i$",
+        title=f"Training data ({len(training_loadings)} fine solutions)",
+    )
+    ax_data.legend(fontsize=8)
+    for (label, values), style in zip(
+        profiles.items(), ["C7-", "k-", "C0--", "C2-", "C3:"], strict=True
+    ):
+        ax_line.plot(
+            line[:, 0], values, style, lw=0.7 if label.startswith("fine") else 1.5, label=label
+        )
+    ax_line.set(xlabel="$x_1$", ylabel=r"$u(x_1, 0.35)$", title="Unit square, test loading")
+    ax_line.legend(fontsize=8)
+    for name, run in runs.items():
+        if not name.startswith("fine"):
+            marker = "o" if run["mesh"] == coarse_cells else "s"
+            ax_cost.loglog(
+                run["seconds"], run["error"], marker, label=f"{name} ({run['dofs']} dofs)"
+            )
+    ax_cost.axvline(reference_seconds, color="k", ls=":", label="fine solve (reference)")
+    ax_cost.set(
+        xlabel="solve time [s]",
+        ylabel=r"$\|P u - P u_f\| / \|P u_f\|$",
+        title="Error against the filtered fine solution",
+    )
+    ax_cost.legend(fontsize=7)
+    fig.savefig(output_dir / "unit_square.png", dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4), layout="constrained")
+    panels = [
+        ("filtered fine solution $P u_f$", images["filtered"], "viridis"),
+        ("coarse + learned closure", images["closure"], "viridis"),
+        (
+            rf"error, $\bar a$ only ({plate_errors['ā only']:.1%})",
+            np.abs(images["ā only"] - images["filtered"]),
+            "magma",
+        ),
+        (
+            f"error, learned closure ({plate_errors['closure']:.2%})",
+            np.abs(images["closure"] - images["filtered"]),
+            "magma",
+        ),
+    ]
+    for ax, (title, image, cmap) in zip(axes, panels, strict=True):
+        shown = ax.imshow(image, origin="lower", extent=(0, 1, 0, 1), cmap=cmap)
+        fig.colorbar(shown, ax=ax, shrink=0.8)
+        ax.set(title=title, xticks=[], yticks=[])
+    fig.savefig(output_dir / "plate.png", dpi=120)
+    plt.close(fig)
+
+# The JSON summary holds every number printed below, and the settings.
+
+# +
+summary = {
+    "mode": "quick" if args.quick else "full",
+    "ranks": comm.size,
+    "epsilon": epsilon,
+    "conductivities": [a1, a2],
+    "coarse_mesh": coarse_cells,
+    "fine_mesh": fine_cells,
+    "A_hom": A_hom.tolist(),
+    "A_learned": A_learned.tolist(),
+    "tensor_relative_error": tensor_error,
+    "A_least_squares": A_least_squares.tolist(),
+    "fit_gap": fit_gap,
+    "tangent_spread": tangent_spread,
+    "closure_offset": offset.tolist(),
+    "training": {
+        **data_info,
+        "loadings": list(training_loadings),
+        "epochs": result.history.epochs,
+        "best_epoch": result.history.best_epoch,
+        "best_val_loss": result.history.best_val_loss,
+        "fit_seconds": fit_seconds,
+        "fine_solve_seconds": fine_seconds,
+    },
+    "unit_square": {
+        "newton_iterations": newton_iterations,
+        "closure_update_seconds": closure_update_seconds,
+        "closure_vs_A_hom": closure_vs_hom,
+        "runs": runs,
+        "resolved_run_matching_closure": match,
+    },
+    "plate": {
+        "coarse_cells": plate.topology.index_map(2).size_global,
+        "fine_cells": fine_plate.topology.index_map(2).size_global,
+        "fine_cells_per_period": plate_cells_per_period,
+        "newton_iterations": plate_newton_iterations,
+        "closure_vs_A_hom": plate_closure_vs_hom,
+        "runs": plate_runs,
+    },
+}
+if comm.rank == 0:
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+# -
+
+# Print on rank 0. Every number but the times is independent of the number of ranks.
+
+if comm.rank == 0:
+    print(
+        f"\nlaminate a1 = {a1:g}, a2 = {a2:g}, eps = 1/{periods}; unit square: coarse "
+        f"{coarse_cells}x{coarse_cells}, fine {fine_cells}x{fine_cells}; {comm.size} rank(s)"
+    )
+    print(
+        f"training data: {data_info['num_samples']} fine solutions x {data_info['num_points']}"
+        f" coarse cells; fit: {result.history.epochs} epochs, best validation loss "
+        f"{result.history.best_val_loss:.2e}"
+    )
+    print("effective tensor:        A_hom             learned")
+    for i in range(2):
+        print(
+            f"  row {i}       {A_hom[i, 0]:8.4f} {A_hom[i, 1]:8.4f}   "
+            f"{A_learned[i, 0]:8.4f} {A_learned[i, 1]:8.4f}"
+        )
+    print(f"relative error |A_learned - A_hom| / |A_hom| = {tensor_error:.2e}")
+    print(f"distance to the least-squares tensor of the data: {fit_gap:.2e} (relative)")
+    print(f"closure offset q(0) = ({offset[0]:.1e}, {offset[1]:.1e})")
+
+    def table(title, runs, closure_vs_hom, iterations):
+        print(f"\n{title}: rel. L2 error against the filtered fine solution")
+        for name, run in runs.items():
+            print(f"  {name:<22} {run['dofs']:>8} dofs  {run['error']:10.3e}")
+        print(f"  closure vs A_hom solution: {closure_vs_hom:.3e}; Newton iterations {iterations}")
+
+    table("unit square", runs, closure_vs_hom, newton_iterations)
+    print(f"  coarsest solve without closure at the closure's error: {match}")
+    table("plate with holes", plate_runs, plate_closure_vs_hom, plate_newton_iterations)
+    print("\nsolve times in seconds (these differ from run to run):")
+    for domain, domain_runs in (("unit square", runs), ("plate", plate_runs)):
+        print(
+            f"  {domain}: " + ", ".join(f"{n} {r['seconds']:.3g}" for n, r in domain_runs.items())
+        )
+    print(f"  one closure update (values and tangent), unit square: {closure_update_seconds:.3g}")
+    print(f"outputs written to {output_dir}")
+
+# ## Checks
+#
+# The tolerances come from measurements (full run / `--quick`; the same on 1 and 2 ranks;
+# see `docs/results.md`):
+#
+# * the learned tensor is within 0.19 % / 0.40 % of $A_\text{hom}$ (the issue asks for
+#   2 %); we require 1 %. The fit is within 0.03 % / 0.04 % of the least-squares tensor of
+#   the data (we require 0.1 %): the remaining error is in the data themselves, an excess
+#   of $\underline a$ by 0.65 % / 1.3 % that halves with $\varepsilon$, as the
+#   $O(\varepsilon)$ error of the filtered flux relation does;
+# * the model is linear, so its tangent is the same at every point (to round-off), and with
+#   this exact Jacobian one Newton step solves the problem;
+# * the closure's solution is within 0.08 % / 0.17 % (unit square) and 0.03 % / 0.06 %
+#   (plate) of the solution with the exact $A_\text{hom}$ on the same mesh; we require
+#   0.5 %;
+# * against the filtered fine solution the closure's error is at most 1.26 times that of
+#   the exact homogenised tensor (the best a local closure can do on that mesh); we require
+#   1.5 times;
+# * every ā-only run is at least 13.8 times less accurate than the closure run (on the
+#   unit square, refining the ā-only mesh does not help); we require 10 times;
+# * the data file holds one sample per loading and one point per coarse cell.
+#
+# Every rank holds the same global numbers, so every rank checks them.
+
+assert data_info["num_samples"] == len(training_loadings)
+assert data_info["num_points"] == coarse_cells**2
+assert tensor_error < 1e-2, f"learned tensor off by {tensor_error:.2e}"
+assert fit_gap < 1e-3, f"the fit is {fit_gap:.2e} from the least-squares optimum"
+assert tangent_spread < 1e-10
+assert newton_iterations == 1 and plate_newton_iterations == 1
+for domain_runs, difference in ((runs, closure_vs_hom), (plate_runs, plate_closure_vs_hom)):
+    assert difference < 5e-3, f"closure and A_hom solutions differ by {difference:.2e}"
+    assert domain_runs["closure"]["error"] < 1.5 * domain_runs["A_hom"]["error"]
+    mean_only_errors = [run["error"] for name, run in domain_runs.items() if "ā only" in name]
+    assert min(mean_only_errors) > 10 * domain_runs["closure"]["error"]
+if resolved:
+    assert match in resolved, "no resolved solve reached the closure's error"
