@@ -16,7 +16,9 @@ from mpi4py import MPI
 import pytest
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demos"
-DEMOS = sorted({*DEMO_DIR.glob("**/demo_*.py"), DEMO_DIR / "quickstart.py"})
+DEMOS = sorted(
+    {*DEMO_DIR.glob("**/demo_*.py"), DEMO_DIR / "quickstart.py", DEMO_DIR / "nonlocal_closure.py"}
+)
 MPIRUN = Path(sys.executable).parent / "mpirun"
 TIMEOUT = 900  # seconds; a failing rank must not leave the test waiting forever
 OUTPUT_TAIL = 6000  # characters of stdout/stderr shown on failure
