@@ -105,7 +105,9 @@ class NonlocalClosure(ClosureBase):
     Attributes:
         communication: Bytes sent per update: ``{"gather": ..., "scatter": ...}`` summed
             over ranks (excluding the root's own share), set at construction.
-        timings: Seconds per stage of the last update.
+        timings: Seconds per stage of the last update: ``sample``, ``gather``, ``model``
+            (root only), ``wait`` (non-root ranks waiting for the root's model), ``scatter``,
+            ``interpolate`` and ``total``.
     """
 
     def __init__(
@@ -363,7 +365,8 @@ class NonlocalClosure(ClosureBase):
             except Exception as err:  # reported collectively below
                 error = f"the model raised {type(err).__name__}: {err}"
         t3 = time.perf_counter()
-        error = comm.bcast(error, root=self.root)
+        error = comm.bcast(error, root=self.root)  # other ranks wait here for the model
+        t3_wait = time.perf_counter()
         if error is not None:
             raise ClosureEvaluationError(
                 f"Update {attempt} of non-local closure '{self.name}' failed on rank "
@@ -385,7 +388,8 @@ class NonlocalClosure(ClosureBase):
             "sample": t1 - t0,
             "gather": t2 - t1,
             "model": t3 - t2,
-            "scatter": t4 - t3,
+            "wait": t3_wait - t3,
+            "scatter": t4 - t3_wait,
             "interpolate": t5 - t4,
             "total": t5 - t0,
         }

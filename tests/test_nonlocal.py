@@ -325,6 +325,9 @@ def test_explicit_coupling_with_linear_problem():
     )
     uh = problem.solve()
     assert problem.closures == [closure] and closure.update_count == 1
+    stages = {"sample", "gather", "model", "wait", "scatter", "interpolate"}
+    assert set(closure.timings) == stages | {"total"}
+    assert closure.timings["total"] == pytest.approx(sum(closure.timings[s] for s in stages))
     # L2 projection of (the grid transfer of) u_n: close to u_n.
     error = np.sqrt(integral((uh - u_n) ** 2, ufl.dx, msh.comm))
     assert error < 2e-3
