@@ -26,8 +26,8 @@
 # Every figure is a median over repeated updates after one warm-up update. Each update
 # starts after a barrier. The stage times are the **root rank's**: every other rank waits
 # for the root twice per update (the root gathers, then runs the model alone), so the
-# root's stages are the critical path (on the other ranks `closure.timings["scatter"]`
-# includes the wait for the root's model). The update time is the maximum over the ranks
+# root's stages are the critical path (on the other ranks `closure.timings["wait"]` is
+# the wait for the root's model). The update time is the maximum over the ranks
 # of `closure.timings["total"]`. `torch.set_num_threads(1)` on every rank by default
 # (`--threads`), serial and under MPI: under MPI only the root runs the model, so on a
 # 2-core machine the second core would otherwise be idle during the model.
