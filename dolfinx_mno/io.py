@@ -514,18 +514,29 @@ def save_model(
             "but only rank 0 writes the file; synchronise the models before saving."
         )
     assert payload is not None
+    on_rank_zero(
+        comm, lambda: atomic_torch_save(payload, path), f"the model file {os.fspath(path)!r}"
+    )
+    return typing.cast(str, payload["sha256"])
+
+
+def on_rank_zero(comm: MPI.Comm, action: typing.Callable[[], object], what: str) -> None:
+    """Run ``action`` (a write) on rank 0 only; every rank raises if it failed.
+
+    Collective. Rank 0 re-raises its own exception; the other ranks raise :class:`OSError`
+    naming ``what`` and rank 0's error, so no rank is left waiting.
+    """
     failure: Exception | None = None
     if comm.rank == 0:
         try:
-            atomic_torch_save(payload, path)
+            action()
         except Exception as err:
             failure = err
     message = comm.bcast(None if failure is None else f"{type(failure).__name__}: {failure}")
     if failure is not None:
         raise failure
     if message is not None:
-        raise OSError(f"Rank 0 could not write the model file {os.fspath(path)!r}: {message}")
-    return typing.cast(str, payload["sha256"])
+        raise OSError(f"Rank 0 could not write {what}: {message}")
 
 
 @dataclasses.dataclass(frozen=True)

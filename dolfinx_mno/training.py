@@ -52,6 +52,7 @@ from dolfinx_mno.io import (
     ModelFileError,
     _check_json,
     atomic_torch_save,
+    on_rank_zero,
     read_model_file,
     save_model,
 )
@@ -732,22 +733,16 @@ def _checkpoint(
         "best_state": dict(best_state),
         "bad_epochs": bad_epochs,
     }
-    failure: Exception | None = None
-    if comm.rank == 0:
-        try:
-            atomic_torch_save(state, state_path)
-            for old in directory.iterdir():
-                match = _CHECKPOINT.match(old.name)
-                if match and int(match.group(1)) < epochs_done:
-                    for path in _checkpoint_paths(directory, int(match.group(1))):
-                        path.unlink(missing_ok=True)
-        except Exception as err:
-            failure = err
-    message = comm.bcast(None if failure is None else f"{type(failure).__name__}: {failure}")
-    if failure is not None:
-        raise failure
-    if message is not None:
-        raise OSError(f"Rank 0 could not write the checkpoint {os.fspath(state_path)!r}: {message}")
+
+    def write() -> None:
+        atomic_torch_save(state, state_path)
+        for old in directory.iterdir():
+            match = _CHECKPOINT.match(old.name)
+            if match and int(match.group(1)) < epochs_done:
+                for path in _checkpoint_paths(directory, int(match.group(1))):
+                    path.unlink(missing_ok=True)
+
+    on_rank_zero(comm, write, f"the checkpoint {os.fspath(state_path)!r}")
 
 
 def _restore(
