@@ -47,10 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -59,6 +55,7 @@ from mpi4py import MPI
 
 import numpy as np
 import torch
+from _common import machine, ms, run_serial_and_parallel
 
 # dolfinx_mno makes the MPI library of the dolfinx-solver wheel visible; it must be
 # imported before dolfinx.
@@ -67,7 +64,6 @@ import dolfinx_mno as mno
 # isort: split
 
 import basix
-import dolfinx
 import ufl
 from dolfinx import fem, la, mesh
 
@@ -386,35 +382,6 @@ def batch_study(
 # ## Reporting
 
 
-def machine(device: torch.device) -> dict[str, object]:
-    """A description of the machine and the software versions."""
-    model_name = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model_name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, object] = {
-        "cpu": model_name,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "dolfinx": dolfinx.__version__,
-        "dolfinx_mno": mno.__version__,
-        "numpy": np.__version__,
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def ms(seconds: float) -> str:
-    """Seconds as milliseconds with three significant digits."""
-    return f"{1e3 * seconds:.3g}"
-
-
 def print_table(report: dict[str, object]) -> None:
     """Print the stage table and the target ratios."""
     config = report["config"]
@@ -503,15 +470,8 @@ def compare_ranks(args: argparse.Namespace) -> None:
     ]
     if args.batch_size is not None:
         forwarded += ["--batch-size", str(args.batch_size)]
-    mpirun = args.mpirun or shutil.which("mpirun", path=str(Path(sys.executable).parent))
-    mpirun = mpirun or shutil.which("mpirun") or "mpirun"
+    tags = run_serial_and_parallel(script, forwarded, args.tag, args.ranks, args.mpirun)
     prefix = f"{args.tag}_" if args.tag else ""
-    tags = (f"{prefix}np1", f"{prefix}np{args.ranks}")
-    subprocess.run([sys.executable, script, "--tag", tags[0], *forwarded], check=True)
-    subprocess.run(
-        [mpirun, "-n", str(args.ranks), sys.executable, script, "--tag", tags[1], *forwarded],
-        check=True,
-    )
     paths = [RESULTS / f"closure_overhead_{tag}.json" for tag in tags]
     rows = compare_files(*paths)
     output = RESULTS / f"closure_overhead_{prefix}scaling.json"

@@ -47,11 +47,7 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -59,6 +55,7 @@ from mpi4py import MPI
 
 import numpy as np
 import torch
+from _common import machine, ms, run_serial_and_parallel
 
 # dolfinx_mno makes the MPI library of the dolfinx-solver wheel visible; it must be
 # imported before dolfinx.
@@ -66,7 +63,6 @@ import dolfinx_mno as mno
 
 # isort: split
 
-import dolfinx
 import ufl
 from dolfinx import fem, mesh
 from neuralop.models import FNO
@@ -188,36 +184,6 @@ def exponents(cases: list[dict[str, object]], smallest: int = 0) -> dict[str, fl
     return fits
 
 
-def machine(device: torch.device) -> dict[str, object]:
-    """A description of the machine and the software versions."""
-    model_name = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model_name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, object] = {
-        "cpu": model_name,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "dolfinx": dolfinx.__version__,
-        "dolfinx_mno": mno.__version__,
-        "numpy": np.__version__,
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def ms(seconds: float) -> str:
-    """Seconds as milliseconds with three significant digits (no exponent notation)."""
-    rounded = float(f"{1e3 * seconds:.3g}")
-    return f"{rounded:,.0f}" if rounded >= 1000 else f"{rounded:.3g}"
-
-
 def print_table(report: dict[str, object]) -> None:
     """Print the stage table, the fitted exponents and the communication share."""
     config = report["config"]
@@ -308,15 +274,8 @@ def compare_ranks(args: argparse.Namespace) -> None:
         "--sizes",
         *[str(s) for s in args.sizes],
     ]
-    mpirun = args.mpirun or shutil.which("mpirun", path=str(Path(sys.executable).parent))
-    mpirun = mpirun or shutil.which("mpirun") or "mpirun"
+    tags = run_serial_and_parallel(script, forwarded, args.tag, args.ranks, args.mpirun)
     prefix = f"{args.tag}_" if args.tag else ""
-    tags = (f"{prefix}np1", f"{prefix}np{args.ranks}")
-    subprocess.run([sys.executable, script, "--tag", tags[0], *forwarded], check=True)
-    subprocess.run(
-        [mpirun, "-n", str(args.ranks), sys.executable, script, "--tag", tags[1], *forwarded],
-        check=True,
-    )
     paths = [RESULTS / f"nonlocal_scaling_{tag}.json" for tag in tags]
     rows = compare_files(*paths)
     output = RESULTS / f"nonlocal_scaling_{prefix}comparison.json"

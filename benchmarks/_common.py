@@ -1,0 +1,64 @@
+"""What the benchmark scripts share: machine description, number formatting, rank runs."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import dolfinx_mno as mno  # before dolfinx: it makes the wheel's MPI library visible
+
+
+def machine(device: torch.device) -> dict[str, object]:
+    """A description of the machine and the software versions."""
+    import dolfinx
+
+    model_name = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model_name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, object] = {
+        "cpu": model_name,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "dolfinx": dolfinx.__version__,
+        "dolfinx_mno": mno.__version__,
+        "numpy": np.__version__,
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def ms(seconds: float) -> str:
+    """Seconds as milliseconds with three significant digits (no exponent notation)."""
+    rounded = float(f"{1e3 * seconds:.3g}")
+    return f"{rounded:,.0f}" if rounded >= 1000 else f"{rounded:.3g}"
+
+
+def run_serial_and_parallel(
+    script: str, forwarded: Sequence[str], tag: str | None, ranks: int, mpirun: str | None
+) -> tuple[str, str]:
+    """Run ``script`` on 1 rank and under ``mpirun -n ranks``; returns the two result tags."""
+    mpirun = mpirun or shutil.which("mpirun", path=str(Path(sys.executable).parent))
+    mpirun = mpirun or shutil.which("mpirun") or "mpirun"
+    prefix = f"{tag}_" if tag else ""
+    tags = (f"{prefix}np1", f"{prefix}np{ranks}")
+    subprocess.run([sys.executable, script, "--tag", tags[0], *forwarded], check=True)
+    subprocess.run(
+        [mpirun, "-n", str(ranks), sys.executable, script, "--tag", tags[1], *forwarded],
+        check=True,
+    )
+    return tags
