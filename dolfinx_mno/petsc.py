@@ -203,10 +203,16 @@ class LinearProblem(_fem_petsc.LinearProblem):
         if hasattr(self, "_solver"):
             super().__del__()
 
-    def solve(self) -> fem.Function:
-        """Update the closures, assemble and solve; returns the solution."""
-        for closure in self._closures:
-            closure.update()
+    def solve(self, update_closures: bool = True) -> fem.Function:
+        """Update the closures, assemble and solve; returns the solution.
+
+        Args:
+            update_closures: Update the closures first. ``False`` keeps their values from
+                the last update (e.g. a closure updated every few time steps).
+        """
+        if update_closures:
+            for closure in self._closures:
+                closure.update()
         if not (self._reuse_matrix and self._matrix_ready):
             self._matrix_ready = True
             return typing.cast(fem.Function, super().solve())

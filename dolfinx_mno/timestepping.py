@@ -38,6 +38,11 @@ class IMEXStepper:
         t0: Initial time.
         time: Optional constant holding the time, set to the new time before each solve
             (for time-dependent sources and boundary data).
+        closure_interval: Update the closures every ``closure_interval`` steps (at steps
+            0, k, 2k, ...) and keep their values in between. A closure much more expensive
+            than a step, such as a neural operator, changes slowly on the time scale of a
+            small explicit step; holding it over ``k`` steps adds an error of order
+            ``k Δt`` to its time integration (first order, like IMEX Euler itself).
     """
 
     def __init__(
@@ -48,9 +53,14 @@ class IMEXStepper:
         dt: float,
         t0: float = 0.0,
         time: fem.Constant | None = None,
+        closure_interval: int = 1,
     ):
         if not dt > 0:
             raise ValueError(f"The time step must be positive, got {dt}.")
+        if not isinstance(closure_interval, int) or closure_interval < 1:
+            raise ValueError(
+                f"closure_interval must be a positive integer, got {closure_interval!r}."
+            )
         if u.function_space != u_previous.function_space:
             raise ValueError("u and u_previous must live on the same function space.")
         self.problem = problem
@@ -59,6 +69,7 @@ class IMEXStepper:
         self.dt = float(dt)
         self.t = float(t0)
         self.time = time
+        self.closure_interval = closure_interval
         self.num_steps = 0
 
     def step(self) -> float:
@@ -70,7 +81,7 @@ class IMEXStepper:
         t_new = self.t + self.dt
         if self.time is not None:
             self.time.value = t_new  # type: ignore[assignment]
-        self.problem.solve()
+        self.problem.solve(update_closures=self.num_steps % self.closure_interval == 0)
         reason: int = self.problem.solver.getConvergedReason()  # type: ignore[assignment]
         if reason <= 0:
             if self.time is not None:

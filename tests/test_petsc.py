@@ -195,6 +195,54 @@ def test_imex_step_matches_explicit_ufl():
         assert diff <= 100 * np.finfo(np.float64).eps * scale
 
 
+@pytest.mark.mpi
+def test_imex_closure_interval_holds_values():
+    """closure_interval=3: r(u) evaluated at steps 0 and 3 only, as a UFL scheme with a frozen copy."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 10, 10)
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    dt, num_steps, interval = 0.02, 5, 3
+    results = []
+    for use_closure in (True, False):
+        u_n = fem.Function(V)
+        u_n.interpolate(lambda x: 2 * np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]))
+        frozen = fem.Function(V)  # the UFL scheme's state seen by the reaction term
+        uh = fem.Function(V)
+        u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
+        a = (u * v + dt * ufl.inner(ufl.grad(u), ufl.grad(v))) * ufl.dx
+        L = u_n * v * ufl.dx
+        if use_closure:
+            closure = mno.Closure(Cubic().double(), [u_n], quadrature_degree=3)
+            L -= dt * closure * v * closure.dx
+        else:
+            L -= dt * frozen**3 * v * ufl.dx(metadata={"quadrature_degree": 3})
+        problem = LinearProblem(
+            a,
+            L,
+            u=uh,
+            bcs=[_boundary_bc(V)],
+            petsc_options=DIRECT,
+            petsc_options_prefix=f"interval{int(use_closure)}_",
+        )
+        if use_closure:
+            stepper = IMEXStepper(problem, uh, u_n, dt=dt, closure_interval=interval)
+            stepper.run(num_steps, progress=False)
+            assert closure.update_count == 2  # steps 0 and 3
+        else:
+            stepper = IMEXStepper(problem, uh, u_n, dt=dt)
+            for step in range(num_steps):
+                if step % interval == 0:
+                    frozen.x.array[:] = u_n.x.array
+                stepper.step()
+        results.append(u_n.x.array.copy())
+    comm = msh.comm
+    scale = comm.allreduce(np.max(np.abs(results[1])), op=MPI.MAX)
+    diff = comm.allreduce(np.max(np.abs(results[0] - results[1])), op=MPI.MAX)
+    assert scale > 0.2
+    assert diff <= 100 * np.finfo(np.float64).eps * scale
+    with pytest.raises(ValueError, match="closure_interval"):
+        IMEXStepper(problem, uh, u_n, dt=dt, closure_interval=0)
+
+
 def test_reuse_matrix_refuses_closures_in_matrix():
     msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
     V = fem.functionspace(msh, ("Lagrange", 1))
