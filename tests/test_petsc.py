@@ -197,7 +197,7 @@ def test_imex_step_matches_explicit_ufl():
 
 @pytest.mark.mpi
 def test_imex_closure_interval_holds_values():
-    """closure_interval=3: r(u) evaluated at steps 0 and 3 only, as a UFL scheme with a frozen copy."""
+    """closure_interval=3: r(u) at steps 0 and 3 only, as a UFL scheme with a frozen copy."""
     msh = mesh.create_unit_square(MPI.COMM_WORLD, 10, 10)
     V = fem.functionspace(msh, ("Lagrange", 1))
     dt, num_steps, interval = 0.02, 5, 3
