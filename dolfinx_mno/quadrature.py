@@ -13,6 +13,7 @@ from __future__ import annotations
 import typing
 from collections.abc import Iterable, Sequence
 
+import basix
 import basix.ufl
 import numpy as np
 import ufl
@@ -22,6 +23,7 @@ from ufl.algorithms import extract_coefficients
 
 __all__ = [
     "check_form",
+    "composite_quadrature",
     "flatten_operands",
     "form",
     "measure",
@@ -174,3 +176,64 @@ def form(form: ufl.Form | Sequence[ufl.Form], **kwargs: typing.Any) -> typing.An
     """
     check_form(form)
     return fem.form(form, **kwargs)
+
+
+def composite_quadrature(
+    cell: str, degree: int, subdivisions: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Basix's degree-``degree`` rule on each sub-cell of a uniformly subdivided cell.
+
+    The reference cell is split into ``subdivisions`` pieces per direction (``m^tdim``
+    sub-cells; a triangle into ``m²`` triangles, as red refinement does), and the default
+    rule is mapped onto each. On a mesh nested in a coarse mesh by uniform refinement by a
+    factor ``m`` (e.g. ``create_unit_square(comm, m * n, m * n)`` inside ``(n, n)``), the
+    rule on a coarse cell integrates exactly every field that is a polynomial of degree
+    ``≤ degree`` on each fine cell: fine fields with kinks or jumps between fine cells,
+    which a single high-degree rule would alias.
+
+    Args:
+        cell: ``"interval"``, ``"triangle"``, ``"quadrilateral"`` or ``"hexahedron"``.
+        degree: Degree of the rule on each sub-cell.
+        subdivisions: ``m ≥ 1``; 1 gives Basix's default rule.
+
+    Returns:
+        Points ``(num_points, tdim)`` on the reference cell and weights ``(num_points,)``
+        summing to the reference cell's volume.
+
+    Raises:
+        ValueError: Unsupported cell (tetrahedra do not split into similar tetrahedra),
+            or a degree or number of subdivisions out of range.
+    """
+    if not isinstance(subdivisions, int | np.integer) or subdivisions < 1:
+        raise ValueError(f"subdivisions must be a positive integer, got {subdivisions!r}.")
+    if not isinstance(degree, int | np.integer) or degree < 0:
+        raise ValueError(f"degree must be a non-negative integer, got {degree!r}.")
+    supported = ("interval", "triangle", "quadrilateral", "hexahedron")
+    if cell not in supported:
+        raise ValueError(f"Composite rules support the cells {supported}, not {cell!r}.")
+    rule = basix.make_quadrature(getattr(basix.CellType, cell), int(degree))
+    points = np.asarray(rule[0], dtype=np.float64)
+    weights = np.asarray(rule[1], dtype=np.float64)
+    m = int(subdivisions)
+    tdim = points.shape[1]
+    if cell == "triangle":
+        # Each sub-triangle is x0 + J p: m² triangles, upright and upside down.
+        corners = []
+        for i in range(m):
+            for j in range(m - i):
+                corners.append(((i, j), (i + 1, j), (i, j + 1)))
+                if i + j < m - 1:
+                    corners.append(((i + 1, j + 1), (i, j + 1), (i + 1, j)))
+        vertices = np.array(corners, dtype=np.float64) / m  # (num_sub, 3, 2)
+        origin = vertices[:, 0]
+        jacobian = np.stack([vertices[:, 1] - origin, vertices[:, 2] - origin], axis=-1)
+        mapped = origin[:, None, :] + np.einsum("sij,pj->spi", jacobian, points)
+        scale = np.abs(np.linalg.det(jacobian))[:, None] * weights[None, :]
+        return mapped.reshape(-1, 2), scale.reshape(-1)
+    # Intervals and tensor-product cells: shift the scaled rule to every sub-box.
+    offsets = np.stack(np.meshgrid(*[np.arange(m)] * tdim, indexing="ij"), axis=-1).reshape(
+        -1, tdim
+    )
+    mapped = (offsets[:, None, :] + points[None, :, :]) / m
+    scaled = np.broadcast_to(weights / m**tdim, (len(offsets), len(weights)))
+    return mapped.reshape(-1, tdim), np.ascontiguousarray(scaled).reshape(-1)

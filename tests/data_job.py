@@ -1,8 +1,9 @@
 """Jobs run in subprocesses by ``test_data.py``.
 
 ``sample DIR``: the same small "simulation" on any number of ranks writes closure data
-with both restrictions to ``DIR/l2.h5`` and ``DIR/interpolation.h5`` (run under
-``mpirun -n 1, 2, 3``; the files must hold the same arrays).
+with each restriction to ``DIR/<method>.h5`` (``l2_projection``, ``interpolation``, and
+``cell_average`` onto DG0 from a nested fine mesh; run under ``mpirun -n 1, 2, 3``; the
+files must hold the same arrays).
 
 ``kill PATH flush N`` / ``kill PATH write N``: appends synthetic samples (serial) and kills
 itself with SIGKILL right after the N-th HDF5 flush, or during the N-th dataset write
@@ -78,7 +79,13 @@ def sample(directory: str) -> None:
     import ufl
     from dolfinx import fem, mesh
 
-    from dolfinx_mno.data import ClosureSampler, Interpolation, L2Projection, Tendency
+    from dolfinx_mno.data import (
+        CellAverage,
+        ClosureSampler,
+        Interpolation,
+        L2Projection,
+        Tendency,
+    )
 
     comm = MPI.COMM_WORLD
     coarse = mesh.create_unit_square(comm, 5, 4, mesh.CellType.triangle)
@@ -88,20 +95,30 @@ def sample(directory: str) -> None:
     W_f = fem.functionspace(fine, ("Lagrange", 4))
     fine_tendency = Tendency(u_f**2, W_f)
     V_c = fem.functionspace(coarse, ("Lagrange", 1))
-    for restriction in (L2Projection(V_c), Interpolation(V_c)):
-        u_c = fem.Function(V_c, name="u_c")
+    # Cell averages need a nested fine mesh: the coarse triangles refined 3 times.
+    nested = mesh.create_unit_square(comm, 15, 12, mesh.CellType.triangle)
+    u_nested = fem.Function(fem.functionspace(nested, ("Lagrange", 2)), name="u_f")
+    nested_tendency = Tendency(u_nested**2, fem.functionspace(nested, ("Lagrange", 4)))
+    W_c = fem.functionspace(coarse, ("DG", 0))
+    cases = [
+        (L2Projection(V_c), u_f, fine_tendency, fine),
+        (Interpolation(V_c), u_f, fine_tendency, fine),
+        (CellAverage(W_c, nested), u_nested, nested_tendency, nested),
+    ]
+    for restriction, state, tendency, fine_mesh in cases:
+        u_c = fem.Function(restriction.space, name="u_c")
         x = ufl.SpatialCoordinate(coarse)
         sampler = ClosureSampler(
-            restriction, u_c, [u_c, ufl.grad(u_c), x[0]], u_c**2, 3, fine_tendency=fine_tendency
+            restriction, u_c, [u_c, ufl.grad(u_c), x[0]], u_c**2, 3, fine_tendency=tendency
         )
         path = os.path.join(directory, f"{restriction.method}.h5")
         writer = ClosureDataWriter.from_sampler(
-            path, sampler, fine_mesh=fine, time_step=0.1, units={"u": "1"}, mode="w"
+            path, sampler, fine_mesh=fine_mesh, time_step=0.1, units={"u": "1"}, mode="w"
         )
         for step in range(3):
             t = 0.1 * step
-            u_f.interpolate(lambda x, t=t: np.sin(3 * x[0] + t) * np.cos(2 * x[1]) + x[1] ** 2)
-            writer.append(sampler.sample(u_f), time=t)
+            state.interpolate(lambda x, t=t: np.sin(3 * x[0] + t) * np.cos(2 * x[1]) + x[1] ** 2)
+            writer.append(sampler.sample(state), time=t)
         writer.close()
 
 

@@ -17,6 +17,7 @@ from dolfinx import fem, mesh
 
 import dolfinx_mno as mno
 from dolfinx_mno.data import (
+    CellAverage,
     ClosureDataReader,
     ClosureDataWriter,
     ClosureSample,
@@ -24,6 +25,7 @@ from dolfinx_mno.data import (
     Interpolation,
     L2Projection,
     Tendency,
+    make_restriction,
     restrict,
 )
 
@@ -167,6 +169,204 @@ def test_restriction_input_errors():
     other = fem.Function(fem.functionspace(coarse, ("Lagrange", 2)))
     with pytest.raises(ValueError, match="out must be"):
         Interpolation(V_c)(scalar, out=other)
+
+
+# -- cell averages ----------------------------------------------------------------------
+
+
+def _nested(kind, n, ratio, comm=COMM):
+    """A coarse mesh with n cells per direction and the fine one with ratio * n (nested)."""
+    if kind == "interval":
+        return (mesh.create_unit_interval(comm, n), mesh.create_unit_interval(comm, ratio * n))
+    cell = getattr(mesh.CellType, kind)
+    coarse = mesh.create_unit_square(comm, n, n, cell)
+    return coarse, mesh.create_unit_square(comm, ratio * n, ratio * n, cell)
+
+
+def _exact_means(coarse, f, value_shape=()):
+    """Means of f (numpy, x of shape (gdim, N)) over the owned coarse cells, by a collapsed
+    Gauss rule exact to degree 15 (independent of FFCx), ordered like the DG0 cell dofs."""
+    tdim = coarse.topology.dim
+    num_cells = coarse.topology.index_map(tdim).size_local
+    vertices = coarse.geometry.x[coarse.geometry.dofmaps[0][:num_cells]][
+        :, :, : coarse.geometry.dim
+    ]
+    s, w = np.polynomial.legendre.leggauss(8)
+    s, w = (s + 1) / 2, w / 2
+    if coarse.topology.cell_type == mesh.CellType.triangle:
+        a, b = (g.reshape(-1) for g in np.meshgrid(s, s, indexing="ij"))
+        weights = np.outer(w, w).reshape(-1) * (1 - a)
+        xi = np.stack([a, b * (1 - a)])  # the Duffy map onto the reference triangle
+        points = (
+            vertices[:, :1, :, None]
+            + xi[0] * (vertices[:, 1:2, :, None] - vertices[:, :1, :, None])
+            + xi[1] * (vertices[:, 2:3, :, None] - vertices[:, :1, :, None])
+        )[:, 0]
+    else:  # axis-aligned boxes (intervals, rectangles)
+        low, high = vertices.min(axis=1), vertices.max(axis=1)
+        grids = np.meshgrid(*(tdim * [s]), indexing="ij")
+        xi = np.stack([g.reshape(-1) for g in grids])
+        weights = np.prod(np.meshgrid(*(tdim * [w]), indexing="ij"), axis=0).reshape(-1)
+        points = low[:, :, None] + xi[None] * (high - low)[:, :, None]
+    values = np.array([np.asarray(f(p)).reshape(*value_shape, -1) @ weights for p in points])
+    return values.reshape(num_cells, -1) / weights.sum()
+
+
+def _owned_values(u):
+    """Values of a DG0 function on the owned cells, (num_cells, bs)."""
+    V = u.function_space
+    num_cells = V.mesh.topology.index_map(V.mesh.topology.dim).size_local
+    return u.x.array.reshape(-1, V.dofmap.bs)[V.dofmap.list[:num_cells, 0]]
+
+
+def _polynomial(x):
+    """x⁴ − x + 1 in 1D, x³y² − 2xy + y³ + 1 in 2D (x: NumPy points or UFL coordinate)."""
+    if len(x) == 1:
+        return x[0] ** 4 - x[0] + 1
+    return x[0] ** 3 * x[1] ** 2 - 2 * x[0] * x[1] + x[1] ** 3 + 1
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("kind", ["interval", "quadrilateral", "triangle"])
+@pytest.mark.parametrize("ratio", [2, 3])
+def test_cell_average_of_polynomials_is_exact(kind, ratio):
+    """Functions (Lagrange, containing the polynomial) and expressions: analytic means."""
+    coarse, fine = _nested(kind, 3, ratio)
+    average = CellAverage(fem.functionspace(coarse, ("DG", 0)), fine)
+    exact = _exact_means(coarse, _polynomial)
+    degree = {"interval": 4, "quadrilateral": 3, "triangle": 5}[kind]  # holds the polynomial
+    u_f = fem.Function(fem.functionspace(fine, ("Lagrange", degree)))
+    u_f.interpolate(lambda x: _polynomial(x[: coarse.geometry.dim]))
+    x = ufl.SpatialCoordinate(fine)
+    for field in (u_f, _polynomial(x)):
+        result = average(field)
+        assert _max_abs(_owned_values(result) - exact) <= 1e-13
+    assert average.method == "cell_average"
+    # The volumes are the coarse cells' (the fine cells tile them).
+    assert COMM.allreduce(float(average.volumes.sum())) == pytest.approx(1.0, abs=1e-14)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("kind", ["quadrilateral", "triangle"])
+def test_cell_average_of_expressions_vectors_and_tensors(kind):
+    """u²/2 − ν ∂u/∂x, grad(u) into DG0 vectors and grad(u) ⊗ grad(u) into DG0 tensors."""
+    coarse, fine = _nested(kind, 2, 3)
+    u_f = fem.Function(fem.functionspace(fine, ("Lagrange", 2)))
+    u_f.interpolate(lambda x: 1 + 2 * x[0] - x[1] + 3 * x[0] * x[1] - x[1] ** 2)
+    nu = fem.Constant(fine, 0.3)
+
+    def gradient(x):
+        return np.stack([2 + 3 * x[1], -1 + 3 * x[0] - 2 * x[1]])
+
+    def u(x):
+        return 1 + 2 * x[0] - x[1] + 3 * x[0] * x[1] - x[1] ** 2
+
+    cases = [
+        ((), u_f**2 / 2 - nu * u_f.dx(0), lambda x: u(x) ** 2 / 2 - 0.3 * gradient(x)[0]),
+        ((2,), ufl.grad(u_f), gradient),
+        (
+            (2, 2),
+            ufl.outer(ufl.grad(u_f), ufl.grad(u_f)),
+            lambda x: gradient(x)[:, None] * gradient(x)[None, :],
+        ),
+    ]
+    for shape, expression, f in cases:
+        average = CellAverage(fem.functionspace(coarse, ("DG", 0, shape)), fine)
+        out = fem.Function(average.space)
+        assert average(expression, out=out) is out
+        exact = _exact_means(coarse, f, shape)
+        assert _max_abs(_owned_values(out) - exact) <= 1e-13 * max(1.0, _max_abs(exact))
+    # The Constant is packed at each call: a new ν, the same compiled form.
+    nu.value = 0.0
+    average = CellAverage(fem.functionspace(coarse, ("DG", 0)), fine)
+    for _ in range(2):  # equal expressions built anew, with new UFL indices, share one form
+        result = average(ufl.inner(ufl.grad(u_f), ufl.grad(u_f)) - nu * u_f)
+    assert len(average._forms) == 1
+    exact = _exact_means(coarse, lambda x: np.sum(gradient(x) ** 2, axis=0))
+    assert _max_abs(_owned_values(result) - exact) <= 1e-13 * _max_abs(exact)
+
+
+@pytest.mark.mpi
+def test_cell_average_of_a_laminate_is_exact_where_the_projection_aliases():
+    """Stripes a = 1, 10, 10, 1 in each coarse cell: the mean is 5.5 in every cell."""
+    coarse, fine = _nested("quadrilateral", 4, 4)
+    a = fem.Function(fem.functionspace(fine, ("DG", 0)))
+    a.interpolate(lambda x: np.where(np.mod(x[0] * 16, 4) // 1 % 3 == 0, 1.0, 10.0))
+    V_c = fem.functionspace(coarse, ("DG", 0))
+    assert _max_abs(_owned_values(restrict(a, V_c, "cell_average")) - 5.5) <= 1e3 * EPS
+    # The 2 x 2 Gauss points of the L2 projection's rule all lie in the a = 1 stripes.
+    assert _max_abs(_owned_values(L2Projection(V_c)(a)) - 1.0) <= 1e-12
+
+
+@pytest.mark.mpi
+def test_cell_average_in_a_sampler():
+    """CellAverage is a Restriction: subgrid variance mean(u²) − mean(u)² as the target."""
+    coarse, fine = _nested("triangle", 3, 3)
+    u_f = fem.Function(fem.functionspace(fine, ("Lagrange", 2)), name="u_f")
+    u_f.interpolate(lambda x: 1 + 2 * x[0] - x[1] + 3 * x[0] * x[1] - x[1] ** 2)
+    V_c = fem.functionspace(coarse, ("DG", 0))
+    u_c = fem.Function(V_c, name="u_c")
+    restriction = make_restriction(V_c, "cell_average", fine_mesh=fine)
+    assert isinstance(restriction, CellAverage)
+    sampler = ClosureSampler(
+        restriction,
+        u_c,
+        [u_c],
+        u_c**2,
+        quadrature_degree=0,
+        fine_tendency=Tendency(u_f**2, fem.functionspace(fine, ("Lagrange", 4))),
+    )
+    sample = sampler.sample(u_f)
+    mean = _exact_means(coarse, lambda x: 1 + 2 * x[0] - x[1] + 3 * x[0] * x[1] - x[1] ** 2)
+    square = _exact_means(
+        coarse, lambda x: (1 + 2 * x[0] - x[1] + 3 * x[0] * x[1] - x[1] ** 2) ** 2
+    )
+    assert COMM.allreduce(float(np.min(square - mean**2, initial=np.inf)), op=MPI.MIN) > 1e-3
+    assert _max_abs(sample.targets - (square - mean**2)[:, 0]) <= 1e3 * EPS
+    assert sampler.metadata(fine)["restriction"] == "cell_average"
+
+
+@pytest.mark.mpi
+def test_cell_average_rejects_meshes_that_are_not_nested():
+    V_c = fem.functionspace(mesh.create_unit_square(COMM, 4, 4), ("DG", 0))
+    for fine, reason in [
+        (mesh.create_unit_square(COMM, 9, 9), "do not tile it"),  # 9 / 4 cells
+        (mesh.create_unit_square(COMM, 8, 8, diagonal=mesh.DiagonalType.left), "do not tile"),
+        (mesh.create_rectangle(COMM, [[0, 0], [1.25, 1]], [10, 8]), "outside the coarse mesh"),
+        (mesh.create_rectangle(COMM, [[0, 0], [0.5, 1]], [4, 8]), "do not tile it"),
+    ]:
+        with pytest.raises(ValueError, match=f"not nested.*{reason}"):
+            CellAverage(V_c, fine)
+    fine = mesh.create_unit_square(COMM, 8, 8)
+    with pytest.raises(ValueError, match="DG0"):
+        CellAverage(fem.functionspace(V_c.mesh, ("Lagrange", 1)), fine)
+
+
+@pytest.mark.mpi
+def test_cell_average_input_errors_raise_on_all_ranks():
+    """A bad input on one rank only: every rank raises, none waits in a collective."""
+    coarse, fine = _nested("triangle", 2, 2)
+    V_c = fem.functionspace(coarse, ("DG", 0))
+    average = CellAverage(V_c, fine)
+    u_f = fem.Function(fem.functionspace(fine, ("Lagrange", 1)))
+    u_f.interpolate(lambda x: x[0] + x[1])
+    last = COMM.rank == COMM.size - 1
+    with pytest.raises(ValueError, match="value shape"):
+        average(ufl.grad(u_f) if last else u_f)
+    coarse_function = fem.Function(V_c)  # collective, like all function creation
+    with pytest.raises(ValueError, match="another mesh"):
+        average(coarse_function if last else u_f)
+    wrong_out = fem.Function(fem.functionspace(coarse, ("DG", 1)))
+    with pytest.raises(ValueError, match="out must be"):
+        average(u_f, out=wrong_out if last else None)
+    with pytest.raises(TypeError, match="UFL expression"):
+        average(np.zeros(3) if last else u_f)
+    with pytest.raises(ValueError, match="test or trial"):
+        average(ufl.TestFunction(u_f.function_space))
+    # Still usable, and consistent, afterwards.
+    assert (
+        _max_abs(_owned_values(average(u_f)) - _exact_means(coarse, lambda x: x[0] + x[1])) < 1e-14
+    )
 
 
 # -- commutator targets -----------------------------------------------------------------
@@ -591,7 +791,7 @@ def test_same_file_on_1_2_3_ranks(tmp_path):
             timeout=600,
         )
         assert result.returncode == 0, result.stderr[-4000:]
-    for method in METHODS:
+    for method in [*METHODS, "cell_average"]:
         files = [ClosureDataReader(tmp_path / str(n) / f"{method}.h5") for n in (1, 2, 3)]
         reference = files[0]
         assert reference.num_samples == 3

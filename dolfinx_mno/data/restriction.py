@@ -2,9 +2,9 @@
 
 A learned closure is trained on *filtered* fine simulations: the fine field
 ``u_f ∈ V_f`` (fine mesh) is restricted to the resolved space ``V_c`` (coarse mesh). The
-two meshes need not be nested, nor partitioned alike under MPI. Two restrictions are
-offered; both are linear, reproduce every function of ``V_c`` exactly, and keep the data
-they need (point ownership, mass matrix, solver) between calls:
+meshes need not be partitioned alike under MPI. Three restrictions are offered; all are
+linear, reproduce every function of ``V_c`` exactly, and keep the data they need (point
+ownership, mass matrix, solver, compiled forms) between calls:
 
 * :class:`Interpolation`: ``I u_f``, the interpolant of ``u_f`` in ``V_c``, by evaluating
   ``u_f`` at the interpolation points of ``V_c``
@@ -15,25 +15,36 @@ they need (point ownership, mass matrix, solver) between calls:
   fine field is brought to the points of a degree-``q`` quadrature rule on the coarse mesh
   (non-matching interpolation into a quadrature space), and ``M a = b`` is solved with
   ``M`` and ``b`` integrated by that rule (PETSc, conjugate gradients).
+* :class:`CellAverage`: ``(R w)_K = |K|⁻¹ ∫_K w dx`` onto a DG0 space, exactly, for a
+  fine mesh *nested* in the coarse one: the integrals over the fine cells (an assembled
+  linear form) are summed per coarse cell. Takes any function or UFL expression on the
+  fine mesh, e.g. a flux ``a * ufl.grad(u_f)`` that jumps many times within a coarse cell.
 
 See ``docs/data.md`` for when to use which and their accuracy.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import typing
+from collections.abc import Sequence
 
 from mpi4py import MPI
 
+import basix.ufl
 import numpy as np
+import numpy.typing as npt
 import ufl
+from dolfinx import common, fem, la
 from dolfinx import cpp as _cpp
-from dolfinx import fem
+from dolfinx import mesh as _mesh
+from ufl.algorithms import estimate_total_polynomial_degree, extract_arguments
+from ufl.algorithms.renumbering import renumber_indices
 
-from dolfinx_mno.quadrature import measure, quadrature_space
+from dolfinx_mno.quadrature import composite_quadrature, measure, quadrature_space
 
-__all__ = ["Interpolation", "L2Projection", "Restriction", "restrict"]
+__all__ = ["CellAverage", "Interpolation", "L2Projection", "Restriction", "restrict"]
 
 
 @typing.runtime_checkable
@@ -223,6 +234,9 @@ class MassSolver:
         space: The space; its dtype must be PETSc's scalar type.
         dx: The measure the mass matrix is integrated with.
         petsc_options: Options overriding :data:`MASS_SOLVER_OPTIONS`.
+        bcs: Dirichlet conditions: the solution takes their values on their dofs, and
+            the equations of the other dofs are tested with functions vanishing there
+            (rows and columns of the constrained dofs are eliminated, with lifting).
     """
 
     def __init__(
@@ -230,6 +244,7 @@ class MassSolver:
         space: fem.FunctionSpace,
         dx: ufl.Measure,
         petsc_options: dict[str, typing.Any] | None = None,
+        bcs: Sequence[fem.DirichletBC] = (),
     ):
         from petsc4py import PETSc
 
@@ -246,10 +261,10 @@ class MassSolver:
         self._fem_petsc = fem_petsc
         self.space = space
         self.dtype = scalar
+        self.bcs = list(bcs)
         trial, test = ufl.TrialFunction(space), ufl.TestFunction(space)
-        self._matrix = fem_petsc.assemble_matrix(
-            fem.form(ufl.inner(trial, test) * dx, dtype=scalar)
-        )
+        self._mass = fem.form(ufl.inner(trial, test) * dx, dtype=scalar)
+        self._matrix = fem_petsc.assemble_matrix(self._mass, bcs=self.bcs)
         self._matrix.assemble()
         self._rhs = fem_petsc.create_vector(space)
         self._ksp = PETSc.KSP().create(space.mesh.comm)  # type: ignore[attr-defined]
@@ -278,7 +293,11 @@ class MassSolver:
         with self._rhs.localForm() as local:
             local.set(0.0)
         self._fem_petsc.assemble_vector(self._rhs, rhs)  # type: ignore[arg-type]
+        if self.bcs:
+            self._fem_petsc.apply_lifting(self._rhs, [self._mass], bcs=[self.bcs])
         self._rhs.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+        if self.bcs:
+            self._fem_petsc.set_bc(self._rhs, self.bcs)
         self._ksp.solve(self._rhs, out.x.petsc_vec)
         reason: typing.Any = self._ksp.getConvergedReason()
         if reason <= 0:
@@ -323,10 +342,30 @@ class L2Projection:
     mesh, not only at ``V_c``'s interpolation points; so fine scales are averaged, and
     ``‖u − P u‖ ≤ ‖u − I u‖`` in L² (up to quadrature error).
 
+    **Nested meshes** (``subdivisions = m``): the rule is Basix's degree-``q`` rule on each
+    of the ``m^d`` sub-cells of a uniform subdivision of every coarse cell
+    (:func:`dolfinx_mno.quadrature.composite_quadrature`). If the fine mesh refines the
+    coarse one uniformly by the factor ``m`` (``create_interval(comm, m * n, ...)`` inside
+    ``(comm, n, ...)``, the same for unit squares and cubes of quadrilaterals or
+    hexahedra, and red refinement of triangles), the sub-cells are the fine cells and the
+    projection is exact for any fine field with ``u_f · φ`` of degree ``≤ q`` on each fine
+    cell: shocks, kinks and jumps between fine cells are integrated exactly, not aliased.
+
+    **Boundary conditions** (``bcs``): the projection onto the functions of ``V_c`` that
+    take the conditions' values on their dofs, tested with the functions vanishing there.
+    With ``u = 0`` on a wall, for example, the unconstrained projection of a fine field
+    with a boundary layer is far from zero at the wall; the constrained one is zero there,
+    like the coarse solution, and ``(P u_f, φ) = (u_f, φ)`` still holds for every ``φ`` of
+    ``V_c`` vanishing on the wall, so the time derivative of the filtered fine solution is
+    the filtered fine tendency in the coarse weak form.
+
     Args:
         space: The coarse space ``V_c`` (real, PETSc's scalar type).
         quadrature_degree: ``q``, at least ``2k`` so that the mass matrix is exact; by
             default ``2k + 2``.
+        subdivisions: Split each coarse cell into ``subdivisions`` pieces per direction
+            for the rule (interval, triangle, quadrilateral, hexahedron cells).
+        bcs: Dirichlet conditions on ``V_c`` the projection satisfies.
         petsc_options: Options of the mass solve, overriding :data:`MASS_SOLVER_OPTIONS`
             (CG, Jacobi, relative tolerance 1e-14).
         padding: Absolute padding of the fine cells' bounding boxes when locating points;
@@ -344,6 +383,8 @@ class L2Projection:
         space: fem.FunctionSpace,
         *,
         quadrature_degree: int | None = None,
+        subdivisions: int = 1,
+        bcs: Sequence[fem.DirichletBC] = (),
         petsc_options: dict[str, typing.Any] | None = None,
         padding: float | None = None,
     ):
@@ -355,12 +396,37 @@ class L2Projection:
                 f"quadrature_degree must be an integer ≥ 2 × (degree of the space) = "
                 f"{2 * degree} for an exact mass matrix, got {quadrature_degree!r}."
             )
+        if not isinstance(subdivisions, int | np.integer) or subdivisions < 1:
+            raise ValueError(f"subdivisions must be a positive integer, got {subdivisions!r}.")
+        bcs = list(bcs)
+        for bc in bcs:
+            if not isinstance(bc, fem.DirichletBC) or bc.function_space not in (
+                space,
+                space._cpp_object,
+            ):
+                raise ValueError("bcs must be Dirichlet conditions on the projection's space.")
         self._space = space
         self.quadrature_degree = int(quadrature_degree)
+        self.subdivisions = int(subdivisions)
         mesh = space.mesh
-        dx = measure(mesh, self.quadrature_degree)
-        quadrature = quadrature_space(mesh, self.quadrature_degree, tuple(space.value_shape))
-        self._solver = MassSolver(space, dx, petsc_options)
+        value_shape = tuple(space.value_shape)
+        if self.subdivisions == 1:
+            dx = measure(mesh, self.quadrature_degree)
+            quadrature = quadrature_space(mesh, self.quadrature_degree, value_shape)
+        else:
+            cell = mesh.basix_cell().name
+            points, weights = composite_quadrature(cell, self.quadrature_degree, self.subdivisions)
+            metadata = {
+                "quadrature_rule": "custom",
+                "quadrature_points": points,
+                "quadrature_weights": weights,
+            }
+            dx = ufl.Measure("dx", domain=mesh, metadata=metadata)
+            element = basix.ufl.quadrature_element(
+                cell, value_shape, scheme="custom", points=points, weights=weights
+            )
+            quadrature = fem.functionspace(mesh, element)
+        self._solver = MassSolver(space, dx, petsc_options, bcs=bcs)
         #: The fine field at the coarse quadrature points, ``(num_cells, num_points, *shape)``.
         self.quadrature_values = fem.Function(quadrature, dtype=self._solver.dtype)
         self._rhs = fem.form(
@@ -404,6 +470,367 @@ class L2Projection:
         return out
 
 
+def _raise_on_all_ranks(comm: MPI.Comm, error: Exception | None) -> None:
+    """Raise ``error`` (found on some ranks) on every rank; collective, no-op if none."""
+    if not comm.allreduce(int(error is not None), op=MPI.MAX):
+        return
+    reports = comm.allgather(None if error is None else (type(error), str(error)))
+    rank, (kind, message) = next((r, e) for r, e in enumerate(reports) if e is not None)
+    if error is not None:
+        raise error
+    raise kind(f"(on rank {rank}) {message}")
+
+
+def _coordinate_degree(msh: _mesh.Mesh) -> int:
+    """Polynomial degree of the coordinate element (1 for affine simplices, 2 for Q1)."""
+    domain = typing.cast(typing.Any, msh.ufl_domain())
+    return int(domain.ufl_coordinate_element().embedded_superdegree)
+
+
+#: The MPI tag DOLFINx uses to build index maps (``dolfinx::MPI::tag::consensus_nbx``).
+_INDEX_MAP_TAG = 1201
+
+
+class _CompiledAverage(typing.NamedTuple):
+    """One input of :class:`CellAverage`: its form, coefficients and assembly buffer."""
+
+    form: fem.Form
+    coefficients: tuple[fem.Function, ...]
+    buffer: npt.NDArray[np.floating]
+    quadrature_degree: int
+
+
+class CellAverage:
+    """Restriction by exact averages over the cells of a coarse mesh: ``(R w)_K``.
+
+    For a fine mesh *nested* in the coarse one (every fine cell inside one coarse cell),
+    ``(R w)_K = |K|⁻¹ ∫_K w dx = |K|⁻¹ Σ_{k ⊂ K} ∫_k w dx`` over the fine cells ``k`` in
+    each coarse cell ``K``: a DG0 function on the coarse mesh. ``w`` is a
+    :class:`dolfinx.fem.Function` of any space on the fine mesh or a UFL expression of
+    such functions (e.g. the flux ``a * ufl.grad(u_f)`` or ``u_f**2 / 2 - ν * u_f.dx(0)``).
+    The fine-cell integrals are the entries of the assembled linear form ``∫ w · q dx``
+    over the test functions ``q`` of the fine DG0 space, exact when the quadrature rule
+    integrates ``w`` exactly on each fine cell (any polynomial ``w`` with the default
+    degree). They are summed over the fine cells of each coarse cell, across ranks: each
+    rank adds up its fine cells per coarse cell and sends one value per coarse cell it
+    touches to the rank that owns that coarse cell (a :class:`dolfinx.la.Vector` on an
+    index map whose ghosts are those coarse cells, ``scatter_reverse``). The two meshes
+    may be partitioned independently.
+
+    Unlike :class:`L2Projection`, which evaluates ``w`` at a quadrature rule's points on
+    the coarse cells, this sees every fine cell: it is exact for fields that jump many
+    times within a coarse cell, the fields a closure is about. It needs nested meshes.
+
+    The set-up (collective, at construction) finds the coarse cell of each fine cell's
+    midpoint (non-matching interpolation of the coarse cell indices) and checks that the
+    meshes are nested: per coarse cell, the volumes and centroids of its fine cells must
+    add up to its own (relative ``tolerance``). One form is compiled per distinct input
+    expression (and dtype), at its first call, and kept (the last 32).
+
+    Args:
+        space: The coarse DG0 space, any value shape (scalar, vector, tensor; not
+            symmetric tensors).
+        fine_mesh: The fine mesh; each of its cells must lie inside one coarse cell.
+        quadrature_degree: Degree of the rule on the fine cells; by default the
+            estimated polynomial degree of each input (UFL's estimate, as for ``dx``).
+        tolerance: Relative tolerance of the nesting check (volume per coarse cell, and
+            centroid relative to ``|K|^{1/d}``).
+        padding: Absolute padding of the coarse cells' bounding boxes when locating the
+            fine midpoints; by default √ε of the geometry dtype.
+
+    Raises:
+        ValueError: On all ranks, if ``space`` is not DG0, the meshes are incompatible, or
+            the fine mesh is not nested in the coarse one.
+
+    Example:
+        >>> average = CellAverage(fem.functionspace(coarse, ("DG", 0, (2,))), fine)
+        >>> flux = average(a * ufl.grad(u_fine))  # coarse DG0 vector function
+        >>> average(u_fine.dx(0), out=...)  # another input: another compiled form
+    """
+
+    method = "cell_average"
+
+    def __init__(
+        self,
+        space: fem.FunctionSpace,
+        fine_mesh: _mesh.Mesh,
+        *,
+        quadrature_degree: int | None = None,
+        tolerance: float = 1e-10,
+        padding: float | None = None,
+    ):
+        coarse = space.mesh
+        value_shape = tuple(int(n) for n in space.value_shape)
+        if space.dofmap.list.shape[1] != 1 or _degree(space) != 0:
+            raise ValueError(
+                "CellAverage restricts to a DG0 space (one degree of freedom per cell), got "
+                f"{space.ufl_element()}."
+            )
+        if space.dofmap.bs != int(np.prod(value_shape, dtype=int)):
+            raise ValueError("CellAverage does not support symmetric tensor spaces.")
+        if not isinstance(fine_mesh, _mesh.Mesh):
+            raise TypeError(f"fine_mesh must be a dolfinx.mesh.Mesh, got {type(fine_mesh)}.")
+        if not _same_communicator(coarse.comm, fine_mesh.comm):
+            raise ValueError("The fine and coarse meshes must share one MPI communicator.")
+        tdim = coarse.topology.dim
+        if fine_mesh.topology.dim != tdim or fine_mesh.geometry.dim != coarse.geometry.dim:
+            raise ValueError(
+                f"The coarse mesh has topological/geometric dimension {tdim}/"
+                f"{coarse.geometry.dim}, the fine mesh {fine_mesh.topology.dim}/"
+                f"{fine_mesh.geometry.dim}."
+            )
+        dtype = np.dtype(coarse.geometry.x.dtype)
+        if np.dtype(fine_mesh.geometry.x.dtype) != dtype:
+            raise TypeError("The fine and coarse mesh geometries have different dtypes.")
+        if quadrature_degree is not None and (
+            not isinstance(quadrature_degree, int | np.integer) or quadrature_degree < 0
+        ):
+            raise ValueError(
+                f"quadrature_degree must be a non-negative integer or None, got "
+                f"{quadrature_degree!r}."
+            )
+        coarse_cells = coarse.topology.index_map(tdim)
+        if dtype == np.float32 and coarse_cells.size_global >= 2**24:
+            raise ValueError("float32 meshes are limited to 2**24 coarse cells.")
+
+        self._space = space
+        self._fine_mesh = fine_mesh
+        self._comm = coarse.comm
+        self._dtype = dtype  # of the geometry, hence of every function on these meshes
+        self._value_shape = value_shape
+        self._bs = space.dofmap.bs
+        self.quadrature_degree = None if quadrature_degree is None else int(quadrature_degree)
+        self.tolerance = float(tolerance)
+        if padding is None:
+            padding = float(np.sqrt(np.finfo(dtype).eps))
+        self._num_coarse = coarse_cells.size_local
+        self._coarse_dofs = space.dofmap.list[: self._num_coarse, 0]
+        self._num_fine = fine_mesh.topology.index_map(tdim).size_local
+        self._fine_space = fem.functionspace(fine_mesh, ("DG", 0, value_shape))
+        self._fine_dofs = self._fine_space.dofmap.list[: self._num_fine, 0]
+        self._forms: collections.OrderedDict[typing.Any, _CompiledAverage] = (
+            collections.OrderedDict()
+        )
+        self._vectors: dict[int, la.Vector] = {}
+
+        # Collective from here on. The parent (coarse cell, global index) of each owned fine
+        # cell: the coarse DG0 function of global cell indices, evaluated at fine midpoints.
+        scalar_coarse = fem.functionspace(coarse, ("DG", 0))
+        scalar_fine = fem.functionspace(fine_mesh, ("DG", 0))
+        offset = coarse_cells.local_range[0]
+        index = fem.Function(scalar_coarse, dtype=dtype)
+        index.x.array[scalar_coarse.dofmap.list[: self._num_coarse, 0]] = offset + np.arange(
+            self._num_coarse
+        )
+        index.x.scatter_forward()
+        fine_cells = np.arange(self._num_fine, dtype=np.int32)
+        data = fem.create_interpolation_data(scalar_fine, scalar_coarse, fine_cells, padding)
+        owners = np.asarray(data.src_owner, dtype=np.int32)
+        outside = self._comm.allreduce(int(np.count_nonzero(owners < 0)), op=MPI.SUM)
+        if outside:
+            raise ValueError(
+                f"The fine mesh is not nested in the coarse mesh: the midpoints of {outside} "
+                "fine cell(s) lie outside the coarse mesh."
+            )
+        parent_values = fem.Function(scalar_fine, dtype=dtype)
+        parent_values.interpolate_nonmatching(index, fine_cells, data)
+        parents = np.rint(
+            parent_values.x.array[scalar_fine.dofmap.list[: self._num_fine, 0]]
+        ).astype(np.int64)
+
+        # An index map of the coarse cells owned here, with the coarse cells of other ranks
+        # that hold fine cells of this rank as ghosts: scatter_reverse adds their sums.
+        remote = owners != self._comm.rank
+        ghosts, first, inverse = np.unique(parents[remote], return_index=True, return_inverse=True)
+        local = np.empty(self._num_fine, dtype=np.int64)
+        local[~remote] = parents[~remote] - offset
+        local[remote] = self._num_coarse + inverse.reshape(-1)
+        self._index_map = common.IndexMap(
+            self._comm,
+            self._num_coarse,
+            ghosts.astype(np.int64),
+            owners[remote][first].astype(np.int32),
+            _INDEX_MAP_TAG,
+        )
+        self._order = np.argsort(local, kind="stable")
+        sorted_local = local[self._order]
+        self._starts = np.flatnonzero(np.diff(sorted_local, prepend=-1))
+        self._targets = sorted_local[self._starts]
+
+        # Nesting check: per coarse cell, the fine cells' volumes and first moments add up.
+        x_fine, x_coarse = ufl.SpatialCoordinate(fine_mesh), ufl.SpatialCoordinate(coarse)
+        moment_degree = 2 * max(_coordinate_degree(coarse), _coordinate_degree(fine_mesh))
+        width = 1 + coarse.geometry.dim
+
+        def moments(msh, x, num_cells):
+            V = fem.functionspace(msh, ("DG", 0, (width,)))
+            integrand = ufl.inner(ufl.as_vector([1.0, *x]), ufl.TestFunction(V))
+            dx = ufl.dx(domain=msh, metadata={"quadrature_degree": moment_degree})
+            vector = fem.assemble_vector(fem.form(integrand * dx, dtype=dtype))
+            return vector.array.reshape(-1, width)[V.dofmap.list[:num_cells, 0]]
+
+        summed = self._sum(moments(fine_mesh, x_fine, self._num_fine))
+        own = moments(coarse, x_coarse, self._num_coarse)
+        volume = own[:, 0]
+        self._volume = summed[:, 0].copy()
+        volume_error = np.abs(summed[:, 0] - volume) / volume
+        with np.errstate(divide="ignore", invalid="ignore"):
+            centroids = summed[:, 1:] / summed[:, :1]
+        centroid_error = np.linalg.norm(centroids - own[:, 1:] / own[:, :1], axis=1) / (
+            volume ** (1.0 / tdim)
+        )
+        worst = np.nan_to_num(np.maximum(volume_error, centroid_error), nan=np.inf)
+        worst_error = self._comm.allreduce(float(np.max(worst, initial=0.0)), op=MPI.MAX)
+        if not worst_error <= self.tolerance:
+            raise ValueError(
+                "The fine mesh is not nested in the coarse mesh: the fine cells whose "
+                "midpoints lie in a coarse cell do not tile it (relative mismatch of volume "
+                f"or centroid up to {worst_error:.2e} > tolerance {self.tolerance:.1e}). "
+                "Refine the coarse mesh uniformly, or use L2Projection."
+            )
+
+    @property
+    def space(self) -> fem.FunctionSpace:
+        """The coarse DG0 space."""
+        return self._space
+
+    @property
+    def fine_mesh(self) -> _mesh.Mesh:
+        """The fine mesh whose functions and expressions are averaged."""
+        return self._fine_mesh
+
+    @property
+    def volumes(self) -> npt.NDArray[np.floating]:
+        """Volume of each owned coarse cell, the sum of its fine cells', ``(num_cells,)``."""
+        return self._volume
+
+    def _vector(self, width: int) -> la.Vector:
+        vector = self._vectors.get(width)
+        if vector is None:
+            vector = la.vector(self._index_map, width, self._dtype)
+            self._vectors[width] = vector
+        return vector
+
+    def _sum(self, values: npt.NDArray[np.floating]) -> npt.NDArray[np.floating]:
+        """Sums of ``values`` ``(num_fine_cells, width)`` per owned coarse cell (collective).
+
+        Returns:
+            A view ``(num_coarse_cells, width)`` of an internal buffer.
+        """
+        width = values.shape[1]
+        vector = self._vector(width)
+        array = vector.array.reshape(-1, width)
+        array[:] = 0.0
+        if self._starts.size:
+            array[self._targets] = np.add.reduceat(values[self._order], self._starts, axis=0)
+        vector.scatter_reverse(la.InsertMode.add)
+        return array[: self._num_coarse]
+
+    def _compiled(self, w: typing.Any, dtype: np.dtype) -> tuple[typing.Any, int, bool]:
+        """Local checks of an input; returns (cache key, quadrature degree, cached?)."""
+        expression = ufl.as_ufl(w)
+        fine_domain = self._fine_mesh.ufl_domain()
+        if any(d != fine_domain for d in ufl.domain.extract_domains(expression)):
+            raise ValueError("The input must be a function or expression on the fine mesh.")
+        if extract_arguments(expression):
+            raise ValueError("The input must not contain test or trial functions.")
+        if expression.ufl_free_indices:
+            raise ValueError("The input must not have free indices.")
+        if tuple(expression.ufl_shape) != self._value_shape:
+            raise ValueError(
+                f"Cannot average a field of value shape {tuple(expression.ufl_shape)} into a "
+                f"space of value shape {self._value_shape}."
+            )
+        degree = self.quadrature_degree
+        if degree is None:  # UFL's estimate for dx
+            coordinate_degree = _coordinate_degree(self._fine_mesh)
+            degree = int(estimate_total_polynomial_degree(expression, coordinate_degree))
+        key = (renumber_indices(expression), degree, dtype.str)
+        return key, degree, key in self._forms
+
+    def __call__(
+        self, u: fem.Function | ufl.core.expr.Expr, out: fem.Function | None = None
+    ) -> fem.Function:
+        """Average ``u`` over the coarse cells into :attr:`space` (collective).
+
+        Every rank checks its input first, and all ranks raise if one finds a problem.
+
+        Args:
+            u: A function of any space on the fine mesh, or a UFL expression on the fine
+                mesh, of the value shape of :attr:`space`. Ghost values of the functions in
+                it are updated (``scatter_forward``).
+            out: Function on :attr:`space` to write into; by default a new one (of ``u``'s
+                dtype for a function, the geometry's otherwise).
+
+        Returns:
+            ``out``, ghosts updated.
+
+        Raises:
+            TypeError, ValueError: On all ranks, for an input or ``out`` that does not fit.
+        """
+        error: Exception | None = None
+        key = degree = None
+        cached = True
+        dtype = self._dtype
+        try:
+            if isinstance(u, fem.Function):
+                if u.function_space.mesh is not self._fine_mesh:
+                    raise ValueError("The function to average lives on another mesh.")
+                dtype = np.dtype(u.dtype)
+            elif not isinstance(u, ufl.core.expr.Expr):
+                raise TypeError(
+                    f"Expected a dolfinx.fem.Function or a UFL expression, got {type(u).__name__}."
+                )
+            if out is not None and (
+                not isinstance(out, fem.Function) or out.function_space != self._space
+            ):
+                raise ValueError("out must be a dolfinx.fem.Function on the restriction's space.")
+            if out is not None and np.dtype(out.dtype) != dtype:
+                raise TypeError(
+                    f"The input has dtype {dtype} but the output has dtype "
+                    f"{np.dtype(out.dtype)}; cast explicitly if that is intended."
+                )
+            key, degree, cached = self._compiled(u, dtype)
+        except (TypeError, ValueError) as caught:
+            error = caught
+        # One agreement: all ranks raise, or all compile if any rank lacks the form.
+        flags = np.array([error is not None, not cached], dtype=np.int32)
+        self._comm.Allreduce(MPI.IN_PLACE, flags, op=MPI.MAX)
+        if flags[0]:
+            _raise_on_all_ranks(self._comm, error)
+        assert key is not None and degree is not None
+        if out is None:  # collective: a new vector's scatterer
+            out = fem.Function(self._space, dtype=dtype)
+        if flags[1]:
+            self._forms[key] = self._compile(key[0], degree, dtype)
+            while len(self._forms) > 32:
+                self._forms.popitem(last=False)
+        compiled = self._forms[key]
+        self._forms.move_to_end(key)
+        for coefficient in compiled.coefficients:
+            coefficient.x.scatter_forward()
+        compiled.buffer[:] = 0.0
+        fem.assemble_vector(compiled.buffer, compiled.form)  # type: ignore[arg-type]
+        integrals = compiled.buffer.reshape(-1, self._bs)[self._fine_dofs]
+        sums = self._sum(integrals)
+        values = out.x.array.reshape(-1, self._bs)
+        values[self._coarse_dofs] = sums / self._volume[:, None]
+        out.x.scatter_forward()
+        return out
+
+    def _compile(self, expression: typing.Any, degree: int, dtype: np.dtype) -> _CompiledAverage:
+        """The form ``∫ w · q dx`` on the fine mesh (collective: JIT compilation)."""
+        q = ufl.TestFunction(self._fine_space)
+        dx = ufl.dx(domain=self._fine_mesh, metadata={"quadrature_degree": degree})
+        ufl_form = ufl.inner(expression, q) * dx
+        form = fem.form(ufl_form, dtype=dtype)
+        coefficients = tuple(c for c in ufl_form.coefficients() if isinstance(c, fem.Function))
+        size = self._fine_space.dofmap.index_map.size_local
+        size += self._fine_space.dofmap.index_map.num_ghosts
+        buffer = np.zeros(size * self._bs, dtype=dtype)
+        return _CompiledAverage(form, coefficients, buffer, degree)
+
+
 def restrict(
     u: fem.Function,
     space: fem.FunctionSpace,
@@ -416,20 +843,36 @@ def restrict(
     Args:
         u: The fine function.
         space: The coarse space.
-        method: ``"l2_projection"`` (:class:`L2Projection`) or ``"interpolation"``
-            (:class:`Interpolation`).
+        method: ``"l2_projection"`` (:class:`L2Projection`), ``"interpolation"``
+            (:class:`Interpolation`) or ``"cell_average"`` (:class:`CellAverage`; its
+            ``fine_mesh`` is ``u``'s mesh unless given).
         out: Function on ``space`` to write into; by default a new one.
         kwargs: Passed to the restriction's constructor.
 
     Returns:
         The restricted function.
     """
+    if method == "cell_average" and isinstance(u, fem.Function):
+        kwargs.setdefault("fine_mesh", u.function_space.mesh)
     return make_restriction(space, method, **kwargs)(u, out)
 
 
+#: The restrictions by method name (their ``method`` attribute).
+RESTRICTIONS: dict[str, type] = {
+    cls.method: cls for cls in (CellAverage, Interpolation, L2Projection)
+}
+
+
 def make_restriction(space: fem.FunctionSpace, method: str, **kwargs: typing.Any) -> Restriction:
-    """Build the restriction named ``method`` (``"l2_projection"`` or ``"interpolation"``)."""
-    methods: dict[str, typing.Any] = {"l2_projection": L2Projection, "interpolation": Interpolation}
-    if method not in methods:
-        raise ValueError(f"Unknown restriction method {method!r}; choose from {sorted(methods)}.")
-    return typing.cast(Restriction, methods[method](space, **kwargs))
+    """Build the restriction named ``method`` (a key of :data:`RESTRICTIONS`).
+
+    Args:
+        space: The coarse space.
+        method: ``"cell_average"``, ``"interpolation"`` or ``"l2_projection"``.
+        kwargs: Passed to the constructor (``CellAverage`` needs ``fine_mesh``).
+    """
+    if method not in RESTRICTIONS:
+        raise ValueError(
+            f"Unknown restriction method {method!r}; choose from {sorted(RESTRICTIONS)}."
+        )
+    return typing.cast(Restriction, RESTRICTIONS[method](space, **kwargs))
