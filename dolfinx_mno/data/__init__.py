@@ -14,14 +14,18 @@ crash-safely, read back as NumPy arrays or torch tensors::
             ...  # advance the fine simulation
             w.append(sampler.sample(u_f), time=t)
 
-Modules: :mod:`~dolfinx_mno.data.restriction` (filters), :mod:`~dolfinx_mno.data.commutator`
+Modules: :mod:`~dolfinx_mno.data.restriction` (filters: ``Interpolation``,
+``L2Projection``, ``CellAverage``), :mod:`~dolfinx_mno.data.commutator`
 (tendencies, targets), :mod:`~dolfinx_mno.data.sample` (samples, rank-independent order),
-:mod:`~dolfinx_mno.data.storage` (HDF5; needs ``h5py``).
+:mod:`~dolfinx_mno.data.storage` (HDF5; needs ``h5py``), :mod:`~dolfinx_mno.data.gridded`
+(fields on a grid, for neural operators).
 """
 
 from dolfinx_mno.data.commutator import ClosureSampler, Tendency
+from dolfinx_mno.data.gridded import GriddedSampler
 from dolfinx_mno.data.restriction import (
     MASS_SOLVER_OPTIONS,
+    CellAverage,
     Interpolation,
     L2Projection,
     MassSolver,
@@ -34,10 +38,12 @@ from dolfinx_mno.data.storage import ClosureDataReader, ClosureDataWriter
 
 __all__ = [
     "MASS_SOLVER_OPTIONS",
+    "CellAverage",
     "ClosureDataReader",
     "ClosureDataWriter",
     "ClosureSample",
     "ClosureSampler",
+    "GriddedSampler",
     "Interpolation",
     "L2Projection",
     "MassSolver",

@@ -206,6 +206,12 @@ class ClosureSampler:
         fine_tendency: Computes the fine tendency ``t_f`` from the fine state, e.g. a
             :class:`Tendency` on the fine mesh; or pass ``t_f`` to :meth:`sample` (e.g. the
             time difference ``(u^{n+1} − u^n)/Δt`` of the fine run).
+        tendency_restriction: The filter applied to the fine tendency, when it differs from
+            the state's (default: ``restriction``). Use it for flux closures: the state is
+            filtered into ``V_c`` and the fine flux by exact cell averages
+            (:class:`~dolfinx_mno.data.restriction.CellAverage`) into a DG₀ space, which is
+            then the space of :attr:`filtered_tendency` and sets the target's
+            ``value_shape``.
         name: Name of :attr:`target`.
 
     Shapes:
@@ -228,6 +234,7 @@ class ClosureSampler:
         quadrature_degree: int = 2,
         *,
         fine_tendency: Callable[[], fem.Function] | None = None,
+        tendency_restriction: Restriction | None = None,
         name: str = "closure_target",
     ):
         # Validate everything before the first collective call (JIT compilation).
@@ -237,6 +244,13 @@ class ClosureSampler:
         if not isinstance(coarse_state, fem.Function) or coarse_state.function_space != space:
             raise ValueError("coarse_state must be a fem.Function on the restriction's space.")
         mesh = space.mesh
+        if tendency_restriction is None:
+            tendency_restriction = restriction
+        elif not isinstance(tendency_restriction, Restriction):
+            raise TypeError("tendency_restriction must be a CellAverage, an L2Projection or alike.")
+        elif tendency_restriction.space.mesh.ufl_domain() != mesh.ufl_domain():
+            raise ValueError("tendency_restriction must restrict onto the coarse mesh.")
+        tendency_space = tendency_restriction.space
         if isinstance(operands, ufl.core.expr.Expr):
             operands = [operands]
         operand_list = tuple(ufl.as_ufl(op) for op in operands)
@@ -246,7 +260,7 @@ class ClosureSampler:
             domains = ufl.domain.extract_domains(operand)
             if any(d != mesh.ufl_domain() for d in domains):
                 raise ValueError(f"Operand {operand} does not live on the coarse mesh.")
-        value_shape = tuple(space.value_shape)
+        value_shape = tuple(tendency_space.value_shape)
         if isinstance(coarse_tendency, Tendency):
             if coarse_tendency.space.mesh.ufl_domain() != mesh.ufl_domain():
                 raise ValueError("The coarse tendency must live on the coarse mesh.")
@@ -259,7 +273,8 @@ class ClosureSampler:
         if tuple(coarse_value.ufl_shape) != value_shape:
             raise ValueError(
                 f"The coarse tendency has shape {tuple(coarse_value.ufl_shape)}, but the "
-                f"filtered fine tendency has the coarse space's value shape {value_shape}."
+                f"filtered fine tendency has the value shape {value_shape} of the space it is "
+                "restricted to."
             )
         if not isinstance(quadrature_degree, int | np.integer) or quadrature_degree < 0:
             raise ValueError(
@@ -272,6 +287,7 @@ class ClosureSampler:
             raise TypeError(f"Unsupported dtype {dtype}: use real float32 or float64.")
 
         self.restriction = restriction
+        self.tendency_restriction = tendency_restriction
         self.coarse_state = coarse_state
         self._operands = operand_list
         self._coarse_tendency = coarse_tendency
@@ -298,7 +314,7 @@ class ClosureSampler:
 
         # Collective from here on.
         #: ``R t_f``: the filtered fine tendency, on ``V_c``.
-        self.filtered_tendency = fem.Function(space, name="filtered_tendency", dtype=dtype)
+        self.filtered_tendency = fem.Function(tendency_space, name="filtered_tendency", dtype=dtype)
         commutator = self.filtered_tendency - coarse_value
         target_components, _ = operand_components([commutator])
         components = [*input_components, *target_components]
@@ -331,15 +347,18 @@ class ClosureSampler:
         return [name for op in self._operands for name in _component_names(op)]
 
     def sample(
-        self, fine_state: fem.Function, fine_tendency: fem.Function | None = None
+        self,
+        fine_state: fem.Function,
+        fine_tendency: fem.Function | ufl.core.expr.Expr | None = None,
     ) -> ClosureSample:
         """Filter a fine snapshot and return closure inputs and targets (collective).
 
         Args:
             fine_state: The fine state ``u`` (any mesh covering the coarse one).
             fine_tendency: The fine tendency ``t_f`` (a function of the same value shape on
-                the fine mesh); by default computed with ``fine_tendency`` of the
-                constructor.
+                the fine mesh, or a UFL expression on it if the tendency restriction takes
+                expressions, as :class:`~dolfinx_mno.data.restriction.CellAverage` does);
+                by default computed with ``fine_tendency`` of the constructor.
 
         Returns:
             This rank's inputs, targets, global cell indices and point coordinates (new
@@ -353,15 +372,21 @@ class ClosureSampler:
             raise ValueError(
                 "No fine tendency: pass fine_tendency to sample() or to the constructor."
             )
+        takes_expressions = getattr(self.tendency_restriction, "method", None) == "cell_average"
         if fine_tendency is not None and not isinstance(fine_tendency, fem.Function):
-            raise TypeError(
-                f"fine_tendency must be a fem.Function, got {type(fine_tendency).__name__}."
-            )
+            if not (takes_expressions and isinstance(fine_tendency, ufl.core.expr.Expr)):
+                raise TypeError(
+                    "fine_tendency must be a fem.Function (or a UFL expression, with a "
+                    f"CellAverage tendency restriction), got {type(fine_tendency).__name__}."
+                )
         if fine_tendency is None:
             assert self._fine_tendency is not None
             fine_tendency = self._fine_tendency()
         self.restriction(fine_state, out=self.coarse_state)
-        self.restriction(fine_tendency, out=self.filtered_tendency)
+        self.tendency_restriction(
+            fine_tendency,  # type: ignore[arg-type]  # an expression only for CellAverage
+            out=self.filtered_tendency,
+        )
         if isinstance(self._coarse_tendency, Tendency):
             self._coarse_tendency()
         mesh = self.coarse_state.function_space.mesh
@@ -402,6 +427,9 @@ class ClosureSampler:
                 else f"pointwise: {describe(self._coarse_tendency)}"
             ),
             "restriction": getattr(restriction, "method", type(restriction).__name__),
+            "tendency_restriction": getattr(
+                self.tendency_restriction, "method", type(self.tendency_restriction).__name__
+            ),
             "coarse_mesh": mesh_summary(self.coarse_state.function_space.mesh),
             "coarse_space": str(self.coarse_state.function_space.ufl_element()),
         }
