@@ -17,8 +17,8 @@
 #   {py:class}`dolfinx_mno.data.ClosureSampler`, write them with
 #   {py:class}`dolfinx_mno.data.ClosureDataWriter` and read them back with
 #   {py:class}`dolfinx_mno.data.ClosureDataReader`,
-# - plug your own filter (here: exact coarse-cell averages) into the sampler through the
-#   {py:class}`dolfinx_mno.data.Restriction` protocol,
+# - filter with exact coarse-cell averages, {py:class}`dolfinx_mno.data.CellAverage`,
+#   a {py:class}`dolfinx_mno.data.Restriction` the sampler accepts,
 # - fit a *vector* closure (a flux) with {py:func}`dolfinx_mno.training.fit`, save it with
 #   {py:func}`dolfinx_mno.io.save_model` and build the {py:class}`dolfinx_mno.Closure` from
 #   the file,
@@ -26,7 +26,10 @@
 #   Jacobian built from the closure tangent $\partial q / \partial \nabla \bar u$,
 # - check the learned closure against homogenisation theory, compare accuracy and cost with
 #   coarse solves without closure and with solves that resolve the microstructure, and use
-#   the same closure on another domain (a plate with holes, unstructured triangles).
+#   the same closure on another domain (a plate with holes, unstructured triangles),
+# - do the same for a second microstructure, a checkerboard, whose effective tensor
+#   $\sqrt{b_1 b_2}\, I$ is known exactly, and separate the closure's error from the fine
+#   discretisation's.
 #
 # Run it with `python demo_multiscale_diffusion.py` or `mpirun -n 2 python
 # demo_multiscale_diffusion.py`; `--quick` (used by CI) runs a smaller problem in seconds.
@@ -124,7 +127,13 @@ from dolfinx.fem.petsc import LinearProblem as DolfinxLinearProblem
 from dolfinx.io import gmsh as gmshio
 
 import dolfinx_mno as mno
-from dolfinx_mno.data import ClosureDataReader, ClosureDataWriter, ClosureSampler, L2Projection
+from dolfinx_mno.data import (
+    CellAverage,
+    ClosureDataReader,
+    ClosureDataWriter,
+    ClosureSampler,
+    L2Projection,
+)
 from dolfinx_mno.io import save_model
 from dolfinx_mno.models import MLP
 from dolfinx_mno.petsc import LinearProblem, NonlinearProblem
@@ -309,97 +318,13 @@ fine_problem = LinearProblem(
 #   = \frac{1}{|K|} \sum_{k \subset K} |k|\, w_k ,
 # $$
 #
-# summed over the fine cells $k$ inside the coarse cell $K$. The package's
-# {py:class}`~dolfinx_mno.data.L2Projection` does not compute this: it evaluates the fine
-# field at the points of a quadrature rule on the coarse cells, which aliases a field that
-# jumps several times within a coarse cell (the very field a closure is about). Any
-# object with a `space`, a `method` name and `__call__(u, out)` is a
-# {py:class}`~dolfinx_mno.data.Restriction`, so the sampler takes ours. It works under MPI
-# with independently partitioned meshes: each fine cell learns the global index of its
-# coarse cell once (non-matching interpolation of a coarse DG$_0$ function at the fine
-# midpoints), and each average is a sum over the ranks (one `Allreduce` of one value per
-# coarse cell, which is fine for a coarse mesh).
-
-
-class CellAverage:
-    """Exact coarse-cell averages of piecewise-constant fields on a nested fine mesh.
-
-    Args:
-        space: The coarse DG0 space (scalar or vector) to restrict to.
-        fine_mesh: The fine mesh; every fine cell must lie inside one coarse cell.
-
-    Raises:
-        ValueError: If the fine cells do not tile the coarse cells (meshes not nested).
-    """
-
-    method = "cell_average"
-
-    def __init__(self, space, fine_mesh):
-        coarse_mesh = space.mesh
-        self._space, self._fine_mesh, self._comm = space, fine_mesh, coarse_mesh.comm
-        tdim = coarse_mesh.topology.dim
-        num_coarse = coarse_mesh.topology.index_map(tdim).size_local
-        num_fine = fine_mesh.topology.index_map(tdim).size_local
-        self._num_global = coarse_mesh.topology.index_map(tdim).size_global
-        self._coarse_index = np.asarray(
-            coarse_mesh.topology.original_cell_index[:num_coarse], dtype=np.int64
-        )
-        self._coarse_dofs = space.dofmap.list[:num_coarse, 0]
-        self._num_fine = num_fine
-
-        # The global index of the coarse cell that holds each owned fine cell.
-        scalar_coarse = fem.functionspace(coarse_mesh, ("DG", 0))
-        index_coarse = fem.Function(scalar_coarse)
-        index_coarse.x.array[scalar_coarse.dofmap.list[:num_coarse, 0]] = self._coarse_index
-        index_coarse.x.scatter_forward()
-        scalar_fine = fem.functionspace(fine_mesh, ("DG", 0))
-        index_fine = fem.Function(scalar_fine)
-        fine_cells = np.arange(num_fine, dtype=np.int32)
-        transfer = fem.create_interpolation_data(scalar_fine, scalar_coarse, fine_cells)
-        index_fine.interpolate_nonmatching(index_coarse, fine_cells, transfer)
-        fine_dofs = scalar_fine.dofmap.list[:num_fine, 0]
-        self._parent = np.rint(index_fine.x.array[fine_dofs]).astype(np.int64)
-
-        # Cell areas: the fine ones, their sums per coarse cell, the coarse ones to compare.
-        def areas(space, num_cells):
-            area = fem.assemble_vector(fem.form(ufl.TestFunction(space) * ufl.dx))
-            return area.array[space.dofmap.list[:num_cells, 0]]
-
-        self._fine_area = areas(scalar_fine, num_fine)
-        self._area = self._sum(self._fine_area[:, None])[:, 0]
-        coarse_area = areas(scalar_coarse, num_coarse)
-        mismatch = np.abs(self._area[self._coarse_index] - coarse_area) / coarse_area
-        if self._comm.allreduce(np.max(mismatch, initial=0.0), op=MPI.MAX) > 1e-10:
-            raise ValueError("The fine cells do not tile the coarse cells: nest the meshes.")
-
-    @property
-    def space(self):
-        """The coarse DG0 space."""
-        return self._space
-
-    def _sum(self, values):
-        """Sum rows of `values` (one per owned fine cell) per coarse cell, over all ranks."""
-        sums = np.zeros((self._num_global, values.shape[1]))
-        np.add.at(sums, self._parent, values)
-        self._comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
-        return sums
-
-    def __call__(self, w, out=None):
-        """Average the fine DG0 function `w` over the coarse cells (collective)."""
-        V = w.function_space
-        bs = V.dofmap.bs
-        if V.mesh is not self._fine_mesh or V.dofmap.list.shape[1] != 1:
-            raise ValueError("CellAverage filters DG0 functions on its fine mesh.")
-        if bs != self._space.dofmap.bs:
-            raise ValueError(f"Block size {bs} differs from the coarse space's.")
-        out = fem.Function(self._space) if out is None else out
-        values = w.x.array.reshape(-1, bs)[V.dofmap.list[: self._num_fine, 0]]
-        sums = self._sum(self._fine_area[:, None] * values)
-        means = sums[self._coarse_index] / self._area[self._coarse_index, None]
-        out.x.array.reshape(-1, bs)[self._coarse_dofs] = means
-        out.x.scatter_forward()
-        return out
-
+# summed over the fine cells $k$ inside the coarse cell $K$: the package's
+# {py:class}`~dolfinx_mno.data.CellAverage`. It needs nested meshes (it checks that they
+# are) and is exact for fields that jump many times within a coarse cell, the very fields a
+# closure is about; {py:class}`~dolfinx_mno.data.L2Projection` (by default) evaluates the fine
+# field at the points of a quadrature rule on the coarse cells, which aliases such a field.
+# It works under MPI with independently partitioned meshes, and, as every
+# {py:class}`~dolfinx_mno.data.Restriction`, plugs into the sampler.
 
 # **The sampler.** {py:class}`~dolfinx_mno.data.ClosureSampler` computes
 # `R(fine tendency) - coarse tendency(R(fine state))` at the coarse quadrature points. Read
@@ -534,7 +459,7 @@ save_model(
 # All coarse runs on a mesh share one space, $V_h$ ($Q_1$ on the coarse unit square).
 
 
-def solve_closure(V, loading, name, repeats=1):
+def solve_closure(V, loading, name, repeats=1, model=model_path, mean=a_mean):
     """The coarse model ā + learned closure in V; returns (u, seconds, iterations, closure)."""
     u_h = fem.Function(V, name=name)
     f, g = loading(ufl.SpatialCoordinate(V.mesh))
@@ -542,10 +467,10 @@ def solve_closure(V, loading, name, repeats=1):
     g_h.interpolate(fem.Expression(g, V.element.interpolation_points))
     v = ufl.TestFunction(V)
     closure = mno.Closure(
-        model_path, [ufl.grad(u_h)], value_shape=(2,), quadrature_degree=quadrature_degree
+        model, [ufl.grad(u_h)], value_shape=(2,), quadrature_degree=quadrature_degree
     )
     F = (
-        ufl.inner(a_mean * ufl.grad(u_h), ufl.grad(v)) * ufl.dx
+        ufl.inner(mean * ufl.grad(u_h), ufl.grad(v)) * ufl.dx
         + ufl.inner(closure, ufl.grad(v)) * closure.dx
         - f * v * ufl.dx
     )
@@ -802,6 +727,214 @@ plate_closure_vs_hom = l2_norm(
 ) / l2_norm(plate_solutions["A_hom"].x.array, V_plate)
 # -
 
+# ## Step 6: a checkerboard
+#
+# The second microstructure is a **checkerboard** of the same period $\varepsilon$: squares
+# of side $\varepsilon/2$, conductivity $b_2$ where exactly one of the two phases
+# $y_i - \lfloor y_i \rfloor$ lies in $[\tfrac14, \tfrac34)$, $b_1$ elsewhere (the period
+# cell is symmetric about its midlines, like the laminate's). In two dimensions its
+# homogenised tensor is known in closed form (Keller 1964, Dykhne 1971):
+#
+# $$
+#   A_\text{hom} = \sqrt{b_1 b_2}\, I .
+# $$
+#
+# **Contrast and fine discretisation.** At the corners where four squares meet, the fine
+# solution has a singularity $r^\alpha$ whose exponent falls with the contrast, and the
+# discrete effective conductivity converges slowly. We measured it on the period cell
+# (potential difference across two faces, no flux through the others: by symmetry the
+# periodic cell problem), relative excess over $\sqrt{b_1 b_2}$ at 4, 8, 16, 32 cells per
+# period:
+#
+# | contrast | $Q_1$ | $Q_2$ |
+# |:--|:--|:--|
+# | 2 | 1.6 %, 0.57 %, 0.20 %, 0.07 % | 0.23 %, 0.08 %, 0.02 %, 0.01 % |
+# | 3 | 4.6 %, 1.8 %, 0.71 %, 0.28 % | 0.90 %, 0.35 %, 0.14 %, 0.05 % |
+# | 5 | 12 %, 5.3 %, 2.5 %, 1.2 % | 3.2 %, 1.5 %, 0.71 %, 0.34 % |
+# | 10 | 30 %, 16 %, 8.9 %, 5.1 % | 11 %, 6.4 %, 3.7 %, 2.1 % |
+#
+# At contrast 10 even $Q_2$ with 32 cells per period ($2048^2$ cells at
+# $\varepsilon = 1/64$) is 2 % off. We take **contrast 3** ($b_1 = 1$, $b_2 = 3$,
+# $\sqrt 3 = 1.732$ against $\bar b = 2$, so $\bar b$ alone is 15 % off) and fine $Q_2$
+# elements with 4 cells per period: $256^2$ cells, 263,169 unknowns, as many as the
+# laminate's fine $Q_1$ mesh, and a discrete effective conductivity 0.90 % above
+# $\sqrt 3$, which the demo recomputes below. The rest is the laminate's pipeline: six
+# fine solves, filtered gradient and flux, a linear flux closure, the same coarse mesh and
+# test loading. The fine gradient of a $Q_2$ function is not constant per fine cell; on
+# these rectangles it lies in discontinuous $Q_2$, so we interpolate it (and the flux)
+# into that space exactly, and `CellAverage` integrates it exactly.
+
+# +
+b1, b2 = 1.0, 3.0
+b_mean = 0.5 * (b1 + b2)
+B_hom = np.sqrt(b1 * b2) * np.eye(2)
+checker_degree, checker_cells_per_period = 2, 4
+checker_model_path = output_dir / "flux_closure_checkerboard.pt"
+
+
+def checkerboard(x):
+    """The checkerboard b(x / ε) at points x, shape (3, num_points)."""
+    inside = [
+        (np.mod(x[i] / epsilon, 1.0) >= 0.25) & (np.mod(x[i] / epsilon, 1.0) < 0.75) for i in (0, 1)
+    ]
+    return np.where(inside[0] ^ inside[1], b2, b1)
+
+
+def cell_conductivity(cells_per_period, degree):
+    """The discrete effective conductivity of the period cell (serial, tiny)."""
+    cell = mesh.create_unit_square(
+        MPI.COMM_SELF, cells_per_period, cells_per_period, mesh.CellType.quadrilateral
+    )
+    b = fem.Function(fem.functionspace(cell, ("DG", 0)))
+    b.interpolate(lambda x: checkerboard(x * epsilon))  # one period, scaled to the unit square
+    V = fem.functionspace(cell, ("Lagrange", degree))
+    u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
+    g = fem.Function(V)
+    g.interpolate(lambda x: x[0])
+    faces = mesh.locate_entities_boundary(
+        cell, 1, lambda x: np.isclose(x[0], 0.0) | np.isclose(x[0], 1.0)
+    )
+    problem = DolfinxLinearProblem(
+        ufl.inner(b * ufl.grad(u), ufl.grad(v)) * ufl.dx,
+        fem.Constant(cell, 0.0) * v * ufl.dx,
+        bcs=[fem.dirichletbc(g, fem.locate_dofs_topological(V, 1, faces))],
+        petsc_options_prefix="cell_",
+        petsc_options=direct_solver,
+    )
+    u_h = problem.solve()
+    return fem.assemble_scalar(fem.form(b * ufl.inner(ufl.grad(u_h), ufl.grad(u_h)) * ufl.dx))
+
+
+B_discrete = cell_conductivity(checker_cells_per_period, checker_degree)
+discretisation_error = B_discrete / np.sqrt(b1 * b2) - 1.0
+
+tic = time.perf_counter()
+checker_fine_cells = periods * checker_cells_per_period
+fine_checker = unit_square(checker_fine_cells)
+b_fine = fem.Function(fem.functionspace(fine_checker, ("DG", 0)), name="b")
+b_fine.interpolate(checkerboard)
+V_checker = fem.functionspace(fine_checker, ("Lagrange", checker_degree))
+u_checker, f_checker, g_checker = (fem.Function(V_checker) for _ in range(3))
+u, v = ufl.TrialFunction(V_checker), ufl.TestFunction(V_checker)
+checker_problem = LinearProblem(
+    ufl.inner(b_fine * ufl.grad(u), ufl.grad(v)) * ufl.dx,
+    f_checker * v * ufl.dx,
+    bcs=[fem.dirichletbc(g_checker, boundary_dofs(V_checker))],
+    u=u_checker,
+    petsc_options_prefix="fine_checker_",
+    petsc_options=direct_solver,
+    reuse_matrix=True,
+)
+W_checker = fem.functionspace(fine_checker, ("DG", checker_degree, (2,)))
+checker_gradient, checker_flux = fem.Function(W_checker), fem.Function(W_checker)
+checker_expressions = [
+    fem.Expression(e, W_checker.element.interpolation_points)
+    for e in (ufl.grad(u_checker), b_fine * ufl.grad(u_checker))
+]
+checker_filtered = fem.Function(W_coarse, name="filtered_gradient")
+checker_sampler = ClosureSampler(
+    CellAverage(W_coarse, fine_checker),
+    checker_filtered,
+    [ufl.dot(checker_filtered, e) for e in ufl.unit_vectors(2)],
+    b_mean * checker_filtered,
+    quadrature_degree=0,
+)
+checker_data_path = output_dir / "closure_data_checkerboard.h5"
+checker_fine_seconds = []
+with ClosureDataWriter.from_sampler(
+    checker_data_path,
+    checker_sampler,
+    fine_mesh=fine_checker,
+    attributes={"problem": "checkerboard", "epsilon": epsilon, "conductivities": [b1, b2]},
+    mode="w",
+) as writer:
+    for f_source, g_boundary in training_loadings.values():
+        f_checker.interpolate(f_source)
+        g_checker.interpolate(g_boundary)
+        checker_fine_seconds.append(timed(checker_problem.solve, 1))
+        checker_gradient.interpolate(checker_expressions[0])
+        checker_flux.interpolate(checker_expressions[1])
+        writer.append(checker_sampler.sample(checker_gradient, fine_tendency=checker_flux))
+checker_data_seconds = comm.allreduce(time.perf_counter() - tic, op=MPI.MAX)
+if comm.rank == 0:
+    with ClosureDataReader(checker_data_path) as data:
+        checker_inputs, checker_targets = data.inputs(), data.targets()
+else:
+    checker_inputs = checker_targets = None
+checker_inputs, checker_targets = comm.bcast((checker_inputs, checker_targets), root=0)
+# -
+
+# The fit is the laminate's: one linear layer, fixed scales, saved with its scales.
+
+# +
+scales = (np.sqrt(np.mean(checker_inputs**2)), np.sqrt(np.mean(checker_targets**2)))
+tic = time.perf_counter()
+checker_result = fit(
+    MLP(2, 2, hidden_features=[], seed=0),
+    shard(checker_inputs / scales[0], comm),
+    shard(checker_targets / scales[1], comm),
+    comm=comm,
+    normalize=False,
+    epochs=400,
+    batch_size=32,
+    chunk_size=16,
+    learning_rate=1e-2,
+    patience=50,
+    seed=0,
+    progress=False,
+)
+checker_fit_seconds = comm.allreduce(time.perf_counter() - tic, op=MPI.MAX)
+save_model(
+    checker_model_path,
+    mno.NormalizedModel(
+        checker_result.model,
+        mno.AffineNormalization(shift=0.0, scale=scales[0], width=2),
+        mno.AffineNormalization(shift=0.0, scale=scales[1], width=2),
+    ),
+    metadata={"operands": ["grad(u)"], "value_shape": [2], "closure": "checkerboard flux"},
+    comm=comm,
+)
+B_least_squares = (
+    b_mean * np.eye(2) + np.linalg.lstsq(checker_inputs, checker_targets, rcond=None)[0].T
+)
+# -
+
+# The coarse runs and the errors, as on the laminate: the reference is the fine solution
+# for the test loading, projected onto the coarse $Q_1$ space.
+
+# +
+u_checker_reference, checker_reference_seconds, checker_fine_dofs = solve_plain(
+    V_checker, lambda msh: b_fine, test_loading, "u_fine_checker"
+)
+checker_runs = {"fine (reference)": dict(dofs=checker_fine_dofs, seconds=checker_reference_seconds)}
+checker_solutions = {}
+for label, conductivity_of in (
+    ("b̄ only", lambda msh: fem.Constant(msh, b_mean)),
+    ("A_hom", lambda msh: fem.Constant(msh, B_hom)),
+):
+    checker_solutions[label], seconds, dofs = solve_plain(
+        V_coarse, conductivity_of, test_loading, "u_checker", 5
+    )
+    checker_runs[label] = dict(dofs=dofs, seconds=seconds)
+checker_solutions["closure"], seconds, checker_newton_iterations, checker_closure = solve_closure(
+    V_coarse, test_loading, "u_closure_checker", 5, checker_model_path, b_mean
+)
+checker_runs["closure"] = dict(dofs=checker_runs["A_hom"]["dofs"], seconds=seconds)
+checker_errors, _ = relative_errors(checker_solutions, u_checker_reference, projection)
+checker_runs["fine (reference)"]["error"] = 0.0
+for name, error in checker_errors.items():
+    checker_runs[name]["error"] = error
+checker_tangents = checker_closure.tangent.x.array.reshape(-1, 2, 2)[owned_points]
+checker_tangent = comm.allreduce(checker_tangents.sum(axis=0), op=MPI.SUM) / comm.allreduce(
+    len(checker_tangents), op=MPI.SUM
+)
+B_learned = b_mean * np.eye(2) + checker_tangent
+checker_tensor_error = np.linalg.norm(B_learned - B_hom) / np.linalg.norm(B_hom)
+checker_closure_vs_hom = l2_norm(
+    checker_solutions["closure"].x.array - checker_solutions["A_hom"].x.array, V_coarse
+) / l2_norm(checker_solutions["A_hom"].x.array, V_coarse)
+# -
+
 # ## Output: VTX files, plots and a JSON summary
 #
 # The coarse solutions of each domain go to one VTX file (open them in ParaView); the
@@ -966,6 +1099,28 @@ summary = {
         "closure_vs_A_hom": plate_closure_vs_hom,
         "runs": plate_runs,
     },
+    "checkerboard": {
+        "conductivities": [b1, b2],
+        "fine_element": f"Q{checker_degree}",
+        "fine_cells_per_period": checker_cells_per_period,
+        "fine_mesh": checker_fine_cells,
+        "A_hom": B_hom.tolist(),
+        "A_learned": B_learned.tolist(),
+        "tensor_relative_error": checker_tensor_error,
+        "A_least_squares": B_least_squares.tolist(),
+        "cell_problem_conductivity": B_discrete,
+        "discretisation_error": discretisation_error,
+        "training": {
+            "epochs": checker_result.history.epochs,
+            "best_val_loss": checker_result.history.best_val_loss,
+            "fit_seconds": checker_fit_seconds,
+            "fine_solve_seconds": checker_fine_seconds,
+            "data_seconds": checker_data_seconds,
+        },
+        "newton_iterations": checker_newton_iterations,
+        "closure_vs_A_hom": checker_closure_vs_hom,
+        "runs": checker_runs,
+    },
 }
 if comm.rank == 0:
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -1008,6 +1163,30 @@ if comm.rank == 0:
             f"  {domain}: " + ", ".join(f"{n} {r['seconds']:.3g}" for n, r in domain_runs.items())
         )
     print(f"  one closure update (values and tangent), unit square: {closure_update_seconds:.3g}")
+    print(
+        f"\ncheckerboard b1 = {b1:g}, b2 = {b2:g}: fine Q{checker_degree}, "
+        f"{checker_fine_cells}x{checker_fine_cells} ({checker_cells_per_period} cells per "
+        f"period); A_hom = sqrt(b1 b2) I = {B_hom[0, 0]:.4f} I"
+    )
+    print(
+        f"  learned tensor [[{B_learned[0, 0]:.4f}, {B_learned[0, 1]:.4f}], "
+        f"[{B_learned[1, 0]:.4f}, {B_learned[1, 1]:.4f}]]; relative error "
+        f"{checker_tensor_error:.2e}; least squares on the data: diagonal "
+        f"{B_least_squares[0, 0]:.4f}, {B_least_squares[1, 1]:.4f}"
+    )
+    print(
+        f"  fine discretisation alone (period cell, same element): {B_discrete:.4f}, "
+        f"{discretisation_error:+.2%} against sqrt(b1 b2)"
+    )
+    table(
+        "checkerboard, unit square", checker_runs, checker_closure_vs_hom, checker_newton_iterations
+    )
+    print(
+        "  solve times: "
+        + ", ".join(f"{n} {r['seconds']:.3g}" for n, r in checker_runs.items())
+        + f"; data (6 fine solves + filtering) {checker_data_seconds:.3g}, fit "
+        f"{checker_fit_seconds:.3g}"
+    )
     print(f"outputs written to {output_dir}")
 
 # ## Checks
@@ -1047,3 +1226,26 @@ for domain_runs, difference in ((runs, closure_vs_hom), (plate_runs, plate_closu
     assert min(mean_only_errors) > 10 * domain_runs["closure"]["error"]
 if resolved:
     assert match in resolved, "no resolved solve reached the closure's error"
+
+# The checkerboard's checks (measured, full run / `--quick`, the same on 1 and 2 ranks):
+#
+# * the learned tensor is within 0.92 % / 0.94 % of $\sqrt{b_1 b_2}\, I$ (the issue asks
+#   for 2 %); we require 1.5 %. Almost all of it is the fine discretisation's: the period
+#   cell with the same element ($Q_2$, 4 cells per period) gives 1.7476, 0.90 % above
+#   $\sqrt 3$, and the learned diagonal is within 0.02 % / 0.04 % of that (we require
+#   0.3 %);
+# * one Newton iteration; the closure's solution is within 0.56 % / 0.57 % of the
+#   $A_\text{hom}$ solution (the tensor's 0.9 %; we require 1 %);
+# * against the filtered fine solution the closure's error is 1.04 / 1.37 times that of
+#   the exact $A_\text{hom}$ (we require 1.6) and the b̄-only error is 21 / 6.2 times
+#   the closure's (we require 4).
+
+checker_diagonal = np.diag(B_learned)
+assert len(checker_fine_seconds) == len(training_loadings)
+assert 0.0 < discretisation_error < 0.011, f"cell problem: {discretisation_error:.2e}"
+assert checker_tensor_error < 1.5e-2, f"checkerboard tensor off by {checker_tensor_error:.2e}"
+assert np.max(np.abs(checker_diagonal / B_discrete - 1.0)) < 3e-3
+assert checker_newton_iterations == 1
+assert checker_closure_vs_hom < 1e-2
+assert checker_runs["closure"]["error"] < 1.6 * checker_runs["A_hom"]["error"]
+assert checker_runs["b̄ only"]["error"] > 4 * checker_runs["closure"]["error"]
