@@ -27,10 +27,12 @@
 # starts after a barrier. The stage times are the **root rank's**: every other rank waits
 # for the root twice per update (the root gathers, then runs the model alone), so the
 # root's stages are the critical path (on the other ranks `closure.timings["wait"]` is
-# the wait for the root's model). The update time is the maximum over the ranks
-# of `closure.timings["total"]`. `torch.set_num_threads(1)` on every rank by default
-# (`--threads`), serial and under MPI: under MPI only the root runs the model, so on a
-# 2-core machine the second core would otherwise be idle during the model.
+# the wait for the root's model, spent asleep rather than polling MPI, so that the core
+# is free). The update time is the maximum over the ranks of `closure.timings["total"]`.
+# `torch.set_num_threads(1)` on every rank by default (`--threads`), serial and under MPI;
+# `--root-threads` gives the root, which alone runs the model, more threads (the other
+# ranks' cores are idle during the model). The 1-minute load average is recorded before
+# and after each grid size: other jobs on the machine distort the figures.
 #
 # Results go to `benchmarks/results/nonlocal_scaling_<tag>.json`; rank 0 prints a table.
 #
@@ -125,6 +127,7 @@ def measure(comm: MPI.Comm, n: int, args: argparse.Namespace) -> dict[str, objec
     After the warm-up, the number of timed updates is ``args.repeats``, reduced (to no
     fewer than ``args.min_repeats``) so that they take about ``args.time_budget`` seconds.
     """
+    load_before = os.getloadavg()[0]
     closure, num_cells, setup = build_closure(comm, n, args)
     samples: list[dict[str, float]] = []  # this rank's timings, one per timed update
     totals: list[float] = []  # maximum over the ranks of the update time
@@ -138,6 +141,7 @@ def measure(comm: MPI.Comm, n: int, args: argparse.Namespace) -> dict[str, objec
         closure.update()
         samples.append(dict(closure.timings))
         totals.append(comm.allreduce(closure.timings["total"], op=MPI.MAX))
+    load_after = os.getloadavg()[0]
     per_rank = comm.gather({k: float(np.median([s[k] for s in samples])) for k in samples[0]})
     quadrature_points = closure.function_space.dofmap.index_map.size_global
     result: dict[str, object] = {}
@@ -157,6 +161,7 @@ def measure(comm: MPI.Comm, n: int, args: argparse.Namespace) -> dict[str, objec
             "update": update,
             "communication_share": (stages["gather"] + stages["scatter"]) / update,
             "communication_bytes": closure.communication,
+            "load_average": [load_before, load_after],
             "per_rank": per_rank,
         }
     result["peak_rss_gib"] = comm.gather(
@@ -188,7 +193,8 @@ def print_table(report: dict[str, object]) -> None:
     """Print the stage table, the fitted exponents and the communication share."""
     config = report["config"]
     print(
-        f"\nnonlocal_scaling: {config['ranks']} rank(s) × {config['threads']} thread(s), "
+        f"\nnonlocal_scaling: {config['ranks']} rank(s) × {config['threads']} thread(s) "
+        f"(root: {config['root_threads']}), "
         f"device {config['device']}, FNO {config['modes']} modes, {config['hidden']} hidden, "
         f"{config['layers']} layers, domain padding {config['domain_padding']}, fp32"
     )
@@ -199,12 +205,14 @@ def print_table(report: dict[str, object]) -> None:
     )
     print("times in ms (median; stages on the root rank, update = max over ranks)")
     header = ["grid", "points", "cells", "reps", *STAGES, "update", "g+s %", "setup s", "GiB"]
+    header += ["load"]
     print(" ".join(f"{h:>11}" for h in header))
     for case in report["cases"]:
         row = [f"{case['n']}²", str(case["grid_points"]), str(case["cells"]), str(case["repeats"])]
         row += [ms(case["stages"][s]) for s in STAGES]
         row += [ms(case["update"]), f"{100 * case['communication_share']:.1f}"]
         row += [f"{case['setup']:.2f}", f"{max(case['peak_rss_gib']):.2f}"]
+        row += ["/".join(f"{load:.1f}" for load in case["load_average"])]
         print(" ".join(f"{c:>11}" for c in row))
     for label, fits in report["exponents"].items():
         if fits:
@@ -259,6 +267,8 @@ def compare_ranks(args: argparse.Namespace) -> None:
         str(args.time_budget),
         "--threads",
         str(args.threads),
+        "--root-threads",
+        str(args.root_threads),
         "--device",
         args.device,
         "--modes",
@@ -320,6 +330,12 @@ def parse_args() -> argparse.Namespace:
         default=1,
         help="torch.set_num_threads per rank (default 1, serial and under MPI)",
     )
+    parser.add_argument(
+        "--root-threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads on the rank that runs the model (default: --threads)",
+    )
     parser.add_argument("--modes", type=int, default=16, help="FNO modes per direction")
     parser.add_argument("--hidden", type=int, default=32, help="FNO hidden channels")
     parser.add_argument("--layers", type=int, default=4, help="FNO layers")
@@ -343,6 +359,8 @@ def parse_args() -> argparse.Namespace:
         help="only compare two result files",
     )
     args = parser.parse_args()
+    if args.root_threads is None:
+        args.root_threads = args.threads
     if args.quick:
         args.sizes = [32, 64]
         args.repeats = min(args.repeats, 3)
@@ -364,7 +382,7 @@ def main() -> None:
         compare_ranks(args)
         return
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.root_threads if comm.rank == 0 else args.threads)
     device = mno.resolve_device(args.device, comm)
     # Other processes on the machine distort the figures; the load average says if any ran.
     load_before = os.getloadavg()
@@ -386,6 +404,7 @@ def main() -> None:
         "config": {
             "ranks": comm.size,
             "threads": args.threads,
+            "root_threads": args.root_threads,
             "device": str(device),
             "modes": args.modes,
             "hidden": args.hidden,

@@ -15,14 +15,15 @@ box. This module moves data both ways:
   It knows the index box of grid cells that the rank's points touch, so a rank needs only
   that sub-block of the grid.
 
-All tabulations (reference coordinates, basis values, interpolation weights) are computed
-once; a transfer is then a gather and a weighted sum.
+All tabulations (reference coordinates, basis values, interpolation weights) and the
+workspaces of the transfers are computed and allocated once; a transfer is then a gather
+into a workspace and a weighted sum into a caller's buffer, with no large temporary (fresh
+arrays of hundreds of MB on large grids cost more in page faults than in arithmetic).
 """
 
 from __future__ import annotations
 
 import math
-import typing
 from dataclasses import dataclass
 
 from mpi4py import MPI
@@ -136,6 +137,9 @@ class GridSampler:
         grid: The grid.
         space: A blocked discontinuous Lagrange space on the mesh, value shape
             ``(num_channels,)``; :meth:`sample` takes functions of this space.
+        dtype: Scalar type of the sampled functions and expressions. The workspace of a
+            transfer, the ``(num_local, num_dofs, num_channels)`` values of the cells that
+            hold this rank's grid points, is allocated once in this type and reused.
 
     Attributes:
         indices: Flat grid indices this rank evaluates, shape ``(num_local,)``.
@@ -143,7 +147,7 @@ class GridSampler:
             grid point lies in a cell of the mesh.
     """
 
-    def __init__(self, grid: Grid, space: fem.FunctionSpace):
+    def __init__(self, grid: Grid, space: fem.FunctionSpace, dtype: npt.DTypeLike = np.float64):
         mesh = space.mesh
         comm = mesh.comm
         tdim = mesh.topology.dim
@@ -186,6 +190,21 @@ class GridSampler:
         self._basis = np.ascontiguousarray(table[0])
         self._dofs = space.dofmap.list[self.cells]  # (num_local, num_dofs)
         self.num_channels = space.dofmap.bs
+        self.dtype = np.dtype(dtype)
+        # The cells' nodal values, in point order: the workspace of every transfer.
+        self._cell_values = np.empty(
+            (self.num_local, self._basis.shape[1], self.num_channels), dtype=self.dtype
+        )
+        # The basis is float64: a float32 sum goes through a float64 buffer, as NumPy would.
+        self._sums = (
+            None
+            if np.result_type(self._basis, self.dtype) == self.dtype
+            else np.empty((self.num_local, self.num_channels), dtype=self._basis.dtype)
+        )
+        # Lagrange: the dofs are the values at the interpolation points, untransformed, so
+        # an expression evaluated there needs no interpolation into the space.
+        element = space.element
+        self._nodal = bool(element.interpolation_ident) and not element.needs_dof_transformations
 
     @property
     def num_local(self) -> int:
@@ -193,12 +212,67 @@ class GridSampler:
         return len(self.indices)
 
     def sample(self, function: fem.Function, out: np.ndarray | None = None) -> np.ndarray:
-        """Values of ``function`` at this rank's grid points, shape ``(num_local, channels)``."""
+        """Values of ``function`` at this rank's grid points.
+
+        Args:
+            function: A function of the sampler's space and ``dtype``.
+            out: Result buffer, shape ``(num_local, num_channels)``, of the sampler's
+                ``dtype``; allocated if not given.
+
+        Returns:
+            The values, shape ``(num_local, num_channels)`` (``out`` if given).
+        """
         values = function.x.array.reshape(-1, self.num_channels)
-        result = np.einsum("pj,pjc->pc", self._basis, values[self._dofs], optimize=True)
+        if values.dtype != self.dtype:
+            raise TypeError(f"Expected a function of dtype {self.dtype}, got {values.dtype}.")
+        # mode="clip" (the indices are valid) writes into out; "raise" would buffer it.
+        np.take(values, self._dofs, axis=0, out=self._cell_values, mode="clip")
+        return self._contract(out)
+
+    def sample_expression(
+        self, expression: fem.Expression, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Values at this rank's grid points of the interpolant of ``expression``.
+
+        Bitwise the values of :meth:`sample` applied to ``expression`` interpolated into the
+        sampler's space, but for a Lagrange space the expression is evaluated only on the
+        cells that hold this rank's grid points, straight into the sampler's workspace.
+
+        Args:
+            expression: An expression of the sampler's ``dtype`` and value shape
+                ``(num_channels,)``, at the points ``space.element.interpolation_points``.
+            out: Result buffer, shape ``(num_local, num_channels)``, of the sampler's
+                ``dtype``; allocated if not given.
+
+        Returns:
+            The values, shape ``(num_local, num_channels)`` (``out`` if given).
+        """
+        if not self._nodal:
+            function = fem.Function(self.space, dtype=self.dtype)
+            function.interpolate(expression)
+            return self.sample(function, out)
+        expression.eval(self.space.mesh, self.cells, values=self._cell_values)
+        return self._contract(out)
+
+    def _contract(self, out: np.ndarray | None) -> np.ndarray:
+        """The workspace's nodal values weighted by the basis: the values at the points."""
+        shape = (self.num_local, self.num_channels)
         if out is None:
-            return typing.cast(np.ndarray, result)
-        out[...] = result
+            out = np.empty(shape, dtype=self.dtype)
+        elif out.shape != shape or out.dtype != self.dtype:
+            raise TypeError(
+                f"out must have shape {shape} and dtype {self.dtype}, got {out.shape} and "
+                f"{out.dtype}."
+            )
+        # Σ_j basis[p, j] values[p, j, c] as the batched matmul that
+        # np.einsum("pj,pjc->pc", ..., optimize=True) performs (same bits), without its
+        # temporary result.
+        sums = out if self._sums is None else self._sums
+        np.matmul(
+            self._cell_values.transpose(0, 2, 1), self._basis[:, :, None], out=sums[:, :, None]
+        )
+        if sums is not out:
+            np.copyto(out, sums, casting="same_kind")
         return out
 
 
@@ -208,13 +282,23 @@ class GridInterpolator:
     Args:
         grid: The grid.
         points: Physical points, shape ``(num_points, gdim)``, inside the grid's box.
+        num_channels: Channels of the interpolated fields.
+        dtype: Scalar type of the interpolated fields. The workspace of an interpolation,
+            the ``(num_points, 2**dim, num_channels)`` corner values, is allocated once in
+            this type and reused.
 
     Attributes:
         block_lower: First grid index per direction of the sub-block this rank needs.
         block_shape: Shape of that sub-block (empty if the rank has no points).
     """
 
-    def __init__(self, grid: Grid, points: np.ndarray):
+    def __init__(
+        self,
+        grid: Grid,
+        points: np.ndarray,
+        num_channels: int = 1,
+        dtype: npt.DTypeLike = np.float64,
+    ):
         d = grid.dim
         points = np.asarray(points)[:, :d]
         scaled = (points - np.array(grid.lower)) / grid.spacing
@@ -238,11 +322,22 @@ class GridInterpolator:
             )
             self._weights[:, k] = np.prod(np.where(corner == 1, t, 1.0 - t), axis=1)
         self.grid = grid
+        self.num_points = len(points)
+        self.num_channels = int(num_channels)
+        self.dtype = np.dtype(dtype)
+        self._corner_values = np.empty(
+            (self.num_points, num_corners, self.num_channels), dtype=self.dtype
+        )
 
     @property
     def block_size(self) -> int:
         """Number of grid points in this rank's sub-block."""
         return math.prod(self.block_shape)
+
+    @property
+    def value_dtype(self) -> np.dtype:
+        """Scalar type of the interpolated values (the weights are float64)."""
+        return np.result_type(self.dtype, self._weights)
 
     def block_slices(self) -> tuple[slice, ...]:
         """Slices of the full grid array selecting this rank's sub-block."""
@@ -251,12 +346,40 @@ class GridInterpolator:
             for lo, n in zip(self.block_lower, self.block_shape, strict=True)
         )
 
-    def interpolate(self, block: np.ndarray) -> np.ndarray:
-        """Interpolate ``block``, shape ``(channels, *block_shape)``.
+    def interpolate(self, block: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Interpolate a field given on this rank's sub-block of the grid.
+
+        Args:
+            block: Shape ``(num_channels, *block_shape)``, of the interpolator's ``dtype``.
+                Stored channel-last (``np.moveaxis`` of a ``(*block_shape, num_channels)``
+                array), it is read in place; otherwise NumPy copies it once per call.
+            out: Result buffer, shape ``(num_points, num_channels)``, of dtype
+                :attr:`value_dtype` (e.g. a view of a function's array); allocated if not
+                given.
 
         Returns:
-            Values at the points, shape ``(num_points, channels)``.
+            Values at the points, shape ``(num_points, num_channels)`` (``out`` if given).
         """
-        flat = block.reshape(block.shape[0], -1)
-        values = flat[:, self._indices]  # (channels, num_points, corners)
-        return np.einsum("cpk,pk->pc", values, self._weights, optimize=True)
+        if block.shape != (self.num_channels, *self.block_shape) or block.dtype != self.dtype:
+            raise TypeError(
+                f"block must have shape {(self.num_channels, *self.block_shape)} and dtype "
+                f"{self.dtype}, got {block.shape} and {block.dtype}."
+            )
+        shape = (self.num_points, self.num_channels)
+        if out is None:
+            out = np.empty(shape, dtype=self.value_dtype)
+        elif out.shape != shape or out.dtype != self.value_dtype:
+            raise TypeError(
+                f"out must have shape {shape} and dtype {self.value_dtype}, got {out.shape} "
+                f"and {out.dtype}."
+            )
+        # Gather the corner values, (num_points, corners, channels): the memory layout of
+        # block[:, indices] too. mode="clip" (the indices are valid) writes into the
+        # workspace; "raise" would buffer it.
+        flat = block.reshape(self.num_channels, -1)
+        np.take(flat.T, self._indices, axis=0, out=self._corner_values, mode="clip")
+        # Σ_k weights[p, k] corners[p, k, c] as the batched matmul that
+        # np.einsum("cpk,pk->pc", block[:, indices], weights, optimize=True) performs (the
+        # same bits: the kernel depends on the layout), straight into out.
+        np.matmul(self._weights[:, None, :], self._corner_values, out=out[:, None, :])
+        return out

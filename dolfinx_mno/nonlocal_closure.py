@@ -10,16 +10,22 @@ like a local :class:`~dolfinx_mno.Closure` (``closure.dx``, ``update()``,
 
 One update:
 
-1. **sample**: the operands are interpolated into a discontinuous Lagrange space and
-   evaluated at the grid points, each point on exactly one rank (see
-   :class:`~dolfinx_mno.grid.GridSampler`);
+1. **sample**: the operands are evaluated at the nodes of a discontinuous Lagrange space,
+   on the cells that hold grid points, and interpolated to the grid points, each point on
+   exactly one rank (see :class:`~dolfinx_mno.grid.GridSampler`);
 2. **gather**: ``MPI.Gatherv`` to the root rank, which assembles the input grid, with a
    mask channel (1 inside the domain, 0 outside) and ``extension_value`` outside;
-3. **model**: one call on the root rank, on its device;
+3. **model**: one call on the root rank, on its device; the other ranks wait for its
+   verdict asleep (a nonblocking broadcast tested with growing pauses), so that their
+   cores are free for it;
 4. **scatter**: each rank receives only the sub-block of the output grid around its own
    quadrature points (``MPI.Scatterv``);
 5. **interpolate**: multilinear interpolation to the quadrature points of the owned cells,
    then ``scatter_forward`` for the ghosts.
+
+Every buffer of an update is allocated at construction and reused: an update allocates
+no large arrays (on large grids, page faults on fresh arrays cost more than their
+arithmetic).
 
 Coupling is explicit/IMEX by default: the Jacobian of a non-local operator is dense. For
 implicit schemes :func:`dolfinx_mno.derivative` leaves the closure frozen (a Picard
@@ -57,6 +63,25 @@ from dolfinx_mno.quadrature import flatten_operands, quadrature_points, quadratu
 from dolfinx_mno.torch_bridge import model_device, resolve_device
 
 __all__ = ["NonlocalClosure"]
+
+
+def _wait_passively(request: MPI.Request, shortest: float = 50e-6, longest: float = 1e-3) -> None:
+    """Complete ``request``, sleeping between tests instead of spinning in MPI.
+
+    ``Request.Wait`` polls: a rank waiting for another rank's long computation (the model
+    on the root) would occupy a core that the computation could use. Here the pause
+    between tests grows with the time waited (2 % of it, from ``shortest`` to
+    ``longest`` seconds), so the extra latency stays small for short waits.
+
+    Args:
+        request: A nonblocking MPI request.
+        shortest: First pause, in seconds.
+        longest: Longest pause, in seconds.
+    """
+    start = time.perf_counter()
+    while not request.Test():
+        waited = time.perf_counter() - start
+        time.sleep(min(longest, max(shortest, 0.02 * waited)))
 
 
 def _sampling_degree(operands: Sequence[ufl.core.expr.Expr]) -> int:
@@ -106,8 +131,8 @@ class NonlocalClosure(ClosureBase):
         communication: Bytes sent per update: ``{"gather": ..., "scatter": ...}`` summed
             over ranks (excluding the root's own share), set at construction.
         timings: Seconds per stage of the last update: ``sample``, ``gather``, ``model``
-            (root only), ``wait`` (non-root ranks waiting for the root's model), ``scatter``,
-            ``interpolate`` and ``total``.
+            (root only), ``wait`` (non-root ranks waiting, asleep, for the root's model),
+            ``scatter``, ``interpolate`` and ``total``.
     """
 
     def __init__(
@@ -187,12 +212,15 @@ class NonlocalClosure(ClosureBase):
         vector, _ = flatten_operands(operand_list)
         degree = sampling_degree or _sampling_degree(operand_list)
         dg = fem.functionspace(mesh, ("Discontinuous Lagrange", degree, (self.num_inputs,)))
-        self._sampled = fem.Function(dg, dtype=dtype)
         self._sampling_expression = fem.Expression(
             vector, dg.element.interpolation_points, dtype=dtype
         )
-        self._sampler = GridSampler(grid, dg)
+        self._sampler = GridSampler(grid, dg, dtype)
         self._local_samples = np.empty((self._sampler.num_local, self.num_inputs), dtype=dtype)
+        # Every buffer of an update is allocated here and reused: fresh arrays of hundreds
+        # of MB on large grids cost more in page faults than their arithmetic.
+        mpi_type = MPI.DOUBLE if dtype == np.float64 else MPI.FLOAT
+        self._status = np.zeros(1, dtype=np.int32)  # the root's verdict on the model call
 
         # Gather layout on the root.
         counts = comm.gather(self._sampler.num_local, root=root)
@@ -204,10 +232,18 @@ class NonlocalClosure(ClosureBase):
             self._gather_displs = np.concatenate([[0], np.cumsum(self._gather_counts)[:-1]])
             self._gather_indices = np.concatenate(indices)
             self._gather_buffer = np.empty(int(self._gather_counts.sum()), dtype=dtype)
+            self._gather_receive = [
+                self._gather_buffer,
+                (self._gather_counts, self._gather_displs),
+                mpi_type,
+            ]
             channels = self.num_inputs + int(self.mask_channel)
             self._grid_input = np.full((channels, grid.num_points), self.extension_value)
             if self.mask_channel:
                 self._grid_input[-1] = self._sampler.inside.astype(np.float64)
+            self._grid_output = np.empty((self.num_outputs, grid.num_points))
+            self._finite = np.empty((self.num_outputs, grid.num_points), dtype=bool)
+            self._finite_points = np.empty(grid.num_points, dtype=bool)
 
         # Quadrature points of the owned cells, and their interpolation from the grid.
         tdim_cells = mesh.topology.index_map(tdim).size_local
@@ -216,9 +252,30 @@ class NonlocalClosure(ClosureBase):
         coordinates = fem.Expression(x, points, dtype=dtype).eval(
             mesh, np.arange(tdim_cells, dtype=np.int32)
         )
-        self._interpolator = GridInterpolator(grid, coordinates.reshape(-1, gdim))
+        self._interpolator = GridInterpolator(
+            grid, coordinates.reshape(-1, gdim), self.num_outputs, dtype
+        )
         self._value_dofs = _owned_dofs(space, tdim_cells)
-        self._block = np.empty((self.num_outputs, *self._interpolator.block_shape), dtype=dtype)
+        # This rank's sub-block of the output grid, stored channel-last: the layout that the
+        # interpolation gathers corner values from without a copy.
+        self._block_buffer = np.empty(
+            (*self._interpolator.block_shape, self.num_outputs), dtype=dtype
+        )
+        self._block = np.moveaxis(self._block_buffer, -1, 0)  # (num_outputs, *block_shape)
+        # The interpolation writes straight into x.array where the owned values are one
+        # contiguous range of its dtype; otherwise through this buffer.
+        direct = (
+            isinstance(self._value_dofs, slice)
+            and self._interpolator.value_dtype == self.x.array.dtype
+        )
+        self._quadrature_values = (
+            None
+            if direct
+            else np.empty(
+                (self._interpolator.num_points, self.num_outputs),
+                dtype=self._interpolator.value_dtype,
+            )
+        )
         blocks = comm.gather(self._interpolator.block_slices(), root=root)
         if self._is_root:
             assert blocks is not None
@@ -228,6 +285,19 @@ class NonlocalClosure(ClosureBase):
             )
             self._scatter_displs = np.concatenate([[0], np.cumsum(self._scatter_counts)[:-1]])
             self._scatter_buffer = np.empty(int(self._scatter_counts.sum()), dtype=dtype)
+            self._scatter_send = [
+                self._scatter_buffer,
+                (self._scatter_counts, self._scatter_displs),
+                mpi_type,
+            ]
+            # Each rank's part of the buffer, viewed as its sub-block of the output grid.
+            self._scatter_parts = []
+            for block, offset, count in zip(
+                blocks, self._scatter_displs, self._scatter_counts, strict=True
+            ):
+                shape = (*(b.stop - b.start for b in block), self.num_outputs)
+                part = self._scatter_buffer[offset : offset + count].reshape(shape)
+                self._scatter_parts.append(np.moveaxis(part, -1, 0))
             root_share_in = self._gather_counts[root]
             root_share_out = self._scatter_counts[root]
             self.communication = {
@@ -247,6 +317,19 @@ class NonlocalClosure(ClosureBase):
                 (t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()),
                 torch.float64 if dtype == np.float64 else torch.float32,
             )
+            # The model input: the gridded inputs themselves where dtype and device agree,
+            # else a tensor on the model's device that every update copies (and casts) into.
+            channels = self.num_inputs + int(self.mask_channel)
+            self._grid_input_tensor = torch.from_numpy(self._grid_input).view(
+                1, channels, *grid.shape
+            )
+            if self._model_dtype == torch.float64 and self._device.type == "cpu":
+                self._model_input = self._grid_input_tensor
+            else:
+                self._model_input = torch.empty(
+                    self._grid_input_tensor.shape, dtype=self._model_dtype, device=self._device
+                )
+            self._grid_output_tensor = torch.from_numpy(self._grid_output)
             error = self._probe()
         error = comm.bcast(error, root=root)
         if error is not None:
@@ -255,10 +338,35 @@ class NonlocalClosure(ClosureBase):
     # -- model on the root ------------------------------------------------------------
 
     def _run_model(self) -> torch.Tensor:
-        x = torch.from_numpy(self._grid_input).reshape(-1, *self.grid.shape)
-        x = x.to(device=self._device, dtype=self._model_dtype).unsqueeze(0)
+        if self._model_input is not self._grid_input_tensor:
+            self._model_input.copy_(self._grid_input_tensor)
         with torch.inference_mode():
-            return typing.cast(torch.Tensor, self._model(x))
+            return typing.cast(torch.Tensor, self._model(self._model_input))
+
+    def _evaluate_model(self) -> str | None:
+        """Fill the model input, run the model and pack the scatter buffer (root only).
+
+        Returns:
+            ``None``, or why the model call failed (it raised or returned NaN/Inf); the
+            scatter buffer is then incomplete.
+        """
+        samples = self._gather_buffer.reshape(-1, self.num_inputs)
+        self._grid_input[: self.num_inputs, self._gather_indices] = samples.T
+        try:
+            output = self._run_model()
+            gridded = output[0].reshape(self.num_outputs, self.grid.num_points)
+            self._grid_output_tensor.copy_(gridded)  # to the CPU, in float64
+        except Exception as err:  # reported collectively by the caller
+            return f"the model raised {type(err).__name__}: {err}"
+        np.isfinite(self._grid_output, out=self._finite)
+        np.logical_and.reduce(self._finite, axis=0, out=self._finite_points)
+        bad = self.grid.num_points - int(np.count_nonzero(self._finite_points))
+        if bad:
+            return f"the model returned NaN/Inf at {bad} of {self.grid.num_points} grid points"
+        values = self._grid_output.reshape(self.num_outputs, *self.grid.shape)
+        for part, block in zip(self._scatter_parts, self._scatter_slices, strict=True):
+            np.copyto(part, values[(slice(None), *block)], casting="same_kind")
+        return None
 
     def _probe(self) -> str | None:
         channels = self.num_inputs + int(self.mask_channel)
@@ -328,60 +436,36 @@ class NonlocalClosure(ClosureBase):
         comm = self.function_space.mesh.comm
         attempt = self._update_count + 1
         t0 = time.perf_counter()
-        self._sampled.interpolate(self._sampling_expression)
-        self._sampler.sample(self._sampled, out=self._local_samples)
+        self._sampler.sample_expression(self._sampling_expression, out=self._local_samples)
         t1 = time.perf_counter()
-        if self._is_root:
-            recv = [
-                self._gather_buffer,
-                (self._gather_counts, self._gather_displs),
-                MPI.DOUBLE if self.dtype == np.float64 else MPI.FLOAT,
-            ]
-        else:
-            recv = None
-        comm.Gatherv(self._local_samples.reshape(-1), recv, root=self.root)
+        receive = self._gather_receive if self._is_root else None
+        comm.Gatherv(self._local_samples.reshape(-1), receive, root=self.root)
         t2 = time.perf_counter()
         error = None
         if self._is_root:
-            samples = self._gather_buffer.reshape(-1, self.num_inputs)
-            self._grid_input[: self.num_inputs, self._gather_indices] = samples.T
-            try:
-                output = self._run_model()
-                gridded = output[0].reshape(self.num_outputs, *self.grid.shape)
-                values = gridded.to(device="cpu", dtype=torch.float64).numpy()
-                bad = int(np.count_nonzero(~np.isfinite(values).all(axis=0)))
-                if bad:
-                    error = (
-                        f"the model returned NaN/Inf at {bad} of {self.grid.num_points} grid points"
-                    )
-                else:
-                    offset = 0
-                    for block, count in zip(
-                        self._scatter_slices, self._scatter_counts, strict=True
-                    ):
-                        part = values[(slice(None), *block)]
-                        self._scatter_buffer[offset : offset + count] = part.reshape(-1)
-                        offset += count
-            except Exception as err:  # reported collectively below
-                error = f"the model raised {type(err).__name__}: {err}"
+            error = self._evaluate_model()
+            self._status[0] = error is not None
         t3 = time.perf_counter()
-        error = comm.bcast(error, root=self.root)  # other ranks wait here for the model
+        # The other ranks wait here for the root's model, without spinning on a core.
+        _wait_passively(comm.Ibcast(self._status, root=self.root))
+        if self._status[0]:
+            error = comm.bcast(error, root=self.root)
         t3_wait = time.perf_counter()
         if error is not None:
             raise ClosureEvaluationError(
                 f"Update {attempt} of non-local closure '{self.name}' failed on rank "
                 f"{self.root}: {error}. The previous closure values were kept."
             )
-        mpi_type = MPI.DOUBLE if self.dtype == np.float64 else MPI.FLOAT
-        send = (
-            [self._scatter_buffer, (self._scatter_counts, self._scatter_displs), mpi_type]
-            if self._is_root
-            else None
-        )
-        comm.Scatterv(send, self._block.reshape(-1), root=self.root)
+        send = self._scatter_send if self._is_root else None
+        comm.Scatterv(send, self._block_buffer.reshape(-1), root=self.root)
         t4 = time.perf_counter()
-        quadrature_values = self._interpolator.interpolate(self._block)
-        self.x.array[self._value_dofs] = quadrature_values.reshape(-1)
+        if self._quadrature_values is None:
+            assert isinstance(self._value_dofs, slice)
+            owned = self.x.array[self._value_dofs].reshape(-1, self.num_outputs)
+            self._interpolator.interpolate(self._block, out=owned)
+        else:
+            self._interpolator.interpolate(self._block, out=self._quadrature_values)
+            self.x.array[self._value_dofs] = self._quadrature_values.reshape(-1)
         self.x.scatter_forward()
         t5 = time.perf_counter()
         timings = {
