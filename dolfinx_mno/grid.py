@@ -24,16 +24,20 @@ arrays of hundreds of MB on large grids cost more in page faults than in arithme
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mpi4py import MPI
 
 import numpy as np
 import numpy.typing as npt
+import ufl
 from dolfinx import fem, geometry
 from dolfinx.mesh import CellType, Mesh
 
-__all__ = ["Grid", "GridInterpolator", "GridSampler"]
+from dolfinx_mno.quadrature import flatten_operands
+
+__all__ = ["Grid", "GridInterpolator", "GridSampler", "GriddedSampler"]
 
 
 @dataclass(frozen=True)
@@ -383,3 +387,196 @@ class GridInterpolator:
         # same bits: the kernel depends on the layout), straight into out.
         np.matmul(self._weights[:, None, :], self._corner_values, out=out[:, None, :])
         return out
+
+
+def _degree_of(expressions: Sequence[ufl.core.expr.Expr]) -> int:
+    """Degree of the DG space expressions are sampled through: their coefficients' highest.
+
+    The interpolation of ``u`` and ``grad(u)`` of a Lagrange ``u`` into it is exact, and so
+    is that of piecewise constants.
+    """
+    degrees = [
+        c.function_space.ufl_element().embedded_superdegree
+        for e in expressions
+        for c in ufl.algorithms.extract_coefficients(e)
+        if hasattr(c, "function_space")
+    ]
+    return max([1, *degrees])
+
+
+def _expression_mesh(expressions: Sequence[ufl.core.expr.Expr]) -> Mesh:
+    meshes = {
+        id(c.function_space.mesh): c.function_space.mesh
+        for e in expressions
+        for c in ufl.algorithms.extract_coefficients(e)
+        if isinstance(c, fem.Function)
+    }
+    if len(meshes) != 1:
+        raise ValueError(
+            f"The expressions must depend on functions of exactly one mesh, found "
+            f"{len(meshes)}; pass mesh= for expressions without functions."
+        )
+    return next(iter(meshes.values()))
+
+
+class GriddedSampler:
+    """Sample UFL expressions on a grid and gather them on the root rank (collective).
+
+    This is how a :class:`~dolfinx_mno.NonlocalClosure` feeds its operands to its model,
+    and how training data for such a model should be made, so that it sees in training
+    exactly what it sees in the simulation. Each expression's components, expression after
+    expression (row-major), form the channels. The values at the grid points are those of
+    the interpolants of the expressions into a discontinuous Lagrange space of degree
+    ``sampling_degree`` (default: the highest degree of their coefficients; exact for
+    ``u``, ``grad(u)`` and piecewise constants), each point evaluated on exactly one rank
+    (:class:`GridSampler`). Points outside the mesh get ``extension_value``;
+    ``mask_channel`` appends a channel that is 1 inside and 0 outside.
+
+    Every buffer is allocated at construction: :meth:`sample` and :meth:`gather` allocate
+    nothing (:meth:`__call__` returns a new array).
+
+    Args:
+        expressions: UFL expressions (or functions) on one mesh.
+        grid: The grid, e.g. the ``grid`` attribute of a non-local closure.
+        extension_value: Value of every channel at grid points outside the mesh.
+        mask_channel: Append the inside/outside mask as the last channel.
+        sampling_degree: Degree of the discontinuous Lagrange space of the interpolants.
+        mesh: The mesh; by default that of the expressions.
+        root: The rank that receives the grid.
+
+    Attributes:
+        num_channels: Channels of the expressions (without the mask).
+        num_local: Grid points this rank evaluates.
+        gather_bytes: Bytes sent to the root per gather (the root's own share excluded).
+
+    Example:
+        >>> inputs = GriddedSampler([u, u.dx(0)], closure.grid, mask_channel=False)
+        >>> x = inputs()  # on the root: (2, *closure.grid.shape); elsewhere None
+
+    Raises:
+        ValueError: Expressions on several meshes, an invalid root or degree, or a grid of
+            another dimension than the mesh.
+        TypeError: A grid that is not a :class:`Grid`, or a complex mesh dtype.
+    """
+
+    def __init__(
+        self,
+        expressions: Sequence[ufl.core.expr.Expr | fem.Function],
+        grid: Grid,
+        *,
+        extension_value: float = 0.0,
+        mask_channel: bool = False,
+        sampling_degree: int | None = None,
+        mesh: Mesh | None = None,
+        root: int = 0,
+    ):
+        if isinstance(expressions, ufl.core.expr.Expr):
+            expressions = [expressions]
+        expression_list = [ufl.as_ufl(e) for e in expressions]
+        if not expression_list:
+            raise ValueError("GriddedSampler needs at least one expression.")
+        mesh = mesh if mesh is not None else _expression_mesh(expression_list)
+        if not isinstance(grid, Grid):
+            raise TypeError(f"grid must be a dolfinx_mno.grid.Grid, got {type(grid).__name__}.")
+        if grid.dim != mesh.geometry.dim:
+            raise ValueError(
+                f"The grid is {grid.dim}-dimensional and the mesh {mesh.geometry.dim}-dimensional."
+            )
+        comm = mesh.comm
+        if not 0 <= root < comm.size:
+            raise ValueError(f"root must be a rank of the mesh communicator, got {root}.")
+        dtype = np.dtype(mesh.geometry.x.dtype)
+        if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise TypeError(f"Unsupported dtype {dtype}: use real float32 or float64.")
+        if sampling_degree is not None and (
+            not isinstance(sampling_degree, int | np.integer) or sampling_degree < 0
+        ):
+            raise ValueError(
+                f"sampling_degree must be a non-negative integer, got {sampling_degree!r}."
+            )
+
+        # Collective from here on.
+        vector, widths = flatten_operands(expression_list)
+        self.num_channels = sum(widths)
+        degree = sampling_degree if sampling_degree is not None else _degree_of(expression_list)
+        space = fem.functionspace(
+            mesh, ("Discontinuous Lagrange", int(degree), (self.num_channels,))
+        )
+        self._expression = fem.Expression(vector, space.element.interpolation_points, dtype=dtype)
+        self._sampler = GridSampler(grid, space, dtype)
+        self._local = np.empty((self._sampler.num_local, self.num_channels), dtype=dtype)
+        self.grid = grid
+        self.root = root
+        self.mask_channel = bool(mask_channel)
+        self.extension_value = float(extension_value)
+        self._comm = comm
+        self._is_root = comm.rank == root
+        counts = comm.gather(self._sampler.num_local, root=root)
+        indices = comm.gather(self._sampler.indices, root=root)
+        gather_bytes = None
+        if self._is_root:
+            assert counts is not None and indices is not None
+            counts_array = np.asarray(counts, dtype=np.int64) * self.num_channels
+            displacements = np.concatenate([[0], np.cumsum(counts_array)[:-1]])
+            self._indices = np.concatenate(indices)
+            self._buffer = np.empty(int(counts_array.sum()), dtype=dtype)
+            mpi_type = MPI.DOUBLE if dtype == np.float64 else MPI.FLOAT
+            self._receive = [self._buffer, (counts_array, displacements), mpi_type]
+            self._inside = self._sampler.inside.copy()
+            gather_bytes = int(counts_array.sum() - counts_array[root]) * dtype.itemsize
+        self.gather_bytes: int = comm.bcast(gather_bytes, root=root)
+
+    @property
+    def num_local(self) -> int:
+        """Grid points this rank evaluates."""
+        return self._sampler.num_local
+
+    @property
+    def channels(self) -> int:
+        """Channels of the gathered grid, mask included."""
+        return self.num_channels + int(self.mask_channel)
+
+    def empty(self, dtype: npt.DTypeLike = np.float64) -> np.ndarray:
+        """A ``(channels, num_points)`` array holding the extension value and the mask."""
+        values = np.full((self.channels, self.grid.num_points), self.extension_value, dtype=dtype)
+        if self.mask_channel and self._is_root:
+            values[-1] = self._inside
+        return values
+
+    def sample(self) -> None:
+        """Evaluate the expressions at this rank's grid points (local, no communication)."""
+        self._sampler.sample_expression(self._expression, out=self._local)
+
+    def gather(self, out: np.ndarray | None = None) -> np.ndarray | None:
+        """Send the last samples to the root and write them into ``out`` there (collective).
+
+        Args:
+            out: On the root, a ``(channels, num_points)`` array (e.g. from :meth:`empty`)
+                whose grid-point entries inside the mesh are overwritten; the extension
+                values and the mask are left as they are. Default: a new :meth:`empty`.
+
+        Returns:
+            ``out`` on the root, ``None`` elsewhere.
+        """
+        receive = self._receive if self._is_root else None
+        self._comm.Gatherv(self._local.reshape(-1), receive, root=self.root)
+        if not self._is_root:
+            return None
+        if out is None:
+            out = self.empty(self._buffer.dtype)
+        samples = self._buffer.reshape(-1, self.num_channels)
+        out[: self.num_channels, self._indices] = samples.T
+        return out
+
+    def __call__(self) -> np.ndarray | None:
+        """Sample and gather (collective).
+
+        Returns:
+            On the root, a new array ``(channels, *grid.shape)`` in the mesh's dtype; on the
+            other ranks ``None``.
+        """
+        self.sample()
+        values = self.gather()
+        if values is None:
+            return None
+        return values.reshape(self.channels, *self.grid.shape)

@@ -12,7 +12,8 @@ One update:
 
 1. **sample**: the operands are evaluated at the nodes of a discontinuous Lagrange space,
    on the cells that hold grid points, and interpolated to the grid points, each point on
-   exactly one rank (see :class:`~dolfinx_mno.grid.GridSampler`);
+   exactly one rank (see :class:`~dolfinx_mno.grid.GriddedSampler`, which also makes
+   training data on the same grid);
 2. **gather**: ``MPI.Gatherv`` to the root rank, which assembles the input grid, with a
    mask channel (1 inside the domain, 0 outside) and ``extension_value`` outside;
 3. **model**: one call on the root rank, on its device; the other ranks wait for its
@@ -58,7 +59,7 @@ from dolfinx.mesh import Mesh
 
 from dolfinx_mno.base import ClosureBase, validate_arguments
 from dolfinx_mno.closure import ClosureEvaluationError, _owned_dofs
-from dolfinx_mno.grid import Grid, GridInterpolator, GridSampler, mesh_bounding_box
+from dolfinx_mno.grid import Grid, GriddedSampler, GridInterpolator, mesh_bounding_box
 from dolfinx_mno.quadrature import flatten_operands, quadrature_points, quadrature_space
 from dolfinx_mno.torch_bridge import model_device, resolve_device
 
@@ -82,16 +83,6 @@ def _wait_passively(request: MPI.Request, shortest: float = 50e-6, longest: floa
     while not request.Test():
         waited = time.perf_counter() - start
         time.sleep(min(longest, max(shortest, 0.02 * waited)))
-
-
-def _sampling_degree(operands: Sequence[ufl.core.expr.Expr]) -> int:
-    degrees = [
-        c.function_space.ufl_element().embedded_superdegree
-        for op in operands
-        for c in ufl.algorithms.extract_coefficients(op)
-        if hasattr(c, "function_space")
-    ]
-    return max([1, *degrees])
 
 
 class NonlocalClosure(ClosureBase):
@@ -208,39 +199,23 @@ class NonlocalClosure(ClosureBase):
         self.timings: dict[str, float] = {}
         self.total_timings: dict[str, float] = {}
 
-        # Sampling: operands → DG space → grid points owned by this rank.
-        vector, _ = flatten_operands(operand_list)
-        degree = sampling_degree or _sampling_degree(operand_list)
-        dg = fem.functionspace(mesh, ("Discontinuous Lagrange", degree, (self.num_inputs,)))
-        self._sampling_expression = fem.Expression(
-            vector, dg.element.interpolation_points, dtype=dtype
+        # Sampling: operands → DG space → grid points owned by this rank → the root.
+        self._gridded = GriddedSampler(
+            operand_list,
+            grid,
+            extension_value=self.extension_value,
+            mask_channel=self.mask_channel,
+            sampling_degree=sampling_degree,
+            mesh=mesh,
+            root=root,
         )
-        self._sampler = GridSampler(grid, dg, dtype)
-        self._local_samples = np.empty((self._sampler.num_local, self.num_inputs), dtype=dtype)
         # Every buffer of an update is allocated here and reused: fresh arrays of hundreds
         # of MB on large grids cost more in page faults than their arithmetic.
         mpi_type = MPI.DOUBLE if dtype == np.float64 else MPI.FLOAT
         self._status = np.zeros(1, dtype=np.int32)  # the root's verdict on the model call
-
-        # Gather layout on the root.
-        counts = comm.gather(self._sampler.num_local, root=root)
-        indices = comm.gather(self._sampler.indices, root=root)
         self._is_root = comm.rank == root
         if self._is_root:
-            assert counts is not None and indices is not None
-            self._gather_counts = np.array(counts) * self.num_inputs
-            self._gather_displs = np.concatenate([[0], np.cumsum(self._gather_counts)[:-1]])
-            self._gather_indices = np.concatenate(indices)
-            self._gather_buffer = np.empty(int(self._gather_counts.sum()), dtype=dtype)
-            self._gather_receive = [
-                self._gather_buffer,
-                (self._gather_counts, self._gather_displs),
-                mpi_type,
-            ]
-            channels = self.num_inputs + int(self.mask_channel)
-            self._grid_input = np.full((channels, grid.num_points), self.extension_value)
-            if self.mask_channel:
-                self._grid_input[-1] = self._sampler.inside.astype(np.float64)
+            self._grid_input = self._gridded.empty(np.float64)
             self._grid_output = np.empty((self.num_outputs, grid.num_points))
             self._finite = np.empty((self.num_outputs, grid.num_points), dtype=bool)
             self._finite_points = np.empty(grid.num_points, dtype=bool)
@@ -298,10 +273,9 @@ class NonlocalClosure(ClosureBase):
                 shape = (*(b.stop - b.start for b in block), self.num_outputs)
                 part = self._scatter_buffer[offset : offset + count].reshape(shape)
                 self._scatter_parts.append(np.moveaxis(part, -1, 0))
-            root_share_in = self._gather_counts[root]
             root_share_out = self._scatter_counts[root]
             self.communication = {
-                "gather": int(self._gather_counts.sum() - root_share_in) * dtype.itemsize,
+                "gather": self._gridded.gather_bytes,
                 "scatter": int(self._scatter_counts.sum() - root_share_out) * dtype.itemsize,
             }
         self.communication = comm.bcast(getattr(self, "communication", None), root=root)
@@ -350,8 +324,6 @@ class NonlocalClosure(ClosureBase):
             ``None``, or why the model call failed (it raised or returned NaN/Inf); the
             scatter buffer is then incomplete.
         """
-        samples = self._gather_buffer.reshape(-1, self.num_inputs)
-        self._grid_input[: self.num_inputs, self._gather_indices] = samples.T
         try:
             output = self._run_model()
             gridded = output[0].reshape(self.num_outputs, self.grid.num_points)
@@ -436,10 +408,9 @@ class NonlocalClosure(ClosureBase):
         comm = self.function_space.mesh.comm
         attempt = self._update_count + 1
         t0 = time.perf_counter()
-        self._sampler.sample_expression(self._sampling_expression, out=self._local_samples)
+        self._gridded.sample()
         t1 = time.perf_counter()
-        receive = self._gather_receive if self._is_root else None
-        comm.Gatherv(self._local_samples.reshape(-1), receive, root=self.root)
+        self._gridded.gather(out=self._grid_input if self._is_root else None)
         t2 = time.perf_counter()
         error = None
         if self._is_root:

@@ -180,8 +180,8 @@ def test_mask_channel_and_extension_on_a_plate_with_holes():
     mean = integral(closure, closure.dx, comm) / integral(1.0, closure.dx, comm)
     assert 0.9 < mean <= 1.0
     # Gather volume: (inside points not on the root) × 1 channel × 8 bytes.
-    inside = comm.allreduce(closure._sampler.num_local, op=MPI.SUM)
-    root_points = comm.bcast(closure._sampler.num_local, root=0)
+    inside = comm.allreduce(closure._gridded.num_local, op=MPI.SUM)
+    root_points = comm.bcast(closure._gridded.num_local, root=0)
     assert closure.communication["gather"] == (inside - root_points) * 8
 
 
@@ -384,13 +384,18 @@ def test_repeated_updates_reuse_buffers_and_allocate_nothing_large():
     closure.update()
     first = closure.x.array.copy()
     buffers = [
-        closure._local_samples,
-        closure._sampler._cell_values,
+        closure._gridded._local,
+        closure._gridded._sampler._cell_values,
         closure._interpolator._corner_values,
         closure._block_buffer,
     ]
     if comm.rank == closure.root:
-        buffers += [closure._gather_buffer, closure._grid_output, closure._scatter_buffer]
+        buffers += [
+            closure._gridded._buffer,
+            closure._grid_input,
+            closure._grid_output,
+            closure._scatter_buffer,
+        ]
     addresses = [b.ctypes.data for b in buffers]
     tracemalloc.start()
     closure.update()

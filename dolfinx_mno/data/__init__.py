@@ -17,12 +17,11 @@ crash-safely, read back as NumPy arrays or torch tensors::
 Modules: :mod:`~dolfinx_mno.data.restriction` (filters: ``Interpolation``,
 ``L2Projection``, ``CellAverage``), :mod:`~dolfinx_mno.data.commutator`
 (tendencies, targets), :mod:`~dolfinx_mno.data.sample` (samples, rank-independent order),
-:mod:`~dolfinx_mno.data.storage` (HDF5; needs ``h5py``), :mod:`~dolfinx_mno.data.gridded`
-(fields on a grid, for neural operators).
+:mod:`~dolfinx_mno.data.storage` (HDF5; needs ``h5py``); ``GriddedSampler`` (fields on a
+grid, for neural operators) comes from :mod:`dolfinx_mno.grid`.
 """
 
 from dolfinx_mno.data.commutator import ClosureSampler, Tendency
-from dolfinx_mno.data.gridded import GriddedSampler
 from dolfinx_mno.data.restriction import (
     MASS_SOLVER_OPTIONS,
     CellAverage,
@@ -35,6 +34,7 @@ from dolfinx_mno.data.restriction import (
 )
 from dolfinx_mno.data.sample import ClosureSample, mesh_summary
 from dolfinx_mno.data.storage import ClosureDataReader, ClosureDataWriter
+from dolfinx_mno.grid import GriddedSampler  # training data for grid models
 
 __all__ = [
     "MASS_SOLVER_OPTIONS",
