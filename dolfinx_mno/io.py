@@ -156,23 +156,36 @@ def registered_architectures() -> list[str]:
 
 
 def _build_normalized(
-    model: Mapping[str, Any], num_inputs: int, num_outputs: int
+    model: Mapping[str, Any],
+    num_inputs: int,
+    num_outputs: int,
+    input_axis: int = -1,
+    output_axis: int = -1,
 ) -> NormalizedModel:
-    # The statistics are placeholders: the saved buffers replace them.
+    # The statistics are placeholders: the saved buffers replace them. Files written
+    # before the axes existed have none: -1, the pointwise layout.
     return NormalizedModel(
         build_model(model),
-        AffineNormalization(width=num_inputs),
-        AffineNormalization(width=num_outputs),
+        AffineNormalization(width=num_inputs, axis=input_axis),
+        AffineNormalization(width=num_outputs, axis=output_axis),
     )
 
 
 def _describe_normalized(model: torch.nn.Module) -> dict[str, Any]:
     assert isinstance(model, NormalizedModel)
-    return {
+    description = {
         "model": architecture_config(model.model),
         "num_inputs": int(model.input_normalization.shift.numel()),
         "num_outputs": int(model.output_normalization.shift.numel()),
     }
+    # Only non-default axes are written: pointwise models keep the old description.
+    for key, normalization in (
+        ("input_axis", model.input_normalization),
+        ("output_axis", model.output_normalization),
+    ):
+        if normalization.axis != -1:
+            description[key] = normalization.axis
+    return description
 
 
 def _neuralop_class(name: str) -> type:

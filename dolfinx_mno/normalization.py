@@ -27,17 +27,30 @@ def _as_vector(value: float | Sequence[float] | torch.Tensor, width: int) -> tor
 
 
 class AffineNormalization(torch.nn.Module):
-    """The map ``x ↦ (x - shift) / scale`` over the last dimension.
+    """The map ``x ↦ (x - shift) / scale`` along one axis (by default the last).
+
+    Component ``i`` of the statistics acts on the slice ``i`` of ``x`` along ``axis``:
+    with ``axis=-1`` on ``x[..., i]`` (pointwise samples, shape ``(batch, width)``), with
+    ``axis=1`` on ``x[:, i, ...]`` (the channels of fields, shape
+    ``(batch, width, *grid)``: the neural-operator layout). The axis is a setting, not a
+    buffer: :func:`dolfinx_mno.io.save_model` stores it with the architecture of a
+    :class:`NormalizedModel`.
 
     Args:
         shift: Per-component shift, shape ``(width,)`` or a scalar.
         scale: Per-component scale, shape ``(width,)`` or a scalar; must be non-zero.
-        width: Number of components of the last dimension.
+        width: Number of components (the length of ``x`` along ``axis``).
+        axis: The axis of the components; -1 (the last, the default) or a positive
+            axis (``1`` for channels). Axis 0 is the batch axis and is refused.
 
     Example:
         >>> norm = AffineNormalization(shift=[1.0, 2.0], scale=[2.0, 4.0], width=2)
         >>> norm(torch.tensor([[3.0, 6.0]], dtype=torch.float64))
         tensor([[1., 1.]], dtype=torch.float64)
+        >>> fields = torch.tensor([[[3.0, 5.0], [6.0, 10.0]]], dtype=torch.float64)
+        >>> AffineNormalization([1.0, 2.0], [2.0, 4.0], width=2, axis=1)(fields)
+        tensor([[[1., 2.],
+                 [1., 2.]]], dtype=torch.float64)
     """
 
     shift: torch.Tensor
@@ -48,44 +61,93 @@ class AffineNormalization(torch.nn.Module):
         shift: float | Sequence[float] | torch.Tensor = 0.0,
         scale: float | Sequence[float] | torch.Tensor = 1.0,
         width: int = 1,
+        axis: int = -1,
     ):
         super().__init__()
+        if axis != -1 and axis < 1:
+            raise ValueError(f"axis must be -1 or positive (0 is the batch axis), got {axis}.")
         shift_vector = _as_vector(shift, width)
         scale_vector = _as_vector(scale, width)
         if not torch.all(torch.isfinite(scale_vector)) or torch.any(scale_vector == 0):
             raise ValueError("Normalisation scales must be finite and non-zero.")
+        self.axis = int(axis)
         self.register_buffer("shift", shift_vector)
         self.register_buffer("scale", scale_vector)
 
     @classmethod
-    def from_data(cls, data: torch.Tensor, eps: float = 1e-12) -> AffineNormalization:
-        """Mean/standard-deviation normalisation of ``data``, shape ``(num_samples, width)``.
+    def from_data(
+        cls, data: torch.Tensor, eps: float = 1e-12, axis: int | None = None
+    ) -> AffineNormalization:
+        """Mean/standard-deviation normalisation of ``data``.
 
-        Components with a standard deviation below ``eps`` get scale 1.
+        Args:
+            data: Samples, shape ``(num_samples, ...)``.
+            eps: Components with a standard deviation below ``eps`` get scale 1.
+            axis: ``None`` (the default): one mean and standard deviation per component
+                of the flattened samples, shape ``(num_samples, width)``, acting on the
+                last axis. An axis ``>= 1`` (or -1): one per index along ``axis``, pooled
+                over all other axes (samples and grid points), acting on that axis; for
+                fields ``(num_samples, channels, *grid)``, ``axis=1`` gives per-channel
+                statistics that do not depend on the grid size.
+
+        The standard deviation is the unbiased one (``torch.std``, ``ddof=1``).
         """
-        data = torch.as_tensor(data, dtype=torch.float64).reshape(data.shape[0], -1)
+        data = torch.as_tensor(data, dtype=torch.float64)
+        if axis is None:
+            data = data.reshape(data.shape[0], -1)
+            axis = -1
+        else:
+            if data.ndim < 2 or not (axis == -1 or 1 <= axis < data.ndim):
+                raise ValueError(
+                    f"axis must be -1 or in [1, {data.ndim}) for data of shape "
+                    f"{tuple(data.shape)}, got {axis}."
+                )
+            data = data.movedim(axis, -1).reshape(-1, data.shape[axis])
         std = data.std(dim=0)
         std = torch.where(std > eps, std, torch.ones_like(std))
-        return cls(shift=data.mean(dim=0), scale=std, width=data.shape[1])
+        return cls(shift=data.mean(dim=0), scale=std, width=data.shape[1], axis=axis)
+
+    def _along_axis(self, value: torch.Tensor, ndim: int) -> torch.Tensor:
+        """``value``, shape ``(width,)``, shaped to broadcast along ``axis`` of ``ndim`` axes."""
+        if self.axis == -1:
+            return value
+        if ndim <= self.axis:
+            raise ValueError(
+                f"The normalisation acts on axis {self.axis}, but the tensor has {ndim} axes."
+            )
+        return value.reshape(-1, *([1] * (ndim - self.axis - 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalise ``x``, shape ``(..., width)``."""
-        return (x - self.shift) / self.scale
+        """Normalise ``x``: shape ``(..., width)``, or ``width`` long along ``axis``."""
+        return (x - self._along_axis(self.shift, x.ndim)) / self._along_axis(self.scale, x.ndim)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        """Undo the normalisation of ``y``, shape ``(..., width)``."""
-        return y * self.scale + self.shift
+        """Undo the normalisation of ``y`` (the shapes of :meth:`forward`)."""
+        return y * self._along_axis(self.scale, y.ndim) + self._along_axis(self.shift, y.ndim)
+
+    def extra_repr(self) -> str:
+        """Width and axis, for ``print(model)``."""
+        return f"width={self.shift.numel()}, axis={self.axis}"
 
 
 class NormalizedModel(torch.nn.Module):
     """Wrap a model trained on normalised data: ``y = out⁻¹(model(in(x)))``.
 
+    Two layouts, set by the normalisations' ``axis``:
+
+    * pointwise (``axis=-1``, the default): ``model`` maps ``(batch, num_inputs)`` to
+      ``(batch, num_outputs)`` or ``(batch, *value_shape)``; the output statistics act on
+      the flattened output, width ``num_outputs``;
+    * fields (``axis=1``): ``model`` maps ``(batch, in_channels, *grid)`` to
+      ``(batch, out_channels, *grid)`` (a neural operator), and the statistics are per
+      channel, so the model runs on any grid.
+
     Args:
-        model: Maps normalised ``(batch, num_inputs)`` inputs to normalised
-            ``(batch, num_outputs)`` outputs.
-        input_normalization: Normalisation of the inputs (width ``num_inputs``).
-        output_normalization: Normalisation of the outputs (width ``num_outputs``); its
-            inverse is applied to the model's output.
+        model: Maps normalised inputs to normalised outputs.
+        input_normalization: Normalisation of the inputs (width ``num_inputs`` or
+            ``in_channels``).
+        output_normalization: Normalisation of the outputs (width ``num_outputs`` or
+            ``out_channels``); its inverse is applied to the model's output.
     """
 
     def __init__(
@@ -103,6 +165,8 @@ class NormalizedModel(torch.nn.Module):
         self.output_normalization = output_normalization.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Evaluate on ``(batch, num_inputs)`` physical inputs; returns physical outputs."""
+        """Evaluate on physical inputs (either layout); returns physical outputs."""
         y = self.model(self.input_normalization(x))
+        if self.output_normalization.axis != -1:
+            return self.output_normalization.inverse(y)
         return self.output_normalization.inverse(y.reshape(y.shape[0], -1)).reshape(y.shape)

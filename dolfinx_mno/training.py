@@ -3,14 +3,18 @@
 :func:`fit` trains a pointwise model on ``(inputs, targets)`` samples, e.g. operands and
 closure values collected at quadrature points, and returns a
 :class:`~dolfinx_mno.NormalizedModel` that a :class:`~dolfinx_mno.Closure` evaluates in
-physical units.
+physical units. With ``grid=True`` a sample is a field, ``(channels, *grid)``, and the
+model a neural operator, ``(batch, in_channels, *grid) → (batch, out_channels, *grid)``
+(the contract of :class:`~dolfinx_mno.NonlocalClosure`).
 
 Recipe (see ``docs/training.md``):
 
 * **Split.** A permutation seeded by ``seed`` picks ``validation_fraction`` of the global
-  samples for validation; the rest train.
+  samples for validation, or, with ``groups``, of the groups (e.g. trajectories), so
+  that no group is on both sides; the rest train.
 * **Normalisation.** :meth:`~dolfinx_mno.AffineNormalization.from_data` on the training
-  split (inputs and targets); the loss is the mean squared error of normalised targets.
+  split (inputs and targets; per component, or per channel pooled over the grid points
+  with ``grid=True``); the loss is the mean squared error of normalised targets.
 * **Optimiser.** Adam with :class:`torch.optim.lr_scheduler.ReduceLROnPlateau` on the
   validation loss (a plateau schedule needs no total number of epochs, so ``epochs``
   can be raised on resume), and early stopping after ``patience`` epochs without
@@ -34,6 +38,7 @@ Recipe (see ``docs/training.md``):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -104,7 +109,7 @@ class FitResult:
     Attributes:
         model: The trained model with the weights of the best validation epoch, in eval
             mode: a :class:`~dolfinx_mno.NormalizedModel` around the given model if
-            ``normalize`` was true, else the given model itself.
+            ``normalize`` or ``normalize_targets`` was true, else the given model itself.
         history: The losses per epoch.
     """
 
@@ -133,8 +138,14 @@ def shard(data: npt.ArrayLike | torch.Tensor, comm: MPI.Comm) -> npt.NDArray[Any
 # -- validation ---------------------------------------------------------------------------
 
 
-def _as_samples(data: npt.ArrayLike | torch.Tensor, name: str) -> npt.NDArray[np.float64]:
-    """``(num_samples, width)`` float64 copy of ``data``; vectors become one column."""
+def _as_samples(
+    data: npt.ArrayLike | torch.Tensor, name: str, grid: bool
+) -> tuple[npt.NDArray[np.float64], tuple[int, ...]]:
+    """``(num_samples, width)`` float64 copy of ``data``, and the shape of one sample.
+
+    Pointwise (``grid=False``): any sample shape, flattened; a vector is one column. Grid:
+    ``(num_samples, channels, *grid)``, at least one grid axis.
+    """
     if isinstance(data, torch.Tensor):
         data = data.detach().cpu()
         if data.is_complex():
@@ -145,32 +156,108 @@ def _as_samples(data: npt.ArrayLike | torch.Tensor, name: str) -> npt.NDArray[np
         raise TypeError(f"{name} must be a real numeric array, got dtype {array.dtype}.")
     if array.ndim == 0:
         raise ValueError(f"{name} must have a sample axis, got a scalar.")
+    if grid and array.ndim < 3:
+        raise ValueError(
+            f"With grid=True, {name} must have shape (num_samples, channels, *grid), got "
+            f"{array.shape}."
+        )
     width = int(np.prod(array.shape[1:], dtype=np.int64))
+    sample_shape = tuple(int(n) for n in array.shape[1:]) if grid else (width,)
     array = np.array(array, dtype=np.float64).reshape(array.shape[0], width)
     if not np.isfinite(array).all():
         bad = int((~np.isfinite(array).all(axis=1)).sum())
         raise ValueError(f"{name} has NaN or Inf in {bad} of {array.shape[0]} samples.")
-    return array
+    return array, sample_shape
 
 
-def _check_local(
-    model: torch.nn.Module, inputs: Any, targets: Any
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    x = _as_samples(inputs, "inputs")
-    y = _as_samples(targets, "targets")
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"inputs have {x.shape[0]} samples but targets have {y.shape[0]}.")
-    # Probe with zeros, so that a rank without samples checks the model too.
-    dtype = model_dtype(model, torch.float64)
-    probe = torch.zeros(2, x.shape[1], dtype=dtype, device=model_device(model))
-    with torch.no_grad():
-        output = model(probe)
-    if output.shape[0] != 2 or output[0].numel() != y.shape[1]:
+def _as_groups(groups: npt.ArrayLike | torch.Tensor, num_samples: int) -> npt.NDArray[np.int64]:
+    """``groups`` as an int64 vector of ``num_samples`` ids."""
+    if isinstance(groups, torch.Tensor):
+        groups = groups.detach().cpu().numpy()
+    array = np.asarray(groups)
+    if array.ndim != 1 or array.shape[0] != num_samples:
         raise ValueError(
-            f"The model maps (2, {x.shape[1]}) inputs to {tuple(output.shape)}, but the "
-            f"targets have {y.shape[1]} components per sample."
+            f"groups must have shape ({num_samples},), one id per local sample, got {array.shape}."
         )
-    return x, y
+    if array.dtype.kind not in "iu" and array.size > 0:
+        raise TypeError(f"groups must be integer ids, got dtype {array.dtype}.")
+    return array.astype(np.int64)
+
+
+class _Local:
+    """One rank's checked data: flattened samples and the shapes the model sees."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        inputs: Any,
+        targets: Any,
+        grid: bool,
+        groups: Any,
+    ):
+        self.x, self.input_shape = _as_samples(inputs, "inputs", grid)
+        self.y, self.target_shape = _as_samples(targets, "targets", grid)
+        num_x, num_y = self.x.shape[0], self.y.shape[0]
+        if num_x != num_y:
+            raise ValueError(f"inputs have {num_x} samples but targets have {num_y}.")
+        if grid and self.input_shape[1:] != self.target_shape[1:]:
+            raise ValueError(
+                f"inputs are fields on a grid of shape {self.input_shape[1:]} but targets "
+                f"on {self.target_shape[1:]}; a grid model maps a field to a field on the "
+                "same grid."
+            )
+        self.groups = None if groups is None else _as_groups(groups, num_x)
+        # Probe with zeros, so that a rank without samples checks the model too.
+        dtype = model_dtype(model, torch.float64)
+        probe = torch.zeros(2, *self.input_shape, dtype=dtype, device=model_device(model))
+        with torch.no_grad():
+            output = model(probe)
+        if grid and tuple(output.shape) != (2, *self.target_shape):
+            raise ValueError(
+                f"The model maps {(2, *self.input_shape)} inputs to {tuple(output.shape)}, "
+                f"but the targets are fields of shape {self.target_shape}: a grid model "
+                "must map (batch, in_channels, *grid) to (batch, out_channels, *grid)."
+            )
+        if output.shape[0] != 2 or output[0].numel() != self.y.shape[1]:
+            raise ValueError(
+                f"The model maps (2, {self.x.shape[1]}) inputs to {tuple(output.shape)}, but "
+                f"the targets have {self.y.shape[1]} components per sample."
+            )
+
+
+def _split(
+    num_samples: int,
+    validation_fraction: float,
+    seed: int,
+    groups: npt.NDArray[np.int64] | None,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """``(train_index, val_index)``: global sample indices; raises if a side is empty.
+
+    Without groups, a seeded permutation of the samples; with ``groups`` (the global ids,
+    one per sample), a seeded permutation of the sorted distinct ids sends
+    ``round(validation_fraction * num_groups)`` whole groups to validation.
+    """
+    if groups is None:
+        order = np.random.default_rng([seed, 0x5EED]).permutation(num_samples)
+        num_val = round(validation_fraction * num_samples)
+        num_train = num_samples - num_val
+        if num_val < 1 or num_train < 1:
+            raise ValueError(
+                f"fit: {num_samples} samples with validation_fraction={validation_fraction} "
+                f"leave {num_train} for training and {num_val} for validation; each needs one."
+            )
+        return order[num_val:], order[:num_val]
+    ids = np.unique(groups)
+    num_val_groups = round(validation_fraction * ids.size)
+    if num_val_groups < 1 or num_val_groups == ids.size:
+        raise ValueError(
+            f"fit: {ids.size} groups with validation_fraction={validation_fraction} leave "
+            f"{ids.size - num_val_groups} groups for training and {num_val_groups} for "
+            "validation; each needs one."
+        )
+    order = np.random.default_rng([seed, 0x6209]).permutation(ids.size)
+    in_validation = np.isin(groups, ids[order[:num_val_groups]])
+    return np.flatnonzero(~in_validation), np.flatnonzero(in_validation)
 
 
 # -- MPI helpers -------------------------------------------------------------------------
@@ -356,6 +443,9 @@ def fit(
     validation_fraction: float = 0.2,
     seed: int = 0,
     normalize: bool = True,
+    normalize_targets: bool | None = None,
+    grid: bool = False,
+    groups: npt.ArrayLike | torch.Tensor | None = None,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 10,
     resume: bool = False,
@@ -372,14 +462,19 @@ def fit(
 
     Args:
         model: Maps ``(batch, num_inputs)`` to ``(batch, num_outputs)`` or
-            ``(batch, *value_shape)``; trained in its dtype, on its device. Rank 0's
-            initial weights are used on all ranks. It is trained in place (wrapped in a
-            :class:`~dolfinx_mno.NormalizedModel` if ``normalize``). For rank-invariant
-            results it must be deterministic (no dropout) and pointwise (no batch norm).
+            ``(batch, *value_shape)``; with ``grid=True``, ``(batch, in_channels, *grid)``
+            to ``(batch, out_channels, *grid)``. Trained in its dtype, on its device. Rank
+            0's initial weights are used on all ranks. It is trained in place (wrapped in
+            a :class:`~dolfinx_mno.NormalizedModel` if ``normalize`` or
+            ``normalize_targets``). For rank-invariant results it must be deterministic
+            (no dropout) and act on each sample of a batch separately (no batch norm).
         inputs: This rank's samples, shape ``(num_local_samples, num_inputs)`` (NumPy or
-            torch, real; a vector is one column).
+            torch, real; a vector is one column; other sample shapes are flattened); with
+            ``grid=True``, fields ``(num_local_samples, in_channels, *grid)``, passed to
+            the model in that shape.
         targets: Shape ``(num_local_samples, num_outputs)`` or
-            ``(num_local_samples, *value_shape)``.
+            ``(num_local_samples, *value_shape)``; with ``grid=True``,
+            ``(num_local_samples, out_channels, *grid)`` on the grid of the inputs.
         comm: Communicator; default ``MPI.COMM_WORLD``.
         epochs: Maximum number of epochs (passes over the training split).
         batch_size: Samples per optimiser step (the last batch of an epoch may be
@@ -402,14 +497,29 @@ def fit(
         seed: Seeds the split, the epoch orders and torch's random state in each epoch.
             The caller's random state is restored on return.
         normalize: Wrap the model in a :class:`~dolfinx_mno.NormalizedModel` with
-            input and target statistics of the training split.
+            the statistics of the training split: mean and standard deviation (unbiased)
+            per input component, or with ``grid=True`` per input channel pooled over the
+            samples and grid points (``axis=1`` normalisations: the model still runs on
+            any grid, and a translation-invariant model stays so).
+        normalize_targets: Normalise the targets the same way (the loss is then the MSE
+            of normalised targets, and the model's outputs are mapped back). ``None``
+            (the default): the value of ``normalize``. Either option alone gives a
+            :class:`~dolfinx_mno.NormalizedModel` whose other normalisation is the
+            identity.
+        grid: Samples are fields on a grid (see ``model``, ``inputs``), not points.
+        groups: This rank's group id of each sample, integers of shape
+            ``(num_local_samples,)``, e.g. the trajectory a snapshot comes from. The split
+            then sends whole groups to validation (``round(validation_fraction *
+            num_groups)`` of the distinct ids, seeded), so that no group is on both sides.
+            A group's samples may be spread over ranks.
         checkpoint_dir: Folder for checkpoints (created by rank 0); ``None`` for none.
         checkpoint_every: Write a checkpoint every this many epochs, and at the end.
         resume: Continue from the newest complete checkpoint in ``checkpoint_dir`` (if
             there is none, start afresh). The data and every setting but ``epochs``,
             ``checkpoint_every``, ``metadata``, ``progress`` and ``callback`` must be
-            those of the interrupted run: other settings, another number of samples or
-            (with ``normalize``) other statistics of the training split are refused.
+            those of the interrupted run: other settings, another number of samples,
+            other groups or (with ``normalize``) other statistics of the training split
+            are refused.
         metadata: JSON dict stored in the checkpoint model files (e.g. the operand spec).
         progress: Show a tqdm progress bar (rank 0 only).
         callback: ``callback(epoch, history)`` after every epoch, on every rank.
@@ -424,7 +534,7 @@ def fit(
         FloatingPointError: NaN or Inf losses (on every rank).
     """
     comm = MPI.COMM_WORLD if comm is None else comm
-    settings = {
+    settings: dict[str, Any] = {
         "batch_size": int(batch_size),
         "chunk_size": int(chunk_size),
         "learning_rate": float(learning_rate),
@@ -438,9 +548,15 @@ def fit(
         "validation_fraction": float(validation_fraction),
         "weight_decay": float(weight_decay),
     }
+    # Only options away from their defaults enter the settings, so that checkpoints of
+    # runs without them still resume.
+    if normalize_targets is not None and bool(normalize_targets) != settings["normalize"]:
+        settings["normalize_targets"] = bool(normalize_targets)
+    if grid:
+        settings["grid"] = True
     # Local checks first; every rank learns of a failure on any rank (one allgather).
     error: str | None = None
-    x = y = np.zeros((0, 0))
+    local: _Local | None = None
     try:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -456,37 +572,55 @@ def fit(
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs a checkpoint_dir.")
         _check_json(dict(metadata or {}), "metadata")
-        x, y = _check_local(model, inputs, targets)
+        local = _Local(model, inputs, targets, bool(grid), groups)
     except Exception as err:  # the model's probe may raise anything
         error = f"{type(err).__name__}: {err}"
-    shapes = comm.allgather((error, x.shape, y.shape))
-    failed = [r for r, (e, _, _) in enumerate(shapes) if e is not None]
+    reports = comm.allgather(
+        (error, None)
+        if local is None
+        else (None, (local.x.shape[0], local.input_shape, local.target_shape, local.groups))
+    )
+    failed = [r for r, (e, _) in enumerate(reports) if e is not None]
     if failed:
         raise ValueError(
-            f"fit: bad input on rank(s) {failed}; on rank {failed[0]}: {shapes[failed[0]][0]}"
+            f"fit: bad input on rank(s) {failed}; on rank {failed[0]}: {reports[failed[0]][0]}"
         )
-    widths = {(xs[1], ys[1]) for _, xs, ys in shapes}
-    if len(widths) > 1:
-        raise ValueError(f"fit: the ranks' samples have different widths {sorted(widths)}.")
-    counts = np.array([xs[0] for _, xs, _ in shapes], dtype=np.int64)
+    assert local is not None
+    shapes = {(report[1], report[2]) for _, report in reports}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"fit: the ranks' samples have different shapes (inputs, targets): {sorted(shapes)}."
+        )
+    counts = np.array([report[0] for _, report in reports], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     num_samples = int(offsets[-1])
-    num_inputs, num_outputs = x.shape[1], y.shape[1]
-    num_val = round(validation_fraction * num_samples)
-    num_train = num_samples - num_val
-    if num_val < 1 or num_train < 1:
+    with_groups = [r for r, (_, report) in enumerate(reports) if report[3] is not None]
+    if 0 < len(with_groups) < comm.size:
         raise ValueError(
-            f"fit: {num_samples} samples with validation_fraction={validation_fraction} "
-            f"leave {num_train} for training and {num_val} for validation; each needs one."
+            f"fit: groups were given on rank(s) {with_groups} only; pass them on every rank "
+            "(an empty array where a rank holds no sample)."
         )
+    global_groups = None
+    if with_groups:
+        global_groups = np.concatenate([report[3] for _, report in reports])
+        digest = hashlib.sha256(global_groups.astype("<i8").tobytes()).hexdigest()
+        settings["groups_sha256"] = digest
+    # The same global data and settings on every rank: all ranks raise here together.
+    train_index, val_index = _split(
+        num_samples, settings["validation_fraction"], settings["seed"], global_groups
+    )
+    num_inputs, num_outputs = local.x.shape[1], local.y.shape[1]
     settings.update(num_samples=num_samples, num_inputs=num_inputs, num_outputs=num_outputs)
+    if grid:
+        settings.update(input_shape=list(local.input_shape), target_shape=list(local.target_shape))
 
     with torch.random.fork_rng(devices=[]):
         return _fit(
             model,
-            x,
-            y,
+            local,
             offsets,
+            train_index,
+            val_index,
             comm,
             settings,
             int(epochs),
@@ -501,9 +635,10 @@ def fit(
 
 def _fit(
     model: torch.nn.Module,
-    x: npt.NDArray[np.float64],
-    y: npt.NDArray[np.float64],
+    samples: _Local,
     offsets: npt.NDArray[np.int64],
+    train_index: npt.NDArray[np.int64],
+    val_index: npt.NDArray[np.int64],
     comm: MPI.Comm,
     settings: dict[str, Any],
     epochs: int,
@@ -517,8 +652,7 @@ def _fit(
     """The body of :func:`fit`, after validation (collective)."""
     rank, size = comm.rank, comm.size
     seed = settings["seed"]
-    num_samples, num_outputs = settings["num_samples"], settings["num_outputs"]
-    num_inputs = settings["num_inputs"]
+    num_inputs, num_outputs = settings["num_inputs"], settings["num_outputs"]
     dtype = model_dtype(model, torch.float64)
     device = model_device(model) or torch.device("cpu")
 
@@ -526,39 +660,59 @@ def _fit(
     if size > 1:
         model.load_state_dict(comm.bcast(_clone_state(model) if rank == 0 else None), strict=False)
 
-    # The split and the statistics depend on the global data only.
-    order = np.random.default_rng([seed, 0x5EED]).permutation(num_samples)
-    num_val = round(settings["validation_fraction"] * num_samples)
-    val_index, train_index = order[:num_val], order[num_val:]
-    num_train = len(train_index)
-    local = np.concatenate([x, y], axis=1)
-    if settings["normalize"]:
+    # The split (made by fit) and the statistics depend on the global data only.
+    num_val, num_train = len(val_index), len(train_index)
+    # The model sees (batch, num_inputs) samples, or (batch, *input_shape) fields.
+    input_shape, target_shape = samples.input_shape, samples.target_shape
+    local = np.concatenate([samples.x, samples.y], axis=1)
+    normalize_inputs = settings["normalize"]
+    normalize_targets = settings.get("normalize_targets", normalize_inputs)
+    if normalize_inputs or normalize_targets:
+        # Pointwise: per component of the flattened sample; grid: per channel (axis 1).
+        axis = 1 if settings.get("grid", False) else None
         empty = np.zeros(0, dtype=np.int64)
         needed = [np.sort(train_index)] + [empty] * (size - 1)
         rows = _fetch_rows(local, offsets, needed, comm)
         statistics = None
         if rank == 0:
-            stats_in = AffineNormalization.from_data(torch.from_numpy(rows[:, :num_inputs]))
-            stats_out = AffineNormalization.from_data(torch.from_numpy(rows[:, num_inputs:]))
-            statistics = (stats_in.shift, stats_in.scale, stats_out.shift, stats_out.scale)
-        shift_in, scale_in, shift_out, scale_out = comm.bcast(statistics, root=0)
-        normalized = NormalizedModel(
-            model,
-            AffineNormalization(shift_in, scale_in, width=num_inputs),
-            AffineNormalization(shift_out, scale_out, width=num_outputs),
-        ).to(device)
+            parts = (
+                (rows[:, :num_inputs], input_shape, normalize_inputs),
+                (rows[:, num_inputs:], target_shape, normalize_targets),
+            )
+            statistics = [
+                AffineNormalization.from_data(
+                    torch.from_numpy(part.reshape(-1, *shape)), axis=axis
+                ).state_dict()
+                if wanted
+                else None
+                for part, shape, wanted in parts
+            ]
+        statistics = comm.bcast(statistics, root=0)
+        normalizations = []
+        for shape, flat_width, state in (
+            (input_shape, num_inputs, statistics[0]),
+            (target_shape, num_outputs, statistics[1]),
+        ):
+            width = shape[0] if axis is not None else flat_width
+            normalization = AffineNormalization(width=width, axis=-1 if axis is None else axis)
+            if state is not None:  # else the identity
+                normalization.load_state_dict(state)
+            normalizations.append(normalization)
+        normalized = NormalizedModel(model, *normalizations).to(device)
         # Normalise once, in the model's dtype as at inference; float64 carries it exactly.
         with torch.no_grad():
             t = torch.from_numpy(local).to(dtype=dtype, device=device)
-            x_n = normalized.input_normalization(t[:, :num_inputs])
-            y_n = normalized.output_normalization(t[:, num_inputs:])
-            local = torch.cat([x_n, y_n], dim=1).to(torch.float64).cpu().numpy()
+            count = t.shape[0]
+            x_n = normalized.input_normalization(t[:, :num_inputs].reshape(-1, *input_shape))
+            y_n = normalized.output_normalization(t[:, num_inputs:].reshape(-1, *target_shape))
+            both = torch.cat([x_n.reshape(count, num_inputs), y_n.reshape(count, num_outputs)], 1)
+            local = both.to(torch.float64).cpu().numpy()
         trained: torch.nn.Module = normalized
     else:
         trained = model
-    # With normalize=True the inner model learns normalised data; otherwise the model is
+    # With normalisation the inner model learns normalised data; otherwise the model is
     # trained as given (a user's NormalizedModel included) on the raw data.
-    network = model if settings["normalize"] else trained
+    network = model
 
     params = [p for p in network.parameters() if p.requires_grad]
     num_params = _flat_size(params)
@@ -635,7 +789,8 @@ def _fit(
                     chunk = data[row : row + b - a]
                     row += b - a
                     optimizer.zero_grad(set_to_none=True)
-                    prediction = network(chunk[:, :num_inputs]).reshape(b - a, -1)
+                    prediction = network(chunk[:, :num_inputs].reshape(-1, *input_shape))
+                    prediction = prediction.reshape(b - a, -1)
                     squared = ((prediction - chunk[:, num_inputs:]) ** 2).sum()
                     (squared / ((b1 - b0) * num_outputs)).backward()
                     _write_grads(params, grads[i, :num_params])
@@ -653,7 +808,8 @@ def _fit(
                 for i, (a, b) in enumerate(val_chunks[rank]):
                     chunk = val_rows[row : row + b - a]
                     row += b - a
-                    prediction = network(chunk[:, :num_inputs]).reshape(b - a, -1)
+                    prediction = network(chunk[:, :num_inputs].reshape(-1, *input_shape))
+                    prediction = prediction.reshape(b - a, -1)
                     sums[i, 0] = ((prediction - chunk[:, num_inputs:]) ** 2).sum().item()
             val_loss = float(_gather_chunks(sums, num_val_chunks, comm).sum()) / (
                 num_val * num_outputs

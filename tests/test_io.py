@@ -136,6 +136,34 @@ def test_neuraloperator_round_trip(tmp_path, name):
         assert kwargs["n_modes"] == [6] and "non_linearity" not in kwargs
 
 
+def test_per_channel_normalisation_round_trip(tmp_path):
+    """Channel-axis statistics (grid models) travel with the architecture; others do not."""
+    from neuralop import models
+
+    torch.manual_seed(0)
+    fno = models.FNO(n_modes=(6,), in_channels=2, out_channels=1, hidden_channels=8)
+    model = mno.NormalizedModel(
+        fno,
+        mno.AffineNormalization([1.0, -2.0], [2.0, 0.5], width=2, axis=1),
+        mno.AffineNormalization(3.0, 4.0, width=1, axis=1),
+    ).eval()
+    io.save_model(tmp_path / "grid.pt", model)
+    loaded = io.load_model(tmp_path / "grid.pt")
+    kwargs = io.read_model_file(tmp_path / "grid.pt").architecture["kwargs"]
+    assert kwargs["input_axis"] == kwargs["output_axis"] == 1
+    assert loaded.input_normalization.axis == loaded.output_normalization.axis == 1
+    assert_same_state(model, loaded)
+    for size in (16, 24):  # per-channel statistics: any grid
+        x = torch.randn(3, 2, size)
+        assert torch.equal(model(x), loaded(x))
+    # Pointwise models keep the description files had before the axes existed, and such
+    # a description builds pointwise normalisations.
+    io.save_model(tmp_path / "points.pt", normalized_mlp())
+    kwargs = io.read_model_file(tmp_path / "points.pt").architecture["kwargs"]
+    assert set(kwargs) == {"model", "num_inputs", "num_outputs"}
+    assert io.load_model(tmp_path / "points.pt").output_normalization.axis == -1
+
+
 def test_user_architecture(tmp_path, registry):
     class Cubic(torch.nn.Module):
         def __init__(self, width=2):

@@ -27,6 +27,47 @@ def test_affine_normalization_from_data():
         mno.AffineNormalization(shift=[1.0, 2.0, 3.0], width=2)
 
 
+def test_per_channel_statistics_equal_numpy():
+    """axis=1: one mean and (unbiased) standard deviation per channel, pooled over the rest."""
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(7, 3, 4, 5)) * np.array([1.0, 5.0, 0.1])[:, None, None] + 2.0
+    norm = mno.AffineNormalization.from_data(torch.from_numpy(data), axis=1)
+    assert norm.axis == 1 and norm.shift.shape == (3,)
+    np.testing.assert_allclose(norm.shift, data.mean(axis=(0, 2, 3)), rtol=1e-14)
+    np.testing.assert_allclose(norm.scale, data.std(axis=(0, 2, 3), ddof=1), rtol=1e-14)
+    z = norm(torch.from_numpy(data))
+    np.testing.assert_allclose(z.mean(dim=(0, 2, 3)), 0.0, atol=1e-14)
+    np.testing.assert_allclose(z.std(dim=(0, 2, 3)), 1.0, rtol=1e-13)
+    np.testing.assert_allclose(norm.inverse(z), data, rtol=1e-14)
+    # Any grid: the statistics broadcast over the axes after the channel axis.
+    other = torch.ones(2, 3, 6)
+    expected = (1.0 - norm.shift[None, :, None]) / norm.scale[None, :, None]
+    torch.testing.assert_close(norm(other), expected.expand(2, 3, 6), rtol=0, atol=0)
+    # The last axis, pooled over samples and leading axes.
+    last = mno.AffineNormalization.from_data(torch.from_numpy(data[:, :, 0, :]), axis=-1)
+    np.testing.assert_allclose(last.scale, data[:, :, 0, :].std(axis=(0, 1), ddof=1))
+    with pytest.raises(ValueError, match="axis must be -1 or positive"):
+        mno.AffineNormalization(width=1, axis=0)
+    with pytest.raises(ValueError, match=r"axis must be -1 or in \[1, 4\)"):
+        mno.AffineNormalization.from_data(torch.from_numpy(data), axis=4)
+    with pytest.raises(ValueError, match="acts on axis 1, but the tensor has 1 axes"):
+        norm(torch.ones(3))
+
+
+def test_normalized_grid_model_per_channel():
+    """A NormalizedModel of fields applies the statistics per channel, on any grid."""
+    conv = torch.nn.Conv1d(2, 1, 3, padding=1, padding_mode="circular").double()
+    model = mno.NormalizedModel(
+        conv,
+        mno.AffineNormalization([1.0, -2.0], [2.0, 0.5], width=2, axis=1),
+        mno.AffineNormalization(3.0, 4.0, width=1, axis=1),
+    )
+    for size in (8, 13):
+        x = torch.randn(4, 2, size, dtype=torch.float64)
+        z = (x - torch.tensor([1.0, -2.0])[:, None]) / torch.tensor([2.0, 0.5])[:, None]
+        torch.testing.assert_close(model(x), 4.0 * conv(z) + 3.0, rtol=1e-15, atol=1e-14)
+
+
 @pytest.mark.mpi
 def test_normalized_closure_and_tangent_match_ufl():
     """y = so + σo·W((x - s)/σ): the closure and its Jacobian equal the UFL expression."""
