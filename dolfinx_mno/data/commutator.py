@@ -30,7 +30,7 @@ from dolfinx import fem
 from ufl.algorithms import extract_arguments
 from ufl.algorithms.renumbering import renumber_indices
 
-from dolfinx_mno.data.restriction import MassSolver, Restriction
+from dolfinx_mno.data.restriction import CellAverage, MassSolver, Restriction
 from dolfinx_mno.data.sample import ClosureSample, mesh_summary
 from dolfinx_mno.quadrature import operand_components, quadrature_points, quadrature_space
 from dolfinx_mno.torch_bridge import NUMPY_TO_TORCH
@@ -372,7 +372,7 @@ class ClosureSampler:
             raise ValueError(
                 "No fine tendency: pass fine_tendency to sample() or to the constructor."
             )
-        takes_expressions = getattr(self.tendency_restriction, "method", None) == "cell_average"
+        takes_expressions = isinstance(self.tendency_restriction, CellAverage)
         if fine_tendency is not None and not isinstance(fine_tendency, fem.Function):
             if not (takes_expressions and isinstance(fine_tendency, ufl.core.expr.Expr)):
                 raise TypeError(
