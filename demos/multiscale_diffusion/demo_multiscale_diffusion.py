@@ -293,19 +293,8 @@ training_loadings = {
 fine = unit_square(fine_cells)
 coarse = unit_square(coarse_cells)
 a_fine = resolved_conductivity(fine)
-
 V_fine = fem.functionspace(fine, ("Lagrange", 1))
-u_fine, f_fine, g_fine = (fem.Function(V_fine, name=n) for n in ("u_fine", "f", "g"))
-u, v = ufl.TrialFunction(V_fine), ufl.TestFunction(V_fine)
-fine_problem = LinearProblem(
-    ufl.inner(a_fine * ufl.grad(u), ufl.grad(v)) * ufl.dx,
-    f_fine * v * ufl.dx,
-    bcs=[fem.dirichletbc(g_fine, boundary_dofs(V_fine))],
-    u=u_fine,
-    petsc_options_prefix="fine_",
-    petsc_options=direct_solver,
-    reuse_matrix=True,
-)
+W_coarse = fem.functionspace(coarse, ("DG", 0, (2,)))
 # -
 
 # **The filter.** The fine fields are piecewise constant on the fine cells: we interpolate
@@ -334,68 +323,94 @@ fine_problem = LinearProblem(
 # coarse flux $\bar a \bar g$. The closure's input is $\bar g$ itself. Both fields are
 # constant on a coarse cell, so one point per cell (degree 0) carries all the information.
 #
-# We pass $\bar g$ as its two components $\bar g \cdot e_i$ rather than as one vector
-# operand: the sampler of this version of the package loses the components of a single
-# vector operand (`[filtered_gradient]` or `[ufl.grad(u)]`: UFL simplifies the stacked
-# components back to the vector), and `sample()` then fails a shape check. The input
-# columns are the same.
+# **The data.** One fine solve per training loading, then the gradient and the flux are
+# filtered and one sample is appended to the HDF5 file. The writer gathers each sample on
+# rank 0 in global cell order, so the file does not depend on the number of ranks. The
+# reader is serial: rank 0 reads and broadcasts, and
+# {py:func}`~dolfinx_mno.training.shard` later gives each rank a contiguous block of the
+# rows, which is what `fit` expects of its per-rank samples. The checkerboard below uses
+# the same function with its own fine mesh, conductivity and element.
+
 
 # +
-W_fine = fem.functionspace(fine, ("DG", 0, (2,)))
-W_coarse = fem.functionspace(coarse, ("DG", 0, (2,)))
-fine_gradient = fem.Function(W_fine, name="grad_u_fine")
-fine_flux = fem.Function(W_fine, name="flux_fine")
-gradient_expression = fem.Expression(ufl.grad(u_fine), W_fine.element.interpolation_points)
-flux_expression = fem.Expression(a_fine * ufl.grad(u_fine), W_fine.element.interpolation_points)
+def training_data(fine_mesh, conductivity, degree, gradient_degree, mean, path, attributes):
+    """Fine solves of the training loadings, filtered into closure samples in `path`.
 
-filtered_gradient = fem.Function(W_coarse, name="filtered_gradient")
-sampler = ClosureSampler(
-    CellAverage(W_coarse, fine),  # R: exact coarse-cell means
-    filtered_gradient,  # ḡ = R(grad u_f), overwritten by each sample
-    [ufl.dot(filtered_gradient, e) for e in ufl.unit_vectors(2)],  # the input ḡ
-    a_mean * filtered_gradient,  # the known coarse flux ā ḡ
-    quadrature_degree=0,
-)
-# -
+    Args:
+        fine_mesh: The fine mesh, nested in `coarse`.
+        conductivity: The resolved conductivity on `fine_mesh`.
+        degree: Lagrange degree of the fine solution.
+        gradient_degree: Degree of the discontinuous space the fine gradient and flux are
+            interpolated into before filtering.
+        mean: The coarse model's mean conductivity (the known coarse flux is mean * ḡ).
+        path: The HDF5 file.
+        attributes: Metadata for the file.
 
-# Solve, filter, and append one sample per loading to the HDF5 file. The writer gathers
-# each sample on rank 0 in global cell order, so the file does not depend on the number of
-# ranks.
+    Returns:
+        Inputs ḡ and targets q on every rank, the fine solve times and the data sizes.
+    """
+    V = fem.functionspace(fine_mesh, ("Lagrange", degree))
+    u_f, f_f, g_f = (fem.Function(V, name=n) for n in ("u_fine", "f", "g"))
+    u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
+    problem = LinearProblem(
+        ufl.inner(conductivity * ufl.grad(u), ufl.grad(v)) * ufl.dx,
+        f_f * v * ufl.dx,
+        bcs=[fem.dirichletbc(g_f, boundary_dofs(V))],
+        u=u_f,
+        petsc_options_prefix=f"fine_{degree}_{gradient_degree}_",
+        petsc_options=direct_solver,
+        reuse_matrix=True,
+    )
+    W_fine = fem.functionspace(fine_mesh, ("DG", gradient_degree, (2,)))
+    gradient, flux = fem.Function(W_fine), fem.Function(W_fine)
+    expressions = [
+        fem.Expression(e, W_fine.element.interpolation_points)
+        for e in (ufl.grad(u_f), conductivity * ufl.grad(u_f))
+    ]
+    filtered_gradient = fem.Function(W_coarse, name="filtered_gradient")
+    sampler = ClosureSampler(
+        CellAverage(W_coarse, fine_mesh),  # R: exact coarse-cell means
+        filtered_gradient,  # ḡ = R(grad u_f), overwritten by each sample
+        [filtered_gradient],  # the input ḡ
+        mean * filtered_gradient,  # the known coarse flux
+        quadrature_degree=0,
+    )
+    seconds = []
+    with ClosureDataWriter.from_sampler(
+        path, sampler, fine_mesh=fine_mesh, attributes=attributes, mode="w"
+    ) as writer:
+        for f_source, g_boundary in training_loadings.values():
+            f_f.interpolate(f_source)
+            g_f.interpolate(g_boundary)
+            seconds.append(timed(problem.solve, 1))
+            gradient.interpolate(expressions[0])
+            flux.interpolate(expressions[1])
+            writer.append(sampler.sample(gradient, fine_tendency=flux))
+    if comm.rank == 0:
+        with ClosureDataReader(path) as data:
+            read = data.inputs(), data.targets()  # (S * P, 2), (S * P, 2)
+            sizes = {"num_samples": data.num_samples, "num_points": data.num_points}
+    else:
+        read = sizes = None
+    (inputs, targets), sizes = comm.bcast((read, sizes), root=0)
+    return inputs, targets, seconds, sizes
 
-# +
-fine_seconds = []
-with ClosureDataWriter.from_sampler(
-    data_path,
-    sampler,
-    fine_mesh=fine,
+
+inputs, targets, fine_seconds, data_info = training_data(
+    fine,
+    a_fine,
+    degree=1,
+    gradient_degree=0,  # midpoint values: the cell means of a bilinear function's gradient
+    mean=a_mean,
+    path=data_path,
     attributes={
         "problem": "-div(a(x/eps) grad u) = f, laminate",
         "epsilon": epsilon,
         "conductivities": [a1, a2],
         "loadings": list(training_loadings),
     },
-    mode="w",
-) as writer:
-    for f_source, g_boundary in training_loadings.values():
-        f_fine.interpolate(f_source)
-        g_fine.interpolate(g_boundary)
-        fine_seconds.append(timed(fine_problem.solve, 1))
-        fine_gradient.interpolate(gradient_expression)
-        fine_flux.interpolate(flux_expression)
-        writer.append(sampler.sample(fine_gradient, fine_tendency=fine_flux))
+)
 # -
-
-# Read the data back. The reader is serial: rank 0 reads and broadcasts, and
-# {py:func}`~dolfinx_mno.training.shard` gives each rank a contiguous block of the rows,
-# which is what `fit` expects of its per-rank samples.
-
-if comm.rank == 0:
-    with ClosureDataReader(data_path) as data:
-        inputs, targets = data.inputs(), data.targets()  # (S * P, 2), (S * P, 2)
-        data_info = {"num_samples": data.num_samples, "num_points": data.num_points}
-else:
-    inputs = targets = data_info = None
-inputs, targets, data_info = comm.bcast((inputs, targets, data_info), root=0)
 
 # ## Step 2: fit and save the closure model
 #
@@ -412,40 +427,50 @@ inputs, targets, data_info = comm.bcast((inputs, targets, data_info), root=0)
 # $v \in V_{h,0}$); we report it anyway. Training is seeded and data-parallel; its result
 # does not depend on the number of ranks.
 
+
 # +
-input_scale = np.sqrt(np.mean(inputs**2))
-target_scale = np.sqrt(np.mean(targets**2))
-tic = time.perf_counter()
-result = fit(
-    MLP(2, 2, hidden_features=[], seed=0),
-    shard(inputs / input_scale, comm),
-    shard(targets / target_scale, comm),
-    comm=comm,
-    normalize=False,  # scaled above
-    epochs=400,
-    batch_size=32,
-    chunk_size=16,
-    learning_rate=1e-2,
-    patience=50,
-    seed=0,
-    progress=False,
-)
-fit_seconds = comm.allreduce(time.perf_counter() - tic, op=MPI.MAX)
-model = mno.NormalizedModel(
-    result.model,
-    mno.AffineNormalization(shift=0.0, scale=input_scale, width=2),
-    mno.AffineNormalization(shift=0.0, scale=target_scale, width=2),
-)
-save_model(
+def fit_flux_closure(inputs, targets, path, metadata):
+    """Fit a linear layer to the scaled samples and save it with its scales to `path`.
+
+    Returns the fit result (its model works on scaled values) and the fit time.
+    """
+    input_scale = np.sqrt(np.mean(inputs**2))
+    target_scale = np.sqrt(np.mean(targets**2))
+    tic = time.perf_counter()
+    result = fit(
+        MLP(2, 2, hidden_features=[], seed=0),
+        shard(inputs / input_scale, comm),
+        shard(targets / target_scale, comm),
+        comm=comm,
+        normalize=False,  # scaled above
+        epochs=400,
+        batch_size=32,
+        chunk_size=16,
+        learning_rate=1e-2,
+        patience=50,
+        seed=0,
+        progress=False,
+    )
+    seconds = comm.allreduce(time.perf_counter() - tic, op=MPI.MAX)
+    model = mno.NormalizedModel(
+        result.model,
+        mno.AffineNormalization(shift=0.0, scale=input_scale, width=2),
+        mno.AffineNormalization(shift=0.0, scale=target_scale, width=2),
+    )
+    save_model(path, model, metadata=metadata, comm=comm)
+    return result, seconds
+
+
+result, fit_seconds = fit_flux_closure(
+    inputs,
+    targets,
     model_path,
-    model,
     metadata={
         "operands": ["grad(u)"],
         "value_shape": [2],
         "quadrature_degree": quadrature_degree,
         "closure": "filtered flux minus a_mean * filtered gradient",
     },
-    comm=comm,
 )
 # -
 
@@ -814,85 +839,26 @@ fine_checker = unit_square(checker_fine_cells)
 b_fine = fem.Function(fem.functionspace(fine_checker, ("DG", 0)), name="b")
 b_fine.interpolate(checkerboard)
 V_checker = fem.functionspace(fine_checker, ("Lagrange", checker_degree))
-u_checker, f_checker, g_checker = (fem.Function(V_checker) for _ in range(3))
-u, v = ufl.TrialFunction(V_checker), ufl.TestFunction(V_checker)
-checker_problem = LinearProblem(
-    ufl.inner(b_fine * ufl.grad(u), ufl.grad(v)) * ufl.dx,
-    f_checker * v * ufl.dx,
-    bcs=[fem.dirichletbc(g_checker, boundary_dofs(V_checker))],
-    u=u_checker,
-    petsc_options_prefix="fine_checker_",
-    petsc_options=direct_solver,
-    reuse_matrix=True,
-)
-W_checker = fem.functionspace(fine_checker, ("DG", checker_degree, (2,)))
-checker_gradient, checker_flux = fem.Function(W_checker), fem.Function(W_checker)
-checker_expressions = [
-    fem.Expression(e, W_checker.element.interpolation_points)
-    for e in (ufl.grad(u_checker), b_fine * ufl.grad(u_checker))
-]
-checker_filtered = fem.Function(W_coarse, name="filtered_gradient")
-checker_sampler = ClosureSampler(
-    CellAverage(W_coarse, fine_checker),
-    checker_filtered,
-    [ufl.dot(checker_filtered, e) for e in ufl.unit_vectors(2)],
-    b_mean * checker_filtered,
-    quadrature_degree=0,
-)
-checker_data_path = output_dir / "closure_data_checkerboard.h5"
-checker_fine_seconds = []
-with ClosureDataWriter.from_sampler(
-    checker_data_path,
-    checker_sampler,
-    fine_mesh=fine_checker,
+checker_inputs, checker_targets, checker_fine_seconds, _ = training_data(
+    fine_checker,
+    b_fine,
+    degree=checker_degree,
+    gradient_degree=checker_degree,
+    mean=b_mean,
+    path=output_dir / "closure_data_checkerboard.h5",
     attributes={"problem": "checkerboard", "epsilon": epsilon, "conductivities": [b1, b2]},
-    mode="w",
-) as writer:
-    for f_source, g_boundary in training_loadings.values():
-        f_checker.interpolate(f_source)
-        g_checker.interpolate(g_boundary)
-        checker_fine_seconds.append(timed(checker_problem.solve, 1))
-        checker_gradient.interpolate(checker_expressions[0])
-        checker_flux.interpolate(checker_expressions[1])
-        writer.append(checker_sampler.sample(checker_gradient, fine_tendency=checker_flux))
+)
 checker_data_seconds = comm.allreduce(time.perf_counter() - tic, op=MPI.MAX)
-if comm.rank == 0:
-    with ClosureDataReader(checker_data_path) as data:
-        checker_inputs, checker_targets = data.inputs(), data.targets()
-else:
-    checker_inputs = checker_targets = None
-checker_inputs, checker_targets = comm.bcast((checker_inputs, checker_targets), root=0)
 # -
 
 # The fit is the laminate's: one linear layer, fixed scales, saved with its scales.
 
 # +
-scales = (np.sqrt(np.mean(checker_inputs**2)), np.sqrt(np.mean(checker_targets**2)))
-tic = time.perf_counter()
-checker_result = fit(
-    MLP(2, 2, hidden_features=[], seed=0),
-    shard(checker_inputs / scales[0], comm),
-    shard(checker_targets / scales[1], comm),
-    comm=comm,
-    normalize=False,
-    epochs=400,
-    batch_size=32,
-    chunk_size=16,
-    learning_rate=1e-2,
-    patience=50,
-    seed=0,
-    progress=False,
-)
-checker_fit_seconds = comm.allreduce(time.perf_counter() - tic, op=MPI.MAX)
-save_model(
+checker_result, checker_fit_seconds = fit_flux_closure(
+    checker_inputs,
+    checker_targets,
     checker_model_path,
-    mno.NormalizedModel(
-        checker_result.model,
-        mno.AffineNormalization(shift=0.0, scale=scales[0], width=2),
-        mno.AffineNormalization(shift=0.0, scale=scales[1], width=2),
-    ),
     metadata={"operands": ["grad(u)"], "value_shape": [2], "closure": "checkerboard flux"},
-    comm=comm,
 )
 B_least_squares = (
     b_mean * np.eye(2) + np.linalg.lstsq(checker_inputs, checker_targets, rcond=None)[0].T
