@@ -85,6 +85,7 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
         super().__init__(F, u, petsc_options_prefix=petsc_options_prefix, bcs=bcs, J=J, **kwargs)
         self._state = self.x.duplicate()
         self._state_valid = False
+        self._callback_error: Exception | None = None  # the last failed closure update
         residual_ctx = {"u": u, "residual": self.F, "jacobian": self.J, "bcs": bcs or []}
         jacobian_ctx = {
             "u": u,
@@ -118,14 +119,26 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
         return bool(same)
 
     def _residual(self, snes, x, b, **ctx) -> None:
-        self._update_closures(x, ctx["u"])
+        try:
+            self._update_closures(x, ctx["u"])
+        except Exception as err:
+            # An exception raised through PETSc becomes a bare error code and leaves
+            # PETSc objects locked. A NaN residual instead makes SNES reject the iterate
+            # (a line search may try a shorter step) or stop; solve() raises the error if
+            # SNES did not converge after all.
+            self._callback_error = err
+            b.set(float("nan"))
+            return
         _fem_petsc.assemble_residual(snes, x, b, **ctx)
 
     def _jacobian(self, snes, x, A, P, **ctx) -> None:
         # SNES normally evaluates the residual at x just before; re-evaluate otherwise
         # (e.g. after a line search that ended on another point).
         if not self._same_state(x):
-            self._update_closures(x, ctx["u"])
+            try:
+                self._update_closures(x, ctx["u"])
+            except Exception as err:  # the closures keep their last values
+                self._callback_error = err
         if A.getType() == PETSc.Mat.Type.MFFD:  # type: ignore[attr-defined]
             # -snes_mf_operator: the Jacobian action is matrix-free (differences of the
             # residual, which re-evaluates every closure); the assembled Jacobian, with
@@ -136,9 +149,21 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
         _fem_petsc.assemble_jacobian(snes, x, A, P, **ctx)
 
     def solve(self) -> fem.Function:
-        """Solve; returns ``u``. Check ``self.solver.getConvergedReason() > 0``."""
+        """Solve; returns ``u``. Check ``self.solver.getConvergedReason() > 0``.
+
+        Raises:
+            ClosureEvaluationError: Newton did not converge and a closure update had
+                failed on the way (raised on every rank; ``u`` holds the last iterate).
+                An update that fails at a trial point of the line search only shortens
+                the step.
+        """
         self._state_valid = False
-        return typing.cast(fem.Function, super().solve())
+        self._callback_error = None
+        u = typing.cast(fem.Function, super().solve())
+        error, self._callback_error = self._callback_error, None
+        if error is not None and self.solver.getConvergedReason() <= 0:
+            raise error
+        return u
 
     def __del__(self):
         """Destroy the PETSc objects (nothing to do if construction failed early)."""

@@ -12,7 +12,7 @@ from dolfinx import fem, mesh
 
 import dolfinx_mno as mno
 from dolfinx_mno.petsc import LinearProblem, NonlinearProblem
-from dolfinx_mno.timestepping import IMEXStepper
+from dolfinx_mno.timestepping import IMEXStepper, ImplicitStepper
 
 DIRECT = {"ksp_type": "preonly", "pc_type": "lu", "pc_factor_mat_solver_type": "mumps"}
 
@@ -252,3 +252,90 @@ def test_reuse_matrix_refuses_closures_in_matrix():
     a = (1 + closure) * u * v * closure.dx
     with pytest.raises(ValueError, match="without closures"):
         LinearProblem(a, u_n * v * ufl.dx, reuse_matrix=True, petsc_options_prefix="r_")
+
+
+class Poisoned(torch.nn.Module):
+    """FluxModel that returns NaN once ``poisoned`` is set: makes Newton fail on demand."""
+
+    def __init__(self):
+        super().__init__()
+        self.flux = FluxModel()
+        self.poisoned = False
+
+    def forward(self, x):
+        q = self.flux(x)
+        return q * torch.nan if self.poisoned else q
+
+
+def _implicit_heat(V, use_closure, model=None, prefix="implicit"):
+    """Backward Euler for u_t = div q(u, ∇u) + f(t), u = 0 on the boundary."""
+    msh = V.mesh
+    dt = 0.02
+    u_n = fem.Function(V)
+    u_n.interpolate(lambda x: 2 * np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]))
+    uh = fem.Function(V)
+    uh.x.array[:] = u_n.x.array
+    v = ufl.TestFunction(V)
+    time = fem.Constant(msh, PETSc.ScalarType(0.0))
+    x = ufl.SpatialCoordinate(msh)
+    f = 5.0 * ufl.cos(10 * time) * ufl.sin(ufl.pi * x[0]) + 2.0
+    F = ((uh - u_n) / dt - f) * v * ufl.dx
+    if use_closure:
+        closure = mno.Closure(model or FluxModel().double(), [uh, ufl.grad(uh)], (2,), 2)
+        F += ufl.inner(closure, ufl.grad(v)) * closure.dx
+    else:
+        F += ufl.inner(flux_ufl(uh), ufl.grad(v)) * ufl.dx(metadata={"quadrature_degree": 2})
+    options = {"snes_rtol": 1e-12, "snes_atol": 1e-13, **DIRECT}
+    problem = NonlinearProblem(
+        F, uh, bcs=[_boundary_bc(V)], petsc_options=options, petsc_options_prefix=prefix
+    )
+    return ImplicitStepper(problem, uh, u_n, dt=dt, time=time), time
+
+
+@pytest.mark.mpi
+def test_implicit_stepper_matches_pure_ufl():
+    """Backward Euler with a nonlinear flux closure equals the same scheme in UFL."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 12, 12)
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    results, iterations = [], []
+    for use_closure in (True, False):
+        stepper, time = _implicit_heat(V, use_closure, prefix=f"implicit{int(use_closure)}_")
+        counts: list[int] = []
+        t = stepper.run(
+            4,
+            callback=lambda s, counts=counts: counts.append(s.problem.solver.getIterationNumber()),
+            progress=False,
+        )
+        assert t == pytest.approx(4 * stepper.dt) and time.value == pytest.approx(t)
+        assert stepper.num_steps == 4
+        results.append(stepper.u_previous.x.array.copy())
+        iterations.append(counts)
+    assert iterations[0] == iterations[1] and min(iterations[0]) >= 3  # genuinely nonlinear
+    comm = msh.comm
+    scale = comm.allreduce(np.max(np.abs(results[1])), op=MPI.MAX)
+    diff = comm.allreduce(np.max(np.abs(results[0] - results[1])), op=MPI.MAX)
+    assert scale > 0.5
+    assert diff <= 1e-10 * scale
+
+
+@pytest.mark.mpi
+def test_implicit_stepper_failure_keeps_state():
+    """A step whose Newton solve fails raises on every rank and leaves u, u_n and t alone."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 8, 8)
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    model = Poisoned().double()
+    stepper, time = _implicit_heat(V, True, model=model, prefix="poisoned_")
+    stepper.step()
+    state = stepper.u_previous.x.array.copy()
+    model.poisoned = True
+    with pytest.raises(mno.ClosureEvaluationError, match="returned NaN/Inf") as info:
+        stepper.step()
+    assert "from t = 0.02 to t = 0.04" in info.value.__notes__[0]
+    assert stepper.num_steps == 1
+    assert stepper.t == pytest.approx(0.02) and time.value == pytest.approx(0.02)
+    np.testing.assert_array_equal(stepper.u_previous.x.array, state)
+    np.testing.assert_array_equal(stepper.u.x.array, state)
+    model.poisoned = False  # the stepper goes on from where it was
+    assert stepper.step() == pytest.approx(0.04)
+    with pytest.raises(ValueError, match="time step must be positive"):
+        ImplicitStepper(stepper.problem, stepper.u, stepper.u_previous, dt=0.0)
