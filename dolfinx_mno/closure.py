@@ -14,7 +14,7 @@ function → ``scatter_forward`` to make ghosts consistent.
 
 For implicit (Newton) coupling, :func:`derivative` replaces :func:`ufl.derivative`: it adds
 the linearisation of every closure, ``δclosure = T · δ(operands)``, where the tangent
-``T = ∂closure/∂operands`` is computed by ``torch.func`` at the quadrature points and
+``T = ∂closure/∂operands`` is computed by reverse-mode autograd at the quadrature points and
 stored in :attr:`Closure.tangent`.
 """
 

@@ -210,28 +210,37 @@ class PointwiseEvaluator:
     def _values_and_tangent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Values ``(n, num_outputs)`` and tangent ``(n, num_outputs, num_inputs)`` at ``x``.
 
-        One forward-mode pass per input component: for a pointwise model the directional
-        derivative along the unit vector ``e_i`` in every row is column ``i`` of every
-        point's Jacobian. This avoids ``vmap`` (not every model or torch version batches
-        forward-mode AD) and keeps memory at one chunk per pass.
+        Reverse mode, one backward pass per output component over one forward pass: for a
+        pointwise model the gradient of the sum of output ``j`` over the rows is row ``j``
+        of every point's Jacobian. Closures have few outputs, and torch's reverse mode is
+        much cheaper than its forward mode for small models (a linear layer with
+        normalisation on 1024 points: 0.2 ms against 2.4 ms for ``torch.func.jvp`` per
+        input; an MLP 64x64: 1.4 against 4.0 ms).
         """
         n = x.shape[0]
-        direction = self._direction[:n]
-        columns = []
-        y = x
-        for i in range(self.num_inputs):
-            direction.zero_()
-            direction[:, i] = 1
-            y, dy = torch.func.jvp(self.model, (x,), (direction,))  # type: ignore[misc]
-            columns.append(dy.reshape(n, -1))
-        return y.reshape(n, -1), torch.stack(columns, dim=-1)
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            y = self.model(x).reshape(n, -1)
+            if not y.requires_grad:  # the model does not depend on its inputs
+                return y.detach(), x.new_zeros((n, y.shape[1], self.num_inputs))
+            rows = []
+            for j in range(y.shape[1]):
+                (row,) = torch.autograd.grad(
+                    y[:, j].sum(),
+                    x,
+                    retain_graph=j < y.shape[1] - 1,
+                    allow_unused=True,
+                    materialize_grads=True,
+                )
+                rows.append(row)
+        return y.detach(), torch.stack(rows, dim=1)
 
     def evaluate(self, tangent: bool = False) -> None:
         """Evaluate the model on :attr:`inputs`, writing :attr:`outputs` (and :attr:`tangents`).
 
         Args:
-            tangent: Also compute ``∂output/∂input`` per point by forward-mode autograd
-                (``torch.func.jvp``, one pass per input component).
+            tangent: Also compute ``∂output/∂input`` per point by reverse-mode autograd
+                (one backward pass per output component).
         """
         if tangent and self._tangents is None:
             self._tangents = torch.empty(
@@ -239,9 +248,8 @@ class PointwiseEvaluator:
                 dtype=self._outputs.dtype,
                 pin_memory=self._non_blocking,
             )
-            self._direction = torch.zeros_like(self._chunk_inputs)
         nb = self._non_blocking
-        # Forward-mode AD needs dual tensors, which inference mode forbids; no_grad suffices.
+        # Autograd needs tensors that inference mode forbids; the tangent enables grad itself.
         with torch.no_grad() if tangent else torch.inference_mode():
             for start in range(0, self.num_points, self.batch_size):
                 stop = min(start + self.batch_size, self.num_points)

@@ -124,3 +124,36 @@ def test_closure_is_a_coefficient():
     stages = {"operands", "model", "check", "write", "scatter", "total"}
     assert set(closure.timings) == stages
     assert closure.timings["total"] >= sum(closure.timings[s] for s in stages - {"total"}) * 0.99
+
+
+class FirstInputOnly(torch.nn.Module):
+    """q(u, ∇u) = (u², 1): no dependence on ∇u, and none at all in the second output."""
+
+    def forward(self, x):
+        return torch.stack([x[:, 0] ** 2, torch.ones_like(x[:, 0])], dim=1)
+
+
+class Constant(torch.nn.Module):
+    """q = (1, 2) whatever the inputs: the output does not require grad."""
+
+    def forward(self, x):
+        return torch.tensor([1.0, 2.0], dtype=x.dtype).expand(x.shape[0], 2)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("model", [FirstInputOnly(), Constant()], ids=["partial", "constant"])
+def test_tangent_of_unused_inputs_is_zero(model):
+    """Inputs a model ignores get exact zero tangent columns, not an autograd error."""
+    msh = CELLS["triangle"]()
+    u = fem.Function(fem.functionspace(msh, ("Lagrange", 1)))
+    u.interpolate(lambda x: 1.0 + x[0] + 2 * x[1])
+    closure = mno.Closure(model, [u, ufl.grad(u)], (2,), quadrature_degree=2, tangent=True)
+    closure.update()
+    values = closure.x.array.reshape(-1, 2)
+    tangent = closure.tangent.x.array.reshape(-1, 2, 3)
+    expected = np.zeros_like(tangent)
+    if isinstance(model, FirstInputOnly):
+        expected[:, 0, 0] = 2 * np.sqrt(values[:, 0])  # d(u²)/du = 2u
+    second = 1.0 if isinstance(model, FirstInputOnly) else 2.0
+    np.testing.assert_array_equal(values[:, 1], second)  # the values are there too
+    np.testing.assert_allclose(tangent, expected, rtol=1e-14, atol=1e-14)
