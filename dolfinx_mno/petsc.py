@@ -11,6 +11,15 @@ contains at the right moment:
 
 Both check that closures are integrated with their own quadrature rule
 (:func:`dolfinx_mno.check_form`) before compiling anything.
+
+**Destruction.** Destroying a parallel PETSc object is collective (MUMPS, for one, frees
+its factors collectively). DOLFINx's problems destroy their objects in ``__del__``, and
+the garbage collector may finalise problems in a different order on different ranks (at
+exit, or when it collects reference cycles): two ranks then wait in two different
+destroys forever. These subclasses do not destroy in ``__del__``; the dropped petsc4py
+objects go to PETSc's queue of delayed destruction, which
+``PETSc.garbage_cleanup(comm)`` (collective) and ``PetscFinalize`` empty safely. Call
+``garbage_cleanup`` in a long loop that creates and drops many problems.
 """
 
 from __future__ import annotations
@@ -166,11 +175,7 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
         return u
 
     def __del__(self):
-        """Destroy the PETSc objects (nothing to do if construction failed early)."""
-        if getattr(self, "_state", None) is not None:
-            self._state.destroy()
-        if hasattr(self, "_snes"):
-            super().__del__()
+        """Leave the PETSc objects to petsc4py's delayed destruction (see module notes)."""
 
 
 class LinearProblem(_fem_petsc.LinearProblem):
@@ -224,9 +229,7 @@ class LinearProblem(_fem_petsc.LinearProblem):
         return list(self._closures)
 
     def __del__(self):
-        """Destroy the PETSc objects (nothing to do if construction failed early)."""
-        if hasattr(self, "_solver"):
-            super().__del__()
+        """Leave the PETSc objects to petsc4py's delayed destruction (see module notes)."""
 
     def solve(self, update_closures: bool = True) -> fem.Function:
         """Update the closures, assemble and solve; returns the solution.

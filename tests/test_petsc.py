@@ -1,5 +1,9 @@
 """Solvers with closures: Newton iteration counts, convergence rates and IMEX steps."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 from mpi4py import MPI
 from petsc4py import PETSc
 
@@ -14,6 +18,8 @@ import dolfinx_mno as mno
 from dolfinx_mno.petsc import LinearProblem, NonlinearProblem
 from dolfinx_mno.timestepping import IMEXStepper, ImplicitStepper
 
+MPIRUN = Path(sys.executable).parent / "mpirun"
+DESTROY_JOB = Path(__file__).with_name("destroy_order_job.py")
 DIRECT = {"ksp_type": "preonly", "pc_type": "lu", "pc_factor_mat_solver_type": "mumps"}
 
 
@@ -339,3 +345,15 @@ def test_implicit_stepper_failure_keeps_state():
     assert stepper.step() == pytest.approx(0.04)
     with pytest.raises(ValueError, match="time step must be positive"):
         ImplicitStepper(stepper.problem, stepper.u, stepper.u_previous, dt=0.0)
+
+
+@pytest.mark.skipif(not MPIRUN.exists(), reason="needs mpirun next to the Python executable")
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_rank_dependent_drop_order_does_not_deadlock(ranks):
+    """Problems finalised in a different order on each rank (as the GC may) do not hang."""
+    if MPI.COMM_WORLD.size > 1:
+        pytest.skip("starts its own MPI job; run it from the serial session")
+    command = [str(MPIRUN), "-n", str(ranks), sys.executable, str(DESTROY_JOB)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("done") == ranks  # lines of ranks may interleave
