@@ -248,9 +248,9 @@ class Heat:
         p, x, t = self.parameters, ufl.SpatialCoordinate(msh), self.time
         angle = p["omega"] * t + p["phi"]
         centre = p["c0"] + p["r"] * ufl.as_vector([ufl.cos(angle), ufl.sin(angle)])
-        self.f = p["A"] * ufl.exp(-30.0 * ufl.dot(x - centre, x - centre)) + p["B"] * ufl.sin(
-            2 * ufl.pi * x[0]
-        ) * ufl.sin(ufl.pi * x[1]) * ufl.cos(p["omega"] * t)
+        gaussian = ufl.exp(-30.0 * ufl.dot(x - centre, x - centre))
+        wave = ufl.sin(2 * ufl.pi * x[0]) * ufl.sin(ufl.pi * x[1]) * ufl.cos(p["omega"] * t)
+        self.f = p["A"] * gaussian + p["B"] * wave
         self.g = fem.Function(V, name="g")
         self.u_n = fem.Function(V, name="u_n")
         self.u = fem.Function(V, name="u")
