@@ -27,9 +27,11 @@
 # - check the learned closure against homogenisation theory, compare accuracy and cost with
 #   coarse solves without closure and with solves that resolve the microstructure, and use
 #   the same closure on another domain (a plate with holes, unstructured triangles),
-# - do the same for a second microstructure, a checkerboard, whose effective tensor
-#   $\sqrt{b_1 b_2}\, I$ is known exactly, and separate the closure's error from the fine
-#   discretisation's.
+# - mesh that plate with gmsh so that the fine mesh conforms to the microstructure: cut it
+#   along every phase interface (`gmsh.model.occ.fragment` with lines),
+# - do the same, on both domains, for a second microstructure, a checkerboard, whose
+#   effective tensor $\sqrt{b_1 b_2}\, I$ is known exactly, and separate the closure's error
+#   from the fine discretisation's.
 #
 # Run it with `python demo_multiscale_diffusion.py` or `mpirun -n 2 python
 # demo_multiscale_diffusion.py`; `--quick` (used by CI) runs a smaller problem in seconds.
@@ -47,8 +49,9 @@
 # $$
 #
 # We solve the **steady** problem. The transient one, $u_t = \nabla\cdot(a\nabla u) + f$,
-# has the same closure: the flux closure below is instantaneous, and adding
-# $\int_\Omega u_t v \,\mathrm{d}x$ to every form changes nothing else.
+# has the same closure (the flux closure below is instantaneous); {doc}`the transient
+# demo <demo_transient_diffusion>` learns it from fine trajectories and couples it
+# implicitly in time.
 #
 # The microstructure is a **laminate**: stripes normal to $x_1$ with conductivity $a_2$
 # in the middle half of each period and $a_1$ elsewhere,
@@ -226,10 +229,10 @@ def timed(solve, repeats):
     return best
 
 
-def resolved_conductivity(msh):
-    """a(x / ε) as a piecewise constant on a mesh whose cells do not cut the stripes."""
-    a = fem.Function(fem.functionspace(msh, ("DG", 0)), name="a")
-    a.interpolate(conductivity)  # DG0: the value at the cell midpoint
+def resolved_conductivity(msh, law=conductivity, name="a"):
+    """The law a(x / ε), piecewise constant on a mesh whose cells do not cut the phases."""
+    a = fem.Function(fem.functionspace(msh, ("DG", 0)), name=name)
+    a.interpolate(law)  # DG0: the value at the cell midpoint
     return a
 
 
@@ -671,11 +674,17 @@ match = matching[0] if matching else "fine (reference)"
 # and the same test loading. The coarse runs are ā only, $A_\text{hom}$ and the closure.
 #
 # The reference is a fine solution on a triangle mesh of the plate that *conforms to the
-# stripes*: gmsh cuts the plate along every stripe interface and meshes it with cells of
-# size $\varepsilon/8$ (as many per period as the unit square's fine mesh; $\varepsilon/4$
-# with `--quick`), and the cell tags give $a$. (On a mesh that cuts the stripes, $a$ from
-# the cell midpoints converges slowly: on the unit square, triangles with 5 and 10 cells
-# per period gave errors of 6 % and 2 %.) The hole geometry below must be the one of
+# stripes*, made by `microstructure_mesh` below: gmsh's OpenCASCADE kernel cuts the plate
+# with a line along every stripe interface (`fragment`), so that each piece lies in one
+# phase, and meshes the pieces with cells of size $\varepsilon/8$ (as many per period as
+# the unit square's fine mesh; $\varepsilon/4$ with `--quick`). On such a mesh the value
+# of $a$ at each cell midpoint is exact, as on the unit square. (On a mesh that cuts the
+# stripes, $a$ from the cell midpoints converges slowly: on the unit square, triangles
+# with 5 and 10 cells per period gave errors of 6 % and 2 %.) The pieces of the lines
+# inside the holes bound no piece of the plate: their nodes are dropped. DOLFINx gets all
+# triangles as one gmsh surface, since reading thousands of surfaces one by one takes
+# seconds. Step 7 meshes the plate for the checkerboard with the same function, cut in
+# both directions. The hole geometry below must be the one of
 # `meshes/make_meshes.py`. The fine mesh's holes are rounder than the coarse mesh's
 # polygons, so a few coarse quadrature points near the holes lie outside the fine mesh, by
 # at most the polygons' sagitta ($h^2 / 8r \approx 7 \cdot 10^{-4}$); the projection takes
@@ -687,42 +696,57 @@ plate = gmshio.read_from_msh(plate_path, comm, 0, gdim=2).mesh
 holes = [(0.3, 0.35, 0.12), (0.68, 0.62, 0.15)]  # (x, y, radius), as in make_meshes.py
 
 
-def striped_plate(cell_size):
-    """The plate with holes cut along the stripe interfaces; returns (mesh, a)."""
+def microstructure_mesh(comm, width, holes, cell_size, directions):
+    """Triangles of [0, width]^2 minus circular holes, conforming to the microstructure.
+
+    gmsh cuts the domain along the phase interfaces x_i = (k + 1/4) ε and (k + 3/4) ε for
+    each i in `directions`, (0,) for the laminate's stripes and (0, 1) for the checkerboard's
+    squares, and meshes every piece with cells of size `cell_size` (on rank 0 of `comm`).
+    """
     gmsh.initialize()
     gmsh.option.setNumber("General.Terminal", 0)
     if comm.rank == 0:
         occ = gmsh.model.occ
-        square = occ.addRectangle(0, 0, 0, 1, 1)
-        disks = [(2, occ.addDisk(x, y, 0, r, r)) for x, y, r in holes]
-        domain, _ = occ.cut([(2, square)], disks)
-        stripes = [
-            (2, occ.addRectangle((k + 0.25) * epsilon, 0, 0, 0.5 * epsilon, 1))
-            for k in range(periods)
-        ]
-        occ.fragment(domain, stripes)
+        domain = [(2, occ.addRectangle(0, 0, 0, width, width))]
+        if holes:
+            domain, _ = occ.cut(domain, [(2, occ.addDisk(x, y, 0, r, r)) for x, y, r in holes])
+        offsets = epsilon * (np.arange(round(width / epsilon))[:, None] + [0.25, 0.75]).ravel()
+        interfaces = []
+        for i in directions:
+            for c in offsets:
+                ends = [(c, 0), (c, width)] if i == 0 else [(0, c), (width, c)]
+                points = [occ.addPoint(x, y, 0) for x, y in ends]
+                interfaces.append((1, occ.addLine(*points)))
+        occ.fragment(domain, interfaces)
         occ.synchronize()
-        phases = {1: [], 2: []}  # physical group = 1 for a1, 2 for a2
-        for dim, tag in gmsh.model.getEntities(2):
-            x = occ.getCenterOfMass(dim, tag)[0]
-            phases[2 if 0.25 <= np.mod(x / epsilon, 1.0) < 0.75 else 1].append(tag)
-        for group, tags in phases.items():
-            gmsh.model.addPhysicalGroup(2, tags, group)
         gmsh.option.setNumber("Mesh.CharacteristicLengthMin", cell_size)
         gmsh.option.setNumber("Mesh.CharacteristicLengthMax", cell_size)
         gmsh.model.mesh.generate(2)
-    data = gmshio.model_to_mesh(gmsh.model, comm, 0, gdim=2)
+        # The pieces of the lines inside the holes bound no surface: drop their nodes.
+        curves = gmsh.model.getBoundary(gmsh.model.getEntities(2), False, False)
+        points = gmsh.model.getBoundary(curves, False, False)
+        for dim, kept in ((1, set(curves)), (0, set(points))):
+            stray = [e for e in gmsh.model.getEntities(dim) if e not in kept]
+            if stray:  # (an empty list would clear the whole mesh)
+                gmsh.model.mesh.clear(stray)
+        gmsh.model.mesh.renumberNodes()
+        # Move all triangles to one surface: DOLFINx then reads one entity, not thousands.
+        _, triangles = gmsh.model.mesh.getElementsByType(2)
+        for _, piece in gmsh.model.getEntities(2):
+            gmsh.model.mesh.removeElements(2, piece)
+        surface = gmsh.model.addDiscreteEntity(2)
+        gmsh.model.mesh.addElementsByType(surface, 2, [], triangles)
+        gmsh.model.addPhysicalGroup(2, [surface], 1)
+    msh = gmshio.model_to_mesh(gmsh.model, comm, 0, gdim=2).mesh
     gmsh.finalize()
-    a = fem.Function(fem.functionspace(data.mesh, ("DG", 0)), name="a")
-    a.x.array[:] = a1
-    tags = data.cell_tags
-    a.x.array[a.function_space.dofmap.list[tags.indices[tags.values == 2], 0]] = a2
-    a.x.scatter_forward()
-    return data.mesh, a
+    return msh
 
 
 plate_cells_per_period = 4 if args.quick else fine_cells_per_period
-fine_plate, a_plate = striped_plate(epsilon / plate_cells_per_period)
+tic = time.perf_counter()
+fine_plate = microstructure_mesh(comm, 1.0, holes, epsilon / plate_cells_per_period, (0,))
+plate_mesh_seconds = comm.allreduce(time.perf_counter() - tic, op=MPI.MAX)
+a_plate = resolved_conductivity(fine_plate)
 u_plate_reference, plate_reference_seconds, plate_fine_dofs = solve_plain(
     fem.functionspace(fine_plate, ("Lagrange", 1)), lambda msh: a_plate, test_loading, "u_fine"
 )
@@ -805,19 +829,16 @@ def checkerboard(x):
     return np.where(inside[0] ^ inside[1], b2, b1)
 
 
-def cell_conductivity(cells_per_period, degree):
-    """The discrete effective conductivity of the period cell (serial, tiny)."""
-    cell = mesh.create_unit_square(
-        MPI.COMM_SELF, cells_per_period, cells_per_period, mesh.CellType.quadrilateral
-    )
-    b = fem.Function(fem.functionspace(cell, ("DG", 0)))
-    b.interpolate(lambda x: checkerboard(x * epsilon))  # one period, scaled to the unit square
+def cell_conductivity(cell, degree):
+    """The discrete effective conductivity of a mesh of whole periods, [0, w]^2 (serial)."""
+    width = cell.geometry.x[:, 0].max()
+    b = resolved_conductivity(cell, checkerboard, "b")
     V = fem.functionspace(cell, ("Lagrange", degree))
     u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
     g = fem.Function(V)
-    g.interpolate(lambda x: x[0])
+    g.interpolate(lambda x: x[0] / width)  # unit mean gradient across the block
     faces = mesh.locate_entities_boundary(
-        cell, 1, lambda x: np.isclose(x[0], 0.0) | np.isclose(x[0], 1.0)
+        cell, 1, lambda x: np.isclose(x[0], 0.0) | np.isclose(x[0], width)
     )
     problem = DolfinxLinearProblem(
         ufl.inner(b * ufl.grad(u), ufl.grad(v)) * ufl.dx,
@@ -827,17 +848,23 @@ def cell_conductivity(cells_per_period, degree):
         petsc_options=direct_solver,
     )
     u_h = problem.solve()
+    # The energy per unit area at unit mean gradient: w^-2 * ∫ b |∇u|² dx * w^2.
     return fem.assemble_scalar(fem.form(b * ufl.inner(ufl.grad(u_h), ufl.grad(u_h)) * ufl.dx))
 
 
-B_discrete = cell_conductivity(checker_cells_per_period, checker_degree)
+period_cell = mesh.create_rectangle(
+    MPI.COMM_SELF,
+    [[0.0, 0.0], [epsilon, epsilon]],
+    [checker_cells_per_period, checker_cells_per_period],
+    mesh.CellType.quadrilateral,
+)
+B_discrete = cell_conductivity(period_cell, checker_degree)
 discretisation_error = B_discrete / np.sqrt(b1 * b2) - 1.0
 
 tic = time.perf_counter()
 checker_fine_cells = periods * checker_cells_per_period
 fine_checker = unit_square(checker_fine_cells)
-b_fine = fem.Function(fem.functionspace(fine_checker, ("DG", 0)), name="b")
-b_fine.interpolate(checkerboard)
+b_fine = resolved_conductivity(fine_checker, checkerboard, "b")
 V_checker = fem.functionspace(fine_checker, ("Lagrange", checker_degree))
 checker_inputs, checker_targets, checker_fine_seconds, _ = training_data(
     fine_checker,
@@ -873,13 +900,14 @@ u_checker_reference, checker_reference_seconds, checker_fine_dofs = solve_plain(
     V_checker, lambda msh: b_fine, test_loading, "u_fine_checker"
 )
 checker_runs = {"fine (reference)": dict(dofs=checker_fine_dofs, seconds=checker_reference_seconds)}
+checker_models = {  # label: (function name, conductivity)
+    "b̄ only": ("u_mean_only", lambda msh: fem.Constant(msh, b_mean)),
+    "A_hom": ("u_hom", lambda msh: fem.Constant(msh, B_hom)),
+}
 checker_solutions = {}
-for label, conductivity_of in (
-    ("b̄ only", lambda msh: fem.Constant(msh, b_mean)),
-    ("A_hom", lambda msh: fem.Constant(msh, B_hom)),
-):
+for label, (name, conductivity_of) in checker_models.items():
     checker_solutions[label], seconds, dofs = solve_plain(
-        V_coarse, conductivity_of, test_loading, "u_checker", 5
+        V_coarse, conductivity_of, test_loading, name, 5
     )
     checker_runs[label] = dict(dofs=dofs, seconds=seconds)
 checker_solutions["closure"], seconds, checker_newton_iterations, checker_closure = solve_closure(
@@ -901,10 +929,84 @@ checker_closure_vs_hom = l2_norm(
 ) / l2_norm(checker_solutions["A_hom"].x.array, V_coarse)
 # -
 
+# ## Step 7: the checkerboard on the plate with holes
+#
+# The checkerboard's closure is a local law too, so it runs unchanged on the plate of
+# Step 5: the same coarse mesh and space $V_h$, the same test loading and projection, and
+# the coarse runs b̄ only, $A_\text{hom}$ and the learned closure.
+#
+# **The fine reference.** Its mesh must conform to the squares: `microstructure_mesh`
+# cuts the plate along the interfaces in both directions, into the squares and the pieces
+# of squares that the holes and the outer boundary leave (3,815 pieces at
+# $\varepsilon = 1/32$, 14,875 at $1/64$), and meshes them with triangles. The
+# conductivity is the value at each cell midpoint, as on the unit square. On triangles we
+# take $P_2$ elements and choose the cell size from the discrete effective conductivity,
+# computed as in Step 6 but on a block of $8 \times 8$ periods meshed by the same function
+# (its faces are symmetry lines like the period cell's, and its squares are meshed like the
+# plate's away from the holes). Relative excess over $\sqrt{b_1 b_2}$:
+#
+# | cell size | triangles per period | $P_1$ | $P_2$ |
+# |:--|--:|--:|--:|
+# | $\varepsilon/2$ | 18 | 14.9 % | 2.6 % |
+# | $\varepsilon/4$ | 57 | 6.0 % | 1.18 % |
+# | $\varepsilon/6$ | 105 | 3.8 % | 0.74 % |
+# | $\varepsilon/8$ | 170 | 2.6 % | 0.50 % |
+# | $\varepsilon/12$ | 365 | 1.5 % | 0.29 % |
+#
+# We take $P_2$ with cells of size $\varepsilon/4$ (two edges per side of a square),
+# 1.18 % above $\sqrt 3$ (a single period cell, whose faces cut squares, gives 1.07 %), as
+# close as the unit square's $Q_2$ (0.90 %): 203,869 triangles and 409,358 unknowns at
+# $\varepsilon = 1/64$ (51,268 and 103,347 with `--quick`). The demo recomputes the
+# block's value.
+
+# +
+checker_plate_cells_per_period = 4  # cell size ε/4
+tic = time.perf_counter()
+checker_plate = microstructure_mesh(
+    comm, 1.0, holes, epsilon / checker_plate_cells_per_period, (0, 1)
+)
+checker_plate_mesh_seconds = comm.allreduce(time.perf_counter() - tic, op=MPI.MAX)
+b_plate = resolved_conductivity(checker_plate, checkerboard, "b")
+block = microstructure_mesh(
+    MPI.COMM_SELF, 8 * epsilon, [], epsilon / checker_plate_cells_per_period, (0, 1)
+)  # 8 x 8 periods, on every rank
+B_plate_discrete = cell_conductivity(block, checker_degree)
+plate_discretisation_error = B_plate_discrete / np.sqrt(b1 * b2) - 1.0
+
+u_checker_plate_reference, seconds, dofs = solve_plain(
+    fem.functionspace(checker_plate, ("Lagrange", checker_degree)),
+    lambda msh: b_plate,
+    test_loading,
+    "u_fine_checker_plate",
+)
+checker_plate_runs = {"fine (reference)": dict(dofs=dofs, seconds=seconds)}
+checker_plate_solutions = {}
+for label, (name, conductivity_of) in checker_models.items():
+    checker_plate_solutions[label], seconds, dofs = solve_plain(
+        V_plate, conductivity_of, test_loading, name, 5
+    )
+    checker_plate_runs[label] = dict(dofs=dofs, seconds=seconds)
+checker_plate_solutions["closure"], seconds, checker_plate_newton_iterations, _ = solve_closure(
+    V_plate, test_loading, "u_closure", 5, checker_model_path, b_mean
+)
+checker_plate_runs["closure"] = dict(dofs=checker_plate_runs["A_hom"]["dofs"], seconds=seconds)
+checker_plate_errors, u_checker_plate_filtered = relative_errors(
+    checker_plate_solutions, u_checker_plate_reference, plate_projection
+)
+u_checker_plate_filtered.name = "u_fine_filtered"
+checker_plate_runs["fine (reference)"]["error"] = 0.0
+for name, error in checker_plate_errors.items():
+    checker_plate_runs[name]["error"] = error
+checker_plate_closure_vs_hom = l2_norm(
+    checker_plate_solutions["closure"].x.array - checker_plate_solutions["A_hom"].x.array, V_plate
+) / l2_norm(checker_plate_solutions["A_hom"].x.array, V_plate)
+# -
+
 # ## Output: VTX files, plots and a JSON summary
 #
-# The coarse solutions of each domain go to one VTX file (open them in ParaView); the
-# fine unit-square solution and its conductivity to two more (a file holds one element).
+# The laminate's coarse solutions of each domain go to one VTX file (open them in
+# ParaView), and the checkerboard's on the plate to another; the laminate's fine
+# unit-square solution and its conductivity to two more (a file holds one element).
 # The plots need values at points: a small helper evaluates a function at given points on
 # the rank that finds them and shares the values (`MPI.MAX` over ranks; points outside the
 # mesh get $-\infty$).
@@ -919,6 +1021,11 @@ with io.VTXWriter(comm, output_dir / "unit_square_conductivity.bp", [a_fine], "B
     vtx.write(0.0)  # DG0, one value per fine cell
 plate_fields = [u_plate_filtered, *plate_solutions.values()]
 with io.VTXWriter(comm, output_dir / "plate_coarse.bp", plate_fields, "BP4") as vtx:
+    vtx.write(0.0)
+checker_plate_fields = [u_checker_plate_filtered, *checker_plate_solutions.values()]
+with io.VTXWriter(
+    comm, output_dir / "plate_checkerboard_coarse.bp", checker_plate_fields, "BP4"
+) as vtx:
     vtx.write(0.0)
 
 
@@ -1061,6 +1168,7 @@ summary = {
         "coarse_cells": plate.topology.index_map(2).size_global,
         "fine_cells": fine_plate.topology.index_map(2).size_global,
         "fine_cells_per_period": plate_cells_per_period,
+        "fine_mesh_seconds": plate_mesh_seconds,
         "newton_iterations": plate_newton_iterations,
         "closure_vs_A_hom": plate_closure_vs_hom,
         "runs": plate_runs,
@@ -1086,6 +1194,17 @@ summary = {
         "newton_iterations": checker_newton_iterations,
         "closure_vs_A_hom": checker_closure_vs_hom,
         "runs": checker_runs,
+        "plate": {
+            "fine_element": f"P{checker_degree}",
+            "fine_cell_size": epsilon / checker_plate_cells_per_period,
+            "fine_cells": checker_plate.topology.index_map(2).size_global,
+            "fine_mesh_seconds": checker_plate_mesh_seconds,
+            "block_conductivity": B_plate_discrete,
+            "discretisation_error": plate_discretisation_error,
+            "newton_iterations": checker_plate_newton_iterations,
+            "closure_vs_A_hom": checker_plate_closure_vs_hom,
+            "runs": checker_plate_runs,
+        },
     },
 }
 if comm.rank == 0:
@@ -1129,6 +1248,7 @@ if comm.rank == 0:
             f"  {domain}: " + ", ".join(f"{n} {r['seconds']:.3g}" for n, r in domain_runs.items())
         )
     print(f"  one closure update (values and tangent), unit square: {closure_update_seconds:.3g}")
+    print(f"  fine plate mesh (gmsh: cut and mesh; to DOLFINx): {plate_mesh_seconds:.3g}")
     print(
         f"\ncheckerboard b1 = {b1:g}, b2 = {b2:g}: fine Q{checker_degree}, "
         f"{checker_fine_cells}x{checker_fine_cells} ({checker_cells_per_period} cells per "
@@ -1152,6 +1272,23 @@ if comm.rank == 0:
         + ", ".join(f"{n} {r['seconds']:.3g}" for n, r in checker_runs.items())
         + f"; data (6 fine solves + filtering) {checker_data_seconds:.3g}, fit "
         f"{checker_fit_seconds:.3g}"
+    )
+    print(
+        f"\ncheckerboard on the plate: fine P{checker_degree}, cell size eps/"
+        f"{checker_plate_cells_per_period}, {summary['checkerboard']['plate']['fine_cells']} "
+        f"triangles (gmsh {checker_plate_mesh_seconds:.3g} s); 8x8-period block, same mesh "
+        f"and element: {B_plate_discrete:.4f}, {plate_discretisation_error:+.2%} against "
+        "sqrt(b1 b2)"
+    )
+    table(
+        "checkerboard, plate with holes",
+        checker_plate_runs,
+        checker_plate_closure_vs_hom,
+        checker_plate_newton_iterations,
+    )
+    print(
+        "  solve times: "
+        + ", ".join(f"{n} {r['seconds']:.3g}" for n, r in checker_plate_runs.items())
     )
     print(f"outputs written to {output_dir}")
 
@@ -1215,3 +1352,26 @@ assert checker_newton_iterations == 1
 assert checker_closure_vs_hom < 1e-2
 assert checker_runs["closure"]["error"] < 1.6 * checker_runs["A_hom"]["error"]
 assert checker_runs["b̄ only"]["error"] > 4 * checker_runs["closure"]["error"]
+
+# The checkerboard on the plate (measured, full run / `--quick`, the same on 1 and 2
+# ranks):
+#
+# * the fine element, $P_2$ on triangles of size $\varepsilon/4$, gives 1.7525 on the
+#   $8 \times 8$-period block, 1.18 % above $\sqrt 3$ (we require 1.5 %);
+# * one Newton iteration; the closure's solution is within 0.33 % / 0.34 % of the
+#   $A_\text{hom}$ solution (we require 1 %);
+# * against the filtered fine solution the closure's error is 0.15 / 0.26 times that of
+#   the exact $A_\text{hom}$ (we require at most 1.6 times, as on the unit square), and
+#   the b̄-only error is 79 / 47 times the closure's (we require 4). The closure beats
+#   $A_\text{hom}$ here because the reference is off too: its discretisation adds about
+#   1 % to the effective conductivity, and so did the $Q_2$ data the closure learned from
+#   (0.92 %), while $A_\text{hom}$ has none. On this coarse mesh, finer than the unit
+#   square's, that dominates: with `--quick`, coarse runs with $1.7476\, I$ and
+#   $1.7525\, I$ (the $Q_2$ cell's and the block's values) have errors 1.0e-3 and 1.1e-3,
+#   close to the closure's 9.6e-4, against 3.7e-3 for $\sqrt 3\, I$.
+
+assert 0.0 < plate_discretisation_error < 0.015, f"block: {plate_discretisation_error:.2e}"
+assert checker_plate_newton_iterations == 1
+assert checker_plate_closure_vs_hom < 1e-2
+assert checker_plate_runs["closure"]["error"] < 1.6 * checker_plate_runs["A_hom"]["error"]
+assert checker_plate_runs["b̄ only"]["error"] > 4 * checker_plate_runs["closure"]["error"]
