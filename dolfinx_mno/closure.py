@@ -25,6 +25,8 @@ import time
 import typing
 from collections.abc import Sequence
 
+from mpi4py import MPI
+
 import numpy as np
 import torch
 import ufl
@@ -266,6 +268,24 @@ class Closure(ClosureBase):
                 "build the Jacobian with dolfinx_mno.derivative."
             )
         return self._tangent
+
+    def mean_tangent(self) -> np.ndarray:
+        """The tangent of the last update averaged over every quadrature point (collective).
+
+        Each point of every owned cell counts once, on whichever rank owns it, so the
+        result does not depend on the number of ranks (up to summation order). For a
+        closure linear in its operands, ``q = M x + c``, every point holds ``M``, and so
+        does the mean: this reads an effective tensor off a learned linear flux closure.
+
+        Returns:
+            Array of shape ``(*value_shape, num_inputs)``, the same on every rank.
+        """
+        shape = (*self.value_shape, self.num_inputs)
+        owned = self.tangent.x.array[self._tangent_dofs].reshape(-1, *shape)
+        comm = self.function_space.mesh.comm
+        total = comm.allreduce(owned.sum(axis=0), op=MPI.SUM)
+        count = comm.allreduce(owned.shape[0], op=MPI.SUM)
+        return total / count
 
     # -- evaluation -------------------------------------------------------------------
 

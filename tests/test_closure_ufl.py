@@ -157,3 +157,37 @@ def test_tangent_of_unused_inputs_is_zero(model):
     second = 1.0 if isinstance(model, FirstInputOnly) else 2.0
     np.testing.assert_array_equal(values[:, 1], second)  # the values are there too
     np.testing.assert_allclose(tangent, expected, rtol=1e-14, atol=1e-14)
+
+
+class Affine(torch.nn.Module):
+    """q(u, ∇u) = M (u, ∇u) + c: the same tangent M at every point."""
+
+    M = torch.tensor([[1.0, -2.0, 0.5], [0.25, 3.0, -1.0]], dtype=torch.float64)
+
+    def forward(self, x):
+        return x @ self.M.T + torch.tensor([0.1, -0.2], dtype=x.dtype)
+
+
+@pytest.mark.mpi
+def test_mean_tangent():
+    """The mean tangent is M for an affine closure, and the point mean of 2u for u²."""
+    msh = CELLS["quadrilateral"]()
+    u = fem.Function(fem.functionspace(msh, ("Lagrange", 1)))
+    u.interpolate(lambda x: 1.0 + x[0] + 2 * x[1])
+    affine = mno.Closure(Affine(), [u, ufl.grad(u)], (2,), quadrature_degree=2, tangent=True)
+    affine.update()
+    np.testing.assert_allclose(affine.mean_tangent(), Affine.M.numpy(), rtol=1e-14, atol=1e-15)
+    square = mno.Closure(FirstInputOnly(), [u, ufl.grad(u)], (2,), quadrature_degree=2)
+    square.enable_tangent()
+    square.update()
+    # The points of the owned cells, each once: the reference mean of 2u over all ranks.
+    num_owned = msh.topology.index_map(msh.topology.dim).size_local
+    points = square.function_space.dofmap.list[:num_owned].reshape(-1)
+    u_at_points = np.sqrt(square.x.array.reshape(-1, 2)[points, 0])
+    comm = msh.comm
+    expected = comm.allreduce(np.sum(2 * u_at_points)) / comm.allreduce(len(points))
+    mean = square.mean_tangent()
+    assert mean.shape == (2, 3)
+    assert mean[0, 0] == pytest.approx(expected, rel=1e-13)
+    assert 2.0 < expected < 8.0  # 2u with u in [1, 4]
+    np.testing.assert_array_equal(mean.ravel()[1:], 0.0)

@@ -539,18 +539,14 @@ u_closure, closure_seconds, newton_iterations, closure = solve_closure(
 closure_update_seconds = closure.timings["total"]
 
 # **The learned effective tensor.** After the solve, `closure.tangent` holds
-# $\partial q_\theta / \partial \nabla \bar u$ at every quadrature point, shape
-# `(num_points, 2, 2)` on a rank's owned cells: the Jacobian Newton used. For a linear
-# model it is the same at all points; we average it over all points of all ranks and
-# record its spread.
+# $\partial q_\theta / \partial \nabla \bar u$ at every quadrature point, value shape
+# `(2, 2)`: the Jacobian Newton used. For a linear model it is the same at all points;
+# {py:meth}`~dolfinx_mno.Closure.mean_tangent` averages it over all points of all ranks,
+# and we record its spread (over each rank's points, ghosts included).
 
 # +
-num_owned = coarse.topology.index_map(coarse.topology.dim).size_local
-owned_points = closure.tangent.function_space.dofmap.list[:num_owned].reshape(-1)
-tangents = closure.tangent.x.array.reshape(-1, 2, 2)[owned_points]  # (num_points, 2, 2)
-tangent_mean = comm.allreduce(tangents.sum(axis=0), op=MPI.SUM) / comm.allreduce(
-    len(tangents), op=MPI.SUM
-)
+tangent_mean = closure.mean_tangent()  # (2, 2)
+tangents = closure.tangent.x.array.reshape(-1, 2, 2)
 tangent_spread = comm.allreduce(float(np.max(np.abs(tangents - tangent_mean))), op=MPI.MAX)
 A_learned = a_mean * np.eye(2) + tangent_mean
 tensor_error = np.linalg.norm(A_learned - A_hom) / np.linalg.norm(A_hom)
@@ -918,11 +914,7 @@ checker_errors, _ = relative_errors(checker_solutions, u_checker_reference, proj
 checker_runs["fine (reference)"]["error"] = 0.0
 for name, error in checker_errors.items():
     checker_runs[name]["error"] = error
-checker_tangents = checker_closure.tangent.x.array.reshape(-1, 2, 2)[owned_points]
-checker_tangent = comm.allreduce(checker_tangents.sum(axis=0), op=MPI.SUM) / comm.allreduce(
-    len(checker_tangents), op=MPI.SUM
-)
-B_learned = b_mean * np.eye(2) + checker_tangent
+B_learned = b_mean * np.eye(2) + checker_closure.mean_tangent()
 checker_tensor_error = np.linalg.norm(B_learned - B_hom) / np.linalg.norm(B_hom)
 checker_closure_vs_hom = l2_norm(
     checker_solutions["closure"].x.array - checker_solutions["A_hom"].x.array, V_coarse
