@@ -1052,15 +1052,22 @@ grid = np.zeros((pixels * pixels, 3))
 grid[:, :2] = np.stack(
     np.meshgrid(*(2 * [(np.arange(pixels) + 0.5) / pixels]), indexing="xy"), axis=-1
 ).reshape(-1, 2)
-images = {  # masked outside the plate (the holes)
-    name: np.ma.masked_invalid(evaluate(u_h, grid).reshape(pixels, pixels))
-    for name, u_h in [("filtered", u_plate_filtered), *plate_solutions.items()]
+plate_images = {  # per microstructure; masked outside the plate (the holes)
+    microstructure: {
+        name: np.ma.masked_invalid(evaluate(u_h, grid).reshape(pixels, pixels))
+        for name, u_h in [("filtered", filtered), *solutions_.items()]
+    }
+    for microstructure, filtered, solutions_ in (
+        ("laminate", u_plate_filtered, plate_solutions),
+        ("checkerboard", u_checker_plate_filtered, checker_plate_solutions),
+    )
 }
 # -
 
 # Two figures on rank 0. The first: the training data with the exact closure
 # $(\underline a - \bar a)\bar g_1$ and the learned one; the unit-square solutions along
-# $x_2 = 0.35$; error against solve time. The second: the plate.
+# $x_2 = 0.35$; error against solve time. The second: the plate, one row per
+# microstructure.
 
 if comm.rank == 0:
     fig, (ax_data, ax_line, ax_cost) = plt.subplots(1, 3, figsize=(15, 4.4), layout="constrained")
@@ -1101,25 +1108,34 @@ if comm.rank == 0:
     fig.savefig(output_dir / "unit_square.png", dpi=120)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 4, figsize=(16, 4), layout="constrained")
-    panels = [
-        ("filtered fine solution $P u_f$", images["filtered"], "viridis"),
-        ("coarse + learned closure", images["closure"], "viridis"),
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7.6), layout="constrained")
+    for row, (microstructure, errors_, mean_label) in zip(
+        axes,
         (
-            rf"error, $\bar a$ only ({plate_errors['ā only']:.1%})",
-            np.abs(images["ā only"] - images["filtered"]),
-            "magma",
+            ("laminate", plate_errors, ("ā only", r"$\bar a$")),
+            ("checkerboard", checker_plate_errors, ("b̄ only", r"$\bar b$")),
         ),
-        (
-            f"error, learned closure ({plate_errors['closure']:.2%})",
-            np.abs(images["closure"] - images["filtered"]),
-            "magma",
-        ),
-    ]
-    for ax, (title, image, cmap) in zip(axes, panels, strict=True):
-        shown = ax.imshow(image, origin="lower", extent=(0, 1, 0, 1), cmap=cmap)
-        fig.colorbar(shown, ax=ax, shrink=0.8)
-        ax.set(title=title, xticks=[], yticks=[])
+        strict=True,
+    ):
+        images = plate_images[microstructure]
+        panels = [
+            (f"{microstructure}: filtered fine solution $P u_f$", images["filtered"], "viridis"),
+            ("coarse + learned closure", images["closure"], "viridis"),
+            (
+                f"error, {mean_label[1]} only ({errors_[mean_label[0]]:.1%})",
+                np.abs(images[mean_label[0]] - images["filtered"]),
+                "magma",
+            ),
+            (
+                f"error, learned closure ({errors_['closure']:.2%})",
+                np.abs(images["closure"] - images["filtered"]),
+                "magma",
+            ),
+        ]
+        for ax, (title, image, cmap) in zip(row, panels, strict=True):
+            shown = ax.imshow(image, origin="lower", extent=(0, 1, 0, 1), cmap=cmap)
+            fig.colorbar(shown, ax=ax, shrink=0.8)
+            ax.set(title=title, xticks=[], yticks=[])
     fig.savefig(output_dir / "plate.png", dpi=120)
     plt.close(fig)
 
