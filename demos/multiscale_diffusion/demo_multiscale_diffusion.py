@@ -119,7 +119,6 @@ from pathlib import Path
 
 from mpi4py import MPI
 
-import gmsh
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
@@ -128,6 +127,7 @@ import ufl
 from dolfinx import fem, geometry, io, mesh
 from dolfinx.fem.petsc import LinearProblem as DolfinxLinearProblem
 from dolfinx.io import gmsh as gmshio
+from microstructure import PLATE_HOLES, microstructure_mesh
 
 import dolfinx_mno as mno
 from dolfinx_mno.data import (
@@ -670,77 +670,30 @@ match = matching[0] if matching else "fine (reference)"
 # and the same test loading. The coarse runs are ā only, $A_\text{hom}$ and the closure.
 #
 # The reference is a fine solution on a triangle mesh of the plate that *conforms to the
-# stripes*, made by `microstructure_mesh` below: gmsh's OpenCASCADE kernel cuts the plate
-# with a line along every stripe interface (`fragment`), so that each piece lies in one
-# phase, and meshes the pieces with cells of size $\varepsilon/8$ (as many per period as
-# the unit square's fine mesh; $\varepsilon/4$ with `--quick`). On such a mesh the value
-# of $a$ at each cell midpoint is exact, as on the unit square. (On a mesh that cuts the
-# stripes, $a$ from the cell midpoints converges slowly: on the unit square, triangles
-# with 5 and 10 cells per period gave errors of 6 % and 2 %.) The pieces of the lines
-# inside the holes bound no piece of the plate: their nodes are dropped. DOLFINx gets all
-# triangles as one gmsh surface, since reading thousands of surfaces one by one takes
-# seconds. Step 7 meshes the plate for the checkerboard with the same function, cut in
-# both directions. The hole geometry below must be the one of
-# `meshes/make_meshes.py`. The fine mesh's holes are rounder than the coarse mesh's
-# polygons, so a few coarse quadrature points near the holes lie outside the fine mesh, by
-# at most the polygons' sagitta ($h^2 / 8r \approx 7 \cdot 10^{-4}$); the projection takes
-# their values from the nearest fine cell (`padding=2e-3`).
+# stripes*, made by `microstructure_mesh` (in {download}`microstructure.py`, next to this
+# demo; the transient demo uses it too): gmsh's OpenCASCADE kernel cuts the plate with a
+# line along every stripe interface (`fragment`), so that each piece lies in one phase, and
+# meshes the pieces with cells of size $\varepsilon/8$ (as many per period as the unit
+# square's fine mesh; $\varepsilon/4$ with `--quick`). On such a mesh the value of $a$ at
+# each cell midpoint is exact, as on the unit square. (On a mesh that cuts the stripes, $a$
+# from the cell midpoints converges slowly: on the unit square, triangles with 5 and 10
+# cells per period gave errors of 6 % and 2 %.) Step 7 meshes the plate for the
+# checkerboard with the same function, cut in both directions. The hole geometry,
+# `PLATE_HOLES`, must be the one of `meshes/make_meshes.py`. The fine mesh's holes are
+# rounder than the coarse mesh's polygons, so a few coarse quadrature points near the holes
+# lie outside the fine mesh, by at most the polygons' sagitta
+# ($h^2 / 8r \approx 7 \cdot 10^{-4}$); the projection takes their values from the nearest
+# fine cell (`padding=2e-3`).
 
 # +
 plate_path = repository / "meshes" / "plate_with_holes.msh"
 plate = gmshio.read_from_msh(plate_path, comm, 0, gdim=2).mesh
-holes = [(0.3, 0.35, 0.12), (0.68, 0.62, 0.15)]  # (x, y, radius), as in make_meshes.py
-
-
-def microstructure_mesh(comm, width, holes, cell_size, directions):
-    """Triangles of [0, width]^2 minus circular holes, conforming to the microstructure.
-
-    gmsh cuts the domain along the phase interfaces x_i = (k + 1/4) ε and (k + 3/4) ε for
-    each i in `directions`, (0,) for the laminate's stripes and (0, 1) for the checkerboard's
-    squares, and meshes every piece with cells of size `cell_size` (on rank 0 of `comm`).
-    """
-    gmsh.initialize()
-    gmsh.option.setNumber("General.Terminal", 0)
-    if comm.rank == 0:
-        occ = gmsh.model.occ
-        domain = [(2, occ.addRectangle(0, 0, 0, width, width))]
-        if holes:
-            domain, _ = occ.cut(domain, [(2, occ.addDisk(x, y, 0, r, r)) for x, y, r in holes])
-        offsets = epsilon * (np.arange(round(width / epsilon))[:, None] + [0.25, 0.75]).ravel()
-        interfaces = []
-        for i in directions:
-            for c in offsets:
-                ends = [(c, 0), (c, width)] if i == 0 else [(0, c), (width, c)]
-                points = [occ.addPoint(x, y, 0) for x, y in ends]
-                interfaces.append((1, occ.addLine(*points)))
-        occ.fragment(domain, interfaces)
-        occ.synchronize()
-        gmsh.option.setNumber("Mesh.CharacteristicLengthMin", cell_size)
-        gmsh.option.setNumber("Mesh.CharacteristicLengthMax", cell_size)
-        gmsh.model.mesh.generate(2)
-        # The pieces of the lines inside the holes bound no surface: drop their nodes.
-        curves = gmsh.model.getBoundary(gmsh.model.getEntities(2), False, False)
-        points = gmsh.model.getBoundary(curves, False, False)
-        for dim, kept in ((1, set(curves)), (0, set(points))):
-            stray = [e for e in gmsh.model.getEntities(dim) if e not in kept]
-            if stray:  # (an empty list would clear the whole mesh)
-                gmsh.model.mesh.clear(stray)
-        gmsh.model.mesh.renumberNodes()
-        # Move all triangles to one surface: DOLFINx then reads one entity, not thousands.
-        _, triangles = gmsh.model.mesh.getElementsByType(2)
-        for _, piece in gmsh.model.getEntities(2):
-            gmsh.model.mesh.removeElements(2, piece)
-        surface = gmsh.model.addDiscreteEntity(2)
-        gmsh.model.mesh.addElementsByType(surface, 2, [], triangles)
-        gmsh.model.addPhysicalGroup(2, [surface], 1)
-    msh = gmshio.model_to_mesh(gmsh.model, comm, 0, gdim=2).mesh
-    gmsh.finalize()
-    return msh
-
 
 plate_cells_per_period = 4 if args.quick else fine_cells_per_period
 tic = time.perf_counter()
-fine_plate = microstructure_mesh(comm, 1.0, holes, epsilon / plate_cells_per_period, (0,))
+fine_plate = microstructure_mesh(
+    comm, 1.0, PLATE_HOLES, epsilon, epsilon / plate_cells_per_period, directions=(0,)
+)
 plate_mesh_seconds = comm.allreduce(time.perf_counter() - tic, op=MPI.MAX)
 a_plate = resolved_conductivity(fine_plate)
 u_plate_reference, plate_reference_seconds, plate_fine_dofs = solve_plain(
@@ -955,12 +908,12 @@ checker_closure_vs_hom = l2_norm(
 checker_plate_cells_per_period = 4  # cell size ε/4
 tic = time.perf_counter()
 checker_plate = microstructure_mesh(
-    comm, 1.0, holes, epsilon / checker_plate_cells_per_period, (0, 1)
+    comm, 1.0, PLATE_HOLES, epsilon, epsilon / checker_plate_cells_per_period, (0, 1)
 )
 checker_plate_mesh_seconds = comm.allreduce(time.perf_counter() - tic, op=MPI.MAX)
 b_plate = resolved_conductivity(checker_plate, checkerboard, "b")
 block = microstructure_mesh(
-    MPI.COMM_SELF, 8 * epsilon, [], epsilon / checker_plate_cells_per_period, (0, 1)
+    MPI.COMM_SELF, 8 * epsilon, [], epsilon, epsilon / checker_plate_cells_per_period, (0, 1)
 )  # 8 x 8 periods, on every rank
 B_plate_discrete = cell_conductivity(block, checker_degree)
 plate_discretisation_error = B_plate_discrete / np.sqrt(b1 * b2) - 1.0

@@ -23,7 +23,9 @@
 #   {py:class}`dolfinx_mno.timestepping.ImplicitStepper`,
 # - compare with the explicit (IMEX) coupling of the same closure,
 #   {py:class}`dolfinx_mno.timestepping.IMEXStepper`, and with coarse and fine runs
-#   without closure, error over the horizon against wall time.
+#   without closure, error over the horizon against wall time,
+# - do all of it for two microstructures, a laminate and a checkerboard, and use each
+#   closure, learned on the unit square, unchanged on a plate with holes.
 #
 # Run it with `python demo_transient_diffusion.py` or `mpirun -n 2 python
 # demo_transient_diffusion.py`; `--quick` (used by CI) runs a smaller problem in seconds.
@@ -39,10 +41,15 @@
 # \end{align}
 # $$
 #
-# on the unit square, with the laminate of the steady demo: $a = a_2 = 10$ in the middle
-# half of each period in $x_1$, $a = a_1 = 1$ elsewhere, period $\varepsilon = 1/64$. Its
-# homogenised tensor is $A_\text{hom} = \operatorname{diag}(\underline a, \bar a)$, the
-# harmonic and the arithmetic mean (1.818 and 5.5).
+# on the unit square and on the plate with holes of the steady demo, with its two
+# microstructures of period $\varepsilon = 1/64$:
+#
+# * the **laminate**: $a = a_2 = 10$ in the middle half of each period in $x_1$,
+#   $a = a_1 = 1$ elsewhere; $A_\text{hom} = \operatorname{diag}(\underline a, \bar a)$,
+#   the harmonic and the arithmetic mean (1.818 and 5.5);
+# * the **checkerboard**: $b = b_2 = 3$ where exactly one phase of $x / \varepsilon$ lies in
+#   $[\tfrac14, \tfrac34)$, $b = b_1 = 1$ elsewhere; $A_\text{hom} = \sqrt{b_1 b_2}\, I$
+#   (Keller, Dykhne), against the mean $\bar b = 2$.
 #
 # **Filtering in time.** The filter $R$ (coarse-cell averages) acts in space only, so it
 # commutes with $\partial_t$: the filtered equation is
@@ -72,17 +79,20 @@
 # **implicit** coupling above is stable for any $\Delta t$. The **IMEX** coupling reads
 # $q_\theta(\nabla\bar u^n)$ instead: one linear solve per step with a matrix that never
 # changes, but its stability depends on the closure. Here it is stable: in a Fourier mode
-# $k$ across the stripes its amplification factor is
+# $k$ across the laminate's stripes its amplification factor is
 # $(1 + \Delta t (\bar a - \underline a) k^2) / (1 + \Delta t \bar a k^2) \in (0, 1)$, as
-# $\underline a < \bar a$ (the closure takes diffusivity away). A closure that adds
-# diffusivity would make it unstable for large $\Delta t k^2$.
+# $\underline a < \bar a$ (the closure takes diffusivity away; so does the
+# checkerboard's, $\sqrt{b_1 b_2} < \bar b$). A closure that adds diffusivity would make
+# it unstable for large $\Delta t k^2$.
 #
 # ## Imports
 
 # +
 import argparse
+import gc
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from mpi4py import MPI
@@ -94,6 +104,8 @@ import numpy as np
 import torch
 import ufl
 from dolfinx import fem, io, mesh
+from dolfinx.io import gmsh as gmshio
+from microstructure import PLATE_HOLES, microstructure_mesh
 
 import dolfinx_mno as mno
 from dolfinx_mno.data import (
@@ -115,10 +127,18 @@ matplotlib.use("Agg")  # write files, no display needed
 # ## Settings
 #
 # The full run: $\varepsilon = 1/64$, coarse $Q_1$ on $16 \times 16$ quadrilaterals
-# ($h = 4\varepsilon$), fine $Q_1$ on $512 \times 512$ (8 cells per period, aligned with
-# the stripes), horizon $T = 0.1$ in 50 steps ($\Delta t = 2 \cdot 10^{-3}$; the slowest
-# mode decays in about $1 / (\pi^2 (\underline a + \bar a)) = 0.014$). `--quick`:
-# $\varepsilon = 1/32$, $8 \times 8$ and $256 \times 256$ cells, 25 steps.
+# ($h = 4\varepsilon$) and $P_1$ on the plate's triangles ($h = 1/40$), horizon $T = 0.1$
+# in 50 steps ($\Delta t = 2 \cdot 10^{-3}$; the slowest mode decays in about
+# $1 / (\pi^2 (\underline a + \bar a)) = 0.014$). `--quick`: $\varepsilon = 1/32$, an
+# $8 \times 8$ coarse unit square, 25 steps.
+#
+# The fine models are the steady demo's, chosen there from measured discretisation
+# errors: for the laminate $Q_1$ with 8 cells per period on the unit square ($512^2$) and
+# $P_1$ on triangles of size $\varepsilon/8$ on the plate ($\varepsilon/4$ with `--quick`);
+# for the checkerboard, whose corners make the fine solution singular, $Q_2$ with 4 cells
+# per period ($256^2$, an effective conductivity 0.90 % above $\sqrt 3$) and $P_2$ on
+# triangles of size $\varepsilon/4$ (1.18 % above). Every fine mesh conforms to the
+# microstructure, so the conductivity at each cell midpoint is exact.
 
 # +
 parser = argparse.ArgumentParser(description="Learned flux closure, transient diffusion.")
@@ -128,17 +148,11 @@ args = parser.parse_args()
 comm = MPI.COMM_WORLD
 torch.set_num_threads(1)  # a tiny model: the cores belong to the MPI ranks
 
-a1, a2 = 1.0, 10.0
 periods, coarse_cells, num_steps = (32, 8, 25) if args.quick else (64, 16, 50)
 epsilon = 1.0 / periods
-fine_cells = 8 * periods
 horizon = 0.1
 dt = horizon / num_steps
 record_every = 5  # steps between snapshots (training data, errors, output)
-a_mean = 0.5 * (a1 + a2)
-a_harmonic = 1.0 / (0.5 / a1 + 0.5 / a2)
-A_hom = np.diag([a_harmonic, a_mean])
-
 quadrature_degree = 2  # the closure's rule on the coarse cells
 direct_solver = {"ksp_type": "preonly", "pc_type": "lu", "pc_factor_mat_solver_type": "mumps"}
 repository = Path(__file__).resolve().parents[2]
@@ -146,16 +160,51 @@ output_dir = repository / "demos" / "output" / "transient_diffusion"
 if comm.rank == 0:
     output_dir.mkdir(parents=True, exist_ok=True)
 comm.Barrier()
-data_path = output_dir / "closure_data.h5"
-model_path = output_dir / "flux_closure.pt"
 
 
-def conductivity(x):
-    """The laminate a(x / ε) at points x, shape (3, num_points)."""
-    phase = np.mod(x[0] / epsilon, 1.0)
-    return np.where((phase >= 0.25) & (phase < 0.75), a2, a1)
+def in_middle_half(x, i):
+    """Whether the phase of x_i / ε lies in [1/4, 3/4)."""
+    phase = np.mod(x[i] / epsilon, 1.0)
+    return (phase >= 0.25) & (phase < 0.75)
 
 
+@dataclass
+class Microstructure:
+    """A microstructure and the fine models that resolve it."""
+
+    name: str
+    law: object  # conductivity at points x, shape (3, num_points) -> (num_points,)
+    mean: float  # the coarse model's known conductivity
+    A_hom: np.ndarray  # the homogenised tensor
+    degree: int  # fine Lagrange degree (unit square and plate)
+    cells_per_period: int  # fine unit square
+    directions: tuple[int, ...]  # the plate mesh's cuts: (0,) stripes, (0, 1) squares
+    plate_cells_per_period: int
+
+
+a1, a2, b1, b2 = 1.0, 10.0, 1.0, 3.0
+microstructures = [
+    Microstructure(
+        "laminate",
+        lambda x: np.where(in_middle_half(x, 0), a2, a1),
+        0.5 * (a1 + a2),
+        np.diag([1.0 / (0.5 / a1 + 0.5 / a2), 0.5 * (a1 + a2)]),
+        degree=1,
+        cells_per_period=8,
+        directions=(0,),
+        plate_cells_per_period=4 if args.quick else 8,
+    ),
+    Microstructure(
+        "checkerboard",
+        lambda x: np.where(in_middle_half(x, 0) ^ in_middle_half(x, 1), b2, b1),
+        0.5 * (b1 + b2),
+        np.sqrt(b1 * b2) * np.eye(2),
+        degree=2,
+        cells_per_period=4,
+        directions=(0, 1),
+        plate_cells_per_period=4,
+    ),
+]
 # -
 
 # ## Scenarios
@@ -170,9 +219,10 @@ def conductivity(x):
 # $$
 #
 # whose parameters are {py:class}`dolfinx.fem.Constant`s: every scenario then uses the
-# same compiled forms, and the fine problem keeps one factorised matrix throughout.
-# Four scenarios make the training data; the fifth, with parameters and data none of them
-# has, is the test.
+# same compiled forms, and a fine problem keeps one factorised matrix throughout.
+# Four scenarios on the unit square make the training data; the fifth, with parameters
+# and data none of them has, is the test on both domains. It starts from $u_0 = g$, which
+# satisfies the boundary condition on the holes too.
 
 # +
 scenarios = {
@@ -224,7 +274,7 @@ scenarios = {
         phi=2.0,
         B=10.0,
         g=lambda x: 0.5 * x[0] * (1.0 - x[1]),
-        u0=lambda x: 0.5 * x[0] * (1.0 - x[1]) + 0.5 * np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]),
+        u0=lambda x: 0.5 * x[0] * (1.0 - x[1]),
     ),
 }
 training_scenarios = [name for name in scenarios if name.startswith("train")]
@@ -298,6 +348,16 @@ def plain_model(V, conductivity, name):
     return heat, IMEXStepper(problem, heat.u, heat.u_n, dt, time=heat.time)
 
 
+def resolved_model(msh, law, degree, name):
+    """A model that resolves the microstructure; returns (heat, stepper, conductivity).
+
+    The law is a piecewise constant on `msh`, which must conform to it.
+    """
+    a = fem.Function(fem.functionspace(msh, ("DG", 0)), name="a")
+    a.interpolate(law)  # the value at each cell midpoint: exact on a conforming mesh
+    return (*plain_model(fem.functionspace(msh, ("Lagrange", degree)), a, name), a)
+
+
 # -
 
 # The coarse model with the learned closure, implicit or IMEX. Implicit: the closure reads
@@ -306,11 +366,11 @@ def plain_model(V, conductivity, name):
 # {py:class}`~dolfinx_mno.timestepping.ImplicitStepper` runs Newton at every step from
 # $\bar u^n$. The learned closure is linear, so Newton converges in one iteration; the
 # same code takes a nonlinear closure. IMEX: the closure reads $\nabla \bar u^n$ and goes
-# to the right-hand side, whose matrix is the $\bar a$-only model's.
+# to the right-hand side, whose matrix is the mean-only model's.
 
 
 # +
-def closure_model(V, implicit, name):
+def closure_model(V, model_path, mean, implicit, name):
     """Backward Euler with the learned closure; returns (heat, stepper, closure)."""
     heat = Heat(V)
     v = ufl.TestFunction(V)
@@ -322,7 +382,7 @@ def closure_model(V, implicit, name):
     if implicit:
         F = (
             (heat.u - heat.u_n) / dt * v * ufl.dx
-            + ufl.inner(a_mean * ufl.grad(heat.u), ufl.grad(v)) * ufl.dx
+            + ufl.inner(mean * ufl.grad(heat.u), ufl.grad(v)) * ufl.dx
             + flux_term
             - heat.f * v * ufl.dx
         )
@@ -336,7 +396,7 @@ def closure_model(V, implicit, name):
         return heat, ImplicitStepper(problem, heat.u, heat.u_n, dt, time=heat.time), closure
     u = ufl.TrialFunction(V)
     problem = LinearProblem(
-        (u * v + dt * ufl.inner(a_mean * ufl.grad(u), ufl.grad(v))) * ufl.dx,
+        (u * v + dt * ufl.inner(mean * ufl.grad(u), ufl.grad(v))) * ufl.dx,
         (heat.u_n + dt * heat.f) * v * ufl.dx - dt * flux_term,
         u=heat.u,
         bcs=heat.bcs,
@@ -351,7 +411,10 @@ def closure_model(V, implicit, name):
 
 # One function runs any model through a scenario: `record_every` steps at a time, timed
 # (the slowest rank's wall time of the steps only), then a call `record(heat, t)` that
-# may take snapshots (not timed).
+# may take snapshots (not timed). Python's cyclic garbage collector is paused while the
+# steps are timed, as `timeit` does: a full collection walks every object of this
+# script (all the models, forms and snapshots) and would land on whichever run is timed
+# then (it added 0.14 s to one 0.03 s run).
 
 
 def run(model, scenario, record):
@@ -362,19 +425,25 @@ def run(model, scenario, record):
     record(heat, 0.0)
     for _ in range(num_steps // record_every):
         comm.Barrier()
+        gc.disable()
         tic = time.perf_counter()
-        stepper.run(record_every, progress=False)
-        seconds += comm.allreduce(time.perf_counter() - tic, op=MPI.MAX)
+        try:
+            stepper.run(record_every, progress=False)
+        finally:
+            toc = time.perf_counter()
+            gc.enable()
+        seconds += comm.allreduce(toc - tic, op=MPI.MAX)
         record(heat, stepper.t)
     return seconds
 
 
 # ## Step 1: fine trajectories and training data
 #
-# The fine model runs the four training scenarios. Every `record_every` steps the fine
-# gradient and flux are interpolated into the fine DG$_0$ vector space (the midpoint
-# values: on these rectangles, the exact cell means of a bilinear function's gradient),
-# filtered by exact coarse-cell averages
+# The fine model runs the four training scenarios on the unit square. Every
+# `record_every` steps the fine gradient and flux are interpolated into the fine
+# discontinuous vector space of the fine degree (DG$_0$ for $Q_1$: the midpoint values,
+# on these rectangles the exact cell means of a bilinear function's gradient; DG$_2$ for
+# $Q_2$, which holds its gradient exactly), filtered by exact coarse-cell averages
 # ({py:class}`~dolfinx_mno.data.CellAverage`), and one sample
 # `input = R(∇u_f), target = R(a ∇u_f) - ā R(∇u_f)` is appended to the data file with its
 # time. As in the steady demo, the sampler's "state" is the gradient and its "tendency"
@@ -382,67 +451,77 @@ def run(model, scenario, record):
 # oscillating corrector the fine solution acquires in its first step, so its filtered flux
 # is $\bar a\, R(\nabla u_0)$, not the homogenised one.
 
+
 # +
-fine = mesh.create_unit_square(comm, fine_cells, fine_cells, mesh.CellType.quadrilateral)
-coarse = mesh.create_unit_square(comm, coarse_cells, coarse_cells, mesh.CellType.quadrilateral)
-a_fine = fem.Function(fem.functionspace(fine, ("DG", 0)), name="a")
-a_fine.interpolate(conductivity)  # the cells do not cut the stripes
-V_fine = fem.functionspace(fine, ("Lagrange", 1))
+def unit_square(n):
+    return mesh.create_unit_square(comm, n, n, mesh.CellType.quadrilateral)
+
+
+coarse = unit_square(coarse_cells)
 V_coarse = fem.functionspace(coarse, ("Lagrange", 1))
-fine_model = plain_model(V_fine, a_fine, "fine")
-
-W_fine = fem.functionspace(fine, ("DG", 0, (2,)))
 W_coarse = fem.functionspace(coarse, ("DG", 0, (2,)))
-gradient, flux = fem.Function(W_fine), fem.Function(W_fine)
-u_fine = fine_model[0].u
-expressions = [
-    fem.Expression(e, W_fine.element.interpolation_points)
-    for e in (ufl.grad(u_fine), a_fine * ufl.grad(u_fine))
-]
-filtered_gradient = fem.Function(W_coarse, name="filtered_gradient")
-sampler = ClosureSampler(
-    CellAverage(W_coarse, fine),  # R: exact coarse-cell means
-    filtered_gradient,  # ḡ = R(grad u_f), overwritten by each sample
-    [filtered_gradient],  # the closure's input
-    a_mean * filtered_gradient,  # the known coarse flux
-    quadrature_degree=0,
-)
 
-trajectory_of_sample = []
-fine_seconds = {}
-with ClosureDataWriter.from_sampler(
-    data_path,
-    sampler,
-    fine_mesh=fine,
-    time_step=record_every * dt,
-    attributes={
-        "problem": "u_t = div(a(x/eps) grad u) + f, laminate",
-        "epsilon": epsilon,
-        "conductivities": [a1, a2],
-        "scenarios": training_scenarios,
-    },
-    mode="w",
-) as writer:
-    for index, name in enumerate(training_scenarios):
 
-        def snapshot(heat, t, index=index):
-            if t == 0.0:
-                return  # u_0 is smooth: it has no corrector yet (see above)
-            gradient.interpolate(expressions[0])
-            flux.interpolate(expressions[1])
-            writer.append(sampler.sample(gradient, fine_tendency=flux), time=t)
-            trajectory_of_sample.append(index)
+def training_data(ms, fine_model, path):
+    """Fine trajectories of the training scenarios, filtered into closure samples in `path`.
 
-        fine_seconds[name] = run(fine_model, scenarios[name], snapshot)
-        if comm.rank == 0:
-            print(f"fine run '{name}': {fine_seconds[name]:.2f} s", flush=True)
-if comm.rank == 0:
-    with ClosureDataReader(data_path) as data:
-        read = data.inputs(), data.targets(), data.num_points
-else:
-    read = None
-inputs, targets, num_points = comm.bcast(read, root=0)  # (S * P, 2), (S * P, 2)
-groups = np.repeat(trajectory_of_sample, num_points)  # the trajectory of every row
+    Returns the inputs, targets and trajectory of every row (on every rank), the number of
+    snapshots and the fine run times.
+    """
+    heat = fine_model[0]
+    fine = heat.V.mesh
+    conductivity = fine_model[2]
+    gradient_degree = 0 if ms.degree == 1 else ms.degree
+    W_fine = fem.functionspace(fine, ("DG", gradient_degree, (2,)))
+    gradient, flux = fem.Function(W_fine), fem.Function(W_fine)
+    expressions = [
+        fem.Expression(e, W_fine.element.interpolation_points)
+        for e in (ufl.grad(heat.u), conductivity * ufl.grad(heat.u))
+    ]
+    filtered_gradient = fem.Function(W_coarse, name="filtered_gradient")
+    sampler = ClosureSampler(
+        CellAverage(W_coarse, fine),  # R: exact coarse-cell means
+        filtered_gradient,  # ḡ = R(grad u_f), overwritten by each sample
+        [filtered_gradient],  # the closure's input
+        ms.mean * filtered_gradient,  # the known coarse flux
+        quadrature_degree=0,
+    )
+    trajectory_of_sample, seconds = [], {}
+    with ClosureDataWriter.from_sampler(
+        path,
+        sampler,
+        fine_mesh=fine,
+        time_step=record_every * dt,
+        attributes={
+            "problem": f"u_t = div(a(x/eps) grad u) + f, {ms.name}",
+            "epsilon": epsilon,
+            "scenarios": training_scenarios,
+        },
+        mode="w",
+    ) as writer:
+        for index, name in enumerate(training_scenarios):
+
+            def snapshot(heat, t, index=index):
+                if t == 0.0:
+                    return  # u_0 is smooth: it has no corrector yet (see above)
+                gradient.interpolate(expressions[0])
+                flux.interpolate(expressions[1])
+                writer.append(sampler.sample(gradient, fine_tendency=flux), time=t)
+                trajectory_of_sample.append(index)
+
+            seconds[name] = run(fine_model, scenarios[name], snapshot)
+            if comm.rank == 0:
+                print(f"{ms.name}, fine run '{name}': {seconds[name]:.2f} s", flush=True)
+    if comm.rank == 0:
+        with ClosureDataReader(path) as data:
+            read = data.inputs(), data.targets(), data.num_points
+    else:
+        read = None
+    inputs, targets, num_points = comm.bcast(read, root=0)  # (S * P, 2), (S * P, 2)
+    groups = np.repeat(trajectory_of_sample, num_points)  # the trajectory of every row
+    return inputs, targets, groups, len(trajectory_of_sample), seconds
+
+
 # -
 
 # ## Step 2: fit and save the closure
@@ -450,186 +529,256 @@ groups = np.repeat(trajectory_of_sample, num_points)  # the trajectory of every 
 # Homogenisation predicts a linear closure, so the model is one linear layer. Snapshots of
 # one trajectory are strongly correlated, so `groups=` sends whole trajectories to
 # validation (one of the four). `fit` standardises the inputs; the targets stay in
-# physical units (`normalize_targets=False`): their second component is zero in theory,
-# and standardising it would blow its noise up to order one.
+# physical units (`normalize_targets=False`): a component that is zero in theory (the
+# laminate's second) would otherwise have its noise blown up to order one.
+
 
 # +
-tic = time.perf_counter()
-result = fit(
-    MLP(2, 2, hidden_features=[], seed=0),
-    shard(inputs, comm),
-    shard(targets, comm),
-    groups=shard(groups, comm),
-    validation_fraction=0.25,
-    comm=comm,
-    normalize=True,
-    normalize_targets=False,
-    epochs=300,
-    learning_rate=1e-2,
-    patience=30,
-    seed=0,
-    progress=False,
-)
-fit_seconds = comm.allreduce(time.perf_counter() - tic, op=MPI.MAX)
-save_model(
-    model_path,
-    result.model,
-    metadata={
-        "operands": ["grad(u)"],
-        "value_shape": [2],
-        "closure": "filtered flux minus a_mean * filtered gradient",
-    },
-    comm=comm,
-)
+def fit_closure(inputs, targets, groups, path, name):
+    """Fit a linear layer, save it to `path`; returns the fit result and time."""
+    tic = time.perf_counter()
+    result = fit(
+        MLP(2, 2, hidden_features=[], seed=0),
+        shard(inputs, comm),
+        shard(targets, comm),
+        groups=shard(groups, comm),
+        validation_fraction=0.25,
+        comm=comm,
+        normalize=True,
+        normalize_targets=False,
+        epochs=300,
+        learning_rate=1e-2,
+        patience=30,
+        seed=0,
+        progress=False,
+    )
+    seconds = comm.allreduce(time.perf_counter() - tic, op=MPI.MAX)
+    metadata = {"operands": ["grad(u)"], "value_shape": [2], "closure": f"{name} flux"}
+    save_model(path, result.model, metadata=metadata, comm=comm)
+    return result, seconds
+
+
 # -
 
 # ## Step 3: the test scenario, every model
 #
-# The reference is the fine model's test run, filtered onto the coarse space $V_h$ by the
-# L² projection (degree-10 rule, as in the steady demo) at every snapshot. Every coarse
-# run is compared with it at the same times,
+# The reference is the fine model's test run, filtered onto the coarse space of the
+# domain by the L² projection (degree-10 rule, as in the steady demo) at every snapshot.
+# Every coarse run is compared with it at the same times,
 #
 # $$
 #   e(t) = \frac{\| P u(t) - P u_f(t) \|_{L^2}}{\| P u_f(t) \|_{L^2}}, \qquad
 #   e_\text{max} = \max_t e(t) \text{ over the snapshots } t > 0 .
 # $$
 #
-# The runs: the fine reference; the coarse model with $\bar a$ only on $16^2$, $32^2$ and
-# $64^2$ cells; with the exact $A_\text{hom}$; with the learned closure, implicit and
-# IMEX; and the coarsest mesh that resolves the stripes, $256^2$ (4 cells per period),
-# the cheapest run without closure that can be as accurate (see the steady demo).
+# On the plate the fine mesh's holes are rounder than the coarse mesh's polygons: the
+# projection takes the values at the few coarse points outside the fine mesh from the
+# nearest fine cell (`padding`, as in the steady demo).
+
 
 # +
-projection = L2Projection(V_coarse, quadrature_degree=10)
-reference = {}  # time -> filtered fine values
+def compare(fine_model, models, V, padding=0.0):
+    """Run the test scenario with the fine model and `models` (name: model) on V.
+
+    Returns the runs (errors over time, wall times), the coarse snapshots of the models on
+    V and the filtered reference, both as {time: values}.
+    """
+    projection = L2Projection(V, quadrature_degree=10, padding=padding)
+    w = fem.Function(V)
+    l2_form = fem.form(w**2 * ufl.dx)
+
+    def l2_norm(values):
+        w.x.array[:] = values
+        return np.sqrt(comm.allreduce(fem.assemble_scalar(l2_form), op=MPI.SUM))
+
+    reference = {}
+
+    def keep_reference(heat, t):
+        reference[t] = projection(heat.u).x.array.copy()
+
+    fine_seconds = run(fine_model, scenarios["test"], keep_reference)
+    runs = {
+        "fine (reference)": dict(
+            dofs=fine_model[0].V.dofmap.index_map.size_global, seconds=fine_seconds
+        )
+    }
+    snapshots = {}
+    for name, model in models.items():
+        errors, values_at = {}, {}
+
+        def record(heat, t, errors=errors, values_at=values_at):
+            values = (heat.u if heat.V is V else projection(heat.u)).x.array.copy()
+            values_at[t] = values
+            errors[t] = l2_norm(values - reference[t]) / l2_norm(reference[t])
+
+        seconds = run(model, scenarios["test"], record)
+        runs[name] = dict(
+            dofs=model[0].V.dofmap.index_map.size_global,
+            seconds=seconds,
+            max_error=max(e for t, e in errors.items() if t > 0),
+            final_error=errors[max(errors)],
+            errors=[errors[t] for t in sorted(errors)],
+        )
+        if model[0].V is V:
+            snapshots[name] = values_at
+    return runs, snapshots, reference
 
 
-def keep_reference(heat, t):
-    reference[t] = projection(heat.u).x.array.copy()
-
-
-test = scenarios["test"]
-fine_seconds["test"] = run(fine_model, test, keep_reference)
-reference_norms = {}
-w = fem.Function(V_coarse)
-l2_form = fem.form(w**2 * ufl.dx)
-
-
-def l2_norm(values):
-    w.x.array[:] = values
-    return np.sqrt(comm.allreduce(fem.assemble_scalar(l2_form), op=MPI.SUM))
-
-
-def record_errors(snapshots, errors, project):
-    """A `record` that keeps every snapshot and its error against the reference."""
-
-    def record(heat, t):
-        values = (projection(heat.u) if project else heat.u).x.array.copy()
-        snapshots[t] = values
-        errors[t] = l2_norm(values - reference[t]) / l2_norm(reference[t])
-
-    return record
-
-
-def unit_square(n):
-    return mesh.create_unit_square(comm, n, n, mesh.CellType.quadrilateral)
-
-
-models = {"ā only": plain_model(V_coarse, fem.Constant(coarse, a_mean), "mean")}
-models["A_hom"] = plain_model(V_coarse, fem.Constant(coarse, A_hom), "hom")
-models["closure, implicit"] = closure_model(V_coarse, implicit=True, name="implicit")
-models["closure, IMEX"] = closure_model(V_coarse, implicit=False, name="imex")
-mesh_of = {name: coarse_cells for name in models}
-for n in (2 * coarse_cells, 4 * coarse_cells):
-    name = f"ā only, {n}x{n}"
-    msh = unit_square(n)
-    models[name] = plain_model(
-        fem.functionspace(msh, ("Lagrange", 1)), fem.Constant(msh, a_mean), f"mean{n}"
-    )
-    mesh_of[name] = n
-n = 4 * periods
-resolved_mesh = unit_square(n)
-a_resolved = fem.Function(fem.functionspace(resolved_mesh, ("DG", 0)))
-a_resolved.interpolate(conductivity)
-resolved = f"resolved, {n}x{n}"
-models[resolved] = plain_model(fem.functionspace(resolved_mesh, ("Lagrange", 1)), a_resolved, "r")
-mesh_of[resolved] = n
-
-runs, snapshots = {}, {}
-for name, model in models.items():
-    errors, snapshots[name] = {}, {}
-    project = model[0].V is not V_coarse
-    seconds = run(model, test, record_errors(snapshots[name], errors, project))
-    runs[name] = dict(
-        mesh=mesh_of[name],
-        dofs=model[0].V.dofmap.index_map.size_global,
-        seconds=seconds,
-        max_error=max(e for t, e in errors.items() if t > 0),
-        final_error=errors[max(errors)],
-        errors=[errors[t] for t in sorted(errors)],
-    )
-runs["fine (reference)"] = dict(
-    mesh=fine_cells, dofs=V_fine.dofmap.index_map.size_global, seconds=fine_seconds["test"]
-)
-times = sorted(reference)
 # -
 
-# **The learned effective tensor**, read off the closure tangent as in the steady demo:
+# ## Steps 1–3 for each microstructure, on the unit square and on the plate
+#
+# On the unit square the coarse runs are: the mean conductivity only, on $16^2$ cells and
+# (laminate) on $32^2$ and $64^2$; the exact $A_\text{hom}$; the learned closure, implicit
+# and IMEX; and, for the laminate, the coarsest mesh that resolves the stripes, $256^2$
+# (4 cells per period, see the steady demo), the cheapest run without closure that can be
+# as accurate. On the plate (`meshes/plate_with_holes.msh`) the closure learned on the unit
+# square is used unchanged, against the mean only and $A_\text{hom}$; the fine reference is
+# a plate mesh that conforms to the microstructure, made by `microstructure_mesh` (in
+# {download}`microstructure.py`, shared with the steady demo).
+#
+# **The learned effective tensor** is read off the closure tangent as in the steady demo:
 # the implicit run's closure holds $\partial q_\theta / \partial \nabla\bar u$ at every
 # quadrature point of the last Newton iterate, and
 # {py:meth}`~dolfinx_mno.Closure.mean_tangent` averages it over all points of all ranks.
 
 # +
-closure = models["closure, implicit"][2]
-newton_iterations = models["closure, implicit"][1].problem.solver.getIterationNumber()
-A_learned = a_mean * np.eye(2) + closure.mean_tangent()
-tensor_error = np.linalg.norm(A_learned - A_hom) / np.linalg.norm(A_hom)
-A_least_squares = a_mean * np.eye(2) + np.linalg.lstsq(inputs, targets, rcond=None)[0].T
-fit_gap = np.linalg.norm(A_learned - A_least_squares) / np.linalg.norm(A_hom)
-closure_error = runs["closure, implicit"]["max_error"]
-without_closure = [n for n in runs if n.startswith(("ā only", "resolved"))]
-as_accurate = [n for n in without_closure if runs[n]["max_error"] <= closure_error]
-match = min(as_accurate, key=lambda n: runs[n]["seconds"]) if as_accurate else "fine (reference)"
+plate = gmshio.read_from_msh(repository / "meshes" / "plate_with_holes.msh", comm, 0, gdim=2).mesh
+V_plate = fem.functionspace(plate, ("Lagrange", 1))
+results, vtx_fields = {}, {}
+for ms in microstructures:
+    data_path = output_dir / f"closure_data_{ms.name}.h5"
+    model_path = output_dir / f"flux_closure_{ms.name}.pt"
+    fine_cells = periods * ms.cells_per_period
+    fine_model = resolved_model(unit_square(fine_cells), ms.law, ms.degree, f"fine_{ms.name}")
+    inputs, targets, groups, num_snapshots, fine_seconds = training_data(ms, fine_model, data_path)
+    result, fit_seconds = fit_closure(inputs, targets, groups, model_path, ms.name)
+
+    models = {
+        "mean only": plain_model(V_coarse, fem.Constant(coarse, ms.mean), f"mean_{ms.name}"),
+        "A_hom": plain_model(V_coarse, fem.Constant(coarse, ms.A_hom), f"hom_{ms.name}"),
+        "closure, implicit": closure_model(V_coarse, model_path, ms.mean, True, f"i_{ms.name}"),
+        "closure, IMEX": closure_model(V_coarse, model_path, ms.mean, False, f"e_{ms.name}"),
+    }
+    if ms.name == "laminate":
+        for n in (2 * coarse_cells, 4 * coarse_cells):
+            msh = unit_square(n)
+            models[f"mean only, {n}x{n}"] = plain_model(
+                fem.functionspace(msh, ("Lagrange", 1)), fem.Constant(msh, ms.mean), f"mean{n}"
+            )
+        n = 4 * periods
+        models[f"resolved, {n}x{n}"] = resolved_model(unit_square(n), ms.law, 1, "resolved")
+    runs, snapshots, reference = compare(fine_model, models, V_coarse)
+    closure = models["closure, implicit"][2]
+    A_learned = ms.mean * np.eye(2) + closure.mean_tangent()
+    A_least_squares = ms.mean * np.eye(2) + np.linalg.lstsq(inputs, targets, rcond=None)[0].T
+    closure_error = runs["closure, implicit"]["max_error"]
+    without_closure = [n for n in runs if n.startswith(("mean only", "resolved"))]
+    as_accurate = [n for n in without_closure if runs[n]["max_error"] <= closure_error]
+    match = min(as_accurate, key=lambda n: runs[n]["seconds"]) if as_accurate else None
+
+    tic = time.perf_counter()
+    fine_plate = microstructure_mesh(
+        comm, 1.0, PLATE_HOLES, epsilon, epsilon / ms.plate_cells_per_period, ms.directions
+    )
+    plate_mesh_seconds = comm.allreduce(time.perf_counter() - tic, op=MPI.MAX)
+    plate_models = {
+        "mean only": plain_model(V_plate, fem.Constant(plate, ms.mean), f"pmean_{ms.name}"),
+        "A_hom": plain_model(V_plate, fem.Constant(plate, ms.A_hom), f"phom_{ms.name}"),
+        "closure, implicit": closure_model(V_plate, model_path, ms.mean, True, f"pi_{ms.name}"),
+    }
+    plate_runs, plate_snapshots, plate_reference = compare(
+        resolved_model(fine_plate, ms.law, ms.degree, f"pfine_{ms.name}"),
+        plate_models,
+        V_plate,
+        padding=2e-3,
+    )
+    vtx_fields[ms.name] = {
+        "unit_square": (V_coarse, reference, snapshots),
+        "plate": (V_plate, plate_reference, plate_snapshots),
+    }
+    results[ms.name] = {
+        "A_hom": ms.A_hom.tolist(),
+        "A_learned": A_learned.tolist(),
+        "tensor_relative_error": np.linalg.norm(A_learned - ms.A_hom) / np.linalg.norm(ms.A_hom),
+        "A_least_squares": A_least_squares.tolist(),
+        "fit_gap": np.linalg.norm(A_learned - A_least_squares) / np.linalg.norm(ms.A_hom),
+        "training": {
+            "num_snapshots": num_snapshots,
+            "num_points": inputs.shape[0] // num_snapshots,
+            "epochs": result.history.epochs,
+            "best_val_loss": result.history.best_val_loss,
+            "fit_seconds": fit_seconds,
+            "fine_seconds": fine_seconds,
+        },
+        "newton_iterations_last_step": models["closure, implicit"][
+            1
+        ].problem.solver.getIterationNumber(),
+        "closure_update_seconds": closure.timings["total"],
+        "unit_square": {
+            "fine_mesh": fine_cells,
+            "runs": runs,
+            "coarsest_without_closure_as_accurate": match,
+        },
+        "plate": {
+            "fine_cells": fine_plate.topology.index_map(2).size_global,
+            "fine_mesh_seconds": plate_mesh_seconds,
+            "newton_iterations_last_step": plate_models["closure, implicit"][
+                1
+            ].problem.solver.getIterationNumber(),
+            "runs": plate_runs,
+        },
+    }
+times = sorted(vtx_fields["laminate"]["unit_square"][1])
 # -
 
 # ## Output: VTX, a plot and a JSON summary
 #
-# The coarse solutions of the test run (every model on $V_h$, with the filtered fine
-# solution) go to one VTX file, one frame per snapshot; the plot shows the error over
-# time and the error against wall time.
+# The coarse solutions of the test run (every coarse model of a domain, with the filtered
+# fine solution) go to one VTX file per microstructure and domain, one frame per
+# snapshot. The plot shows, per microstructure, the error over time on both domains and
+# the error against wall time on the unit square.
 
 # +
-on_coarse = ["ā only", "A_hom", "closure, implicit", "closure, IMEX"]
-fields = {"filtered fine": fem.Function(V_coarse, name="u_fine_filtered")}
-for name in on_coarse:
-    fields[name] = fem.Function(V_coarse, name="u_" + name.replace(", ", "_").replace(" ", "_"))
-with io.VTXWriter(comm, output_dir / "test_coarse.bp", list(fields.values()), "BP4") as vtx:
-    for t in times:
-        fields["filtered fine"].x.array[:] = reference[t]
-        for name in on_coarse:
-            fields[name].x.array[:] = snapshots[name][t]
-        vtx.write(t)
+for name, domains in vtx_fields.items():
+    for domain, (V, reference, snapshots) in domains.items():
+        fields = {"filtered fine": fem.Function(V, name="u_fine_filtered")}
+        for model in snapshots:
+            fields[model] = fem.Function(V, name="u_" + model.replace(", ", "_").replace(" ", "_"))
+        path = output_dir / f"test_{name}_{domain}.bp"
+        with io.VTXWriter(comm, path, list(fields.values()), "BP4") as vtx:
+            for t in times:
+                fields["filtered fine"].x.array[:] = reference[t]
+                for model, values_at in snapshots.items():
+                    fields[model].x.array[:] = values_at[t]
+                vtx.write(t)
 
 if comm.rank == 0:
-    fig, (ax_time, ax_cost) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
-    for name, r in runs.items():
-        if "errors" in r:
-            ax_time.semilogy(times[1:], r["errors"][1:], "o-", ms=3, label=name)
-            ax_cost.loglog(r["seconds"], r["max_error"], "o", label=name)
-    ax_time.set(
-        xlabel="time $t$",
-        ylabel=r"$\|P u - P u_f\| / \|P u_f\|$",
-        title="Test scenario: error against the filtered fine solution",
-    )
-    ax_cost.axvline(fine_seconds["test"], color="k", ls=":", label="fine (reference)")
-    ax_cost.set(
-        xlabel=f"wall time of {num_steps} steps [s]",
-        ylabel="max error over the horizon",
-        title="Error against cost",
-    )
-    for ax in (ax_time, ax_cost):
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.4), layout="constrained")
+    for row, (name, result) in zip(axes, results.items(), strict=True):
+        for ax, domain in zip(row[:2], ("unit_square", "plate"), strict=True):
+            for model, r in result[domain]["runs"].items():
+                if "errors" in r:
+                    ax.semilogy(times[1:], r["errors"][1:], "o-", ms=3, label=model)
+            ax.set(
+                xlabel="time $t$",
+                ylabel=r"$\|P u - P u_f\| / \|P u_f\|$",
+                title=f"{name}, {domain.replace('_', ' ')}: error against the filtered fine",
+            )
+            ax.legend(fontsize=7)
+        ax = row[2]
+        runs = result["unit_square"]["runs"]
+        for model, r in runs.items():
+            if "errors" in r:
+                ax.loglog(r["seconds"], r["max_error"], "o", label=model)
+        ax.axvline(runs["fine (reference)"]["seconds"], color="k", ls=":", label="fine")
+        ax.set(
+            xlabel=f"wall time of {num_steps} steps [s]",
+            ylabel="max error over the horizon",
+            title=f"{name}, unit square: error against cost",
+        )
         ax.legend(fontsize=7)
-    fig.savefig(output_dir / "transient.png", dpi=120)
+    fig.savefig(output_dir / "transient.png", dpi=100)
     plt.close(fig)
 
 summary = {
@@ -637,51 +786,40 @@ summary = {
     "ranks": comm.size,
     "epsilon": epsilon,
     "coarse_mesh": coarse_cells,
-    "fine_mesh": fine_cells,
+    "plate_coarse_cells": plate.topology.index_map(2).size_global,
     "dt": dt,
     "num_steps": num_steps,
-    "A_hom": A_hom.tolist(),
-    "A_learned": A_learned.tolist(),
-    "tensor_relative_error": tensor_error,
-    "A_least_squares": A_least_squares.tolist(),
-    "fit_gap": fit_gap,
-    "training": {
-        "scenarios": training_scenarios,
-        "num_samples": len(trajectory_of_sample),
-        "num_points": num_points,
-        "epochs": result.history.epochs,
-        "best_val_loss": result.history.best_val_loss,
-        "fit_seconds": fit_seconds,
-    },
-    "fine_seconds": fine_seconds,
-    "newton_iterations_last_step": newton_iterations,
-    "closure_update_seconds": closure.timings["total"],
     "times": times,
-    "runs": runs,
-    "coarsest_without_closure_as_accurate": match,
+    **results,
 }
 if comm.rank == 0:
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(
-        f"\nlaminate a1 = {a1:g}, a2 = {a2:g}, eps = 1/{periods}; coarse "
-        f"{coarse_cells}x{coarse_cells}, fine {fine_cells}x{fine_cells}; {num_steps} steps "
-        f"of {dt:g}; {comm.size} rank(s)"
+        f"\neps = 1/{periods}; coarse {coarse_cells}x{coarse_cells} and the plate's "
+        f"{summary['plate_coarse_cells']} triangles; {num_steps} steps of {dt:g}; "
+        f"{comm.size} rank(s)"
     )
-    print(
-        f"training data: {len(trajectory_of_sample)} snapshots x {num_points} coarse cells "
-        f"from {len(training_scenarios)} fine trajectories; fit {result.history.epochs} "
-        f"epochs, {fit_seconds:.2f} s"
-    )
-    print(
-        f"learned tensor [[{A_learned[0, 0]:.4f}, {A_learned[0, 1]:.4f}], "
-        f"[{A_learned[1, 0]:.4f}, {A_learned[1, 1]:.4f}]] vs A_hom diag({a_harmonic:.4f}, "
-        f"{a_mean:.4f}): relative error {tensor_error:.2e} (least squares: {fit_gap:.1e} away)"
-    )
-    print("\ntest scenario         mesh     dofs   max error  final error  time [s]")
-    for name, r in runs.items():
-        errors_ = f"{r['max_error']:10.3e}  {r['final_error']:10.3e}" if "errors" in r else ""
-        print(f"  {name:<20} {r['mesh']:4d} {r['dofs']:8d}  {errors_:<22}  {r['seconds']:8.3f}")
-    print(f"coarsest run without closure as accurate as the implicit closure: {match}")
+    for name, result in results.items():
+        A, training = np.array(result["A_learned"]), result["training"]
+        print(
+            f"\n{name}: {training['num_snapshots']} snapshots x {training['num_points']} coarse "
+            f"cells from {len(training_scenarios)} fine trajectories; fit "
+            f"{training['epochs']} epochs, {training['fit_seconds']:.2f} s"
+        )
+        print(
+            f"learned tensor [[{A[0, 0]:.4f}, {A[0, 1]:.4f}], [{A[1, 0]:.4f}, {A[1, 1]:.4f}]]; "
+            f"relative error against A_hom {result['tensor_relative_error']:.2e} (least "
+            f"squares: {result['fit_gap']:.1e} away)"
+        )
+        for domain in ("unit_square", "plate"):
+            print(f"test, {domain:<20}    dofs   max error  final error  time [s]")
+            for model, r in result[domain]["runs"].items():
+                errors_ = (
+                    f"{r['max_error']:10.3e}  {r['final_error']:10.3e}" if "errors" in r else ""
+                )
+                print(f"  {model:<20} {r['dofs']:8d}  {errors_:<22}  {r['seconds']:8.3f}")
+        match = result["unit_square"]["coarsest_without_closure_as_accurate"]
+        print(f"coarsest run without closure as accurate as the implicit closure: {match}")
     print(f"outputs written to {output_dir}")
 # -
 
@@ -690,28 +828,48 @@ if comm.rank == 0:
 # Tolerances from measurements (full run / `--quick`, the same on 1 and 2 ranks; see
 # `docs/results.md`):
 #
-# * the learned tensor is within 0.24 % / 0.54 % of $A_\text{hom}$ (the issue asks for
-#   2 %); we require 1 %. The fit is within 0.06 % / 0.17 % of the least-squares tensor
-#   of the data; we require 0.3 %;
-# * the closure is linear, so Newton takes one iteration per step;
-# * over the horizon, the implicit closure's error is 1.17 / 1.15 times that of the exact
-#   $A_\text{hom}$ on the same mesh (the best a local closure can do there); we require
-#   1.5 times. Every ā-only run is 45 / 12 times less accurate (we require 8 times):
-#   refining it does not help, its equation is wrong;
-# * the IMEX closure lags the flux by one step, an $O(\Delta t)$ error: 7.5 / 3.7 times
-#   the implicit one's, and it halves with $\Delta t$ (full against quick). We require
-#   the implicit coupling to be at least twice as accurate, and the IMEX one still 2.5
-#   times more accurate than ā only;
-# * in the full run, the coarsest run without closure that is as accurate as the closure
+# * the learned tensor is within 0.24 % / 0.54 % of $A_\text{hom}$ for the laminate
+#   (we require 1 %; the issue asks for 2 %) and 0.91 % / 0.95 % for the checkerboard
+#   (we require 1.5 %: as in the steady demo, 0.90 % of it is the fine $Q_2$
+#   discretisation's excess conductivity); each fit is within 0.2 % of the least-squares
+#   tensor of its data (we require 0.3 %);
+# * the closures are linear, so Newton takes one iteration per step;
+# * on the unit square, the implicit closure's maximum error over the horizon is 1.38 /
+#   1.22 (laminate) and 1.07 / 1.28 (checkerboard) times that of the exact
+#   $A_\text{hom}$, the best a local closure can do there (we require 1.5 times); the
+#   mean-only runs are 48 / 14 and 21 / 6.0 times less accurate (we require 5 times):
+#   refining the laminate's does not help, its equation is wrong;
+# * on the plate, with the closure learned on the unit square: 1.16 / 0.92 and
+#   0.17 / 0.42 times the $A_\text{hom}$ error (the checkerboard's reference, like its
+#   training data, carries about 1 % of discretisation excess, which $A_\text{hom}$ lacks;
+#   see the steady demo); the mean only is 28 / 13 and 72 / 30 times less accurate (we
+#   require 1.5 and 8 times);
+# * the IMEX closure lags the flux by one step, an $O(\Delta t)$ error: 8.7 / 4.8 times the
+#   implicit one's for the laminate, 1.9 / 1.3 times for the checkerboard, whose closure
+#   is smaller ($\sqrt 3 - 2 = -0.27$ against $\underline a - \bar a = -3.7$). We require
+#   the implicit coupling to be more accurate by 1.2 times, and IMEX still 2.5 times more
+#   accurate than the mean only;
+# * for the laminate, the cheapest run without closure that is as accurate as the closure
 #   resolves the stripes.
 
-assert len(trajectory_of_sample) == len(training_scenarios) * (num_steps // record_every)
-assert tensor_error < 1e-2, f"learned tensor off by {tensor_error:.2e}"
-assert fit_gap < 3e-3, f"the fit is {fit_gap:.2e} from the least-squares optimum"
-assert newton_iterations == 1
-mean_only = [runs[n]["max_error"] for n in runs if n.startswith("ā only")]
-assert min(mean_only) > 8 * closure_error
-assert closure_error < 1.5 * runs["A_hom"]["max_error"]
-imex_error = runs["closure, IMEX"]["max_error"]
-assert 2 * closure_error < imex_error < min(mean_only) / 2.5
-assert match == resolved
+for name, result in results.items():
+    square, plate_runs = result["unit_square"]["runs"], result["plate"]["runs"]
+    closure_error = square["closure, implicit"]["max_error"]
+    mean_only = min(r["max_error"] for n, r in square.items() if n.startswith("mean only"))
+    imex_error = square["closure, IMEX"]["max_error"]
+    assert result["training"]["num_snapshots"] == len(training_scenarios) * (
+        num_steps // record_every
+    )
+    tolerance = 1e-2 if name == "laminate" else 1.5e-2
+    assert result["tensor_relative_error"] < tolerance, (name, result["tensor_relative_error"])
+    assert result["fit_gap"] < 3e-3, (name, result["fit_gap"])
+    assert result["newton_iterations_last_step"] == 1
+    assert result["plate"]["newton_iterations_last_step"] == 1
+    assert closure_error < 1.5 * square["A_hom"]["max_error"], name
+    assert mean_only > 5 * closure_error, name
+    assert 1.2 * closure_error < imex_error < mean_only / 2.5, name
+    plate_error = plate_runs["closure, implicit"]["max_error"]
+    assert plate_error < 1.5 * plate_runs["A_hom"]["max_error"], name
+    assert plate_runs["mean only"]["max_error"] > 8 * plate_error, name
+match = results["laminate"]["unit_square"]["coarsest_without_closure_as_accurate"]
+assert match is not None and match.startswith("resolved"), match
