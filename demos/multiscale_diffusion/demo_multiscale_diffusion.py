@@ -699,30 +699,69 @@ a_plate = resolved_conductivity(fine_plate)
 u_plate_reference, plate_reference_seconds, plate_fine_dofs = solve_plain(
     fem.functionspace(fine_plate, ("Lagrange", 1)), lambda msh: a_plate, test_loading, "u_fine"
 )
-plate_runs = {"fine (reference)": dict(dofs=plate_fine_dofs, seconds=plate_reference_seconds)}
 V_plate = fem.functionspace(plate, ("Lagrange", 1))
-plate_solutions = {}
-for label, conductivity_of in (("ā only", mean_only), ("A_hom", homogenised)):
-    name = "u_mean_only" if label == "ā only" else "u_hom"
-    plate_solutions[label], seconds, dofs = solve_plain(
-        V_plate, conductivity_of, test_loading, name, 5
-    )
-    plate_runs[label] = dict(dofs=dofs, seconds=seconds)
-plate_solutions["closure"], seconds, plate_newton_iterations, _ = solve_closure(
-    V_plate, test_loading, "u_closure", repeats=5
-)
-plate_runs["closure"] = dict(dofs=plate_runs["A_hom"]["dofs"], seconds=seconds)
 plate_projection = L2Projection(V_plate, quadrature_degree=10, padding=2e-3)
-plate_errors, u_plate_filtered = relative_errors(
-    plate_solutions, u_plate_reference, plate_projection
+# -
+
+# The coarse runs on a space against a fine reference, and their errors, are the same on
+# every domain and for both microstructures: one function does them (Steps 5–7).
+
+
+# +
+def coarse_runs(V, reference, projection, plain, model, mean, name):
+    """Coarse runs on V without closure (`plain`) and with the closure in `model`.
+
+    Args:
+        V: The coarse space.
+        reference: The fine run, (solution, seconds, dofs).
+        projection: The L² projection onto V of the errors.
+        plain: {label: (function name, conductivity_of)} for `solve_plain`; must hold
+            "A_hom".
+        model, mean: The closure's model file and the known mean conductivity.
+        name: Name of the closure solution.
+
+    Returns:
+        runs {label: dofs, seconds, error}, solutions {label: function}, the filtered
+        reference, Newton's iterations, the closure, and the relative L² distance between
+        the closure's and the A_hom solutions.
+    """
+    u_reference, seconds, dofs = reference
+    runs = {"fine (reference)": dict(dofs=dofs, seconds=seconds, error=0.0)}
+    solutions = {}
+    for label, (function_name, conductivity_of) in plain.items():
+        solutions[label], seconds, dofs = solve_plain(
+            V, conductivity_of, test_loading, function_name, 5
+        )
+        runs[label] = dict(dofs=dofs, seconds=seconds)
+    solutions["closure"], seconds, iterations, closure = solve_closure(
+        V, test_loading, name, 5, model, mean
+    )
+    runs["closure"] = dict(dofs=runs["A_hom"]["dofs"], seconds=seconds)
+    errors, filtered = relative_errors(solutions, u_reference, projection)
+    filtered.name = "u_fine_filtered"
+    for label, error in errors.items():
+        runs[label]["error"] = error
+    hom = solutions["A_hom"].x.array
+    closure_vs_hom = l2_norm(solutions["closure"].x.array - hom, V) / l2_norm(hom, V)
+    return runs, solutions, filtered, iterations, closure, closure_vs_hom
+
+
+(
+    plate_runs,
+    plate_solutions,
+    u_plate_filtered,
+    plate_newton_iterations,
+    _,
+    plate_closure_vs_hom,
+) = coarse_runs(
+    V_plate,
+    (u_plate_reference, plate_reference_seconds, plate_fine_dofs),
+    plate_projection,
+    {"ā only": ("u_mean_only", mean_only), "A_hom": ("u_hom", homogenised)},
+    model_path,
+    a_mean,
+    "u_closure",
 )
-u_plate_filtered.name = "u_fine_filtered"
-plate_runs["fine (reference)"]["error"] = 0.0
-for name, error in plate_errors.items():
-    plate_runs[name]["error"] = error
-plate_closure_vs_hom = l2_norm(
-    plate_solutions["closure"].x.array - plate_solutions["A_hom"].x.array, V_plate
-) / l2_norm(plate_solutions["A_hom"].x.array, V_plate)
 # -
 
 # ## Step 6: a checkerboard
@@ -848,30 +887,28 @@ B_least_squares = (
 u_checker_reference, checker_reference_seconds, checker_fine_dofs = solve_plain(
     V_checker, lambda msh: b_fine, test_loading, "u_fine_checker"
 )
-checker_runs = {"fine (reference)": dict(dofs=checker_fine_dofs, seconds=checker_reference_seconds)}
 checker_models = {  # label: (function name, conductivity)
     "b̄ only": ("u_mean_only", lambda msh: fem.Constant(msh, b_mean)),
     "A_hom": ("u_hom", lambda msh: fem.Constant(msh, B_hom)),
 }
-checker_solutions = {}
-for label, (name, conductivity_of) in checker_models.items():
-    checker_solutions[label], seconds, dofs = solve_plain(
-        V_coarse, conductivity_of, test_loading, name, 5
-    )
-    checker_runs[label] = dict(dofs=dofs, seconds=seconds)
-checker_solutions["closure"], seconds, checker_newton_iterations, checker_closure = solve_closure(
-    V_coarse, test_loading, "u_closure_checker", 5, checker_model_path, b_mean
+(
+    checker_runs,
+    checker_solutions,
+    _,
+    checker_newton_iterations,
+    checker_closure,
+    checker_closure_vs_hom,
+) = coarse_runs(
+    V_coarse,
+    (u_checker_reference, checker_reference_seconds, checker_fine_dofs),
+    projection,
+    checker_models,
+    checker_model_path,
+    b_mean,
+    "u_closure_checker",
 )
-checker_runs["closure"] = dict(dofs=checker_runs["A_hom"]["dofs"], seconds=seconds)
-checker_errors, _ = relative_errors(checker_solutions, u_checker_reference, projection)
-checker_runs["fine (reference)"]["error"] = 0.0
-for name, error in checker_errors.items():
-    checker_runs[name]["error"] = error
 B_learned = b_mean * np.eye(2) + checker_closure.mean_tangent()
 checker_tensor_error = np.linalg.norm(B_learned - B_hom) / np.linalg.norm(B_hom)
-checker_closure_vs_hom = l2_norm(
-    checker_solutions["closure"].x.array - checker_solutions["A_hom"].x.array, V_coarse
-) / l2_norm(checker_solutions["A_hom"].x.array, V_coarse)
 # -
 
 # ## Step 7: the checkerboard on the plate with holes
@@ -924,27 +961,22 @@ u_checker_plate_reference, seconds, dofs = solve_plain(
     test_loading,
     "u_fine_checker_plate",
 )
-checker_plate_runs = {"fine (reference)": dict(dofs=dofs, seconds=seconds)}
-checker_plate_solutions = {}
-for label, (name, conductivity_of) in checker_models.items():
-    checker_plate_solutions[label], seconds, dofs = solve_plain(
-        V_plate, conductivity_of, test_loading, name, 5
-    )
-    checker_plate_runs[label] = dict(dofs=dofs, seconds=seconds)
-checker_plate_solutions["closure"], seconds, checker_plate_newton_iterations, _ = solve_closure(
-    V_plate, test_loading, "u_closure", 5, checker_model_path, b_mean
+(
+    checker_plate_runs,
+    checker_plate_solutions,
+    u_checker_plate_filtered,
+    checker_plate_newton_iterations,
+    _,
+    checker_plate_closure_vs_hom,
+) = coarse_runs(
+    V_plate,
+    (u_checker_plate_reference, seconds, dofs),
+    plate_projection,
+    checker_models,
+    checker_model_path,
+    b_mean,
+    "u_closure",
 )
-checker_plate_runs["closure"] = dict(dofs=checker_plate_runs["A_hom"]["dofs"], seconds=seconds)
-checker_plate_errors, u_checker_plate_filtered = relative_errors(
-    checker_plate_solutions, u_checker_plate_reference, plate_projection
-)
-u_checker_plate_filtered.name = "u_fine_filtered"
-checker_plate_runs["fine (reference)"]["error"] = 0.0
-for name, error in checker_plate_errors.items():
-    checker_plate_runs[name]["error"] = error
-checker_plate_closure_vs_hom = l2_norm(
-    checker_plate_solutions["closure"].x.array - checker_plate_solutions["A_hom"].x.array, V_plate
-) / l2_norm(checker_plate_solutions["A_hom"].x.array, V_plate)
 # -
 
 # ## Output: VTX files, plots and a JSON summary
@@ -1062,11 +1094,11 @@ if comm.rank == 0:
     plt.close(fig)
 
     fig, axes = plt.subplots(2, 4, figsize=(16, 7.6), layout="constrained")
-    for row, (microstructure, errors_, mean_label) in zip(
+    for row, (microstructure, runs_, mean_label) in zip(
         axes,
         (
-            ("laminate", plate_errors, ("ā only", r"$\bar a$")),
-            ("checkerboard", checker_plate_errors, ("b̄ only", r"$\bar b$")),
+            ("laminate", plate_runs, ("ā only", r"$\bar a$")),
+            ("checkerboard", checker_plate_runs, ("b̄ only", r"$\bar b$")),
         ),
         strict=True,
     ):
@@ -1075,12 +1107,12 @@ if comm.rank == 0:
             (f"{microstructure}: filtered fine solution $P u_f$", images["filtered"], "viridis"),
             ("coarse + learned closure", images["closure"], "viridis"),
             (
-                f"error, {mean_label[1]} only ({errors_[mean_label[0]]:.1%})",
+                f"error, {mean_label[1]} only ({runs_[mean_label[0]]['error']:.1%})",
                 np.abs(images[mean_label[0]] - images["filtered"]),
                 "magma",
             ),
             (
-                f"error, learned closure ({errors_['closure']:.2%})",
+                f"error, learned closure ({runs_['closure']['error']:.2%})",
                 np.abs(images["closure"] - images["filtered"]),
                 "magma",
             ),
