@@ -17,9 +17,10 @@ its factors collectively). DOLFINx's problems destroy their objects in ``__del__
 the garbage collector may finalise problems in a different order on different ranks (at
 exit, or when it collects reference cycles): two ranks then wait in two different
 destroys forever. These subclasses do not destroy in ``__del__``; the dropped petsc4py
-objects go to PETSc's queue of delayed destruction, which
-``PETSc.garbage_cleanup(comm)`` (collective) and ``PetscFinalize`` empty safely. Call
-``garbage_cleanup`` in a long loop that creates and drops many problems.
+objects go to PETSc's queue of delayed destruction, which ``PETSc.garbage_cleanup(comm)``
+empties collectively (it destroys what is queued on every rank). Constructing a problem is
+collective, so each constructor calls it: a loop that creates and drops problems does not
+accumulate their solvers and factors. ``PetscFinalize`` empties the rest.
 """
 
 from __future__ import annotations
@@ -90,11 +91,13 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
             J = derivative(F, u)
         check_form(F)
         check_form(J)
-        self._closures = _collect([F, J], closures)
+        closures_ = _collect([F, J], closures)
+        PETSc.garbage_cleanup(u.function_space.mesh.comm)  # see the module notes
         super().__init__(F, u, petsc_options_prefix=petsc_options_prefix, bcs=bcs, J=J, **kwargs)
-        self._state = self.x.duplicate()
-        self._state_valid = False
-        self._callback_error: Exception | None = None  # the last failed closure update
+        # The SNES keeps its callbacks alive; they must not refer to the problem, or the
+        # problem could never be freed (a reference cycle through C that Python's garbage
+        # collector cannot see). They live in a separate object.
+        self._callbacks = _NewtonCallbacks(closures_, u, self.x.duplicate())
         residual_ctx = {"u": u, "residual": self.F, "jacobian": self.J, "bcs": bcs or []}
         jacobian_ctx = {
             "u": u,
@@ -102,60 +105,13 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
             "preconditioner": self.preconditioner,
             "bcs": bcs or [],
         }
-        self.solver.setFunction(self._residual, self.b, kargs=residual_ctx)
-        self.solver.setJacobian(self._jacobian, self.A, self.P_mat, kargs=jacobian_ctx)
+        self.solver.setFunction(self._callbacks.residual, self.b, kargs=residual_ctx)
+        self.solver.setJacobian(self._callbacks.jacobian, self.A, self.P_mat, kargs=jacobian_ctx)
 
     @property
     def closures(self) -> list[ClosureBase]:
         """The closures updated at every iterate."""
-        return list(self._closures)
-
-    def _update_closures(self, x: PETSc.Vec, u: fem.Function) -> None:  # type: ignore[name-defined]
-        """Bring ``u`` and the closures to the iterate ``x``."""
-        x.ghostUpdate(addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)  # type: ignore
-        _fem_petsc.assign(x, u)  # type: ignore[arg-type]
-        for closure in self._closures:
-            closure.update(tangent=closure.supports_tangent)
-        x.copy(self._state)
-        self._state_valid = True
-
-    def _same_state(self, x: PETSc.Vec) -> bool:  # type: ignore[name-defined]
-        if not self._state_valid:
-            return False
-        self._state.axpy(-1.0, x)
-        same = self._state.norm(PETSc.NormType.NORM_INFINITY) == 0.0  # type: ignore
-        x.copy(self._state)
-        return bool(same)
-
-    def _residual(self, snes, x, b, **ctx) -> None:
-        try:
-            self._update_closures(x, ctx["u"])
-        except Exception as err:
-            # An exception raised through PETSc becomes a bare error code and leaves
-            # PETSc objects locked. A NaN residual instead makes SNES reject the iterate
-            # (a line search may try a shorter step) or stop; solve() raises the error if
-            # SNES did not converge after all.
-            self._callback_error = err
-            b.set(float("nan"))
-            return
-        _fem_petsc.assemble_residual(snes, x, b, **ctx)
-
-    def _jacobian(self, snes, x, A, P, **ctx) -> None:
-        # SNES normally evaluates the residual at x just before; re-evaluate otherwise
-        # (e.g. after a line search that ended on another point).
-        if not self._same_state(x):
-            try:
-                self._update_closures(x, ctx["u"])
-            except Exception as err:  # the closures keep their last values
-                self._callback_error = err
-        if A.getType() == PETSc.Mat.Type.MFFD:  # type: ignore[attr-defined]
-            # -snes_mf_operator: the Jacobian action is matrix-free (differences of the
-            # residual, which re-evaluates every closure); the assembled Jacobian, with
-            # closures that have no tangent frozen, preconditions it.
-            A.assemble()
-            _fem_petsc.assemble_jacobian(snes, x, P, None, **ctx)  # type: ignore[arg-type]
-            return
-        _fem_petsc.assemble_jacobian(snes, x, A, P, **ctx)
+        return list(self._callbacks.closures)
 
     def solve(self) -> fem.Function:
         """Solve; returns ``u``. Check ``self.solver.getConvergedReason() > 0``.
@@ -166,16 +122,81 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
                 An update that fails at a trial point of the line search only shortens
                 the step.
         """
-        self._state_valid = False
-        self._callback_error = None
+        self._callbacks.state_valid = False
+        self._callbacks.error = None
         u = typing.cast(fem.Function, super().solve())
-        error, self._callback_error = self._callback_error, None
+        error, self._callbacks.error = self._callbacks.error, None
         if error is not None and self.solver.getConvergedReason() <= 0:
             raise error
         return u
 
     def __del__(self):
         """Leave the PETSc objects to petsc4py's delayed destruction (see module notes)."""
+
+
+class _NewtonCallbacks:
+    """SNES residual and Jacobian callbacks that update the closures at each iterate.
+
+    Holds what the callbacks need (the closures, the unknown, the last iterate at which
+    the closures were updated, the last error) and nothing that holds the SNES.
+    """
+
+    def __init__(self, closures: list[ClosureBase], u: fem.Function, state: PETSc.Vec):  # type: ignore[name-defined]
+        self.closures = closures
+        self.u = u
+        self.state = state  # the iterate of the last closure update
+        self.state_valid = False
+        self.error: Exception | None = None  # the last failed closure update
+
+    def update(self, x: PETSc.Vec) -> None:  # type: ignore[name-defined]
+        """Bring ``u`` and the closures to the iterate ``x``."""
+        x.ghostUpdate(addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)  # type: ignore
+        _fem_petsc.assign(x, self.u)  # type: ignore[arg-type]
+        for closure in self.closures:
+            closure.update(tangent=closure.supports_tangent)
+        x.copy(self.state)
+        self.state_valid = True
+
+    def same_state(self, x: PETSc.Vec) -> bool:  # type: ignore[name-defined]
+        """Whether the closures were last updated at ``x``."""
+        if not self.state_valid:
+            return False
+        self.state.axpy(-1.0, x)
+        same = self.state.norm(PETSc.NormType.NORM_INFINITY) == 0.0  # type: ignore
+        x.copy(self.state)
+        return bool(same)
+
+    def residual(self, snes, x, b, **ctx) -> None:
+        """Update the closures at ``x``, then assemble the residual into ``b``."""
+        try:
+            self.update(x)
+        except Exception as err:
+            # An exception raised through PETSc becomes a bare error code and leaves
+            # PETSc objects locked. A NaN residual instead makes SNES reject the iterate
+            # (a line search may try a shorter step) or stop; solve() raises the error if
+            # SNES did not converge after all.
+            self.error = err
+            b.set(float("nan"))
+            return
+        _fem_petsc.assemble_residual(snes, x, b, **ctx)
+
+    def jacobian(self, snes, x, A, P, **ctx) -> None:
+        """Assemble the Jacobian at ``x`` (updating the closures if SNES moved)."""
+        # SNES normally evaluates the residual at x just before; re-evaluate otherwise
+        # (e.g. after a line search that ended on another point).
+        if not self.same_state(x):
+            try:
+                self.update(x)
+            except Exception as err:  # the closures keep their last values
+                self.error = err
+        if A.getType() == PETSc.Mat.Type.MFFD:  # type: ignore[attr-defined]
+            # -snes_mf_operator: the Jacobian action is matrix-free (differences of the
+            # residual, which re-evaluates every closure); the assembled Jacobian, with
+            # closures that have no tangent frozen, preconditions it.
+            A.assemble()
+            _fem_petsc.assemble_jacobian(snes, x, P, None, **ctx)  # type: ignore[arg-type]
+            return
+        _fem_petsc.assemble_jacobian(snes, x, A, P, **ctx)
 
 
 class LinearProblem(_fem_petsc.LinearProblem):
@@ -222,6 +243,7 @@ class LinearProblem(_fem_petsc.LinearProblem):
         self._reuse_matrix = reuse_matrix
         self._matrix_ready = False
         super().__init__(a, L, petsc_options_prefix=petsc_options_prefix, **kwargs)
+        PETSc.garbage_cleanup(self.A.getComm())  # see the module notes
 
     @property
     def closures(self) -> list[ClosureBase]:

@@ -3,8 +3,12 @@
 Creates linear and nonlinear problems with MUMPS, solves them, and drops them in a
 rank-dependent order (the garbage collector may do this at exit or when it collects a
 reference cycle). Destroying a MUMPS solver is collective, so explicit destroys in
-``__del__`` deadlock here; prints ``done`` on every rank when they do not.
+``__del__`` deadlock here; prints ``done`` on every rank when they do not. Prints PETSc's
+queue of objects awaiting destruction after the drops and after constructing one more
+problem, which must empty it.
 """
+
+import gc
 
 from mpi4py import MPI
 from petsc4py import PETSc
@@ -36,6 +40,10 @@ for problem in problems:
 order = range(len(problems)) if comm.rank % 2 == 0 else reversed(range(len(problems)))
 for i in order:
     problems[i] = None  # the last reference: __del__ runs now, in a rank-dependent order
-PETSc.garbage_cleanup(comm)  # the collective clean-up of what was dropped
+gc.collect()  # in case a reference cycle holds a problem: the GC order is rank-dependent
+PETSc.garbage_view(msh.comm)  # "Total entries: N" per rank: the queued objects
+# Constructing a problem (collective) destroys what was queued, on every rank.
+last = LinearProblem(u * v * ufl.dx, v * ufl.dx, petsc_options_prefix="l_", petsc_options=options)
+PETSc.garbage_view(msh.comm)
 comm.Barrier()
 print("done", flush=True)

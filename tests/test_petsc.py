@@ -1,7 +1,10 @@
 """Solvers with closures: Newton iteration counts, convergence rates and IMEX steps."""
 
+import gc
+import re
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 from mpi4py import MPI
@@ -357,3 +360,29 @@ def test_rank_dependent_drop_order_does_not_deadlock(ranks):
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("done") == ranks  # lines of ranks may interleave
+    # The garbage queue per rank: the dropped problems' solvers and vectors, then none
+    # after the next problem's construction, which cleans it up collectively.
+    queued = [int(n) for n in re.findall(r"Total entries: (\d+)", result.stdout)]
+    assert len(queued) == 2 * ranks, result.stdout
+    assert min(queued[:ranks]) > 0 and queued[ranks:] == ranks * [0], queued
+
+
+@pytest.mark.mpi
+def test_dropped_problems_are_freed():
+    """No reference cycle keeps a problem alive: the SNES callbacks do not hold it."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 6, 6)
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    w, v = fem.Function(V), ufl.TestFunction(V)
+    closure = mno.Closure(Cubic().double(), [w], quadrature_degree=2)
+    F = (closure + w - 1.0) * v * closure.dx
+    nonlinear = NonlinearProblem(F, w, petsc_options_prefix="freed_nl_", petsc_options=DIRECT)
+    nonlinear.solve()
+    u = ufl.TrialFunction(V)
+    linear = LinearProblem(
+        u * v * ufl.dx, closure * v * closure.dx, petsc_options_prefix="freed_l_"
+    )
+    linear.solve()
+    references = [weakref.ref(nonlinear), weakref.ref(linear)]
+    del nonlinear, linear
+    gc.collect()
+    assert [r() for r in references] == [None, None]
