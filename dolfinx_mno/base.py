@@ -40,6 +40,14 @@ class ClosureBase(fem.Function):
         """Evaluate the model at the current operands and store the values (collective)."""
         raise NotImplementedError
 
+    def _fill_not_updated(self) -> None:
+        """Fill the values with NaN: a closure never updated must not enter a form as 0.
+
+        Any form assembled with it before the first :meth:`update` gives NaN, which the
+        solvers report, instead of silently dropping the closure term.
+        """
+        self.x.array[:] = np.nan
+
     @property
     def quadrature_degree(self) -> int:
         """Degree of the quadrature rule carrying the values."""
@@ -76,8 +84,9 @@ def validate_arguments(
     """Check the arguments every closure takes, without any collective call.
 
     A path for ``model`` is read with :func:`dolfinx_mno.io.load_model` (every rank reads
-    the file). Returns the model, the operands as a tuple of UFL expressions, the value
-    shape, the quadrature degree, the mesh and the scalar dtype.
+    the file). The model is put in evaluation mode (``model.eval()``). Returns the model,
+    the operands as a tuple of UFL expressions, the value shape, the quadrature degree, the
+    mesh and the scalar dtype.
 
     Raises:
         TypeError: A model that is not a ``torch.nn.Module``, or unsupported dtypes.
@@ -101,6 +110,10 @@ def validate_arguments(
         )
     mesh = _operand_mesh(operand_list, mesh)
     dtype = _scalar_dtype(operand_list, mesh)
+    # A closure evaluates the model for inference: dropout off, batch-norm statistics
+    # frozen (the probe at construction must not update them, or results would depend on
+    # the number of ranks). The closures refuse to update a model put back in training mode.
+    model.eval()
     return model, operand_list, shape, int(quadrature_degree), mesh, dtype
 
 

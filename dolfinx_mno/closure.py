@@ -171,9 +171,11 @@ class Closure(ClosureBase):
         self._value_dofs = _owned_dofs(space, num_cells)
         self._tangent: fem.Function | None = None
         self._tangent_dofs: slice | np.ndarray | None = None
+        self._tangent_current = False  # whether the last update computed the tangent
         if tangent:
             self.enable_tangent()
         self._update_count = 0
+        self._fill_not_updated()
         #: Seconds spent in each stage of the last successful update.
         self.timings: dict[str, float] = {}
         #: Seconds spent in each stage, summed over all successful updates.
@@ -272,6 +274,8 @@ class Closure(ClosureBase):
     def mean_tangent(self) -> np.ndarray:
         """The tangent of the last update averaged over every quadrature point (collective).
 
+        Raises ``RuntimeError`` if the last update did not compute the tangent.
+
         Each point of every owned cell counts once, on whichever rank owns it, so the
         result does not depend on the number of ranks (up to summation order). For a
         closure linear in its operands, ``q = M x + c``, every point holds ``M``, and so
@@ -280,6 +284,11 @@ class Closure(ClosureBase):
         Returns:
             Array of shape ``(*value_shape, num_inputs)``, the same on every rank.
         """
+        if not self._tangent_current:
+            raise RuntimeError(
+                f"Closure '{self.name}' has no tangent from its last update; call "
+                "closure.update(tangent=True) first."
+            )
         shape = (*self.value_shape, self.num_inputs)
         owned = self.tangent.x.array[self._tangent_dofs].reshape(-1, *shape)
         comm = self.function_space.mesh.comm
@@ -297,6 +306,7 @@ class Closure(ClosureBase):
                 mesh, self.quadrature_degree, (*self.value_shape, self.num_inputs)
             )
             self._tangent = fem.Function(space, name=f"{self.name}_tangent", dtype=self.dtype)
+            self._tangent.x.array[:] = np.nan  # until an update computes it
             self._tangent._mno_quadrature_degree = self.quadrature_degree  # type: ignore
             self._tangent_dofs = _owned_dofs(space, self._num_cells)
         return self._tangent
@@ -358,6 +368,7 @@ class Closure(ClosureBase):
         for stage, seconds in timings.items():
             self.total_timings[stage] = self.total_timings.get(stage, 0.0) + seconds
         self._update_count = attempt
+        self._tangent_current = with_tangent
 
     def _check_finite(self, with_tangent: bool) -> str | None:
         """Describe non-finite model output on this rank, or return ``None``."""

@@ -61,7 +61,7 @@ from dolfinx_mno.base import ClosureBase, validate_arguments
 from dolfinx_mno.closure import ClosureEvaluationError, _owned_dofs
 from dolfinx_mno.grid import Grid, GriddedSampler, GridInterpolator, mesh_bounding_box
 from dolfinx_mno.quadrature import flatten_operands, quadrature_points, quadrature_space
-from dolfinx_mno.torch_bridge import model_device, resolve_device
+from dolfinx_mno.torch_bridge import model_device, resolve_device, training_mode_error
 
 __all__ = ["NonlocalClosure"]
 
@@ -308,6 +308,7 @@ class NonlocalClosure(ClosureBase):
         error = comm.bcast(error, root=root)
         if error is not None:
             raise ValueError(error)
+        self._fill_not_updated()
 
     # -- model on the root ------------------------------------------------------------
 
@@ -324,6 +325,8 @@ class NonlocalClosure(ClosureBase):
             ``None``, or why the model call failed (it raised or returned NaN/Inf); the
             scatter buffer is then incomplete.
         """
+        if (reason := training_mode_error(self._model)) is not None:
+            return reason
         try:
             output = self._run_model()
             gridded = output[0].reshape(self.num_outputs, self.grid.num_points)

@@ -4,8 +4,9 @@ A local closure stores its values at the quadrature points of a cell quadrature 
 in a ``basix.ufl.quadrature_element`` function space. FFCx integrates a form containing
 such a coefficient with the element's own points and weights, whatever the
 ``quadrature_degree`` in the measure's metadata says, so a form that asks for another
-degree would silently be integrated with the closure's rule. :func:`check_form` refuses
-such forms with a clear error; :func:`measure` hands out the matching measure.
+degree would silently be integrated with the closure's rule, and so would every term that
+UFL merges with the closure term on a plain ``dx``. :func:`check_form` refuses such forms
+with a clear error; :func:`measure` (``closure.dx``) hands out the matching measure.
 """
 
 from __future__ import annotations
@@ -121,13 +122,18 @@ def _closure_degree(coefficient: typing.Any) -> int | None:
 def check_form(form: ufl.Form | Iterable[ufl.Form]) -> None:
     """Check that every integral containing a closure uses the closure's quadrature rule.
 
+    An integral containing a closure must say which degree it is integrated with (use
+    :attr:`ClosureBase.dx <dolfinx_mno.ClosureBase.dx>` or :func:`measure`): on a plain
+    ``dx`` UFL would merge the closure term with every other plain-``dx`` term of the form
+    into one integral that FFCx integrates with the closure's (often low-degree) rule.
+
     Args:
         form: A UFL form, or a (nested) sequence of forms.
 
     Raises:
-        ValueError: If an integral containing a closure is not a cell integral, asks for a
-            quadrature degree or rule other than the closure's, or mixes closures of
-            different quadrature degrees.
+        ValueError: If an integral containing a closure is not a cell integral, has no
+            quadrature degree (a plain ``dx``), asks for a quadrature degree or rule other
+            than the closure's, or mixes closures of different quadrature degrees.
     """
     if not isinstance(form, ufl.Form):
         for item in form:
@@ -158,7 +164,18 @@ def check_form(form: ufl.Form | Iterable[ufl.Form]) -> None:
         metadata = integral.metadata()
         requested = metadata.get("quadrature_degree")
         rule = metadata.get("quadrature_rule", "default")
-        if (requested is not None and requested != degree) or rule not in ("default", None):
+        if requested is None:
+            # UFL sums every integral of a form over the same plain measure into one, and
+            # FFCx integrates it all with the closure's rule: the other terms would silently
+            # lose accuracy (∫u⁴ next to a degree-1 closure is a few % off).
+            raise ValueError(
+                f"Closure(s) {names} are integrated with a plain measure (no quadrature "
+                "degree). UFL would merge every other term of the form on that measure into "
+                f"this integral and FFCx would integrate all of it with the closures' "
+                f"degree-{degree} rule. Integrate the closure term with closure.dx, e.g. "
+                "ufl.inner(closure, v) * closure.dx, and keep plain dx for the other terms."
+            )
+        if requested != degree or rule not in ("default", None):
             raise ValueError(
                 f"Quadrature mismatch: an integral containing closure(s) {names} asks for "
                 f"quadrature degree {requested} (rule '{rule}'), but closure values live at "

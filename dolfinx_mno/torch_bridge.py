@@ -34,6 +34,7 @@ __all__ = [
     "model_dtype",
     "resolve_device",
     "to_precision",
+    "training_mode_error",
 ]
 
 #: The NumPy dtypes DOLFINx supports for real-valued problems, with their torch twins.
@@ -112,6 +113,26 @@ def model_device(model: torch.nn.Module) -> torch.device | None:
     for tensor in (*model.parameters(), *model.buffers()):
         return tensor.device
     return None
+
+
+def training_mode_error(model: torch.nn.Module) -> str | None:
+    """Why ``model`` must not be evaluated for a closure now, or ``None``.
+
+    Closures evaluate models for inference. A module left in training mode
+    (``model.train()``) would apply dropout (values that change from one update to the
+    next) and update batch-norm statistics from each rank's own points (results that
+    depend on the number of ranks). The closures put their model in evaluation mode at
+    construction; this catches a model put back in training mode since.
+    """
+    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    if not training:
+        return None
+    shown = ", ".join(training[:3]) + (", ..." if len(training) > 3 else "")
+    return (
+        f"the model is in training mode ({shown}): dropout and batch norm would make the "
+        "closure values random and dependent on the number of ranks; call model.eval() "
+        "(closure.model.eval()) before updating the closure"
+    )
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -220,9 +241,10 @@ class PointwiseEvaluator:
         n = x.shape[0]
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
-            y = self.model(x).reshape(n, -1)
-            if not y.requires_grad:  # the model does not depend on its inputs
-                return y.detach(), x.new_zeros((n, y.shape[1], self.num_inputs))
+            y = self.model(x).reshape(n, self.num_outputs)
+            if not y.requires_grad:
+                self._check_input_independent(x.detach(), y)
+                return y.detach(), x.new_zeros((n, self.num_outputs, self.num_inputs))
             rows = []
             for j in range(y.shape[1]):
                 (row,) = torch.autograd.grad(
@@ -235,6 +257,25 @@ class PointwiseEvaluator:
                 rows.append(row)
         return y.detach(), torch.stack(rows, dim=1)
 
+    def _check_input_independent(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Make sure a model whose output has no autograd graph really ignores ``x``.
+
+        Such an output has a zero tangent only if the model is constant in its inputs. A
+        model that computes under ``torch.no_grad()``, detaches, or leaves torch (NumPy)
+        also returns outputs without a graph: its tangent would silently be zero and
+        Newton's method would lose its quadratic convergence. Evaluating at shifted inputs
+        tells the two apart.
+        """
+        with torch.no_grad():
+            shifted = self.model(x * 1.5 + 1.0).reshape(y.shape)
+        if not torch.equal(shifted, y):
+            raise RuntimeError(
+                "the model's output depends on its inputs but carries no autograd graph "
+                "(it computes under torch.no_grad(), detaches, or leaves torch), so its "
+                "tangent cannot be computed; remove the no_grad/detach from the model's "
+                "forward (the closure already evaluates values without autograd)"
+            )
+
     def evaluate(self, tangent: bool = False) -> None:
         """Evaluate the model on :attr:`inputs`, writing :attr:`outputs` (and :attr:`tangents`).
 
@@ -242,6 +283,8 @@ class PointwiseEvaluator:
             tangent: Also compute ``∂output/∂input`` per point by reverse-mode autograd
                 (one backward pass per output component).
         """
+        if (reason := training_mode_error(self.model)) is not None:
+            raise RuntimeError(reason)
         if tangent and self._tangents is None:
             self._tangents = torch.empty(
                 (self.num_points, self.num_outputs, self.num_inputs),

@@ -191,3 +191,33 @@ def test_mean_tangent():
     assert mean[0, 0] == pytest.approx(expected, rel=1e-13)
     assert 2.0 < expected < 8.0  # 2u with u in [1, 4]
     np.testing.assert_array_equal(mean.ravel()[1:], 0.0)
+
+
+@pytest.mark.mpi
+def test_closure_never_updated_is_nan_not_zero():
+    """A closure that was never updated makes any form that uses it NaN, not silently 0."""
+    msh = CELLS["triangle"]()
+    comm = msh.comm
+    u = fem.Function(fem.functionspace(msh, ("Lagrange", 1)))
+    u.interpolate(lambda x: 1.0 + x[0] + 2 * x[1])
+    closure = mno.Closure(Affine(), [u, ufl.grad(u)], (2,), quadrature_degree=2)
+    assert np.all(np.isnan(closure.x.array))
+    c = ufl.as_vector([1.0, 1.0])
+    energy = fem.form(ufl.inner(closure, c) * closure.dx)
+    assert np.isnan(comm.allreduce(fem.assemble_scalar(energy), op=MPI.SUM))
+    with pytest.raises(RuntimeError, match=r"no tangent from its last update.*tangent=True"):
+        closure.mean_tangent()  # no tangent at all yet
+    closure.enable_tangent()
+    assert np.all(np.isnan(closure.tangent.x.array))
+    with pytest.raises(RuntimeError, match=r"no tangent from its last update.*tangent=True"):
+        closure.mean_tangent()
+    closure.update(tangent=False)
+    # ∫ (M (u, ∇u) + b) · (1, 1) over the unit square, u = 1 + x + 2y: ū = 2.5, ∇u = (1, 2).
+    M = Affine.M.numpy()
+    expected = float(np.sum(M @ np.array([2.5, 1.0, 2.0])) + 0.1 - 0.2)
+    total = comm.allreduce(fem.assemble_scalar(energy), op=MPI.SUM)
+    assert total == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(RuntimeError, match="no tangent from its last update"):
+        closure.mean_tangent()
+    closure.update(tangent=True)
+    np.testing.assert_allclose(closure.mean_tangent(), M, rtol=1e-14, atol=1e-15)

@@ -98,8 +98,10 @@ def test_mismatched_quadrature_degree(setup):
     other = mno.Closure(mlp(1, 1), [u], quadrature_degree=3, name="other")
     with pytest.raises(ValueError, match="mixes closures with different quadrature degrees"):
         mno.check_form((closure + other) * v * ufl.dx)
-    # The matching measure, and a plain dx (FFCx then uses the closure's rule), are fine.
-    mno.check_form(closure * v * closure.dx + closure * v * ufl.dx)
+    # The matching measure is fine; a plain dx is not (see test_plain_measure_refused).
+    mno.check_form(closure * v * closure.dx + closure * v * ufl.dx(degree=2))
+    with pytest.raises(ValueError, match="plain measure"):
+        mno.check_form(closure * v * closure.dx + closure * v * ufl.dx)
     with pytest.raises(ValueError, match="Quadrature mismatch"):
         NonlinearProblem(
             wrong + ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx,
