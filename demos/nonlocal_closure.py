@@ -105,7 +105,6 @@ import numpy as np
 import torch
 import ufl
 from dolfinx import fem, io, mesh
-from dolfinx.fem.petsc import LinearProblem as ProjectionProblem
 from dolfinx.io import gmsh as gmshio
 from neuralop.models import FNO
 
@@ -454,9 +453,11 @@ class ProjectedClosure:
     def __call__(self, closure):
         if self.projection is None:
             p, q = ufl.TrialFunction(W), ufl.TestFunction(W)
-            self.projection = ProjectionProblem(
+            # closures=[]: project the values the closure holds; the time step updates it.
+            self.projection = LinearProblem(
                 p * q * ufl.dx,
                 closure * q * closure.dx,
+                closures=[],
                 petsc_options_prefix=f"project_{self.name}_",
                 # The mass matrix of W is block diagonal, one block per cell, and each
                 # rank owns its cells' blocks: block Jacobi with LU solves it exactly.
@@ -464,9 +465,8 @@ class ProjectedClosure:
             )
         self.values.append(self.projection.solve().x.array.copy())
         if len(self.values) == num_steps:
-            # Destroying PETSc objects is collective: free the solver now, at the same
-            # point on every rank, rather than leave it to the garbage collector at exit,
-            # which may destroy objects in a different order on different ranks.
+            # Drop the solver at the same point on every rank; dolfinx_mno's problems
+            # leave their PETSc objects to a collective cleanup (see dolfinx_mno.petsc).
             self.projection = None
 
 

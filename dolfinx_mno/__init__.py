@@ -7,8 +7,11 @@ enters UFL like any coefficient::
     closure = mno.Closure(model, [u, ufl.grad(u)], quadrature_degree=4)
     F -= ufl.inner(closure, v) * closure.dx
 
-Importing this package first also makes the ``dolfinx-solver-real`` wheel's MPI library
-visible to DOLFINx (``import dolfinx_solver`` must precede ``import dolfinx``).
+Importing this package makes DOLFINx's own ``dolfinx.fem.petsc`` problems refuse forms
+that contain closures, which they would never update; solve with
+:mod:`dolfinx_mno.petsc`'s subclasses (see :mod:`dolfinx_mno.guard`). Importing this
+package first also makes the ``dolfinx-solver-real`` wheel's MPI library visible to
+DOLFINx (``import dolfinx_solver`` must precede ``import dolfinx``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from dolfinx_mno.closure import (
     extract_closures,
 )
 from dolfinx_mno.grid import Grid
+from dolfinx_mno.guard import install_problem_guard
 from dolfinx_mno.io import ModelFileError, load_model, register_architecture, save_model
 from dolfinx_mno.models import MLP
 from dolfinx_mno.nonlocal_closure import NonlocalClosure
@@ -36,6 +40,9 @@ from dolfinx_mno.normalization import AffineNormalization, NormalizedModel
 from dolfinx_mno.quadrature import check_form, form, measure, quadrature_space
 from dolfinx_mno.torch_bridge import resolve_device, to_precision
 from dolfinx_mno.training import fit
+
+# DOLFINx's own PETSc problems never update closures: refuse them on forms with closures.
+install_problem_guard()
 
 try:
     __version__ = importlib.metadata.version("dolfinx_mno")

@@ -403,13 +403,30 @@ class Closure(ClosureBase):
             A UFL expression of shape :attr:`value_shape`, or ``None`` if no operand depends
             on ``coefficient``.
         """
+        components = self._operand_variations(coefficient, argument)
+        if components is None:
+            return None
+        return ufl.dot(self.enable_tangent(), ufl.as_vector(components))
+
+    def depends_on(self, coefficient: fem.Function) -> bool:
+        """Whether an operand depends on ``coefficient`` (has a non-zero Gateaux derivative).
+
+        Pure UFL: allocates no tangent and calls no collective, so every rank agrees.
+        """
+        argument = ufl.Argument(coefficient.ufl_function_space(), 0)
+        return self._operand_variations(coefficient, argument) is not None
+
+    def _operand_variations(
+        self, coefficient: fem.Function, argument: ufl.Argument
+    ) -> list[ufl.core.expr.Expr] | None:
+        """The components of ``δ(operands)``, or ``None`` if they are all zero."""
         variations = [
             expand_derivatives(ufl.derivative(op, coefficient, argument)) for op in self.operands
         ]
         components, _ = operand_components(variations)
         if all(isinstance(component, Zero) for component in components):
             return None
-        return ufl.dot(self.enable_tangent(), ufl.as_vector(components))
+        return components
 
 
 def _owned_dofs(space: fem.FunctionSpace, num_cells: int) -> slice | np.ndarray:

@@ -10,7 +10,22 @@ contains at the right moment:
   current (previous-step) state of their operands, before assembling and solving.
 
 Both check that closures are integrated with their own quadrature rule
-(:func:`dolfinx_mno.check_form`) before compiling anything.
+(:func:`dolfinx_mno.check_form`) before compiling anything. DOLFINx's own problems never
+update closures; importing :mod:`dolfinx_mno` makes them refuse forms with closures and
+name these classes instead (:mod:`dolfinx_mno.guard`).
+
+**Jacobians.** A Jacobian given to :class:`NonlinearProblem` must hold the tangent of
+every closure that supports one and whose operands depend on ``u``, as
+:func:`dolfinx_mno.derivative` builds it: ``ufl.derivative(F, u)`` treats a closure as a
+coefficient independent of ``u``, and Newton's method then converges linearly, to a looser
+tolerance, without a word. Such a ``J`` raises :class:`ValueError` unless
+``frozen_closures=True`` says that a Picard (frozen-closure) Jacobian is meant. Closures
+without a tangent (:class:`dolfinx_mno.NonlocalClosure`) are frozen in every Jacobian by
+design: Picard, or the preconditioner of a matrix-free ``-snes_mf_operator`` solve.
+
+**Updates.** :meth:`LinearProblem.solve` refuses to assemble a closure that has never
+been updated (``update_closures=False`` at the first solve, or a closure left out of
+``closures=``), which holds no model output yet.
 
 **Destruction.** Destroying a parallel PETSc object is collective (MUMPS, for one, frees
 its factors collectively). DOLFINx's problems destroy their objects in ``__del__``, and
@@ -35,21 +50,50 @@ import ufl
 from dolfinx import fem
 
 from dolfinx_mno.base import ClosureBase
-from dolfinx_mno.closure import derivative, extract_closures
+from dolfinx_mno.closure import Closure, derivative, extract_closures
+from dolfinx_mno.guard import closures_in, forms_in
 from dolfinx_mno.quadrature import check_form
 
 __all__ = ["LinearProblem", "NonlinearProblem"]
 
 
 def _collect(forms: Sequence[ufl.Form | None], closures: Sequence[ClosureBase] | None) -> list:
-    if closures is not None:
-        return list(closures)
-    found: dict[int, ClosureBase] = {}
-    for form in forms:
-        if form is not None:
-            for closure in extract_closures(form):
-                found.setdefault(closure.count(), closure)
-    return list(found.values())
+    return list(closures) if closures is not None else closures_in(forms)
+
+
+def _names(closures: Sequence[ClosureBase]) -> str:
+    return ", ".join(f"'{closure.name}'" for closure in closures)
+
+
+def _check_jacobian(F: ufl.Form, J: typing.Any, u: typing.Any) -> None:
+    """Raise if ``J`` misses the tangent of a closure of ``F`` that depends on ``u``.
+
+    Pure UFL (no collective): every rank reaches the same verdict.
+    """
+    unknowns = list(u) if isinstance(u, Sequence) else [u]
+    in_jacobian = {c.count() for form in forms_in(J) for c in form.coefficients()}
+    missing = []
+    for closure in closures_in(F):
+        if not (isinstance(closure, Closure) and closure.supports_tangent):
+            continue  # frozen in the Jacobian by design
+        if not any(closure.depends_on(unknown) for unknown in unknowns):
+            continue
+        try:
+            tangent = closure.tangent
+        except RuntimeError:  # never enabled, so no Jacobian holds it
+            missing.append(closure)
+            continue
+        if tangent.count() not in in_jacobian:
+            missing.append(closure)
+    if missing:
+        names = ", ".join(f"'{unknown.name}'" for unknown in unknowns)
+        raise ValueError(
+            f"The Jacobian J misses the tangent of closure(s) {_names(missing)}, whose "
+            f"operands depend on the unknown {names}: Newton's method would converge "
+            "slowly, to a looser tolerance. Build J with dolfinx_mno.derivative(F, u) "
+            "(or leave J=None), or pass frozen_closures=True if a Picard (frozen-closure) "
+            "Jacobian is meant."
+        )
 
 
 class NonlinearProblem(_fem_petsc.NonlinearProblem):
@@ -59,22 +103,36 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
     and tangents), so Newton's method sees the exact residual and, with the default
     Jacobian, the exact linearisation.
 
+    Tangents are computed at the updates of the closures that have one (made by
+    :func:`dolfinx_mno.derivative`, or ``tangent=True``); a closure frozen in the Jacobian
+    computes values only.
+
     Args:
         F: Residual form containing closures.
         u: The unknown.
         petsc_options_prefix: Prefix of the SNES options (mandatory, non-empty).
         bcs: Dirichlet conditions.
         J: Jacobian; by default ``dolfinx_mno.derivative(F, u)``, which includes the
-            closure tangents.
+            closure tangents. A given ``J`` must include them too (see ``frozen_closures``).
         closures: The closures to update; by default all closures in ``F`` and ``J``.
+        frozen_closures: Accept a ``J`` without the tangents of closures that depend on
+            ``u`` (e.g. ``ufl.derivative(F, u)``): a Picard linearisation of the closure
+            terms, which converges linearly. By default such a ``J`` raises.
         kwargs: Passed to :class:`dolfinx.fem.petsc.NonlinearProblem`
             (``petsc_options``, ``P``, ``form_compiler_options``, ``jit_options``, ...).
+
+    Raises:
+        ValueError: A given ``J`` misses the tangent of a closure whose operands depend on
+            ``u`` and ``frozen_closures`` is false; or a closure is not integrated with
+            its own quadrature rule. Raised on every rank before any collective call.
 
     Example:
         >>> problem = NonlinearProblem(F, u, petsc_options_prefix="heat_",
         ...                            petsc_options={"snes_rtol": 1e-10})
         >>> problem.solve()
     """
+
+    _mno_updates_closures = True  # see dolfinx_mno.guard
 
     def __init__(
         self,
@@ -85,10 +143,13 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
         bcs: Sequence[fem.DirichletBC] | None = None,
         J: ufl.Form | None = None,
         closures: Sequence[ClosureBase] | None = None,
+        frozen_closures: bool = False,
         **kwargs: typing.Any,
     ):
         if J is None:
             J = derivative(F, u)
+        elif not frozen_closures:
+            _check_jacobian(F, J, u)
         check_form(F)
         check_form(J)
         closures_ = _collect([F, J], closures)
@@ -153,7 +214,7 @@ class _NewtonCallbacks:
         x.ghostUpdate(addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)  # type: ignore
         _fem_petsc.assign(x, self.u)  # type: ignore[arg-type]
         for closure in self.closures:
-            closure.update(tangent=closure.supports_tangent)
+            closure.update()  # with its tangent whenever it has one
         x.copy(self.state)
         self.state_valid = True
 
@@ -220,6 +281,8 @@ class LinearProblem(_fem_petsc.LinearProblem):
             ``petsc_options``, ...).
     """
 
+    _mno_updates_closures = True  # see dolfinx_mno.guard
+
     def __init__(
         self,
         a: ufl.Form,
@@ -240,6 +303,7 @@ class LinearProblem(_fem_petsc.LinearProblem):
         if reuse_matrix and not isinstance(a, ufl.Form):
             raise ValueError("reuse_matrix=True supports a single bilinear form only.")
         self._closures = _collect([a, L], closures)
+        self._form_closures = closures_in([a, L, kwargs.get("P")])
         self._reuse_matrix = reuse_matrix
         self._matrix_ready = False
         super().__init__(a, L, petsc_options_prefix=petsc_options_prefix, **kwargs)
@@ -250,6 +314,26 @@ class LinearProblem(_fem_petsc.LinearProblem):
         """The closures updated before every solve."""
         return list(self._closures)
 
+    def _check_updated(self, update_closures: bool) -> None:
+        """Raise if a closure that this solve would assemble has never been updated."""
+        updated = {c.count() for c in self._closures} if update_closures else set()
+        stale = [c for c in self._form_closures if c.update_count == 0 and c.count() not in updated]
+        if not stale:
+            return
+        if update_closures:
+            raise RuntimeError(
+                f"Closure(s) {_names(stale)} have never been updated and are not in this "
+                "problem's closures, so the solve would assemble them without the model's "
+                "values. Call closure.update() first, or leave closures=None so that the "
+                "problem updates every closure of its forms."
+            )
+        raise RuntimeError(
+            f"Closure(s) {_names(stale)} have never been updated, so "
+            "solve(update_closures=False) would assemble them without the model's values. "
+            "Call solve() (update_closures=True, the default) for the first solve, or "
+            "closure.update() before."
+        )
+
     def __del__(self):
         """Leave the PETSc objects to petsc4py's delayed destruction (see module notes)."""
 
@@ -259,7 +343,14 @@ class LinearProblem(_fem_petsc.LinearProblem):
         Args:
             update_closures: Update the closures first. ``False`` keeps their values from
                 the last update (e.g. a closure updated every few time steps).
+
+        Raises:
+            RuntimeError: A closure in the forms has never been updated and this solve
+                would not update it either (``update_closures=False``, or a closure not
+                in ``closures``). Raised on every rank before any collective call
+                (update counts agree across ranks); nothing is changed.
         """
+        self._check_updated(update_closures)
         if update_closures:
             for closure in self._closures:
                 closure.update()

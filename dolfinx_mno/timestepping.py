@@ -19,10 +19,25 @@ method solves for it, with the closure tangent in the Jacobian::
     problem = dolfinx_mno.petsc.NonlinearProblem(F, u_h, petsc_options_prefix="heat_")
     stepper = ImplicitStepper(problem, u_h, u_n, dt=0.01, time=t)
     stepper.run(100)
+
+**Time-dependent data.** A ``before_step(stepper, t_new)`` hook, passed to
+:meth:`~ImplicitStepper.run` or :meth:`~ImplicitStepper.step`, runs at every step after the
+time constant is set to ``t_new`` and before the closures are updated and the step is
+solved; Dirichlet data and other coefficients are set there in one line::
+
+    stepper.run(100, before_step=lambda stepper, t: g.interpolate(lambda x: exact(x, t)))
+
+**Statistics.** Every successful step appends a :class:`StepStatistics` to
+``stepper.history``: the time reached, the wall time, the solver's converged reason and its
+iterations (Newton and total KSP iterations for :class:`ImplicitStepper`, KSP iterations
+for :class:`IMEXStepper`). The progress bar of :meth:`~ImplicitStepper.run` shows those of
+the step just taken.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import time as _time
 from collections.abc import Callable
 
 from dolfinx import fem
@@ -30,7 +45,39 @@ from tqdm.auto import tqdm
 
 from dolfinx_mno.petsc import LinearProblem, NonlinearProblem
 
-__all__ = ["IMEXStepper", "ImplicitStepper"]
+__all__ = ["IMEXStepper", "ImplicitStepper", "StepStatistics"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StepStatistics:
+    """What one successful time step took.
+
+    Attributes:
+        step: Number of the step, counted from 1 over the stepper's life.
+        t: Time at the end of the step.
+        seconds: Wall time of the step on this rank: the ``before_step`` hook, the closure
+            updates, the solve and the copy into ``u_previous``.
+        converged_reason: The converged reason of the SNES (:class:`ImplicitStepper`) or
+            KSP (:class:`IMEXStepper`), positive.
+        linear_iterations: KSP iterations of the step, summed over its Newton iterations.
+        newton_iterations: SNES iterations; ``None`` for :class:`IMEXStepper`.
+    """
+
+    step: int
+    t: float
+    seconds: float
+    converged_reason: int
+    linear_iterations: int
+    newton_iterations: int | None = None
+
+    def postfix(self) -> dict[str, str | int]:
+        """The progress-bar postfix: time, Newton iterations (if any), KSP iterations."""
+        newton = {} if self.newton_iterations is None else {"newton": self.newton_iterations}
+        return {"t": f"{self.t:.4g}", **newton, "ksp": self.linear_iterations}
+
+
+#: ``before_step(stepper, t_new)``: set time-dependent data before a step is solved.
+BeforeStep = Callable[["_Stepper", float], None]
 
 
 class _Stepper[Problem: (LinearProblem, NonlinearProblem)]:
@@ -58,27 +105,52 @@ class _Stepper[Problem: (LinearProblem, NonlinearProblem)]:
         self.t = float(t0)
         self.time = time
         self.num_steps = 0
+        #: The statistics of every successful step, in order.
+        self.history: list[StepStatistics] = []
 
-    def _solve(self) -> int:
-        """Solve for ``u`` at the new time; returns the solver's converged reason."""
+    def _solve(self) -> tuple[int, int, int | None]:
+        """Solve for ``u`` at the new time.
+
+        Returns:
+            The solver's converged reason, its KSP iterations and its Newton iterations
+            (``None`` for a linear solve).
+        """
         raise NotImplementedError
 
-    def step(self) -> float:
+    def step(self, before_step: BeforeStep | None = None) -> float:
         """Take one step; returns the new time.
 
+        The step sets the time constant to ``t + dt``, calls ``before_step(self, t + dt)``
+        (``self.t`` is still the old time), solves (which updates the closures), checks
+        convergence, copies ``u`` into ``u_previous`` and appends a
+        :class:`StepStatistics` to :attr:`history`.
+
+        Args:
+            before_step: Sets time-dependent data (Dirichlet values, sources) for the new
+                time, on every rank. If it raises on any rank, the step raises on every
+                rank.
+
         Raises:
-            RuntimeError: If the solver did not converge.
+            RuntimeError: If the solver did not converge, or ``before_step`` raised on
+                another rank.
             ClosureEvaluationError: If a closure update failed (with a note giving the
                 time).
+            Exception: Whatever ``before_step`` raised (with a note giving the time).
 
-            On either error the state is left as it was: ``u`` and ``u_previous`` hold
-            ``u_n``, and the time constant the old time.
+            On any error the step is undone: ``u`` and ``u_previous`` hold ``u_n``, the
+            time constant holds the old time, :attr:`t`, :attr:`num_steps` and
+            :attr:`history` are unchanged. What ``before_step`` changed is not undone:
+            it sets its data from the time it is given, so the next attempt sets them
+            again.
         """
         t_new = self.t + self.dt
+        start = _time.perf_counter()
         if self.time is not None:
             self.time.value = t_new  # type: ignore[assignment]
         try:
-            reason = self._solve()
+            if before_step is not None:
+                self._call_agreed(before_step, t_new)
+            reason, linear_iterations, newton_iterations = self._solve()
         except Exception as err:
             self._restore()
             err.add_note(f"In the time step from t = {self.t:g} to t = {t_new:g}.")
@@ -92,7 +164,32 @@ class _Stepper[Problem: (LinearProblem, NonlinearProblem)]:
         self.u_previous.x.array[:] = self.u.x.array
         self.t = t_new
         self.num_steps += 1
+        self.history.append(
+            StepStatistics(
+                step=self.num_steps,
+                t=t_new,
+                seconds=_time.perf_counter() - start,
+                converged_reason=reason,
+                linear_iterations=linear_iterations,
+                newton_iterations=newton_iterations,
+            )
+        )
         return self.t
+
+    def _call_agreed(self, before_step: BeforeStep, t_new: float) -> None:
+        """Call the hook; if it raises on any rank, raise on every rank (one allgather)."""
+        error: Exception | None = None
+        try:
+            before_step(self, t_new)
+        except Exception as err:  # agreed on below, before the solve's collectives
+            error = err
+        comm = self.u.function_space.mesh.comm
+        failed = comm.allgather(error is not None)
+        if error is not None:
+            raise error
+        if any(failed):
+            ranks = [rank for rank, f in enumerate(failed) if f]
+            raise RuntimeError(f"The before_step hook raised on rank(s) {ranks}.")
 
     def _restore(self) -> None:
         """Undo a failed step: ``u`` back to ``u_n``, the time constant to the old time."""
@@ -106,10 +203,20 @@ class _Stepper[Problem: (LinearProblem, NonlinearProblem)]:
         callback: Callable[[_Stepper], None] | None = None,
         progress: bool = True,
         desc: str = "time steps",
+        before_step: BeforeStep | None = None,
     ) -> float:
-        """Take ``num_steps`` steps, calling ``callback(self)`` after each; returns the time.
+        """Take ``num_steps`` steps; returns the time.
 
-        A progress bar labelled ``desc`` is shown on rank 0 when ``progress`` is true.
+        Args:
+            num_steps: Number of steps.
+            callback: Called as ``callback(self)`` after each step (output, diagnostics;
+                ``self.history[-1]`` holds the step's statistics).
+            progress: Show a progress bar (on rank 0) labelled ``desc``, whose postfix gives
+                the time, the Newton iterations and the KSP iterations of the step just
+                taken.
+            desc: Label of the progress bar.
+            before_step: Called as ``before_step(self, t_new)`` before each step is solved
+                (see :meth:`step`).
         """
         comm = self.u.function_space.mesh.comm
         bar = tqdm(
@@ -120,20 +227,22 @@ class _Stepper[Problem: (LinearProblem, NonlinearProblem)]:
         )
         with bar:
             for _ in range(num_steps):
-                self.step()
+                self.step(before_step)
                 if callback is not None:
                     callback(self)
+                # The postfix first: update() redraws the bar, with the postfix it has.
+                bar.set_postfix(self.history[-1].postfix(), refresh=False)
                 bar.update()
-                bar.set_postfix(t=f"{self.t:.4g}", refresh=False)
         return self.t
 
 
 class IMEXStepper(_Stepper[LinearProblem]):
     """Advance ``u_{n+1}`` from ``u_n`` with closures frozen at ``u_n``.
 
-    Each :meth:`step` sets the time constant to ``t + dt``, updates the closures (at the
-    previous state, through :meth:`LinearProblem.solve`), solves, checks convergence, and
-    copies ``u`` into ``u_previous``.
+    Each :meth:`step` sets the time constant to ``t + dt``, calls the ``before_step`` hook
+    if one is given, updates the closures (at the previous state, through
+    :meth:`LinearProblem.solve`), solves, checks convergence, copies ``u`` into
+    ``u_previous`` and records the KSP iterations in :attr:`history`.
 
     Args:
         problem: The linear problem of one step; its closures read ``u_previous``.
@@ -169,20 +278,23 @@ class IMEXStepper(_Stepper[LinearProblem]):
         super().__init__(problem, u, u_previous, dt, t0, time)
         self.closure_interval = closure_interval
 
-    def _solve(self) -> int:
+    def _solve(self) -> tuple[int, int, int | None]:
         self.problem.solve(update_closures=self.num_steps % self.closure_interval == 0)
-        return self.problem.solver.getConvergedReason()  # type: ignore[return-value]
+        ksp = self.problem.solver
+        reason: int = ksp.getConvergedReason()  # type: ignore[assignment]
+        return reason, ksp.getIterationNumber(), None
 
 
 class ImplicitStepper(_Stepper[NonlinearProblem]):
     """Advance ``u_{n+1}`` from ``u_n`` with closures evaluated at ``u_{n+1}`` (Newton).
 
-    Each :meth:`step` sets the time constant to ``t + dt``, solves the nonlinear problem
-    of the step from the initial guess ``u = u_n`` (Newton's method updates the closures
-    at every iterate, and the default Jacobian holds their tangents), checks convergence,
-    and copies ``u`` into ``u_previous``. Use it for closures that must be implicit: stiff
-    ones, such as a flux closure of a diffusion problem, whose explicit treatment limits
-    the time step.
+    Each :meth:`step` sets the time constant to ``t + dt``, calls the ``before_step`` hook
+    if one is given, solves the nonlinear problem of the step from the initial guess
+    ``u = u_n`` (Newton's method updates the closures at every iterate, and the default
+    Jacobian holds their tangents), checks convergence, copies ``u`` into ``u_previous``
+    and records the Newton and KSP iterations in :attr:`history`. Use it for closures that
+    must be implicit: stiff ones, such as a flux closure of a diffusion problem, whose
+    explicit treatment limits the time step.
 
     Args:
         problem: The nonlinear problem of one step, e.g. backward Euler's residual
@@ -196,6 +308,8 @@ class ImplicitStepper(_Stepper[NonlinearProblem]):
 
     solver_name = "Newton solver"
 
-    def _solve(self) -> int:
+    def _solve(self) -> tuple[int, int, int | None]:
         self.problem.solve()
-        return self.problem.solver.getConvergedReason()  # type: ignore[return-value]
+        snes = self.problem.solver
+        reason: int = snes.getConvergedReason()  # type: ignore[assignment]
+        return reason, snes.getLinearSolveIterations(), snes.getIterationNumber()

@@ -8,30 +8,22 @@ import weakref
 from pathlib import Path
 
 from mpi4py import MPI
-from petsc4py import PETSc
 
+import dolfinx.fem.petsc
 import numpy as np
 import pytest
 import torch
 import ufl
 from analytic import FluxModel, flux_ufl
 from dolfinx import fem, mesh
+from problems import DIRECT, Cubic, boundary_bc
 
 import dolfinx_mno as mno
+from dolfinx_mno.guard import install_problem_guard
 from dolfinx_mno.petsc import LinearProblem, NonlinearProblem
-from dolfinx_mno.timestepping import IMEXStepper, ImplicitStepper
 
 MPIRUN = Path(sys.executable).parent / "mpirun"
 DESTROY_JOB = Path(__file__).with_name("destroy_order_job.py")
-DIRECT = {"ksp_type": "preonly", "pc_type": "lu", "pc_factor_mat_solver_type": "mumps"}
-
-
-def _boundary_bc(V):
-    msh = V.mesh
-    msh.topology.create_connectivity(msh.topology.dim - 1, msh.topology.dim)
-    facets = mesh.exterior_facet_indices(msh.topology)
-    dofs = fem.locate_dofs_topological(V, msh.topology.dim - 1, facets)
-    return fem.dirichletbc(0.0, dofs, V)
 
 
 def _l2(expr, msh, degree=8):
@@ -61,7 +53,7 @@ def test_manufactured_source_converges_at_fe_rate(degree, rate):
         a = ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx
         L = ufl.inner(closure, v) * closure.dx
         problem = LinearProblem(
-            a, L, bcs=[_boundary_bc(V)], petsc_options=DIRECT, petsc_options_prefix="mms_"
+            a, L, bcs=[boundary_bc(V)], petsc_options=DIRECT, petsc_options_prefix="mms_"
         )
         uh = problem.solve()
         exact = ufl.sin(ufl.pi * x[0]) * ufl.sin(ufl.pi * x[1])
@@ -90,13 +82,13 @@ def _nonlinear_diffusion(n, use_closure, model=None):
         closure = mno.Closure(model or FluxModel().double(), [u, ufl.grad(u)], (2,), 2)
         F = ufl.inner(closure, ufl.grad(v)) * closure.dx - f * v * ufl.dx
         problem = NonlinearProblem(
-            F, u, bcs=[_boundary_bc(V)], petsc_options=opts, petsc_options_prefix="nl_closure_"
+            F, u, bcs=[boundary_bc(V)], petsc_options=opts, petsc_options_prefix="nl_closure_"
         )
     else:
         dx = ufl.dx(metadata={"quadrature_degree": 2})
         F = ufl.inner(flux_ufl(u), ufl.grad(v)) * dx - f * v * ufl.dx
         problem = NonlinearProblem(
-            F, u, bcs=[_boundary_bc(V)], petsc_options=opts, petsc_options_prefix="nl_ufl_"
+            F, u, bcs=[boundary_bc(V)], petsc_options=opts, petsc_options_prefix="nl_ufl_"
         )
     history = []
     problem.solver.setMonitor(lambda snes, it, norm: history.append(norm))
@@ -140,7 +132,7 @@ def test_newton_reevaluates_closure_every_iterate():
     problem = NonlinearProblem(
         F,
         u,
-        bcs=[_boundary_bc(V)],
+        bcs=[boundary_bc(V)],
         petsc_options_prefix="count_",
         petsc_options={"snes_linesearch_type": "none", **DIRECT},
     )
@@ -151,105 +143,271 @@ def test_newton_reevaluates_closure_every_iterate():
     assert problem.closures == [closure]
 
 
-class Cubic(torch.nn.Module):
-    """r(u) = u³."""
+class Perturbation(torch.nn.Module):
+    """p(u, ∇u) = q(u, ∇u) - ∇u = u² ∇u + u/2 (1, …, 1): FluxModel less its Laplacian."""
+
+    def __init__(self):
+        super().__init__()
+        self.flux = FluxModel()
 
     def forward(self, x):
-        return x[:, 0] ** 3
+        return self.flux(x) - x[:, 1:]
+
+
+def _split_diffusion(jacobian):
+    """-Δu - div p(u, ∇u) = f with p a closure (or q = ∇u + p in UFL), solved by Newton.
+
+    ``jacobian`` is "exact" (the default, dolfinx_mno.derivative), "frozen"
+    (ufl.derivative with frozen_closures=True) or "pure UFL" (no closure).
+    """
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 16, 16)
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    u = fem.Function(V)
+    v = ufl.TestFunction(V)
+    x = ufl.SpatialCoordinate(msh)
+    f = 10 * ufl.sin(ufl.pi * x[0]) * ufl.sin(2 * ufl.pi * x[1]) + 5.0
+    options = {
+        "snes_linesearch_type": "none",
+        "snes_rtol": 1e-12,
+        "snes_atol": 1e-13,
+        "snes_stol": 0.0,  # a slow Picard iteration would stop on its small steps
+        "snes_max_it": 50,
+        **DIRECT,
+    }
+    kwargs = {}
+    if jacobian == "pure UFL":
+        dx = ufl.dx(metadata={"quadrature_degree": 2})
+        F = ufl.inner(flux_ufl(u), ufl.grad(v)) * dx - f * v * ufl.dx
+    else:
+        closure = mno.Closure(Perturbation().double(), [u, ufl.grad(u)], (2,), 2)
+        F = ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx - f * v * ufl.dx
+        F += ufl.inner(closure, ufl.grad(v)) * closure.dx
+        if jacobian == "frozen":
+            kwargs = {"J": ufl.derivative(F, u), "frozen_closures": True}
+    problem = NonlinearProblem(
+        F,
+        u,
+        bcs=[boundary_bc(V)],
+        petsc_options=options,
+        petsc_options_prefix=f"split_{jacobian.replace(' ', '_')}_",
+        **kwargs,
+    )
+    history = []
+    problem.solver.setMonitor(lambda snes, it, norm: history.append(norm))
+    problem.solve()
+    assert problem.solver.getConvergedReason() > 0
+    return u.x.array.copy(), problem.solver.getIterationNumber(), np.array(history)
 
 
 @pytest.mark.mpi
-def test_imex_step_matches_explicit_ufl():
-    """IMEX heat steps with a closure r(u_n) equal the same scheme written in UFL."""
-    msh = mesh.create_unit_square(MPI.COMM_WORLD, 12, 12)
-    V = fem.functionspace(msh, ("Lagrange", 1))
-    dt = 0.01
-    results = []
-    for use_closure, reuse in ((True, False), (True, True), (False, False)):
-        u_n = fem.Function(V)
-        u_n.interpolate(lambda x: 2 * np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]))
-        uh = fem.Function(V)
-        u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
-        time = fem.Constant(msh, PETSc.ScalarType(0.0))
-        f = ufl.cos(time) * 3.0
-        a = (u * v + dt * ufl.inner(ufl.grad(u), ufl.grad(v))) * ufl.dx
-        L = (u_n + dt * f) * v * ufl.dx
-        if use_closure:
-            closure = mno.Closure(Cubic().double(), [u_n], quadrature_degree=3)
-            L -= dt * closure * v * closure.dx
-        else:
-            L -= dt * u_n**3 * v * ufl.dx(metadata={"quadrature_degree": 3})
-        problem = LinearProblem(
-            a,
-            L,
-            u=uh,
-            bcs=[_boundary_bc(V)],
-            petsc_options=DIRECT,
-            petsc_options_prefix=f"imex{int(use_closure)}{int(reuse)}_",
-            reuse_matrix=reuse,
-        )
-        stepper = IMEXStepper(problem, uh, u_n, dt=dt, time=time)
-        t = stepper.run(5, progress=False)
-        assert t == pytest.approx(5 * dt)
-        assert time.value == pytest.approx(5 * dt)
-        results.append(u_n.x.array.copy())
-        if use_closure:
-            assert closure.update_count == 5
-            assert closure.total_timings["total"] >= closure.timings["total"] > 0
-    comm = msh.comm
-    scale = comm.allreduce(np.max(np.abs(results[-1])), op=MPI.MAX)
-    assert scale > 0.5
-    for result in results[:-1]:
-        diff = comm.allreduce(np.max(np.abs(result - results[-1])), op=MPI.MAX)
-        assert diff <= 100 * np.finfo(np.float64).eps * scale
+def test_frozen_closure_jacobian_converges_linearly_to_the_same_solution():
+    """frozen_closures=True gives Picard: same solution, linear rate; the default is Newton."""
+    comm = MPI.COMM_WORLD
+    u_exact, its_exact, _ = _split_diffusion("exact")
+    u_ufl, its_ufl, _ = _split_diffusion("pure UFL")
+    u_frozen, its_frozen, history = _split_diffusion("frozen")
+    scale = comm.allreduce(np.max(np.abs(u_ufl)), op=MPI.MAX)
+    assert scale > 0.1
+    assert its_exact == its_ufl == 4
+    assert comm.allreduce(np.max(np.abs(u_exact - u_ufl)), op=MPI.MAX) <= 1e-12 * scale
+    # Picard: a constant contraction factor (about 0.2 here), so several times the
+    # iterations, to the same solution.
+    assert its_frozen >= 3 * its_exact, its_frozen
+    ratios = history[2:-1] / history[1:-2]
+    assert 0.1 < ratios.min() and ratios.max() < 0.3, ratios
+    assert comm.allreduce(np.max(np.abs(u_frozen - u_ufl)), op=MPI.MAX) <= 1e-10 * scale
 
 
 @pytest.mark.mpi
-def test_imex_closure_interval_holds_values():
-    """closure_interval=3: r(u) at steps 0 and 3 only, as a UFL scheme with a frozen copy."""
-    msh = mesh.create_unit_square(MPI.COMM_WORLD, 10, 10)
+def test_jacobian_missing_closure_tangents_is_refused():
+    """A given J without the tangent of a closure that depends on u raises, on all ranks."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 1, 1)  # 3 ranks: one owns no cell
     V = fem.functionspace(msh, ("Lagrange", 1))
-    dt, num_steps, interval = 0.02, 5, 3
-    results = []
-    for use_closure in (True, False):
-        u_n = fem.Function(V)
-        u_n.interpolate(lambda x: 2 * np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]))
-        frozen = fem.Function(V)  # the UFL scheme's state seen by the reaction term
-        uh = fem.Function(V)
-        u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
-        a = (u * v + dt * ufl.inner(ufl.grad(u), ufl.grad(v))) * ufl.dx
-        L = u_n * v * ufl.dx
-        if use_closure:
-            closure = mno.Closure(Cubic().double(), [u_n], quadrature_degree=3)
-            L -= dt * closure * v * closure.dx
-        else:
-            L -= dt * frozen**3 * v * ufl.dx(metadata={"quadrature_degree": 3})
-        problem = LinearProblem(
-            a,
-            L,
-            u=uh,
-            bcs=[_boundary_bc(V)],
-            petsc_options=DIRECT,
-            petsc_options_prefix=f"interval{int(use_closure)}_",
+    u, u_n = fem.Function(V, name="u"), fem.Function(V, name="u_n")
+    v = ufl.TestFunction(V)
+    flux = mno.Closure(FluxModel().double(), [u, ufl.grad(u)], (2,), 2, name="flux")
+    F = ufl.inner(flux, ufl.grad(v)) * flux.dx - v * ufl.dx
+    expected = (
+        "The Jacobian J misses the tangent of closure(s) 'flux', whose operands depend on "
+        "the unknown 'u': Newton's method would converge slowly, to a looser tolerance. "
+        "Build J with dolfinx_mno.derivative(F, u) (or leave J=None), or pass "
+        "frozen_closures=True if a Picard (frozen-closure) Jacobian is meant."
+    )
+    with pytest.raises(ValueError) as info:
+        NonlinearProblem(F, u, J=ufl.derivative(F, u), petsc_options_prefix="missing_")
+    assert str(info.value) == expected
+    with pytest.raises(RuntimeError, match="has no tangent"):
+        _ = flux.tangent  # the check allocated nothing
+    # A closure whose tangent exists but is not in J is refused as well.
+    flux.enable_tangent()
+    with pytest.raises(ValueError, match="misses the tangent of closure"):
+        NonlinearProblem(F, u, J=ufl.derivative(F, u), petsc_options_prefix="missing_")
+    # Accepted: dolfinx_mno.derivative, the explicit opt-out, and a closure of u_n only.
+    NonlinearProblem(F, u, J=mno.derivative(F, u), petsc_options_prefix="exact_j_")
+    NonlinearProblem(
+        F, u, J=ufl.derivative(F, u), frozen_closures=True, petsc_options_prefix="frozen_j_"
+    )
+    previous = mno.Closure(FluxModel().double(), [u_n, ufl.grad(u_n)], (2,), 2)
+    G = ufl.inner(previous, ufl.grad(v)) * previous.dx + u * v * ufl.dx
+    problem = NonlinearProblem(
+        G, u, J=ufl.derivative(G, u), petsc_options_prefix="explicit_j_", petsc_options=DIRECT
+    )
+    previous.update()
+    problem.solve()  # u = Π(div q(u_n)) = 0 for u_n = 0
+    assert problem.solver.getConvergedReason() > 0
+    assert MPI.COMM_WORLD.allreduce(np.max(np.abs(u.x.array), initial=0.0), op=MPI.MAX) == 0.0
+
+
+@pytest.mark.mpi
+def test_jacobian_freezes_closures_without_tangent():
+    """Non-local closures have no tangent: ufl.derivative(F, u) is accepted as it is."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    u, v = fem.Function(V), ufl.TestFunction(V)
+    identity = torch.nn.Identity()
+    closure = mno.NonlocalClosure(identity, [u], grid_shape=(9, 9), mask_channel=False)
+    assert not closure.supports_tangent
+    F = (ufl.inner(ufl.grad(u), ufl.grad(v)) - closure * v) * ufl.dx(
+        metadata={"quadrature_degree": 2}
+    )
+    problem = NonlinearProblem(F, u, J=ufl.derivative(F, u), petsc_options_prefix="nonlocal_j_")
+    assert problem.closures == [closure]
+
+
+def _closure_forms(msh):
+    """A residual, and a bilinear and linear form, each with one closure named 'flux'/'c'."""
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    u = fem.Function(V)
+    v, w = ufl.TestFunction(V), ufl.TrialFunction(V)
+    flux = mno.Closure(FluxModel().double(), [u, ufl.grad(u)], (2,), 2, name="flux")
+    F = ufl.inner(flux, ufl.grad(v)) * flux.dx - v * ufl.dx
+    cubic = mno.Closure(Cubic().double(), [u], quadrature_degree=2, name="c")
+    return u, F, w * v * ufl.dx, cubic * v * cubic.dx
+
+
+@pytest.mark.mpi
+def test_dolfinx_problems_refuse_forms_with_closures(capfd):
+    """DOLFINx's own problems raise (before any collective) and name the fix."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 1, 1)  # 3 ranks: one owns no cell
+    u, F, a, L = _closure_forms(msh)
+    nonlinear = (
+        "dolfinx.fem.petsc.NonlinearProblem does not update closures, so closure(s) 'flux' "
+        "would enter the form with whatever values they hold. Use "
+        "dolfinx_mno.petsc.NonlinearProblem (same arguments), which updates them at every "
+        "Newton iterate."
+    )
+    linear = (
+        "dolfinx.fem.petsc.LinearProblem does not update closures, so closure(s) 'c' would "
+        "enter the form with whatever values they hold. Use dolfinx_mno.petsc.LinearProblem "
+        "(same arguments), which updates them before every solve, or, with closures=[], "
+        "assembles the values they hold (e.g. to project them for output)."
+    )
+    with pytest.raises(TypeError) as info:
+        dolfinx.fem.petsc.NonlinearProblem(F, u, petsc_options_prefix="plain_nl_")
+    assert str(info.value) == nonlinear
+    with pytest.raises(TypeError) as info:
+        dolfinx.fem.petsc.NonlinearProblem(
+            F=F, u=u, J=mno.derivative(F, u), petsc_options_prefix="plain_nl_"
         )
-        if use_closure:
-            stepper = IMEXStepper(problem, uh, u_n, dt=dt, closure_interval=interval)
-            stepper.run(num_steps, progress=False)
-            assert closure.update_count == 2  # steps 0 and 3
-        else:
-            stepper = IMEXStepper(problem, uh, u_n, dt=dt)
-            for step in range(num_steps):
-                if step % interval == 0:
-                    frozen.x.array[:] = u_n.x.array
-                stepper.step()
-        results.append(u_n.x.array.copy())
-    comm = msh.comm
-    scale = comm.allreduce(np.max(np.abs(results[1])), op=MPI.MAX)
-    diff = comm.allreduce(np.max(np.abs(results[0] - results[1])), op=MPI.MAX)
-    assert scale > 0.2
-    assert diff <= 100 * np.finfo(np.float64).eps * scale
-    with pytest.raises(ValueError, match="closure_interval"):
-        IMEXStepper(problem, uh, u_n, dt=dt, closure_interval=0)
+    assert str(info.value) == nonlinear
+    with pytest.raises(TypeError) as info:
+        dolfinx.fem.petsc.LinearProblem(a, L, petsc_options_prefix="plain_l_")
+    assert str(info.value) == linear
+    with pytest.raises(TypeError) as info:  # blocked forms, the closure in a nested list
+        dolfinx.fem.petsc.LinearProblem([[a]], [L], kind="nest", petsc_options_prefix="b_")
+    assert str(info.value) == linear
+    with pytest.raises(TypeError) as info:
+        dolfinx.fem.petsc.NewtonSolverNonlinearProblem(F, u)
+    assert str(info.value) == (
+        "dolfinx.fem.petsc.NewtonSolverNonlinearProblem does not update closures, so "
+        "closure(s) 'flux' would enter the form with whatever values they hold. Use "
+        "dolfinx_mno.petsc.NonlinearProblem (with SNES in place of NewtonSolver), which "
+        "updates them at every Newton iterate."
+    )
+
+    class Custom(dolfinx.fem.petsc.LinearProblem):
+        pass
+
+    with pytest.raises(
+        TypeError, match=r"<locals>\.Custom does not update closures, so closure\(s\) 'c'"
+    ):
+        Custom(a, L, petsc_options_prefix="custom_")
+    # The guard raised before the instance existed: no half-built problem to finalise.
+    gc.collect()
+    assert "Exception ignored" not in capfd.readouterr().err
+
+    # Our subclass solves the same forms: the closure reads u = 1, so u = Π(1³) = 1.
+    problem = LinearProblem(a, L, u=u, petsc_options_prefix="ours_l_", petsc_options=DIRECT)
+    u.x.array[:] = 1.0
+    problem.solve()
+    values = np.abs(u.x.array - 1.0)
+    assert MPI.COMM_WORLD.allreduce(np.max(values, initial=0.0), op=MPI.MAX) < 1e-12
+
+
+@pytest.mark.mpi
+def test_guard_leaves_forms_without_closures_alone():
+    """DOLFINx's problems without closures solve as before; installing again is a no-op."""
+    guarded = dolfinx.fem.petsc.LinearProblem.__dict__["__new__"]
+    install_problem_guard()
+    assert dolfinx.fem.petsc.LinearProblem.__dict__["__new__"] is guarded
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 1, 1)
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    w, v = ufl.TrialFunction(V), ufl.TestFunction(V)
+    problem = dolfinx.fem.petsc.LinearProblem(
+        w * v * ufl.dx, 3.0 * v * ufl.dx, petsc_options=DIRECT, petsc_options_prefix="plain_"
+    )
+    uh = problem.solve()
+    values = np.abs(uh.x.array - 3.0)  # the L2 projection of a constant
+    assert MPI.COMM_WORLD.allreduce(np.max(values, initial=0.0), op=MPI.MAX) < 1e-12
+
+
+@pytest.mark.mpi
+def test_linear_problem_refuses_closures_never_updated():
+    """solve(update_closures=False) before any update raises on all ranks, changing nothing."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 1, 1)  # 3 ranks: one owns no cell
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    u_n, uh = fem.Function(V), fem.Function(V)
+    u_n.x.array[:] = 2.0
+    uh.x.array[:] = -1.0
+    w, v = ufl.TrialFunction(V), ufl.TestFunction(V)
+    cubic = mno.Closure(Cubic().double(), [u_n], quadrature_degree=2, name="c")
+    problem = LinearProblem(
+        w * v * ufl.dx, cubic * v * cubic.dx, u=uh, petsc_options=DIRECT, petsc_options_prefix="n_"
+    )
+    with pytest.raises(RuntimeError) as info:
+        problem.solve(update_closures=False)
+    assert str(info.value) == (
+        "Closure(s) 'c' have never been updated, so solve(update_closures=False) would "
+        "assemble them without the model's values. Call solve() (update_closures=True, the "
+        "default) for the first solve, or closure.update() before."
+    )
+    assert cubic.update_count == 0
+    np.testing.assert_array_equal(uh.x.array, -1.0)
+    problem.solve()
+    problem.solve(update_closures=False)
+    assert cubic.update_count == 1
+    assert (
+        MPI.COMM_WORLD.allreduce(np.max(np.abs(uh.x.array - 8.0), initial=0.0), op=MPI.MAX) < 1e-12
+    )
+    # A closure left out of closures= must have been updated by the caller.
+    other = mno.Closure(Cubic().double(), [u_n], quadrature_degree=2, name="other")
+    left_out = LinearProblem(
+        w * v * ufl.dx,
+        (cubic + other) * v * cubic.dx,
+        closures=[cubic],
+        petsc_options_prefix="left_out_",
+    )
+    with pytest.raises(RuntimeError) as info:
+        left_out.solve()
+    assert str(info.value) == (
+        "Closure(s) 'other' have never been updated and are not in this problem's closures, "
+        "so the solve would assemble them without the model's values. Call closure.update() "
+        "first, or leave closures=None so that the problem updates every closure of its forms."
+    )
+    assert cubic.update_count == 1  # the check came first
+    other.update()
+    left_out.solve()
+    assert cubic.update_count == 2
 
 
 def test_reuse_matrix_refuses_closures_in_matrix():
@@ -261,93 +419,6 @@ def test_reuse_matrix_refuses_closures_in_matrix():
     a = (1 + closure) * u * v * closure.dx
     with pytest.raises(ValueError, match="without closures"):
         LinearProblem(a, u_n * v * ufl.dx, reuse_matrix=True, petsc_options_prefix="r_")
-
-
-class Poisoned(torch.nn.Module):
-    """FluxModel that returns NaN once ``poisoned`` is set: makes Newton fail on demand."""
-
-    def __init__(self):
-        super().__init__()
-        self.flux = FluxModel()
-        self.poisoned = False
-
-    def forward(self, x):
-        q = self.flux(x)
-        return q * torch.nan if self.poisoned else q
-
-
-def _implicit_heat(V, use_closure, model=None, prefix="implicit"):
-    """Backward Euler for u_t = div q(u, ∇u) + f(t), u = 0 on the boundary."""
-    msh = V.mesh
-    dt = 0.02
-    u_n = fem.Function(V)
-    u_n.interpolate(lambda x: 2 * np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]))
-    uh = fem.Function(V)
-    uh.x.array[:] = u_n.x.array
-    v = ufl.TestFunction(V)
-    time = fem.Constant(msh, PETSc.ScalarType(0.0))
-    x = ufl.SpatialCoordinate(msh)
-    f = 5.0 * ufl.cos(10 * time) * ufl.sin(ufl.pi * x[0]) + 2.0
-    F = ((uh - u_n) / dt - f) * v * ufl.dx
-    if use_closure:
-        closure = mno.Closure(model or FluxModel().double(), [uh, ufl.grad(uh)], (2,), 2)
-        F += ufl.inner(closure, ufl.grad(v)) * closure.dx
-    else:
-        F += ufl.inner(flux_ufl(uh), ufl.grad(v)) * ufl.dx(metadata={"quadrature_degree": 2})
-    options = {"snes_rtol": 1e-12, "snes_atol": 1e-13, **DIRECT}
-    problem = NonlinearProblem(
-        F, uh, bcs=[_boundary_bc(V)], petsc_options=options, petsc_options_prefix=prefix
-    )
-    return ImplicitStepper(problem, uh, u_n, dt=dt, time=time), time
-
-
-@pytest.mark.mpi
-def test_implicit_stepper_matches_pure_ufl():
-    """Backward Euler with a nonlinear flux closure equals the same scheme in UFL."""
-    msh = mesh.create_unit_square(MPI.COMM_WORLD, 12, 12)
-    V = fem.functionspace(msh, ("Lagrange", 1))
-    results, iterations = [], []
-    for use_closure in (True, False):
-        stepper, time = _implicit_heat(V, use_closure, prefix=f"implicit{int(use_closure)}_")
-        counts: list[int] = []
-        t = stepper.run(
-            4,
-            callback=lambda s, counts=counts: counts.append(s.problem.solver.getIterationNumber()),
-            progress=False,
-        )
-        assert t == pytest.approx(4 * stepper.dt) and time.value == pytest.approx(t)
-        assert stepper.num_steps == 4
-        results.append(stepper.u_previous.x.array.copy())
-        iterations.append(counts)
-    assert iterations[0] == iterations[1] and min(iterations[0]) >= 3  # genuinely nonlinear
-    comm = msh.comm
-    scale = comm.allreduce(np.max(np.abs(results[1])), op=MPI.MAX)
-    diff = comm.allreduce(np.max(np.abs(results[0] - results[1])), op=MPI.MAX)
-    assert scale > 0.5
-    assert diff <= 1e-10 * scale
-
-
-@pytest.mark.mpi
-def test_implicit_stepper_failure_keeps_state():
-    """A step whose Newton solve fails raises on every rank and leaves u, u_n and t alone."""
-    msh = mesh.create_unit_square(MPI.COMM_WORLD, 8, 8)
-    V = fem.functionspace(msh, ("Lagrange", 1))
-    model = Poisoned().double()
-    stepper, time = _implicit_heat(V, True, model=model, prefix="poisoned_")
-    stepper.step()
-    state = stepper.u_previous.x.array.copy()
-    model.poisoned = True
-    with pytest.raises(mno.ClosureEvaluationError, match="returned NaN/Inf") as info:
-        stepper.step()
-    assert "from t = 0.02 to t = 0.04" in info.value.__notes__[0]
-    assert stepper.num_steps == 1
-    assert stepper.t == pytest.approx(0.02) and time.value == pytest.approx(0.02)
-    np.testing.assert_array_equal(stepper.u_previous.x.array, state)
-    np.testing.assert_array_equal(stepper.u.x.array, state)
-    model.poisoned = False  # the stepper goes on from where it was
-    assert stepper.step() == pytest.approx(0.04)
-    with pytest.raises(ValueError, match="time step must be positive"):
-        ImplicitStepper(stepper.problem, stepper.u, stepper.u_previous, dt=0.0)
 
 
 @pytest.mark.skipif(not MPIRUN.exists(), reason="needs mpirun next to the Python executable")

@@ -1,0 +1,414 @@
+"""Time steppers: IMEX and implicit steps against UFL, hooks, statistics, progress."""
+
+import io
+import typing
+
+from mpi4py import MPI
+from petsc4py import PETSc
+
+import numpy as np
+import pytest
+import torch
+import ufl
+from analytic import FluxModel, flux_ufl
+from dolfinx import fem, mesh
+from problems import DIRECT, Cubic, boundary_bc
+
+import dolfinx_mno as mno
+from dolfinx_mno import timestepping
+from dolfinx_mno.petsc import LinearProblem, NonlinearProblem
+from dolfinx_mno.timestepping import IMEXStepper, ImplicitStepper, StepStatistics
+
+
+@pytest.mark.mpi
+def test_imex_step_matches_explicit_ufl():
+    """IMEX heat steps with a closure r(u_n) equal the same scheme written in UFL."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 12, 12)
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    dt = 0.01
+    results = []
+    for use_closure, reuse in ((True, False), (True, True), (False, False)):
+        u_n = fem.Function(V)
+        u_n.interpolate(lambda x: 2 * np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]))
+        uh = fem.Function(V)
+        u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
+        time = fem.Constant(msh, PETSc.ScalarType(0.0))
+        f = ufl.cos(time) * 3.0
+        a = (u * v + dt * ufl.inner(ufl.grad(u), ufl.grad(v))) * ufl.dx
+        L = (u_n + dt * f) * v * ufl.dx
+        if use_closure:
+            closure = mno.Closure(Cubic().double(), [u_n], quadrature_degree=3)
+            L -= dt * closure * v * closure.dx
+        else:
+            L -= dt * u_n**3 * v * ufl.dx(metadata={"quadrature_degree": 3})
+        problem = LinearProblem(
+            a,
+            L,
+            u=uh,
+            bcs=[boundary_bc(V)],
+            petsc_options=DIRECT,
+            petsc_options_prefix=f"imex{int(use_closure)}{int(reuse)}_",
+            reuse_matrix=reuse,
+        )
+        stepper = IMEXStepper(problem, uh, u_n, dt=dt, time=time)
+        t = stepper.run(5, progress=False)
+        assert t == pytest.approx(5 * dt)
+        assert time.value == pytest.approx(5 * dt)
+        results.append(u_n.x.array.copy())
+        if use_closure:
+            assert closure.update_count == 5
+            assert closure.total_timings["total"] >= closure.timings["total"] > 0
+    comm = msh.comm
+    scale = comm.allreduce(np.max(np.abs(results[-1])), op=MPI.MAX)
+    assert scale > 0.5
+    for result in results[:-1]:
+        diff = comm.allreduce(np.max(np.abs(result - results[-1])), op=MPI.MAX)
+        assert diff <= 100 * np.finfo(np.float64).eps * scale
+
+
+@pytest.mark.mpi
+def test_imex_closure_interval_holds_values():
+    """closure_interval=3: r(u) at steps 0 and 3 only, as a UFL scheme with a frozen copy."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 10, 10)
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    dt, num_steps, interval = 0.02, 5, 3
+    results = []
+    for use_closure in (True, False):
+        u_n = fem.Function(V)
+        u_n.interpolate(lambda x: 2 * np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]))
+        frozen = fem.Function(V)  # the UFL scheme's state seen by the reaction term
+        uh = fem.Function(V)
+        u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
+        a = (u * v + dt * ufl.inner(ufl.grad(u), ufl.grad(v))) * ufl.dx
+        L = u_n * v * ufl.dx
+        if use_closure:
+            closure = mno.Closure(Cubic().double(), [u_n], quadrature_degree=3)
+            L -= dt * closure * v * closure.dx
+        else:
+            L -= dt * frozen**3 * v * ufl.dx(metadata={"quadrature_degree": 3})
+        problem = LinearProblem(
+            a,
+            L,
+            u=uh,
+            bcs=[boundary_bc(V)],
+            petsc_options=DIRECT,
+            petsc_options_prefix=f"interval{int(use_closure)}_",
+        )
+        if use_closure:
+            stepper = IMEXStepper(problem, uh, u_n, dt=dt, closure_interval=interval)
+            stepper.run(num_steps, progress=False)
+            assert closure.update_count == 2  # steps 0 and 3
+        else:
+            stepper = IMEXStepper(problem, uh, u_n, dt=dt)
+            for step in range(num_steps):
+                if step % interval == 0:
+                    frozen.x.array[:] = u_n.x.array
+                stepper.step()
+        results.append(u_n.x.array.copy())
+    comm = msh.comm
+    scale = comm.allreduce(np.max(np.abs(results[1])), op=MPI.MAX)
+    diff = comm.allreduce(np.max(np.abs(results[0] - results[1])), op=MPI.MAX)
+    assert scale > 0.2
+    assert diff <= 100 * np.finfo(np.float64).eps * scale
+    with pytest.raises(ValueError, match="closure_interval"):
+        IMEXStepper(problem, uh, u_n, dt=dt, closure_interval=0)
+
+
+class Poisoned(torch.nn.Module):
+    """FluxModel that returns NaN once ``poisoned`` is set: makes Newton fail on demand."""
+
+    def __init__(self):
+        super().__init__()
+        self.flux = FluxModel()
+        self.poisoned = False
+
+    def forward(self, x):
+        q = self.flux(x)
+        return q * torch.nan if self.poisoned else q
+
+
+def _implicit_heat(V, use_closure, model=None, prefix="implicit"):
+    """Backward Euler for u_t = div q(u, ∇u) + f(t), u = 0 on the boundary."""
+    msh = V.mesh
+    dt = 0.02
+    u_n = fem.Function(V)
+    u_n.interpolate(lambda x: 2 * np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]))
+    uh = fem.Function(V)
+    uh.x.array[:] = u_n.x.array
+    v = ufl.TestFunction(V)
+    time = fem.Constant(msh, PETSc.ScalarType(0.0))
+    x = ufl.SpatialCoordinate(msh)
+    f = 5.0 * ufl.cos(10 * time) * ufl.sin(ufl.pi * x[0]) + 2.0
+    F = ((uh - u_n) / dt - f) * v * ufl.dx
+    if use_closure:
+        closure = mno.Closure(model or FluxModel().double(), [uh, ufl.grad(uh)], (2,), 2)
+        F += ufl.inner(closure, ufl.grad(v)) * closure.dx
+    else:
+        F += ufl.inner(flux_ufl(uh), ufl.grad(v)) * ufl.dx(metadata={"quadrature_degree": 2})
+    options = {"snes_rtol": 1e-12, "snes_atol": 1e-13, **DIRECT}
+    problem = NonlinearProblem(
+        F, uh, bcs=[boundary_bc(V)], petsc_options=options, petsc_options_prefix=prefix
+    )
+    return ImplicitStepper(problem, uh, u_n, dt=dt, time=time), time
+
+
+@pytest.mark.mpi
+def test_implicit_stepper_matches_pure_ufl():
+    """Backward Euler with a nonlinear flux closure equals the same scheme in UFL."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 12, 12)
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    results, iterations = [], []
+    for use_closure in (True, False):
+        stepper, time = _implicit_heat(V, use_closure, prefix=f"implicit{int(use_closure)}_")
+        counts: list[int] = []
+        t = stepper.run(
+            4,
+            callback=lambda s, counts=counts: counts.append(s.problem.solver.getIterationNumber()),
+            progress=False,
+        )
+        assert [record.newton_iterations for record in stepper.history] == counts
+        assert t == pytest.approx(4 * stepper.dt) and time.value == pytest.approx(t)
+        assert stepper.num_steps == 4
+        results.append(stepper.u_previous.x.array.copy())
+        iterations.append(counts)
+    assert iterations[0] == iterations[1] and min(iterations[0]) >= 3  # genuinely nonlinear
+    comm = msh.comm
+    scale = comm.allreduce(np.max(np.abs(results[1])), op=MPI.MAX)
+    diff = comm.allreduce(np.max(np.abs(results[0] - results[1])), op=MPI.MAX)
+    assert scale > 0.5
+    assert diff <= 1e-10 * scale
+
+
+@pytest.mark.mpi
+def test_implicit_stepper_failure_keeps_state():
+    """A step whose Newton solve fails raises on every rank and leaves u, u_n and t alone."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 8, 8)
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    model = Poisoned().double()
+    stepper, time = _implicit_heat(V, True, model=model, prefix="poisoned_")
+    stepper.step()
+    state = stepper.u_previous.x.array.copy()
+    model.poisoned = True
+    with pytest.raises(mno.ClosureEvaluationError, match="returned NaN/Inf") as info:
+        stepper.step()
+    assert "from t = 0.02 to t = 0.04" in info.value.__notes__[0]
+    assert stepper.num_steps == 1
+    assert stepper.t == pytest.approx(0.02) and time.value == pytest.approx(0.02)
+    np.testing.assert_array_equal(stepper.u_previous.x.array, state)
+    np.testing.assert_array_equal(stepper.u.x.array, state)
+    model.poisoned = False  # the stepper goes on from where it was
+    assert stepper.step() == pytest.approx(0.04)
+    with pytest.raises(ValueError, match="time step must be positive"):
+        ImplicitStepper(stepper.problem, stepper.u, stepper.u_previous, dt=0.0)
+
+
+class Identity(torch.nn.Module):
+    """c(s) = s."""
+
+    def forward(self, x):
+        return x[:, 0]
+
+
+def _exact(t):
+    """u = t (x² + 2y²), which solves u_t - Δu = x² + 2y² - 6t; in P2 and linear in t."""
+    return lambda x: t * (x[0] ** 2 + 2 * x[1] ** 2)
+
+
+def _source(t):
+    return lambda x: x[0] ** 2 + 2 * x[1] ** 2 - 6 * t
+
+
+def _imex_heat(n, prefix, options=None):
+    """IMEX heat steps on P2 whose source f(t) a closure reads from a function f_h.
+
+    Backward Euler is exact for a solution linear in t, and P2 holds it: with the
+    Dirichlet data and f_h set for t_{n+1} before each step, u_h is the exact solution.
+    """
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, n, n)
+    V = fem.functionspace(msh, ("Lagrange", 2))
+    u_n, uh, g, f_h = (fem.Function(V) for _ in range(4))
+    source = mno.Closure(Identity().double(), [f_h], quadrature_degree=4, name="source")
+    u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
+    dt = 0.05
+    a = (u * v + dt * ufl.inner(ufl.grad(u), ufl.grad(v))) * ufl.dx
+    L = u_n * v * ufl.dx + dt * source * v * source.dx
+    time = fem.Constant(msh, PETSc.ScalarType(0.0))
+    problem = LinearProblem(
+        a,
+        L,
+        u=uh,
+        bcs=[boundary_bc(V, g)],
+        petsc_options=options or DIRECT,
+        petsc_options_prefix=prefix,
+    )
+    stepper = IMEXStepper(problem, uh, u_n, dt=dt, time=time)
+    return stepper, g, f_h, source
+
+
+def _max_error(u, exact):
+    reference = fem.Function(u.function_space)
+    reference.interpolate(exact)
+    comm = u.function_space.mesh.comm
+    return comm.allreduce(np.max(np.abs(u.x.array - reference.x.array), initial=0.0), op=MPI.MAX)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("n", [1, 4])  # n = 1 on 3 ranks: one rank owns no cell
+def test_before_step_sets_dirichlet_data_and_statistics_match_the_solver(n):
+    """One-line time-dependent data give the exact solution; KSP counts are the solver's."""
+    options = {"ksp_type": "cg", "pc_type": "jacobi", "ksp_rtol": 1e-14, "ksp_atol": 1e-15}
+    stepper, g, f_h, source = _imex_heat(n, f"hook{n}_", options)
+    seen, own = [], []
+
+    def before_step(s, t):
+        g.interpolate(_exact(t))
+        f_h.interpolate(_source(t))
+        seen.append((s.t, t, float(s.time.value), source.update_count))
+
+    def after_step(s):
+        own.append((s.problem.solver.getIterationNumber(), s.problem.solver.getConvergedReason()))
+
+    t = stepper.run(3, callback=after_step, progress=False, before_step=before_step)
+    dt = stepper.dt
+    assert t == pytest.approx(3 * dt)
+    # The hook sees the old stepper time, the new time in the constant, and runs before
+    # the step's closure update.
+    assert len(seen) == 3
+    for k, (old, new, constant, updates) in enumerate(seen):
+        assert old == pytest.approx(k * dt) and new == pytest.approx((k + 1) * dt)
+        assert constant == pytest.approx(new) and updates == k
+    assert _max_error(stepper.u_previous, _exact(t)) < 1e-10
+    assert [s.step for s in stepper.history] == [1, 2, 3]
+    assert [s.t for s in stepper.history] == pytest.approx([dt, 2 * dt, 3 * dt])
+    assert [(s.linear_iterations, s.converged_reason) for s in stepper.history] == own
+    assert all(s.newton_iterations is None and s.seconds > 0 for s in stepper.history)
+    if n > 1:
+        assert min(its for its, _ in own) > 5  # a genuine iterative solve
+    # Without the hook the data stay at t = 0: far from the exact solution.
+    plain, *_ = _imex_heat(n, f"nohook{n}_", options)
+    plain.run(3, progress=False)
+    assert _max_error(plain.u_previous, _exact(t)) > 0.05
+
+
+class _RecordingBar(timestepping.tqdm):
+    """A progress bar that redraws at every update and records what it shows."""
+
+    shown: typing.ClassVar[list[tuple[int, str | None]]] = []
+
+    def __init__(self, *args, **kwargs):
+        kwargs.update(mininterval=0, miniters=1, file=io.StringIO())
+        super().__init__(*args, **kwargs)
+
+    def display(self, *args, **kwargs):
+        _RecordingBar.shown.append((self.n, self.postfix))
+        return super().display(*args, **kwargs)
+
+
+@pytest.mark.mpi
+def test_progress_bar_shows_the_step_just_taken(monkeypatch):
+    """Each redraw after step k shows t_k and the step's iterations, not step k - 1's."""
+    monkeypatch.setattr(timestepping, "tqdm", _RecordingBar)
+    _RecordingBar.shown = []
+    stepper, _, f_h, _ = _imex_heat(2, "bar_")
+    stepper.run(3, before_step=lambda s, t: f_h.interpolate(_source(t)))
+    if MPI.COMM_WORLD.rank != 0:
+        assert _RecordingBar.shown == []  # the bar is disabled on other ranks
+        return
+    after_steps = [(n, postfix) for n, postfix in _RecordingBar.shown if n > 0]
+    assert [n for n, _ in after_steps][:3] == [1, 2, 3]
+    for n, postfix in after_steps:
+        record = stepper.history[n - 1]
+        assert postfix == f"t={n * stepper.dt:.4g}, ksp={record.linear_iterations}"
+    assert after_steps[-1][1] == "t=0.15, ksp=1"  # preonly LU: one KSP iteration
+
+
+def _implicit_dirichlet(prefix):
+    """Backward Euler for u_t = div q(u, ∇u) with u = g(t) = t (1 + x y) on the boundary."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 8, 8)
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    u_n, uh, g = fem.Function(V), fem.Function(V), fem.Function(V)
+    v = ufl.TestFunction(V)
+    dt = 0.1
+    closure = mno.Closure(FluxModel().double(), [uh, ufl.grad(uh)], (2,), 2)
+    F = (uh - u_n) / dt * v * ufl.dx + ufl.inner(closure, ufl.grad(v)) * closure.dx
+    options = {
+        "snes_rtol": 1e-11,
+        "snes_atol": 1e-12,
+        "ksp_type": "gmres",
+        "pc_type": "jacobi",
+        "ksp_rtol": 1e-12,
+    }
+    time = fem.Constant(msh, PETSc.ScalarType(0.0))
+    problem = NonlinearProblem(
+        F, uh, bcs=[boundary_bc(V, g)], petsc_options=options, petsc_options_prefix=prefix
+    )
+    return ImplicitStepper(problem, uh, u_n, dt=dt, time=time), g
+
+
+def _boundary_data(t):
+    return lambda x: t * (1 + x[0] * x[1])
+
+
+@pytest.mark.mpi
+def test_implicit_stepper_hook_equals_a_hand_written_loop():
+    """The hook and statistics of ImplicitStepper reproduce a hand-written time loop."""
+    stepper, g = _implicit_dirichlet("hook_implicit_")
+    stepper.run(3, progress=False, before_step=lambda s, t: g.interpolate(_boundary_data(t)))
+
+    hand, g_hand = _implicit_dirichlet("hand_implicit_")
+    problem, snes = hand.problem, hand.problem.solver
+    t, counts, states = 0.0, [], []
+    for _ in range(3):
+        t += hand.dt
+        hand.time.value = t
+        g_hand.interpolate(_boundary_data(t))
+        problem.solve()
+        assert snes.getConvergedReason() > 0
+        counts.append((snes.getIterationNumber(), snes.getLinearSolveIterations()))
+        hand.u_previous.x.array[:] = hand.u.x.array
+    states.append(hand.u_previous.x.array)
+
+    history = stepper.history
+    assert [(s.newton_iterations, s.linear_iterations) for s in history] == counts
+    assert min(its for its, _ in counts) >= 3  # genuinely nonlinear
+    assert min(lin for _, lin in counts) > 3 * max(its for its, _ in counts)  # GMRES works
+    assert all(s.converged_reason > 0 for s in history)
+    comm = MPI.COMM_WORLD
+    scale = comm.allreduce(np.max(np.abs(states[0])), op=MPI.MAX)
+    diff = comm.allreduce(np.max(np.abs(stepper.u_previous.x.array - states[0])), op=MPI.MAX)
+    assert scale > 0.2 and diff <= 1e-14 * scale
+    assert history[-1].postfix() == {
+        "t": "0.3",
+        "newton": history[-1].newton_iterations,
+        "ksp": history[-1].linear_iterations,
+    }
+
+
+@pytest.mark.mpi
+def test_failing_before_step_raises_on_every_rank_and_undoes_the_step():
+    """A hook raising on one rank: every rank raises, and u, u_n, t, history are kept."""
+    comm = MPI.COMM_WORLD
+    stepper, g, f_h, _ = _imex_heat(2, "failing_hook_")
+    failing_rank = comm.size - 1
+
+    def before_step(s, t):
+        if s.num_steps == 1 and comm.rank == failing_rank:
+            raise ValueError("no data for this time")
+        f_h.interpolate(_source(t))
+        g.interpolate(_exact(t))
+
+    stepper.step(before_step)
+    state = stepper.u_previous.x.array.copy()
+    expected = ValueError if comm.rank == failing_rank else RuntimeError
+    with pytest.raises(expected) as info:
+        stepper.run(2, progress=False, before_step=before_step)
+    if comm.rank != failing_rank:
+        assert str(info.value) == f"The before_step hook raised on rank(s) [{failing_rank}]."
+    assert info.value.__notes__ == ["In the time step from t = 0.05 to t = 0.1."]
+    assert stepper.num_steps == 1 and len(stepper.history) == 1
+    assert stepper.t == pytest.approx(0.05) and stepper.time.value == pytest.approx(0.05)
+    np.testing.assert_array_equal(stepper.u_previous.x.array, state)
+    np.testing.assert_array_equal(stepper.u.x.array, state)
+    stepper.step(lambda s, t: (f_h.interpolate(_source(t)), g.interpolate(_exact(t))))
+    assert _max_error(stepper.u_previous, _exact(0.1)) < 1e-12
+    assert isinstance(stepper.history[-1], StepStatistics) and stepper.history[-1].step == 2
