@@ -18,6 +18,7 @@
 # - advance an implicit-explicit (IMEX) time-stepping scheme with
 #   {py:class}`dolfinx_mno.petsc.LinearProblem` and
 #   {py:class}`dolfinx_mno.timestepping.IMEXStepper`,
+# - write the closure field for ParaView with {py:class}`dolfinx_mno.ClosureWriter`,
 # - check the learned closure against the same term written exactly in UFL, with
 #   global quantities that do not depend on the number of MPI ranks.
 #
@@ -196,6 +197,14 @@ fit_time = time.perf_counter() - tic
 # `problem.solve()` and `u_n.x.array[:] = u_h.x.array` works just as well, since the
 # closure is updated inside `problem.solve()`. We use a direct solver (MUMPS), so that all
 # three runs solve their linear systems to round-off.
+#
+# The closure run also writes the closure field for ParaView (the `closure_file` lines).
+# Its values live at quadrature points, which no DOLFINx writer takes;
+# {py:class}`~dolfinx_mno.ClosureWriter` writes their cell averages, computed with the
+# closure's own quadrature rule, as cell data named `closure` in the VTX file `closure.bp`.
+# Each `write(t)` averages the current values: after a step, the closure holds
+# $r_\theta(u^n)$, the value used in that step, which belongs to $t_n$. (In a Newton
+# solve, list `closure.tangent`, $\partial r_\theta / \partial u$, too.)
 
 
 def solve_heat(V, closure_model=None, exact_reaction=None, description="time steps"):
@@ -216,9 +225,11 @@ def solve_heat(V, closure_model=None, exact_reaction=None, description="time ste
     u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
     a = (u * v + dt * ufl.inner(ufl.grad(u), ufl.grad(v))) * ufl.dx
     L = (u_n + dt * f) * v * ufl.dx
+    closure_file = None
     if closure_model is not None:
         closure = mno.Closure(closure_model, [u_n], quadrature_degree=2)  # <-- closure
         L += dt * ufl.inner(closure, v) * closure.dx  # <-- closure
+        closure_file = mno.ClosureWriter(comm, output_dir / "closure.bp", [closure])
     if exact_reaction is not None:  # reference run only: r(u_n) in UFL, same quadrature
         L += dt * ufl.inner(exact_reaction(u_n), v) * mno.measure(msh, 2)
 
@@ -232,17 +243,26 @@ def solve_heat(V, closure_model=None, exact_reaction=None, description="time ste
         reuse_matrix=True,  # `a` is the same every step: factorise once
     )
     states = []  # u after every step, to compare the runs afterwards
+
+    def after_step(stepper):
+        states.append(u_h.x.array.copy())
+        if closure_file is not None:  # the closure of this step, r_θ(u^n), belongs to t_n
+            closure_file.write(stepper.t - dt)
+
     stepper = IMEXStepper(problem, u_h, u_n, dt)
     tic = time.perf_counter()
-    stepper.run(num_steps, callback=lambda _: states.append(u_h.x.array.copy()), desc=description)
-    return states, time.perf_counter() - tic
+    stepper.run(num_steps, callback=after_step, desc=description)
+    wall_time = time.perf_counter() - tic
+    if closure_file is not None:
+        closure_file.close()
+    return states, wall_time
 
 
 # ## Step 3: run the three simulations
 #
 # All three runs share one mesh and one $P_1$ space, so their solutions can be compared dof
 # by dof. We also record the time spent time stepping (the slowest rank's), which shows the
-# cost of evaluating the closure.
+# cost of evaluating the closure (and of writing it).
 
 # +
 msh = mesh.create_unit_square(comm, num_cells, num_cells)
@@ -265,7 +285,8 @@ for name, kwargs in runs.items():
 # `comm.allreduce` sums the contributions. We compute $\|u(t)\|_{L^2}$ for each run and the
 # relative $L^2$ difference of the baseline and the closure runs to the reference,
 # $\|u(t) - u_\text{ref}(t)\|_{L^2} / \|u_\text{ref}(t)\|_{L^2}$, at every step. The three
-# solutions are also written to one VTX file (open `quickstart.bp` in ParaView).
+# solutions are also written to one VTX file (open `quickstart.bp` in ParaView, and
+# `closure.bp` beside it for the closure).
 
 # +
 w = fem.Function(V)

@@ -37,6 +37,7 @@ from dolfinx_mno.io import ModelFileError, load_model, register_architecture, sa
 from dolfinx_mno.models import MLP
 from dolfinx_mno.nonlocal_closure import NonlocalClosure
 from dolfinx_mno.normalization import AffineNormalization, NormalizedModel
+from dolfinx_mno.output import ClosureWriter, QuadratureAverage, cell_average
 from dolfinx_mno.quadrature import check_form, form, measure, quadrature_space
 from dolfinx_mno.torch_bridge import resolve_device, to_precision
 from dolfinx_mno.training import fit
@@ -55,11 +56,14 @@ __all__ = [
     "Closure",
     "ClosureBase",
     "ClosureEvaluationError",
+    "ClosureWriter",
     "Grid",
     "ModelFileError",
     "NonlocalClosure",
     "NormalizedModel",
+    "QuadratureAverage",
     "__version__",
+    "cell_average",
     "check_form",
     "derivative",
     "extract_closures",
