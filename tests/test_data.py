@@ -554,6 +554,30 @@ def test_sampler_input_errors():
         sampler.sample(u_f)
 
 
+def test_degrees_and_counts_must_be_integers():
+    coarse, fine = _meshes(2, MPI.COMM_SELF)
+    V_c = fem.functionspace(coarse, ("Lagrange", 1))
+    u_c = fem.Function(V_c)
+    restriction = Interpolation(V_c)
+    for degree, error, text in [
+        (True, TypeError, "got True (a bool)."),
+        (2.5, TypeError, "got 2.5 (float)."),
+        (-1, ValueError, "got -1."),
+    ]:
+        with pytest.raises(error) as info:
+            ClosureSampler(restriction, u_c, [u_c], u_c, quadrature_degree=degree)
+        assert str(info.value) == f"quadrature_degree must be a non-negative integer, {text}"
+        with pytest.raises(error) as info:
+            L2Projection(V_c, quadrature_degree=degree)
+        assert str(info.value) == f"quadrature_degree must be a non-negative integer, {text}"
+        with pytest.raises(error) as info:
+            CellAverage(fem.functionspace(coarse, ("DG", 0)), fine, quadrature_degree=degree)
+        assert str(info.value) == f"quadrature_degree must be a non-negative integer, {text}"
+    with pytest.raises(TypeError) as info:
+        L2Projection(V_c, subdivisions=True)
+    assert str(info.value) == "subdivisions must be a positive integer, got True (a bool)."
+
+
 # -- storage ----------------------------------------------------------------------------
 
 

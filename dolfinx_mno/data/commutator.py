@@ -34,6 +34,7 @@ from dolfinx_mno.data.restriction import CellAverage, MassSolver, Restriction
 from dolfinx_mno.data.sample import ClosureSample, mesh_summary
 from dolfinx_mno.quadrature import operand_components, quadrature_points, quadrature_space
 from dolfinx_mno.torch_bridge import NUMPY_TO_TORCH
+from dolfinx_mno.validation import check_integer
 
 __all__ = ["ClosureSampler", "Tendency", "describe"]
 
@@ -276,10 +277,7 @@ class ClosureSampler:
                 f"filtered fine tendency has the value shape {value_shape} of the space it is "
                 "restricted to."
             )
-        if not isinstance(quadrature_degree, int | np.integer) or quadrature_degree < 0:
-            raise ValueError(
-                f"quadrature_degree must be a non-negative integer, got {quadrature_degree!r}."
-            )
+        check_integer(quadrature_degree, "quadrature_degree")
         if fine_tendency is not None and not callable(fine_tendency):
             raise TypeError("fine_tendency must be callable (e.g. a Tendency) or None.")
         dtype = np.dtype(coarse_state.dtype)
