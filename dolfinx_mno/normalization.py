@@ -68,7 +68,11 @@ class AffineNormalization(torch.nn.Module):
             raise ValueError(f"axis must be -1 or positive (0 is the batch axis), got {axis}.")
         shift_vector = _as_vector(shift, width)
         scale_vector = _as_vector(scale, width)
-        if not torch.all(torch.isfinite(scale_vector)) or torch.any(scale_vector == 0):
+        # A model built on the meta device (to check a file's sizes before allocating,
+        # dolfinx_mno.io) has no values to check; the file's statistics replace these.
+        if not scale_vector.is_meta and (
+            not torch.all(torch.isfinite(scale_vector)) or torch.any(scale_vector == 0)
+        ):
             raise ValueError("Normalisation scales must be finite and non-zero.")
         self.axis = int(axis)
         self.register_buffer("shift", shift_vector)
