@@ -12,6 +12,7 @@ import typing
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import ufl
 from dolfinx import fem
@@ -36,6 +37,18 @@ class ClosureBase(fem.Function):
     supports_tangent: bool = False
     _mno_quadrature_degree: int
     _update_count: int = 0
+
+    def __init__(
+        self, V: fem.FunctionSpace, name: str | None = None, dtype: npt.DTypeLike | None = None
+    ):
+        """Allocate the values on the quadrature space ``V`` (called by subclasses).
+
+        Args:
+            V: The quadrature space (:func:`dolfinx_mno.quadrature_space`).
+            name: Name of the function.
+            dtype: Scalar type of the values.
+        """
+        super().__init__(V, name=name, dtype=dtype)
 
     def update(self, tangent: bool | None = None) -> None:
         """Evaluate the model at the current operands and store the values (collective)."""

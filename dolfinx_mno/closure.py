@@ -54,6 +54,10 @@ __all__ = ["Closure", "ClosureEvaluationError", "derivative", "extract_closures"
 class ClosureEvaluationError(RuntimeError):
     """A closure update failed on at least one rank; the closure values were not changed."""
 
+    def __init__(self, message: str):
+        """Carry ``message``: the closure, the failing ranks and this rank's reason."""
+        super().__init__(message)
+
 
 class Closure(ClosureBase):
     """A learned closure whose values live at the quadrature points of a cell rule.
@@ -112,6 +116,7 @@ class Closure(ClosureBase):
         tangent: bool = False,
         name: str = "closure",
     ):
+        """Build the closure (collective); see the class docstring for the arguments."""
         # Everything that can fail on bad input is checked before the first collective
         # call (the JIT compilation of the operand expression), identically on all ranks.
         model, operand_list, value_shape, quadrature_degree, mesh, dtype = validate_arguments(

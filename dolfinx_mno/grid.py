@@ -135,6 +135,10 @@ def _reference_coordinates(mesh: Mesh, cells: np.ndarray, points: np.ndarray) ->
     return reference
 
 
+# The dataclass's generated __init__ has no docstring; help() would show object's.
+Grid.__init__.__doc__ = "Create the grid and check it; see the class docstring for the fields."
+
+
 class GridSampler:
     """Evaluate a vector DG function at the points of a grid, each on exactly one rank.
 
@@ -471,6 +475,10 @@ class GriddedSampler:
         mesh: Mesh | None = None,
         root: int = 0,
     ):
+        """Set up the sampling and the gather (collective).
+
+        See the class docstring for the arguments.
+        """
         if isinstance(expressions, ufl.core.expr.Expr):
             expressions = [expressions]
         expression_list = [ufl.as_ufl(e) for e in expressions]

@@ -99,6 +99,10 @@ class ModelFileError(ValueError):
     described by a registered architecture with JSON keyword arguments.
     """
 
+    def __init__(self, message: str):
+        """Carry ``message``: the file, what is wrong with it, and what to do."""
+        super().__init__(message)
+
 
 @dataclasses.dataclass(frozen=True)
 class _Architecture:

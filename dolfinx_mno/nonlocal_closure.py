@@ -144,6 +144,10 @@ class NonlocalClosure(ClosureBase):
         root: int = 0,
         name: str = "nonlocal_closure",
     ):
+        """Build the closure and its grid (collective).
+
+        See the class docstring for the arguments.
+        """
         model, operand_list, value_shape, quadrature_degree, mesh, dtype = validate_arguments(
             model, operands, value_shape, quadrature_degree, mesh
         )

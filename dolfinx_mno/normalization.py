@@ -63,6 +63,7 @@ class AffineNormalization(torch.nn.Module):
         width: int = 1,
         axis: int = -1,
     ):
+        """Store the statistics as buffers; see the class docstring for the arguments."""
         super().__init__()
         if axis != -1 and axis < 1:
             raise ValueError(f"axis must be -1 or positive (0 is the batch axis), got {axis}.")
@@ -160,6 +161,7 @@ class NormalizedModel(torch.nn.Module):
         input_normalization: AffineNormalization,
         output_normalization: AffineNormalization,
     ):
+        """Wrap ``model``; see the class docstring for the arguments."""
         super().__init__()
         # The statistics follow the wrapped model's dtype, so that a float32 model is not
         # handed float64 activations by float64 statistics.

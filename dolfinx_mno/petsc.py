@@ -87,6 +87,7 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
         closures: Sequence[ClosureBase] | None = None,
         **kwargs: typing.Any,
     ):
+        """Set up the problem (collective); see the class docstring for the arguments."""
         if J is None:
             J = derivative(F, u)
         check_form(F)
@@ -230,6 +231,7 @@ class LinearProblem(_fem_petsc.LinearProblem):
         reuse_matrix: bool = False,
         **kwargs: typing.Any,
     ):
+        """Set up the problem (collective); see the class docstring for the arguments."""
         check_form(a)
         check_form(L)
         if reuse_matrix and extract_closures(a):

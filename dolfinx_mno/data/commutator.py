@@ -71,6 +71,7 @@ class Tendency:
         petsc_options: dict[str, typing.Any] | None = None,
         name: str = "tendency",
     ):
+        """Compile the definition (collective); see the class docstring for the arguments."""
         self.definition = definition
         self._solver: MassSolver | None = None
         if isinstance(definition, ufl.Form):
@@ -238,6 +239,7 @@ class ClosureSampler:
         tendency_restriction: Restriction | None = None,
         name: str = "closure_target",
     ):
+        """Set up the sampler (collective); see the class docstring for the arguments."""
         # Validate everything before the first collective call (JIT compilation).
         if not isinstance(restriction, Restriction):
             raise TypeError("restriction must be an Interpolation, an L2Projection or alike.")

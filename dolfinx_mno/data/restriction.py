@@ -186,6 +186,7 @@ class Interpolation:
     method = "interpolation"
 
     def __init__(self, space: fem.FunctionSpace, *, padding: float | None = None):
+        """Set up the interpolation; see the class docstring for the arguments."""
         self._space = space
         self._transfer = _NonmatchingTransfer(space, padding)
 
@@ -247,6 +248,10 @@ class MassSolver:
         petsc_options: dict[str, typing.Any] | None = None,
         bcs: Sequence[fem.DirichletBC] = (),
     ):
+        """Assemble the mass matrix and set up its solver (collective).
+
+        See the class docstring for the arguments.
+        """
         from petsc4py import PETSc
 
         import dolfinx.fem.petsc as fem_petsc
@@ -389,6 +394,7 @@ class L2Projection:
         petsc_options: dict[str, typing.Any] | None = None,
         padding: float | None = None,
     ):
+        """Set up the projection (collective); see the class docstring for the arguments."""
         degree = _degree(space)
         if quadrature_degree is None:
             quadrature_degree = 2 * degree + 2
@@ -559,6 +565,7 @@ class CellAverage:
         tolerance: float = 1e-10,
         padding: float | None = None,
     ):
+        """Set up the averaging (collective); see the class docstring for the arguments."""
         coarse = space.mesh
         value_shape = tuple(int(n) for n in space.value_shape)
         if space.dofmap.list.shape[1] != 1 or _degree(space) != 0:

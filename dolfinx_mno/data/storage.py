@@ -199,6 +199,7 @@ class ClosureDataWriter:
         mode: str = "a",
         fsync: bool = True,
     ):
+        """Open or create the file (collective); see the class docstring for the arguments."""
         self.path = Path(path)
         self.comm = comm
         self.num_inputs = int(num_inputs)
@@ -544,6 +545,7 @@ class ClosureDataReader:
     """
 
     def __init__(self, path: str | os.PathLike):
+        """Open the file for reading; see the class docstring."""
         self.path = Path(path)
         self._file = _open_hdf5(self.path, "r", writing=False)
         try:
