@@ -7,8 +7,12 @@ enters UFL like any coefficient::
     closure = mno.Closure(model, [u, ufl.grad(u)], quadrature_degree=4)
     F -= ufl.inner(closure, v) * closure.dx
 
-Importing this package first also makes the ``dolfinx-solver-real`` wheel's MPI library
-visible to DOLFINx (``import dolfinx_solver`` must precede ``import dolfinx``).
+The ``dolfinx-solver-real`` wheel's DOLFINx needs ``import dolfinx_solver`` before
+``import dolfinx`` (which otherwise fails with "libmpi.so.12: cannot open shared object
+file"). Installing dolfinx_mno (``pip install``, or ``pip install -e .``) adds a start-up
+hook that does this on the first ``import dolfinx``, ``petsc4py`` or ``slepc4py``
+(``_dolfinx_mno_mpi.py``), so scripts may import them in any order; importing this package
+does it too, for a source tree on ``PYTHONPATH`` without the hook.
 """
 
 from __future__ import annotations
