@@ -97,7 +97,8 @@ class NonlocalClosure(ClosureBase):
             (:func:`dolfinx_mno.io.load_model`). Runs on the root rank only.
         operands: UFL expressions on one mesh; their components, operand after operand,
             are the input channels.
-        value_shape: Shape of the closure value at a point.
+        value_shape: Shape of the closure value at a point, a tuple of positive integers
+            (``()``, ``(d,)``, ...).
         quadrature_degree: Degree of the quadrature rule carrying the values.
         grid_shape: Points per direction. Default: one point per mean cell size, i.e.
             ``ceil(extent / h) + 1`` with ``h = (volume / num_cells)^(1/tdim)``.
