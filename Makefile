@@ -13,7 +13,7 @@ PYTEST_FLAGS ?= -q -p no:cacheprovider
 
 all: test
 
-$(VENV)/.installed: pyproject.toml scripts/find_python.sh
+$(VENV)/.installed: pyproject.toml setup.py MANIFEST.in dolfinx_mno_mpi.pth scripts/find_python.sh
 	@python=$$(./scripts/find_python.sh) || exit 1; \
 	echo "using $$python ($$($$python --version))"; \
 	[ -x $(PY) ] || $$python -m venv $(VENV) || exit 1
@@ -21,7 +21,8 @@ $(VENV)/.installed: pyproject.toml scripts/find_python.sh
 	$(PY) -m pip install -q -e ".[dolfinx,operators,mesh,plot,test,dev]"
 	@# dolfinx-external-operator names fenics-dolfinx, which the wheel does not provide.
 	$(PY) -m pip install -q --no-deps "dolfinx-external-operator>=0.11,<0.12"
-	$(PY) -c "import dolfinx_mno, dolfinx, torch; print('dolfinx', dolfinx.__version__, 'torch', torch.__version__)"
+	@# dolfinx before dolfinx_mno: the start-up hook (dolfinx_mno_mpi.pth) must make it work.
+	$(PY) -c "import dolfinx, dolfinx_mno, torch; print('dolfinx', dolfinx.__version__, 'torch', torch.__version__)"
 	@touch $@
 
 venv: $(VENV)/.installed
@@ -40,7 +41,7 @@ test: lint typecheck test-serial test-mpi
 
 lint: venv
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check dolfinx_mno tests demos benchmarks
+	$(VENV)/bin/ruff format --check dolfinx_mno tests demos benchmarks _dolfinx_mno_mpi.py setup.py
 
 typecheck: venv
 	$(VENV)/bin/mypy

@@ -9,9 +9,14 @@ enters UFL like any coefficient::
 
 Importing this package makes DOLFINx's own ``dolfinx.fem.petsc`` problems refuse forms
 that contain closures, which they would never update; solve with
-:mod:`dolfinx_mno.petsc`'s subclasses (see :mod:`dolfinx_mno.guard`). Importing this
-package first also makes the ``dolfinx-solver-real`` wheel's MPI library visible to
-DOLFINx (``import dolfinx_solver`` must precede ``import dolfinx``).
+:mod:`dolfinx_mno.petsc`'s subclasses (see :mod:`dolfinx_mno.guard`).
+
+The ``dolfinx-solver-real`` wheel's DOLFINx needs ``import dolfinx_solver`` before
+``import dolfinx`` (which otherwise fails with "libmpi.so.12: cannot open shared object
+file"). Installing dolfinx_mno (``pip install``, or ``pip install -e .``) adds a start-up
+hook that does this on the first ``import dolfinx``, ``petsc4py`` or ``slepc4py``
+(``_dolfinx_mno_mpi.py``), so scripts may import them in any order; importing this package
+does it too, for a source tree on ``PYTHONPATH`` without the hook.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import typing
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import ufl
 from dolfinx import fem
@@ -21,6 +22,7 @@ from ufl.algorithms import extract_coefficients
 from dolfinx_mno.io import load_model
 from dolfinx_mno.quadrature import measure
 from dolfinx_mno.torch_bridge import NUMPY_TO_TORCH
+from dolfinx_mno.validation import check_integer, check_value_shape
 
 __all__ = ["ClosureBase", "validate_arguments"]
 
@@ -35,6 +37,18 @@ class ClosureBase(fem.Function):
     supports_tangent: bool = False
     _mno_quadrature_degree: int
     _update_count: int = 0
+
+    def __init__(
+        self, V: fem.FunctionSpace, name: str | None = None, dtype: npt.DTypeLike | None = None
+    ):
+        """Allocate the values on the quadrature space ``V`` (called by subclasses).
+
+        Args:
+            V: The quadrature space (:func:`dolfinx_mno.quadrature_space`).
+            name: Name of the function.
+            dtype: Scalar type of the values.
+        """
+        super().__init__(V, name=name, dtype=dtype)
 
     def update(self, tangent: bool | None = None) -> None:
         """Evaluate the model at the current operands and store the values (collective)."""
@@ -89,9 +103,15 @@ def validate_arguments(
     mesh and the scalar dtype.
 
     Raises:
-        TypeError: A model that is not a ``torch.nn.Module``, or unsupported dtypes.
-        ValueError: No operands, operands from another mesh, a bad value shape or degree.
+        TypeError: A model that is not a ``torch.nn.Module``, unsupported dtypes, a value
+            shape that is not a tuple of integers (``2`` for ``(2,)``, ``(2.5,)``) or a
+            degree that is not an integer (``2.5``, ``True``); see
+            :mod:`dolfinx_mno.validation`.
+        ValueError: No operands, operands from another mesh, a value shape with entries
+            below 1, or a negative degree.
     """
+    shape = check_value_shape(value_shape)
+    degree = check_integer(quadrature_degree, "quadrature_degree")
     if isinstance(model, str | os.PathLike):
         model = load_model(model)
     if not isinstance(model, torch.nn.Module):
@@ -101,20 +121,13 @@ def validate_arguments(
     operand_list = tuple(ufl.as_ufl(op) for op in operands)
     if not operand_list:
         raise ValueError("A closure needs at least one operand.")
-    shape = tuple(int(n) for n in value_shape)
-    if any(n < 1 for n in shape):
-        raise ValueError(f"value_shape must have positive entries, got {shape}.")
-    if not isinstance(quadrature_degree, int | np.integer) or quadrature_degree < 0:
-        raise ValueError(
-            f"quadrature_degree must be a non-negative integer, got {quadrature_degree!r}."
-        )
     mesh = _operand_mesh(operand_list, mesh)
     dtype = _scalar_dtype(operand_list, mesh)
     # A closure evaluates the model for inference: dropout off, batch-norm statistics
     # frozen (the probe at construction must not update them, or results would depend on
     # the number of ranks). The closures refuse to update a model put back in training mode.
     model.eval()
-    return model, operand_list, shape, int(quadrature_degree), mesh, dtype
+    return model, operand_list, shape, degree, mesh, dtype
 
 
 def _operand_mesh(operands: Sequence[ufl.core.expr.Expr], mesh: Mesh | None) -> Mesh:

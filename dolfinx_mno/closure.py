@@ -54,6 +54,10 @@ __all__ = ["Closure", "ClosureEvaluationError", "derivative", "extract_closures"
 class ClosureEvaluationError(RuntimeError):
     """A closure update failed on at least one rank; the closure values were not changed."""
 
+    def __init__(self, message: str):
+        """Carry ``message``: the closure, the failing ranks and this rank's reason."""
+        super().__init__(message)
+
 
 class Closure(ClosureBase):
     """A learned closure whose values live at the quadrature points of a cell rule.
@@ -67,16 +71,17 @@ class Closure(ClosureBase):
             coefficients), the same operands a ``ufl.ExternalOperator`` would take. Their
             components, operand after operand and each in row-major order, form the
             ``num_inputs`` columns of the model input.
-        value_shape: Shape of the closure value: ``()`` (scalar), ``(d,)`` (a flux) or
-            ``(d, d)`` (a stress).
+        value_shape: Shape of the closure value, a tuple of positive integers: ``()``
+            (scalar), ``(d,)`` (a flux) or ``(d, d)`` (a stress); an integer ``d`` is
+            refused (write ``(d,)``).
         quadrature_degree: Degree of Basix's default cell quadrature rule that carries the
             values. Integrate the closure with :attr:`dx`.
         mesh: The mesh; by default the mesh of the operands.
         device: ``"auto"`` (``cuda:(local rank % number of GPUs)`` when CUDA is available,
             else the CPU), or any :class:`torch.device`. ``None`` leaves the model where it
             is.
-        batch_size: Points per model call (bounded memory); default 4096 on the CPU and
-            2¹⁸ on a GPU.
+        batch_size: Points per model call (bounded memory), a positive integer; ``None``
+            (the default) gives 4096 on the CPU and 2¹⁸ on a GPU.
         tangent: Also compute ``∂closure/∂operands`` at each update (implicit coupling).
             :func:`derivative` switches it on when a Jacobian needs it.
         name: Name of the function (used in output files and error messages).
@@ -112,6 +117,7 @@ class Closure(ClosureBase):
         tangent: bool = False,
         name: str = "closure",
     ):
+        """Build the closure (collective); see the class docstring for the arguments."""
         # Everything that can fail on bad input is checked before the first collective
         # call (the JIT compilation of the operand expression), identically on all ranks.
         model, operand_list, value_shape, quadrature_degree, mesh, dtype = validate_arguments(

@@ -36,6 +36,7 @@ from dolfinx import fem, geometry
 from dolfinx.mesh import CellType, Mesh
 
 from dolfinx_mno.quadrature import flatten_operands
+from dolfinx_mno.validation import check_integer
 
 __all__ = ["Grid", "GridInterpolator", "GridSampler", "GriddedSampler"]
 
@@ -132,6 +133,10 @@ def _reference_coordinates(mesh: Mesh, cells: np.ndarray, points: np.ndarray) ->
     for i in range(len(cells)):
         reference[i] = cmap.pull_back(points[i : i + 1, :gdim], nodes[i])[0]
     return reference
+
+
+# The dataclass's generated __init__ has no docstring; help() would show object's.
+Grid.__init__.__doc__ = "Create the grid and check it; see the class docstring for the fields."
 
 
 class GridSampler:
@@ -470,6 +475,10 @@ class GriddedSampler:
         mesh: Mesh | None = None,
         root: int = 0,
     ):
+        """Set up the sampling and the gather (collective).
+
+        See the class docstring for the arguments.
+        """
         if isinstance(expressions, ufl.core.expr.Expr):
             expressions = [expressions]
         expression_list = [ufl.as_ufl(e) for e in expressions]
@@ -483,17 +492,13 @@ class GriddedSampler:
                 f"The grid is {grid.dim}-dimensional and the mesh {mesh.geometry.dim}-dimensional."
             )
         comm = mesh.comm
-        if not 0 <= root < comm.size:
+        if not 0 <= check_integer(root, "root") < comm.size:
             raise ValueError(f"root must be a rank of the mesh communicator, got {root}.")
         dtype = np.dtype(mesh.geometry.x.dtype)
         if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
             raise TypeError(f"Unsupported dtype {dtype}: use real float32 or float64.")
-        if sampling_degree is not None and (
-            not isinstance(sampling_degree, int | np.integer) or sampling_degree < 0
-        ):
-            raise ValueError(
-                f"sampling_degree must be a non-negative integer, got {sampling_degree!r}."
-            )
+        if sampling_degree is not None:
+            check_integer(sampling_degree, "sampling_degree")
 
         # Collective from here on.
         vector, widths = flatten_operands(expression_list)

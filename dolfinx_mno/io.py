@@ -23,6 +23,20 @@ state_dict     ``{name: tensor}``: parameters and persistent buffers (so the sta
 sha256         hex SHA-256 over all of the above (names, dtypes, shapes and tensor bytes)
 ============== ==========================================================================
 
+What protects what:
+
+* The SHA-256 checksum detects *accidental* damage: a truncated copy, a flipped bit on a
+  disk or in a download, an interrupted transfer. It is not a signature: anyone who edits
+  a file can recompute it, so it proves neither who wrote the file nor that nobody
+  changed it on purpose.
+* Safety against a *malicious* file comes from how it is read: ``weights_only=True``
+  (no pickled code is ever run), an architecture that must be registered (only
+  registered factories are called, with JSON arguments), weights checked against the
+  architecture on the ``meta`` device before any large allocation, and
+  ``load_state_dict(strict=True)``. A malicious file can still hold wrong weights: load
+  models from sources you trust, or compare :attr:`ModelFile.sha256` with a digest
+  published by the author through a channel you trust.
+
 Registered architectures: ``"mlp"`` (:class:`~dolfinx_mno.models.MLP`),
 ``"normalized_model"`` (:class:`~dolfinx_mno.NormalizedModel` around any registered
 model), ``"neuralop.FNO"`` and ``"neuralop.TFNO"`` (neuraloperator), and whatever
@@ -78,11 +92,16 @@ _Describe = Callable[[torch.nn.Module], dict[str, Any]]
 class ModelFileError(ValueError):
     """A model cannot be written to, or rebuilt from, a model file.
 
-    Raised for files that are truncated, tampered with, of another format version, hold
-    anything but tensors and plain containers, name an unknown architecture, or hold
-    weights that do not fit their architecture; and for models that cannot be described
-    by a registered architecture with JSON keyword arguments.
+    Raised for files that are truncated or corrupted (unreadable, or failing the SHA-256
+    check of accidental damage), of another format version, hold anything but tensors and
+    plain containers, name an unknown architecture, or hold weights that do not fit their
+    architecture (checked before the model is allocated); and for models that cannot be
+    described by a registered architecture with JSON keyword arguments.
     """
+
+    def __init__(self, message: str):
+        """Carry ``message``: the file, what is wrong with it, and what to do."""
+        super().__init__(message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -405,8 +424,13 @@ def _digest(header: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -
     for key in sorted(state_dict):
         tensor = state_dict[key].detach().cpu().contiguous()
         sha.update(json.dumps([key, str(tensor.dtype), list(tensor.shape)]).encode())
+        flat = tensor.reshape(-1)
+        if flat.numel() and flat.stride(0) != 1:
+            # torch calls a one-element tensor contiguous whatever its stride, and a
+            # damaged file can give it any stride; the uint8 view needs stride 1.
+            flat = flat.clone(memory_format=torch.contiguous_format)
         # A uint8 view reads the bytes of any dtype (bfloat16 and complex included).
-        sha.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        sha.update(flat.view(torch.uint8).numpy().tobytes())
     return sha.hexdigest()
 
 
@@ -561,7 +585,8 @@ class ModelFile:
         metadata: The metadata dict given to :func:`save_model`.
         versions: Library versions at save time.
         state_dict: ``{name: tensor}`` on the CPU.
-        sha256: The verified digest.
+        sha256: The verified digest: compare it with a digest published through a
+            trusted channel to know that this is the author's file.
     """
 
     architecture: dict[str, Any]
@@ -573,26 +598,51 @@ class ModelFile:
     def build(self, map_location: str | torch.device | None = None) -> torch.nn.Module:
         """Rebuild the model and load the weights (exactly: each tensor keeps its dtype).
 
+        The architecture is first built on torch's ``meta`` device, which records shapes
+        and allocates nothing, and the file's tensors are matched against it (names and
+        shapes, as :meth:`torch.nn.Module.load_state_dict` checks them). Only weights
+        that fit are then loaded into a model allocated on the CPU, so a small file
+        naming a huge architecture is refused before any large allocation. A factory
+        that cannot run on the meta device (it reads tensor values while building)
+        skips the first stage; its weights are checked after the build.
+
         Args:
             map_location: Device to move the model to; ``None`` leaves it on the CPU.
 
         Raises:
             ModelFileError: Unknown architecture, or weights that do not fit it.
         """
+        skeleton = self._skeleton()
+        if skeleton is not None:
+            self._load_into(skeleton)  # refuses a misfit before anything is allocated
         model = build_model(self.architecture)
-        name = self.architecture["name"]
+        self._load_into(model)
+        model.eval()
+        if map_location is not None:
+            model.to(map_location)
+        return model
+
+    def _skeleton(self) -> torch.nn.Module | None:
+        """The architecture built on the meta device, or ``None`` if it cannot be."""
+        if "neuralop." in json.dumps(self.architecture):
+            _neuralop_class("FNO")  # import neuraloperator outside the meta context
+        try:
+            with torch.device("meta"):
+                return build_model(self.architecture)
+        except Exception:  # the CPU build reports genuine errors
+            return None
+
+    def _load_into(self, model: torch.nn.Module) -> None:
+        """Load the file's tensors into ``model``; raises ModelFileError on a misfit."""
         try:
             # assign=True: parameters take the saved tensors, dtype included, exactly.
             model.load_state_dict(dict(self.state_dict), strict=True, assign=True)
         except (RuntimeError, ValueError, KeyError) as err:
             raise ModelFileError(
-                f"The weights in the file do not match architecture {name!r} with kwargs "
-                f"{self.architecture['kwargs']}: {err}"
+                f"The weights in the file do not match architecture "
+                f"{self.architecture['name']!r} with kwargs {self.architecture['kwargs']}: "
+                f"{err}"
             ) from err
-        model.eval()
-        if map_location is not None:
-            model.to(map_location)
-        return model
 
 
 def read_model_file(path: str | os.PathLike[str]) -> ModelFile:
@@ -602,9 +652,10 @@ def read_model_file(path: str | os.PathLike[str]) -> ModelFile:
 
     Raises:
         FileNotFoundError: No file at ``path``.
-        ModelFileError: The file is truncated or not a torch file, holds objects other
-            than tensors and plain containers, is not a dolfinx_mno model file, has
-            another format version, or fails the SHA-256 check.
+        ModelFileError: The file is truncated, corrupted or not a torch file, holds
+            objects other than tensors and plain containers, is not a dolfinx_mno model
+            file, has another format version, or fails the SHA-256 check (which detects
+            accidental damage, not deliberate edits: see the module docstring).
     """
     path = Path(path)
     if not path.is_file():
@@ -641,10 +692,17 @@ def read_model_file(path: str | os.PathLike[str]) -> ModelFile:
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise ModelFileError(f"The state_dict in {os.fspath(path)!r} holds non-tensors.")
     header = {k: raw[k] for k in ("format", "format_version", *keys[:3])}
-    if _digest(header, state) != raw["sha256"]:
+    try:
+        digest = _digest(header, state)
+    except Exception as err:  # tensors that torch loads but cannot read back
         raise ModelFileError(
-            f"SHA-256 mismatch in {os.fspath(path)!r}: the weights or header were modified "
-            "after saving, or the file is corrupted."
+            f"Could not verify {os.fspath(path)!r}: the file is corrupted "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})."
+        ) from err
+    if digest != raw["sha256"]:
+        raise ModelFileError(
+            f"SHA-256 mismatch in {os.fspath(path)!r}: the file is corrupted (a damaged "
+            "copy, disk or download), or its weights or header were edited after saving."
         )
     try:
         architecture = json.loads(raw["architecture"])

@@ -82,6 +82,7 @@ class MLP(torch.nn.Module):
         dtype: str | torch.dtype = "float64",
         seed: int | None = None,
     ):
+        """Build the network; the arguments are described in the class docstring."""
         super().__init__()
         widths = [int(in_features), *(int(w) for w in hidden_features), int(out_features)]
         if any(w < 1 for w in widths):

@@ -62,6 +62,7 @@ from dolfinx_mno.closure import ClosureEvaluationError, _owned_dofs
 from dolfinx_mno.grid import Grid, GriddedSampler, GridInterpolator, mesh_bounding_box
 from dolfinx_mno.quadrature import flatten_operands, quadrature_points, quadrature_space
 from dolfinx_mno.torch_bridge import model_device, resolve_device, training_mode_error
+from dolfinx_mno.validation import check_integer
 
 __all__ = ["NonlocalClosure"]
 
@@ -96,7 +97,8 @@ class NonlocalClosure(ClosureBase):
             (:func:`dolfinx_mno.io.load_model`). Runs on the root rank only.
         operands: UFL expressions on one mesh; their components, operand after operand,
             are the input channels.
-        value_shape: Shape of the closure value at a point.
+        value_shape: Shape of the closure value at a point, a tuple of positive integers
+            (``()``, ``(d,)``, ...).
         quadrature_degree: Degree of the quadrature rule carrying the values.
         grid_shape: Points per direction. Default: one point per mean cell size, i.e.
             ``ceil(extent / h) + 1`` with ``h = (volume / num_cells)^(1/tdim)``.
@@ -143,23 +145,29 @@ class NonlocalClosure(ClosureBase):
         root: int = 0,
         name: str = "nonlocal_closure",
     ):
+        """Build the closure and its grid (collective).
+
+        See the class docstring for the arguments.
+        """
         model, operand_list, value_shape, quadrature_degree, mesh, dtype = validate_arguments(
             model, operands, value_shape, quadrature_degree, mesh
         )
         comm = mesh.comm
-        if not 0 <= root < comm.size:
+        if not 0 <= check_integer(root, "root") < comm.size:
             raise ValueError(f"root must be a rank of the mesh communicator, got {root}.")
+        if sampling_degree is not None:
+            check_integer(sampling_degree, "sampling_degree")
         gdim = mesh.geometry.dim
         tdim = mesh.topology.dim
         if gdim != tdim:
             raise ValueError("Non-local closures need a mesh whose gdim equals its tdim.")
-        if grid_shape is not None and (
-            len(grid_shape) != gdim or any(int(n) < 2 for n in grid_shape)
-        ):
-            raise ValueError(
-                f"grid_shape must give at least 2 points in each of {gdim} directions, "
-                f"got {tuple(grid_shape)}."
-            )
+        if grid_shape is not None:
+            if isinstance(grid_shape, int | np.integer) or len(grid_shape) != gdim:
+                raise ValueError(
+                    f"grid_shape must give at least 2 points in each of {gdim} directions, "
+                    f"e.g. {(16,) * gdim}, got {grid_shape!r}."
+                )
+            grid_shape = [check_integer(n, "Each entry of grid_shape", 2) for n in grid_shape]
 
         # Collective from here on; every decision below is identical on all ranks.
         lower, upper = mesh_bounding_box(mesh)

@@ -63,12 +63,17 @@ class AffineNormalization(torch.nn.Module):
         width: int = 1,
         axis: int = -1,
     ):
+        """Store the statistics as buffers; see the class docstring for the arguments."""
         super().__init__()
         if axis != -1 and axis < 1:
             raise ValueError(f"axis must be -1 or positive (0 is the batch axis), got {axis}.")
         shift_vector = _as_vector(shift, width)
         scale_vector = _as_vector(scale, width)
-        if not torch.all(torch.isfinite(scale_vector)) or torch.any(scale_vector == 0):
+        # A model built on the meta device (to check a file's sizes before allocating,
+        # dolfinx_mno.io) has no values to check; the file's statistics replace these.
+        if not scale_vector.is_meta and (
+            not torch.all(torch.isfinite(scale_vector)) or torch.any(scale_vector == 0)
+        ):
             raise ValueError("Normalisation scales must be finite and non-zero.")
         self.axis = int(axis)
         self.register_buffer("shift", shift_vector)
@@ -156,6 +161,7 @@ class NormalizedModel(torch.nn.Module):
         input_normalization: AffineNormalization,
         output_normalization: AffineNormalization,
     ):
+        """Wrap ``model``; see the class docstring for the arguments."""
         super().__init__()
         # The statistics follow the wrapped model's dtype, so that a float32 model is not
         # handed float64 activations by float64 statistics.

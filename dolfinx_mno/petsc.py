@@ -146,6 +146,7 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
         frozen_closures: bool = False,
         **kwargs: typing.Any,
     ):
+        """Set up the problem (collective); see the class docstring for the arguments."""
         if J is None:
             J = derivative(F, u)
         elif not frozen_closures:
@@ -293,6 +294,7 @@ class LinearProblem(_fem_petsc.LinearProblem):
         reuse_matrix: bool = False,
         **kwargs: typing.Any,
     ):
+        """Set up the problem (collective); see the class docstring for the arguments."""
         check_form(a)
         check_form(L)
         if reuse_matrix and extract_closures(a):

@@ -94,6 +94,7 @@ class _Stepper[Problem: (LinearProblem, NonlinearProblem)]:
         t0: float = 0.0,
         time: fem.Constant | None = None,
     ):
+        """Set up the time loop; see the class docstring for the arguments."""
         if not dt > 0:
             raise ValueError(f"The time step must be positive, got {dt}.")
         if u.function_space != u_previous.function_space:
@@ -271,6 +272,7 @@ class IMEXStepper(_Stepper[LinearProblem]):
         time: fem.Constant | None = None,
         closure_interval: int = 1,
     ):
+        """Set up the time loop; see the class docstring for the arguments."""
         if not isinstance(closure_interval, int) or closure_interval < 1:
             raise ValueError(
                 f"closure_interval must be a positive integer, got {closure_interval!r}."

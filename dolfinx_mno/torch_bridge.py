@@ -26,6 +26,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from dolfinx_mno.validation import check_integer
+
 __all__ = [
     "NUMPY_TO_TORCH",
     "TORCH_TO_NUMPY",
@@ -142,8 +144,16 @@ def default_batch_size(device: torch.device) -> int:
     cache, which is several times faster than one whole-array call (measured in
     ``benchmarks/closure_overhead.py``). On a GPU large chunks amortise kernel launches.
     The environment variable ``DOLFINX_MNO_BATCH_SIZE`` overrides both.
+
+    Raises:
+        ValueError: ``DOLFINX_MNO_BATCH_SIZE`` is set but not a positive integer.
     """
     if (env := os.environ.get("DOLFINX_MNO_BATCH_SIZE")) is not None:
+        if not env.strip().isdigit() or int(env) < 1:
+            raise ValueError(
+                "The environment variable DOLFINX_MNO_BATCH_SIZE must be a positive integer "
+                f"(points per model call), got {env!r}; unset it for the default."
+            )
         return int(env)
     return 4096 if device.type == "cpu" else 1 << 18
 
@@ -163,7 +173,13 @@ class PointwiseEvaluator:
         num_points: Number of points evaluated by each call.
         host_dtype: NumPy dtype of the host arrays (the DOLFINx scalar type).
         device: Device the model lives on.
-        batch_size: Points per model call; ``None`` uses :func:`default_batch_size`.
+        batch_size: Points per model call, a positive integer; ``None`` uses
+            :func:`default_batch_size`.
+
+    Raises:
+        TypeError: Unsupported dtypes, or a ``batch_size`` that is not an integer
+            (``2.5``, ``True``).
+        ValueError: A ``batch_size`` below 1 (``0`` is not "the default": pass ``None``).
     """
 
     def __init__(
@@ -193,9 +209,11 @@ class PointwiseEvaluator:
             raise TypeError(
                 f"Unsupported model dtype {self.dtype}; use one of {SUPPORTED_MODEL_DTYPES}."
             )
-        self.batch_size = int(batch_size or default_batch_size(device))
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}.")
+        self.batch_size = (
+            default_batch_size(device)
+            if batch_size is None
+            else check_integer(batch_size, "batch_size", minimum=1)
+        )
         pin = device.type == "cuda"
         torch_host = NUMPY_TO_TORCH[host_dtype]
         chunk = max(1, min(self.batch_size, num_points))

@@ -63,6 +63,7 @@ from dolfinx_mno.io import (
 )
 from dolfinx_mno.normalization import AffineNormalization, NormalizedModel
 from dolfinx_mno.torch_bridge import model_device, model_dtype
+from dolfinx_mno.validation import check_integer
 
 __all__ = ["FitResult", "TrainingHistory", "fit", "shard"]
 
@@ -534,39 +535,35 @@ def fit(
         FloatingPointError: NaN or Inf losses (on every rank).
     """
     comm = MPI.COMM_WORLD if comm is None else comm
-    settings: dict[str, Any] = {
-        "batch_size": int(batch_size),
-        "chunk_size": int(chunk_size),
-        "learning_rate": float(learning_rate),
-        "lr_factor": float(lr_factor),
-        "lr_patience": int(lr_patience),
-        "min_delta": float(min_delta),
-        "min_learning_rate": float(min_learning_rate),
-        "normalize": bool(normalize),
-        "patience": int(patience),
-        "seed": int(seed),
-        "validation_fraction": float(validation_fraction),
-        "weight_decay": float(weight_decay),
-    }
-    # Only options away from their defaults enter the settings, so that checkpoints of
-    # runs without them still resume.
-    if normalize_targets is not None and bool(normalize_targets) != settings["normalize"]:
-        settings["normalize_targets"] = bool(normalize_targets)
-    if grid:
-        settings["grid"] = True
     # Local checks first; every rank learns of a failure on any rank (one allgather).
     error: str | None = None
     local: _Local | None = None
+    settings: dict[str, Any] = {}
     try:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-        if settings["lr_patience"] < 0:
-            raise ValueError(f"lr_patience must be >= 0, got {settings['lr_patience']}.")
-        for name in ("batch_size", "chunk_size", "patience"):
-            if settings[name] < 1:
-                raise ValueError(f"{name} must be at least 1, got {settings[name]}.")
-        if epochs < 0 or checkpoint_every < 1:
-            raise ValueError("epochs must be >= 0 and checkpoint_every >= 1.")
+        settings = {
+            "batch_size": check_integer(batch_size, "batch_size", minimum=1),
+            "chunk_size": check_integer(chunk_size, "chunk_size", minimum=1),
+            "learning_rate": float(learning_rate),
+            "lr_factor": float(lr_factor),
+            "lr_patience": check_integer(lr_patience, "lr_patience"),
+            "min_delta": float(min_delta),
+            "min_learning_rate": float(min_learning_rate),
+            "normalize": bool(normalize),
+            "patience": check_integer(patience, "patience", minimum=1),
+            "seed": int(seed),
+            "validation_fraction": float(validation_fraction),
+            "weight_decay": float(weight_decay),
+        }
+        # Only options away from their defaults enter the settings, so that checkpoints
+        # of runs without them still resume.
+        if normalize_targets is not None and bool(normalize_targets) != settings["normalize"]:
+            settings["normalize_targets"] = bool(normalize_targets)
+        if grid:
+            settings["grid"] = True
+        check_integer(epochs, "epochs")
+        check_integer(checkpoint_every, "checkpoint_every", minimum=1)
         if not 0.0 < validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}.")
         if resume and checkpoint_dir is None:

@@ -5,6 +5,9 @@ with each restriction to ``DIR/<method>.h5`` (``l2_projection``, ``interpolation
 ``cell_average`` onto DG0 from a nested fine mesh; run under ``mpirun -n 1, 2, 3``; the
 files must hold the same arrays).
 
+``hold PATH``: a writer that appends one sample, prints ``holding``, keeps the file open
+until a line arrives on standard input, then appends a second sample and closes.
+
 ``kill PATH flush N`` / ``kill PATH write N``: appends synthetic samples (serial) and kills
 itself with SIGKILL right after the N-th HDF5 flush, or during the N-th dataset write
 (after the write, before the flush that follows it). Prints ``appended i`` after each
@@ -75,6 +78,14 @@ def kill(path: str, where: str, count: int) -> None:
         print(f"appended {i + 1}", flush=True)
 
 
+def hold(path: str) -> None:
+    with synthetic_writer(path, mode="w") as writer:
+        writer.append(synthetic_sample(0))
+        print("holding", flush=True)
+        sys.stdin.readline()
+        writer.append(synthetic_sample(1))
+
+
 def sample(directory: str) -> None:
     import ufl
     from dolfinx import fem, mesh
@@ -125,5 +136,7 @@ def sample(directory: str) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "sample":
         sample(sys.argv[2])
+    elif sys.argv[1] == "hold":
+        hold(sys.argv[2])
     else:
         kill(sys.argv[2], sys.argv[3], int(sys.argv[4]))

@@ -1,6 +1,8 @@
 """Closure training data: restriction, commutator targets, HDF5 storage."""
 
+import fcntl
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -554,6 +556,30 @@ def test_sampler_input_errors():
         sampler.sample(u_f)
 
 
+def test_degrees_and_counts_must_be_integers():
+    coarse, fine = _meshes(2, MPI.COMM_SELF)
+    V_c = fem.functionspace(coarse, ("Lagrange", 1))
+    u_c = fem.Function(V_c)
+    restriction = Interpolation(V_c)
+    for degree, error, text in [
+        (True, TypeError, "got True (a bool)."),
+        (2.5, TypeError, "got 2.5 (float)."),
+        (-1, ValueError, "got -1."),
+    ]:
+        with pytest.raises(error) as info:
+            ClosureSampler(restriction, u_c, [u_c], u_c, quadrature_degree=degree)
+        assert str(info.value) == f"quadrature_degree must be a non-negative integer, {text}"
+        with pytest.raises(error) as info:
+            L2Projection(V_c, quadrature_degree=degree)
+        assert str(info.value) == f"quadrature_degree must be a non-negative integer, {text}"
+        with pytest.raises(error) as info:
+            CellAverage(fem.functionspace(coarse, ("DG", 0)), fine, quadrature_degree=degree)
+        assert str(info.value) == f"quadrature_degree must be a non-negative integer, {text}"
+    with pytest.raises(TypeError) as info:
+        L2Projection(V_c, subdivisions=True)
+    assert str(info.value) == "subdivisions must be a positive integer, got True (a bool)."
+
+
 # -- storage ----------------------------------------------------------------------------
 
 
@@ -647,6 +673,73 @@ def test_killed_writer_keeps_complete_samples(tmp_path):
             assert np.array_equal(
                 data.inputs(complete), _sorted_rows(synthetic_sample(complete).inputs)
             )
+
+
+WRITING_LOCKED = (
+    "Cannot open {} for writing: another process has it open (HDF5 locks the file while a "
+    "ClosureDataWriter, a ClosureDataReader or any h5py program holds it). Close it there or "
+    "wait for that process to finish, or write to another file."
+)
+
+
+def test_a_file_held_by_a_running_writer_gives_a_clear_error(tmp_path, monkeypatch):
+    """A reader, or a second writer, while a writer runs: which file, why, what to do."""
+    monkeypatch.delenv("HDF5_USE_FILE_LOCKING", raising=False)
+    path = tmp_path / "data.h5"
+    command = [sys.executable, str(JOB), "hold", str(path)]
+    holder = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        size = path.stat().st_size
+        with pytest.raises(BlockingIOError) as info:
+            ClosureDataReader(path)
+        assert str(info.value) == (
+            f"Cannot read {path}: another process holds it open for writing (HDF5 locks the "
+            "file while a ClosureDataWriter writes to it). Read it once the writer has closed "
+            "it (ClosureDataWriter.close() or the end of its `with` block) or its process has "
+            "ended."
+        )
+        for mode in ("a", "w"):
+            with pytest.raises(BlockingIOError) as info:
+                synthetic_writer(path, mode=mode)
+            assert str(info.value) == WRITING_LOCKED.format(path)
+        # HDF5 truncates before it locks: mode "w" must not have reached it.
+        assert path.stat().st_size == size
+    finally:
+        holder.communicate("go\n", timeout=120)
+    assert holder.returncode == 0
+    with ClosureDataReader(path) as data:  # the running writer lost nothing
+        assert data.num_samples == 2
+        assert np.array_equal(data.inputs(1), _sorted_rows(synthetic_sample(1).inputs))
+
+
+@pytest.mark.mpi
+def test_a_locked_file_raises_the_same_error_on_every_rank(tmp_path, monkeypatch):
+    """Rank 0 alone opens the file; every rank raises its error, before any data moves."""
+    monkeypatch.delenv("HDF5_USE_FILE_LOCKING", raising=False)
+    path = _shared_path(tmp_path, "locked.h5")
+    descriptor = None
+    if COMM.rank == 0:
+        with h5py.File(path, "w") as file:
+            file["data"] = np.arange(10.0)
+        # The lock HDF5 takes for a writer (flock), held here by another open file.
+        descriptor = os.open(path, os.O_RDONLY)
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        for mode in ("a", "w"):
+            with pytest.raises(BlockingIOError) as info:
+                ClosureDataWriter(
+                    path, COMM, num_inputs=1, value_shape=(), num_points=1, points_per_cell=1,
+                    mode=mode,
+                )  # fmt: skip
+            assert str(info.value) == WRITING_LOCKED.format(path)
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)
+    if COMM.rank == 0:
+        with h5py.File(path, "r") as file:  # not truncated
+            assert np.array_equal(file["data"][...], np.arange(10.0))
+    COMM.Barrier()
 
 
 def _sorted_rows(rows):

@@ -10,7 +10,9 @@ from analytic import FluxModel
 from dolfinx import fem, mesh
 
 import dolfinx_mno as mno
+from dolfinx_mno.data import GriddedSampler
 from dolfinx_mno.petsc import LinearProblem, NonlinearProblem
+from dolfinx_mno.torch_bridge import PointwiseEvaluator
 
 
 @pytest.fixture
@@ -193,3 +195,112 @@ def test_tangent_requires_enable(setup):
     closure = mno.Closure(FluxModel().double(), [u, ufl.grad(u)], (2,), 2)
     with pytest.raises(RuntimeError, match="has no tangent"):
         closure.tangent  # noqa: B018
+
+
+# -- plain arguments: nothing is coerced silently -----------------------------------------
+
+
+def _closure(kind, u, num_outputs, **kwargs):
+    """A local (kind 0) or non-local (kind 1) closure of ``u`` with a fitting model."""
+    if kind == 0:
+        return mno.Closure(mlp(1, num_outputs), [u], **kwargs)
+    model = torch.nn.Conv2d(2, num_outputs, 1).double()  # operand and mask channels
+    return mno.NonlocalClosure(model, [u], grid_shape=(4, 4), **kwargs)
+
+
+@pytest.mark.parametrize("kind", [0, 1], ids=["Closure", "NonlocalClosure"])
+def test_value_shape_must_be_a_tuple_of_positive_integers(setup, kind):
+    _, _, u = setup
+    with pytest.raises(TypeError) as info:
+        _closure(kind, u, 2, value_shape=2)
+    assert str(info.value) == (
+        "value_shape must be a tuple of positive integers, got the integer 2; write "
+        "value_shape=(2,) for a vector with 2 components, or () for a scalar."
+    )
+    with pytest.raises(TypeError) as info:
+        _closure(kind, u, 2, value_shape=(2.5,))
+    assert str(info.value) == (
+        "value_shape must be a tuple of positive integers, got (2.5,): the entry 2.5 is a "
+        "float, not an integer."
+    )
+    with pytest.raises(TypeError) as info:
+        _closure(kind, u, 1, value_shape=(True,))
+    assert str(info.value) == (
+        "value_shape must be a tuple of positive integers, got (True,): the entry True is "
+        "a bool, not an integer."
+    )
+    with pytest.raises(TypeError) as info:
+        _closure(kind, u, 2, value_shape="2")
+    assert str(info.value) == (
+        "value_shape must be a tuple of positive integers such as () or (2,), got '2' (str)."
+    )
+    with pytest.raises(ValueError) as info:
+        _closure(kind, u, 1, value_shape=(0,))
+    assert str(info.value) == "value_shape must have positive entries, got (0,)."
+    # Lists and NumPy integers are integers: accepted as they are.
+    closure = _closure(kind, u, 2, value_shape=[np.int64(2)], quadrature_degree=1)
+    assert closure.value_shape == (2,)
+
+
+@pytest.mark.parametrize("kind", [0, 1], ids=["Closure", "NonlocalClosure"])
+def test_quadrature_degree_must_be_a_non_negative_integer(setup, kind):
+    _, _, u = setup
+    for degree, error, text in [
+        (True, TypeError, "got True (a bool)."),
+        (2.5, TypeError, "got 2.5 (float)."),
+        (2.0, TypeError, "got 2.0 (float)."),
+        (-1, ValueError, "got -1."),
+    ]:
+        with pytest.raises(error) as info:
+            _closure(kind, u, 1, quadrature_degree=degree)
+        assert str(info.value) == f"quadrature_degree must be a non-negative integer, {text}"
+    assert _closure(kind, u, 1, quadrature_degree=np.int32(1)).quadrature_degree == 1
+
+
+def test_nonlocal_sizes_and_ranks_must_be_integers(setup):
+    _, _, u = setup
+    model = mlp(1, 1)
+    with pytest.raises(TypeError) as info:
+        mno.NonlocalClosure(model, [u], grid_shape=(16, 16.5))
+    assert str(info.value) == "Each entry of grid_shape must be an integer ≥ 2, got 16.5 (float)."
+    with pytest.raises(ValueError) as info:
+        mno.NonlocalClosure(model, [u], grid_shape=16)
+    assert str(info.value) == (
+        "grid_shape must give at least 2 points in each of 2 directions, e.g. (16, 16), got 16."
+    )
+    with pytest.raises(TypeError) as info:
+        mno.NonlocalClosure(model, [u], grid_shape=(8, 8), sampling_degree=True)
+    assert str(info.value) == "sampling_degree must be a non-negative integer, got True (a bool)."
+    with pytest.raises(TypeError) as info:
+        mno.NonlocalClosure(model, [u], grid_shape=(8, 8), root=0.0)
+    assert str(info.value) == "root must be a non-negative integer, got 0.0 (float)."
+    grid = mno.Grid((0.0, 0.0), (1.0, 1.0), (4, 4))
+    with pytest.raises(TypeError) as info:
+        GriddedSampler([u], grid, sampling_degree=1.0)
+    assert str(info.value) == "sampling_degree must be a non-negative integer, got 1.0 (float)."
+
+
+def test_batch_size_must_be_a_positive_integer(setup, monkeypatch):
+    _, _, u = setup
+    for batch_size, error, text in [
+        (0, ValueError, "got 0."),
+        (True, TypeError, "got True (a bool)."),
+        (2.5, TypeError, "got 2.5 (float)."),
+    ]:
+        with pytest.raises(error) as info:
+            mno.Closure(mlp(1, 1), [u], batch_size=batch_size)
+        assert str(info.value) == f"batch_size must be a positive integer, {text}"
+        with pytest.raises(error) as info:
+            PointwiseEvaluator(mlp(1, 1), 1, 1, 10, np.float64, torch.device("cpu"), batch_size)
+        assert str(info.value) == f"batch_size must be a positive integer, {text}"
+    evaluator = PointwiseEvaluator(mlp(1, 1), 1, 1, 10, np.float64, torch.device("cpu"), 3)
+    assert evaluator.batch_size == 3
+    monkeypatch.setenv("DOLFINX_MNO_BATCH_SIZE", "0")
+    with pytest.raises(ValueError) as info:
+        PointwiseEvaluator(mlp(1, 1), 1, 1, 10, np.float64, torch.device("cpu"))
+    assert str(info.value) == (
+        "The environment variable DOLFINX_MNO_BATCH_SIZE must be a positive integer (points "
+        "per model call), got '0'; unset it for the default."
+    )
+    monkeypatch.setenv("DOLFINX_MNO_BATCH_SIZE", "7")
+    assert PointwiseEvaluator(mlp(1, 1), 1, 1, 10, np.float64, torch.device("cpu")).batch_size == 7

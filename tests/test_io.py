@@ -2,7 +2,10 @@
 
 import json
 import shutil
+import subprocess
+import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 from mpi4py import MPI
@@ -224,8 +227,12 @@ def test_tampered_truncated_and_foreign_files_are_refused(tmp_path):
     payload = raw(path)
     payload["state_dict"]["model.layers.0.weight"][0, 0] += 1e-12
     rewrite(path, payload, rehash=False)
-    with pytest.raises(io.ModelFileError, match=r"SHA-256 mismatch.*modified after saving"):
+    with pytest.raises(io.ModelFileError) as info:
         io.load_model(path)
+    assert str(info.value) == (
+        f"SHA-256 mismatch in {str(path)!r}: the file is corrupted (a damaged copy, disk or "
+        "download), or its weights or header were edited after saving."
+    )
 
     path.write_bytes(good)
     payload = raw(path)
@@ -272,6 +279,96 @@ def test_tampered_truncated_and_foreign_files_are_refused(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="No model file at"):
         io.load_model(tmp_path / "missing.pt")
+
+
+def test_every_flipped_byte_is_refused_or_harmless(tmp_path):
+    """Flip each byte of a small file: ModelFileError, or the exact model (never another)."""
+    path, damaged = tmp_path / "model.pt", tmp_path / "damaged.pt"
+    io.save_model(path, MLP(1, 1, [], seed=0))  # 2.3 KB; one-element tensors
+    good = path.read_bytes()
+    expected = tensors(io.load_model(path))
+    refused = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a flipped pickle protocol byte makes torch warn
+        for position in range(len(good)):
+            flipped = bytearray(good)
+            flipped[position] ^= 0xFF
+            damaged.write_bytes(flipped)
+            try:
+                model = io.load_model(damaged)
+            except io.ModelFileError as err:
+                refused += 1
+                # Each refusal names the file and the reason (see the test above).
+                assert repr(str(damaged)) in str(err), (position, str(err))
+                continue
+            # Unused bytes (zip headers, padding): the model is exactly the saved one.
+            loaded = tensors(model)
+            assert list(loaded) == list(expected), position
+            for key, tensor in expected.items():
+                assert loaded[key].dtype == tensor.dtype and torch.equal(loaded[key], tensor)
+    # The pickled header, the tensors and the digest are all covered.
+    assert refused > len(good) // 3
+
+
+def test_unreadable_tensors_are_a_model_file_error(tmp_path, monkeypatch):
+    path = tmp_path / "model.pt"
+    io.save_model(path, MLP(2, 1, [3], seed=0))
+
+    def unreadable(header, state_dict):
+        raise RuntimeError("self.stride(-1) must be 1 to view Double as Byte\nmore")
+
+    monkeypatch.setattr(io, "_digest", unreadable)
+    with pytest.raises(io.ModelFileError) as info:
+        io.load_model(path)
+    assert str(info.value) == (
+        f"Could not verify {str(path)!r}: the file is corrupted (RuntimeError: "
+        "self.stride(-1) must be 1 to view Double as Byte)."
+    )
+
+
+MEASURE_LOAD = """
+import json, resource, sys
+import dolfinx_mno
+from dolfinx_mno import io
+io.load_model(sys.argv[1])  # a small good file: torch's loading machinery warmed up
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    io.load_model(sys.argv[2])
+    message = None
+except io.ModelFileError as err:
+    message = str(err)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"grown_mib": (after - before) / 1024, "message": message}))
+"""
+
+
+def test_a_small_file_naming_a_huge_architecture_is_refused_before_allocating(tmp_path):
+    """Before the fix, this 3 KB file allocated the 134 MB MLP before refusing it."""
+    good, huge = tmp_path / "good.pt", tmp_path / "huge.pt"
+    io.save_model(good, MLP(2, 1, [3], seed=0))
+    payload = raw(good)
+    architecture = json.loads(payload["architecture"])
+    architecture["kwargs"]["hidden_features"] = [4096, 4096]  # 16.8e6 float64 weights
+    payload["architecture"] = json.dumps(architecture)
+    rewrite(huge, payload)
+    assert huge.stat().st_size < 4000
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE_LOAD, str(good), str(huge)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    measured = json.loads(result.stdout.splitlines()[-1])
+    message = measured["message"]
+    assert message.startswith(
+        "The weights in the file do not match architecture 'mlp' with kwargs "
+        "{'activation': 'tanh', 'dtype': 'float64', 'hidden_features': [4096, 4096], "
+    )
+    assert "size mismatch for layers.0.weight: copying a param with shape torch.Size([3, 2])" in (
+        message
+    )
+    assert measured["grown_mib"] < 50, measured
 
 
 class Payload:

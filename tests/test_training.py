@@ -154,6 +154,31 @@ def test_bad_input_fails_on_every_rank():
 
 
 @pytest.mark.mpi
+def test_sizes_must_be_integers_on_every_rank():
+    """``batch_size=0`` is not "the default", ``True`` is not 1 and 2.5 is not 2."""
+    comm = MPI.COMM_WORLD
+    x, y = known_function(60)
+    local_x, local_y = shard(x, comm), shard(y, comm)
+    ranks = list(range(comm.size))
+    for name, value, text in [
+        ("batch_size", 0, "ValueError: batch_size must be a positive integer, got 0."),
+        (
+            "chunk_size",
+            True,
+            "TypeError: chunk_size must be a positive integer, got True (a bool).",
+        ),
+        ("patience", 2.5, "TypeError: patience must be a positive integer, got 2.5 (float)."),
+        ("lr_patience", -1, "ValueError: lr_patience must be a non-negative integer, got -1."),
+        ("epochs", 1.0, "TypeError: epochs must be a non-negative integer, got 1.0 (float)."),
+        ("checkpoint_every", 0, "ValueError: checkpoint_every must be a positive integer, got 0."),
+    ]:
+        with pytest.raises(ValueError) as info:
+            fit(MLP(2, 1, [4]), local_x, local_y, progress=False, **{name: value})
+        expected = f"fit: bad input on rank(s) {ranks}; on rank 0: {text}"
+        assert str(info.value).removesuffix(".") == expected.removesuffix(".")
+
+
+@pytest.mark.mpi
 def test_same_weights_on_any_number_of_ranks():
     """Uneven shards (one rank may hold nothing) on all ranks == all data on one rank."""
     comm = MPI.COMM_WORLD

@@ -34,6 +34,7 @@ from dolfinx_mno.data.restriction import CellAverage, MassSolver, Restriction
 from dolfinx_mno.data.sample import ClosureSample, mesh_summary
 from dolfinx_mno.quadrature import operand_components, quadrature_points, quadrature_space
 from dolfinx_mno.torch_bridge import NUMPY_TO_TORCH
+from dolfinx_mno.validation import check_integer
 
 __all__ = ["ClosureSampler", "Tendency", "describe"]
 
@@ -70,6 +71,7 @@ class Tendency:
         petsc_options: dict[str, typing.Any] | None = None,
         name: str = "tendency",
     ):
+        """Compile the definition (collective); see the class docstring for the arguments."""
         self.definition = definition
         self._solver: MassSolver | None = None
         if isinstance(definition, ufl.Form):
@@ -237,6 +239,7 @@ class ClosureSampler:
         tendency_restriction: Restriction | None = None,
         name: str = "closure_target",
     ):
+        """Set up the sampler (collective); see the class docstring for the arguments."""
         # Validate everything before the first collective call (JIT compilation).
         if not isinstance(restriction, Restriction):
             raise TypeError("restriction must be an Interpolation, an L2Projection or alike.")
@@ -276,10 +279,7 @@ class ClosureSampler:
                 f"filtered fine tendency has the value shape {value_shape} of the space it is "
                 "restricted to."
             )
-        if not isinstance(quadrature_degree, int | np.integer) or quadrature_degree < 0:
-            raise ValueError(
-                f"quadrature_degree must be a non-negative integer, got {quadrature_degree!r}."
-            )
+        check_integer(quadrature_degree, "quadrature_degree")
         if fine_tendency is not None and not callable(fine_tendency):
             raise TypeError("fine_tendency must be callable (e.g. a Tendency) or None.")
         dtype = np.dtype(coarse_state.dtype)

@@ -43,6 +43,7 @@ from ufl.algorithms import estimate_total_polynomial_degree, extract_arguments
 from ufl.algorithms.renumbering import renumber_indices
 
 from dolfinx_mno.quadrature import composite_quadrature, measure, quadrature_space
+from dolfinx_mno.validation import check_integer
 
 __all__ = ["CellAverage", "Interpolation", "L2Projection", "Restriction", "restrict"]
 
@@ -185,6 +186,7 @@ class Interpolation:
     method = "interpolation"
 
     def __init__(self, space: fem.FunctionSpace, *, padding: float | None = None):
+        """Set up the interpolation; see the class docstring for the arguments."""
         self._space = space
         self._transfer = _NonmatchingTransfer(space, padding)
 
@@ -246,6 +248,10 @@ class MassSolver:
         petsc_options: dict[str, typing.Any] | None = None,
         bcs: Sequence[fem.DirichletBC] = (),
     ):
+        """Assemble the mass matrix and set up its solver (collective).
+
+        See the class docstring for the arguments.
+        """
         from petsc4py import PETSc
 
         import dolfinx.fem.petsc as fem_petsc
@@ -388,16 +394,16 @@ class L2Projection:
         petsc_options: dict[str, typing.Any] | None = None,
         padding: float | None = None,
     ):
+        """Set up the projection (collective); see the class docstring for the arguments."""
         degree = _degree(space)
         if quadrature_degree is None:
             quadrature_degree = 2 * degree + 2
-        if not isinstance(quadrature_degree, int | np.integer) or quadrature_degree < 2 * degree:
+        if check_integer(quadrature_degree, "quadrature_degree") < 2 * degree:
             raise ValueError(
                 f"quadrature_degree must be an integer ≥ 2 × (degree of the space) = "
                 f"{2 * degree} for an exact mass matrix, got {quadrature_degree!r}."
             )
-        if not isinstance(subdivisions, int | np.integer) or subdivisions < 1:
-            raise ValueError(f"subdivisions must be a positive integer, got {subdivisions!r}.")
+        check_integer(subdivisions, "subdivisions", minimum=1)
         bcs = list(bcs)
         for bc in bcs:
             if not isinstance(bc, fem.DirichletBC) or bc.function_space not in (
@@ -559,6 +565,7 @@ class CellAverage:
         tolerance: float = 1e-10,
         padding: float | None = None,
     ):
+        """Set up the averaging (collective); see the class docstring for the arguments."""
         coarse = space.mesh
         value_shape = tuple(int(n) for n in space.value_shape)
         if space.dofmap.list.shape[1] != 1 or _degree(space) != 0:
@@ -582,13 +589,8 @@ class CellAverage:
         dtype = np.dtype(coarse.geometry.x.dtype)
         if np.dtype(fine_mesh.geometry.x.dtype) != dtype:
             raise TypeError("The fine and coarse mesh geometries have different dtypes.")
-        if quadrature_degree is not None and (
-            not isinstance(quadrature_degree, int | np.integer) or quadrature_degree < 0
-        ):
-            raise ValueError(
-                f"quadrature_degree must be a non-negative integer or None, got "
-                f"{quadrature_degree!r}."
-            )
+        if quadrature_degree is not None:
+            check_integer(quadrature_degree, "quadrature_degree")
         coarse_cells = coarse.topology.index_map(tdim)
         if dtype == np.float32 and coarse_cells.size_global >= 2**24:
             raise ValueError("float32 meshes are limited to 2**24 coarse cells.")

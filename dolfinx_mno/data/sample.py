@@ -158,6 +158,12 @@ class ClosureSample:
         return result
 
 
+# The dataclass's generated __init__ has no docstring; help() would show object's.
+ClosureSample.__init__.__doc__ = (
+    "Hold one rank's share of a sample; see the class docstring for the fields."
+)
+
+
 def mesh_summary(mesh: Mesh) -> dict[str, typing.Any]:
     """Global size of a mesh, for metadata (collective).
 

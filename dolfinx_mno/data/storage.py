@@ -112,6 +112,39 @@ def _rebuild(kind: type[BaseException], message: str) -> BaseException:
         return RuntimeError(f"{kind.__name__}: {message}")
 
 
+def _open_hdf5(path: Path, mode: str, writing: bool) -> h5py.File:
+    """``h5py.File(path, mode)``, with a clear error if another process holds the file.
+
+    HDF5 locks a file while it is open: exclusively for a writer, shared for a reader. A
+    second process that opens it gets h5py's bare ``BlockingIOError`` ("unable to lock
+    file"); this says which file, why, and what to do.
+
+    Args:
+        path: The file.
+        mode: h5py's mode.
+        writing: Whether the caller opens the file to write it (a writer checking a file
+            before appending opens it read-only first).
+    """
+    try:
+        return h5py.File(path, mode)
+    except BlockingIOError as err:
+        if writing:
+            message = (
+                f"Cannot open {path} for writing: another process has it open (HDF5 locks "
+                "the file while a ClosureDataWriter, a ClosureDataReader or any h5py "
+                "program holds it). Close it there or wait for that process to finish, or "
+                "write to another file."
+            )
+        else:
+            message = (
+                f"Cannot read {path}: another process holds it open for writing (HDF5 "
+                "locks the file while a ClosureDataWriter writes to it). Read it once the "
+                "writer has closed it (ClosureDataWriter.close() or the end of its `with` "
+                "block) or its process has ended."
+            )
+        raise BlockingIOError(message) from err
+
+
 def _chunk_points(num_points: int, row_bytes: int) -> int:
     return int(max(1, min(num_points, _CHUNK_BYTES // max(row_bytes, 1))))
 
@@ -146,6 +179,8 @@ class ClosureDataWriter:
         ValueError: Bad shapes or mode; reopening a file whose metadata differ (nothing is
             changed then); a file that is not closure data.
         FileExistsError: ``mode="x"`` and the file exists.
+        BlockingIOError: Another process holds the file open (a writer or a reader); on
+            every rank, before the file is changed (``mode="w"`` included).
     """
 
     def __init__(
@@ -164,6 +199,7 @@ class ClosureDataWriter:
         mode: str = "a",
         fsync: bool = True,
     ):
+        """Open or create the file (collective); see the class docstring for the arguments."""
         self.path = Path(path)
         self.comm = comm
         self.num_inputs = int(num_inputs)
@@ -270,11 +306,21 @@ class ClosureDataWriter:
             raise FileExistsError(f"{self.path} exists (mode='x').")
         if mode == "a" and self.path.exists():
             # Compare read-only first: a mismatch leaves the file untouched.
-            with h5py.File(self.path, "r") as existing:
+            with _open_hdf5(self.path, "r", writing=True) as existing:
                 self._check_existing(existing)
-            self._file = h5py.File(self.path, "r+")
+            self._file = _open_hdf5(self.path, "r+", writing=True)
         else:
-            self._file = h5py.File(self.path, "w")
+            if self.path.exists():
+                # HDF5 truncates a file before it tries to lock it: "w" on a file that
+                # another process writes would destroy that process's samples. Opening
+                # it "r+" takes the same (exclusive) lock without truncating.
+                try:
+                    _open_hdf5(self.path, "r+", writing=True).close()
+                except BlockingIOError:
+                    raise
+                except OSError:
+                    pass  # not an HDF5 file: replaced below
+            self._file = _open_hdf5(self.path, "w", writing=True)
             self._create(self._file)
         if self._fsync:
             self._fd = os.open(self.path, os.O_RDONLY)
@@ -490,6 +536,8 @@ class ClosureDataReader:
 
     Raises:
         ValueError: The file is not closure data or has a newer format version.
+        BlockingIOError: Another process holds the file open for writing (a running
+            :class:`ClosureDataWriter`); the message says so and what to do.
 
     Example:
         >>> with ClosureDataReader("data.h5") as data:
@@ -497,8 +545,9 @@ class ClosureDataReader:
     """
 
     def __init__(self, path: str | os.PathLike):
+        """Open the file for reading; see the class docstring."""
         self.path = Path(path)
-        self._file = h5py.File(self.path, "r")
+        self._file = _open_hdf5(self.path, "r", writing=False)
         try:
             #: All attributes, JSON values decoded.
             self.metadata = _read_attributes(self._file.attrs)
