@@ -11,6 +11,8 @@ import os
 import typing
 from collections.abc import Sequence
 
+from mpi4py import MPI
+
 import numpy as np
 import torch
 import ufl
@@ -22,7 +24,7 @@ from dolfinx_mno.io import load_model
 from dolfinx_mno.quadrature import measure
 from dolfinx_mno.torch_bridge import NUMPY_TO_TORCH
 
-__all__ = ["ClosureBase", "validate_arguments"]
+__all__ = ["ClosureBase", "operand_comm", "validate_arguments"]
 
 
 class ClosureBase(fem.Function):
@@ -102,6 +104,28 @@ def validate_arguments(
     mesh = _operand_mesh(operand_list, mesh)
     dtype = _scalar_dtype(operand_list, mesh)
     return model, operand_list, shape, int(quadrature_degree), mesh, dtype
+
+
+def operand_comm(
+    operands: Sequence[ufl.core.expr.Expr | fem.Function] | ufl.core.expr.Expr,
+    mesh: Mesh | None,
+) -> MPI.Comm:
+    """The communicator a closure of these arguments is collective on; never raises.
+
+    That of ``mesh``, or of the operands' mesh. It is known before anything is validated,
+    so that every rank-local check (:func:`validate_arguments` among them) can run inside
+    one agreement on it (:func:`dolfinx_mno._mpi.rank_local`). Where it cannot be told
+    (operands on several meshes or on none), :func:`validate_arguments` rejects the
+    arguments identically on every rank, and ``MPI.COMM_SELF`` is returned.
+    """
+    try:
+        if mesh is not None:
+            return typing.cast(MPI.Comm, mesh.comm)
+        if isinstance(operands, ufl.core.expr.Expr):
+            operands = [operands]
+        return typing.cast(MPI.Comm, _operand_mesh([ufl.as_ufl(op) for op in operands], None).comm)
+    except Exception:  # bad arguments: validate_arguments says why, on every rank
+        return MPI.COMM_SELF
 
 
 def _operand_mesh(operands: Sequence[ufl.core.expr.Expr], mesh: Mesh | None) -> Mesh:

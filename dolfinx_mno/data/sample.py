@@ -103,12 +103,15 @@ class ClosureSample:
         comm = self.comm
         num_points = self.inputs.shape[0]
         value_shape = self.targets.shape[1:]
-        width = self.inputs.shape[1] + int(np.prod(value_shape, dtype=int))
+        num_outputs = int(np.prod(value_shape, dtype=int))
+        width = self.inputs.shape[1] + num_outputs
         with_coordinates = self.coordinates is not None
         if with_coordinates:
             assert self.coordinates is not None
             width += self.coordinates.shape[1]
-        parts = [self.inputs, self.targets.reshape(num_points, -1)]
+        # Explicit shapes: reshape(0, -1) raises on a rank that owns no cells, which would
+        # leave the other ranks waiting in the gather below.
+        parts = [self.inputs, self.targets.reshape(num_points, num_outputs)]
         if with_coordinates:
             parts.append(np.asarray(self.coordinates, dtype=self.inputs.dtype))
         rows = np.ascontiguousarray(np.hstack(parts))
