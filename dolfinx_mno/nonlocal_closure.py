@@ -325,8 +325,6 @@ class NonlocalClosure(ClosureBase):
             )
         self._grid_output_tensor = torch.from_numpy(self._grid_output)
 
-    # -- model on the root ------------------------------------------------------------
-
     def _run_model(self) -> torch.Tensor:
         if self._model_input is not self._grid_input_tensor:
             self._model_input.copy_(self._grid_input_tensor)

@@ -329,8 +329,14 @@ def test_nan_keeps_values_on_all_ranks():
     closure.update()
     before = closure.x.array.copy()
     model.armed = True
-    with pytest.raises(mno.ClosureEvaluationError, match=r"NaN/Inf at 289 of 289 grid points"):
+    with pytest.raises(mno.ClosureEvaluationError) as info:
         closure.update()
+    size = msh.comm.size
+    assert str(info.value) == (
+        f"Update 2 of non-local closure 'nonlocal_closure' failed on rank(s) [0] (1 of {size} "
+        f"{'rank' if size == 1 else 'ranks'}); on rank 0: the model returned NaN/Inf at 289 "
+        "of 289 grid points. The previous closure values were kept."
+    )
     np.testing.assert_array_equal(closure.x.array, before)
     assert closure.update_count == 1
 
@@ -435,8 +441,12 @@ def test_model_error_raises_on_all_ranks_and_the_closure_recovers():
     closure.update()
     before = closure.x.array.copy()
     model.armed = True
-    with pytest.raises(mno.ClosureEvaluationError, match="the model raised RuntimeError: armed"):
+    expected = "on rank 0: the model raised RuntimeError: armed. The previous"
+    with pytest.raises(mno.ClosureEvaluationError, match=expected) as info:
         closure.update()
+    # The root chains the model's own exception.
+    cause = RuntimeError if msh.comm.rank == closure.root else type(None)
+    assert type(info.value.__cause__) is cause
     np.testing.assert_array_equal(closure.x.array, before)
     model.armed = False
     closure.update()  # the ranks are still in step

@@ -38,6 +38,7 @@ import h5py
 import numpy as np
 import torch
 
+from dolfinx_mno._mpi import describe
 from dolfinx_mno.data.sample import ClosureSample
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "ClosureDataReader", "ClosureDataWriter"]
@@ -394,7 +395,7 @@ class ClosureDataWriter:
             try:
                 rows = sample._pack()
             except Exception as err:
-                error = f"cannot pack the sample's rows: {type(err).__name__}: {err}"
+                error = f"cannot pack the sample's rows: {describe(err)}"
         count = sample.inputs.shape[0] if error is None else 0
         with_coordinates = error is None and sample.coordinates is not None
         if self._closed:
