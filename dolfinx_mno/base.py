@@ -11,6 +11,8 @@ import os
 import typing
 from collections.abc import Sequence
 
+from mpi4py import MPI
+
 import numpy as np
 import numpy.typing as npt
 import torch
@@ -24,7 +26,7 @@ from dolfinx_mno.quadrature import measure
 from dolfinx_mno.torch_bridge import NUMPY_TO_TORCH
 from dolfinx_mno.validation import check_integer, check_value_shape
 
-__all__ = ["ClosureBase", "validate_arguments"]
+__all__ = ["ClosureBase", "operand_comm", "validate_arguments"]
 
 
 class ClosureBase(fem.Function):
@@ -128,6 +130,28 @@ def validate_arguments(
     # the number of ranks). The closures refuse to update a model put back in training mode.
     model.eval()
     return model, operand_list, shape, degree, mesh, dtype
+
+
+def operand_comm(
+    operands: Sequence[ufl.core.expr.Expr | fem.Function] | ufl.core.expr.Expr,
+    mesh: Mesh | None,
+) -> MPI.Comm:
+    """The communicator a closure of these arguments is collective on; never raises.
+
+    That of ``mesh``, or of the operands' mesh. It is known before anything is validated,
+    so that every rank-local check (:func:`validate_arguments` among them) can run inside
+    one agreement on it (:func:`dolfinx_mno._mpi.rank_local`). Where it cannot be told
+    (operands on several meshes or on none), :func:`validate_arguments` rejects the
+    arguments identically on every rank, and ``MPI.COMM_SELF`` is returned.
+    """
+    try:
+        if mesh is not None:
+            return typing.cast(MPI.Comm, mesh.comm)
+        if isinstance(operands, ufl.core.expr.Expr):
+            operands = [operands]
+        return typing.cast(MPI.Comm, _operand_mesh([ufl.as_ufl(op) for op in operands], None).comm)
+    except Exception:  # bad arguments: validate_arguments says why, on every rank
+        return MPI.COMM_SELF
 
 
 def _operand_mesh(operands: Sequence[ufl.core.expr.Expr], mesh: Mesh | None) -> Mesh:

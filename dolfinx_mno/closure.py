@@ -35,7 +35,8 @@ from dolfinx.mesh import Mesh
 from ufl.algorithms import expand_derivatives
 from ufl.constantvalue import Zero
 
-from dolfinx_mno.base import ClosureBase, validate_arguments
+from dolfinx_mno._mpi import agree, describe, rank_local
+from dolfinx_mno.base import ClosureBase, operand_comm, validate_arguments
 from dolfinx_mno.quadrature import (
     flatten_operands,
     operand_components,
@@ -97,6 +98,12 @@ class Closure(ClosureBase):
             bad ``quadrature_degree``/``value_shape``.
         TypeError: Complex or otherwise unsupported dtypes.
 
+        Under MPI every check, the model file's reading and the probe run before the first
+        collective call, and the ranks agree on their outcome: an error on some ranks
+        raises on every rank, with the type of the first failing rank's error and a
+        message naming the failing ranks and that rank's reason (an error that is the same
+        on every rank is raised as is).
+
     References:
         Lütjens et al., "Multiscale Neural Operator: Learning Fast and Grid-independent
         PDE Solvers", 2022, https://arxiv.org/abs/2207.11417.
@@ -118,31 +125,47 @@ class Closure(ClosureBase):
         name: str = "closure",
     ):
         """Build the closure (collective); see the class docstring for the arguments."""
-        # Everything that can fail on bad input is checked before the first collective
-        # call (the JIT compilation of the operand expression), identically on all ranks.
-        model, operand_list, value_shape, quadrature_degree, mesh, dtype = validate_arguments(
-            model, operands, value_shape, quadrature_degree, mesh
-        )
+        # Every rank-local step (reading a model file, the checks, the probe, moving the
+        # model and allocating its buffers) runs before the first collective call (the JIT
+        # compilation of the operand expression), and the ranks agree on its outcome: a
+        # failure on any rank raises on every rank instead of leaving the others waiting.
+        comm = operand_comm(operands, mesh)
+        target = resolve_device(device, comm) if device is not None else None
+        with rank_local(comm, f"Building closure '{name}'"):
+            model, operand_list, value_shape, quadrature_degree, mesh, dtype = validate_arguments(
+                model, operands, value_shape, quadrature_degree, mesh
+            )
+            vector, widths = flatten_operands(operand_list)
+            num_inputs = sum(widths)
+            num_outputs = int(np.prod(value_shape, dtype=int))
+            tdim = mesh.topology.dim
+            num_cells = mesh.topology.index_map(tdim).size_local
+            points = quadrature_points(mesh, int(quadrature_degree))
+            num_points = num_cells * points.shape[0]
 
-        vector, widths = flatten_operands(operand_list)
-        num_inputs = sum(widths)
-        num_outputs = int(np.prod(value_shape, dtype=int))
-        tdim = mesh.topology.dim
-        num_cells = mesh.topology.index_map(tdim).size_local
-        points = quadrature_points(mesh, int(quadrature_degree))
-        num_points = num_cells * points.shape[0]
-
-        # Probe the model where it is now (local, deterministic: every rank agrees).
-        probe_device = model_device(model) or torch.device("cpu")
-        probe = PointwiseEvaluator(model, num_inputs, num_outputs, 1, dtype, probe_device)
-        output_shape = probe.probe()
-        if output_shape not in (value_shape, (num_outputs,)) or (
-            value_shape == () and output_shape not in ((), (1,))
-        ):
-            raise ValueError(
-                f"Model output width mismatch: the closure has value_shape {value_shape} "
-                f"({num_outputs} components per point) but the model returns "
-                f"{output_shape} per point."
+            # Probe the model where it is now, on two points (a rank without cells too).
+            probe_device = model_device(model) or torch.device("cpu")
+            probe = PointwiseEvaluator(model, num_inputs, num_outputs, 1, dtype, probe_device)
+            output_shape = probe.probe()
+            if output_shape not in (value_shape, (num_outputs,)) or (
+                value_shape == () and output_shape not in ((), (1,))
+            ):
+                raise ValueError(
+                    f"Model output width mismatch: the closure has value_shape {value_shape} "
+                    f"({num_outputs} components per point) but the model returns "
+                    f"{output_shape} per point."
+                )
+            # A model without tensors has no device of its own: it runs where it is sent.
+            if target is not None:
+                model.to(target)
+            evaluator = PointwiseEvaluator(
+                model,
+                num_inputs,
+                num_outputs,
+                num_points,
+                dtype,
+                model_device(model) or target or probe_device,
+                batch_size,
             )
 
         # Collective from here on.
@@ -155,25 +178,9 @@ class Closure(ClosureBase):
         self._cells = np.arange(num_cells, dtype=np.int32)
         self._num_cells = num_cells
         self._points_per_cell = points.shape[0]
-
-        # A model without tensors has no device of its own: it runs where it is sent.
-        target = probe_device
-        if device is not None:
-            target = resolve_device(device, mesh.comm)
-            model.to(target)
         self._model = model
-        self._evaluator = PointwiseEvaluator(
-            model,
-            num_inputs,
-            num_outputs,
-            num_points,
-            dtype,
-            model_device(model) or target,
-            batch_size,
-        )
-        self._operand_buffer = self._evaluator.inputs.reshape(
-            num_cells, points.shape[0], num_inputs
-        )
+        self._evaluator = evaluator
+        self._operand_buffer = evaluator.inputs.reshape(num_cells, points.shape[0], num_inputs)
         self._value_dofs = _owned_dofs(space, num_cells)
         self._tangent: fem.Function | None = None
         self._tangent_dofs: slice | np.ndarray | None = None
@@ -326,8 +333,13 @@ class Closure(ClosureBase):
             tangent: Also update :attr:`tangent`; by default, whenever it exists.
 
         Raises:
-            ClosureEvaluationError: If the model raised or returned NaN/Inf on any rank.
-                The closure values (and tangent) keep their previous values, on all ranks.
+            ClosureEvaluationError: If the model raised or returned NaN/Inf on any rank,
+                on every rank, with the same message: the failing ranks, how many there
+                are, and the first one's reason (the exception, or the number of points
+                with NaN/Inf), e.g. ``"Update 3 of closure 'q' failed on rank(s) [0, 2]
+                (2 of 4 ranks); on rank 0: the model returned NaN/Inf values at 5 of 96
+                quadrature points. The previous closure values were kept."``. The closure
+                values (and tangent) keep their previous values, on all ranks.
         """
         comm = self.function_space.mesh.comm
         with_tangent = self._tangent is not None if tangent is None else tangent
@@ -335,7 +347,8 @@ class Closure(ClosureBase):
             self.enable_tangent()
         attempt = self._update_count + 1
         timings: dict[str, float] = {}
-        error: str | None = None
+        reason: str | None = None
+        cause: Exception | None = None
         t0 = time.perf_counter()
         try:
             self._expression.eval(
@@ -345,19 +358,20 @@ class Closure(ClosureBase):
             self._evaluator.evaluate(tangent=with_tangent)
             t2 = time.perf_counter()
             timings.update(operands=t1 - t0, model=t2 - t1)
-            error = self._check_finite(with_tangent)
+            reason = self._check_finite(with_tangent)
         except Exception as err:  # reported collectively below
-            error = f"the model raised {type(err).__name__}: {err}"
-        # Agree on failure before touching any value or entering any other collective.
-        failed = comm.allgather(error is not None)
+            reason, cause = f"the model raised {describe(err)}", err
+        # Agree on failure before touching any value or entering any other collective:
+        # every rank raises the same error, which quotes the first failing rank's reason.
+        agree(
+            comm,
+            reason,
+            f"Update {attempt} of closure '{self.name}'",
+            ClosureEvaluationError,
+            cause=cause,
+            note="The previous closure values were kept.",
+        )
         timings["check"] = time.perf_counter() - t0 - sum(timings.values())
-        if any(failed):
-            ranks = [r for r, f in enumerate(failed) if f]
-            here = f" On rank {comm.rank}, {error}." if error is not None else ""
-            raise ClosureEvaluationError(
-                f"Update {attempt} of closure '{self.name}' failed on rank(s) {ranks}.{here} "
-                "The previous closure values were kept."
-            )
         t3 = time.perf_counter()
         self.x.array[self._value_dofs] = self._evaluator.outputs.reshape(-1)
         if with_tangent:
@@ -381,7 +395,9 @@ class Closure(ClosureBase):
         outputs = self._evaluator.outputs
         arrays = [outputs]
         if with_tangent:
-            arrays.append(self._evaluator.tangents.reshape(outputs.shape[0], -1))
+            # An explicit width: reshape(0, -1) fails on a rank that owns no cells.
+            width = self._evaluator.num_outputs * self._evaluator.num_inputs
+            arrays.append(self._evaluator.tangents.reshape(outputs.shape[0], width))
         # A sum is a cheap test for the common all-finite case; count only on failure.
         if all(np.isfinite(np.sum(a)) for a in arrays):
             return None

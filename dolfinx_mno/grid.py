@@ -194,9 +194,12 @@ class GridSampler:
 
         element = space.ufl_element()
         scalar = element.sub_elements[0] if element.num_sub_elements else element
-        reference = _reference_coordinates(mesh, self.cells, points[self.indices])
-        table = scalar.tabulate(0, reference)  # (1, num_local, num_dofs)
-        self._basis = np.ascontiguousarray(table[0])
+        if self.num_local:
+            reference = _reference_coordinates(mesh, self.cells, points[self.indices])
+            table = scalar.tabulate(0, reference)  # (1, num_local, num_dofs)
+            self._basis = np.ascontiguousarray(table[0])
+        else:  # Basix cannot tabulate at no points (a rank that owns no cells, say)
+            self._basis = np.zeros((0, scalar.dim))
         self._dofs = space.dofmap.list[self.cells]  # (num_local, num_dofs)
         self.num_channels = space.dofmap.bs
         self.dtype = np.dtype(dtype)

@@ -57,7 +57,8 @@ import ufl
 from dolfinx import fem
 from dolfinx.mesh import Mesh
 
-from dolfinx_mno.base import ClosureBase, validate_arguments
+from dolfinx_mno._mpi import describe, failure_message, rank_local
+from dolfinx_mno.base import ClosureBase, operand_comm, validate_arguments
 from dolfinx_mno.closure import ClosureEvaluationError, _owned_dofs
 from dolfinx_mno.grid import Grid, GriddedSampler, GridInterpolator, mesh_bounding_box
 from dolfinx_mno.quadrature import flatten_operands, quadrature_points, quadrature_space
@@ -149,34 +150,39 @@ class NonlocalClosure(ClosureBase):
 
         See the class docstring for the arguments.
         """
-        model, operand_list, value_shape, quadrature_degree, mesh, dtype = validate_arguments(
-            model, operands, value_shape, quadrature_degree, mesh
-        )
-        comm = mesh.comm
-        if not 0 <= check_integer(root, "root") < comm.size:
-            raise ValueError(f"root must be a rank of the mesh communicator, got {root}.")
-        if sampling_degree is not None:
-            check_integer(sampling_degree, "sampling_degree")
-        gdim = mesh.geometry.dim
-        tdim = mesh.topology.dim
-        if gdim != tdim:
-            raise ValueError("Non-local closures need a mesh whose gdim equals its tdim.")
-        if grid_shape is not None:
-            if isinstance(grid_shape, int | np.integer) or len(grid_shape) != gdim:
-                raise ValueError(
-                    f"grid_shape must give at least 2 points in each of {gdim} directions, "
-                    f"e.g. {(16,) * gdim}, got {grid_shape!r}."
-                )
-            grid_shape = [check_integer(n, "Each entry of grid_shape", 2) for n in grid_shape]
+        # Every rank-local check (the model file's reading included) runs before the first
+        # collective call, and the ranks agree on its outcome: an error on some ranks
+        # raises on every rank.
+        what = f"Building non-local closure '{name}'"
+        with rank_local(operand_comm(operands, mesh), what):
+            model, operand_list, value_shape, quadrature_degree, mesh, dtype = validate_arguments(
+                model, operands, value_shape, quadrature_degree, mesh
+            )
+            comm = mesh.comm
+            if not 0 <= check_integer(root, "root") < comm.size:
+                raise ValueError(f"root must be a rank of the mesh communicator, got {root}.")
+            if sampling_degree is not None:
+                check_integer(sampling_degree, "sampling_degree")
+            gdim = mesh.geometry.dim
+            tdim = mesh.topology.dim
+            if gdim != tdim:
+                raise ValueError("Non-local closures need a mesh whose gdim equals its tdim.")
+            if grid_shape is not None:
+                if isinstance(grid_shape, int | np.integer) or len(grid_shape) != gdim:
+                    raise ValueError(
+                        f"grid_shape must give at least 2 points in each of {gdim} directions, "
+                        f"e.g. {(16,) * gdim}, got {grid_shape!r}."
+                    )
+                grid_shape = [check_integer(n, "Each entry of grid_shape", 2) for n in grid_shape]
+            if bounding_box is not None:
+                box_lower = np.asarray(bounding_box[0], dtype=np.float64)
+                box_upper = np.asarray(bounding_box[1], dtype=np.float64)
+                if box_lower.shape != (gdim,) or box_upper.shape != (gdim,):
+                    raise ValueError(f"bounding_box corners must have {gdim} coordinates.")
 
         # Collective from here on; every decision below is identical on all ranks.
         lower, upper = mesh_bounding_box(mesh)
-        if bounding_box is not None:
-            box_lower = np.asarray(bounding_box[0], dtype=np.float64)
-            box_upper = np.asarray(bounding_box[1], dtype=np.float64)
-            if box_lower.shape != (gdim,) or box_upper.shape != (gdim,):
-                raise ValueError(f"bounding_box corners must have {gdim} coordinates.")
-        else:
+        if bounding_box is None:
             box_lower, box_upper = lower, upper
         if grid_shape is None:
             num_cells = comm.allreduce(mesh.topology.index_map(tdim).size_local)
@@ -288,37 +294,45 @@ class NonlocalClosure(ClosureBase):
             }
         self.communication = comm.bcast(getattr(self, "communication", None), root=root)
 
-        # The model lives on the root rank; probe it once with the real grid shape.
-        error = None
-        if self._is_root:
-            target = resolve_device(device, MPI.COMM_SELF) if device is not None else None
-            if target is not None:
-                model.to(target)
-            self._device = model_device(model) or target or torch.device("cpu")
-            self._model_dtype = next(
-                (t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()),
-                torch.float64 if dtype == np.float64 else torch.float32,
-            )
-            # The model input: the gridded inputs themselves where dtype and device agree,
-            # else a tensor on the model's device that every update copies (and casts) into.
-            channels = self.num_inputs + int(self.mask_channel)
-            self._grid_input_tensor = torch.from_numpy(self._grid_input).view(
-                1, channels, *grid.shape
-            )
-            if self._model_dtype == torch.float64 and self._device.type == "cpu":
-                self._model_input = self._grid_input_tensor
-            else:
-                self._model_input = torch.empty(
-                    self._grid_input_tensor.shape, dtype=self._model_dtype, device=self._device
-                )
-            self._grid_output_tensor = torch.from_numpy(self._grid_output)
-            error = self._probe()
-        error = comm.bcast(error, root=root)
-        if error is not None:
-            raise ValueError(error)
+        # The model lives on the root rank; probe it once with the real grid shape. The
+        # root's verdict (placing the model on its device may fail too) reaches every rank.
+        with rank_local(comm, what):
+            if self._is_root:
+                self._place_model(device)
+                problem = self._probe()
+                if problem is not None:
+                    raise ValueError(problem)
         self._fill_not_updated()
 
     # -- model on the root ------------------------------------------------------------
+
+    def _place_model(self, device: str | torch.device | None) -> None:
+        """Move the model to its device and allocate its input and output (root only)."""
+        target = resolve_device(device, MPI.COMM_SELF) if device is not None else None
+        if target is not None:
+            self._model.to(target)
+        self._device = model_device(self._model) or target or torch.device("cpu")
+        self._model_dtype = next(
+            (
+                t.dtype
+                for t in (*self._model.parameters(), *self._model.buffers())
+                if t.is_floating_point()
+            ),
+            torch.float64 if self.dtype == np.float64 else torch.float32,
+        )
+        # The model input: the gridded inputs themselves where dtype and device agree,
+        # else a tensor on the model's device that every update copies (and casts) into.
+        channels = self.num_inputs + int(self.mask_channel)
+        self._grid_input_tensor = torch.from_numpy(self._grid_input).view(
+            1, channels, *self.grid.shape
+        )
+        if self._model_dtype == torch.float64 and self._device.type == "cpu":
+            self._model_input = self._grid_input_tensor
+        else:
+            self._model_input = torch.empty(
+                self._grid_input_tensor.shape, dtype=self._model_dtype, device=self._device
+            )
+        self._grid_output_tensor = torch.from_numpy(self._grid_output)
 
     def _run_model(self) -> torch.Tensor:
         if self._model_input is not self._grid_input_tensor:
@@ -326,30 +340,31 @@ class NonlocalClosure(ClosureBase):
         with torch.inference_mode():
             return typing.cast(torch.Tensor, self._model(self._model_input))
 
-    def _evaluate_model(self) -> str | None:
+    def _evaluate_model(self) -> tuple[str | None, Exception | None]:
         """Fill the model input, run the model and pack the scatter buffer (root only).
 
         Returns:
-            ``None``, or why the model call failed (it raised or returned NaN/Inf); the
-            scatter buffer is then incomplete.
+            ``(None, None)``, or why the model call failed (it raised or returned NaN/Inf)
+            and the exception it raised, if any; the scatter buffer is then incomplete.
         """
         if (reason := training_mode_error(self._model)) is not None:
-            return reason
+            return reason, None
         try:
             output = self._run_model()
             gridded = output[0].reshape(self.num_outputs, self.grid.num_points)
             self._grid_output_tensor.copy_(gridded)  # to the CPU, in float64
         except Exception as err:  # reported collectively by the caller
-            return f"the model raised {type(err).__name__}: {err}"
+            return f"the model raised {describe(err)}", err
         np.isfinite(self._grid_output, out=self._finite)
         np.logical_and.reduce(self._finite, axis=0, out=self._finite_points)
         bad = self.grid.num_points - int(np.count_nonzero(self._finite_points))
         if bad:
-            return f"the model returned NaN/Inf at {bad} of {self.grid.num_points} grid points"
+            reason = f"the model returned NaN/Inf at {bad} of {self.grid.num_points} grid points"
+            return reason, None
         values = self._grid_output.reshape(self.num_outputs, *self.grid.shape)
         for part, block in zip(self._scatter_parts, self._scatter_slices, strict=True):
             np.copyto(part, values[(slice(None), *block)], casting="same_kind")
-        return None
+        return None, None
 
     def _probe(self) -> str | None:
         channels = self.num_inputs + int(self.mask_channel)
@@ -411,8 +426,10 @@ class NonlocalClosure(ClosureBase):
             tangent: Must be falsy: non-local closures provide no pointwise tangent.
 
         Raises:
-            ClosureEvaluationError: If the model raised or returned NaN/Inf; the values are
-                left unchanged on every rank.
+            ClosureEvaluationError: If the model raised or returned NaN/Inf, on every rank,
+                with the root's reason (``"... failed on rank(s) [0] (1 of 4 ranks); on
+                rank 0: the model returned NaN/Inf at 12 of 289 grid points. ..."``); the
+                values are left unchanged on every rank.
         """
         if tangent:
             raise ValueError("Non-local closures have no pointwise tangent; see the docs.")
@@ -423,21 +440,28 @@ class NonlocalClosure(ClosureBase):
         t1 = time.perf_counter()
         self._gridded.gather(out=self._grid_input if self._is_root else None)
         t2 = time.perf_counter()
-        error = None
+        error: str | None = None
+        cause: Exception | None = None
         if self._is_root:
-            error = self._evaluate_model()
+            error, cause = self._evaluate_model()
             self._status[0] = error is not None
         t3 = time.perf_counter()
-        # The other ranks wait here for the root's model, without spinning on a core.
+        # The root's verdict: the other ranks wait here for its model without spinning on
+        # a core (a passive wait on a nonblocking broadcast), and learn why it failed
+        # only if it did, so that a successful update costs no further collective.
         _wait_passively(comm.Ibcast(self._status, root=self.root))
         if self._status[0]:
             error = comm.bcast(error, root=self.root)
-        t3_wait = time.perf_counter()
-        if error is not None:
+            reasons: list[str | None] = [None] * comm.size
+            reasons[self.root] = error
             raise ClosureEvaluationError(
-                f"Update {attempt} of non-local closure '{self.name}' failed on rank "
-                f"{self.root}: {error}. The previous closure values were kept."
-            )
+                failure_message(
+                    f"Update {attempt} of non-local closure '{self.name}'",
+                    reasons,
+                    "The previous closure values were kept.",
+                )
+            ) from cause
+        t3_wait = time.perf_counter()
         send = self._scatter_send if self._is_root else None
         comm.Scatterv(send, self._block_buffer.reshape(-1), root=self.root)
         t4 = time.perf_counter()

@@ -83,6 +83,7 @@ class QuadratureAverage:
     """
 
     def __init__(self, source: fem.Function, name: str | None = None):
+        """Compile the averaging form (collective); see the class docstring."""
         _check_quadrature_function(source)
         space = source.function_space
         mesh = space.mesh
@@ -214,6 +215,7 @@ class ClosureWriter:
         *,
         engine: str = "BPFile",
     ):
+        """Open the file (collective); see the class docstring for the arguments."""
         path = Path(filename)
         functions = _check_functions(functions)
         if path.suffix not in SUFFIXES:

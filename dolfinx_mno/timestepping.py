@@ -76,6 +76,9 @@ class StepStatistics:
         return {"t": f"{self.t:.4g}", **newton, "ksp": self.linear_iterations}
 
 
+StepStatistics.__init__.__doc__ = "Record one step; see the class docstring for the fields."
+
+
 #: ``before_step(stepper, t_new)``: set time-dependent data before a step is solved.
 BeforeStep = Callable[["_Stepper", float], None]
 

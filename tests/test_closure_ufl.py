@@ -106,6 +106,21 @@ def test_quadrature_degrees(q):
     _compare("flux", CELLS["quadrilateral"](), 1, q)
 
 
+@pytest.mark.mpi
+@pytest.mark.parametrize("kind", ["scalar", "flux", "stress"])
+def test_matches_ufl_on_a_rank_without_cells(tiny_square, kind):
+    """Values and tangents where (on 3 ranks) a rank owns no cells: its update is empty.
+
+    Residual vectors and Jacobians equal the pure-UFL ones to round-off, and the mean
+    tangent of an affine closure is its matrix on every rank.
+    """
+    _compare(kind, tiny_square, 2, q=4 + (kind == "scalar"))
+    u = fem.Function(fem.functionspace(tiny_square, ("Lagrange", 1)))
+    affine = mno.Closure(Affine(), [u, ufl.grad(u)], (2,), quadrature_degree=2, tangent=True)
+    affine.update()
+    np.testing.assert_allclose(affine.mean_tangent(), Affine.M.numpy(), rtol=1e-14, atol=1e-15)
+
+
 def test_closure_is_a_coefficient():
     """The closure lives on a quadrature space of the requested shape and degree."""
     msh = CELLS["triangle"]()

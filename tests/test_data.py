@@ -867,6 +867,59 @@ def test_parallel_file_equals_serial_reference(tmp_path, method):
     COMM.Barrier()
 
 
+def _linear_samples(coarse, comm):
+    """A sampler on ``coarse`` and its two samples of u = a x + 2y (a = 1, 2), t_f = 3u.
+
+    The interpolation of these linear fields is exact, so inputs ``(u, ∂x u, ∂y u)`` and
+    targets ``3u − u²`` are known at every point.
+    """
+    fine = mesh.create_unit_square(comm, 3, 3)
+    V_f = fem.functionspace(fine, ("Lagrange", 1))
+    u_f, t_f = fem.Function(V_f), fem.Function(V_f)
+    V_c = fem.functionspace(coarse, ("Lagrange", 1))
+    u_c = fem.Function(V_c, name="u")
+    sampler = ClosureSampler(Interpolation(V_c), u_c, [u_c, ufl.grad(u_c)], u_c**2, 2)
+    samples = []
+    for a in (1.0, 2.0):
+        u_f.interpolate(lambda x, a=a: a * x[0] + 2 * x[1])
+        t_f.x.array[:] = 3 * u_f.x.array
+        samples.append(sampler.sample(u_f, t_f))
+    return sampler, samples
+
+
+@pytest.mark.mpi
+def test_sampler_and_writer_on_a_rank_without_cells(tiny_square, tmp_path):
+    """Where (on 3 ranks) a rank owns no cells: exact samples and the serial file."""
+    sampler, samples = _linear_samples(tiny_square, COMM)
+    num_points = 2 * sampler.points_per_cell
+    assert COMM.allreduce(samples[0].num_local_points) == num_points == sampler.num_points
+    path = _shared_path(tmp_path, "empty_rank.h5")
+    with ClosureDataWriter.from_sampler(path, sampler, mode="x") as writer:
+        for k, (a, sample) in enumerate(zip((1.0, 2.0), samples, strict=True)):
+            x, y = sample.coordinates.T
+            u = a * x + 2 * y
+            expected = np.column_stack([u, np.full_like(u, a), np.full_like(u, 2.0)])
+            assert sample.inputs.shape == (sample.num_local_points, 3)
+            assert _max_abs(sample.inputs - expected) <= 10 * EPS
+            assert _max_abs(sample.targets - (3 * u - u**2)) <= 100 * EPS
+            assert writer.append(sample, time=0.5 * k) == k + 1
+    if COMM.rank == 0:
+        # The file equals that of one process (same rows, same order), to round-off.
+        _, reference = _linear_samples(mesh.create_unit_square(MPI.COMM_SELF, 1, 1), MPI.COMM_SELF)
+        with ClosureDataReader(path) as data:
+            assert data.num_samples == 2
+            assert np.array_equal(data.cell_index, [0, 1])
+            assert np.array_equal(data.times(), [0.0, 0.5])
+            for k, sample in enumerate(reference):
+                inputs, targets, cells, coordinates = sample.gather()
+                assert np.array_equal(cells, data.cell_index)
+                assert data.inputs(k).shape == (num_points, 3)
+                assert np.abs(data.coordinates - coordinates).max() <= 4 * EPS
+                assert np.abs(data.inputs(k) - inputs).max() <= 10 * EPS
+                assert np.abs(data.targets(k) - targets).max() <= 100 * EPS
+    COMM.Barrier()
+
+
 @pytest.mark.skipif(not MPIRUN.exists(), reason="needs mpirun next to the Python executable")
 def test_same_file_on_1_2_3_ranks(tmp_path):
     """The same run on 1, 2 and 3 ranks writes the same arrays (to round-off)."""

@@ -1,5 +1,7 @@
 """Bad input gets a clear error and loses nothing — on every rank, without hangs."""
 
+import time
+
 from mpi4py import MPI
 
 import numpy as np
@@ -142,15 +144,19 @@ def test_nan_output_keeps_previous_values(setup, tangent):
     u.x.array[:] += 0.0  # operands unchanged; only the model misbehaves
     with pytest.raises(mno.ClosureEvaluationError) as info:
         closure.update()
-    message = str(info.value)
-    assert "Update 2 of closure 'closure' failed on rank(s)" in message
-    assert "The previous closure values were kept" in message
+    # Every rank raises the same text: the failing ranks, their number, and the first
+    # failing rank's count of bad points.
     local_bad = int(np.sum(closure._evaluator.inputs[:, 0] > 2.5))
-    if local_bad:
-        assert f"On rank {comm.rank}, the model returned NaN/Inf" in message
-        assert f"at {local_bad} of {closure._evaluator.num_points} quadrature points" in message
-    failing = comm.allgather(local_bad > 0)
-    assert str([r for r, bad in enumerate(failing) if bad]) in message
+    counts = comm.allgather((local_bad, closure._evaluator.num_points))
+    failing = [r for r, (bad, _) in enumerate(counts) if bad]
+    bad, total = counts[failing[0]]
+    what = "values or tangents" if tangent else "values"
+    ranks = "rank" if comm.size == 1 else "ranks"
+    assert str(info.value) == (
+        f"Update 2 of closure 'closure' failed on rank(s) {failing} ({len(failing)} of "
+        f"{comm.size} {ranks}); on rank {failing[0]}: the model returned NaN/Inf {what} at "
+        f"{bad} of {total} quadrature points. The previous closure values were kept."
+    )
     np.testing.assert_array_equal(closure.x.array, before)
     if tangent:
         np.testing.assert_array_equal(closure.tangent.x.array, tangent_before)
@@ -183,10 +189,93 @@ def test_error_on_one_rank_does_not_hang(setup):
     closure.update()
     before = closure.x.array.copy()
     model.armed = True
-    expected = rf"failed on rank\(s\) \[{comm.size - 1}\]"
-    with pytest.raises(mno.ClosureEvaluationError, match=expected):
+    last = comm.size - 1
+    with pytest.raises(mno.ClosureEvaluationError) as info:
         closure.update()
+    ranks = "rank" if comm.size == 1 else "ranks"
+    assert str(info.value) == (
+        f"Update 2 of closure 'closure' failed on rank(s) [{last}] (1 of {comm.size} {ranks}); "
+        f"on rank {last}: the model raised RuntimeError: simulated failure. The previous "
+        "closure values were kept."
+    )
+    # The failing rank chains the model's own exception (and its traceback).
+    cause = info.value.__cause__
+    if comm.rank == last:
+        assert isinstance(cause, RuntimeError) and str(cause) == "simulated failure"
+    else:
+        assert cause is None
     np.testing.assert_array_equal(closure.x.array, before)
+    comm.Barrier()  # every rank got here
+
+
+@pytest.mark.mpi
+def test_model_file_on_rank_zero_only_raises_on_every_rank(setup, tmp_path):
+    """Rank 0 saved a model file that the other ranks do not see (yet): all raise, at once.
+
+    Every rank raises the first failing rank's error type (here FileNotFoundError), with a
+    message naming the failing ranks and quoting the first one's reason.
+    """
+    _, _, u = setup
+    comm = u.function_space.mesh.comm
+    path = tmp_path / "model.pt"  # each rank's own folder: only rank 0's holds the file
+    if comm.rank == 0:
+        mno.save_model(path, mno.MLP(1, 1, [4], seed=0))
+    comm.Barrier()
+    if comm.size == 1:
+        closure = mno.Closure(path, [u], quadrature_degree=1)
+        closure.update()
+        assert closure.update_count == 1
+        return
+    paths = comm.allgather(str(path))
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError) as info:
+        mno.Closure(path, [u], quadrature_degree=1, name="flux")
+    elapsed = time.perf_counter() - start
+    others = list(range(1, comm.size))
+    assert str(info.value) == (
+        f"Building closure 'flux' failed on rank(s) {others} ({comm.size - 1} of {comm.size} "
+        f"ranks); on rank 1: FileNotFoundError: No model file at {paths[1]!r}."
+    )
+    assert isinstance(info.value.__cause__, FileNotFoundError) == (comm.rank != 0)
+    assert comm.allreduce(elapsed, op=MPI.MAX) < 5.0
+    # The ranks are in step: once every rank holds the file, the closure builds.
+    model_bytes = comm.bcast(path.read_bytes() if comm.rank == 0 else None, root=0)
+    path.write_bytes(model_bytes)
+    closure = mno.Closure(path, [u], quadrature_degree=1)
+    closure.update()
+    assert closure.update_count == 1
+
+
+class ProbeFailsOnLastRank(torch.nn.Module):
+    """Cannot run on the last rank (say, a kernel missing on that rank's device)."""
+
+    def forward(self, x):
+        if MPI.COMM_WORLD.rank == MPI.COMM_WORLD.size - 1:
+            raise RuntimeError("no kernel for this device")
+        return x[:, 0]
+
+
+@pytest.mark.mpi
+def test_probe_failure_on_one_rank_raises_on_every_rank(setup):
+    _, _, u = setup
+    comm = u.function_space.mesh.comm
+    last = comm.size - 1
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as info:
+        mno.Closure(ProbeFailsOnLastRank(), [u], quadrature_degree=1)
+    elapsed = time.perf_counter() - start
+    probe = (
+        "The model failed on a (2, 1) probe batch (the operands provide 1 components per "
+        "point; is that the model's input width?): no kernel for this device"
+    )
+    if comm.size == 1:  # one process: the probe's own error, unchanged
+        assert str(info.value) == probe
+    else:
+        assert str(info.value) == (
+            f"Building closure 'closure' failed on rank(s) [{last}] (1 of {comm.size} ranks); "
+            f"on rank {last}: ValueError: {probe}."
+        )
+    assert comm.allreduce(elapsed, op=MPI.MAX) < 5.0
     comm.Barrier()  # every rank got here
 
 

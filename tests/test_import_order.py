@@ -22,11 +22,15 @@ ROOT = Path(__file__).resolve().parents[1]
 PTH = "dolfinx_mno_mpi.pth"
 
 
-def run(code, **kwargs):
-    """Run ``code`` in a fresh interpreter of this environment, the worktree first."""
+def run(code, *, isolated=False, **kwargs):
+    """Run ``code`` in a fresh interpreter of this environment, the worktree first.
+
+    ``isolated`` starts it without site-packages (``python -S``), so that an installed
+    ``.pth`` file has not already run the hook at start-up.
+    """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     return subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, *(["-S"] if isolated else []), "-c", code],
         capture_output=True,
         text=True,
         timeout=300,
@@ -73,7 +77,7 @@ import fractions, decimal  # unrelated imports pass through
 print(json.dumps({"new": new, "solver": "dolfinx_solver" in sys.modules,
                   "first": repr(sys.meta_path[0])}))
 """
-    result = run(code)
+    result = run(code, isolated=True)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
     assert report["new"] == ["_dolfinx_mno_mpi"]

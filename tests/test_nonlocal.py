@@ -12,10 +12,11 @@ import pytest
 import torch
 import ufl
 from dolfinx import fem, mesh
+from dolfinx.fem.petsc import assemble_vector
 from dolfinx.io import gmsh as gmshio
 
 import dolfinx_mno as mno
-from dolfinx_mno.grid import Grid, GridSampler
+from dolfinx_mno.grid import Grid, GriddedSampler, GridSampler
 from dolfinx_mno.nonlocal_closure import NonlocalClosure
 from dolfinx_mno.petsc import LinearProblem, NonlinearProblem
 from dolfinx_mno.torch_bridge import to_precision
@@ -231,6 +232,83 @@ def test_bad_input():
         NonlocalClosure(Channels([0]), [u], grid_shape=(16,))
 
 
+@pytest.mark.mpi
+def test_model_file_on_the_root_only_raises_on_every_rank(tmp_path):
+    """Only rank 0 sees the model file: every rank raises at once (no rank waits)."""
+    comm = MPI.COMM_WORLD
+    msh = mesh.create_unit_square(comm, 4, 4)
+    u = fem.Function(fem.functionspace(msh, ("Lagrange", 1)))
+    path = tmp_path / "model.pt"  # each rank's own folder: only rank 0's holds the file
+    if comm.rank == 0:
+        mno.save_model(path, mno.MLP(1, 1, [4], seed=0))
+    comm.Barrier()
+    if comm.size == 1:
+        return  # one process sees its file; loading files is tested in test_io
+    paths = comm.allgather(str(path))
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError) as info:
+        NonlocalClosure(path, [u], grid_shape=(5, 5), name="c")
+    assert comm.allreduce(time.perf_counter() - start, op=MPI.MAX) < 5.0
+    assert str(info.value) == (
+        f"Building non-local closure 'c' failed on rank(s) {list(range(1, comm.size))} "
+        f"({comm.size - 1} of {comm.size} ranks); on rank 1: FileNotFoundError: No model "
+        f"file at {paths[1]!r}."
+    )
+
+
+@pytest.mark.mpi
+def test_probe_failure_on_the_root_raises_on_every_rank():
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
+    u = fem.Function(fem.functionspace(msh, ("Lagrange", 1)))
+    with pytest.raises(ValueError) as info:
+        NonlocalClosure(Channels([0, 1]), [u], grid_shape=(5, 5))
+    probe = (
+        "The model returns the wrong number of output channels: for input (1, 2, *(5, 5)) "
+        "it returned (1, 2, 5, 5), expected (1, 1, 5, 5) (value_shape ())."
+    )
+    if msh.comm.size == 1:
+        assert str(info.value) == probe
+    else:
+        assert str(info.value) == (
+            f"Building non-local closure 'nonlocal_closure' failed on rank(s) [0] (1 of "
+            f"{msh.comm.size} ranks); on rank 0: ValueError: {probe}"
+        )
+
+
+@pytest.mark.mpi
+def test_sampler_and_closure_on_a_rank_without_cells(tiny_square):
+    """Where (on 3 ranks) a rank owns no cells: exact grid samples and closure values.
+
+    u = 1 + x + 2y is linear, so its samples, and the bilinear interpolation back to the
+    quadrature points of the identity closure, are exact.
+    """
+    V = fem.functionspace(tiny_square, ("Lagrange", 1))
+    u = fem.Function(V)
+    u.interpolate(lambda x: 1 + x[0] + 2 * x[1])
+    grid = Grid((0.0, 0.0), (1.0, 1.0), (5, 4))
+    values = GriddedSampler([u, ufl.grad(u)], grid, mask_channel=True)()
+    if tiny_square.comm.rank == 0:
+        X, Y = np.meshgrid(np.linspace(0, 1, 5), np.linspace(0, 1, 4), indexing="ij")
+        ones = np.ones_like(X)
+        expected = np.stack([1 + X + 2 * Y, ones, 2 * ones, ones])
+        assert values.shape == (4, 5, 4)
+        np.testing.assert_allclose(values, expected, rtol=0, atol=1e-14)
+    else:
+        assert values is None
+    closure = NonlocalClosure(Channels([0]), [u], quadrature_degree=2, grid_shape=(5, 4))
+    closure.update()
+    v = ufl.TestFunction(V)
+    b_closure = assemble_vector(fem.form(closure * v * closure.dx))
+    b_ufl = assemble_vector(fem.form(u * v * closure.dx))
+    comm = tiny_square.comm
+    difference = comm.allreduce(np.max(np.abs(b_closure.array - b_ufl.array), initial=0.0))
+    scale = comm.allreduce(np.max(np.abs(b_ufl.array), initial=0.0), op=MPI.MAX)
+    assert scale > 0.1
+    assert difference <= 1e-14
+    b_closure.destroy()
+    b_ufl.destroy()
+
+
 class NaNAfter(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -251,8 +329,14 @@ def test_nan_keeps_values_on_all_ranks():
     closure.update()
     before = closure.x.array.copy()
     model.armed = True
-    with pytest.raises(mno.ClosureEvaluationError, match=r"NaN/Inf at 289 of 289 grid points"):
+    with pytest.raises(mno.ClosureEvaluationError) as info:
         closure.update()
+    size = msh.comm.size
+    assert str(info.value) == (
+        f"Update 2 of non-local closure 'nonlocal_closure' failed on rank(s) [0] (1 of {size} "
+        f"{'rank' if size == 1 else 'ranks'}); on rank 0: the model returned NaN/Inf at 289 "
+        "of 289 grid points. The previous closure values were kept."
+    )
     np.testing.assert_array_equal(closure.x.array, before)
     assert closure.update_count == 1
 
@@ -357,8 +441,12 @@ def test_model_error_raises_on_all_ranks_and_the_closure_recovers():
     closure.update()
     before = closure.x.array.copy()
     model.armed = True
-    with pytest.raises(mno.ClosureEvaluationError, match="the model raised RuntimeError: armed"):
+    expected = "on rank 0: the model raised RuntimeError: armed. The previous"
+    with pytest.raises(mno.ClosureEvaluationError, match=expected) as info:
         closure.update()
+    # The root chains the model's own exception.
+    cause = RuntimeError if msh.comm.rank == closure.root else type(None)
+    assert type(info.value.__cause__) is cause
     np.testing.assert_array_equal(closure.x.array, before)
     model.armed = False
     closure.update()  # the ranks are still in step

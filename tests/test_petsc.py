@@ -62,10 +62,15 @@ def test_manufactured_source_converges_at_fe_rate(degree, rate):
     assert rates[-1] == pytest.approx(rate, abs=0.1), (errors, rates)
 
 
-def _nonlinear_diffusion(n, use_closure, model=None):
-    """-div q(u, ∇u) = f on the unit square, u = 0 on the boundary, solved by Newton."""
-    msh = mesh.create_unit_square(MPI.COMM_WORLD, n, n)
-    V = fem.functionspace(msh, ("Lagrange", 1))
+def _nonlinear_diffusion(n, use_closure, model=None, degree=1, msh=None):
+    """-div q(u, ∇u) = f on the unit square, u = 0 on the boundary, solved by Newton.
+
+    The flux is integrated with the degree-``2 degree`` rule; ``msh`` replaces the
+    ``n × n`` mesh.
+    """
+    msh = msh or mesh.create_unit_square(MPI.COMM_WORLD, n, n)
+    V = fem.functionspace(msh, ("Lagrange", degree))
+    q = 2 * degree
     u = fem.Function(V)
     v = ufl.TestFunction(V)
     x = ufl.SpatialCoordinate(msh)
@@ -79,13 +84,13 @@ def _nonlinear_diffusion(n, use_closure, model=None):
         **DIRECT,
     }
     if use_closure:
-        closure = mno.Closure(model or FluxModel().double(), [u, ufl.grad(u)], (2,), 2)
+        closure = mno.Closure(model or FluxModel().double(), [u, ufl.grad(u)], (2,), q)
         F = ufl.inner(closure, ufl.grad(v)) * closure.dx - f * v * ufl.dx
         problem = NonlinearProblem(
             F, u, bcs=[boundary_bc(V)], petsc_options=opts, petsc_options_prefix="nl_closure_"
         )
     else:
-        dx = ufl.dx(metadata={"quadrature_degree": 2})
+        dx = ufl.dx(metadata={"quadrature_degree": q})
         F = ufl.inner(flux_ufl(u), ufl.grad(v)) * dx - f * v * ufl.dx
         problem = NonlinearProblem(
             F, u, bcs=[boundary_bc(V)], petsc_options=opts, petsc_options_prefix="nl_ufl_"
@@ -118,6 +123,21 @@ def test_newton_matches_pure_ufl():
     ]
     assert len(orders) >= 2 and min(orders[-2:]) > 1.8, (r, orders)
     np.testing.assert_allclose(hist_c, hist_u, rtol=1e-6, atol=1e-13)
+
+
+@pytest.mark.mpi
+def test_newton_on_a_rank_without_cells(tiny_square):
+    """Newton with a closure where (on 3 ranks) a rank owns no cells: as pure UFL."""
+    u_c, its_c, hist_c = _nonlinear_diffusion(1, True, degree=3, msh=tiny_square)
+    u_u, its_u, hist_u = _nonlinear_diffusion(1, False, degree=3, msh=tiny_square)
+    assert its_c == its_u
+    assert its_c >= 3  # a genuinely nonlinear solve
+    comm = tiny_square.comm
+    diff = comm.allreduce(np.max(np.abs(u_c.x.array - u_u.x.array), initial=0.0), op=MPI.MAX)
+    scale = comm.allreduce(np.max(np.abs(u_u.x.array), initial=0.0), op=MPI.MAX)
+    assert scale > 0.1
+    assert diff <= 1e-12 * scale
+    np.testing.assert_allclose(hist_c, hist_u, rtol=1e-8, atol=1e-13)
 
 
 @pytest.mark.mpi

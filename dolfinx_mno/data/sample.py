@@ -100,18 +100,32 @@ class ClosureSample:
             ValueError: On all ranks, if a global cell index occurs twice (e.g. ghost cells
                 were included).
         """
-        comm = self.comm
+        return self._gather(self._pack(), root)
+
+    def _pack(self) -> np.ndarray:
+        """This rank's rows for :meth:`gather` (local; call it before agreeing to gather).
+
+        Returns:
+            ``(num_local_points, width)``: inputs, flattened targets and coordinates side
+            by side, in the inputs' dtype.
+        """
         num_points = self.inputs.shape[0]
-        value_shape = self.targets.shape[1:]
-        width = self.inputs.shape[1] + int(np.prod(value_shape, dtype=int))
-        with_coordinates = self.coordinates is not None
-        if with_coordinates:
-            assert self.coordinates is not None
-            width += self.coordinates.shape[1]
-        parts = [self.inputs, self.targets.reshape(num_points, -1)]
-        if with_coordinates:
+        num_outputs = int(np.prod(self.targets.shape[1:], dtype=int))
+        # Explicit shapes: reshape(0, -1) raises on a rank that owns no cells, after the
+        # ranks agreed that the sample is valid, which would leave the others waiting.
+        parts = [self.inputs, self.targets.reshape(num_points, num_outputs)]
+        if self.coordinates is not None:
             parts.append(np.asarray(self.coordinates, dtype=self.inputs.dtype))
-        rows = np.ascontiguousarray(np.hstack(parts))
+        return np.ascontiguousarray(np.hstack(parts))
+
+    def _gather(
+        self, rows: np.ndarray, root: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None] | None:
+        """:meth:`gather` of the rows :meth:`_pack` returned (collective, nothing local)."""
+        comm = self.comm
+        num_points, width = rows.shape
+        value_shape = self.targets.shape[1:]
+        with_coordinates = self.coordinates is not None
         cells = np.ascontiguousarray(self.cell_index, dtype=np.int64)
 
         counts = comm.gather((cells.size, num_points), root=root)

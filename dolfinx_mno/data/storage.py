@@ -38,6 +38,7 @@ import h5py
 import numpy as np
 import torch
 
+from dolfinx_mno._mpi import describe
 from dolfinx_mno.data.sample import ClosureSample
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "ClosureDataReader", "ClosureDataWriter"]
@@ -435,6 +436,12 @@ class ClosureDataWriter:
                 f"{sample.inputs.shape[0]} points on {np.asarray(sample.cell_index).size} "
                 f"cells, but the file has {self.points_per_cell} points per cell"
             )
+        rows = None
+        if error is None:  # every rank-local step comes before the agreement
+            try:
+                rows = sample._pack()
+            except Exception as err:
+                error = f"cannot pack the sample's rows: {describe(err)}"
         count = sample.inputs.shape[0] if error is None else 0
         with_coordinates = error is None and sample.coordinates is not None
         if self._closed:
@@ -454,7 +461,8 @@ class ClosureDataWriter:
             raise ValueError(
                 f"Cannot append to {self.path}: " + "; ".join(failures) + ". Nothing was written."
             )
-        gathered = sample.gather(root=0)
+        assert rows is not None
+        gathered = sample._gather(rows, root=0)
         status = None
         if comm.rank == 0:
             assert gathered is not None

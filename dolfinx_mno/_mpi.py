@@ -1,0 +1,193 @@
+"""Agreement across ranks: a failure on some ranks raises the same exception on every rank.
+
+A rank that raises while the others enter a collective call leaves them waiting forever.
+DOLFINx therefore never lets a rank-local error reach a collective, and neither does
+dolfinx_mno: rank-local work (reading a file, probing a model, evaluating it) runs first,
+then the ranks agree on the outcome with **one** collective, an ``allgather`` of a short
+description of each rank's failure (or ``None``), and either all ranks go on or all ranks
+raise.
+
+Two forms of the same mechanism::
+
+    with rank_local(comm, "Building closure 'q'"):
+        model = load_model(path)  # may fail on some ranks only
+    # Every rank got here, or every rank raised: collective calls are safe again.
+
+    reason = check(values)  # a description of what went wrong here, or None
+    agree(comm, reason, "Update 3 of closure 'q'", ClosureEvaluationError,
+          note="The previous closure values were kept.")
+
+What is raised (the same type and text on every rank):
+
+* If every rank failed with the same error (the same type and text, as bad input that is
+  the same everywhere, or any error in a single process), every rank re-raises its own
+  exception unchanged, so serial runs see plain Python errors.
+* Otherwise every rank raises ``error_type`` (by default the type of the first failing
+  rank's exception, or :class:`RuntimeError`), with the message of :func:`failure_message`:
+  ``"{what} failed on rank(s) [1, 2] (2 of 4 ranks); on rank 1: {reason}. {note}"``. On a
+  failing rank it is chained to (``raise ... from``) the original exception, whose
+  traceback thus stays visible.
+
+This module is self-contained: it depends on nothing else in the package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator, Sequence
+
+from mpi4py import MPI
+
+__all__ = ["agree", "describe", "failure_message", "rank_local"]
+
+#: Failing ranks listed in a message before the list is cut short.
+_MAX_LISTED_RANKS = 8
+
+
+def describe(error: BaseException) -> str:
+    """``"TypeName: message"`` (or just the type name for an empty message)."""
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def failure_message(what: str, reasons: Sequence[str | None], note: str = "") -> str:
+    """The message raised when some ranks failed, the same on every rank.
+
+    Args:
+        what: What failed, e.g. ``"Update 3 of closure 'q'"``.
+        reasons: One entry per rank: why it failed, or ``None``.
+        note: Appended after the reason, e.g. what state was kept.
+
+    Returns:
+        ``"{what} failed on rank(s) [r, ...] (k of n ranks); on rank r: {reason}."`` and
+        the note; the first failing rank's reason is quoted.
+    """
+    failed = [rank for rank, reason in enumerate(reasons) if reason is not None]
+    if not failed:
+        raise ValueError("failure_message needs at least one failing rank.")
+    listed = ", ".join(str(rank) for rank in failed[:_MAX_LISTED_RANKS])
+    if len(failed) > _MAX_LISTED_RANKS:
+        listed += ", ..."
+    size = len(reasons)
+    first = failed[0]
+    reason = str(reasons[first]).rstrip(". ")
+    message = (
+        f"{what} failed on rank(s) [{listed}] ({len(failed)} of {size} "
+        f"{'rank' if size == 1 else 'ranks'}); on rank {first}: {reason}."
+    )
+    return f"{message} {note}" if note else message
+
+
+def _exception_type(module: str, qualname: str) -> type[Exception] | None:
+    """The exception class ``module.qualname`` if that module is imported, else ``None``.
+
+    Nothing is imported: every rank runs the same program, so the class that one rank
+    raised is loaded on all of them (a class local to a function is not found anywhere).
+    """
+    found: object = sys.modules.get(module)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    if isinstance(found, type) and issubclass(found, Exception):
+        return found
+    return None
+
+
+def agree(
+    comm: MPI.Comm,
+    reason: str | None,
+    what: str,
+    error_type: type[Exception] | None = None,
+    *,
+    cause: BaseException | None = None,
+    note: str = "",
+) -> None:
+    """Raise the same exception on every rank if ``reason`` is set on any rank (collective).
+
+    One ``allgather`` of a short tuple of strings per rank; nothing else is communicated
+    (an exception itself is never pickled).
+
+    Args:
+        comm: The communicator whose ranks must agree.
+        reason: Why this rank failed, or ``None`` if it did not.
+        what: What was attempted, the subject of the message (:func:`failure_message`).
+        error_type: The type raised on every rank; by default the type of the first failing
+            rank's ``cause`` (rebuilt from its message on the other ranks), or
+            :class:`RuntimeError` where that rank gave no ``cause`` or the type cannot be
+            rebuilt from a message.
+        cause: The exception behind ``reason`` on this rank; the raised exception is
+            chained to it, and it is re-raised unchanged if every rank failed in the same
+            way (see the module docstring).
+        note: Appended to the message, e.g. ``"The previous values were kept."``.
+
+    Raises:
+        Exception: On every rank, if any rank gave a ``reason``.
+    """
+    entry = None
+    if reason is not None:
+        cause_type = type(cause) if cause is not None else None
+        entry = (
+            str(reason),
+            None if cause_type is None else cause_type.__module__,
+            None if cause_type is None else cause_type.__qualname__,
+        )
+    entries = comm.allgather(entry)
+    failed = [e for e in entries if e is not None]
+    if not failed:
+        return
+    _, module, qualname = failed[0]
+    same_everywhere = len(failed) == len(entries) and all(e == failed[0] for e in failed)
+    if (
+        same_everywhere
+        and cause is not None
+        and (error_type is None or isinstance(cause, error_type))
+    ):
+        raise cause
+    message = failure_message(what, [None if e is None else e[0] for e in entries], note)
+    kind: type[Exception] | None = error_type
+    if kind is None and module is not None and qualname is not None:
+        kind = _exception_type(module, qualname)
+    error: Exception
+    try:
+        error = (kind or RuntimeError)(message)
+    except Exception:  # a type that cannot be built from a message alone
+        error = RuntimeError(message)
+    if cause is not None:
+        raise error from cause
+    raise error
+
+
+@contextlib.contextmanager
+def rank_local(
+    comm: MPI.Comm,
+    what: str,
+    error_type: type[Exception] | None = None,
+    *,
+    note: str = "",
+) -> Iterator[None]:
+    """Run a block of rank-local work, then agree on its outcome (collective on exit).
+
+    The block must not call collectives: a rank that raised skips the rest of its block.
+    Any :class:`Exception` is caught; :class:`BaseException` (``KeyboardInterrupt``)
+    passes through.
+
+    Args:
+        comm: The communicator whose ranks must agree.
+        what: What the block does, the subject of the message.
+        error_type: As for :func:`agree`; by default the type of the first failing rank's
+            exception.
+        note: Appended to the message.
+
+    Raises:
+        Exception: On every rank, if the block raised on any rank (see :func:`agree`).
+
+    Example:
+        >>> with rank_local(mesh.comm, "Reading the model"):
+        ...     model = load_model(path)
+    """
+    try:
+        yield
+    except Exception as error:
+        agree(comm, describe(error), what, error_type, cause=error, note=note)
+        raise  # not reached: agree raises on a rank that failed
+    agree(comm, None, what, error_type, note=note)

@@ -1,0 +1,135 @@
+"""The rank-agreement helper: a failure on some ranks raises the same error on every rank."""
+
+import time
+
+from mpi4py import MPI
+
+import pytest
+
+from dolfinx_mno._mpi import agree, describe, failure_message, rank_local
+
+COMM = MPI.COMM_WORLD
+RANKS = "rank" if COMM.size == 1 else "ranks"
+
+
+class ProbeError(ValueError):
+    """A module-level exception type: every rank can rebuild it from its name."""
+
+
+def _fail_on(ranks, message="broken"):
+    if COMM.rank in ranks:
+        raise ProbeError(f"{message} on {COMM.rank}")
+
+
+@pytest.mark.mpi
+def test_no_failure_passes_on_every_rank():
+    with rank_local(COMM, "Nothing"):
+        value = COMM.rank
+    assert value == COMM.rank
+    agree(COMM, None, "Nothing")
+
+
+@pytest.mark.mpi
+def test_failure_on_the_last_rank_raises_its_type_on_every_rank():
+    last = COMM.size - 1
+    start = time.perf_counter()
+    with pytest.raises(ProbeError) as info, rank_local(COMM, "Reading the file", note="Retry."):
+        _fail_on([last])
+    assert time.perf_counter() - start < 5.0
+    if COMM.size == 1:  # a single process re-raises its own exception unchanged
+        assert str(info.value) == "broken on 0"
+        return
+    assert str(info.value) == (
+        f"Reading the file failed on rank(s) [{last}] (1 of {COMM.size} ranks); on rank "
+        f"{last}: ProbeError: broken on {last}. Retry."
+    )
+    if COMM.rank == last:
+        assert isinstance(info.value.__cause__, ProbeError)
+        assert str(info.value.__cause__) == f"broken on {last}"
+    else:
+        assert info.value.__cause__ is None
+
+
+@pytest.mark.mpi
+def test_the_same_error_everywhere_is_reraised_unchanged():
+    with pytest.raises(ProbeError) as info, rank_local(COMM, "Reading the file"):
+        error = ProbeError("the same everywhere")
+        raise error
+    assert info.value is error
+    assert str(info.value) == "the same everywhere"
+
+
+@pytest.mark.mpi
+def test_different_errors_quote_the_first_failing_rank():
+    with pytest.raises(ProbeError) as info, rank_local(COMM, "Probing"):
+        _fail_on(range(COMM.size), "broken differently")
+    listed = ", ".join(map(str, range(COMM.size)))
+    if COMM.size > 1:
+        assert str(info.value) == (
+            f"Probing failed on rank(s) [{listed}] ({COMM.size} of {COMM.size} ranks); on "
+            "rank 0: ProbeError: broken differently on 0."
+        )
+
+
+class Stubborn(Exception):
+    """Cannot be built from a message alone."""
+
+    def __init__(self, code, text):
+        super().__init__(f"{code}: {text}")
+
+
+@pytest.mark.mpi
+def test_given_type_and_fallbacks():
+    first = min(1, COMM.size - 1)
+    # A given type wins, also over the same error everywhere.
+    with pytest.raises(KeyError) as info, rank_local(COMM, "Step", error_type=KeyError):
+        raise ProbeError("same")
+    assert info.value.args == (
+        f"Step failed on rank(s) [{', '.join(map(str, range(COMM.size)))}] "
+        f"({COMM.size} of {COMM.size} {RANKS}); on rank 0: ProbeError: same.",
+    )
+    # A type that cannot be rebuilt from a message becomes a RuntimeError everywhere.
+    with pytest.raises((RuntimeError, Stubborn)) as info, rank_local(COMM, "Step"):
+        if COMM.rank == first:
+            raise Stubborn(7, "no")
+    if COMM.size > 1:
+        assert type(info.value) is RuntimeError
+        assert str(info.value).endswith(f"on rank {first}: Stubborn: 7: no.")
+    else:
+        assert type(info.value) is Stubborn
+    # A reason without an exception: RuntimeError, or the given type.
+    reason = "3 points are NaN" if COMM.rank == first else None
+    with pytest.raises(RuntimeError, match=f"on rank {first}: 3 points are NaN.$"):
+        agree(COMM, reason, "Update 1")
+    with pytest.raises(ProbeError, match=f"^Update 1 failed on rank.s. .{first}. "):
+        agree(COMM, reason, "Update 1", ProbeError)
+
+
+@pytest.mark.mpi
+def test_ranks_stay_in_step_after_an_agreed_failure():
+    for _ in range(3):
+        with pytest.raises(ProbeError), rank_local(COMM, "Loop"):
+            _fail_on([0])
+    assert COMM.allreduce(1) == COMM.size
+
+
+@pytest.mark.mpi
+def test_base_exceptions_pass_through():
+    """KeyboardInterrupt is not caught (here raised on every rank, so no rank waits)."""
+    with pytest.raises(KeyboardInterrupt), rank_local(COMM, "Interrupted"):
+        raise KeyboardInterrupt
+
+
+def test_failure_message():
+    assert failure_message("Update 2", [None, "bad.", None, "worse"], "Kept.") == (
+        "Update 2 failed on rank(s) [1, 3] (2 of 4 ranks); on rank 1: bad. Kept."
+    )
+    assert failure_message("Load", ["gone"]) == (
+        "Load failed on rank(s) [0] (1 of 1 rank); on rank 0: gone."
+    )
+    many = failure_message("Sync", ["x"] * 20)
+    assert many.startswith("Sync failed on rank(s) [0, 1, 2, 3, 4, 5, 6, 7, ...] (20 of 20")
+    with pytest.raises(ValueError, match="at least one failing rank"):
+        failure_message("Nothing", [None, None])
+    assert describe(ValueError("bad")) == "ValueError: bad"
+    assert describe(KeyError()) == "KeyError"
