@@ -181,7 +181,9 @@ class CoarseRun(NamedTuple):
     """Wall time of the steps."""
 
 
-def coarse_run(model: Burgers, start: fem.Function, t0: float, t1: float, sample_every: float):
+def coarse_run(
+    model: Burgers, start: fem.Function, t0: float, t1: float, sample_every: float
+) -> CoarseRun:
     """Run ``model`` from ``start`` at ``t0`` to ``t1``, recording every ``sample_every``."""
     states, energies = {}, []
 
