@@ -41,7 +41,7 @@ test: lint typecheck test-serial test-mpi
 
 lint: venv
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check dolfinx_mno tests demos benchmarks _dolfinx_mno_mpi.py setup.py
+	$(VENV)/bin/ruff format --check dolfinx_mno tests demos benchmarks experiments _dolfinx_mno_mpi.py setup.py
 
 typecheck: venv
 	$(VENV)/bin/mypy
@@ -50,4 +50,4 @@ benchmark: venv
 	$(PY) benchmarks/closure_overhead.py --compare-ranks
 
 clean:
-	rm -rf $(VENV) build *.egg-info demos/output benchmarks/results
+	rm -rf $(VENV) build *.egg-info demos/output benchmarks/results experiments/results

@@ -3,7 +3,9 @@
 Each demo runs in its own process (as a user would run it), with the demo's folder as the
 working directory; demos write their outputs relative to their own file, so the working
 directory does not matter. The demos end with their own assertions, so a zero exit code
-means they passed. These tests start MPI jobs themselves and belong to the serial session.
+means they passed. After a demo's serial run, the experiments that measure its outputs
+(``experiments/``) run on them, in a cheap configuration: a smoke test. These tests start
+MPI jobs themselves and belong to the serial session.
 """
 
 import os
@@ -16,6 +18,15 @@ from mpi4py import MPI
 import pytest
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demos"
+EXPERIMENT_DIR = DEMO_DIR.parent / "experiments"
+# The experiments that read a demo's outputs, with their arguments for the smoke test.
+EXPERIMENTS = {
+    "burgers/demo_burgers.py": [["burgers_results.py"]],
+    "lorenz96/demo_lorenz96.py": [
+        ["lorenz96_results.py"],
+        ["lorenz96_runtime.py", "--min-log2-k", "9", "--max-log2-k", "9"],
+    ],
+}
 DEMOS = sorted(
     {*DEMO_DIR.glob("**/demo_*.py"), DEMO_DIR / "quickstart.py", DEMO_DIR / "nonlocal_closure.py"}
 )
@@ -47,10 +58,18 @@ def test_demo(demo: Path, num_ranks: int):
     if num_ranks > 1:
         assert MPIRUN.is_file(), f"no mpirun next to the Python interpreter ({MPIRUN})"
         command = [str(MPIRUN), "-n", str(num_ranks), *command]
+    _run(command, demo.parent)
+    if num_ranks == 1:
+        for script, *arguments in EXPERIMENTS.get(str(demo.relative_to(DEMO_DIR)), []):
+            _run([sys.executable, str(EXPERIMENT_DIR / script), *arguments], EXPERIMENT_DIR)
+
+
+def _run(command: list[str], cwd: Path) -> None:
+    """Run ``command`` in ``cwd``; fail with the tail of its output if it fails."""
     try:
         result = subprocess.run(
             command,
-            cwd=demo.parent,
+            cwd=cwd,
             env=_child_environment(),
             capture_output=True,
             text=True,
