@@ -6,3 +6,71 @@ their own simulation belongs in the package instead.
 """
 
 from __future__ import annotations
+
+# Helpers of the multiscale diffusion demos and their experiments.
+# (Imports here, not at the top, so that each group of helpers can simply be appended.)
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from mpi4py import MPI
+
+import numpy as np
+import ufl
+from dolfinx import fem, mesh
+
+#: Where the demos write their outputs, one folder per demo (``demos/output``).
+OUTPUT = Path(__file__).resolve().parent / "output"
+
+
+def output_folder(name: str, comm: MPI.Comm, root: Path = OUTPUT) -> Path:
+    """The folder ``root / name``, created on rank 0 before any rank goes on (collective)."""
+    folder = root / name
+    if comm.rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+    comm.Barrier()
+    return folder
+
+
+def print0(*args, comm: MPI.Comm = MPI.COMM_WORLD, **kwargs) -> None:
+    """``print`` on rank 0 of `comm` only, flushed (other ranks print nothing)."""
+    if comm.rank == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def unit_square(comm: MPI.Comm, n: int) -> mesh.Mesh:
+    """The unit square as n x n quadrilaterals."""
+    return mesh.create_unit_square(comm, n, n, mesh.CellType.quadrilateral)
+
+
+def boundary_dofs(V: fem.FunctionSpace) -> np.ndarray:
+    """The degrees of freedom of V on the whole boundary of its mesh (local indices)."""
+    msh = V.mesh
+    msh.topology.create_connectivity(msh.topology.dim - 1, msh.topology.dim)
+    facets = mesh.exterior_facet_indices(msh.topology)
+    return fem.locate_dofs_topological(V, msh.topology.dim - 1, facets)
+
+
+def l2_norm(u: fem.Function) -> float:
+    """The L² norm of u over the whole mesh, on every rank (collective)."""
+    local = fem.assemble_scalar(fem.form(ufl.inner(u, u) * ufl.dx))
+    return float(np.sqrt(u.function_space.mesh.comm.allreduce(local, op=MPI.SUM)))
+
+
+def relative_l2_error(values: np.ndarray, reference: fem.Function) -> float:
+    """‖u - reference‖ / ‖reference‖ for the function u of `reference`'s space with dof
+    values `values` (local, with ghosts), on every rank (collective)."""
+    difference = fem.Function(reference.function_space)
+    difference.x.array[:] = values - reference.x.array
+    return l2_norm(difference) / l2_norm(reference)
+
+
+def timed(function: Callable[[], object], comm: MPI.Comm, repeats: int = 1) -> float:
+    """The best, over `repeats` calls, of the slowest rank's wall time of `function()`."""
+    best = np.inf
+    for _ in range(repeats):
+        comm.Barrier()
+        tic = time.perf_counter()
+        function()
+        best = min(best, comm.allreduce(time.perf_counter() - tic, op=MPI.MAX))
+    return best
