@@ -50,4 +50,4 @@ benchmark: venv
 	$(PY) benchmarks/closure_overhead.py --compare-ranks
 
 clean:
-	rm -rf $(VENV) build *.egg-info demos/output benchmarks/results experiments/results
+	rm -rf $(VENV) build *.egg-info demos/output benchmarks/results experiments/output

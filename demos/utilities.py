@@ -13,32 +13,74 @@ after its other imports (``dolfinx_mno`` first, as everywhere)::
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from mpi4py import MPI
 
 import numpy as np
+import ufl
 from dolfinx import fem, mesh
 
+#: Where the demos write their outputs, one folder per demo (``demos/output``).
+OUTPUT = Path(__file__).resolve().parent / "output"
 
-def log(*message: object, comm: MPI.Comm = MPI.COMM_WORLD) -> None:
-    """Print on rank 0 only, flushed (so that the lines of a long run appear as it goes)."""
+
+def log(*message: object, comm: MPI.Comm = MPI.COMM_WORLD, **kwargs: object) -> None:
+    """``print`` on rank 0 of `comm` only, flushed (the lines of a long run appear as it goes)."""
     if comm.rank == 0:
-        print(*message, flush=True)
+        print(*message, **kwargs, flush=True)  # type: ignore[call-overload]
 
 
-def output_folder(name: str, root: Path | None = None, comm: MPI.Comm = MPI.COMM_WORLD) -> Path:
-    """The folder ``root/name`` (``root``: ``demos/output``), created by rank 0 for all."""
-    folder = (root or Path(__file__).resolve().parent / "output") / name
+def output_folder(name: str, comm: MPI.Comm = MPI.COMM_WORLD, root: Path | None = None) -> Path:
+    """The folder ``root / name`` (``root``: ``demos/output``), created on rank 0 first.
+
+    Collective: no rank goes on before the folder exists.
+    """
+    folder = (root or OUTPUT) / name
     if comm.rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
     comm.Barrier()
     return folder
 
 
+def unit_square(comm: MPI.Comm, n: int) -> mesh.Mesh:
+    """The unit square as n x n quadrilaterals."""
+    return mesh.create_unit_square(comm, n, n, mesh.CellType.quadrilateral)
+
+
 def boundary_dofs(V: fem.FunctionSpace) -> np.ndarray:
-    """Degrees of freedom of V on the whole boundary."""
+    """The degrees of freedom of V on the whole boundary of its mesh (local indices)."""
     msh = V.mesh
     msh.topology.create_connectivity(msh.topology.dim - 1, msh.topology.dim)
     facets = mesh.exterior_facet_indices(msh.topology)
     return fem.locate_dofs_topological(V, msh.topology.dim - 1, facets)
+
+
+def l2_norm(u: fem.Function) -> float:
+    """The L² norm of u over the whole mesh, on every rank (collective)."""
+    local = fem.assemble_scalar(fem.form(ufl.inner(u, u) * ufl.dx))
+    return float(np.sqrt(u.function_space.mesh.comm.allreduce(local, op=MPI.SUM)))
+
+
+def relative_l2_error(values: np.ndarray, reference: fem.Function) -> float:
+    """‖u - reference‖ / ‖reference‖ (collective).
+
+    ``u`` is the function of `reference`'s space with dof values `values` (local, with
+    ghosts).
+    """
+    difference = fem.Function(reference.function_space)
+    difference.x.array[:] = values - reference.x.array
+    return l2_norm(difference) / l2_norm(reference)
+
+
+def timed(function: Callable[[], object], comm: MPI.Comm, repeats: int = 1) -> float:
+    """The best, over `repeats` calls, of the slowest rank's wall time of `function()`."""
+    best = np.inf
+    for _ in range(repeats):
+        comm.Barrier()
+        tic = time.perf_counter()
+        function()
+        best = min(best, comm.allreduce(time.perf_counter() - tic, op=MPI.MAX))
+    return best

@@ -21,7 +21,7 @@ MLP, the MNO), started from the filtered fine state at the start of the test hor
 - the coarsest mesh *without* closure, among 1, 2, 4, ... times the coarse one, that is
   as accurate.
 
-Writes ``experiments/results/burgers/summary.json`` (every number of that section, the
+Writes ``experiments/output/burgers/summary.json`` (every number of that section, the
 demo's included) and ``burgers.png``; asserts stability, and in a full run the ordering
 of the errors: MNO < local MLP < Smagorinsky < no closure.
 """
@@ -64,7 +64,7 @@ files = ("summary.json", "reference.npz", "local_closure.pt", "mno_closure.pt")
 missing = [name for name in files if not (args.demo_output / name).is_file()]
 if missing:
     sys.exit(f"{args.demo_output} has no {', '.join(missing)}: run the Burgers demo first")
-output = output_folder("burgers", root=REPOSITORY / "experiments" / "results")
+output = output_folder("burgers", root=REPOSITORY / "experiments" / "output")
 demo = json.loads((args.demo_output / "summary.json").read_text())
 config = demo["config"]
 reference = np.load(args.demo_output / "reference.npz")

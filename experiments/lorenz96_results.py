@@ -16,7 +16,7 @@ differences of the per-trajectory mean squared errors. The MNO is evaluated with
 ``RingFNO`` (``ring_fno.py``: the same network, with the arithmetic of the runtime study),
 checked against the model to float32 rounding.
 
-Writes ``experiments/results/lorenz96/``: ``results.md`` (the tables), ``results.json``
+Writes ``experiments/output/lorenz96/``: ``results.md`` (the tables), ``results.json``
 (every number, per-trajectory errors included), ``lorenz96_rollout.png`` and
 ``lorenz96_snapshot.png``. In a full run it asserts that the MNO beats the linear closure
 by more than three standard errors.
@@ -64,7 +64,7 @@ demo = json.loads((args.demo_output / "closures.json").read_text())
 settings, quick = demo["settings"], demo["quick"]
 K, seed = settings["num_slow"], settings["seed"]
 num_steps, num_test = settings["num_rollout_steps"], settings["num_test_trajectories"]
-output = output_folder("lorenz96", root=REPOSITORY / "experiments" / "results")
+output = output_folder("lorenz96", root=REPOSITORY / "experiments" / "output")
 
 # The demo's reference data, simulated again.
 spin_up = settings["spin_up_steps"]

@@ -22,7 +22,7 @@ fits of log(cost) = p log K + const over all sizes and over K >= 2^10.
 The machine may be shared: the timings are medians, but other processes competing for
 memory bandwidth slow the memory-bound full model more than the MNO.
 
-Writes ``experiments/results/lorenz96/runtime.md``, ``runtime.json`` and
+Writes ``experiments/output/lorenz96/runtime.md``, ``runtime.json`` and
 ``lorenz96_runtime.png``; asserts that the MNO step is cheaper than the full step at the
 largest K timed, and that ``RingFNO`` agrees with the model (relative difference below
 1e-5 on the timed states).
@@ -76,7 +76,7 @@ if not all(path.is_file() for path in files):
 demo = json.loads(files[0].read_text())
 max_log2_k = args.max_log2_k or (11 if demo["quick"] else 14)
 seed = demo["settings"]["seed"]
-output = output_folder("lorenz96", root=REPOSITORY / "experiments" / "results")
+output = output_folder("lorenz96", root=REPOSITORY / "experiments" / "output")
 torch.set_num_threads(args.threads)
 torch.use_deterministic_algorithms(True)
 model = load_model(files[1])

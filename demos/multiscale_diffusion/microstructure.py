@@ -3,9 +3,9 @@
 ``microstructure_mesh`` cuts a square (optionally with circular holes) along the phase
 interfaces of a laminate or a checkerboard of period ε with gmsh, and meshes every piece
 with triangles, so that no cell straddles two phases: the value of the conductivity at
-each cell midpoint is then exact. Both demos in this folder import it
-(``from microstructure import microstructure_mesh``: Python puts a script's folder on the
-module path).
+each cell midpoint is then exact. ``problem.py`` (the problem of both demos in this folder)
+and the experiments import it (``from microstructure import microstructure_mesh``: Python
+puts a script's folder on the module path; the experiments put this folder there).
 """
 
 import gmsh
