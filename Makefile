@@ -40,7 +40,7 @@ test: lint typecheck test-serial test-mpi
 
 lint: venv
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check dolfinx_mno tests demos benchmarks
+	$(VENV)/bin/ruff format --check dolfinx_mno tests demos benchmarks experiments
 
 typecheck: venv
 	$(VENV)/bin/mypy
