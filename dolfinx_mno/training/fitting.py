@@ -131,19 +131,16 @@ class _Run:
             comm=options["comm"],
         )
         params = [p for p in model.parameters() if p.requires_grad]
-        built = optim.build(
-            params,
-            optimizer or optim.adam(settings["learning_rate"], settings["weight_decay"]),
-            scheduler
-            or optim.reduce_on_plateau(
+        if optimizer is None:
+            optimizer = optim.adam(settings["learning_rate"], settings["weight_decay"])
+        if scheduler is None:
+            scheduler = optim.reduce_on_plateau(
                 settings["lr_factor"], settings["lr_patience"], settings["min_learning_rate"]
-            ),
-        )
+            )
+        built = optim.build(params, optimizer, scheduler)
         # Injected optimisers and schedules are recorded by class and configuration.
-        for name, factory, obj in zip(
-            ("optimizer", "scheduler"), (optimizer, scheduler), built, strict=True
-        ):
-            if factory is not None:
+        for name, obj in zip(("optimizer", "scheduler"), built, strict=True):
+            if options[name] is not None:
                 settings[name] = optim.describe(obj)
         return cls(settings, samples, *built)
 

@@ -31,6 +31,7 @@ __all__ = [
     "SampleLayout",
     "TrainingRows",
     "agree_on_samples",
+    "groups_digest",
     "is_reader",
     "prepare_rows",
     "split_samples",
