@@ -84,3 +84,15 @@ def timed(function: Callable[[], object], comm: MPI.Comm, repeats: int = 1) -> f
         function()
         best = min(best, comm.allreduce(time.perf_counter() - tic, op=MPI.MAX))
     return best
+
+
+def assemble_global(form: fem.Form) -> float:
+    """The value of a compiled scalar form over the whole mesh (collective).
+
+    Each rank assembles over the cells it owns and ``allreduce`` sums, so the value is the
+    same on every rank and for any number of ranks.
+
+    Args:
+        form: A compiled scalar form (``dolfinx.fem.form(...)``).
+    """
+    return form.mesh.comm.allreduce(fem.assemble_scalar(form), op=MPI.SUM)

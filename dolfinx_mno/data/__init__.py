@@ -17,8 +17,9 @@ crash-safely, read back as NumPy arrays or torch tensors::
 Modules: :mod:`~dolfinx_mno.data.restriction` (filters: ``Interpolation``,
 ``L2Projection``, ``CellAverage``), :mod:`~dolfinx_mno.data.commutator`
 (tendencies, targets), :mod:`~dolfinx_mno.data.sample` (samples, rank-independent order),
-:mod:`~dolfinx_mno.data.storage` (HDF5; needs ``h5py``); ``GriddedSampler`` (fields on a
-grid, for neural operators) comes from :mod:`dolfinx_mno.grid`.
+:mod:`~dolfinx_mno.data.storage` (HDF5: ``ClosureDataWriter``/``ClosureDataReader`` for
+points, ``GriddedDataWriter``/``GriddedDataReader`` for fields); ``GriddedSampler`` (fields
+on a grid, for neural operators) comes from :mod:`dolfinx_mno.grid`.
 """
 
 from dolfinx_mno.data.commutator import ClosureSampler, Tendency
@@ -33,7 +34,12 @@ from dolfinx_mno.data.restriction import (
     restrict,
 )
 from dolfinx_mno.data.sample import ClosureSample, mesh_summary
-from dolfinx_mno.data.storage import ClosureDataReader, ClosureDataWriter
+from dolfinx_mno.data.storage import (
+    ClosureDataReader,
+    ClosureDataWriter,
+    GriddedDataReader,
+    GriddedDataWriter,
+)
 from dolfinx_mno.grid import GriddedSampler  # training data for grid models
 
 __all__ = [
@@ -43,6 +49,8 @@ __all__ = [
     "ClosureDataWriter",
     "ClosureSample",
     "ClosureSampler",
+    "GriddedDataReader",
+    "GriddedDataWriter",
     "GriddedSampler",
     "Interpolation",
     "L2Projection",

@@ -13,7 +13,17 @@ File layout (one file per data set; ``S`` samples, ``P`` points per sample, ``C`
     /coordinates      (P, gdim)                physical coordinates of the points (optional)
 
 Points are ordered by global (original) cell index, then by point of the quadrature rule,
-whatever the number of MPI ranks. Only rank 0 touches the file (serial h5py).
+whatever the number of MPI ranks. Only rank 0 writes the file (serial h5py).
+
+Gridded data (fields on a grid, for neural operators, e.g. from
+:class:`~dolfinx_mno.grid.GriddedSampler`; ``format`` ``dolfinx_mno.gridded_data``)::
+
+    /                 attributes: format, format_version, num_complete, created, versions,
+                      grid_shape, in_channels, out_channels, [grid_lower, grid_upper],
+                      dtype, time_step, units, and further metadata
+    /inputs           (S, in_channels, *grid_shape)    model inputs
+    /targets          (S, out_channels, *grid_shape)   model targets
+    /time             (S,)                             time of each sample (NaN if not given)
 
 **Crash safety.** Each append resizes the datasets to ``num_complete + 1`` rows, writes
 the row, flushes (and calls ``fsync``), and only then increments the ``num_complete``
@@ -29,7 +39,7 @@ import importlib.metadata
 import json
 import os
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mpi4py import MPI
@@ -40,13 +50,27 @@ import torch
 
 from dolfinx_mno._mpi import describe
 from dolfinx_mno.data.sample import ClosureSample
+from dolfinx_mno.grid import Grid
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "ClosureDataReader", "ClosureDataWriter"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "GRIDDED_FORMAT",
+    "GRIDDED_FORMAT_VERSION",
+    "ClosureDataReader",
+    "ClosureDataWriter",
+    "GriddedDataReader",
+    "GriddedDataWriter",
+]
 
 #: Value of the ``format`` attribute of closure data files.
 FORMAT = "dolfinx_mno.closure_data"
 #: Version of the layout; readers refuse newer versions.
 FORMAT_VERSION = 1
+#: Value of the ``format`` attribute of gridded data files.
+GRIDDED_FORMAT = "dolfinx_mno.gridded_data"
+#: Version of the gridded layout; readers refuse newer versions.
+GRIDDED_FORMAT_VERSION = 1
 
 # Attributes that describe the run rather than the data; they may differ on reopening.
 _RUN_ATTRIBUTES = ("format", "format_version", "num_complete", "created", "versions")
@@ -150,7 +174,250 @@ def _chunk_points(num_points: int, row_bytes: int) -> int:
     return int(max(1, min(num_points, _CHUNK_BYTES // max(row_bytes, 1))))
 
 
-class ClosureDataWriter:
+# The reader class of each format, for the hint when a file is opened with the other one.
+_READER_OF_FORMAT = {FORMAT: "ClosureDataReader", GRIDDED_FORMAT: "GriddedDataReader"}
+
+
+def _check_format(metadata: dict[str, typing.Any], path: Path, kind: str, version: int) -> None:
+    """Raise ``ValueError`` unless ``metadata`` are those of a ``kind`` file we can read."""
+    fmt = {"closure data": FORMAT, "gridded data": GRIDDED_FORMAT}[kind]
+    if metadata.get("format") != fmt:
+        other = _READER_OF_FORMAT.get(str(metadata.get("format")))
+        hint = f" (it holds {other[:-6].lower()} data: read it with {other})" if other else ""
+        raise ValueError(f"{path} is not a dolfinx_mno {kind} file{hint}.")
+    if int(metadata.get("format_version", 0)) > version:
+        raise ValueError(
+            f"{path} has format version {metadata['format_version']}; this "
+            f"dolfinx_mno reads versions ≤ {version}."
+        )
+
+
+class _FileOptions(typing.TypedDict, total=False):
+    """The keyword arguments every writer takes (see :class:`ClosureDataWriter`)."""
+
+    dtype: typing.Any
+    time_step: float | None
+    units: dict[str, str] | None
+    metadata: dict[str, typing.Any] | None
+    mode: str
+    fsync: bool
+
+
+class _SampleFileWriter:
+    """What the writers share: rank 0's file, the reopening check, the crash-safe append.
+
+    Collective. Rank 0 holds the file; a reopened file's metadata must be the writer's;
+    one row is appended to every dataset crash-safely. A subclass checks its arguments,
+    then calls this constructor with its ``description`` (the attributes that define the
+    data), and defines :meth:`_create_datasets`.
+    """
+
+    _kind: typing.ClassVar[str]
+    _format: typing.ClassVar[str]
+    _format_version: typing.ClassVar[int]
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        comm: MPI.Comm,
+        *,
+        description: dict[str, typing.Any],
+        dtype: typing.Any = np.float64,
+        time_step: float | None = None,
+        units: dict[str, str] | None = None,
+        metadata: dict[str, typing.Any] | None = None,
+        mode: str = "a",
+        fsync: bool = True,
+    ):
+        self.path = Path(path)
+        self.comm = comm
+        self.dtype = np.dtype(dtype)
+        self._fsync = bool(fsync)
+        if mode not in ("a", "w", "x"):
+            raise ValueError(f"mode must be 'a', 'w' or 'x', got {mode!r}.")
+        if self.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise TypeError(f"dtype must be float32 or float64, got {self.dtype}.")
+        description = {
+            **description,
+            "dtype": self.dtype.name,
+            "time_step": None if time_step is None else float(time_step),
+            "units": dict(units or {}),
+        }
+        clash = sorted(set(metadata or {}) & (set(description) | set(_RUN_ATTRIBUTES)))
+        if clash or _JSON_LIST in (metadata or {}):
+            raise ValueError(f"metadata must not redefine the reserved attribute(s) {clash}.")
+        self.metadata = _normalise({**description, **(metadata or {})})
+
+        self._closed = False
+        self._file: h5py.File | None = None
+        self._fd: int | None = None
+        error = None
+        if comm.rank == 0:
+            try:
+                self._open(mode)
+            except Exception as err:  # reported on every rank below
+                error = err
+                self._close_file()
+        error = comm.bcast(None if error is None else (type(error), str(error)), root=0)
+        if error is not None:
+            kind, message = error
+            raise _rebuild(kind, message)
+        self._num_complete = int(comm.bcast(self._num_complete_local(), root=0))
+
+    # -- file handling (rank 0) -------------------------------------------------------
+
+    def _open(self, mode: str) -> None:
+        if mode == "x" and self.path.exists():
+            raise FileExistsError(f"{self.path} exists (mode='x').")
+        if mode == "a" and self.path.exists():
+            # Compare read-only first: a mismatch leaves the file untouched.
+            with _open_hdf5(self.path, "r", writing=True) as existing:
+                self._check_existing(existing)
+            self._file = _open_hdf5(self.path, "r+", writing=True)
+        else:
+            if self.path.exists():
+                # HDF5 truncates a file before it tries to lock it: "w" on a file that
+                # another process writes would destroy that process's samples. Opening
+                # it "r+" takes the same (exclusive) lock without truncating.
+                try:
+                    _open_hdf5(self.path, "r+", writing=True).close()
+                except BlockingIOError:
+                    raise
+                except OSError:
+                    pass  # not an HDF5 file: replaced below
+            self._file = _open_hdf5(self.path, "w", writing=True)
+            self._create(self._file)
+        if self._fsync:
+            self._fd = os.open(self.path, os.O_RDONLY)
+
+    def _check_existing(self, existing: h5py.File) -> None:
+        stored = _read_attributes(existing.attrs)
+        _check_format(stored, self.path, self._kind, self._format_version)
+        given = self.metadata
+        stored = {k: v for k, v in stored.items() if k not in _RUN_ATTRIBUTES}
+        missing = "<missing>"
+        differences = [
+            f"{key}: file has {stored.get(key, missing)!r}, given {given.get(key, missing)!r}"
+            for key in sorted(set(stored) | set(given))
+            if stored.get(key, missing) != given.get(key, missing)
+        ]
+        if differences:
+            raise ValueError(
+                f"Cannot append to {self.path}: its metadata differ from this writer's "
+                "(use another file, or mode='w' to replace it):\n  " + "\n  ".join(differences)
+            )
+
+    def _create_datasets(self, file: h5py.File) -> None:
+        raise NotImplementedError
+
+    def _create(self, file: h5py.File) -> None:
+        self._create_datasets(file)
+        file.create_dataset("time", shape=(0,), maxshape=(None,), chunks=(1024,), dtype=np.float64)
+        run = {
+            "format": self._format,
+            "format_version": self._format_version,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "versions": _versions(),
+        }
+        _write_attributes(file.attrs, {**run, **self.metadata})
+        file.attrs["num_complete"] = np.int64(0)
+        self._flush()
+
+    def _num_complete_local(self) -> int:
+        return int(self._file.attrs["num_complete"]) if self._file is not None else 0
+
+    def _flush(self) -> None:
+        assert self._file is not None
+        self._file.flush()
+        if self._fd is not None:
+            os.fsync(self._fd)
+
+    def _close_file(self) -> None:
+        if getattr(self, "_file", None) is not None:
+            self._file.close()  # type: ignore[union-attr]
+            self._file = None
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)  # type: ignore[arg-type]
+            self._fd = None
+
+    def _append_row(
+        self,
+        rows: dict[str, np.ndarray],
+        time: float | None,
+        once: dict[str, np.ndarray | None] | None = None,
+    ) -> None:
+        """Write one row of each dataset in ``rows`` and the time, then commit (rank 0).
+
+        Data, flush, then ``num_complete += 1``, flush. ``once``: datasets written with the
+        first row only (those that are ``None`` are not written).
+        """
+        file = self._file
+        assert file is not None
+        n = int(file.attrs["num_complete"])
+        # Rows beyond num_complete are debris of an interrupted append: overwrite them.
+        for name in (*rows, "time"):
+            file[name].resize(n + 1, axis=0)
+        for name, row in rows.items():
+            file[name][n] = row
+        file["time"][n] = np.nan if time is None else float(time)
+        for name, data in (once or {}).items():
+            if data is not None and name not in file:
+                file.create_dataset(name, data=data)
+        self._flush()
+        file.attrs["num_complete"] = np.int64(n + 1)
+        self._flush()
+
+    def _write_on_rank_zero(self, write: Callable[[], tuple[str, str] | None]) -> int:
+        """Run ``write`` on rank 0 and agree on its verdict (collective).
+
+        ``write`` returns ``None`` or ``(exception name, message)`` for a refusal.
+
+        Returns:
+            The number of complete samples.
+        """
+        status = None
+        if self.comm.rank == 0:
+            try:
+                status = write()
+            except Exception as err:
+                status = (type(err).__name__, str(err))
+        status = self.comm.bcast(status, root=0)
+        if status is not None:
+            kind, message = status
+            exception = ValueError if kind == "ValueError" else OSError
+            raise exception(
+                f"Cannot append to {self.path}: {kind}: {message}. The "
+                f"{self._num_complete} samples written before are intact."
+            )
+        self._num_complete += 1
+        return self._num_complete
+
+    # -- public API -------------------------------------------------------------------
+
+    @property
+    def num_samples(self) -> int:
+        """Number of complete samples in the file."""
+        return self._num_complete
+
+    def close(self) -> None:
+        """Close the file (collective; appending afterwards raises)."""
+        self._closed = True
+        if self.comm.rank == 0:
+            self._close_file()
+        self.comm.Barrier()
+
+    def __enter__(self) -> typing.Self:
+        return self
+
+    def __exit__(self, *args: typing.Any) -> None:
+        self.close()
+
+    def __del__(self):
+        """Close the file if still open (rank 0)."""
+        self._close_file()
+
+
+class ClosureDataWriter(_SampleFileWriter):
     """Append closure training samples to an HDF5 file, crash-safely (collective).
 
     Every rank calls the constructor and :meth:`append`; samples are gathered on rank 0 in
@@ -184,6 +451,10 @@ class ClosureDataWriter:
             every rank, before the file is changed (``mode="w"`` included).
     """
 
+    _kind = "closure data"
+    _format = FORMAT
+    _format_version = FORMAT_VERSION
+
     def __init__(
         self,
         path: str | os.PathLike,
@@ -193,24 +464,13 @@ class ClosureDataWriter:
         value_shape: Sequence[int],
         num_points: int,
         points_per_cell: int,
-        dtype: typing.Any = np.float64,
-        time_step: float | None = None,
-        units: dict[str, str] | None = None,
-        metadata: dict[str, typing.Any] | None = None,
-        mode: str = "a",
-        fsync: bool = True,
+        **options: typing.Unpack[_FileOptions],
     ):
         """Open or create the file (collective); see the class docstring for the arguments."""
-        self.path = Path(path)
-        self.comm = comm
         self.num_inputs = int(num_inputs)
         self.value_shape = tuple(int(n) for n in value_shape)
         self.num_points = int(num_points)
         self.points_per_cell = int(points_per_cell)
-        self.dtype = np.dtype(dtype)
-        self._fsync = bool(fsync)
-        if mode not in ("a", "w", "x"):
-            raise ValueError(f"mode must be 'a', 'w' or 'x', got {mode!r}.")
         if self.num_inputs < 1 or any(n < 1 for n in self.value_shape):
             raise ValueError(
                 f"Need num_inputs ≥ 1 and a positive value_shape, got {self.num_inputs} and "
@@ -221,37 +481,13 @@ class ClosureDataWriter:
                 f"num_points ({self.num_points}) must be a positive multiple of "
                 f"points_per_cell ({self.points_per_cell})."
             )
-        if self.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
-            raise TypeError(f"dtype must be float32 or float64, got {self.dtype}.")
         description: dict[str, typing.Any] = {
             "num_inputs": self.num_inputs,
             "value_shape": list(self.value_shape),
             "num_points": self.num_points,
             "points_per_cell": self.points_per_cell,
-            "dtype": self.dtype.name,
-            "time_step": None if time_step is None else float(time_step),
-            "units": dict(units or {}),
         }
-        clash = sorted(set(metadata or {}) & (set(description) | set(_RUN_ATTRIBUTES)))
-        if clash or _JSON_LIST in (metadata or {}):
-            raise ValueError(f"metadata must not redefine the reserved attribute(s) {clash}.")
-        self.metadata = _normalise({**description, **(metadata or {})})
-
-        self._closed = False
-        self._file: h5py.File | None = None
-        self._fd: int | None = None
-        error = None
-        if comm.rank == 0:
-            try:
-                self._open(mode)
-            except Exception as err:  # reported on every rank below
-                error = err
-                self._close_file()
-        error = comm.bcast(None if error is None else (type(error), str(error)), root=0)
-        if error is not None:
-            kind, message = error
-            raise _rebuild(kind, message)
-        self._num_complete = int(comm.bcast(self._num_complete_local(), root=0))
+        super().__init__(path, comm, description=description, **options)
 
     @classmethod
     def from_sampler(
@@ -300,56 +536,9 @@ class ClosureDataWriter:
             fsync=fsync,
         )
 
-    # -- file handling (rank 0) -------------------------------------------------------
+    # -- file layout (rank 0) ---------------------------------------------------------
 
-    def _open(self, mode: str) -> None:
-        if mode == "x" and self.path.exists():
-            raise FileExistsError(f"{self.path} exists (mode='x').")
-        if mode == "a" and self.path.exists():
-            # Compare read-only first: a mismatch leaves the file untouched.
-            with _open_hdf5(self.path, "r", writing=True) as existing:
-                self._check_existing(existing)
-            self._file = _open_hdf5(self.path, "r+", writing=True)
-        else:
-            if self.path.exists():
-                # HDF5 truncates a file before it tries to lock it: "w" on a file that
-                # another process writes would destroy that process's samples. Opening
-                # it "r+" takes the same (exclusive) lock without truncating.
-                try:
-                    _open_hdf5(self.path, "r+", writing=True).close()
-                except BlockingIOError:
-                    raise
-                except OSError:
-                    pass  # not an HDF5 file: replaced below
-            self._file = _open_hdf5(self.path, "w", writing=True)
-            self._create(self._file)
-        if self._fsync:
-            self._fd = os.open(self.path, os.O_RDONLY)
-
-    def _check_existing(self, existing: h5py.File) -> None:
-        stored = _read_attributes(existing.attrs)
-        if stored.get("format") != FORMAT:
-            raise ValueError(f"{self.path} is not a dolfinx_mno closure data file.")
-        if int(stored.get("format_version", 0)) > FORMAT_VERSION:
-            raise ValueError(
-                f"{self.path} has format version {stored['format_version']}; this "
-                f"dolfinx_mno reads versions ≤ {FORMAT_VERSION}."
-            )
-        given = self.metadata
-        stored = {k: v for k, v in stored.items() if k not in _RUN_ATTRIBUTES}
-        missing = "<missing>"
-        differences = [
-            f"{key}: file has {stored.get(key, missing)!r}, given {given.get(key, missing)!r}"
-            for key in sorted(set(stored) | set(given))
-            if stored.get(key, missing) != given.get(key, missing)
-        ]
-        if differences:
-            raise ValueError(
-                f"Cannot append to {self.path}: its metadata differ from this writer's "
-                "(use another file, or mode='w' to replace it):\n  " + "\n  ".join(differences)
-            )
-
-    def _create(self, file: h5py.File) -> None:
+    def _create_datasets(self, file: h5py.File) -> None:
         row_bytes = self.dtype.itemsize * max(self.num_inputs, int(np.prod(self.value_shape)))
         chunk = _chunk_points(self.num_points, row_bytes)
         file.create_dataset(
@@ -366,40 +555,8 @@ class ClosureDataWriter:
             chunks=(1, chunk, *self.value_shape),
             dtype=self.dtype,
         )
-        file.create_dataset("time", shape=(0,), maxshape=(None,), chunks=(1024,), dtype=np.float64)
-        run = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "versions": _versions(),
-        }
-        _write_attributes(file.attrs, {**run, **self.metadata})
-        file.attrs["num_complete"] = np.int64(0)
-        self._flush()
-
-    def _num_complete_local(self) -> int:
-        return int(self._file.attrs["num_complete"]) if self._file is not None else 0
-
-    def _flush(self) -> None:
-        assert self._file is not None
-        self._file.flush()
-        if self._fd is not None:
-            os.fsync(self._fd)
-
-    def _close_file(self) -> None:
-        if getattr(self, "_file", None) is not None:
-            self._file.close()  # type: ignore[union-attr]
-            self._file = None
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)  # type: ignore[arg-type]
-            self._fd = None
 
     # -- public API -------------------------------------------------------------------
-
-    @property
-    def num_samples(self) -> int:
-        """Number of complete samples in the file."""
-        return self._num_complete
 
     def append(self, sample: ClosureSample, time: float | None = None) -> int:
         """Append one sample (collective); returns the number of complete samples.
@@ -463,23 +620,12 @@ class ClosureDataWriter:
             )
         assert rows is not None
         gathered = sample._gather(rows, root=0)
-        status = None
-        if comm.rank == 0:
-            assert gathered is not None
-            try:
-                status = self._write(*gathered, time)
-            except Exception as err:
-                status = (type(err).__name__, str(err))
-        status = comm.bcast(status, root=0)
-        if status is not None:
-            kind, message = status
-            exception = ValueError if kind == "ValueError" else OSError
-            raise exception(
-                f"Cannot append to {self.path}: {kind}: {message}. The "
-                f"{self._num_complete} samples written before are intact."
-            )
-        self._num_complete += 1
-        return self._num_complete
+
+        def write() -> tuple[str, str] | None:
+            assert gathered is not None  # on rank 0
+            return self._write(*gathered, time)
+
+        return self._write_on_rank_zero(write)
 
     def _write(
         self,
@@ -498,59 +644,150 @@ class ClosureDataWriter:
                     "the sample's cells (global cell indices) differ from those of the "
                     "samples in the file; was the coarse mesh changed?",
                 )
-        n = int(file.attrs["num_complete"])
-        # Rows beyond num_complete are debris of an interrupted append: overwrite them.
-        for name in ("inputs", "targets", "time"):
-            file[name].resize(n + 1, axis=0)
-        file["inputs"][n] = inputs
-        file["targets"][n] = targets
-        file["time"][n] = np.nan if time is None else float(time)
-        if "cell_index" not in file:
-            file.create_dataset("cell_index", data=cell_index)
-        if coordinates is not None and "coordinates" not in file:
-            file.create_dataset("coordinates", data=coordinates)
-        self._flush()
-        file.attrs["num_complete"] = np.int64(n + 1)
-        self._flush()
+        self._append_row(
+            {"inputs": inputs, "targets": targets},
+            time,
+            once={"cell_index": cell_index, "coordinates": coordinates},
+        )
         return None
 
-    def close(self) -> None:
-        """Close the file (collective; appending afterwards raises)."""
-        self._closed = True
-        if self.comm.rank == 0:
-            self._close_file()
-        self.comm.Barrier()
 
-    def __enter__(self) -> ClosureDataWriter:
-        return self
+class GriddedDataWriter(_SampleFileWriter):
+    """Append gridded training samples (fields) to an HDF5 file, crash-safely (collective).
 
-    def __exit__(self, *args: typing.Any) -> None:
-        self.close()
-
-    def __del__(self):
-        """Close the file if still open (rank 0)."""
-        self._close_file()
-
-
-class ClosureDataReader:
-    """Read closure training data written by :class:`ClosureDataWriter` (serial).
-
-    Only the first ``num_complete`` samples are read; rows of an interrupted append are
-    ignored. Arrays are returned flattened over samples and points, as a pointwise model
-    consumes them.
+    A sample is a pair of fields on one grid: the model's input ``(in_channels, *grid)``
+    and its target ``(out_channels, *grid)``, as a
+    :class:`~dolfinx_mno.grid.GriddedSampler` gathers them on its root. They are given on
+    rank 0, which writes them with serial h5py; the other ranks call :meth:`append` too
+    and pass ``None``. The checks are agreed on, so every rank raises the same error, and
+    the append is crash-safe as :class:`ClosureDataWriter`'s.
 
     Args:
         path: The file.
+        comm: The communicator.
+        grid: The grid: a :class:`~dolfinx_mno.grid.Grid` (its corners and shape are
+            recorded, and :attr:`GriddedDataReader.grid` rebuilds it) or a grid shape.
+        in_channels: Channels of an input field.
+        out_channels: Channels of a target field.
+        dtype: dtype of inputs and targets (``float32`` or ``float64``).
+        time_step: The time step of the samples, recorded as metadata.
+        units: Units of the quantities.
+        metadata: Further JSON-serialisable metadata, one attribute per key (e.g. the
+            operands and the sampler's ``extension_value`` and ``mask_channel``).
+        mode: See :class:`ClosureDataWriter`.
+        fsync: See :class:`ClosureDataWriter`.
 
     Raises:
-        ValueError: The file is not closure data or has a newer format version.
-        BlockingIOError: Another process holds the file open for writing (a running
-            :class:`ClosureDataWriter`); the message says so and what to do.
+        ValueError: Bad shapes or mode; reopening a file whose metadata differ (nothing is
+            changed then); a file that is not gridded data.
+        FileExistsError: ``mode="x"`` and the file exists.
 
     Example:
-        >>> with ClosureDataReader("data.h5") as data:
-        ...     inputs, targets = data.tensors(dtype=torch.float32)
+        >>> sampler = GriddedSampler([u, u.dx(0)], grid)
+        >>> with GriddedDataWriter("fields.h5", comm, grid=grid, in_channels=2,
+        ...                        out_channels=1) as writer:
+        ...     writer.append(sampler(), target_on_root, time=t)
     """
+
+    _kind = "gridded data"
+    _format = GRIDDED_FORMAT
+    _format_version = GRIDDED_FORMAT_VERSION
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        comm: MPI.Comm,
+        *,
+        grid: Grid | Sequence[int],
+        in_channels: int,
+        out_channels: int,
+        **options: typing.Unpack[_FileOptions],
+    ):
+        shape = grid.shape if isinstance(grid, Grid) else grid
+        self.grid_shape = tuple(int(n) for n in shape)
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
+        if not self.grid_shape or any(n < 1 for n in self.grid_shape):
+            raise ValueError(f"Need a grid shape of positive sizes, got {self.grid_shape}.")
+        if self.in_channels < 1 or self.out_channels < 1:
+            raise ValueError(
+                f"Need in_channels ≥ 1 and out_channels ≥ 1, got {self.in_channels} and "
+                f"{self.out_channels}."
+            )
+        description: dict[str, typing.Any] = {
+            "grid_shape": list(self.grid_shape),
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+        }
+        if isinstance(grid, Grid):
+            description.update(grid_lower=list(grid.lower), grid_upper=list(grid.upper))
+        super().__init__(path, comm, description=description, **options)
+
+    def _create_datasets(self, file: h5py.File) -> None:
+        for name, channels in (("inputs", self.in_channels), ("targets", self.out_channels)):
+            field = (channels, *self.grid_shape)
+            file.create_dataset(
+                name,
+                shape=(0, *field),
+                maxshape=(None, *field),
+                chunks=(1, *field),
+                dtype=self.dtype,
+            )
+
+    def _check(self, inputs: typing.Any, targets: typing.Any) -> str | None:
+        """Describe why the arrays do not fit the file, or return ``None``."""
+        for name, array, channels in (
+            ("inputs", inputs, self.in_channels),
+            ("targets", targets, self.out_channels),
+        ):
+            expected = (channels, *self.grid_shape)
+            if not isinstance(array, np.ndarray):
+                return f"{name} must be a NumPy array on rank 0, got {type(array).__name__}"
+            if array.shape != expected:
+                return f"{name} have shape {array.shape}, expected {expected}"
+            if array.dtype != self.dtype:
+                return f"{name} have dtype {array.dtype}, expected {self.dtype}"
+        return None
+
+    def append(
+        self,
+        inputs: np.ndarray | None,
+        targets: np.ndarray | None,
+        time: float | None = None,
+    ) -> int:
+        """Append one sample (collective); returns the number of complete samples.
+
+        Args:
+            inputs: On rank 0, the input fields ``(in_channels, *grid_shape)``; ignored on
+                the other ranks (pass ``None``).
+            targets: On rank 0, the target fields ``(out_channels, *grid_shape)``.
+            time: Time of the sample, as given on rank 0 (stored as NaN if ``None``).
+
+        Raises:
+            ValueError: On all ranks, if the shapes or dtype do not match the file's on
+                rank 0, or the writer is closed. The file is not changed.
+            OSError: On all ranks, if writing failed on rank 0; the samples written before
+                stay readable.
+        """
+        error = "the writer is closed" if self._closed else None
+        if error is None and self.comm.rank == 0:
+            error = self._check(inputs, targets)
+        error = self.comm.bcast(error, root=0)
+        if error is not None:
+            raise ValueError(f"Cannot append to {self.path}: {error}. Nothing was written.")
+
+        def write() -> None:
+            assert inputs is not None and targets is not None  # on rank 0
+            self._append_row({"inputs": inputs, "targets": targets}, time)
+
+        return self._write_on_rank_zero(write)
+
+
+class _SampleFileReader:
+    """What the readers share: the checked file, sample selection, times (serial)."""
+
+    _kind: typing.ClassVar[str]
+    _format_version: typing.ClassVar[int]
 
     def __init__(self, path: str | os.PathLike):
         """Open the file for reading; see the class docstring."""
@@ -559,21 +796,12 @@ class ClosureDataReader:
         try:
             #: All attributes, JSON values decoded.
             self.metadata = _read_attributes(self._file.attrs)
-            if self.metadata.get("format") != FORMAT:
-                raise ValueError(f"{self.path} is not a dolfinx_mno closure data file.")
-            if int(self.metadata["format_version"]) > FORMAT_VERSION:
-                raise ValueError(
-                    f"{self.path} has format version {self.metadata['format_version']}; this "
-                    f"dolfinx_mno reads versions ≤ {FORMAT_VERSION}."
-                )
+            _check_format(self.metadata, self.path, self._kind, self._format_version)
         except Exception:
             self._file.close()
             raise
         #: Number of complete samples.
         self.num_samples = int(self.metadata["num_complete"])
-        self.num_points = int(self.metadata["num_points"])
-        self.num_inputs = int(self.metadata["num_inputs"])
-        self.value_shape = tuple(int(n) for n in self.metadata["value_shape"])
 
     def _indices(self, samples: slice | Sequence[int] | None) -> np.ndarray:
         everything = np.arange(self.num_samples)
@@ -601,6 +829,77 @@ class ClosureDataReader:
         return typing.cast(np.ndarray, block)
 
     def inputs(self, samples: slice | Sequence[int] | None = None) -> np.ndarray:
+        """The inputs of the selected samples (all by default)."""
+        raise NotImplementedError
+
+    def targets(self, samples: slice | Sequence[int] | None = None) -> np.ndarray:
+        """The targets of the selected samples (all by default)."""
+        raise NotImplementedError
+
+    def times(self, samples: slice | Sequence[int] | None = None) -> np.ndarray:
+        """Time of each selected sample, ``(num_selected,)`` (NaN where not given)."""
+        return self._read("time", samples)
+
+    def tensors(
+        self,
+        samples: slice | Sequence[int] | None = None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets as torch tensors, shaped as :meth:`inputs` and :meth:`targets`.
+
+        Args:
+            samples: Which complete samples; all by default.
+            dtype: Target dtype; the file's by default.
+            device: Target device; the CPU by default.
+        """
+        return (
+            torch.from_numpy(self.inputs(samples)).to(dtype=dtype, device=device),
+            torch.from_numpy(self.targets(samples)).to(dtype=dtype, device=device),
+        )
+
+    def close(self) -> None:
+        """Close the file."""
+        self._file.close()
+
+    def __enter__(self) -> typing.Self:
+        return self
+
+    def __exit__(self, *args: typing.Any) -> None:
+        self.close()
+
+
+class ClosureDataReader(_SampleFileReader):
+    """Read closure training data written by :class:`ClosureDataWriter` (serial).
+
+    Only the first ``num_complete`` samples are read; rows of an interrupted append are
+    ignored. Arrays are returned flattened over samples and points, as a pointwise model
+    consumes them. :func:`dolfinx_mno.training.fit` takes a reader directly (each rank
+    reads its block of the samples).
+
+    Args:
+        path: The file.
+
+    Raises:
+        ValueError: The file is not closure data or has a newer format version.
+        BlockingIOError: Another process holds the file open for writing (a running
+            :class:`ClosureDataWriter`); the message says so and what to do.
+
+    Example:
+        >>> with ClosureDataReader("data.h5") as data:
+        ...     inputs, targets = data.tensors(dtype=torch.float32)
+    """
+
+    _kind = "closure data"
+    _format_version = FORMAT_VERSION
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(path)
+        self.num_points = int(self.metadata["num_points"])
+        self.num_inputs = int(self.metadata["num_inputs"])
+        self.value_shape = tuple(int(n) for n in self.metadata["value_shape"])
+
+    def inputs(self, samples: slice | Sequence[int] | None = None) -> np.ndarray:
         """Closure inputs, ``(num_selected * num_points, num_inputs)``.
 
         Args:
@@ -612,10 +911,6 @@ class ClosureDataReader:
         """Closure targets, ``(num_selected * num_points, *value_shape)``."""
         return self._read("targets", samples).reshape(-1, *self.value_shape)
 
-    def times(self, samples: slice | Sequence[int] | None = None) -> np.ndarray:
-        """Time of each selected sample, ``(num_selected,)`` (NaN where not given)."""
-        return self._read("time", samples)
-
     @property
     def cell_index(self) -> np.ndarray | None:
         """Global cell index of each cell, ``(num_points // points_per_cell,)``."""
@@ -626,34 +921,56 @@ class ClosureDataReader:
         """Physical coordinates of the points, ``(num_points, gdim)``, if stored."""
         return self._file["coordinates"][...] if "coordinates" in self._file else None
 
-    def tensors(
-        self,
-        samples: slice | Sequence[int] | None = None,
-        dtype: torch.dtype | None = None,
-        device: str | torch.device | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and targets as torch tensors.
+
+class GriddedDataReader(_SampleFileReader):
+    """Read gridded training data written by :class:`GriddedDataWriter` (serial).
+
+    Only the first ``num_complete`` samples are read. A sample is a pair of fields, as a
+    grid model (``fit(..., grid=True)``, :class:`~dolfinx_mno.NonlocalClosure`) consumes
+    them; :func:`dolfinx_mno.training.fit` takes a reader directly.
+
+    Args:
+        path: The file.
+
+    Attributes:
+        grid_shape: Points of the grid per direction.
+        in_channels: Channels of an input field.
+        out_channels: Channels of a target field.
+        grid: The :class:`~dolfinx_mno.grid.Grid` if the writer was given one, else
+            ``None``.
+
+    Raises:
+        ValueError: The file is not gridded data or has a newer format version.
+
+    Example:
+        >>> with GriddedDataReader("fields.h5") as data:
+        ...     result = fit(fno, data, comm=comm)  # grid=True
+    """
+
+    _kind = "gridded data"
+    _format_version = GRIDDED_FORMAT_VERSION
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(path)
+        self.grid_shape = tuple(int(n) for n in self.metadata["grid_shape"])
+        self.in_channels = int(self.metadata["in_channels"])
+        self.out_channels = int(self.metadata["out_channels"])
+        self.grid: Grid | None = None
+        if "grid_lower" in self.metadata:
+            self.grid = Grid(
+                tuple(self.metadata["grid_lower"]),
+                tuple(self.metadata["grid_upper"]),
+                self.grid_shape,
+            )
+
+    def inputs(self, samples: slice | Sequence[int] | None = None) -> np.ndarray:
+        """Input fields, ``(num_selected, in_channels, *grid_shape)``.
 
         Args:
-            samples: Which complete samples; all by default.
-            dtype: Target dtype; the file's by default.
-            device: Target device; the CPU by default.
-
-        Returns:
-            ``(num_selected * num_points, num_inputs)`` and
-            ``(num_selected * num_points, *value_shape)``.
+            samples: Which complete samples (a slice or indices); all by default.
         """
-        return (
-            torch.from_numpy(self.inputs(samples)).to(dtype=dtype, device=device),
-            torch.from_numpy(self.targets(samples)).to(dtype=dtype, device=device),
-        )
+        return self._read("inputs", samples)
 
-    def close(self) -> None:
-        """Close the file."""
-        self._file.close()
-
-    def __enter__(self) -> ClosureDataReader:
-        return self
-
-    def __exit__(self, *args: typing.Any) -> None:
-        self.close()
+    def targets(self, samples: slice | Sequence[int] | None = None) -> np.ndarray:
+        """Target fields, ``(num_selected, out_channels, *grid_shape)``."""
+        return self._read("targets", samples)

@@ -1,0 +1,34 @@
+"""Fit closure models to data: reproducible, resumable and data-parallel over MPI.
+
+:func:`fit` trains a pointwise model on ``(inputs, targets)`` samples, e.g. operands and
+closure values collected at quadrature points, and returns a
+:class:`~dolfinx_mno.NormalizedModel` that a :class:`~dolfinx_mno.Closure` evaluates in
+physical units. With ``grid=True`` a sample is a field, ``(channels, *grid)``, and the
+model a neural operator, ``(batch, in_channels, *grid) → (batch, out_channels, *grid)``
+(the contract of :class:`~dolfinx_mno.NonlocalClosure`). The samples are arrays on each
+rank, or a data file (:class:`~dolfinx_mno.data.ClosureDataReader`,
+:class:`~dolfinx_mno.data.GriddedDataReader`). See ``docs/training.md``.
+
+The package, in the order a run uses it:
+
+* :mod:`~dolfinx_mno.training.fitting`: :func:`fit`, the entry point.
+* :mod:`~dolfinx_mno.training.samples`: checks of the samples, the seeded split (by
+  sample or by group), the normalisation statistics of the training split.
+* :mod:`~dolfinx_mno.training.optim`: the optimiser and schedule (injectable factories;
+  Adam and ``ReduceLROnPlateau`` by default).
+* :mod:`~dolfinx_mno.training.loop`: :class:`~dolfinx_mno.training.loop.Trainer`, epochs
+  of minibatch steps, validation, early stopping.
+* :mod:`~dolfinx_mno.training.parallel`: data parallelism over MPI without
+  ``torch.distributed``: shards, row exchange, gradients summed in a rank-independent
+  order (the weights are the same, bit for bit, on any number of ranks).
+* :mod:`~dolfinx_mno.training.checkpoint`: checkpoints (model file + training state) and
+  resume.
+* :mod:`~dolfinx_mno.training.state`: the history and early-stopping state.
+"""
+
+from dolfinx_mno.training.fitting import FitResult, fit
+from dolfinx_mno.training.parallel import read_shard, shard
+from dolfinx_mno.training.samples import split_samples as _split  # noqa: F401 (tests)
+from dolfinx_mno.training.state import TrainingHistory
+
+__all__ = ["FitResult", "TrainingHistory", "fit", "read_shard", "shard"]

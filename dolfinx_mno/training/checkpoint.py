@@ -1,0 +1,242 @@
+"""Checkpoints of a training run, and resuming from them.
+
+A checkpoint is a pair of files in one folder, written atomically by rank 0 after
+``epochs_done`` epochs:
+
+* ``checkpoint-EEEEEE.model.pt``: the model, with :func:`dolfinx_mno.io.save_model` (a
+  checkpoint is a model file); its metadata is the caller's plus
+  ``{"training": {"epochs": ..., "settings": ...}}``.
+* ``checkpoint-EEEEEE.state.pt``: tensors and plain containers only (loadable with
+  ``weights_only=True``): the epochs done, the settings (JSON), the model file's SHA-256,
+  the optimiser's and the scheduler's ``state_dict``, the history, the best weights and
+  the early-stopping counter.
+
+The model file is written first and the state second; older pairs are deleted only after
+both are in place, and :meth:`Checkpoints.resume` takes the newest state whose model file
+has the digest it recorded, so a run killed between the two writes resumes from the
+previous pair.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mpi4py import MPI
+
+import torch
+
+from dolfinx_mno.io import ModelFileError, atomic_torch_save, on_rank_zero, read_model_file
+from dolfinx_mno.io import save_model as save_model_file
+from dolfinx_mno.training.optim import Scheduler
+from dolfinx_mno.training.parallel import agree
+from dolfinx_mno.training.state import TrainingHistory, TrainingState
+
+__all__ = ["STATE_FORMAT", "STATE_FORMAT_VERSION", "Checkpoints"]
+
+#: Identifies a training-state file and its layout version.
+STATE_FORMAT = "dolfinx_mno.training_state"
+STATE_FORMAT_VERSION = 1
+_CHECKPOINT = re.compile(r"^checkpoint-(\d{6,})\.state\.pt$")
+
+
+def _paths(directory: Path, epochs_done: int) -> tuple[Path, Path]:
+    stem = directory / f"checkpoint-{epochs_done:06d}"
+    return Path(f"{stem}.model.pt"), Path(f"{stem}.state.pt")
+
+
+def _load_state(state_path: Path) -> dict[str, Any]:
+    """A training-state file's contents; raises :class:`ModelFileError` if it is not one."""
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ModelFileError(
+            f"Could not read the training state {os.fspath(state_path)!r}: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ModelFileError(f"{os.fspath(state_path)!r} is not a training-state file.")
+    if state.get("format_version") != STATE_FORMAT_VERSION:
+        raise ModelFileError(
+            f"{os.fspath(state_path)!r} has format version "
+            f"{state.get('format_version')!r}; this dolfinx_mno reads "
+            f"{STATE_FORMAT_VERSION}."
+        )
+    return state
+
+
+def latest_checkpoint(directory: Path) -> int | None:
+    """Epochs done of the newest complete (model, state) pair in ``directory``, or ``None``.
+
+    A pair is complete when the model file's digest is the one the state recorded; a
+    model file written just before an interruption, without its state, is skipped.
+
+    Raises:
+        ModelFileError: A state file that cannot be read.
+    """
+    if not directory.is_dir():
+        return None
+    found = sorted(
+        (int(m.group(1)) for f in directory.iterdir() if (m := _CHECKPOINT.match(f.name))),
+        reverse=True,
+    )
+    for epochs_done in found:
+        model_path, state_path = _paths(directory, epochs_done)
+        state = _load_state(state_path)
+        if model_path.is_file() and read_model_file(model_path).sha256 == state["model_sha256"]:
+            return epochs_done
+    return None
+
+
+class Checkpoints:
+    """The checkpoints of one run in ``directory`` (collective on ``comm``).
+
+    Args:
+        directory: The folder (created by rank 0).
+        every: Write a checkpoint every this many epochs, and at the end of the run.
+        settings: The run's settings (JSON); a resumed run must have the same.
+        metadata: JSON metadata for the model files, e.g. the operand spec.
+        comm: The communicator of the run.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        every: int,
+        settings: Mapping[str, Any],
+        metadata: Mapping[str, Any] | None,
+        comm: MPI.Comm,
+    ):
+        self.directory = Path(directory)
+        self.every = int(every)
+        self.settings = dict(settings)
+        self.metadata = dict(metadata or {})
+        self.comm = comm
+        if comm.rank == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+
+    def due(self, epochs_done: int, last: bool) -> bool:
+        """Whether to write a checkpoint after ``epochs_done`` epochs (``last``: run over)."""
+        return last or epochs_done % self.every == 0
+
+    def save(
+        self,
+        epochs_done: int,
+        *,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Scheduler | None,
+        state: TrainingState,
+    ) -> None:
+        """Write the (model, state) pair of ``epochs_done``, then remove older pairs."""
+        directory, comm = self.directory, self.comm
+        model_path, state_path = _paths(directory, epochs_done)
+        info = {"training": {"epochs": epochs_done, "settings": self.settings}}
+        digest = save_model_file(model_path, model, metadata={**self.metadata, **info}, comm=comm)
+        contents = {
+            "format": STATE_FORMAT,
+            "format_version": STATE_FORMAT_VERSION,
+            "epochs_done": epochs_done,
+            "settings": json.dumps(self.settings, sort_keys=True),
+            "model_sha256": digest,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": None if scheduler is None else scheduler.state_dict(),
+            "history": dataclasses.asdict(state.history),
+            "best_state": dict(state.best_state),
+            "bad_epochs": state.bad_epochs,
+        }
+
+        def write() -> None:
+            atomic_torch_save(contents, state_path)
+            for old in directory.iterdir():
+                match = _CHECKPOINT.match(old.name)
+                if match and int(match.group(1)) < epochs_done:
+                    for path in _paths(directory, int(match.group(1))):
+                        path.unlink(missing_ok=True)
+
+        on_rank_zero(comm, write, f"the checkpoint {os.fspath(state_path)!r}")
+
+    def resume(
+        self,
+        *,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Scheduler | None,
+    ) -> TrainingState | None:
+        """Load the newest complete checkpoint into the training objects (collective).
+
+        Returns:
+            The restored state (``history.resumed_from`` set), or ``None`` if the folder
+            holds no complete checkpoint.
+
+        Raises:
+            ModelFileError: An unreadable state file (on every rank).
+            ValueError: A checkpoint of other settings or data (on every rank).
+        """
+        comm = self.comm
+        # Rank 0 chooses, so that every rank restores the same pair.
+        choice: int | str | None = None
+        if comm.rank == 0:
+            try:
+                choice = latest_checkpoint(self.directory)
+            except ModelFileError as err:
+                choice = str(err)
+        choice = comm.bcast(choice, root=0)
+        if isinstance(choice, str):
+            raise ModelFileError(choice)
+        if choice is None:
+            return None
+        error: str | None = None
+        contents: dict[str, Any] = {}
+        try:
+            contents = self._load(choice, model, optimizer, scheduler)
+        except (ValueError, OSError, RuntimeError, KeyError) as err:
+            error = f"{type(err).__name__}: {err}"
+        agree(error, comm, "Resuming from the checkpoint")
+        history = TrainingHistory(**contents["history"])
+        history.resumed_from = choice
+        best_state = {k: v.clone() for k, v in contents["best_state"].items()}
+        return TrainingState(history, best_state, int(contents["bad_epochs"]))
+
+    def _load(
+        self,
+        epochs_done: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Scheduler | None,
+    ) -> dict[str, Any]:
+        """Check the pair of ``epochs_done`` against this run and load it (local)."""
+        model_path, state_path = _paths(self.directory, epochs_done)
+        contents = torch.load(state_path, map_location="cpu", weights_only=True)
+        saved, settings = json.loads(contents["settings"]), self.settings
+        if saved != settings:
+            differ = ", ".join(
+                f"{k}: {saved.get(k)!r} then, {settings.get(k)!r} now"
+                for k in sorted(saved.keys() | settings.keys())
+                if saved.get(k) != settings.get(k)
+            )
+            raise ValueError(
+                f"The checkpoint {os.fspath(state_path)!r} was written with other data or "
+                f"settings ({differ}); resume with the same ones, or start afresh in "
+                "another folder."
+            )
+        weights = read_model_file(model_path).state_dict
+        current = model.state_dict()
+        statistics = [k for k in current if "_normalization." in k and k in weights]
+        if any(not torch.equal(weights[k], current[k].cpu()) for k in statistics):
+            raise ValueError(
+                f"The checkpoint {os.fspath(model_path)!r} was trained on other data: the "
+                "statistics of the training split differ. Resume with the same data, or "
+                "start afresh in another folder."
+            )
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(contents["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(contents["scheduler"])
+        return contents

@@ -1,0 +1,260 @@
+"""The training loop: epochs of data-parallel minibatch steps, validation, early stopping.
+
+:class:`Trainer` runs on rows prepared by :func:`~dolfinx_mno.training.samples.prepare_rows`
+and splits as neuraloperator's ``Trainer`` does: :meth:`Trainer.train` runs the epochs,
+:meth:`Trainer.train_one_epoch` one pass over the training split,
+:meth:`Trainer.train_one_batch` one optimiser step, :meth:`Trainer.validate` the
+validation loss, and :meth:`Trainer.end_epoch` the bookkeeping (history, schedule, best
+weights, early stopping, checkpoint, progress, callback).
+
+Each minibatch is cut into chunks of ``chunk_size`` samples, shared out among the ranks;
+each chunk's gradient is computed on its own and the gradients are summed in chunk order
+on every rank (:class:`~dolfinx_mno.training.parallel.ChunkGradients`), so the weights
+do not depend on the number of ranks. Every epoch's order and torch random state depend
+only on ``(seed, epoch)``, so a resumed run needs no saved random state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from mpi4py import MPI
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from tqdm.auto import tqdm
+
+from dolfinx_mno.torch_bridge import model_device, model_dtype
+from dolfinx_mno.training.checkpoint import Checkpoints
+from dolfinx_mno.training.optim import Scheduler, step_scheduler
+from dolfinx_mno.training.parallel import (
+    ChunkGradients,
+    Chunks,
+    chunk_positions,
+    fetch_rows,
+    gather_chunks,
+    split_chunks,
+)
+from dolfinx_mno.training.samples import TrainingRows
+from dolfinx_mno.training.state import TrainingHistory, TrainingState, clone_state
+
+__all__ = ["LoopSettings", "Trainer", "epoch_seed"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+    """How long and in which steps to train.
+
+    Attributes:
+        epochs: Maximum number of epochs (counted from 0, restored ones included).
+        batch_size: Samples per optimiser step (the last batch of an epoch may be smaller).
+        chunk_size: Samples per backward pass: the unit of work shared among ranks.
+        patience: Stop after this many epochs without improvement.
+        min_delta: Relative improvement of the validation loss that counts.
+        seed: Seeds each epoch's order and torch random state.
+    """
+
+    epochs: int
+    batch_size: int
+    chunk_size: int
+    patience: int
+    min_delta: float
+    seed: int
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The torch seed of ``epoch``: depends on ``(seed, epoch)`` only."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class Trainer:
+    """Train ``network`` on ``rows`` with an optimiser and a schedule (collective).
+
+    Args:
+        network: The module whose parameters are trained; it maps the rows' inputs (as
+            ``(chunk, *rows.input_shape)``) to their targets.
+        model: The module that is returned and checkpointed: ``network`` itself, or a
+            :class:`~dolfinx_mno.NormalizedModel` around it.
+        rows: The rows and the split (the same split on every rank).
+        optimizer: The optimiser of ``network``'s trainable parameters.
+        scheduler: Its schedule, stepped once per epoch, or ``None``.
+        settings: Epochs, batches, early stopping, seed.
+        comm: The communicator.
+        checkpoints: Where to write checkpoints, or ``None``.
+        progress: Show a tqdm progress bar on rank 0.
+        callback: ``callback(epoch, history)`` after every epoch, on every rank.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        model: torch.nn.Module,
+        rows: TrainingRows,
+        *,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Scheduler | None,
+        settings: LoopSettings,
+        comm: MPI.Comm,
+        checkpoints: Checkpoints | None = None,
+        progress: bool = True,
+        callback: Callable[[int, TrainingHistory], None] | None = None,
+    ):
+        self.network, self.model, self.rows = network, model, rows
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.settings, self.comm = settings, comm
+        self.checkpoints, self.progress, self.callback = checkpoints, progress, callback
+        self.dtype = model_dtype(network, torch.float64)
+        self.device = model_device(network) or torch.device("cpu")
+        self.gradients = ChunkGradients([p for p in network.parameters() if p.requires_grad])
+        # Validation rows are fetched once: fixed chunks, shared among ranks.
+        self.val_chunks = split_chunks(0, len(rows.val_index), settings.chunk_size, comm.size)
+        self.val_rows = self._fetch([rows.val_index[chunk_positions([c])] for c in self.val_chunks])
+
+    def _fetch(self, needed: list[npt.NDArray[np.int64]]) -> torch.Tensor:
+        """Rows ``needed[rank]`` (global indices) as a tensor for the network (collective)."""
+        rows = fetch_rows(self.rows.local, self.rows.offsets, needed, self.comm)
+        return torch.from_numpy(rows).to(dtype=self.dtype, device=self.device)
+
+    def _squared_error(self, chunk: torch.Tensor) -> torch.Tensor:
+        """Sum of squared errors of the network on a chunk of rows."""
+        num_inputs = self.rows.num_inputs
+        prediction = self.network(chunk[:, :num_inputs].reshape(-1, *self.rows.input_shape))
+        prediction = prediction.reshape(chunk.shape[0], -1)
+        return ((prediction - chunk[:, num_inputs:]) ** 2).sum()
+
+    def train(self, state: TrainingState | None = None) -> TrainingState:
+        """Run the epochs from ``state`` (a fresh run by default) to the end (collective).
+
+        Returns:
+            The final state; the model holds the weights of the best epoch, in eval mode.
+        """
+        if state is None:
+            state = TrainingState(TrainingHistory(), clone_state(self.model))
+        epochs, start = self.settings.epochs, state.history.epochs
+        bar = tqdm(
+            total=epochs,
+            initial=min(start, epochs),
+            desc="fit",
+            unit="epoch",
+            disable=not self.progress or self.comm.rank != 0,
+            leave=False,
+        )
+        try:
+            for epoch in range(start, epochs):
+                if state.history.stopped_early:
+                    break
+                train_loss = self.train_one_epoch(epoch)
+                self.end_epoch(epoch, train_loss, self.validate(), state)
+                bar.update(1)
+                history = state.history
+                bar.set_postfix(
+                    train=f"{history.train_loss[-1]:.3e}",
+                    val=f"{history.val_loss[-1]:.3e}",
+                    lr=f"{history.learning_rate[-1]:.1e}",
+                )
+                if self.callback is not None:
+                    self.callback(epoch, history)
+        finally:
+            bar.close()
+        self.model.load_state_dict(state.best_state)
+        self.model.eval()
+        return state
+
+    def train_one_epoch(self, epoch: int) -> float:
+        """One pass over the training split in the epoch's seeded order (collective).
+
+        Returns:
+            The mean squared error over the epoch's minibatches, as they were seen.
+        """
+        settings, rank, size = self.settings, self.comm.rank, self.comm.size
+        torch.manual_seed(epoch_seed(settings.seed, epoch))
+        num_train = len(self.rows.train_index)
+        shuffle = np.random.default_rng([settings.seed, epoch]).permutation(num_train)
+        batches = [
+            (b0, min(b0 + settings.batch_size, num_train))
+            for b0 in range(0, num_train, settings.batch_size)
+        ]
+        plans = [split_chunks(b0, b1, settings.chunk_size, size) for b0, b1 in batches]
+        epoch_order = self.rows.train_index[shuffle]
+        data = self._fetch(
+            [epoch_order[chunk_positions([plan[r] for plan in plans])] for r in range(size)]
+        )
+        self.network.train()
+        losses = []
+        row = 0
+        for (b0, b1), plan in zip(batches, plans, strict=True):
+            count = sum(b - a for a, b in plan[rank])
+            losses.append(self.train_one_batch(data[row : row + count], plan, b1 - b0))
+            row += count
+        return float(np.concatenate(losses).sum()) / (num_train * self.rows.num_outputs)
+
+    def train_one_batch(
+        self, rows: torch.Tensor, plan: list[Chunks], batch_size: int
+    ) -> npt.NDArray[np.float64]:
+        """One optimiser step on a minibatch (collective).
+
+        Args:
+            rows: This rank's rows of the minibatch, its chunks one after another.
+            plan: The minibatch's chunks ``(a, b)`` of each rank.
+            batch_size: Samples in the minibatch.
+
+        Returns:
+            The sum of squared errors of every chunk (all ranks'), in chunk order.
+        """
+        mine = plan[self.comm.rank]
+        buffer = self.gradients.buffer(len(mine))
+        row = 0
+        for i, (a, b) in enumerate(mine):
+            chunk = rows[row : row + b - a]
+            row += b - a
+            self.optimizer.zero_grad(set_to_none=True)
+            squared = self._squared_error(chunk)
+            (squared / (batch_size * self.rows.num_outputs)).backward()
+            self.gradients.record(buffer[i], squared.item())
+        losses = self.gradients.sum(buffer, [len(c) for c in plan], self.comm)
+        self.optimizer.step()
+        return losses
+
+    def validate(self) -> float:
+        """Mean squared error on the validation split (collective)."""
+        self.network.eval()
+        mine = self.val_chunks[self.comm.rank]
+        sums = np.zeros((len(mine), 1))
+        with torch.no_grad():
+            row = 0
+            for i, (a, b) in enumerate(mine):
+                sums[i, 0] = self._squared_error(self.val_rows[row : row + b - a]).item()
+                row += b - a
+        total = gather_chunks(sums, [len(c) for c in self.val_chunks], self.comm).sum()
+        return float(total) / (len(self.rows.val_index) * self.rows.num_outputs)
+
+    def end_epoch(self, epoch: int, train_loss: float, val_loss: float, state: TrainingState):
+        """Record the epoch, step the schedule, keep the best weights, checkpoint.
+
+        Every rank holds the same losses, so every rank takes the same decisions.
+
+        Raises:
+            FloatingPointError: A loss is NaN or Inf (on every rank).
+        """
+        if not np.isfinite(train_loss) or not np.isfinite(val_loss):
+            raise FloatingPointError(
+                f"Training diverged in epoch {epoch}: training loss {train_loss}, "
+                f"validation loss {val_loss}. Lower the learning rate, or check the data."
+            )
+        learning_rate = float(self.optimizer.param_groups[0]["lr"])
+        best = state.record(train_loss, val_loss, learning_rate, self.settings.min_delta)
+        step_scheduler(self.scheduler, val_loss)
+        if best:
+            state.best_state = clone_state(self.model)
+        state.history.stopped_early = state.bad_epochs >= self.settings.patience
+        last = state.history.stopped_early or epoch + 1 == self.settings.epochs
+        if self.checkpoints is not None and self.checkpoints.due(epoch + 1, last):
+            self.checkpoints.save(
+                epoch + 1,
+                model=self.model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                state=state,
+            )
