@@ -703,6 +703,7 @@ class GriddedDataWriter(_SampleFileWriter):
         out_channels: int,
         **options: typing.Unpack[_FileOptions],
     ):
+        """Open or create the file (collective); see the class docstring for the arguments."""
         shape = grid.shape if isinstance(grid, Grid) else grid
         self.grid_shape = tuple(int(n) for n in shape)
         self.in_channels = int(in_channels)
@@ -894,6 +895,7 @@ class ClosureDataReader(_SampleFileReader):
     _format_version = FORMAT_VERSION
 
     def __init__(self, path: str | os.PathLike):
+        """Open the file for reading; see the class docstring."""
         super().__init__(path)
         self.num_points = int(self.metadata["num_points"])
         self.num_inputs = int(self.metadata["num_inputs"])
@@ -951,6 +953,7 @@ class GriddedDataReader(_SampleFileReader):
     _format_version = GRIDDED_FORMAT_VERSION
 
     def __init__(self, path: str | os.PathLike):
+        """Open the file for reading; see the class docstring."""
         super().__init__(path)
         self.grid_shape = tuple(int(n) for n in self.metadata["grid_shape"])
         self.in_channels = int(self.metadata["in_channels"])
