@@ -3,6 +3,7 @@
 import fcntl
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -150,9 +151,24 @@ def test_points_outside_the_fine_mesh_raise_on_all_ranks():
     fine = mesh.create_rectangle(COMM, [[0.0, 0.0], [0.8, 1.0]], [8, 10])
     u_f = fem.Function(fem.functionspace(fine, ("Lagrange", 1)))
     V_c = fem.functionspace(coarse, ("Lagrange", 1))
+    number = r"[-+0-9.e]+"
+    expected = re.compile(
+        r"(Locating the coarse space's points in the fine mesh failed on rank\(s\) \[[0-9, ]+\] "
+        r"\(\d of \d ranks\); on rank \d: ValueError: )?(\d+) interpolation point\(s\) of the "
+        rf"coarse space lie outside the fine mesh \(for example \({number}, {number}\)\)\. "
+        rf"Both meshes must cover the same domain; increase padding \(now {number}\) for "
+        r"boundaries that differ by round-off\.$"
+    )
     for cls in METHODS.values():
-        with pytest.raises(ValueError, match="lie outside the fine mesh"):
+        with pytest.raises(ValueError) as info:
             cls(V_c)(u_f)
+        text = str(info.value)
+        assert COMM.allgather(text) == [text] * COMM.size  # the same on every rank
+        match = expected.match(text)
+        assert match is not None, text
+        if COMM.size == 1 and cls is Interpolation:
+            # The 5 P1 nodes at x = 1, counted once per cell: 12 points of the 8 cells there.
+            assert match.group(2) == "12"
 
 
 def test_restriction_input_errors():
