@@ -38,7 +38,7 @@ import h5py
 import numpy as np
 import torch
 
-from dolfinx_mno._mpi import describe
+from dolfinx_mno._mpi import agree_on, describe, on_root
 from dolfinx_mno.data.sample import ClosureSample
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "ClosureDataReader", "ClosureDataWriter"]
@@ -103,14 +103,6 @@ def _read_attributes(attrs: h5py.AttributeManager) -> dict[str, typing.Any]:
             value = value.item()
         metadata[key] = json.loads(value) if key in encoded else value
     return metadata
-
-
-def _rebuild(kind: type[BaseException], message: str) -> BaseException:
-    """The exception rank 0 raised, rebuilt on another rank from its type and text."""
-    try:
-        return kind(message)
-    except Exception:
-        return RuntimeError(f"{kind.__name__}: {message}")
 
 
 def _open_hdf5(path: Path, mode: str, writing: bool) -> h5py.File:
@@ -240,18 +232,8 @@ class ClosureDataWriter:
         self._closed = False
         self._file: h5py.File | None = None
         self._fd: int | None = None
-        error = None
-        if comm.rank == 0:
-            try:
-                self._open(mode)
-            except Exception as err:  # reported on every rank below
-                error = err
-                self._close_file()
-        error = comm.bcast(None if error is None else (type(error), str(error)), root=0)
-        if error is not None:
-            kind, message = error
-            raise _rebuild(kind, message)
-        self._num_complete = int(comm.bcast(self._num_complete_local(), root=0))
+        # Rank 0 alone touches the file; every rank gets its count or raises its error.
+        self._num_complete = on_root(comm, lambda: self._open(mode), f"Opening {self.path}")
 
     @classmethod
     def from_sampler(
@@ -302,7 +284,17 @@ class ClosureDataWriter:
 
     # -- file handling (rank 0) -------------------------------------------------------
 
-    def _open(self, mode: str) -> None:
+    def _open(self, mode: str) -> int:
+        """Open or create the file; returns its number of complete samples (rank 0)."""
+        try:
+            self._open_file(mode)
+        except BaseException:
+            self._close_file()
+            raise
+        assert self._file is not None
+        return int(self._file.attrs["num_complete"])
+
+    def _open_file(self, mode: str) -> None:
         if mode == "x" and self.path.exists():
             raise FileExistsError(f"{self.path} exists (mode='x').")
         if mode == "a" and self.path.exists():
@@ -377,9 +369,6 @@ class ClosureDataWriter:
         file.attrs["num_complete"] = np.int64(0)
         self._flush()
 
-    def _num_complete_local(self) -> int:
-        return int(self._file.attrs["num_complete"]) if self._file is not None else 0
-
     def _flush(self) -> None:
         assert self._file is not None
         self._file.flush()
@@ -442,61 +431,70 @@ class ClosureDataWriter:
                 rows = sample._pack()
             except Exception as err:
                 error = f"cannot pack the sample's rows: {describe(err)}"
-        count = sample.inputs.shape[0] if error is None else 0
-        with_coordinates = error is None and sample.coordinates is not None
         if self._closed:
             error = "the writer is closed"
         # One collective agrees on the verdict before any data moves.
-        report = comm.allgather((error, count, with_coordinates))
-        failures = [f"rank {rank}: {e}" for rank, (e, _, _) in enumerate(report) if e is not None]
-        if not failures:
-            total = sum(c for _, c, _ in report)
-            if total != self.num_points:
-                failures.append(
-                    f"the sample has {total} points over all ranks, the file {self.num_points}"
-                )
-            if len({w for _, _, w in report}) > 1:
-                failures.append("some ranks give coordinates and others do not")
-        if failures:
-            raise ValueError(
-                f"Cannot append to {self.path}: " + "; ".join(failures) + ". Nothing was written."
+        report = (sample.inputs.shape[0], sample.coordinates is not None) if error is None else None
+        reports = agree_on(
+            comm,
+            report,
+            f"Appending to {self.path}",
+            ValueError,
+            reason=error,
+            note="Nothing was written.",
+        )
+        counts, with_coordinates = zip(*typing.cast(list[tuple[int, bool]], reports), strict=True)
+        problem = None
+        if sum(counts) != self.num_points:
+            problem = (
+                f"the sample has {sum(counts)} points over all ranks, the file {self.num_points}"
             )
+        elif len(set(with_coordinates)) > 1:
+            problem = "some ranks give coordinates and others do not"
+        if problem is not None:
+            raise ValueError(f"Cannot append to {self.path}: {problem}. Nothing was written.")
         assert rows is not None
         gathered = sample._gather(rows, root=0)
-        status = None
-        if comm.rank == 0:
-            assert gathered is not None
-            try:
-                status = self._write(*gathered, time)
-            except Exception as err:
-                status = (type(err).__name__, str(err))
-        status = comm.bcast(status, root=0)
-        if status is not None:
-            kind, message = status
-            exception = ValueError if kind == "ValueError" else OSError
-            raise exception(
-                f"Cannot append to {self.path}: {kind}: {message}. The "
-                f"{self._num_complete} samples written before are intact."
-            )
+        on_root(comm, lambda: self._write(gathered, time), f"Appending to {self.path}")
         self._num_complete += 1
         return self._num_complete
 
     def _write(
+        self,
+        gathered: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None] | None,
+        time: float | None,
+    ) -> None:
+        """Write the sample gathered on rank 0 (rank 0); every failure names the file.
+
+        Raises:
+            ValueError: The sample's cells differ from the file's.
+            OSError: Writing failed (whatever the error was).
+        """
+        assert gathered is not None
+        try:
+            self._write_row(*gathered, time)
+        except Exception as err:
+            kind = ValueError if isinstance(err, ValueError) else OSError
+            raise kind(
+                f"Cannot append to {self.path}: {describe(err)}. The {self._num_complete} "
+                "samples written before are intact."
+            ) from err
+
+    def _write_row(
         self,
         inputs: np.ndarray,
         targets: np.ndarray,
         cell_index: np.ndarray,
         coordinates: np.ndarray | None,
         time: float | None,
-    ) -> tuple[str, str] | None:
+    ) -> None:
         file = self._file
         assert file is not None
         if "cell_index" in file:
             if not np.array_equal(file["cell_index"][...], cell_index):
-                return (
-                    "ValueError",
+                raise ValueError(
                     "the sample's cells (global cell indices) differ from those of the "
-                    "samples in the file; was the coarse mesh changed?",
+                    "samples in the file (was the coarse mesh changed?)"
                 )
         n = int(file.attrs["num_complete"])
         # Rows beyond num_complete are debris of an interrupted append: overwrite them.
@@ -512,7 +510,6 @@ class ClosureDataWriter:
         self._flush()
         file.attrs["num_complete"] = np.int64(n + 1)
         self._flush()
-        return None
 
     def close(self) -> None:
         """Close the file (collective; appending afterwards raises)."""
