@@ -138,7 +138,7 @@ def _failure(text: str, cause: BaseException | None) -> _Failure:
 
 def agree_on[T](
     comm: MPI.Comm,
-    value: T,
+    value: T | None,
     what: str,
     error_type: type[Exception] | None = None,
     *,
@@ -155,7 +155,7 @@ def agree_on[T](
     Args:
         comm: The communicator whose ranks must agree.
         value: This rank's contribution, e.g. its number of points (pickled: keep it small);
-            not sent from a rank that failed.
+            not sent from a rank that failed, so it may be ``None`` there.
         what: What was attempted, the subject of the message (:func:`failure_message`).
         error_type: The type raised on every rank; by default the type of the first failing
             rank's ``cause`` (rebuilt from its message on the other ranks), or
@@ -185,8 +185,8 @@ def agree_on[T](
     entries = comm.allgather((failure, None if failure is not None else value))
     failures = [entry for entry, _ in entries]
     first = next((entry for entry in failures if entry is not None), None)
-    if first is None:
-        return [shared for _, shared in entries]
+    if first is None:  # every rank sent its value
+        return [typing.cast(T, shared) for _, shared in entries]
     _, module, qualname = first
     same_everywhere = all(entry == first for entry in failures)
     if (

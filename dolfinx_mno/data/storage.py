@@ -443,7 +443,7 @@ class ClosureDataWriter:
             reason=error,
             note="Nothing was written.",
         )
-        counts, with_coordinates = zip(*typing.cast(list[tuple[int, bool]], reports), strict=True)
+        counts, with_coordinates = zip(*reports, strict=True)
         problem = None
         if sum(counts) != self.num_points:
             problem = (
