@@ -945,65 +945,60 @@ def test_append_errors_raise_the_same_text_on_every_rank(tiny_square, tmp_path):
     ranks = "rank" if COMM.size == 1 else "ranks"
     # The first rank that owns cells (on 3 ranks the last one owns none).
     holder = next(r for r, n in enumerate(COMM.allgather(good.num_local_points)) if n > 0)
-
-    def same_everywhere(error, text):
-        assert str(error) == text
-        assert COMM.allgather(str(error)) == [text] * COMM.size
+    points = sampler.points_per_cell
 
     def replaced(**changes):
         fields = {"inputs": good.inputs, "targets": good.targets}
         fields |= {"cell_index": good.cell_index, "coordinates": good.coordinates}
         return ClosureSample(comm=COMM, **(fields | changes))
 
+    def refused(writer, sample, text):
+        with pytest.raises(ValueError) as info:
+            writer.append(sample)
+        assert str(info.value) == text
+        assert COMM.allgather(str(info.value)) == [text] * COMM.size
+
     with ClosureDataWriter.from_sampler(path, sampler, mode="x") as writer:
         float32 = replaced(inputs=good.inputs.astype(np.float32))
-        with pytest.raises(ValueError) as info:
-            writer.append(float32 if COMM.rank == last else good)
-        same_everywhere(
-            info.value,
+        refused(
+            writer,
+            float32 if COMM.rank == last else good,
             f"Appending to {path} failed on rank(s) [{last}] (1 of {COMM.size} {ranks}); on "
             f"rank {last}: inputs have dtype float32, expected float64. Nothing was written.",
         )
         # Consistent on each rank, but one cell short in total.
-        points = sampler.points_per_cell
         short = replaced(
             inputs=good.inputs[points:],
             targets=good.targets[points:],
             cell_index=good.cell_index[1:],
             coordinates=good.coordinates[points:],
         )
-        with pytest.raises(ValueError) as info:
-            writer.append(short if COMM.rank == holder else good)
-        same_everywhere(
-            info.value,
+        refused(
+            writer,
+            short if COMM.rank == holder else good,
             f"Cannot append to {path}: the sample has {sampler.num_points - points} points "
             f"over all ranks, the file {sampler.num_points}. Nothing was written.",
         )
         # The root finds a cell given twice (while gathering) ...
-        twice = replaced(cell_index=np.zeros_like(good.cell_index))
-        with pytest.raises(ValueError) as info:
-            writer.append(twice)
-        same_everywhere(
-            info.value,
+        refused(
+            writer,
+            replaced(cell_index=np.zeros_like(good.cell_index)),
             "Cannot gather the sample: global cell index 0 occurs more than once (1 "
             "duplicates); give each owned cell once, no ghosts.",
         )
         assert writer.append(good) == 1
         # ... and cells that differ from the file's (while writing).
-        moved = replaced(cell_index=good.cell_index + 2)
-        with pytest.raises(ValueError) as info:
-            writer.append(moved)
-        same_everywhere(
-            info.value,
+        refused(
+            writer,
+            replaced(cell_index=good.cell_index + 2),
             f"Cannot append to {path}: ValueError: the sample's cells (global cell indices) "
             "differ from those of the samples in the file (was the coarse mesh changed?). "
             "The 1 samples written before are intact.",
         )
         assert writer.append(good) == 2  # the ranks are in step
-    with pytest.raises(ValueError) as info:
-        writer.append(good)
-    same_everywhere(
-        info.value,
+    refused(
+        writer,
+        good,
         f"Appending to {path} failed on rank(s) [{', '.join(map(str, range(COMM.size)))}] "
         f"({COMM.size} of {COMM.size} {ranks}); on rank 0: the writer is closed. Nothing was "
         "written.",

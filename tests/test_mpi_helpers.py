@@ -229,10 +229,10 @@ def test_on_root_refuses_a_result_it_cannot_send():
     values = on_root(COMM, lambda: [1.0, 2.0], "Reading")
     assert values == [1.0, 2.0]
     if COMM.size == 1:  # nothing is sent: the object itself is returned
-        assert on_root(COMM, lambda: (lambda: 1), "Building")() == 1
+        assert on_root(COMM, lambda: lambda: 1, "Building")() == 1
         return
     with pytest.raises(Exception, match="pickle") as info:
-        on_root(COMM, lambda: (lambda: 1), "Building")
+        on_root(COMM, lambda: lambda: 1, "Building")
     texts = COMM.allgather((type(info.value).__name__, str(info.value)))
     assert texts == [texts[0]] * COMM.size
     assert COMM.allreduce(1) == COMM.size
