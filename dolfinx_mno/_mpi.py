@@ -3,11 +3,36 @@
 A rank that raises while the others enter a collective call leaves them waiting forever.
 DOLFINx therefore never lets a rank-local error reach a collective, and neither does
 dolfinx_mno: rank-local work (reading a file, probing a model, evaluating it) runs first,
-then the ranks agree on the outcome with **one** collective, an ``allgather`` of a short
-description of each rank's failure (or ``None``), and either all ranks go on or all ranks
-raise.
+then the ranks agree on the outcome with **one** collective, and either all ranks go on or
+all ranks raise. Every such decision in the package goes through this module, in one of
+three ways:
 
-Two forms of the same mechanism::
+1. **Agree on an error** (:func:`rank_local`, :func:`agree`, :func:`agree_on`): every rank
+   works, then one ``allgather`` of a short description of each rank's failure (or
+   ``None``), with a small value per rank if the caller needs the others' (sample counts,
+   a digest, a cache flag). Used by ``closure.py`` (construction, ``Closure.update``),
+   ``nonlocal_closure.py`` (construction), ``data/restriction.py`` (coarse points outside
+   the fine mesh, :class:`~dolfinx_mno.data.CellAverage` input checks), ``data/storage.py``
+   (:meth:`~dolfinx_mno.data.ClosureDataWriter.append`'s checks, point counts and
+   coordinates), ``io.py`` (:func:`~dolfinx_mno.save_model`: model checks and identical
+   weights), ``timestepping.py`` (the ``before_step`` hook) and ``training.py`` (the input
+   checks of ``fit``, resuming).
+2. **Run on the root and share the verdict** (:func:`on_root`): only the root works
+   (writes or reads a file, sorts gathered rows) and one ``bcast`` gives every rank its
+   result or its exception, the same type and text on every rank, whatever the number of
+   ranks. Used by ``io.py`` (:func:`~dolfinx_mno.save_model` writes on rank 0),
+   ``data/storage.py`` (the :class:`~dolfinx_mno.data.ClosureDataWriter` file is opened
+   and written on rank 0), ``data/sample.py`` (the root sorts a gathered sample and checks
+   its cells) and ``training.py`` (checkpoints written, and the one to resume from chosen,
+   on rank 0).
+3. **Passive wait**: the root runs a long computation (the model of a
+   :class:`~dolfinx_mno.NonlocalClosure`) while the other ranks wait for its verdict on a
+   nonblocking broadcast, asleep rather than spinning on a core, and learn the reason
+   only on failure, in the message format of :func:`failure_message`. Used by
+   ``NonlocalClosure.update``; its helper ``_wait_passively`` lives in
+   ``nonlocal_closure.py`` until it moves to the end of this module.
+
+The first form, around a block or with a reason computed by hand::
 
     with rank_local(comm, "Building closure 'q'"):
         model = load_model(path)  # may fail on some ranks only
@@ -17,7 +42,9 @@ Two forms of the same mechanism::
     agree(comm, reason, "Update 3 of closure 'q'", ClosureEvaluationError,
           note="The previous closure values were kept.")
 
-What is raised (the same type and text on every rank):
+    counts = agree_on(comm, num_local_points, "Appending", ValueError, reason=reason)
+
+What the first form raises (the same type and text on every rank):
 
 * If every rank failed with the same error (the same type and text, as bad input that is
   the same everywhere, or any error in a single process), every rank re-raises its own
@@ -34,15 +61,21 @@ This module is self-contained: it depends on nothing else in the package.
 from __future__ import annotations
 
 import contextlib
+import pickle
 import sys
-from collections.abc import Iterator, Sequence
+import typing
+from collections.abc import Callable, Iterator, Sequence
 
 from mpi4py import MPI
 
-__all__ = ["agree", "describe", "failure_message", "rank_local"]
+__all__ = ["agree", "agree_on", "describe", "failure_message", "on_root", "rank_local"]
 
 #: Failing ranks listed in a message before the list is cut short.
 _MAX_LISTED_RANKS = 8
+
+#: What one rank tells the others about its failure: ``(reason, module, qualname)`` of the
+#: exception behind it (``None`` for both without one), or ``None`` if it did not fail.
+_Failure = tuple[str, str | None, str | None] | None
 
 
 def describe(error: BaseException) -> str:
@@ -93,57 +126,76 @@ def _exception_type(module: str, qualname: str) -> type[Exception] | None:
     return None
 
 
-def agree(
+def _failure(text: str, cause: BaseException | None) -> _Failure:
+    """What a failing rank tells the others: ``text`` and the type of ``cause``."""
+    kind = type(cause) if cause is not None else None
+    return (
+        text,
+        None if kind is None else kind.__module__,
+        None if kind is None else kind.__qualname__,
+    )
+
+
+def agree_on[T](
     comm: MPI.Comm,
-    reason: str | None,
+    value: T | None,
     what: str,
     error_type: type[Exception] | None = None,
     *,
+    reason: str | None = None,
     cause: BaseException | None = None,
     note: str = "",
-) -> None:
-    """Raise the same exception on every rank if ``reason`` is set on any rank (collective).
+) -> list[T]:
+    """Every rank's ``value`` if no rank failed, else the same exception on every rank.
 
-    One ``allgather`` of a short tuple of strings per rank; nothing else is communicated
-    (an exception itself is never pickled).
+    Collective: one ``allgather`` of ``(failure, value)`` per rank (an exception itself is
+    never pickled). A rank failed if it gives a ``reason`` or a ``cause``. What is raised is
+    described in the module docstring.
 
     Args:
         comm: The communicator whose ranks must agree.
-        reason: Why this rank failed, or ``None`` if it did not.
+        value: This rank's contribution, e.g. its number of points (pickled: keep it small);
+            not sent from a rank that failed, so it may be ``None`` there.
         what: What was attempted, the subject of the message (:func:`failure_message`).
         error_type: The type raised on every rank; by default the type of the first failing
             rank's ``cause`` (rebuilt from its message on the other ranks), or
             :class:`RuntimeError` where that rank gave no ``cause`` or the type cannot be
             rebuilt from a message.
-        cause: The exception behind ``reason`` on this rank; the raised exception is
+        reason: Why this rank failed; by default ``describe(cause)``.
+        cause: The exception behind the failure on this rank; the raised exception is
             chained to it, and it is re-raised unchanged if every rank failed in the same
-            way (see the module docstring).
+            way.
         note: Appended to the message, e.g. ``"The previous values were kept."``.
 
+    Returns:
+        ``[value of rank 0, value of rank 1, ...]``, the same list on every rank.
+
     Raises:
-        Exception: On every rank, if any rank gave a ``reason``.
+        Exception: On every rank, if any rank gave a ``reason`` or a ``cause``.
+
+    Example:
+        >>> counts = agree_on(comm, len(rows), "Appending the sample", reason=problem)
+        >>> total = sum(counts)  # the same on every rank
     """
-    entry = None
+    failure: _Failure = None
     if reason is not None:
-        cause_type = type(cause) if cause is not None else None
-        entry = (
-            str(reason),
-            None if cause_type is None else cause_type.__module__,
-            None if cause_type is None else cause_type.__qualname__,
-        )
-    entries = comm.allgather(entry)
-    failed = [e for e in entries if e is not None]
-    if not failed:
-        return
-    _, module, qualname = failed[0]
-    same_everywhere = len(failed) == len(entries) and all(e == failed[0] for e in failed)
+        failure = _failure(str(reason), cause)
+    elif cause is not None:
+        failure = _failure(describe(cause), cause)
+    entries = comm.allgather((failure, None if failure is not None else value))
+    failures = [entry for entry, _ in entries]
+    first = next((entry for entry in failures if entry is not None), None)
+    if first is None:  # every rank sent its value
+        return [typing.cast(T, shared) for _, shared in entries]
+    _, module, qualname = first
+    same_everywhere = all(entry == first for entry in failures)
     if (
         same_everywhere
         and cause is not None
         and (error_type is None or isinstance(cause, error_type))
     ):
         raise cause
-    message = failure_message(what, [None if e is None else e[0] for e in entries], note)
+    message = failure_message(what, [None if e is None else e[0] for e in failures], note)
     kind: type[Exception] | None = error_type
     if kind is None and module is not None and qualname is not None:
         kind = _exception_type(module, qualname)
@@ -155,6 +207,98 @@ def agree(
     if cause is not None:
         raise error from cause
     raise error
+
+
+def agree(
+    comm: MPI.Comm,
+    reason: str | None,
+    what: str,
+    error_type: type[Exception] | None = None,
+    *,
+    cause: BaseException | None = None,
+    note: str = "",
+) -> None:
+    """Raise the same exception on every rank if any rank failed (collective).
+
+    :func:`agree_on` without values: one ``allgather`` of a short tuple of strings per
+    rank.
+
+    Args:
+        comm: The communicator whose ranks must agree.
+        reason: Why this rank failed, or ``None`` if it did not (and gives no ``cause``).
+        what: What was attempted, the subject of the message (:func:`failure_message`).
+        error_type: As for :func:`agree_on`.
+        cause: The exception behind ``reason`` on this rank (see :func:`agree_on`).
+        note: Appended to the message, e.g. ``"The previous values were kept."``.
+
+    Raises:
+        Exception: On every rank, if any rank gave a ``reason`` or a ``cause``.
+    """
+    agree_on(comm, None, what, error_type, reason=reason, cause=cause, note=note)
+
+
+def on_root[T](comm: MPI.Comm, action: Callable[[], T], what: str, *, root: int = 0) -> T:
+    """Run ``action`` on ``root`` only; every rank returns its result or raises its error.
+
+    Collective: one ``bcast`` from ``root``. Only the root works, so a failure can only be
+    the root's, and it does not depend on the number of ranks: every rank raises the
+    root's exception, the same type and text. The root re-raises its own exception object
+    (with its traceback); the other ranks build its type (found by name among the imported
+    modules, as for :func:`agree_on`) from its text. Where that does not reproduce the
+    type and text (a type unknown elsewhere, or not built from a message alone, such as
+    :class:`KeyError`), every rank raises :class:`RuntimeError` with the message of
+    :func:`failure_message`, chained on the root; a single process re-raises its own.
+
+    Args:
+        comm: The communicator whose ranks must agree.
+        action: The root's work. Its result is pickled on the root (a result that cannot
+            be pickled is a failure there too) and broadcast: keep it small, and leave a
+            large one (gathered arrays) in a variable of the caller on the root.
+        what: What the action does, e.g. ``"Writing 'model.pt'"``, the subject of the
+            :class:`RuntimeError` above.
+        root: The rank that runs ``action``.
+
+    Returns:
+        ``action()``, on every rank (the root's own object on the root).
+
+    Raises:
+        Exception: The root's, on every rank.
+
+    Example:
+        >>> num_complete = on_root(comm, lambda: count_samples(path), f"Reading {path}")
+    """
+    result: T | None = None
+    payload = b""
+    failure: _Failure = None
+    cause: Exception | None = None
+    if comm.rank == root:
+        try:
+            result = action()
+            if comm.size > 1:
+                payload = pickle.dumps(result)
+        except Exception as error:
+            cause = error
+            failure = _failure(str(error), error)
+    failure, payload = comm.bcast((failure, payload), root=root)
+    if failure is None:
+        return typing.cast(T, result if comm.rank == root else pickle.loads(payload))
+    if cause is not None and comm.size == 1:
+        raise cause
+    text, module, qualname = failure
+    assert module is not None and qualname is not None
+    kind = _exception_type(module, qualname)
+    rebuilt: Exception | None = None
+    with contextlib.suppress(Exception):  # a type not built from a message alone
+        rebuilt = kind(text) if kind is not None else None
+    if rebuilt is None or str(rebuilt) != text:
+        reasons: list[str | None] = [None] * comm.size
+        reasons[root] = f"{qualname.rsplit('.', 1)[-1]}: {text}" if text else qualname
+        rebuilt = RuntimeError(failure_message(what, reasons))
+    elif cause is not None:
+        raise cause
+    if cause is not None:
+        raise rebuilt from cause
+    raise rebuilt
 
 
 @contextlib.contextmanager

@@ -64,6 +64,7 @@ from mpi4py import MPI
 import numpy as np
 import torch
 
+from dolfinx_mno._mpi import agree_on, on_root
 from dolfinx_mno.models import MLP
 from dolfinx_mno.normalization import AffineNormalization, NormalizedModel
 
@@ -520,60 +521,45 @@ def save_model(
     Raises:
         ModelFileError: The model cannot be described (on all ranks if any), or the
             ranks hold different weights or architectures.
-        OSError: The file could not be written (on all ranks).
+        OSError: The file could not be written: under MPI, rank 0's error, the same type
+            and text on every rank.
     """
     error: str | None = None
+    cause: ModelFileError | None = None
     payload: dict[str, Any] | None = None
     try:
         payload = _payload(model, metadata, architecture)
     except ModelFileError as err:
-        error = str(err)
+        error, cause = str(err), err
     if comm is None:
-        if error is not None:
-            raise ModelFileError(error)
+        if cause is not None:
+            raise cause
         assert payload is not None
         atomic_torch_save(payload, path)
         return typing.cast(str, payload["sha256"])
 
     # Validate before the write: every rank learns about a failure on any rank.
-    digests = comm.allgather(
-        (error, None if payload is None else (payload["sha256"], payload["architecture"]))
+    digests = agree_on(
+        comm,
+        None if payload is None else (payload["sha256"], payload["architecture"]),
+        "save_model",
+        ModelFileError,
+        reason=error,
+        cause=cause,
     )
-    failed = {rank: e for rank, (e, _) in enumerate(digests) if e is not None}
-    if failed:
-        rank, message = next(iter(failed.items()))
-        raise ModelFileError(
-            f"save_model failed on rank(s) {sorted(failed)}; on rank {rank}: {message}"
-        )
-    if len({d for _, d in digests}) != 1:
+    if len(set(digests)) != 1:
         raise ModelFileError(
             "The ranks hold different models (weights, metadata or architecture differ), "
             "but only rank 0 writes the file; synchronise the models before saving."
         )
     assert payload is not None
-    on_rank_zero(
-        comm, lambda: atomic_torch_save(payload, path), f"the model file {os.fspath(path)!r}"
-    )
+    on_root(comm, lambda: atomic_torch_save(payload, path), f"Writing {os.fspath(path)!r}")
     return typing.cast(str, payload["sha256"])
 
 
-def on_rank_zero(comm: MPI.Comm, action: typing.Callable[[], object], what: str) -> None:
-    """Run ``action`` (a write) on rank 0 only; every rank raises if it failed.
-
-    Collective. Rank 0 re-raises its own exception; the other ranks raise :class:`OSError`
-    naming ``what`` and rank 0's error, so no rank is left waiting.
-    """
-    failure: Exception | None = None
-    if comm.rank == 0:
-        try:
-            action()
-        except Exception as err:
-            failure = err
-    message = comm.bcast(None if failure is None else f"{type(failure).__name__}: {failure}")
-    if failure is not None:
-        raise failure
-    if message is not None:
-        raise OSError(f"Rank 0 could not write {what}: {message}")
+#: ``on_rank_zero(comm, action, what)``: kept for ``training.py`` until it calls
+#: :func:`dolfinx_mno._mpi.on_root` itself.
+on_rank_zero = on_root
 
 
 @dataclasses.dataclass(frozen=True)
@@ -645,6 +631,56 @@ class ModelFile:
             ) from err
 
 
+def read_torch_file(
+    path: str | os.PathLike[str], kind: str, file_format: str, format_version: int
+) -> dict[str, Any]:
+    """Load a dolfinx_mno file written with :func:`torch.save` and check its format.
+
+    Loads with ``torch.load(path, weights_only=True)``: no code in the file is run. Used
+    for model files and training-state files.
+
+    Args:
+        path: The file.
+        kind: What the file is, for the messages, e.g. ``"model file"``.
+        file_format: The ``"format"`` entry the file must hold.
+        format_version: The ``"format_version"`` entry the file must hold.
+
+    Returns:
+        The file's dict, its tensors on the CPU.
+
+    Raises:
+        FileNotFoundError: No file at ``path``.
+        ModelFileError: The file is truncated, corrupted or not a torch file, holds
+            objects other than tensors and plain containers, is not a dict with that
+            format, or has another format version.
+    """
+    name = os.fspath(path)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"No {kind} at {name!r}.")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ModelFileError(
+            f"Refusing {name!r}: it holds objects other than tensors and plain containers "
+            "(loading it would run code from the file; dolfinx_mno loads with "
+            f"weights_only=True). torch said: {str(err).splitlines()[0]}"
+        ) from err
+    except Exception as err:
+        raise ModelFileError(
+            f"Could not read {name!r}: the file is truncated, corrupted or not a torch file "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})."
+        ) from err
+    if not isinstance(raw, dict) or raw.get("format") != file_format:
+        raise ModelFileError(f"{name!r} is not a dolfinx_mno {kind}.")
+    version = raw.get("format_version")
+    if version != format_version:
+        raise ModelFileError(
+            f"{name!r} has format version {version!r}; this dolfinx_mno "
+            f"({_package_version('dolfinx_mno')}) reads format version {format_version}."
+        )
+    return raw
+
+
 def read_model_file(path: str | os.PathLike[str]) -> ModelFile:
     """Read and verify a model file without building the model.
 
@@ -658,29 +694,7 @@ def read_model_file(path: str | os.PathLike[str]) -> ModelFile:
             accidental damage, not deliberate edits: see the module docstring).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No model file at {os.fspath(path)!r}.")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ModelFileError(
-            f"Refusing {os.fspath(path)!r}: it holds objects other than tensors and plain "
-            "containers (loading it would run code from the file; dolfinx_mno loads with "
-            f"weights_only=True). torch said: {str(err).splitlines()[0]}"
-        ) from err
-    except Exception as err:
-        raise ModelFileError(
-            f"Could not read {os.fspath(path)!r}: the file is truncated, corrupted or not a "
-            f"torch file ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})."
-        ) from err
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise ModelFileError(f"{os.fspath(path)!r} is not a dolfinx_mno model file.")
-    version = raw.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ModelFileError(
-            f"{os.fspath(path)!r} has format version {version!r}; this dolfinx_mno "
-            f"({_package_version('dolfinx_mno')}) reads format version {FORMAT_VERSION}."
-        )
+    raw = read_torch_file(path, "model file", FORMAT, FORMAT_VERSION)
     keys = ("architecture", "metadata", "versions", "sha256")
     if not all(isinstance(raw.get(k), str) for k in keys) or not isinstance(
         raw.get("state_dict"), dict

@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dolfinx import fem
 from tqdm.auto import tqdm
 
+from dolfinx_mno._mpi import rank_local
 from dolfinx_mno.petsc import LinearProblem, NonlinearProblem
 
 __all__ = ["IMEXStepper", "ImplicitStepper", "StepStatistics"]
@@ -132,14 +133,16 @@ class _Stepper[Problem: (LinearProblem, NonlinearProblem)]:
         Args:
             before_step: Sets time-dependent data (Dirichlet values, sources) for the new
                 time, on every rank. If it raises on any rank, the step raises on every
-                rank.
+                rank (:func:`dolfinx_mno._mpi.rank_local`).
 
         Raises:
-            RuntimeError: If the solver did not converge, or ``before_step`` raised on
-                another rank.
+            RuntimeError: If the solver did not converge.
             ClosureEvaluationError: If a closure update failed (with a note giving the
                 time).
-            Exception: Whatever ``before_step`` raised (with a note giving the time).
+            Exception: What ``before_step`` raised (with a note giving the time): the
+                same error where it raised alike on every rank, else, on every rank, its
+                type on the first failing rank with the message ``"The before_step hook
+                failed on rank(s) [r, ...] (k of n ranks); on rank r: ..."``.
 
             On any error the step is undone: ``u`` and ``u_previous`` hold ``u_n``, the
             time constant holds the old time, :attr:`t`, :attr:`num_steps` and
@@ -153,7 +156,9 @@ class _Stepper[Problem: (LinearProblem, NonlinearProblem)]:
             self.time.value = t_new  # type: ignore[assignment]
         try:
             if before_step is not None:
-                self._call_agreed(before_step, t_new)
+                # Agreed on before the solve's collectives: raises on every rank or none.
+                with rank_local(self.u.function_space.mesh.comm, "The before_step hook"):
+                    before_step(self, t_new)
             reason, linear_iterations, newton_iterations = self._solve()
         except Exception as err:
             self._restore()
@@ -179,21 +184,6 @@ class _Stepper[Problem: (LinearProblem, NonlinearProblem)]:
             )
         )
         return self.t
-
-    def _call_agreed(self, before_step: BeforeStep, t_new: float) -> None:
-        """Call the hook; if it raises on any rank, raise on every rank (one allgather)."""
-        error: Exception | None = None
-        try:
-            before_step(self, t_new)
-        except Exception as err:  # agreed on below, before the solve's collectives
-            error = err
-        comm = self.u.function_space.mesh.comm
-        failed = comm.allgather(error is not None)
-        if error is not None:
-            raise error
-        if any(failed):
-            ranks = [rank for rank, f in enumerate(failed) if f]
-            raise RuntimeError(f"The before_step hook raised on rank(s) {ranks}.")
 
     def _restore(self) -> None:
         """Undo a failed step: ``u`` back to ``u_n``, the time constant to the old time."""

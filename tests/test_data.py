@@ -3,6 +3,7 @@
 import fcntl
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -150,9 +151,24 @@ def test_points_outside_the_fine_mesh_raise_on_all_ranks():
     fine = mesh.create_rectangle(COMM, [[0.0, 0.0], [0.8, 1.0]], [8, 10])
     u_f = fem.Function(fem.functionspace(fine, ("Lagrange", 1)))
     V_c = fem.functionspace(coarse, ("Lagrange", 1))
+    number = r"[-+0-9.e]+"
+    expected = re.compile(
+        r"(Locating the coarse space's points in the fine mesh failed on rank\(s\) \[[0-9, ]+\] "
+        r"\(\d of \d ranks\); on rank \d: ValueError: )?(\d+) interpolation point\(s\) of the "
+        rf"coarse space lie outside the fine mesh \(for example \({number}, {number}\)\)\. "
+        rf"Both meshes must cover the same domain; increase padding \(now {number}\) for "
+        r"boundaries that differ by round-off\.$"
+    )
     for cls in METHODS.values():
-        with pytest.raises(ValueError, match="lie outside the fine mesh"):
+        with pytest.raises(ValueError) as info:
             cls(V_c)(u_f)
+        text = str(info.value)
+        assert COMM.allgather(text) == [text] * COMM.size  # the same on every rank
+        match = expected.match(text)
+        assert match is not None, text
+        if COMM.size == 1 and cls is Interpolation:
+            # The 5 P1 nodes at x = 1, counted once per cell: 12 points of the 8 cells there.
+            assert match.group(2) == "12"
 
 
 def test_restriction_input_errors():
@@ -917,6 +933,79 @@ def test_sampler_and_writer_on_a_rank_without_cells(tiny_square, tmp_path):
                 assert np.abs(data.coordinates - coordinates).max() <= 4 * EPS
                 assert np.abs(data.inputs(k) - inputs).max() <= 10 * EPS
                 assert np.abs(data.targets(k) - targets).max() <= 100 * EPS
+    COMM.Barrier()
+
+
+@pytest.mark.mpi
+def test_append_errors_raise_the_same_text_on_every_rank(tiny_square, tmp_path):
+    """Checks on some ranks, the total, the root's gather and write: one text everywhere."""
+    sampler, (good, _) = _linear_samples(tiny_square, COMM)
+    path = _shared_path(tmp_path, "errors.h5")
+    last = COMM.size - 1
+    ranks = "rank" if COMM.size == 1 else "ranks"
+    # The first rank that owns cells (on 3 ranks the last one owns none).
+    holder = next(r for r, n in enumerate(COMM.allgather(good.num_local_points)) if n > 0)
+    points = sampler.points_per_cell
+
+    def replaced(**changes):
+        fields = {"inputs": good.inputs, "targets": good.targets}
+        fields |= {"cell_index": good.cell_index, "coordinates": good.coordinates}
+        return ClosureSample(comm=COMM, **(fields | changes))
+
+    def refused(writer, sample, text):
+        with pytest.raises(ValueError) as info:
+            writer.append(sample)
+        assert str(info.value) == text
+        assert COMM.allgather(str(info.value)) == [text] * COMM.size
+
+    with ClosureDataWriter.from_sampler(path, sampler, mode="x") as writer:
+        float32 = replaced(inputs=good.inputs.astype(np.float32))
+        refused(
+            writer,
+            float32 if COMM.rank == last else good,
+            f"Appending to {path} failed on rank(s) [{last}] (1 of {COMM.size} {ranks}); on "
+            f"rank {last}: inputs have dtype float32, expected float64. Nothing was written.",
+        )
+        # Consistent on each rank, but one cell short in total.
+        short = replaced(
+            inputs=good.inputs[points:],
+            targets=good.targets[points:],
+            cell_index=good.cell_index[1:],
+            coordinates=good.coordinates[points:],
+        )
+        refused(
+            writer,
+            short if COMM.rank == holder else good,
+            f"Cannot append to {path}: the sample has {sampler.num_points - points} points "
+            f"over all ranks, the file {sampler.num_points}. Nothing was written.",
+        )
+        # The root finds a cell given twice (while gathering) ...
+        refused(
+            writer,
+            replaced(cell_index=np.zeros_like(good.cell_index)),
+            "Cannot gather the sample: global cell index 0 occurs more than once (1 "
+            "duplicates); give each owned cell once, no ghosts.",
+        )
+        assert writer.append(good) == 1
+        # ... and cells that differ from the file's (while writing).
+        refused(
+            writer,
+            replaced(cell_index=good.cell_index + 2),
+            f"Cannot append to {path}: ValueError: the sample's cells (global cell indices) "
+            "differ from those of the samples in the file (was the coarse mesh changed?). "
+            "The 1 samples written before are intact.",
+        )
+        assert writer.append(good) == 2  # the ranks are in step
+    refused(
+        writer,
+        good,
+        f"Appending to {path} failed on rank(s) [{', '.join(map(str, range(COMM.size)))}] "
+        f"({COMM.size} of {COMM.size} {ranks}); on rank 0: the writer is closed. Nothing was "
+        "written.",
+    )
+    if COMM.rank == 0:
+        with ClosureDataReader(path) as data:
+            assert data.num_samples == 2
     COMM.Barrier()
 
 

@@ -428,10 +428,31 @@ def test_mpi_rank_0_writes_all_ranks_load(shared_dir):
             io.save_model(path, different, comm=comm)
     bad = MLP(3, 1, [8, 8], seed=3) if comm.rank == comm.size - 1 else normalized_mlp()
     bad = bad if comm.rank != comm.size - 1 else torch.nn.Sequential(bad)
-    expected = rf"failed on rank\(s\) \[{comm.size - 1}\]; on rank {comm.size - 1}: No registered"
-    with pytest.raises(io.ModelFileError, match=expected):
+    last = comm.size - 1
+    reason = None
+    if comm.rank == last:
+        with pytest.raises(io.ModelFileError) as info:
+            io.architecture_config(bad)
+        reason = str(info.value)
+    reason = comm.bcast(reason, root=last)
+    assert reason.startswith("No registered architecture")
+    with pytest.raises(io.ModelFileError) as info:
         io.save_model(path, bad, comm=comm)
+    if comm.size == 1:  # one process: its own error, unchanged
+        assert str(info.value) == reason
+    else:
+        assert str(info.value) == (
+            f"save_model failed on rank(s) [{last}] (1 of {comm.size} ranks); on rank {last}: "
+            f"{reason.rstrip('. ')}."
+        )
     assert io.read_model_file(path).sha256 == digest  # the good file is still there
+    # Rank 0's failed write: its error, the same type and text on every rank.
+    with pytest.raises(FileNotFoundError) as info:
+        io.save_model(shared_dir / "missing" / "model.pt", model, comm=comm)
+    text = str(info.value)
+    assert text.startswith(f"[Errno 2] No such file or directory: '{shared_dir / 'missing'}/.")
+    assert comm.allgather(text) == [text] * comm.size
+    assert io.read_model_file(path).sha256 == digest  # the ranks are in step
 
 
 @pytest.mark.mpi

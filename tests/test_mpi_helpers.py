@@ -6,7 +6,7 @@ from mpi4py import MPI
 
 import pytest
 
-from dolfinx_mno._mpi import agree, describe, failure_message, rank_local
+from dolfinx_mno._mpi import agree, agree_on, describe, failure_message, on_root, rank_local
 
 COMM = MPI.COMM_WORLD
 RANKS = "rank" if COMM.size == 1 else "ranks"
@@ -118,6 +118,124 @@ def test_base_exceptions_pass_through():
     """KeyboardInterrupt is not caught (here raised on every rank, so no rank waits)."""
     with pytest.raises(KeyboardInterrupt), rank_local(COMM, "Interrupted"):
         raise KeyboardInterrupt
+
+
+@pytest.mark.mpi
+def test_agree_on_returns_every_ranks_value_in_rank_order():
+    values = agree_on(COMM, (COMM.rank, 10 * COMM.rank), "Counting")
+    assert values == [(rank, 10 * rank) for rank in range(COMM.size)]
+    assert agree_on(COMM, None, "Nothing") == [None] * COMM.size
+
+
+@pytest.mark.mpi
+def test_agree_on_raises_on_every_rank_and_sends_no_value():
+    last = COMM.size - 1
+    reason = "5 points but 4 expected" if COMM.rank == last else None
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as info:
+        agree_on(COMM, COMM.rank, "Appending", ValueError, reason=reason, note="Nothing written.")
+    assert time.perf_counter() - start < 5.0
+    assert str(info.value) == (
+        f"Appending failed on rank(s) [{last}] (1 of {COMM.size} {RANKS}); on rank {last}: "
+        "5 points but 4 expected. Nothing written."
+    )
+    assert info.value.__cause__ is None
+    # A cause alone is a failure; its description is the reason.
+    cause = ProbeError(f"broken on {COMM.rank}") if COMM.rank == last else None
+    with pytest.raises(ProbeError) as info:
+        agree_on(COMM, 1.5, "Probing", cause=cause)
+    if COMM.size == 1:
+        assert info.value is cause
+    else:
+        assert str(info.value) == (
+            f"Probing failed on rank(s) [{last}] (1 of {COMM.size} ranks); on rank {last}: "
+            f"ProbeError: broken on {last}."
+        )
+        assert info.value.__cause__ is cause  # None on the ranks that did not fail
+    assert agree_on(COMM, COMM.rank, "Counting again") == list(range(COMM.size))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("root", ["first", "last"])
+def test_on_root_runs_once_and_shares_the_result(root):
+    root = 0 if root == "first" else COMM.size - 1
+    calls = []
+
+    def action():
+        calls.append(COMM.rank)
+        return {"rank": COMM.rank, "rows": [1, 2, 3]}
+
+    result = on_root(COMM, action, "Reading", root=root)
+    assert result == {"rank": root, "rows": [1, 2, 3]}
+    assert calls == ([root] if COMM.rank == root else [])
+    assert COMM.allreduce(len(calls)) == 1
+    assert on_root(COMM, lambda: None, "Nothing", root=root) is None
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("root", ["first", "last"])
+def test_on_root_raises_the_roots_error_on_every_rank(root):
+    root = 0 if root == "first" else COMM.size - 1
+    error = ProbeError("the disk is full")
+
+    def action():
+        raise error
+
+    start = time.perf_counter()
+    with pytest.raises(ProbeError) as info:
+        on_root(COMM, action, "Writing", root=root)
+    assert time.perf_counter() - start < 5.0
+    assert str(info.value) == "the disk is full"  # the same text whatever the rank count
+    if COMM.rank == root:
+        assert info.value is error
+    else:
+        assert info.value.__cause__ is None
+    # An OSError subclass keeps its type and text.
+    with pytest.raises(FileNotFoundError) as info:
+        on_root(COMM, lambda: open("/nonexistent/dolfinx_mno/file"), "Reading", root=root)
+    assert str(info.value) == (
+        "[Errno 2] No such file or directory: '/nonexistent/dolfinx_mno/file'"
+    )
+    assert COMM.allreduce(1) == COMM.size
+
+
+@pytest.mark.mpi
+def test_on_root_falls_back_to_runtime_error_where_the_type_cannot_be_rebuilt():
+    last = COMM.size - 1
+
+    def stubborn():
+        raise Stubborn(7, "no")
+
+    def missing_key():
+        return {}["step"]
+
+    for action, reason in [(stubborn, "Stubborn: 7: no"), (missing_key, "KeyError: 'step'")]:
+        with pytest.raises((RuntimeError, Stubborn, KeyError)) as info:
+            on_root(COMM, action, "Writing 'model.pt'", root=last)
+        if COMM.size == 1:  # a single process re-raises its own exception
+            assert type(info.value) is not RuntimeError
+            continue
+        assert type(info.value) is RuntimeError
+        assert str(info.value) == (
+            f"Writing 'model.pt' failed on rank(s) [{last}] (1 of {COMM.size} ranks); on rank "
+            f"{last}: {reason}."
+        )
+        assert (info.value.__cause__ is not None) == (COMM.rank == last)
+
+
+@pytest.mark.mpi
+def test_on_root_refuses_a_result_it_cannot_send():
+    """A result that cannot be pickled fails on the root, before the broadcast: no hang."""
+    values = on_root(COMM, lambda: [1.0, 2.0], "Reading")
+    assert values == [1.0, 2.0]
+    if COMM.size == 1:  # nothing is sent: the object itself is returned
+        assert on_root(COMM, lambda: lambda: 1, "Building")() == 1
+        return
+    with pytest.raises(Exception, match="pickle") as info:
+        on_root(COMM, lambda: lambda: 1, "Building")
+    texts = COMM.allgather((type(info.value).__name__, str(info.value)))
+    assert texts == [texts[0]] * COMM.size
+    assert COMM.allreduce(1) == COMM.size
 
 
 def test_failure_message():

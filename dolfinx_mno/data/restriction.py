@@ -42,6 +42,7 @@ from dolfinx import mesh as _mesh
 from ufl.algorithms import estimate_total_polynomial_degree, extract_arguments
 from ufl.algorithms.renumbering import renumber_indices
 
+from dolfinx_mno._mpi import agree_on, rank_local
 from dolfinx_mno.quadrature import composite_quadrature, measure, quadrature_space
 from dolfinx_mno.validation import check_integer
 
@@ -120,29 +121,27 @@ class _NonmatchingTransfer:
 
         Raises:
             ValueError: On all ranks, if some points of the target lie outside the source
-                mesh (they would silently get the value zero).
+                mesh (they would silently get the value zero): the number on the first
+                rank that has such points, and one of them.
         """
         entry = self._data.get(id(source))
         if entry is not None:
             return entry[1]
         data = fem.create_interpolation_data(self.target, source, self.cells, self.padding)
-        missing = np.flatnonzero(np.asarray(data.src_owner) < 0)
-        first = None
-        if missing.size:
-            mesh = self.target.mesh
-            points = _cpp.fem.interpolation_coords(
-                self.target.element._cpp_object, mesh.geometry._cpp_object, self.cells
-            )
-            first = tuple(float(c) for c in points[: mesh.geometry.dim, missing[0]])
-        report = self.target.mesh.comm.allgather((int(missing.size), first))
-        total = sum(count for count, _ in report)
-        if total:
-            example = next(point for _, point in report if point is not None)
-            raise ValueError(
-                f"{total} interpolation point(s) of the coarse space lie outside the fine mesh "
-                f"(for example {example}). Both meshes must cover the same domain; increase "
-                f"padding (now {self.padding:g}) for boundaries that differ by round-off."
-            )
+        mesh = self.target.mesh
+        with rank_local(mesh.comm, "Locating the coarse space's points in the fine mesh"):
+            missing = np.flatnonzero(np.asarray(data.src_owner) < 0)
+            if missing.size:
+                points = _cpp.fem.interpolation_coords(
+                    self.target.element._cpp_object, mesh.geometry._cpp_object, self.cells
+                )
+                example = tuple(float(c) for c in points[: mesh.geometry.dim, missing[0]])
+                raise ValueError(
+                    f"{missing.size} interpolation point(s) of the coarse space lie outside "
+                    f"the fine mesh (for example {example}). Both meshes must cover the same "
+                    f"domain; increase padding (now {self.padding:g}) for boundaries that "
+                    "differ by round-off."
+                )
         self._data[id(source)] = (source, data)
         return data
 
@@ -476,17 +475,6 @@ class L2Projection:
         return out
 
 
-def _raise_on_all_ranks(comm: MPI.Comm, error: Exception | None) -> None:
-    """Raise ``error`` (found on some ranks) on every rank; collective, no-op if none."""
-    if not comm.allreduce(int(error is not None), op=MPI.MAX):
-        return
-    reports = comm.allgather(None if error is None else (type(error), str(error)))
-    rank, (kind, message) = next((r, e) for r, e in enumerate(reports) if e is not None)
-    if error is not None:
-        raise error
-    raise kind(f"(on rank {rank}) {message}")
-
-
 def _coordinate_degree(msh: _mesh.Mesh) -> int:
     """Polynomial degree of the coordinate element (1 for affine simplices, 2 for Q1)."""
     domain = typing.cast(typing.Any, msh.ufl_domain())
@@ -793,17 +781,16 @@ class CellAverage:
                     f"{np.dtype(out.dtype)}; cast explicitly if that is intended."
                 )
             key, degree, cached = self._compiled(u, dtype)
-        except (TypeError, ValueError) as caught:
+        except Exception as caught:  # agreed on below, before any collective
             error = caught
         # One agreement: all ranks raise, or all compile if any rank lacks the form.
-        flags = np.array([error is not None, not cached], dtype=np.int32)
-        self._comm.Allreduce(MPI.IN_PLACE, flags, op=MPI.MAX)
-        if flags[0]:
-            _raise_on_all_ranks(self._comm, error)
+        cached_everywhere = agree_on(
+            self._comm, cached, "Averaging over the coarse cells", cause=error
+        )
         assert key is not None and degree is not None
         if out is None:  # collective: a new vector's scatterer
             out = fem.Function(self._space, dtype=dtype)
-        if flags[1]:
+        if not all(cached_everywhere):
             self._forms[key] = self._compile(key[0], degree, dtype)
             while len(self._forms) > 32:
                 self._forms.popitem(last=False)

@@ -17,6 +17,8 @@ from mpi4py import MPI
 import numpy as np
 from dolfinx.mesh import Mesh
 
+from dolfinx_mno._mpi import on_root
+
 __all__ = ["ClosureSample", "mesh_summary"]
 
 
@@ -124,8 +126,6 @@ class ClosureSample:
         """:meth:`gather` of the rows :meth:`_pack` returned (collective, nothing local)."""
         comm = self.comm
         num_points, width = rows.shape
-        value_shape = self.targets.shape[1:]
-        with_coordinates = self.coordinates is not None
         cells = np.ascontiguousarray(self.cell_index, dtype=np.int64)
 
         counts = comm.gather((cells.size, num_points), root=root)
@@ -143,33 +143,44 @@ class ClosureSample:
         comm.Gatherv(cells, cell_buffer, root=root)
         comm.Gatherv(rows.reshape(-1), row_buffer, root=root)
 
-        error = None
-        result = None
-        if comm.rank == root:
+        # The root sorts the rows and checks the cells; every rank learns of a problem.
+        result: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None] | None = None
+
+        def sort() -> None:
+            nonlocal result
             assert all_cells is not None and all_rows is not None
-            order = np.argsort(all_cells, kind="stable")
-            sorted_cells = all_cells[order]
-            duplicates = sorted_cells[1:][sorted_cells[1:] == sorted_cells[:-1]]
-            if duplicates.size:
-                error = (
-                    f"global cell index {int(duplicates[0])} occurs more than once "
-                    f"({duplicates.size} duplicates); give each owned cell once, no ghosts"
-                )
-            else:
-                table = all_rows.reshape(-1, width)
-                if all_cells.size:
-                    table = table.reshape(all_cells.size, -1, width)[order].reshape(-1, width)
-                num_inputs = self.inputs.shape[1]
-                end = num_inputs + int(np.prod(value_shape, dtype=int))
-                inputs = np.ascontiguousarray(table[:, :num_inputs])
-                targets = np.ascontiguousarray(table[:, num_inputs:end])
-                targets = targets.reshape(-1, *value_shape)
-                coordinates = np.ascontiguousarray(table[:, end:]) if with_coordinates else None
-                result = (inputs, targets, sorted_cells, coordinates)
-        error = comm.bcast(error, root=root)
-        if error is not None:
-            raise ValueError(f"Cannot gather the sample: {error}.")
+            result = self._sorted(all_cells, all_rows, width)
+
+        on_root(comm, sort, "Gathering the sample", root=root)
         return result
+
+    def _sorted(
+        self, all_cells: np.ndarray, all_rows: np.ndarray, width: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """The gathered rows in global cell order, split into arrays (on the root).
+
+        Raises:
+            ValueError: A global cell index occurs more than once.
+        """
+        order = np.argsort(all_cells, kind="stable")
+        sorted_cells = all_cells[order]
+        duplicates = sorted_cells[1:][sorted_cells[1:] == sorted_cells[:-1]]
+        if duplicates.size:
+            raise ValueError(
+                f"Cannot gather the sample: global cell index {int(duplicates[0])} occurs "
+                f"more than once ({duplicates.size} duplicates); give each owned cell once, "
+                "no ghosts."
+            )
+        table = all_rows.reshape(-1, width)
+        if all_cells.size:
+            table = table.reshape(all_cells.size, -1, width)[order].reshape(-1, width)
+        num_inputs = self.inputs.shape[1]
+        value_shape = self.targets.shape[1:]
+        end = num_inputs + int(np.prod(value_shape, dtype=int))
+        inputs = np.ascontiguousarray(table[:, :num_inputs])
+        targets = np.ascontiguousarray(table[:, num_inputs:end]).reshape(-1, *value_shape)
+        coordinates = np.ascontiguousarray(table[:, end:]) if self.coordinates is not None else None
+        return inputs, targets, sorted_cells, coordinates
 
 
 # The dataclass's generated __init__ has no docstring; help() would show object's.

@@ -48,7 +48,7 @@ import h5py
 import numpy as np
 import torch
 
-from dolfinx_mno._mpi import describe
+from dolfinx_mno._mpi import agree_on, describe, on_root
 from dolfinx_mno.data.sample import ClosureSample
 from dolfinx_mno.grid import Grid
 
@@ -127,14 +127,6 @@ def _read_attributes(attrs: h5py.AttributeManager) -> dict[str, typing.Any]:
             value = value.item()
         metadata[key] = json.loads(value) if key in encoded else value
     return metadata
-
-
-def _rebuild(kind: type[BaseException], message: str) -> BaseException:
-    """The exception rank 0 raised, rebuilt on another rank from its type and text."""
-    try:
-        return kind(message)
-    except Exception:
-        return RuntimeError(f"{kind.__name__}: {message}")
 
 
 def _open_hdf5(path: Path, mode: str, writing: bool) -> h5py.File:
@@ -251,22 +243,22 @@ class _SampleFileWriter:
         self._closed = False
         self._file: h5py.File | None = None
         self._fd: int | None = None
-        error = None
-        if comm.rank == 0:
-            try:
-                self._open(mode)
-            except Exception as err:  # reported on every rank below
-                error = err
-                self._close_file()
-        error = comm.bcast(None if error is None else (type(error), str(error)), root=0)
-        if error is not None:
-            kind, message = error
-            raise _rebuild(kind, message)
-        self._num_complete = int(comm.bcast(self._num_complete_local(), root=0))
+        # Rank 0 alone touches the file; every rank gets its count or raises its error.
+        self._num_complete = on_root(comm, lambda: self._open(mode), f"Opening {self.path}")
 
     # -- file handling (rank 0) -------------------------------------------------------
 
-    def _open(self, mode: str) -> None:
+    def _open(self, mode: str) -> int:
+        """Open or create the file; returns its number of complete samples (rank 0)."""
+        try:
+            self._open_file(mode)
+        except BaseException:
+            self._close_file()
+            raise
+        assert self._file is not None
+        return int(self._file.attrs["num_complete"])
+
+    def _open_file(self, mode: str) -> None:
         if mode == "x" and self.path.exists():
             raise FileExistsError(f"{self.path} exists (mode='x').")
         if mode == "a" and self.path.exists():
@@ -323,9 +315,6 @@ class _SampleFileWriter:
         file.attrs["num_complete"] = np.int64(0)
         self._flush()
 
-    def _num_complete_local(self) -> int:
-        return int(self._file.attrs["num_complete"]) if self._file is not None else 0
-
     def _flush(self) -> None:
         assert self._file is not None
         self._file.flush()
@@ -367,28 +356,28 @@ class _SampleFileWriter:
         file.attrs["num_complete"] = np.int64(n + 1)
         self._flush()
 
-    def _write_on_rank_zero(self, write: Callable[[], tuple[str, str] | None]) -> int:
-        """Run ``write`` on rank 0 and agree on its verdict (collective).
+    def _write_on_rank_zero(self, write: Callable[[], None]) -> int:
+        """Run ``write`` on rank 0 and share its verdict (collective).
 
-        ``write`` returns ``None`` or ``(exception name, message)`` for a refusal.
+        Every failure names the file and is raised on every rank: a ``ValueError`` as a
+        ``ValueError`` (a sample that does not fit the file), anything else as an
+        ``OSError``.
 
         Returns:
             The number of complete samples.
         """
-        status = None
-        if self.comm.rank == 0:
+
+        def guarded() -> None:
             try:
-                status = write()
+                write()
             except Exception as err:
-                status = (type(err).__name__, str(err))
-        status = self.comm.bcast(status, root=0)
-        if status is not None:
-            kind, message = status
-            exception = ValueError if kind == "ValueError" else OSError
-            raise exception(
-                f"Cannot append to {self.path}: {kind}: {message}. The "
-                f"{self._num_complete} samples written before are intact."
-            )
+                kind = ValueError if isinstance(err, ValueError) else OSError
+                raise kind(
+                    f"Cannot append to {self.path}: {describe(err)}. The "
+                    f"{self._num_complete} samples written before are intact."
+                ) from err
+
+        on_root(self.comm, guarded, f"Appending to {self.path}")
         self._num_complete += 1
         return self._num_complete
 
@@ -599,57 +588,58 @@ class ClosureDataWriter(_SampleFileWriter):
                 rows = sample._pack()
             except Exception as err:
                 error = f"cannot pack the sample's rows: {describe(err)}"
-        count = sample.inputs.shape[0] if error is None else 0
-        with_coordinates = error is None and sample.coordinates is not None
         if self._closed:
             error = "the writer is closed"
         # One collective agrees on the verdict before any data moves.
-        report = comm.allgather((error, count, with_coordinates))
-        failures = [f"rank {rank}: {e}" for rank, (e, _, _) in enumerate(report) if e is not None]
-        if not failures:
-            total = sum(c for _, c, _ in report)
-            if total != self.num_points:
-                failures.append(
-                    f"the sample has {total} points over all ranks, the file {self.num_points}"
-                )
-            if len({w for _, _, w in report}) > 1:
-                failures.append("some ranks give coordinates and others do not")
-        if failures:
-            raise ValueError(
-                f"Cannot append to {self.path}: " + "; ".join(failures) + ". Nothing was written."
+        report = (sample.inputs.shape[0], sample.coordinates is not None) if error is None else None
+        reports = agree_on(
+            comm,
+            report,
+            f"Appending to {self.path}",
+            ValueError,
+            reason=error,
+            note="Nothing was written.",
+        )
+        counts, with_coordinates = zip(*reports, strict=True)
+        problem = None
+        if sum(counts) != self.num_points:
+            problem = (
+                f"the sample has {sum(counts)} points over all ranks, the file {self.num_points}"
             )
+        elif len(set(with_coordinates)) > 1:
+            problem = "some ranks give coordinates and others do not"
+        if problem is not None:
+            raise ValueError(f"Cannot append to {self.path}: {problem}. Nothing was written.")
         assert rows is not None
         gathered = sample._gather(rows, root=0)
 
-        def write() -> tuple[str, str] | None:
+        def write() -> None:
             assert gathered is not None  # on rank 0
-            return self._write(*gathered, time)
+            self._write_row(*gathered, time)
 
         return self._write_on_rank_zero(write)
 
-    def _write(
+    def _write_row(
         self,
         inputs: np.ndarray,
         targets: np.ndarray,
         cell_index: np.ndarray,
         coordinates: np.ndarray | None,
         time: float | None,
-    ) -> tuple[str, str] | None:
+    ) -> None:
         file = self._file
         assert file is not None
         if "cell_index" in file:
             if not np.array_equal(file["cell_index"][...], cell_index):
-                return (
-                    "ValueError",
+                raise ValueError(
                     "the sample's cells (global cell indices) differ from those of the "
-                    "samples in the file; was the coarse mesh changed?",
+                    "samples in the file (was the coarse mesh changed?)"
                 )
         self._append_row(
             {"inputs": inputs, "targets": targets},
             time,
             once={"cell_index": cell_index, "coordinates": coordinates},
         )
-        return None
 
 
 class GriddedDataWriter(_SampleFileWriter):
@@ -770,10 +760,10 @@ class GriddedDataWriter(_SampleFileWriter):
             OSError: On all ranks, if writing failed on rank 0; the samples written before
                 stay readable.
         """
-        error = "the writer is closed" if self._closed else None
-        if error is None and self.comm.rank == 0:
-            error = self._check(inputs, targets)
-        error = self.comm.bcast(error, root=0)
+        error = "the writer is closed" if self._closed else None  # the same on every rank
+        if error is None:
+            check = lambda: self._check(inputs, targets)  # noqa: E731
+            error = on_root(self.comm, check, f"Checking a sample for {self.path}")
         if error is not None:
             raise ValueError(f"Cannot append to {self.path}: {error}. Nothing was written.")
 
