@@ -62,6 +62,7 @@ from dolfinx_mno.io import (
     save_model,
 )
 from dolfinx_mno.normalization import AffineNormalization, NormalizedModel
+from dolfinx_mno.spec import ClosureSpec, metadata_with_spec
 from dolfinx_mno.torch_bridge import model_device, model_dtype
 from dolfinx_mno.validation import check_integer
 
@@ -451,6 +452,7 @@ def fit(
     checkpoint_every: int = 10,
     resume: bool = False,
     metadata: Mapping[str, Any] | None = None,
+    spec: ClosureSpec | None = None,
     progress: bool = True,
     callback: Callable[[int, TrainingHistory], None] | None = None,
 ) -> FitResult:
@@ -517,11 +519,13 @@ def fit(
         checkpoint_every: Write a checkpoint every this many epochs, and at the end.
         resume: Continue from the newest complete checkpoint in ``checkpoint_dir`` (if
             there is none, start afresh). The data and every setting but ``epochs``,
-            ``checkpoint_every``, ``metadata``, ``progress`` and ``callback`` must be
+            ``checkpoint_every``, ``metadata``, ``spec``, ``progress`` and ``callback`` must be
             those of the interrupted run: other settings, another number of samples,
             other groups or (with ``normalize``) other statistics of the training split
             are refused.
-        metadata: JSON dict stored in the checkpoint model files (e.g. the operand spec).
+        metadata: JSON dict stored in the checkpoint model files.
+        spec: The closure the model is trained for (e.g. ``sampler.spec``), stored in the
+            checkpoint model files as :func:`~dolfinx_mno.io.save_model` stores it.
         progress: Show a tqdm progress bar (rank 0 only).
         callback: ``callback(epoch, history)`` after every epoch, on every rank.
 
@@ -568,7 +572,8 @@ def fit(
             raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}.")
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs a checkpoint_dir.")
-        _check_json(dict(metadata or {}), "metadata")
+        metadata = metadata_with_spec(metadata, spec)
+        _check_json(metadata, "metadata")
         local = _Local(model, inputs, targets, bool(grid), groups)
     except Exception as err:  # the model's probe may raise anything
         error = f"{type(err).__name__}: {err}"
