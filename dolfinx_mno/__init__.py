@@ -42,8 +42,10 @@ from dolfinx_mno.io import ModelFileError, load_model, register_architecture, sa
 from dolfinx_mno.models import MLP
 from dolfinx_mno.nonlocal_closure import NonlocalClosure
 from dolfinx_mno.normalization import AffineNormalization, NormalizedModel
+from dolfinx_mno.operands import Operands
 from dolfinx_mno.output import ClosureWriter, QuadratureAverage, cell_average
 from dolfinx_mno.quadrature import check_form, form, measure, quadrature_space
+from dolfinx_mno.spec import ClosureSpec
 from dolfinx_mno.torch_bridge import resolve_device, to_precision
 from dolfinx_mno.training import fit
 
@@ -61,11 +63,13 @@ __all__ = [
     "Closure",
     "ClosureBase",
     "ClosureEvaluationError",
+    "ClosureSpec",
     "ClosureWriter",
     "Grid",
     "ModelFileError",
     "NonlocalClosure",
     "NormalizedModel",
+    "Operands",
     "QuadratureAverage",
     "__version__",
     "cell_average",

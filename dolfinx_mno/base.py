@@ -7,37 +7,36 @@ form checks (:func:`dolfinx_mno.check_form`) rely only on this interface.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import typing
 from collections.abc import Sequence
-
-from mpi4py import MPI
 
 import numpy as np
 import numpy.typing as npt
 import torch
 import ufl
 from dolfinx import fem
-from dolfinx.mesh import Mesh
-from ufl.algorithms import extract_coefficients
 
-from dolfinx_mno.io import load_model
+from dolfinx_mno.io import read_model_file
+from dolfinx_mno.operands import Operands, WithOperands, operand_comm
 from dolfinx_mno.quadrature import measure
-from dolfinx_mno.torch_bridge import NUMPY_TO_TORCH
+from dolfinx_mno.spec import ClosureSpec
 from dolfinx_mno.validation import check_integer, check_value_shape
 
-__all__ = ["ClosureBase", "operand_comm", "validate_arguments"]
+__all__ = ["ClosureBase", "ModelArguments", "operand_comm", "validate_arguments"]
 
 
-class ClosureBase(fem.Function):
+class ClosureBase(fem.Function, WithOperands):
     """A :class:`dolfinx.fem.Function` on a quadrature space whose values a model computes.
 
-    Subclasses set ``_mno_quadrature_degree`` and implement :meth:`update`.
+    Subclasses set ``_mno_quadrature_degree``, ``_operands`` (an
+    :class:`~dolfinx_mno.Operands`) and ``_model``, and implement :meth:`update`.
     """
 
     #: Whether :meth:`update` can compute ``∂closure/∂operands`` for an exact Jacobian.
     supports_tangent: bool = False
     _mno_quadrature_degree: int
+    _model: torch.nn.Module
     _update_count: int = 0
 
     def __init__(
@@ -70,6 +69,21 @@ class ClosureBase(fem.Function):
         return self._mno_quadrature_degree
 
     @property
+    def value_shape(self) -> tuple[int, ...]:
+        """Shape of the closure value at one point."""
+        return tuple(self.ufl_shape)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The torch model."""
+        return self._model
+
+    @property
+    def spec(self) -> ClosureSpec:
+        """What this closure's model is for; store it with ``save_model(..., spec=...)``."""
+        return ClosureSpec.from_operands(self._operands, self.value_shape, self.quadrature_degree)
+
+    @property
     def dx(self) -> ufl.Measure:
         """The cell measure with this closure's quadrature rule."""
         return measure(self.function_space.mesh, self.quadrature_degree)
@@ -90,114 +104,87 @@ class ClosureBase(fem.Function):
         return None
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelArguments:
+    """The model of a closure and the settings it runs with, checked.
+
+    Attributes:
+        model: The model, in evaluation mode.
+        value_shape: As given, else the model file's, else ``()``.
+        quadrature_degree: As given, else the model file's, else 2.
+        trained: The spec in the model file, already checked against the arguments;
+            ``None`` for a model object, or a file without a spec.
+    """
+
+    model: torch.nn.Module
+    value_shape: tuple[int, ...]
+    quadrature_degree: int
+    trained: ClosureSpec | None
+
+
 def validate_arguments(
     model: torch.nn.Module | str | os.PathLike[str],
-    operands: Sequence[ufl.core.expr.Expr | fem.Function] | ufl.core.expr.Expr,
-    value_shape: Sequence[int],
-    quadrature_degree: int,
-    mesh: Mesh | None,
-) -> tuple[torch.nn.Module, tuple[ufl.core.expr.Expr, ...], tuple[int, ...], int, Mesh, np.dtype]:
-    """Check the arguments every closure takes, without any collective call.
+    operands: Operands,
+    value_shape: Sequence[int] | None,
+    quadrature_degree: int | None,
+    *,
+    nonlocal_closure: bool = False,
+    grid_shape: Sequence[int] | None = None,
+    mask_channel: bool | None = None,
+) -> ModelArguments:
+    """Check the model and settings every closure takes, without any collective call.
 
-    A path for ``model`` is read with :func:`dolfinx_mno.io.load_model` (every rank reads
-    the file). The model is put in evaluation mode (``model.eval()``). Returns the model,
-    the operands as a tuple of UFL expressions, the value shape, the quadrature degree, the
-    mesh and the scalar dtype.
+    A path for ``model`` is read with :func:`dolfinx_mno.io.read_model_file` (every rank
+    reads the file). If the file holds a :class:`~dolfinx_mno.spec.ClosureSpec`, the
+    operands and every setting given (not ``None``) must match it
+    (:meth:`ClosureSpec.check <dolfinx_mno.spec.ClosureSpec.check>`), and the settings not
+    given are taken from it. The model is put in evaluation mode (``model.eval()``).
+
+    Args:
+        model: The model, or the path of a model file.
+        operands: The closure's operands (checked by :class:`~dolfinx_mno.Operands`).
+        value_shape: The value shape, or ``None`` for the file's (default ``()``).
+        quadrature_degree: The quadrature degree, or ``None`` for the file's (default 2).
+        nonlocal_closure: Whether the closure is non-local: the file's model must be too.
+        grid_shape: A non-local closure's grid shape, if given, compared with the file's.
+        mask_channel: A non-local closure's mask channel, if given, compared with the
+            file's.
 
     Raises:
-        TypeError: A model that is not a ``torch.nn.Module``, unsupported dtypes, a value
-            shape that is not a tuple of integers (``2`` for ``(2,)``, ``(2.5,)``) or a
-            degree that is not an integer (``2.5``, ``True``); see
-            :mod:`dolfinx_mno.validation`.
-        ValueError: No operands, operands from another mesh, a value shape with entries
-            below 1, or a negative degree.
+        TypeError: A model that is not a ``torch.nn.Module``, a value shape that is not a
+            tuple of integers (``2`` for ``(2,)``, ``(2.5,)``) or a degree that is not an
+            integer (``2.5``, ``True``); see :mod:`dolfinx_mno.validation`.
+        ValueError: A value shape with entries below 1, a negative degree, or operands
+            or settings that differ from the spec in the model file.
+        FileNotFoundError, ModelFileError: An unreadable model file.
     """
-    shape = check_value_shape(value_shape)
-    degree = check_integer(quadrature_degree, "quadrature_degree")
+    shape = check_value_shape(value_shape) if value_shape is not None else None
+    degree = None
+    if quadrature_degree is not None:
+        degree = check_integer(quadrature_degree, "quadrature_degree")
+    trained = None
     if isinstance(model, str | os.PathLike):
-        model = load_model(model)
+        contents = read_model_file(model)
+        trained = contents.spec
+        if trained is not None:
+            trained.check(
+                operands,
+                value_shape=shape,
+                quadrature_degree=degree,
+                nonlocal_closure=nonlocal_closure,
+                grid_shape=grid_shape,
+                mask_channel=mask_channel,
+                source=repr(os.fspath(model)),
+            )
+        model = contents.build()
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-    if isinstance(operands, ufl.core.expr.Expr):
-        operands = [operands]
-    operand_list = tuple(ufl.as_ufl(op) for op in operands)
-    if not operand_list:
-        raise ValueError("A closure needs at least one operand.")
-    mesh = _operand_mesh(operand_list, mesh)
-    dtype = _scalar_dtype(operand_list, mesh)
+    if shape is None:
+        shape = trained.value_shape if trained is not None else ()
+    if degree is None:
+        degree = trained.quadrature_degree if trained is not None else 2
     # A closure evaluates the model for inference: dropout off, batch-norm statistics
     # frozen (the probe at construction must not update them, or results would depend on
     # the number of ranks). The closures refuse to update a model put back in training mode.
     model.eval()
-    return model, operand_list, shape, degree, mesh, dtype
-
-
-def operand_comm(
-    operands: Sequence[ufl.core.expr.Expr | fem.Function] | ufl.core.expr.Expr,
-    mesh: Mesh | None,
-) -> MPI.Comm:
-    """The communicator a closure of these arguments is collective on; never raises.
-
-    That of ``mesh``, or of the operands' mesh. It is known before anything is validated,
-    so that every rank-local check (:func:`validate_arguments` among them) can run inside
-    one agreement on it (:func:`dolfinx_mno._mpi.rank_local`). Where it cannot be told
-    (operands on several meshes or on none), :func:`validate_arguments` rejects the
-    arguments identically on every rank, and ``MPI.COMM_SELF`` is returned.
-    """
-    try:
-        if mesh is not None:
-            return typing.cast(MPI.Comm, mesh.comm)
-        if isinstance(operands, ufl.core.expr.Expr):
-            operands = [operands]
-        return typing.cast(MPI.Comm, _operand_mesh([ufl.as_ufl(op) for op in operands], None).comm)
-    except Exception:  # bad arguments: validate_arguments says why, on every rank
-        return MPI.COMM_SELF
-
-
-def _operand_mesh(operands: Sequence[ufl.core.expr.Expr], mesh: Mesh | None) -> Mesh:
-    """The mesh all operands live on; raises if they live on several or on another one."""
-    domains: set[ufl.AbstractDomain] = set()
-    for operand in operands:
-        domains.update(ufl.domain.extract_domains(operand))
-    if mesh is not None:
-        others = [d for d in domains if d != mesh.ufl_domain()]
-        if others:
-            raise ValueError(
-                "Closure operands must live on the closure's mesh, but "
-                f"{len(others)} operand domain(s) belong to another mesh."
-            )
-        return mesh
-    if len(domains) != 1:
-        raise ValueError(
-            "Closure operands must live on exactly one mesh, but they live on "
-            f"{len(domains)}; pass mesh= to say which, or rebuild the operands on one mesh."
-        )
-    for operand in operands:
-        for coefficient in extract_coefficients(operand):
-            if hasattr(coefficient, "function_space"):
-                return typing.cast(Mesh, coefficient.function_space.mesh)
-    raise ValueError(
-        "Could not find the DOLFINx mesh of the operands (none of them contains a "
-        "fem.Function); pass mesh= explicitly."
-    )
-
-
-def _scalar_dtype(operands: Sequence[ufl.core.expr.Expr], mesh: Mesh) -> np.dtype:
-    """The scalar dtype of the operand functions (or of the mesh geometry), checked."""
-    dtypes = {
-        np.dtype(c.dtype)
-        for op in operands
-        for c in extract_coefficients(op)
-        if hasattr(c, "dtype")
-    }
-    if not dtypes:
-        dtypes = {np.dtype(mesh.geometry.x.dtype)}
-    if len(dtypes) > 1:
-        raise TypeError(f"Closure operands mix scalar types {sorted(map(str, dtypes))}.")
-    dtype = dtypes.pop()
-    if dtype not in NUMPY_TO_TORCH:
-        raise TypeError(
-            f"Unsupported dtype {dtype}: closures support real float32 and float64 DOLFINx "
-            "problems."
-        )
-    return dtype
+    return ModelArguments(model, shape, degree, trained)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import time
 import typing
-from collections.abc import Sequence
 
 from mpi4py import MPI
 
@@ -36,13 +35,9 @@ from ufl.algorithms import expand_derivatives
 from ufl.constantvalue import Zero
 
 from dolfinx_mno._mpi import agree, describe, rank_local
-from dolfinx_mno.base import ClosureBase, operand_comm, validate_arguments
-from dolfinx_mno.quadrature import (
-    flatten_operands,
-    operand_components,
-    quadrature_points,
-    quadrature_space,
-)
+from dolfinx_mno.base import ClosureBase, validate_arguments
+from dolfinx_mno.operands import Operands, OperandsLike, operand_comm, operand_components
+from dolfinx_mno.quadrature import owned_dofs, quadrature_points, quadrature_space
 from dolfinx_mno.torch_bridge import (
     PointwiseEvaluator,
     model_device,
@@ -67,16 +62,21 @@ class Closure(ClosureBase):
         model: Pointwise model mapping ``(batch, num_inputs)`` to ``(batch, *value_shape)``
             or ``(batch, prod(value_shape))``. It is evaluated in its own dtype and moved
             to ``device``; each output row may depend only on the same input row. A path
-            (``str`` or :class:`os.PathLike`) is read with :func:`dolfinx_mno.io.load_model`.
+            (``str`` or :class:`os.PathLike`) is read with :func:`dolfinx_mno.io.load_model`;
+            if the file holds a :class:`~dolfinx_mno.spec.ClosureSpec` (``save_model(...,
+            spec=closure.spec)``), the operands must be those it was trained on.
         operands: UFL expressions on one mesh (``u``, ``grad(u)``, ``x``, other
-            coefficients), the same operands a ``ufl.ExternalOperator`` would take. Their
+            coefficients), the same operands a ``ufl.ExternalOperator`` would take: an
+            :class:`~dolfinx_mno.Operands`, a dict ``{name: expression}`` or a list. Their
             components, operand after operand and each in row-major order, form the
             ``num_inputs`` columns of the model input.
         value_shape: Shape of the closure value, a tuple of positive integers: ``()``
             (scalar), ``(d,)`` (a flux) or ``(d, d)`` (a stress); an integer ``d`` is
-            refused (write ``(d,)``).
+            refused (write ``(d,)``). ``None`` (the default): the model file's spec, else
+            ``()``.
         quadrature_degree: Degree of Basix's default cell quadrature rule that carries the
-            values. Integrate the closure with :attr:`dx`.
+            values. Integrate the closure with :attr:`dx`. ``None`` (the default): the
+            model file's spec, else 2.
         mesh: The mesh; by default the mesh of the operands.
         device: ``"auto"`` (``cuda:(local rank % number of GPUs)`` when CUDA is available,
             else the CPU), or any :class:`torch.device`. ``None`` leaves the model where it
@@ -94,8 +94,9 @@ class Closure(ClosureBase):
 
     Raises:
         ValueError: Operands from another mesh, a model input width different from the
-            operand components, a model output that does not match ``value_shape``, or a
-            bad ``quadrature_degree``/``value_shape``.
+            operand components, a model output that does not match ``value_shape``, a
+            bad ``quadrature_degree``/``value_shape``, or operands, a value shape or a
+            degree other than those in the model file's spec.
         TypeError: Complex or otherwise unsupported dtypes.
 
         Under MPI every check, the model file's reading and the probe run before the first
@@ -114,9 +115,9 @@ class Closure(ClosureBase):
     def __init__(
         self,
         model: torch.nn.Module | str | os.PathLike[str],
-        operands: Sequence[ufl.core.expr.Expr | fem.Function],
-        value_shape: tuple[int, ...] = (),
-        quadrature_degree: int = 2,
+        operands: OperandsLike,
+        value_shape: tuple[int, ...] | None = None,
+        quadrature_degree: int | None = None,
         *,
         mesh: Mesh | None = None,
         device: str | torch.device | None = "auto",
@@ -132,11 +133,11 @@ class Closure(ClosureBase):
         comm = operand_comm(operands, mesh)
         target = resolve_device(device, comm) if device is not None else None
         with rank_local(comm, f"Building closure '{name}'"):
-            model, operand_list, value_shape, quadrature_degree, mesh, dtype = validate_arguments(
-                model, operands, value_shape, quadrature_degree, mesh
-            )
-            vector, widths = flatten_operands(operand_list)
-            num_inputs = sum(widths)
+            operands = Operands(operands, mesh=mesh)
+            arguments = validate_arguments(model, operands, value_shape, quadrature_degree)
+            model, value_shape = arguments.model, arguments.value_shape
+            quadrature_degree = arguments.quadrature_degree
+            mesh, dtype, num_inputs = operands.mesh, operands.dtype, operands.num_inputs
             num_outputs = int(np.prod(value_shape, dtype=int))
             tdim = mesh.topology.dim
             num_cells = mesh.topology.index_map(tdim).size_local
@@ -172,16 +173,15 @@ class Closure(ClosureBase):
         space = quadrature_space(mesh, int(quadrature_degree), value_shape)
         super().__init__(space, name=name, dtype=dtype)
         self._mno_quadrature_degree = int(quadrature_degree)
-        self._operands = operand_list
-        self._operand_widths = widths
-        self._expression = fem.Expression(vector, points, dtype=dtype)
+        self._operands = operands
+        self._expression = operands.expression(points)
         self._cells = np.arange(num_cells, dtype=np.int32)
         self._num_cells = num_cells
         self._points_per_cell = points.shape[0]
         self._model = model
         self._evaluator = evaluator
         self._operand_buffer = evaluator.inputs.reshape(num_cells, points.shape[0], num_inputs)
-        self._value_dofs = _owned_dofs(space, num_cells)
+        self._value_dofs = owned_dofs(space, num_cells)
         self._tangent: fem.Function | None = None
         self._tangent_dofs: slice | np.ndarray | None = None
         self._tangent_current = False  # whether the last update computed the tangent
@@ -237,29 +237,9 @@ class Closure(ClosureBase):
     # -- properties -------------------------------------------------------------------
 
     @property
-    def model(self) -> torch.nn.Module:
-        """The torch model."""
-        return self._model
-
-    @property
-    def operands(self) -> tuple[ufl.core.expr.Expr, ...]:
-        """The UFL operands, in the order their components enter the model."""
-        return self._operands
-
-    @property
-    def operand_widths(self) -> list[int]:
-        """Number of input components of each operand."""
-        return list(self._operand_widths)
-
-    @property
     def num_inputs(self) -> int:
         """Number of input components per point (the model's input width)."""
         return self._evaluator.num_inputs
-
-    @property
-    def value_shape(self) -> tuple[int, ...]:
-        """Shape of the closure value at one point."""
-        return tuple(self.ufl_shape)
 
     @property
     def device(self) -> torch.device:
@@ -321,7 +301,7 @@ class Closure(ClosureBase):
             self._tangent = fem.Function(space, name=f"{self.name}_tangent", dtype=self.dtype)
             self._tangent.x.array[:] = np.nan  # until an update computes it
             self._tangent._mno_quadrature_degree = self.quadrature_degree  # type: ignore
-            self._tangent_dofs = _owned_dofs(space, self._num_cells)
+            self._tangent_dofs = owned_dofs(space, self._num_cells)
         return self._tangent
 
     def update(self, tangent: bool | None = None) -> None:
@@ -449,19 +429,6 @@ class Closure(ClosureBase):
         if all(isinstance(component, Zero) for component in components):
             return None
         return components
-
-
-def _owned_dofs(space: fem.FunctionSpace, num_cells: int) -> slice | np.ndarray:
-    """Indices of ``x.array`` holding the owned cells' values, in (cell, point) order.
-
-    Quadrature dofs are cell-local, so for owned cells they are normally numbered
-    contiguously; a slice then avoids a gather on every update.
-    """
-    bs = space.dofmap.bs
-    cell_dofs = space.dofmap.list[:num_cells].reshape(-1)
-    if np.array_equal(cell_dofs, np.arange(cell_dofs.size)):
-        return slice(0, cell_dofs.size * bs)
-    return (cell_dofs[:, None] * bs + np.arange(bs)).reshape(-1)
 
 
 def extract_closures(form: ufl.Form) -> list[ClosureBase]:

@@ -35,7 +35,7 @@ import ufl
 from dolfinx import fem, geometry
 from dolfinx.mesh import CellType, Mesh
 
-from dolfinx_mno.quadrature import flatten_operands
+from dolfinx_mno.operands import Operands, OperandsLike
 from dolfinx_mno.validation import check_integer
 
 __all__ = ["Grid", "GridInterpolator", "GridSampler", "GriddedSampler"]
@@ -412,21 +412,6 @@ def _degree_of(expressions: Sequence[ufl.core.expr.Expr]) -> int:
     return max([1, *degrees])
 
 
-def _expression_mesh(expressions: Sequence[ufl.core.expr.Expr]) -> Mesh:
-    meshes = {
-        id(c.function_space.mesh): c.function_space.mesh
-        for e in expressions
-        for c in ufl.algorithms.extract_coefficients(e)
-        if isinstance(c, fem.Function)
-    }
-    if len(meshes) != 1:
-        raise ValueError(
-            f"The expressions must depend on functions of exactly one mesh, found "
-            f"{len(meshes)}; pass mesh= for expressions without functions."
-        )
-    return next(iter(meshes.values()))
-
-
 class GriddedSampler:
     """Sample UFL expressions on a grid and gather them on the root rank (collective).
 
@@ -444,7 +429,8 @@ class GriddedSampler:
     nothing (:meth:`__call__` returns a new array).
 
     Args:
-        expressions: UFL expressions (or functions) on one mesh.
+        expressions: UFL expressions (or functions) on one mesh: an
+            :class:`~dolfinx_mno.Operands`, a dict ``{name: expression}`` or a list.
         grid: The grid, e.g. the ``grid`` attribute of a non-local closure.
         extension_value: Value of every channel at grid points outside the mesh.
         mask_channel: Append the inside/outside mask as the last channel.
@@ -453,6 +439,7 @@ class GriddedSampler:
         root: The rank that receives the grid.
 
     Attributes:
+        operands: The expressions, as :class:`~dolfinx_mno.Operands`.
         num_channels: Channels of the expressions (without the mask).
         num_local: Grid points this rank evaluates.
         gather_bytes: Bytes sent to the root per gather (the root's own share excluded).
@@ -462,14 +449,14 @@ class GriddedSampler:
         >>> x = inputs()  # on the root: (2, *closure.grid.shape); elsewhere None
 
     Raises:
-        ValueError: Expressions on several meshes, an invalid root or degree, or a grid of
-            another dimension than the mesh.
-        TypeError: A grid that is not a :class:`Grid`, or a complex mesh dtype.
+        ValueError: No expressions, expressions on several meshes, an invalid root or
+            degree, or a grid of another dimension than the mesh.
+        TypeError: A grid that is not a :class:`Grid`, or complex expressions.
     """
 
     def __init__(
         self,
-        expressions: Sequence[ufl.core.expr.Expr | fem.Function],
+        expressions: OperandsLike,
         grid: Grid,
         *,
         extension_value: float = 0.0,
@@ -482,12 +469,8 @@ class GriddedSampler:
 
         See the class docstring for the arguments.
         """
-        if isinstance(expressions, ufl.core.expr.Expr):
-            expressions = [expressions]
-        expression_list = [ufl.as_ufl(e) for e in expressions]
-        if not expression_list:
-            raise ValueError("GriddedSampler needs at least one expression.")
-        mesh = mesh if mesh is not None else _expression_mesh(expression_list)
+        operands = Operands(expressions, mesh=mesh)
+        mesh = operands.mesh
         if not isinstance(grid, Grid):
             raise TypeError(f"grid must be a dolfinx_mno.grid.Grid, got {type(grid).__name__}.")
         if grid.dim != mesh.geometry.dim:
@@ -497,20 +480,18 @@ class GriddedSampler:
         comm = mesh.comm
         if not 0 <= check_integer(root, "root") < comm.size:
             raise ValueError(f"root must be a rank of the mesh communicator, got {root}.")
-        dtype = np.dtype(mesh.geometry.x.dtype)
-        if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
-            raise TypeError(f"Unsupported dtype {dtype}: use real float32 or float64.")
+        dtype = operands.dtype
         if sampling_degree is not None:
             check_integer(sampling_degree, "sampling_degree")
 
         # Collective from here on.
-        vector, widths = flatten_operands(expression_list)
-        self.num_channels = sum(widths)
-        degree = sampling_degree if sampling_degree is not None else _degree_of(expression_list)
+        self.operands = operands
+        self.num_channels = operands.num_inputs
+        degree = sampling_degree if sampling_degree is not None else _degree_of(operands)
         space = fem.functionspace(
             mesh, ("Discontinuous Lagrange", int(degree), (self.num_channels,))
         )
-        self._expression = fem.Expression(vector, space.element.interpolation_points, dtype=dtype)
+        self._expression = operands.expression(space.element.interpolation_points)
         self._sampler = GridSampler(grid, space, dtype)
         self._local = np.empty((self._sampler.num_local, self.num_channels), dtype=dtype)
         self.grid = grid

@@ -15,8 +15,9 @@ key            value
 format         ``"dolfinx_mno.model"``
 format_version ``1``
 architecture   JSON string ``{"name": ..., "kwargs": {...}}`` (nested for wrappers)
-metadata       JSON string, free form: operand names, ``value_shape``,
-               ``quadrature_degree``, units, training details...
+metadata       JSON string, free form (units, training details...); under
+               ``"closure_spec"`` the :class:`~dolfinx_mno.spec.ClosureSpec` given to
+               :func:`save_model` (operands, value shape, quadrature degree, grid)
 versions       JSON string: torch, numpy, dolfinx_mno, python (and neuraloperator if used)
 state_dict     ``{name: tensor}``: parameters and persistent buffers (so the statistics
                of a :class:`~dolfinx_mno.NormalizedModel` too), on the CPU
@@ -67,6 +68,7 @@ import torch
 from dolfinx_mno._mpi import agree_on, on_root
 from dolfinx_mno.models import MLP
 from dolfinx_mno.normalization import AffineNormalization, NormalizedModel
+from dolfinx_mno.spec import ClosureSpec, metadata_with_spec, spec_from_metadata
 
 __all__ = [
     "FORMAT_VERSION",
@@ -439,6 +441,7 @@ def _payload(
     model: torch.nn.Module,
     metadata: Mapping[str, Any] | None,
     architecture: tuple[str, Mapping[str, Any]] | None,
+    spec: ClosureSpec | None,
 ) -> dict[str, Any]:
     """Everything :func:`save_model` writes; raises ModelFileError on bad input."""
     if not isinstance(model, torch.nn.Module):
@@ -452,9 +455,13 @@ def _payload(
         config = _check_json({"name": name, "kwargs": dict(kwargs)}, "The architecture")
     else:
         config = architecture_config(model)
-    meta = _check_json(dict(metadata) if metadata is not None else {}, "metadata")
-    if not isinstance(meta, dict):
+    if metadata is not None and not isinstance(metadata, Mapping):
         raise ModelFileError("metadata must be a dict.")
+    try:
+        with_spec = metadata_with_spec(metadata, spec)
+    except (TypeError, ValueError) as err:
+        raise ModelFileError(str(err)) from err
+    meta = _check_json(with_spec, "metadata")
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -490,11 +497,12 @@ def save_model(
     path: str | os.PathLike[str],
     model: torch.nn.Module,
     *,
+    spec: ClosureSpec | None = None,
     metadata: Mapping[str, Any] | None = None,
     architecture: tuple[str, Mapping[str, Any]] | None = None,
     comm: MPI.Comm | None = None,
 ) -> str:
-    """Write ``model`` (weights and architecture) and ``metadata`` to one file.
+    """Write ``model`` (weights and architecture), its closure spec and metadata to one file.
 
     The file is written atomically (a temporary file in the same folder, then
     :func:`os.replace`), so an interrupted save never leaves a broken file in place of a
@@ -504,10 +512,13 @@ def save_model(
         path: Destination; its folder must exist. The suffix ``.pt`` is customary.
         model: A model of a registered architecture (see :func:`architecture_config`).
             Parameters and buffers of any dtype and device are saved (copied to the CPU).
-        metadata: Free-form JSON dict stored with the model, e.g. the operand spec
-            ``{"operands": ["u", "grad(u)"], "value_shape": [2], "quadrature_degree": 2,
-            "units": {...}}``. NumPy scalars and arrays are converted to JSON numbers
-            and lists.
+        spec: The closure the model was trained for (``closure.spec``,
+            ``sampler.spec`` or a :class:`~dolfinx_mno.spec.ClosureSpec`), stored in the
+            metadata under ``"closure_spec"``. A closure built from the file
+            (``Closure(path, operands)``) then takes its value shape and quadrature degree
+            from it and refuses operands that differ.
+        metadata: Free-form JSON dict stored with the model, e.g. ``{"units": {...}}``.
+            NumPy scalars and arrays are converted to JSON numbers and lists.
         architecture: ``(name, kwargs)`` of a registered architecture, for a model
             :func:`architecture_config` does not recognise.
         comm: Under MPI, the communicator of the ranks that hold the model (collective).
@@ -519,8 +530,9 @@ def save_model(
         The SHA-256 digest stored in the file.
 
     Raises:
-        ModelFileError: The model cannot be described (on all ranks if any), or the
-            ranks hold different weights or architectures.
+        ModelFileError: The model cannot be described (on all ranks if any), the spec
+            is given twice (``spec`` and ``metadata["closure_spec"]``) or malformed, or the
+            ranks hold different weights, specs or architectures.
         OSError: The file could not be written: under MPI, rank 0's error, the same type
             and text on every rank.
     """
@@ -528,7 +540,7 @@ def save_model(
     cause: ModelFileError | None = None
     payload: dict[str, Any] | None = None
     try:
-        payload = _payload(model, metadata, architecture)
+        payload = _payload(model, metadata, architecture, spec)
     except ModelFileError as err:
         error, cause = str(err), err
     if comm is None:
@@ -568,11 +580,14 @@ class ModelFile:
 
     Attributes:
         architecture: ``{"name": ..., "kwargs": {...}}``.
-        metadata: The metadata dict given to :func:`save_model`.
+        metadata: The metadata dict given to :func:`save_model` (with the spec under
+            ``"closure_spec"``, if any).
         versions: Library versions at save time.
         state_dict: ``{name: tensor}`` on the CPU.
         sha256: The verified digest: compare it with a digest published through a
             trusted channel to know that this is the author's file.
+        spec: The closure spec given to :func:`save_model`; ``None`` for files without
+            one (older files among them).
     """
 
     architecture: dict[str, Any]
@@ -580,6 +595,7 @@ class ModelFile:
     versions: dict[str, str]
     state_dict: dict[str, torch.Tensor]
     sha256: str
+    spec: ClosureSpec | None = None
 
     def build(self, map_location: str | torch.device | None = None) -> torch.nn.Module:
         """Rebuild the model and load the weights (exactly: each tensor keeps its dtype).
@@ -726,7 +742,11 @@ def read_model_file(path: str | os.PathLike[str]) -> ModelFile:
         raise ModelFileError(f"Malformed JSON in {os.fspath(path)!r}: {err}") from err
     if not isinstance(architecture, dict) or "name" not in architecture:
         raise ModelFileError(f"{os.fspath(path)!r} names no architecture.")
-    return ModelFile(architecture, metadata, versions, state, raw["sha256"])
+    try:
+        spec = spec_from_metadata(metadata) if isinstance(metadata, dict) else None
+    except ValueError as err:
+        raise ModelFileError(f"{os.fspath(path)!r} holds a malformed closure spec: {err}") from err
+    return ModelFile(architecture, metadata, versions, state, raw["sha256"], spec)
 
 
 def load_model(

@@ -58,10 +58,12 @@ from dolfinx import fem
 from dolfinx.mesh import Mesh
 
 from dolfinx_mno._mpi import describe, failure_message, rank_local
-from dolfinx_mno.base import ClosureBase, operand_comm, validate_arguments
-from dolfinx_mno.closure import ClosureEvaluationError, _owned_dofs
+from dolfinx_mno.base import ClosureBase, validate_arguments
+from dolfinx_mno.closure import ClosureEvaluationError
 from dolfinx_mno.grid import Grid, GriddedSampler, GridInterpolator, mesh_bounding_box
-from dolfinx_mno.quadrature import flatten_operands, quadrature_points, quadrature_space
+from dolfinx_mno.operands import Operands, OperandsLike, operand_comm
+from dolfinx_mno.quadrature import owned_dofs, quadrature_points, quadrature_space
+from dolfinx_mno.spec import ClosureSpec
 from dolfinx_mno.torch_bridge import model_device, resolve_device, training_mode_error
 from dolfinx_mno.validation import check_integer
 
@@ -96,17 +98,22 @@ class NonlocalClosure(ClosureBase):
             ``TFNO`` (use their ``domain_padding`` on non-periodic domains), or any
             ``torch.nn.Module`` with that grid contract, or a model file path
             (:func:`dolfinx_mno.io.load_model`). Runs on the root rank only.
-        operands: UFL expressions on one mesh; their components, operand after operand,
-            are the input channels.
+        operands: UFL expressions on one mesh (an :class:`~dolfinx_mno.Operands`, a dict
+            ``{name: expression}`` or a list); their components, operand after operand,
+            are the input channels. With a model file holding a
+            :class:`~dolfinx_mno.spec.ClosureSpec`, they must be those it was trained on.
         value_shape: Shape of the closure value at a point, a tuple of positive integers
-            (``()``, ``(d,)``, ...).
-        quadrature_degree: Degree of the quadrature rule carrying the values.
-        grid_shape: Points per direction. Default: one point per mean cell size, i.e.
-            ``ceil(extent / h) + 1`` with ``h = (volume / num_cells)^(1/tdim)``.
+            (``()``, ``(d,)``, ...); default the model file's spec, else ``()``.
+        quadrature_degree: Degree of the quadrature rule carrying the values; default the
+            model file's spec, else 2.
+        grid_shape: Points per direction. Default: the model file's spec, else one point
+            per mean cell size, i.e. ``ceil(extent / h) + 1`` with
+            ``h = (volume / num_cells)^(1/tdim)``.
         bounding_box: ``(lower, upper)`` of the grid; default the mesh's bounding box. It
             must contain the mesh.
         mask_channel: Append a channel that is 1 at grid points inside the domain and 0
-            outside (always 1 on a box-shaped domain).
+            outside (always 1 on a box-shaped domain); default the model file's spec,
+            else ``True``.
         extension_value: Value of every input channel at grid points outside the domain.
         sampling_degree: Degree of the discontinuous Lagrange space the operands are
             interpolated into before point evaluation; default the highest degree of the
@@ -132,13 +139,13 @@ class NonlocalClosure(ClosureBase):
     def __init__(
         self,
         model: torch.nn.Module | str | os.PathLike[str],
-        operands: Sequence[ufl.core.expr.Expr | fem.Function],
-        value_shape: tuple[int, ...] = (),
-        quadrature_degree: int = 2,
+        operands: OperandsLike,
+        value_shape: tuple[int, ...] | None = None,
+        quadrature_degree: int | None = None,
         *,
         grid_shape: Sequence[int] | None = None,
         bounding_box: tuple[Sequence[float], Sequence[float]] | None = None,
-        mask_channel: bool = True,
+        mask_channel: bool | None = None,
         extension_value: float = 0.0,
         sampling_degree: int | None = None,
         mesh: Mesh | None = None,
@@ -155,9 +162,24 @@ class NonlocalClosure(ClosureBase):
         # raises on every rank.
         what = f"Building non-local closure '{name}'"
         with rank_local(operand_comm(operands, mesh), what):
-            model, operand_list, value_shape, quadrature_degree, mesh, dtype = validate_arguments(
-                model, operands, value_shape, quadrature_degree, mesh
+            operands = operand_list = Operands(operands, mesh=mesh)  # both names used below
+            arguments = validate_arguments(
+                model,
+                operands,
+                value_shape,
+                quadrature_degree,
+                nonlocal_closure=True,
+                grid_shape=grid_shape,
+                mask_channel=mask_channel,
             )
+            model, value_shape = arguments.model, arguments.value_shape
+            quadrature_degree, trained = arguments.quadrature_degree, arguments.trained
+            mesh, dtype = operands.mesh, operands.dtype
+            # Settings not given: those the model was trained with, if the file says.
+            if trained is not None and trained.grid is not None:
+                grid_shape = grid_shape if grid_shape is not None else trained.grid.shape
+                mask_channel = mask_channel if mask_channel is not None else trained.mask_channel
+            mask_channel = True if mask_channel is None else mask_channel
             comm = mesh.comm
             if not 0 <= check_integer(root, "root") < comm.size:
                 raise ValueError(f"root must be a rank of the mesh communicator, got {root}.")
@@ -203,7 +225,7 @@ class NonlocalClosure(ClosureBase):
         self._operands = operand_list
         self.grid = grid
         self._value_shape = value_shape
-        self._num_inputs = sum(flatten_operands(operand_list)[1])
+        self._num_inputs = operands.num_inputs
         self.num_outputs = math.prod(value_shape)
         self.mask_channel = bool(mask_channel)
         self.extension_value = float(extension_value)
@@ -244,7 +266,7 @@ class NonlocalClosure(ClosureBase):
         self._interpolator = GridInterpolator(
             grid, coordinates.reshape(-1, gdim), self.num_outputs, dtype
         )
-        self._value_dofs = _owned_dofs(space, tdim_cells)
+        self._value_dofs = owned_dofs(space, tdim_cells)
         # This rank's sub-block of the output grid, stored channel-last: the layout that the
         # interpolation gathers corner values from without a copy.
         self._block_buffer = np.empty(
@@ -410,14 +432,15 @@ class NonlocalClosure(ClosureBase):
         return self._num_inputs
 
     @property
-    def model(self) -> torch.nn.Module:
-        """The neural operator (used on the root rank only)."""
-        return self._model
-
-    @property
-    def operands(self) -> tuple[ufl.core.expr.Expr, ...]:
-        """The UFL operands, in channel order."""
-        return self._operands
+    def spec(self) -> ClosureSpec:
+        """What this closure's model is for, grid and mask channel included."""
+        return ClosureSpec.from_operands(
+            self._operands,
+            self.value_shape,
+            self.quadrature_degree,
+            grid=self.grid,
+            mask_channel=self.mask_channel,
+        )
 
     def update(self, tangent: bool | None = None) -> None:
         """Sample, gather, run the model, scatter and interpolate (collective).

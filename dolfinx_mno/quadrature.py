@@ -1,4 +1,4 @@
-"""Quadrature spaces, operand flattening and form checks for closures.
+"""Quadrature spaces, their owned dofs, and form checks for closures.
 
 A local closure stores its values at the quadrature points of a cell quadrature rule,
 in a ``basix.ufl.quadrature_element`` function space. FFCx integrates a form containing
@@ -22,6 +22,9 @@ from dolfinx import fem
 from dolfinx.mesh import Mesh
 from ufl.algorithms import extract_coefficients
 
+# Operand flattening lives with the operands; these names stay importable from here.
+from dolfinx_mno.operands import flatten_operands, operand_components
+
 __all__ = [
     "check_form",
     "composite_quadrature",
@@ -29,6 +32,7 @@ __all__ = [
     "form",
     "measure",
     "operand_components",
+    "owned_dofs",
     "quadrature_points",
     "quadrature_space",
 ]
@@ -71,48 +75,26 @@ def measure(mesh: Mesh, quadrature_degree: int, **kwargs: typing.Any) -> ufl.Mea
     return ufl.Measure("dx", domain=mesh, metadata=metadata, **kwargs)
 
 
-def _components(expression: ufl.core.expr.Expr) -> list[ufl.core.expr.Expr]:
-    """Scalar components of a UFL expression, in row-major (C) order."""
-    shape = expression.ufl_shape
-    if shape == ():
-        return [expression]
-    return [expression[index] for index in np.ndindex(shape)]
+def owned_dofs(space: fem.FunctionSpace, num_cells: int) -> slice | np.ndarray:
+    """Indices of ``x.array`` holding the owned cells' values, in (cell, point) order.
 
-
-def operand_components(
-    operands: Sequence[ufl.core.expr.Expr],
-) -> tuple[list[ufl.core.expr.Expr], list[int]]:
-    """The scalar components of all operands, operand after operand, each row-major.
-
-    Returns:
-        The list of components and the number of components of each operand.
-    """
-    components: list[ufl.core.expr.Expr] = []
-    widths = []
-    for operand in operands:
-        parts = _components(ufl.as_ufl(operand))
-        components.extend(parts)
-        widths.append(len(parts))
-    return components, widths
-
-
-def flatten_operands(
-    operands: Sequence[ufl.core.expr.Expr],
-) -> tuple[ufl.core.expr.Expr, list[int]]:
-    """Stack the components of all operands into one UFL vector.
-
-    UFL simplifies ``as_vector([g[0], g[1]])`` back to ``g``, so the vector's
-    ``ufl_operands`` are not the components; use :func:`operand_components` for those.
+    Quadrature dofs are cell-local, so for owned cells they are normally numbered
+    contiguously; a slice then avoids a gather on every write.
 
     Args:
-        operands: UFL expressions of any shapes.
+        space: A quadrature space (:func:`quadrature_space`), of any value shape.
+        num_cells: Number of owned cells (``index_map(tdim).size_local``).
 
     Returns:
-        The vector of all components, operand after operand, each in row-major order, and
-        the number of components of each operand.
+        ``slice(0, n)`` or an index array, selecting ``num_cells * num_points *
+        prod(value_shape)`` entries: ``x.array[owned_dofs(...)]`` reshaped to
+        ``(num_cells, num_points, *value_shape)``.
     """
-    components, widths = operand_components(operands)
-    return ufl.as_vector(components), widths
+    bs = space.dofmap.bs
+    cell_dofs = space.dofmap.list[:num_cells].reshape(-1)
+    if np.array_equal(cell_dofs, np.arange(cell_dofs.size)):
+        return slice(0, cell_dofs.size * bs)
+    return (cell_dofs[:, None] * bs + np.arange(bs)).reshape(-1)
 
 
 def _closure_degree(coefficient: typing.Any) -> int | None:

@@ -1,6 +1,8 @@
 """Model files: exact round trips, weights_only loading, refusal of bad files, MPI writes."""
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +21,8 @@ from dolfinx import fem, mesh
 import dolfinx_mno as mno
 from dolfinx_mno import io
 from dolfinx_mno.models import MLP
+from dolfinx_mno.nonlocal_closure import NonlocalClosure
+from dolfinx_mno.spec import SPEC_KEY, ClosureSpec
 
 OPERANDS = {"operands": ["u", "grad(u)"], "value_shape": [], "quadrature_degree": 2}
 
@@ -468,8 +472,14 @@ def test_closure_from_file_equals_closure_from_model(shared_dir):
     from_model = mno.Closure(model, operands, quadrature_degree=2, tangent=True)
     from_file = mno.Closure(path, operands, quadrature_degree=2, tangent=True)
     from_str = mno.Closure(str(path), operands, quadrature_degree=2)
-    for closure in (from_model, from_file, from_str):
+    # A file without a spec (hand-written metadata, as every file before specs) loads
+    # unchecked, with the default value shape and degree.
+    assert io.read_model_file(path).spec is None
+    from_defaults = mno.Closure(path, operands)
+    assert from_defaults.value_shape == () and from_defaults.quadrature_degree == 2
+    for closure in (from_model, from_file, from_str, from_defaults):
         closure.update()
+    np.testing.assert_array_equal(from_defaults.x.array, from_model.x.array)
     assert from_model.x.array.size > 0
     assert np.abs(from_model.x.array).max() > 0.1
     np.testing.assert_array_equal(from_file.x.array, from_model.x.array)
@@ -480,3 +490,198 @@ def test_closure_from_file_equals_closure_from_model(shared_dir):
             path.write_bytes(path.read_bytes()[:50])
         MPI.COMM_WORLD.Barrier()
         mno.Closure(path, operands, quadrature_degree=2)
+
+
+# -- closure specs -------------------------------------------------------------------------
+
+
+class PointwiseConv(torch.nn.Module):
+    """A grid model: the same linear map of the channels at every grid point."""
+
+    def __init__(self, in_channels=1, out_channels=1, seed=0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        weight = torch.randn(out_channels, in_channels, generator=generator, dtype=torch.float64)
+        self.weight = torch.nn.Parameter(weight)
+        self.config = {"in_channels": in_channels, "out_channels": out_channels, "seed": seed}
+
+    def forward(self, x):
+        return torch.einsum("oi,bi...->bo...", self.weight, x)
+
+
+def exactly(message):
+    return f"^{re.escape(message)}$"
+
+
+@pytest.mark.mpi
+def test_spec_round_trip_through_a_model_file(shared_dir):
+    comm = MPI.COMM_WORLD
+    local = ClosureSpec(("u", "grad(u)"), (1, 2), (), 3)
+    grid = mno.Grid((0.0, -1.0), (1.0, 1.0), (6, 11))
+    nonlocal_ = ClosureSpec(("u",), (1,), (2,), 1, grid=grid, mask_channel=False)
+    for spec in (local, nonlocal_):
+        path = shared_dir / "spec.pt"
+        model = normalized_mlp()
+        digest = io.save_model(path, model, spec=spec, metadata={"units": "m"}, comm=comm)
+        contents = io.read_model_file(path)
+        assert contents.spec == spec
+        assert contents.sha256 == digest
+        assert contents.metadata == {"units": "m", SPEC_KEY: spec.to_dict()}
+        assert_same_state(model, contents.build())
+    # The ranks must agree on the spec as on the weights.
+    if comm.size > 1:
+        spec = local if comm.rank == 0 else nonlocal_
+        with pytest.raises(io.ModelFileError, match="ranks hold different models"):
+            io.save_model(path, normalized_mlp(), spec=spec, comm=comm)
+
+
+def test_save_model_refuses_a_spec_given_twice_or_malformed(tmp_path):
+    path = tmp_path / "model.pt"
+    spec = ClosureSpec(("u",), (1,), (), 2)
+    message = "Give the closure spec once: as spec= or as metadata['closure_spec'], not both."
+    with pytest.raises(io.ModelFileError, match=exactly(message)):
+        io.save_model(path, MLP(1, 1), spec=spec, metadata={SPEC_KEY: spec.to_dict()})
+    with pytest.raises(
+        io.ModelFileError, match=exactly("spec must be a dolfinx_mno.ClosureSpec, got dict.")
+    ):
+        io.save_model(path, MLP(1, 1), spec=spec.to_dict())
+    with pytest.raises(io.ModelFileError, match=r"^Malformed closure spec .*got 0\.$"):
+        io.save_model(
+            path, MLP(1, 1), metadata={SPEC_KEY: {**spec.to_dict(), "operand_widths": [0]}}
+        )
+    assert not path.exists()
+    # A file whose spec was edited (and its digest recomputed) is refused when read.
+    io.save_model(path, MLP(1, 1), spec=spec)
+    payload = raw(path)
+    metadata = json.loads(payload["metadata"])
+    metadata[SPEC_KEY]["version"] = 7
+    payload["metadata"] = json.dumps(metadata, sort_keys=True)
+    rewrite(path, payload)
+    expected = (
+        f"{os.fspath(path)!r} holds a malformed closure spec: Closure spec version 7: this "
+        "dolfinx_mno reads version 1."
+    )
+    with pytest.raises(io.ModelFileError, match=exactly(expected)):
+        io.read_model_file(path)
+
+
+@pytest.mark.mpi
+def test_closure_takes_value_shape_and_degree_from_the_file(shared_dir):
+    comm = MPI.COMM_WORLD
+    msh = mesh.create_unit_square(comm, 4, 4)
+    V = fem.functionspace(msh, ("Lagrange", 2))
+    u = fem.Function(V, name="u")
+    u.interpolate(lambda x: np.sin(2 * x[0]) + x[1] ** 2)
+    model = MLP(3, 2, [8], activation="tanh", dtype="float64", seed=4)
+    explicit = mno.Closure(model, [u, ufl.grad(u)], (2,), 3, tangent=True)
+    path = shared_dir / "flux.pt"
+    io.save_model(path, model, spec=explicit.spec, comm=comm)
+    from_file = mno.Closure(path, [u, ufl.grad(u)], tangent=True)
+    assert from_file.value_shape == (2,)
+    assert from_file.quadrature_degree == 3
+    assert from_file.spec == explicit.spec == ClosureSpec(("u", "grad(u)"), (1, 2), (2,), 3)
+    # Operands built on another function, under the trained names, are accepted too.
+    v = fem.Function(V, name="v")
+    v.x.array[:] = u.x.array
+    renamed = mno.Closure(path, mno.Operands([v, ufl.grad(v)], names=["u", "grad(u)"]))
+    for closure in (explicit, from_file, renamed):
+        closure.update()
+    assert comm.allreduce(float(np.abs(explicit.x.array).max(initial=0.0)), op=MPI.MAX) > 0.1
+    np.testing.assert_array_equal(from_file.x.array, explicit.x.array)
+    np.testing.assert_array_equal(renamed.x.array, explicit.x.array)
+    np.testing.assert_array_equal(from_file.tangent.x.array, explicit.tangent.x.array)
+
+
+@pytest.mark.mpi
+def test_mismatched_operands_are_refused_on_every_rank(tiny_square, shared_dir):
+    """Every rank raises the same error before any collective, a rank without cells too."""
+    comm = tiny_square.comm
+    V = fem.functionspace(tiny_square, ("Lagrange", 1))
+    u = fem.Function(V, name="u")
+    u.interpolate(lambda x: 1 + x[0] - x[1])
+    v = fem.Function(V, name="v")
+    path = shared_dir / "closure.pt"
+    model = MLP(3, 1, [4], dtype="float64", seed=0)
+    io.save_model(path, model, spec=ClosureSpec(("u", "grad(u)"), (1, 2), (), 2), comm=comm)
+    source = repr(os.fspath(path))
+    fix = (
+        "Pass the operands it was trained on, in that order and under those names "
+        "(e.g. dolfinx_mno.Operands({'u': ..., 'grad(u)': ...}))."
+    )
+    trained = "['u' (1 component), 'grad(u)' (2 components)]"
+    cases = [
+        (
+            [v, ufl.grad(v)],
+            {},
+            f"The model in {source} was trained with the operands {trained}, not ['v' (1 "
+            f"component), 'grad(v)' (2 components)]. {fix}",
+        ),
+        (
+            {"u": u},
+            {},
+            f"The model in {source} was trained with the operands {trained}, not ['u' (1 "
+            f"component)]. {fix}",
+        ),
+        (
+            [u, ufl.grad(u)],
+            {"value_shape": (1,), "quadrature_degree": 1},
+            f"The model in {source} was trained with value_shape=(), not (1,); "
+            "quadrature_degree=2, not 1. Leave out value_shape, quadrature_degree to take "
+            "them from the file.",
+        ),
+    ]
+    for operands, kwargs, message in cases:
+        with pytest.raises(ValueError, match=exactly(message)):
+            mno.Closure(path, operands, **kwargs)
+    message = (
+        f"The model in {source} is a local (pointwise) model: build a dolfinx_mno.Closure "
+        "from it, not a NonlocalClosure."
+    )
+    with pytest.raises(ValueError, match=exactly(message)):
+        NonlocalClosure(path, [u, ufl.grad(u)])
+    # The ranks are still in step: a matching closure builds and updates (collective).
+    closure = mno.Closure(path, [u, ufl.grad(u)], quadrature_degree=2)
+    closure.update()
+    reference = mno.Closure(model, [u, ufl.grad(u)])
+    reference.update()
+    np.testing.assert_array_equal(closure.x.array, reference.x.array)
+    assert comm.allreduce(closure.x.array.size) > 0
+
+
+@pytest.mark.mpi
+def test_nonlocal_closure_takes_grid_and_mask_from_the_file(shared_dir, registry):
+    io.register_architecture("pointwise_conv", PointwiseConv)
+    comm = MPI.COMM_WORLD
+    msh = mesh.create_unit_square(comm, 6, 6)
+    u = fem.Function(fem.functionspace(msh, ("Lagrange", 1)), name="u")
+    u.interpolate(lambda x: 1 + x[0] * x[1])
+    model = PointwiseConv(2, 1, seed=2)
+    explicit = NonlocalClosure(model, [u, u**2], (), 1, grid_shape=(7, 9), mask_channel=False)
+    path = shared_dir / "grid.pt"
+    io.save_model(path, model, spec=explicit.spec, comm=comm)
+    assert io.read_model_file(path).spec == ClosureSpec(
+        ("u", "u ** 2"), (1, 1), (), 1, grid=explicit.grid, mask_channel=False
+    )
+    from_file = NonlocalClosure(path, [u, u**2])
+    assert from_file.grid.shape == (7, 9)
+    assert from_file.mask_channel is False
+    assert from_file.quadrature_degree == 1
+    assert from_file.spec == explicit.spec
+    explicit.update()
+    from_file.update()
+    assert comm.allreduce(float(np.abs(explicit.x.array).max(initial=0.0)), op=MPI.MAX) > 0.1
+    np.testing.assert_array_equal(from_file.x.array, explicit.x.array)
+    source = repr(os.fspath(path))
+    message = (
+        f"The model in {source} was trained with grid_shape=(7, 9), not (9, 9); "
+        "mask_channel=False, not True. Leave out grid_shape, mask_channel to take them from "
+        "the file."
+    )
+    with pytest.raises(ValueError, match=exactly(message)):
+        NonlocalClosure(path, [u, u**2], grid_shape=(9, 9), mask_channel=True)
+    message = (
+        f"The model in {source} is a non-local (grid) model, trained on a (7, 9) grid: build "
+        "a dolfinx_mno.NonlocalClosure from it, not a Closure."
+    )
+    with pytest.raises(ValueError, match=exactly(message)):
+        mno.Closure(path, [u, u**2])

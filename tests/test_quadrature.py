@@ -1,5 +1,7 @@
 """Quadrature spaces and form checks: closures are integrated with their own rule only."""
 
+from types import SimpleNamespace
+
 from mpi4py import MPI
 
 import numpy as np
@@ -9,6 +11,7 @@ from analytic import ScalarModel
 from dolfinx import fem, mesh
 
 import dolfinx_mno as mno
+from dolfinx_mno import quadrature
 from dolfinx_mno.petsc import LinearProblem
 
 
@@ -63,3 +66,24 @@ def test_quadrature_points_match_the_space():
     assert space.dofmap.bs == 2
     assert space.dofmap.list.shape == (2, 3)
     np.testing.assert_allclose(points.sum(axis=0), [1.0, 1.0], rtol=1e-14)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("value_shape", [(), (2,), (2, 2)])
+def test_owned_dofs_select_the_owned_cells_values_in_cell_point_order(value_shape):
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 3, 2)
+    space = mno.quadrature_space(msh, 2, value_shape)
+    num_cells = msh.topology.index_map(2).size_local
+    dofs = quadrature.owned_dofs(space, num_cells)
+    bs = space.dofmap.bs
+    expected = (space.dofmap.list[:num_cells].reshape(-1, 1) * bs + np.arange(bs)).reshape(-1)
+    np.testing.assert_array_equal(np.arange(space.dofmap.index_map.size_local * bs)[dofs], expected)
+    num_points = quadrature.quadrature_points(msh, 2).shape[0]
+    assert expected.size == num_cells * num_points * int(np.prod(value_shape, dtype=int))
+    assert isinstance(dofs, slice)  # quadrature dofs of owned cells are contiguous
+
+
+def test_owned_dofs_gather_where_the_dofs_are_not_contiguous():
+    dofmap = SimpleNamespace(bs=2, list=np.array([[2, 3], [0, 1], [4, 5]], dtype=np.int32))
+    dofs = quadrature.owned_dofs(SimpleNamespace(dofmap=dofmap), 2)
+    np.testing.assert_array_equal(dofs, [4, 5, 6, 7, 0, 1, 2, 3])

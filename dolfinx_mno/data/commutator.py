@@ -22,18 +22,24 @@ References:
 from __future__ import annotations
 
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 import ufl
 from dolfinx import fem
 from ufl.algorithms import extract_arguments
-from ufl.algorithms.renumbering import renumber_indices
 
 from dolfinx_mno.data.restriction import CellAverage, MassSolver, Restriction
 from dolfinx_mno.data.sample import ClosureSample, mesh_summary
-from dolfinx_mno.quadrature import operand_components, quadrature_points, quadrature_space
-from dolfinx_mno.torch_bridge import NUMPY_TO_TORCH
+from dolfinx_mno.operands import (
+    Operands,
+    OperandsLike,
+    WithOperands,
+    describe,
+    operand_components,
+)
+from dolfinx_mno.quadrature import owned_dofs, quadrature_points, quadrature_space
+from dolfinx_mno.spec import ClosureSpec
 from dolfinx_mno.validation import check_integer
 
 __all__ = ["ClosureSampler", "Tendency", "describe"]
@@ -135,24 +141,6 @@ class Tendency:
         return f"{self.kind}: {describe(self.definition)}"
 
 
-def describe(definition: ufl.Form | ufl.core.expr.Expr) -> str:
-    """A text of a UFL expression or form that does not depend on the session.
-
-    Free indices are renumbered from 0 and integrals are listed by type and subdomain
-    (without UFL's mesh counter), so the same script writes the same text every time:
-    the metadata of a resumed data file then match.
-    """
-    if isinstance(definition, ufl.Form):
-        parts = []
-        for integral in definition.integrals():
-            metadata = integral.metadata()
-            where = f"{integral.integral_type()}({integral.subdomain_id()})"
-            where += f"{metadata}" if metadata else ""
-            parts.append(f"{where}: {renumber_indices(integral.integrand())}")
-        return " + ".join(parts)
-    return str(renumber_indices(ufl.as_ufl(definition)))
-
-
 def _dtype_of(expression: ufl.core.expr.Expr, space: fem.FunctionSpace) -> np.dtype:
     dtypes = {
         np.dtype(c.dtype)
@@ -164,15 +152,7 @@ def _dtype_of(expression: ufl.core.expr.Expr, space: fem.FunctionSpace) -> np.dt
     return dtypes.pop() if dtypes else np.dtype(space.mesh.geometry.x.dtype)
 
 
-def _component_names(operand: ufl.core.expr.Expr) -> list[str]:
-    """Column names of an operand's components, row-major: ``u``, ``grad(u)[0]``, ..."""
-    shape, name = operand.ufl_shape, describe(operand)
-    if shape == ():
-        return [name]
-    return [f"{name}[{','.join(map(str, index))}]" for index in np.ndindex(shape)]
-
-
-class ClosureSampler:
+class ClosureSampler(WithOperands):
     """Closure training samples from snapshots of a fine simulation.
 
     For a fine state ``u`` (any mesh), :meth:`sample` computes at the points of the
@@ -199,7 +179,9 @@ class ClosureSampler:
         coarse_state: The filtered state ``ū``, a function on ``V_c``; overwritten by each
             sample.
         operands: UFL expressions on the coarse mesh (``ū``, ``grad(ū)``, ``x``, ...), the
-            closure's operands.
+            closure's operands: an :class:`~dolfinx_mno.Operands`, a dict
+            ``{name: expression}`` or a list. Their names are the data file's ``operands``
+            and name its input columns.
         coarse_tendency: ``N_c(ū)``: a UFL expression of ``coarse_state``, evaluated exactly
             at the points, or a :class:`Tendency` on the coarse mesh (e.g. weak diffusion).
             Its shape is that of ``V_c``'s values, the target's ``value_shape``.
@@ -231,7 +213,7 @@ class ClosureSampler:
         self,
         restriction: Restriction,
         coarse_state: fem.Function,
-        operands: Sequence[ufl.core.expr.Expr],
+        operands: OperandsLike,
         coarse_tendency: ufl.core.expr.Expr | Tendency,
         quadrature_degree: int = 2,
         *,
@@ -254,15 +236,7 @@ class ClosureSampler:
         elif tendency_restriction.space.mesh.ufl_domain() != mesh.ufl_domain():
             raise ValueError("tendency_restriction must restrict onto the coarse mesh.")
         tendency_space = tendency_restriction.space
-        if isinstance(operands, ufl.core.expr.Expr):
-            operands = [operands]
-        operand_list = tuple(ufl.as_ufl(op) for op in operands)
-        if not operand_list:
-            raise ValueError("A closure needs at least one operand.")
-        for operand in operand_list:
-            domains = ufl.domain.extract_domains(operand)
-            if any(d != mesh.ufl_domain() for d in domains):
-                raise ValueError(f"Operand {operand} does not live on the coarse mesh.")
+        operands = Operands(operands, mesh=mesh)
         value_shape = tuple(tendency_space.value_shape)
         if isinstance(coarse_tendency, Tendency):
             if coarse_tendency.space.mesh.ufl_domain() != mesh.ufl_domain():
@@ -282,23 +256,21 @@ class ClosureSampler:
         check_integer(quadrature_degree, "quadrature_degree")
         if fine_tendency is not None and not callable(fine_tendency):
             raise TypeError("fine_tendency must be callable (e.g. a Tendency) or None.")
-        dtype = np.dtype(coarse_state.dtype)
-        if dtype not in NUMPY_TO_TORCH:
-            raise TypeError(f"Unsupported dtype {dtype}: use real float32 or float64.")
+        dtype, state_dtype = operands.dtype, np.dtype(coarse_state.dtype)
+        if state_dtype != dtype:
+            raise TypeError(f"coarse_state is {state_dtype}, the operands {dtype}: use one dtype.")
 
         self.restriction = restriction
         self.tendency_restriction = tendency_restriction
         self.coarse_state = coarse_state
-        self._operands = operand_list
+        self._operands = operands
         self._coarse_tendency = coarse_tendency
         self._fine_tendency = fine_tendency
         self.quadrature_degree = int(quadrature_degree)
         self.value_shape = value_shape
         self.dtype = dtype
 
-        input_components, widths = operand_components(operand_list)
-        self._widths = widths
-        self.num_inputs = sum(widths)
+        self.num_inputs = operands.num_inputs
         num_outputs = int(np.prod(value_shape, dtype=int))
         gdim = mesh.geometry.dim
         x = ufl.SpatialCoordinate(mesh)
@@ -317,7 +289,7 @@ class ClosureSampler:
         self.filtered_tendency = fem.Function(tendency_space, name="filtered_tendency", dtype=dtype)
         commutator = self.filtered_tendency - coarse_value
         target_components, _ = operand_components([commutator])
-        components = [*input_components, *target_components]
+        components = [*operands.components, *target_components]
         components += [x[i] for i in range(gdim)]
         self._expression = fem.Expression(ufl.as_vector(components), points, dtype=dtype)
         self._buffer = np.zeros(
@@ -329,22 +301,16 @@ class ClosureSampler:
         self.target = fem.Function(
             quadrature_space(mesh, self.quadrature_degree, value_shape), name=name, dtype=dtype
         )
-        self._target_dofs = _owned_dofs(self.target.function_space, self._num_cells)
+        self._target_dofs = owned_dofs(self.target.function_space, self._num_cells)
 
     @property
-    def operands(self) -> tuple[ufl.core.expr.Expr, ...]:
-        """The operands, in the order their components form the input columns."""
-        return self._operands
+    def spec(self) -> ClosureSpec:
+        """The closure a model trained on these samples is for.
 
-    @property
-    def operand_widths(self) -> list[int]:
-        """Number of input columns of each operand."""
-        return list(self._widths)
-
-    @property
-    def input_names(self) -> list[str]:
-        """Name of each input column: ``u``, ``grad(u)[0]``, ``grad(u)[1]``, ..."""
-        return [name for op in self._operands for name in _component_names(op)]
+        Operands, value shape and quadrature degree; store it with the trained model,
+        ``save_model(path, model, spec=sampler.spec)``.
+        """
+        return ClosureSpec.from_operands(self._operands, self.value_shape, self.quadrature_degree)
 
     def sample(
         self,
@@ -416,7 +382,7 @@ class ClosureSampler:
         """
         restriction = self.restriction
         metadata: dict[str, typing.Any] = {
-            "operands": [describe(op) for op in self._operands],
+            "operands": list(self._operands.names),
             "operand_widths": self.operand_widths,
             "input_names": self.input_names,
             "quadrature_degree": self.quadrature_degree,
@@ -439,12 +405,3 @@ class ClosureSampler:
         if fine_mesh is not None:
             metadata["fine_mesh"] = mesh_summary(fine_mesh)
         return metadata
-
-
-def _owned_dofs(space: fem.FunctionSpace, num_cells: int) -> slice | np.ndarray:
-    """Indices of ``x.array`` holding the owned cells' values, in (cell, point) order."""
-    bs = space.dofmap.bs
-    cell_dofs = space.dofmap.list[:num_cells].reshape(-1)
-    if np.array_equal(cell_dofs, np.arange(cell_dofs.size)):
-        return slice(0, cell_dofs.size * bs)
-    return (cell_dofs[:, None] * bs + np.arange(bs)).reshape(-1)

@@ -13,6 +13,7 @@ import numpy.typing as npt
 import torch
 
 from dolfinx_mno.io import _check_json
+from dolfinx_mno.spec import ClosureSpec, metadata_with_spec
 from dolfinx_mno.training import optim
 from dolfinx_mno.training.checkpoint import Checkpoints
 from dolfinx_mno.training.loop import LoopSettings, Trainer
@@ -108,6 +109,7 @@ class _Run:
     samples: LocalSamples
     optimizer: torch.optim.Optimizer
     scheduler: optim.Scheduler | None
+    metadata: dict[str, Any]  # of the checkpoint model files, the spec included
 
     @classmethod
     def check(
@@ -118,7 +120,8 @@ class _Run:
         settings = _settings(options)
         if options["resume"] and options["checkpoint_dir"] is None:
             raise ValueError("resume=True needs a checkpoint_dir.")
-        _check_json(dict(options["metadata"] or {}), "metadata")
+        metadata = metadata_with_spec(options["metadata"], options["spec"])
+        _check_json(metadata, "metadata")
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         samples = LocalSamples(
@@ -141,7 +144,7 @@ class _Run:
         for name, obj in zip(("optimizer", "scheduler"), built, strict=True):
             if options[name] is not None:
                 settings[name] = optim.describe(obj)
-        return cls(settings, samples, *built)
+        return cls(settings, samples, *built, metadata=metadata)
 
 
 def fit(
@@ -172,6 +175,7 @@ def fit(
     checkpoint_every: int = 10,
     resume: bool = False,
     metadata: Mapping[str, Any] | None = None,
+    spec: ClosureSpec | None = None,
     progress: bool = True,
     callback: Callable[[int, TrainingHistory], None] | None = None,
 ) -> FitResult:
@@ -254,12 +258,14 @@ def fit(
         checkpoint_every: Write a checkpoint every this many epochs, and at the end.
         resume: Continue from the newest complete checkpoint in ``checkpoint_dir`` (if
             there is none, start afresh). The data and every setting but ``epochs``,
-            ``checkpoint_every``, ``metadata``, ``progress`` and ``callback`` must be
+            ``checkpoint_every``, ``metadata``, ``spec``, ``progress`` and ``callback`` must be
             those of the interrupted run: other settings (injected optimisers and
             schedules by class and configuration), another number of samples, other
             groups or (with ``normalize``) other statistics of the training split are
             refused.
-        metadata: JSON dict stored in the checkpoint model files (e.g. the operand spec).
+        metadata: JSON dict stored in the checkpoint model files.
+        spec: The closure the model is trained for (e.g. ``sampler.spec``), stored in the
+            checkpoint model files as :func:`~dolfinx_mno.io.save_model` stores it.
         progress: Show a tqdm progress bar (rank 0 only).
         callback: ``callback(epoch, history)`` after every epoch, on every rank.
 
@@ -319,7 +325,7 @@ def fit(
                 checkpoint_dir,
                 every=checkpoint_every,
                 settings=settings,
-                metadata=metadata,
+                metadata=run.metadata,
                 comm=comm,
             )
         trainer = Trainer(
