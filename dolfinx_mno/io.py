@@ -569,11 +569,6 @@ def save_model(
     return typing.cast(str, payload["sha256"])
 
 
-#: ``on_rank_zero(comm, action, what)``: kept for ``training.py`` until it calls
-#: :func:`dolfinx_mno._mpi.on_root` itself.
-on_rank_zero = on_root
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelFile:
     """The verified contents of a model file (see the module docstring).

@@ -143,7 +143,10 @@ def test_bad_input_fails_on_every_rank():
     last = comm.size - 1
     local_x, local_y = shard(x, comm), shard(y, comm)
     bad_y = local_y[:-1] if comm.rank == last else local_y
-    expected = rf"bad input on rank\(s\) \[{last}\]; on rank {last}: ValueError: inputs have"
+    expected = (
+        rf"^fit: checking the input failed on rank\(s\) \[{last}\] \(1 of {comm.size} "
+        rf"ranks?\); on rank {last}: ValueError: inputs have"
+    )
     with pytest.raises(ValueError, match=expected):
         fit(MLP(2, 1, [4]), local_x, bad_y, progress=False)
     with pytest.raises(ValueError, match=r"targets have 3 components per sample"):
@@ -181,7 +184,10 @@ def test_sizes_must_be_integers_on_every_rank():
     ]:
         with pytest.raises(ValueError) as info:
             fit(MLP(2, 1, [4]), local_x, local_y, progress=False, **{name: value})
-        expected = f"fit: bad input on rank(s) {ranks}; on rank 0: {text}"
+        expected = (
+            f"fit: checking the input failed on rank(s) {ranks} ({comm.size} of {comm.size} "
+            f"{'rank' if comm.size == 1 else 'ranks'}); on rank 0: {text}"
+        )
         assert str(info.value).removesuffix(".") == expected.removesuffix(".")
 
 
@@ -701,7 +707,9 @@ def test_bad_optimizer_or_scheduler_fails_on_every_rank():
         ),
     }
     for message, options in bad.items():
-        with pytest.raises(ValueError, match=rf"fit: bad input on rank\(s\) \[0.*{message}"):
+        with pytest.raises(
+            ValueError, match=rf"fit: checking the input failed on rank\(s\) \[0.*{message}"
+        ):
             fit(MLP(2, 1, [4], seed=0), x, y, epochs=1, progress=False, **options)
     # A factory returning None: a constant rate.
     constant = fit(

@@ -31,10 +31,10 @@ from mpi4py import MPI
 
 import torch
 
-from dolfinx_mno.io import ModelFileError, atomic_torch_save, on_rank_zero, read_model_file
+from dolfinx_mno._mpi import agree, on_root
+from dolfinx_mno.io import atomic_torch_save, read_model_file, read_torch_file
 from dolfinx_mno.io import save_model as save_model_file
 from dolfinx_mno.training.optim import Scheduler
-from dolfinx_mno.training.parallel import agree
 from dolfinx_mno.training.state import TrainingHistory, TrainingState
 
 __all__ = ["STATE_FORMAT", "STATE_FORMAT_VERSION", "Checkpoints"]
@@ -52,22 +52,7 @@ def _paths(directory: Path, epochs_done: int) -> tuple[Path, Path]:
 
 def _load_state(state_path: Path) -> dict[str, Any]:
     """A training-state file's contents; raises :class:`ModelFileError` if it is not one."""
-    try:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ModelFileError(
-            f"Could not read the training state {os.fspath(state_path)!r}: "
-            f"{type(err).__name__}: {err}"
-        ) from err
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise ModelFileError(f"{os.fspath(state_path)!r} is not a training-state file.")
-    if state.get("format_version") != STATE_FORMAT_VERSION:
-        raise ModelFileError(
-            f"{os.fspath(state_path)!r} has format version "
-            f"{state.get('format_version')!r}; this dolfinx_mno reads "
-            f"{STATE_FORMAT_VERSION}."
-        )
-    return state
+    return read_torch_file(state_path, "training-state file", STATE_FORMAT, STATE_FORMAT_VERSION)
 
 
 def latest_checkpoint(directory: Path) -> int | None:
@@ -160,7 +145,7 @@ class Checkpoints:
                     for path in _paths(directory, int(match.group(1))):
                         path.unlink(missing_ok=True)
 
-        on_rank_zero(comm, write, f"the checkpoint {os.fspath(state_path)!r}")
+        on_root(comm, write, f"Writing the checkpoint {os.fspath(state_path)!r}")
 
     def resume(
         self,
@@ -181,24 +166,20 @@ class Checkpoints:
         """
         comm = self.comm
         # Rank 0 chooses, so that every rank restores the same pair.
-        choice: int | str | None = None
-        if comm.rank == 0:
-            try:
-                choice = latest_checkpoint(self.directory)
-            except ModelFileError as err:
-                choice = str(err)
-        choice = comm.bcast(choice, root=0)
-        if isinstance(choice, str):
-            raise ModelFileError(choice)
+        choice = on_root(
+            comm,
+            lambda: latest_checkpoint(self.directory),
+            f"Choosing a checkpoint in {os.fspath(self.directory)!r}",
+        )
         if choice is None:
             return None
-        error: str | None = None
+        cause: Exception | None = None
         contents: dict[str, Any] = {}
         try:
             contents = self._load(choice, model, optimizer, scheduler)
         except (ValueError, OSError, RuntimeError, KeyError) as err:
-            error = f"{type(err).__name__}: {err}"
-        agree(error, comm, "Resuming from the checkpoint")
+            cause = err
+        agree(comm, None, "Resuming from the checkpoint", ValueError, cause=cause)
         history = TrainingHistory(**contents["history"])
         history.resumed_from = choice
         best_state = {k: v.clone() for k, v in contents["best_state"].items()}

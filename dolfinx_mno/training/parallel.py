@@ -40,7 +40,6 @@ if typing.TYPE_CHECKING:
 
 __all__ = [
     "ChunkGradients",
-    "agree",
     "broadcast_weights",
     "chunk_positions",
     "fetch_rows",
@@ -105,22 +104,6 @@ def read_shard(
     """
     samples = shard_range(reader.num_samples, comm)
     return reader.inputs(samples), reader.targets(samples)
-
-
-# -- agreement -------------------------------------------------------------------------------
-
-
-def agree(error: str | None, comm: MPI.Comm, what: str) -> None:
-    """Raise ``ValueError`` on every rank if ``error`` is set on any rank (collective).
-
-    The message names the failing ranks and the first failing rank's error.
-    """
-    errors = comm.allgather(error)
-    failed = [r for r, e in enumerate(errors) if e is not None]
-    if failed:
-        raise ValueError(
-            f"{what} failed on rank(s) {failed}; on rank {failed[0]}: {errors[failed[0]]}"
-        )
 
 
 def broadcast_weights(model: torch.nn.Module, comm: MPI.Comm) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from dolfinx_mno._mpi import agree_on
 from dolfinx_mno.normalization import AffineNormalization, NormalizedModel
 from dolfinx_mno.torch_bridge import model_device, model_dtype
 from dolfinx_mno.training.parallel import fetch_rows, read_shard, shard_range
@@ -241,32 +242,27 @@ def agree_on_samples(
             samples.groups,
             samples.stored_samples,
         )
-    reports = comm.allgather((error, report))
-    failed = [r for r, (e, _) in enumerate(reports) if e is not None]
-    if failed:
-        raise ValueError(
-            f"fit: bad input on rank(s) {failed}; on rank {failed[0]}: {reports[failed[0]][0]}"
-        )
-    shapes = {(report[1], report[2]) for _, report in reports}
+    reports = agree_on(comm, report, "fit: checking the input", ValueError, reason=error)
+    shapes = {(report[1], report[2]) for report in reports}
     if len(shapes) > 1:
         raise ValueError(
             f"fit: the ranks' samples have different shapes (inputs, targets): {sorted(shapes)}."
         )
-    stored = {report[4] for _, report in reports}
+    stored = {report[4] for report in reports}
     if len(stored) > 1:
         raise ValueError(
             "fit: pass a data reader on every rank or on none, on the same complete samples; "
             f"the ranks' readers hold {sorted(stored, key=str)} samples (None: arrays)."
         )
-    counts = np.array([report[0] for _, report in reports], dtype=np.int64)
+    counts = np.array([report[0] for report in reports], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    with_groups = [r for r, (_, report) in enumerate(reports) if report[3] is not None]
+    with_groups = [r for r, report in enumerate(reports) if report[3] is not None]
     if 0 < len(with_groups) < comm.size:
         raise ValueError(
             f"fit: groups were given on rank(s) {with_groups} only; pass them on every rank "
             "(an empty array where a rank holds no sample)."
         )
-    groups = np.concatenate([report[3] for _, report in reports]) if with_groups else None
+    groups = np.concatenate([report[3] for report in reports]) if with_groups else None
     return SampleLayout(offsets, groups)
 
 
