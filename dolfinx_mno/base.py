@@ -32,13 +32,20 @@ __all__ = ["ClosureBase", "operand_comm", "validate_arguments"]
 class ClosureBase(fem.Function):
     """A :class:`dolfinx.fem.Function` on a quadrature space whose values a model computes.
 
-    Subclasses set ``_mno_quadrature_degree`` and implement :meth:`update`.
+    Subclasses set ``_mno_quadrature_degree``, ``_model``, ``_operands``, ``timings`` and
+    ``total_timings``, and implement :meth:`update`.
     """
 
     #: Whether :meth:`update` can compute ``∂closure/∂operands`` for an exact Jacobian.
     supports_tangent: bool = False
     _mno_quadrature_degree: int
+    _model: torch.nn.Module
+    _operands: tuple[ufl.core.expr.Expr, ...]
     _update_count: int = 0
+    #: Seconds spent in each stage of the last successful update.
+    timings: dict[str, float]
+    #: Seconds spent in each stage, summed over all successful updates.
+    total_timings: dict[str, float]
 
     def __init__(
         self, V: fem.FunctionSpace, name: str | None = None, dtype: npt.DTypeLike | None = None
@@ -63,6 +70,23 @@ class ClosureBase(fem.Function):
         solvers report, instead of silently dropping the closure term.
         """
         self.x.array[:] = np.nan
+
+    def _record(self, attempt: int, **timings: float) -> None:
+        """Count a successful update, number ``attempt``, and keep its stage timings."""
+        self.timings = timings
+        for stage, seconds in timings.items():
+            self.total_timings[stage] = self.total_timings.get(stage, 0.0) + seconds
+        self._update_count = attempt
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The torch model (a non-local closure runs it on its root rank only)."""
+        return self._model
+
+    @property
+    def operands(self) -> tuple[ufl.core.expr.Expr, ...]:
+        """The UFL operands, in the order their components enter the model."""
+        return self._operands
 
     @property
     def quadrature_degree(self) -> int:

@@ -237,16 +237,6 @@ class Closure(ClosureBase):
     # -- properties -------------------------------------------------------------------
 
     @property
-    def model(self) -> torch.nn.Module:
-        """The torch model."""
-        return self._model
-
-    @property
-    def operands(self) -> tuple[ufl.core.expr.Expr, ...]:
-        """The UFL operands, in the order their components enter the model."""
-        return self._operands
-
-    @property
     def operand_widths(self) -> list[int]:
         """Number of input components of each operand."""
         return list(self._operand_widths)
@@ -384,10 +374,7 @@ class Closure(ClosureBase):
             self._tangent.x.scatter_forward()
         t5 = time.perf_counter()
         timings.update(write=t4 - t3, scatter=t5 - t4, total=t5 - t0)
-        self.timings = timings
-        for stage, seconds in timings.items():
-            self.total_timings[stage] = self.total_timings.get(stage, 0.0) + seconds
-        self._update_count = attempt
+        self._record(attempt, **timings)
         self._tangent_current = with_tangent
 
     def _check_finite(self, with_tangent: bool) -> str | None:

@@ -16,7 +16,8 @@ from dolfinx.fem.petsc import assemble_vector
 from dolfinx.io import gmsh as gmshio
 
 import dolfinx_mno as mno
-from dolfinx_mno.grid import Grid, GriddedSampler, GridSampler
+from dolfinx_mno.grid import Grid
+from dolfinx_mno.grid_gather import GriddedSampler, GridPointSampler
 from dolfinx_mno.nonlocal_closure import NonlocalClosure
 from dolfinx_mno.petsc import LinearProblem, NonlinearProblem
 from dolfinx_mno.torch_bridge import to_precision
@@ -474,15 +475,15 @@ def test_repeated_updates_reuse_buffers_and_allocate_nothing_large():
     buffers = [
         closure._gridded._local,
         closure._gridded._sampler._cell_values,
-        closure._interpolator._corner_values,
-        closure._block_buffer,
+        closure._scatter._interpolator._corner_values,
+        closure._scatter._block_buffer,
     ]
     if comm.rank == closure.root:
         buffers += [
             closure._gridded._buffer,
-            closure._grid_input,
-            closure._grid_output,
-            closure._scatter_buffer,
+            closure._evaluator.inputs,
+            closure._evaluator.outputs,
+            closure._scatter._send_buffer,
         ]
     addresses = [b.ctypes.data for b in buffers]
     tracemalloc.start()
@@ -494,7 +495,7 @@ def test_repeated_updates_reuse_buffers_and_allocate_nothing_large():
     assert [b.ctypes.data for b in buffers] == addresses
     # Measured: 3.7 kB of NumPy allocations in an update (serial), against workspaces of
     # 1.6 MB (corner values) and 2.4 MB (cell values) that a fresh allocation would need.
-    workspace = closure._interpolator._corner_values.nbytes
+    workspace = closure._scatter._interpolator._corner_values.nbytes
     assert workspace > 500_000
     assert peak < 64_000, peak
 
@@ -533,7 +534,7 @@ def test_ranks_waiting_for_the_model_do_not_spin():
 
 
 def test_sampling_an_expression_equals_sampling_its_interpolant():
-    """GridSampler.sample_expression gives bitwise the values of sample(interpolant)."""
+    """GridPointSampler.sample_expression gives bitwise the values of sample(interpolant)."""
     msh = mesh.create_unit_square(MPI.COMM_WORLD, 12, 10)
     u = fem.Function(fem.functionspace(msh, ("Lagrange", 2)))
     u.interpolate(smooth)
@@ -542,7 +543,7 @@ def test_sampling_an_expression_equals_sampling_its_interpolant():
     compiled = fem.Expression(expression, dg.element.interpolation_points)
     interpolant = fem.Function(dg)
     interpolant.interpolate(compiled)
-    sampler = GridSampler(Grid((0.0, 0.0), (1.0, 1.0), (23, 19)), dg)
+    sampler = GridPointSampler(Grid((0.0, 0.0), (1.0, 1.0), (23, 19)), dg)
     out = np.empty((sampler.num_local, 3))
     assert sampler.sample_expression(compiled, out=out) is out
     np.testing.assert_array_equal(out, sampler.sample(interpolant))

@@ -18,7 +18,7 @@ Modules: :mod:`~dolfinx_mno.data.restriction` (filters: ``Interpolation``,
 ``L2Projection``, ``CellAverage``), :mod:`~dolfinx_mno.data.commutator`
 (tendencies, targets), :mod:`~dolfinx_mno.data.sample` (samples, rank-independent order),
 :mod:`~dolfinx_mno.data.storage` (HDF5; needs ``h5py``); ``GriddedSampler`` (fields on a
-grid, for neural operators) comes from :mod:`dolfinx_mno.grid`.
+grid, for neural operators) comes from :mod:`dolfinx_mno.grid_gather`.
 """
 
 from dolfinx_mno.data.commutator import ClosureSampler, Tendency
@@ -34,7 +34,7 @@ from dolfinx_mno.data.restriction import (
 )
 from dolfinx_mno.data.sample import ClosureSample, mesh_summary
 from dolfinx_mno.data.storage import ClosureDataReader, ClosureDataWriter
-from dolfinx_mno.grid import GriddedSampler  # training data for grid models
+from dolfinx_mno.grid_gather import GriddedSampler  # training data for grid models
 
 __all__ = [
     "MASS_SOLVER_OPTIONS",
