@@ -139,10 +139,14 @@ def grid_over_mesh(
         num_cells = mesh.comm.allreduce(mesh.topology.index_map(tdim).size_local)
         h = (np.prod(upper - lower) / num_cells) ** (1.0 / tdim)
         shape = [math.ceil((hi - lo) / h) + 1 for lo, hi in zip(box_lower, box_upper, strict=True)]
-    grid = Grid(tuple(box_lower), tuple(box_upper), tuple(int(n) for n in shape))
+    grid = Grid(
+        tuple(float(x) for x in box_lower),
+        tuple(float(x) for x in box_upper),
+        tuple(int(n) for n in shape),
+    )
     if not grid.covers(lower, upper):
         raise ValueError(
             f"The grid box [{grid.lower}, {grid.upper}] does not cover the mesh's "
-            f"bounding box [{tuple(lower)}, {tuple(upper)}]."
+            f"bounding box [{tuple(lower.tolist())}, {tuple(upper.tolist())}]."
         )
     return grid

@@ -65,7 +65,12 @@ def _reference_coordinates(mesh: Mesh, cells: np.ndarray, points: np.ndarray) ->
 
 
 class GridPointSampler:
-    """Evaluate a vector DG function at the points of a grid, each on exactly one rank.
+    """Evaluate a vector DG function at the grid points this rank owns (the point layer).
+
+    Set-up (collective) decides which rank owns each grid point, and in which cell (see
+    the module docstring), and tabulates the basis there; :meth:`sample` and
+    :meth:`sample_expression` are then rank-local and allocate nothing. Gathering the
+    points on one rank is :class:`GriddedSampler`'s job.
 
     Args:
         grid: The grid.
@@ -380,9 +385,19 @@ class GriddedSampler:
         if self.mask_channel and self._is_root:
             out[-1] = self._inside
 
-    def sample(self) -> None:
-        """Evaluate the expressions at this rank's grid points (local, no communication)."""
-        self._sampler.sample_expression(self._expression, out=self._local)
+    @property
+    def indices(self) -> np.ndarray:
+        """Flat grid indices of the points this rank evaluates, shape ``(num_local,)``."""
+        return self._sampler.indices
+
+    def sample(self) -> np.ndarray:
+        """Evaluate the expressions at this rank's grid points (local, no communication).
+
+        Returns:
+            This rank's samples, shape ``(num_local, num_channels)``, in the mesh's dtype:
+            the sampler's own buffer, which the next call overwrites.
+        """
+        return self._sampler.sample_expression(self._expression, out=self._local)
 
     def gather(self, out: np.ndarray | None = None) -> np.ndarray | None:
         """Send the last samples to the root and write them into ``out`` there (collective).

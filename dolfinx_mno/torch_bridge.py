@@ -524,8 +524,8 @@ class GridEvaluator:
                 tensor, changed the grid shape or returned another number of channels.
         """
         channels = self.in_channels
-        inputs = inputs or f"{channels} input channels"
-        outputs = outputs or f"{self.out_channels} output channels"
+        inputs = inputs or f"{channels} input channel{'s' * (channels != 1)}"
+        outputs = outputs or f"{self.out_channels} output channel{'s' * (self.out_channels != 1)}"
         given = f"(1, {channels}, *{self.grid_shape})"
         try:
             y = self._call()
