@@ -184,6 +184,7 @@ class NonlocalClosure(ClosureBase):
         self.extension_value = float(extension_value)
         self.root = root
         self._model = model
+        self._comm = comm
         self._is_root = comm.rank == root
         self._update_count = 0
         self.timings: dict[str, float] = {}
@@ -277,6 +278,7 @@ class NonlocalClosure(ClosureBase):
         if tangent:
             raise ValueError("Non-local closures have no pointwise tangent; see the docs.")
         attempt = self._update_count + 1
+        what = f"Update {attempt} of non-local closure '{self.name}'"
         inputs = None if self._evaluator is None else self._evaluator.inputs
         t0 = time.perf_counter()
         self._gridded.sample()
@@ -288,9 +290,9 @@ class NonlocalClosure(ClosureBase):
         # The other ranks wait here for the root's model without spinning on a core, and
         # learn why it failed only if it did.
         agree_with_root(
-            self.function_space.mesh.comm,
+            self._comm,
             reason,
-            f"Update {attempt} of non-local closure '{self.name}'",
+            what,
             ClosureEvaluationError,
             root=self.root,
             cause=cause,
