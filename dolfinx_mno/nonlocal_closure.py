@@ -324,11 +324,11 @@ class NonlocalClosure(ClosureBase):
         assert self._evaluator is not None
         try:
             self._evaluator.evaluate()
+            reason = self._evaluator.check_finite()
+            if reason is None:
+                self._scatter.pack(self._evaluator.outputs)
         except Exception as err:  # reported on every rank by the caller
             return f"the model raised {describe(err)}", err
-        reason = self._evaluator.check_finite()
-        if reason is None:
-            self._scatter.pack(self._evaluator.outputs)
         return reason, None
 
     def _interpolate(self) -> None:
