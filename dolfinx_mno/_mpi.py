@@ -63,12 +63,24 @@ from __future__ import annotations
 import contextlib
 import pickle
 import sys
+import time
 import typing
 from collections.abc import Callable, Iterator, Sequence
 
 from mpi4py import MPI
 
-__all__ = ["agree", "agree_on", "describe", "failure_message", "on_root", "rank_local"]
+import numpy as np
+
+__all__ = [
+    "agree",
+    "agree_on",
+    "agree_with_root",
+    "describe",
+    "failure_message",
+    "on_root",
+    "rank_local",
+    "wait_passively",
+]
 
 #: Failing ranks listed in a message before the list is cut short.
 _MAX_LISTED_RANKS = 8
@@ -335,3 +347,76 @@ def rank_local(
         agree(comm, describe(error), what, error_type, cause=error, note=note)
         raise  # not reached: agree raises on a rank that failed
     agree(comm, None, what, error_type, note=note)
+
+
+# -- work on the root alone -------------------------------------------------------------
+# Where only the root computes (a non-local closure's model), the other ranks need its
+# verdict, not an agreement: one nonblocking broadcast of a flag, waited on asleep, and a
+# second broadcast of the reason only if the root failed. These two helpers are not in
+# __all__ yet, to keep merges of this module's header simple; import them by name.
+
+
+def wait_passively(request: MPI.Request, shortest: float = 50e-6, longest: float = 1e-3) -> None:
+    """Complete ``request``, sleeping between tests instead of spinning in MPI.
+
+    ``Request.Wait`` polls: a rank waiting for another rank's long computation (a model on
+    the root) would occupy a core that the computation could use. Here the pause between
+    tests grows with the time waited (2 % of it, from ``shortest`` to ``longest``
+    seconds), so the extra latency stays small for short waits: a rank waiting 0.5 s uses
+    about 0.01 s of CPU time, at most about ``longest`` of extra latency.
+
+    Args:
+        request: A nonblocking MPI request.
+        shortest: First pause, in seconds.
+        longest: Longest pause, in seconds.
+    """
+    start = time.perf_counter()
+    while not request.Test():
+        waited = time.perf_counter() - start
+        time.sleep(min(longest, max(shortest, 0.02 * waited)))
+
+
+def agree_with_root(
+    comm: MPI.Comm,
+    reason: str | None,
+    what: str,
+    error_type: type[Exception] = RuntimeError,
+    *,
+    root: int = 0,
+    cause: BaseException | None = None,
+    note: str = "",
+) -> None:
+    """Raise the same exception on every rank if the root failed (collective).
+
+    The counterpart of :func:`agree` for work done on the root alone: only the root's
+    ``reason`` counts (the other ranks pass ``None``). The other ranks wait for the root
+    asleep (:func:`wait_passively` on a nonblocking broadcast of one flag), so that their
+    cores are free for the root's work, and receive the reason only if the root failed: a
+    success costs one broadcast of one integer.
+
+    Args:
+        comm: The communicator whose ranks must agree.
+        reason: On the root, why its work failed, or ``None``; ignored elsewhere.
+        what: What was attempted, the subject of the message (:func:`failure_message`).
+        error_type: The type raised on every rank.
+        root: The rank that did the work.
+        cause: On the root, the exception behind ``reason``; the root's exception is
+            chained to it.
+        note: Appended to the message, e.g. ``"The previous values were kept."``.
+
+    Raises:
+        Exception: ``error_type`` on every rank, if the root gave a ``reason``, with the
+            message ``"{what} failed on rank(s) [root] (1 of n ranks); on rank root:
+            {reason}. {note}"`` (also in a single process).
+    """
+    failed = np.array([comm.rank == root and reason is not None], dtype=np.int32)
+    wait_passively(comm.Ibcast(failed, root=root))
+    if not failed[0]:
+        return
+    reason = comm.bcast(reason, root=root)
+    reasons: list[str | None] = [None] * comm.size
+    reasons[root] = reason
+    error = error_type(failure_message(what, reasons, note))
+    if comm.rank == root and cause is not None:
+        raise error from cause
+    raise error

@@ -30,7 +30,8 @@ class ClosureBase(fem.Function, WithOperands):
     """A :class:`dolfinx.fem.Function` on a quadrature space whose values a model computes.
 
     Subclasses set ``_mno_quadrature_degree``, ``_operands`` (an
-    :class:`~dolfinx_mno.Operands`) and ``_model``, and implement :meth:`update`.
+    :class:`~dolfinx_mno.Operands`), ``_model``, ``timings`` and ``total_timings``, and
+    implement :meth:`update`.
     """
 
     #: Whether :meth:`update` can compute ``∂closure/∂operands`` for an exact Jacobian.
@@ -38,6 +39,10 @@ class ClosureBase(fem.Function, WithOperands):
     _mno_quadrature_degree: int
     _model: torch.nn.Module
     _update_count: int = 0
+    #: Seconds spent in each stage of the last successful update.
+    timings: dict[str, float]
+    #: Seconds spent in each stage, summed over all successful updates.
+    total_timings: dict[str, float]
 
     def __init__(
         self, V: fem.FunctionSpace, name: str | None = None, dtype: npt.DTypeLike | None = None
@@ -63,6 +68,13 @@ class ClosureBase(fem.Function, WithOperands):
         """
         self.x.array[:] = np.nan
 
+    def _record(self, attempt: int, **timings: float) -> None:
+        """Count a successful update, number ``attempt``, and keep its stage timings."""
+        self.timings = timings
+        for stage, seconds in timings.items():
+            self.total_timings[stage] = self.total_timings.get(stage, 0.0) + seconds
+        self._update_count = attempt
+
     @property
     def quadrature_degree(self) -> int:
         """Degree of the quadrature rule carrying the values."""
@@ -75,7 +87,7 @@ class ClosureBase(fem.Function, WithOperands):
 
     @property
     def model(self) -> torch.nn.Module:
-        """The torch model."""
+        """The torch model (a non-local closure runs it on its root rank only)."""
         return self._model
 
     @property

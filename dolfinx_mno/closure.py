@@ -364,10 +364,7 @@ class Closure(ClosureBase):
             self._tangent.x.scatter_forward()
         t5 = time.perf_counter()
         timings.update(write=t4 - t3, scatter=t5 - t4, total=t5 - t0)
-        self.timings = timings
-        for stage, seconds in timings.items():
-            self.total_timings[stage] = self.total_timings.get(stage, 0.0) + seconds
-        self._update_count = attempt
+        self._record(attempt, **timings)
         self._tangent_current = with_tangent
 
     def _check_finite(self, with_tangent: bool) -> str | None:

@@ -1,24 +1,19 @@
-"""Transfer between finite-element fields and a structured grid, under MPI.
+"""The structured grid of a non-local closure: its geometry, and where it lies on a mesh.
 
 Non-local closures run a neural operator on a structured grid over the mesh's bounding
-box. This module moves data both ways:
+box. The data path of one update is split into stages, one module each:
 
-* :class:`Grid`: a vertex-centred tensor grid ``lower + index * spacing`` (endpoints
-  included), with points in row-major order of ``(ix, iy[, iz])``.
-* :class:`GridSampler`: evaluates a discontinuous Lagrange function at the grid points.
-  Each grid point is evaluated by exactly one rank, in exactly one cell: among the cells
-  that contain it, the one with the smallest *original* (input) cell index, agreed on with
-  one ``MPI.MIN`` reduction at set-up. The choice therefore does not depend on the
-  partition, which matters where a discontinuous operand (``grad u``) jumps across a facet
-  that a grid point lies on. Points in no cell are *outside* the domain.
-* :class:`GridInterpolator`: multilinear interpolation of a grid field at a rank's points.
-  It knows the index box of grid cells that the rank's points touch, so a rank needs only
-  that sub-block of the grid.
-
-All tabulations (reference coordinates, basis values, interpolation weights) and the
-workspaces of the transfers are computed and allocated once; a transfer is then a gather
-into a workspace and a weighted sum into a caller's buffer, with no large temporary (fresh
-arrays of hundreds of MB on large grids cost more in page faults than in arithmetic).
+* **grid geometry** (this module): :class:`Grid`, a vertex-centred tensor grid
+  ``lower + index * spacing`` (endpoints included) whose points are in row-major order of
+  ``(ix, iy[, iz])``; :func:`grid_over_mesh` builds the grid of a closure over a mesh.
+* **sample → gather** (:mod:`dolfinx_mno.grid_gather`): :class:`GridPointSampler`
+  evaluates a finite-element field at the grid points a rank owns;
+  :class:`GriddedSampler` samples UFL expressions there and gathers the grid on the root.
+* **model** (:mod:`dolfinx_mno.torch_bridge`): :class:`~dolfinx_mno.torch_bridge.GridEvaluator`
+  runs the model on the gathered grid, on the root.
+* **scatter → interpolate** (:mod:`dolfinx_mno.grid_scatter`): :class:`GridScatter` sends
+  each rank the sub-block of the output grid around its points and interpolates it there
+  with :class:`GridInterpolator`.
 """
 
 from __future__ import annotations
@@ -31,14 +26,9 @@ from mpi4py import MPI
 
 import numpy as np
 import numpy.typing as npt
-import ufl
-from dolfinx import fem, geometry
-from dolfinx.mesh import CellType, Mesh
+from dolfinx.mesh import Mesh
 
-from dolfinx_mno.operands import Operands, OperandsLike
-from dolfinx_mno.validation import check_integer
-
-__all__ = ["Grid", "GridInterpolator", "GridSampler", "GriddedSampler"]
+__all__ = ["Grid", "grid_over_mesh", "mesh_bounding_box"]
 
 
 @dataclass(frozen=True)
@@ -99,6 +89,10 @@ class Grid:
         )
 
 
+# The dataclass's generated __init__ has no docstring; help() would show object's.
+Grid.__init__.__doc__ = "Create the grid and check it; see the class docstring for the fields."
+
+
 def mesh_bounding_box(mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
     """Global bounding box of the mesh geometry (collective), two arrays of shape ``(gdim,)``."""
     gdim = mesh.geometry.dim
@@ -112,460 +106,47 @@ def mesh_bounding_box(mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
     return global_lower, global_upper
 
 
-def _reference_coordinates(mesh: Mesh, cells: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Reference coordinates of ``points`` (shape ``(n, 3)``) in their ``cells``."""
-    tdim = mesh.topology.dim
-    gdim = mesh.geometry.dim
-    nodes = mesh.geometry.x[mesh.geometry.dofmaps[0][cells]][:, :, :gdim]  # (n, nodes, gdim)
-    simplex = mesh.topology.cell_type in (
-        CellType.interval,
-        CellType.triangle,
-        CellType.tetrahedron,
-    )
-    if simplex and mesh.geometry.cmaps[0].degree == 1 and gdim == tdim:
-        # Affine map x = x0 + J ξ with J's columns x_k - x0: one batched solve.
-        x0 = nodes[:, 0, :]
-        jacobian = np.stack([nodes[:, k + 1, :] - x0 for k in range(tdim)], axis=2)
-        return np.linalg.solve(jacobian, (points[:, :gdim] - x0)[:, :, None])[:, :, 0]
-    # General (non-affine) cells: Newton pull-back, one point at a time (set-up only).
-    cmap = mesh.geometry.cmaps[0]
-    reference = np.empty((len(cells), tdim))
-    for i in range(len(cells)):
-        reference[i] = cmap.pull_back(points[i : i + 1, :gdim], nodes[i])[0]
-    return reference
-
-
-# The dataclass's generated __init__ has no docstring; help() would show object's.
-Grid.__init__.__doc__ = "Create the grid and check it; see the class docstring for the fields."
-
-
-class GridSampler:
-    """Evaluate a vector DG function at the points of a grid, each on exactly one rank.
+def grid_over_mesh(
+    mesh: Mesh,
+    shape: Sequence[int] | None = None,
+    bounding_box: tuple[npt.ArrayLike, npt.ArrayLike] | None = None,
+) -> Grid:
+    """The grid of a non-local closure on ``mesh`` (collective; the same on every rank).
 
     Args:
-        grid: The grid.
-        space: A blocked discontinuous Lagrange space on the mesh, value shape
-            ``(num_channels,)``; :meth:`sample` takes functions of this space.
-        dtype: Scalar type of the sampled functions and expressions. The workspace of a
-            transfer, the ``(num_local, num_dofs, num_channels)`` values of the cells that
-            hold this rank's grid points, is allocated once in this type and reused.
+        mesh: The mesh, whose geometric and topological dimensions must agree.
+        shape: Points per direction. Default: one point per mean cell size,
+            ``ceil(extent / h) + 1`` with ``h = (volume / num_cells)^(1/tdim)``, the volume
+            being that of the mesh's bounding box.
+        bounding_box: ``(lower, upper)`` corners of the grid, each of shape ``(gdim,)``;
+            default the mesh's bounding box (:func:`mesh_bounding_box`).
 
-    Attributes:
-        indices: Flat grid indices this rank evaluates, shape ``(num_local,)``.
-        inside: On every rank, a boolean mask of shape ``(num_points,)``: ``True`` where the
-            grid point lies in a cell of the mesh.
-    """
-
-    def __init__(self, grid: Grid, space: fem.FunctionSpace, dtype: npt.DTypeLike = np.float64):
-        mesh = space.mesh
-        comm = mesh.comm
-        tdim = mesh.topology.dim
-        num_owned = mesh.topology.index_map(tdim).size_local
-        points = grid.points()
-        owned = np.arange(num_owned, dtype=np.int32)
-        tree = geometry.bb_tree(mesh, tdim, entities=owned)
-        candidates = geometry.compute_collisions_points(tree, points)
-        colliding = geometry.compute_colliding_cells(mesh, candidates, points)
-        offsets = colliding.offsets
-        links = colliding.array
-        counts = np.diff(offsets)
-        original = np.asarray(mesh.topology.original_cell_index, dtype=np.int64)
-        sentinel = np.iinfo(np.int64).max
-        local_best = np.full(grid.num_points, sentinel, dtype=np.int64)
-        local_cell = np.full(grid.num_points, -1, dtype=np.int32)
-        has = counts > 0
-        if links.size:
-            keys = original[links]
-            starts = offsets[:-1][has]
-            local_best[has] = np.minimum.reduceat(keys, starts)
-            # The local cell holding the minimum original index, for each point found here.
-            point_of_link = np.repeat(np.arange(grid.num_points), counts)
-            is_best = keys == local_best[point_of_link]
-            first = np.unique(point_of_link[is_best], return_index=True)
-            local_cell[first[0]] = links[is_best][first[1]]
-        best = np.empty_like(local_best)
-        comm.Allreduce(local_best, best, op=MPI.MIN)
-        mine = (local_best == best) & (best != sentinel)
-        self.grid = grid
-        self.space = space
-        self.inside = best != sentinel
-        self.indices = np.flatnonzero(mine)
-        self.cells = local_cell[self.indices]
-
-        element = space.ufl_element()
-        scalar = element.sub_elements[0] if element.num_sub_elements else element
-        if self.num_local:
-            reference = _reference_coordinates(mesh, self.cells, points[self.indices])
-            table = scalar.tabulate(0, reference)  # (1, num_local, num_dofs)
-            self._basis = np.ascontiguousarray(table[0])
-        else:  # Basix cannot tabulate at no points (a rank that owns no cells, say)
-            self._basis = np.zeros((0, scalar.dim))
-        self._dofs = space.dofmap.list[self.cells]  # (num_local, num_dofs)
-        self.num_channels = space.dofmap.bs
-        self.dtype = np.dtype(dtype)
-        # The cells' nodal values, in point order: the workspace of every transfer.
-        self._cell_values = np.empty(
-            (self.num_local, self._basis.shape[1], self.num_channels), dtype=self.dtype
-        )
-        # The basis is float64: a float32 sum goes through a float64 buffer, as NumPy would.
-        self._sums = (
-            None
-            if np.result_type(self._basis, self.dtype) == self.dtype
-            else np.empty((self.num_local, self.num_channels), dtype=self._basis.dtype)
-        )
-        # Lagrange: the dofs are the values at the interpolation points, untransformed, so
-        # an expression evaluated there needs no interpolation into the space.
-        element = space.element
-        self._nodal = bool(element.interpolation_ident) and not element.needs_dof_transformations
-
-    @property
-    def num_local(self) -> int:
-        """Number of grid points this rank evaluates."""
-        return len(self.indices)
-
-    def sample(self, function: fem.Function, out: np.ndarray | None = None) -> np.ndarray:
-        """Values of ``function`` at this rank's grid points.
-
-        Args:
-            function: A function of the sampler's space and ``dtype``.
-            out: Result buffer, shape ``(num_local, num_channels)``, of the sampler's
-                ``dtype``; allocated if not given.
-
-        Returns:
-            The values, shape ``(num_local, num_channels)`` (``out`` if given).
-        """
-        values = function.x.array.reshape(-1, self.num_channels)
-        if values.dtype != self.dtype:
-            raise TypeError(f"Expected a function of dtype {self.dtype}, got {values.dtype}.")
-        # mode="clip" (the indices are valid) writes into out; "raise" would buffer it.
-        np.take(values, self._dofs, axis=0, out=self._cell_values, mode="clip")
-        return self._contract(out)
-
-    def sample_expression(
-        self, expression: fem.Expression, out: np.ndarray | None = None
-    ) -> np.ndarray:
-        """Values at this rank's grid points of the interpolant of ``expression``.
-
-        Bitwise the values of :meth:`sample` applied to ``expression`` interpolated into the
-        sampler's space, but for a Lagrange space the expression is evaluated only on the
-        cells that hold this rank's grid points, straight into the sampler's workspace.
-
-        Args:
-            expression: An expression of the sampler's ``dtype`` and value shape
-                ``(num_channels,)``, at the points ``space.element.interpolation_points``.
-            out: Result buffer, shape ``(num_local, num_channels)``, of the sampler's
-                ``dtype``; allocated if not given.
-
-        Returns:
-            The values, shape ``(num_local, num_channels)`` (``out`` if given).
-        """
-        if not self._nodal:
-            function = fem.Function(self.space, dtype=self.dtype)
-            function.interpolate(expression)
-            return self.sample(function, out)
-        expression.eval(self.space.mesh, self.cells, values=self._cell_values)
-        return self._contract(out)
-
-    def _contract(self, out: np.ndarray | None) -> np.ndarray:
-        """The workspace's nodal values weighted by the basis: the values at the points."""
-        shape = (self.num_local, self.num_channels)
-        if out is None:
-            out = np.empty(shape, dtype=self.dtype)
-        elif out.shape != shape or out.dtype != self.dtype:
-            raise TypeError(
-                f"out must have shape {shape} and dtype {self.dtype}, got {out.shape} and "
-                f"{out.dtype}."
-            )
-        # Σ_j basis[p, j] values[p, j, c] as the batched matmul that
-        # np.einsum("pj,pjc->pc", ..., optimize=True) performs (same bits), without its
-        # temporary result.
-        sums = out if self._sums is None else self._sums
-        np.matmul(
-            self._cell_values.transpose(0, 2, 1), self._basis[:, :, None], out=sums[:, :, None]
-        )
-        if sums is not out:
-            np.copyto(out, sums, casting="same_kind")
-        return out
-
-
-class GridInterpolator:
-    """Multilinear interpolation from a grid to fixed points.
-
-    Args:
-        grid: The grid.
-        points: Physical points, shape ``(num_points, gdim)``, inside the grid's box.
-        num_channels: Channels of the interpolated fields.
-        dtype: Scalar type of the interpolated fields. The workspace of an interpolation,
-            the ``(num_points, 2**dim, num_channels)`` corner values, is allocated once in
-            this type and reused.
-
-    Attributes:
-        block_lower: First grid index per direction of the sub-block this rank needs.
-        block_shape: Shape of that sub-block (empty if the rank has no points).
-    """
-
-    def __init__(
-        self,
-        grid: Grid,
-        points: np.ndarray,
-        num_channels: int = 1,
-        dtype: npt.DTypeLike = np.float64,
-    ):
-        d = grid.dim
-        points = np.asarray(points)[:, :d]
-        scaled = (points - np.array(grid.lower)) / grid.spacing
-        cell = np.clip(np.floor(scaled).astype(np.int64), 0, np.array(grid.shape) - 2)
-        t = np.clip(scaled - cell, 0.0, 1.0)
-        if len(points):
-            self.block_lower = cell.min(axis=0)
-            self.block_shape = tuple(int(n) for n in cell.max(axis=0) - self.block_lower + 2)
-        else:
-            self.block_lower = np.zeros(d, dtype=np.int64)
-            self.block_shape = tuple(0 for _ in range(d))
-        local = cell - self.block_lower
-        corners = np.array(np.meshgrid(*([[0, 1]] * d), indexing="ij")).reshape(d, -1).T
-        num_corners = len(corners)
-        self._indices = np.empty((len(points), num_corners), dtype=np.int64)
-        self._weights = np.empty((len(points), num_corners))
-        for k, corner in enumerate(corners):
-            index = local + corner
-            self._indices[:, k] = (
-                np.ravel_multi_index(index.T, self.block_shape) if len(points) else 0
-            )
-            self._weights[:, k] = np.prod(np.where(corner == 1, t, 1.0 - t), axis=1)
-        self.grid = grid
-        self.num_points = len(points)
-        self.num_channels = int(num_channels)
-        self.dtype = np.dtype(dtype)
-        self._corner_values = np.empty(
-            (self.num_points, num_corners, self.num_channels), dtype=self.dtype
-        )
-
-    @property
-    def block_size(self) -> int:
-        """Number of grid points in this rank's sub-block."""
-        return math.prod(self.block_shape)
-
-    @property
-    def value_dtype(self) -> np.dtype:
-        """Scalar type of the interpolated values (the weights are float64)."""
-        return np.result_type(self.dtype, self._weights)
-
-    def block_slices(self) -> tuple[slice, ...]:
-        """Slices of the full grid array selecting this rank's sub-block."""
-        return tuple(
-            slice(int(lo), int(lo) + n)
-            for lo, n in zip(self.block_lower, self.block_shape, strict=True)
-        )
-
-    def interpolate(self, block: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Interpolate a field given on this rank's sub-block of the grid.
-
-        Args:
-            block: Shape ``(num_channels, *block_shape)``, of the interpolator's ``dtype``.
-                Stored channel-last (``np.moveaxis`` of a ``(*block_shape, num_channels)``
-                array), it is read in place; otherwise NumPy copies it once per call.
-            out: Result buffer, shape ``(num_points, num_channels)``, of dtype
-                :attr:`value_dtype` (e.g. a view of a function's array); allocated if not
-                given.
-
-        Returns:
-            Values at the points, shape ``(num_points, num_channels)`` (``out`` if given).
-        """
-        if block.shape != (self.num_channels, *self.block_shape) or block.dtype != self.dtype:
-            raise TypeError(
-                f"block must have shape {(self.num_channels, *self.block_shape)} and dtype "
-                f"{self.dtype}, got {block.shape} and {block.dtype}."
-            )
-        shape = (self.num_points, self.num_channels)
-        if out is None:
-            out = np.empty(shape, dtype=self.value_dtype)
-        elif out.shape != shape or out.dtype != self.value_dtype:
-            raise TypeError(
-                f"out must have shape {shape} and dtype {self.value_dtype}, got {out.shape} "
-                f"and {out.dtype}."
-            )
-        # Gather the corner values, (num_points, corners, channels): the memory layout of
-        # block[:, indices] too. mode="clip" (the indices are valid) writes into the
-        # workspace; "raise" would buffer it.
-        flat = block.reshape(self.num_channels, -1)
-        np.take(flat.T, self._indices, axis=0, out=self._corner_values, mode="clip")
-        # Σ_k weights[p, k] corners[p, k, c] as the batched matmul that
-        # np.einsum("cpk,pk->pc", block[:, indices], weights, optimize=True) performs (the
-        # same bits: the kernel depends on the layout), straight into out.
-        np.matmul(self._weights[:, None, :], self._corner_values, out=out[:, None, :])
-        return out
-
-
-def _degree_of(expressions: Sequence[ufl.core.expr.Expr]) -> int:
-    """Degree of the DG space expressions are sampled through: their coefficients' highest.
-
-    The interpolation of ``u`` and ``grad(u)`` of a Lagrange ``u`` into it is exact, and so
-    is that of piecewise constants.
-    """
-    degrees = [
-        c.function_space.ufl_element().embedded_superdegree
-        for e in expressions
-        for c in ufl.algorithms.extract_coefficients(e)
-        if hasattr(c, "function_space")
-    ]
-    return max([1, *degrees])
-
-
-class GriddedSampler:
-    """Sample UFL expressions on a grid and gather them on the root rank (collective).
-
-    This is how a :class:`~dolfinx_mno.NonlocalClosure` feeds its operands to its model,
-    and how training data for such a model should be made, so that it sees in training
-    exactly what it sees in the simulation. Each expression's components, expression after
-    expression (row-major), form the channels. The values at the grid points are those of
-    the interpolants of the expressions into a discontinuous Lagrange space of degree
-    ``sampling_degree`` (default: the highest degree of their coefficients; exact for
-    ``u``, ``grad(u)`` and piecewise constants), each point evaluated on exactly one rank
-    (:class:`GridSampler`). Points outside the mesh get ``extension_value``;
-    ``mask_channel`` appends a channel that is 1 inside and 0 outside.
-
-    Every buffer is allocated at construction: :meth:`sample` and :meth:`gather` allocate
-    nothing (:meth:`__call__` returns a new array).
-
-    Args:
-        expressions: UFL expressions (or functions) on one mesh: an
-            :class:`~dolfinx_mno.Operands`, a dict ``{name: expression}`` or a list.
-        grid: The grid, e.g. the ``grid`` attribute of a non-local closure.
-        extension_value: Value of every channel at grid points outside the mesh.
-        mask_channel: Append the inside/outside mask as the last channel.
-        sampling_degree: Degree of the discontinuous Lagrange space of the interpolants.
-        mesh: The mesh; by default that of the expressions.
-        root: The rank that receives the grid.
-
-    Attributes:
-        operands: The expressions, as :class:`~dolfinx_mno.Operands`.
-        num_channels: Channels of the expressions (without the mask).
-        num_local: Grid points this rank evaluates.
-        gather_bytes: Bytes sent to the root per gather (the root's own share excluded).
-
-    Example:
-        >>> inputs = GriddedSampler([u, u.dx(0)], closure.grid, mask_channel=False)
-        >>> x = inputs()  # on the root: (2, *closure.grid.shape); elsewhere None
+    Returns:
+        The grid.
 
     Raises:
-        ValueError: No expressions, expressions on several meshes, an invalid root or
-            degree, or a grid of another dimension than the mesh.
-        TypeError: A grid that is not a :class:`Grid`, or complex expressions.
+        ValueError: The grid box does not cover the mesh's bounding box (the same on every
+            rank: both boxes are global).
     """
-
-    def __init__(
-        self,
-        expressions: OperandsLike,
-        grid: Grid,
-        *,
-        extension_value: float = 0.0,
-        mask_channel: bool = False,
-        sampling_degree: int | None = None,
-        mesh: Mesh | None = None,
-        root: int = 0,
-    ):
-        """Set up the sampling and the gather (collective).
-
-        See the class docstring for the arguments.
-        """
-        operands = Operands(expressions, mesh=mesh)
-        mesh = operands.mesh
-        if not isinstance(grid, Grid):
-            raise TypeError(f"grid must be a dolfinx_mno.grid.Grid, got {type(grid).__name__}.")
-        if grid.dim != mesh.geometry.dim:
-            raise ValueError(
-                f"The grid is {grid.dim}-dimensional and the mesh {mesh.geometry.dim}-dimensional."
-            )
-        comm = mesh.comm
-        if not 0 <= check_integer(root, "root") < comm.size:
-            raise ValueError(f"root must be a rank of the mesh communicator, got {root}.")
-        dtype = operands.dtype
-        if sampling_degree is not None:
-            check_integer(sampling_degree, "sampling_degree")
-
-        # Collective from here on.
-        self.operands = operands
-        self.num_channels = operands.num_inputs
-        degree = sampling_degree if sampling_degree is not None else _degree_of(operands)
-        space = fem.functionspace(
-            mesh, ("Discontinuous Lagrange", int(degree), (self.num_channels,))
+    lower, upper = mesh_bounding_box(mesh)
+    if bounding_box is None:
+        box_lower, box_upper = lower, upper
+    else:
+        box_lower = np.asarray(bounding_box[0], dtype=np.float64)
+        box_upper = np.asarray(bounding_box[1], dtype=np.float64)
+    if shape is None:
+        tdim = mesh.topology.dim
+        num_cells = mesh.comm.allreduce(mesh.topology.index_map(tdim).size_local)
+        h = (np.prod(upper - lower) / num_cells) ** (1.0 / tdim)
+        shape = [math.ceil((hi - lo) / h) + 1 for lo, hi in zip(box_lower, box_upper, strict=True)]
+    grid = Grid(
+        tuple(float(x) for x in box_lower),
+        tuple(float(x) for x in box_upper),
+        tuple(int(n) for n in shape),
+    )
+    if not grid.covers(lower, upper):
+        raise ValueError(
+            f"The grid box [{grid.lower}, {grid.upper}] does not cover the mesh's "
+            f"bounding box [{tuple(lower.tolist())}, {tuple(upper.tolist())}]."
         )
-        self._expression = operands.expression(space.element.interpolation_points)
-        self._sampler = GridSampler(grid, space, dtype)
-        self._local = np.empty((self._sampler.num_local, self.num_channels), dtype=dtype)
-        self.grid = grid
-        self.root = root
-        self.mask_channel = bool(mask_channel)
-        self.extension_value = float(extension_value)
-        self._comm = comm
-        self._is_root = comm.rank == root
-        counts = comm.gather(self._sampler.num_local, root=root)
-        indices = comm.gather(self._sampler.indices, root=root)
-        gather_bytes = None
-        if self._is_root:
-            assert counts is not None and indices is not None
-            counts_array = np.asarray(counts, dtype=np.int64) * self.num_channels
-            displacements = np.concatenate([[0], np.cumsum(counts_array)[:-1]])
-            self._indices = np.concatenate(indices)
-            self._buffer = np.empty(int(counts_array.sum()), dtype=dtype)
-            mpi_type = MPI.DOUBLE if dtype == np.float64 else MPI.FLOAT
-            self._receive = [self._buffer, (counts_array, displacements), mpi_type]
-            self._inside = self._sampler.inside.copy()
-            gather_bytes = int(counts_array.sum() - counts_array[root]) * dtype.itemsize
-        self.gather_bytes: int = comm.bcast(gather_bytes, root=root)
-
-    @property
-    def num_local(self) -> int:
-        """Grid points this rank evaluates."""
-        return self._sampler.num_local
-
-    @property
-    def channels(self) -> int:
-        """Channels of the gathered grid, mask included."""
-        return self.num_channels + int(self.mask_channel)
-
-    def empty(self, dtype: npt.DTypeLike = np.float64) -> np.ndarray:
-        """A ``(channels, num_points)`` array holding the extension value and the mask."""
-        values = np.full((self.channels, self.grid.num_points), self.extension_value, dtype=dtype)
-        if self.mask_channel and self._is_root:
-            values[-1] = self._inside
-        return values
-
-    def sample(self) -> None:
-        """Evaluate the expressions at this rank's grid points (local, no communication)."""
-        self._sampler.sample_expression(self._expression, out=self._local)
-
-    def gather(self, out: np.ndarray | None = None) -> np.ndarray | None:
-        """Send the last samples to the root and write them into ``out`` there (collective).
-
-        Args:
-            out: On the root, a ``(channels, num_points)`` array (e.g. from :meth:`empty`)
-                whose grid-point entries inside the mesh are overwritten; the extension
-                values and the mask are left as they are. Default: a new :meth:`empty`.
-
-        Returns:
-            ``out`` on the root, ``None`` elsewhere.
-        """
-        receive = self._receive if self._is_root else None
-        self._comm.Gatherv(self._local.reshape(-1), receive, root=self.root)
-        if not self._is_root:
-            return None
-        if out is None:
-            out = self.empty(self._buffer.dtype)
-        samples = self._buffer.reshape(-1, self.num_channels)
-        out[: self.num_channels, self._indices] = samples.T
-        return out
-
-    def __call__(self) -> np.ndarray | None:
-        """Sample and gather (collective).
-
-        Returns:
-            On the root, a new array ``(channels, *grid.shape)`` in the mesh's dtype; on the
-            other ranks ``None``.
-        """
-        self.sample()
-        values = self.gather()
-        if values is None:
-            return None
-        return values.reshape(self.channels, *self.grid.shape)
+    return grid

@@ -8,21 +8,26 @@ like a local :class:`~dolfinx_mno.Closure` (``closure.dx``, ``update()``,
 
 ``(1, num_inputs [+ 1 mask], *grid.shape)  →  (1, prod(value_shape), *grid.shape)``
 
-One update:
+One update runs five stages, each a class a reader finds by its module:
 
-1. **sample**: the operands are evaluated at the nodes of a discontinuous Lagrange space,
-   on the cells that hold grid points, and interpolated to the grid points, each point on
-   exactly one rank (see :class:`~dolfinx_mno.grid.GriddedSampler`, which also makes
+1. **sample** (:class:`~dolfinx_mno.grid_gather.GriddedSampler`, which uses
+   :class:`~dolfinx_mno.grid_gather.GridPointSampler`): the operands are evaluated at the
+   nodes of a discontinuous Lagrange space, on the cells that hold grid points, and
+   interpolated to the grid points, each point on exactly one rank (the same class makes
    training data on the same grid);
-2. **gather**: ``MPI.Gatherv`` to the root rank, which assembles the input grid, with a
-   mask channel (1 inside the domain, 0 outside) and ``extension_value`` outside;
-3. **model**: one call on the root rank, on its device; the other ranks wait for its
-   verdict asleep (a nonblocking broadcast tested with growing pauses), so that their
-   cores are free for it;
-4. **scatter**: each rank receives only the sub-block of the output grid around its own
-   quadrature points (``MPI.Scatterv``);
-5. **interpolate**: multilinear interpolation to the quadrature points of the owned cells,
-   then ``scatter_forward`` for the ghosts.
+2. **gather** (the same class): ``MPI.Gatherv`` to the root rank, which assembles the
+   input grid, with a mask channel (1 inside the domain, 0 outside) and
+   ``extension_value`` outside;
+3. **model** (:class:`~dolfinx_mno.torch_bridge.GridEvaluator`): one call on the root
+   rank, on its device; the other ranks wait for its verdict asleep
+   (:func:`dolfinx_mno._mpi.agree_with_root`), so that their cores are free for it;
+4. **scatter** (:class:`~dolfinx_mno.grid_scatter.GridScatter`): each rank receives only
+   the sub-block of the output grid around its own quadrature points (``MPI.Scatterv``);
+5. **interpolate** (the same class, with
+   :class:`~dolfinx_mno.grid_scatter.GridInterpolator`): multilinear interpolation to the
+   quadrature points of the owned cells, then ``scatter_forward`` for the ghosts.
+
+The grid itself is a :class:`~dolfinx_mno.grid.Grid` (:mod:`dolfinx_mno.grid`).
 
 Every buffer of an update is allocated at construction and reused: an update allocates
 no large arrays (on large grids, page faults on fresh arrays cost more than their
@@ -46,47 +51,30 @@ from __future__ import annotations
 import math
 import os
 import time
-import typing
 from collections.abc import Sequence
 
 from mpi4py import MPI
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import ufl
 from dolfinx import fem
 from dolfinx.mesh import Mesh
 
-from dolfinx_mno._mpi import describe, failure_message, rank_local
+from dolfinx_mno._mpi import agree_with_root, describe, rank_local
 from dolfinx_mno.base import ClosureBase, validate_arguments
 from dolfinx_mno.closure import ClosureEvaluationError
-from dolfinx_mno.grid import Grid, GriddedSampler, GridInterpolator, mesh_bounding_box
+from dolfinx_mno.grid import grid_over_mesh
+from dolfinx_mno.grid_gather import GriddedSampler
+from dolfinx_mno.grid_scatter import GridScatter
 from dolfinx_mno.operands import Operands, OperandsLike, operand_comm
 from dolfinx_mno.quadrature import owned_dofs, quadrature_points, quadrature_space
 from dolfinx_mno.spec import ClosureSpec
-from dolfinx_mno.torch_bridge import model_device, resolve_device, training_mode_error
+from dolfinx_mno.torch_bridge import GridEvaluator, resolve_device
 from dolfinx_mno.validation import check_integer
 
 __all__ = ["NonlocalClosure"]
-
-
-def _wait_passively(request: MPI.Request, shortest: float = 50e-6, longest: float = 1e-3) -> None:
-    """Complete ``request``, sleeping between tests instead of spinning in MPI.
-
-    ``Request.Wait`` polls: a rank waiting for another rank's long computation (the model
-    on the root) would occupy a core that the computation could use. Here the pause
-    between tests grows with the time waited (2 % of it, from ``shortest`` to
-    ``longest`` seconds), so the extra latency stays small for short waits.
-
-    Args:
-        request: A nonblocking MPI request.
-        shortest: First pause, in seconds.
-        longest: Longest pause, in seconds.
-    """
-    start = time.perf_counter()
-    while not request.Test():
-        waited = time.perf_counter() - start
-        time.sleep(min(longest, max(shortest, 0.02 * waited)))
 
 
 class NonlocalClosure(ClosureBase):
@@ -203,22 +191,9 @@ class NonlocalClosure(ClosureBase):
                     raise ValueError(f"bounding_box corners must have {gdim} coordinates.")
 
         # Collective from here on; every decision below is identical on all ranks.
-        lower, upper = mesh_bounding_box(mesh)
-        if bounding_box is None:
-            box_lower, box_upper = lower, upper
-        if grid_shape is None:
-            num_cells = comm.allreduce(mesh.topology.index_map(tdim).size_local)
-            h = (np.prod(upper - lower) / num_cells) ** (1.0 / tdim)
-            grid_shape = [
-                math.ceil((hi - lo) / h) + 1 for lo, hi in zip(box_lower, box_upper, strict=True)
-            ]
-        grid = Grid(tuple(box_lower), tuple(box_upper), tuple(int(n) for n in grid_shape))
-        if not grid.covers(lower, upper):
-            raise ValueError(
-                f"The grid box [{grid.lower}, {grid.upper}] does not cover the mesh's "
-                f"bounding box [{tuple(lower)}, {tuple(upper)}]."
-            )
-
+        grid = grid_over_mesh(
+            mesh, grid_shape, None if bounding_box is None else (box_lower, box_upper)
+        )
         space = quadrature_space(mesh, int(quadrature_degree), value_shape)
         super().__init__(space, name=name, dtype=dtype)
         self._mno_quadrature_degree = int(quadrature_degree)
@@ -231,12 +206,15 @@ class NonlocalClosure(ClosureBase):
         self.extension_value = float(extension_value)
         self.root = root
         self._model = model
+        self._comm = comm
+        self._is_root = comm.rank == root
         self._update_count = 0
         self.timings: dict[str, float] = {}
         self.total_timings: dict[str, float] = {}
 
-        # Sampling: operands → DG space → grid points owned by this rank → the root.
-        self._gridded = GriddedSampler(
+        # The stages of an update, each with its buffers allocated here, once: fresh arrays
+        # of hundreds of MB on large grids cost more in page faults than their arithmetic.
+        self._gridded = GriddedSampler(  # sample → gather: operands → the root's grid
             operand_list,
             grid,
             extension_value=self.extension_value,
@@ -245,181 +223,55 @@ class NonlocalClosure(ClosureBase):
             mesh=mesh,
             root=root,
         )
-        # Every buffer of an update is allocated here and reused: fresh arrays of hundreds
-        # of MB on large grids cost more in page faults than their arithmetic.
-        mpi_type = MPI.DOUBLE if dtype == np.float64 else MPI.FLOAT
-        self._status = np.zeros(1, dtype=np.int32)  # the root's verdict on the model call
-        self._is_root = comm.rank == root
-        if self._is_root:
-            self._grid_input = self._gridded.empty(np.float64)
-            self._grid_output = np.empty((self.num_outputs, grid.num_points))
-            self._finite = np.empty((self.num_outputs, grid.num_points), dtype=bool)
-            self._finite_points = np.empty(grid.num_points, dtype=bool)
-
-        # Quadrature points of the owned cells, and their interpolation from the grid.
-        tdim_cells = mesh.topology.index_map(tdim).size_local
-        points = quadrature_points(mesh, int(quadrature_degree))
-        x = ufl.SpatialCoordinate(mesh)
-        coordinates = fem.Expression(x, points, dtype=dtype).eval(
-            mesh, np.arange(tdim_cells, dtype=np.int32)
-        )
-        self._interpolator = GridInterpolator(
-            grid, coordinates.reshape(-1, gdim), self.num_outputs, dtype
-        )
-        self._value_dofs = owned_dofs(space, tdim_cells)
-        # This rank's sub-block of the output grid, stored channel-last: the layout that the
-        # interpolation gathers corner values from without a copy.
-        self._block_buffer = np.empty(
-            (*self._interpolator.block_shape, self.num_outputs), dtype=dtype
-        )
-        self._block = np.moveaxis(self._block_buffer, -1, 0)  # (num_outputs, *block_shape)
-        # The interpolation writes straight into x.array where the owned values are one
-        # contiguous range of its dtype; otherwise through this buffer.
-        direct = (
-            isinstance(self._value_dofs, slice)
-            and self._interpolator.value_dtype == self.x.array.dtype
-        )
-        self._quadrature_values = (
-            None
-            if direct
-            else np.empty(
-                (self._interpolator.num_points, self.num_outputs),
-                dtype=self._interpolator.value_dtype,
-            )
-        )
-        blocks = comm.gather(self._interpolator.block_slices(), root=root)
-        if self._is_root:
-            assert blocks is not None
-            self._scatter_slices = blocks
-            self._scatter_counts = np.array(
-                [self.num_outputs * math.prod(s.stop - s.start for s in b) for b in blocks]
-            )
-            self._scatter_displs = np.concatenate([[0], np.cumsum(self._scatter_counts)[:-1]])
-            self._scatter_buffer = np.empty(int(self._scatter_counts.sum()), dtype=dtype)
-            self._scatter_send = [
-                self._scatter_buffer,
-                (self._scatter_counts, self._scatter_displs),
-                mpi_type,
-            ]
-            # Each rank's part of the buffer, viewed as its sub-block of the output grid.
-            self._scatter_parts = []
-            for block, offset, count in zip(
-                blocks, self._scatter_displs, self._scatter_counts, strict=True
-            ):
-                shape = (*(b.stop - b.start for b in block), self.num_outputs)
-                part = self._scatter_buffer[offset : offset + count].reshape(shape)
-                self._scatter_parts.append(np.moveaxis(part, -1, 0))
-            root_share_out = self._scatter_counts[root]
-            self.communication = {
-                "gather": self._gridded.gather_bytes,
-                "scatter": int(self._scatter_counts.sum() - root_share_out) * dtype.itemsize,
-            }
-        self.communication = comm.bcast(getattr(self, "communication", None), root=root)
-
-        # The model lives on the root rank; probe it once with the real grid shape. The
-        # root's verdict (placing the model on its device may fail too) reaches every rank.
+        self._scatter = self._owned_points_scatter()  # scatter → interpolate: grid → values
+        self.communication = {
+            "gather": self._gridded.gather_bytes,
+            "scatter": self._scatter.scatter_bytes,
+        }
+        # model: on the root, probed once with the real grid shape. The root's verdict
+        # (placing the model on its device may fail too) reaches every rank.
+        self._evaluator: GridEvaluator | None = None
         with rank_local(comm, what):
             if self._is_root:
-                self._place_model(device)
-                problem = self._probe()
-                if problem is not None:
-                    raise ValueError(problem)
+                self._evaluator = self._root_evaluator(device)
         self._fill_not_updated()
 
-    # -- model on the root ------------------------------------------------------------
+    def _owned_points_scatter(self) -> GridScatter:
+        """The scatter from the root's grid to the owned quadrature points (collective).
 
-    def _place_model(self, device: str | torch.device | None) -> None:
-        """Move the model to its device and allocate its input and output (root only)."""
-        target = resolve_device(device, MPI.COMM_SELF) if device is not None else None
-        if target is not None:
-            self._model.to(target)
-        self._device = model_device(self._model) or target or torch.device("cpu")
-        self._model_dtype = next(
-            (
-                t.dtype
-                for t in (*self._model.parameters(), *self._model.buffers())
-                if t.is_floating_point()
-            ),
-            torch.float64 if self.dtype == np.float64 else torch.float32,
-        )
-        # The model input: the gridded inputs themselves where dtype and device agree,
-        # else a tensor on the model's device that every update copies (and casts) into.
-        channels = self.num_inputs + int(self.mask_channel)
-        self._grid_input_tensor = torch.from_numpy(self._grid_input).view(
-            1, channels, *self.grid.shape
-        )
-        if self._model_dtype == torch.float64 and self._device.type == "cpu":
-            self._model_input = self._grid_input_tensor
-        else:
-            self._model_input = torch.empty(
-                self._grid_input_tensor.shape, dtype=self._model_dtype, device=self._device
-            )
-        self._grid_output_tensor = torch.from_numpy(self._grid_output)
-
-    def _run_model(self) -> torch.Tensor:
-        if self._model_input is not self._grid_input_tensor:
-            self._model_input.copy_(self._grid_input_tensor)
-        with torch.inference_mode():
-            return typing.cast(torch.Tensor, self._model(self._model_input))
-
-    def _evaluate_model(self) -> tuple[str | None, Exception | None]:
-        """Fill the model input, run the model and pack the scatter buffer (root only).
-
-        Returns:
-            ``(None, None)``, or why the model call failed (it raised or returned NaN/Inf)
-            and the exception it raised, if any; the scatter buffer is then incomplete.
+        Also sets where :meth:`_interpolate` writes: straight into ``x.array`` where the
+        owned values are one contiguous range of its dtype, otherwise through a buffer.
         """
-        if (reason := training_mode_error(self._model)) is not None:
-            return reason, None
-        try:
-            output = self._run_model()
-            gridded = output[0].reshape(self.num_outputs, self.grid.num_points)
-            self._grid_output_tensor.copy_(gridded)  # to the CPU, in float64
-        except Exception as err:  # reported collectively by the caller
-            return f"the model raised {describe(err)}", err
-        np.isfinite(self._grid_output, out=self._finite)
-        np.logical_and.reduce(self._finite, axis=0, out=self._finite_points)
-        bad = self.grid.num_points - int(np.count_nonzero(self._finite_points))
-        if bad:
-            reason = f"the model returned NaN/Inf at {bad} of {self.grid.num_points} grid points"
-            return reason, None
-        values = self._grid_output.reshape(self.num_outputs, *self.grid.shape)
-        for part, block in zip(self._scatter_parts, self._scatter_slices, strict=True):
-            np.copyto(part, values[(slice(None), *block)], casting="same_kind")
-        return None, None
+        mesh = self.function_space.mesh
+        num_cells = mesh.topology.index_map(mesh.topology.dim).size_local
+        points = _quadrature_coordinates(mesh, self.quadrature_degree, num_cells, self.dtype)
+        scatter = GridScatter(
+            self.grid, points, self.num_outputs, self.dtype, mesh.comm, root=self.root
+        )
+        self._value_dofs = owned_dofs(self.function_space, num_cells)
+        shape = (scatter.num_points, self.num_outputs)
+        direct = isinstance(self._value_dofs, slice) and scatter.value_dtype == self.x.array.dtype
+        self._quadrature_values = None if direct else np.empty(shape, scatter.value_dtype)
+        return scatter
 
-    def _probe(self) -> str | None:
+    def _root_evaluator(self, device: str | torch.device | None) -> GridEvaluator:
+        """The model's evaluator on the root, its input prepared and the model probed."""
+        target = resolve_device(device, MPI.COMM_SELF) if device is not None else None
         channels = self.num_inputs + int(self.mask_channel)
-        try:
-            y = self._run_model()
-        except Exception as err:
-            expected = getattr(self._model, "in_channels", None)
-            given = (
+        evaluator = GridEvaluator(
+            self._model, channels, self.num_outputs, self.grid.shape, self.dtype, target
+        )
+        self._gridded.prepare(evaluator.inputs)  # the extension value and the mask
+        evaluator.probe(
+            inputs=(
                 f"{channels} input channels ({self.num_inputs} operand components"
                 f"{' + 1 mask' if self.mask_channel else ''})"
-            )
-            if expected is not None and expected != channels:
-                return (
-                    f"Channel mismatch: the model has in_channels={expected}, but the closure "
-                    f"gives it {given}."
-                )
-            return (
-                f"The model failed on a probe input of {given} on the {self.grid.shape} grid: "
-                f"{type(err).__name__}: {err}"
-            )
-        expected_shape = (1, self.num_outputs, *self.grid.shape)
-        if tuple(y.shape) != expected_shape:
-            if tuple(y.shape[2:]) != self.grid.shape:
-                what = "changes the grid shape"
-            else:
-                what = "returns the wrong number of output channels"
-            return (
-                f"The model {what}: for input (1, {channels}, *{self.grid.shape}) it returned "
-                f"{tuple(y.shape)}, expected {expected_shape} (value_shape {self.value_shape})."
-            )
-        return None
+            ),
+            outputs=f"value_shape {self.value_shape}",
+        )
+        return evaluator
 
-    # -- update ------------------------------------------------------------------------
+    # -- properties --------------------------------------------------------------------
 
     @property
     def value_shape(self) -> tuple[int, ...]:
@@ -442,6 +294,8 @@ class NonlocalClosure(ClosureBase):
             mask_channel=self.mask_channel,
         )
 
+    # -- update ------------------------------------------------------------------------
+
     def update(self, tangent: bool | None = None) -> None:
         """Sample, gather, run the model, scatter and interpolate (collective).
 
@@ -456,63 +310,83 @@ class NonlocalClosure(ClosureBase):
         """
         if tangent:
             raise ValueError("Non-local closures have no pointwise tangent; see the docs.")
-        comm = self.function_space.mesh.comm
         attempt = self._update_count + 1
+        what = f"Update {attempt} of non-local closure '{self.name}'"
+        inputs = None if self._evaluator is None else self._evaluator.inputs
         t0 = time.perf_counter()
         self._gridded.sample()
         t1 = time.perf_counter()
-        self._gridded.gather(out=self._grid_input if self._is_root else None)
+        self._gridded.gather(out=inputs)
         t2 = time.perf_counter()
-        error: str | None = None
-        cause: Exception | None = None
-        if self._is_root:
-            error, cause = self._evaluate_model()
-            self._status[0] = error is not None
+        reason, cause = self._run_model() if self._is_root else (None, None)
         t3 = time.perf_counter()
-        # The root's verdict: the other ranks wait here for its model without spinning on
-        # a core (a passive wait on a nonblocking broadcast), and learn why it failed
-        # only if it did, so that a successful update costs no further collective.
-        _wait_passively(comm.Ibcast(self._status, root=self.root))
-        if self._status[0]:
-            error = comm.bcast(error, root=self.root)
-            reasons: list[str | None] = [None] * comm.size
-            reasons[self.root] = error
-            raise ClosureEvaluationError(
-                failure_message(
-                    f"Update {attempt} of non-local closure '{self.name}'",
-                    reasons,
-                    "The previous closure values were kept.",
-                )
-            ) from cause
-        t3_wait = time.perf_counter()
-        send = self._scatter_send if self._is_root else None
-        comm.Scatterv(send, self._block_buffer.reshape(-1), root=self.root)
+        # The other ranks wait here for the root's model without spinning on a core, and
+        # learn why it failed only if it did.
+        agree_with_root(
+            self._comm,
+            reason,
+            what,
+            ClosureEvaluationError,
+            root=self.root,
+            cause=cause,
+            note="The previous closure values were kept.",
+        )
         t4 = time.perf_counter()
+        self._scatter.scatter()
+        t5 = time.perf_counter()
+        self._interpolate()
+        t6 = time.perf_counter()
+        self._record(
+            attempt,
+            sample=t1 - t0,
+            gather=t2 - t1,
+            model=t3 - t2,
+            wait=t4 - t3,
+            scatter=t5 - t4,
+            interpolate=t6 - t5,
+            total=t6 - t0,
+        )
+
+    def _run_model(self) -> tuple[str | None, Exception | None]:
+        """Run the model and pack its output for the scatter (root only, rank-local).
+
+        Returns:
+            ``(None, None)``, or why the model call failed (it raised or returned NaN/Inf)
+            and the exception it raised, if any; nothing is packed then.
+        """
+        assert self._evaluator is not None
+        try:
+            self._evaluator.evaluate()
+            reason = self._evaluator.check_finite()
+            if reason is None:
+                self._scatter.pack(self._evaluator.outputs)
+        except Exception as err:  # reported on every rank by the caller
+            return f"the model raised {describe(err)}", err
+        return reason, None
+
+    def _interpolate(self) -> None:
+        """Interpolate the received block into the owned values, then update the ghosts."""
         if self._quadrature_values is None:
             assert isinstance(self._value_dofs, slice)
             owned = self.x.array[self._value_dofs].reshape(-1, self.num_outputs)
-            self._interpolator.interpolate(self._block, out=owned)
+            self._scatter.interpolate(out=owned)
         else:
-            self._interpolator.interpolate(self._block, out=self._quadrature_values)
+            self._scatter.interpolate(out=self._quadrature_values)
             self.x.array[self._value_dofs] = self._quadrature_values.reshape(-1)
         self.x.scatter_forward()
-        t5 = time.perf_counter()
-        timings = {
-            "sample": t1 - t0,
-            "gather": t2 - t1,
-            "model": t3 - t2,
-            "wait": t3_wait - t3,
-            "scatter": t4 - t3_wait,
-            "interpolate": t5 - t4,
-            "total": t5 - t0,
-        }
-        self.timings = timings
-        for stage, seconds in timings.items():
-            self.total_timings[stage] = self.total_timings.get(stage, 0.0) + seconds
-        self._update_count = attempt
 
     def gridded_inputs(self) -> np.ndarray | None:
         """The last model input on the root, shape ``(channels, *grid.shape)``; else ``None``."""
-        if not self._is_root:
+        if self._evaluator is None:
             return None
-        return self._grid_input.reshape(-1, *self.grid.shape).copy()
+        return self._evaluator.inputs.reshape(-1, *self.grid.shape).copy()
+
+
+def _quadrature_coordinates(
+    mesh: Mesh, quadrature_degree: int, num_cells: int, dtype: npt.DTypeLike
+) -> np.ndarray:
+    """Physical quadrature points of the owned cells, shape ``(num_cells * num_qp, gdim)``."""
+    points = quadrature_points(mesh, quadrature_degree)
+    x = fem.Expression(ufl.SpatialCoordinate(mesh), points, dtype=dtype)
+    coordinates = x.eval(mesh, np.arange(num_cells, dtype=np.int32))
+    return coordinates.reshape(-1, mesh.geometry.dim)

@@ -1,22 +1,29 @@
 """The bridge between NumPy arrays owned by DOLFINx and PyTorch models.
 
 Everything that crosses the NumPy/torch boundary goes through this module:
-the dtype map, the device choice, and :class:`PointwiseEvaluator`, which
-feeds a model with ``(num_points, num_inputs)`` batches from preallocated
-buffers and writes ``(num_points, num_outputs)`` values (and optionally the
-``(num_points, num_outputs, num_inputs)`` tangent) back to host memory.
+the dtype map, the device choice, and the two evaluators, one per kind of model:
+
+* :class:`PointwiseEvaluator` (local closures) feeds a model with
+  ``(num_points, num_inputs)`` batches from preallocated buffers and writes
+  ``(num_points, num_outputs)`` values (and optionally the
+  ``(num_points, num_outputs, num_inputs)`` tangent) back to host memory;
+* :class:`GridEvaluator` (non-local closures, on their root rank) feeds a neural
+  operator with one ``(1, in_channels, *grid_shape)`` field and writes its
+  ``(out_channels, num_grid_points)`` output back to host memory.
 
 dtype and device rules:
     * The model runs in its own dtype (that of its first floating-point
       parameter or buffer; the DOLFINx dtype for a parameter-free model) and
-      on its own device. Operands are cast at the boundary, once per chunk,
-      into a buffer allocated at construction.
-    * Host-side buffers are pinned when the model is on a CUDA device so that
-      host↔device copies can be asynchronous.
+      on its own device. Inputs are cast at the boundary, once per chunk (or per
+      grid field), into a buffer allocated at construction.
+    * Host-side buffers are pinned when the model is on a CUDA device, so that
+      host↔device copies are fast (and, for pointwise models, asynchronous).
+    * Both evaluators refuse a model in training mode (:func:`training_mode_error`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import typing
 
@@ -31,6 +38,7 @@ from dolfinx_mno.validation import check_integer
 __all__ = [
     "NUMPY_TO_TORCH",
     "TORCH_TO_NUMPY",
+    "GridEvaluator",
     "PointwiseEvaluator",
     "default_batch_size",
     "model_dtype",
@@ -137,6 +145,17 @@ def training_mode_error(model: torch.nn.Module) -> str | None:
     )
 
 
+def _host_dtype(dtype: npt.DTypeLike) -> np.dtype:
+    """``dtype`` as a NumPy dtype, if it is a DOLFINx dtype the evaluators support."""
+    host_dtype = np.dtype(dtype)
+    if host_dtype not in NUMPY_TO_TORCH:
+        raise TypeError(
+            f"Unsupported DOLFINx dtype {host_dtype}; dolfinx_mno supports "
+            f"{sorted(str(d) for d in NUMPY_TO_TORCH)} (real-valued problems)."
+        )
+    return host_dtype
+
+
 def default_batch_size(device: torch.device) -> int:
     """Number of points per model call when the user gives none.
 
@@ -192,12 +211,7 @@ class PointwiseEvaluator:
         device: torch.device,
         batch_size: int | None = None,
     ):
-        host_dtype = np.dtype(host_dtype)
-        if host_dtype not in NUMPY_TO_TORCH:
-            raise TypeError(
-                f"Unsupported DOLFINx dtype {host_dtype}; dolfinx_mno supports "
-                f"{sorted(str(d) for d in NUMPY_TO_TORCH)} (real-valued problems)."
-            )
+        host_dtype = _host_dtype(host_dtype)
         self.model = model
         self.num_inputs = num_inputs
         self.num_outputs = num_outputs
@@ -359,6 +373,188 @@ class PointwiseEvaluator:
                 f"points it returned {shape}."
             )
         return tuple(y.shape[1:])
+
+
+class GridEvaluator:
+    """Evaluate a grid model (a neural operator) on one grid field from preallocated buffers.
+
+    The torch boundary of a :class:`~dolfinx_mno.NonlocalClosure`, on its root rank. The
+    model maps ``(1, in_channels, *grid_shape)`` to ``(1, out_channels, *grid_shape)``;
+    the caller writes the field into :attr:`inputs` and reads the result from
+    :attr:`outputs`, host arrays of shapes ``(in_channels, num_points)`` and
+    ``(out_channels, num_points)`` (grid points in row-major order), allocated once and
+    reused by every call to :meth:`evaluate`.
+
+    dtype and device rules: the host buffers are float64, whatever the DOLFINx dtype
+    (float32 samples widen exactly). The model runs in its own dtype (that of its first
+    real floating-point parameter or buffer; ``host_dtype``'s twin for a model without
+    any) on its own device. A float64 model on the CPU reads :attr:`inputs` itself;
+    otherwise each call copies (and casts) it into one tensor on the model's device,
+    allocated here. Host buffers are pinned when the model is on a CUDA device.
+
+    Args:
+        model: Maps ``(1, in_channels, *grid_shape)`` to ``(1, out_channels, *grid_shape)``,
+            e.g. ``neuralop.models.FNO``; in evaluation mode (``model.eval()``).
+        in_channels: Input channels.
+        out_channels: Output channels.
+        grid_shape: Points per direction.
+        host_dtype: The DOLFINx scalar type (``float32`` or ``float64``), which gives the
+            dtype of a model without floating-point tensors.
+        device: Device the model is moved to; ``None`` leaves it where it is (the CPU for a
+            model without tensors).
+
+    Raises:
+        TypeError: Another ``host_dtype``.
+
+    Example:
+        >>> evaluator = GridEvaluator(fno, 4, 2, (64, 64), np.float64, torch.device("cpu"))
+        >>> evaluator.probe()  # ValueError if the model does not fit
+        >>> evaluator.inputs[:] = field.reshape(4, -1)
+        >>> evaluator.evaluate()
+        >>> evaluator.check_finite()  # None, or why not
+        >>> evaluator.outputs.shape
+        (2, 4096)
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        in_channels: int,
+        out_channels: int,
+        grid_shape: tuple[int, ...],
+        host_dtype: npt.DTypeLike,
+        device: torch.device | None,
+    ):
+        host_dtype = _host_dtype(host_dtype)
+        if device is not None:
+            model.to(device)
+        self.model = model
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
+        self.grid_shape = tuple(int(n) for n in grid_shape)
+        self.num_points = math.prod(self.grid_shape)
+        self.device = model_device(model) or device or torch.device("cpu")
+        # The first *real* tensor: a Fourier layer's complex weights do not say the dtype
+        # of the grid fields.
+        self.dtype = next(
+            (t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()),
+            NUMPY_TO_TORCH[host_dtype],
+        )
+        pin = self.device.type == "cuda"
+        self._inputs = torch.empty(
+            (self.in_channels, self.num_points), dtype=torch.float64, pin_memory=pin
+        )
+        self._outputs = torch.empty(
+            (self.out_channels, self.num_points), dtype=torch.float64, pin_memory=pin
+        )
+        self._inputs_array = self._inputs.numpy()
+        self._outputs_array = self._outputs.numpy()
+        # The model input: the host buffer itself where dtype and device agree, else a
+        # tensor on the model's device that every call copies (and casts) into.
+        self._input_field = self._inputs.view(1, self.in_channels, *self.grid_shape)
+        if self.dtype == torch.float64 and self.device.type == "cpu":
+            self._model_input = self._input_field
+        else:
+            self._model_input = torch.empty(
+                self._input_field.shape, dtype=self.dtype, device=self.device
+            )
+        # Workspaces of the NaN/Inf check.
+        self._finite = np.empty((self.out_channels, self.num_points), dtype=bool)
+        self._finite_points = np.empty(self.num_points, dtype=bool)
+
+    @property
+    def inputs(self) -> npt.NDArray[np.float64]:
+        """Host input buffer, shape ``(in_channels, num_points)``, written by the caller."""
+        return self._inputs_array
+
+    @property
+    def outputs(self) -> npt.NDArray[np.float64]:
+        """Host output buffer, shape ``(out_channels, num_points)``."""
+        return self._outputs_array
+
+    def _call(self) -> typing.Any:
+        """The model's output for the current :attr:`inputs` (without autograd)."""
+        if self._model_input is not self._input_field:
+            self._model_input.copy_(self._input_field)
+        with torch.inference_mode():
+            return self.model(self._model_input)
+
+    def evaluate(self) -> None:
+        """Run the model on :attr:`inputs` and write :attr:`outputs`.
+
+        Raises:
+            RuntimeError: The model is in training mode (:func:`training_mode_error`).
+            Exception: Whatever the model raises, or a ``RuntimeError`` if its output
+                cannot be viewed as ``(out_channels, num_points)``; :attr:`outputs` is then
+                incomplete.
+        """
+        if (reason := training_mode_error(self.model)) is not None:
+            raise RuntimeError(reason)
+        output = self._call()
+        # To the host, in float64.
+        self._outputs.copy_(output[0].reshape(self.out_channels, self.num_points))
+
+    def check_finite(self) -> str | None:
+        """Why :attr:`outputs` is not all finite, or ``None`` (no allocation).
+
+        Returns:
+            ``"the model returned NaN/Inf at {k} of {num_points} grid points"``, a grid
+            point counting once however many of its channels are not finite; or ``None``.
+        """
+        np.isfinite(self._outputs_array, out=self._finite)
+        np.logical_and.reduce(self._finite, axis=0, out=self._finite_points)
+        bad = self.num_points - int(np.count_nonzero(self._finite_points))
+        if not bad:
+            return None
+        return f"the model returned NaN/Inf at {bad} of {self.num_points} grid points"
+
+    def probe(self, inputs: str | None = None, outputs: str | None = None) -> None:
+        """Run the model once on the current :attr:`inputs` and check its output's shape.
+
+        Args:
+            inputs: What the input channels are, for the messages, e.g. ``"4 input
+                channels (3 operand components + 1 mask)"``; default ``"{in_channels} input
+                channels"``.
+            outputs: What the output channels are, e.g. ``"value_shape (2,)"``; default
+                ``"{out_channels} output channels"``.
+
+        Raises:
+            ValueError: The model raised (``"Channel mismatch: ..."`` where its
+                ``in_channels`` attribute differs from ``in_channels``), returned no
+                tensor, changed the grid shape or returned another number of channels.
+        """
+        channels = self.in_channels
+        inputs = inputs or f"{channels} input channel{'s' * (channels != 1)}"
+        outputs = outputs or f"{self.out_channels} output channel{'s' * (self.out_channels != 1)}"
+        given = f"(1, {channels}, *{self.grid_shape})"
+        try:
+            y = self._call()
+        except Exception as err:
+            expected = getattr(self.model, "in_channels", None)
+            if expected is not None and expected != channels:
+                raise ValueError(
+                    f"Channel mismatch: the model has in_channels={expected}, but it is "
+                    f"given {inputs}."
+                ) from err
+            raise ValueError(
+                f"The model failed on a probe input of {inputs} on the {self.grid_shape} "
+                f"grid: {type(err).__name__}: {err}"
+            ) from err
+        expected_shape = (1, self.out_channels, *self.grid_shape)
+        if not isinstance(y, torch.Tensor):
+            raise ValueError(
+                f"The model must return a tensor: for input {given} it returned a "
+                f"{type(y).__name__}, expected shape {expected_shape} ({outputs})."
+            )
+        if tuple(y.shape) != expected_shape:
+            if tuple(y.shape[2:]) != self.grid_shape:
+                what = "changes the grid shape"
+            else:
+                what = "returns the wrong number of output channels"
+            raise ValueError(
+                f"The model {what}: for input {given} it returned {tuple(y.shape)}, "
+                f"expected {expected_shape} ({outputs})."
+            )
 
 
 def _expected_input_width(model: torch.nn.Module) -> int | None:

@@ -1,5 +1,8 @@
 """Checks of the plain arguments that many constructors share: counts, degrees, shapes.
 
+Caller-supplied arrays are checked as DOLFINx checks them, for shape and dtype
+(:func:`check_array`, :func:`output_array`).
+
 Each check returns the value as a Python ``int`` (or a tuple of them) or raises with a
 message that names the argument and the fix. Nothing is coerced silently: ``2.5`` is not
 ``2``, ``True`` is not ``1`` (:class:`bool` is a subclass of :class:`int`, so a plain
@@ -15,8 +18,9 @@ import typing
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 
-__all__ = ["check_integer", "check_value_shape"]
+__all__ = ["check_array", "check_integer", "check_value_shape", "output_array"]
 
 
 def _integer_kind(minimum: int) -> str:
@@ -97,3 +101,45 @@ def check_value_shape(value_shape: typing.Any) -> tuple[int, ...]:
     if any(entry < 1 for entry in entries):
         raise ValueError(f"value_shape must have positive entries, got {entries!r}.")
     return tuple(int(entry) for entry in entries)
+
+
+def check_array(array: np.ndarray, shape: tuple[int, ...], dtype: npt.DTypeLike, name: str) -> None:
+    """Check a caller-supplied array's shape and dtype.
+
+    Args:
+        array: The array.
+        shape: The shape it must have.
+        dtype: The dtype it must have.
+        name: Its name, for the message (e.g. ``"out"``).
+
+    Raises:
+        TypeError: Another shape or dtype: ``"{name} must have shape {shape} and dtype
+            {dtype}, got {array.shape} and {array.dtype}."``.
+    """
+    if array.shape != shape or array.dtype != dtype:
+        raise TypeError(
+            f"{name} must have shape {shape} and dtype {np.dtype(dtype)}, got {array.shape} "
+            f"and {array.dtype}."
+        )
+
+
+def output_array(
+    out: np.ndarray | None, shape: tuple[int, ...], dtype: npt.DTypeLike
+) -> np.ndarray:
+    """A result buffer: ``out`` after :func:`check_array`, or a new array if it is ``None``.
+
+    Args:
+        out: The caller's buffer, or ``None``.
+        shape: The shape of the result.
+        dtype: The dtype of the result.
+
+    Returns:
+        ``out``, or a new (uninitialised) array of ``shape`` and ``dtype``.
+
+    Raises:
+        TypeError: ``out`` has another shape or dtype.
+    """
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    check_array(out, shape, dtype, "out")
+    return out

@@ -6,7 +6,16 @@ from mpi4py import MPI
 
 import pytest
 
-from dolfinx_mno._mpi import agree, agree_on, describe, failure_message, on_root, rank_local
+from dolfinx_mno._mpi import (
+    agree,
+    agree_on,
+    agree_with_root,
+    describe,
+    failure_message,
+    on_root,
+    rank_local,
+    wait_passively,
+)
 
 COMM = MPI.COMM_WORLD
 RANKS = "rank" if COMM.size == 1 else "ranks"
@@ -251,3 +260,52 @@ def test_failure_message():
         failure_message("Nothing", [None, None])
     assert describe(ValueError("bad")) == "ValueError: bad"
     assert describe(KeyError()) == "KeyError"
+
+
+# -- work on the root alone: its verdict reaches every rank -------------------------------
+
+
+@pytest.mark.mpi
+def test_agree_with_root_passes_when_the_root_succeeds():
+    # Only the root's reason counts: another rank's reason is ignored.
+    agree_with_root(COMM, None if COMM.rank == 0 else "ignored", "Model", ProbeError)
+    assert COMM.allreduce(1) == COMM.size  # the ranks are still in step
+
+
+@pytest.mark.mpi
+def test_agree_with_root_raises_the_roots_reason_on_every_rank():
+    root = COMM.size - 1
+    cause = KeyError("k") if COMM.rank == root else None
+    reason = "the model returned NaN/Inf at 3 of 9 grid points" if COMM.rank == root else None
+    with pytest.raises(ProbeError) as info:
+        agree_with_root(COMM, reason, "Update 4", ProbeError, root=root, cause=cause, note="Kept.")
+    assert str(info.value) == (
+        f"Update 4 failed on rank(s) [{root}] (1 of {COMM.size} {RANKS}); on rank {root}: "
+        "the model returned NaN/Inf at 3 of 9 grid points. Kept."
+    )
+    assert info.value.__cause__ is cause  # chained on the root only
+    with pytest.raises(RuntimeError, match=r"^Step failed on rank\(s\) \[0\]"):
+        agree_with_root(COMM, "no" if COMM.rank == 0 else None, "Step")
+
+
+@pytest.mark.mpi
+def test_ranks_waiting_for_the_root_sleep():
+    """A rank waiting 0.3 s for the root uses a few ms of CPU time, not 0.3 s."""
+    if COMM.size == 1:
+        pytest.skip("needs more than one rank")
+    COMM.Barrier()
+    cpu, wall = time.process_time(), time.perf_counter()
+    if COMM.rank == 0:
+        time.sleep(0.3)
+    agree_with_root(COMM, None, "Sleep")
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    if COMM.rank != 0:
+        assert wall > 0.25
+        # Measured on 2 and 3 ranks: about 0.005 s (MPI's own Wait polls for the 0.3 s).
+        assert cpu < 0.06, cpu
+
+
+def test_wait_passively_completes_a_request():
+    request = MPI.COMM_SELF.Ibarrier()
+    wait_passively(request)
+    assert request == MPI.REQUEST_NULL

@@ -16,7 +16,6 @@ from dolfinx.fem.petsc import assemble_vector
 from dolfinx.io import gmsh as gmshio
 
 import dolfinx_mno as mno
-from dolfinx_mno.grid import Grid, GriddedSampler, GridSampler
 from dolfinx_mno.nonlocal_closure import NonlocalClosure
 from dolfinx_mno.petsc import LinearProblem, NonlinearProblem
 from dolfinx_mno.torch_bridge import to_precision
@@ -276,25 +275,16 @@ def test_probe_failure_on_the_root_raises_on_every_rank():
 
 
 @pytest.mark.mpi
-def test_sampler_and_closure_on_a_rank_without_cells(tiny_square):
-    """Where (on 3 ranks) a rank owns no cells: exact grid samples and closure values.
+def test_closure_on_a_rank_without_cells(tiny_square):
+    """Where (on 3 ranks) a rank owns no cells: exact closure values.
 
-    u = 1 + x + 2y is linear, so its samples, and the bilinear interpolation back to the
-    quadrature points of the identity closure, are exact.
+    u = 1 + x + 2y is linear, so its grid samples (exact: tested in test_grid_gather), and
+    the bilinear interpolation back to the quadrature points of the identity closure, are
+    exact.
     """
     V = fem.functionspace(tiny_square, ("Lagrange", 1))
     u = fem.Function(V)
     u.interpolate(lambda x: 1 + x[0] + 2 * x[1])
-    grid = Grid((0.0, 0.0), (1.0, 1.0), (5, 4))
-    values = GriddedSampler([u, ufl.grad(u)], grid, mask_channel=True)()
-    if tiny_square.comm.rank == 0:
-        X, Y = np.meshgrid(np.linspace(0, 1, 5), np.linspace(0, 1, 4), indexing="ij")
-        ones = np.ones_like(X)
-        expected = np.stack([1 + X + 2 * Y, ones, 2 * ones, ones])
-        assert values.shape == (4, 5, 4)
-        np.testing.assert_allclose(values, expected, rtol=0, atol=1e-14)
-    else:
-        assert values is None
     closure = NonlocalClosure(Channels([0]), [u], quadrature_degree=2, grid_shape=(5, 4))
     closure.update()
     v = ufl.TestFunction(V)
@@ -474,15 +464,15 @@ def test_repeated_updates_reuse_buffers_and_allocate_nothing_large():
     buffers = [
         closure._gridded._local,
         closure._gridded._sampler._cell_values,
-        closure._interpolator._corner_values,
-        closure._block_buffer,
+        closure._scatter._interpolator._corner_values,
+        closure._scatter._block_buffer,
     ]
     if comm.rank == closure.root:
         buffers += [
             closure._gridded._buffer,
-            closure._grid_input,
-            closure._grid_output,
-            closure._scatter_buffer,
+            closure._evaluator.inputs,
+            closure._evaluator.outputs,
+            closure._scatter._send_buffer,
         ]
     addresses = [b.ctypes.data for b in buffers]
     tracemalloc.start()
@@ -494,7 +484,7 @@ def test_repeated_updates_reuse_buffers_and_allocate_nothing_large():
     assert [b.ctypes.data for b in buffers] == addresses
     # Measured: 3.7 kB of NumPy allocations in an update (serial), against workspaces of
     # 1.6 MB (corner values) and 2.4 MB (cell values) that a fresh allocation would need.
-    workspace = closure._interpolator._corner_values.nbytes
+    workspace = closure._scatter._interpolator._corner_values.nbytes
     assert workspace > 500_000
     assert peak < 64_000, peak
 
@@ -530,21 +520,3 @@ def test_ranks_waiting_for_the_model_do_not_spin():
         # Measured on 2 and 3 ranks: 0.008-0.011 s of CPU time in the 0.5 s wait. MPI's
         # own (polling) wait took 0.14 s with 9 other jobs on the 2 cores.
         assert cpu < 0.06 * seconds, cpu
-
-
-def test_sampling_an_expression_equals_sampling_its_interpolant():
-    """GridSampler.sample_expression gives bitwise the values of sample(interpolant)."""
-    msh = mesh.create_unit_square(MPI.COMM_WORLD, 12, 10)
-    u = fem.Function(fem.functionspace(msh, ("Lagrange", 2)))
-    u.interpolate(smooth)
-    expression = ufl.as_vector([u, u.dx(0), u.dx(1) * u])
-    dg = fem.functionspace(msh, ("Discontinuous Lagrange", 2, (3,)))
-    compiled = fem.Expression(expression, dg.element.interpolation_points)
-    interpolant = fem.Function(dg)
-    interpolant.interpolate(compiled)
-    sampler = GridSampler(Grid((0.0, 0.0), (1.0, 1.0), (23, 19)), dg)
-    out = np.empty((sampler.num_local, 3))
-    assert sampler.sample_expression(compiled, out=out) is out
-    np.testing.assert_array_equal(out, sampler.sample(interpolant))
-    with pytest.raises(TypeError, match="out must have shape"):
-        sampler.sample(interpolant, out=np.empty((sampler.num_local, 2)))

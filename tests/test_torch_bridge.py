@@ -10,6 +10,7 @@ from dolfinx import fem, mesh
 
 import dolfinx_mno as mno
 from dolfinx_mno.petsc import NonlinearProblem
+from dolfinx_mno.torch_bridge import GridEvaluator
 
 
 @pytest.fixture
@@ -113,3 +114,156 @@ def test_constant_model_has_zero_tangent(u):
     closure.update()
     assert np.all(closure.x.array == 3.0)
     assert np.all(closure.tangent.x.array == 0.0)
+
+
+# -- GridEvaluator: the torch boundary of non-local closures ------------------------------
+
+
+class Affine(torch.nn.Module):
+    """y = scale · x₀ − x₁ on a grid, scale = 2 a parameter that gives the dtype."""
+
+    def __init__(self, dtype=torch.float64):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(2.0, dtype=dtype))
+
+    def forward(self, x):
+        return self.scale * x[:, :1] - x[:, 1:2]
+
+
+class Channels(torch.nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.channels = list(channels)
+
+    def forward(self, x):
+        return x[:, self.channels]
+
+
+def _grid_evaluator(model, out_channels=1, host_dtype=np.float64):
+    """An evaluator of ``model.eval()`` for 2 input channels on a 5 x 4 grid."""
+    return GridEvaluator(model.eval(), 2, out_channels, (5, 4), host_dtype, torch.device("cpu"))
+
+
+def test_grid_evaluator_runs_the_model_in_its_own_dtype():
+    rng = np.random.default_rng(0)
+    field = rng.standard_normal((2, 20))
+    for dtype in (torch.float64, torch.float32):
+        evaluator = _grid_evaluator(Affine(dtype))
+        assert evaluator.dtype == dtype and evaluator.device == torch.device("cpu")
+        assert evaluator.inputs.shape == (2, 20) and evaluator.inputs.dtype == np.float64
+        assert evaluator.outputs.shape == (1, 20) and evaluator.outputs.dtype == np.float64
+        evaluator.inputs[:] = field
+        evaluator.evaluate()
+        # The float32 model computes in float32 (its input cast once), then widens.
+        x = field.astype(torch.empty((), dtype=dtype).numpy().dtype)
+        np.testing.assert_array_equal(evaluator.outputs[0], 2 * x[0] - x[1])
+        assert evaluator.check_finite() is None
+    # A model without tensors runs in the DOLFINx dtype; a Fourier layer's complex weights
+    # do not decide it.
+    assert _grid_evaluator(Channels([0]), host_dtype=np.float32).dtype == torch.float32
+    spectral = torch.nn.Module()
+    spectral.weights = torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))
+    spectral.lift = torch.nn.Linear(2, 2)
+    assert _grid_evaluator(spectral).dtype == torch.float32
+    with pytest.raises(TypeError, match=r"Unsupported DOLFINx dtype int64"):
+        _grid_evaluator(Affine(), host_dtype=np.int64)
+
+
+class NoTensor(torch.nn.Module):
+    def forward(self, x):
+        return (x,)
+
+
+class Raises(torch.nn.Module):
+    def __init__(self, in_channels=None):
+        super().__init__()
+        if in_channels is not None:
+            self.in_channels = in_channels
+
+    def forward(self, x):
+        raise RuntimeError("boom")
+
+
+def test_grid_evaluator_probe_says_what_does_not_fit():
+    cases = [
+        (
+            Channels([0, 1]),
+            "The model returns the wrong number of output channels: for input "
+            "(1, 2, *(5, 4)) it returned (1, 2, 5, 4), expected (1, 1, 5, 4) "
+            "(1 output channel).",
+        ),
+        (
+            torch.nn.AvgPool2d(2),
+            "The model changes the grid shape: for input (1, 2, *(5, 4)) it returned "
+            "(1, 2, 2, 2), expected (1, 1, 5, 4) (1 output channel).",
+        ),
+        (
+            NoTensor(),
+            "The model must return a tensor: for input (1, 2, *(5, 4)) it returned a "
+            "tuple, expected shape (1, 1, 5, 4) (1 output channel).",
+        ),
+        (
+            Raises(in_channels=3),
+            "Channel mismatch: the model has in_channels=3, but it is given 2 input channels.",
+        ),
+        (
+            Raises(),
+            "The model failed on a probe input of 2 input channels on the (5, 4) grid: "
+            "RuntimeError: boom",
+        ),
+    ]
+    for model, message in cases:
+        with pytest.raises(ValueError) as info:
+            _grid_evaluator(model).probe()
+        assert str(info.value) == message
+    _grid_evaluator(Channels([0])).probe(outputs="value_shape ()")  # it fits: no error
+    with pytest.raises(ValueError) as info:
+        _grid_evaluator(Channels([0]), 2).probe(inputs="x", outputs="value_shape (2,)")
+    assert str(info.value).endswith("expected (1, 2, 5, 4) (value_shape (2,)).")
+
+
+def test_grid_evaluator_counts_grid_points_with_nan_or_inf_and_refuses_training_mode():
+    evaluator = _grid_evaluator(Channels([0, 1]), out_channels=2)
+    evaluator.inputs[:] = 1.0
+    evaluator.inputs[0, [3, 7]] = np.nan  # two points, one of them bad in both channels
+    evaluator.inputs[1, 7] = np.inf
+    evaluator.evaluate()
+    assert evaluator.check_finite() == "the model returned NaN/Inf at 2 of 20 grid points"
+    model = torch.nn.Sequential(torch.nn.Dropout(0.5))
+    evaluator = _grid_evaluator(model, out_channels=2)
+    model.train()
+    with pytest.raises(
+        RuntimeError, match=r"the model is in training mode \(Sequential, 0\).*\.eval\(\)"
+    ):
+        evaluator.evaluate()
+
+
+class GridDropout(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dropout = torch.nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.dropout(x[:, :1])
+
+
+@pytest.mark.mpi
+def test_nonlocal_closure_refuses_a_model_put_back_in_training_mode(u):
+    model = GridDropout()
+    closure = mno.NonlocalClosure(model, [u], grid_shape=(5, 5), name="c", device="cpu")
+    assert not model.training
+    closure.update()
+    first = closure.x.array.copy()
+    model.train()
+    size = u.function_space.mesh.comm.size
+    with pytest.raises(mno.ClosureEvaluationError) as info:
+        closure.update()
+    assert str(info.value) == (
+        f"Update 2 of non-local closure 'c' failed on rank(s) [0] (1 of {size} "
+        f"{'rank' if size == 1 else 'ranks'}); on rank 0: the model raised RuntimeError: "
+        "the model is in training mode (GridDropout, dropout): dropout and batch norm "
+        "would make the closure values random and dependent on the number of ranks; call "
+        "model.eval() (closure.model.eval()) before updating the closure. The previous "
+        "closure values were kept."
+    )
+    np.testing.assert_array_equal(closure.x.array, first)

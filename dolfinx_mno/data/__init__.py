@@ -19,7 +19,7 @@ Modules: :mod:`~dolfinx_mno.data.restriction` (filters: ``Interpolation``,
 (tendencies, targets), :mod:`~dolfinx_mno.data.sample` (samples, rank-independent order),
 :mod:`~dolfinx_mno.data.storage` (HDF5: ``ClosureDataWriter``/``ClosureDataReader`` for
 points, ``GriddedDataWriter``/``GriddedDataReader`` for fields); ``GriddedSampler`` (fields
-on a grid, for neural operators) comes from :mod:`dolfinx_mno.grid`.
+on a grid, for neural operators) comes from :mod:`dolfinx_mno.grid_gather`.
 """
 
 from dolfinx_mno.data.commutator import ClosureSampler, Tendency
@@ -40,7 +40,7 @@ from dolfinx_mno.data.storage import (
     GriddedDataReader,
     GriddedDataWriter,
 )
-from dolfinx_mno.grid import GriddedSampler  # training data for grid models
+from dolfinx_mno.grid_gather import GriddedSampler  # training data for grid models
 
 __all__ = [
     "MASS_SOLVER_OPTIONS",

@@ -1,0 +1,175 @@
+"""Sample → gather (dolfinx_mno.grid_gather): exact samples, one owner per grid point, MPI.
+
+The grid points are those of grids larger than the mesh (points outside get the extension
+value) and of grids whose points lie on facets (where the owning cell matters); the meshes
+include ``tiny_square``, which leaves a rank without cells on 3 ranks.
+"""
+
+from mpi4py import MPI
+
+import numpy as np
+import pytest
+import ufl
+from dolfinx import fem, geometry, mesh
+
+from dolfinx_mno.grid import Grid
+from dolfinx_mno.grid_gather import GriddedSampler, GridPointSampler
+
+COMM = MPI.COMM_WORLD
+
+
+def smooth(x):
+    return np.sin(np.pi * x[0]) * np.cos(1.5 * x[1]) + 0.5 * x[0] * x[1]
+
+
+def _inside_unit_square(points, tol=1e-12):
+    return np.all((points[:, :2] >= -tol) & (points[:, :2] <= 1 + tol), axis=1)
+
+
+@pytest.fixture(params=["tiny_square", "unit_square_5x3"])
+def square(request):
+    if request.param == "tiny_square":
+        return request.getfixturevalue("tiny_square")
+    return mesh.create_unit_square(COMM, 5, 3)
+
+
+@pytest.mark.mpi
+def test_each_grid_point_inside_is_owned_by_exactly_one_rank(square):
+    grid = Grid((-0.25, -0.5), (1.25, 1.0), (13, 7))
+    space = fem.functionspace(square, ("Discontinuous Lagrange", 1, (2,)))
+    sampler = GridPointSampler(grid, space)
+    inside = _inside_unit_square(grid.points())
+    np.testing.assert_array_equal(sampler.inside, inside)
+    owned = np.concatenate(COMM.allgather(sampler.indices))
+    assert len(owned) == len(np.unique(owned))  # no point on two ranks
+    np.testing.assert_array_equal(np.sort(owned), np.flatnonzero(inside))
+    if square.topology.index_map(2).size_local == 0:
+        assert sampler.num_local == 0
+
+
+@pytest.mark.mpi
+def test_samples_of_a_linear_field_are_exact(square):
+    grid = Grid((0.0, 0.0), (1.0, 1.0), (9, 5))
+    space = fem.functionspace(square, ("Discontinuous Lagrange", 1, (2,)))
+    f = fem.Function(space)
+    f.interpolate(lambda x: np.stack([1 + x[0] + 2 * x[1], 3 * x[0] - x[1]]))
+    sampler = GridPointSampler(grid, space)
+    x = grid.points()[sampler.indices]
+    expected = np.stack([1 + x[:, 0] + 2 * x[:, 1], 3 * x[:, 0] - x[:, 1]], axis=1)
+    out = np.empty((sampler.num_local, 2))
+    assert sampler.sample(f, out=out) is out
+    np.testing.assert_allclose(out, expected, rtol=0, atol=2e-15)
+    assert COMM.allreduce(sampler.num_local) == grid.num_points
+
+
+def test_sampling_an_expression_equals_sampling_its_interpolant():
+    """GridPointSampler.sample_expression gives bitwise the values of sample(interpolant)."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 12, 10)
+    u = fem.Function(fem.functionspace(msh, ("Lagrange", 2)))
+    u.interpolate(smooth)
+    expression = ufl.as_vector([u, u.dx(0), u.dx(1) * u])
+    dg = fem.functionspace(msh, ("Discontinuous Lagrange", 2, (3,)))
+    compiled = fem.Expression(expression, dg.element.interpolation_points)
+    interpolant = fem.Function(dg)
+    interpolant.interpolate(compiled)
+    sampler = GridPointSampler(Grid((0.0, 0.0), (1.0, 1.0), (23, 19)), dg)
+    out = np.empty((sampler.num_local, 3))
+    assert sampler.sample_expression(compiled, out=out) is out
+    np.testing.assert_array_equal(out, sampler.sample(interpolant))
+    with pytest.raises(TypeError, match="out must have shape"):
+        sampler.sample(interpolant, out=np.empty((sampler.num_local, 2)))
+
+
+@pytest.mark.mpi
+def test_gridded_sampler_on_a_rank_without_cells(tiny_square):
+    """Where (on 3 ranks) a rank owns no cells: exact grid samples of a linear u."""
+    V = fem.functionspace(tiny_square, ("Lagrange", 1))
+    u = fem.Function(V)
+    u.interpolate(lambda x: 1 + x[0] + 2 * x[1])
+    grid = Grid((0.0, 0.0), (1.0, 1.0), (5, 4))
+    values = GriddedSampler([u, ufl.grad(u)], grid, mask_channel=True)()
+    if tiny_square.comm.rank == 0:
+        X, Y = np.meshgrid(np.linspace(0, 1, 5), np.linspace(0, 1, 4), indexing="ij")
+        ones = np.ones_like(X)
+        expected = np.stack([1 + X + 2 * Y, ones, 2 * ones, ones])
+        assert values.shape == (4, 5, 4)
+        np.testing.assert_allclose(values, expected, rtol=0, atol=1e-14)
+    else:
+        assert values is None
+
+
+def _cell_indices(msh):
+    """A DG0 function holding each cell's original (input) index."""
+    f = fem.Function(fem.functionspace(msh, ("Discontinuous Lagrange", 0)))
+    num_cells = msh.topology.index_map(2).size_local + msh.topology.index_map(2).num_ghosts
+    cells = np.arange(num_cells, dtype=np.int32)
+    dofs = f.function_space.dofmap.list[cells, 0]
+    f.x.array[dofs] = np.asarray(msh.topology.original_cell_index, dtype=np.float64)[cells]
+    return f
+
+
+@pytest.mark.mpi
+def test_the_owning_cell_does_not_depend_on_the_partition():
+    """On facets and vertices, the cell with the smallest original index, on any partition."""
+    grid = Grid((0.0, 0.0), (1.0, 1.0), (9, 9))  # points on the vertices of a 4 x 4 mesh
+    serial, parallel = (
+        GriddedSampler([_cell_indices(mesh.create_unit_square(comm, 4, 4))], grid)()
+        for comm in (MPI.COMM_SELF, COMM)
+    )
+    if COMM.rank == 0:
+        # The same cells; the values to rounding (a cell's node order depends on the
+        # partition), far below the difference of two cell indices.
+        np.testing.assert_allclose(parallel, serial, rtol=0, atol=1e-13)
+        # The largest index instead would differ: the choice is tested where it matters.
+        msh = mesh.create_unit_square(MPI.COMM_SELF, 4, 4)
+        points = grid.points()
+        tree = geometry.bb_tree(msh, 2)
+        cells = geometry.compute_colliding_cells(
+            msh, geometry.compute_collisions_points(tree, points), points
+        )
+        original = np.asarray(msh.topology.original_cell_index)
+        smallest = [original[cells.links(i)].min() for i in range(grid.num_points)]
+        largest = [original[cells.links(i)].max() for i in range(grid.num_points)]
+        # DG1 samples of a DG0 field: exact to rounding (indices differ by 1 or more).
+        np.testing.assert_allclose(parallel.reshape(-1), smallest, rtol=0, atol=1e-13)
+        assert np.count_nonzero(np.array(smallest) != np.array(largest)) > 40
+
+
+@pytest.mark.mpi
+def test_gather_assembles_the_grid_with_extension_and_mask_on_the_root(square):
+    u = fem.Function(fem.functionspace(square, ("Lagrange", 1)))
+    u.interpolate(lambda x: 1 + x[0] + 2 * x[1])
+    grid = Grid((-0.5, 0.0), (1.5, 1.0), (9, 4))
+    sampler = GriddedSampler([u, ufl.grad(u)], grid, extension_value=-3.0, mask_channel=True)
+    assert (sampler.num_channels, sampler.channels) == (3, 4)
+    # The local samples: exact, in the sampler's own buffer.
+    x = grid.points()[sampler.indices]
+    samples = sampler.sample()
+    assert samples is sampler.sample()
+    expected = np.stack([1 + x[:, 0] + 2 * x[:, 1], np.ones(len(x)), np.full(len(x), 2.0)])
+    np.testing.assert_allclose(samples, expected.T, rtol=0, atol=1e-14)
+    # Bytes sent to the root: its own share is not sent.
+    inside = COMM.allreduce(sampler.num_local)
+    root_share = COMM.bcast(sampler.num_local, root=0)
+    assert sampler.gather_bytes == (inside - root_share) * 3 * 8
+    # The gathered grid, new, and into a target of another dtype, prepared once.
+    values = sampler()
+    target = np.empty((4, grid.num_points), dtype=np.float32)
+    sampler.prepare(target)
+    gathered = sampler.gather(out=target)
+    with pytest.raises(ValueError) as info:
+        sampler.prepare(np.empty((3, grid.num_points)))
+    assert str(info.value) == "A gather target must have shape (4, 36), got (3, 36)."
+    if COMM.rank != 0:
+        assert values is None and gathered is None
+        return
+    X, Y = np.meshgrid(np.linspace(-0.5, 1.5, 9), np.linspace(0, 1, 4), indexing="ij")
+    mask = (X >= 0) & (X <= 1)
+    ones = np.ones_like(X)
+    expected = np.stack([1 + X + 2 * Y, ones, 2 * ones, ones])
+    expected[:3, ~mask] = -3.0
+    expected[3, ~mask] = 0.0
+    assert values.shape == (4, 9, 4)
+    np.testing.assert_allclose(values, expected, rtol=0, atol=1e-14)
+    assert gathered is target
+    np.testing.assert_allclose(target, expected.reshape(4, -1), rtol=1e-7, atol=0)
