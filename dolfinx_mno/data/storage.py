@@ -195,7 +195,21 @@ class _FileOptions(typing.TypedDict, total=False):
     fsync: bool
 
 
-class _SampleFileWriter:
+class _Closing:
+    """``with`` support for the files: ``__exit__`` calls ``close()``."""
+
+    def close(self) -> None:
+        """Close the file."""
+        raise NotImplementedError
+
+    def __enter__(self) -> typing.Self:
+        return self
+
+    def __exit__(self, *args: typing.Any) -> None:
+        self.close()
+
+
+class _SampleFileWriter(_Closing):
     """What the writers share: rank 0's file, the reopening check, the crash-safe append.
 
     Collective. Rank 0 holds the file; a reopened file's metadata must be the writer's;
@@ -394,12 +408,6 @@ class _SampleFileWriter:
         if self.comm.rank == 0:
             self._close_file()
         self.comm.Barrier()
-
-    def __enter__(self) -> typing.Self:
-        return self
-
-    def __exit__(self, *args: typing.Any) -> None:
-        self.close()
 
     def __del__(self):
         """Close the file if still open (rank 0)."""
@@ -774,7 +782,7 @@ class GriddedDataWriter(_SampleFileWriter):
         return self._write_on_rank_zero(write)
 
 
-class _SampleFileReader:
+class _SampleFileReader(_Closing):
     """What the readers share: the checked file, sample selection, times (serial)."""
 
     _kind: typing.ClassVar[str]
@@ -852,12 +860,6 @@ class _SampleFileReader:
     def close(self) -> None:
         """Close the file."""
         self._file.close()
-
-    def __enter__(self) -> typing.Self:
-        return self
-
-    def __exit__(self, *args: typing.Any) -> None:
-        self.close()
 
 
 class ClosureDataReader(_SampleFileReader):
