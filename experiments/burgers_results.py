@@ -98,7 +98,7 @@ def spectrum(states):
 # The closures as the demo builds them, from its model files.
 def local_closure(un):
     path = str(args.demo_output / "local_closure.pt")
-    closure = mno.Closure(path, [un, un.dx(0)], value_shape=(), quadrature_degree=2)
+    closure = mno.Closure(path, mno.Operands({"u": un, "u_x": un.dx(0)}))
     return closure, closure.dx
 
 
@@ -106,7 +106,7 @@ def operator_closure(un):
     grid = demo["grid"]
     closure = mno.NonlocalClosure(
         str(args.demo_output / "mno_closure.pt"),
-        [un, un.dx(0)],
+        mno.Operands({"u": un, "u_x": un.dx(0)}),
         value_shape=(),
         quadrature_degree=2,
         grid_shape=tuple(grid["shape"]),

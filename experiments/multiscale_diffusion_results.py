@@ -192,7 +192,10 @@ def solve_closure(V, model_path: Path, mean: float, name: str, repeats: int) -> 
     g_h.interpolate(fem.Expression(g, V.element.interpolation_points))
     v = ufl.TestFunction(V)
     closure = mno.Closure(
-        model_path, [ufl.grad(u_h)], value_shape=(2,), quadrature_degree=QUADRATURE_DEGREE
+        model_path,
+        mno.Operands({"grad_u": ufl.grad(u_h)}),
+        value_shape=(2,),
+        quadrature_degree=QUADRATURE_DEGREE,
     )
     F = (
         ufl.inner(mean * ufl.grad(u_h), ufl.grad(v)) * ufl.dx

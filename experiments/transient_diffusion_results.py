@@ -192,7 +192,10 @@ def closure_model(V, model_path, mean, implicit, name) -> tuple[TimeModel, mno.C
     v = ufl.TestFunction(V)
     state = heat.u if implicit else heat.u_n
     closure = mno.Closure(
-        model_path, [ufl.grad(state)], value_shape=(2,), quadrature_degree=QUADRATURE_DEGREE
+        model_path,
+        mno.Operands({"grad_u": ufl.grad(state)}),
+        value_shape=(2,),
+        quadrature_degree=QUADRATURE_DEGREE,
     )
     flux_term = ufl.inner(closure, ufl.grad(v)) * closure.dx
     if implicit:

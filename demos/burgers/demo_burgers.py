@@ -321,13 +321,13 @@ local_path = output / "local_closure.pt"
 save_model(
     local_path,
     local_fit.model,
-    metadata={"operands": ["u", "u.dx(0)"], "value_shape": [], "quadrature_degree": 2},
+    spec=mno.ClosureSpec(("u", "u_x"), (1, 1), value_shape=(), quadrature_degree=2),
     comm=comm,
 )
 
 
 def local_closure(un):
-    closure = mno.Closure(str(local_path), [un, un.dx(0)], value_shape=(), quadrature_degree=2)
+    closure = mno.Closure(str(local_path), mno.Operands({"u": un, "u_x": un.dx(0)}))
     return closure, closure.dx
 
 
@@ -368,7 +368,7 @@ operator_path = output / "mno_closure.pt"
 save_model(
     operator_path,
     operator_fit.model,
-    metadata={"operands": ["u", "u.dx(0)"], "grid": list(grid.shape), "value_shape": []},
+    spec=mno.ClosureSpec(("u", "u_x"), (1, 1), grid=grid, mask_channel=False),
     comm=comm,
 )
 
@@ -376,7 +376,7 @@ save_model(
 def operator_closure(un):
     closure = mno.NonlocalClosure(
         str(operator_path),
-        [un, un.dx(0)],
+        mno.Operands({"u": un, "u_x": un.dx(0)}),
         value_shape=(),
         quadrature_degree=2,
         grid_shape=grid.shape,

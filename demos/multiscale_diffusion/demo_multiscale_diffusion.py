@@ -285,13 +285,11 @@ model = mno.NormalizedModel(
     mno.AffineNormalization(shift=0.0, scale=input_scale, width=2),
     mno.AffineNormalization(shift=0.0, scale=target_scale, width=2),
 )
-metadata = {
-    "operands": ["grad(u)"],
-    "value_shape": [2],
-    "quadrature_degree": quadrature_degree,
-    "closure": "filtered flux minus a_mean * filtered gradient",
-}
-save_model(model_path, model, metadata=metadata, comm=comm)
+# The file records what the model is for: one operand named grad_u, a vector value, the
+# quadrature degree. A closure built from it reads these and checks its operands.
+spec = mno.ClosureSpec(("grad_u",), (2,), value_shape=(2,), quadrature_degree=quadrature_degree)
+metadata = {"closure": "filtered flux minus a_mean * filtered gradient"}
+save_model(model_path, model, metadata=metadata, spec=spec, comm=comm)
 # -
 
 # ## Step 3: the coarse model with the learned closure
@@ -307,9 +305,7 @@ save_model(model_path, model, metadata=metadata, comm=comm)
 # +
 V = fem.functionspace(coarse, ("Lagrange", 1))
 u_closure = fem.Function(V, name="u_closure")
-closure = mno.Closure(
-    model_path, [ufl.grad(u_closure)], value_shape=(2,), quadrature_degree=quadrature_degree
-)
+closure = mno.Closure(model_path, mno.Operands({"grad_u": ufl.grad(u_closure)}))
 f, g = test_loading(ufl.SpatialCoordinate(coarse))
 g_h = fem.Function(V)
 g_h.interpolate(fem.Expression(g, V.element.interpolation_points))

@@ -263,8 +263,8 @@ result = fit(
     seed=0,
     progress=False,
 )
-metadata = {"operands": ["grad(u)"], "value_shape": [2], "closure": "laminate flux"}
-save_model(model_path, result.model, metadata=metadata, comm=comm)
+spec = mno.ClosureSpec(("grad_u",), (2,), value_shape=(2,), quadrature_degree=quadrature_degree)
+save_model(model_path, result.model, metadata={"closure": "laminate flux"}, spec=spec, comm=comm)
 # -
 
 # ## Step 3: the coarse model with the closure, implicit and IMEX
@@ -283,9 +283,7 @@ def closure_model(V, implicit: bool, name: str) -> tuple[TimeModel, mno.Closure]
     heat = Heat(V)
     v = ufl.TestFunction(V)
     state = heat.u if implicit else heat.u_n
-    closure = mno.Closure(
-        model_path, [ufl.grad(state)], value_shape=(2,), quadrature_degree=quadrature_degree
-    )
+    closure = mno.Closure(model_path, mno.Operands({"grad_u": ufl.grad(state)}))
     flux_term = ufl.inner(closure, ufl.grad(v)) * closure.dx
     if implicit:
         F = (
