@@ -104,33 +104,13 @@ class ClosureFields:
         x = ufl.SpatialCoordinate(msh)
         self.model = PolynomialModel(value_shape).to(mno.torch_bridge.NUMPY_TO_TORCH[dtype])
         self.closure = mno.Closure(self.model, [x], value_shape, 2, mesh=msh)
-        self._scale = fem.Constant(msh, dtype.type(1.0))
-        self._expression = None
-        if COMM.allreduce(_num_cells(msh, False) > 0, op=MPI.LAND):
-            self.tangent = self.closure.enable_tangent()
-        else:
-            # A rank without cells cannot compute closure tangents yet (issue 10, item 6):
-            # a function on the tangent's quadrature space holds the exact tangent instead.
-            gradients = [ufl.grad(c) for c in _components(x[0], x[1])]
-            gradient = {
-                (): gradients[0],
-                (2,): ufl.as_tensor(gradients[:2]),
-                (2, 2): ufl.as_tensor([gradients[:2], gradients[2:]]),
-            }[value_shape]
-            space = mno.quadrature_space(msh, 2, (*value_shape, 2))
-            self.tangent = fem.Function(space, name="closure_tangent", dtype=dtype)
-            points = space.element.interpolation_points
-            self._expression = fem.Expression(self._scale * gradient, points, dtype=dtype)
+        self.tangent = self.closure.enable_tangent()  # also on a rank without cells
         self.set_scale(1.0)
 
     def set_scale(self, scale):
         """Scale the closure, update it and its tangent (collective)."""
         self.model.scale = scale
         self.closure.update()
-        if self._expression is not None:
-            self._scale.value = scale
-            self.tangent.interpolate(self._expression)
-            self.tangent.x.scatter_forward()
 
 
 def _num_cells(msh, ghosts):
