@@ -14,8 +14,9 @@ function → ``scatter_forward`` to make ghosts consistent.
 
 For implicit (Newton) coupling, :func:`derivative` replaces :func:`ufl.derivative`: it adds
 the linearisation of every closure, ``δclosure = T · δ(operands)``, where the tangent
-``T = ∂closure/∂operands`` is computed by reverse-mode autograd at the quadrature points and
-stored in :attr:`Closure.tangent`.
+``T = ∂closure/∂operands`` is computed by automatic differentiation at the quadrature points
+(reverse or forward mode, whichever measures faster for the model; see
+:mod:`dolfinx_mno.pointwise_kernel`) and stored in :attr:`Closure.tangent`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from ufl.constantvalue import Zero
 
 from dolfinx_mno._mpi import agree, describe, rank_local
 from dolfinx_mno.base import ClosureBase, validate_arguments
+from dolfinx_mno.operand_map import OperandEvaluator, OperandMatrix
 from dolfinx_mno.operands import Operands, OperandsLike, operand_comm, operand_components
 from dolfinx_mno.quadrature import owned_dofs, quadrature_points, quadrature_space
 from dolfinx_mno.torch_bridge import (
@@ -82,7 +84,13 @@ class Closure(ClosureBase):
             else the CPU), or any :class:`torch.device`. ``None`` leaves the model where it
             is.
         batch_size: Points per model call (bounded memory), a positive integer; ``None``
-            (the default) gives 4096 on the CPU and 2¹⁸ on a GPU.
+            (the default) measures it for the model on the CPU (a few thousand points for
+            an MLP, the largest candidate, 2¹⁷, for a cheap formula) and gives 2¹⁸ on a GPU
+            (see :mod:`dolfinx_mno.pointwise_kernel`).
+        compile: Compile the model's value and tangent functions with
+            :func:`torch.compile` (opt-in: the first compilation takes from seconds to
+            minutes). Where compilation is unavailable or fails, a ``RuntimeWarning``
+            says why and the model runs eagerly, with the same results.
         tangent: Also compute ``∂closure/∂operands`` at each update (implicit coupling).
             :func:`derivative` switches it on when a Jacobian needs it.
         name: Name of the function (used in output files and error messages).
@@ -124,6 +132,7 @@ class Closure(ClosureBase):
         batch_size: int | None = None,
         tangent: bool = False,
         name: str = "closure",
+        compile: bool = False,
     ):
         """Build the closure (collective); see the class docstring for the arguments."""
         # Every rank-local step (reading a model file, the checks, the probe, moving the
@@ -167,6 +176,7 @@ class Closure(ClosureBase):
                 dtype,
                 model_device(model) or target or probe_device,
                 batch_size,
+                compile=compile,
             )
 
         # Collective from here on.
@@ -181,6 +191,9 @@ class Closure(ClosureBase):
         self._model = model
         self._evaluator = evaluator
         self._operand_buffer = evaluator.inputs.reshape(num_cells, points.shape[0], num_inputs)
+        self._operand_evaluator = OperandEvaluator(
+            self._expression, mesh, num_cells, self._operand_buffer
+        )
         self._value_dofs = owned_dofs(space, num_cells)
         self._tangent: fem.Function | None = None
         self._tangent_dofs: slice | np.ndarray | None = None
@@ -289,6 +302,24 @@ class Closure(ClosureBase):
         count = comm.allreduce(owned.shape[0], op=MPI.SUM)
         return total / count
 
+    @property
+    def evaluation_plan(self) -> dict[str, typing.Any]:
+        """How updates run, as chosen at construction, with the seconds measured.
+
+        The model's chunk size, tangent mode and compilation
+        (:attr:`~dolfinx_mno.torch_bridge.PointwiseEvaluator.plan`) and, under
+        ``"operands"``, the operand mode (:class:`~dolfinx_mno.operand_map.OperandEvaluator`).
+        """
+        return {**self._evaluator.plan, "operands": dict(self._operand_evaluator.plan)}
+
+    def operand_matrix(self) -> OperandMatrix:
+        """The constant map from coefficient dofs to the model inputs (affine operands).
+
+        See :meth:`dolfinx_mno.operand_map.OperandEvaluator.matrix`; its transpose maps
+        sensitivities at the quadrature points back to the dofs.
+        """
+        return self._operand_evaluator.matrix()
+
     # -- evaluation -------------------------------------------------------------------
 
     def enable_tangent(self) -> fem.Function:
@@ -302,6 +333,7 @@ class Closure(ClosureBase):
             self._tangent.x.array[:] = np.nan  # until an update computes it
             self._tangent._mno_quadrature_degree = self.quadrature_degree  # type: ignore
             self._tangent_dofs = owned_dofs(space, self._num_cells)
+            self._evaluator.prepare_tangent()
         return self._tangent
 
     def update(self, tangent: bool | None = None) -> None:
@@ -331,9 +363,7 @@ class Closure(ClosureBase):
         cause: Exception | None = None
         t0 = time.perf_counter()
         try:
-            self._expression.eval(
-                self.function_space.mesh, self._cells, values=self._operand_buffer
-            )
+            self._operand_evaluator.evaluate()
             t1 = time.perf_counter()
             self._evaluator.evaluate(tangent=with_tangent)
             t2 = time.perf_counter()

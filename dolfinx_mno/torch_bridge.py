@@ -33,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from dolfinx_mno.pointwise_kernel import PointwiseKernel
 from dolfinx_mno.validation import check_integer
 
 __all__ = [
@@ -156,24 +157,36 @@ def _host_dtype(dtype: npt.DTypeLike) -> np.dtype:
     return host_dtype
 
 
-def default_batch_size(device: torch.device) -> int:
-    """Number of points per model call when the user gives none.
-
-    On the CPU a chunk of a few thousand points keeps the activations of a small MLP in
-    cache, which is several times faster than one whole-array call (measured in
-    ``benchmarks/closure_overhead.py``). On a GPU large chunks amortise kernel launches.
-    The environment variable ``DOLFINX_MNO_BATCH_SIZE`` overrides both.
+def _environment_batch_size() -> int | None:
+    """``DOLFINX_MNO_BATCH_SIZE`` as a positive integer, or ``None`` if it is not set.
 
     Raises:
         ValueError: ``DOLFINX_MNO_BATCH_SIZE`` is set but not a positive integer.
     """
-    if (env := os.environ.get("DOLFINX_MNO_BATCH_SIZE")) is not None:
-        if not env.strip().isdigit() or int(env) < 1:
-            raise ValueError(
-                "The environment variable DOLFINX_MNO_BATCH_SIZE must be a positive integer "
-                f"(points per model call), got {env!r}; unset it for the default."
-            )
-        return int(env)
+    if (env := os.environ.get("DOLFINX_MNO_BATCH_SIZE")) is None:
+        return None
+    if not env.strip().isdigit() or int(env) < 1:
+        raise ValueError(
+            "The environment variable DOLFINX_MNO_BATCH_SIZE must be a positive integer "
+            f"(points per model call), got {env!r}; unset it for the default."
+        )
+    return int(env)
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Points per model call when nothing is measured (a fixed size for the device).
+
+    :class:`PointwiseEvaluator` measures the chunk size for the model when it is not given
+    (:meth:`~dolfinx_mno.pointwise_kernel.PointwiseKernel.choose_chunk_size`); this is the
+    size of the older fixed rule, kept for scripts that time a fixed chunk: 4096 on the CPU
+    (the activations of a small MLP stay in cache), 2¹⁸ on a GPU. The environment variable
+    ``DOLFINX_MNO_BATCH_SIZE`` overrides both.
+
+    Raises:
+        ValueError: ``DOLFINX_MNO_BATCH_SIZE`` is set but not a positive integer.
+    """
+    if (env := _environment_batch_size()) is not None:
+        return env
     return 4096 if device.type == "cpu" else 1 << 18
 
 
@@ -181,7 +194,11 @@ class PointwiseEvaluator:
     """Evaluate a pointwise model on ``(num_points, num_inputs)`` arrays in chunks.
 
     All buffers are allocated once, for a fixed number of points, and reused by every call
-    to :meth:`evaluate`.
+    to :meth:`evaluate`: an update allocates nothing whose size grows with the number of
+    points (the model's own activations are those of one chunk). How the model is run is
+    decided once, by :class:`~dolfinx_mno.pointwise_kernel.PointwiseKernel`: the chunk
+    size (measured on the CPU unless given), the tangent mode (measured when the tangent
+    is first prepared) and, on request, compilation. :attr:`plan` records the choices.
 
     Args:
         model: Maps ``(batch, num_inputs)`` to ``(batch, num_outputs)`` or
@@ -192,8 +209,10 @@ class PointwiseEvaluator:
         num_points: Number of points evaluated by each call.
         host_dtype: NumPy dtype of the host arrays (the DOLFINx scalar type).
         device: Device the model lives on.
-        batch_size: Points per model call, a positive integer; ``None`` uses
-            :func:`default_batch_size`.
+        batch_size: Points per model call, a positive integer; ``None`` measures it on the
+            CPU (unless ``DOLFINX_MNO_BATCH_SIZE`` is set) and uses 2¹⁸ on a GPU.
+        compile: Compile the model's functions with :func:`torch.compile` (falls back to
+            eager execution, with a :class:`RuntimeWarning`, where that fails).
 
     Raises:
         TypeError: Unsupported dtypes, or a ``batch_size`` that is not an integer
@@ -210,6 +229,7 @@ class PointwiseEvaluator:
         host_dtype: npt.DTypeLike,
         device: torch.device,
         batch_size: int | None = None,
+        compile: bool = False,
     ):
         host_dtype = _host_dtype(host_dtype)
         self.model = model
@@ -223,25 +243,37 @@ class PointwiseEvaluator:
             raise TypeError(
                 f"Unsupported model dtype {self.dtype}; use one of {SUPPORTED_MODEL_DTYPES}."
             )
-        self.batch_size = (
-            default_batch_size(device)
-            if batch_size is None
-            else check_integer(batch_size, "batch_size", minimum=1)
+        self.kernel = PointwiseKernel(
+            model, num_inputs, num_outputs, device, self.dtype, compile=compile
         )
+        if batch_size is not None:
+            self.batch_size = check_integer(batch_size, "batch_size", minimum=1)
+            source = "argument"
+        elif (env := _environment_batch_size()) is not None:
+            self.batch_size, source = env, "DOLFINX_MNO_BATCH_SIZE"
+        else:
+            self.batch_size, source = self.kernel.choose_chunk_size(num_points), "measured"
+        self._batch_size_source = source
         pin = device.type == "cuda"
         torch_host = NUMPY_TO_TORCH[host_dtype]
         chunk = max(1, min(self.batch_size, num_points))
+        self._chunk = chunk
 
         # Host buffers, (num_points, num_inputs) and (num_points, num_outputs): DOLFINx
         # writes operands into the first and reads closure values from the second.
         self._inputs = torch.empty((num_points, num_inputs), dtype=torch_host, pin_memory=pin)
         self._outputs = torch.empty((num_points, num_outputs), dtype=torch_host, pin_memory=pin)
         self._tangents: torch.Tensor | None = None
+        self._chunk_tangents: torch.Tensor | None = None
         # Device-side input buffer in the model's dtype (the cast happens on copy).
-        self._chunk_inputs = torch.empty((chunk, num_inputs), dtype=self.dtype, device=device)
+        self._chunk_inputs = torch.zeros((chunk, num_inputs), dtype=self.dtype, device=device)
         self._non_blocking = pin
         # On the CPU with matching dtypes the host buffer can be fed to the model directly.
         self._zero_copy = device.type == "cpu" and self.dtype == torch_host
+        # Compiled functions take one chunk shape: a shorter last chunk is padded.
+        self._pad = bool(compile)
+        if compile and num_points > 0:
+            self.kernel.prepare_values(chunk)
 
     @property
     def inputs(self) -> npt.NDArray[np.floating]:
@@ -260,34 +292,49 @@ class PointwiseEvaluator:
             raise RuntimeError("No tangent has been computed yet.")
         return self._tangents.numpy()
 
-    def _values_and_tangent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Values ``(n, num_outputs)`` and tangent ``(n, num_outputs, num_inputs)`` at ``x``.
+    @property
+    def tangent_mode(self) -> str | None:
+        """How the tangent is computed (see :mod:`dolfinx_mno.pointwise_kernel`), or ``None``."""
+        return self.kernel.tangent_mode
 
-        Reverse mode, one backward pass per output component over one forward pass: for a
-        pointwise model the gradient of the sum of output ``j`` over the rows is row ``j``
-        of every point's Jacobian. Closures have few outputs, and torch's reverse mode is
-        much cheaper than its forward mode for small models (at 10³ points, a linear
-        layer with normalisations: 0.27 ms against 2.4 ms with ``torch.func.jvp`` per
-        input; an MLP 3-64-64-2: 1.3 against 6.0 ms; ``benchmarks/tangent_modes.py``).
+    @property
+    def plan(self) -> dict[str, typing.Any]:
+        """The choices made for this model, and the seconds measured to make them."""
+        return {
+            "batch_size": self.batch_size,
+            "batch_size_source": self._batch_size_source,
+            "tangent_mode": self.kernel.tangent_mode,
+            "compile": self.kernel.compile_requested,
+            "compiled": self.kernel.compiled,
+            "tangent_compiled": self.kernel.tangent_compiled,
+            "compile_error": self.kernel.compile_error,
+            "timings": dict(self.kernel.timings),
+        }
+
+    def prepare_tangent(self) -> str | None:
+        """Allocate the tangent buffer and choose the tangent mode (once; rank-local).
+
+        An error while choosing (a model that fails under autograd) is not raised here: the
+        mode stays unchosen and the next :meth:`evaluate` with ``tangent=True`` raises it,
+        inside the closure's collective error handling.
+
+        Returns:
+            The tangent mode, or ``None`` if it could not be chosen.
         """
-        n = x.shape[0]
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            y = self.model(x).reshape(n, self.num_outputs)
-            if not y.requires_grad:
-                self._check_input_independent(x.detach(), y)
-                return y.detach(), x.new_zeros((n, self.num_outputs, self.num_inputs))
-            rows = []
-            for j in range(y.shape[1]):
-                (row,) = torch.autograd.grad(
-                    y[:, j].sum(),
-                    x,
-                    retain_graph=j < y.shape[1] - 1,
-                    allow_unused=True,
-                    materialize_grads=True,
-                )
-                rows.append(row)
-        return y.detach(), torch.stack(rows, dim=1)
+        if self._tangents is None:
+            shape = (self.num_points, self.num_outputs, self.num_inputs)
+            self._tangents = torch.empty(
+                shape, dtype=self._outputs.dtype, pin_memory=self._non_blocking
+            )
+            self._chunk_tangents = torch.empty(
+                (self._chunk, *shape[1:]), dtype=self.dtype, device=self.device
+            )
+        if self.kernel.tangent_mode is None and self.num_points > 0:
+            try:
+                self.kernel.prepare_tangent(self._chunk)
+            except Exception:
+                return None
+        return self.kernel.tangent_mode
 
     def _check_input_independent(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Make sure a model whose output has no autograd graph really ignores ``x``.
@@ -308,38 +355,54 @@ class PointwiseEvaluator:
                 "forward (the closure already evaluates values without autograd)"
             )
 
+    def _chunk_input(self, start: int, stop: int) -> torch.Tensor:
+        """The model input for points ``start:stop`` (padded to a full chunk if compiled)."""
+        n = stop - start
+        if self._zero_copy and not (self._pad and n < self._chunk):
+            return self._inputs[start:stop]
+        self._chunk_inputs[:n].copy_(self._inputs[start:stop], non_blocking=self._non_blocking)
+        return self._chunk_inputs if self._pad else self._chunk_inputs[:n]
+
+    def _tangent_output(self, start: int, stop: int) -> torch.Tensor:
+        """Where the kernel writes the tangent of points ``start:stop`` (see ``_chunk_input``)."""
+        assert self._tangents is not None and self._chunk_tangents is not None
+        n = stop - start
+        if self._zero_copy and not (self._pad and n < self._chunk):
+            return self._tangents[start:stop]
+        return self._chunk_tangents if self._pad else self._chunk_tangents[:n]
+
     def evaluate(self, tangent: bool = False) -> None:
         """Evaluate the model on :attr:`inputs`, writing :attr:`outputs` (and :attr:`tangents`).
 
         Args:
-            tangent: Also compute ``∂output/∂input`` per point by reverse-mode autograd
-                (one backward pass per output component).
+            tangent: Also compute ``∂output/∂input`` per point, in the same pass as the
+                values (the mode is :attr:`tangent_mode`).
         """
         if (reason := training_mode_error(self.model)) is not None:
             raise RuntimeError(reason)
-        if tangent and self._tangents is None:
-            self._tangents = torch.empty(
-                (self.num_points, self.num_outputs, self.num_inputs),
-                dtype=self._outputs.dtype,
-                pin_memory=self._non_blocking,
-            )
+        if tangent and self.kernel.tangent_mode is None:
+            self.prepare_tangent()
+            if self.num_points > 0 and self.kernel.tangent_mode is None:
+                self.kernel.prepare_tangent(self._chunk)  # raises the reason
         nb = self._non_blocking
         # Autograd needs tensors that inference mode forbids; the tangent enables grad itself.
         with torch.no_grad() if tangent else torch.inference_mode():
-            for start in range(0, self.num_points, self.batch_size):
-                stop = min(start + self.batch_size, self.num_points)
-                if self._zero_copy:
-                    x = self._inputs[start:stop]
-                else:
-                    x = self._chunk_inputs[: stop - start]
-                    x.copy_(self._inputs[start:stop], non_blocking=nb)
+            for start in range(0, self.num_points, self._chunk):
+                stop = min(start + self._chunk, self.num_points)
+                n = stop - start
+                x = self._chunk_input(start, stop)
                 if tangent:
                     assert self._tangents is not None
-                    y, dy = self._values_and_tangent(x)
-                    self._tangents[start:stop].copy_(dy, non_blocking=nb)
+                    out = self._tangent_output(start, stop)
+                    y, has_graph = self.kernel.values_and_tangent(x, out)
+                    if not has_graph:
+                        self._check_input_independent(x, y)
+                        self._tangents[start:stop].zero_()
+                    elif out.data_ptr() != self._tangents[start:stop].data_ptr():
+                        self._tangents[start:stop].copy_(out[:n], non_blocking=nb)
                 else:
-                    y = self.model(x)
-                self._outputs[start:stop].copy_(y.reshape(stop - start, -1), non_blocking=nb)
+                    y = self.kernel.values(x)
+                self._outputs[start:stop].copy_(y[:n].reshape(n, -1), non_blocking=nb)
         if nb:
             torch.cuda.synchronize(self.device)
 

@@ -1,0 +1,401 @@
+"""How a pointwise model is run: values, values with tangent, chunk size, compilation.
+
+A closure evaluates its model on ``(n, num_inputs)`` chunks of points, for values alone or
+for values and the per-point tangent ``∂output/∂input`` (Newton's method). This module
+decides, once, *how*; :class:`~dolfinx_mno.torch_bridge.PointwiseEvaluator` owns the
+buffers and runs the chunk loop.
+
+Tangent modes (all give the same tangent up to round-off; :class:`PointwiseKernel`
+measures them on a sample chunk when the tangent is first prepared and keeps the fastest,
+see :meth:`PointwiseKernel.prepare_tangent`):
+
+``"reverse"``
+    One forward pass with autograd, then **one** backward pass batched over the output
+    components (``torch.autograd.grad(..., is_grads_batched=True)``; a plain backward pass
+    for a single output). For a pointwise model the gradient of the sum of output ``j``
+    over the rows is row ``j`` of every point's Jacobian, so ``num_outputs`` cotangents
+    give the whole tangent.
+``"reverse-loop"``
+    The same with one backward pass per output component (for models whose backward has
+    no batching rule).
+``"forward"``
+    Forward mode batched over the input components: ``torch.func.vmap`` over
+    ``torch.func.jvp`` with the ``num_inputs`` unit directions, values from the same pass.
+    Cheaper than reverse mode only when a model has more outputs than inputs.
+
+Without a sample large enough to time (fewer than :data:`MIN_TIMED_POINTS` points) the
+rule is: ``"reverse"`` when ``num_outputs <= num_inputs``, else ``"forward"``.
+
+Chunk size (CPU): the model is timed on random inputs at a few chunk sizes
+(:data:`CHUNK_CANDIDATES`) and the size with the lowest time per point is kept (the larger
+one when two are within 3 %). A model that is cheap per point (an analytic formula) is
+dominated by the fixed cost of each call and runs in a few large chunks; an MLP's
+activations must stay in cache and it runs in chunks of a few thousand points.
+
+Compilation (``compile=True``): the value function and the tangent function are passed to
+:func:`torch.compile` (inductor; CUDA graphs, ``mode="reduce-overhead"``, on a GPU), for
+one fixed chunk shape (the last, shorter chunk is padded). They are compiled when they are
+prepared, on a sample chunk, not in an update. If compilation is unavailable or fails
+(no C++ compiler, an unsupported Python, an operation torch cannot trace), a
+:class:`RuntimeWarning` says why and the model runs eagerly: the results are the same, only
+slower. :attr:`PointwiseKernel.compile_error` keeps the reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import typing
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from dolfinx_mno._timing import best_time
+
+__all__ = [
+    "CHUNK_CANDIDATES",
+    "MIN_TIMED_POINTS",
+    "TANGENT_MODES",
+    "PointwiseKernel",
+    "tangent_mode_rule",
+]
+
+#: Tangent modes, in the order they are tried.
+TANGENT_MODES = ("reverse", "reverse-loop", "forward")
+#: Chunk sizes (points per model call) timed on the CPU.
+CHUNK_CANDIDATES = (2048, 8192, 32768, 131072)
+#: Below this many points per rank nothing is timed: one chunk, tangent mode by rule.
+MIN_TIMED_POINTS = 4096
+#: A candidate chunk whose call takes longer than this is the last one timed (seconds).
+_SLOW_CALL = 0.05
+
+ValuesFunction = Callable[[torch.Tensor], torch.Tensor]
+#: ``f(x, out) -> (values, has_graph)``: values ``(n, m)``; the tangent is written into
+#: ``out``, ``(n, m, num_inputs)``, unless the output carries no autograd graph.
+TangentFunction = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, bool]]
+
+
+def tangent_mode_rule(num_inputs: int, num_outputs: int) -> str:
+    """The tangent mode used when nothing is timed: reverse unless outputs outnumber inputs.
+
+    Reverse mode costs one forward and ``num_outputs`` (batched) backward passes, forward
+    mode ``num_inputs`` tangent passes beside the forward pass.
+    """
+    return "reverse" if num_outputs <= num_inputs else "forward"
+
+
+def _reverse(model: torch.nn.Module, num_outputs: int, batched: bool) -> TangentFunction:
+    """Values and tangent by reverse-mode autograd (see the module docstring)."""
+
+    def values_and_tangent(x: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        n = x.shape[0]
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            y = model(x).reshape(n, num_outputs)
+            if not y.requires_grad:
+                return y.detach(), False
+            options: dict[str, typing.Any] = {"allow_unused": True, "materialize_grads": True}
+            if num_outputs == 1:
+                (row,) = torch.autograd.grad(y, x, torch.ones_like(y), **options)
+                out[:, 0].copy_(row)
+            elif batched:
+                # Cotangent j is the unit vector e_j at every point: (m, n, m).
+                basis = torch.eye(num_outputs, dtype=y.dtype, device=y.device)
+                basis = basis.unsqueeze(1).expand(num_outputs, n, num_outputs)
+                (rows,) = torch.autograd.grad(y, x, basis, is_grads_batched=True, **options)
+                out.copy_(rows.transpose(0, 1))
+            else:
+                for j in range(num_outputs):
+                    (row,) = torch.autograd.grad(
+                        y[:, j].sum(), x, retain_graph=j < num_outputs - 1, **options
+                    )
+                    out[:, j].copy_(row)
+        return y.detach(), True
+
+    return values_and_tangent
+
+
+def _forward_pass(
+    model: torch.nn.Module, num_inputs: int, num_outputs: int
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``x -> (values (n, m), tangent (n, m, num_inputs))`` by forward mode, batched."""
+
+    def flat(x: torch.Tensor) -> torch.Tensor:
+        return model(x).reshape(x.shape[0], num_outputs)
+
+    def values_and_tangent(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        basis = torch.eye(num_inputs, dtype=x.dtype, device=x.device)
+        basis = basis.unsqueeze(1).expand(num_inputs, x.shape[0], num_inputs)
+
+        def along(direction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return typing.cast(
+                tuple[torch.Tensor, torch.Tensor], torch.func.jvp(flat, (x,), (direction,))
+            )
+
+        out_dims = typing.cast(tuple[int, ...], (None, 0))  # the values are not batched
+        y, columns = torch.func.vmap(along, out_dims=out_dims)(basis)  # (I, n, m)
+        return y, columns.permute(1, 2, 0)
+
+    return values_and_tangent
+
+
+def _reverse_pass(
+    model: torch.nn.Module, num_outputs: int
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``x -> (values, tangent)`` by ``torch.func.vjp`` batched over the outputs."""
+
+    def flat(x: torch.Tensor) -> torch.Tensor:
+        return model(x).reshape(x.shape[0], num_outputs)
+
+    def values_and_tangent(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, pull = torch.func.vjp(flat, x)[:2]
+        basis = torch.eye(num_outputs, dtype=y.dtype, device=y.device)
+        basis = basis.unsqueeze(1).expand(num_outputs, x.shape[0], num_outputs)
+        (rows,) = torch.func.vmap(pull)(basis)
+        return y, rows.transpose(0, 1)
+
+    return values_and_tangent
+
+
+def _writing(
+    function: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> TangentFunction:
+    """Adapt ``x -> (values, tangent)`` to a :data:`TangentFunction`."""
+
+    def values_and_tangent(x: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        with torch.no_grad():
+            y, tangent = function(x)
+        out.copy_(tangent)
+        return y, True
+
+    return values_and_tangent
+
+
+def _sample(num_points: int, num_inputs: int, dtype: torch.dtype, device: torch.device):
+    """Inputs to time a model on: uniform in [0, 1) (safe for logarithms and roots)."""
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.rand((num_points, num_inputs), generator=generator, dtype=torch.float64)
+    return x.to(dtype=dtype, device=device)
+
+
+class PointwiseKernel:
+    """A pointwise model's value function and value-and-tangent function, chosen once.
+
+    Args:
+        model: Maps ``(n, num_inputs)`` to ``n`` rows of ``num_outputs`` values; each row
+            may depend only on the same input row.
+        num_inputs: Input components per point.
+        num_outputs: Output components per point.
+        device: Device the model runs on.
+        dtype: dtype the model runs in (its inputs are cast to it).
+        compile: Compile the functions with :func:`torch.compile` (see the module
+            docstring for the fallback).
+
+    Attributes:
+        tangent_mode: The tangent mode in use (``None`` until :meth:`prepare_tangent`);
+            ``"constant"`` for a model whose output carries no autograd graph.
+        timings: Seconds measured to make the choices: ``"chunk <n>"`` (values of a chunk
+            of ``n`` points) and ``"tangent <mode>"`` (values and tangent of the sample).
+        compiled: Whether the value function in use is compiled.
+        tangent_compiled: Whether the value-and-tangent function in use is compiled.
+        compile_error: Why compilation was given up, or ``None``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        num_inputs: int,
+        num_outputs: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        compile: bool = False,
+    ):
+        self.model = model
+        self.num_inputs = num_inputs
+        self.num_outputs = num_outputs
+        self.device = device
+        self.dtype = dtype
+        self.compile_requested = bool(compile)
+        self.compiled = False
+        self.tangent_compiled = False
+        self.compile_error: str | None = None
+        self.tangent_mode: str | None = None
+        self.timings: dict[str, float] = {}
+        self._values: ValuesFunction = model
+        self._tangent: TangentFunction | None = None
+
+    # -- running --------------------------------------------------------------------
+
+    def values(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's output at ``x``, ``(n, ...)``; call under ``torch.inference_mode``."""
+        return self._values(x)
+
+    def values_and_tangent(self, x: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Values ``(n, num_outputs)`` at ``x``; the tangent is written into ``out``.
+
+        Args:
+            x: ``(n, num_inputs)`` inputs in the model's dtype, on its device.
+            out: ``(n, num_outputs, num_inputs)``, any dtype the tangent can be cast to.
+
+        Returns:
+            The values, and ``False`` if the model's output carries no autograd graph
+            (``out`` is then not written: the caller must make sure that the model
+            really ignores its inputs).
+        """
+        if self._tangent is None:
+            raise RuntimeError("Call prepare_tangent() before values_and_tangent().")
+        return self._tangent(x, out)
+
+    # -- choices --------------------------------------------------------------------
+
+    def choose_chunk_size(self, num_points: int) -> int:
+        """Time the model at a few chunk sizes; return the one with the lowest time per point.
+
+        Only on the CPU and for more than :data:`MIN_TIMED_POINTS` points; otherwise one
+        chunk of ``num_points`` (at least 1) on the CPU, 2¹⁸ points on a GPU.
+        """
+        if self.device.type != "cpu":
+            return 1 << 18
+        if num_points <= MIN_TIMED_POINTS:
+            return max(1, num_points)
+        candidates = sorted({min(size, num_points) for size in CHUNK_CANDIDATES})
+        per_point: dict[int, float] = {}
+        try:
+            with torch.inference_mode():
+                for size in candidates:
+                    x = _sample(size, self.num_inputs, self.dtype, self.device)
+                    seconds = best_time(functools.partial(self._values, x))
+                    self.timings[f"chunk {size}"] = seconds
+                    per_point[size] = seconds / size
+                    if seconds > _SLOW_CALL:
+                        break  # an expensive model: larger chunks only cost cache misses
+        except Exception:  # the model fails on random inputs: the update will tell
+            return min(num_points, 4096)
+        best = min(per_point.values())
+        return max(size for size, cost in per_point.items() if cost <= 1.03 * best)
+
+    def prepare_values(self, chunk: int) -> None:
+        """Compile the value function for chunks of ``chunk`` points, if requested."""
+        if not self.compile_requested or self.compiled or self.compile_error is not None:
+            return
+        sample = _sample(chunk, self.num_inputs, self.dtype, self.device)
+        compiled = self._compile(self.model, sample, "values", inference=True)
+        if compiled is not None:
+            self._values = compiled
+            self.compiled = True
+
+    def prepare_tangent(self, chunk: int) -> str:
+        """Choose (and compile, if requested) the tangent mode for chunks of ``chunk`` points.
+
+        Every mode runs on the same sample of ``min(chunk, 8192)`` random points; the
+        fastest one whose tangent agrees with reverse mode's is kept. A model whose output
+        carries no autograd graph gets the mode ``"constant"``.
+
+        Returns:
+            The tangent mode.
+        """
+        if self.tangent_mode is not None:
+            return self.tangent_mode
+        candidates: dict[str, TangentFunction] = {
+            "reverse": _reverse(self.model, self.num_outputs, batched=True),
+            "reverse-loop": _reverse(self.model, self.num_outputs, batched=False),
+            "forward": _writing(_forward_pass(self.model, self.num_inputs, self.num_outputs)),
+        }
+        if self.num_outputs == 1:
+            del candidates["reverse-loop"]  # the same single backward pass
+        size = min(chunk, 8192)
+        sample = _sample(size, self.num_inputs, self.dtype, self.device)
+        reference_mode = "reverse-loop" if self.num_outputs > 1 else "reverse"
+        shape = (size, self.num_outputs, self.num_inputs)
+        tangent = torch.empty(shape, dtype=self.dtype, device=self.device)
+        with torch.no_grad():
+            _, has_graph = candidates[reference_mode](sample, tangent)
+        if not has_graph:
+            self._tangent = candidates["reverse"]
+            self.tangent_mode = "constant"
+            return self.tangent_mode
+        timed = candidates
+        if size < MIN_TIMED_POINTS:  # too small to time: the rule, if it works
+            rule = tangent_mode_rule(self.num_inputs, self.num_outputs)
+            timed = {rule: candidates[rule]}
+        mode = self._fastest_tangent(timed, sample, tangent) or reference_mode
+        self._tangent = candidates[mode]
+        self.tangent_mode = mode
+        if self.compile_requested and self.compile_error is None:
+            padded = _sample(chunk, self.num_inputs, self.dtype, self.device)
+            compiled = self._compile(self._compilable_tangent(), padded, "values and tangent")
+            if compiled is not None:
+                self._tangent = _writing(compiled)
+                self.tangent_compiled = True
+        return mode
+
+    def _fastest_tangent(
+        self,
+        candidates: dict[str, TangentFunction],
+        sample: torch.Tensor,
+        reference: torch.Tensor,
+    ) -> str | None:
+        """The fastest candidate on ``sample`` whose tangent agrees with ``reference``.
+
+        A candidate that raises, warns (a missing batching rule makes ``vmap`` fall back to
+        a slow loop with a warning) or disagrees is skipped; ``None`` if all are.
+        """
+        scale = float(reference.abs().max()) or 1.0
+        tolerance = 1e3 * torch.finfo(reference.dtype).eps * scale
+        tangent = torch.empty_like(reference)
+        best, shortest = None, float("inf")
+        for mode, function in candidates.items():
+            try:
+                with warnings.catch_warnings():
+                    # A missing batching rule falls back to a slow loop with a warning:
+                    # treat it as a failure of this mode.
+                    warnings.simplefilter("error")
+                    with torch.no_grad():
+                        _, has_graph = function(sample, tangent)
+                    if not has_graph or float((tangent - reference).abs().max()) > tolerance:
+                        continue
+                    seconds = (
+                        best_time(functools.partial(function, sample, tangent))
+                        if len(candidates) > 1
+                        else 0.0
+                    )
+            except Exception:
+                continue
+            if len(candidates) > 1:
+                self.timings[f"tangent {mode}"] = seconds
+            if seconds < shortest:
+                best, shortest = mode, seconds
+        return best
+
+    def _compilable_tangent(self) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """Values and tangent in ``torch.func`` form (traceable by ``torch.compile``)."""
+        if self.tangent_mode == "forward":
+            return _forward_pass(self.model, self.num_inputs, self.num_outputs)
+        return _reverse_pass(self.model, self.num_outputs)
+
+    def _compile(
+        self,
+        function: Callable[..., typing.Any],
+        sample: torch.Tensor,
+        what: str,
+        inference: bool = False,
+    ) -> typing.Any:
+        """``torch.compile(function)`` after one run on ``sample``; ``None`` if that fails."""
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        try:
+            compiled = torch.compile(function, dynamic=False, mode=mode)
+            context = torch.inference_mode() if inference else torch.no_grad()
+            with context:
+                compiled(sample)
+        except Exception as err:
+            text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            self.compile_error = f"{type(err).__name__}: {text}" if text else type(err).__name__
+            warnings.warn(
+                f"compile=True: torch.compile of the model's {what} failed "
+                f"({self.compile_error}); the closure runs the model eagerly (same results, "
+                "slower). Pass compile=False to silence this warning.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return None
+        return compiled
