@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+import warnings
 
 import numpy as np
 import torch
@@ -113,9 +114,14 @@ class OperandEvaluator:
         num_cells: Number of owned cells (cells ``0 .. num_cells - 1``).
         values: The buffer to write, ``(num_cells, num_points, num_inputs)`` in the
             expression's dtype, C-contiguous; it is written by every :meth:`evaluate`.
-        try_matrix: Build and time the matrix mode when the operands are affine.
+        mode: ``None`` (the default) chooses as described in the module docstring;
+            ``"packed"``, ``"matrix"`` or ``"expression"`` forces that mode.
         max_matrix_bytes: Largest size of the matrix blocks to try; by default four times
             the size of ``values``.
+
+    Raises:
+        ValueError: A forced mode that does not apply (``"matrix"`` for operands that are
+            not affine, ``"packed"``/``"matrix"`` for elements with dof transformations).
 
     Attributes:
         mode: ``"packed"``, ``"matrix"`` or ``"expression"`` (see the module docstring).
@@ -129,9 +135,11 @@ class OperandEvaluator:
         num_cells: int,
         values: np.ndarray,
         *,
-        try_matrix: bool = True,
+        mode: str | None = None,
         max_matrix_bytes: int | None = None,
     ):
+        if mode not in (None, *OPERAND_MODES):
+            raise ValueError(f"mode must be None or one of {OPERAND_MODES}, got {mode!r}.")
         self._expression = expression
         self._cpp_expression = expression._cpp_object
         self._mesh = mesh
@@ -150,7 +158,18 @@ class OperandEvaluator:
         self._offset: np.ndarray | None = None
         self._geometry: torch.Tensor | None = None
         self.affine = is_affine_in_coefficients(expression.ufl_expression)
-        if self.mode == "packed" and try_matrix and num_cells > 0:
+        if mode in ("packed", "matrix") and self.mode == "expression":
+            raise ValueError(f"Operand mode {mode!r} does not apply: {self.plan['fallback']}.")
+        if mode == "matrix" and not self.affine:
+            raise ValueError(
+                "Operand mode 'matrix' needs operands affine in the coefficients, without "
+                "fem.Constant."
+            )
+        if mode == "expression":
+            self.mode = "expression"
+        elif mode == "matrix":
+            self._use_matrix()
+        elif mode is None and self.mode == "packed" and num_cells > 0:
             self._try_matrix(max_matrix_bytes or 4 * values.nbytes)
         self.plan["mode"] = self.mode
 
@@ -254,17 +273,21 @@ class OperandEvaluator:
         if size > max_bytes:
             self.plan["matrix"] = f"not tried: its blocks would take {size} bytes"
             return
+        self._use_matrix()
+        matrix_time = best_time(self._evaluate_matrix, repeats=3)
+        packed_time = best_time(self._evaluate_packed, repeats=3)
+        self.plan["seconds"] = {"packed": packed_time, "matrix": matrix_time}
+        if packed_time <= matrix_time:
+            self.mode = "packed"
+            self.plan["matrix"] = "built, slower than packed"
+            self._blocks = self._offset = self._geometry = None
+
+    def _use_matrix(self) -> None:
+        """Build the per-cell matrix and switch to the matrix mode."""
         self._blocks, offset = self._tabulate_blocks()
         self._offset = offset if np.any(offset) else None
-        packed_time = best_time(self._evaluate_packed, repeats=3)
-        matrix_time = best_time(self._evaluate_matrix, repeats=3)
-        self.plan["seconds"] = {"packed": packed_time, "matrix": matrix_time}
-        if matrix_time < packed_time:
-            self.mode = "matrix"
-            self._geometry = torch.from_numpy(self._mesh.geometry.x.copy())
-        else:
-            self.plan["matrix"] = "built, slower than packed"
-            self._blocks = self._offset = None
+        self._geometry = torch.from_numpy(self._mesh.geometry.x.copy())
+        self.mode = "matrix"
 
     # -- evaluation -------------------------------------------------------------------
 
@@ -333,12 +356,15 @@ class OperandEvaluator:
             columns[:, start:stop] = index + shift
         every_row = np.broadcast_to(columns[:, None, :], (self.num_cells, rows, width))
         crow = width * np.arange(self.num_cells * rows + 1, dtype=np.int64)
-        matrix = torch.sparse_csr_tensor(
-            torch.from_numpy(crow),
-            torch.from_numpy(np.ascontiguousarray(every_row).reshape(-1)),
-            torch.from_numpy(blocks.reshape(-1)),
-            size=(self.num_cells * rows, int(array_offsets[-1])),
-        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            matrix = torch.sparse_csr_tensor(
+                torch.from_numpy(crow),
+                torch.from_numpy(np.ascontiguousarray(every_row).reshape(-1)),
+                torch.from_numpy(blocks.reshape(-1)),
+                size=(self.num_cells * rows, int(array_offsets[-1])),
+                check_invariants=False,  # built here, sorted and in range by construction
+            )
         num_inputs = self._values.shape[-1] if self._values.ndim == 3 else 1
         return OperandMatrix(
             matrix=matrix,

@@ -284,17 +284,24 @@ class PointwiseKernel:
             self._values = compiled
             self.compiled = True
 
-    def prepare_tangent(self, chunk: int) -> str:
+    def prepare_tangent(self, chunk: int, mode: str | None = None) -> str:
         """Choose (and compile, if requested) the tangent mode for chunks of ``chunk`` points.
 
         Every mode runs on the same sample of ``min(chunk, 8192)`` random points; the
-        fastest one whose tangent agrees with reverse mode's is kept. A model whose output
-        carries no autograd graph gets the mode ``"constant"``.
+        fastest one whose tangent agrees with reverse mode's is kept (below
+        :data:`MIN_TIMED_POINTS` points, :func:`tangent_mode_rule`'s choice if it works).
+        A model whose output carries no autograd graph gets the mode ``"constant"``.
+
+        Args:
+            chunk: Points per call.
+            mode: One of :data:`TANGENT_MODES` to use that mode without timing.
 
         Returns:
             The tangent mode.
         """
-        if self.tangent_mode is not None:
+        if mode is not None and mode not in TANGENT_MODES:
+            raise ValueError(f"mode must be None or one of {TANGENT_MODES}, got {mode!r}.")
+        if self.tangent_mode is not None and mode in (None, self.tangent_mode):
             return self.tangent_mode
         candidates: dict[str, TangentFunction] = {
             "reverse": _reverse(self.model, self.num_outputs, batched=True),
@@ -315,11 +322,16 @@ class PointwiseKernel:
             self.tangent_mode = "constant"
             return self.tangent_mode
         timed = candidates
-        if size < MIN_TIMED_POINTS:  # too small to time: the rule, if it works
+        if mode is not None:
+            timed = {mode: candidates[mode] if mode in candidates else candidates["reverse"]}
+        elif size < MIN_TIMED_POINTS:  # too small to time: the rule, if it works
             rule = tangent_mode_rule(self.num_inputs, self.num_outputs)
             timed = {rule: candidates[rule]}
-        mode = self._fastest_tangent(timed, sample, tangent) or reference_mode
-        self._tangent = candidates[mode]
+        chosen = self._fastest_tangent(timed, sample, tangent)
+        if mode is not None and chosen is None:
+            raise ValueError(f"The tangent mode {mode!r} fails for this model.")
+        mode = chosen or reference_mode
+        self._tangent = candidates[mode] if mode in candidates else candidates["reverse"]
         self.tangent_mode = mode
         if self.compile_requested and self.compile_error is None:
             padded = _sample(chunk, self.num_inputs, self.dtype, self.device)
@@ -349,7 +361,7 @@ class PointwiseKernel:
                 with warnings.catch_warnings():
                     # A missing batching rule falls back to a slow loop with a warning:
                     # treat it as a failure of this mode.
-                    warnings.simplefilter("error")
+                    warnings.filterwarnings("error", message=".*batching rule")
                     with torch.no_grad():
                         _, has_graph = function(sample, tangent)
                     if not has_graph or float((tangent - reference).abs().max()) > tolerance:

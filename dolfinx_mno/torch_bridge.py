@@ -311,12 +311,16 @@ class PointwiseEvaluator:
             "timings": dict(self.kernel.timings),
         }
 
-    def prepare_tangent(self) -> str | None:
+    def prepare_tangent(self, mode: str | None = None) -> str | None:
         """Allocate the tangent buffer and choose the tangent mode (once; rank-local).
 
         An error while choosing (a model that fails under autograd) is not raised here: the
         mode stays unchosen and the next :meth:`evaluate` with ``tangent=True`` raises it,
         inside the closure's collective error handling.
+
+        Args:
+            mode: Force one of :data:`~dolfinx_mno.pointwise_kernel.TANGENT_MODES` (a
+                ``ValueError`` if it fails for the model) instead of measuring.
 
         Returns:
             The tangent mode, or ``None`` if it could not be chosen.
@@ -329,7 +333,9 @@ class PointwiseEvaluator:
             self._chunk_tangents = torch.empty(
                 (self._chunk, *shape[1:]), dtype=self.dtype, device=self.device
             )
-        if self.kernel.tangent_mode is None and self.num_points > 0:
+        if mode is not None:
+            self.kernel.prepare_tangent(max(self._chunk, 1), mode)
+        elif self.kernel.tangent_mode is None and self.num_points > 0:
             try:
                 self.kernel.prepare_tangent(self._chunk)
             except Exception:

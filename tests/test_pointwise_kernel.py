@@ -1,0 +1,184 @@
+"""How a model is run: tangent modes, their choice, chunk sizes, compilation and its fallback."""
+
+import warnings
+
+from mpi4py import MPI
+
+import numpy as np
+import pytest
+import torch
+import ufl
+from analytic import FluxModel, StressModel
+from dolfinx import fem, mesh
+
+import dolfinx_mno as mno
+from dolfinx_mno.pointwise_kernel import (
+    CHUNK_CANDIDATES,
+    MIN_TIMED_POINTS,
+    TANGENT_MODES,
+    PointwiseKernel,
+    tangent_mode_rule,
+)
+from dolfinx_mno.torch_bridge import PointwiseEvaluator
+
+CPU = torch.device("cpu")
+
+
+def flux_tangent(x):
+    """∂q/∂(u, ∇u) of FluxModel in 2D: (n, 2, 3)."""
+    u, g = x[:, 0], x[:, 1:]
+    tangent = np.zeros((x.shape[0], 2, 3))
+    tangent[:, :, 0] = 2 * u[:, None] * g + 0.5
+    tangent[:, 0, 1] = tangent[:, 1, 2] = 1 + u**2
+    return tangent
+
+
+def evaluator(model, num_inputs, num_outputs, num_points, **kwargs):
+    ev = PointwiseEvaluator(
+        model.eval(), num_inputs, num_outputs, num_points, np.float64, CPU, **kwargs
+    )
+    ev.inputs[:] = np.random.default_rng(0).random((num_points, num_inputs)) - 0.5
+    return ev
+
+
+@pytest.mark.parametrize("mode", TANGENT_MODES)
+@pytest.mark.parametrize("points", [1000, 10_000])
+def test_every_tangent_mode_gives_the_exact_tangent(mode, points):
+    ev = evaluator(FluxModel().double(), 3, 2, points)
+    assert ev.prepare_tangent(mode) == mode
+    ev.evaluate(tangent=True)
+    x = ev.inputs
+    expected = (1 + x[:, :1] ** 2) * x[:, 1:] + 0.5 * x[:, :1]
+    np.testing.assert_allclose(ev.outputs, expected, rtol=1e-15, atol=1e-15)
+    np.testing.assert_allclose(ev.tangents, flux_tangent(x), rtol=1e-14, atol=1e-14)
+
+
+def test_the_measured_tangent_mode_is_the_fastest_that_was_timed():
+    """Above MIN_TIMED_POINTS every mode is timed and the fastest is recorded and used."""
+    ev = evaluator(StressModel(2).double(), 6, 4, 3 * MIN_TIMED_POINTS, batch_size=8192)
+    mode = ev.prepare_tangent()
+    timings = {k.split(" ", 1)[1]: v for k, v in ev.plan["timings"].items() if "tangent" in k}
+    assert set(timings) <= set(TANGENT_MODES) and len(timings) >= 2
+    assert mode == min(timings, key=timings.get)
+    assert ev.plan["tangent_mode"] == ev.tangent_mode == mode
+    # Whatever was chosen, the tangent is autograd's (checked against forward mode here).
+    ev.evaluate(tangent=True)
+    chosen = ev.tangents.copy()
+    other = evaluator(StressModel(2).double(), 6, 4, 3 * MIN_TIMED_POINTS, batch_size=8192)
+    other.prepare_tangent("forward" if mode != "forward" else "reverse-loop")
+    other.evaluate(tangent=True)
+    np.testing.assert_allclose(chosen, other.tangents, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    ("num_inputs", "num_outputs", "expected"),
+    [(3, 1, "reverse"), (3, 3, "reverse"), (1, 4, "forward")],
+)
+def test_small_samples_use_the_rule_on_widths(num_inputs, num_outputs, expected):
+    assert tangent_mode_rule(num_inputs, num_outputs) == expected
+    linear = torch.nn.Linear(num_inputs, num_outputs).double()
+    ev = evaluator(linear, num_inputs, num_outputs, MIN_TIMED_POINTS // 2)
+    assert ev.prepare_tangent() == expected
+    assert not any("tangent" in k for k in ev.plan["timings"])
+    ev.evaluate(tangent=True)
+    weight = linear.weight.detach().numpy()
+    np.testing.assert_allclose(ev.tangents, np.broadcast_to(weight, ev.tangents.shape), rtol=1e-15)
+
+
+def test_a_model_without_autograd_graph_is_constant_or_refused():
+    class Constant(torch.nn.Module):
+        def forward(self, x):
+            return torch.full((x.shape[0], 1), 3.0, dtype=x.dtype)
+
+    ev = evaluator(Constant(), 2, 1, 5000)
+    assert ev.prepare_tangent() == "constant"
+    ev.evaluate(tangent=True)
+    assert np.all(ev.outputs == 3.0) and np.all(ev.tangents == 0.0)
+
+
+def test_chunk_size_is_measured_and_recorded():
+    """The chunk with the lowest time per point (the larger within 3 %) is kept."""
+    ev = evaluator(FluxModel().double(), 3, 2, 200_000)
+    plan = ev.plan
+    assert plan["batch_size_source"] == "measured"
+    per_point = {
+        int(k.split()[1]): v / int(k.split()[1])
+        for k, v in plan["timings"].items()
+        if k.startswith("chunk")
+    }
+    assert set(per_point) <= set(CHUNK_CANDIDATES)
+    best = min(per_point.values())
+    assert ev.batch_size == max(s for s, c in per_point.items() if c <= 1.03 * best)
+    # Few points: one chunk, nothing timed; a given size or the environment wins.
+    assert evaluator(FluxModel().double(), 3, 2, 100).batch_size == 100
+    assert evaluator(FluxModel().double(), 3, 2, 100).plan["timings"] == {}
+    given = evaluator(FluxModel().double(), 3, 2, 200_000, batch_size=777)
+    assert given.batch_size == 777 and given.plan["batch_size_source"] == "argument"
+
+
+def test_chunked_values_do_not_depend_on_the_chunk_size():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    model = model.double()
+    outputs = []
+    for batch_size in (None, 1000, 7, 50_000):
+        ev = evaluator(model, 3, 2, 20_000, batch_size=batch_size)
+        ev.evaluate(tangent=True)
+        outputs.append((ev.outputs.copy(), ev.tangents.copy()))
+    for values, tangents in outputs[1:]:
+        np.testing.assert_allclose(values, outputs[0][0], rtol=1e-14, atol=1e-15)
+        np.testing.assert_allclose(tangents, outputs[0][1], rtol=1e-13, atol=1e-15)
+
+
+def test_compile_failure_warns_and_runs_eagerly(monkeypatch):
+    """No compiler, an unsupported Python, an untraceable model: same results, eagerly."""
+
+    def unavailable(*args, **kwargs):
+        raise RuntimeError("Dynamo is not supported on this Python\nmore details")
+
+    monkeypatch.setattr(torch, "compile", unavailable)
+    eager = evaluator(FluxModel().double(), 3, 2, 3000)
+    with pytest.warns(RuntimeWarning, match=r"compile=True: torch.compile .* failed .*eagerly"):
+        ev = evaluator(FluxModel().double(), 3, 2, 3000, compile=True)
+    plan = ev.plan
+    assert plan["compile"] and not plan["compiled"]
+    assert plan["compile_error"] == "RuntimeError: Dynamo is not supported on this Python"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning, at construction only
+        ev.prepare_tangent()
+        for e in (ev, eager):
+            e.evaluate(tangent=True)
+    np.testing.assert_array_equal(ev.outputs, eager.outputs)
+    np.testing.assert_array_equal(ev.tangents, eager.tangents)
+
+
+@pytest.mark.slow
+def test_compiled_closure_equals_the_eager_one():
+    """``compile=True`` (inductor on the CPU): values and tangent as eager, to round-off.
+
+    Slow: the first compilation takes from 20 s to minutes on a busy 2-core machine.
+    """
+    msh = mesh.create_unit_square(MPI.COMM_SELF, 20, 20)
+    u = fem.Function(fem.functionspace(msh, ("Lagrange", 1)))
+    u.interpolate(lambda x: np.sin(3 * x[0]) + x[1] ** 2)
+    closures = [
+        mno.Closure(FluxModel().double(), [u, ufl.grad(u)], (2,), device="cpu", compile=c)
+        for c in (False, True)
+    ]
+    plan = closures[1].evaluation_plan
+    if plan["compile_error"] is not None:
+        pytest.skip(f"torch.compile is unavailable here: {plan['compile_error']}")
+    assert plan["compiled"]
+    for closure in closures:
+        closure.update(tangent=True)
+    assert closures[1].evaluation_plan["tangent_compiled"]
+    eager, compiled = closures
+    np.testing.assert_allclose(compiled.x.array, eager.x.array, rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(
+        compiled.tangent.x.array, eager.tangent.x.array, rtol=1e-13, atol=1e-13
+    )
+
+
+def test_kernel_rejects_unknown_modes():
+    kernel = PointwiseKernel(torch.nn.Linear(2, 1).double(), 2, 1, CPU, torch.float64)
+    with pytest.raises(ValueError, match="mode must be None or one of"):
+        kernel.prepare_tangent(10, "sideways")
