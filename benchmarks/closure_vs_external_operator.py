@@ -326,6 +326,9 @@ def measure_pair(comm: MPI.Comm, pair: Pair, repeats: int) -> dict[str, object]:
         "tangent_cost_ours": times["ours_values_tangent"] / times["ours_values"],
         "tangent_cost_ext": times["ext_values_tangent"] / times["ext_values"],
     }
+    plan = getattr(pair.closure, "evaluation_plan", None)  # absent before the fast path
+    if plan is not None:
+        result["plan"] = json.loads(json.dumps(plan, default=str))
     if pair.flops_per_point:
         flops = pair.flops_per_point * points
         result["mlp_gflops_update"] = flops / times["ours_values"] / 1e9

@@ -191,9 +191,10 @@ class Closure(ClosureBase):
         self._model = model
         self._evaluator = evaluator
         self._operand_buffer = evaluator.inputs.reshape(num_cells, points.shape[0], num_inputs)
-        self._operand_evaluator = OperandEvaluator(
-            self._expression, mesh, num_cells, self._operand_buffer
-        )
+        with rank_local(comm, f"Building closure '{name}'"):  # times the operand modes
+            self._operand_evaluator = OperandEvaluator(
+                self._expression, mesh, num_cells, self._operand_buffer
+            )
         self._value_dofs = owned_dofs(space, num_cells)
         self._tangent: fem.Function | None = None
         self._tangent_dofs: slice | np.ndarray | None = None

@@ -194,7 +194,8 @@ class OperandEvaluator:
             dofmap = coefficient.function_space.dofmap
             bs = dofmap.bs
             cell_dofs = dofmap.list[: self.num_cells].astype(np.int64)
-            unrolled = (cell_dofs[:, :, None] * bs + np.arange(bs)).reshape(self.num_cells, -1)
+            width = cell_dofs.shape[1] * bs  # explicit: a rank may own no cells
+            unrolled = (cell_dofs[:, :, None] * bs + np.arange(bs)).reshape(self.num_cells, width)
             indices.append(unrolled)
             offsets.append(offsets[-1] + unrolled.shape[1])
         packed = np.zeros((self.num_cells, offsets[-1]), dtype=self._expression.dtype)
@@ -252,7 +253,7 @@ class OperandEvaluator:
         Column ``k`` is the kernel run on the ``k``-th unit vector of packed dofs, minus
         the offset (the kernel on zero dofs). Overwrites the value buffer.
         """
-        rows = self._values[0].size if self.num_cells else 0
+        rows = int(np.prod(self._values.shape[1:]))  # also on a rank without cells
         unit = np.zeros_like(self._packed)
         self._tabulate(unit)
         offset = self._values.reshape(self.num_cells, rows).copy()
