@@ -195,7 +195,8 @@ class PointwiseKernel:
         tangent_mode: The tangent mode in use (``None`` until :meth:`prepare_tangent`);
             ``"constant"`` for a model whose output carries no autograd graph.
         timings: Seconds measured to make the choices: ``"chunk <n>"`` (values of a chunk
-            of ``n`` points) and ``"tangent <mode>"`` (values and tangent of the sample).
+            of ``n`` points), ``"tangent mode <mode>"`` (values and tangent of the sample)
+            and ``"tangent chunk <n>"`` (values and tangent in the chosen mode).
         compiled: Whether the value function in use is compiled.
         tangent_compiled: Whether the value-and-tangent function in use is compiled.
         compile_error: Why compilation was given up, or ``None``.
@@ -254,6 +255,39 @@ class PointwiseKernel:
         Only on the CPU and for more than :data:`MIN_TIMED_POINTS` points; otherwise one
         chunk of ``num_points`` (at least 1) on the CPU, 2¹⁸ points on a GPU.
         """
+
+        def run(x: torch.Tensor) -> None:
+            with torch.inference_mode():
+                self._values(x)
+
+        return self._fastest_chunk(num_points, run, "chunk")
+
+    def choose_tangent_chunk_size(self, num_points: int, chunk: int) -> int:
+        """The same for values and tangent in the chosen mode (after :meth:`prepare_tangent`).
+
+        A tangent pass keeps more temporaries per point than a value pass (the autograd
+        graph), so its best chunk is often smaller. Compiled functions keep ``chunk``, the
+        shape they were compiled for.
+        """
+        if self._tangent is None or self.tangent_compiled:
+            return chunk
+        tangent_function = self._tangent
+        shape = (self.num_outputs, self.num_inputs)
+
+        def run(x: torch.Tensor) -> None:
+            out = torch.empty((x.shape[0], *shape), dtype=self.dtype, device=self.device)
+            with torch.no_grad():
+                tangent_function(x, out)
+
+        return self._fastest_chunk(num_points, run, "tangent chunk")
+
+    def _fastest_chunk(
+        self, num_points: int, run: Callable[[torch.Tensor], None], label: str
+    ) -> int:
+        """The candidate chunk size with the lowest time per point of ``run``.
+
+        The larger of two within 3 %; timings are recorded as ``"{label} {size}"``.
+        """
         if self.device.type != "cpu":
             return 1 << 18
         if num_points <= MIN_TIMED_POINTS:
@@ -261,14 +295,13 @@ class PointwiseKernel:
         candidates = sorted({min(size, num_points) for size in CHUNK_CANDIDATES})
         per_point: dict[int, float] = {}
         try:
-            with torch.inference_mode():
-                for size in candidates:
-                    x = _sample(size, self.num_inputs, self.dtype, self.device)
-                    seconds = best_time(functools.partial(self._values, x))
-                    self.timings[f"chunk {size}"] = seconds
-                    per_point[size] = seconds / size
-                    if seconds > _SLOW_CALL:
-                        break  # an expensive model: larger chunks only cost cache misses
+            for size in candidates:
+                x = _sample(size, self.num_inputs, self.dtype, self.device)
+                seconds = best_time(functools.partial(run, x))
+                self.timings[f"{label} {size}"] = seconds
+                per_point[size] = seconds / size
+                if seconds > _SLOW_CALL:
+                    break  # an expensive model: larger chunks only cost cache misses
         except Exception:  # the model fails on random inputs: the update will tell
             return min(num_points, 4096)
         best = min(per_point.values())
@@ -374,7 +407,7 @@ class PointwiseKernel:
             except Exception:
                 continue
             if len(candidates) > 1:
-                self.timings[f"tangent {mode}"] = seconds
+                self.timings[f"tangent mode {mode}"] = seconds
             if seconds < shortest:
                 best, shortest = mode, seconds
         return best

@@ -209,8 +209,9 @@ class PointwiseEvaluator:
         num_points: Number of points evaluated by each call.
         host_dtype: NumPy dtype of the host arrays (the DOLFINx scalar type).
         device: Device the model lives on.
-        batch_size: Points per model call, a positive integer; ``None`` measures it on the
-            CPU (unless ``DOLFINX_MNO_BATCH_SIZE`` is set) and uses 2¹⁸ on a GPU.
+        batch_size: Points per model call, a positive integer, for values and tangents;
+            ``None`` measures it on the CPU, separately for values and for values with
+            tangent (unless ``DOLFINX_MNO_BATCH_SIZE`` is set), and uses 2¹⁸ on a GPU.
         compile: Compile the model's functions with :func:`torch.compile` (falls back to
             eager execution, with a :class:`RuntimeWarning`, where that fails).
 
@@ -258,6 +259,7 @@ class PointwiseEvaluator:
         torch_host = NUMPY_TO_TORCH[host_dtype]
         chunk = max(1, min(self.batch_size, num_points))
         self._chunk = chunk
+        self._tangent_chunk = chunk  # measured when the tangent is prepared
 
         # Host buffers, (num_points, num_inputs) and (num_points, num_outputs): DOLFINx
         # writes operands into the first and reads closure values from the second.
@@ -303,6 +305,7 @@ class PointwiseEvaluator:
         return {
             "batch_size": self.batch_size,
             "batch_size_source": self._batch_size_source,
+            "tangent_batch_size": None if self._chunk_tangents is None else self._tangent_chunk,
             "tangent_mode": self.kernel.tangent_mode,
             "compile": self.kernel.compile_requested,
             "compiled": self.kernel.compiled,
@@ -330,9 +333,6 @@ class PointwiseEvaluator:
             self._tangents = torch.empty(
                 shape, dtype=self._outputs.dtype, pin_memory=self._non_blocking
             )
-            self._chunk_tangents = torch.empty(
-                (self._chunk, *shape[1:]), dtype=self.dtype, device=self.device
-            )
         if mode is not None:
             self.kernel.prepare_tangent(max(self._chunk, 1), mode)
         elif self.kernel.tangent_mode is None and self.num_points > 0:
@@ -340,6 +340,18 @@ class PointwiseEvaluator:
                 self.kernel.prepare_tangent(self._chunk)
             except Exception:
                 return None
+        if self.kernel.tangent_mode is not None and self._chunk_tangents is None:
+            chunk = self._chunk  # a size given by the caller bounds the tangent's chunks too
+            if self._batch_size_source == "measured":
+                chunk = self.kernel.choose_tangent_chunk_size(self.num_points, self._chunk)
+            self._tangent_chunk = chunk = max(1, min(chunk, self.num_points))
+            if chunk > self._chunk_inputs.shape[0]:
+                self._chunk_inputs = torch.zeros(
+                    (chunk, self.num_inputs), dtype=self.dtype, device=self.device
+                )
+            self._chunk_tangents = torch.empty(
+                (chunk, self.num_outputs, self.num_inputs), dtype=self.dtype, device=self.device
+            )
         return self.kernel.tangent_mode
 
     def _check_input_independent(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -361,21 +373,21 @@ class PointwiseEvaluator:
                 "forward (the closure already evaluates values without autograd)"
             )
 
-    def _chunk_input(self, start: int, stop: int) -> torch.Tensor:
-        """The model input for points ``start:stop`` (padded to a full chunk if compiled)."""
+    def _chunk_input(self, start: int, stop: int, chunk: int) -> torch.Tensor:
+        """The model input for points ``start:stop`` (padded to ``chunk`` if compiled)."""
         n = stop - start
-        if self._zero_copy and not (self._pad and n < self._chunk):
+        if self._zero_copy and not (self._pad and n < chunk):
             return self._inputs[start:stop]
         self._chunk_inputs[:n].copy_(self._inputs[start:stop], non_blocking=self._non_blocking)
-        return self._chunk_inputs if self._pad else self._chunk_inputs[:n]
+        return self._chunk_inputs[:chunk] if self._pad else self._chunk_inputs[:n]
 
-    def _tangent_output(self, start: int, stop: int) -> torch.Tensor:
+    def _tangent_output(self, start: int, stop: int, chunk: int) -> torch.Tensor:
         """Where the kernel writes the tangent of points ``start:stop`` (see ``_chunk_input``)."""
         assert self._tangents is not None and self._chunk_tangents is not None
         n = stop - start
-        if self._zero_copy and not (self._pad and n < self._chunk):
+        if self._zero_copy and not (self._pad and n < chunk):
             return self._tangents[start:stop]
-        return self._chunk_tangents if self._pad else self._chunk_tangents[:n]
+        return self._chunk_tangents[:chunk] if self._pad else self._chunk_tangents[:n]
 
     def evaluate(self, tangent: bool = False) -> None:
         """Evaluate the model on :attr:`inputs`, writing :attr:`outputs` (and :attr:`tangents`).
@@ -386,20 +398,21 @@ class PointwiseEvaluator:
         """
         if (reason := training_mode_error(self.model)) is not None:
             raise RuntimeError(reason)
-        if tangent and self.kernel.tangent_mode is None:
+        if tangent and self._chunk_tangents is None:
             self.prepare_tangent()
             if self.num_points > 0 and self.kernel.tangent_mode is None:
                 self.kernel.prepare_tangent(self._chunk)  # raises the reason
         nb = self._non_blocking
+        chunk = self._tangent_chunk if tangent else self._chunk
         # Autograd needs tensors that inference mode forbids; the tangent enables grad itself.
         with torch.no_grad() if tangent else torch.inference_mode():
-            for start in range(0, self.num_points, self._chunk):
-                stop = min(start + self._chunk, self.num_points)
+            for start in range(0, self.num_points, chunk):
+                stop = min(start + chunk, self.num_points)
                 n = stop - start
-                x = self._chunk_input(start, stop)
+                x = self._chunk_input(start, stop, chunk)
                 if tangent:
                     assert self._tangents is not None
-                    out = self._tangent_output(start, stop)
+                    out = self._tangent_output(start, stop, chunk)
                     y, has_graph = self.kernel.values_and_tangent(x, out)
                     if not has_graph:
                         self._check_input_independent(x, y)

@@ -57,7 +57,9 @@ def test_the_measured_tangent_mode_is_the_fastest_that_was_timed():
     """Above MIN_TIMED_POINTS every mode is timed and the fastest is recorded and used."""
     ev = evaluator(StressModel(2).double(), 6, 4, 3 * MIN_TIMED_POINTS, batch_size=8192)
     mode = ev.prepare_tangent()
-    timings = {k.split(" ", 1)[1]: v for k, v in ev.plan["timings"].items() if "tangent" in k}
+    timings = {
+        k.split()[-1]: v for k, v in ev.plan["timings"].items() if k.startswith("tangent mode")
+    }
     assert set(timings) <= set(TANGENT_MODES) and len(timings) >= 2
     assert mode == min(timings, key=timings.get)
     assert ev.plan["tangent_mode"] == ev.tangent_mode == mode
@@ -79,7 +81,7 @@ def test_small_samples_use_the_rule_on_widths(num_inputs, num_outputs, expected)
     linear = torch.nn.Linear(num_inputs, num_outputs).double()
     ev = evaluator(linear, num_inputs, num_outputs, MIN_TIMED_POINTS // 2)
     assert ev.prepare_tangent() == expected
-    assert not any("tangent" in k for k in ev.plan["timings"])
+    assert not any(k.startswith("tangent") for k in ev.plan["timings"])
     ev.evaluate(tangent=True)
     weight = linear.weight.detach().numpy()
     np.testing.assert_allclose(ev.tangents, np.broadcast_to(weight, ev.tangents.shape), rtol=1e-15)
@@ -109,6 +111,12 @@ def test_chunk_size_is_measured_and_recorded():
     assert set(per_point) <= set(CHUNK_CANDIDATES)
     best = min(per_point.values())
     assert ev.batch_size == max(s for s, c in per_point.items() if c <= 1.03 * best)
+    # The tangent's chunk is measured the same way, in the chosen mode.
+    ev.prepare_tangent()
+    tangent_sizes = [
+        int(k.split()[-1]) for k in ev.plan["timings"] if k.startswith("tangent chunk")
+    ]
+    assert ev.plan["tangent_batch_size"] in tangent_sizes
     # Few points: one chunk, nothing timed; a given size or the environment wins.
     assert evaluator(FluxModel().double(), 3, 2, 100).batch_size == 100
     assert evaluator(FluxModel().double(), 3, 2, 100).plan["timings"] == {}
