@@ -44,6 +44,7 @@
 # mpirun -n 2 python benchmarks/closure_vs_external_operator.py      # 2 ranks
 # python benchmarks/closure_vs_external_operator.py --compare-ranks  # both, one after the other
 # python benchmarks/closure_vs_external_operator.py --quick          # smoke test
+# python benchmarks/closure_vs_external_operator.py --markdown benchmarks/results/*.json
 # ```
 
 from __future__ import annotations
@@ -432,6 +433,50 @@ def print_report(report: dict) -> None:
         print(f"  {target['description']}: {target['value']:.2f} ({verdict})")
 
 
+def markdown(paths: list[Path]) -> str:
+    """Markdown tables of result files (times, ratios, targets), for ``docs/benchmarks.md``."""
+    lines = []
+    for path in paths:
+        report = json.loads(path.read_text())
+        config, load = report["config"], report["load_average"]
+        lines += [
+            f"**{path.name}**: {config['ranks']} rank(s) × {config['threads']} thread(s), "
+            f"closure options {config['closure_options']}, fp32 matmul "
+            f"{report['matmul_gflops']:.0f} GFLOP/s in all, 1-min load "
+            f"{load['before'][0]:.1f} → {load['after'][0]:.1f}.",
+            "",
+            "| closure | points | ext-op values | ours values | ratio | ext-op values + tangent "
+            "| ours values + tangent | ratio | ours (v+t)/v | MLP GFLOP/s (% of matmul) |",
+            "|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        ]
+        for c in report["cases"]:
+            t = c["times"]
+            rate = "–"
+            if "mlp_gflops_update" in c:
+                share = 100 * c["mlp_gflops_update"] / report["matmul_gflops"]
+                rate = f"{c['mlp_gflops_update']:.1f} ({share:.0f} %)"
+            lines.append(
+                f"| {c['closure']} | {c['points']:,} | {ms(t['ext_values'])} | "
+                f"{ms(t['ours_values'])} | **{c['speedup_values']:.2f}** | "
+                f"{ms(t['ext_values_tangent'])} | {ms(t['ours_values_tangent'])} | "
+                f"**{c['speedup_values_tangent']:.2f}** | {c['tangent_cost_ours']:.2f} | {rate} |"
+            )
+        lines += ["", "| points | identity update | residual assembly | ratio |"]
+        lines.append("|--:|--:|--:|--:|")
+        for i in report["identity"]:
+            lines.append(
+                f"| {i['points']:,} | {ms(i['update'])} | {ms(i['assembly'])} | "
+                f"**{i['update_over_assembly']:.2f}** |"
+            )
+        if report.get("targets"):
+            lines += ["", "| target | measured | verdict |", "|:--|--:|:--|"]
+            for target in report["targets"].values():
+                verdict = "met" if target["met"] else "**not met**"
+                lines.append(f"| {target['description']} | {target['value']:.2f} | {verdict} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 # ## Driver
 
 
@@ -449,6 +494,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compare-ranks", action="store_true", help="1 rank, then --ranks")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--mpirun", default=None)
+    parser.add_argument(
+        "--markdown", nargs="+", type=Path, default=None, help="only print result files as tables"
+    )
     args = parser.parse_args()
     if args.quick:
         args.sizes = [2e3, 8e3]
@@ -461,6 +509,10 @@ def main() -> None:
     """Run the benchmark."""
     args = parse_args()
     comm = MPI.COMM_WORLD
+    if args.markdown:
+        if comm.rank == 0:
+            print(markdown(args.markdown))
+        return
     if args.compare_ranks:
         if comm.size > 1:
             raise SystemExit("--compare-ranks launches mpirun itself; run it serially.")

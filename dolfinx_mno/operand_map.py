@@ -32,10 +32,13 @@ another order). Whatever the mode, :meth:`OperandEvaluator.matrix` builds the gl
 sparse form of the map on request for affine operands: its transpose maps sensitivities at
 the quadrature points back to the dofs (a-posteriori training).
 
-On this repository's benchmark machine (``benchmarks/closure_vs_external_operator.py``)
-``"packed"`` is 1.3–1.6× faster than :meth:`fem.Expression.eval` and ``"matrix"`` loses to
-it: the per-cell blocks of P1 ``[u, grad(u)]`` hold 27 numbers per cell where the kernel
-reads 9 vertex coordinates, and the operand stage is memory-bound.
+On this repository's 2-core benchmark machine (``docs/benchmarks.md``), for P1
+``[u, grad(u)]`` at 10⁶ points, ``"packed"`` takes 8.2–8.5 ms where
+:meth:`fem.Expression.eval` takes 9.6–10.5 ms (1.15–1.25×; up to 1.6× on a loaded machine,
+where fresh allocations cost page faults): the generated kernel, which both run, is most of
+the stage. ``"matrix"`` loses (16.6 ms): its blocks hold 27 numbers per cell where the
+kernel reads 9 vertex coordinates, and the stage is bound by memory traffic, not
+arithmetic.
 """
 
 from __future__ import annotations

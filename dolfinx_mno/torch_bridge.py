@@ -267,6 +267,7 @@ class PointwiseEvaluator:
         self._outputs = torch.empty((num_points, num_outputs), dtype=torch_host, pin_memory=pin)
         self._tangents: torch.Tensor | None = None
         self._chunk_tangents: torch.Tensor | None = None
+        self._tangent_sum = torch.zeros((), dtype=torch.float64, device=device)
         # Device-side input buffer in the model's dtype (the cast happens on copy).
         self._chunk_inputs = torch.zeros((chunk, num_inputs), dtype=self.dtype, device=device)
         self._non_blocking = pin
@@ -293,6 +294,16 @@ class PointwiseEvaluator:
         if self._tangents is None:
             raise RuntimeError("No tangent has been computed yet.")
         return self._tangents.numpy()
+
+    @property
+    def tangent_sum(self) -> float:
+        """Sum of every tangent entry of the last evaluation with ``tangent=True``.
+
+        Accumulated chunk by chunk while the values are in cache: it is finite when every
+        entry is (a NaN or Inf makes it non-finite; a sum that overflows, without any
+        non-finite entry, is the only false alarm, for the caller to rule out).
+        """
+        return float(self._tangent_sum)
 
     @property
     def tangent_mode(self) -> str | None:
@@ -404,6 +415,7 @@ class PointwiseEvaluator:
                 self.kernel.prepare_tangent(self._chunk)  # raises the reason
         nb = self._non_blocking
         chunk = self._tangent_chunk if tangent else self._chunk
+        self._tangent_sum.zero_()
         # Autograd needs tensors that inference mode forbids; the tangent enables grad itself.
         with torch.no_grad() if tangent else torch.inference_mode():
             for start in range(0, self.num_points, chunk):
@@ -417,8 +429,11 @@ class PointwiseEvaluator:
                     if not has_graph:
                         self._check_input_independent(x, y)
                         self._tangents[start:stop].zero_()
-                    elif out.data_ptr() != self._tangents[start:stop].data_ptr():
-                        self._tangents[start:stop].copy_(out[:n], non_blocking=nb)
+                    else:
+                        # Summed while in cache: the finiteness test needs no second pass.
+                        self._tangent_sum += out[:n].sum()
+                        if out.data_ptr() != self._tangents[start:stop].data_ptr():
+                            self._tangents[start:stop].copy_(out[:n], non_blocking=nb)
                 else:
                     y = self.kernel.values(x)
                 self._outputs[start:stop].copy_(y[:n].reshape(n, -1), non_blocking=nb)

@@ -311,3 +311,28 @@ def test_updates_reuse_their_buffers_and_allocate_nothing_that_grows_with_the_me
     assert largest <= 512 * 16 * 8, largest
     if evaluator.num_points > 8 * 512:
         assert evaluator.inputs.nbytes > 8 * largest
+
+
+class RootOfRamp(torch.nn.Module):
+    """sqrt(x₀) where x₀ > 0, else 0: finite values, but reverse mode's tangent is NaN
+    where x₀ < 0 (the unselected branch's gradient, 0 · NaN)."""
+
+    def forward(self, x):
+        u = x[:, :1]
+        return torch.where(u > 0, torch.sqrt(u), 0.0)
+
+
+@pytest.mark.mpi
+def test_nan_in_the_tangent_alone_is_caught(u):
+    """The evaluator sums the tangents chunk by chunk; a NaN there fails the update."""
+    closure = mno.Closure(RootOfRamp(), [u], device="cpu", tangent=True)
+    assert closure.evaluation_plan["tangent_mode"] == "reverse"  # the rule, few points
+    closure.update()  # u = x + 2y >= 0: finite tangent except where u == 0 exactly
+    u.x.array[:] -= 1.5  # now u < 0 on part of the mesh
+    values = closure.x.array.copy()
+    tangent = closure.tangent.x.array.copy()
+    closure.update(tangent=False)  # values alone are fine: sqrt(0) = 0
+    with pytest.raises(mno.ClosureEvaluationError, match=r"NaN/Inf values or tangents at \d+"):
+        closure.update()
+    np.testing.assert_array_equal(closure.tangent.x.array, tangent)
+    assert not np.array_equal(closure.x.array, values)  # the values-only update went through
