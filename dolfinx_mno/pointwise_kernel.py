@@ -22,9 +22,15 @@ see :meth:`PointwiseKernel.prepare_tangent`):
     Forward mode batched over the input components: ``torch.func.vmap`` over
     ``torch.func.jvp`` with the ``num_inputs`` unit directions, values from the same pass.
     Cheaper than reverse mode only when a model has more outputs than inputs.
+``"sequential"``
+    For a plain MLP (``nn.Sequential`` of ``Linear`` and tanh/sigmoid): the fused pass of
+    :mod:`dolfinx_mno.mlp_kernel`, without autograd, into buffers allocated once. Such a
+    model's values also run through it when that measures faster than the model's own
+    forward (:attr:`PointwiseKernel.values_path`).
 
 Without a sample large enough to time (fewer than :data:`MIN_TIMED_POINTS` points) the
-rule is: ``"reverse"`` when ``num_outputs <= num_inputs``, else ``"forward"``.
+rule is: ``"sequential"`` for a plain MLP, else ``"reverse"`` when
+``num_outputs <= num_inputs``, else ``"forward"``.
 
 Chunk size (CPU): the model is timed on random inputs at a few chunk sizes
 (:data:`CHUNK_CANDIDATES`) and the size with the lowest time per point is kept (the larger
@@ -51,6 +57,7 @@ from collections.abc import Callable
 import torch
 
 from dolfinx_mno._timing import best_time
+from dolfinx_mno.mlp_kernel import SequentialMLP
 
 __all__ = [
     "CHUNK_CANDIDATES",
@@ -60,8 +67,8 @@ __all__ = [
     "tangent_mode_rule",
 ]
 
-#: Tangent modes, in the order they are tried.
-TANGENT_MODES = ("reverse", "reverse-loop", "forward")
+#: Tangent modes, in the order they are tried ("sequential" only for a plain MLP).
+TANGENT_MODES = ("reverse", "reverse-loop", "forward", "sequential")
 #: Chunk sizes (points per model call) timed on the CPU.
 CHUNK_CANDIDATES = (2048, 8192, 32768, 131072)
 #: Below this many points per rank nothing is timed: one chunk, tangent mode by rule.
@@ -171,6 +178,10 @@ def _writing(
     return values_and_tangent
 
 
+def _eps(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).eps)
+
+
 def _sample(num_points: int, num_inputs: int, dtype: torch.dtype, device: torch.device):
     """Inputs to time a model on: uniform in [0, 1) (safe for logarithms and roots)."""
     generator = torch.Generator(device="cpu").manual_seed(0)
@@ -224,6 +235,10 @@ class PointwiseKernel:
         self.timings: dict[str, float] = {}
         self._values: ValuesFunction = model
         self._tangent: TangentFunction | None = None
+        # A plain MLP's fused pass (not with compile: torch.compile takes the model itself).
+        self._mlp = None if compile else SequentialMLP.from_model(model, num_inputs, num_outputs)
+        #: ``"model"`` or ``"sequential"`` (the fused MLP pass): what computes the values.
+        self.values_path = "model"
 
     # -- running --------------------------------------------------------------------
 
@@ -261,6 +276,46 @@ class PointwiseKernel:
                 self._values(x)
 
         return self._fastest_chunk(num_points, run, "chunk")
+
+    def choose_values_path(self, num_points: int) -> str:
+        """Use the fused MLP pass for values if it agrees with the model and is not slower.
+
+        Timed on ``min(num_points, 8192)`` random points (not timed below
+        :data:`MIN_TIMED_POINTS`: the fused pass allocates nothing, so it is kept).
+
+        Returns:
+            :attr:`values_path`.
+        """
+        if self._mlp is None or num_points == 0:
+            return self.values_path
+        mlp = self._mlp
+        sample = _sample(min(num_points, 8192), self.num_inputs, self.dtype, self.device)
+        try:
+            with torch.inference_mode():
+                reference = self.model(sample).reshape(sample.shape[0], -1)
+                fused = mlp.values(sample)
+                scale = float(reference.abs().max()) or 1.0
+                if float((fused - reference).abs().max()) > 1e3 * _eps(self.dtype) * scale:
+                    self._mlp = None
+                    return self.values_path
+                if sample.shape[0] >= MIN_TIMED_POINTS:
+                    model_time = best_time(functools.partial(self.model, sample))
+                    fused_time = best_time(functools.partial(mlp.values, sample))
+                    self.timings["values model"] = model_time
+                    self.timings["values sequential"] = fused_time
+                    if fused_time > model_time:
+                        return self.values_path
+        except Exception:  # the generic path then, which reports errors in the update
+            self._mlp = None
+            return self.values_path
+        self._values = mlp.values
+        self.values_path = "sequential"
+        return self.values_path
+
+    def reserve(self, points: int) -> None:
+        """Fix the fused MLP's buffers to chunks of ``points`` points (after the choices)."""
+        if self._mlp is not None:
+            self._mlp.reserve(points, self.dtype, self.device)
 
     def choose_tangent_chunk_size(self, num_points: int, chunk: int) -> int:
         """The same for values and tangent in the chosen mode (after :meth:`prepare_tangent`).
@@ -341,6 +396,10 @@ class PointwiseKernel:
             "reverse-loop": _reverse(self.model, self.num_outputs, batched=False),
             "forward": _writing(_forward_pass(self.model, self.num_inputs, self.num_outputs)),
         }
+        if self._mlp is not None:
+            candidates["sequential"] = self._mlp.values_and_tangent
+        elif mode == "sequential":
+            raise ValueError("The tangent mode 'sequential' needs a plain MLP (nn.Sequential).")
         if self.num_outputs == 1:
             del candidates["reverse-loop"]  # the same single backward pass
         size = min(chunk, 8192)
@@ -358,7 +417,8 @@ class PointwiseKernel:
         if mode is not None:
             timed = {mode: candidates[mode] if mode in candidates else candidates["reverse"]}
         elif size < MIN_TIMED_POINTS:  # too small to time: the rule, if it works
-            rule = tangent_mode_rule(self.num_inputs, self.num_outputs)
+            rule = "sequential" if "sequential" in candidates else None
+            rule = rule or tangent_mode_rule(self.num_inputs, self.num_outputs)
             timed = {rule: candidates[rule]}
         chosen = self._fastest_tangent(timed, sample, tangent)
         if mode is not None and chosen is None:

@@ -253,8 +253,12 @@ class PointwiseEvaluator:
         elif (env := _environment_batch_size()) is not None:
             self.batch_size, source = env, "DOLFINX_MNO_BATCH_SIZE"
         else:
-            self.batch_size, source = self.kernel.choose_chunk_size(num_points), "measured"
+            source = "measured"
+        self.kernel.choose_values_path(num_points)
+        if source == "measured":
+            self.batch_size = self.kernel.choose_chunk_size(num_points)
         self._batch_size_source = source
+        self.kernel.reserve(max(1, min(self.batch_size, num_points)))
         pin = device.type == "cuda"
         torch_host = NUMPY_TO_TORCH[host_dtype]
         chunk = max(1, min(self.batch_size, num_points))
@@ -317,6 +321,7 @@ class PointwiseEvaluator:
             "batch_size": self.batch_size,
             "batch_size_source": self._batch_size_source,
             "tangent_batch_size": None if self._chunk_tangents is None else self._tangent_chunk,
+            "values_path": self.kernel.values_path,
             "tangent_mode": self.kernel.tangent_mode,
             "compile": self.kernel.compile_requested,
             "compiled": self.kernel.compiled,
@@ -363,6 +368,7 @@ class PointwiseEvaluator:
             self._chunk_tangents = torch.empty(
                 (chunk, self.num_outputs, self.num_inputs), dtype=self.dtype, device=self.device
             )
+            self.kernel.reserve(max(self._chunk, chunk))
         return self.kernel.tangent_mode
 
     def _check_input_independent(self, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -12,6 +12,7 @@ from analytic import FluxModel, StressModel
 from dolfinx import fem, mesh
 
 import dolfinx_mno as mno
+from dolfinx_mno.mlp_kernel import SequentialMLP
 from dolfinx_mno.pointwise_kernel import (
     CHUNK_CANDIDATES,
     MIN_TIMED_POINTS,
@@ -41,7 +42,7 @@ def evaluator(model, num_inputs, num_outputs, num_points, **kwargs):
     return ev
 
 
-@pytest.mark.parametrize("mode", TANGENT_MODES)
+@pytest.mark.parametrize("mode", [m for m in TANGENT_MODES if m != "sequential"])
 @pytest.mark.parametrize("points", [1000, 10_000])
 def test_every_tangent_mode_gives_the_exact_tangent(mode, points):
     ev = evaluator(FluxModel().double(), 3, 2, points)
@@ -190,3 +191,87 @@ def test_kernel_rejects_unknown_modes():
     kernel = PointwiseKernel(torch.nn.Linear(2, 1).double(), 2, 1, CPU, torch.float64)
     with pytest.raises(ValueError, match="mode must be None or one of"):
         kernel.prepare_tangent(10, "sideways")
+
+
+def plain_mlp(num_outputs, dtype=torch.float64, activation=torch.nn.Tanh):
+    torch.manual_seed(3)
+    layers = [torch.nn.Linear(3, 16), activation(), torch.nn.Linear(16, 16)]
+    layers += [torch.nn.Sigmoid(), torch.nn.Identity(), torch.nn.Linear(16, num_outputs)]
+    return torch.nn.Sequential(*layers).to(dtype)
+
+
+@pytest.mark.parametrize("num_outputs", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_mlp_pass_gives_the_model_and_autograd(num_outputs, dtype):
+    """The fused pass for plain MLPs: the model's values, autograd's tangent (round-off)."""
+    points = 3000  # two chunks of 2048 with the given batch size: a shorter last chunk
+    fused = evaluator(plain_mlp(num_outputs, dtype), 3, num_outputs, points, batch_size=2048)
+    assert fused.prepare_tangent("sequential") == "sequential"
+    reference = evaluator(plain_mlp(num_outputs, dtype), 3, num_outputs, points, batch_size=2048)
+    reference.prepare_tangent("reverse-loop")
+    for ev in (fused, reference):
+        ev.evaluate(tangent=True)
+    eps = torch.finfo(dtype).eps
+    with torch.no_grad():
+        x = torch.from_numpy(fused.inputs).to(dtype)
+        expected = fused.model(x).double().numpy()
+    np.testing.assert_allclose(fused.outputs, expected, rtol=8 * eps, atol=8 * eps)
+    scale = np.abs(reference.tangents).max()
+    np.testing.assert_allclose(fused.tangents, reference.tangents, rtol=0, atol=64 * eps * scale)
+    # Values alone go through the fused pass too when it is not slower (recorded).
+    assert fused.plan["values_path"] in ("model", "sequential")
+    fused.evaluate()
+    np.testing.assert_allclose(fused.outputs, expected, rtol=8 * eps, atol=8 * eps)
+
+
+class MyLinear(torch.nn.Linear):
+    pass
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        torch.nn.Sequential(MyLinear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)),
+        torch.nn.Sequential(torch.nn.Tanh(), torch.nn.Linear(3, 1)),
+        torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1)),
+        torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh()),
+        torch.nn.Sequential(
+            torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Tanh(), torch.nn.Linear(4, 1)
+        ),
+    ],
+    ids=["subclass", "activation first", "relu", "ends in tanh", "two activations"],
+)
+def test_fused_mlp_pass_is_only_for_plain_mlps(model):
+    out = model[-1].out_features if isinstance(model[-1], torch.nn.Linear) else 4
+    assert SequentialMLP.from_model(model, 3, out) is None
+    ev = evaluator(model.double(), 3, out, 100)
+    assert ev.plan["values_path"] == "model"
+    with pytest.raises(ValueError, match="'sequential' needs a plain MLP"):
+        ev.prepare_tangent("sequential")
+
+
+def test_fused_mlp_pass_skips_models_with_hooks():
+    model = plain_mlp(1)
+    model[0].register_forward_hook(lambda module, args, output: output * 2)
+    assert SequentialMLP.from_model(model, 3, 1) is None
+
+
+@pytest.mark.parametrize(
+    "layers",
+    [
+        [torch.nn.Linear(3, 2)],
+        [torch.nn.Linear(3, 5), torch.nn.Linear(5, 2)],
+        [torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4), torch.nn.Linear(4, 2)],
+    ],
+    ids=["one linear", "two linear", "linear after linear"],
+)
+def test_fused_mlp_pass_handles_linear_layers_in_a_row(layers):
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(*layers).double()
+    fused = evaluator(model, 3, 2, 500)
+    assert fused.prepare_tangent("sequential") == "sequential"
+    fused.evaluate(tangent=True)
+    reference = evaluator(model, 3, 2, 500)
+    reference.prepare_tangent("reverse-loop")
+    reference.evaluate(tangent=True)
+    np.testing.assert_allclose(fused.tangents, reference.tangents, rtol=1e-13, atol=1e-14)

@@ -1,0 +1,221 @@
+"""A fused value-and-tangent pass for plain MLPs (``nn.Sequential`` of linear layers and tanh).
+
+Most closure models are small MLPs, ``Linear → tanh → … → Linear``. Their tangent is a
+product of matrices, ``∂y/∂x = W_L D_{L-1} W_{L-1} ⋯ D_1 W_1`` with ``D_k = diag(1 - t_k²)``
+for the tanh outputs ``t_k``, which this module evaluates without autograd: one forward pass
+that keeps the activations in buffers allocated once, then the product accumulated from
+the output side for all ``num_outputs`` rows at once (one matrix product per linear layer,
+one in-place scaling per activation). Autograd does the same arithmetic but records a
+graph, allocates every intermediate, and runs one backward pass per output component (or
+a batched one through ``vmap``).
+
+The values alone use the same buffers: linear layers write with ``out=`` and activations
+work in place, so a chunk allocates nothing. The results are those of the model (the same
+``addmm`` and ``tanh`` kernels; the tangent agrees with autograd to round-off);
+:class:`~dolfinx_mno.pointwise_kernel.PointwiseKernel` checks this on a sample and keeps
+the fused pass only where it measures faster.
+
+Recognised: a :class:`torch.nn.Sequential` whose members are exactly
+:class:`torch.nn.Linear`, :class:`torch.nn.Tanh`, :class:`torch.nn.Sigmoid` or
+:class:`torch.nn.Identity`, with no hooks, ending in a linear layer. Anything else (a
+subclass, a normalisation, a custom activation) runs through the generic modes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+__all__ = ["SequentialMLP"]
+
+_ACTIVATIONS = {torch.nn.Tanh: "tanh", torch.nn.Sigmoid: "sigmoid"}
+
+
+@dataclasses.dataclass
+class _Layer:
+    kind: str  # "linear", "tanh" or "sigmoid"
+    module: torch.nn.Module
+    width: int  # output width
+
+
+def _has_hooks(module: torch.nn.Module) -> bool:
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or getattr(module, "_backward_hooks", None)
+        or getattr(module, "_backward_pre_hooks", None)
+    )
+
+
+class SequentialMLP:
+    """Values, and values with tangent, of a recognised MLP into preallocated buffers.
+
+    Build with :meth:`from_model`. Not thread-safe (the buffers are shared by calls).
+
+    Args:
+        layers: The recognised layers (see :meth:`from_model`).
+        num_inputs: Input width.
+        num_outputs: Output width (that of the last linear layer).
+    """
+
+    def __init__(self, layers: list[_Layer], num_inputs: int, num_outputs: int):
+        self.layers = layers
+        self.num_inputs = num_inputs
+        self.num_outputs = num_outputs
+        self._capacity = 0
+        self._activations: list[torch.Tensor] = []
+        self._cotangents: list[torch.Tensor] = []
+        self._derivative: torch.Tensor | None = None
+        self._one: torch.Tensor | None = None
+        self._widths: list[int] = []
+
+    @classmethod
+    def from_model(
+        cls, model: torch.nn.Module, num_inputs: int, num_outputs: int
+    ) -> SequentialMLP | None:
+        """The fused MLP for ``model``, or ``None`` if ``model`` is not a plain MLP."""
+        if type(model) is not torch.nn.Sequential or _has_hooks(model):
+            return None
+        layers: list[_Layer] = []
+        width = num_inputs
+        for module in model:
+            if _has_hooks(module):
+                return None
+            if type(module) is torch.nn.Identity:
+                continue
+            if type(module) is torch.nn.Linear:
+                if module.in_features != width:
+                    return None
+                width = module.out_features
+                layers.append(_Layer("linear", module, width))
+            elif type(module) in _ACTIVATIONS:
+                # In place on the previous linear layer's output, whose derivative needs it.
+                if not layers or layers[-1].kind != "linear":
+                    return None
+                layers.append(_Layer(_ACTIVATIONS[type(module)], module, width))
+            else:
+                return None
+        if not layers or layers[-1].kind != "linear" or width != num_outputs:
+            return None
+        return cls(layers, num_inputs, num_outputs)
+
+    def reserve(self, points: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Allocate the buffers for chunks of up to ``points`` points (exactly that many)."""
+        if points == self._capacity and self._activations:
+            return
+        # Normal tensors even if called under inference mode: the tangent pass writes them
+        # outside it.
+        with torch.inference_mode(False):
+            self._allocate(points, dtype, device)
+
+    def _allocate(self, points: int, dtype: torch.dtype, device: torch.device) -> None:
+        m = self.num_outputs  # the cotangents hold one row per output component
+        self._activations = [
+            torch.empty((points, layer.width), dtype=dtype, device=device)
+            for layer in self.layers
+            if layer.kind == "linear"
+        ]
+        # Cotangents (m, points, width) before each linear layer's input side.
+        linear_widths = [layer.width for layer in self.layers if layer.kind == "linear"]
+        widths = [self.num_inputs, *linear_widths[:-1]]
+        self._widths = widths
+        # Flat: the first (m, n, width) entries are a contiguous view for any n <= points.
+        self._cotangents = [torch.empty(m * points * w, dtype=dtype, device=device) for w in widths]
+        largest = max(layer.width for layer in self.layers)
+        self._derivative = torch.empty(points * largest, dtype=dtype, device=device)
+        self._one = torch.ones((), dtype=dtype, device=device)
+        self._capacity = points
+
+    def _cotangent(self, index: int, n: int) -> torch.Tensor:
+        """The contiguous ``(num_outputs, n, width)`` cotangent before linear layer ``index``."""
+        width = self._widths[index]
+        return self._cotangents[index][: self.num_outputs * n * width].view(-1, n, width)
+
+    def _ensure(self, x: torch.Tensor) -> None:
+        if (
+            not self._activations
+            or x.shape[0] > self._capacity
+            or self._activations[0].dtype != x.dtype
+        ):
+            self.reserve(x.shape[0], x.dtype, x.device)
+
+    def values(self, x: torch.Tensor) -> torch.Tensor:
+        """``model(x)`` for ``(n, num_inputs)``; a view of a buffer, ``(n, num_outputs)``."""
+        self._ensure(x)
+        n = x.shape[0]
+        h = x
+        linear = 0
+        with torch.no_grad():
+            for layer in self.layers:
+                if layer.kind == "linear":
+                    out = self._activations[linear][:n]
+                    module = layer.module
+                    weight = _tensor(module.weight).t()
+                    if module.bias is not None:
+                        torch.addmm(_tensor(module.bias), h, weight, out=out)
+                    else:
+                        torch.mm(h, weight, out=out)
+                    h = out
+                    linear += 1
+                elif layer.kind == "tanh":
+                    torch.tanh(h, out=h)  # h is a buffer: the last layer is linear
+                else:
+                    torch.sigmoid(h, out=h)
+        return h
+
+    def values_and_tangent(self, x: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Values ``(n, num_outputs)`` and the tangent written into ``out``.
+
+        The activations of the forward pass stay in their buffers; the cotangents
+        ``G = ∂y/∂h`` of shape ``(num_outputs, n, width)`` start as the identity and go
+        through the layers backwards: ``G ← G W`` for a linear layer, ``G ← G ∘ f'`` for
+        an activation (``1 - t²`` for tanh, ``s - s²`` for the sigmoid).
+        """
+        y = self.values(x)
+        n, m = x.shape[0], self.num_outputs
+        assert self._derivative is not None and self._one is not None
+        with torch.no_grad():
+            g: torch.Tensor | None = None  # None: the identity, before the last layer
+            rows: torch.Tensor | None = None  # the last layer's weight, applied lazily
+            linear = len(self._activations) - 1
+            for layer in reversed(self.layers):
+                if layer.kind == "linear":
+                    weight = _tensor(layer.module.weight)  # (width, input width)
+                    if g is None and rows is None:
+                        rows = weight  # applied with the next derivative, in one pass
+                        linear -= 1
+                        continue
+                    if g is None:  # two linear layers in a row: G = W_last first
+                        assert rows is not None
+                        g = self._cotangent(linear + 1, n)
+                        g.copy_(rows.unsqueeze(1).expand(g.shape))
+                    target = self._cotangent(linear, n)
+                    torch.matmul(g.view(m * n, -1), weight, out=target.view(m * n, -1))
+                    g = target
+                    linear -= 1
+                else:
+                    activation = self._activations[linear][:n]  # this layer's output
+                    derivative = self._derivative[: n * layer.width].view(n, layer.width)
+                    if layer.kind == "tanh":
+                        torch.addcmul(self._one, activation, activation, value=-1, out=derivative)
+                    else:
+                        torch.addcmul(activation, activation, activation, value=-1, out=derivative)
+                    if g is None:  # G = W_last ∘ f', in one pass
+                        assert rows is not None
+                        g = self._cotangent(linear + 1, n)
+                        torch.mul(rows.unsqueeze(1), derivative, out=g)
+                    else:
+                        g.mul_(derivative)
+            if g is None:  # a single linear layer: G = W at every point
+                assert rows is not None
+                g = self._cotangent(0, n)
+                g.copy_(rows.unsqueeze(1).expand(g.shape))
+            out.copy_(g.transpose(0, 1))
+        return y, True
+
+
+def _tensor(tensor: torch.Tensor | torch.nn.Module) -> torch.Tensor:
+    """A module attribute known to be a tensor (for the type checker)."""
+    assert isinstance(tensor, torch.Tensor)
+    return tensor
