@@ -477,6 +477,24 @@ def markdown(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def targets_table(paths: list[Path]) -> str:
+    """One markdown row per target, one column per result file (the runs side by side)."""
+    reports = [json.loads(path.read_text()) for path in paths]
+    reports = [r for r in reports if r.get("targets")]
+    header = "| target | " + " | ".join(
+        p.stem.removeprefix("closure_vs_external_operator_")
+        for r, p in zip(reports, paths, strict=False)
+    )
+    lines = [header + " |", "|:--|" + "--:|" * len(reports)]
+    for key, description in TARGETS:
+        cells = []
+        for report in reports:
+            target = report["targets"][key]
+            cells.append(f"{target['value']:.2f}" + ("" if target["met"] else " ✗"))
+        lines.append(f"| {description} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # ## Driver
 
 
@@ -512,6 +530,7 @@ def main() -> None:
     if args.markdown:
         if comm.rank == 0:
             print(markdown(args.markdown))
+            print(targets_table(args.markdown))
         return
     if args.compare_ranks:
         if comm.size > 1:
