@@ -168,7 +168,7 @@ def split_evaluate(evaluator: PointwiseEvaluator, record: dict[str, float]) -> N
                 x.copy_(host_inputs[start:stop], non_blocking=non_blocking)
             sync()
             t1 = time.perf_counter()
-            y = evaluator.model(x)
+            y = evaluator.kernel.values(x)  # the path an update takes (fused MLP or model)
             sync()
             t2 = time.perf_counter()
             host_outputs[start:stop].copy_(y.reshape(stop - start, -1), non_blocking=non_blocking)

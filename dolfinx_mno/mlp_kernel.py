@@ -59,8 +59,16 @@ class SequentialMLP:
         num_outputs: Output width (that of the last linear layer).
     """
 
-    def __init__(self, layers: list[_Layer], num_inputs: int, num_outputs: int):
+    def __init__(
+        self,
+        layers: list[_Layer],
+        num_inputs: int,
+        num_outputs: int,
+        model: torch.nn.Sequential | None = None,
+    ):
         self.layers = layers
+        self._model = model
+        self._members = tuple(model) if model is not None else ()
         self.num_inputs = num_inputs
         self.num_outputs = num_outputs
         self._capacity = 0
@@ -98,7 +106,7 @@ class SequentialMLP:
                 return None
         if not layers or layers[-1].kind != "linear" or width != num_outputs:
             return None
-        return cls(layers, num_inputs, num_outputs)
+        return cls(layers, num_inputs, num_outputs, model)
 
     def reserve(self, points: int, dtype: torch.dtype, device: torch.device) -> None:
         """Allocate the buffers for chunks of up to ``points`` points (exactly that many)."""
@@ -140,8 +148,21 @@ class SequentialMLP:
         ):
             self.reserve(x.shape[0], x.dtype, x.device)
 
+    def _check_unchanged(self) -> None:
+        """Refuse a model whose layers were replaced since (the buffers follow the old ones)."""
+        if self._model is not None and (
+            len(self._model) != len(self._members)
+            or any(a is not b for a, b in zip(self._model, self._members, strict=False))
+        ):
+            raise RuntimeError(
+                "the model's layers were replaced after the closure was built (its fused MLP "
+                "pass follows the layers it was built with); build a new closure for the "
+                "new model"
+            )
+
     def values(self, x: torch.Tensor) -> torch.Tensor:
         """``model(x)`` for ``(n, num_inputs)``; a view of a buffer, ``(n, num_outputs)``."""
+        self._check_unchanged()
         self._ensure(x)
         n = x.shape[0]
         h = x

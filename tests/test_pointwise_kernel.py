@@ -275,3 +275,13 @@ def test_fused_mlp_pass_handles_linear_layers_in_a_row(layers):
     reference.prepare_tangent("reverse-loop")
     reference.evaluate(tangent=True)
     np.testing.assert_allclose(fused.tangents, reference.tangents, rtol=1e-13, atol=1e-14)
+
+
+def test_fused_mlp_pass_refuses_a_model_whose_layers_were_replaced():
+    model = plain_mlp(1).eval()
+    ev = evaluator(model, 3, 1, 100)
+    assert ev.plan["values_path"] == "sequential"
+    ev.evaluate()
+    model[2] = torch.nn.Linear(16, 16).double().eval()  # weights the buffers do not follow
+    with pytest.raises(RuntimeError, match="layers were replaced after the closure was built"):
+        ev.evaluate()
