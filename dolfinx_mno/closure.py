@@ -84,9 +84,10 @@ class Closure(ClosureBase):
             else the CPU), or any :class:`torch.device`. ``None`` leaves the model where it
             is.
         batch_size: Points per model call (bounded memory), a positive integer; ``None``
-            (the default) measures it for the model on the CPU (a few thousand points for
-            an MLP, the largest candidate, 2¹⁷, for a cheap formula) and gives 2¹⁸ on a GPU
-            (see :mod:`dolfinx_mno.pointwise_kernel`).
+            (the default) measures it for the model on the CPU, separately for values and
+            for values with tangent (2,048–32,768 points for a 64-wide MLP, up to 131,072
+            for a cheap formula), and gives 2¹⁸ on a GPU (see
+            :mod:`dolfinx_mno.pointwise_kernel`).
         compile: Compile the model's value and tangent functions with
             :func:`torch.compile` (opt-in: the first compilation takes from seconds to
             minutes). Where compilation is unavailable or fails, a ``RuntimeWarning``
