@@ -17,8 +17,12 @@ the fused pass only where it measures faster.
 
 Recognised: a :class:`torch.nn.Sequential` whose members are exactly
 :class:`torch.nn.Linear`, :class:`torch.nn.Tanh`, :class:`torch.nn.Sigmoid` or
-:class:`torch.nn.Identity`, with no hooks, ending in a linear layer. Anything else (a
-subclass, a normalisation, a custom activation) runs through the generic modes.
+:class:`torch.nn.Identity`, with no hooks, ending in a linear layer; and such a
+``Sequential`` wrapped in a pointwise :class:`~dolfinx_mno.normalization.NormalizedModel`
+(``axis=-1``), whose affine normalisations are folded into the first and last linear layers
+at every call (``W₁ diag(1/σ)``, ``diag(σ_out) W_L``; a few small matrices, so that training
+the model or its statistics later is seen). Anything else (a subclass, a custom
+activation) runs through the generic modes.
 """
 
 from __future__ import annotations
@@ -69,6 +73,12 @@ class SequentialMLP:
         self.layers = layers
         self._model = model
         self._members = tuple(model) if model is not None else ()
+        # A NormalizedModel's statistics, folded into the first and last linear layers.
+        self._wrapper: torch.nn.Module | None = None
+        self._input_norm: torch.nn.Module | None = None
+        self._output_norm: torch.nn.Module | None = None
+        self._folded: dict[tuple[int, str], torch.Tensor] = {}
+        self._num_linear = sum(layer.kind == "linear" for layer in layers)
         self.num_inputs = num_inputs
         self.num_outputs = num_outputs
         self._capacity = 0
@@ -83,6 +93,26 @@ class SequentialMLP:
         cls, model: torch.nn.Module, num_inputs: int, num_outputs: int
     ) -> SequentialMLP | None:
         """The fused MLP for ``model``, or ``None`` if ``model`` is not a plain MLP."""
+        from dolfinx_mno.normalization import AffineNormalization, NormalizedModel
+
+        if type(model) is NormalizedModel and not _has_hooks(model):
+            norms = (model.input_normalization, model.output_normalization)
+            if not all(
+                type(norm) is AffineNormalization and norm.axis == -1 and not _has_hooks(norm)
+                for norm in norms
+            ):
+                return None
+            inner = cls.from_model(model.model, num_inputs, num_outputs)
+            if inner is None or inner._wrapper is not None:
+                return None
+            if any(
+                norm.shift.numel() not in (1, width)
+                for norm, width in zip(norms, (num_inputs, num_outputs), strict=True)
+            ):
+                return None
+            inner._wrapper = model
+            inner._input_norm, inner._output_norm = norms
+            return inner
         if type(model) is not torch.nn.Sequential or _has_hooks(model):
             return None
         layers: list[_Layer] = []
@@ -148,8 +178,78 @@ class SequentialMLP:
         ):
             self.reserve(x.shape[0], x.dtype, x.device)
 
+    def _fold(self) -> None:
+        """Fold the normalisations into the first and last linear layers.
+
+        The folded tensors are written in place, so nothing is allocated after the first call.
+        """
+        if self._wrapper is None:
+            return
+        assert self._input_norm is not None and self._output_norm is not None
+        linears = [layer.module for layer in self.layers if layer.kind == "linear"]
+        with torch.no_grad():
+            # First layer: W (x - s)/c + b = (W/c) x + (b - (W/c) s).
+            first = linears[0]
+            weight = _tensor(first.weight)
+            shift, scale = _tensor(self._input_norm.shift), _tensor(self._input_norm.scale)
+            w = self._buffer((0, "weight"), weight)
+            torch.div(weight, scale, out=w)
+            b = self._buffer((0, "bias"), weight[:, 0])
+            torch.mv(w, shift.expand(w.shape[1]), out=b)
+            if first.bias is not None:
+                torch.sub(_tensor(first.bias), b, out=b)
+            else:
+                b.neg_()
+            # Last layer: c_out (W h + b) + s_out.
+            last_index = self._num_linear - 1
+            last = linears[-1]
+            shift, scale = _tensor(self._output_norm.shift), _tensor(self._output_norm.scale)
+            source_w = w if last_index == 0 else _tensor(last.weight)
+            source_b = (
+                b if last_index == 0 else _tensor(last.bias) if last.bias is not None else None
+            )
+            w_last = self._buffer((last_index, "weight_out"), source_w)
+            torch.mul(source_w, scale.expand(w_last.shape[0]).unsqueeze(1), out=w_last)
+            b_last = self._buffer((last_index, "bias_out"), source_w[:, 0])
+            if source_b is not None:
+                torch.mul(source_b, scale.expand(b_last.shape[0]), out=b_last)
+                b_last.add_(shift.expand(b_last.shape[0]))
+            else:
+                b_last.copy_(shift.expand(b_last.shape[0]))
+
+    def _buffer(self, key: tuple[int, str], like: torch.Tensor) -> torch.Tensor:
+        buffer = self._folded.get(key)
+        if buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype:
+            with torch.inference_mode(False):
+                buffer = torch.empty_like(like, memory_format=torch.contiguous_format)
+            self._folded[key] = buffer
+        return buffer
+
+    def _weight_and_bias(
+        self, index: int, module: torch.nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight and bias of linear layer ``index``, with the statistics folded in."""
+        if self._wrapper is not None:
+            if index == self._num_linear - 1:
+                return self._folded[(index, "weight_out")], self._folded[(index, "bias_out")]
+            if index == 0:
+                return self._folded[(0, "weight")], self._folded[(0, "bias")]
+        bias = module.bias
+        return _tensor(module.weight), (None if bias is None else _tensor(bias))
+
     def _check_unchanged(self) -> None:
         """Refuse a model whose layers were replaced since (the buffers follow the old ones)."""
+        wrapper = self._wrapper
+        if wrapper is not None and (
+            wrapper.model is not self._model
+            or wrapper.input_normalization is not self._input_norm
+            or wrapper.output_normalization is not self._output_norm
+        ):
+            raise RuntimeError(
+                "the model's layers or normalisations were replaced after the closure was "
+                "built (its fused MLP pass follows the ones it was built with); build a new "
+                "closure for the new model"
+            )
         if self._model is not None and (
             len(self._model) != len(self._members)
             or any(a is not b for a, b in zip(self._model, self._members, strict=False))
@@ -164,6 +264,7 @@ class SequentialMLP:
         """``model(x)`` for ``(n, num_inputs)``; a view of a buffer, ``(n, num_outputs)``."""
         self._check_unchanged()
         self._ensure(x)
+        self._fold()
         n = x.shape[0]
         h = x
         linear = 0
@@ -171,12 +272,11 @@ class SequentialMLP:
             for layer in self.layers:
                 if layer.kind == "linear":
                     out = self._activations[linear][:n]
-                    module = layer.module
-                    weight = _tensor(module.weight).t()
-                    if module.bias is not None:
-                        torch.addmm(_tensor(module.bias), h, weight, out=out)
+                    weight, bias = self._weight_and_bias(linear, layer.module)
+                    if bias is not None:
+                        torch.addmm(bias, h, weight.t(), out=out)
                     else:
-                        torch.mm(h, weight, out=out)
+                        torch.mm(h, weight.t(), out=out)
                     h = out
                     linear += 1
                 elif layer.kind == "tanh":
@@ -202,7 +302,7 @@ class SequentialMLP:
             linear = len(self._activations) - 1
             for layer in reversed(self.layers):
                 if layer.kind == "linear":
-                    weight = _tensor(layer.module.weight)  # (width, input width)
+                    weight, _ = self._weight_and_bias(linear, layer.module)  # (width, input)
                     if g is None and rows is None:
                         rows = weight  # applied with the next derivative, in one pass
                         linear -= 1

@@ -285,3 +285,85 @@ def test_fused_mlp_pass_refuses_a_model_whose_layers_were_replaced():
     model[2] = torch.nn.Linear(16, 16).double().eval()  # weights the buffers do not follow
     with pytest.raises(RuntimeError, match="layers were replaced after the closure was built"):
         ev.evaluate()
+
+
+def normalized_mlp(layers, num_outputs, dtype=torch.float64, scalar_output=False):
+    """A plain MLP behind a pointwise NormalizedModel with non-trivial statistics."""
+    torch.manual_seed(7)
+    inner = torch.nn.Sequential(*layers).to(dtype)
+    width = 1 if scalar_output else num_outputs
+    return mno.NormalizedModel(
+        inner,
+        mno.AffineNormalization(shift=[0.3, -1.0, 2.0], scale=[0.5, 2.0, 4.0], width=3),
+        mno.AffineNormalization(
+            shift=torch.linspace(-1.0, 1.0, width),
+            scale=torch.linspace(3.0, 5.0, width),
+            width=width if not scalar_output else num_outputs,
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    "layers, num_outputs",
+    [
+        ([torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)], 2),
+        (
+            [
+                torch.nn.Linear(3, 8),
+                torch.nn.Tanh(),
+                torch.nn.Linear(8, 8),
+                torch.nn.Tanh(),
+                torch.nn.Linear(8, 1),
+            ],
+            1,
+        ),
+        ([torch.nn.Linear(3, 2)], 2),
+    ],
+    ids=["one hidden", "two hidden", "one linear"],
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_mlp_pass_folds_a_normalized_model(layers, num_outputs, dtype):
+    """NormalizedModel(Sequential): the statistics are folded into the outer linear layers;
+    values equal the wrapped model's and the tangent autograd's (round-off)."""
+    model = normalized_mlp(layers, num_outputs, dtype).eval()
+    assert SequentialMLP.from_model(model, 3, num_outputs) is not None
+    fused = evaluator(model, 3, num_outputs, 3000, batch_size=2048)
+    assert fused.prepare_tangent("sequential") == "sequential"
+    reference = evaluator(model, 3, num_outputs, 3000, batch_size=2048)
+    reference.prepare_tangent("reverse-loop")
+    for ev in (fused, reference):
+        ev.evaluate(tangent=True)
+    eps = torch.finfo(dtype).eps
+    with torch.no_grad():
+        expected = model(torch.from_numpy(fused.inputs).to(dtype)).double().numpy()
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(fused.outputs, expected, rtol=0, atol=32 * eps * scale)
+    tangent_scale = np.abs(reference.tangents).max()
+    np.testing.assert_allclose(
+        fused.tangents, reference.tangents, rtol=0, atol=64 * eps * tangent_scale
+    )
+    # Statistics changed after construction (say by further training) are seen.
+    with torch.no_grad():
+        model.input_normalization.shift.mul_(-2.0)
+        model.output_normalization.scale.mul_(0.5)
+        expected = model(torch.from_numpy(fused.inputs).to(dtype)).double().numpy()
+    fused.evaluate(tangent=True)
+    np.testing.assert_allclose(fused.outputs, expected, rtol=0, atol=32 * eps * scale)
+    # A replaced normalisation is refused, as replaced layers are.
+    model.input_normalization = mno.AffineNormalization(width=3).to(dtype).eval()
+    with pytest.raises(RuntimeError, match="layers or normalisations were replaced"):
+        fused.evaluate(tangent=True)
+
+
+def test_fused_mlp_pass_refuses_normalized_models_it_cannot_fold():
+    inner = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    model = mno.NormalizedModel(
+        inner.double(), mno.AffineNormalization(width=3), mno.AffineNormalization(width=1)
+    )
+    assert SequentialMLP.from_model(model, 3, 1) is None  # ReLU inside
+    fields = mno.NormalizedModel(
+        torch.nn.Sequential(torch.nn.Linear(3, 1)).double(),
+        mno.AffineNormalization(width=3, axis=1),
+        mno.AffineNormalization(width=1, axis=1),
+    )
+    assert SequentialMLP.from_model(fields, 3, 1) is None  # per-channel (grid) layout
