@@ -308,6 +308,7 @@ class LinearProblem(_fem_petsc.LinearProblem):
         self._form_closures = closures_in([a, L, kwargs.get("P")])
         self._reuse_matrix = reuse_matrix
         self._matrix_ready = False
+        self._ufl_forms = (a, L)
         super().__init__(a, L, petsc_options_prefix=petsc_options_prefix, **kwargs)
         PETSc.garbage_cleanup(self.A.getComm())  # see the module notes
 
@@ -315,6 +316,11 @@ class LinearProblem(_fem_petsc.LinearProblem):
     def closures(self) -> list[ClosureBase]:
         """The closures updated before every solve."""
         return list(self._closures)
+
+    @property
+    def ufl_forms(self) -> tuple[ufl.Form, ufl.Form]:
+        """The UFL forms ``(a, L)`` the problem was built from."""
+        return self._ufl_forms
 
     def _check_updated(self, update_closures: bool) -> None:
         """Raise if a closure that this solve would assemble has never been updated."""
@@ -360,6 +366,18 @@ class LinearProblem(_fem_petsc.LinearProblem):
             self._matrix_ready = True
             return typing.cast(fem.Function, super().solve())
         # Right-hand side only; the operator, and its factorisation, are kept.
+        self.assemble_rhs()
+        self.solver.solve(self.b, self.x)
+        self.x.ghostUpdate(addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)  # type: ignore
+        _fem_petsc.assign(self.x, self.u)  # type: ignore[arg-type]
+        return typing.cast(fem.Function, self.u)
+
+    def assemble_rhs(self) -> None:
+        """Assemble ``b`` from ``L`` with the Dirichlet conditions (lifting, then their values).
+
+        Collective. The closures keep the values they hold; the matrix is not touched. Used
+        by :meth:`solve` when the matrix is reused, and by :mod:`dolfinx_mno.rollout`.
+        """
         bcs = list(self.bcs or [])
         with self.b.localForm() as b_local:
             b_local.set(0.0)
@@ -367,7 +385,20 @@ class LinearProblem(_fem_petsc.LinearProblem):
         _fem_petsc.apply_lifting(self.b, [self.a], bcs=[bcs])  # type: ignore[arg-type]
         self.b.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)  # type: ignore
         _fem_petsc.set_bc(self.b, bcs)
-        self.solver.solve(self.b, self.x)
-        self.x.ghostUpdate(addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)  # type: ignore
-        _fem_petsc.assign(self.x, self.u)  # type: ignore[arg-type]
-        return typing.cast(fem.Function, self.u)
+
+    def assemble_operator(self) -> None:
+        """Assemble the matrix (and the preconditioner's) with the Dirichlet conditions.
+
+        Collective. A later :meth:`solve` with ``reuse_matrix=True`` keeps it (and the
+        solver keeps its factorisation). Used by :mod:`dolfinx_mno.rollout`, whose steps and
+        transposed solves all use this one matrix.
+        """
+        bcs = list(self.bcs or [])
+        self.A.zeroEntries()
+        _fem_petsc.assemble_matrix(self.A, self.a, bcs=bcs)  # type: ignore[arg-type, misc]
+        self.A.assemble()
+        if self.P_mat is not None:
+            self.P_mat.zeroEntries()
+            _fem_petsc.assemble_matrix(self.P_mat, self.preconditioner, bcs=bcs)  # type: ignore[arg-type, misc]
+            self.P_mat.assemble()
+        self._matrix_ready = True
