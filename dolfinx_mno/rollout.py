@@ -474,11 +474,14 @@ class Rollout:
     def _check_state(self, state: typing.Any, name: str) -> None:
         if not isinstance(state, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(state).__name__}.")
-        expected = (self.num_owned,)
-        if tuple(state.shape) != expected or state.dtype != torch.float64 or state.is_cuda:
+        if state.dtype != torch.float64 or state.device.type != "cpu":
             raise ValueError(
-                f"{name} must be a float64 CPU tensor of shape {expected} (this rank's owned "
-                f"dofs), got {state.dtype} of shape {tuple(state.shape)} on {state.device}."
+                f"{name} must be a float64 tensor on the CPU, got {state.dtype} on {state.device}."
+            )
+        if tuple(state.shape) != (self.num_owned,):
+            raise ValueError(
+                f"{name} must have shape ({self.num_owned},) on this rank (its owned dofs), "
+                f"got {tuple(state.shape)}."
             )
 
     def _segment(self, state: torch.Tensor, start: int, count: int) -> tuple[torch.Tensor, ...]:
