@@ -309,6 +309,9 @@ class RolloutGradient:
     initial_state: torch.Tensor | None
 
 
+RolloutGradient.__init__.__doc__ = "Hold a rollout's loss and gradients; see the class docstring."
+
+
 class Rollout:
     r"""Differentiable rollouts of an IMEX time stepper with local closures.
 
