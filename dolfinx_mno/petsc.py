@@ -154,6 +154,8 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
         check_form(F)
         check_form(J)
         closures_ = _collect([F, J], closures)
+        self._ufl_forms = (F, J)
+        self._bcs = list(bcs or [])
         PETSc.garbage_cleanup(u.function_space.mesh.comm)  # see the module notes
         super().__init__(F, u, petsc_options_prefix=petsc_options_prefix, bcs=bcs, J=J, **kwargs)
         # The SNES keeps its callbacks alive; they must not refer to the problem, or the
@@ -174,6 +176,16 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
     def closures(self) -> list[ClosureBase]:
         """The closures updated at every iterate."""
         return list(self._callbacks.closures)
+
+    @property
+    def ufl_forms(self) -> tuple[ufl.Form, ufl.Form]:
+        """The UFL residual and Jacobian ``(F, J)`` the problem was built from."""
+        return self._ufl_forms
+
+    @property
+    def bcs(self) -> list[fem.DirichletBC]:
+        """The Dirichlet conditions."""
+        return list(self._bcs)
 
     def solve(self) -> fem.Function:
         """Solve; returns ``u``. Check ``self.solver.getConvergedReason() > 0``.

@@ -169,7 +169,7 @@ def test_taylor_linear_form_nonlinear_in_the_state():
     msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
     stepper, closures = heat(msh, 1, ("scalar",), nonlinear=True, prefix="taylor_nl_")
     rollout = Rollout(stepper)
-    assert not rollout._solver.affine
+    assert not rollout._step_adjoint.affine
     u0 = rollout.initial_state()
     remainders = taylor_parameters(rollout, closures, u0, targets(rollout))
     assert remainders[0] > 1e-9
@@ -387,12 +387,129 @@ def test_bad_input_raises_the_same_error_on_every_rank(tiny_square):
     )
     with pytest.raises(ValueError, match=r"^Closure 'square': a rollout needs operands affine"):
         Rollout(IMEXStepper(nonaffine, stepper.u, u_n, dt=DT))
-    implicit = NonlinearProblem(
-        (stepper.u - u_n) * v * ufl.dx, stepper.u, petsc_options_prefix="bad_implicit_"
-    )
     _raises(
         TypeError,
-        "Rollout needs an IMEXStepper, got ImplicitStepper; rollouts of the implicit (Newton) "
-        "stepper are not supported yet.",
-        lambda: Rollout(ImplicitStepper(implicit, stepper.u, u_n, dt=DT)),
+        "Rollout needs an IMEXStepper or an ImplicitStepper, got LinearProblem.",
+        lambda: Rollout(problem),
     )
+    # Implicit steps: closures of the unknown only, with their tangents in the Jacobian.
+    uh = stepper.u
+    explicit = mno.Closure(mlp(1, 1), [u_n], quadrature_degree=2, device="cpu", name="explicit")
+    reads_previous = NonlinearProblem(
+        (uh - u_n) * v * ufl.dx + explicit * v * explicit.dx,
+        uh,
+        petsc_options_prefix="bad_implicit_",
+    )
+    _raises(
+        ValueError,
+        "Closure 'explicit' of the implicit step reads u_previous; a rollout of the implicit "
+        "stepper supports closures of the unknown u only.",
+        lambda: Rollout(ImplicitStepper(reads_previous, uh, u_n, dt=DT)),
+    )
+    own = mno.Closure(mlp(1, 1), [uh], quadrature_degree=2, device="cpu", name="own")
+    F = (uh - u_n) * v * ufl.dx + own * v * own.dx
+    frozen_jacobian = NonlinearProblem(
+        F,
+        uh,
+        J=ufl.derivative(F, uh),
+        frozen_closures=True,
+        petsc_options_prefix="bad_frozen_",
+    )
+    _raises(
+        ValueError,
+        "The implicit step's Jacobian misses closure tangents (frozen closures): the adjoint "
+        "needs the exact Jacobian. Build the problem with the default J "
+        "(dolfinx_mno.derivative(F, u)).",
+        lambda: Rollout(ImplicitStepper(frozen_jacobian, uh, u_n, dt=DT)),
+    )
+
+
+NEWTON = {
+    **DIRECT,
+    "snes_type": "newtonls",
+    "snes_linesearch_type": "none",
+    "snes_atol": 1e-13,
+    "snes_rtol": 1e-13,
+    "snes_stol": 0.0,
+}
+
+
+def implicit_heat(msh, degree=1, prefix="implicit_"):
+    """Backward Euler with a flux closure q(u, ∇u) of the new state (Newton, exact J)."""
+    V = fem.functionspace(msh, ("Lagrange", degree))
+    u_n = fem.Function(V, name="u_n")
+    u_n.interpolate(initial)
+    uh = fem.Function(V, name="u")
+    uh.x.array[:] = u_n.x.array
+    v = ufl.TestFunction(V)
+    torch.manual_seed(4)
+    model = mlp(3, 2, seed=4)
+    with torch.no_grad():  # a mild closure: Newton converges in a few iterations
+        model[2].weight.mul_(0.2)
+    closure = mno.Closure(model, [uh, ufl.grad(uh)], (2,), 2 * degree, device="cpu", name="q")
+    F = ((uh - u_n) * v + DT * ufl.inner(ufl.grad(uh), ufl.grad(v))) * ufl.dx
+    F += DT * ufl.inner(closure, ufl.grad(v)) * closure.dx
+    problem = NonlinearProblem(
+        F, uh, bcs=[boundary_bc(V)], petsc_options=NEWTON, petsc_options_prefix=prefix
+    )
+    return ImplicitStepper(problem, uh, u_n, dt=DT), [closure]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("degree", [1, 2])
+def test_taylor_implicit_parameters(degree):
+    """Second-order Taylor remainders in θ through 5 Newton-converged implicit steps."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
+    stepper, closures = implicit_heat(msh, degree, prefix=f"implicit_taylor{degree}_")
+    rollout = Rollout(stepper)
+    u0 = rollout.initial_state()
+    remainders = taylor_parameters(rollout, closures, u0, targets(rollout))
+    assert remainders[0] > 1e-9
+    assert min(rates(remainders)) >= 1.9
+
+
+@pytest.mark.mpi
+def test_taylor_implicit_initial_state_and_checkpoints():
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
+    stepper, _ = implicit_heat(msh, 1, prefix="implicit_u0_")
+    rollout = Rollout(stepper)
+    u0, data = rollout.initial_state(), targets(rollout)
+    result = rollout.gradient(u0, data, initial_state=True)
+    direction = fem.Function(stepper.u.function_space)
+    direction.interpolate(lambda x: np.cos(2 * x[0]) + x[1] ** 2)
+    delta = torch.from_numpy(direction.x.array[: rollout.num_owned].copy())
+    slope = rollout.comm.allreduce(float((result.initial_state * delta).sum()), op=MPI.SUM)
+    J0 = loss(rollout, u0, data)
+    remainders = [
+        abs(loss(rollout, u0 + eps * delta, data) - J0 - eps * slope)
+        for eps in 1e-2 * 2.0 ** -np.arange(5)
+    ]
+    assert remainders[0] > 1e-9
+    assert min(rates(remainders)) >= 1.9
+    # The implicit rollout's states are the stepper's.
+    with torch.no_grad():
+        states = rollout.run(u0, NUM_STEPS)
+    stepper.u_previous.x.array[: rollout.num_owned] = u0.numpy()
+    stepper.u_previous.x.scatter_forward()
+    stepper.u.x.array[:] = stepper.u_previous.x.array
+    stepper.run(NUM_STEPS, progress=False)
+    error = np.abs(states[-1].numpy() - stepper.u.x.array[: rollout.num_owned]).max(initial=0)
+    assert msh.comm.allreduce(error, op=MPI.MAX) <= 1e-11
+    # Checkpointed: the same gradient.
+    checkpointed = Rollout(stepper, checkpoint_every=2).gradient(u0, data, initial_state=True)
+    for group, expected in zip(checkpointed.parameters, result.parameters, strict=True):
+        for g, e in zip(group, expected, strict=True):
+            assert float((g - e).norm()) <= 1e-12 * float(e.norm())
+
+
+@pytest.mark.mpi
+def test_implicit_gradients_do_not_depend_on_ranks(tiny_square):
+    """Implicit steps on 2 cells (a rank without cells on 3 ranks) against COMM_SELF."""
+    flat = []
+    for msh in (mesh.create_unit_square(MPI.COMM_SELF, 1, 1), tiny_square):
+        stepper, _ = implicit_heat(msh, 2, prefix=f"implicit_ranks{msh.comm.size}_")
+        rollout = Rollout(stepper)
+        result = rollout.gradient(rollout.initial_state(), targets(rollout))
+        flat.append(torch.cat([g.reshape(-1) for g in result.parameters[0]]).numpy())
+    assert np.linalg.norm(flat[0]) > 1e-4
+    assert np.linalg.norm(flat[1] - flat[0]) <= 1e-10 * np.linalg.norm(flat[0])
