@@ -20,8 +20,9 @@ over one step, then measures:
   faster: a fixed one maps and unmaps every activation buffer, 3–4× slower here): the best
   of ``--repeats`` forward rollouts (``torch.no_grad``) and of as many gradients (forward
   with the graph, then backward: transposed solves, operand pull-backs, the model's VJP),
-  and their ratio (the usual adjoint bound is 3×; with checkpointing the backward
-  recomputes one more forward).
+  taken alternately; wall and CPU time (``time.process_time``), and the ratio of the CPU
+  times, which the other jobs of a shared machine inflate less (the usual adjoint bound is
+  3×; with checkpointing the backward recomputes one more forward).
 
 One thread (``torch.set_num_threads(1)``, one MPI rank). Writes
 ``benchmarks/results/rollout_gradient[_TAG].json`` and prints a table.
@@ -39,6 +40,7 @@ import resource
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -126,13 +128,11 @@ def targets(V, num_owned: int, steps: int) -> list[torch.Tensor]:
     return [target] * steps
 
 
-def best(action, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def timed(action) -> tuple[float, float]:
+    """Wall and CPU seconds (this process, ``time.process_time``) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    action()
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -142,7 +142,7 @@ def worker(args: argparse.Namespace) -> None:
     rollout, u0, V = build(args.cells, every)
     data = targets(V, rollout.num_owned, args.k)
     rollout.gradient(u0, data[:1])  # warm-up: JIT-compiled forms, factorisation, allocator
-    row: dict[str, object] = {
+    row: dict[str, typing.Any] = {
         "k": args.k,
         "checkpoint_every": every,
         "cells": args.cells,
@@ -160,9 +160,17 @@ def worker(args: argparse.Namespace) -> None:
             with torch.no_grad():
                 rollout.run(u0, args.k)
 
-        row["forward_s"] = best(forward, args.repeats)
-        row["gradient_s"] = best(lambda: rollout.gradient(u0, data), args.repeats)
-        row["ratio"] = row["gradient_s"] / row["forward_s"]  # type: ignore[operator]
+        # Alternated, so that a change of the machine's load hits both alike; the ratio
+        # from CPU time, which other jobs on the machine do not inflate (much).
+        forward_times, gradient_times = [], []
+        for _ in range(args.repeats):
+            forward_times.append(timed(forward))
+            gradient_times.append(timed(lambda: rollout.gradient(u0, data)))
+        row["forward_s"] = min(t[0] for t in forward_times)
+        row["gradient_s"] = min(t[0] for t in gradient_times)
+        row["forward_cpu_s"] = min(t[1] for t in forward_times)
+        row["gradient_cpu_s"] = min(t[1] for t in gradient_times)
+        row["ratio"] = row["gradient_cpu_s"] / row["forward_cpu_s"]
     print(json.dumps(row))
 
 
@@ -171,7 +179,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 40, 160])
     parser.add_argument("--cells", type=int, default=32)
     parser.add_argument("--every", type=int, default=10, help="steps per checkpoint segment")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--tag", default="")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", action="store_true", help=argparse.SUPPRESS)
@@ -181,10 +189,10 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    rows = []
+    rows: list[dict[str, typing.Any]] = []
     for k in args.steps:
         for checkpoint in (False, True):
-            row: dict[str, object] = {}
+            row: dict[str, typing.Any] = {}
             for measure in ("time", "memory"):
                 command = [
                     sys.executable,
@@ -204,7 +212,8 @@ def main() -> None:
                 row.update(json.loads(output.stdout.strip().splitlines()[-1]))
             rows.append(row)
     header = (
-        f"{'k':>5} {'checkpoint':>10} {'forward ms':>11} {'gradient ms':>12} {'ratio':>6} "
+        f"{'k':>5} {'checkpoint':>10} {'forward ms':>11} {'gradient ms':>12} "
+        f"{'CPU fwd ms':>11} {'CPU grad ms':>12} {'ratio':>6} "
         f"{'peak RSS Δ MiB':>15}"
     )
     print(f"P1 {args.cells}x{args.cells}, {rows[0]['dofs']} dofs, {rows[0]['points']} points")
@@ -213,7 +222,8 @@ def main() -> None:
         every = row["checkpoint_every"]
         print(
             f"{row['k']:>5} {('every ' + str(every)) if every else 'no':>10} "
-            f"{ms(row['forward_s']):>11} {ms(row['gradient_s']):>12} {row['ratio']:>6.2f} "
+            f"{ms(row['forward_s']):>11} {ms(row['gradient_s']):>12} "
+            f"{ms(row['forward_cpu_s']):>11} {ms(row['gradient_cpu_s']):>12} {row['ratio']:>6.2f} "
             f"{row['peak_rss_delta_bytes'] / 2**20:>15.1f}"
         )
     results = Path(__file__).resolve().parent / "results"

@@ -54,7 +54,7 @@ from dolfinx_mno.closure import Closure, derivative, extract_closures
 from dolfinx_mno.guard import closures_in, forms_in
 from dolfinx_mno.quadrature import check_form
 
-__all__ = ["LinearProblem", "NonlinearProblem"]
+__all__ = ["LinearProblem", "NonlinearProblem", "check_jacobian"]
 
 
 def _collect(forms: Sequence[ufl.Form | None], closures: Sequence[ClosureBase] | None) -> list:
@@ -65,10 +65,20 @@ def _names(closures: Sequence[ClosureBase]) -> str:
     return ", ".join(f"'{closure.name}'" for closure in closures)
 
 
-def _check_jacobian(F: ufl.Form, J: typing.Any, u: typing.Any) -> None:
+def check_jacobian(F: ufl.Form, J: typing.Any, u: typing.Any) -> None:
     """Raise if ``J`` misses the tangent of a closure of ``F`` that depends on ``u``.
 
-    Pure UFL (no collective): every rank reaches the same verdict.
+    Pure UFL (no collective): every rank reaches the same verdict. Used by
+    :class:`NonlinearProblem` and by :class:`dolfinx_mno.rollout.Rollout`, whose adjoint
+    needs the exact Jacobian.
+
+    Args:
+        F: The residual.
+        J: The Jacobian form(s).
+        u: The unknown (or a sequence of unknowns).
+
+    Raises:
+        ValueError: ``J`` lacks the tangent of a closure whose operands depend on ``u``.
     """
     unknowns = list(u) if isinstance(u, Sequence) else [u]
     in_jacobian = {c.count() for form in forms_in(J) for c in form.coefficients()}
@@ -150,7 +160,7 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
         if J is None:
             J = derivative(F, u)
         elif not frozen_closures:
-            _check_jacobian(F, J, u)
+            check_jacobian(F, J, u)
         check_form(F)
         check_form(J)
         closures_ = _collect([F, J], closures)

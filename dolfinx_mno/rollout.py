@@ -55,7 +55,7 @@ import ufl
 from dolfinx_mno._mpi import rank_local
 from dolfinx_mno.base import ClosureBase
 from dolfinx_mno.closure import Closure, extract_closures
-from dolfinx_mno.petsc import _check_jacobian
+from dolfinx_mno.petsc import check_jacobian
 from dolfinx_mno.step_adjoint import (
     IMEXStep,
     IMEXStepFunction,
@@ -241,7 +241,7 @@ class Rollout:
                 )
         F, J = stepper.problem.ufl_forms
         try:
-            _check_jacobian(F, J, stepper.u)
+            check_jacobian(F, J, stepper.u)
         except ValueError as err:
             raise ValueError(
                 "The implicit step's Jacobian misses closure tangents (frozen closures): "
