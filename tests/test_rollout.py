@@ -39,7 +39,15 @@ def target(t):
     return lambda x: (1 - t) * np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]) + 0.3 * x[1]
 
 
-def heat(msh, degree=1, closures=("scalar",), bcs=True, nonlinear=False, prefix="rollout_"):
+def heat(
+    msh,
+    degree=1,
+    closures=("scalar",),
+    bcs=True,
+    nonlinear=False,
+    prefix="rollout_",
+    model_dtype=torch.float64,
+):
     """An IMEX heat step with closures in the linear form: its stepper and closures.
 
     ``"scalar"``: a source ``dt q(u_n, ∇u_n) v``; ``"flux"``: ``-dt q(u_n, ∇u_n)·∇v``.
@@ -56,7 +64,7 @@ def heat(msh, degree=1, closures=("scalar",), bcs=True, nonlinear=False, prefix=
     made = []
     for seed, kind in enumerate(closures):
         shape = () if kind == "scalar" else (2,)
-        model = mlp(3, 1 if kind == "scalar" else 2, seed)
+        model = mlp(3, 1 if kind == "scalar" else 2, seed).to(model_dtype)
         closure = mno.Closure(
             model, [u_n, ufl.grad(u_n)], shape, 2 * degree, device="cpu", name=kind
         )
@@ -513,3 +521,21 @@ def test_implicit_gradients_do_not_depend_on_ranks(tiny_square):
         flat.append(torch.cat([g.reshape(-1) for g in result.parameters[0]]).numpy())
     assert np.linalg.norm(flat[0]) > 1e-4
     assert np.linalg.norm(flat[1] - flat[0]) <= 1e-10 * np.linalg.norm(flat[0])
+
+
+@pytest.mark.mpi
+def test_a_float32_model_runs_in_its_own_dtype():
+    """The model's dtype is its own: float32 weights give the float64 gradient to ~1e-5."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
+    gradients = []
+    for dtype in (torch.float64, torch.float32):
+        prefix = f"dtype_{dtype}_".replace(".", "")
+        stepper, (closure,) = heat(msh, 1, ("scalar",), prefix=prefix, model_dtype=dtype)
+        assert closure.model_dtype == dtype
+        rollout = Rollout(stepper)
+        result = rollout.gradient(rollout.initial_state(), targets(rollout), initial_state=True)
+        assert all(g.dtype == dtype for g in result.parameters[0])
+        assert result.initial_state.dtype == torch.float64
+        gradients.append(torch.cat([g.double().reshape(-1) for g in result.parameters[0]]))
+    error = float((gradients[1] - gradients[0]).norm() / gradients[0].norm())
+    assert error <= 1e-5
