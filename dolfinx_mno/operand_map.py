@@ -358,13 +358,13 @@ class OperandEvaluator:
             strict=True,
         ):
             columns[:, start:stop] = index + shift
-        every_row = np.broadcast_to(columns[:, None, :], (self.num_cells, rows, width))
+        every_row = np.repeat(columns[:, None, :], rows, axis=1)  # writable, also when empty
         crow = width * np.arange(self.num_cells * rows + 1, dtype=np.int64)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
             matrix = torch.sparse_csr_tensor(
                 torch.from_numpy(crow),
-                torch.from_numpy(np.ascontiguousarray(every_row).reshape(-1)),
+                torch.from_numpy(every_row.reshape(-1)),
                 torch.from_numpy(blocks.reshape(-1)),
                 size=(self.num_cells * rows, int(array_offsets[-1])),
                 check_invariants=False,  # built here, sorted and in range by construction

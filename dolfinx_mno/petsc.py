@@ -54,7 +54,7 @@ from dolfinx_mno.closure import Closure, derivative, extract_closures
 from dolfinx_mno.guard import closures_in, forms_in
 from dolfinx_mno.quadrature import check_form
 
-__all__ = ["LinearProblem", "NonlinearProblem"]
+__all__ = ["LinearProblem", "NonlinearProblem", "check_jacobian"]
 
 
 def _collect(forms: Sequence[ufl.Form | None], closures: Sequence[ClosureBase] | None) -> list:
@@ -65,10 +65,20 @@ def _names(closures: Sequence[ClosureBase]) -> str:
     return ", ".join(f"'{closure.name}'" for closure in closures)
 
 
-def _check_jacobian(F: ufl.Form, J: typing.Any, u: typing.Any) -> None:
+def check_jacobian(F: ufl.Form, J: typing.Any, u: typing.Any) -> None:
     """Raise if ``J`` misses the tangent of a closure of ``F`` that depends on ``u``.
 
-    Pure UFL (no collective): every rank reaches the same verdict.
+    Pure UFL (no collective): every rank reaches the same verdict. Used by
+    :class:`NonlinearProblem` and by :class:`dolfinx_mno.rollout.Rollout`, whose adjoint
+    needs the exact Jacobian.
+
+    Args:
+        F: The residual.
+        J: The Jacobian form(s).
+        u: The unknown (or a sequence of unknowns).
+
+    Raises:
+        ValueError: ``J`` lacks the tangent of a closure whose operands depend on ``u``.
     """
     unknowns = list(u) if isinstance(u, Sequence) else [u]
     in_jacobian = {c.count() for form in forms_in(J) for c in form.coefficients()}
@@ -150,10 +160,12 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
         if J is None:
             J = derivative(F, u)
         elif not frozen_closures:
-            _check_jacobian(F, J, u)
+            check_jacobian(F, J, u)
         check_form(F)
         check_form(J)
         closures_ = _collect([F, J], closures)
+        self._ufl_forms = (F, J)
+        self._bcs = list(bcs or [])
         PETSc.garbage_cleanup(u.function_space.mesh.comm)  # see the module notes
         super().__init__(F, u, petsc_options_prefix=petsc_options_prefix, bcs=bcs, J=J, **kwargs)
         # The SNES keeps its callbacks alive; they must not refer to the problem, or the
@@ -174,6 +186,16 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
     def closures(self) -> list[ClosureBase]:
         """The closures updated at every iterate."""
         return list(self._callbacks.closures)
+
+    @property
+    def ufl_forms(self) -> tuple[ufl.Form, ufl.Form]:
+        """The UFL residual and Jacobian ``(F, J)`` the problem was built from."""
+        return self._ufl_forms
+
+    @property
+    def bcs(self) -> list[fem.DirichletBC]:
+        """The Dirichlet conditions."""
+        return list(self._bcs)
 
     def solve(self) -> fem.Function:
         """Solve; returns ``u``. Check ``self.solver.getConvergedReason() > 0``.
@@ -308,6 +330,7 @@ class LinearProblem(_fem_petsc.LinearProblem):
         self._form_closures = closures_in([a, L, kwargs.get("P")])
         self._reuse_matrix = reuse_matrix
         self._matrix_ready = False
+        self._ufl_forms = (a, L)
         super().__init__(a, L, petsc_options_prefix=petsc_options_prefix, **kwargs)
         PETSc.garbage_cleanup(self.A.getComm())  # see the module notes
 
@@ -315,6 +338,11 @@ class LinearProblem(_fem_petsc.LinearProblem):
     def closures(self) -> list[ClosureBase]:
         """The closures updated before every solve."""
         return list(self._closures)
+
+    @property
+    def ufl_forms(self) -> tuple[ufl.Form, ufl.Form]:
+        """The UFL forms ``(a, L)`` the problem was built from."""
+        return self._ufl_forms
 
     def _check_updated(self, update_closures: bool) -> None:
         """Raise if a closure that this solve would assemble has never been updated."""
@@ -360,6 +388,18 @@ class LinearProblem(_fem_petsc.LinearProblem):
             self._matrix_ready = True
             return typing.cast(fem.Function, super().solve())
         # Right-hand side only; the operator, and its factorisation, are kept.
+        self.assemble_rhs()
+        self.solver.solve(self.b, self.x)
+        self.x.ghostUpdate(addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)  # type: ignore
+        _fem_petsc.assign(self.x, self.u)  # type: ignore[arg-type]
+        return typing.cast(fem.Function, self.u)
+
+    def assemble_rhs(self) -> None:
+        """Assemble ``b`` from ``L`` with the Dirichlet conditions (lifting, then their values).
+
+        Collective. The closures keep the values they hold; the matrix is not touched. Used
+        by :meth:`solve` when the matrix is reused, and by :mod:`dolfinx_mno.rollout`.
+        """
         bcs = list(self.bcs or [])
         with self.b.localForm() as b_local:
             b_local.set(0.0)
@@ -367,7 +407,20 @@ class LinearProblem(_fem_petsc.LinearProblem):
         _fem_petsc.apply_lifting(self.b, [self.a], bcs=[bcs])  # type: ignore[arg-type]
         self.b.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)  # type: ignore
         _fem_petsc.set_bc(self.b, bcs)
-        self.solver.solve(self.b, self.x)
-        self.x.ghostUpdate(addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)  # type: ignore
-        _fem_petsc.assign(self.x, self.u)  # type: ignore[arg-type]
-        return typing.cast(fem.Function, self.u)
+
+    def assemble_operator(self) -> None:
+        """Assemble the matrix (and the preconditioner's) with the Dirichlet conditions.
+
+        Collective. A later :meth:`solve` with ``reuse_matrix=True`` keeps it (and the
+        solver keeps its factorisation). Used by :mod:`dolfinx_mno.rollout`, whose steps and
+        transposed solves all use this one matrix.
+        """
+        bcs = list(self.bcs or [])
+        self.A.zeroEntries()
+        _fem_petsc.assemble_matrix(self.A, self.a, bcs=bcs)  # type: ignore[arg-type, misc]
+        self.A.assemble()
+        if self.P_mat is not None:
+            self.P_mat.zeroEntries()
+            _fem_petsc.assemble_matrix(self.P_mat, self.preconditioner, bcs=bcs)  # type: ignore[arg-type, misc]
+            self.P_mat.assemble()
+        self._matrix_ready = True

@@ -13,6 +13,7 @@ import torch
 import dolfinx_mno
 import dolfinx_mno.data
 import dolfinx_mno.petsc
+import dolfinx_mno.rollout
 import dolfinx_mno.timestepping
 
 
@@ -38,7 +39,13 @@ def test_resolve_device():
 
 
 def _public_classes():
-    modules = [dolfinx_mno, dolfinx_mno.petsc, dolfinx_mno.timestepping, dolfinx_mno.data]
+    modules = [
+        dolfinx_mno,
+        dolfinx_mno.petsc,
+        dolfinx_mno.rollout,
+        dolfinx_mno.timestepping,
+        dolfinx_mno.data,
+    ]
     return [
         pytest.param(getattr(module, name), id=f"{module.__name__}.{name}")
         for module in modules

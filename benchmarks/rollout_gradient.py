@@ -1,0 +1,241 @@
+"""Cost of a rollout gradient: time against a forward rollout, and memory against ``k``.
+
+The problem: an IMEX advection-diffusion step on the unit square (P1, ``--cells`` × ``--cells``
+triangles pairs, zero Dirichlet data) with an MLP source closure ``q(u_n, ∇u_n)``
+(``Linear(3, 32) → tanh → Linear(32, 32) → tanh → Linear(32, 1)``, float64, quadrature
+degree 2: 3 points per cell)::
+
+    a = (u v + dt κ ∇u·∇v) dx,   L = (u_n − dt β·∇u_n) v dx + dt q v dx_q
+
+For each horizon ``k`` (``--steps``), with and without checkpointing (``--every`` steps per
+segment), a fresh process (``--worker``) builds the problem, takes one warm-up gradient
+over one step, then measures:
+
+* **peak memory**: the peak resident set size (``ru_maxrss``) during one gradient over
+  ``k`` steps minus the resident set size just before it (``/proc/self/statm``); a fresh
+  process per configuration, so that one configuration's peak does not hide another's,
+  with glibc's mmap threshold fixed (:func:`worker_environment`) so that the RSS follows
+  the live memory rather than the heap's fragmentation;
+* **time** (another fresh process, glibc's default allocator, whose dynamic threshold is
+  faster: a fixed one maps and unmaps every activation buffer, 3–4× slower here): the best
+  of ``--repeats`` forward rollouts (``torch.no_grad``) and of as many gradients (forward
+  with the graph, then backward: transposed solves, operand pull-backs, the model's VJP),
+  taken alternately; wall and CPU time (``time.process_time``), and the ratio of the CPU
+  times, which the other jobs of a shared machine inflate less (the usual adjoint bound is
+  3×; with checkpointing the backward recomputes one more forward).
+
+One thread (``torch.set_num_threads(1)``, one MPI rank). Writes
+``benchmarks/results/rollout_gradient[_TAG].json`` and prints a table.
+
+    .venv/bin/python benchmarks/rollout_gradient.py                 # k = 10, 40, 160
+    .venv/bin/python benchmarks/rollout_gradient.py --steps 4 8 --cells 8 --repeats 1  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import typing
+from pathlib import Path
+
+import numpy as np
+import torch
+from _common import machine, ms
+
+import dolfinx_mno as mno
+
+
+def rss_bytes() -> int:
+    """The resident set size now (``/proc/self/statm``)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * resource.getpagesize()
+
+
+def peak_rss_bytes() -> int:
+    """The peak resident set size of this process so far (``ru_maxrss``, KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def worker_environment() -> dict[str, str]:
+    """The environment of a worker: glibc's mmap threshold fixed at 64 KiB.
+
+    glibc raises its mmap threshold as large blocks are freed, so later activation buffers
+    (1.5 MiB each here) come from the heap; the small state tensors a rollout keeps,
+    allocated in between, then pin the freed heap and the RSS keeps memory that is free
+    (measured without this: 51, 96, 198 MiB with checkpointing for k = 10, 40, 160, and
+    20–110 MiB from one forward rollout to the next, with nothing live). With a fixed
+    threshold, blocks of 64 KiB or more are mapped and unmapped, and the RSS follows the
+    live memory.
+    """
+    return {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+
+
+def build(cells: int, every: int | None):
+    """The rollout of the advection-diffusion step and its initial state and targets."""
+    from mpi4py import MPI
+
+    import ufl
+    from dolfinx import fem, mesh
+
+    from dolfinx_mno.petsc import LinearProblem
+    from dolfinx_mno.rollout import Rollout
+    from dolfinx_mno.timestepping import IMEXStepper
+
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, cells, cells)
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    u_n, uh = fem.Function(V), fem.Function(V)
+    u_n.interpolate(lambda x: np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 32),
+        torch.nn.Tanh(),
+        torch.nn.Linear(32, 32),
+        torch.nn.Tanh(),
+        torch.nn.Linear(32, 1),
+    ).double()
+    closure = mno.Closure(model, [u_n, ufl.grad(u_n)], quadrature_degree=2, device="cpu")
+    dt, kappa = 1e-3, 0.05
+    beta = ufl.as_vector([1.0, 0.5])
+    u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
+    a = (u * v + dt * kappa * ufl.inner(ufl.grad(u), ufl.grad(v))) * ufl.dx
+    L = (u_n - dt * ufl.dot(beta, ufl.grad(u_n))) * v * ufl.dx + dt * closure * v * closure.dx
+    msh.topology.create_connectivity(1, 2)
+    boundary = fem.locate_dofs_topological(V, 1, mesh.exterior_facet_indices(msh.topology))
+    problem = LinearProblem(
+        a,
+        L,
+        u=uh,
+        bcs=[fem.dirichletbc(0.0, boundary, V)],
+        petsc_options={"ksp_type": "preonly", "pc_type": "lu"},
+        petsc_options_prefix="rollout_benchmark_",
+    )
+    rollout = Rollout(IMEXStepper(problem, uh, u_n, dt=dt), checkpoint_every=every)
+    u0 = rollout.initial_state()
+    return rollout, u0, V
+
+
+def targets(V, num_owned: int, steps: int) -> list[torch.Tensor]:
+    from dolfinx import fem
+
+    goal = fem.Function(V)
+    goal.interpolate(lambda x: 0.8 * np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]))
+    target = torch.from_numpy(goal.x.array[:num_owned].copy())
+    return [target] * steps
+
+
+def timed(action) -> tuple[float, float]:
+    """Wall and CPU seconds (this process, ``time.process_time``) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    action()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One configuration in this process; prints its JSON row."""
+    torch.set_num_threads(1)
+    every = args.every if args.checkpoint else None
+    rollout, u0, V = build(args.cells, every)
+    data = targets(V, rollout.num_owned, args.k)
+    rollout.gradient(u0, data[:1])  # warm-up: JIT-compiled forms, factorisation, allocator
+    row: dict[str, typing.Any] = {
+        "k": args.k,
+        "checkpoint_every": every,
+        "cells": args.cells,
+        "dofs": rollout.num_owned,
+        "points": int(rollout._maps[0].shape[0]),
+    }
+    if args.measure == "memory":
+        before = rss_bytes()
+        row["loss"] = rollout.gradient(u0, data).loss
+        row["peak_rss_delta_bytes"] = peak_rss_bytes() - before
+    else:
+        rollout.gradient(u0, data)  # the first k-step backward builds autograd's caches
+
+        def forward() -> None:
+            with torch.no_grad():
+                rollout.run(u0, args.k)
+
+        # Alternated, so that a change of the machine's load hits both alike; the ratio
+        # from CPU time, which other jobs on the machine do not inflate (much).
+        forward_times, gradient_times = [], []
+        for _ in range(args.repeats):
+            forward_times.append(timed(forward))
+            gradient_times.append(timed(lambda: rollout.gradient(u0, data)))
+        row["forward_s"] = min(t[0] for t in forward_times)
+        row["gradient_s"] = min(t[0] for t in gradient_times)
+        row["forward_cpu_s"] = min(t[1] for t in forward_times)
+        row["gradient_cpu_s"] = min(t[1] for t in gradient_times)
+        row["ratio"] = row["gradient_cpu_s"] / row["forward_cpu_s"]
+    print(json.dumps(row))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, nargs="+", default=[10, 40, 160])
+    parser.add_argument("--cells", type=int, default=32)
+    parser.add_argument("--every", type=int, default=10, help="steps per checkpoint segment")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--k", type=int, default=10, help=argparse.SUPPRESS)
+    parser.add_argument("--measure", default="time", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    rows: list[dict[str, typing.Any]] = []
+    for k in args.steps:
+        for checkpoint in (False, True):
+            row: dict[str, typing.Any] = {}
+            for measure in ("time", "memory"):
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    f"--measure={measure}",
+                    f"--k={k}",
+                    f"--cells={args.cells}",
+                    f"--every={args.every}",
+                    f"--repeats={args.repeats}",
+                ] + (["--checkpoint"] if checkpoint else [])
+                # Times with the default allocator; memory with a fixed mmap threshold.
+                environment = worker_environment() if measure == "memory" else None
+                output = subprocess.run(
+                    command, check=True, capture_output=True, text=True, env=environment
+                )
+                row.update(json.loads(output.stdout.strip().splitlines()[-1]))
+            rows.append(row)
+    header = (
+        f"{'k':>5} {'checkpoint':>10} {'forward ms':>11} {'gradient ms':>12} "
+        f"{'CPU fwd ms':>11} {'CPU grad ms':>12} {'ratio':>6} "
+        f"{'peak RSS Δ MiB':>15}"
+    )
+    print(f"P1 {args.cells}x{args.cells}, {rows[0]['dofs']} dofs, {rows[0]['points']} points")
+    print(header)
+    for row in rows:
+        every = row["checkpoint_every"]
+        print(
+            f"{row['k']:>5} {('every ' + str(every)) if every else 'no':>10} "
+            f"{ms(row['forward_s']):>11} {ms(row['gradient_s']):>12} "
+            f"{ms(row['forward_cpu_s']):>11} {ms(row['gradient_cpu_s']):>12} {row['ratio']:>6.2f} "
+            f"{row['peak_rss_delta_bytes'] / 2**20:>15.1f}"
+        )
+    results = Path(__file__).resolve().parent / "results"
+    results.mkdir(exist_ok=True)
+    path = results / f"rollout_gradient{'_' + args.tag if args.tag else ''}.json"
+    path.write_text(
+        json.dumps(
+            {"machine": machine(torch.device("cpu")), "args": vars(args), "rows": rows}, indent=2
+        )
+    )
+    print(f"Wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,482 @@
+"""Differentiable rollouts: gradients through time steps that contain closures.
+
+A rollout of ``k`` steps of an :class:`~dolfinx_mno.timestepping.IMEXStepper` or an
+:class:`~dolfinx_mno.timestepping.ImplicitStepper` is built as a torch graph, so that torch
+autograd gives the gradient of a scalar loss of the states with respect to the closures'
+parameters ``θ`` (and the initial state) by the *discrete adjoint* of the scheme. An IMEX
+step ``n`` is three stages, each with its own backward (:mod:`dolfinx_mno.step_adjoint`)::
+
+    x_n     = P u_n + x₀         operand map   (OperandFunction: Pᵀ g, reverse scatter)
+    c_n     = model(x_n)         the model     (torch autograd: VJP and dθ)
+    u_{n+1} = A⁻¹ b(u_n, c_n)    the IMEX solve (IMEXStepFunction: μ = A⁻ᵀ g, then
+                                                 (∂b/∂u_n)ᵀ μ and (∂b/∂c_n)ᵀ μ)
+
+``P`` is the closure's constant operand matrix
+(:meth:`~dolfinx_mno.Closure.operand_matrix`), ``A`` the step's constant matrix, whose
+factorisation (or preconditioner) the transposed solves reuse (``KSPSolveTranspose``), and
+``∂b/∂u_n``, ``∂b/∂c_n`` the Jacobians of the right-hand side with its Dirichlet rows
+zeroed, assembled once when the linear form is affine in ``u_n`` and the closures (else at
+each step's state in backward). An implicit step is one stage
+(:class:`~dolfinx_mno.step_adjoint.ImplicitStepFunction`): Newton forward, and backward the
+adjoint of the converged step (``J⁻ᵀ`` with the closure tangents, then the model's VJP at
+the converged operands). See ``docs/adjoint.md`` for the method, and why it is not
+dolfinx-adjoint.
+
+Tensors at the boundary are float64 on the CPU: a state is the **owned** dofs of ``u``
+(``index_map.size_local * bs`` entries). The model runs in its own dtype and on its own
+device. Each rank's graph covers its own dofs and points; the collective PETSc operations
+in backward run in the same order on every rank because every rank builds the same graph.
+Parameter gradients are sums over ranks (:func:`allreduce_gradients`), so they do not
+depend on the number of ranks.
+
+Example::
+
+    stepper = IMEXStepper(problem, u_h, u_n, dt=0.01)
+    rollout = Rollout(stepper, checkpoint_every=10)
+    result = rollout.gradient(rollout.initial_state(), targets)   # targets: owned arrays
+    for parameter, grad in zip(closure.model.parameters(), result.parameters[0]):
+        parameter.grad = grad                                      # then optimiser.step()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable, Sequence
+
+from mpi4py import MPI
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.utils.checkpoint
+import ufl
+
+from dolfinx_mno._mpi import rank_local
+from dolfinx_mno.base import ClosureBase
+from dolfinx_mno.closure import Closure, extract_closures
+from dolfinx_mno.petsc import check_jacobian
+from dolfinx_mno.step_adjoint import (
+    IMEXStep,
+    IMEXStepFunction,
+    ImplicitStep,
+    ImplicitStepFunction,
+    OperandFunction,
+    OperandMap,
+    closure_values,
+    coefficients,
+    owned_size,
+)
+from dolfinx_mno.timestepping import IMEXStepper, ImplicitStepper
+
+__all__ = ["Rollout", "RolloutGradient", "allreduce_gradients", "rollout_loss"]
+
+#: The steppers a rollout differentiates.
+Stepper = IMEXStepper | ImplicitStepper
+
+
+# -- the rollout ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutGradient:
+    """The loss of a rollout and its gradients, the same on every rank.
+
+    Attributes:
+        loss: The loss (:func:`rollout_loss`), summed over ranks.
+        parameters: One list per differentiated closure (in the order asked for), of
+            ``∂loss/∂θ`` for each of its model's trainable parameters (in
+            ``model.parameters()`` order), each with the parameter's shape, dtype and
+            device, summed over ranks.
+        initial_state: ``∂loss/∂u_0`` on this rank's owned dofs (float64, CPU), or
+            ``None`` if it was not asked for.
+    """
+
+    loss: float
+    parameters: list[list[torch.Tensor]]
+    initial_state: torch.Tensor | None
+
+
+RolloutGradient.__init__.__doc__ = "Hold a rollout's loss and gradients; see the class docstring."
+
+
+class Rollout:
+    r"""Differentiable rollouts of an IMEX or implicit time stepper with local closures.
+
+    :meth:`run` advances ``k`` steps of ``stepper`` as a torch graph (see the module
+    docstring); :meth:`gradient` runs it and returns the gradient of :func:`rollout_loss`.
+    The stepper's time, step count and history are not changed; the problem's functions
+    (``u``, ``u_previous``, the closure values, the time constant) are left at the last
+    state that was computed (in a checkpointed backward: a recomputed one).
+
+    Args:
+        stepper: An :class:`~dolfinx_mno.timestepping.IMEXStepper` (``closure_interval=1``)
+            or an :class:`~dolfinx_mno.timestepping.ImplicitStepper`. IMEX: the bilinear
+            form must be constant (no ``u_previous``, no closures: the matrix and its
+            factorisation serve every step and every transposed solve); the linear form
+            may contain local :class:`~dolfinx_mno.Closure`\ s that read ``u_previous``.
+            Implicit: the residual's closures read ``u`` (not ``u_previous``), and the
+            Jacobian holds their tangents (the default ``J``). In both, the operands must
+            be affine in their coefficients (``u``, ``grad(u)``, ``x``, other fixed
+            coefficients). A form nonlinear in ``u_n`` or a closure is supported: its
+            Jacobians are then assembled at each step's state in backward.
+        checkpoint_every: Keep the autograd graph of only one segment of this many steps
+            at a time (:func:`torch.utils.checkpoint.checkpoint`, non-reentrant): the
+            model's activations of the other segments are dropped and recomputed in
+            backward, one more forward in all. ``None`` (the default) keeps every step's.
+        before_step: Called as ``before_step(stepper, t_new)`` before each step, as in
+            :meth:`~dolfinx_mno.timestepping.IMEXStepper.step` (time-dependent data; not
+            differentiated). The stepper's time constant, if any, is set first.
+
+    Raises:
+        TypeError: ``stepper`` is neither stepper.
+        ValueError: ``closure_interval`` other than 1, a bilinear form that reads
+            ``u_previous``, a closure or the solution, a linear form that reads the
+            solution, an implicit closure that reads ``u_previous`` or is frozen in the
+            Jacobian, operands not affine in their coefficients, or a bad
+            ``checkpoint_every``.
+        NotImplementedError: A :class:`~dolfinx_mno.NonlocalClosure` in the forms.
+
+        Checked on every rank, agreed before any collective call.
+    """
+
+    def __init__(
+        self,
+        stepper: Stepper,
+        *,
+        checkpoint_every: int | None = None,
+        before_step: Callable[[Stepper, float], None] | None = None,
+    ):
+        """Check the stepper and assemble the constant matrices (collective)."""
+        if not isinstance(stepper, IMEXStepper | ImplicitStepper):
+            raise TypeError(
+                f"Rollout needs an IMEXStepper or an ImplicitStepper, got {type(stepper).__name__}."
+            )
+        comm = stepper.u.function_space.mesh.comm
+        implicit = isinstance(stepper, ImplicitStepper)
+        state = stepper.u if implicit else stepper.u_previous
+        with rank_local(comm, "Building the rollout"):
+            closures, form = self._check(stepper, checkpoint_every)
+            self._maps = [OperandMap(closure, state) for closure in closures]
+            if isinstance(stepper, ImplicitStepper):
+                self._check_implicit(stepper, closures)
+        self.stepper = stepper
+        self.comm = comm
+        self.closures: list[Closure] = closures
+        self.checkpoint_every = checkpoint_every
+        self.before_step = before_step
+        self.num_owned = owned_size(stepper.u.function_space)
+        self._step_adjoint: IMEXStep | ImplicitStep
+        if isinstance(stepper, ImplicitStepper):
+            self._step_adjoint = ImplicitStep(
+                stepper.problem, stepper.u, stepper.u_previous, closures, form, self._maps
+            )
+        else:
+            self._step_adjoint = IMEXStep(stepper.problem, stepper.u_previous, closures, form)
+        self._t0 = stepper.t
+
+    @staticmethod
+    def _check(stepper: Stepper, checkpoint_every: int | None) -> tuple[list[Closure], ufl.Form]:
+        """The closures and the UFL form of the step, or raise (rank-local, alike everywhere)."""
+        if isinstance(stepper, IMEXStepper) and stepper.closure_interval != 1:
+            raise ValueError(
+                f"Rollout needs closure_interval=1 (closures updated every step), got "
+                f"{stepper.closure_interval}."
+            )
+        if checkpoint_every is not None and (
+            not isinstance(checkpoint_every, int) or checkpoint_every < 1
+        ):
+            raise ValueError(
+                f"checkpoint_every must be None or a positive integer, got {checkpoint_every!r}."
+            )
+        if isinstance(stepper, ImplicitStepper):
+            form = stepper.problem.ufl_forms[0]
+        else:
+            a, form = stepper.problem.ufl_forms
+            read_by_a = {id(c) for c in coefficients(a)}
+            for function, what in (
+                (stepper.u_previous, "u_previous"),
+                (stepper.u, "the solution u"),
+            ):
+                if id(function) in read_by_a:
+                    raise ValueError(
+                        f"The bilinear form reads {what} ('{function.name}'): a rollout "
+                        "reuses one constant matrix. Move the term to the linear form "
+                        "(explicit)."
+                    )
+            if extract_closures(a):
+                raise ValueError(
+                    "The bilinear form contains closures: a rollout reuses one constant "
+                    "matrix. Put the closure terms in the linear form (IMEX)."
+                )
+            if any(c is stepper.u for c in coefficients(form)):
+                raise ValueError(
+                    f"The linear form reads the solution u ('{stepper.u.name}'); an IMEX "
+                    "step reads the previous state u_previous only."
+                )
+        closures = extract_closures(form)
+        nonlocal_ = [c.name for c in closures if not isinstance(c, Closure)]
+        if nonlocal_:
+            raise NotImplementedError(
+                f"Rollouts support local closures only; {nonlocal_} are not (non-local "
+                "closures are not supported yet)."
+            )
+        for closure in typing.cast(list[Closure], closures):
+            try:
+                closure.operand_matrix()
+            except ValueError as err:
+                raise ValueError(
+                    f"Closure '{closure.name}': a rollout needs operands affine in their "
+                    f"coefficients (u, grad(u), x, ...): {err}"
+                ) from err
+        return typing.cast(list[Closure], closures), form
+
+    def _check_implicit(self, stepper: ImplicitStepper, closures: list[Closure]) -> None:
+        """Implicit closures read ``u`` only, and the Jacobian holds their tangents."""
+        for closure, operand_map in zip(closures, self._maps, strict=True):
+            if any(c is stepper.u_previous for c in operand_map.coefficients):
+                raise ValueError(
+                    f"Closure '{closure.name}' of the implicit step reads u_previous; a "
+                    "rollout of the implicit stepper supports closures of the unknown u only."
+                )
+        F, J = stepper.problem.ufl_forms
+        try:
+            check_jacobian(F, J, stepper.u)
+        except ValueError as err:
+            raise ValueError(
+                "The implicit step's Jacobian misses closure tangents (frozen closures): "
+                "the adjoint needs the exact Jacobian. Build the problem with the default "
+                "J (dolfinx_mno.derivative(F, u))."
+            ) from err
+
+    # -- states ------------------------------------------------------------------------
+
+    def initial_state(self) -> torch.Tensor:
+        """The owned values of ``u_previous`` now, a new float64 CPU tensor."""
+        return torch.from_numpy(self.stepper.u_previous.x.array[: self.num_owned].copy())
+
+    def run(self, u0: torch.Tensor, num_steps: int) -> list[torch.Tensor]:
+        """Advance ``num_steps`` steps from ``u0``, from the stepper's time (collective).
+
+        Args:
+            u0: The initial state, ``(num_owned,)`` float64 on the CPU; it may require
+                grad.
+            num_steps: The horizon ``k ≥ 1``.
+
+        Returns:
+            ``[u_1, ..., u_k]``, each ``(num_owned,)`` float64 on the CPU, with autograd
+            history when ``u0`` or a model parameter requires grad.
+
+        Raises:
+            ValueError: A bad ``u0`` or ``num_steps`` (on every rank).
+            RuntimeError: A linear solve did not converge.
+            ClosureEvaluationError: A model returned NaN/Inf values.
+        """
+        with rank_local(self.comm, "Starting the rollout"):
+            self._check_state(u0, "u0")
+            if not isinstance(num_steps, int) or num_steps < 1:
+                raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}.")
+        self._t0 = self.stepper.t
+        segment = self.checkpoint_every or num_steps
+        states: list[torch.Tensor] = []
+        state = u0
+        for start in range(0, num_steps, segment):
+            count = min(segment, num_steps - start)
+            if self.checkpoint_every is not None and torch.is_grad_enabled():
+                outputs = torch.utils.checkpoint.checkpoint(
+                    self._segment, state, start, count, use_reentrant=False
+                )
+            else:
+                outputs = self._segment(state, start, count)
+            states.extend(outputs)
+            state = outputs[-1]
+        return states
+
+    def _check_state(self, state: typing.Any, name: str) -> None:
+        if not isinstance(state, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(state).__name__}.")
+        if state.dtype != torch.float64 or state.device.type != "cpu":
+            raise ValueError(
+                f"{name} must be a float64 tensor on the CPU, got {state.dtype} on {state.device}."
+            )
+        if tuple(state.shape) != (self.num_owned,):
+            raise ValueError(
+                f"{name} must have shape ({self.num_owned},) on this rank (its owned dofs), "
+                f"got {tuple(state.shape)}."
+            )
+
+    def _segment(self, state: torch.Tensor, start: int, count: int) -> tuple[torch.Tensor, ...]:
+        """Steps ``start .. start + count - 1`` from ``state``; returns their new states."""
+        states = []
+        for n in range(start, start + count):
+            state = self._step(state, n)
+            states.append(state)
+        return tuple(states)
+
+    def _step(self, state: torch.Tensor, n: int) -> torch.Tensor:
+        """Step ``n``: time and hook, then the step's stages."""
+        t_new = self._t0 + (n + 1) * self.stepper.dt
+        if self.stepper.time is not None:
+            self.stepper.time.value = t_new  # type: ignore[assignment]
+        if self.before_step is not None:
+            with rank_local(self.comm, "The before_step hook"):
+                self.before_step(self.stepper, t_new)
+        step = self._step_adjoint
+        if isinstance(step, ImplicitStep):
+            parameters = [p for c in self.closures for p in c.model.parameters() if p.requires_grad]
+            return typing.cast(
+                torch.Tensor, ImplicitStepFunction.apply(step, t_new, state, *parameters)
+            )
+        values = []
+        for closure, operand_map in zip(self.closures, self._maps, strict=True):
+            if operand_map.block is None:  # the operands do not read u_n
+                inputs = operand_map.apply(None)
+            else:
+                inputs = OperandFunction.apply(state, operand_map)
+            values.append(closure_values(closure, inputs))
+        return typing.cast(torch.Tensor, IMEXStepFunction.apply(step, t_new, state, *values))
+
+    # -- the gradient --------------------------------------------------------------------
+
+    def gradient(
+        self,
+        u0: torch.Tensor,
+        targets: Sequence[torch.Tensor | npt.ArrayLike],
+        *,
+        num_steps: int | None = None,
+        closures: Sequence[ClosureBase] | None = None,
+        initial_state: bool = False,
+    ) -> RolloutGradient:
+        """The gradient of :func:`rollout_loss` over ``num_steps`` steps (collective).
+
+        The parameters' ``.grad`` are not touched; assign the returned gradients to them
+        to take an optimiser step.
+
+        Args:
+            u0: The initial state, ``(num_owned,)`` float64 on the CPU.
+            targets: Target states ``[t_1, ..., t_m]``, each ``(num_owned,)`` (this rank's
+                owned dofs), ``m ≥ num_steps``.
+            num_steps: The horizon; by default ``len(targets)``.
+            closures: The closures whose model parameters to differentiate with respect to;
+                by default every closure of the step. ``[]`` with ``initial_state=True``
+                gives the initial-state gradient alone.
+            initial_state: Also return ``∂loss/∂u_0``.
+
+        Raises:
+            ValueError: A horizon longer than the targets, targets of the wrong shape, a
+                closure that is not in the step's linear form, a closure whose model has no
+                trainable parameters, or nothing to differentiate. Raised on every rank.
+        """
+        with rank_local(self.comm, "Preparing the rollout gradient"):
+            horizon = len(targets) if num_steps is None else num_steps
+            if horizon > len(targets):
+                raise ValueError(
+                    f"The horizon of {horizon} steps is longer than the {len(targets)} target "
+                    f"states; give at least {horizon} targets or a shorter num_steps."
+                )
+            target_tensors = [self._target(t, i) for i, t in enumerate(targets[:horizon])]
+            chosen = self.closures if closures is None else list(closures)
+            parameters = [self._parameters(closure) for closure in chosen]
+            if not chosen and not initial_state:
+                raise ValueError("Nothing to differentiate: give closures or initial_state=True.")
+        start = u0.detach().clone().requires_grad_(initial_state)
+        states = self.run(start, horizon)
+        loss = rollout_loss(states, target_tensors, self.comm)
+        inputs = [p for group in parameters for p in group] + ([start] if initial_state else [])
+        gradients = list(torch.autograd.grad(loss, inputs, materialize_grads=True))
+        initial = gradients.pop() if initial_state else None
+        allreduce_gradients(gradients, self.comm)
+        grouped = []
+        for group in parameters:
+            grouped.append(gradients[: len(group)])
+            gradients = gradients[len(group) :]
+        return RolloutGradient(float(loss.detach()), grouped, initial)
+
+    def _target(self, target: torch.Tensor | npt.ArrayLike, index: int) -> torch.Tensor:
+        tensor = torch.as_tensor(target, dtype=torch.float64)
+        if tuple(tensor.shape) != (self.num_owned,):
+            raise ValueError(
+                f"Target {index} has shape {tuple(tensor.shape)}; a state on this rank has "
+                f"shape ({self.num_owned},) (the owned dofs of u)."
+            )
+        return tensor
+
+    def _parameters(self, closure: ClosureBase) -> list[torch.Tensor]:
+        if not any(closure is c for c in self.closures):
+            raise ValueError(
+                f"Closure '{closure.name}' is not in the step's linear form; the rollout "
+                f"differentiates its closures {[c.name for c in self.closures]}."
+            )
+        parameters: list[torch.Tensor] = [p for p in closure.model.parameters() if p.requires_grad]
+        if not parameters:
+            raise ValueError(
+                f"The model of closure '{closure.name}' has no trainable parameters; leave it "
+                "out of closures= (closures=[] with initial_state=True differentiates with "
+                "respect to the initial state only)."
+            )
+        return parameters
+
+
+# -- losses and reductions -----------------------------------------------------------------
+
+
+class _AllreduceSum(torch.autograd.Function):
+    """``Σ_ranks local``; its gradient with respect to each rank's ``local`` is 1."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, comm: MPI.Comm) -> torch.Tensor:  # type: ignore[override]
+        return torch.tensor(comm.allreduce(float(local), op=MPI.SUM), dtype=local.dtype)
+
+    @staticmethod
+    def backward(ctx, gradient: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return gradient, None
+
+
+def rollout_loss(
+    states: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], comm: MPI.Comm
+) -> torch.Tensor:
+    """``Σ_n ‖u_n − t_n‖²`` over every rank's owned dofs (collective: one allreduce).
+
+    Args:
+        states: ``[u_1, ..., u_k]`` from :meth:`Rollout.run`, each ``(num_owned,)``.
+        targets: ``[t_1, ..., t_k]``, the same shapes (float64).
+        comm: The mesh communicator.
+
+    Returns:
+        A float64 scalar tensor, the same on every rank; its gradient flows to each rank's
+        own states.
+    """
+    if len(states) != len(targets):
+        raise ValueError(f"{len(states)} states but {len(targets)} targets.")
+    local = torch.zeros((), dtype=torch.float64)
+    for state, target in zip(states, targets, strict=True):
+        local = local + ((state - target) ** 2).sum()
+    return typing.cast(torch.Tensor, _AllreduceSum.apply(local, comm))
+
+
+def allreduce_gradients(gradients: Sequence[torch.Tensor], comm: MPI.Comm) -> None:
+    """Sum gradients over the ranks, in place (collective: one ``Allreduce``).
+
+    Each rank's backward covers its own quadrature points, so a parameter's gradient is
+    the sum of the ranks' gradients. The tensors are packed into one float64 buffer
+    (copied to the CPU for a GPU tensor) and written back in their own dtype and device.
+    Every rank must pass tensors of the same shapes in the same order. This helper is
+    self-contained (mpi4py only; ``torch.distributed`` need not be initialised).
+
+    Args:
+        gradients: The tensors to sum, e.g. ``[p.grad for p in model.parameters()]``.
+        comm: The communicator.
+    """
+    sizes = [g.numel() for g in gradients]
+    buffer = np.zeros(sum(sizes), dtype=np.float64)
+    position = 0
+    for gradient, size in zip(gradients, sizes, strict=True):
+        buffer[position : position + size] = gradient.detach().reshape(-1).cpu().double().numpy()
+        position += size
+    comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
+    position = 0
+    for gradient, size in zip(gradients, sizes, strict=True):
+        summed = torch.from_numpy(buffer[position : position + size]).reshape(gradient.shape)
+        with torch.no_grad():
+            gradient.copy_(summed)
+        position += size

@@ -1,0 +1,440 @@
+"""The stages of a differentiable time step and their adjoints (used by :mod:`.rollout`).
+
+Each stage is a :class:`torch.autograd.Function` whose backward is the transpose of its
+forward, in the order the data flows:
+
+1. :class:`OperandMap` / :class:`OperandFunction`: a state → a closure's model inputs,
+   ``x = P u + x₀`` (the closure's constant operand matrix); backward ``Pᵀ g``, ghost
+   entries summed into their owners.
+2. The closure model: plain torch (autograd gives its VJP and the parameter gradients).
+3. :class:`IMEXStep` / :class:`IMEXStepFunction`: ``u_{n+1} = A⁻¹ b(u_n, c_n)``; backward
+   ``μ = A⁻ᵀ g`` with the kept factorisation, then ``(∂b/∂u_n)ᵀ μ`` and ``(∂b/∂c_n)ᵀ μ``.
+   :class:`ImplicitStep` / :class:`ImplicitStepFunction`: ``F(u_{n+1}; u_n, c(u_{n+1}))
+   = 0`` solved by Newton's method; backward at the converged state, ``λ = J⁻ᵀ g`` with the
+   exact Jacobian (closure tangents included), then ``−(∂F/∂u_n)ᵀ λ`` and, through the
+   model's VJP at the converged operands, the parameter gradients.
+
+Tensors are float64 on the CPU and hold this rank's **owned** entries; every stage is
+collective in forward and backward (scatters, assembly, solves), and every rank runs the
+same stages in the same order.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Sequence
+
+from petsc4py import PETSc
+
+import dolfinx.fem.petsc as _fem_petsc
+import numpy as np
+import numpy.typing as npt
+import torch
+import ufl
+from dolfinx import fem, la
+from ufl.algorithms import expand_derivatives
+
+from dolfinx_mno._mpi import agree
+from dolfinx_mno.closure import Closure, ClosureEvaluationError
+from dolfinx_mno.petsc import LinearProblem, NonlinearProblem
+from dolfinx_mno.quadrature import owned_dofs
+
+__all__ = [
+    "IMEXStep",
+    "IMEXStepFunction",
+    "ImplicitStep",
+    "ImplicitStepFunction",
+    "OperandFunction",
+    "OperandMap",
+    "owned_size",
+]
+
+Array = npt.NDArray[np.float64]
+
+
+def owned_size(space: fem.FunctionSpace) -> int:
+    """Number of owned entries of a function's ``x.array`` (owned dofs × block size)."""
+    return int(space.dofmap.index_map.size_local * space.dofmap.index_map_bs)
+
+
+def _num_cells(function: fem.Function) -> int:
+    topology = function.function_space.mesh.topology
+    return int(topology.index_map(topology.dim).size_local)
+
+
+def coefficients(form: ufl.Form | None) -> list[typing.Any]:
+    """The coefficients of a UFL form (none for ``None`` or an empty form)."""
+    return [] if form is None or form.empty() else list(form.coefficients())
+
+
+def _check_reason(reason: typing.Any, what: str) -> None:
+    if int(reason) <= 0:  # the same on every rank: a KSP's or SNES's reason is collective
+        raise RuntimeError(f"The {what} did not converge (reason {int(reason)}).")
+
+
+# -- stage 1: operands ---------------------------------------------------------------------
+
+
+class OperandMap:
+    """``x = P [dofs] + x₀`` for one closure, with one function's block from a tensor.
+
+    Args:
+        closure: The closure (operands affine in their coefficients).
+        state: The function whose values the tensor holds (``u_previous`` for IMEX, ``u``
+            for implicit steps); the closure's other coefficients are read at each call.
+
+    Attributes:
+        block: Position of ``state`` among the operand matrix's coefficients, or ``None``
+            if the operands do not read it.
+        shape: ``(num_points, num_inputs)`` of the model input on this rank.
+    """
+
+    def __init__(self, closure: Closure, state: fem.Function):
+        operator = closure.operand_matrix()
+        self.matrix = operator.matrix
+        self.transpose = operator.matrix.t().to_sparse_csr()
+        self.offset = torch.from_numpy(operator.offset.reshape(-1).copy())
+        self.shape = operator.offset.shape
+        self.coefficients = operator.coefficients
+        self.column_offsets = operator.column_offsets
+        self.block: int | None = next(
+            (i for i, c in enumerate(self.coefficients) if c is state), None
+        )
+        space = state.function_space
+        self.num_owned = owned_size(space)
+        self.scratch = la.vector(space.dofmap.index_map, space.dofmap.index_map_bs)
+
+    def _dofs(self, owned: Array | None) -> torch.Tensor:
+        """The concatenated coefficient arrays, the state's owned+ghost values in its block."""
+        dofs = np.empty(self.column_offsets[-1])
+        for i, coefficient in enumerate(self.coefficients):
+            start, stop = self.column_offsets[i], self.column_offsets[i + 1]
+            if i == self.block:
+                assert owned is not None
+                self.scratch.array[: self.num_owned] = owned
+                self.scratch.scatter_forward()
+                dofs[start:stop] = self.scratch.array
+            else:
+                dofs[start:stop] = coefficient.x.array
+        return torch.from_numpy(dofs)
+
+    def apply(self, owned: Array | None) -> torch.Tensor:
+        """The model inputs ``(num_points, num_inputs)`` at the state ``owned``."""
+        values = self.matrix @ self._dofs(owned) + self.offset
+        return values.reshape(self.shape)
+
+    def pull_back(self, sensitivity: torch.Tensor) -> torch.Tensor:
+        """``(∂x/∂state)ᵀ g``: ``Pᵀ g`` on the state's block, ghosts summed into owners."""
+        assert self.block is not None
+        full = self.transpose @ sensitivity.reshape(-1)
+        start, stop = self.column_offsets[self.block], self.column_offsets[self.block + 1]
+        self.scratch.array[:] = full[start:stop].numpy()
+        self.scratch.scatter_reverse(la.InsertMode.add)
+        return torch.from_numpy(self.scratch.array[: self.num_owned].copy())
+
+
+class OperandFunction(torch.autograd.Function):
+    """Autograd stage of :class:`OperandMap`: a state (owned) → the model inputs."""
+
+    @staticmethod
+    def forward(ctx, owned: torch.Tensor, operand_map: OperandMap) -> torch.Tensor:  # type: ignore[override]
+        """The stage (see the class docstring)."""
+        ctx.operand_map = operand_map
+        return operand_map.apply(owned.detach().numpy())
+
+    @staticmethod
+    def backward(ctx, sensitivity: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        """Its transpose (see the class docstring)."""
+        return ctx.operand_map.pull_back(sensitivity.contiguous()), None
+
+
+def closure_values(closure: Closure, inputs: torch.Tensor) -> torch.Tensor:
+    """The model at ``inputs`` in its dtype and device, as float64 CPU values ``(-1,)``."""
+    outputs = closure.model(inputs.to(device=closure.device, dtype=closure.model_dtype))
+    return outputs.to(device="cpu", dtype=torch.float64).reshape(-1)
+
+
+# -- the Jacobians of a form with respect to the state and the closures --------------------
+
+
+class _FormJacobians:
+    """Matrices of ``∂form/∂unknown`` for a state and closures, and their transposed products.
+
+    Assembled once when ``form`` is affine in every unknown, else on request at the current
+    values of the functions (:meth:`assemble`).
+    """
+
+    def __init__(self, form: ufl.Form, unknowns: Sequence[fem.Function]):
+        derivatives = [
+            expand_derivatives(ufl.derivative(form, w, ufl.TrialFunction(w.function_space)))
+            for w in unknowns
+        ]
+        read = {id(c) for derivative in derivatives for c in coefficients(derivative)}
+        #: Whether the form is affine in the unknowns: the matrices never change.
+        self.affine = not any(id(w) in read for w in unknowns)
+        self.forms = [None if d.empty() else fem.form(d) for d in derivatives]
+        self.matrices = [None if f is None else _fem_petsc.assemble_matrix(f) for f in self.forms]
+        for matrix in self.matrices:
+            if matrix is not None:
+                matrix.assemble()
+        # Each product's owned entries: the matrix's column layout.
+        self.products = [None if m is None else m.createVecs()[0] for m in self.matrices]
+        self.sizes = [owned_size(w.function_space) for w in unknowns]
+
+    def assemble(self) -> None:
+        """Reassemble the matrices at the functions' current values (collective)."""
+        for form, matrix in zip(self.forms, self.matrices, strict=True):
+            if matrix is not None:
+                matrix.zeroEntries()
+                _fem_petsc.assemble_matrix(matrix, form)
+                matrix.assemble()
+
+    def transpose_products(self, vector: PETSc.Vec, scale: float) -> list[Array]:  # type: ignore[name-defined]
+        """``scale · (∂form/∂w)ᵀ vector`` for every unknown ``w``: owned entries (collective)."""
+        results = []
+        for matrix, product, size in zip(self.matrices, self.products, self.sizes, strict=True):
+            if matrix is None:
+                results.append(np.zeros(size))
+                continue
+            assert product is not None
+            matrix.multTranspose(vector, product)
+            results.append(scale * np.array(product.array_r))
+        return results
+
+
+def _write(function: fem.Function, dofs: slice | np.ndarray, values: Array) -> None:
+    function.x.array[dofs] = values
+    function.x.scatter_forward()
+
+
+# -- stage 3a: an IMEX step ----------------------------------------------------------------
+
+
+class IMEXStep:
+    """One IMEX solve ``A u_{n+1} = b(u_n, c_n)`` and its adjoint.
+
+    ``b = R L(u_n, c) + (lifting and Dirichlet values)``, ``R`` zeroing the Dirichlet rows,
+    so ``∂b/∂u_n = R B_u`` and ``∂b/∂c = R B_c`` with ``B_u``, ``B_c`` the matrices of
+    ``∂L/∂u_n`` and ``∂L/∂c``: the adjoint is ``μ = A⁻ᵀ g``, ``R μ``, then ``B_uᵀ (R μ)``
+    and ``B_cᵀ (R μ)``. ``A`` is assembled here, once; the problem's KSP keeps its
+    factorisation (or preconditioner) for every solve and transposed solve.
+
+    Args:
+        problem: The step's linear problem (constant bilinear form).
+        u_previous: The previous state, read by ``L`` and the closures.
+        closures: The closures of ``L``.
+        L: The UFL linear form.
+    """
+
+    def __init__(
+        self,
+        problem: LinearProblem,
+        u_previous: fem.Function,
+        closures: Sequence[Closure],
+        L: ufl.Form,
+    ):
+        self.problem = problem
+        self.u_previous = u_previous
+        self.closures = list(closures)
+        self.comm = u_previous.function_space.mesh.comm
+        self.num_owned = owned_size(u_previous.function_space)
+        self.value_dofs = [owned_dofs(c.function_space, _num_cells(c)) for c in self.closures]
+        self.jacobians = _FormJacobians(L, [u_previous, *self.closures])
+        self.affine = self.jacobians.affine
+        problem.assemble_operator()
+        self.rhs = problem.b.duplicate()
+        self.adjoint_solution = problem.b.duplicate()
+
+    def _set_state(self, u_n: Array, values: Sequence[Array]) -> None:
+        """Write ``u_n`` into ``u_previous`` and the closure values into the closures."""
+        _write(self.u_previous, slice(0, self.num_owned), u_n)
+        for closure, dofs, value in zip(self.closures, self.value_dofs, values, strict=True):
+            _write(closure, dofs, value)
+
+    def solve(self, u_n: Array, values: Sequence[Array], t_new: float) -> Array:
+        """``u_{n+1}`` (owned) from ``u_n`` and the closure values (collective)."""
+        bad = [
+            c.name for c, v in zip(self.closures, values, strict=True) if not np.isfinite(v).all()
+        ]
+        agree(
+            self.comm,
+            f"the model of closure(s) {bad} returned NaN/Inf values" if bad else None,
+            f"The rollout step to t = {t_new:g}",
+            ClosureEvaluationError,
+        )
+        self._set_state(u_n, values)
+        problem = self.problem
+        problem.assemble_rhs()
+        problem.solver.solve(problem.b, problem.x)
+        _check_reason(
+            problem.solver.getConvergedReason(), f"linear solve of the step to t = {t_new:g}"
+        )
+        problem.x.ghostUpdate(addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)  # type: ignore
+        _fem_petsc.assign(problem.x, problem.u)  # type: ignore[arg-type]
+        return np.array(problem.x.array_r[: self.num_owned])
+
+    def adjoint(
+        self, sensitivity: Array, state: tuple[Array, Sequence[Array]] | None
+    ) -> list[torch.Tensor]:
+        """``[∂J/∂u_n, ∂J/∂c_1, ...]`` (owned) from ``g = ∂J/∂u_{n+1}`` (collective).
+
+        Args:
+            sensitivity: ``g``, the owned entries.
+            state: ``(u_n, closure values)`` of the step, to assemble the Jacobians at
+                (``None`` when ``L`` is affine: they were assembled once).
+        """
+        self.rhs.array_w[:] = sensitivity
+        solver = self.problem.solver
+        solver.solveTranspose(self.rhs, self.adjoint_solution)
+        _check_reason(solver.getConvergedReason(), "transposed (adjoint) solve")
+        _fem_petsc.set_bc(self.adjoint_solution, list(self.problem.bcs or []), alpha=0.0)
+        if state is not None:
+            self._set_state(*state)
+            self.jacobians.assemble()
+        u_n, *values = self.jacobians.transpose_products(self.adjoint_solution, 1.0)
+        owned = [value[dofs] for value, dofs in zip(values, self.value_dofs, strict=True)]
+        return [torch.from_numpy(u_n), *(torch.from_numpy(np.array(v)) for v in owned)]
+
+
+class IMEXStepFunction(torch.autograd.Function):
+    """Autograd stage of :class:`IMEXStep`: ``(u_n, c_1, ..., c_m) → u_{n+1}``."""
+
+    @staticmethod
+    def forward(
+        ctx, step: IMEXStep, t_new: float, u_n: torch.Tensor, *values: torch.Tensor
+    ) -> torch.Tensor:  # type: ignore[override]
+        """The stage (see the class docstring)."""
+        ctx.step = step
+        if not step.affine:
+            ctx.save_for_backward(u_n, *values)
+        arrays = [v.detach().numpy() for v in values]
+        return torch.from_numpy(step.solve(u_n.detach().numpy(), arrays, t_new))
+
+    @staticmethod
+    def backward(ctx, sensitivity: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        """Its transpose (see the class docstring)."""
+        step: IMEXStep = ctx.step
+        state = None
+        if not step.affine:
+            u_n, *values = (t.detach().numpy() for t in ctx.saved_tensors)
+            state = (u_n, values)
+        gradients = step.adjoint(sensitivity.contiguous().numpy(), state)
+        return None, None, *gradients
+
+
+# -- stage 3b: an implicit step ------------------------------------------------------------
+
+
+class ImplicitStep:
+    """One implicit step ``F(u_{n+1}; u_n, c(u_{n+1})) = 0`` (Newton) and its adjoint.
+
+    At the converged state ``u*`` (closures updated there, with their tangents), the
+    total Jacobian ``J = ∂F/∂u + ∂F/∂c · T · ∂x/∂u`` (the problem's, built by
+    :func:`dolfinx_mno.derivative`) gives ``λ = J⁻ᵀ g`` (Dirichlet rows of ``λ`` zeroed:
+    those residual rows do not read ``u_n`` or ``c``); then ``∂J/∂u_n = −(∂F/∂u_n)ᵀ λ``
+    and, for each closure, the sensitivity ``s = −(∂F/∂c)ᵀ λ`` at its points, pulled back
+    through the model at ``x(u*)`` by torch (the parameter gradients).
+
+    Args:
+        problem: The step's nonlinear problem (its Jacobian with the closure tangents).
+        u: The unknown, read by the closures.
+        u_previous: The previous state, read by ``F``.
+        closures: The closures of ``F`` (their operands read ``u``).
+        F: The UFL residual.
+        operand_maps: One per closure, for the state ``u``.
+    """
+
+    def __init__(
+        self,
+        problem: NonlinearProblem,
+        u: fem.Function,
+        u_previous: fem.Function,
+        closures: Sequence[Closure],
+        F: ufl.Form,
+        operand_maps: Sequence[OperandMap],
+    ):
+        self.problem = problem
+        self.u = u
+        self.u_previous = u_previous
+        self.closures = list(closures)
+        self.operand_maps = list(operand_maps)
+        self.num_owned = owned_size(u.function_space)
+        self.value_dofs = [owned_dofs(c.function_space, _num_cells(c)) for c in self.closures]
+        self.jacobians = _FormJacobians(F, [u_previous, *self.closures])
+        self.rhs = problem.b.duplicate()
+        self.adjoint_solution = problem.b.duplicate()
+
+    def solve(self, u_n: Array, t_new: float) -> Array:
+        """``u_{n+1}`` (owned) from ``u_n``, Newton from the guess ``u_n`` (collective)."""
+        _write(self.u_previous, slice(0, self.num_owned), u_n)
+        _write(self.u, slice(0, self.num_owned), u_n)
+        self.problem.solve()
+        _check_reason(
+            self.problem.solver.getConvergedReason(), f"Newton solve of the step to t = {t_new:g}"
+        )
+        self.u.x.scatter_forward()
+        return np.array(self.u.x.array[: self.num_owned])
+
+    def adjoint(
+        self, sensitivity: Array, u_n: Array, u_new: Array
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``∂J/∂u_n`` (owned) and each closure's sensitivity ``∂J/∂c`` at its points."""
+        problem = self.problem
+        _write(self.u_previous, slice(0, self.num_owned), u_n)
+        _write(self.u, slice(0, self.num_owned), u_new)
+        for closure in self.closures:
+            closure.update(tangent=True)
+        bcs = problem.bcs
+        problem.A.zeroEntries()
+        _fem_petsc.assemble_matrix(problem.A, problem.J, bcs=bcs)  # type: ignore[arg-type, misc]
+        problem.A.assemble()
+        ksp = problem.solver.getKSP()
+        self.rhs.array_w[:] = sensitivity
+        ksp.solveTranspose(self.rhs, self.adjoint_solution)
+        _check_reason(ksp.getConvergedReason(), "transposed (adjoint) solve")
+        _fem_petsc.set_bc(self.adjoint_solution, bcs, alpha=0.0)
+        if not self.jacobians.affine:
+            self.jacobians.assemble()
+        grad_u, *values = self.jacobians.transpose_products(self.adjoint_solution, -1.0)
+        owned = [value[dofs] for value, dofs in zip(values, self.value_dofs, strict=True)]
+        return torch.from_numpy(grad_u), [torch.from_numpy(np.array(v)) for v in owned]
+
+
+class ImplicitStepFunction(torch.autograd.Function):
+    """Autograd stage of :class:`ImplicitStep`: ``(u_n, θ) → u_{n+1}``.
+
+    The parameters ``θ`` (every closure's, in order) are inputs, since ``u_{n+1}`` depends
+    on them through the converged fixed point, not through a recorded model call.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, step: ImplicitStep, t_new: float, u_n: torch.Tensor, *parameters: torch.Tensor
+    ) -> torch.Tensor:  # type: ignore[override]
+        """The stage (see the class docstring)."""
+        ctx.step = step
+        u_new = torch.from_numpy(step.solve(u_n.detach().numpy(), t_new))
+        ctx.save_for_backward(u_n, u_new)
+        return u_new
+
+    @staticmethod
+    def backward(ctx, sensitivity: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        """Its transpose (see the class docstring)."""
+        step: ImplicitStep = ctx.step
+        u_n, u_new = (t.detach() for t in ctx.saved_tensors)
+        grad_u, sensitivities = step.adjoint(
+            sensitivity.contiguous().numpy(), u_n.numpy(), u_new.numpy()
+        )
+        parameter_gradients: list[torch.Tensor | None] = []
+        with torch.enable_grad():
+            for closure, operand_map, s in zip(
+                step.closures, step.operand_maps, sensitivities, strict=True
+            ):
+                parameters = [p for p in closure.model.parameters() if p.requires_grad]
+                values = closure_values(closure, operand_map.apply(u_new.numpy()))
+                grads = torch.autograd.grad(values, parameters, s, allow_unused=True)
+                parameter_gradients.extend(
+                    torch.zeros_like(p) if g is None else g
+                    for p, g in zip(parameters, grads, strict=True)
+                )
+        return None, None, grad_u, *parameter_gradients

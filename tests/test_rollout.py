@@ -1,0 +1,541 @@
+"""Differentiable rollouts: Taylor tests, rank invariance, the a-priori limit, checkpoints."""
+
+import re
+
+from mpi4py import MPI
+
+import numpy as np
+import pytest
+import torch
+import ufl
+from dolfinx import fem, mesh
+from problems import DIRECT, Cubic, boundary_bc
+
+import dolfinx_mno as mno
+from dolfinx_mno.petsc import LinearProblem, NonlinearProblem
+from dolfinx_mno.quadrature import quadrature_points
+from dolfinx_mno.rollout import Rollout, allreduce_gradients, rollout_loss
+from dolfinx_mno.timestepping import IMEXStepper, ImplicitStepper
+
+DT = 0.05
+NUM_STEPS = 5
+
+
+def mlp(num_inputs, num_outputs, seed=0):
+    """A small float64 tanh MLP, the same on every rank."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(num_inputs, 8),
+        torch.nn.Tanh(),
+        torch.nn.Linear(8, num_outputs),
+    ).double()
+
+
+def initial(x):
+    return np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]) + 0.5 * x[0]
+
+
+def target(t):
+    return lambda x: (1 - t) * np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]) + 0.3 * x[1]
+
+
+def heat(
+    msh,
+    degree=1,
+    closures=("scalar",),
+    bcs=True,
+    nonlinear=False,
+    prefix="rollout_",
+    model_dtype=torch.float64,
+):
+    """An IMEX heat step with closures in the linear form: its stepper and closures.
+
+    ``"scalar"``: a source ``dt q(u_n, ∇u_n) v``; ``"flux"``: ``-dt q(u_n, ∇u_n)·∇v``.
+    """
+    V = fem.functionspace(msh, ("Lagrange", degree))
+    u_n = fem.Function(V, name="u_n")
+    u_n.interpolate(initial)
+    uh = fem.Function(V, name="u")
+    u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
+    a = (u * v + DT * ufl.inner(ufl.grad(u), ufl.grad(v))) * ufl.dx
+    L = u_n * v * ufl.dx
+    if nonlinear:
+        L -= DT * u_n**3 * v * ufl.dx
+    made = []
+    for seed, kind in enumerate(closures):
+        shape = () if kind == "scalar" else (2,)
+        model = mlp(3, 1 if kind == "scalar" else 2, seed).to(model_dtype)
+        closure = mno.Closure(
+            model, [u_n, ufl.grad(u_n)], shape, 2 * degree, device="cpu", name=kind
+        )
+        term = closure * v if kind == "scalar" else -ufl.inner(closure, ufl.grad(v))
+        L += DT * term * closure.dx
+        made.append(closure)
+    problem = LinearProblem(
+        a,
+        L,
+        u=uh,
+        bcs=[boundary_bc(V)] if bcs else [],
+        petsc_options=DIRECT,
+        petsc_options_prefix=prefix,
+    )
+    return IMEXStepper(problem, uh, u_n, dt=DT), made
+
+
+def targets(rollout, num_steps=NUM_STEPS):
+    """Owned values of analytic targets at t_1, ..., t_k (rank-independent functions)."""
+    V = rollout.stepper.u.function_space
+    result = []
+    for n in range(1, num_steps + 1):
+        f = fem.Function(V)
+        f.interpolate(target(n * DT))
+        result.append(torch.from_numpy(f.x.array[: rollout.num_owned].copy()))
+    return result
+
+
+def loss(rollout, u0, data):
+    with torch.no_grad():
+        return float(rollout_loss(rollout.run(u0, len(data)), data, rollout.comm))
+
+
+def rates(remainders):
+    remainders = np.asarray(remainders)
+    return np.log2(remainders[:-1] / remainders[1:])
+
+
+def taylor_parameters(rollout, closures, u0, data):
+    """Remainders |J(θ+εδ) − J(θ) − ε dJ·δ| at ε = 1e-2·2^-k, k = 0..4."""
+    result = rollout.gradient(u0, data, closures=closures)
+    parameters = [list(c.model.parameters()) for c in closures]
+    generator = torch.Generator().manual_seed(7)
+    directions = [
+        [torch.randn(p.shape, generator=generator).double() for p in group] for group in parameters
+    ]
+    slope = sum(
+        float((grad * d).sum())
+        for grads, ds in zip(result.parameters, directions, strict=True)
+        for grad, d in zip(grads, ds, strict=True)
+    )
+    base = [[p.detach().clone() for p in g] for g in parameters]
+    J0 = loss(rollout, u0, data)
+    assert J0 == pytest.approx(result.loss, rel=1e-14)
+    remainders = []
+    for k in range(5):
+        eps = 1e-2 * 2.0**-k
+        with torch.no_grad():
+            for group, b, ds in zip(parameters, base, directions, strict=True):
+                for p, p0, d in zip(group, b, ds, strict=True):
+                    p.copy_(p0 + eps * d)
+        remainders.append(abs(loss(rollout, u0, data) - J0 - eps * slope))
+    with torch.no_grad():
+        for group, b in zip(parameters, base, strict=True):
+            for p, p0 in zip(group, b, strict=True):
+                p.copy_(p0)
+    return remainders
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("degree", [1, 2])
+@pytest.mark.parametrize("kind", ["scalar", "flux"])
+def test_taylor_parameters(degree, kind):
+    """Second-order Taylor remainders in θ over 5 IMEX steps, P1 and P2, scalar and flux."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
+    stepper, closures = heat(msh, degree, (kind,), prefix=f"taylor{degree}{kind}_")
+    rollout = Rollout(stepper)
+    u0 = rollout.initial_state()
+    remainders = taylor_parameters(rollout, closures, u0, targets(rollout))
+    assert remainders[0] > 1e-9  # the closure matters
+    assert min(rates(remainders)) >= 1.9
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("degree", [1, 2])
+def test_taylor_initial_state(degree):
+    """Second-order Taylor remainders in u_0 (closures and the linear form read u_n)."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
+    stepper, _ = heat(msh, degree, ("scalar", "flux"), prefix=f"taylor_u0_{degree}_")
+    rollout = Rollout(stepper)
+    u0, data = rollout.initial_state(), targets(rollout)
+    result = rollout.gradient(u0, data, closures=[], initial_state=True)
+    assert result.parameters == []
+    direction = fem.Function(stepper.u.function_space)
+    direction.interpolate(lambda x: np.cos(2 * x[0]) + x[1] ** 2)
+    delta = torch.from_numpy(direction.x.array[: rollout.num_owned].copy())
+    slope = rollout.comm.allreduce(float((result.initial_state * delta).sum()), op=MPI.SUM)
+    J0 = loss(rollout, u0, data)
+    remainders = [
+        abs(loss(rollout, u0 + eps * delta, data) - J0 - eps * slope)
+        for eps in 1e-2 * 2.0 ** -np.arange(5)
+    ]
+    assert remainders[0] > 1e-9
+    assert min(rates(remainders)) >= 1.9
+
+
+@pytest.mark.mpi
+def test_taylor_linear_form_nonlinear_in_the_state():
+    """L with -dt u_n³ v: the Jacobians are assembled at each step's state in backward."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
+    stepper, closures = heat(msh, 1, ("scalar",), nonlinear=True, prefix="taylor_nl_")
+    rollout = Rollout(stepper)
+    assert not rollout._step_adjoint.affine
+    u0 = rollout.initial_state()
+    remainders = taylor_parameters(rollout, closures, u0, targets(rollout))
+    assert remainders[0] > 1e-9
+    assert min(rates(remainders)) >= 1.9
+
+
+@pytest.mark.mpi
+def test_rollout_states_are_the_steppers():
+    """The rollout's forward pass is the IMEX stepper's time loop (to round-off)."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 5, 5)
+    stepper, _ = heat(msh, 1, ("scalar", "flux"), prefix="forward_")
+    rollout = Rollout(stepper)
+    u0 = rollout.initial_state()
+    with torch.no_grad():
+        states = rollout.run(u0, NUM_STEPS)
+    stepper.u_previous.x.array[: rollout.num_owned] = u0.numpy()
+    stepper.u_previous.x.scatter_forward()
+    stepper.run(NUM_STEPS, progress=False)
+    expected = stepper.u.x.array[: rollout.num_owned]
+    scale = msh.comm.allreduce(np.abs(expected).max(initial=0.0), op=MPI.MAX)
+    error = msh.comm.allreduce(np.abs(states[-1].numpy() - expected).max(initial=0.0), op=MPI.MAX)
+    assert scale > 0.04
+    assert error <= 1e-13 * scale
+
+
+def _serial_and_parallel_gradients(cells, checkpoint_every=None):
+    results = []
+    for comm in (MPI.COMM_SELF, MPI.COMM_WORLD):
+        msh = mesh.create_unit_square(comm, *cells)
+        stepper, closures = heat(msh, 1, ("scalar", "flux"), bcs=False, prefix=f"ranks{comm.size}_")
+        rollout = Rollout(stepper, checkpoint_every=checkpoint_every)
+        result = rollout.gradient(rollout.initial_state(), targets(rollout), initial_state=True)
+        direction = fem.Function(stepper.u.function_space)
+        direction.interpolate(lambda x: np.cos(2 * x[0]) + x[1] ** 2)
+        weights = torch.from_numpy(direction.x.array[: rollout.num_owned].copy())
+        local = float((result.initial_state * weights).sum())
+        flat = torch.cat([g.reshape(-1) for group in result.parameters for g in group])
+        results.append((result.loss, flat.numpy(), comm.allreduce(local, op=MPI.SUM)))
+        assert len(closures) == len(result.parameters) == 2
+    return results
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("cells", [(1, 1), (6, 5)])
+def test_gradients_do_not_depend_on_ranks(cells):
+    """COMM_WORLD against COMM_SELF on the same cells; (1, 1) on 3 ranks: a rank owns none."""
+    (loss_1, grad_1, slope_1), (loss_p, grad_p, slope_p) = _serial_and_parallel_gradients(cells)
+    assert loss_1 > 1e-3 and np.linalg.norm(grad_1) > 1e-3 and abs(slope_1) > 1e-3
+    assert loss_p == pytest.approx(loss_1, rel=1e-12)
+    assert np.linalg.norm(grad_p - grad_1) <= 1e-10 * np.linalg.norm(grad_1)
+    assert slope_p == pytest.approx(slope_1, rel=1e-10)
+    # And every rank holds the same parameter gradients.
+    gathered = MPI.COMM_WORLD.allgather(grad_p)
+    assert all(np.array_equal(g, gathered[0]) for g in gathered)
+
+
+@pytest.mark.mpi
+def test_checkpointed_gradient_equals_the_full_graph():
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
+    stepper, _ = heat(msh, 1, ("scalar", "flux"), prefix="checkpoint_")
+    u0 = Rollout(stepper).initial_state()
+    results = []
+    for every in (None, 2, 3):
+        rollout = Rollout(stepper, checkpoint_every=every)
+        results.append(rollout.gradient(u0, targets(rollout), initial_state=True))
+    reference = results[0]
+    for result in results[1:]:
+        assert result.loss == pytest.approx(reference.loss, rel=1e-12)
+        for group, expected in zip(result.parameters, reference.parameters, strict=True):
+            for g, e in zip(group, expected, strict=True):
+                assert float((g - e).norm()) <= 1e-12 * float(e.norm())
+        difference = float((result.initial_state - reference.initial_state).norm())
+        assert difference <= 1e-12 * float(reference.initial_state.norm()) + 1e-300
+
+
+@pytest.mark.mpi
+def test_one_step_gradient_equals_the_a_priori_gradient():
+    """DG0 with a mass matrix: one step is u_1 = u_0 + q(u_0, x) cell by cell, exactly.
+
+    With ``a = u v dx`` and ``L = (u_0 + q) v dx`` on DG0 and a one-point rule, the step
+    solves ``|K| u_1 = |K| (u_0 + q)`` on each cell ``K``, so ``u_1 - t = q - (t - u_0)``:
+    the one-step rollout loss ``Σ (u_1 - t)²`` is the a-priori loss ``Σ (q(x_0) - q*)²``
+    with closure targets ``q* = t - u_0`` at the operands ``x_0 = (u_0, x)`` of the cells,
+    and so are their gradients with respect to θ.
+    """
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 3)
+    V = fem.functionspace(msh, ("DG", 0))
+    u_n, uh = fem.Function(V), fem.Function(V)
+    u_n.interpolate(lambda x: np.sin(3 * x[0]) + x[1])
+    x = ufl.SpatialCoordinate(msh)
+    closure = mno.Closure(mlp(3, 1, seed=3), [u_n, x], quadrature_degree=1, device="cpu")
+    u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
+    problem = LinearProblem(
+        u * v * ufl.dx,
+        u_n * v * ufl.dx + closure * v * closure.dx,
+        u=uh,
+        petsc_options=DIRECT,
+        petsc_options_prefix="a_priori_",
+    )
+    rollout = Rollout(IMEXStepper(problem, uh, u_n, dt=1.0))
+    goal = fem.Function(V)
+    goal.interpolate(lambda x: np.cos(2 * x[0]) * x[1])
+    num_owned = rollout.num_owned
+    t = torch.from_numpy(goal.x.array[:num_owned].copy())
+    result = rollout.gradient(rollout.initial_state(), [t])
+
+    # The a-priori gradient: the operands from fem.Expression, the targets t - u_0.
+    num_cells = msh.topology.index_map(2).size_local
+    operands = fem.Expression(ufl.as_vector([u_n, x[0], x[1]]), quadrature_points(msh, 1))
+    inputs = torch.from_numpy(operands.eval(msh, np.arange(num_cells, dtype=np.int32)))
+    dofs = V.dofmap.list[:num_cells, 0]  # the cell's DG0 dof, owned with the cell
+    closure_targets = torch.from_numpy(goal.x.array[dofs] - u_n.x.array[dofs])
+    model = closure.model
+    a_priori = ((model(inputs.reshape(num_cells, 3)).reshape(-1) - closure_targets) ** 2).sum()
+    gradients = list(torch.autograd.grad(a_priori, list(model.parameters())))
+    allreduce_gradients(gradients, msh.comm)
+    expected_loss = msh.comm.allreduce(float(a_priori.detach()), op=MPI.SUM)
+    assert result.loss == pytest.approx(expected_loss, rel=1e-12)
+    for rollout_gradient, expected in zip(result.parameters[0], gradients, strict=True):
+        assert float(expected.norm()) > 1e-3
+        assert float((rollout_gradient - expected).norm()) <= 1e-12 * float(expected.norm())
+
+
+def _raises(error, message, call):
+    with pytest.raises(error, match=f"^{re.escape(message)}$"):
+        call()
+
+
+@pytest.mark.mpi
+def test_bad_input_raises_the_same_error_on_every_rank(tiny_square):
+    stepper, _ = heat(tiny_square, 1, ("scalar",), prefix="bad_")
+    rollout = Rollout(stepper)
+    u0, data = rollout.initial_state(), targets(rollout, 3)
+    _raises(
+        ValueError,
+        "The horizon of 5 steps is longer than the 3 target states; give at least 5 targets "
+        "or a shorter num_steps.",
+        lambda: rollout.gradient(u0, data, num_steps=5),
+    )
+    V = stepper.u.function_space
+    outsider = mno.Closure(mlp(1, 1), [stepper.u_previous], device="cpu", name="outsider")
+    _raises(
+        ValueError,
+        "Closure 'outsider' is not in the step's linear form; the rollout differentiates its "
+        "closures ['scalar'].",
+        lambda: rollout.gradient(u0, data, closures=[outsider]),
+    )
+    _raises(
+        ValueError,
+        "Nothing to differentiate: give closures or initial_state=True.",
+        lambda: rollout.gradient(u0, data, closures=[]),
+    )
+    _raises(
+        ValueError,
+        "u0 must be a float64 tensor on the CPU, got torch.float32 on cpu.",
+        lambda: rollout.run(u0.float(), 2),
+    )
+    _raises(
+        ValueError,
+        "num_steps must be a positive integer, got 0.",
+        lambda: rollout.run(u0, 0),
+    )
+    _raises(
+        ValueError,
+        "checkpoint_every must be None or a positive integer, got 0.",
+        lambda: Rollout(stepper, checkpoint_every=0),
+    )
+    # A model without parameters, when θ-gradients are asked for.
+    u_n = stepper.u_previous
+    cubic = mno.Closure(Cubic().double(), [u_n], quadrature_degree=2, device="cpu", name="cubic")
+    u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
+    a = u * v * ufl.dx
+    problem = LinearProblem(
+        a,
+        u_n * v * ufl.dx - DT * cubic * v * cubic.dx,
+        u=stepper.u,
+        petsc_options=DIRECT,
+        petsc_options_prefix="bad_cubic_",
+    )
+    frozen = Rollout(IMEXStepper(problem, stepper.u, u_n, dt=DT))
+    _raises(
+        ValueError,
+        "The model of closure 'cubic' has no trainable parameters; leave it out of closures= "
+        "(closures=[] with initial_state=True differentiates with respect to the initial "
+        "state only).",
+        lambda: frozen.gradient(u0, data),
+    )
+    assert frozen.gradient(u0, data, closures=[], initial_state=True).initial_state is not None
+    # Steppers and forms a rollout does not support.
+    _raises(
+        ValueError,
+        "Rollout needs closure_interval=1 (closures updated every step), got 2.",
+        lambda: Rollout(IMEXStepper(problem, stepper.u, u_n, dt=DT, closure_interval=2)),
+    )
+    reads_u_n = LinearProblem(
+        (1 + u_n**2) * u * v * ufl.dx,
+        u_n * v * ufl.dx,
+        u=stepper.u,
+        petsc_options=DIRECT,
+        petsc_options_prefix="bad_a_",
+    )
+    _raises(
+        ValueError,
+        "The bilinear form reads u_previous ('u_n'): a rollout reuses one constant matrix. "
+        "Move the term to the linear form (explicit).",
+        lambda: Rollout(IMEXStepper(reads_u_n, stepper.u, u_n, dt=DT)),
+    )
+    square = mno.Closure(mlp(1, 1), [u_n**2], quadrature_degree=2, device="cpu", name="square")
+    nonaffine = LinearProblem(
+        a,
+        u_n * v * ufl.dx + square * v * square.dx,
+        u=stepper.u,
+        petsc_options=DIRECT,
+        petsc_options_prefix="bad_square_",
+    )
+    with pytest.raises(ValueError, match=r"^Closure 'square': a rollout needs operands affine"):
+        Rollout(IMEXStepper(nonaffine, stepper.u, u_n, dt=DT))
+    _raises(
+        TypeError,
+        "Rollout needs an IMEXStepper or an ImplicitStepper, got LinearProblem.",
+        lambda: Rollout(problem),
+    )
+    # Implicit steps: closures of the unknown only, with their tangents in the Jacobian.
+    uh = stepper.u
+    explicit = mno.Closure(mlp(1, 1), [u_n], quadrature_degree=2, device="cpu", name="explicit")
+    reads_previous = NonlinearProblem(
+        (uh - u_n) * v * ufl.dx + explicit * v * explicit.dx,
+        uh,
+        petsc_options_prefix="bad_implicit_",
+    )
+    _raises(
+        ValueError,
+        "Closure 'explicit' of the implicit step reads u_previous; a rollout of the implicit "
+        "stepper supports closures of the unknown u only.",
+        lambda: Rollout(ImplicitStepper(reads_previous, uh, u_n, dt=DT)),
+    )
+    own = mno.Closure(mlp(1, 1), [uh], quadrature_degree=2, device="cpu", name="own")
+    F = (uh - u_n) * v * ufl.dx + own * v * own.dx
+    frozen_jacobian = NonlinearProblem(
+        F,
+        uh,
+        J=ufl.derivative(F, uh),
+        frozen_closures=True,
+        petsc_options_prefix="bad_frozen_",
+    )
+    _raises(
+        ValueError,
+        "The implicit step's Jacobian misses closure tangents (frozen closures): the adjoint "
+        "needs the exact Jacobian. Build the problem with the default J "
+        "(dolfinx_mno.derivative(F, u)).",
+        lambda: Rollout(ImplicitStepper(frozen_jacobian, uh, u_n, dt=DT)),
+    )
+
+
+NEWTON = {
+    **DIRECT,
+    "snes_type": "newtonls",
+    "snes_linesearch_type": "none",
+    "snes_atol": 1e-13,
+    "snes_rtol": 1e-13,
+    "snes_stol": 0.0,
+}
+
+
+def implicit_heat(msh, degree=1, prefix="implicit_"):
+    """Backward Euler with a flux closure q(u, ∇u) of the new state (Newton, exact J)."""
+    V = fem.functionspace(msh, ("Lagrange", degree))
+    u_n = fem.Function(V, name="u_n")
+    u_n.interpolate(initial)
+    uh = fem.Function(V, name="u")
+    uh.x.array[:] = u_n.x.array
+    v = ufl.TestFunction(V)
+    torch.manual_seed(4)
+    model = mlp(3, 2, seed=4)
+    with torch.no_grad():  # a mild closure: Newton converges in a few iterations
+        model[2].weight.mul_(0.2)
+    closure = mno.Closure(model, [uh, ufl.grad(uh)], (2,), 2 * degree, device="cpu", name="q")
+    F = ((uh - u_n) * v + DT * ufl.inner(ufl.grad(uh), ufl.grad(v))) * ufl.dx
+    F += DT * ufl.inner(closure, ufl.grad(v)) * closure.dx
+    problem = NonlinearProblem(
+        F, uh, bcs=[boundary_bc(V)], petsc_options=NEWTON, petsc_options_prefix=prefix
+    )
+    return ImplicitStepper(problem, uh, u_n, dt=DT), [closure]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("degree", [1, 2])
+def test_taylor_implicit_parameters(degree):
+    """Second-order Taylor remainders in θ through 5 Newton-converged implicit steps."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
+    stepper, closures = implicit_heat(msh, degree, prefix=f"implicit_taylor{degree}_")
+    rollout = Rollout(stepper)
+    u0 = rollout.initial_state()
+    remainders = taylor_parameters(rollout, closures, u0, targets(rollout))
+    assert remainders[0] > 1e-9
+    assert min(rates(remainders)) >= 1.9
+
+
+@pytest.mark.mpi
+def test_taylor_implicit_initial_state_and_checkpoints():
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
+    stepper, _ = implicit_heat(msh, 1, prefix="implicit_u0_")
+    rollout = Rollout(stepper)
+    u0, data = rollout.initial_state(), targets(rollout)
+    result = rollout.gradient(u0, data, initial_state=True)
+    direction = fem.Function(stepper.u.function_space)
+    direction.interpolate(lambda x: np.cos(2 * x[0]) + x[1] ** 2)
+    delta = torch.from_numpy(direction.x.array[: rollout.num_owned].copy())
+    slope = rollout.comm.allreduce(float((result.initial_state * delta).sum()), op=MPI.SUM)
+    J0 = loss(rollout, u0, data)
+    remainders = [
+        abs(loss(rollout, u0 + eps * delta, data) - J0 - eps * slope)
+        for eps in 1e-2 * 2.0 ** -np.arange(5)
+    ]
+    assert remainders[0] > 1e-9
+    assert min(rates(remainders)) >= 1.9
+    # The implicit rollout's states are the stepper's.
+    with torch.no_grad():
+        states = rollout.run(u0, NUM_STEPS)
+    stepper.u_previous.x.array[: rollout.num_owned] = u0.numpy()
+    stepper.u_previous.x.scatter_forward()
+    stepper.u.x.array[:] = stepper.u_previous.x.array
+    stepper.run(NUM_STEPS, progress=False)
+    error = np.abs(states[-1].numpy() - stepper.u.x.array[: rollout.num_owned]).max(initial=0)
+    assert msh.comm.allreduce(error, op=MPI.MAX) <= 1e-11
+    # Checkpointed: the same gradient.
+    checkpointed = Rollout(stepper, checkpoint_every=2).gradient(u0, data, initial_state=True)
+    for group, expected in zip(checkpointed.parameters, result.parameters, strict=True):
+        for g, e in zip(group, expected, strict=True):
+            assert float((g - e).norm()) <= 1e-12 * float(e.norm())
+
+
+@pytest.mark.mpi
+def test_implicit_gradients_do_not_depend_on_ranks(tiny_square):
+    """Implicit steps on 2 cells (a rank without cells on 3 ranks) against COMM_SELF."""
+    flat = []
+    for msh in (mesh.create_unit_square(MPI.COMM_SELF, 1, 1), tiny_square):
+        stepper, _ = implicit_heat(msh, 2, prefix=f"implicit_ranks{msh.comm.size}_")
+        rollout = Rollout(stepper)
+        result = rollout.gradient(rollout.initial_state(), targets(rollout))
+        flat.append(torch.cat([g.reshape(-1) for g in result.parameters[0]]).numpy())
+    assert np.linalg.norm(flat[0]) > 1e-4
+    assert np.linalg.norm(flat[1] - flat[0]) <= 1e-10 * np.linalg.norm(flat[0])
+
+
+@pytest.mark.mpi
+def test_a_float32_model_runs_in_its_own_dtype():
+    """The model's dtype is its own: float32 weights give the float64 gradient to ~1e-5."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
+    gradients = []
+    for dtype in (torch.float64, torch.float32):
+        prefix = f"dtype_{dtype}_".replace(".", "")
+        stepper, (closure,) = heat(msh, 1, ("scalar",), prefix=prefix, model_dtype=dtype)
+        assert closure.model_dtype == dtype
+        rollout = Rollout(stepper)
+        result = rollout.gradient(rollout.initial_state(), targets(rollout), initial_state=True)
+        assert all(g.dtype == dtype for g in result.parameters[0])
+        assert result.initial_state.dtype == torch.float64
+        gradients.append(torch.cat([g.double().reshape(-1) for g in result.parameters[0]]))
+    error = float((gradients[1] - gradients[0]).norm() / gradients[0].norm())
+    assert error <= 1e-5
