@@ -29,7 +29,7 @@ from dolfinx_mno.rollout import Rollout
 from dolfinx_mno.timestepping import IMEXStepper
 from dolfinx_mno.training import fit_rollout, owned_states, shard
 from dolfinx_mno.training.aposteriori import RolloutObjective
-from dolfinx_mno.training.trajectories import TrajectoryWindows
+from dolfinx_mno.training.trajectories import TrajectoryWindows, split_windows
 
 DT = 0.05
 K, S = 2.0, 1.0  # the true reaction r(u) = -K u + S
@@ -107,6 +107,25 @@ def shared_dir():
     comm.Barrier()
     if comm.rank == 0:
         shutil.rmtree(path)
+
+
+def test_windows_and_their_split():
+    """Starts 0, stride, ... up to num_states - 1 - horizon; a seeded, disjoint split."""
+    trajectory = np.arange(18.0).reshape(6, 3)  # 6 states of 3 dofs
+    data = TrajectoryWindows(
+        [trajectory, list(trajectory[:4])], horizon=2, stride=2, num_owned=3, what="trajectory"
+    )
+    assert data.lengths == [6, 4]
+    assert [(w.trajectory, w.start) for w in data.windows] == [(0, 0), (0, 2), (1, 0)]
+    window = data.windows[1]
+    assert np.array_equal(window.initial.numpy(), trajectory[2])
+    assert np.array_equal(window.targets.numpy(), trajectory[3:5])
+    many = TrajectoryWindows([trajectory] * 4, horizon=1, stride=1, num_owned=3, what="x")
+    train, val = split_windows(many.windows, 0.25, seed=3)
+    assert len(train) == 15 and len(val) == 5
+    assert {id(w) for w in train} | {id(w) for w in val} == {id(w) for w in many.windows}
+    assert [w.start for w in split_windows(many.windows, 0.25, seed=3)[1]] == [w.start for w in val]
+    assert split_windows(many.windows, 0.0, seed=3) == (many.windows, many.windows)
 
 
 def test_learns_a_linear_reaction_through_the_solver():

@@ -97,14 +97,8 @@ class APrioriLoss:
                 f"The a-priori inputs have shape {shape}; closure '{closure.name}' takes "
                 f"(num_samples, {closure.num_inputs}) (its model inputs)."
             )
+        # Checks values and counts, and the targets' width against the model's outputs.
         samples = LocalSamples(model, inputs, targets, grid=False, groups=None, comm=comm)
-        num_outputs = int(np.prod(closure.value_shape, dtype=int))
-        if samples.y.shape[1] != num_outputs:
-            raise ValueError(
-                f"The a-priori samples have {samples.x.shape[1]} input and "
-                f"{samples.y.shape[1]} target components, but closure '{closure.name}' has "
-                f"{closure.num_inputs} model inputs and {num_outputs} value components."
-            )
         self.model, self.comm = model, comm
         self.inputs = torch.from_numpy(samples.x).to(closure.model_dtype).to(closure.device)
         self.targets = torch.from_numpy(samples.y).to(closure.model_dtype).to(closure.device)
@@ -124,17 +118,11 @@ class APrioriLoss:
         prediction = self.model(self.inputs).reshape(self.num_samples, -1)
         return ((prediction - self.targets) ** 2).sum().double() / self.scale
 
-    def loss(self) -> float:
-        """The loss (collective)."""
-        with torch.no_grad():
-            local = float(self._local_loss())
-        return float(self.comm.allreduce(local, op=MPI.SUM))
-
     def loss_and_gradient(self, parameters: Sequence[torch.Tensor]) -> tuple[float, list[Any]]:
         """The loss and its gradient with respect to ``parameters``, summed over ranks.
 
         Collective: one ``Allreduce`` of the local loss and gradients, so the result is
-        the same on every rank and does not depend on how the samples are spread.
+        the same on every rank and, up to rounding, on any spread of the samples.
 
         Returns:
             The loss and one gradient per parameter (its shape, dtype and device).
