@@ -450,6 +450,27 @@ def test_bad_input_raises_the_same_clear_error_on_every_rank(tiny_square):
         ),
         lambda: fit(closure=other),
     )
+    # Two closures in the step: which one to train must be said.
+    stepper = rollout.stepper
+    second = mno.Closure(wrong_model(), [u_n], (), 2, device="cpu", name="second")
+    a, L = stepper.problem.ufl_forms
+    v = ufl.TestFunction(u_n.function_space)
+    two = mno.petsc.LinearProblem(
+        a,
+        L + DT * second * v * second.dx,
+        u=stepper.u,
+        petsc_options=DIRECT,
+        petsc_options_prefix=f"apost{next(_prefixes)}_",
+    )
+    both = Rollout(IMEXStepper(two, stepper.u, u_n, dt=DT, time=stepper.time))
+    _raises_everywhere(
+        ValueError,
+        exact(
+            "The rollout has the closures ['reaction', 'second']: choose the one to train "
+            "with closure=."
+        ),
+        lambda: fit_rollout(both, trajectories, horizon=2, progress=False),
+    )
     for p in model.parameters():
         p.requires_grad_(False)
     _raises_everywhere(
