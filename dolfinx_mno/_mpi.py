@@ -16,7 +16,7 @@ three ways:
    (:meth:`~dolfinx_mno.data.ClosureDataWriter.append`'s checks, point counts and
    coordinates), ``io.py`` (:func:`~dolfinx_mno.save_model`: model checks and identical
    weights), ``timestepping.py`` (the ``before_step`` hook) and ``training.py`` (the input
-   checks of ``fit``, resuming).
+   checks of ``fit`` and ``fit_rollout``, resuming).
 2. **Run on the root and share the verdict** (:func:`on_root`): only the root works
    (writes or reads a file, sorts gathered rows) and one ``bcast`` gives every rank its
    result or its exception, the same type and text on every rank, whatever the number of

@@ -24,11 +24,25 @@ The package, in the order a run uses it:
 * :mod:`~dolfinx_mno.training.checkpoint`: checkpoints (model file + training state) and
   resume.
 * :mod:`~dolfinx_mno.training.state`: the history and early-stopping state.
+* :mod:`~dolfinx_mno.training.aposteriori`: :func:`fit_rollout`, a-posteriori ("solver in
+  the loop") training of a closure through rollouts of the solver, with the same loop,
+  optimisers, checkpoints and guarantees; its data (trajectories and their windows) in
+  :mod:`~dolfinx_mno.training.trajectories`.
 """
 
+from dolfinx_mno.training.aposteriori import fit_rollout
 from dolfinx_mno.training.fitting import FitResult, fit
 from dolfinx_mno.training.parallel import read_shard, shard
 from dolfinx_mno.training.samples import split_samples as _split  # noqa: F401 (tests)
 from dolfinx_mno.training.state import TrainingHistory
+from dolfinx_mno.training.trajectories import owned_states
 
-__all__ = ["FitResult", "TrainingHistory", "fit", "read_shard", "shard"]
+__all__ = [
+    "FitResult",
+    "TrainingHistory",
+    "fit",
+    "fit_rollout",
+    "owned_states",
+    "read_shard",
+    "shard",
+]

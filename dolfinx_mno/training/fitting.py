@@ -36,12 +36,13 @@ __all__ = ["FitResult", "fit"]
 
 @dataclasses.dataclass
 class FitResult:
-    """What :func:`fit` returns.
+    """What :func:`fit` and :func:`~dolfinx_mno.training.fit_rollout` return.
 
     Attributes:
         model: The trained model with the weights of the best validation epoch, in eval
-            mode: a :class:`~dolfinx_mno.NormalizedModel` around the given model if
-            ``normalize`` or ``normalize_targets`` was true, else the given model itself.
+            mode. For ``fit``: a :class:`~dolfinx_mno.NormalizedModel` around the given
+            model if ``normalize`` or ``normalize_targets`` was true, else the given model
+            itself; for ``fit_rollout``: the closure's model, trained in place.
         history: The losses per epoch.
     """
 
@@ -70,25 +71,7 @@ def _settings(options: Mapping[str, Any]) -> dict[str, Any]:
         "seed": int(options["seed"]),
         "validation_fraction": float(options["validation_fraction"]),
     }
-    defaults = {
-        "optimizer": {"learning_rate": 1e-3, "weight_decay": 0.0},
-        "scheduler": {"lr_factor": 0.5, "lr_patience": 10, "min_learning_rate": 1e-6},
-    }
-    for name, values in defaults.items():
-        factory = options[name]
-        given = sorted(k for k in values if options[k] is not None)
-        if factory is not None and given:
-            raise ValueError(
-                f"{', '.join(given)} set(s) the default {name}, but {name}= was given: "
-                f"set {'it' if len(given) == 1 else 'them'} in your {name} factory instead."
-            )
-        if factory is None:
-            for key, default in values.items():
-                value = default if options[key] is None else options[key]
-                if isinstance(default, int):
-                    settings[key] = check_integer(value, key)
-                else:
-                    settings[key] = type(default)(value)
+    settings.update(optim.default_settings(options))
     check_integer(options["epochs"], "epochs")
     check_integer(options["checkpoint_every"], "checkpoint_every", minimum=1)
     if not 0.0 < settings["validation_fraction"] < 1.0:
@@ -116,7 +99,6 @@ class _Run:
         cls, model: torch.nn.Module, inputs: Any, targets: Any, options: Mapping[str, Any]
     ) -> _Run:
         """Check ``fit``'s arguments on this rank, read its samples, build the optimiser."""
-        optimizer, scheduler = options["optimizer"], options["scheduler"]
         settings = _settings(options)
         if options["resume"] and options["checkpoint_dir"] is None:
             raise ValueError("resume=True needs a checkpoint_dir.")
@@ -133,17 +115,7 @@ class _Run:
             comm=options["comm"],
         )
         params = [p for p in model.parameters() if p.requires_grad]
-        if optimizer is None:
-            optimizer = optim.adam(settings["learning_rate"], settings["weight_decay"])
-        if scheduler is None:
-            scheduler = optim.reduce_on_plateau(
-                settings["lr_factor"], settings["lr_patience"], settings["min_learning_rate"]
-            )
-        built = optim.build(params, optimizer, scheduler)
-        # Injected optimisers and schedules are recorded by class and configuration.
-        for name, obj in zip(("optimizer", "scheduler"), built, strict=True):
-            if options[name] is not None:
-                settings[name] = optim.describe(obj)
+        built = optim.build_from_options(params, options, settings)
         return cls(settings, samples, *built, metadata=metadata)
 
 

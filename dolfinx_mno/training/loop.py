@@ -1,11 +1,14 @@
 """The training loop: epochs of data-parallel minibatch steps, validation, early stopping.
 
-:class:`Trainer` runs on rows prepared by :func:`~dolfinx_mno.training.samples.prepare_rows`
-and splits as neuraloperator's ``Trainer`` does: :meth:`Trainer.train` runs the epochs,
-:meth:`Trainer.train_one_epoch` one pass over the training split,
-:meth:`Trainer.train_one_batch` one optimiser step, :meth:`Trainer.validate` the
-validation loss, and :meth:`Trainer.end_epoch` the bookkeeping (history, schedule, best
-weights, early stopping, checkpoint, progress, callback).
+:class:`EpochLoop` is the loop every training run shares, split as neuraloperator's
+``Trainer`` is: :meth:`EpochLoop.train` runs the epochs, and :meth:`EpochLoop.end_epoch`
+does the bookkeeping (history, schedule, best weights, early stopping, checkpoint,
+progress, callback). Its subclasses say what an epoch is: :meth:`train_one_epoch` (one
+pass over the training split, in optimiser steps of ``train_one_batch``) and
+:meth:`validate` (the validation loss). :class:`Trainer` runs on rows prepared by
+:func:`~dolfinx_mno.training.samples.prepare_rows` (a-priori, :func:`~dolfinx_mno.training.fit`);
+:class:`~dolfinx_mno.training.aposteriori.RolloutTrainer` on windows of trajectories
+(a-posteriori, :func:`~dolfinx_mno.training.fit_rollout`).
 
 Each minibatch is cut into chunks of ``chunk_size`` samples, shared out among the ranks;
 each chunk's gradient is computed on its own and the gradients are summed in chunk order
@@ -40,28 +43,37 @@ from dolfinx_mno.training.parallel import (
 from dolfinx_mno.training.samples import TrainingRows
 from dolfinx_mno.training.state import TrainingHistory, TrainingState, clone_state
 
-__all__ = ["LoopSettings", "Trainer", "epoch_seed"]
+__all__ = ["EpochLoop", "EpochSettings", "LoopSettings", "Trainer", "epoch_seed"]
 
 
 @dataclasses.dataclass(frozen=True)
-class LoopSettings:
-    """How long and in which steps to train.
+class EpochSettings:
+    """How long to train, when to stop, and the seed.
 
     Attributes:
         epochs: Maximum number of epochs (counted from 0, restored ones included).
-        batch_size: Samples per optimiser step (the last batch of an epoch may be smaller).
-        chunk_size: Samples per backward pass: the unit of work shared among ranks.
         patience: Stop after this many epochs without improvement.
         min_delta: Relative improvement of the validation loss that counts.
         seed: Seeds each epoch's order and torch random state.
     """
 
     epochs: int
-    batch_size: int
-    chunk_size: int
     patience: int
     min_delta: float
     seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings(EpochSettings):
+    """:class:`EpochSettings` and the steps of :class:`Trainer`.
+
+    Attributes:
+        batch_size: Samples per optimiser step (the last batch of an epoch may be smaller).
+        chunk_size: Samples per backward pass: the unit of work shared among ranks.
+    """
+
+    batch_size: int
+    chunk_size: int
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -69,60 +81,42 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0] >> 1)
 
 
-class Trainer:
-    """Train ``network`` on ``rows`` with an optimiser and a schedule (collective).
+class EpochLoop:
+    """The epochs of a training run (collective): train, validate, record, stop, checkpoint.
+
+    A subclass defines :meth:`train_one_epoch` and :meth:`validate`. Both must return the
+    same losses on every rank, so that every rank takes the same decisions.
 
     Args:
-        network: The module whose parameters are trained; it maps the rows' inputs (as
-            ``(chunk, *rows.input_shape)``) to their targets.
-        model: The module that is returned and checkpointed: ``network`` itself, or a
-            :class:`~dolfinx_mno.NormalizedModel` around it.
-        rows: The rows and the split (the same split on every rank).
-        optimizer: The optimiser of ``network``'s trainable parameters.
-        scheduler: Its schedule, stepped once per epoch, or ``None``.
-        settings: Epochs, batches, early stopping, seed.
+        model: The module that is returned and checkpointed.
+        optimizer: The optimiser of its trained parameters.
+        scheduler: Its schedule, stepped once per epoch after validation, or ``None``.
+        settings: Epochs, early stopping, seed.
         comm: The communicator.
         checkpoints: Where to write checkpoints, or ``None``.
         progress: Show a tqdm progress bar on rank 0.
         callback: ``callback(epoch, history)`` after every epoch, on every rank.
     """
 
+    #: The progress bar's label.
+    description = "fit"
+
     def __init__(
         self,
-        network: torch.nn.Module,
         model: torch.nn.Module,
-        rows: TrainingRows,
         *,
         optimizer: torch.optim.Optimizer,
         scheduler: Scheduler | None,
-        settings: LoopSettings,
+        settings: EpochSettings,
         comm: MPI.Comm,
         checkpoints: Checkpoints | None = None,
         progress: bool = True,
         callback: Callable[[int, TrainingHistory], None] | None = None,
     ):
-        self.network, self.model, self.rows = network, model, rows
+        self.model = model
         self.optimizer, self.scheduler = optimizer, scheduler
         self.settings, self.comm = settings, comm
         self.checkpoints, self.progress, self.callback = checkpoints, progress, callback
-        self.dtype = model_dtype(network, torch.float64)
-        self.device = model_device(network) or torch.device("cpu")
-        self.gradients = ChunkGradients([p for p in network.parameters() if p.requires_grad])
-        # Validation rows are fetched once: fixed chunks, shared among ranks.
-        self.val_chunks = split_chunks(0, len(rows.val_index), settings.chunk_size, comm.size)
-        self.val_rows = self._fetch([rows.val_index[chunk_positions([c])] for c in self.val_chunks])
-
-    def _fetch(self, needed: list[npt.NDArray[np.int64]]) -> torch.Tensor:
-        """Rows ``needed[rank]`` (global indices) as a tensor for the network (collective)."""
-        rows = fetch_rows(self.rows.local, self.rows.offsets, needed, self.comm)
-        return torch.from_numpy(rows).to(dtype=self.dtype, device=self.device)
-
-    def _squared_error(self, chunk: torch.Tensor) -> torch.Tensor:
-        """Sum of squared errors of the network on a chunk of rows."""
-        num_inputs = self.rows.num_inputs
-        prediction = self.network(chunk[:, :num_inputs].reshape(-1, *self.rows.input_shape))
-        prediction = prediction.reshape(chunk.shape[0], -1)
-        return ((prediction - chunk[:, num_inputs:]) ** 2).sum()
 
     def train(self, state: TrainingState | None = None) -> TrainingState:
         """Run the epochs from ``state`` (a fresh run by default) to the end (collective).
@@ -136,7 +130,7 @@ class Trainer:
         bar = tqdm(
             total=epochs,
             initial=min(start, epochs),
-            desc="fit",
+            desc=self.description,
             unit="epoch",
             disable=not self.progress or self.comm.rank != 0,
             leave=False,
@@ -161,6 +155,108 @@ class Trainer:
         self.model.load_state_dict(state.best_state)
         self.model.eval()
         return state
+
+    def train_one_epoch(self, epoch: int) -> float:
+        """One pass over the training split (collective); returns its training loss."""
+        raise NotImplementedError
+
+    def validate(self) -> float:
+        """The validation loss (collective), the same on every rank."""
+        raise NotImplementedError
+
+    def end_epoch(self, epoch: int, train_loss: float, val_loss: float, state: TrainingState):
+        """Record the epoch, step the schedule, keep the best weights, checkpoint.
+
+        Every rank holds the same losses, so every rank takes the same decisions.
+
+        Raises:
+            FloatingPointError: A loss is NaN or Inf (on every rank).
+        """
+        if not np.isfinite(train_loss) or not np.isfinite(val_loss):
+            raise FloatingPointError(
+                f"Training diverged in epoch {epoch}: training loss {train_loss}, "
+                f"validation loss {val_loss}. Lower the learning rate, or check the data."
+            )
+        learning_rate = float(self.optimizer.param_groups[0]["lr"])
+        best = state.record(train_loss, val_loss, learning_rate, self.settings.min_delta)
+        step_scheduler(self.scheduler, val_loss)
+        if best:
+            state.best_state = clone_state(self.model)
+        state.history.stopped_early = state.bad_epochs >= self.settings.patience
+        last = state.history.stopped_early or epoch + 1 == self.settings.epochs
+        if self.checkpoints is not None and self.checkpoints.due(epoch + 1, last):
+            self.checkpoints.save(
+                epoch + 1,
+                model=self.model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                state=state,
+            )
+
+
+class Trainer(EpochLoop):
+    """Train ``network`` on ``rows`` with an optimiser and a schedule (collective).
+
+    Args:
+        network: The module whose parameters are trained; it maps the rows' inputs (as
+            ``(chunk, *rows.input_shape)``) to their targets.
+        model: The module that is returned and checkpointed: ``network`` itself, or a
+            :class:`~dolfinx_mno.NormalizedModel` around it.
+        rows: The rows and the split (the same split on every rank).
+        optimizer: The optimiser of ``network``'s trainable parameters.
+        scheduler: Its schedule, stepped once per epoch, or ``None``.
+        settings: Epochs, batches, early stopping, seed.
+        comm: The communicator.
+        checkpoints: Where to write checkpoints, or ``None``.
+        progress: Show a tqdm progress bar on rank 0.
+        callback: ``callback(epoch, history)`` after every epoch, on every rank.
+    """
+
+    settings: LoopSettings
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        model: torch.nn.Module,
+        rows: TrainingRows,
+        *,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Scheduler | None,
+        settings: LoopSettings,
+        comm: MPI.Comm,
+        checkpoints: Checkpoints | None = None,
+        progress: bool = True,
+        callback: Callable[[int, TrainingHistory], None] | None = None,
+    ):
+        super().__init__(
+            model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            settings=settings,
+            comm=comm,
+            checkpoints=checkpoints,
+            progress=progress,
+            callback=callback,
+        )
+        self.network, self.rows = network, rows
+        self.dtype = model_dtype(network, torch.float64)
+        self.device = model_device(network) or torch.device("cpu")
+        self.gradients = ChunkGradients([p for p in network.parameters() if p.requires_grad])
+        # Validation rows are fetched once: fixed chunks, shared among ranks.
+        self.val_chunks = split_chunks(0, len(rows.val_index), settings.chunk_size, comm.size)
+        self.val_rows = self._fetch([rows.val_index[chunk_positions([c])] for c in self.val_chunks])
+
+    def _fetch(self, needed: list[npt.NDArray[np.int64]]) -> torch.Tensor:
+        """Rows ``needed[rank]`` (global indices) as a tensor for the network (collective)."""
+        rows = fetch_rows(self.rows.local, self.rows.offsets, needed, self.comm)
+        return torch.from_numpy(rows).to(dtype=self.dtype, device=self.device)
+
+    def _squared_error(self, chunk: torch.Tensor) -> torch.Tensor:
+        """Sum of squared errors of the network on a chunk of rows."""
+        num_inputs = self.rows.num_inputs
+        prediction = self.network(chunk[:, :num_inputs].reshape(-1, *self.rows.input_shape))
+        prediction = prediction.reshape(chunk.shape[0], -1)
+        return ((prediction - chunk[:, num_inputs:]) ** 2).sum()
 
     def train_one_epoch(self, epoch: int) -> float:
         """One pass over the training split in the epoch's seeded order (collective).
@@ -229,32 +325,3 @@ class Trainer:
                 row += b - a
         total = gather_chunks(sums, [len(c) for c in self.val_chunks], self.comm).sum()
         return float(total) / (len(self.rows.val_index) * self.rows.num_outputs)
-
-    def end_epoch(self, epoch: int, train_loss: float, val_loss: float, state: TrainingState):
-        """Record the epoch, step the schedule, keep the best weights, checkpoint.
-
-        Every rank holds the same losses, so every rank takes the same decisions.
-
-        Raises:
-            FloatingPointError: A loss is NaN or Inf (on every rank).
-        """
-        if not np.isfinite(train_loss) or not np.isfinite(val_loss):
-            raise FloatingPointError(
-                f"Training diverged in epoch {epoch}: training loss {train_loss}, "
-                f"validation loss {val_loss}. Lower the learning rate, or check the data."
-            )
-        learning_rate = float(self.optimizer.param_groups[0]["lr"])
-        best = state.record(train_loss, val_loss, learning_rate, self.settings.min_delta)
-        step_scheduler(self.scheduler, val_loss)
-        if best:
-            state.best_state = clone_state(self.model)
-        state.history.stopped_early = state.bad_epochs >= self.settings.patience
-        last = state.history.stopped_early or epoch + 1 == self.settings.epochs
-        if self.checkpoints is not None and self.checkpoints.due(epoch + 1, last):
-            self.checkpoints.save(
-                epoch + 1,
-                model=self.model,
-                optimizer=self.optimizer,
-                scheduler=self.scheduler,
-                state=state,
-            )

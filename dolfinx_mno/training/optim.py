@@ -22,12 +22,17 @@ import numpy as np
 import torch
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
+from dolfinx_mno.validation import check_integer
+
 __all__ = [
+    "DEFAULT_SETTINGS",
     "OptimizerFactory",
     "Scheduler",
     "SchedulerFactory",
     "adam",
     "build",
+    "build_from_options",
+    "default_settings",
     "describe",
     "reduce_on_plateau",
     "step_scheduler",
@@ -104,6 +109,80 @@ def build(
             "optimiser passed to the factory."
         )
     return built, schedule
+
+
+#: The settings of the default optimiser (:func:`adam`) and schedule
+#: (:func:`reduce_on_plateau`) a training entry point takes, with their default values.
+DEFAULT_SETTINGS: dict[str, dict[str, float | int]] = {
+    "optimizer": {"learning_rate": 1e-3, "weight_decay": 0.0},
+    "scheduler": {"lr_factor": 0.5, "lr_patience": 10, "min_learning_rate": 1e-6},
+}
+
+
+def default_settings(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of the default optimiser and schedule that a run uses (local).
+
+    Args:
+        options: The entry point's arguments: ``optimizer`` and ``scheduler`` (a factory
+            or ``None``) and every key of :data:`DEFAULT_SETTINGS` (a value, or ``None``
+            for the default).
+
+    Returns:
+        ``{key: value}`` for the settings of the default optimiser if no ``optimizer``
+        factory was given, and of the default schedule if no ``scheduler`` factory was
+        given (an injected one is recorded by :func:`build_from_options`).
+
+    Raises:
+        ValueError: A setting of the default optimiser or schedule given together with an
+            injected one (set it in the factory instead), or a bad integer.
+        TypeError: A non-integer ``lr_patience``.
+    """
+    settings: dict[str, Any] = {}
+    for name, values in DEFAULT_SETTINGS.items():
+        factory = options[name]
+        given = sorted(k for k in values if options[k] is not None)
+        if factory is not None and given:
+            raise ValueError(
+                f"{', '.join(given)} set(s) the default {name}, but {name}= was given: "
+                f"set {'it' if len(given) == 1 else 'them'} in your {name} factory instead."
+            )
+        if factory is None:
+            for key, default in values.items():
+                value = default if options[key] is None else options[key]
+                if isinstance(default, int):
+                    settings[key] = check_integer(value, key)
+                else:
+                    settings[key] = type(default)(value)
+    return settings
+
+
+def build_from_options(
+    params: list[torch.nn.Parameter], options: Mapping[str, Any], settings: dict[str, Any]
+) -> tuple[torch.optim.Optimizer, Scheduler | None]:
+    """The run's optimiser and schedule: the injected factories, or the defaults (local).
+
+    Args:
+        params: The trained parameters.
+        options: As for :func:`default_settings`.
+        settings: The run's settings, with those of :func:`default_settings`; an injected
+            optimiser or schedule is recorded in it under ``"optimizer"`` or
+            ``"scheduler"`` (:func:`describe`), so that resuming with another is refused.
+
+    Raises:
+        TypeError, ValueError: See :func:`build`.
+    """
+    optimizer, scheduler = options["optimizer"], options["scheduler"]
+    if optimizer is None:
+        optimizer = adam(settings["learning_rate"], settings["weight_decay"])
+    if scheduler is None:
+        scheduler = reduce_on_plateau(
+            settings["lr_factor"], settings["lr_patience"], settings["min_learning_rate"]
+        )
+    built = build(params, optimizer, scheduler)
+    for name, obj in zip(("optimizer", "scheduler"), built, strict=True):
+        if options[name] is not None:
+            settings[name] = describe(obj)
+    return built
 
 
 def step_scheduler(scheduler: Scheduler | None, val_loss: float) -> None:

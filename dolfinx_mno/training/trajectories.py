@@ -1,0 +1,185 @@
+"""The data of a-posteriori training: trajectories, their windows, the split.
+
+The counterpart of :mod:`~dolfinx_mno.training.samples` for
+:func:`~dolfinx_mno.training.fit_rollout`:
+
+* :func:`owned_states`: a trajectory of ``fem.Function`` objects as owned-dof states, the
+  layout of :class:`~dolfinx_mno.rollout.Rollout` states, on any number of ranks.
+* :class:`TrajectoryWindows`: one rank's trajectories, checked (local), and their
+  :class:`Window` objects: a start ``s`` of a trajectory, the initial state ``traj[s]``
+  and the targets ``traj[s+1], ..., traj[s+k]``.
+* :func:`split_windows`: the seeded split into training and validation windows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from dolfinx import fem
+
+__all__ = ["Trajectory", "TrajectoryWindows", "Window", "owned_states", "split_windows"]
+
+#: A trajectory: states ``(num_owned,)`` one after another, or an array
+#: ``(num_states, num_owned)``.
+Trajectory = Sequence[npt.ArrayLike | torch.Tensor] | npt.ArrayLike | torch.Tensor
+
+
+def owned_states(functions: Sequence[fem.Function]) -> list[npt.NDArray[np.float64]]:
+    """A trajectory in the layout of rollout states: each function's owned values.
+
+    Args:
+        functions: The states at the coarse time steps, on the space of the rollout's
+            ``u`` (e.g. the filtered fine solution interpolated onto it).
+
+    Returns:
+        For each function, a float64 copy of ``f.x.array[:num_owned]``, ``num_owned`` the
+        owned dofs × block size: the same layout as :meth:`Rollout.run
+        <dolfinx_mno.rollout.Rollout.run>`'s states, on any number of ranks.
+    """
+    states = []
+    for function in functions:
+        index_map = function.function_space.dofmap.index_map
+        num_owned = index_map.size_local * function.function_space.dofmap.index_map_bs
+        states.append(np.array(function.x.array[:num_owned], dtype=np.float64))
+    return states
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """One window of a trajectory (this rank's owned dofs).
+
+    Attributes:
+        trajectory: Index of the trajectory.
+        start: Index ``s`` of its initial state; the window starts at time ``t0 + s dt``.
+        initial: ``traj[s]``, shape ``(num_owned,)`` float64.
+        targets: ``traj[s+1 .. s+k]``, shape ``(horizon, num_owned)`` float64.
+    """
+
+    trajectory: int
+    start: int
+    initial: torch.Tensor
+    targets: torch.Tensor
+
+
+def _as_trajectory(trajectory: Any, index: int, num_owned: int, what: str) -> torch.Tensor:
+    """``trajectory`` as a float64 tensor ``(num_states, num_owned)``; raises if malformed."""
+    if isinstance(trajectory, torch.Tensor | np.ndarray):
+        if trajectory.ndim != 2:
+            raise ValueError(
+                f"{what.capitalize()} {index} must be a list of states or an array "
+                f"(num_states, num_owned), got an array with {trajectory.ndim} axes; pass "
+                "[trajectory] for a single trajectory."
+            )
+        states = list(trajectory)
+    elif isinstance(trajectory, Sequence):
+        states = list(trajectory)
+    else:
+        raise TypeError(
+            f"{what.capitalize()} {index} must be a list of states (num_owned,), got "
+            f"{type(trajectory).__name__}."
+        )
+    rows = []
+    for step, state in enumerate(states):
+        if isinstance(state, torch.Tensor):
+            state = state.detach().cpu().to(torch.float64).numpy()
+        array = np.asarray(state)
+        if array.dtype.kind not in "fiu":
+            raise TypeError(f"State {step} of {what} {index} is not real (dtype {array.dtype}).")
+        if array.shape != (num_owned,):
+            raise ValueError(
+                f"State {step} of {what} {index} has shape {array.shape}; a state on this "
+                f"rank has shape ({num_owned},) (the owned dofs of u; owned_states(functions) "
+                "gives them)."
+            )
+        rows.append(array.astype(np.float64))
+    tensor = torch.from_numpy(np.array(rows, dtype=np.float64).reshape(len(rows), num_owned))
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{what.capitalize()} {index} has NaN or Inf values.")
+    return tensor
+
+
+class TrajectoryWindows:
+    """One rank's trajectories, checked, and their windows (local: no collective call).
+
+    Args:
+        trajectories: The trajectories (see :func:`fit_rollout`).
+        horizon: The number of steps ``k`` of a window.
+        stride: Distance between the starts of consecutive windows of a trajectory.
+        num_owned: Entries of a state on this rank.
+        what: What the trajectories are, for the messages (``"trajectory"``).
+
+    Attributes:
+        states: Each trajectory as ``(num_states, num_owned)`` float64.
+        windows: Every window, by trajectory then start: starts ``0, stride, ...`` up to
+            ``num_states - 1 - horizon``.
+
+    Raises:
+        TypeError, ValueError: Not a list of trajectories, states of the wrong shape or
+            dtype, NaN or Inf, or a trajectory shorter than ``horizon + 1`` states.
+    """
+
+    def __init__(self, trajectories: Any, *, horizon: int, stride: int, num_owned: int, what: str):
+        if (
+            isinstance(trajectories, np.ndarray | torch.Tensor | str)
+            or not isinstance(trajectories, Sequence)
+            or len(trajectories) == 0
+        ):
+            raise TypeError(
+                f"The {what} data must be a non-empty list of trajectories, each a list of "
+                "states (num_owned,) or an array (num_states, num_owned); pass [trajectory] "
+                "for a single one."
+            )
+        self.states = [_as_trajectory(t, i, num_owned, what) for i, t in enumerate(trajectories)]
+        for i, states in enumerate(self.states):
+            if states.shape[0] < horizon + 1:
+                raise ValueError(
+                    f"{what.capitalize()} {i} has {states.shape[0]} states, too few for a "
+                    f"horizon of {horizon} steps (a window needs horizon + 1 = {horizon + 1}: "
+                    "the initial state and the targets); give a shorter horizon or longer "
+                    "trajectories."
+                )
+        self.windows = [
+            Window(i, s, states[s], states[s + 1 : s + 1 + horizon])
+            for i, states in enumerate(self.states)
+            for s in range(0, states.shape[0] - horizon, stride)
+        ]
+
+    @property
+    def lengths(self) -> list[int]:
+        """Number of states of each trajectory."""
+        return [int(states.shape[0]) for states in self.states]
+
+
+def split_windows(
+    windows: list[Window], fraction: float, seed: int
+) -> tuple[list[Window], list[Window]]:
+    """``(train, val)``: a seeded split of ``windows`` (the same on every rank).
+
+    A permutation seeded by ``seed`` sends ``round(fraction * len(windows))`` windows to
+    validation; each side keeps the windows' order. ``fraction`` 0: no split, the
+    validation windows are the training windows.
+
+    Raises:
+        ValueError: A side without a window.
+    """
+    if fraction == 0.0:
+        return windows, windows
+    order = np.random.default_rng([seed, 0x5EED]).permutation(len(windows))
+    num_val = round(fraction * len(windows))
+    if num_val < 1 or num_val == len(windows):
+        raise ValueError(
+            f"fit_rollout: {len(windows)} windows with validation_fraction={fraction} leave "
+            f"{len(windows) - num_val} for training and {num_val} for validation; each needs "
+            "one (give more or longer trajectories, a smaller stride, validation "
+            "trajectories, or validation_fraction=0 to validate on the training windows)."
+        )
+    train = [windows[i] for i in sorted(order[num_val:])]
+    return train, [windows[i] for i in sorted(order[:num_val])]

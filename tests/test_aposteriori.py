@@ -1,0 +1,527 @@
+"""A-posteriori training through the solver: learning, rank invariance, resume, stopping.
+
+The problem: the heat equation with a reaction ``r(u) = -k u + s`` and a time-dependent
+source, stepped IMEX on P1 (``(u - u_n)/dt - Δu = r(u_n) + sin(3t)``). The "fine"
+trajectories come from the exact reaction in UFL; the coarse model is the same scheme with
+a closure ``MLP(1, 1, [])`` (a ``torch.nn.Linear(1, 1)``: weight ``-k``, bias ``s``), so
+the answer is known.
+"""
+
+import itertools
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from mpi4py import MPI
+
+import numpy as np
+import pytest
+import torch
+import ufl
+from dolfinx import fem, mesh
+from problems import DIRECT
+
+import dolfinx_mno as mno
+from dolfinx_mno import io
+from dolfinx_mno.models import MLP
+from dolfinx_mno.rollout import Rollout
+from dolfinx_mno.timestepping import IMEXStepper
+from dolfinx_mno.training import fit_rollout, owned_states, shard
+from dolfinx_mno.training.aposteriori import RolloutObjective
+from dolfinx_mno.training.trajectories import TrajectoryWindows, split_windows
+
+DT = 0.05
+K, S = 2.0, 1.0  # the true reaction r(u) = -K u + S
+_prefixes = itertools.count()
+
+INITIAL = [
+    lambda x: np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]) + 0.5 * x[0],
+    lambda x: np.cos(np.pi * x[0]) * x[1],
+    lambda x: 1.0 - x[0] * x[1],
+]
+
+
+def heat(msh, model=None, initial=INITIAL[0], k=K, s=S):
+    """The IMEX step and its closure; ``model=None``: the exact reaction in UFL."""
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    u_n, uh = fem.Function(V, name="u_n"), fem.Function(V, name="u")
+    u_n.interpolate(initial)
+    time = fem.Constant(msh, 0.0)
+    u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
+    a = (u * v + DT * ufl.inner(ufl.grad(u), ufl.grad(v))) * ufl.dx
+    L = u_n * v * ufl.dx + DT * ufl.sin(3 * time) * v * ufl.dx
+    closure = None
+    if model is None:
+        L += DT * (-k * u_n + s) * v * ufl.dx
+    else:
+        closure = mno.Closure(model, [u_n], (), 2, device="cpu", name="reaction")
+        L += DT * closure * v * closure.dx
+    problem = mno.petsc.LinearProblem(
+        a, L, u=uh, petsc_options=DIRECT, petsc_options_prefix=f"apost{next(_prefixes)}_"
+    )
+    return IMEXStepper(problem, uh, u_n, dt=DT, time=time), closure
+
+
+def fine_trajectory(msh, initial, num_steps, k=K, s=S):
+    """The exact scheme's states at t = 0, DT, ..., as owned arrays."""
+    stepper, _ = heat(msh, None, initial, k, s)
+    states = owned_states([stepper.u_previous])
+    for _ in range(num_steps):
+        stepper.step()
+        states += owned_states([stepper.u])
+    return states
+
+
+def wrong_model(weight=0.0, bias=0.0):
+    """``Linear(1, 1)`` (as a registered MLP, so that checkpoints can save it)."""
+    model = MLP(1, 1, [], seed=0)
+    with torch.no_grad():
+        model.layers[0].weight.fill_(weight)
+        model.layers[0].bias.fill_(bias)
+    return model
+
+
+def parameters(model):
+    return np.array([model.layers[0].weight.item(), model.layers[0].bias.item()])
+
+
+def coarse(msh, **model_kwargs):
+    stepper, closure = heat(msh, wrong_model(**model_kwargs))
+    return Rollout(stepper), closure
+
+
+def a_priori_samples(comm, num_samples=30):
+    """Global samples of the true reaction (shifted, so they pull away from it), sharded."""
+    x = np.linspace(-1.0, 2.0, num_samples).reshape(-1, 1)
+    y = -K * x[:, 0] + S + 0.5
+    return shard(x, comm), shard(y, comm)
+
+
+@pytest.fixture
+def shared_dir():
+    """A folder every rank sees: rank 0's, removed after the test."""
+    comm = MPI.COMM_WORLD
+    path = comm.bcast(tempfile.mkdtemp(prefix="mno-rollout-fit-") if comm.rank == 0 else None)
+    yield Path(path)
+    comm.Barrier()
+    if comm.rank == 0:
+        shutil.rmtree(path)
+
+
+def test_windows_and_their_split():
+    """Starts 0, stride, ... up to num_states - 1 - horizon; a seeded, disjoint split."""
+    trajectory = np.arange(18.0).reshape(6, 3)  # 6 states of 3 dofs
+    data = TrajectoryWindows(
+        [trajectory, list(trajectory[:4])], horizon=2, stride=2, num_owned=3, what="trajectory"
+    )
+    assert data.lengths == [6, 4]
+    assert [(w.trajectory, w.start) for w in data.windows] == [(0, 0), (0, 2), (1, 0)]
+    window = data.windows[1]
+    assert np.array_equal(window.initial.numpy(), trajectory[2])
+    assert np.array_equal(window.targets.numpy(), trajectory[3:5])
+    many = TrajectoryWindows([trajectory] * 4, horizon=1, stride=1, num_owned=3, what="x")
+    train, val = split_windows(many.windows, 0.25, seed=3)
+    assert len(train) == 15 and len(val) == 5
+    assert {id(w) for w in train} | {id(w) for w in val} == {id(w) for w in many.windows}
+    assert [w.start for w in split_windows(many.windows, 0.25, seed=3)[1]] == [w.start for w in val]
+    assert split_windows(many.windows, 0.0, seed=3) == (many.windows, many.windows)
+
+
+def test_learns_a_linear_reaction_through_the_solver():
+    """From r = 0 to r = -2u + 1 (to 1e-3), the rollout loss falling by orders of magnitude."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 3, 3)
+    trajectories = [fine_trajectory(msh, f, 4) for f in INITIAL[:2]]
+    rollout, closure = coarse(msh)
+    result = fit_rollout(
+        rollout,
+        trajectories,
+        horizon=3,
+        validation_fraction=0.0,
+        batch_size=2,
+        epochs=150,
+        learning_rate=0.1,
+        lr_patience=10,
+        patience=150,
+        progress=False,
+    )
+    history = result.history
+    assert result.model is closure.model and not closure.model.training
+    assert history.epochs == 150 and history.resumed_from is None
+    weight, bias = parameters(closure.model)
+    assert abs(weight + K) <= 1e-3 * K and abs(bias - S) <= 1e-3 * S
+    assert history.val_loss[0] > 1e-3
+    assert history.best_val_loss <= 1e-8 * history.val_loss[0]
+    # The trained closure reproduces the fine trajectory over the horizon and beyond.
+    with torch.no_grad():
+        states = rollout.run(torch.from_numpy(trajectories[0][0]), 4)
+    error = max(
+        np.abs(s.numpy() - t).max() for s, t in zip(states, trajectories[0][1:], strict=True)
+    )
+    assert error <= 1e-4 * np.abs(trajectories[0][-1]).max()
+
+
+def _train_on(comm, cells, epochs):
+    msh = mesh.create_unit_square(comm, *cells)
+    trajectories = [fine_trajectory(msh, f, 4) for f in INITIAL[:2]]
+    rollout, closure = coarse(msh, weight=-0.5, bias=0.3)
+    result = fit_rollout(
+        rollout,
+        trajectories,
+        horizon=2,
+        validation_fraction=1 / 3,
+        batch_size=2,
+        epochs=epochs,
+        learning_rate=0.05,
+        a_priori=a_priori_samples(comm),
+        a_priori_weight=0.1,
+        progress=False,
+    )
+    return parameters(closure.model), result.history
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("cells", [(1, 1), (4, 3)])
+def test_weights_do_not_depend_on_ranks(cells):
+    """COMM_WORLD against COMM_SELF; (1, 1) on 3 ranks: a rank owns no cells."""
+    serial, serial_history = _train_on(MPI.COMM_SELF, cells, 3)
+    parallel, history = _train_on(MPI.COMM_WORLD, cells, 3)
+    assert np.linalg.norm(serial - np.array([-0.5, 0.3])) > 0.05  # it trained
+    assert np.linalg.norm(parallel - serial) <= 1e-10 * np.linalg.norm(serial)
+    assert np.allclose(history.train_loss, serial_history.train_loss, rtol=1e-10, atol=0)
+    assert np.allclose(history.val_loss, serial_history.val_loss, rtol=1e-10, atol=0)
+    gathered = MPI.COMM_WORLD.allgather(parallel)
+    assert all(np.array_equal(g, gathered[0]) for g in gathered)
+
+
+@pytest.mark.mpi
+def test_objective_is_the_rollout_loss_plus_the_weighted_a_priori_loss():
+    """One SGD step on one batch: the loss and the step, against a hand computation."""
+    comm = MPI.COMM_WORLD
+    msh = mesh.create_unit_square(comm, 3, 3)
+    trajectories = [fine_trajectory(msh, f, 4) for f in INITIAL[:2]]
+    rollout, closure = coarse(msh, weight=-0.5, bias=0.3)
+    inputs, targets = a_priori_samples(comm)
+    weight, lr, horizon = 0.7, 0.2, 2
+    model = closure.model
+    theta = [p.detach().clone() for p in model.parameters()]
+
+    # By hand: the windows, their relative rollout loss and its gradient (stepper time set
+    # to each window's start), and the relative a-priori loss and its gradient.
+    windows = [(i, s) for i in range(2) for s in range(len(trajectories[i]) - horizon)]
+    scale = comm.allreduce(
+        sum(float(np.sum(np.square(trajectories[i][s + 1 : s + 1 + horizon]))) for i, s in windows)
+    ) / len(windows)
+    rollout_part, rollout_gradient = 0.0, [torch.zeros_like(p) for p in theta]
+    for i, s in windows:
+        rollout.stepper.t = s * DT
+        result = rollout.gradient(
+            torch.from_numpy(trajectories[i][s]), trajectories[i][s + 1 : s + 1 + horizon]
+        )
+        rollout_part += result.loss / (scale * len(windows))
+        for total, g in zip(rollout_gradient, result.parameters[0], strict=True):
+            total += g / (scale * len(windows))
+    rollout.stepper.t = 0.0
+    x, y = torch.from_numpy(inputs), torch.from_numpy(targets)
+    local = ((model(x)[:, 0] - y) ** 2).sum()
+    prior_scale = comm.allreduce(float((y**2).sum()))
+    prior_gradient = [
+        comm.allreduce(g.numpy()) for g in torch.autograd.grad(local, list(model.parameters()))
+    ]
+    prior_part = comm.allreduce(float(local.detach())) / prior_scale
+    assert rollout_part > 1e-3 and prior_part > 1e-2
+    expected = [
+        t - lr * (g + weight * torch.from_numpy(p) / prior_scale)
+        for t, g, p in zip(theta, rollout_gradient, prior_gradient, strict=True)
+    ]
+
+    result = fit_rollout(
+        rollout,
+        trajectories,
+        horizon=horizon,
+        validation_fraction=0.0,
+        batch_size=len(windows),
+        epochs=1,
+        optimizer=lambda params: torch.optim.SGD(params, lr=lr),
+        scheduler=lambda optimizer: None,
+        a_priori=(inputs, targets),
+        a_priori_weight=weight,
+        progress=False,
+    )
+    history = result.history
+    assert history.train_loss[0] == pytest.approx(rollout_part + weight * prior_part, rel=1e-12)
+    for p, e in zip(model.parameters(), expected, strict=True):
+        assert float((p.detach() - e).abs().max()) <= 1e-12 * float(e.abs().max())
+    # The validation loss is the rollout part at the new weights (here: the same windows).
+    objective = RolloutObjective(rollout, closure, horizon=horizon, scale=scale)
+    data = TrajectoryWindows(
+        trajectories, horizon=horizon, stride=1, num_owned=rollout.num_owned, what="trajectory"
+    )
+    assert history.val_loss[0] == pytest.approx(objective.rollout_loss(data.windows), rel=1e-12)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def stop_after(last_epoch):
+    def callback(epoch, history):
+        if epoch == last_epoch:
+            raise Interrupt
+
+    return callback
+
+
+@pytest.mark.mpi
+def test_interrupted_run_resumes_to_the_same_weights(shared_dir):
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 3, 3)
+    trajectories = [fine_trajectory(msh, f, 4) for f in INITIAL[:2]]
+    rollout, closure = coarse(msh)
+    model = closure.model
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = dict(
+        horizon=2,
+        validation_fraction=0.25,
+        batch_size=2,
+        epochs=4,
+        learning_rate=0.1,
+        scheduler=lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5),
+        checkpoint_every=2,
+        a_priori=a_priori_samples(MPI.COMM_WORLD),
+        progress=False,
+        metadata={"purpose": "test"},
+    )
+    straight = fit_rollout(rollout, trajectories, checkpoint_dir=shared_dir / "a", **settings)
+    expected = parameters(model)
+    model.load_state_dict(start)
+    with pytest.raises(Interrupt):  # killed after epoch 2 (0-based): last checkpoint at 2
+        fit_rollout(
+            rollout,
+            trajectories,
+            checkpoint_dir=shared_dir / "b",
+            callback=stop_after(2),
+            **settings,
+        )
+    names = sorted(p.name for p in (shared_dir / "b").iterdir())
+    assert names == ["checkpoint-000002.model.pt", "checkpoint-000002.state.pt"]
+    with torch.no_grad():  # other weights: the checkpoint's win
+        model.layers[0].weight.fill_(5.0)
+    last = []
+    resumed = fit_rollout(
+        rollout,
+        trajectories,
+        checkpoint_dir=shared_dir / "b",
+        resume=True,
+        callback=lambda epoch, history: last.append(parameters(model)),
+        **settings,
+    )
+    assert resumed.history.resumed_from == 2 and len(last) == 2
+    assert np.array_equal(parameters(model), expected)
+    assert resumed.history.val_loss == straight.history.val_loss
+    assert (
+        resumed.history.learning_rate
+        == straight.history.learning_rate
+        == [
+            0.1,
+            0.05,
+            0.025,
+            0.0125,
+        ]
+    )  # the schedule's state travelled too
+    # The files: plain data, and a model file with the closure's spec.
+    state = torch.load(shared_dir / "b" / "checkpoint-000004.state.pt", weights_only=True)
+    assert state["epochs_done"] == 4
+    contents = io.read_model_file(shared_dir / "b" / "checkpoint-000004.model.pt")
+    assert contents.metadata["purpose"] == "test" and contents.spec == closure.spec
+    assert contents.metadata["training"]["settings"]["horizon"] == 2
+    assert np.array_equal(parameters(contents.build()), last[-1])  # the last epoch's
+    # Other settings are refused, naming them.
+    with pytest.raises(ValueError, match=r"other data or settings \(horizon: 2 then, 3 now"):
+        fit_rollout(
+            rollout,
+            trajectories,
+            checkpoint_dir=shared_dir / "b",
+            resume=True,
+            **{**settings, "horizon": 3},
+        )
+
+
+@pytest.mark.mpi
+def test_early_stopping_restores_the_best_weights():
+    """Validation data of another reaction (s = 0.5): its loss rises once the fit passes it."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 3, 3)
+    trajectories = [fine_trajectory(msh, f, 2) for f in INITIAL[:2]]
+    validation = [fine_trajectory(msh, INITIAL[2], 2, s=0.5)]
+    rollout, closure = coarse(msh)
+    seen = []
+    result = fit_rollout(
+        rollout,
+        trajectories,
+        horizon=2,
+        validation=validation,
+        batch_size=2,
+        epochs=100,
+        learning_rate=0.5,
+        patience=2,
+        callback=lambda epoch, history: seen.append(parameters(closure.model)),
+        progress=False,
+    )
+    history = result.history
+    assert history.stopped_early
+    assert 0 < history.best_epoch and history.epochs == history.best_epoch + 3 < 100
+    assert history.val_loss[history.best_epoch] == min(history.val_loss)
+    assert np.array_equal(parameters(closure.model), seen[history.best_epoch])
+    assert not np.array_equal(seen[-1], seen[history.best_epoch])
+
+
+def _raises_everywhere(error, message, call):
+    """``call`` raises ``error`` with ``message`` (a regex) on every rank, the same text."""
+    with pytest.raises(error, match=message) as info:
+        call()
+    texts = MPI.COMM_WORLD.allgather(str(info.value))
+    assert all(text == texts[0] for text in texts)
+
+
+@pytest.mark.mpi
+def test_bad_input_raises_the_same_clear_error_on_every_rank(tiny_square):
+    comm = MPI.COMM_WORLD
+    trajectories = [fine_trajectory(tiny_square, f, 3) for f in INITIAL[:2]]
+    rollout, closure = coarse(tiny_square)
+    model = closure.model
+    before = parameters(model)
+
+    def fit(data=trajectories, **kwargs):
+        return fit_rollout(rollout, data, **{"horizon": 2, "progress": False, **kwargs})
+
+    exact = re.escape
+    _raises_everywhere(
+        ValueError,
+        exact(
+            "Trajectory 1 has 3 states, too few for a horizon of 3 steps (a window needs "
+            "horizon + 1 = 4: the initial state and the targets); give a shorter horizon or "
+            "longer trajectories."
+        ),
+        lambda: fit([trajectories[0], trajectories[1][:3]], horizon=3),
+    )
+    _raises_everywhere(
+        TypeError,
+        exact("The trajectory data must be a non-empty list of trajectories"),
+        lambda: fit([]),
+    )
+    _raises_everywhere(
+        ValueError,
+        exact(
+            "Trajectory 0 must be a list of states or an array (num_states, num_owned), got "
+            "an array with 1 axes; pass [trajectory] for a single trajectory."
+        ),
+        lambda: fit(trajectories[0]),
+    )
+    # A state of the wrong shape on every rank (each rank's own shape in its message).
+    bad = [[np.zeros(rollout.num_owned + 1), *trajectories[0][1:]]]
+    _raises_everywhere(ValueError, "State 0 of trajectory 0 has shape", lambda: fit(bad))
+    # ... and on one rank only.
+    if comm.size > 1:
+        one_bad = bad if comm.rank == 1 else trajectories
+        _raises_everywhere(
+            ValueError,
+            r"^fit_rollout: checking the input failed on rank\(s\) \[1\] \(1 of ",
+            lambda: fit(one_bad),
+        )
+        longer = [*trajectories, trajectories[0]] if comm.rank == 0 else trajectories
+        _raises_everywhere(
+            ValueError, r"^fit_rollout: the ranks passed different data", lambda: fit(longer)
+        )
+    # One trajectory of horizon + 1 states: one window, none left to validate on.
+    _raises_everywhere(
+        ValueError,
+        exact(
+            "fit_rollout: 1 windows with validation_fraction=0.2 leave 1 for training and 0 "
+            "for validation; each needs one"
+        ),
+        lambda: fit([trajectories[0][:3]]),
+    )
+    u_n = rollout.stepper.u_previous
+    other = mno.Closure(wrong_model(), [u_n], device="cpu", name="outsider")
+    _raises_everywhere(
+        ValueError,
+        exact(
+            "Closure 'outsider' is not in the rollout's step; train one of its closures "
+            "['reaction']."
+        ),
+        lambda: fit(closure=other),
+    )
+    # Two closures in the step: which one to train must be said.
+    stepper = rollout.stepper
+    second = mno.Closure(wrong_model(), [u_n], (), 2, device="cpu", name="second")
+    a, L = stepper.problem.ufl_forms
+    v = ufl.TestFunction(u_n.function_space)
+    two = mno.petsc.LinearProblem(
+        a,
+        L + DT * second * v * second.dx,
+        u=stepper.u,
+        petsc_options=DIRECT,
+        petsc_options_prefix=f"apost{next(_prefixes)}_",
+    )
+    both = Rollout(IMEXStepper(two, stepper.u, u_n, dt=DT, time=stepper.time))
+    _raises_everywhere(
+        ValueError,
+        exact(
+            "The rollout has the closures ['reaction', 'second']: choose the one to train "
+            "with closure=."
+        ),
+        lambda: fit_rollout(both, trajectories, horizon=2, progress=False),
+    )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _raises_everywhere(
+        ValueError,
+        exact(
+            "The model of closure 'reaction' has no trainable parameters: nothing to train "
+            "(set requires_grad on its parameters, or train another closure)."
+        ),
+        lambda: fit(),
+    )
+    for p in model.parameters():
+        p.requires_grad_(True)
+    _raises_everywhere(
+        ValueError,
+        exact("a_priori_weight was given without a_priori samples: give both."),
+        lambda: fit(a_priori_weight=0.5),
+    )
+    _raises_everywhere(
+        ValueError,
+        exact(
+            "validation_fraction splits the training windows, but validation trajectories "
+            "were given: leave validation_fraction out."
+        ),
+        lambda: fit(validation=trajectories, validation_fraction=0.2),
+    )
+    inputs, targets = a_priori_samples(comm)
+    _raises_everywhere(
+        ValueError,
+        r"^The a-priori inputs have shape \(\d+, 2\); closure 'reaction' takes "
+        r"\(num_samples, 1\) \(its model inputs\)\.$",
+        lambda: fit(a_priori=(np.hstack([inputs, inputs]), targets)),
+    )
+    _raises_everywhere(
+        ValueError,
+        exact("learning_rate set(s) the default optimizer, but optimizer= was given"),
+        lambda: fit(learning_rate=0.1, optimizer=lambda params: torch.optim.SGD(params, lr=1)),
+    )
+    assert np.array_equal(parameters(model), before)  # nothing was trained
+
+
+@pytest.mark.mpi
+def test_progress_bar_on_rank_0_only(capsys):
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 2, 2)
+    rollout, _ = coarse(msh)
+    fit_rollout(
+        rollout,
+        [fine_trajectory(msh, INITIAL[0], 3)],
+        horizon=2,
+        validation_fraction=0.0,
+        epochs=1,
+        progress=True,
+    )
+    err = capsys.readouterr().err
+    assert ("fit_rollout" in err) == (MPI.COMM_WORLD.rank == 0)
