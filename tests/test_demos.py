@@ -21,7 +21,7 @@ DEMO_DIR = Path(__file__).resolve().parent.parent / "demos"
 EXPERIMENT_DIR = DEMO_DIR.parent / "experiments"
 # The experiments that read a demo's outputs, with their arguments for the smoke test.
 EXPERIMENTS = {
-    "burgers/demo_burgers.py": [["burgers_results.py"]],
+    "burgers/demo_burgers.py": [["burgers_results.py"], ["burgers_aposteriori.py"]],
     "lorenz96/demo_lorenz96.py": [
         ["lorenz96_results.py"],
         ["lorenz96_runtime.py", "--min-log2-k", "9", "--max-log2-k", "9"],
