@@ -346,6 +346,7 @@ class Rollout:
         num_steps: int | None = None,
         closures: Sequence[ClosureBase] | None = None,
         initial_state: bool = False,
+        target_interval: int = 1,
     ) -> RolloutGradient:
         """The gradient of :func:`rollout_loss` over ``num_steps`` steps (collective).
 
@@ -355,32 +356,49 @@ class Rollout:
         Args:
             u0: The initial state, ``(num_owned,)`` float64 on the CPU.
             targets: Target states ``[t_1, ..., t_m]``, each ``(num_owned,)`` (this rank's
-                owned dofs), ``m ≥ num_steps``.
-            num_steps: The horizon; by default ``len(targets)``.
+                owned dofs): ``t_j`` is the target after ``j × target_interval`` steps.
+            num_steps: The horizon in steps, a multiple of ``target_interval``; by default
+                ``len(targets) × target_interval``.
             closures: The closures whose model parameters to differentiate with respect to;
                 by default every closure of the step. ``[]`` with ``initial_state=True``
                 gives the initial-state gradient alone.
             initial_state: Also return ``∂loss/∂u_0``.
+            target_interval: Steps between targets (filtered fine states are often kept
+                at a coarser interval than the coarse step); the loss compares the states
+                after ``target_interval, 2 target_interval, ...`` steps.
 
         Raises:
-            ValueError: A horizon longer than the targets, targets of the wrong shape, a
+            ValueError: A horizon longer than the targets (or not a multiple of
+                ``target_interval``), targets of the wrong shape, a
                 closure that is not in the step's linear form, a closure whose model has no
                 trainable parameters, or nothing to differentiate. Raised on every rank.
         """
         with rank_local(self.comm, "Preparing the rollout gradient"):
-            horizon = len(targets) if num_steps is None else num_steps
-            if horizon > len(targets):
+            interval = target_interval
+            if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+                raise ValueError(
+                    f"target_interval must be a positive integer, got {target_interval!r}."
+                )
+            horizon = len(targets) * interval if num_steps is None else num_steps
+            if horizon % interval:
+                raise ValueError(
+                    f"The horizon of {horizon} steps is not a multiple of target_interval = "
+                    f"{interval}; the last step must have a target."
+                )
+            if horizon > len(targets) * interval:
                 raise ValueError(
                     f"The horizon of {horizon} steps is longer than the {len(targets)} target "
-                    f"states; give at least {horizon} targets or a shorter num_steps."
+                    f"states{f' every {interval} steps' if interval > 1 else ''}; give at "
+                    f"least {horizon // interval} targets or a shorter num_steps."
                 )
-            target_tensors = [self._target(t, i) for i, t in enumerate(targets[:horizon])]
+            used = targets[: horizon // interval]
+            target_tensors = [self._target(t, i) for i, t in enumerate(used)]
             chosen = self.closures if closures is None else list(closures)
             parameters = [self._parameters(closure) for closure in chosen]
             if not chosen and not initial_state:
                 raise ValueError("Nothing to differentiate: give closures or initial_state=True.")
         start = u0.detach().clone().requires_grad_(initial_state)
-        states = self.run(start, horizon)
+        states = self.run(start, horizon)[interval - 1 :: interval]
         loss = rollout_loss(states, target_tensors, self.comm)
         inputs = [p for group in parameters for p in group] + ([start] if initial_state else [])
         gradients = list(torch.autograd.grad(loss, inputs, materialize_grads=True))

@@ -254,6 +254,35 @@ def test_checkpointed_gradient_equals_the_full_graph():
 
 
 @pytest.mark.mpi
+def test_targets_every_few_steps():
+    """``target_interval=2``: the loss compares the states after 2, 4, 6 steps; its gradient
+    equals autograd's of that loss (parameters and initial state), the same on every rank."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
+    stepper, (closure,) = heat(msh, 1, ("flux",), prefix="interval_")
+    rollout = Rollout(stepper)
+    u0 = rollout.initial_state()
+    data = targets(rollout, 6)[1::2]  # t_2, t_4, t_6
+    result = rollout.gradient(u0, data, target_interval=2, initial_state=True)
+    start = u0.clone().requires_grad_(True)
+    parameters = list(closure.model.parameters())
+    expected_loss = rollout_loss(rollout.run(start, 6)[1::2], data, rollout.comm)
+    *expected, expected_initial = torch.autograd.grad(expected_loss, [*parameters, start])
+    allreduce_gradients(expected, rollout.comm)
+    assert result.loss == pytest.approx(float(expected_loss.detach()), rel=1e-14)
+    for g, e in zip(result.parameters[0], expected, strict=True):
+        assert float((g - e).norm()) <= 1e-13 * float(e.norm())
+    assert float((result.initial_state - expected_initial).norm()) <= 1e-13 * float(
+        expected_initial.norm()
+    )
+    with pytest.raises(ValueError, match="not a multiple of target_interval = 2"):
+        rollout.gradient(u0, data, target_interval=2, num_steps=5)
+    with pytest.raises(ValueError, match="longer than the 3 target states every 2 steps"):
+        rollout.gradient(u0, data, target_interval=2, num_steps=8)
+    with pytest.raises(ValueError, match="target_interval must be a positive integer"):
+        rollout.gradient(u0, data, target_interval=0)
+
+
+@pytest.mark.mpi
 def test_one_step_gradient_equals_the_a_priori_gradient():
     """DG0 with a mass matrix: one step is u_1 = u_0 + q(u_0, x) cell by cell, exactly.
 

@@ -152,10 +152,11 @@ class RolloutObjective:
     Args:
         rollout: The rollout that contains ``closure``.
         closure: The closure whose model is trained.
-        horizon: The number of steps ``k``.
+        horizon: The number of target states ``k`` of a window.
         scale: ``S``, the same on every rank.
         a_priori: The a-priori term, or ``None``.
         a_priori_weight: ``λ``.
+        target_interval: Coarse steps between consecutive states of a trajectory.
     """
 
     def __init__(
@@ -167,8 +168,10 @@ class RolloutObjective:
         scale: float,
         a_priori: APrioriLoss | None = None,
         a_priori_weight: float = 0.0,
+        target_interval: int = 1,
     ):
         self.rollout, self.closure, self.horizon, self.scale = rollout, closure, horizon, scale
+        self.target_interval = target_interval
         self.a_priori, self.a_priori_weight = a_priori, a_priori_weight
         self.parameters = [p for p in closure.model.parameters() if p.requires_grad]
         stepper = rollout.stepper
@@ -176,10 +179,10 @@ class RolloutObjective:
 
     @contextlib.contextmanager
     def _at_start_of(self, window: Window) -> Iterator[None]:
-        """The stepper at the window's start time ``t0 + s dt``, restored afterwards."""
+        """The stepper at the window's start time ``t0 + s m dt``, restored afterwards."""
         stepper = self.rollout.stepper
         saved = stepper.t
-        stepper.t = self.t0 + window.start * self.dt
+        stepper.t = self.t0 + window.start * self.target_interval * self.dt
         try:
             yield
         finally:
@@ -190,7 +193,8 @@ class RolloutObjective:
     def window_loss(self, window: Window) -> float:
         """``Σ_n ‖u_n − t_n‖² / S`` of one window, without gradients (collective)."""
         with self._at_start_of(window), torch.no_grad():
-            states = self.rollout.run(window.initial, self.horizon)
+            m = self.target_interval
+            states = self.rollout.run(window.initial, self.horizon * m)[m - 1 :: m]
             return float(rollout_loss(states, list(window.targets), self.rollout.comm)) / self.scale
 
     def rollout_loss(self, windows: Sequence[Window]) -> float:
@@ -212,8 +216,9 @@ class RolloutObjective:
                 result = self.rollout.gradient(
                     window.initial,
                     list(window.targets),
-                    num_steps=self.horizon,
+                    num_steps=self.horizon * self.target_interval,
                     closures=[self.closure],
+                    target_interval=self.target_interval,
                 )
             weight = 1.0 / (self.scale * len(windows))
             rollout_part += result.loss * weight
@@ -335,6 +340,7 @@ def _settings(options: Mapping[str, Any]) -> dict[str, Any]:
         "patience": check_integer(options["patience"], "patience", minimum=1),
         "seed": int(options["seed"]),
         "stride": check_integer(options["stride"], "stride", minimum=1),
+        "target_interval": check_integer(options["target_interval"], "target_interval", minimum=1),
     }
     settings.update(optim.default_settings(options))
     check_integer(options["epochs"], "epochs")
@@ -465,6 +471,7 @@ def fit_rollout(
     validation: Sequence[Trajectory] | None = None,
     validation_fraction: float | None = None,
     stride: int = 1,
+    target_interval: int = 1,
     a_priori: tuple[Any, Any] | None = None,
     a_priori_weight: float | None = None,
     epochs: int = 100,
@@ -524,6 +531,10 @@ def fit_rollout(
             is the loss on the training windows after each epoch (for scarce data).
         stride: Distance between the starts of a trajectory's windows (default 1: every
             start ``0 .. num_states - 1 - horizon``).
+        target_interval: Coarse steps between consecutive states of a trajectory (default
+            1: a state at every coarse step). With ``m > 1`` the trajectories hold the
+            filtered fine solution at ``t0, t0 + m dt, ...``, a window runs ``horizon × m``
+            coarse steps, and its loss compares the states after ``m, 2m, ...`` steps.
         a_priori: ``(inputs, targets)``, this rank's a-priori samples, as
             :func:`~dolfinx_mno.training.fit` takes them: ``(num_local_samples,
             num_inputs)`` and ``(num_local_samples, *value_shape)`` (a rank may hold none;
@@ -618,6 +629,7 @@ def fit_rollout(
             scale=scale,
             a_priori=run.a_priori,
             a_priori_weight=settings.get("a_priori_weight", 0.0),
+            target_interval=settings["target_interval"],
         )
         checkpoints = None
         if checkpoint_dir is not None:
