@@ -19,8 +19,10 @@ zeroed, assembled once when the linear form is affine in ``u_n`` and the closure
 each step's state in backward). An implicit step is one stage
 (:class:`~dolfinx_mno.step_adjoint.ImplicitStepFunction`): Newton forward, and backward the
 adjoint of the converged step (``J⁻ᵀ`` with the closure tangents, then the model's VJP at
-the converged operands). See ``docs/adjoint.md`` for the method, and why it is not
-dolfinx-adjoint.
+the converged operands). A :class:`~dolfinx_mno.NonlocalClosure` of an IMEX step replaces
+the operand and model stages by those of its update (:mod:`dolfinx_mno.nonlocal_adjoint`:
+sample, gather, the model on the root, scatter and interpolate). See ``docs/adjoint.md``
+for the method, and why it is not dolfinx-adjoint.
 
 Tensors at the boundary are float64 on the CPU: a state is the **owned** dofs of ``u``
 (``index_map.size_local * bs`` entries). The model runs in its own dtype and on its own
@@ -105,7 +107,7 @@ RolloutGradient.__init__.__doc__ = "Hold a rollout's loss and gradients; see the
 
 
 class Rollout:
-    r"""Differentiable rollouts of an IMEX or implicit time stepper with local closures.
+    r"""Differentiable rollouts of an IMEX or implicit time stepper with closures.
 
     :meth:`run` advances ``k`` steps of ``stepper`` as a torch graph (see the module
     docstring); :meth:`gradient` runs it and returns the gradient of :func:`rollout_loss`.
@@ -118,7 +120,8 @@ class Rollout:
             or an :class:`~dolfinx_mno.timestepping.ImplicitStepper`. IMEX: the bilinear
             form must be constant (no ``u_previous``, no closures: the matrix and its
             factorisation serve every step and every transposed solve); the linear form
-            may contain local :class:`~dolfinx_mno.Closure`\ s that read ``u_previous``.
+            may contain local :class:`~dolfinx_mno.Closure`\ s and
+            :class:`~dolfinx_mno.NonlocalClosure`\ s that read ``u_previous``.
             Implicit: the residual's closures read ``u`` (not ``u_previous``), and the
             Jacobian holds their tangents (the default ``J``). In both, the operands must
             be affine in their coefficients (``u``, ``grad(u)``, ``x``, other fixed
@@ -139,7 +142,7 @@ class Rollout:
             solution, an implicit closure that reads ``u_previous`` or is frozen in the
             Jacobian, operands not affine in their coefficients, or a bad
             ``checkpoint_every``.
-        NotImplementedError: A :class:`~dolfinx_mno.NonlocalClosure` in the forms.
+        NotImplementedError: A :class:`~dolfinx_mno.NonlocalClosure` in an implicit step.
 
         Checked on every rank, agreed before any collective call.
     """
