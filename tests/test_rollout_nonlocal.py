@@ -42,8 +42,11 @@ def target(t):
     return lambda x: (1 - t) * np.sin(np.pi * x[0]) + 0.3 * x[0] ** 2
 
 
-def heat(msh, degree=1, bcs=True, prefix="nonlocal_"):
-    """An IMEX heat step with a non-local source dt c(u_n, ∂u_n/∂x) v in the linear form."""
+def heat(msh, degree=1, bcs=True, prefix="nonlocal_", local=False):
+    """An IMEX heat step with a non-local source dt c(u_n, ∂u_n/∂x) v in the linear form.
+
+    ``local``: also a local flux closure ``-dt q(u_n) ∂v/∂x`` (an MLP).
+    """
     V = fem.functionspace(msh, ("Lagrange", degree))
     u_n = fem.Function(V, name="u_n")
     u_n.interpolate(initial)
@@ -54,6 +57,11 @@ def heat(msh, degree=1, bcs=True, prefix="nonlocal_"):
         conv_model(3), [u_n, u_n.dx(0)], (), 2 * degree, grid_shape=(9,), device="cpu"
     )
     L = u_n * v * ufl.dx + DT * closure * v * closure.dx
+    if local:
+        torch.manual_seed(1)
+        mlp = torch.nn.Sequential(torch.nn.Linear(1, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
+        flux = mno.Closure(mlp.double(), [u_n], (), 2 * degree, device="cpu", name="q")
+        L -= DT * flux * v.dx(0) * flux.dx
     problem = LinearProblem(
         a,
         L,
@@ -62,7 +70,8 @@ def heat(msh, degree=1, bcs=True, prefix="nonlocal_"):
         petsc_options=DIRECT,
         petsc_options_prefix=prefix,
     )
-    return IMEXStepper(problem, uh, u_n, dt=DT), closure
+    stepper = IMEXStepper(problem, uh, u_n, dt=DT)
+    return (stepper, [closure, flux]) if local else (stepper, closure)
 
 
 def targets(rollout, num_steps=NUM_STEPS):
@@ -81,18 +90,23 @@ def loss(rollout, u0, data):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("degree", [1, 2])
-def test_taylor_parameters(degree):
-    """Second-order Taylor remainders in θ over 5 IMEX steps with a non-local closure."""
+@pytest.mark.parametrize(("degree", "local"), [(1, False), (2, False), (1, True)])
+def test_taylor_parameters(degree, local):
+    """Second-order Taylor remainders in θ over 5 IMEX steps with a non-local closure.
+
+    ``local``: with a local closure in the same step too, both differentiated.
+    """
     msh = mesh.create_unit_interval(MPI.COMM_WORLD, 8)
-    stepper, closure = heat(msh, degree, prefix=f"nl_taylor{degree}_")
+    stepper, made = heat(msh, degree, prefix=f"nl_taylor{degree}{local}_", local=local)
+    closures = made if local else [made]
     rollout = Rollout(stepper)
     u0, data = rollout.initial_state(), targets(rollout)
-    result = rollout.gradient(u0, data)
-    parameters = list(closure.model.parameters())
+    result = rollout.gradient(u0, data, closures=closures)
+    parameters = [p for closure in closures for p in closure.model.parameters()]
+    gradients = [g for group in result.parameters for g in group]
     generator = torch.Generator().manual_seed(7)
     directions = [torch.randn(p.shape, generator=generator).double() for p in parameters]
-    slope = sum(float((g * d).sum()) for g, d in zip(result.parameters[0], directions, strict=True))
+    slope = sum(float((g * d).sum()) for g, d in zip(gradients, directions, strict=True))
     base = [p.detach().clone() for p in parameters]
     J0 = loss(rollout, u0, data)
     assert J0 == pytest.approx(result.loss, rel=1e-14)
