@@ -482,7 +482,10 @@ class GriddedSampler:
         num_cells = mesh.topology.index_map(mesh.topology.dim).size_local
         num_dofs = space.dofmap.list.shape[1]
         nodal = np.empty((num_cells, num_dofs, self.num_channels), dtype=self._local.dtype)
-        nodal_map = OperandEvaluator(self._expression, mesh, num_cells, nodal).matrix()
+        # "packed": no timing of the modes (only the matrix is wanted); it raises, like
+        # matrix(), for elements with dof transformations.
+        evaluator = OperandEvaluator(self._expression, mesh, num_cells, nodal, mode="packed")
+        nodal_map = evaluator.matrix()
         contraction = self._sampler.contraction(num_cells)
         product = torch.sparse.mm(contraction, nodal_map.matrix.to_sparse_coo().coalesce())
         offset = torch.sparse.mm(
