@@ -30,11 +30,13 @@ from mpi4py import MPI
 
 import numpy as np
 import numpy.typing as npt
+import torch
 import ufl
 from dolfinx import fem, geometry
 from dolfinx.mesh import CellType, Mesh
 
 from dolfinx_mno.grid import Grid
+from dolfinx_mno.operand_map import OperandEvaluator, OperandMatrix
 from dolfinx_mno.operands import Operands, OperandsLike
 from dolfinx_mno.validation import check_integer, output_array
 
@@ -152,6 +154,33 @@ class GridPointSampler:
     def num_local(self) -> int:
         """Number of grid points this rank evaluates."""
         return len(self.indices)
+
+    def contraction(self, num_cells: int) -> torch.Tensor:
+        """The sampling as a matrix from nodal values on the owned cells to the points.
+
+        Args:
+            num_cells: Number of owned cells.
+
+        Returns:
+            A float64 sparse COO tensor of shape ``(num_local * num_channels,
+            num_cells * num_dofs * num_channels)``: row ``p * num_channels + c`` holds
+            ``basis[p, j]`` at column ``(cells[p] * num_dofs + j) * num_channels + c``, the
+            layout of an expression's values ``(num_cells, num_dofs, num_channels)``.
+        """
+        channels = self.num_channels
+        num_dofs = self._basis.shape[1]
+        point, dof, channel = np.meshgrid(
+            np.arange(self.num_local), np.arange(num_dofs), np.arange(channels), indexing="ij"
+        )
+        rows = point * channels + channel
+        columns = (self.cells[point].astype(np.int64) * num_dofs + dof) * channels + channel
+        values = np.broadcast_to(self._basis[:, :, None], rows.shape)
+        return torch.sparse_coo_tensor(
+            torch.from_numpy(np.stack([rows.reshape(-1), columns.reshape(-1)])),
+            torch.from_numpy(np.array(values, dtype=np.float64).reshape(-1)),  # a writable copy
+            size=(self.num_local * channels, num_cells * num_dofs * channels),
+            check_invariants=True,
+        )
 
     def sample(self, function: fem.Function, out: np.ndarray | None = None) -> np.ndarray:
         """Values of ``function`` at this rank's grid points.
@@ -380,17 +409,23 @@ class GriddedSampler:
         """
         return self._sampler.sample_expression(self._expression, out=self._local)
 
-    def gather(self, out: np.ndarray | None = None) -> np.ndarray | None:
+    def gather(
+        self, out: np.ndarray | None = None, samples: np.ndarray | None = None
+    ) -> np.ndarray | None:
         """Send the last samples to the root and write them into ``out`` there (collective).
 
         Args:
             out: On the root, a ``(channels, num_points)`` array (e.g. from :meth:`empty`)
                 whose grid-point entries inside the mesh are overwritten; the extension
                 values and the mask are left as they are. Default: a new :meth:`empty`.
+            samples: This rank's samples to send instead of the last ones, shape
+                ``(num_local, num_channels)`` (e.g. from :meth:`sample_matrix`).
 
         Returns:
             ``out`` on the root, ``None`` elsewhere.
         """
+        if samples is not None:
+            np.copyto(self._local, samples.reshape(self._local.shape), casting="same_kind")
         receive = self._receive if self._is_root else None
         self._comm.Gatherv(self._local.reshape(-1), receive, root=self.root)
         if not self._is_root:
@@ -400,6 +435,68 @@ class GriddedSampler:
         samples = self._buffer.reshape(-1, self.num_channels)
         out[: self.num_channels, self._indices] = samples.T
         return out
+
+    def gather_adjoint(self, cotangent: np.ndarray | None) -> np.ndarray:
+        """The transpose of :meth:`gather`: the root's grid cotangent back to the samples.
+
+        Collective (``MPI.Scatterv``, the reverse of the gather's ``Gatherv``).
+
+        Args:
+            cotangent: On the root, ``(channels, num_points)`` (mask included, ignored);
+                ignored elsewhere.
+
+        Returns:
+            This rank's share, ``(num_local, num_channels)``, a new array in the mesh's
+            dtype: the cotangent at the grid points this rank samples.
+        """
+        if self._is_root:
+            assert cotangent is not None
+            samples = self._buffer.reshape(-1, self.num_channels)
+            samples[...] = cotangent[: self.num_channels, self._indices].T
+        send = self._receive if self._is_root else None
+        share = np.empty_like(self._local)
+        self._comm.Scatterv(send, share.reshape(-1), root=self.root)
+        return share
+
+    def sample_matrix(self) -> OperandMatrix:
+        """The constant map from coefficient dofs to this rank's samples (affine operands).
+
+        The sampled values are those of the expressions' interpolants at the grid points,
+        ``samples = S E``, with ``E`` the expressions at the nodes of the owned cells and
+        ``S`` the basis weights (:meth:`GridPointSampler.contraction`); for expressions
+        affine in their coefficients ``E = M dofs + e₀``
+        (:meth:`~dolfinx_mno.operand_map.OperandEvaluator.matrix`), so
+        ``samples = (S M) dofs + S e₀``.
+
+        Returns:
+            An :class:`~dolfinx_mno.operand_map.OperandMatrix` whose rows are this rank's
+            samples: ``matrix`` of shape ``(num_local * num_channels, num_columns)`` and
+            ``offset`` of shape ``(num_local, num_channels)``.
+
+        Raises:
+            ValueError: The expressions are not affine in their coefficients (or contain a
+                :class:`dolfinx.fem.Constant`), or an element needs dof transformations.
+        """
+        space = self._sampler.space
+        mesh = space.mesh
+        num_cells = mesh.topology.index_map(mesh.topology.dim).size_local
+        num_dofs = space.dofmap.list.shape[1]
+        nodal = np.empty((num_cells, num_dofs, self.num_channels), dtype=self._local.dtype)
+        # "packed": no timing of the modes (only the matrix is wanted); it raises, like
+        # matrix(), for elements with dof transformations.
+        evaluator = OperandEvaluator(self._expression, mesh, num_cells, nodal, mode="packed")
+        nodal_map = evaluator.matrix()
+        contraction = self._sampler.contraction(num_cells)
+        product = torch.sparse.mm(contraction, nodal_map.matrix.to_sparse_coo().coalesce())
+        offset = torch.sparse.mm(
+            contraction, torch.from_numpy(nodal_map.offset.reshape(-1, 1).astype(np.float64))
+        )
+        return OperandMatrix(
+            matrix=product.coalesce().to_sparse_csr(),
+            offset=offset.numpy().reshape(self.num_local, self.num_channels),
+            coefficients=nodal_map.coefficients,
+            column_offsets=nodal_map.column_offsets,
+        )
 
     def __call__(self) -> np.ndarray | None:
         """Sample and gather (collective).

@@ -126,6 +126,22 @@ class GridInterpolator:
         np.matmul(self._weights[:, None, :], self._corner_values, out=out[:, None, :])
         return out
 
+    def interpolate_adjoint(self, cotangent: np.ndarray) -> np.ndarray:
+        """The transpose of :meth:`interpolate`: values at the points → the sub-block.
+
+        Args:
+            cotangent: Shape ``(num_points, num_channels)``, float64.
+
+        Returns:
+            A new float64 array ``(num_channels, *block_shape)``: each point's value spread
+            onto its cell's corners with the interpolation weights, and summed.
+        """
+        check_array(cotangent, (self.num_points, self.num_channels), np.float64, "cotangent")
+        block = np.zeros((self.block_size, self.num_channels))
+        spread = self._weights[:, :, None] * cotangent[:, None, :]
+        np.add.at(block, self._indices.reshape(-1), spread.reshape(-1, self.num_channels))
+        return np.ascontiguousarray(block.T).reshape(self.num_channels, *self.block_shape)
+
 
 class GridScatter:
     """Send each rank its sub-block of a grid field on the root, and interpolate it (collective).
@@ -263,6 +279,31 @@ class GridScatter:
         """Send each rank its sub-block of the last packed field (collective)."""
         send = self._send if self._is_root else None
         self._comm.Scatterv(send, self._block_buffer.reshape(-1), root=self.root)
+
+    def scatter_adjoint(self, cotangent: np.ndarray) -> np.ndarray | None:
+        """The transpose of :meth:`scatter` and :meth:`interpolate` (collective).
+
+        Each rank spreads its points' cotangent onto its sub-block
+        (:meth:`GridInterpolator.interpolate_adjoint`), ``MPI.Gatherv`` brings the
+        sub-blocks to the root (the reverse of the scatter's ``Scatterv``), and the root
+        sums them where they overlap.
+
+        Args:
+            cotangent: This rank's ``(num_points, num_channels)``.
+
+        Returns:
+            On the root, a new ``(num_channels, num_points)`` array of the scatter's
+            ``dtype`` (grid points in row-major order); ``None`` elsewhere.
+        """
+        self._block[...] = self._interpolator.interpolate_adjoint(cotangent)
+        receive = self._send if self._is_root else None
+        self._comm.Gatherv(self._block_buffer.reshape(-1), receive, root=self.root)
+        if not self._is_root:
+            return None
+        field = np.zeros((self.num_channels, *self.grid.shape), dtype=self.dtype)
+        for block, part in self._parts:
+            field[block] += part
+        return field.reshape(self.num_channels, -1)
 
     def interpolate(self, out: np.ndarray | None = None) -> np.ndarray:
         """Interpolate the last sub-block received at this rank's points (local).

@@ -68,6 +68,7 @@ from dolfinx_mno.closure import ClosureEvaluationError
 from dolfinx_mno.grid import grid_over_mesh
 from dolfinx_mno.grid_gather import GriddedSampler
 from dolfinx_mno.grid_scatter import GridScatter
+from dolfinx_mno.operand_map import OperandMatrix
 from dolfinx_mno.operands import Operands, OperandsLike, operand_comm
 from dolfinx_mno.quadrature import owned_dofs, quadrature_points, quadrature_space
 from dolfinx_mno.spec import ClosureSpec
@@ -293,6 +294,30 @@ class NonlocalClosure(ClosureBase):
             grid=self.grid,
             mask_channel=self.mask_channel,
         )
+
+    @property
+    def gridded_sampler(self) -> GriddedSampler:
+        """The sample → gather stage (this closure's buffers: do not use during an update)."""
+        return self._gridded
+
+    @property
+    def grid_scatter(self) -> GridScatter:
+        """The scatter → interpolate stage, to the owned quadrature points."""
+        return self._scatter
+
+    @property
+    def grid_evaluator(self) -> GridEvaluator | None:
+        """The model stage on the root rank (its device and dtype); ``None`` elsewhere."""
+        return self._evaluator
+
+    def operand_matrix(self) -> OperandMatrix:
+        """The constant map from coefficient dofs to this rank's grid samples (affine operands).
+
+        See :meth:`dolfinx_mno.grid_gather.GriddedSampler.sample_matrix`: rows are this
+        rank's samples ``(num_local, num_inputs)``; its transpose maps sensitivities at the
+        samples back to the dofs (a-posteriori training, :mod:`dolfinx_mno.nonlocal_adjoint`).
+        """
+        return self._gridded.sample_matrix()
 
     # -- update ------------------------------------------------------------------------
 

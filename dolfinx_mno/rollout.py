@@ -19,8 +19,10 @@ zeroed, assembled once when the linear form is affine in ``u_n`` and the closure
 each step's state in backward). An implicit step is one stage
 (:class:`~dolfinx_mno.step_adjoint.ImplicitStepFunction`): Newton forward, and backward the
 adjoint of the converged step (``J⁻ᵀ`` with the closure tangents, then the model's VJP at
-the converged operands). See ``docs/adjoint.md`` for the method, and why it is not
-dolfinx-adjoint.
+the converged operands). A :class:`~dolfinx_mno.NonlocalClosure` of an IMEX step replaces
+the operand and model stages by those of its update (:mod:`dolfinx_mno.nonlocal_adjoint`:
+sample, gather, the model on the root, scatter and interpolate). See ``docs/adjoint.md``
+for the method, and why it is not dolfinx-adjoint.
 
 Tensors at the boundary are float64 on the CPU: a state is the **owned** dofs of ``u``
 (``index_map.size_local * bs`` entries). The model runs in its own dtype and on its own
@@ -55,6 +57,8 @@ import ufl
 from dolfinx_mno._mpi import rank_local
 from dolfinx_mno.base import ClosureBase
 from dolfinx_mno.closure import Closure, extract_closures
+from dolfinx_mno.nonlocal_adjoint import nonlocal_values
+from dolfinx_mno.nonlocal_closure import NonlocalClosure
 from dolfinx_mno.petsc import check_jacobian
 from dolfinx_mno.step_adjoint import (
     IMEXStep,
@@ -73,6 +77,8 @@ __all__ = ["Rollout", "RolloutGradient", "allreduce_gradients", "rollout_loss"]
 
 #: The steppers a rollout differentiates.
 Stepper = IMEXStepper | ImplicitStepper
+#: The closures a rollout differentiates (non-local ones in IMEX steps only).
+AnyClosure = Closure | NonlocalClosure
 
 
 # -- the rollout ---------------------------------------------------------------------------
@@ -101,7 +107,7 @@ RolloutGradient.__init__.__doc__ = "Hold a rollout's loss and gradients; see the
 
 
 class Rollout:
-    r"""Differentiable rollouts of an IMEX or implicit time stepper with local closures.
+    r"""Differentiable rollouts of an IMEX or implicit time stepper with closures.
 
     :meth:`run` advances ``k`` steps of ``stepper`` as a torch graph (see the module
     docstring); :meth:`gradient` runs it and returns the gradient of :func:`rollout_loss`.
@@ -114,7 +120,8 @@ class Rollout:
             or an :class:`~dolfinx_mno.timestepping.ImplicitStepper`. IMEX: the bilinear
             form must be constant (no ``u_previous``, no closures: the matrix and its
             factorisation serve every step and every transposed solve); the linear form
-            may contain local :class:`~dolfinx_mno.Closure`\ s that read ``u_previous``.
+            may contain local :class:`~dolfinx_mno.Closure`\ s and
+            :class:`~dolfinx_mno.NonlocalClosure`\ s that read ``u_previous``.
             Implicit: the residual's closures read ``u`` (not ``u_previous``), and the
             Jacobian holds their tangents (the default ``J``). In both, the operands must
             be affine in their coefficients (``u``, ``grad(u)``, ``x``, other fixed
@@ -135,7 +142,7 @@ class Rollout:
             solution, an implicit closure that reads ``u_previous`` or is frozen in the
             Jacobian, operands not affine in their coefficients, or a bad
             ``checkpoint_every``.
-        NotImplementedError: A :class:`~dolfinx_mno.NonlocalClosure` in the forms.
+        NotImplementedError: A :class:`~dolfinx_mno.NonlocalClosure` in an implicit step.
 
         Checked on every rank, agreed before any collective call.
     """
@@ -159,24 +166,29 @@ class Rollout:
             closures, form = self._check(stepper, checkpoint_every)
             self._maps = [OperandMap(closure, state) for closure in closures]
             if isinstance(stepper, ImplicitStepper):
-                self._check_implicit(stepper, closures)
+                self._check_implicit(stepper, typing.cast(list[Closure], closures))
         self.stepper = stepper
         self.comm = comm
-        self.closures: list[Closure] = closures
+        self.closures: list[AnyClosure] = closures
         self.checkpoint_every = checkpoint_every
         self.before_step = before_step
         self.num_owned = owned_size(stepper.u.function_space)
         self._step_adjoint: IMEXStep | ImplicitStep
         if isinstance(stepper, ImplicitStepper):
             self._step_adjoint = ImplicitStep(
-                stepper.problem, stepper.u, stepper.u_previous, closures, form, self._maps
+                stepper.problem,
+                stepper.u,
+                stepper.u_previous,
+                typing.cast(list[Closure], closures),
+                form,
+                self._maps,
             )
         else:
             self._step_adjoint = IMEXStep(stepper.problem, stepper.u_previous, closures, form)
         self._t0 = stepper.t
 
     @staticmethod
-    def _check(stepper: Stepper, checkpoint_every: int | None) -> tuple[list[Closure], ufl.Form]:
+    def _check(stepper: Stepper, checkpoint_every: int | None) -> tuple[list[AnyClosure], ufl.Form]:
         """The closures and the UFL form of the step, or raise (rank-local, alike everywhere)."""
         if isinstance(stepper, IMEXStepper) and stepper.closure_interval != 1:
             raise ValueError(
@@ -215,13 +227,13 @@ class Rollout:
                     "step reads the previous state u_previous only."
                 )
         closures = extract_closures(form)
-        nonlocal_ = [c.name for c in closures if not isinstance(c, Closure)]
-        if nonlocal_:
+        nonlocal_ = [c.name for c in closures if isinstance(c, NonlocalClosure)]
+        if nonlocal_ and isinstance(stepper, ImplicitStepper):
             raise NotImplementedError(
-                f"Rollouts support local closures only; {nonlocal_} are not (non-local "
-                "closures are not supported yet)."
+                f"Rollouts of the implicit stepper support local closures only; {nonlocal_} "
+                "are non-local (use the IMEX stepper, with the closure in the linear form)."
             )
-        for closure in typing.cast(list[Closure], closures):
+        for closure in typing.cast(list[AnyClosure], closures):
             try:
                 closure.operand_matrix()
             except ValueError as err:
@@ -229,7 +241,7 @@ class Rollout:
                     f"Closure '{closure.name}': a rollout needs operands affine in their "
                     f"coefficients (u, grad(u), x, ...): {err}"
                 ) from err
-        return typing.cast(list[Closure], closures), form
+        return typing.cast(list[AnyClosure], closures), form
 
     def _check_implicit(self, stepper: ImplicitStepper, closures: list[Closure]) -> None:
         """Implicit closures read ``u`` only, and the Jacobian holds their tangents."""
@@ -333,7 +345,10 @@ class Rollout:
                 inputs = operand_map.apply(None)
             else:
                 inputs = OperandFunction.apply(state, operand_map)
-            values.append(closure_values(closure, inputs))
+            if isinstance(closure, NonlocalClosure):
+                values.append(nonlocal_values(closure, inputs))
+            else:
+                values.append(closure_values(closure, inputs))
         return typing.cast(torch.Tensor, IMEXStepFunction.apply(step, t_new, state, *values))
 
     # -- the gradient --------------------------------------------------------------------

@@ -36,6 +36,7 @@ from ufl.algorithms import expand_derivatives
 
 from dolfinx_mno._mpi import agree
 from dolfinx_mno.closure import Closure, ClosureEvaluationError
+from dolfinx_mno.nonlocal_closure import NonlocalClosure
 from dolfinx_mno.petsc import LinearProblem, NonlinearProblem
 from dolfinx_mno.quadrature import owned_dofs
 
@@ -79,7 +80,8 @@ class OperandMap:
     """``x = P [dofs] + x₀`` for one closure, with one function's block from a tensor.
 
     Args:
-        closure: The closure (operands affine in their coefficients).
+        closure: The closure (operands affine in their coefficients); for a
+            :class:`~dolfinx_mno.NonlocalClosure` the rows are its grid samples on this rank.
         state: The function whose values the tensor holds (``u_previous`` for IMEX, ``u``
             for implicit steps); the closure's other coefficients are read at each call.
 
@@ -89,7 +91,7 @@ class OperandMap:
         shape: ``(num_points, num_inputs)`` of the model input on this rank.
     """
 
-    def __init__(self, closure: Closure, state: fem.Function):
+    def __init__(self, closure: Closure | NonlocalClosure, state: fem.Function):
         operator = closure.operand_matrix()
         self.matrix = operator.matrix
         self.transpose = operator.matrix.t().to_sparse_csr()
@@ -230,7 +232,7 @@ class IMEXStep:
         self,
         problem: LinearProblem,
         u_previous: fem.Function,
-        closures: Sequence[Closure],
+        closures: Sequence[Closure | NonlocalClosure],
         L: ufl.Form,
     ):
         self.problem = problem

@@ -9,6 +9,7 @@ from mpi4py import MPI
 
 import numpy as np
 import pytest
+import torch
 import ufl
 from dolfinx import fem, geometry, mesh
 
@@ -173,3 +174,35 @@ def test_gather_assembles_the_grid_with_extension_and_mask_on_the_root(square):
     np.testing.assert_allclose(values, expected, rtol=0, atol=1e-14)
     assert gathered is target
     np.testing.assert_allclose(target, expected.reshape(4, -1), rtol=1e-7, atol=0)
+
+
+@pytest.mark.mpi
+def test_sample_matrix_and_gather_adjoint(square):
+    """The samples are G dofs + s₀ (bitwise up to round-off); gather_adjoint is gatherᵀ."""
+    V = fem.functionspace(square, ("Lagrange", 2))
+    u = fem.Function(V)
+    u.interpolate(smooth)
+    x = ufl.SpatialCoordinate(square)
+    grid = Grid((-0.25, -0.5), (1.25, 1.0), (13, 7))
+    sampler = GriddedSampler([u, ufl.grad(u), 2 * u + x[1]], grid, mask_channel=True)
+    samples = sampler.sample().copy()
+    operator = sampler.sample_matrix()
+    assert operator.coefficients == (u,)
+    assert operator.offset.shape == (sampler.num_local, 4)
+    affine = operator.matrix @ torch.from_numpy(u.x.array) + torch.from_numpy(
+        operator.offset
+    ).reshape(-1)
+    assert np.abs(samples).max(initial=0.0) <= 10  # the tolerance's scale
+    np.testing.assert_allclose(affine.numpy().reshape(samples.shape), samples, atol=1e-13)
+    # ⟨gather(s), X̄⟩ on the root equals Σ_ranks ⟨s, gather_adjoint(X̄)⟩.
+    gathered = sampler.gather(samples=samples)
+    cotangent = np.random.default_rng(2).standard_normal((sampler.channels, grid.num_points))
+    share = sampler.gather_adjoint(cotangent if COMM.rank == 0 else None)
+    assert share.shape == (sampler.num_local, 4)
+    backward = COMM.allreduce(float((samples * share).sum()), op=MPI.SUM)
+    if COMM.rank == 0:
+        gathered = np.asarray(gathered)
+        mask = gathered[4]  # the extension value outside is a constant: no cotangent
+        forward = float((gathered[:4] * mask * cotangent[:4]).sum())
+        assert abs(forward) > 1e-3
+        assert backward == pytest.approx(forward, rel=1e-13)

@@ -162,3 +162,25 @@ def test_bad_arguments_are_refused(tiny_square):
             scatter.pack(np.zeros((2, 3, 3)))
         assert str(info.value) == f"Only the root (rank {root}) packs the grid field."
     scatter.scatter()
+
+
+@pytest.mark.mpi
+def test_scatter_adjoint_is_the_transpose_of_scatter_and_interpolate(square):
+    """⟨W S(Y), c⟩ summed over ranks equals ⟨Y, scatter_adjoint(c)⟩ on the root."""
+    grid = Grid((0.0, 0.0), (1.0, 1.0), (9, 7))
+    points = _owned_midpoints(square)
+    scatter = GridScatter(grid, points, 2, np.float64, COMM)
+    field = np.random.default_rng(3).standard_normal((2, grid.num_points))
+    if COMM.rank == 0:
+        scatter.pack(field)
+    scatter.scatter()
+    values = scatter.interpolate()
+    cotangent = np.random.default_rng(5 + COMM.rank).standard_normal(values.shape)
+    pulled = scatter.scatter_adjoint(cotangent)
+    forward = COMM.allreduce(float((values * cotangent).sum()), op=MPI.SUM)
+    assert (pulled is None) == (COMM.rank != 0)
+    backward = COMM.bcast(None if pulled is None else float((field * pulled).sum()), root=0)
+    assert abs(forward) > 1e-3
+    assert backward == pytest.approx(forward, rel=1e-13)
+    with pytest.raises(TypeError, match=r"^cotangent must have shape"):
+        scatter.scatter_adjoint(cotangent.astype(np.float32))

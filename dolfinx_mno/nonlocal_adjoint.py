@@ -1,0 +1,144 @@
+"""The differentiable stages of a :class:`~dolfinx_mno.NonlocalClosure` (used by :mod:`.rollout`).
+
+A non-local closure's update, written as torch operations whose backward is the transpose
+of their forward, in the order the data flows (compare :mod:`dolfinx_mno.nonlocal_closure`)::
+
+    s   = G u_n + s₀        sample   (OperandFunction with the closure's operand_matrix:
+                                      Gᵀ g, ghosts summed into their owners)
+    X   = gather(s)         gather   (GatherFunction; backward MPI.Scatterv of the root's
+                                      grid cotangent to the ranks' samples)
+    Y   = model(X)          model    (root only; torch autograd: VJP and dθ)
+    c   = W scatter(Y)      scatter → interpolate (ScatterFunction; backward Wᵀ on each
+                                      rank, MPI.Gatherv of the sub-blocks, summed on the root)
+
+``G`` (:meth:`~dolfinx_mno.grid_gather.GriddedSampler.sample_matrix`) is the sampler's
+basis weights times the operands' nodal matrix, for operands affine in their coefficients;
+``W`` the multilinear interpolation weights (:class:`~dolfinx_mno.grid_scatter.GridInterpolator`).
+
+Only the root runs the model, so only the root's graph holds it. For every rank to run
+the same collective stages in backward, every rank's graph must reach them: on the other
+ranks :class:`GatherFunction` returns an empty tensor that :class:`ScatterFunction` takes
+in place of the model output, and :class:`ScatterFunction` takes the model's parameters as
+inputs on every rank (their gradient through it is zero), so that its output requires grad
+wherever the root's does. It also saves a tensor on every rank, so that a checkpointed
+segment is recomputed at the same stage on every rank. The parameter gradients are then
+the root's (zeros elsewhere); :func:`~dolfinx_mno.rollout.allreduce_gradients` gives every
+rank their sum.
+
+Tensors at the boundary are float64 on the CPU; the model runs in its own dtype and on its
+own device.
+"""
+
+from __future__ import annotations
+
+import typing
+
+import numpy as np
+import torch
+
+from dolfinx_mno.nonlocal_closure import NonlocalClosure
+
+__all__ = ["GatherFunction", "ScatterFunction", "nonlocal_values"]
+
+
+class GatherFunction(torch.autograd.Function):
+    """``(num_local, num_inputs)`` samples → the root's model input (collective).
+
+    Forward: ``MPI.Gatherv`` (:meth:`~dolfinx_mno.grid_gather.GriddedSampler.gather`) into
+    ``(1, channels, *grid.shape)`` on the root, with the extension value and the mask;
+    an empty ``(0,)`` tensor elsewhere. Backward: the mask and the points outside the mesh
+    dropped, ``MPI.Scatterv`` of the rest to the ranks that sampled them.
+    """
+
+    @staticmethod
+    def forward(ctx, samples: torch.Tensor, closure: NonlocalClosure) -> torch.Tensor:  # type: ignore[override]
+        """The stage (see the class docstring)."""
+        sampler = closure.gridded_sampler
+        ctx.closure = closure
+        out = sampler.empty() if closure.grid_evaluator is not None else None
+        gathered = sampler.gather(out=out, samples=samples.detach().numpy())
+        if gathered is None:
+            return torch.zeros(0, dtype=torch.float64)
+        return torch.from_numpy(gathered).reshape(1, sampler.channels, *closure.grid.shape)
+
+    @staticmethod
+    def backward(ctx, cotangent: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        """Its transpose (see the class docstring)."""
+        closure: NonlocalClosure = ctx.closure
+        sampler = closure.gridded_sampler
+        grid = None
+        if closure.grid_evaluator is not None:
+            grid = cotangent.detach().reshape(sampler.channels, -1).numpy()
+        return torch.from_numpy(sampler.gather_adjoint(grid)), None
+
+
+class ScatterFunction(torch.autograd.Function):
+    """The root's model output → the closure values at this rank's points (collective).
+
+    Forward: ``(1, num_outputs, *grid.shape)`` on the root (the empty tensor of
+    :class:`GatherFunction` elsewhere) → ``MPI.Scatterv`` of the sub-blocks → multilinear
+    interpolation: ``(num_points * num_outputs,)`` float64, in the closure's owned value
+    order. Backward: :meth:`~dolfinx_mno.grid_scatter.GridScatter.scatter_adjoint`. The
+    trailing ``parameters`` only tie the stage to the model on every rank (see the module
+    docstring); their gradient here is ``None``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, closure: NonlocalClosure, output: torch.Tensor, *parameters: torch.Tensor
+    ) -> torch.Tensor:
+        """The stage (see the class docstring)."""
+        scatter = closure.grid_scatter
+        ctx.closure = closure
+        ctx.num_parameters = len(parameters)
+        ctx.output_shape = output.shape
+        # Saved on every rank, so that a checkpointed segment (torch.utils.checkpoint,
+        # non-reentrant) is recomputed at the same stage on every rank: recomputation starts
+        # when backward first unpacks a saved tensor, and the model (which saves tensors)
+        # runs on the root only.
+        ctx.save_for_backward(output)
+        if closure.grid_evaluator is not None:
+            scatter.pack(output.detach().reshape(closure.num_outputs, -1).numpy())
+        scatter.scatter()
+        values = np.empty((scatter.num_points, closure.num_outputs), dtype=np.float64)
+        return torch.from_numpy(scatter.interpolate(out=values).reshape(-1))
+
+    @staticmethod
+    def backward(ctx, cotangent: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        """Its transpose (see the class docstring)."""
+        closure: NonlocalClosure = ctx.closure
+        ctx.saved_tensors  # noqa: B018  (unpacked on every rank: see forward)
+        scatter = closure.grid_scatter
+        values = cotangent.detach().reshape(scatter.num_points, closure.num_outputs)
+        field = scatter.scatter_adjoint(np.ascontiguousarray(values.numpy()))
+        if field is None:
+            output = torch.zeros(ctx.output_shape, dtype=torch.float64)
+        else:
+            output = torch.from_numpy(field.astype(np.float64, copy=False))
+            output = output.reshape(ctx.output_shape)
+        return None, output, *([None] * ctx.num_parameters)
+
+
+def nonlocal_values(closure: NonlocalClosure, samples: torch.Tensor) -> torch.Tensor:
+    """The closure values from this rank's samples: gather → model (root) → scatter.
+
+    Collective. The differentiable form of the last four stages of
+    :meth:`~dolfinx_mno.NonlocalClosure.update`.
+
+    Args:
+        closure: The closure.
+        samples: ``(num_local, num_inputs)`` float64 on the CPU, the operands at the grid
+            points this rank samples (:class:`~dolfinx_mno.step_adjoint.OperandFunction`).
+
+    Returns:
+        ``(num_points * num_outputs,)`` float64 on the CPU: the owned closure values.
+    """
+    grid = typing.cast(torch.Tensor, GatherFunction.apply(samples, closure))
+    evaluator = closure.grid_evaluator
+    if evaluator is None:
+        output = grid  # the empty stand-in of the other ranks
+    else:
+        inputs = grid.to(device=evaluator.device, dtype=evaluator.dtype)
+        output = closure.model(inputs).to(device="cpu", dtype=torch.float64)
+    parameters = [p for p in closure.model.parameters() if p.requires_grad]
+    return typing.cast(torch.Tensor, ScatterFunction.apply(closure, output, *parameters))
