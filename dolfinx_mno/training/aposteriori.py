@@ -631,15 +631,13 @@ def fit_rollout(
             a_priori_weight=settings.get("a_priori_weight", 0.0),
             target_interval=settings["target_interval"],
         )
-        checkpoints = None
-        if checkpoint_dir is not None:
-            checkpoints = Checkpoints(
-                checkpoint_dir,
-                every=checkpoint_every,
-                settings=settings,
-                metadata=run.metadata,
-                comm=comm,
-            )
+        checkpoints = Checkpoints.in_folder(
+            checkpoint_dir,
+            every=checkpoint_every,
+            settings=settings,
+            metadata=run.metadata,
+            comm=comm,
+        )
         trainer = RolloutTrainer(
             objective,
             train,
@@ -658,10 +656,4 @@ def fit_rollout(
             progress=progress,
             callback=callback,
         )
-        state = None
-        if resume:
-            assert checkpoints is not None
-            state = checkpoints.resume(
-                model=model, optimizer=run.optimizer, scheduler=run.scheduler
-            )
-        return FitResult(model, trainer.train(state).history)
+        return FitResult(model, trainer.resume_and_train(resume).history)

@@ -106,6 +106,21 @@ class Checkpoints:
         if comm.rank == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
 
+    @classmethod
+    def in_folder(
+        cls,
+        directory: str | os.PathLike[str] | None,
+        *,
+        every: int,
+        settings: Mapping[str, Any],
+        metadata: Mapping[str, Any] | None,
+        comm: MPI.Comm,
+    ) -> Checkpoints | None:
+        """The checkpoints in ``directory``, or ``None`` for no folder (collective)."""
+        if directory is None:
+            return None
+        return cls(directory, every=every, settings=settings, metadata=metadata, comm=comm)
+
     def due(self, epochs_done: int, last: bool) -> bool:
         """Whether to write a checkpoint after ``epochs_done`` epochs (``last``: run over)."""
         return last or epochs_done % self.every == 0

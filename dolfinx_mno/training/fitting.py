@@ -291,15 +291,13 @@ def fit(
             normalize_targets=settings.get("normalize_targets", settings["normalize"]),
             comm=comm,
         )
-        checkpoints = None
-        if checkpoint_dir is not None:
-            checkpoints = Checkpoints(
-                checkpoint_dir,
-                every=checkpoint_every,
-                settings=settings,
-                metadata=run.metadata,
-                comm=comm,
-            )
+        checkpoints = Checkpoints.in_folder(
+            checkpoint_dir,
+            every=checkpoint_every,
+            settings=settings,
+            metadata=run.metadata,
+            comm=comm,
+        )
         trainer = Trainer(
             model,
             trained,
@@ -319,10 +317,4 @@ def fit(
             progress=progress,
             callback=callback,
         )
-        state = None
-        if resume:
-            assert checkpoints is not None
-            state = checkpoints.resume(
-                model=trained, optimizer=run.optimizer, scheduler=run.scheduler
-            )
-        return FitResult(trained, trainer.train(state).history)
+        return FitResult(trained, trainer.resume_and_train(resume).history)

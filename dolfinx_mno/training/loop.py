@@ -118,6 +118,21 @@ class EpochLoop:
         self.settings, self.comm = settings, comm
         self.checkpoints, self.progress, self.callback = checkpoints, progress, callback
 
+    def resume_and_train(self, resume: bool) -> TrainingState:
+        """:meth:`train`, from the newest checkpoint if ``resume`` (collective).
+
+        Raises:
+            ValueError: ``resume`` without checkpoints.
+        """
+        state = None
+        if resume:
+            if self.checkpoints is None:
+                raise ValueError("resume=True needs a checkpoint folder (checkpoint_dir).")
+            state = self.checkpoints.resume(
+                model=self.model, optimizer=self.optimizer, scheduler=self.scheduler
+            )
+        return self.train(state)
+
     def train(self, state: TrainingState | None = None) -> TrainingState:
         """Run the epochs from ``state`` (a fresh run by default) to the end (collective).
 
