@@ -492,7 +492,8 @@ def allreduce_gradients(gradients: Sequence[torch.Tensor], comm: MPI.Comm) -> No
 
     Each rank's backward covers its own quadrature points, so a parameter's gradient is
     the sum of the ranks' gradients. The tensors are packed into one float64 buffer
-    (copied to the CPU for a GPU tensor) and written back in their own dtype and device.
+    (copied to the CPU for a GPU tensor; complex tensors as their real and imaginary
+    parts) and written back in their own dtype and device.
     Every rank must pass tensors of the same shapes in the same order. This helper is
     self-contained (mpi4py only; ``torch.distributed`` need not be initialised).
 
@@ -500,16 +501,20 @@ def allreduce_gradients(gradients: Sequence[torch.Tensor], comm: MPI.Comm) -> No
         gradients: The tensors to sum, e.g. ``[p.grad for p in model.parameters()]``.
         comm: The communicator.
     """
-    sizes = [g.numel() for g in gradients]
+    # A complex tensor (a Fourier layer's weights) travels as its real and imaginary parts.
+    parts = [torch.view_as_real(g.detach()) if g.is_complex() else g.detach() for g in gradients]
+    sizes = [p.numel() for p in parts]
     buffer = np.zeros(sum(sizes), dtype=np.float64)
     position = 0
-    for gradient, size in zip(gradients, sizes, strict=True):
-        buffer[position : position + size] = gradient.detach().reshape(-1).cpu().double().numpy()
+    for part, size in zip(parts, sizes, strict=True):
+        buffer[position : position + size] = part.reshape(-1).cpu().double().numpy()
         position += size
     comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
     position = 0
-    for gradient, size in zip(gradients, sizes, strict=True):
-        summed = torch.from_numpy(buffer[position : position + size]).reshape(gradient.shape)
+    for gradient, part, size in zip(gradients, parts, sizes, strict=True):
+        summed = torch.from_numpy(buffer[position : position + size]).reshape(part.shape)
+        if gradient.is_complex():
+            summed = torch.view_as_complex(summed.contiguous())
         with torch.no_grad():
             gradient.copy_(summed)
         position += size

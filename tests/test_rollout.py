@@ -568,3 +568,20 @@ def test_a_float32_model_runs_in_its_own_dtype():
         gradients.append(torch.cat([g.double().reshape(-1) for g in result.parameters[0]]))
     error = float((gradients[1] - gradients[0]).norm() / gradients[0].norm())
     assert error <= 1e-5
+
+
+@pytest.mark.mpi
+def test_allreduce_gradients_sums_real_and_complex_tensors():
+    """Complex gradients (a Fourier layer's weights) keep their imaginary parts when summed
+    over ranks; every dtype is written back in place."""
+    comm = MPI.COMM_WORLD
+    rank = comm.rank + 1
+    real = torch.tensor([1.0, -2.0], dtype=torch.float32) * rank
+    spectral = torch.tensor([[1 + 2j, -3j]], dtype=torch.complex64) * rank
+    double = torch.full((2, 2), 0.5, dtype=torch.float64) * rank
+    allreduce_gradients([real, spectral, double], comm)
+    total = comm.size * (comm.size + 1) / 2
+    assert real.dtype == torch.float32 and spectral.dtype == torch.complex64
+    np.testing.assert_array_equal(real.numpy(), total * np.array([1.0, -2.0]))
+    np.testing.assert_array_equal(spectral.numpy(), total * np.array([[1 + 2j, -3j]]))
+    np.testing.assert_array_equal(double.numpy(), np.full((2, 2), 0.5 * total))
