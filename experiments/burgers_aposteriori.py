@@ -1,30 +1,29 @@
-"""Burgers: the local closure trained *a posteriori*, through the solver (issue 13, item 5).
+"""Burgers: the learned closures trained *a posteriori*, through the solver (issue 13, item 5).
 
 It reads what ``demos/burgers/demo_burgers.py`` writes to ``demos/output/burgers/`` (the
-a-priori local MLP, ``reference.npz`` with the filtered fine states, ``summary.json``) and
-follows the demo's last run, full or ``--quick``::
+a-priori local MLP and MNO, ``reference.npz`` with the filtered fine states,
+``summary.json``) and follows the demo's last run, full or ``--quick``::
 
     python demos/burgers/demo_burgers.py          # the data and the a-priori closures
     python experiments/burgers_aposteriori.py     # this study
     mpirun -n 2 python experiments/burgers_aposteriori.py
 
-The a-priori MLP was fitted to the subgrid flux one state at a time. Here the same MLP is
-trained further through the coarse solver with
+The a-priori closures (the local MLP and the MNO) were fitted to the subgrid flux one
+state at a time. Here each is trained further through the coarse solver with
 :func:`dolfinx_mno.training.fit_rollout`: windows of ``window`` filtered fine states (one
 every ``sample_every``, i.e. ``target_interval`` coarse IMEX steps, so a window runs
 ``window × target_interval`` steps) start from filtered fine states of the training
 horizon, and the loss is the relative squared error of the coarse
 states against the filtered fine ones at the sampling times inside the window. Its
-gradient with respect to the MLP's weights is the discrete adjoint of the coarse scheme
+gradient with respect to the model's weights is the discrete adjoint of the coarse scheme
 (:class:`dolfinx_mno.rollout.Rollout`, ``docs/adjoint.md``). Adam, early stopping on a
 seeded fifth of the windows (held out), checkpoints.
 
-Then both closures run over the test horizon as the demo runs them (updated every
-``closure_interval`` steps), and over ten horizons for stability. Writes
-``experiments/output/burgers_aposteriori/summary.json`` and the trained model file;
+Then each closure, a priori and a posteriori, runs over the test horizon as the demo runs
+it (updated every ``closure_interval`` steps), and over ten horizons for stability. Writes
+``experiments/output/burgers_aposteriori/summary.json`` and the trained model files;
 asserts that the training lowered the held-out rollout loss and that every run stays
-stable. The non-local MNO is not trained a posteriori: rollouts do not support
-:class:`~dolfinx_mno.NonlocalClosure` yet.
+stable. ``--closures`` chooses the closures to train (both by default).
 """
 
 import argparse
