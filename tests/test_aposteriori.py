@@ -193,6 +193,40 @@ def test_learns_from_states_kept_every_few_steps():
     assert objective.window_loss(late) <= 1e-12 * float((late.targets**2).sum())
 
 
+def test_trajectories_from_another_time_run_at_their_own_time():
+    """A trajectory that starts at t = 0.3 (the source sin(3t) depends on t): with its start
+    time the exact model reproduces it; at the stepper's time (0) it does not. Validation
+    start times need validation trajectories, one per trajectory."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 3, 3)
+    stepper, _ = heat(msh)
+    stepper.t = 0.3
+    later = owned_states([stepper.u_previous])
+    for _ in range(3):
+        stepper.step()
+        later += owned_states([stepper.u])
+    rollout, closure = coarse(msh, weight=-K, bias=S)  # the exact reaction
+    objective = RolloutObjective(rollout, closure, horizon=3, scale=1.0)
+    norm = sum(float((t**2).sum()) for t in later[1:])
+    kwargs = dict(horizon=3, stride=1, num_owned=rollout.num_owned, what="trajectory")
+    (timed,) = TrajectoryWindows([later], start_times=[0.3], **kwargs).windows
+    (untimed,) = TrajectoryWindows([later], **kwargs).windows
+    assert timed.origin == 0.3 and untimed.origin is None
+    assert objective.window_loss(timed) <= 1e-24 * norm
+    assert objective.window_loss(untimed) >= 1e-4 * norm
+    assert rollout.stepper.t == 0.0  # restored
+    with pytest.raises(ValueError, match="one finite start time per trajectory"):
+        TrajectoryWindows([later], start_times=[0.3, 0.6], **kwargs)
+    trajectory = fine_trajectory(msh, INITIAL[0], 3)
+    with pytest.raises(ValueError, match="validation_start_times are the start times"):
+        fit_rollout(rollout, [trajectory], horizon=2, validation_start_times=[0.3])
+    # fit_rollout passes them on: held-out windows of the later trajectory, at their time.
+    result = fit_rollout(
+        rollout, [trajectory], horizon=2, validation=[later], validation_start_times=[0.3],
+        epochs=1, learning_rate=1e-12, progress=False,
+    )  # fmt: skip
+    assert result.history.val_loss[0] <= 1e-20
+
+
 def _train_on(comm, cells, epochs):
     msh = mesh.create_unit_square(comm, *cells)
     trajectories = [fine_trajectory(msh, f, 4) for f in INITIAL[:2]]

@@ -179,10 +179,15 @@ class RolloutObjective:
 
     @contextlib.contextmanager
     def _at_start_of(self, window: Window) -> Iterator[None]:
-        """The stepper at the window's start time ``t0 + s m dt``, restored afterwards."""
+        """The stepper at the window's start time ``t0 + s m dt``, restored afterwards.
+
+        ``t0`` is the window's trajectory's start time if it has one, else the stepper's
+        time when the objective was built.
+        """
         stepper = self.rollout.stepper
         saved = stepper.t
-        stepper.t = self.t0 + window.start * self.target_interval * self.dt
+        origin = self.t0 if window.origin is None else window.origin
+        stepper.t = origin + window.start * self.target_interval * self.dt
         try:
             yield
         finally:
@@ -346,6 +351,11 @@ def _settings(options: Mapping[str, Any]) -> dict[str, Any]:
     check_integer(options["epochs"], "epochs")
     check_integer(options["checkpoint_every"], "checkpoint_every", minimum=1)
     fraction = options["validation_fraction"]
+    if options["validation"] is None and options["validation_start_times"] is not None:
+        raise ValueError(
+            "validation_start_times are the start times of validation trajectories, but none "
+            "were given: pass validation=..., or leave validation_start_times out."
+        )
     if options["validation"] is not None and fraction is not None:
         raise ValueError(
             "validation_fraction splits the training windows, but validation trajectories "
@@ -417,10 +427,17 @@ class _Run:
             "stride": settings["stride"],
             "num_owned": rollout.num_owned,
         }
-        train = TrajectoryWindows(trajectories, what="trajectory", **windows)
+        train = TrajectoryWindows(
+            trajectories, what="trajectory", start_times=options["start_times"], **windows
+        )
         val = None
         if options["validation"] is not None:
-            val = TrajectoryWindows(options["validation"], what="validation trajectory", **windows)
+            val = TrajectoryWindows(
+                options["validation"],
+                what="validation trajectory",
+                start_times=options["validation_start_times"],
+                **windows,
+            )
         a_priori = None
         if options["a_priori"] is not None:
             pair = options["a_priori"]
@@ -470,6 +487,8 @@ def fit_rollout(
     closure: Closure | None = None,
     validation: Sequence[Trajectory] | None = None,
     validation_fraction: float | None = None,
+    start_times: Sequence[float] | None = None,
+    validation_start_times: Sequence[float] | None = None,
     stride: int = 1,
     target_interval: int = 1,
     a_priori: tuple[Any, Any] | None = None,
@@ -526,6 +545,12 @@ def fit_rollout(
             of other closures stay fixed.
         validation: Held-out trajectories (the same format) whose windows give the
             validation loss. Default: a seeded split of the training windows.
+        start_times: The time of the first state of each trajectory (for a source or
+            boundary data that depend on time); default: the stepper's time when
+            ``fit_rollout`` is called, for every trajectory.
+        validation_start_times: The same for the ``validation`` trajectories; held-out
+            trajectories from another time window need them, or their windows would run
+            with the data of the wrong times.
         validation_fraction: Without ``validation``, the fraction of the windows held out
             (default 0.2; at least one window on each side). ``0``: the validation loss
             is the loss on the training windows after each epoch (for scarce data).
@@ -612,8 +637,12 @@ def fit_rollout(
         trajectories=run.train.lengths,
         target_scale=f"{scale:.10e}",
     )
+    if run.train.start_times is not None:
+        settings["start_times"] = run.train.start_times
     if run.val is not None:
         settings["validation_trajectories"] = run.val.lengths
+        if run.val.start_times is not None:
+            settings["validation_start_times"] = run.val.start_times
     if run.a_priori is not None:
         count = comm.allreduce(run.a_priori.num_samples, op=MPI.SUM)
         settings.update(a_priori_samples=count, a_priori_scale=f"{run.a_priori.scale:.10e}")

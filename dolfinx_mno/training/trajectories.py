@@ -61,12 +61,15 @@ class Window:
         start: Index ``s`` of its initial state; the window starts at time ``t0 + s dt``.
         initial: ``traj[s]``, shape ``(num_owned,)`` float64.
         targets: ``traj[s+1 .. s+k]``, shape ``(horizon, num_owned)`` float64.
+        origin: The time of the trajectory's first state, or ``None`` for the stepper's
+            time when training starts.
     """
 
     trajectory: int
     start: int
     initial: torch.Tensor
     targets: torch.Tensor
+    origin: float | None = None
 
 
 def _as_trajectory(trajectory: Any, index: int, num_owned: int, what: str) -> torch.Tensor:
@@ -115,18 +118,31 @@ class TrajectoryWindows:
         stride: Distance between the starts of consecutive windows of a trajectory.
         num_owned: Entries of a state on this rank.
         what: What the trajectories are, for the messages (``"trajectory"``).
+        start_times: The time of each trajectory's first state; ``None``: the stepper's
+            time when training starts, for all.
 
     Attributes:
         states: Each trajectory as ``(num_states, num_owned)`` float64.
         windows: Every window, by trajectory then start: starts ``0, stride, ...`` up to
             ``num_states - 1 - horizon``.
+        start_times: The start times as floats, or ``None``.
 
     Raises:
         TypeError, ValueError: Not a list of trajectories, states of the wrong shape or
-            dtype, NaN or Inf, or a trajectory shorter than ``horizon + 1`` states.
+            dtype, NaN or Inf, a trajectory shorter than ``horizon + 1`` states, or not one
+            finite start time per trajectory.
     """
 
-    def __init__(self, trajectories: Any, *, horizon: int, stride: int, num_owned: int, what: str):
+    def __init__(
+        self,
+        trajectories: Any,
+        *,
+        horizon: int,
+        stride: int,
+        num_owned: int,
+        what: str,
+        start_times: Sequence[float] | None = None,
+    ):
         if (
             isinstance(trajectories, np.ndarray | torch.Tensor | str)
             or not isinstance(trajectories, Sequence)
@@ -146,8 +162,18 @@ class TrajectoryWindows:
                     "the initial state and the targets); give a shorter horizon or longer "
                     "trajectories."
                 )
+        origins: list[float | None] = [None] * len(self.states)
+        if start_times is not None:
+            times = np.asarray(start_times, dtype=np.float64).reshape(-1)
+            if times.size != len(self.states) or not np.all(np.isfinite(times)):
+                raise ValueError(
+                    f"Give one finite start time per {what} (the time of its first state): "
+                    f"{len(self.states)} {what}(s), got {list(np.atleast_1d(start_times))}."
+                )
+            origins = [float(t) for t in times]
+        self.start_times = None if start_times is None else origins
         self.windows = [
-            Window(i, s, states[s], states[s + 1 : s + 1 + horizon])
+            Window(i, s, states[s], states[s + 1 : s + 1 + horizon], origins[i])
             for i, states in enumerate(self.states)
             for s in range(0, states.shape[0] - horizon, stride)
         ]
