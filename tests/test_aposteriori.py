@@ -193,6 +193,7 @@ def test_learns_from_states_kept_every_few_steps():
     assert objective.window_loss(late) <= 1e-12 * float((late.targets**2).sum())
 
 
+@pytest.mark.mpi
 def test_trajectories_from_another_time_run_at_their_own_time():
     """A trajectory that starts at t = 0.3 (the source sin(3t) depends on t): with its start
     time the exact model reproduces it; at the stepper's time (0) it does not. Validation
