@@ -38,7 +38,6 @@ import numpy as np
 import torch
 from dolfinx import fem
 
-import dolfinx_mno as mno
 from dolfinx_mno.io import save_model
 from dolfinx_mno.rollout import Rollout
 from dolfinx_mno.timestepping import IMEXStepper
@@ -49,15 +48,16 @@ from dolfinx_mno.training.trajectories import TrajectoryWindows, split_windows
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPOSITORY / "demos"), str(REPOSITORY / "demos" / "burgers")]
 from burgers import Burgers, coarse_run, relative_error, set_nodal
+from burgers_outputs import (
+    add_demo_output_argument,
+    local_closure,
+    operator_closure,
+    read_demo_output,
+)
 from utilities import log, output_folder
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-parser.add_argument(
-    "--demo-output",
-    type=Path,
-    default=REPOSITORY / "demos" / "output" / "burgers",
-    help="the folder the Burgers demo wrote (default: demos/output/burgers)",
-)
+add_demo_output_argument(parser)
 parser.add_argument("--window", type=int, default=None, help="sampling intervals per rollout")
 parser.add_argument(
     "--stride", type=int, default=None, help="sampling intervals between window starts"
@@ -75,20 +75,12 @@ args = parser.parse_args()
 
 comm = MPI.COMM_WORLD
 torch.set_num_threads(1)
-files = ("summary.json", "reference.npz", "local_closure.pt", "mno_closure.pt")
-missing = [name for name in files if not (args.demo_output / name).is_file()]
-if missing:
-    sys.exit(f"{args.demo_output} has no {', '.join(missing)}: run the Burgers demo first")
 output = output_folder("burgers_aposteriori", root=REPOSITORY / "experiments" / "output")
-demo = json.loads((args.demo_output / "summary.json").read_text())
+demo, _, filtered = read_demo_output(args.demo_output)
 config, quick = demo["config"], demo["quick"]
 window = args.window or (2 if quick else 16)
 epochs = args.epochs or (2 if quick else 8)
 stride = args.stride or (1 if quick else 4)
-reference = np.load(args.demo_output / "reference.npz")
-filtered = {
-    round(float(t), 9): v for t, v in zip(reference["times"], reference["states"], strict=True)
-}
 nc, dt = config["coarse_cells"], config["coarse_dt"]
 t_train = config["spin_up"]
 t_test = t_train + config["horizon"]
@@ -99,23 +91,12 @@ log(f"the demo's {'quick' if quick else 'full'} run; windows of {window} x {ever
 
 
 # ## The closures as the demo builds them, from its model files (or from ours)
-def local_closure(un, path=args.demo_output / "local_closure.pt"):
-    closure = mno.Closure(str(path), mno.Operands({"u": un, "u_x": un.dx(0)}))
-    return closure, closure.dx
+def demo_local_closure(un, path=args.demo_output / "local_closure.pt"):
+    return local_closure(un, path)
 
 
-def operator_closure(un, path=args.demo_output / "mno_closure.pt"):
-    grid = demo["grid"]
-    closure = mno.NonlocalClosure(
-        str(path),
-        mno.Operands({"u": un, "u_x": un.dx(0)}),
-        value_shape=(),
-        quadrature_degree=2,
-        grid_shape=tuple(grid["shape"]),
-        bounding_box=(np.array(grid["lower"]), np.array(grid["upper"])),
-        mask_channel=False,
-    )
-    return closure, closure.dx
+def demo_operator_closure(un, path=args.demo_output / "mno_closure.pt"):
+    return operator_closure(un, path, demo["grid"])
 
 
 # ## Training through the solver (the closure updated every step while training)
@@ -176,7 +157,7 @@ def train_a_posteriori(name, closure_factory):
     }
 
 
-factories = {"local MLP": local_closure, "MNO (FNO)": operator_closure}
+factories = {"local MLP": demo_local_closure, "MNO (FNO)": demo_operator_closure}
 names = {"local MLP": "local", "MNO (FNO)": "mno"}
 trained_paths, training = {}, {}
 for label in args.closures:

@@ -41,36 +41,28 @@ import numpy as np
 import torch
 from dolfinx import fem, mesh
 
-import dolfinx_mno as mno
 from dolfinx_mno.data import L2Projection
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPOSITORY / "demos"), str(REPOSITORY / "demos" / "burgers")]
 from burgers import Burgers, coarse_run, nodal, relative_error, set_nodal, smagorinsky
+from burgers_outputs import (
+    add_demo_output_argument,
+    local_closure,
+    operator_closure,
+    read_demo_output,
+)
 from utilities import log, output_folder
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-parser.add_argument(
-    "--demo-output",
-    type=Path,
-    default=REPOSITORY / "demos" / "output" / "burgers",
-    help="the folder the Burgers demo wrote (default: demos/output/burgers)",
-)
+add_demo_output_argument(parser)
 args = parser.parse_args()
 
 comm = MPI.COMM_WORLD
 torch.set_num_threads(1)
-files = ("summary.json", "reference.npz", "local_closure.pt", "mno_closure.pt")
-missing = [name for name in files if not (args.demo_output / name).is_file()]
-if missing:
-    sys.exit(f"{args.demo_output} has no {', '.join(missing)}: run the Burgers demo first")
 output = output_folder("burgers", root=REPOSITORY / "experiments" / "output")
-demo = json.loads((args.demo_output / "summary.json").read_text())
+demo, reference, filtered = read_demo_output(args.demo_output)
 config = demo["config"]
-reference = np.load(args.demo_output / "reference.npz")
-filtered = {
-    float(t): values for t, values in zip(reference["times"], reference["states"], strict=True)
-}
 
 nc = config["coarse_cells"]
 h = 1.0 / nc
@@ -96,24 +88,12 @@ def spectrum(states):
 
 
 # The closures as the demo builds them, from its model files.
-def local_closure(un):
-    path = str(args.demo_output / "local_closure.pt")
-    closure = mno.Closure(path, mno.Operands({"u": un, "u_x": un.dx(0)}))
-    return closure, closure.dx
+def demo_local_closure(un):
+    return local_closure(un, args.demo_output / "local_closure.pt")
 
 
-def operator_closure(un):
-    grid = demo["grid"]
-    closure = mno.NonlocalClosure(
-        str(args.demo_output / "mno_closure.pt"),
-        mno.Operands({"u": un, "u_x": un.dx(0)}),
-        value_shape=(),
-        quadrature_degree=2,
-        grid_shape=tuple(grid["shape"]),
-        bounding_box=(np.array(grid["lower"]), np.array(grid["upper"])),
-        mask_channel=False,
-    )
-    return closure, closure.dx
+def demo_operator_closure(un):
+    return operator_closure(un, args.demo_output / "mno_closure.pt", demo["grid"])
 
 
 # ## Smagorinsky, tuned on the training horizon
@@ -137,8 +117,8 @@ test_start = set_nodal(fem.Function(Vc), filtered[round(t_test, 9)])
 models = {
     "no closure": plain,
     "Smagorinsky": smagorinsky_model,
-    "local MLP": Burgers(nc, dt, local_closure, "local", Vc.mesh, interval),
-    "MNO (FNO)": Burgers(nc, dt, operator_closure, "mno", Vc.mesh, interval),
+    "local MLP": Burgers(nc, dt, demo_local_closure, "local", Vc.mesh, interval),
+    "MNO (FNO)": Burgers(nc, dt, demo_operator_closure, "mno", Vc.mesh, interval),
 }
 reference_spectrum = spectrum(test_reference)
 results, runs = {}, {}
