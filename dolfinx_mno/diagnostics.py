@@ -307,7 +307,11 @@ def decorrelation_time(
         raise ValueError("times and correlations are empty: there is nothing to measure.")
     if not np.all(np.isfinite(t)) or np.any(np.diff(t) <= 0):
         raise ValueError("times must be finite and strictly increasing.")
-    if not isinstance(threshold, numbers.Real) or not 0.0 < float(threshold) <= 1.0:
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, numbers.Real)
+        or not 0.0 < float(threshold) <= 1.0
+    ):
         raise ValueError(f"threshold must be in (0, 1], got {threshold!r}.")
     below = ~(c >= threshold)  # NaN counts as below
     if not np.any(below):

@@ -125,6 +125,8 @@ def test_correlation_errors():
         mno.correlation(x, phi(1, 1))
     with pytest.raises(ValueError, match="they live on 2 meshes"):
         mno.correlation(phi(1, 1), ufl.SpatialCoordinate(other)[0])
+    with pytest.raises(ValueError, match="they live on 2 meshes"):
+        mno.correlation(phi(1, 1), phi(1, 1), dx=ufl.Measure("dx", domain=other))
     with pytest.raises(TypeError, match=r"dx must be a ufl\.Measure"):
         mno.correlation(phi(1, 1), phi(1, 1), dx="dx")
     zero = 0.0 * x[0]
@@ -207,6 +209,7 @@ def test_decorrelation_time_interpolates_the_crossing():
         ([0.0, 1.0], [1.0, 0.0], 0.0, r"threshold must be in \(0, 1\], got 0.0"),
         ([0.0, 1.0], [1.0, 0.0], 1.5, r"threshold must be in \(0, 1\], got 1.5"),
         ([0.0, 1.0], [1.0, 0.0], math.nan, r"threshold must be in \(0, 1\]"),
+        ([0.0, 1.0], [1.0, 0.0], True, r"threshold must be in \(0, 1\], got True"),
     ],
 )
 def test_decorrelation_time_errors(times, correlations, threshold, match):
