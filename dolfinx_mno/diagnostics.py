@@ -132,8 +132,14 @@ class Correlation:
             metadata={"quadrature_degree": 6})``); by default ``ufl.dx`` on the fields'
             mesh, with UFL's estimated degree. The means are over this measure too.
 
+    Attributes:
+        centered: Whether the means are removed.
+        dtype: The scalar type of the forms.
+        area: ``∫ 1 dx``, what the means are taken over (computed once).
+
     Raises:
-        ValueError: A field that is not scalar, fields on several meshes (or none).
+        ValueError: A field that is not scalar, fields on several meshes (or none), a
+            measure over no cells.
         TypeError: Complex fields, or fields of different scalar types.
 
     Example:
@@ -185,7 +191,13 @@ class Correlation:
             fa, fb = fa - self._mean_a, fb - self._mean_b
             self._mean_forms = compile_forms(fields)
         self._moment_forms = compile_forms([fa * fa, fb * fb, fa * fb])
-        (self.area,) = self._sum([self._area_form])
+        (area,) = self._sum([self._area_form])
+        if not area > 0.0:  # global: the same on every rank
+            raise ValueError(
+                f"The measure of the correlation covers no part of the mesh (its area is "
+                f"{area}); pass a measure over the cells to correlate on."
+            )
+        self.area = float(area)
 
     def _sum(self, forms: Sequence[fem.Form]) -> np.ndarray:
         """The global integrals of ``forms``, summed in rank order (collective)."""
@@ -292,7 +304,7 @@ def decorrelation_time(
             or not strictly increasing; a threshold outside ``(0, 1]``.
 
     Example:
-        >>> decorrelation_time([0.0, 1.0, 2.0], [1.0, 0.97, 0.93])
+        >>> decorrelation_time([0.0, 1.0, 2.0], [1.0, 0.75, 0.25], threshold=0.5)
         1.5
     """
     t = np.asarray(times, dtype=np.float64)
@@ -443,6 +455,9 @@ def sample_on_box_grid(
     included), in the layout that :func:`box_spectra` reads. Each call builds a
     :class:`~dolfinx_mno.data.GriddedSampler` (bounding-box tree, point ownership); to
     sample often, keep one and transpose its output yourself::
+
+        from dolfinx_mno.data import GriddedSampler
+        from dolfinx_mno.grid import grid_over_mesh
 
         sampler = GriddedSampler([omega_h], grid_over_mesh(mesh, (nx + 1, ny + 1)))
         values = sampler()  # (1, nx + 1, ny + 1) on rank 0, None elsewhere

@@ -129,6 +129,10 @@ def test_correlation_errors():
         mno.correlation(phi(1, 1), phi(1, 1), dx=ufl.Measure("dx", domain=other))
     with pytest.raises(TypeError, match=r"dx must be a ufl\.Measure"):
         mno.correlation(phi(1, 1), phi(1, 1), dx="dx")
+    cells = mesh.meshtags(msh, 2, np.array([], dtype=np.int32), np.array([], dtype=np.int32))
+    nowhere = ufl.Measure("dx", domain=msh, subdomain_data=cells, subdomain_id=1)
+    with pytest.raises(ValueError, match=r"covers no part of the mesh \(its area is 0\.0\)"):
+        mno.correlation(phi(1, 1), x[0], dx=nowhere)
     zero = 0.0 * x[0]
     constant = 2.0 + 0.0 * x[0]
     message = (
