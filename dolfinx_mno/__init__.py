@@ -36,6 +36,7 @@ from dolfinx_mno.closure import (
     derivative,
     extract_closures,
 )
+from dolfinx_mno.distributed_operator import DistributedFNO
 from dolfinx_mno.grid import Grid
 from dolfinx_mno.guard import install_problem_guard
 from dolfinx_mno.io import ModelFileError, load_model, register_architecture, save_model
@@ -65,6 +66,7 @@ __all__ = [
     "ClosureEvaluationError",
     "ClosureSpec",
     "ClosureWriter",
+    "DistributedFNO",
     "Grid",
     "ModelFileError",
     "NonlocalClosure",

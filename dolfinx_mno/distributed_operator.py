@@ -68,7 +68,8 @@ def kept_modes(
         indices written back, and the slice of the weight along that mode axis.
 
     Raises:
-        ValueError: A mode count beyond the grid ("n_modes=... exceed the grid ...").
+        ValueError: ``n_modes`` beyond the grid (neuraloperator itself would drop the
+            outer modes of its weights).
     """
     dim = len(grid_shape)
     lengths = [*grid_shape[:-1], grid_shape[-1] // 2 + 1]
@@ -84,11 +85,13 @@ def kept_modes(
     kept = [
         len(range(n)[s]) for n, s in zip(conv.weight.shape[offset:], weight_slices, strict=True)
     ]
-    if any(k > length for k, length in zip(kept, lengths, strict=True)):
+    if any(n > length for n, length in zip(conv.n_modes, lengths, strict=True)):
+        # neuraloperator would keep only the central modes of its weights that fit the grid.
         raise ValueError(
-            f"n_modes={tuple(conv.n_modes)} (kept modes {tuple(kept)}, the last one of a real "
-            f"FFT) exceed the grid {tuple(grid_shape)} (at most {tuple(lengths)}): use a "
-            "finer grid or fewer modes."
+            f"it keeps {tuple(conv.n_modes)} modes (the last axis's n // 2 + 1 of a real "
+            f"FFT), more than the grid {tuple(grid_shape)} has ({tuple(lengths)}); "
+            "neuraloperator would silently drop the outer modes of its weights: use a finer "
+            "grid or fewer modes."
         )
     modes_in: list[list[int]] = []
     modes_out: list[list[int]] = []
@@ -306,8 +309,11 @@ class DistributedFNO(torch.nn.Module):
                 f"rows={rows.counts} must give each of the {comm.size} ranks at least one of "
                 f"the {grid_shape[0]} rows of axis 0."
             )
-        for conv in model.fno_blocks.convs:
-            kept_modes(conv, grid_shape)  # n_modes beyond the grid: raise before any collective
+        for conv in model.fno_blocks.convs:  # raise before any collective
+            try:
+                kept_modes(conv, grid_shape)
+            except ValueError as err:
+                raise ValueError(f"The FNO's n_modes={tuple(model.n_modes)}: {err}") from None
         self.model = model
         self.grid_shape = grid_shape
         self.comm = comm
