@@ -169,6 +169,7 @@ class DistributedGridEmbedding(torch.nn.Module):
     """
 
     def __init__(self, embedding: typing.Any, grid_shape: Sequence[int], rows: slice):
+        """Wrap; the arguments are described in the class docstring."""
         super().__init__()
         self.boundaries = [tuple(b) for b in embedding.grid_boundaries]
         self.grid_shape = tuple(grid_shape)
@@ -212,6 +213,7 @@ class DistributedSpectralConv(torch.nn.Module):
         group: dist.ProcessGroup,
         rank: int,
     ):
+        """Wrap; the arguments are described in the class docstring."""
         super().__init__()
         self.conv = conv
         self.grid_shape = tuple(grid_shape)
@@ -285,6 +287,7 @@ class DistributedFNO(torch.nn.Module):
         rows: SlabPartition | None = None,
         backend: str | None = None,
     ):
+        """Check the model and grid, then join the process group (collective)."""
         super().__init__()
         grid_shape = tuple(int(n) for n in grid_shape)
         problems = unsupported_options(model)
