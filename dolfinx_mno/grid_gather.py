@@ -400,6 +400,11 @@ class GriddedSampler:
         """Flat grid indices of the points this rank evaluates, shape ``(num_local,)``."""
         return self._sampler.indices
 
+    @property
+    def inside(self) -> np.ndarray:
+        """Whether each grid point lies in the mesh, ``(grid.num_points,)`` (every rank)."""
+        return self._sampler.inside
+
     def sample(self) -> np.ndarray:
         """Evaluate the expressions at this rank's grid points (local, no communication).
 

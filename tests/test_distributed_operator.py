@@ -7,7 +7,6 @@ few modes along axis 1 some ranks own no modes in the transposed layout.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import typing
 
@@ -16,6 +15,7 @@ from mpi4py import MPI
 import numpy as np
 import pytest
 import torch
+from neuralop_reference import widened_spectral_buffer
 
 import dolfinx_mno  # noqa: F401  (before dolfinx)
 from dolfinx_mno.distributed_fft import SlabPartition
@@ -25,28 +25,6 @@ from dolfinx_mno.torch_bridge import to_precision
 neuralop = pytest.importorskip("neuralop")
 
 comm = MPI.COMM_WORLD
-
-
-@contextlib.contextmanager
-def widened_spectral_buffer() -> typing.Iterator[None]:
-    """neuraloperator's own forward, its complex64 spectral buffer in complex128.
-
-    neuraloperator 2.0's ``SpectralConv.forward`` allocates its output modes with
-    ``torch.zeros(..., dtype=torch.cfloat)`` whatever the input dtype; widening that one
-    allocation gives its forward in float64 throughout, the reference at 1e-12.
-    """
-    zeros = torch.zeros
-
-    def wide_zeros(*args: typing.Any, **kwargs: typing.Any) -> torch.Tensor:
-        if kwargs.get("dtype") is torch.cfloat:
-            kwargs["dtype"] = torch.cdouble
-        return zeros(*args, **kwargs)
-
-    torch.zeros = wide_zeros  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        torch.zeros = zeros  # type: ignore[assignment]
 
 
 def _model(modes: tuple[int, ...], dtype: torch.dtype = torch.float64, **options: typing.Any):
