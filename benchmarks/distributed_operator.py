@@ -14,8 +14,11 @@
 #   for the runs here and modelled for 64 to 1024 ranks.
 #
 # Memory is the growth of the process's peak resident set (`VmHWM`, reset through
-# `/proc/self/clear_refs` just before) during the first forward (no warm-up: later
-# forwards reuse memory the allocator kept, which would hide the peak). Times are medians
+# `/proc/self/clear_refs` just before) during a forward after a warm-up one, run with
+# `MALLOC_MMAP_THRESHOLD_=65536` so that glibc maps every large buffer afresh and returns
+# it when freed: the growth is then the forward's live peak, without the allocator's
+# cache or the first call's one-time costs (libraries, communicators: about 12 MiB, also
+# recorded as `memory_mib_first_forward_per_rank`). Times are medians
 # of `--repeats` forwards after one warm-up, with `torch.set_num_threads(1)` per rank and
 # a barrier before each; a forward's time is the slowest rank's.
 #
@@ -28,6 +31,7 @@
 # input and output grid through rank 0.
 #
 # ```
+# export MALLOC_MMAP_THRESHOLD_=65536
 # for p in 1 2 3 4; do mpirun -n $p python benchmarks/distributed_operator.py; done
 # python benchmarks/distributed_operator.py --summary      # the table of all runs
 # python benchmarks/distributed_operator.py --quick        # smoke test (seconds)
@@ -143,8 +147,13 @@ def main() -> None:
         with torch.no_grad():
             distributed(local)
 
-    memory_distributed = _peak_growth_mib(distributed_forward)
-    memory_gathered = _peak_growth_mib(lambda: model(field).detach()) if comm.rank == 0 else 0.0
+    memory_first = _peak_growth_mib(distributed_forward)
+    memory_distributed = _peak_growth_mib(distributed_forward)  # warm: the live peak
+    memory_gathered = 0.0
+    if comm.rank == 0:
+        with torch.no_grad():
+            model(field)  # warm-up
+            memory_gathered = _peak_growth_mib(lambda: model(field))
     with torch.no_grad():  # Gathered: rank 0 gathers the input, runs, scatters the output.
         counts = np.array(distributed.rows.counts) * grid[1]
         gathered_input = np.empty((2, *grid), np.float32) if comm.rank == 0 else None
@@ -170,6 +179,7 @@ def main() -> None:
     kept = (modes[0], modes[1] // 2 + 1)
     sent = comm.allreduce(measured_bytes(distributed, args.width, 8), op=MPI.MAX)
     memories = comm.gather(memory_distributed)
+    firsts = comm.gather(memory_first)
     if comm.rank != 0:
         return
     result = {
@@ -180,6 +190,7 @@ def main() -> None:
         "layers": args.layers,
         "dtype": "float32",
         "memory_mib_per_rank": memories,
+        "memory_mib_first_forward_per_rank": firsts,
         "memory_mib_gathered_root": memory_gathered,
         "time_gathered_s": time_gathered,
         "time_distributed_s": time_distributed,

@@ -120,3 +120,8 @@ def test_distributed_mode_errors_on_every_rank():
         closure.update()
     with pytest.raises(RuntimeError, match="has no root scatter"):
         _ = closure.grid_scatter
+    from dolfinx_mno.nonlocal_adjoint import nonlocal_values
+
+    samples = torch.zeros((closure.gridded_sampler.num_local, 1), dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="only the gathered mode so far"):
+        nonlocal_values(closure, samples)
