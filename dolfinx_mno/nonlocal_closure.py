@@ -233,6 +233,7 @@ class NonlocalClosure(ClosureBase):
             sampling_degree=sampling_degree,
             mesh=mesh,
             root=root,
+            gather=not distributed,  # the distributed mode sends samples to slabs instead
         )
         self.distributed = bool(distributed)
         self._evaluator: GridEvaluator | None = None

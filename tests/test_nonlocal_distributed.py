@@ -120,6 +120,10 @@ def test_distributed_mode_errors_on_every_rank():
         closure.update()
     with pytest.raises(RuntimeError, match="has no root scatter"):
         _ = closure.grid_scatter
+    # No rank allocates the gathered grid: the sampler only samples.
+    assert closure.gridded_sampler.gather_bytes == 0
+    with pytest.raises(RuntimeError, match=r"built with gather=False \(sampling only\)"):
+        closure.gridded_sampler.gather()
     from dolfinx_mno.nonlocal_adjoint import nonlocal_values
 
     samples = torch.zeros((closure.gridded_sampler.num_local, 1), dtype=torch.float64)
