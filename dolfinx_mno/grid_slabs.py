@@ -9,6 +9,10 @@ the gathered mode's gather and scatter, with the same stages:
   rank whose slab holds the point (one ``MPI.Alltoallv``; a sample already in its own slab
   stays), and writes the samples it receives, the extension value and the mask into its
   slab.
+* :class:`SlabSampler` (sample → slab, for training data): a
+  :class:`~dolfinx_mno.grid_gather.GriddedSampler` that sends its samples to the slabs
+  instead of gathering them, so that inputs on a grid no rank could hold are made the
+  way a distributed closure sees them.
 * :class:`SlabScatter` (slab → points): every rank needs the sub-block of the output grid
   around its points (:class:`~dolfinx_mno.grid_scatter.GridInterpolator`); each slab owner
   sends the part of that block in its rows (one ``MPI.Alltoallv``), so only the block's
@@ -25,12 +29,15 @@ from mpi4py import MPI
 
 import numpy as np
 import numpy.typing as npt
+from dolfinx.mesh import Mesh
 
 from dolfinx_mno.distributed_fft import SlabPartition
 from dolfinx_mno.grid import Grid
+from dolfinx_mno.grid_gather import GriddedSampler
 from dolfinx_mno.grid_scatter import GridInterpolator
+from dolfinx_mno.operands import OperandsLike
 
-__all__ = ["SlabGather", "SlabScatter"]
+__all__ = ["SlabGather", "SlabSampler", "SlabScatter"]
 
 
 def _displacements(counts: np.ndarray) -> np.ndarray:
@@ -131,6 +138,90 @@ class SlabGather:
         np.take(samples, self._order, axis=0, out=self._send_buffer)
         self._comm.Alltoallv(self._send, self._receive)
         out[: self.num_channels, self._slab_indices] = self._receive_buffer.T
+
+
+class SlabSampler:
+    """Sample UFL expressions on a grid into each rank's slab of rows (collective).
+
+    The distributed twin of :class:`~dolfinx_mno.grid_gather.GriddedSampler`'s
+    ``__call__``: the same samples, extension value and mask, but rank ``r`` gets the rows
+    ``rows.block(r)`` of the first grid axis and no rank holds the whole grid.
+
+    Args:
+        expressions: As for :class:`~dolfinx_mno.grid_gather.GriddedSampler`.
+        grid: The grid.
+        extension_value: Value of every channel outside the mesh.
+        mask_channel: Append the inside/outside mask as the last channel.
+        sampling_degree: As for :class:`~dolfinx_mno.grid_gather.GriddedSampler`.
+        mesh: The mesh; by default that of the expressions.
+        rows: Rows of axis 0 per rank; default the balanced partition, which
+            :class:`~dolfinx_mno.DistributedFNO` uses too.
+
+    Attributes:
+        rows: The partition.
+        local_shape: This rank's slab, ``(rows, n_1, ...)``.
+        channels: Channels of the slab, mask included.
+
+    Raises:
+        ValueError: Fewer grid rows than ranks (on every rank), or what
+            :class:`~dolfinx_mno.grid_gather.GriddedSampler` raises.
+
+    Example:
+        >>> slabs = SlabSampler([u, ufl.grad(u)], closure.grid, mask_channel=True)
+        >>> x = slabs()  # (4, *slabs.local_shape) on every rank
+    """
+
+    def __init__(
+        self,
+        expressions: OperandsLike,
+        grid: Grid,
+        *,
+        extension_value: float = 0.0,
+        mask_channel: bool = False,
+        sampling_degree: int | None = None,
+        mesh: Mesh | None = None,
+        rows: SlabPartition | None = None,
+    ):
+        """Set up the sampling and the routing (collective); see the class docstring."""
+        self._sampler = GriddedSampler(
+            expressions,
+            grid,
+            extension_value=extension_value,
+            mask_channel=mask_channel,
+            sampling_degree=sampling_degree,
+            mesh=mesh,
+            gather=False,
+        )
+        comm = self._sampler.operands.mesh.comm
+        if rows is None:
+            if grid.shape[0] < comm.size:
+                raise ValueError(
+                    f"The grid {grid.shape} has {grid.shape[0]} rows along axis 0, fewer than "
+                    f"the {comm.size} ranks: use a finer grid or fewer ranks."
+                )
+            rows = SlabPartition.balanced(grid.shape[0], comm.size)
+        self.rows = rows
+        dtype = self._sampler.operands.dtype
+        channels = self._sampler.num_channels
+        self._gather = SlabGather(
+            grid, rows, self._sampler.indices, self._sampler.inside, channels, dtype, comm
+        )
+        self.local_shape = self._gather.local_shape
+        self.channels = self._sampler.channels
+        self._extension_value = float(extension_value)
+        self._mask_channel = bool(mask_channel)
+
+    def __call__(self) -> np.ndarray:
+        """Sample and send to the slabs (collective).
+
+        Returns:
+            A new array ``(channels, *local_shape)`` in the mesh's dtype.
+        """
+        samples = self._sampler.sample()
+        out = np.empty((self.channels, math.prod(self.local_shape)), dtype=samples.dtype)
+        self._gather.prepare(out, self._extension_value, self._mask_channel)
+        self._gather.gather(samples, out)
+        return out.reshape(self.channels, *self.local_shape)
 
 
 class SlabScatter:

@@ -17,6 +17,9 @@ from neuralop_reference import widened_spectral_buffer
 
 import dolfinx_mno  # noqa: F401  (before dolfinx)
 from dolfinx_mno.closure import ClosureEvaluationError
+from dolfinx_mno.grid import grid_over_mesh
+from dolfinx_mno.grid_gather import GriddedSampler
+from dolfinx_mno.grid_slabs import SlabSampler
 from dolfinx_mno.nonlocal_closure import NonlocalClosure
 from dolfinx_mno.torch_bridge import to_precision
 
@@ -129,3 +132,19 @@ def test_distributed_mode_errors_on_every_rank():
     samples = torch.zeros((closure.gridded_sampler.num_local, 1), dtype=torch.float64)
     with pytest.raises(NotImplementedError, match="only the gathered mode so far"):
         nonlocal_values(closure, samples)
+
+
+@pytest.mark.mpi
+def test_slab_sampler_gives_each_rank_its_rows_of_the_gathered_grid(tiny_square):
+    """Training inputs without the gather: each rank's slab equals its rows of the grid."""
+    comm = tiny_square.comm
+    x = ufl.SpatialCoordinate(tiny_square)
+    operands = [ufl.sin(3 * x[0]) + x[1], ufl.as_vector((x[0] * x[1], x[1] ** 2))]
+    grid = grid_over_mesh(tiny_square, (7, 5), ((-0.2, 0.0), (1.0, 1.1)))  # some outside
+    options = {"extension_value": -2.0, "mask_channel": True, "mesh": tiny_square}
+    gathered = comm.bcast(GriddedSampler(operands, grid, **options)(), root=0)
+    slabs = SlabSampler(operands, grid, **options)
+    local = slabs()
+    assert local.shape == (4, *slabs.local_shape)
+    assert np.array_equal(local, gathered[:, slabs.rows.block(comm.rank)])
+    assert (gathered[-1] == 0).any() and (gathered[0] == -2.0).any()  # points outside
