@@ -10,6 +10,9 @@
 #   `NonlocalClosure` does) against the **distributed** mode (every rank runs its slab;
 #   the spectral convolutions exchange only the kept Fourier modes, all-to-all);
 # - a **weak-scaling** run (rows growing with the ranks, fixed rows per rank);
+# - time one `NonlocalClosure.update()` in the gathered and in the distributed mode
+#   (`distributed=True`) with the same FNO (P1 `u` and the mask on a 256² grid over a
+#   unit square of 64 × 64 squares);
 # - the **communication volume per rank** of the all-to-all transposes, counted exactly
 #   for the runs here and modelled for 64 to 1024 ranks.
 #
@@ -95,6 +98,36 @@ def _median_time(comm: MPI.Comm, run, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _closure_update_times(model: torch.nn.Module, comm: MPI.Comm, args) -> dict[bool, float]:
+    """Median seconds of ``NonlocalClosure.update()``, gathered and distributed mode.
+
+    The closure of ``u`` (P1, 2 squares per triangle pair) and its mask on a unit square
+    of ``closure_cells``² squares, on a ``closure_grid``² grid, with the benchmark's FNO.
+    """
+    import ufl
+    from dolfinx import fem, mesh
+
+    from dolfinx_mno import NonlocalClosure
+
+    msh = mesh.create_unit_square(comm, args.closure_cells, args.closure_cells)
+    u = fem.Function(fem.functionspace(msh, ("Lagrange", 1)))
+    x = ufl.SpatialCoordinate(msh)
+    points = u.function_space.element.interpolation_points
+    u.interpolate(fem.Expression(ufl.sin(3 * x[0]) * x[1], points))
+    times = {}
+    for distributed in (False, True):
+        closure = NonlocalClosure(
+            model,
+            [u],
+            quadrature_degree=2,
+            grid_shape=(args.closure_grid,) * 2,
+            distributed=distributed,
+            device="cpu",
+        )
+        times[distributed] = _median_time(comm, closure.update, args.repeats)
+    return times
+
+
 def bytes_per_rank(
     grid: tuple[int, ...], kept: tuple[int, ...], channels: int, layers: int, ranks: int, c: int
 ) -> float:
@@ -125,6 +158,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--weak-rows", type=int, default=128, help="rows per rank (weak)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--closure-grid", type=int, default=256, help="closure grid points")
+    parser.add_argument("--closure-cells", type=int, default=64, help="mesh squares per side")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--summary", action="store_true")
     args = parser.parse_args()
@@ -134,6 +169,7 @@ def main() -> None:
     if args.quick:
         args.grid, args.modes, args.width, args.layers = (32, 32), (8, 8), 4, 2
         args.weak_rows, args.repeats = 16, 2
+        args.closure_grid, args.closure_cells = 16, 4
     comm = MPI.COMM_WORLD
     torch.set_num_threads(1)
     grid, modes = tuple(args.grid), tuple(args.modes)
@@ -176,6 +212,8 @@ def main() -> None:
     with torch.no_grad():
         time_weak = _median_time(comm, lambda: weak(weak_local), args.repeats)
 
+    closure_times = _closure_update_times(model, comm, args)
+
     kept = (modes[0], modes[1] // 2 + 1)
     sent = comm.allreduce(measured_bytes(distributed, args.width, 8), op=MPI.MAX)
     memories = comm.gather(memory_distributed)
@@ -197,6 +235,10 @@ def main() -> None:
         "weak_grid": weak_grid,
         "time_weak_s": time_weak,
         "bytes_sent_max_rank": sent,
+        "closure_grid": (args.closure_grid,) * 2,
+        "closure_cells": (args.closure_cells,) * 2,
+        "closure_update_gathered_s": closure_times[False],
+        "closure_update_distributed_s": closure_times[True],
         "bytes_modelled": bytes_per_rank(grid, kept, args.width, args.layers, comm.size, 8),
         "machine": machine(torch.device("cpu")),
         "command": f"mpirun -n {comm.size} python benchmarks/distributed_operator.py"
@@ -209,7 +251,9 @@ def main() -> None:
         f"P={comm.size}: memory/rank {max(memories):.1f} MiB (gathered root "
         f"{memory_gathered:.1f}), forward gathered {1e3 * time_gathered:.1f} ms, distributed "
         f"{1e3 * time_distributed:.1f} ms, weak {weak_grid} {1e3 * time_weak:.1f} ms, "
-        f"all-to-all {sent / 2**20:.2f} MiB/rank (model {result['bytes_modelled'] / 2**20:.2f})"
+        f"all-to-all {sent / 2**20:.2f} MiB/rank (model {result['bytes_modelled'] / 2**20:.2f}), "
+        f"closure update gathered {1e3 * closure_times[False]:.1f} ms, distributed "
+        f"{1e3 * closure_times[True]:.1f} ms"
     )
 
 
@@ -226,9 +270,10 @@ def summary() -> None:
         )
         print(
             "| P | peak MiB/rank (max) | x P / P=1 | gathered root MiB | gathered ms "
-            "| distributed ms | weak grid | weak ms | all-to-all MiB/rank (model) |"
+            "| distributed ms | weak grid | weak ms | all-to-all MiB/rank (model) "
+            "| update gathered ms | update distributed ms |"
         )
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         first = max(base["memory_mib_per_rank"])
         for run in runs:
             peak = max(run["memory_mib_per_rank"])
@@ -237,7 +282,9 @@ def summary() -> None:
                 f"{run['memory_mib_gathered_root']:.1f} | {1e3 * run['time_gathered_s']:.1f} | "
                 f"{1e3 * run['time_distributed_s']:.1f} | {tuple(run['weak_grid'])} | "
                 f"{1e3 * run['time_weak_s']:.1f} | {run['bytes_sent_max_rank'] / 2**20:.2f} "
-                f"({run['bytes_modelled'] / 2**20:.2f}) |"
+                f"({run['bytes_modelled'] / 2**20:.2f}) | "
+                f"{1e3 * run['closure_update_gathered_s']:.1f} | "
+                f"{1e3 * run['closure_update_distributed_s']:.1f} |"
             )
     print()
     print("Modelled all-to-all volume per rank and forward (FNO width 64, 4 layers, float32,")
