@@ -217,6 +217,7 @@ class DistributedSpectralConv(torch.nn.Module):
         super().__init__()
         self.conv = conv
         self.grid_shape = tuple(grid_shape)
+        self._n_modes = tuple(conv.n_modes)
         modes_in, modes_out, self._weight_slices = kept_modes(conv, self.grid_shape)
         self.spectral = SlabSpectralTransform(
             self.grid_shape, rows, modes_in, group, rank, modes_out=modes_out
@@ -236,7 +237,17 @@ class DistributedSpectralConv(torch.nn.Module):
         return field
 
     def forward(self, field: torch.Tensor, output_shape: typing.Any = None) -> torch.Tensor:
-        """``(batch, in, rows, n_1, ...)`` → ``(batch, out, rows, n_1, ...)`` (collective)."""
+        """``(batch, in, rows, n_1, ...)`` → ``(batch, out, rows, n_1, ...)`` (collective).
+
+        Raises:
+            RuntimeError: The model's ``n_modes`` changed since construction (the same on
+                every rank, before any collective).
+        """
+        if tuple(self.conv.n_modes) != self._n_modes:
+            raise RuntimeError(
+                f"The FNO's modes changed from {self._n_modes} to {tuple(self.conv.n_modes)} "
+                "since the DistributedFNO was built; build a new one."
+            )
         modes = self.spectral.forward(field)
         modes = self.conv._contract(modes, self._local_weight(), separable=self.conv.separable)
         result = self.spectral.inverse(modes)
@@ -322,7 +333,9 @@ class DistributedFNO(torch.nn.Module):
         self.comm = comm
         self.rows = rows
         self.group = process_group(comm, backend)
-        self.convs = torch.nn.ModuleList(
+        # Not registered as submodules: their parameters are the model's, so that the
+        # state dict is the model's alone (under "model.").
+        self.__dict__["convs"] = torch.nn.ModuleList(
             DistributedSpectralConv(conv, grid_shape, rows, self.group, comm.rank)
             for conv in model.fno_blocks.convs
         )

@@ -126,6 +126,9 @@ def test_float32_and_loaded_weights_equal_neuralop():
         distributed = DistributedFNO(model, grid, comm)
         distributed.model.load_state_dict(trained.state_dict())
         output = distributed(field[:, :, distributed.local_rows])
+    # The wrapper's state is the model's alone (neuraloperator adds a "_metadata" entry).
+    tensors = {k for k in distributed.state_dict() if not k.endswith("_metadata")}
+    assert tensors == {f"model.{k}" for k in trained.state_dict() if k != "_metadata"}
     error = (output - expected[:, :, distributed.local_rows]).abs().max().item()
     assert _global_max(error) <= 50 * np.finfo(np.float32).eps * float(expected.abs().max())
 
@@ -217,3 +220,12 @@ def test_wrong_input_on_one_rank_raises_on_every_rank():
         ),
     ):
         distributed(torch.zeros(1, 2, rows, 8, dtype=torch.float64))
+
+
+@pytest.mark.mpi
+def test_modes_changed_after_construction_raise():
+    model = _model((4, 4))
+    distributed = DistributedFNO(model, (8, 8), comm)
+    model.n_modes = (2, 2)
+    with pytest.raises(RuntimeError, match=r"modes changed from \(4, 3\) to \(2, 2\)"):
+        distributed(torch.zeros(1, 2, *distributed.local_shape, dtype=torch.float64))
