@@ -44,6 +44,7 @@ from dolfinx_mno.diagnostics import (
     decorrelation_time,
     sample_on_box_grid,
 )
+from dolfinx_mno.distributed_operator import DistributedFNO
 from dolfinx_mno.grid import Grid
 from dolfinx_mno.guard import install_problem_guard
 from dolfinx_mno.io import ModelFileError, load_model, register_architecture, save_model
@@ -74,6 +75,7 @@ __all__ = [
     "ClosureSpec",
     "ClosureWriter",
     "Correlation",
+    "DistributedFNO",
     "Grid",
     "ModelFileError",
     "NonlocalClosure",

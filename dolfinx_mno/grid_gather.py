@@ -280,6 +280,10 @@ class GriddedSampler:
         sampling_degree: Degree of the discontinuous Lagrange space of the interpolants.
         mesh: The mesh; by default that of the expressions.
         root: The rank that receives the grid.
+        gather: Set up the gather to the root; ``False`` for sampling only (the
+            distributed mode of a non-local closure, whose samples go to slabs instead):
+            the root then allocates no grid-sized buffer, and :meth:`gather` and
+            :meth:`gather_adjoint` raise.
 
     Attributes:
         operands: The expressions, as :class:`~dolfinx_mno.Operands`.
@@ -307,6 +311,7 @@ class GriddedSampler:
         sampling_degree: int | None = None,
         mesh: Mesh | None = None,
         root: int = 0,
+        gather: bool = True,
     ):
         """Set up the sampling and the gather (collective).
 
@@ -343,6 +348,11 @@ class GriddedSampler:
         self.extension_value = float(extension_value)
         self._comm = comm
         self._is_root = comm.rank == root
+        self._gathers = bool(gather)
+        self.gather_bytes: int = 0
+        if not self._gathers:
+            self._is_root = False  # no rank holds the grid
+            return
         counts = comm.gather(self._sampler.num_local, root=root)
         indices = comm.gather(self._sampler.indices, root=root)
         gather_bytes = None
@@ -356,7 +366,7 @@ class GriddedSampler:
             self._receive = [self._buffer, (counts_array, displacements), mpi_type]
             self._inside = self._sampler.inside.copy()
             gather_bytes = int(counts_array.sum() - counts_array[root]) * dtype.itemsize
-        self.gather_bytes: int = comm.bcast(gather_bytes, root=root)
+        self.gather_bytes = comm.bcast(gather_bytes, root=root)
 
     @property
     def num_local(self) -> int:
@@ -400,6 +410,11 @@ class GriddedSampler:
         """Flat grid indices of the points this rank evaluates, shape ``(num_local,)``."""
         return self._sampler.indices
 
+    @property
+    def inside(self) -> np.ndarray:
+        """Whether each grid point lies in the mesh, ``(grid.num_points,)`` (every rank)."""
+        return self._sampler.inside
+
     def sample(self) -> np.ndarray:
         """Evaluate the expressions at this rank's grid points (local, no communication).
 
@@ -424,6 +439,7 @@ class GriddedSampler:
         Returns:
             ``out`` on the root, ``None`` elsewhere.
         """
+        self._check_gathers()
         if samples is not None:
             np.copyto(self._local, samples.reshape(self._local.shape), casting="same_kind")
         receive = self._receive if self._is_root else None
@@ -449,6 +465,7 @@ class GriddedSampler:
             This rank's share, ``(num_local, num_channels)``, a new array in the mesh's
             dtype: the cotangent at the grid points this rank samples.
         """
+        self._check_gathers()
         if self._is_root:
             assert cotangent is not None
             samples = self._buffer.reshape(-1, self.num_channels)
@@ -457,6 +474,13 @@ class GriddedSampler:
         share = np.empty_like(self._local)
         self._comm.Scatterv(send, share.reshape(-1), root=self.root)
         return share
+
+    def _check_gathers(self) -> None:
+        if not self._gathers:
+            raise RuntimeError(
+                "This GriddedSampler was built with gather=False (sampling only); build it "
+                "with gather=True to gather the grid on the root."
+            )
 
     def sample_matrix(self) -> OperandMatrix:
         """The constant map from coefficient dofs to this rank's samples (affine operands).

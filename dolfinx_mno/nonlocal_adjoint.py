@@ -132,7 +132,15 @@ def nonlocal_values(closure: NonlocalClosure, samples: torch.Tensor) -> torch.Te
 
     Returns:
         ``(num_points * num_outputs,)`` float64 on the CPU: the owned closure values.
+
+    Raises:
+        NotImplementedError: A distributed closure (``distributed=True``), on every rank.
     """
+    if closure.slab_stage is not None:
+        raise NotImplementedError(
+            f"Non-local closure '{closure.name}' is distributed (distributed=True); "
+            "differentiable rollouts support only the gathered mode so far."
+        )
     grid = typing.cast(torch.Tensor, GatherFunction.apply(samples, closure))
     evaluator = closure.grid_evaluator
     if evaluator is None:

@@ -68,6 +68,7 @@ from dolfinx_mno.closure import ClosureEvaluationError
 from dolfinx_mno.grid import grid_over_mesh
 from dolfinx_mno.grid_gather import GriddedSampler
 from dolfinx_mno.grid_scatter import GridScatter
+from dolfinx_mno.nonlocal_distributed import SlabModelStage
 from dolfinx_mno.operand_map import OperandMatrix
 from dolfinx_mno.operands import Operands, OperandsLike, operand_comm
 from dolfinx_mno.quadrature import owned_dofs, quadrature_points, quadrature_space
@@ -110,6 +111,14 @@ class NonlocalClosure(ClosureBase):
         mesh: The mesh; by default the mesh of the operands.
         device: Device of the model on the root rank (``"auto"``: CUDA if available).
         root: Rank that runs the model.
+        distributed: Run the model on the grid split among the ranks instead of on the
+            root: each rank holds a slab of rows of the first grid axis, receives its grid
+            samples there, runs a :class:`~dolfinx_mno.distributed_operator.DistributedFNO`
+            of ``model`` (a ``neuralop.models.FNO``/``TFNO``; the spectral convolutions
+            exchange only the kept modes) and receives from the other ranks only the halo
+            rows its quadrature points need (:mod:`dolfinx_mno.nonlocal_distributed`). The
+            model then runs on every rank (on ``device``, ``"auto"``: each rank's GPU).
+            Needs at least ``comm.size`` grid points along the first axis.
         name: Name of the function.
 
     Shapes:
@@ -140,6 +149,7 @@ class NonlocalClosure(ClosureBase):
         mesh: Mesh | None = None,
         device: str | torch.device | None = "auto",
         root: int = 0,
+        distributed: bool = False,
         name: str = "nonlocal_closure",
     ):
         """Build the closure and its grid (collective).
@@ -223,7 +233,16 @@ class NonlocalClosure(ClosureBase):
             sampling_degree=sampling_degree,
             mesh=mesh,
             root=root,
+            gather=not distributed,  # the distributed mode sends samples to slabs instead
         )
+        self.distributed = bool(distributed)
+        self._evaluator: GridEvaluator | None = None
+        self._slabs: SlabModelStage | None = None
+        if self.distributed:  # slab → model → halo, on every rank
+            self._slabs = self._slab_stage(device)
+            self.communication = dict(self._slabs.communication)
+            self._fill_not_updated()
+            return
         self._scatter = self._owned_points_scatter()  # scatter → interpolate: grid → values
         self.communication = {
             "gather": self._gridded.gather_bytes,
@@ -231,29 +250,52 @@ class NonlocalClosure(ClosureBase):
         }
         # model: on the root, probed once with the real grid shape. The root's verdict
         # (placing the model on its device may fail too) reaches every rank.
-        self._evaluator: GridEvaluator | None = None
         with rank_local(comm, what):
             if self._is_root:
                 self._evaluator = self._root_evaluator(device)
         self._fill_not_updated()
 
-    def _owned_points_scatter(self) -> GridScatter:
-        """The scatter from the root's grid to the owned quadrature points (collective).
+    def _owned_points(self) -> np.ndarray:
+        """The owned quadrature points, ``(num_points, gdim)``, and where values go.
 
-        Also sets where :meth:`_interpolate` writes: straight into ``x.array`` where the
-        owned values are one contiguous range of its dtype, otherwise through a buffer.
+        Sets where :meth:`_interpolate` writes: straight into ``x.array`` where the owned
+        values are one contiguous range of its dtype, otherwise through a buffer.
         """
         mesh = self.function_space.mesh
         num_cells = mesh.topology.index_map(mesh.topology.dim).size_local
         points = _quadrature_coordinates(mesh, self.quadrature_degree, num_cells, self.dtype)
-        scatter = GridScatter(
-            self.grid, points, self.num_outputs, self.dtype, mesh.comm, root=self.root
-        )
         self._value_dofs = owned_dofs(self.function_space, num_cells)
-        shape = (scatter.num_points, self.num_outputs)
-        direct = isinstance(self._value_dofs, slice) and scatter.value_dtype == self.x.array.dtype
-        self._quadrature_values = None if direct else np.empty(shape, scatter.value_dtype)
-        return scatter
+        value_dtype = np.result_type(self.dtype, np.float64)  # the interpolation weights'
+        shape = (len(points), self.num_outputs)
+        direct = isinstance(self._value_dofs, slice) and value_dtype == self.x.array.dtype
+        self._quadrature_values = None if direct else np.empty(shape, value_dtype)
+        return points
+
+    def _owned_points_scatter(self) -> GridScatter:
+        """The scatter from the root's grid to the owned quadrature points (collective)."""
+        points = self._owned_points()
+        return GridScatter(
+            self.grid, points, self.num_outputs, self.dtype, self._comm, root=self.root
+        )
+
+    def _slab_stage(self, device: str | torch.device | None) -> SlabModelStage:
+        """The distributed mode's slab gather, model and halo scatter (collective)."""
+        if device is not None:
+            self._model.to(resolve_device(device, self._comm))
+        points = self._owned_points()
+        return SlabModelStage(
+            self._model,
+            self.grid,
+            self._gridded.indices,
+            self._gridded.inside,
+            points,
+            self.num_inputs,
+            self.mask_channel,
+            self.extension_value,
+            self.num_outputs,
+            self.dtype,
+            self._comm,
+        )
 
     def _root_evaluator(self, device: str | torch.device | None) -> GridEvaluator:
         """The model's evaluator on the root, its input prepared and the model probed."""
@@ -302,8 +344,22 @@ class NonlocalClosure(ClosureBase):
 
     @property
     def grid_scatter(self) -> GridScatter:
-        """The scatter → interpolate stage, to the owned quadrature points."""
+        """The scatter → interpolate stage, to the owned quadrature points.
+
+        Raises:
+            RuntimeError: In the distributed mode, which has no root to scatter from.
+        """
+        if self._slabs is not None:
+            raise RuntimeError(
+                "A distributed non-local closure has no root scatter; its stages are "
+                "closure.slab_stage's."
+            )
         return self._scatter
+
+    @property
+    def slab_stage(self) -> SlabModelStage | None:
+        """The distributed mode's slab, model and halo stages; ``None`` in the gathered mode."""
+        return self._slabs
 
     @property
     def grid_evaluator(self) -> GridEvaluator | None:
@@ -337,6 +393,9 @@ class NonlocalClosure(ClosureBase):
             raise ValueError("Non-local closures have no pointwise tangent; see the docs.")
         attempt = self._update_count + 1
         what = f"Update {attempt} of non-local closure '{self.name}'"
+        if self._slabs is not None:
+            self._update_distributed(attempt, what)
+            return
         inputs = None if self._evaluator is None else self._evaluator.inputs
         t0 = time.perf_counter()
         self._gridded.sample()
@@ -372,6 +431,31 @@ class NonlocalClosure(ClosureBase):
             total=t6 - t0,
         )
 
+    def _update_distributed(self, attempt: int, what: str) -> None:
+        """The update of the distributed mode: sample, slab, model, halo, interpolate."""
+        assert self._slabs is not None
+        t0 = time.perf_counter()
+        samples = self._gridded.sample()
+        t1 = time.perf_counter()
+        self._slabs.gather(samples)
+        t2 = time.perf_counter()
+        self._slabs.evaluate(what)
+        t3 = time.perf_counter()
+        self._slabs.scatter()
+        t4 = time.perf_counter()
+        self._interpolate()
+        t5 = time.perf_counter()
+        self._record(
+            attempt,
+            sample=t1 - t0,
+            gather=t2 - t1,
+            model=t3 - t2,
+            wait=0.0,
+            scatter=t4 - t3,
+            interpolate=t5 - t4,
+            total=t5 - t0,
+        )
+
     def _run_model(self) -> tuple[str | None, Exception | None]:
         """Run the model and pack its output for the scatter (root only, rank-local).
 
@@ -391,12 +475,13 @@ class NonlocalClosure(ClosureBase):
 
     def _interpolate(self) -> None:
         """Interpolate the received block into the owned values, then update the ghosts."""
+        stage = self._slabs if self._slabs is not None else self._scatter
         if self._quadrature_values is None:
             assert isinstance(self._value_dofs, slice)
             owned = self.x.array[self._value_dofs].reshape(-1, self.num_outputs)
-            self._scatter.interpolate(out=owned)
+            stage.interpolate(out=owned)
         else:
-            self._scatter.interpolate(out=self._quadrature_values)
+            stage.interpolate(out=self._quadrature_values)
             self.x.array[self._value_dofs] = self._quadrature_values.reshape(-1)
         self.x.scatter_forward()
 

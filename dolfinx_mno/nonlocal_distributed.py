@@ -1,0 +1,138 @@
+"""The distributed mode of a non-local closure: slab → model → halo, no rank holds the grid.
+
+A :class:`~dolfinx_mno.NonlocalClosure` built with ``distributed=True`` replaces its gather,
+root model and scatter stages with :class:`SlabModelStage`:
+
+1. **sample → slab** (:class:`~dolfinx_mno.grid_slabs.SlabGather`): each rank's grid
+   samples go to the rank whose slab of rows holds them (``MPI.Alltoallv``);
+2. **model** (:class:`~dolfinx_mno.distributed_operator.DistributedFNO`): every rank runs
+   the neural operator on its slab; the spectral convolutions exchange only the kept
+   Fourier modes (``torch.distributed`` all-to-all);
+3. **halo → points** (:class:`~dolfinx_mno.grid_slabs.SlabScatter`): each rank receives
+   the rows of the output block around its quadrature points that other ranks hold, and
+   interpolates.
+
+The slabs are the balanced partition of the first grid axis (every rank, one that owns no
+cells included, holds at least one row), so the grid needs at least as many points along
+its first axis as there are ranks.
+"""
+
+from __future__ import annotations
+
+import math
+
+from mpi4py import MPI
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from dolfinx_mno._mpi import agree
+from dolfinx_mno.closure import ClosureEvaluationError
+from dolfinx_mno.distributed_operator import DistributedFNO
+from dolfinx_mno.grid import Grid
+from dolfinx_mno.grid_slabs import SlabGather, SlabScatter
+from dolfinx_mno.torch_bridge import training_mode_error
+
+__all__ = ["SlabModelStage"]
+
+
+class SlabModelStage:
+    """Slab gather, distributed model and halo scatter of one closure update (collective).
+
+    Args:
+        model: A ``neuralop.models.FNO``/``TFNO`` mapping ``(1, in_channels, *grid.shape)``
+            to ``(1, out_channels, *grid.shape)``, on the device wanted.
+        grid: The grid.
+        indices: Flat grid indices of this rank's samples, ``(num_local,)``.
+        inside: Whether each grid point lies in the mesh, ``(grid.num_points,)``.
+        points: This rank's quadrature points, ``(num_points, gdim)``.
+        num_inputs: Sampled channels (without the mask).
+        mask_channel: Whether the model's last input channel is the mask.
+        extension_value: The inputs outside the mesh.
+        out_channels: The model's output channels.
+        dtype: The mesh's scalar type.
+        comm: The mesh's communicator.
+
+    Attributes:
+        distributed: The :class:`DistributedFNO`.
+        communication: Bytes sent per update, summed over ranks: ``{"slab": ..., "halo":
+            ...}`` (the all-to-alls of the model are in its own counts).
+
+    Raises:
+        ValueError: On every rank, the model cannot be distributed (see
+            :class:`DistributedFNO`).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        grid: Grid,
+        indices: np.ndarray,
+        inside: np.ndarray,
+        points: np.ndarray,
+        num_inputs: int,
+        mask_channel: bool,
+        extension_value: float,
+        out_channels: int,
+        dtype: npt.DTypeLike,
+        comm: MPI.Comm,
+    ):
+        """Set up the three stages (collective); the arguments are in the class docstring."""
+        device = next(model.parameters()).device
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        self.distributed = DistributedFNO(model, grid.shape, comm, backend=backend)
+        rows = self.distributed.rows
+        self._comm = comm
+        self._gather = SlabGather(grid, rows, indices, inside, num_inputs, dtype, comm)
+        self._scatter = SlabScatter(grid, rows, points, out_channels, dtype, comm)
+        self.num_points = self._scatter.num_points
+        self.value_dtype = self._scatter.value_dtype
+        local_shape = self.distributed.local_shape
+        channels = num_inputs + int(mask_channel)
+        self._inputs = torch.empty((channels, math.prod(local_shape)), dtype=torch.float64)
+        self._gather.prepare(self._inputs.numpy(), extension_value, mask_channel)
+        self._model_dtype = next(
+            (t.dtype for t in model.parameters() if t.is_floating_point()), torch.float64
+        )
+        self._device = device
+        self._local_shape = local_shape
+        self._outputs = np.empty((out_channels, *local_shape), dtype=np.dtype(dtype))
+        self.communication = {
+            "slab": comm.allreduce(self._gather.exchange_bytes),
+            "halo": comm.allreduce(self._scatter.exchange_bytes),
+        }
+
+    def gather(self, samples: np.ndarray) -> None:
+        """Send this rank's ``(num_local, num_inputs)`` samples to the slabs (collective)."""
+        self._gather.gather(samples, self._inputs.numpy())
+
+    def evaluate(self, what: str) -> None:
+        """Run the model on the slabs (collective).
+
+        Args:
+            what: The subject of an error message, e.g. ``"Update 3 of closure 'q'"``.
+
+        Raises:
+            ClosureEvaluationError: On every rank: the model is in training mode, or it
+                returned NaN/Inf on some rank's slab (the values are then not sent).
+        """
+        note = "The previous closure values were kept."
+        reason = training_mode_error(self.distributed.model)
+        agree(self._comm, reason, what, ClosureEvaluationError, note=note)
+        field = self._inputs.view(1, -1, *self._local_shape)
+        field = field.to(device=self._device, dtype=self._model_dtype)
+        with torch.inference_mode():
+            output = self.distributed(field)[0]
+        self._outputs[...] = output.cpu().numpy()
+        bad = int(np.count_nonzero(~np.isfinite(self._outputs)))
+        reason = f"the model returned NaN/Inf at {bad} values of this rank's slab" if bad else None
+        agree(self._comm, reason, what, ClosureEvaluationError, note=note)
+
+    def scatter(self) -> None:
+        """Send each rank the halo rows of its block of the output (collective)."""
+        self._scatter.scatter(self._outputs)
+
+    def interpolate(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The output at this rank's quadrature points, ``(num_points, out_channels)``."""
+        return self._scatter.interpolate(out=out)

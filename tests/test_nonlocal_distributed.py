@@ -1,0 +1,150 @@
+"""NonlocalClosure(distributed=True): the same quadrature values as the gathered mode.
+
+Run serially and with ``mpirun -n 2``, ``-n 3`` (on 3 ranks the 2-cell square leaves a
+rank without cells, which still holds a slab of the grid and runs its part of the model).
+"""
+
+from __future__ import annotations
+
+from mpi4py import MPI
+
+import numpy as np
+import pytest
+import torch
+import ufl
+from dolfinx import fem, mesh
+from neuralop_reference import widened_spectral_buffer
+
+import dolfinx_mno  # noqa: F401  (before dolfinx)
+from dolfinx_mno.closure import ClosureEvaluationError
+from dolfinx_mno.grid import grid_over_mesh
+from dolfinx_mno.grid_gather import GriddedSampler
+from dolfinx_mno.grid_slabs import SlabSampler
+from dolfinx_mno.nonlocal_closure import NonlocalClosure
+from dolfinx_mno.torch_bridge import to_precision
+
+neuralop = pytest.importorskip("neuralop")
+
+
+def _fno(in_channels: int, out_channels: int, **options) -> torch.nn.Module:
+    torch.manual_seed(11)
+    model = neuralop.models.FNO(
+        n_modes=(6, 4),
+        in_channels=in_channels,
+        out_channels=out_channels,
+        hidden_channels=4,
+        n_layers=2,
+        **options,
+    )
+    return to_precision(model, torch.float64).eval()
+
+
+def _closures(msh, grid_shape, value_shape=(), **options):
+    """The same closure of ``[u, grad u]`` in the gathered and the distributed mode."""
+    x = ufl.SpatialCoordinate(msh)
+    u = fem.Function(fem.functionspace(msh, ("Lagrange", 1)))
+    u.interpolate(
+        fem.Expression(
+            ufl.sin(3 * x[0]) + x[0] * x[1] ** 2, u.function_space.element.interpolation_points
+        )
+    )
+    operands = [u, ufl.grad(u)]
+    model = _fno(4, int(np.prod(value_shape)), **options)
+    built = [
+        NonlocalClosure(
+            model,
+            operands,
+            value_shape,
+            quadrature_degree=2,
+            grid_shape=grid_shape,
+            extension_value=0.5,
+            distributed=distributed,
+            name=f"q{int(distributed)}",
+        )
+        for distributed in (False, True)
+    ]
+    return built
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize(
+    ("cells", "grid_shape", "value_shape"),
+    [((1, 1), (9, 8), ()), ((5, 3), (10, 7), (2,))],
+)
+def test_distributed_mode_equals_gathered_mode(cells, grid_shape, value_shape):
+    comm = MPI.COMM_WORLD
+    msh = mesh.create_unit_square(comm, *cells)
+    gathered, distributed = _closures(msh, grid_shape, value_shape)
+    with widened_spectral_buffer():  # the gathered mode's FNO in float64 throughout
+        gathered.update()
+    distributed.update()
+    assert distributed.slab_stage is not None and gathered.slab_stage is None
+    difference = np.abs(distributed.x.array - gathered.x.array).max(initial=0.0)
+    assert comm.allreduce(difference, op=MPI.MAX) <= 1e-12
+    scale = comm.allreduce(np.abs(gathered.x.array).max(initial=0.0), op=MPI.MAX)
+    assert scale > 0.05
+    assert set(distributed.timings) >= {"sample", "gather", "model", "scatter", "interpolate"}
+    # Only the halo rows travel back: at most the block of each rank's points.
+    if comm.size == 1:
+        assert distributed.communication == {"slab": 0, "halo": 0}
+
+
+@pytest.mark.mpi
+def test_rank_without_cells(tiny_square):
+    """On 3 ranks one rank owns no cells: it holds a slab, runs the model, sends its halo."""
+    comm = tiny_square.comm
+    gathered, distributed = _closures(tiny_square, (8, 6))
+    with widened_spectral_buffer():
+        gathered.update()
+    distributed.update()
+    assert distributed.slab_stage.distributed.local_shape[0] >= 1
+    difference = np.abs(distributed.x.array - gathered.x.array).max(initial=0.0)
+    assert comm.allreduce(difference, op=MPI.MAX) <= 1e-12
+
+
+@pytest.mark.mpi
+def test_distributed_mode_errors_on_every_rank():
+    comm = MPI.COMM_WORLD
+    msh = mesh.create_unit_square(comm, 2, 2)
+    u = fem.Function(fem.functionspace(msh, ("Lagrange", 1)))
+    with pytest.raises(
+        ValueError,
+        match=r"DistributedFNO cannot distribute this model: "
+        r"domain_padding=0\.25",
+    ):
+        NonlocalClosure(_fno(2, 1, domain_padding=0.25), [u], grid_shape=(8, 8), distributed=True)
+    closure = NonlocalClosure(_fno(2, 1), [u], grid_shape=(8, 8), distributed=True)
+    with torch.no_grad():
+        closure.model.projection.fcs[-1].bias.fill_(float("nan"))
+    with pytest.raises(
+        ClosureEvaluationError,
+        match=r"Update 1 of non-local closure 'nonlocal_closure' failed on rank\(s\) \[0",
+    ):
+        closure.update()
+    with pytest.raises(RuntimeError, match="has no root scatter"):
+        _ = closure.grid_scatter
+    # No rank allocates the gathered grid: the sampler only samples.
+    assert closure.gridded_sampler.gather_bytes == 0
+    with pytest.raises(RuntimeError, match=r"built with gather=False \(sampling only\)"):
+        closure.gridded_sampler.gather()
+    from dolfinx_mno.nonlocal_adjoint import nonlocal_values
+
+    samples = torch.zeros((closure.gridded_sampler.num_local, 1), dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="only the gathered mode so far"):
+        nonlocal_values(closure, samples)
+
+
+@pytest.mark.mpi
+def test_slab_sampler_gives_each_rank_its_rows_of_the_gathered_grid(tiny_square):
+    """Training inputs without the gather: each rank's slab equals its rows of the grid."""
+    comm = tiny_square.comm
+    x = ufl.SpatialCoordinate(tiny_square)
+    operands = [ufl.sin(3 * x[0]) + x[1], ufl.as_vector((x[0] * x[1], x[1] ** 2))]
+    grid = grid_over_mesh(tiny_square, (7, 5), ((-0.2, 0.0), (1.0, 1.1)))  # some outside
+    options = {"extension_value": -2.0, "mask_channel": True, "mesh": tiny_square}
+    gathered = comm.bcast(GriddedSampler(operands, grid, **options)(), root=0)
+    slabs = SlabSampler(operands, grid, **options)
+    local = slabs()
+    assert local.shape == (4, *slabs.local_shape)
+    assert np.array_equal(local, gathered[:, slabs.rows.block(comm.rank)])
+    assert (gathered[-1] == 0).any() and (gathered[0] == -2.0).any()  # points outside
