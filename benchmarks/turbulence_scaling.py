@@ -44,6 +44,9 @@
 # python benchmarks/turbulence_scaling.py --compare-ranks    # 1 and 2 ranks, 2 rounds
 # python benchmarks/turbulence_scaling.py                    # one run, 1 rank (tag np1)
 # mpirun -n 2 python benchmarks/turbulence_scaling.py        # one run, 2 ranks (tag np2)
+# python benchmarks/turbulence_scaling.py --compare-ranks --rounds 2 --first-round 3
+#                                                  # 2 more rounds, compared with the first 3
+# python benchmarks/turbulence_scaling.py --compare-only    # compare the rounds on file
 # python benchmarks/turbulence_scaling.py --quick --compare-ranks   # smoke test
 # ```
 
@@ -347,11 +350,22 @@ def compare_ranks(args: argparse.Namespace) -> None:
     forwarded += ["--grid-refinement", str(args.grid_refinement)]
     forwarded += ["--output-dir", str(args.output_dir)]
     prefix = f"{args.tag}_" if args.tag else ""
-    paths: list[list[Path]] = [[], []]
-    for i in range(args.rounds):
-        tags = run_serial_and_parallel(script, forwarded, f"{prefix}r{i}", args.ranks, args.mpirun)
-        for j, tag in enumerate(tags):
-            paths[j].append(args.output_dir / f"turbulence_scaling_{tag}.json")
+    for i in range(args.first_round, args.first_round + args.rounds):
+        run_serial_and_parallel(script, forwarded, f"{prefix}r{i}", args.ranks, args.mpirun)
+    compare_rounds(args)
+
+
+def compare_rounds(args: argparse.Namespace) -> None:
+    """Compare every round in ``args.output_dir`` whose tag is ``<args.tag>_r<i>``."""
+    prefix = f"{args.tag}_" if args.tag else ""
+
+    def round_files(ranks: int) -> list[Path]:
+        pattern = f"turbulence_scaling_{prefix}r[0-9]*_np{ranks}.json"
+        return sorted(args.output_dir.glob(pattern))
+
+    paths = [round_files(1), round_files(args.ranks)]
+    if not all(paths):
+        raise SystemExit(f"no round files {prefix}r<i>_np1/np{args.ranks} in {args.output_dir}")
     comparison = compare_files(*paths, ranks=args.ranks)
     output = args.output_dir / f"turbulence_scaling_{prefix}comparison.json"
     output.write_text(json.dumps(comparison, indent=2))
@@ -392,7 +406,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--ranks", type=int, default=2, help="ranks for --compare-ranks")
     parser.add_argument("--rounds", type=int, default=2, help="rounds for --compare-ranks")
+    parser.add_argument(
+        "--first-round", type=int, default=0, help="number of the first round (to add rounds)"
+    )
     parser.add_argument("--mpirun", default=None, help="mpirun for --compare-ranks")
+    parser.add_argument(
+        "--compare-only",
+        action="store_true",
+        help="only compare the round files of --tag in --output-dir",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.fine_sizes, args.coarse_sizes = [32], [16]
@@ -404,6 +426,10 @@ def main() -> None:
     """Run the benchmark."""
     args = parse_args()
     comm = MPI.COMM_WORLD
+    if args.compare_only:
+        if comm.rank == 0:
+            compare_rounds(args)
+        return
     if args.compare_ranks:
         if comm.size > 1:
             raise SystemExit("--compare-ranks launches mpirun itself; run it serially.")
