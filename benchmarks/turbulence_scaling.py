@@ -64,6 +64,7 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,7 @@ def build_flow(kind: str, n: int, args: argparse.Namespace, comm: MPI.Comm) -> V
     return VorticityFlow(n, args.cfl * length / n, args.nu, closure=closure, name=name, comm=comm)
 
 
-def timed(comm: MPI.Comm, function: Any) -> float:
+def timed(comm: MPI.Comm, function: Callable[[], object]) -> float:
     """Call ``function()`` after a barrier; returns its wall time, the slowest rank's."""
     comm.Barrier()
     start = time.perf_counter()
