@@ -1,0 +1,68 @@
+"""Smoke tests of the benchmark scripts: sane output on tiny cases, no timing assertions."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+from mpi4py import MPI
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _module(name: str):
+    """Import ``benchmarks/<name>.py`` (with ``benchmarks/`` on the path for ``_common``)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("kind", ["coarse", "coarse+MNO", "fine"])
+def test_turbulence_scaling_case_and_comparison(kind, tmp_path):
+    bench = _module("turbulence_scaling")
+    args = bench.parse_args(["--quick", "--modes", "4", "--hidden", "4", "--layers", "1"])
+    comm = MPI.COMM_WORLD
+    case = bench.measure(comm, kind, 8, args)
+    if comm.rank != 0:
+        assert case == {}
+        return
+    assert case["kind"] == kind and case["n"] == 8 and case["finite"]
+    # (ω P1 + ψ P2) on 8 × 8 squares: 9² + 17² dofs; 2 · 8² cells.
+    assert case["dofs"] == 9**2 + 17**2 and case["cells"] == 2 * 8**2
+    times = [
+        case[k]
+        for k in ("step", "fe", "assemble_rhs", "solve_alone", "step_cpu", "step_min", "step_max")
+    ]
+    times += list(case["setup"].values())
+    assert all(math.isfinite(t) and t > 0 for t in times), case
+    assert case["step_min"] <= case["step"] <= case["step_max"]
+    assert case["step_cpu"] <= case["step_cpu_total"]
+    assert math.isfinite(case["solve"])  # the step less closure and assembly: may be noise
+    assert case["closure"] > 0 if kind == "coarse+MNO" else case["closure"] == 0
+    if kind == "coarse+MNO":
+        assert set(case["closure_stages"]) == set(bench.STAGES)
+        assert case["grid_points"] == (2 * 8 + 1) ** 2
+    for key in ("peak_rss_gib", "rss_before_gib", "rss_after_gib", "mumps_factorisation_mib"):
+        assert len(case[key]) == comm.size and all(v > 0 for v in case[key]), key
+    assert sum(case["owned_dofs"]) == case["dofs"]
+
+    # The comparison of two rounds against one: the best round, the ratios, every round.
+    slower = {**case, "step": 2 * case["step"]}
+    paths = []
+    for name, cases in (("a", [case]), ("b", [slower]), ("c", [slower])):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps({"load_average": {"before": [0.0]}, "cases": cases}))
+    result = bench.compare_files(paths[1:], paths[:1], ranks=2)
+    (row,) = result["rows"]
+    assert row["step"] == [2 * case["step"], case["step"]]
+    assert row["speedup"] == pytest.approx(2.0) and row["efficiency"] == pytest.approx(1.0)
+    assert row["round_steps"] == [[2 * case["step"]] * 2, [case["step"]]]
+    assert len(result["rounds"]["1"]) == 2 and len(result["rounds"]["2"]) == 1
