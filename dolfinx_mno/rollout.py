@@ -57,7 +57,6 @@ import ufl
 from dolfinx_mno._mpi import rank_local
 from dolfinx_mno.base import ClosureBase
 from dolfinx_mno.closure import Closure, extract_closures
-from dolfinx_mno.nonlocal_adjoint import nonlocal_values
 from dolfinx_mno.nonlocal_closure import NonlocalClosure
 from dolfinx_mno.petsc import check_jacobian
 from dolfinx_mno.step_adjoint import (
@@ -67,8 +66,8 @@ from dolfinx_mno.step_adjoint import (
     ImplicitStepFunction,
     OperandFunction,
     OperandMap,
-    closure_values,
     coefficients,
+    model_values,
     owned_size,
 )
 from dolfinx_mno.timestepping import IMEXStepper, ImplicitStepper
@@ -166,7 +165,7 @@ class Rollout:
             closures, form = self._check(stepper, checkpoint_every)
             self._maps = [OperandMap(closure, state) for closure in closures]
             if isinstance(stepper, ImplicitStepper):
-                self._check_implicit(stepper, typing.cast(list[Closure], closures))
+                self._check_implicit(stepper, closures)
         self.stepper = stepper
         self.comm = comm
         self.closures: list[AnyClosure] = closures
@@ -176,12 +175,7 @@ class Rollout:
         self._step_adjoint: IMEXStep | ImplicitStep
         if isinstance(stepper, ImplicitStepper):
             self._step_adjoint = ImplicitStep(
-                stepper.problem,
-                stepper.u,
-                stepper.u_previous,
-                typing.cast(list[Closure], closures),
-                form,
-                self._maps,
+                stepper.problem, stepper.u, stepper.u_previous, closures, form, self._maps
             )
         else:
             self._step_adjoint = IMEXStep(stepper.problem, stepper.u_previous, closures, form)
@@ -227,12 +221,6 @@ class Rollout:
                     "step reads the previous state u_previous only."
                 )
         closures = extract_closures(form)
-        nonlocal_ = [c.name for c in closures if isinstance(c, NonlocalClosure)]
-        if nonlocal_ and isinstance(stepper, ImplicitStepper):
-            raise NotImplementedError(
-                f"Rollouts of the implicit stepper support local closures only; {nonlocal_} "
-                "are non-local (use the IMEX stepper, with the closure in the linear form)."
-            )
         for closure in typing.cast(list[AnyClosure], closures):
             try:
                 closure.operand_matrix()
@@ -243,7 +231,7 @@ class Rollout:
                 ) from err
         return typing.cast(list[AnyClosure], closures), form
 
-    def _check_implicit(self, stepper: ImplicitStepper, closures: list[Closure]) -> None:
+    def _check_implicit(self, stepper: ImplicitStepper, closures: list[AnyClosure]) -> None:
         """Implicit closures read ``u`` only, and the Jacobian holds their tangents."""
         for closure, operand_map in zip(closures, self._maps, strict=True):
             if any(c is stepper.u_previous for c in operand_map.coefficients):
@@ -345,10 +333,7 @@ class Rollout:
                 inputs = operand_map.apply(None)
             else:
                 inputs = OperandFunction.apply(state, operand_map)
-            if isinstance(closure, NonlocalClosure):
-                values.append(nonlocal_values(closure, inputs))
-            else:
-                values.append(closure_values(closure, inputs))
+            values.append(model_values(closure, inputs))
         return typing.cast(torch.Tensor, IMEXStepFunction.apply(step, t_new, state, *values))
 
     # -- the gradient --------------------------------------------------------------------
