@@ -21,7 +21,10 @@ each step's state in backward). An implicit step is one stage
 adjoint of the converged step (``J⁻ᵀ`` with the closure tangents, then the model's VJP at
 the converged operands). A :class:`~dolfinx_mno.NonlocalClosure` of an IMEX step replaces
 the operand and model stages by those of its update (:mod:`dolfinx_mno.nonlocal_adjoint`:
-sample, gather, the model on the root, scatter and interpolate). See ``docs/adjoint.md``
+sample, gather, the model on the root, scatter and interpolate). In an implicit step it
+is frozen in the assembled Jacobian, and the adjoint solve adds its linearisation
+matrix-free: GMRES on ``Jᵀ = Aᵀ + Dᵀ Bᵀ`` (``Dᵀ`` a torch VJP through those stages),
+preconditioned by the Newton solver's preconditioner transposed. See ``docs/adjoint.md``
 for the method, and why it is not dolfinx-adjoint.
 
 Tensors at the boundary are float64 on the CPU: a state is the **owned** dofs of ``u``
@@ -76,7 +79,7 @@ __all__ = ["Rollout", "RolloutGradient", "allreduce_gradients", "rollout_loss"]
 
 #: The steppers a rollout differentiates.
 Stepper = IMEXStepper | ImplicitStepper
-#: The closures a rollout differentiates (non-local ones in IMEX steps only).
+#: The closures a rollout differentiates.
 AnyClosure = Closure | NonlocalClosure
 
 
@@ -121,8 +124,12 @@ class Rollout:
             factorisation serve every step and every transposed solve); the linear form
             may contain local :class:`~dolfinx_mno.Closure`\ s and
             :class:`~dolfinx_mno.NonlocalClosure`\ s that read ``u_previous``.
-            Implicit: the residual's closures read ``u`` (not ``u_previous``), and the
-            Jacobian holds their tangents (the default ``J``). In both, the operands must
+            Implicit: the residual's closures, local and non-local, read ``u`` (not
+            ``u_previous``), and the Jacobian holds the local closures' tangents (the
+            default ``J``; non-local closures are frozen in it by design, and the adjoint
+            adds their linearisation matrix-free, so the Newton solver's preconditioner
+            must support ``PCApplyTranspose``, as LU does). Converge the nonlinear solve
+            tightly: the adjoint is that of the converged step. In both, the operands must
             be affine in their coefficients (``u``, ``grad(u)``, ``x``, other fixed
             coefficients). A form nonlinear in ``u_n`` or a closure is supported: its
             Jacobians are then assembled at each step's state in backward.
@@ -138,10 +145,9 @@ class Rollout:
         TypeError: ``stepper`` is neither stepper.
         ValueError: ``closure_interval`` other than 1, a bilinear form that reads
             ``u_previous``, a closure or the solution, a linear form that reads the
-            solution, an implicit closure that reads ``u_previous`` or is frozen in the
-            Jacobian, operands not affine in their coefficients, or a bad
-            ``checkpoint_every``.
-        NotImplementedError: A :class:`~dolfinx_mno.NonlocalClosure` in an implicit step.
+            solution, an implicit closure that reads ``u_previous``, a local implicit
+            closure frozen in the Jacobian, operands not affine in their coefficients, or a
+            bad ``checkpoint_every``.
 
         Checked on every rank, agreed before any collective call.
     """

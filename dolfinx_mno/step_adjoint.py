@@ -12,7 +12,10 @@ forward, in the order the data flows:
    :class:`ImplicitStep` / :class:`ImplicitStepFunction`: ``F(u_{n+1}; u_n, c(u_{n+1}))
    = 0`` solved by Newton's method; backward at the converged state, ``λ = J⁻ᵀ g`` with the
    exact Jacobian (closure tangents included), then ``−(∂F/∂u_n)ᵀ λ`` and, through the
-   model's VJP at the converged operands, the parameter gradients.
+   model's VJP at the converged operands, the parameter gradients. A non-local closure
+   is frozen in the assembled Jacobian ``A``; ``λ`` then comes from GMRES on the shell
+   ``Jᵀ = Aᵀ + Dᵀ Bᵀ`` (``Dᵀ`` a torch VJP through :mod:`dolfinx_mno.nonlocal_adjoint`'s
+   stages), preconditioned by the Newton solver's preconditioner transposed.
 
 Tensors are float64 on the CPU and hold this rank's **owned** entries; every stage is
 collective in forward and backward (scatters, assembly, solves), and every rank runs the

@@ -231,6 +231,16 @@ PICARD = {
 MATRIX_FREE = {**PICARD, "snes_mf_operator": True, "ksp_type": "gmres", "ksp_rtol": 1e-12}
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread: torch's FFT of a 9-point grid takes ~3 ms with a thread pool
+    (on busy cores, or several ranks per core, far more) and ~5 µs without."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def fno(seed=0):
     """A small float64 1-D FNO (complex spectral weights): (1, 3, n) -> (1, 1, n)."""
     torch.manual_seed(seed)
@@ -296,7 +306,7 @@ def loss_at(rollout, u0, data, parameters, base, directions, eps):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize(("degree", "local"), [(1, False), (2, False), (1, True)])
+@pytest.mark.parametrize(("degree", "local"), [(1, True), (2, False)])
 def test_taylor_implicit_parameters(degree, local):
     """Second-order Taylor remainders in θ over 5 implicit steps with a non-local FNO closure
     of the unknown; the slope equals a central difference (which it does not without the
