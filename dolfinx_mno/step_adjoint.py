@@ -535,18 +535,17 @@ class ImplicitStep:
     def _solve_transpose(self, linearisations: Sequence[_NonlocalLinearisation | None]) -> None:
         """``λ = J⁻ᵀ g`` into ``adjoint_solution`` (collective; see the class docstring)."""
         ksp = self.problem.solver.getKSP()
-        reading = [
+        if self._adjoint_ksp is None:  # local closures only (alike on every rank): J = A
+            ksp.solveTranspose(self.rhs, self.adjoint_solution)
+            _check_reason(ksp.getConvergedReason(), "transposed (adjoint) solve")
+            return
+        ksp.getPC().setUp()  # refactorises A, assembled at u*
+        # Closures that do not read u add nothing (then GMRES converges in one iteration).
+        self._transposed.linearisations = [
             (index, linearisation)
             for index, linearisation in enumerate(linearisations)
             if linearisation is not None and linearisation.reads_state
         ]
-        if not reading:  # alike on every rank: J is the assembled matrix
-            ksp.solveTranspose(self.rhs, self.adjoint_solution)
-            _check_reason(ksp.getConvergedReason(), "transposed (adjoint) solve")
-            return
-        assert self._adjoint_ksp is not None
-        ksp.getPC().setUp()  # refactorises A, assembled at u*
-        self._transposed.linearisations = reading
         try:
             self._adjoint_ksp.solve(self.rhs, self.adjoint_solution)
         finally:
