@@ -1,4 +1,4 @@
-"""Differentiable rollouts with a NonlocalClosure: Taylor test, the stepper, rank invariance."""
+"""Rollouts with a NonlocalClosure, IMEX and implicit: Taylor tests, the steppers, ranks."""
 
 import re
 
