@@ -21,7 +21,10 @@ each step's state in backward). An implicit step is one stage
 adjoint of the converged step (``J⁻ᵀ`` with the closure tangents, then the model's VJP at
 the converged operands). A :class:`~dolfinx_mno.NonlocalClosure` of an IMEX step replaces
 the operand and model stages by those of its update (:mod:`dolfinx_mno.nonlocal_adjoint`:
-sample, gather, the model on the root, scatter and interpolate). See ``docs/adjoint.md``
+sample, gather, the model on the root, scatter and interpolate). In an implicit step it
+is frozen in the assembled Jacobian, and the adjoint solve adds its linearisation
+matrix-free: GMRES on ``Jᵀ = Aᵀ + Dᵀ Bᵀ`` (``Dᵀ`` a torch VJP through those stages),
+preconditioned by the Newton solver's preconditioner transposed. See ``docs/adjoint.md``
 for the method, and why it is not dolfinx-adjoint.
 
 Tensors at the boundary are float64 on the CPU: a state is the **owned** dofs of ``u``
@@ -57,7 +60,6 @@ import ufl
 from dolfinx_mno._mpi import rank_local
 from dolfinx_mno.base import ClosureBase
 from dolfinx_mno.closure import Closure, extract_closures
-from dolfinx_mno.nonlocal_adjoint import nonlocal_values
 from dolfinx_mno.nonlocal_closure import NonlocalClosure
 from dolfinx_mno.petsc import check_jacobian
 from dolfinx_mno.step_adjoint import (
@@ -67,8 +69,8 @@ from dolfinx_mno.step_adjoint import (
     ImplicitStepFunction,
     OperandFunction,
     OperandMap,
-    closure_values,
     coefficients,
+    model_values,
     owned_size,
 )
 from dolfinx_mno.timestepping import IMEXStepper, ImplicitStepper
@@ -77,7 +79,7 @@ __all__ = ["Rollout", "RolloutGradient", "allreduce_gradients", "rollout_loss"]
 
 #: The steppers a rollout differentiates.
 Stepper = IMEXStepper | ImplicitStepper
-#: The closures a rollout differentiates (non-local ones in IMEX steps only).
+#: The closures a rollout differentiates.
 AnyClosure = Closure | NonlocalClosure
 
 
@@ -122,8 +124,12 @@ class Rollout:
             factorisation serve every step and every transposed solve); the linear form
             may contain local :class:`~dolfinx_mno.Closure`\ s and
             :class:`~dolfinx_mno.NonlocalClosure`\ s that read ``u_previous``.
-            Implicit: the residual's closures read ``u`` (not ``u_previous``), and the
-            Jacobian holds their tangents (the default ``J``). In both, the operands must
+            Implicit: the residual's closures, local and non-local, read ``u`` (not
+            ``u_previous``), and the Jacobian holds the local closures' tangents (the
+            default ``J``; non-local closures are frozen in it by design, and the adjoint
+            adds their linearisation matrix-free, so the Newton solver's preconditioner
+            must support ``PCApplyTranspose``, as LU does). Converge the nonlinear solve
+            tightly: the adjoint is that of the converged step. In both, the operands must
             be affine in their coefficients (``u``, ``grad(u)``, ``x``, other fixed
             coefficients). A form nonlinear in ``u_n`` or a closure is supported: its
             Jacobians are then assembled at each step's state in backward.
@@ -139,10 +145,9 @@ class Rollout:
         TypeError: ``stepper`` is neither stepper.
         ValueError: ``closure_interval`` other than 1, a bilinear form that reads
             ``u_previous``, a closure or the solution, a linear form that reads the
-            solution, an implicit closure that reads ``u_previous`` or is frozen in the
-            Jacobian, operands not affine in their coefficients, or a bad
-            ``checkpoint_every``.
-        NotImplementedError: A :class:`~dolfinx_mno.NonlocalClosure` in an implicit step.
+            solution, an implicit closure that reads ``u_previous``, a local implicit
+            closure frozen in the Jacobian, operands not affine in their coefficients, or a
+            bad ``checkpoint_every``.
 
         Checked on every rank, agreed before any collective call.
     """
@@ -166,7 +171,7 @@ class Rollout:
             closures, form = self._check(stepper, checkpoint_every)
             self._maps = [OperandMap(closure, state) for closure in closures]
             if isinstance(stepper, ImplicitStepper):
-                self._check_implicit(stepper, typing.cast(list[Closure], closures))
+                self._check_implicit(stepper, closures)
         self.stepper = stepper
         self.comm = comm
         self.closures: list[AnyClosure] = closures
@@ -176,12 +181,7 @@ class Rollout:
         self._step_adjoint: IMEXStep | ImplicitStep
         if isinstance(stepper, ImplicitStepper):
             self._step_adjoint = ImplicitStep(
-                stepper.problem,
-                stepper.u,
-                stepper.u_previous,
-                typing.cast(list[Closure], closures),
-                form,
-                self._maps,
+                stepper.problem, stepper.u, stepper.u_previous, closures, form, self._maps
             )
         else:
             self._step_adjoint = IMEXStep(stepper.problem, stepper.u_previous, closures, form)
@@ -227,12 +227,6 @@ class Rollout:
                     "step reads the previous state u_previous only."
                 )
         closures = extract_closures(form)
-        nonlocal_ = [c.name for c in closures if isinstance(c, NonlocalClosure)]
-        if nonlocal_ and isinstance(stepper, ImplicitStepper):
-            raise NotImplementedError(
-                f"Rollouts of the implicit stepper support local closures only; {nonlocal_} "
-                "are non-local (use the IMEX stepper, with the closure in the linear form)."
-            )
         for closure in typing.cast(list[AnyClosure], closures):
             try:
                 closure.operand_matrix()
@@ -243,7 +237,7 @@ class Rollout:
                 ) from err
         return typing.cast(list[AnyClosure], closures), form
 
-    def _check_implicit(self, stepper: ImplicitStepper, closures: list[Closure]) -> None:
+    def _check_implicit(self, stepper: ImplicitStepper, closures: list[AnyClosure]) -> None:
         """Implicit closures read ``u`` only, and the Jacobian holds their tangents."""
         for closure, operand_map in zip(closures, self._maps, strict=True):
             if any(c is stepper.u_previous for c in operand_map.coefficients):
@@ -345,10 +339,7 @@ class Rollout:
                 inputs = operand_map.apply(None)
             else:
                 inputs = OperandFunction.apply(state, operand_map)
-            if isinstance(closure, NonlocalClosure):
-                values.append(nonlocal_values(closure, inputs))
-            else:
-                values.append(closure_values(closure, inputs))
+            values.append(model_values(closure, inputs))
         return typing.cast(torch.Tensor, IMEXStepFunction.apply(step, t_new, state, *values))
 
     # -- the gradient --------------------------------------------------------------------

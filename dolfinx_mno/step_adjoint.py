@@ -12,7 +12,10 @@ forward, in the order the data flows:
    :class:`ImplicitStep` / :class:`ImplicitStepFunction`: ``F(u_{n+1}; u_n, c(u_{n+1}))
    = 0`` solved by Newton's method; backward at the converged state, ``λ = J⁻ᵀ g`` with the
    exact Jacobian (closure tangents included), then ``−(∂F/∂u_n)ᵀ λ`` and, through the
-   model's VJP at the converged operands, the parameter gradients.
+   model's VJP at the converged operands, the parameter gradients. A non-local closure
+   is frozen in the assembled Jacobian ``A``; ``λ`` then comes from GMRES on the shell
+   ``Jᵀ = Aᵀ + Dᵀ Bᵀ`` (``Dᵀ`` a torch VJP through :mod:`dolfinx_mno.nonlocal_adjoint`'s
+   stages), preconditioned by the Newton solver's preconditioner transposed.
 
 Tensors are float64 on the CPU and hold this rank's **owned** entries; every stage is
 collective in forward and backward (scatters, assembly, solves), and every rank runs the
@@ -36,6 +39,7 @@ from ufl.algorithms import expand_derivatives
 
 from dolfinx_mno._mpi import agree
 from dolfinx_mno.closure import Closure, ClosureEvaluationError
+from dolfinx_mno.nonlocal_adjoint import nonlocal_values
 from dolfinx_mno.nonlocal_closure import NonlocalClosure
 from dolfinx_mno.petsc import LinearProblem, NonlinearProblem
 from dolfinx_mno.quadrature import owned_dofs
@@ -156,6 +160,19 @@ def closure_values(closure: Closure, inputs: torch.Tensor) -> torch.Tensor:
     return outputs.to(device="cpu", dtype=torch.float64).reshape(-1)
 
 
+def model_values(closure: Closure | NonlocalClosure, inputs: torch.Tensor) -> torch.Tensor:
+    """The owned closure values ``(-1,)`` (float64, CPU) from the model inputs.
+
+    A local closure's inputs are ``(num_points, num_inputs)`` at its points
+    (:func:`closure_values`); a non-local closure's are this rank's grid samples, which
+    gather, the model (on the root) and scatter turn into values
+    (:func:`~dolfinx_mno.nonlocal_adjoint.nonlocal_values`, collective).
+    """
+    if isinstance(closure, NonlocalClosure):
+        return nonlocal_values(closure, inputs)
+    return closure_values(closure, inputs)
+
+
 # -- the Jacobians of a form with respect to the state and the closures --------------------
 
 
@@ -191,17 +208,21 @@ class _FormJacobians:
                 _fem_petsc.assemble_matrix(matrix, form)
                 matrix.assemble()
 
+    def transpose_product(self, index: int, vector: PETSc.Vec, scale: float) -> Array:  # type: ignore[name-defined]
+        """``scale · (∂form/∂w)ᵀ vector`` for the unknown ``w`` at ``index``: owned entries.
+
+        Collective (a ``MatMultTranspose``), except for an unknown the form does not read.
+        """
+        matrix, product = self.matrices[index], self.products[index]
+        if matrix is None:
+            return np.zeros(self.sizes[index])
+        assert product is not None
+        matrix.multTranspose(vector, product)
+        return scale * np.array(product.array_r)
+
     def transpose_products(self, vector: PETSc.Vec, scale: float) -> list[Array]:  # type: ignore[name-defined]
         """``scale · (∂form/∂w)ᵀ vector`` for every unknown ``w``: owned entries (collective)."""
-        results = []
-        for matrix, product, size in zip(self.matrices, self.products, self.sizes, strict=True):
-            if matrix is None:
-                results.append(np.zeros(size))
-                continue
-            assert product is not None
-            matrix.multTranspose(vector, product)
-            results.append(scale * np.array(product.array_r))
-        return results
+        return [self.transpose_product(i, vector, scale) for i in range(len(self.matrices))]
 
 
 def _write(function: fem.Function, dofs: slice | np.ndarray, values: Array) -> None:
@@ -327,21 +348,118 @@ class IMEXStepFunction(torch.autograd.Function):
 # -- stage 3b: an implicit step ------------------------------------------------------------
 
 
+class _NonlocalLinearisation:
+    """A non-local closure's values ``c(u)`` at a converged state, kept as a torch graph.
+
+    Built once per adjoint step (sample, gather, the model on the root, scatter:
+    collective), then used for every product ``(∂c/∂u)ᵀ s`` of the adjoint's Krylov
+    iterations and, last, for the parameter gradients: torch VJPs through one graph.
+
+    Args:
+        closure: The closure.
+        operand_map: Its operand map for the state ``u``.
+        state: ``u*``, the owned dofs of the converged state.
+
+    Attributes:
+        reads_state: Whether the closure's operands read ``u`` (else ``∂c/∂u = 0``).
+        state: ``u*`` as a float64 leaf ``(num_owned,)``, requiring grad if ``reads_state``.
+        values: ``c(u*)``, ``(num_points * num_outputs,)`` float64, the owned values.
+    """
+
+    def __init__(self, closure: NonlocalClosure, operand_map: OperandMap, state: Array):
+        self.reads_state = operand_map.block is not None
+        self.state = torch.from_numpy(state.copy()).requires_grad_(self.reads_state)
+        with torch.enable_grad():
+            if self.reads_state:
+                inputs = OperandFunction.apply(self.state, operand_map)
+            else:
+                inputs = operand_map.apply(None)
+            self.values = nonlocal_values(closure, inputs)
+
+    def pull_back(self, sensitivity: Array) -> Array:
+        """``(∂c/∂u)ᵀ s`` on the owned dofs of ``u`` from ``s`` at the owned points.
+
+        Collective: the scatter's adjoint, the model's VJP on the root, the gather's
+        adjoint and a reverse scatter, in that order on every rank.
+        """
+        (gradient,) = torch.autograd.grad(
+            self.values, self.state, torch.from_numpy(sensitivity), retain_graph=True
+        )
+        return typing.cast(Array, gradient.numpy())
+
+
+class _TransposedJacobian:
+    """PETSc shell matrix ``y = Jᵀ x`` of an implicit step with non-local closures.
+
+    ``J = A + R (Σ_i B_i D_i) R``: ``A`` the assembled Jacobian (local closures' tangents
+    in, non-local closures frozen; Dirichlet rows and columns those of the identity),
+    ``B_i = ∂F/∂c_i``, ``D_i = ∂c_i/∂u`` (a :class:`_NonlocalLinearisation`) and ``R``
+    zeroing the Dirichlet dofs: the total Jacobian of the interior rows, with the
+    identity on the Dirichlet dofs, as ``A`` has it.
+    """
+
+    def __init__(self, step: ImplicitStep):
+        self.step = step
+        #: ``(closure index, linearisation)`` of the closures that read ``u``; set per solve.
+        self.linearisations: list[tuple[int, _NonlocalLinearisation]] = []
+        self.masked = step.rhs.duplicate()
+        self.product = step.rhs.duplicate()
+
+    def mult(self, mat: PETSc.Mat, x: PETSc.Vec, y: PETSc.Vec) -> None:  # type: ignore[name-defined]
+        """``y = Jᵀ x`` (collective)."""
+        step = self.step
+        bcs = step.problem.bcs
+        step.problem.A.multTranspose(x, y)
+        x.copy(self.masked)
+        _fem_petsc.set_bc(self.masked, bcs, alpha=0.0)
+        total = np.zeros(step.num_owned)
+        for index, linearisation in self.linearisations:
+            # B_i is unknown 1 + index of the step's Jacobians (0 is u_previous).
+            values = step.jacobians.transpose_product(1 + index, self.masked, 1.0)
+            total += linearisation.pull_back(values[step.value_dofs[index]])
+        self.product.array_w[:] = total
+        _fem_petsc.set_bc(self.product, bcs, alpha=0.0)
+        y.axpy(1.0, self.product)
+
+
+class _TransposedPreconditioner:
+    """PETSc Python preconditioner ``y = P⁻ᵀ x``: the Newton solver's (e.g. LU of ``A``)."""
+
+    def __init__(self, pc: PETSc.PC):  # type: ignore[name-defined]
+        self.pc = pc
+
+    def apply(self, pc: PETSc.PC, x: PETSc.Vec, y: PETSc.Vec) -> None:  # type: ignore[name-defined]
+        """``y = P⁻ᵀ x`` (``PCApplyTranspose``; the factorisation is reused)."""
+        self.pc.applyTranspose(x, y)
+
+
 class ImplicitStep:
     """One implicit step ``F(u_{n+1}; u_n, c(u_{n+1})) = 0`` (Newton) and its adjoint.
 
-    At the converged state ``u*`` (closures updated there, with their tangents), the
-    total Jacobian ``J = ∂F/∂u + ∂F/∂c · T · ∂x/∂u`` (the problem's, built by
-    :func:`dolfinx_mno.derivative`) gives ``λ = J⁻ᵀ g`` (Dirichlet rows of ``λ`` zeroed:
-    those residual rows do not read ``u_n`` or ``c``); then ``∂J/∂u_n = −(∂F/∂u_n)ᵀ λ``
-    and, for each closure, the sensitivity ``s = −(∂F/∂c)ᵀ λ`` at its points, pulled back
-    through the model at ``x(u*)`` by torch (the parameter gradients).
+    At the converged state ``u*`` (closures updated there, local ones with their tangents),
+    the total Jacobian ``J = ∂F/∂u + ∂F/∂c · ∂c/∂u`` gives ``λ = J⁻ᵀ g`` (Dirichlet rows of
+    ``λ`` zeroed: those residual rows do not read ``u_n`` or ``c``); then
+    ``∂J/∂u_n = −(∂F/∂u_n)ᵀ λ`` and, for each closure, the sensitivity ``s = −(∂F/∂c)ᵀ λ``
+    at its points, pulled back through the model at ``x(u*)`` by torch (the parameter
+    gradients).
+
+    With local closures only, ``J`` is the problem's assembled Jacobian (their tangents,
+    from :func:`dolfinx_mno.derivative`), and ``λ`` is one transposed solve with the
+    Newton solver's KSP. A :class:`~dolfinx_mno.NonlocalClosure` is frozen in the
+    assembled ``A``; its linearisation ``B D`` (``B = ∂F/∂c``, ``D`` the torch graph of
+    sample → gather → model → scatter) is dense, so ``Jᵀ = Aᵀ + Dᵀ Bᵀ`` is applied
+    matrix-free (a shell matrix: ``MatMultTranspose`` of ``A`` and ``B``, one torch VJP per
+    closure) and ``λ`` is found by GMRES preconditioned with the Newton solver's
+    preconditioner transposed (``PCApplyTranspose``: the LU factors of ``A``, reused).
+    The GMRES solver has the options prefix ``<the SNES's prefix>adjoint_`` (default
+    ``rtol`` 1e-12).
 
     Args:
-        problem: The step's nonlinear problem (its Jacobian with the closure tangents).
+        problem: The step's nonlinear problem (its Jacobian with the local closures'
+            tangents).
         u: The unknown, read by the closures.
         u_previous: The previous state, read by ``F``.
-        closures: The closures of ``F`` (their operands read ``u``).
+        closures: The closures of ``F`` (their operands read ``u``, not ``u_previous``).
         F: The UFL residual.
         operand_maps: One per closure, for the state ``u``.
     """
@@ -351,7 +469,7 @@ class ImplicitStep:
         problem: NonlinearProblem,
         u: fem.Function,
         u_previous: fem.Function,
-        closures: Sequence[Closure],
+        closures: Sequence[Closure | NonlocalClosure],
         F: ufl.Form,
         operand_maps: Sequence[OperandMap],
     ):
@@ -365,6 +483,28 @@ class ImplicitStep:
         self.jacobians = _FormJacobians(F, [u_previous, *self.closures])
         self.rhs = problem.b.duplicate()
         self.adjoint_solution = problem.b.duplicate()
+        self._transposed = _TransposedJacobian(self)
+        self._adjoint_ksp: PETSc.KSP | None = None  # type: ignore[name-defined]
+        if any(isinstance(c, NonlocalClosure) for c in self.closures):  # alike on every rank
+            self._adjoint_ksp = self._create_adjoint_ksp()
+
+    def _create_adjoint_ksp(self) -> PETSc.KSP:  # type: ignore[name-defined]
+        """GMRES on the shell ``Jᵀ``, preconditioned by the Newton solver's PC transposed."""
+        comm = self.u.function_space.mesh.comm
+        local, size = self.rhs.getLocalSize(), self.rhs.getSize()
+        sizes = ((local, size), (local, size))
+        operator = PETSc.Mat().createPython(sizes, self._transposed, comm=comm)  # type: ignore[attr-defined]
+        operator.setUp()
+        ksp = PETSc.KSP().create(comm)  # type: ignore[attr-defined]
+        ksp.setOperators(operator)
+        ksp.setType(PETSc.KSP.Type.GMRES)  # type: ignore[attr-defined]
+        ksp.setTolerances(rtol=1e-12, max_it=500)
+        pc = ksp.getPC()
+        pc.setType(PETSc.PC.Type.PYTHON)  # type: ignore[attr-defined]
+        pc.setPythonContext(_TransposedPreconditioner(self.problem.solver.getKSP().getPC()))
+        ksp.setOptionsPrefix(f"{self.problem.solver.getOptionsPrefix() or ''}adjoint_")
+        ksp.setFromOptions()
+        return ksp
 
     def solve(self, u_n: Array, t_new: float) -> Array:
         """``u_{n+1}`` (owned) from ``u_n``, Newton from the guess ``u_n`` (collective)."""
@@ -377,29 +517,70 @@ class ImplicitStep:
         self.u.x.scatter_forward()
         return np.array(self.u.x.array[: self.num_owned])
 
+    def _update_closures(self, u_new: Array) -> list[_NonlocalLinearisation | None]:
+        """Bring the closures to ``u*``: local ones with tangents, non-local ones as graphs."""
+        linearisations: list[_NonlocalLinearisation | None] = []
+        for closure, operand_map, dofs in zip(
+            self.closures, self.operand_maps, self.value_dofs, strict=True
+        ):
+            if isinstance(closure, NonlocalClosure):
+                linearisation = _NonlocalLinearisation(closure, operand_map, u_new)
+                _write(closure, dofs, linearisation.values.detach().numpy())
+                linearisations.append(linearisation)
+            else:
+                closure.update(tangent=True)
+                linearisations.append(None)
+        return linearisations
+
+    def _solve_transpose(self, linearisations: Sequence[_NonlocalLinearisation | None]) -> None:
+        """``λ = J⁻ᵀ g`` into ``adjoint_solution`` (collective; see the class docstring)."""
+        ksp = self.problem.solver.getKSP()
+        if self._adjoint_ksp is None:  # local closures only (alike on every rank): J = A
+            ksp.solveTranspose(self.rhs, self.adjoint_solution)
+            _check_reason(ksp.getConvergedReason(), "transposed (adjoint) solve")
+            return
+        ksp.getPC().setUp()  # refactorises A, assembled at u*
+        # Closures that do not read u add nothing (then GMRES converges in one iteration).
+        self._transposed.linearisations = [
+            (index, linearisation)
+            for index, linearisation in enumerate(linearisations)
+            if linearisation is not None and linearisation.reads_state
+        ]
+        try:
+            self._adjoint_ksp.solve(self.rhs, self.adjoint_solution)
+        finally:
+            self._transposed.linearisations = []
+        _check_reason(
+            self._adjoint_ksp.getConvergedReason(),
+            "adjoint GMRES solve (the transposed Jacobian with non-local closures)",
+        )
+
     def adjoint(
         self, sensitivity: Array, u_n: Array, u_new: Array
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``∂J/∂u_n`` (owned) and each closure's sensitivity ``∂J/∂c`` at its points."""
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[_NonlocalLinearisation | None]]:
+        """The adjoint of the step at ``(u_n, u*)`` from ``g = ∂J/∂u*`` (collective).
+
+        Returns:
+            ``∂J/∂u_n`` (owned), each closure's sensitivity ``∂J/∂c`` at its points, and
+            each non-local closure's values at ``u*`` as a graph (``None`` for local ones).
+        """
         problem = self.problem
         _write(self.u_previous, slice(0, self.num_owned), u_n)
         _write(self.u, slice(0, self.num_owned), u_new)
-        for closure in self.closures:
-            closure.update(tangent=True)
+        linearisations = self._update_closures(u_new)
         bcs = problem.bcs
         problem.A.zeroEntries()
         _fem_petsc.assemble_matrix(problem.A, problem.J, bcs=bcs)  # type: ignore[arg-type, misc]
         problem.A.assemble()
-        ksp = problem.solver.getKSP()
-        self.rhs.array_w[:] = sensitivity
-        ksp.solveTranspose(self.rhs, self.adjoint_solution)
-        _check_reason(ksp.getConvergedReason(), "transposed (adjoint) solve")
-        _fem_petsc.set_bc(self.adjoint_solution, bcs, alpha=0.0)
         if not self.jacobians.affine:
             self.jacobians.assemble()
+        self.rhs.array_w[:] = sensitivity
+        self._solve_transpose(linearisations)
+        _fem_petsc.set_bc(self.adjoint_solution, bcs, alpha=0.0)
         grad_u, *values = self.jacobians.transpose_products(self.adjoint_solution, -1.0)
         owned = [value[dofs] for value, dofs in zip(values, self.value_dofs, strict=True)]
-        return torch.from_numpy(grad_u), [torch.from_numpy(np.array(v)) for v in owned]
+        sensitivities = [torch.from_numpy(np.array(v)) for v in owned]
+        return torch.from_numpy(grad_u), sensitivities, linearisations
 
 
 class ImplicitStepFunction(torch.autograd.Function):
@@ -424,16 +605,23 @@ class ImplicitStepFunction(torch.autograd.Function):
         """Its transpose (see the class docstring)."""
         step: ImplicitStep = ctx.step
         u_n, u_new = (t.detach() for t in ctx.saved_tensors)
-        grad_u, sensitivities = step.adjoint(
+        grad_u, sensitivities, linearisations = step.adjoint(
             sensitivity.contiguous().numpy(), u_n.numpy(), u_new.numpy()
         )
         parameter_gradients: list[torch.Tensor | None] = []
         with torch.enable_grad():
-            for closure, operand_map, s in zip(
-                step.closures, step.operand_maps, sensitivities, strict=True
+            for closure, operand_map, s, linearisation in zip(
+                step.closures, step.operand_maps, sensitivities, linearisations, strict=True
             ):
                 parameters = [p for p in closure.model.parameters() if p.requires_grad]
-                values = closure_values(closure, operand_map.apply(u_new.numpy()))
+                if not parameters:  # alike on every rank (every rank holds the model)
+                    continue
+                if linearisation is None:
+                    values = closure_values(
+                        typing.cast(Closure, closure), operand_map.apply(u_new.numpy())
+                    )
+                else:  # collective: the scatter's adjoint (and the model's VJP on the root)
+                    values = linearisation.values
                 grads = torch.autograd.grad(values, parameters, s, allow_unused=True)
                 parameter_gradients.extend(
                     torch.zeros_like(p) if g is None else g

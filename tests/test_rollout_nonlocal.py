@@ -1,4 +1,4 @@
-"""Differentiable rollouts with a NonlocalClosure: Taylor test, the stepper, rank invariance."""
+"""Rollouts with a NonlocalClosure, IMEX and implicit: Taylor tests, the steppers, ranks."""
 
 import re
 
@@ -15,6 +15,12 @@ import dolfinx_mno as mno
 from dolfinx_mno.petsc import LinearProblem, NonlinearProblem
 from dolfinx_mno.rollout import Rollout, rollout_loss
 from dolfinx_mno.timestepping import IMEXStepper, ImplicitStepper
+from dolfinx_mno.torch_bridge import to_precision
+
+try:
+    import neuralop  # in CI a missing dependency is a failure, not a skip
+except ImportError:  # pragma: no cover
+    neuralop = pytest.importorskip("neuralop")
 
 DT = 0.05
 NUM_STEPS = 5
@@ -208,20 +214,308 @@ def test_checkpointed_gradient_equals_the_full_graph():
         assert np.linalg.norm(gradient - gradients[0]) <= 1e-12 * np.linalg.norm(gradients[0])
 
 
+# -- implicit steps: the closure at the unknown u_{n+1} ------------------------------------
+
+#: Newton (with the non-local closure frozen in the Jacobian: Picard) to round-off.
+PICARD = {
+    **DIRECT,
+    "snes_type": "newtonls",
+    "snes_linesearch_type": "none",
+    "snes_atol": 1e-13,
+    "snes_rtol": 1e-13,
+    "snes_stol": 0.0,
+    "snes_max_it": 50,
+}
+#: Matrix-free Newton: the exact Jacobian's action by differences of the residual (which
+#: re-evaluates the closure), preconditioned by the frozen-closure Jacobian's LU.
+MATRIX_FREE = {**PICARD, "snes_mf_operator": True, "ksp_type": "gmres", "ksp_rtol": 1e-12}
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread: torch's FFT of a 9-point grid takes ~3 ms with a thread pool
+    (on busy cores, or several ranks per core, far more) and ~5 µs without."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fno(seed=0, in_channels=3):
+    """A small float64 1-D FNO (complex spectral weights): (1, in_channels, n) -> (1, 1, n)."""
+    torch.manual_seed(seed)
+    model = neuralop.models.FNO(
+        n_modes=(4,), in_channels=in_channels, out_channels=1, hidden_channels=4, n_layers=1
+    )
+    return to_precision(model, torch.float64)
+
+
+def implicit_heat(msh, degree=1, bcs=True, prefix="nl_implicit_", local=False, options=PICARD):
+    """Backward Euler with a non-local FNO source dt c(u, ∂u/∂x) v of the new state u.
+
+    ``local``: also a local flux closure ``dt q(u) ∂v/∂x`` of the new state (its tangent in
+    the Jacobian).
+    """
+    V = fem.functionspace(msh, ("Lagrange", degree))
+    u_n = fem.Function(V, name="u_n")
+    u_n.interpolate(initial)
+    uh = fem.Function(V, name="u")
+    uh.x.array[:] = u_n.x.array
+    v = ufl.TestFunction(V)
+    closure = mno.NonlocalClosure(
+        fno(), [uh, uh.dx(0)], (), 2 * degree, grid_shape=(9,), device="cpu", name="c"
+    )
+    F = ((uh - u_n) * v + DT * ufl.inner(ufl.grad(uh), ufl.grad(v))) * ufl.dx
+    F -= DT * closure * v * closure.dx
+    closures = [closure]
+    if local:
+        torch.manual_seed(1)
+        mlp = torch.nn.Sequential(torch.nn.Linear(1, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
+        flux = mno.Closure(mlp.double(), [uh], (), 2 * degree, device="cpu", name="q")
+        F += DT * flux * v.dx(0) * flux.dx
+        closures.append(flux)
+    problem = NonlinearProblem(
+        F,
+        uh,
+        bcs=[boundary_bc(V)] if bcs else [],
+        petsc_options=options,
+        petsc_options_prefix=prefix,
+    )
+    return ImplicitStepper(problem, uh, u_n, dt=DT), closures
+
+
+def directional_derivative(result, directions):
+    """dJ·δ from the rollout gradient: Re Σ conj(g) δ (complex spectral weights included)."""
+    return sum(
+        float(torch.real((g.conj() * d).sum()))
+        for grads, ds in zip(result.parameters, directions, strict=True)
+        for g, d in zip(grads, ds, strict=True)
+    )
+
+
+def loss_at(rollout, u0, data, parameters, base, directions, eps):
+    """The loss at θ + ε δ (θ restored after)."""
+    with torch.no_grad():
+        for p, p0, d in zip(parameters, base, directions, strict=True):
+            p.copy_(p0 + eps * d)
+    value = loss(rollout, u0, data)
+    with torch.no_grad():
+        for p, p0 in zip(parameters, base, strict=True):
+            p.copy_(p0)
+    return value
+
+
 @pytest.mark.mpi
-def test_implicit_step_with_a_nonlocal_closure_raises_on_every_rank():
+@pytest.mark.parametrize(("degree", "local"), [(1, True), (2, False)])
+def test_taylor_implicit_parameters(degree, local):
+    """Second-order Taylor remainders in θ over 5 implicit steps with a non-local FNO closure
+    of the unknown; the slope equals a central difference (which it does not without the
+    closure's linearisation in the adjoint: 1.5e-3 relative then).
+
+    ``local``: with a local closure of the unknown in the same step too, both differentiated.
+    """
+    msh = mesh.create_unit_interval(MPI.COMM_WORLD, 8)
+    prefix = f"nl_implicit_taylor{degree}{local}_"
+    stepper, closures = implicit_heat(msh, degree, prefix=prefix, local=local)
+    rollout = Rollout(stepper)
+    u0, data = rollout.initial_state(), targets(rollout)
+    result = rollout.gradient(u0, data, closures=closures)
+    groups = [list(closure.model.parameters()) for closure in closures]
+    assert any(p.is_complex() for p in groups[0])  # the FNO's spectral weights
+    generator = torch.Generator().manual_seed(7)
+    directions = [
+        [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in group]
+        for group in groups
+    ]
+    slope = directional_derivative(result, directions)
+    parameters = [p for group in groups for p in group]
+    flat = [d for group in directions for d in group]
+    base = [p.detach().clone() for p in parameters]
+    J0 = loss(rollout, u0, data)
+    assert J0 == pytest.approx(result.loss, rel=1e-14)
+    remainders = np.array(
+        [
+            abs(loss_at(rollout, u0, data, parameters, base, flat, eps) - J0 - eps * slope)
+            for eps in 1e-2 * 2.0 ** -np.arange(5)
+        ]
+    )
+    assert remainders[0] > 1e-5  # the closure matters
+    assert min(np.log2(remainders[:-1] / remainders[1:])) >= 1.9
+    h = 3e-4
+    central = (
+        loss_at(rollout, u0, data, parameters, base, flat, h)
+        - loss_at(rollout, u0, data, parameters, base, flat, -h)
+    ) / (2 * h)
+    assert abs(slope) > 0.1
+    assert central == pytest.approx(slope, rel=5e-6)
+
+
+@pytest.mark.mpi
+def test_taylor_implicit_initial_state_and_checkpoints():
+    """Second-order remainders in u_0 (through ∂c/∂u in the adjoint solve); the rollout's
+    states are the stepper's; checkpointed segments give the same gradient."""
+    msh = mesh.create_unit_interval(MPI.COMM_WORLD, 8)
+    stepper, _ = implicit_heat(msh, 1, prefix="nl_implicit_u0_")
+    rollout = Rollout(stepper)
+    u0, data = rollout.initial_state(), targets(rollout)
+    result = rollout.gradient(u0, data, initial_state=True)
+    direction = fem.Function(stepper.u.function_space)
+    direction.interpolate(lambda x: np.cos(2 * x[0]) + x[0] ** 2)
+    delta = torch.from_numpy(direction.x.array[: rollout.num_owned].copy())
+    slope = rollout.comm.allreduce(float((result.initial_state * delta).sum()), op=MPI.SUM)
+    J0 = loss(rollout, u0, data)
+    remainders = np.array(
+        [
+            abs(loss(rollout, u0 + eps * delta, data) - J0 - eps * slope)
+            for eps in 1e-2 * 2.0 ** -np.arange(5)
+        ]
+    )
+    assert remainders[0] > 1e-5
+    assert min(np.log2(remainders[:-1] / remainders[1:])) >= 1.9
+    # The rollout's states are the stepper's (Newton updating the closure at each iterate).
+    with torch.no_grad():
+        states = rollout.run(u0, NUM_STEPS)
+    stepper.u_previous.x.array[: rollout.num_owned] = u0.numpy()
+    stepper.u_previous.x.scatter_forward()
+    stepper.u.x.array[:] = stepper.u_previous.x.array
+    stepper.run(NUM_STEPS, progress=False)
+    error = np.abs(states[-1].numpy() - stepper.u.x.array[: rollout.num_owned]).max(initial=0)
+    assert msh.comm.allreduce(error, op=MPI.MAX) <= 1e-11
+    # Checkpointed: the same gradient (the model recomputed on the root only).
+    checkpointed = Rollout(stepper, checkpoint_every=2).gradient(u0, data, initial_state=True)
+    for g, e in zip(checkpointed.parameters[0], result.parameters[0], strict=True):
+        assert float((g - e).norm()) <= 1e-12 * float(e.norm())
+    change = float((checkpointed.initial_state - result.initial_state).norm())
+    assert msh.comm.allreduce(change, op=MPI.MAX) <= 1e-12 * float(result.initial_state.norm())
+
+
+@pytest.mark.mpi
+def test_implicit_gradient_does_not_depend_on_the_nonlinear_solver():
+    """Picard (frozen closure) and matrix-free Newton forwards: the same converged steps,
+    so the same adjoint gradient (≤ 1e-10)."""
+    msh = mesh.create_unit_interval(MPI.COMM_WORLD, 8)
+    results = []
+    for name, options in (("picard", PICARD), ("mf", MATRIX_FREE)):
+        stepper, _ = implicit_heat(msh, 1, prefix=f"nl_implicit_{name}_", options=options)
+        rollout = Rollout(stepper)
+        u0, data = rollout.initial_state(), targets(rollout)
+        results.append(rollout.gradient(u0, data, initial_state=True))
+    picard, matrix_free = (torch.cat([g.reshape(-1) for g in r.parameters[0]]) for r in results)
+    assert float(picard.norm()) > 1e-2
+    assert float((matrix_free - picard).norm()) <= 1e-10 * float(picard.norm())
+    difference = float((results[1].initial_state - results[0].initial_state).norm())
+    scale = float(results[0].initial_state.norm())
+    assert msh.comm.allreduce(difference, op=MPI.MAX) <= 1e-10 * msh.comm.allreduce(
+        scale, op=MPI.MAX
+    )
+
+
+@pytest.mark.mpi
+def test_implicit_closure_of_x_only():
+    """A non-local source f_θ(x) that does not read u (∂f/∂u = 0: left out of the shell
+    Jᵀ), beside the non-local and the local closure of u: its gradient equals a central
+    difference."""
+    msh = mesh.create_unit_interval(MPI.COMM_WORLD, 8)
+    stepper, _ = implicit_heat(msh, 1, prefix="nl_implicit_x_", local=True)
+    x = ufl.SpatialCoordinate(msh)
+    source = mno.NonlocalClosure(
+        fno(3, in_channels=2), [x[0]], (), 2, grid_shape=(9,), mesh=msh, device="cpu", name="f"
+    )
+    v = ufl.TestFunction(stepper.u.function_space)
+    F = stepper.problem.ufl_forms[0] - DT * source * v * source.dx
+    problem = NonlinearProblem(
+        F, stepper.u, bcs=stepper.problem.bcs, petsc_options=PICARD, petsc_options_prefix="nl_x_"
+    )
+    rollout = Rollout(ImplicitStepper(problem, stepper.u, stepper.u_previous, dt=DT))
+    u0, data = rollout.initial_state(), targets(rollout)
+    result = rollout.gradient(u0, data, closures=[source])
+    parameters = list(source.model.parameters())
+    generator = torch.Generator().manual_seed(3)
+    directions = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in parameters]
+    slope = directional_derivative(result, [directions])
+    base = [p.detach().clone() for p in parameters]
+    h = 3e-4
+    central = (
+        loss_at(rollout, u0, data, parameters, base, directions, h)
+        - loss_at(rollout, u0, data, parameters, base, directions, -h)
+    ) / (2 * h)
+    assert abs(slope) > 0.1
+    assert central == pytest.approx(slope, rel=5e-6)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("cells", [2, 8])
+def test_implicit_gradients_do_not_depend_on_ranks(cells):
+    """COMM_WORLD against COMM_SELF; 2 cells on 3 ranks: a rank owns no cells (it still
+    joins every GMRES iteration's gather and scatter)."""
+    results = []
+    for comm in (MPI.COMM_SELF, MPI.COMM_WORLD):
+        msh = mesh.create_unit_interval(comm, cells)
+        prefix = f"nl_implicit_ranks{comm.size}_{cells}_"
+        stepper, _ = implicit_heat(msh, 1, bcs=cells > 2, prefix=prefix)
+        rollout = Rollout(stepper)
+        result = rollout.gradient(rollout.initial_state(), targets(rollout), initial_state=True)
+        direction = fem.Function(stepper.u.function_space)
+        direction.interpolate(lambda x: np.cos(2 * x[0]) + x[0] ** 2)
+        weights = torch.from_numpy(direction.x.array[: rollout.num_owned].copy())
+        slope = comm.allreduce(float((result.initial_state * weights).sum()), op=MPI.SUM)
+        flat = torch.cat(
+            [
+                torch.view_as_real(g.resolve_conj()).reshape(-1)
+                if g.is_complex()
+                else g.reshape(-1)
+                for g in result.parameters[0]
+            ]
+        ).numpy()
+        results.append((result.loss, flat, slope))
+    (loss_1, grad_1, slope_1), (loss_p, grad_p, slope_p) = results
+    assert loss_1 > 1e-3 and np.linalg.norm(grad_1) > 1e-3 and abs(slope_1) > 1e-3
+    assert loss_p == pytest.approx(loss_1, rel=1e-12)
+    assert np.linalg.norm(grad_p - grad_1) <= 1e-10 * np.linalg.norm(grad_1)
+    assert slope_p == pytest.approx(slope_1, rel=1e-10)
+    gathered = MPI.COMM_WORLD.allgather(grad_p)
+    assert all(np.array_equal(g, gathered[0]) for g in gathered)
+
+
+@pytest.mark.mpi
+def test_implicit_bad_input_raises_on_every_rank():
+    """A non-local closure of u_previous in an implicit step, and a local closure frozen in
+    the Jacobian beside a non-local one (frozen by design), are refused on every rank."""
     msh = mesh.create_unit_interval(MPI.COMM_WORLD, 4)
     V = fem.functionspace(msh, ("Lagrange", 1))
-    u_n, uh = fem.Function(V), fem.Function(V)
-    closure = mno.NonlocalClosure(conv_model(3), [uh, uh.dx(0)], (), 2, device="cpu", name="c")
+    u_n, uh = fem.Function(V, name="u_n"), fem.Function(V, name="u")
     v = ufl.TestFunction(V)
     F = (uh - u_n) * v * ufl.dx + DT * ufl.inner(ufl.grad(uh), ufl.grad(v)) * ufl.dx
-    F -= DT * closure * v * closure.dx
-    problem = NonlinearProblem(F, uh, petsc_options=DIRECT, petsc_options_prefix="nl_implicit_")
-    stepper = ImplicitStepper(problem, uh, u_n, dt=DT)
-    message = (
-        "Rollouts of the implicit stepper support local closures only; ['c'] are non-local "
-        "(use the IMEX stepper, with the closure in the linear form)."
+    explicit = mno.NonlocalClosure(fno(), [u_n, u_n.dx(0)], (), 2, device="cpu", name="c")
+    problem = NonlinearProblem(
+        F - DT * explicit * v * explicit.dx,
+        uh,
+        petsc_options=PICARD,
+        petsc_options_prefix="nl_bad_previous_",
     )
-    with pytest.raises(NotImplementedError, match=f"^{re.escape(message)}$"):
-        Rollout(stepper)
+    message = (
+        "Closure 'c' of the implicit step reads u_previous; a rollout of the implicit "
+        "stepper supports closures of the unknown u only."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        Rollout(ImplicitStepper(problem, uh, u_n, dt=DT))
+
+    closure = mno.NonlocalClosure(fno(), [uh, uh.dx(0)], (), 2, device="cpu", name="c")
+    mlp = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    flux = mno.Closure(mlp.double(), [uh], (), 2, device="cpu", name="q")
+    F = F - DT * closure * v * closure.dx + DT * flux * v.dx(0) * flux.dx
+    frozen = NonlinearProblem(
+        F,
+        uh,
+        J=ufl.derivative(F, uh),
+        frozen_closures=True,
+        petsc_options=PICARD,
+        petsc_options_prefix="nl_bad_frozen_",
+    )
+    message = (
+        "The implicit step's Jacobian misses closure tangents (frozen closures): the adjoint "
+        "needs the exact Jacobian. Build the problem with the default J "
+        "(dolfinx_mno.derivative(F, u))."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        Rollout(ImplicitStepper(frozen, uh, u_n, dt=DT))
