@@ -25,6 +25,18 @@ segment is recomputed at the same stage on every rank. The parameter gradients a
 the root's (zeros elsewhere); :func:`~dolfinx_mno.rollout.allreduce_gradients` gives every
 rank their sum.
 
+A distributed closure (``distributed=True``, :mod:`dolfinx_mno.nonlocal_distributed`) has
+no root: every rank runs every stage, so every rank's graph is the same without stand-ins::
+
+    X_r = slab(s)           slab gather  (SlabGatherFunction; backward the reverse
+                                          MPI.Alltoallv of the slab cotangent to the samples)
+    Y_r = DistributedFNO(X_r)            (torch autograd: the all-to-alls reversed; each
+                                          rank's parameter gradient is its slab's share)
+    c   = W halo(Y_r)       halo scatter → interpolate (SlabScatterFunction; backward Wᵀ,
+                                          the reverse MPI.Alltoallv to the slab owners)
+
+and :func:`~dolfinx_mno.rollout.allreduce_gradients` sums the shares.
+
 Tensors at the boundary are float64 on the CPU; the model runs in its own dtype and on its
 own device.
 """
