@@ -139,6 +139,25 @@ class SlabGather:
         self._comm.Alltoallv(self._send, self._receive)
         out[: self.num_channels, self._slab_indices] = self._receive_buffer.T
 
+    def gather_adjoint(self, cotangent: np.ndarray) -> np.ndarray:
+        """The transpose of :meth:`gather`: a slab's cotangent back to the samples (collective).
+
+        The cotangent at the slab points each rank received goes back to the rank that
+        sampled them (the reverse ``MPI.Alltoallv``); the extension values and the mask
+        are constants, so their cotangent is dropped.
+
+        Args:
+            cotangent: This rank's ``(channels, prod(local_shape))`` (mask included, ignored).
+
+        Returns:
+            A new ``(num_local, num_channels)`` array of the gather's ``dtype``.
+        """
+        self._receive_buffer[...] = cotangent[: self.num_channels, self._slab_indices].T
+        self._comm.Alltoallv(self._receive, self._send)
+        samples = np.empty_like(self._send_buffer)
+        samples[self._order] = self._send_buffer
+        return samples
+
 
 class SlabSampler:
     """Sample UFL expressions on a grid into each rank's slab of rows (collective).
@@ -237,6 +256,7 @@ class SlabScatter:
 
     Attributes:
         num_points: This rank's points.
+        local_shape: This rank's slab, ``(rows, n_1, ...)``.
         value_dtype: Scalar type of the interpolated values.
         exchange_bytes: Bytes this rank sends to other ranks per transfer (the halo).
     """
@@ -255,6 +275,7 @@ class SlabScatter:
         self.num_channels = int(num_channels)
         self._comm = comm
         self._interpolator = GridInterpolator(grid, points, self.num_channels, self.dtype)
+        self.local_shape = (rows.counts[comm.rank], *grid.shape[1:])
         self.num_points = self._interpolator.num_points
         self.value_dtype = self._interpolator.value_dtype
         blocks = comm.allgather(self._interpolator.block_slices())
@@ -314,3 +335,27 @@ class SlabScatter:
             The values, ``(num_points, num_channels)``.
         """
         return self._interpolator.interpolate(self._block, out=out)
+
+    def scatter_adjoint(self, cotangent: np.ndarray) -> np.ndarray:
+        """The transpose of :meth:`scatter` and :meth:`interpolate` (collective).
+
+        Each rank spreads its points' cotangent onto its block
+        (:meth:`~dolfinx_mno.grid_scatter.GridInterpolator.interpolate_adjoint`), sends
+        each slab owner the block's rows in its slab (the reverse ``MPI.Alltoallv``), and
+        every slab owner sums the parts it receives where blocks overlap.
+
+        Args:
+            cotangent: This rank's ``(num_points, num_channels)``, float64.
+
+        Returns:
+            A new ``(num_channels, *local_shape)`` array of the scatter's ``dtype``: the
+            cotangent of this rank's slab.
+        """
+        self._block[...] = self._interpolator.interpolate_adjoint(cotangent)
+        self._comm.Alltoallv(self._receive, self._send)
+        slab = np.zeros((self.num_channels, *self.local_shape), dtype=self.dtype)
+        for part, view in zip(self._parts, self._send_views, strict=True):
+            if view.size:
+                shape = (*(s.stop - s.start for s in part), self.num_channels)
+                slab[(slice(None), *part)] += np.moveaxis(view.reshape(shape), -1, 0)
+        return slab

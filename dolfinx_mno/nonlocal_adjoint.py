@@ -25,6 +25,18 @@ segment is recomputed at the same stage on every rank. The parameter gradients a
 the root's (zeros elsewhere); :func:`~dolfinx_mno.rollout.allreduce_gradients` gives every
 rank their sum.
 
+A distributed closure (``distributed=True``, :mod:`dolfinx_mno.nonlocal_distributed`) has
+no root: every rank runs every stage, so every rank's graph is the same without stand-ins::
+
+    X_r = slab(s)           slab gather  (SlabGatherFunction; backward the reverse
+                                          MPI.Alltoallv of the slab cotangent to the samples)
+    Y_r = DistributedFNO(X_r)            (torch autograd: the all-to-alls reversed; each
+                                          rank's parameter gradient is its slab's share)
+    c   = W halo(Y_r)       halo scatter → interpolate (SlabScatterFunction; backward Wᵀ,
+                                          the reverse MPI.Alltoallv to the slab owners)
+
+and :func:`~dolfinx_mno.rollout.allreduce_gradients` sums the shares.
+
 Tensors at the boundary are float64 on the CPU; the model runs in its own dtype and on its
 own device.
 """
@@ -37,8 +49,15 @@ import numpy as np
 import torch
 
 from dolfinx_mno.nonlocal_closure import NonlocalClosure
+from dolfinx_mno.nonlocal_distributed import SlabModelStage
 
-__all__ = ["GatherFunction", "ScatterFunction", "nonlocal_values"]
+__all__ = [
+    "GatherFunction",
+    "ScatterFunction",
+    "SlabGatherFunction",
+    "SlabScatterFunction",
+    "nonlocal_values",
+]
 
 
 class GatherFunction(torch.autograd.Function):
@@ -119,6 +138,66 @@ class ScatterFunction(torch.autograd.Function):
         return None, output, *([None] * ctx.num_parameters)
 
 
+class SlabGatherFunction(torch.autograd.Function):
+    """``(num_local, num_inputs)`` samples → this rank's slab input (distributed mode).
+
+    Forward: the ``MPI.Alltoallv`` of the samples to the slab owners
+    (:meth:`~dolfinx_mno.nonlocal_distributed.SlabModelStage.slab_inputs`), with the
+    extension value and the mask: ``(1, channels, *local_shape)`` float64. Backward: the
+    mask and the extension values dropped, the reverse ``MPI.Alltoallv`` of the rest to
+    the ranks that sampled them.
+    """
+
+    @staticmethod
+    def forward(ctx, samples: torch.Tensor, stage: SlabModelStage) -> torch.Tensor:  # type: ignore[override]
+        """The stage (see the class docstring)."""
+        ctx.stage = stage
+        inputs = stage.slab_inputs(samples.detach().numpy())
+        return torch.from_numpy(inputs).reshape(1, -1, *stage.local_shape)
+
+    @staticmethod
+    def backward(ctx, cotangent: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        """Its transpose (see the class docstring)."""
+        stage: SlabModelStage = ctx.stage
+        slab = cotangent.detach().reshape(cotangent.shape[1], -1).contiguous().numpy()
+        return torch.from_numpy(stage.slab_inputs_adjoint(slab)), None
+
+
+class SlabScatterFunction(torch.autograd.Function):
+    """This rank's slab of the model output → the closure values at its points.
+
+    Forward: ``(1, num_outputs, *local_shape)`` → the halo ``MPI.Alltoallv`` → multilinear
+    interpolation: ``(num_points * num_outputs,)`` float64, in the closure's owned value
+    order. Backward: the interpolation's transpose, the reverse ``MPI.Alltoallv`` of each
+    block's rows to their slab owners, summed where blocks overlap
+    (:meth:`~dolfinx_mno.nonlocal_distributed.SlabModelStage.values_adjoint`).
+    """
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, stage: SlabModelStage) -> torch.Tensor:  # type: ignore[override]
+        """The stage (see the class docstring)."""
+        ctx.stage = stage
+        ctx.output_shape = output.shape
+        values = stage.values(output.detach()[0].contiguous().numpy())
+        return torch.from_numpy(values.astype(np.float64, copy=False).reshape(-1))
+
+    @staticmethod
+    def backward(ctx, cotangent: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        """Its transpose (see the class docstring)."""
+        stage: SlabModelStage = ctx.stage
+        values = cotangent.detach().reshape(stage.num_points, stage.out_channels)
+        output = torch.from_numpy(stage.values_adjoint(values.contiguous().numpy()))
+        return output.reshape(ctx.output_shape), None
+
+
+def _distributed_values(stage: SlabModelStage, samples: torch.Tensor) -> torch.Tensor:
+    """Slab gather → :class:`~dolfinx_mno.DistributedFNO` → halo scatter (collective)."""
+    inputs = typing.cast(torch.Tensor, SlabGatherFunction.apply(samples, stage))
+    inputs = inputs.to(device=stage.device, dtype=stage.model_dtype)
+    output = stage.distributed(inputs).to(device="cpu", dtype=torch.float64)
+    return typing.cast(torch.Tensor, SlabScatterFunction.apply(output, stage))
+
+
 def nonlocal_values(closure: NonlocalClosure, samples: torch.Tensor) -> torch.Tensor:
     """The closure values from this rank's samples: gather → model (root) → scatter.
 
@@ -133,14 +212,14 @@ def nonlocal_values(closure: NonlocalClosure, samples: torch.Tensor) -> torch.Te
     Returns:
         ``(num_points * num_outputs,)`` float64 on the CPU: the owned closure values.
 
-    Raises:
-        NotImplementedError: A distributed closure (``distributed=True``), on every rank.
+    A distributed closure (``distributed=True``) runs its own stages instead, every one
+    on every rank: :class:`SlabGatherFunction`, the
+    :class:`~dolfinx_mno.DistributedFNO` (torch autograd, its all-to-alls reversed in
+    backward) and :class:`SlabScatterFunction`. Each rank's parameter gradient is then its
+    slab's share, and :func:`~dolfinx_mno.rollout.allreduce_gradients` sums them.
     """
     if closure.slab_stage is not None:
-        raise NotImplementedError(
-            f"Non-local closure '{closure.name}' is distributed (distributed=True); "
-            "differentiable rollouts support only the gathered mode so far."
-        )
+        return _distributed_values(closure.slab_stage, samples)
     grid = typing.cast(torch.Tensor, GatherFunction.apply(samples, closure))
     evaluator = closure.grid_evaluator
     if evaluator is None:

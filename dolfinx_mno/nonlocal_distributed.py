@@ -56,6 +56,10 @@ class SlabModelStage:
 
     Attributes:
         distributed: The :class:`DistributedFNO`.
+        device: The model's device.
+        model_dtype: The model's floating-point dtype.
+        out_channels: The model's output channels.
+        local_shape: This rank's slab, ``(rows, n_1, ...)``.
         communication: Bytes sent per update, summed over ranks: ``{"slab": ..., "halo":
             ...}`` (the all-to-alls of the model are in its own counts).
 
@@ -92,11 +96,14 @@ class SlabModelStage:
         channels = num_inputs + int(mask_channel)
         self._inputs = torch.empty((channels, math.prod(local_shape)), dtype=torch.float64)
         self._gather.prepare(self._inputs.numpy(), extension_value, mask_channel)
-        self._model_dtype = next(
+        self._extension_value = float(extension_value)
+        self._mask_channel = bool(mask_channel)
+        self.model_dtype = next(
             (t.dtype for t in model.parameters() if t.is_floating_point()), torch.float64
         )
-        self._device = device
-        self._local_shape = local_shape
+        self.device = device
+        self.local_shape = local_shape
+        self.out_channels = int(out_channels)
         self._outputs = np.empty((out_channels, *local_shape), dtype=np.dtype(dtype))
         self.communication = {
             "slab": comm.allreduce(self._gather.exchange_bytes),
@@ -120,8 +127,8 @@ class SlabModelStage:
         note = "The previous closure values were kept."
         reason = training_mode_error(self.distributed.model)
         agree(self._comm, reason, what, ClosureEvaluationError, note=note)
-        field = self._inputs.view(1, -1, *self._local_shape)
-        field = field.to(device=self._device, dtype=self._model_dtype)
+        field = self._inputs.view(1, -1, *self.local_shape)
+        field = field.to(device=self.device, dtype=self.model_dtype)
         with torch.inference_mode():
             output = self.distributed(field)[0]
         self._outputs[...] = output.cpu().numpy()
@@ -136,3 +143,55 @@ class SlabModelStage:
     def interpolate(self, out: np.ndarray | None = None) -> np.ndarray:
         """The output at this rank's quadrature points, ``(num_points, out_channels)``."""
         return self._scatter.interpolate(out=out)
+
+    # -- the stages as new arrays, and their transposes (nonlocal_adjoint) ---------------
+
+    def slab_inputs(self, samples: np.ndarray) -> np.ndarray:
+        """A new slab input from this rank's samples (collective; the transfer of :meth:`gather`).
+
+        Args:
+            samples: This rank's ``(num_local, num_inputs)``.
+
+        Returns:
+            ``(channels, prod(local_shape))`` float64: the extension value, the mask and the
+            samples received.
+        """
+        inputs = np.empty(self._inputs.shape, dtype=np.float64)
+        self._gather.prepare(inputs, self._extension_value, self._mask_channel)
+        self._gather.gather(samples, inputs)
+        return inputs
+
+    def slab_inputs_adjoint(self, cotangent: np.ndarray) -> np.ndarray:
+        """The transpose of :meth:`slab_inputs` (collective).
+
+        Args:
+            cotangent: ``(channels, prod(local_shape))``.
+
+        Returns:
+            A new ``(num_local, num_inputs)`` float64 array.
+        """
+        return self._gather.gather_adjoint(cotangent).astype(np.float64, copy=False)
+
+    def values(self, outputs: np.ndarray) -> np.ndarray:
+        """The closure values from this rank's slab of the output (collective).
+
+        Args:
+            outputs: ``(out_channels, *local_shape)``.
+
+        Returns:
+            A new ``(num_points, out_channels)`` array of :attr:`value_dtype`.
+        """
+        self._outputs[...] = outputs
+        self._scatter.scatter(self._outputs)
+        return self._scatter.interpolate()
+
+    def values_adjoint(self, cotangent: np.ndarray) -> np.ndarray:
+        """The transpose of :meth:`values` (collective).
+
+        Args:
+            cotangent: ``(num_points, out_channels)`` float64.
+
+        Returns:
+            A new ``(out_channels, *local_shape)`` float64 array.
+        """
+        return self._scatter.scatter_adjoint(cotangent).astype(np.float64, copy=False)

@@ -21,10 +21,12 @@ each step's state in backward). An implicit step is one stage
 adjoint of the converged step (``J⁻ᵀ`` with the closure tangents, then the model's VJP at
 the converged operands). A :class:`~dolfinx_mno.NonlocalClosure` of an IMEX step replaces
 the operand and model stages by those of its update (:mod:`dolfinx_mno.nonlocal_adjoint`:
-sample, gather, the model on the root, scatter and interpolate). In an implicit step it
-is frozen in the assembled Jacobian, and the adjoint solve adds its linearisation
-matrix-free: GMRES on ``Jᵀ = Aᵀ + Dᵀ Bᵀ`` (``Dᵀ`` a torch VJP through those stages),
-preconditioned by the Newton solver's preconditioner transposed. See ``docs/adjoint.md``
+sample, gather, the model on the root, scatter and interpolate; for ``distributed=True``:
+sample, slab gather, the distributed model on every rank, halo scatter and interpolate).
+In an implicit step a (gathered) non-local closure is frozen in the assembled Jacobian,
+and the adjoint solve adds its linearisation matrix-free: GMRES on ``Jᵀ = Aᵀ + Dᵀ Bᵀ``
+(``Dᵀ`` a torch VJP through those stages), preconditioned by the Newton solver's
+preconditioner transposed. See ``docs/adjoint.md``
 for the method, and why it is not dolfinx-adjoint.
 
 Tensors at the boundary are float64 on the CPU: a state is the **owned** dofs of ``u``

@@ -127,11 +127,6 @@ def test_distributed_mode_errors_on_every_rank():
     assert closure.gridded_sampler.gather_bytes == 0
     with pytest.raises(RuntimeError, match=r"built with gather=False \(sampling only\)"):
         closure.gridded_sampler.gather()
-    from dolfinx_mno.nonlocal_adjoint import nonlocal_values
-
-    samples = torch.zeros((closure.gridded_sampler.num_local, 1), dtype=torch.float64)
-    with pytest.raises(NotImplementedError, match="only the gathered mode so far"):
-        nonlocal_values(closure, samples)
 
 
 @pytest.mark.mpi
@@ -148,3 +143,30 @@ def test_slab_sampler_gives_each_rank_its_rows_of_the_gathered_grid(tiny_square)
     assert local.shape == (4, *slabs.local_shape)
     assert np.array_equal(local, gathered[:, slabs.rows.block(comm.rank)])
     assert (gathered[-1] == 0).any() and (gathered[0] == -2.0).any()  # points outside
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("cells", [(1, 1), (5, 3)])
+def test_slab_transfers_adjoint(cells):
+    """⟨A s, w⟩ = ⟨s, Aᵀ w⟩ for the slab gather and the halo scatter (summed over ranks)."""
+    comm = MPI.COMM_WORLD
+    msh = mesh.create_unit_square(comm, *cells)
+    _, closure = _closures(msh, (9, 7))
+    stage = closure.slab_stage
+    rng = np.random.default_rng(3 + comm.rank)
+    num_local = closure.gridded_sampler.num_local
+    samples = rng.standard_normal((num_local, closure.num_inputs))
+    slab_weights = rng.standard_normal((closure.num_inputs + 1, np.prod(stage.local_shape)))
+    inputs = stage.slab_inputs(samples)
+    baseline = stage.slab_inputs(np.zeros_like(samples))  # the extension value and the mask
+    forward = comm.allreduce(float(((inputs - baseline) * slab_weights).sum()))
+    transposed = comm.allreduce(float((samples * stage.slab_inputs_adjoint(slab_weights)).sum()))
+    assert comm.allreduce(num_local) > 0
+    assert transposed == pytest.approx(forward, rel=1e-13)
+
+    slab = rng.standard_normal((1, *stage.local_shape))
+    weights = rng.standard_normal((stage.num_points, 1))
+    forward = comm.allreduce(float((stage.values(slab) * weights).sum()))
+    transposed = comm.allreduce(float((slab * stage.values_adjoint(weights)).sum()))
+    assert abs(forward) > 1e-3
+    assert transposed == pytest.approx(forward, rel=1e-13)
