@@ -23,7 +23,7 @@ the converged operands). A :class:`~dolfinx_mno.NonlocalClosure` of an IMEX step
 the operand and model stages by those of its update (:mod:`dolfinx_mno.nonlocal_adjoint`:
 sample, gather, the model on the root, scatter and interpolate; for ``distributed=True``:
 sample, slab gather, the distributed model on every rank, halo scatter and interpolate).
-In an implicit step a (gathered) non-local closure is frozen in the assembled Jacobian,
+In an implicit step a non-local closure (gathered or distributed) is frozen in the assembled Jacobian,
 and the adjoint solve adds its linearisation matrix-free: GMRES on ``Jᵀ = Aᵀ + Dᵀ Bᵀ``
 (``Dᵀ`` a torch VJP through those stages), preconditioned by the Newton solver's
 preconditioner transposed. See ``docs/adjoint.md``
