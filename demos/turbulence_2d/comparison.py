@@ -1,0 +1,213 @@
+"""The measuring parts of ``demo_turbulence_2d.py``: coarse runs against a reference, the
+resolution factor, a-posteriori training and the figures.
+
+Everything here reads the flows of :mod:`flow` and the package's public API; the demo
+imports it so that its own text stays about the workflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from dolfinx import fem
+from flow import VorticityFlow
+
+import dolfinx_mno as mno
+from dolfinx_mno.diagnostics import Correlation, decorrelation_time
+from dolfinx_mno.rollout import Rollout
+from dolfinx_mno.timestepping import IMEXStepper
+from dolfinx_mno.training import fit_rollout
+from dolfinx_mno.training.aposteriori import RolloutObjective
+from dolfinx_mno.training.trajectories import TrajectoryWindows, split_windows
+
+
+@dataclasses.dataclass
+class Run:
+    """What :func:`compare` records of one coarse model."""
+
+    times: np.ndarray
+    """Sampling times of the test horizon, ``(num_samples,)``."""
+    correlations: np.ndarray
+    """Vorticity correlation with the reference at those times (NaN once blown up)."""
+    decorrelation_time: float
+    """Time after the start until the correlation falls below 0.95 (inf: never)."""
+    seconds_per_time_unit: float
+    """Wall time of the steps per simulated time unit, over the test horizon."""
+    energies: np.ndarray
+    """``(num_records, 2)``: time and kinetic energy, over the long run."""
+    states: list[np.ndarray]
+    """The coarse vorticity (dof values on the coarse space) at the sampling times."""
+
+
+def compare(
+    flow: VorticityFlow,
+    start: fem.Function,
+    reference: Sequence[np.ndarray],
+    to_coarse: Callable[[fem.Function], fem.Function],
+    correlation: Correlation,
+    pair: tuple[fem.Function, fem.Function],
+    t0: float,
+    sample_every: float,
+    long_end: float | None = None,
+) -> Run:
+    """Run ``flow`` from ``start`` over the test horizon of ``reference``, then to ``long_end``.
+
+    Args:
+        flow: The model.
+        start: Its initial vorticity (P1 on ``flow.V``).
+        reference: The filtered DNS vorticity at ``t0, t0 + sample_every, ...`` (dof
+            values on the coarse space).
+        to_coarse: The filter of the model's vorticity onto the coarse space (identity for
+            the coarse mesh).
+        correlation: The compiled correlation of the two functions of ``pair``.
+        pair: ``(model, reference)`` functions on the coarse space that ``correlation`` reads.
+        t0: Start time.
+        sample_every: Time between samples; a multiple of ``flow.dt``.
+        long_end: Continue to this time for the stability check (energy only).
+    """
+    every = round(sample_every / flow.dt)
+    times, correlations, energies, states = [], [], [], []
+    model_values, reference_values = pair
+
+    def record(t: float) -> None:
+        index = round((t - t0) / sample_every)
+        omega = to_coarse(flow.omega)
+        model_values.x.array[:] = omega.x.array
+        reference_values.x.array[:] = reference[index]
+        energy = flow.energy()
+        times.append(t)
+        correlations.append(correlation() if np.isfinite(energy) else np.nan)
+        states.append(omega.x.array.copy())
+        energies.append((t, energy))
+
+    flow.set_vorticity(start)
+    t1 = t0 + (len(reference) - 1) * sample_every
+    seconds = flow.run(t0, t1, record, every=every)
+    if long_end is not None and long_end > t1 + 1e-9:
+        flow.run(t1, long_end, lambda t: energies.append((t, flow.energy())), every=every)
+    missing = len(reference) - len(times)  # a blown-up run stops early
+    times += [t0 + (len(times) + i) * sample_every for i in range(missing)]
+    correlations += [np.nan] * missing
+    rho = np.asarray(correlations)
+    return Run(
+        np.asarray(times),
+        rho,
+        decorrelation_time(np.asarray(times) - t0, np.nan_to_num(rho, nan=-1.0)),
+        seconds / (t1 - t0),
+        np.asarray(energies),
+        states,
+    )
+
+
+def resolution_factor(ladder: dict[int, Run], coarse: int, run: Run) -> tuple[float, float, bool]:
+    """The no-closure mesh a model matches in decorrelation time, and the cost there.
+
+    The ladder's decorrelation times are interpolated linearly in ``log n`` (made
+    monotone by a running maximum); a run that never decorrelates counts as
+    decorrelating at the end of the horizon (a lower bound). Returns ``(factor, wall-time
+    ratio, capped)``: the matched ``n / coarse``; the ladder's wall time per time unit at
+    that ``n`` (interpolated in log-log) over the model's; ``capped`` if the model lasts
+    at least as long as the finest mesh of the ladder (the factor is then a lower bound).
+    """
+    sizes = sorted(ladder)
+    horizon = float(run.times[-1] - run.times[0])
+    times = np.minimum([ladder[n].decorrelation_time for n in sizes], horizon)
+    times = np.maximum.accumulate(times)
+    log_n = np.log([float(n) for n in sizes])
+    t = min(run.decorrelation_time, horizon)
+    capped = bool(t >= times[-1]) and len(sizes) > 1
+    matched = float(np.interp(t, times, log_n)) if times[-1] > times[0] else log_n[0]
+    cost = np.interp(matched, log_n, np.log([ladder[n].seconds_per_time_unit for n in sizes]))
+    ratio = float(np.exp(cost) / run.seconds_per_time_unit)
+    return float(np.exp(matched) / coarse), ratio, capped
+
+
+@dataclasses.dataclass
+class APosteriori:
+    """What :func:`train_a_posteriori` returns."""
+
+    held_out_before: float
+    held_out_after: float
+    epochs: int
+    seconds: float
+
+
+def train_a_posteriori(
+    flow: VorticityFlow,
+    trajectories: list[list[np.ndarray]],
+    every: int,
+    window: int,
+    epochs: int,
+    learning_rate: float,
+) -> APosteriori:
+    """Train ``flow``'s closure in place through its solver with ``fit_rollout``.
+
+    ``trajectories``: per training seed, the owned dofs of the filtered coarse state
+    ``w = (ω̄, ψ̄)`` every ``every`` coarse steps. Windows of ``window`` states; a seeded
+    fifth of them is held out (early stopping) and their rollout loss measured before and
+    after.
+    """
+    stepper = IMEXStepper(flow.problem, flow.w, flow.w_previous, flow.dt, 0.0, flow.time)
+    rollout = Rollout(stepper)
+    windows = TrajectoryWindows(
+        trajectories, horizon=window, stride=1, num_owned=rollout.num_owned, what="training"
+    ).windows
+    held_out = split_windows(windows, 0.2, seed=0)[1]  # fit_rollout's own split
+    closure = typing.cast(mno.Closure, flow.closure)
+    objective = RolloutObjective(rollout, closure, horizon=window, scale=1.0, target_interval=every)
+    before = objective.rollout_loss(held_out)
+    tic = time.perf_counter()
+    result = fit_rollout(
+        rollout,
+        trajectories,
+        horizon=window,
+        target_interval=every,
+        validation_fraction=0.2,
+        epochs=epochs,
+        batch_size=4,
+        learning_rate=learning_rate,
+        patience=4,
+        progress=False,
+    )
+    seconds = time.perf_counter() - tic
+    return APosteriori(before, objective.rollout_loss(held_out), result.history.epochs, seconds)
+
+
+def plot(output: Path, runs: dict[str, Run], spectra: dict, snapshots: dict, t0: float) -> None:
+    """Correlation vs time, spectra at the end, vorticity snapshots (rank 0 only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, run in runs.items():
+        ax.plot(run.times - t0, run.correlations, label=label)
+    ax.axhline(0.95, color="k", lw=0.5, ls="--")
+    ax.set(xlabel="time", ylabel="vorticity correlation", ylim=(0.5, 1.01))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(output / "correlation.png", dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for label, s in spectra.items():
+        axes[0].loglog(s.k, s.energy, label=label)
+        axes[1].loglog(s.k, s.enstrophy, label=label)
+    axes[0].set(xlabel="k", ylabel="energy")
+    axes[1].set(xlabel="k", ylabel="enstrophy")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(output / "spectra.png", dpi=120)
+    fig, axes = plt.subplots(1, len(snapshots), figsize=(3 * len(snapshots), 3))
+    bound = max(np.abs(v).max() for v in snapshots.values())
+    for ax, (label, values) in zip(np.atleast_1d(axes), snapshots.items(), strict=True):
+        ax.imshow(values, origin="lower", cmap="RdBu_r", vmin=-bound, vmax=bound)
+        ax.set_title(label, fontsize=8)
+        ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(output / "vorticity.png", dpi=120)
+    plt.close("all")
