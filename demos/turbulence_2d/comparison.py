@@ -14,11 +14,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from dolfinx import fem
+from dolfinx import fem, io
 from flow import VorticityFlow
+from utilities import log, relative_l2_error
 
 import dolfinx_mno as mno
-from dolfinx_mno.diagnostics import Correlation, decorrelation_time
+from dolfinx_mno.diagnostics import (
+    Correlation,
+    box_spectra,
+    decorrelation_time,
+    sample_on_box_grid,
+)
 from dolfinx_mno.rollout import Rollout
 from dolfinx_mno.timestepping import IMEXStepper
 from dolfinx_mno.training import fit_rollout
@@ -211,3 +217,80 @@ def plot(output: Path, runs: dict[str, Run], spectra: dict, snapshots: dict, t0:
     fig.tight_layout()
     fig.savefig(output / "vorticity.png", dpi=120)
     plt.close("all")
+
+
+def smagorinsky_constant(inputs: np.ndarray, targets: np.ndarray, h: float, comm) -> float:
+    """``C_s²`` of the least-squares fit ``τ ≈ −C_s² h² |S| ∇ω̄`` to closure samples.
+
+    ``inputs`` ``(num_points, 6)``: ``∇ω̄`` and ``∇ū`` (row-major) at the points, this
+    rank's; ``targets`` ``(num_points, 2)``: ``τ``. Closed form ``C_s² = −Σ τ·g / Σ g·g``
+    with ``g = h² |S| ∇ω̄``, summed over ranks. Negative if backscatter dominates.
+    """
+    from mpi4py import MPI
+
+    gradient_u = inputs[:, 2:].reshape(-1, 2, 2)
+    strain = 0.5 * (gradient_u + gradient_u.transpose(0, 2, 1))
+    rate = np.sqrt(2 * np.einsum("pij,pij->p", strain, strain))
+    g = h**2 * rate[:, None] * inputs[:, :2]
+    sums = comm.allreduce(np.array([-np.sum(targets * g), np.sum(g * g)]), op=MPI.SUM)
+    return float(sums[0] / sums[1])
+
+
+def tendency_error(check: VorticityFlow, start: fem.Function, reference: fem.Function) -> float:
+    """Relative L² error of one step's tendency ``(ω¹ − ω⁰)/Δt`` of ``check`` from ``start``."""
+    check.set_vorticity(start)
+    check.run(0.0, check.dt)
+    return relative_l2_error((check.omega.x.array - start.x.array) / check.dt, reference)
+
+
+def headline(runs: dict[str, Run], ladder: dict[int, Run], coarse: int) -> dict[str, dict]:
+    """The table of the demo: per model, the metrics and the resolution factor (printed)."""
+    table = {}
+    for label, run in runs.items():
+        factor, speed_up, capped = resolution_factor(ladder, coarse, run)
+        energies = run.energies[:, 1]
+        table[label] = {
+            "decorrelation_time": run.decorrelation_time,
+            "correlation_start": float(run.correlations[0]),
+            "correlation_end": float(run.correlations[-1]),
+            "resolution_factor": factor,
+            "factor_is_lower_bound": capped,
+            "wall_time_ratio": speed_up,
+            "seconds_per_time_unit": run.seconds_per_time_unit,
+            "long_run_end": float(run.energies[-1, 0]),
+            "max_energy": float(np.max(energies)),
+            "finite": bool(np.all(np.isfinite(energies))),
+        }
+    log(f"{'model':>26} | t(ρ<0.95) | resolution factor | wall-time ratio | s / time unit")
+    for label, row in table.items():
+        bound = "≥" if row["factor_is_lower_bound"] else " "
+        factor = row["resolution_factor"]
+        log(
+            f"{label:>26} | {row['decorrelation_time']:9.3f} | {bound}{factor:16.2f}"
+            f" | {row['wall_time_ratio']:15.2f} | {row['seconds_per_time_unit']:.3f}"
+        )
+    return table
+
+
+def write_vtx(path: Path, space: fem.FunctionSpace, reference, runs, sample_every: float) -> None:
+    """The filtered DNS and every coarse model's vorticity at the sampling times (VTX)."""
+    functions = {"filtered DNS": fem.Function(space, name="filtered_dns")}
+    for label in runs:
+        functions[label] = fem.Function(space, name=label.replace(",", "").replace(" ", "_"))
+    with io.VTXWriter(space.mesh.comm, path, list(functions.values()), engine="BP4") as vtx:
+        for i, values in enumerate(reference):
+            functions["filtered DNS"].x.array[:] = values
+            for label, run in runs.items():
+                functions[label].x.array[:] = run.states[i] if i < len(run.states) else np.nan
+            vtx.write(i * sample_every)
+
+
+def spectra_and_snapshots(fields: dict[str, fem.Function], n: dict[str, int], lengths):
+    """Box spectra and gridded snapshots of vorticities, on rank 0 (``None`` elsewhere)."""
+    spectra, snapshots = {}, {}
+    for label, field in fields.items():
+        values = sample_on_box_grid(field, field.function_space.mesh, n[label])
+        if values is not None:
+            snapshots[label] = values
+            spectra[label] = box_spectra(values, lengths)
+    return spectra, snapshots

@@ -76,12 +76,12 @@ from mpi4py import MPI
 import numpy as np
 import torch
 import ufl
-from dolfinx import fem, io
+from dolfinx import fem
 from neuralop.models import FNO
 
 import dolfinx_mno as mno
 from dolfinx_mno.data import CellAverage, ClosureSampler, L2Projection, Tendency
-from dolfinx_mno.diagnostics import Correlation, box_spectra, sample_on_box_grid
+from dolfinx_mno.diagnostics import Correlation
 from dolfinx_mno.grid import Grid
 from dolfinx_mno.grid_gather import GriddedSampler
 from dolfinx_mno.io import save_model
@@ -89,7 +89,16 @@ from dolfinx_mno.models import MLP
 from dolfinx_mno.training import fit, shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # demos/: utilities.py
-from comparison import compare, plot, resolution_factor, train_a_posteriori
+from comparison import (
+    compare,
+    headline,
+    plot,
+    smagorinsky_constant,
+    spectra_and_snapshots,
+    train_a_posteriori,
+    write_vtx,
+)
+from comparison import tendency_error as tendency_error_of
 from flow import VorticityFlow, initial_vorticity, length, smagorinsky
 from utilities import boundary_dofs, log, output_folder
 
@@ -235,20 +244,14 @@ sampler.sample(start_fine, fine_flux)
 tau = fem.Function(Wc, name="tau")
 tau.interpolate(fem.Expression(tau_exact, Wc.element.interpolation_points))
 dns.run(0.0, dns.dt)
-tendency_dns = (projection(dns.omega).x.array - start.x.array) / dns.dt
+tendency_dns = fem.Function(Vc)
+tendency_dns.x.array[:] = (projection(dns.omega).x.array - start.x.array) / dns.dt
 dns.w.x.array[:], dns.w_previous.x.array[:] = saved
-tendency_error = {}
-for label, closure in (("exact tau", lambda o, u: (tau, ufl.dx)), ("no closure", None)):
-    check = VorticityFlow(nc, dns.dt, nu, closure, domain=coarse_mesh, name="check")
-    check.set_vorticity(start)
-    check.run(0.0, dns.dt)
-    error = fem.Function(Vc)
-    error.x.array[:] = (check.omega.x.array - start.x.array) / dns.dt - tendency_dns
-    scale = fem.Function(Vc)
-    scale.x.array[:] = tendency_dns
-    norms = [comm.allreduce(fem.assemble_scalar(fem.form(f * f * ufl.dx)), op=MPI.SUM)
-             for f in (error, scale)]  # fmt: skip
-    tendency_error[label] = float(np.sqrt(norms[0] / norms[1]))
+tendency_error = {
+    label: tendency_error_of(VorticityFlow(nc, dns.dt, nu, closure, domain=coarse_mesh), start,
+                             tendency_dns)
+    for label, closure in (("exact tau", lambda o, u: (tau, ufl.dx)), ("no closure", None))
+}  # fmt: skip
 log(f"coarse tendency vs the filtered DNS tendency: {tendency_error}")
 
 reference, dns_energies, t_test = [], [], config["test_horizon"]
@@ -273,12 +276,9 @@ log(f"DNS: {dns_seconds / t_test:.1f} s per time unit")
 # +
 inputs = np.concatenate([s.inputs for s in samples])  # (points, 6): ∇ω̄, ∇ū row-major
 targets = np.concatenate([s.targets for s in samples]).reshape(-1, 2)
-gradient_u = inputs[:, 2:].reshape(-1, 2, 2)
-strain = 0.5 * (gradient_u + gradient_u.transpose(0, 2, 1))
-g = h**2 * np.sqrt(2 * np.einsum("pij,pij->p", strain, strain))[:, None] * inputs[:, :2]
-sums = comm.allreduce(np.array([-np.sum(targets * g), np.sum(g * g)]), op=MPI.SUM)
-c_s = float(np.sqrt(max(sums[0] / sums[1], 0.0)))
-log(f"Smagorinsky: C_s = {c_s:.3f} (C_s² = {sums[0] / sums[1]:.3e} before clipping)")
+c_s_squared = smagorinsky_constant(inputs, targets, h, comm)
+c_s = float(np.sqrt(max(c_s_squared, 0.0)))
+log(f"Smagorinsky: C_s = {c_s:.3f} (C_s² = {c_s_squared:.3e} before clipping)")
 # -
 
 # **Local MLP** of the six inputs $(\nabla\bar\omega, \nabla\bar u)$ to the two components
@@ -405,49 +405,16 @@ for label, flow in models.items():
 # cost per time unit there with the model's.
 
 # +
-table = {}
-for label, run in runs.items():
-    factor, speed_up, capped = resolution_factor(ladder, nc, run)
-    energies = run.energies[:, 1]
-    table[label] = {
-        "decorrelation_time": run.decorrelation_time,
-        "correlation_start": float(run.correlations[0]),
-        "correlation_end": float(run.correlations[-1]),
-        "resolution_factor": factor, "factor_is_lower_bound": capped,
-        "wall_time_ratio": speed_up, "seconds_per_time_unit": run.seconds_per_time_unit,
-        "long_run_end": float(run.energies[-1, 0]),
-        "max_energy": float(np.max(energies)), "finite": bool(np.all(np.isfinite(energies))),
-    }  # fmt: skip
-log(f"{'model':>26} | t(ρ<0.95) | factor | wall-time ratio | s per time unit")
-for label, row in table.items():
-    bound = "≥" if row["factor_is_lower_bound"] else " "
-    log(f"{label:>26} | {row['decorrelation_time']:9.3f} | {bound}{row['resolution_factor']:4.2f}"
-        f" | {row['wall_time_ratio']:15.2f} | {row['seconds_per_time_unit']:.2f}")  # fmt: skip
-
-snapshots, spectra = {}, {}
-final = fem.Function(Vc)
-for label, values in [("filtered DNS", reference[-1])] + [
-        (k, runs[k].states[-1]) for k in ("no closure", "MNO, a posteriori")]:  # fmt: skip
-    final.x.array[:] = values
-    grid_values = sample_on_box_grid(final, coarse_mesh, 2 * nc)
-    if comm.rank == 0:
-        snapshots[label] = grid_values
-        spectra[label] = box_spectra(grid_values, (length, length))
-dns_grid = sample_on_box_grid(dns_final, dns.mesh, nf)
+table = headline(runs, ladder, nc)
+write_vtx(output / "test_vorticity.bp", Vc, reference, runs, config["sample_every"])
+final = {label: fem.Function(Vc) for label in ("filtered DNS", "no closure", "MNO, a posteriori")}
+for label, function in final.items():
+    function.x.array[:] = reference[-1] if label == "filtered DNS" else runs[label].states[-1]
+spectra, snapshots = spectra_and_snapshots(
+    {"DNS": dns_final, **final}, {"DNS": nf, **{k: 2 * nc for k in final}}, (length, length)
+)
 if comm.rank == 0:
-    snapshots = {"DNS": dns_grid, **snapshots}
     plot(output, runs, spectra, snapshots, 0.0)
-functions = {"filtered DNS": fem.Function(Vc, name="filtered_dns")}
-for label in models:
-    functions[label] = fem.Function(Vc, name=label.replace(",", "").replace(" ", "_"))
-with io.VTXWriter(comm, output / "test_vorticity.bp", list(functions.values()),
-                  engine="BP4") as vtx:  # fmt: skip
-    for i, values in enumerate(reference):
-        functions["filtered DNS"].x.array[:] = values
-        for label in models:
-            states = runs[label].states
-            functions[label].x.array[:] = states[i] if i < len(states) else np.nan
-        vtx.write(i * config["sample_every"])
 reference_energy = max(dns_energies)
 summary = {
     "quick": args.quick, "ranks": comm.size, "config": config, "nu": nu,
