@@ -150,6 +150,7 @@ def train_a_posteriori(
     window: int,
     epochs: int,
     learning_rate: float,
+    stride: int = 1,
 ) -> APosteriori:
     """Train ``flow``'s closure in place through its solver with ``fit_rollout``.
 
@@ -161,7 +162,7 @@ def train_a_posteriori(
     stepper = IMEXStepper(flow.problem, flow.w, flow.w_previous, flow.dt, 0.0, flow.time)
     rollout = Rollout(stepper)
     windows = TrajectoryWindows(
-        trajectories, horizon=window, stride=1, num_owned=rollout.num_owned, what="training"
+        trajectories, horizon=window, stride=stride, num_owned=rollout.num_owned, what="training"
     ).windows
     held_out = split_windows(windows, 0.2, seed=0)[1]  # fit_rollout's own split
     closure = typing.cast(mno.Closure, flow.closure)
@@ -173,6 +174,7 @@ def train_a_posteriori(
         trajectories,
         horizon=window,
         target_interval=every,
+        stride=stride,
         validation_fraction=0.2,
         epochs=epochs,
         batch_size=4,

@@ -117,17 +117,17 @@ output = output_folder("turbulence_2d")
 # +
 if args.quick:
     config = dict(
-        dns=64, coarse=16, ladder=[16, 32], spin_up_n=64, spin_up=1.0, spin_up_fine=0.0,
-        train_seeds=[1, 2], test_seed=3, horizon=1.0, test_horizon=1.5, sample_every=0.125,
+        dns=32, coarse=8, ladder=[8, 16], spin_up_n=16, spin_up=1.0, spin_up_fine=0.25,
+        train_seeds=[1, 2], test_seed=3, horizon=0.5, test_horizon=1.5, sample_every=0.125,
         mlp_epochs=15, fno_epochs=10, fno_modes=8, fno_width=16, window=2,
-        rollout_epochs=2,
+        rollout_epochs=2, stride=1,
     )  # fmt: skip
 else:
     config = dict(
         dns=256, coarse=32, ladder=[32, 64, 128], spin_up_n=128, spin_up=10.0,
         spin_up_fine=1.0, train_seeds=[1, 2, 3, 4], test_seed=5, horizon=2.0,
         test_horizon=4.0, sample_every=0.0625, mlp_epochs=200, fno_epochs=100, fno_modes=16,
-        fno_width=32, window=4, rollout_epochs=10,
+        fno_width=32, window=4, rollout_epochs=10, stride=2,
     )  # fmt: skip
 nu = 1e-3
 nf, nc = config["dns"], config["coarse"]
@@ -362,13 +362,9 @@ for label, factory in (("local MLP", local_closure), ("MNO", operator_closure)):
     )
     trained = VorticityFlow(nc, plain.dt, nu, factory, domain=coarse_mesh, name=f"{name}_post")
     training[label] = train_a_posteriori(
-        trained,
-        trajectories,
-        coarse_every,
-        config["window"],
-        config["rollout_epochs"],
-        learning_rate=1e-3,
-    )
+        trained, trajectories, coarse_every, config["window"], config["rollout_epochs"],
+        learning_rate=1e-3, stride=config["stride"],
+    )  # fmt: skip
     models[f"{label}, a posteriori"] = trained
     log(f"{label} a posteriori: {training[label]}")
 # -
