@@ -36,6 +36,14 @@ from dolfinx_mno.closure import (
     derivative,
     extract_closures,
 )
+from dolfinx_mno.diagnostics import (
+    Correlation,
+    Spectra,
+    box_spectra,
+    correlation,
+    decorrelation_time,
+    sample_on_box_grid,
+)
 from dolfinx_mno.grid import Grid
 from dolfinx_mno.guard import install_problem_guard
 from dolfinx_mno.io import ModelFileError, load_model, register_architecture, save_model
@@ -65,15 +73,20 @@ __all__ = [
     "ClosureEvaluationError",
     "ClosureSpec",
     "ClosureWriter",
+    "Correlation",
     "Grid",
     "ModelFileError",
     "NonlocalClosure",
     "NormalizedModel",
     "Operands",
     "QuadratureAverage",
+    "Spectra",
     "__version__",
+    "box_spectra",
     "cell_average",
     "check_form",
+    "correlation",
+    "decorrelation_time",
     "derivative",
     "extract_closures",
     "fit",
@@ -83,6 +96,7 @@ __all__ = [
     "quadrature_space",
     "register_architecture",
     "resolve_device",
+    "sample_on_box_grid",
     "save_model",
     "to_precision",
 ]
