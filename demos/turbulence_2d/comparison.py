@@ -19,12 +19,6 @@ from flow import VorticityFlow
 from utilities import log, relative_l2_error
 
 import dolfinx_mno as mno
-from dolfinx_mno.diagnostics import (
-    Correlation,
-    box_spectra,
-    decorrelation_time,
-    sample_on_box_grid,
-)
 from dolfinx_mno.rollout import Rollout
 from dolfinx_mno.timestepping import IMEXStepper
 from dolfinx_mno.training import fit_rollout
@@ -55,7 +49,7 @@ def compare(
     start: fem.Function,
     reference: Sequence[np.ndarray],
     to_coarse: Callable[[fem.Function], fem.Function],
-    correlation: Correlation,
+    correlation: mno.Correlation,
     pair: tuple[fem.Function, fem.Function],
     t0: float,
     sample_every: float,
@@ -103,7 +97,7 @@ def compare(
     return Run(
         np.asarray(times),
         rho,
-        decorrelation_time(np.asarray(times) - t0, np.nan_to_num(rho, nan=-1.0)),
+        mno.decorrelation_time(np.asarray(times) - t0, np.nan_to_num(rho, nan=-1.0)),
         seconds / (t1 - t0),
         np.asarray(energies),
         states,
@@ -291,8 +285,8 @@ def spectra_and_snapshots(fields: dict[str, fem.Function], n: dict[str, int], le
     """Box spectra and gridded snapshots of vorticities, on rank 0 (``None`` elsewhere)."""
     spectra, snapshots = {}, {}
     for label, field in fields.items():
-        values = sample_on_box_grid(field, field.function_space.mesh, n[label])
+        values = mno.sample_on_box_grid(field, field.function_space.mesh, n[label])
         if values is not None:
             snapshots[label] = values
-            spectra[label] = box_spectra(values, lengths)
+            spectra[label] = mno.box_spectra(values, lengths)
     return spectra, snapshots

@@ -81,7 +81,6 @@ from neuralop.models import FNO
 
 import dolfinx_mno as mno
 from dolfinx_mno.data import CellAverage, ClosureSampler, L2Projection, Tendency
-from dolfinx_mno.diagnostics import Correlation
 from dolfinx_mno.grid import Grid
 from dolfinx_mno.grid_gather import GriddedSampler
 from dolfinx_mno.io import save_model
@@ -99,7 +98,7 @@ from comparison import (
     write_vtx,
 )
 from comparison import tendency_error as tendency_error_of
-from flow import VorticityFlow, initial_vorticity, length, smagorinsky
+from flow import VorticityFlow, initial_vorticity, length, smagorinsky, velocity
 from utilities import boundary_dofs, log, output_folder
 
 parser = argparse.ArgumentParser(description="Learned closures for 2D turbulence.")
@@ -170,7 +169,7 @@ sampler = ClosureSampler(
     tendency_restriction=CellAverage(Wc, dns.mesh),
 )  # fmt: skip
 omega_f, psi_f = ufl.split(dns.w)
-fine_flux = ufl.as_vector((psi_f.dx(1), -psi_f.dx(0))) * omega_f - nu * ufl.grad(omega_f)
+fine_flux = velocity(psi_f) * omega_f - nu * ufl.grad(omega_f)
 tau_exact = sampler.filtered_tendency - coarse_flux.function
 # -
 
@@ -377,7 +376,7 @@ for label, factory in (("local MLP", local_closure), ("MNO", operator_closure)):
 
 # +
 pair = fem.Function(Vc), fem.Function(Vc)
-rho = Correlation(*pair)
+rho = mno.Correlation(*pair)
 runs, ladder = {}, {}
 for n in config["ladder"]:
     flow = plain if n == nc else VorticityFlow(n, time_step(n), nu, name=f"ladder{n}")
