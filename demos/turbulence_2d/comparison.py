@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from dolfinx import fem, io
-from flow import VorticityFlow
+from flow import VorticityFlow, length
 from utilities import log, relative_l2_error
 
 import dolfinx_mno as mno
@@ -232,7 +232,7 @@ def smagorinsky_constant(inputs: np.ndarray, targets: np.ndarray, h: float, comm
     return float(sums[0] / sums[1])
 
 
-def tendency_error(check: VorticityFlow, start: fem.Function, reference: fem.Function) -> float:
+def step_error(check: VorticityFlow, start: fem.Function, reference: fem.Function) -> float:
     """Relative L² error of one step's tendency ``(ω¹ − ω⁰)/Δt`` of ``check`` from ``start``."""
     check.set_vorticity(start)
     check.run(0.0, check.dt)
@@ -281,12 +281,32 @@ def write_vtx(path: Path, space: fem.FunctionSpace, reference, runs, sample_ever
             vtx.write(i * sample_every)
 
 
-def spectra_and_snapshots(fields: dict[str, fem.Function], n: dict[str, int], lengths):
-    """Box spectra and gridded snapshots of vorticities, on rank 0 (``None`` elsewhere)."""
+def figures(
+    output: Path,
+    runs: dict[str, Run],
+    dns: fem.Function,
+    reference: np.ndarray,
+    space: fem.FunctionSpace,
+    labels: list[str],
+) -> dict[str, mno.Spectra]:
+    """Spectra and snapshots at the end of the test horizon, and the PNGs (collective).
+
+    ``dns``: the DNS vorticity; ``reference``: the filtered one on the coarse ``space``;
+    ``labels``: the runs to show beside them. Returns the spectra on rank 0 (else empty).
+    """
+    fields = {"DNS": dns, "filtered DNS": fem.Function(space)}
+    fields["filtered DNS"].x.array[:] = reference
+    for label in labels:
+        fields[label] = fem.Function(space)
+        fields[label].x.array[:] = runs[label].states[-1]
     spectra, snapshots = {}, {}
     for label, field in fields.items():
-        values = mno.sample_on_box_grid(field, field.function_space.mesh, n[label])
+        msh = field.function_space.mesh
+        n = round(np.sqrt(msh.topology.index_map(2).size_global / 2))  # 2 n² triangles
+        values = mno.sample_on_box_grid(field, msh, 2 * n)  # two grid intervals per cell
         if values is not None:
             snapshots[label] = values
-            spectra[label] = mno.box_spectra(values, lengths)
-    return spectra, snapshots
+            spectra[label] = mno.box_spectra(values, (length, length))
+    if msh.comm.rank == 0:
+        plot(output, runs, spectra, snapshots, float(next(iter(runs.values())).times[0]))
+    return spectra

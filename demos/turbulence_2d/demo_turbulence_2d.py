@@ -90,14 +90,13 @@ from dolfinx_mno.training import fit, shard
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # demos/: utilities.py
 from comparison import (
     compare,
+    figures,
     headline,
-    plot,
     smagorinsky_constant,
-    spectra_and_snapshots,
+    step_error,
     train_a_posteriori,
     write_vtx,
 )
-from comparison import tendency_error as tendency_error_of
 from flow import VorticityFlow, initial_vorticity, length, smagorinsky, velocity
 from utilities import boundary_dofs, log, output_folder
 
@@ -248,8 +247,8 @@ tendency_dns = fem.Function(Vc)
 tendency_dns.x.array[:] = (projection(dns.omega).x.array - start.x.array) / dns.dt
 dns.w.x.array[:], dns.w_previous.x.array[:] = saved
 tendency_error = {
-    label: tendency_error_of(VorticityFlow(nc, dns.dt, nu, closure, domain=coarse_mesh), start,
-                             tendency_dns)
+    label: step_error(VorticityFlow(nc, dns.dt, nu, closure, domain=coarse_mesh), start,
+                      tendency_dns)
     for label, closure in (("exact tau", lambda o, u: (tau, ufl.dx)), ("no closure", None))
 }  # fmt: skip
 log(f"coarse tendency vs the filtered DNS tendency: {tendency_error}")
@@ -403,14 +402,7 @@ for label, flow in models.items():
 # +
 table = headline(runs, ladder, nc)
 write_vtx(output / "test_vorticity.bp", Vc, reference, runs, config["sample_every"])
-final = {label: fem.Function(Vc) for label in ("filtered DNS", "no closure", "MNO, a posteriori")}
-for label, function in final.items():
-    function.x.array[:] = reference[-1] if label == "filtered DNS" else runs[label].states[-1]
-spectra, snapshots = spectra_and_snapshots(
-    {"DNS": dns_final, **final}, {"DNS": nf, **{k: 2 * nc for k in final}}, (length, length)
-)
-if comm.rank == 0:
-    plot(output, runs, spectra, snapshots, 0.0)
+spectra = figures(output, runs, dns_final, reference[-1], Vc, ["no closure", "MNO, a posteriori"])
 reference_energy = max(dns_energies)
 summary = {
     "quick": args.quick, "ranks": comm.size, "config": config, "nu": nu,
@@ -420,6 +412,8 @@ summary = {
     "a_posteriori": {k: vars(v) for k, v in training.items()},
     "models": table,
     "correlations": {k: r.correlations.tolist() for k, r in runs.items()},
+    "spectra": {k: {f: getattr(v, f).tolist() for f in ("k", "energy", "enstrophy")}
+                for k, v in spectra.items()},  # rank 0's
 }  # fmt: skip
 if comm.rank == 0:
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
