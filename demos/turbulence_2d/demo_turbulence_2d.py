@@ -123,7 +123,7 @@ if args.quick:
     )  # fmt: skip
 else:
     config = dict(
-        dns=256, coarse=32, ladder=[32, 64, 128], courant=0.4, spin_up_n=128, spin_up=10.0,
+        dns=256, coarse=32, ladder=[32, 64, 128], courant=0.4, spin_up_n=128, spin_up=5.0,
         spin_up_fine=1.0, train_seeds=[1, 2, 3], test_seed=5, horizon=2.0,
         test_horizon=6.0, sample_every=0.0625, mlp_epochs=200, fno_epochs=100, fno_modes=16,
         fno_width=32, window=4, rollout_epochs=10, stride=2,
