@@ -60,7 +60,7 @@
 # | model | $\tau$ |
 # |:--|:--|
 # | no closure (the *ladder*: coarse mesh, 2×, 4× finer) | 0 |
-# | Smagorinsky | $(C_s h)^2 \lvert S(\bar u)\rvert \nabla\bar\omega$ with $C_s$ fitted to $\tau$ |
+# | Smagorinsky | $-(C_s h)^2 \lvert S(\bar u)\rvert \nabla\bar\omega$, $C_s$ fitted to $\tau$ |
 # | local MLP | $\tau_\theta(\nabla\bar\omega, \nabla\bar u)$ at each cell |
 # | MNO (FNO) | $\mathcal G_\theta[\bar\omega, \bar u]$ on a grid |
 
