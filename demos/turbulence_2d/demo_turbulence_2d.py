@@ -110,8 +110,11 @@ output = output_folder("turbulence_2d")
 
 # Sizes. The time step of a mesh of $n$ cells per side is $\Delta t = c/n$: with
 # $h = 2\pi/n$ and velocities up to about 5 once the flow is turbulent, the CFL number is
-# about $0.8c$ (the explicit advection's limit is about 0.4). The quick mode keeps every
-# stage on small meshes and short horizons; its numbers are not the headline ones.
+# about $0.8c$ (the explicit advection's limit is about 0.4). The full mode's DNS is 256²,
+# 8× the coarse 32² mesh; 512² would cost 8× more (4× the cells, 2× the steps), about a
+# quarter of an hour per time unit on two cores. The spin-up runs at 128², then one time
+# unit at 256². The quick mode keeps every stage on small meshes and short horizons; its
+# numbers are not the headline ones.
 
 # +
 if args.quick:
