@@ -97,7 +97,8 @@ from comparison import (
     train_a_posteriori,
     write_vtx,
 )
-from flow import VorticityFlow, initial_vorticity, length, smagorinsky, velocity
+from flow import VorticityFlow, length, smagorinsky, velocity
+from flow import spin_up as spin_up_flow
 from utilities import boundary_dofs, log, output_folder
 
 parser = argparse.ArgumentParser(description="Learned closures for 2D turbulence.")
@@ -196,19 +197,13 @@ def filtered(omega_fine):
     return omega_bar
 
 
+n = config["spin_up_n"]
+cheap = VorticityFlow(n, time_step(n), nu, name="cheap") if n != nf else None
+
+
 def spin_up(seed):
     """The DNS state after the spin-up from the initial vorticity of `seed`."""
-    n = config["spin_up_n"]
-    if n == nf:
-        dns.set_vorticity(initial_vorticity(seed))
-        dns.run(0.0, config["spin_up"], progress=f"spin-up {seed}")
-        return
-    cheap = VorticityFlow(n, time_step(n), nu, name=f"spin{seed}")
-    cheap.set_vorticity(initial_vorticity(seed))
-    cheap.run(0.0, config["spin_up"], progress=f"spin-up {seed}, {n}²")
-    fine_bc = fem.dirichletbc(0.0, boundary_dofs(dns.V), dns.V)
-    dns.set_vorticity(L2Projection(dns.V, bcs=[fine_bc])(cheap.omega))
-    dns.run(0.0, config["spin_up_fine"], progress=f"spin-up {seed}, {nf}²")
+    spin_up_flow(dns, seed, config["spin_up"], cheap, config["spin_up_fine"])
 
 
 t_end = config["horizon"]
