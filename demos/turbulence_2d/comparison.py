@@ -191,7 +191,7 @@ def plot(output: Path, runs: dict[str, Run], spectra: dict, snapshots: dict, t0:
     for label, run in runs.items():
         ax.plot(run.times - t0, run.correlations, label=label)
     ax.axhline(0.95, color="k", lw=0.5, ls="--")
-    ax.set(xlabel="time", ylabel="vorticity correlation", ylim=(0.5, 1.01))
+    ax.set(xlabel="time", ylabel="vorticity correlation", ylim=(0.0, 1.02))
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(output / "correlation.png", dpi=120)
