@@ -8,6 +8,7 @@ means they passed. After a demo's serial run, the experiments that measure its o
 MPI jobs themselves and belong to the serial session.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -26,6 +27,33 @@ EXPERIMENTS = {
         ["lorenz96_results.py"],
         ["lorenz96_runtime.py", "--min-log2-k", "9", "--max-log2-k", "9"],
     ],
+}
+
+
+def _check_turbulence_2d(summary: dict, num_ranks: int) -> None:
+    """The numbers of the 2D turbulence demo's quick run (its summary.json)."""
+    assert summary["quick"] and summary["ranks"] == num_ranks
+    check = summary["tendency_check"]  # the exact subgrid flux closes the filtered DNS
+    assert 0 < check["exact tau"] < 0.1 * check["no closure"], check
+    assert 0.0 <= summary["smagorinsky_constant"] < 0.5, summary["smagorinsky_constant"]
+    for label, row in summary["a_posteriori"].items():
+        assert row["held_out_after"] < row["held_out_before"], (label, row)
+    models = summary["models"]
+    assert {"no closure", "Smagorinsky", "MNO, a posteriori", "local MLP, a posteriori"} <= set(
+        models
+    )
+    for label, row in models.items():
+        assert row["correlation_start"] > 0.99, (label, row)
+        assert row["finite"] and row["max_energy"] < 10 * summary["dns_max_energy"], (label, row)
+        assert row["resolution_factor"] > 1 - 1e-9 and row["wall_time_ratio"] > 0, (label, row)
+    # The coarse mesh decorrelates within the quick test horizon; the 2x finer one lasts longer.
+    ladder = [row["decorrelation_time"] for label, row in models.items() if "²" in label]
+    assert models["no closure"]["decorrelation_time"] < min(ladder), models
+
+
+# The checks of a demo's summary.json after its quick run: demo -> (output file, check).
+SUMMARY_CHECKS = {
+    "turbulence_2d/demo_turbulence_2d.py": ("turbulence_2d/summary.json", _check_turbulence_2d),
 }
 DEMOS = sorted(
     {*DEMO_DIR.glob("**/demo_*.py"), DEMO_DIR / "quickstart.py", DEMO_DIR / "nonlocal_closure.py"}
@@ -59,6 +87,9 @@ def test_demo(demo: Path, num_ranks: int):
         assert MPIRUN.is_file(), f"no mpirun next to the Python interpreter ({MPIRUN})"
         command = [str(MPIRUN), "-n", str(num_ranks), *command]
     _run(command, demo.parent)
+    if str(demo.relative_to(DEMO_DIR)) in SUMMARY_CHECKS:
+        path, check = SUMMARY_CHECKS[str(demo.relative_to(DEMO_DIR))]
+        check(json.loads((DEMO_DIR / "output" / path).read_text()), num_ranks)
     if num_ranks == 1:
         for script, *arguments in EXPERIMENTS.get(str(demo.relative_to(DEMO_DIR)), []):
             _run([sys.executable, str(EXPERIMENT_DIR / script), *arguments], EXPERIMENT_DIR)

@@ -56,6 +56,7 @@ from dolfinx import fem, mesh
 from tqdm.auto import tqdm
 
 import dolfinx_mno as mno
+from dolfinx_mno.data import L2Projection
 from dolfinx_mno.petsc import LinearProblem
 from dolfinx_mno.timestepping import IMEXStepper
 
@@ -183,6 +184,7 @@ class VorticityFlow:
             },
         )
         self._poisson: LinearProblem | None = None
+        self._energy: fem.Form | None = None
 
     @property
     def omega(self) -> fem.Function:
@@ -266,9 +268,32 @@ class VorticityFlow:
 
     def energy(self) -> float:
         """Kinetic energy ``½∫|u|²`` of the current state (collective)."""
-        psi = ufl.split(self.w)[1]
-        form = fem.form(0.5 * ufl.inner(velocity(psi), velocity(psi)) * ufl.dx)
-        return self.comm.allreduce(fem.assemble_scalar(form), op=MPI.SUM)
+        if self._energy is None:  # compiled once: energy() is called in time loops
+            u = velocity(ufl.split(self.w)[1])
+            self._energy = fem.form(0.5 * ufl.inner(u, u) * ufl.dx)
+        return self.comm.allreduce(fem.assemble_scalar(self._energy), op=MPI.SUM)
+
+
+def spin_up(
+    flow: VorticityFlow,
+    seed: int,
+    duration: float,
+    cheap: VorticityFlow | None = None,
+    fine_duration: float = 0.0,
+) -> None:
+    """Run ``flow`` from :func:`initial_vorticity` of ``seed`` over ``duration``.
+
+    With ``cheap``, a flow on a coarser mesh that ``flow``'s refines, the ``duration`` runs
+    there; its vorticity is then projected onto ``flow``'s (exactly: the coarse P1 space
+    lies in the fine one), which runs ``fine_duration`` more to grow its small scales.
+    """
+    first = cheap if cheap is not None else flow
+    first.set_vorticity(initial_vorticity(seed))
+    first.run(0.0, duration, progress=f"spin-up {seed}, {first.n}²")
+    if cheap is not None:
+        bc = fem.dirichletbc(0.0, _boundary_dofs(flow.V), flow.V)
+        flow.set_vorticity(L2Projection(flow.V, bcs=[bc])(cheap.omega))
+        flow.run(0.0, fine_duration, progress=f"spin-up {seed}, {flow.n}²")
 
 
 def smagorinsky(constant: fem.Constant, h: float) -> ClosureCallback:

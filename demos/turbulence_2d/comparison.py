@@ -1,0 +1,312 @@
+"""The measuring parts of ``demo_turbulence_2d.py``: coarse runs against a reference, the
+resolution factor, a-posteriori training and the figures.
+
+Everything here reads the flows of :mod:`flow` and the package's public API; the demo
+imports it so that its own text stays about the workflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from dolfinx import fem, io
+from flow import VorticityFlow, length
+from utilities import log, relative_l2_error
+
+import dolfinx_mno as mno
+from dolfinx_mno.rollout import Rollout
+from dolfinx_mno.timestepping import IMEXStepper
+from dolfinx_mno.training import fit_rollout
+from dolfinx_mno.training.aposteriori import RolloutObjective
+from dolfinx_mno.training.trajectories import TrajectoryWindows, split_windows
+
+
+@dataclasses.dataclass
+class Run:
+    """What :func:`compare` records of one coarse model."""
+
+    times: np.ndarray
+    """Sampling times of the test horizon, ``(num_samples,)``."""
+    correlations: np.ndarray
+    """Vorticity correlation with the reference at those times (NaN once blown up)."""
+    decorrelation_time: float
+    """Time after the start until the correlation falls below 0.95 (inf: never)."""
+    seconds_per_time_unit: float
+    """Wall time of the steps per simulated time unit, over the test horizon."""
+    energies: np.ndarray
+    """``(num_records, 2)``: time and kinetic energy, over the long run."""
+    states: list[np.ndarray]
+    """The coarse vorticity (dof values on the coarse space) at the sampling times."""
+
+
+def compare(
+    flow: VorticityFlow,
+    start: fem.Function,
+    reference: Sequence[np.ndarray],
+    to_coarse: Callable[[fem.Function], fem.Function],
+    correlation: mno.Correlation,
+    pair: tuple[fem.Function, fem.Function],
+    t0: float,
+    sample_every: float,
+    long_end: float | None = None,
+) -> Run:
+    """Run ``flow`` from ``start`` over the test horizon of ``reference``, then to ``long_end``.
+
+    Args:
+        flow: The model.
+        start: Its initial vorticity (P1 on ``flow.V``).
+        reference: The filtered DNS vorticity at ``t0, t0 + sample_every, ...`` (dof
+            values on the coarse space).
+        to_coarse: The filter of the model's vorticity onto the coarse space (identity for
+            the coarse mesh).
+        correlation: The compiled correlation of the two functions of ``pair``.
+        pair: ``(model, reference)`` functions on the coarse space that ``correlation`` reads.
+        t0: Start time.
+        sample_every: Time between samples; a multiple of ``flow.dt``.
+        long_end: Continue to this time for the stability check (energy only).
+    """
+    every = round(sample_every / flow.dt)
+    times, correlations, energies, states = [], [], [], []
+    model_values, reference_values = pair
+
+    def record(t: float) -> None:
+        index = round((t - t0) / sample_every)
+        omega = to_coarse(flow.omega)
+        model_values.x.array[:] = omega.x.array
+        reference_values.x.array[:] = reference[index]
+        energy = flow.energy()
+        times.append(t)
+        correlations.append(correlation() if np.isfinite(energy) else np.nan)
+        states.append(omega.x.array.copy())
+        energies.append((t, energy))
+
+    flow.set_vorticity(start)
+    t1 = t0 + (len(reference) - 1) * sample_every
+    seconds = flow.run(t0, t1, record, every=every)
+    if long_end is not None and long_end > t1 + 1e-9:
+        flow.run(t1, long_end, lambda t: energies.append((t, flow.energy())), every=every)
+    missing = len(reference) - len(times)  # a blown-up run stops early
+    times += [t0 + (len(times) + i) * sample_every for i in range(missing)]
+    correlations += [np.nan] * missing
+    rho = np.asarray(correlations)
+    return Run(
+        np.asarray(times),
+        rho,
+        mno.decorrelation_time(np.asarray(times) - t0, np.nan_to_num(rho, nan=-1.0)),
+        seconds / (t1 - t0),
+        np.asarray(energies),
+        states,
+    )
+
+
+def resolution_factor(ladder: dict[int, Run], coarse: int, run: Run) -> tuple[float, float, bool]:
+    """The no-closure mesh a model matches in decorrelation time, and the cost there.
+
+    The ladder's decorrelation times are interpolated linearly in ``log n`` (made
+    monotone by a running maximum); a run that never decorrelates counts as
+    decorrelating at the end of the horizon (a lower bound). Returns ``(factor, wall-time
+    ratio, capped)``: the matched ``n / coarse``; the ladder's wall time per time unit at
+    that ``n`` (interpolated in log-log) over the model's; ``capped`` if the model lasts
+    at least as long as the finest mesh of the ladder (the factor is then a lower bound).
+    """
+    sizes = sorted(ladder)
+    horizon = float(run.times[-1] - run.times[0])
+    times = np.minimum([ladder[n].decorrelation_time for n in sizes], horizon)
+    times = np.maximum.accumulate(times)
+    log_n = np.log([float(n) for n in sizes])
+    t = min(run.decorrelation_time, horizon)
+    capped = bool(t >= times[-1]) and len(sizes) > 1
+    matched = float(np.interp(t, times, log_n)) if times[-1] > times[0] else log_n[0]
+    cost = np.interp(matched, log_n, np.log([ladder[n].seconds_per_time_unit for n in sizes]))
+    ratio = float(np.exp(cost) / run.seconds_per_time_unit)
+    return float(np.exp(matched) / coarse), ratio, capped
+
+
+@dataclasses.dataclass
+class APosteriori:
+    """What :func:`train_a_posteriori` returns."""
+
+    held_out_before: float
+    held_out_after: float
+    epochs: int
+    seconds: float
+
+
+def train_a_posteriori(
+    flow: VorticityFlow,
+    trajectories: list[list[np.ndarray]],
+    every: int,
+    window: int,
+    epochs: int,
+    learning_rate: float,
+    stride: int = 1,
+) -> APosteriori:
+    """Train ``flow``'s closure in place through its solver with ``fit_rollout``.
+
+    ``trajectories``: per training seed, the owned dofs of the filtered coarse state
+    ``w = (ω̄, ψ̄)`` every ``every`` coarse steps. Windows of ``window`` states; a seeded
+    fifth of them is held out (early stopping) and their rollout loss measured before and
+    after.
+    """
+    stepper = IMEXStepper(flow.problem, flow.w, flow.w_previous, flow.dt, 0.0, flow.time)
+    rollout = Rollout(stepper)
+    windows = TrajectoryWindows(
+        trajectories, horizon=window, stride=stride, num_owned=rollout.num_owned, what="training"
+    ).windows
+    held_out = split_windows(windows, 0.2, seed=0)[1]  # fit_rollout's own split
+    closure = typing.cast(mno.Closure, flow.closure)
+    objective = RolloutObjective(rollout, closure, horizon=window, scale=1.0, target_interval=every)
+    before = objective.rollout_loss(held_out)
+    tic = time.perf_counter()
+    result = fit_rollout(
+        rollout,
+        trajectories,
+        horizon=window,
+        target_interval=every,
+        stride=stride,
+        validation_fraction=0.2,
+        epochs=epochs,
+        batch_size=4,
+        learning_rate=learning_rate,
+        patience=4,
+        progress=False,
+    )
+    seconds = time.perf_counter() - tic
+    return APosteriori(before, objective.rollout_loss(held_out), result.history.epochs, seconds)
+
+
+def plot(output: Path, runs: dict[str, Run], spectra: dict, snapshots: dict, t0: float) -> None:
+    """Correlation vs time, spectra at the end, vorticity snapshots (rank 0 only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, run in runs.items():
+        ax.plot(run.times - t0, run.correlations, label=label)
+    ax.axhline(0.95, color="k", lw=0.5, ls="--")
+    ax.set(xlabel="time", ylabel="vorticity correlation", ylim=(0.0, 1.02))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(output / "correlation.png", dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for label, s in spectra.items():
+        axes[0].loglog(s.k, s.energy, label=label)
+        axes[1].loglog(s.k, s.enstrophy, label=label)
+    axes[0].set(xlabel="k", ylabel="energy")
+    axes[1].set(xlabel="k", ylabel="enstrophy")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(output / "spectra.png", dpi=120)
+    fig, axes = plt.subplots(1, len(snapshots), figsize=(3 * len(snapshots), 3))
+    bound = max(np.abs(v).max() for v in snapshots.values())
+    for ax, (label, values) in zip(np.atleast_1d(axes), snapshots.items(), strict=True):
+        ax.imshow(values, origin="lower", cmap="RdBu_r", vmin=-bound, vmax=bound)
+        ax.set_title(label, fontsize=8)
+        ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(output / "vorticity.png", dpi=120)
+    plt.close("all")
+
+
+def smagorinsky_constant(inputs: np.ndarray, targets: np.ndarray, h: float, comm) -> float:
+    """``C_s²`` of the least-squares fit ``τ ≈ −C_s² h² |S| ∇ω̄`` to closure samples.
+
+    ``inputs`` ``(num_points, 6)``: ``∇ω̄`` and ``∇ū`` (row-major) at the points, this
+    rank's; ``targets`` ``(num_points, 2)``: ``τ``. Closed form ``C_s² = −Σ τ·g / Σ g·g``
+    with ``g = h² |S| ∇ω̄``, summed over ranks. Negative if backscatter dominates.
+    """
+    from mpi4py import MPI
+
+    gradient_u = inputs[:, 2:].reshape(-1, 2, 2)
+    strain = 0.5 * (gradient_u + gradient_u.transpose(0, 2, 1))
+    rate = np.sqrt(2 * np.einsum("pij,pij->p", strain, strain))
+    g = h**2 * rate[:, None] * inputs[:, :2]
+    sums = comm.allreduce(np.array([-np.sum(targets * g), np.sum(g * g)]), op=MPI.SUM)
+    return float(sums[0] / sums[1])
+
+
+def step_error(check: VorticityFlow, start: fem.Function, reference: fem.Function) -> float:
+    """Relative L² error of one step's tendency ``(ω¹ − ω⁰)/Δt`` of ``check`` from ``start``."""
+    check.set_vorticity(start)
+    check.run(0.0, check.dt)
+    return relative_l2_error((check.omega.x.array - start.x.array) / check.dt, reference)
+
+
+def headline(runs: dict[str, Run], ladder: dict[int, Run], coarse: int) -> dict[str, dict]:
+    """The table of the demo: per model, the metrics and the resolution factor (printed)."""
+    table = {}
+    for label, run in runs.items():
+        factor, speed_up, capped = resolution_factor(ladder, coarse, run)
+        energies = run.energies[:, 1]
+        table[label] = {
+            "decorrelation_time": run.decorrelation_time,
+            "correlation_start": float(run.correlations[0]),
+            "correlation_end": float(run.correlations[-1]),
+            "resolution_factor": factor,
+            "factor_is_lower_bound": capped,
+            "wall_time_ratio": speed_up,
+            "seconds_per_time_unit": run.seconds_per_time_unit,
+            "long_run_end": float(run.energies[-1, 0]),
+            "max_energy": float(np.max(energies)),
+            "finite": bool(np.all(np.isfinite(energies))),
+        }
+    log(f"{'model':>26} | t(ρ<0.95) | resolution factor | wall-time ratio | s / time unit")
+    for label, row in table.items():
+        bound = "≥" if row["factor_is_lower_bound"] else " "
+        factor = row["resolution_factor"]
+        log(
+            f"{label:>26} | {row['decorrelation_time']:9.3f} | {bound}{factor:16.2f}"
+            f" | {row['wall_time_ratio']:15.2f} | {row['seconds_per_time_unit']:.3f}"
+        )
+    return table
+
+
+def write_vtx(path: Path, space: fem.FunctionSpace, reference, runs, sample_every: float) -> None:
+    """The filtered DNS and every coarse model's vorticity at the sampling times (VTX)."""
+    functions = {"filtered DNS": fem.Function(space, name="filtered_dns")}
+    for label in runs:
+        functions[label] = fem.Function(space, name=label.replace(",", "").replace(" ", "_"))
+    with io.VTXWriter(space.mesh.comm, path, list(functions.values()), engine="BP4") as vtx:
+        for i, values in enumerate(reference):
+            functions["filtered DNS"].x.array[:] = values
+            for label, run in runs.items():
+                functions[label].x.array[:] = run.states[i] if i < len(run.states) else np.nan
+            vtx.write(i * sample_every)
+
+
+def figures(
+    output: Path,
+    runs: dict[str, Run],
+    dns: fem.Function,
+    reference: np.ndarray,
+    space: fem.FunctionSpace,
+    labels: list[str],
+) -> dict[str, mno.Spectra]:
+    """Spectra and snapshots at the end of the test horizon, and the PNGs (collective).
+
+    ``dns``: the DNS vorticity; ``reference``: the filtered one on the coarse ``space``;
+    ``labels``: the runs to show beside them. Returns the spectra on rank 0 (else empty).
+    """
+    fields = {"DNS": dns, "filtered DNS": fem.Function(space)}
+    fields["filtered DNS"].x.array[:] = reference
+    for label in labels:
+        fields[label] = fem.Function(space)
+        fields[label].x.array[:] = runs[label].states[-1]
+    spectra, snapshots = {}, {}
+    for label, field in fields.items():
+        msh = field.function_space.mesh
+        n = round(np.sqrt(msh.topology.index_map(2).size_global / 2))  # 2 n² triangles
+        values = mno.sample_on_box_grid(field, msh, 2 * n)  # two grid intervals per cell
+        if values is not None:
+            snapshots[label] = values
+            spectra[label] = mno.box_spectra(values, (length, length))
+    if msh.comm.rank == 0:
+        plot(output, runs, spectra, snapshots, float(next(iter(runs.values())).times[0]))
+    return spectra
