@@ -23,11 +23,11 @@ the converged operands). A :class:`~dolfinx_mno.NonlocalClosure` of an IMEX step
 the operand and model stages by those of its update (:mod:`dolfinx_mno.nonlocal_adjoint`:
 sample, gather, the model on the root, scatter and interpolate; for ``distributed=True``:
 sample, slab gather, the distributed model on every rank, halo scatter and interpolate).
-In an implicit step a non-local closure (gathered or distributed) is frozen in the assembled Jacobian,
-and the adjoint solve adds its linearisation matrix-free: GMRES on ``Jᵀ = Aᵀ + Dᵀ Bᵀ``
-(``Dᵀ`` a torch VJP through those stages), preconditioned by the Newton solver's
-preconditioner transposed. See ``docs/adjoint.md``
-for the method, and why it is not dolfinx-adjoint.
+In an implicit step a non-local closure (gathered or distributed) is frozen in the
+assembled Jacobian, and the adjoint solve adds its linearisation matrix-free: GMRES on
+``Jᵀ = Aᵀ + Dᵀ Bᵀ`` (``Dᵀ`` a torch VJP through those stages), preconditioned by the
+Newton solver's preconditioner transposed. See ``docs/adjoint.md`` for the method, and
+why it is not dolfinx-adjoint.
 
 Tensors at the boundary are float64 on the CPU: a state is the **owned** dofs of ``u``
 (``index_map.size_local * bs`` entries). The model runs in its own dtype and on its own
