@@ -103,6 +103,7 @@ from utilities import boundary_dofs, log, output_folder
 
 parser = argparse.ArgumentParser(description="Learned closures for 2D turbulence.")
 parser.add_argument("--quick", action="store_true", help="small problem for CI")
+parser.add_argument("--medium", action="store_true", help="the full mode at 128² (~25 min)")
 args = parser.parse_args()
 comm = MPI.COMM_WORLD
 torch.set_num_threads(1)
@@ -124,6 +125,13 @@ if args.quick:
         spin_up_fine=0.25, train_seeds=[1, 2], test_seed=3, horizon=0.5, test_horizon=1.5,
         sample_every=0.125, mlp_epochs=15, fno_epochs=10, fno_modes=8, fno_width=16,
         window=2, rollout_epochs=2, stride=1,
+    )  # fmt: skip
+elif args.medium:
+    config = dict(
+        dns=128, coarse=16, ladder=[16, 32, 64], courant=0.4, spin_up_n=64, spin_up=5.0,
+        spin_up_fine=1.0, train_seeds=[1, 2, 3], test_seed=5, horizon=2.0,
+        test_horizon=6.0, sample_every=0.0625, mlp_epochs=200, fno_epochs=60, fno_modes=8,
+        fno_width=24, window=4, rollout_epochs=5, stride=2,
     )  # fmt: skip
 else:
     config = dict(
