@@ -141,7 +141,9 @@ def worker(args: argparse.Namespace) -> None:
     every = args.every if args.checkpoint else None
     rollout, u0, V = build(args.cells, every)
     data = targets(V, rollout.num_owned, args.k)
-    rollout.gradient(u0, data[:1])  # warm-up: JIT-compiled forms, factorisation, allocator
+    # Warm-up: JIT-compiled forms, factorisation, allocator, and (with one checkpointed
+    # segment) torch.utils.checkpoint's first call, which loads ~140 MiB of libraries.
+    rollout.gradient(u0, data[: min(args.k, (every or 0) + 1)])
     row: dict[str, typing.Any] = {
         "k": args.k,
         "checkpoint_every": every,

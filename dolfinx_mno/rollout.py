@@ -138,7 +138,10 @@ class Rollout:
         checkpoint_every: Keep the autograd graph of only one segment of this many steps
             at a time (:func:`torch.utils.checkpoint.checkpoint`, non-reentrant): the
             model's activations of the other segments are dropped and recomputed in
-            backward, one more forward in all. ``None`` (the default) keeps every step's.
+            backward. The last segment keeps its graph from the forward (backward needs it
+            first, so keeping it costs no extra memory): a rollout of ``k`` steps
+            recomputes ``k - (k - 1) % checkpoint_every - 1`` of them, none if ``k ≤
+            checkpoint_every``. ``None`` (the default) keeps every step's.
         before_step: Called as ``before_step(stepper, t_new)`` before each step, as in
             :meth:`~dolfinx_mno.timestepping.IMEXStepper.step` (time-dependent data; not
             differentiated). The stepper's time constant, if any, is set first.
@@ -290,7 +293,8 @@ class Rollout:
         state = u0
         for start in range(0, num_steps, segment):
             count = min(segment, num_steps - start)
-            if self.checkpoint_every is not None and torch.is_grad_enabled():
+            last = start + count == num_steps  # its graph is the first one backward needs
+            if self.checkpoint_every is not None and torch.is_grad_enabled() and not last:
                 outputs = torch.utils.checkpoint.checkpoint(
                     self._segment, state, start, count, use_reentrant=False
                 )

@@ -585,3 +585,23 @@ def test_allreduce_gradients_sums_real_and_complex_tensors():
     np.testing.assert_array_equal(real.numpy(), total * np.array([1.0, -2.0]))
     np.testing.assert_array_equal(spectral.numpy(), total * np.array([[1 + 2j, -3j]]))
     np.testing.assert_array_equal(double.numpy(), np.full((2, 2), 0.5 * total))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize(("every", "recomputed"), [(2, 4), (3, 3), (5, 0), (8, 0)])
+def test_checkpoints_recompute_all_but_the_last_segment(every, recomputed):
+    """Backward recomputes every segment but the last, whose graph the forward kept; the
+    gradient is the full graph's."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
+    stepper, _ = heat(msh, 1, ("scalar",), prefix=f"recompute{every}_")
+    times = []
+    full = Rollout(stepper)
+    u0 = full.initial_state()
+    reference = full.gradient(u0, targets(full))
+    rollout = Rollout(stepper, checkpoint_every=every, before_step=lambda _, t: times.append(t))
+    result = rollout.gradient(u0, targets(rollout))
+    assert len(times) == NUM_STEPS + recomputed
+    assert sorted(times[NUM_STEPS:]) == times[:recomputed]  # the first steps, again
+    assert result.loss == pytest.approx(reference.loss, rel=1e-12)
+    for g, e in zip(result.parameters[0], reference.parameters[0], strict=True):
+        assert float((g - e).norm()) <= 1e-12 * float(e.norm())
