@@ -9,7 +9,6 @@ argument of :class:`Burgers`. Like the demos, it needs ``demos/`` on ``sys.path`
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -18,8 +17,7 @@ from mpi4py import MPI
 import numpy as np
 import ufl
 from dolfinx import fem, mesh
-from tqdm.auto import tqdm
-from utilities import boundary_dofs
+from utilities import boundary_dofs, march
 
 import dolfinx_mno as mno
 from dolfinx_mno.petsc import LinearProblem
@@ -112,20 +110,7 @@ class Burgers:
         stepper = IMEXStepper(
             self.problem, self.u, self.u_previous, self.dt, t0, self.time, self.closure_interval
         )
-        num_steps = round((t1 - t0) / self.dt)
-        if callback is not None:
-            callback(t0)
-        seconds = 0.0
-        hide = self.comm.rank != 0 or progress is None
-        for n in tqdm(range(num_steps), desc=progress, disable=hide):
-            tic = time.perf_counter()
-            stepper.step()
-            seconds += time.perf_counter() - tic
-            if not self.comm.allreduce(bool(np.isfinite(self.u.x.array).all()), op=MPI.LAND):
-                break  # blown up: the caller sees the missing states
-            if callback is not None and (n + 1) % every == 0:
-                callback(stepper.t)
-        return self.comm.allreduce(seconds, op=MPI.MAX)
+        return march(stepper, round((t1 - t0) / self.dt), callback, every, progress)
 
 
 def smagorinsky(constant: fem.Constant, h: float):
