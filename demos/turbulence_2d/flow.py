@@ -279,9 +279,18 @@ def spin_up(
     first.set_vorticity(initial_vorticity(seed))
     first.run(0.0, duration, progress=f"spin-up {seed}, {first.n}²")
     if cheap is not None:
-        bc = fem.dirichletbc(0.0, boundary_dofs(flow.V), flow.V)
-        flow.set_vorticity(L2Projection(flow.V, bcs=[bc])(cheap.omega))
+        flow.set_vorticity(wall_projection(flow.V)(cheap.omega))
         flow.run(0.0, fine_duration, progress=f"spin-up {seed}, {flow.n}²")
+
+
+def wall_projection(V: fem.FunctionSpace, subdivisions: int = 1) -> L2Projection:
+    """The filter onto V: the L² projection onto its functions that vanish on the walls.
+
+    ``subdivisions``: the fine cells per side of a cell of V, for an exact projection of
+    a function on a nested finer mesh (see :class:`~dolfinx_mno.data.L2Projection`).
+    """
+    bc = fem.dirichletbc(0.0, boundary_dofs(V), V)
+    return L2Projection(V, subdivisions=subdivisions, bcs=[bc])
 
 
 def smagorinsky(constant: fem.Constant, h: float) -> ClosureCallback:
