@@ -199,9 +199,9 @@ def filtered(omega_fine):
 
 n = config["spin_up_n"]  # the spin-up runs on n² first, then on the DNS mesh
 cheap = VorticityFlow(n, time_step(n), nu, name="cheap") if n != nf else None
-spin_up_dns = partial(
+spin_up_dns = partial(  # spin_up_dns(seed): the DNS from the initial vorticity of `seed`
     spin_up, dns, duration=config["spin_up"], cheap=cheap, fine_duration=config["spin_up_fine"]
-)  # (seed): the DNS state after it
+)
 
 every = round(config["sample_every"] / dns.dt)
 coarse_every = round(config["sample_every"] / plain.dt)
@@ -353,10 +353,10 @@ for label, factory in (("local MLP", local_closure), ("MNO", operator_closure)):
 # way as the DNS). The coarse models run on for ten training horizons, for stability.
 
 # +
-test = comparison.Comparison(Vc, reference, config["sample_every"], 10 * config["horizon"])
-ladder = test.ladder(config["ladder"], plain, time_step, start_fine, nf)
+test_runs = comparison.Comparison(Vc, reference, config["sample_every"], 10 * config["horizon"])
+ladder = test_runs.ladder(config["ladder"], plain, time_step, start_fine, nf)
 runs = {"no closure" if n == nc else f"no closure, {n}²": run for n, run in ladder.items()}
-runs |= {label: test.run(flow, start) for label, flow in models.items() if flow is not plain}
+runs |= {label: test_runs.run(flow, start) for label, flow in models.items() if flow is not plain}
 # -
 
 # ## Step 4: the headline, spectra and outputs
