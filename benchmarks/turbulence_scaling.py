@@ -84,7 +84,8 @@ from neuralop.models import FNO
 
 from dolfinx_mno.timestepping import IMEXStepper
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demos" / "turbulence_2d"))
+DEMOS = Path(__file__).resolve().parents[1] / "demos"
+sys.path[:0] = [str(DEMOS / "turbulence_2d"), str(DEMOS)]  # flow.py imports utilities
 from flow import VorticityFlow, initial_vorticity, length
 
 RESULTS = Path(__file__).resolve().parent / "results"

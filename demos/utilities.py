@@ -1,7 +1,8 @@
 """Small helpers shared by the demos (as dolfinx-external-operator's ``demo/utilities.py``).
 
 Only what several demos would otherwise copy lives here: global norms, boundary dofs,
-timing across ranks, rank-0 printing and the output folder. Anything a user would reuse in
+timing across ranks, the demos' time loop (:func:`march`), rank-0 printing and the output
+folder. Anything a user would reuse in
 their own simulation belongs in the package instead.
 
 A demo in a subfolder puts ``demos/`` on the module search path before importing it,
@@ -16,12 +17,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mpi4py import MPI
 
 import numpy as np
 import ufl
 from dolfinx import fem, mesh
+from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from dolfinx_mno.timestepping import IMEXStepper
 
 #: Where the demos write their outputs, one folder per demo (``demos/output``).
 OUTPUT = Path(__file__).resolve().parent / "output"
@@ -51,7 +57,7 @@ def unit_square(comm: MPI.Comm, n: int) -> mesh.Mesh:
 
 
 def boundary_dofs(V: fem.FunctionSpace) -> np.ndarray:
-    """The degrees of freedom of V on the whole boundary of its mesh (local indices)."""
+    """The dofs of V (a space or a sub-space) on the whole boundary of its mesh (local indices)."""
     msh = V.mesh
     msh.topology.create_connectivity(msh.topology.dim - 1, msh.topology.dim)
     facets = mesh.exterior_facet_indices(msh.topology)
@@ -96,3 +102,44 @@ def assemble_global(form: fem.Form) -> float:
         form: A compiled scalar form (``dolfinx.fem.form(...)``).
     """
     return form.mesh.comm.allreduce(fem.assemble_scalar(form), op=MPI.SUM)
+
+
+def march(
+    stepper: IMEXStepper,
+    num_steps: int,
+    callback: Callable[[float], None] | None = None,
+    every: int = 1,
+    progress: str | None = None,
+) -> float:
+    """Take ``num_steps`` steps of `stepper`, stopping early if its state blows up (collective).
+
+    After each step every rank checks that ``stepper.u`` is finite on all ranks; if not,
+    the loop stops there (the caller sees the missing records, and ``stepper.u`` holds the
+    non-finite state).
+
+    Args:
+        stepper: The time loop, at its start time ``stepper.t``.
+        num_steps: The most steps to take.
+        callback: Called as ``callback(t)`` at the start time and after every ``every``
+            steps, ``t`` the stepper's time (output, diagnostics).
+        every: Steps between two calls of ``callback``.
+        progress: The label of a progress bar on rank 0, or None for none.
+
+    Returns:
+        The wall time of the steps (closure updates included, callbacks and the finiteness
+        checks excluded), the slowest rank's.
+    """
+    comm = stepper.u.function_space.mesh.comm
+    if callback is not None:
+        callback(stepper.t)
+    seconds = 0.0
+    hide = comm.rank != 0 or progress is None
+    for step in tqdm(range(num_steps), desc=progress, disable=hide):
+        tic = time.perf_counter()
+        stepper.step()
+        seconds += time.perf_counter() - tic
+        if not comm.allreduce(bool(np.isfinite(stepper.u.x.array).all()), op=MPI.LAND):
+            break  # blown up
+        if callback is not None and (step + 1) % every == 0:
+            callback(stepper.t)
+    return comm.allreduce(seconds, op=MPI.MAX)

@@ -2,24 +2,25 @@
 
 The demo imports it, and so does ``experiments/burgers_results.py``, which measures the
 demo's closures further: one definition of the problem, importable without running the
-demo. Everything here is plain DOLFINx; the closures enter through the ``closure``
-argument of :class:`Burgers`. Like the demos, it needs ``demos/`` on ``sys.path`` for
-``utilities``.
+demo. :func:`write_outputs` writes the files the experiments read (their reader is
+``experiments/burgers_outputs.py``). Everything here is plain DOLFINx; the closures enter
+through the ``closure`` argument of :class:`Burgers`. Like the demos, it needs ``demos/``
+on ``sys.path`` for ``utilities``.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from mpi4py import MPI
 
 import numpy as np
 import ufl
-from dolfinx import fem, mesh
-from tqdm.auto import tqdm
-from utilities import boundary_dofs
+from dolfinx import fem, io, mesh
+from utilities import boundary_dofs, march
 
 import dolfinx_mno as mno
 from dolfinx_mno.petsc import LinearProblem
@@ -112,20 +113,7 @@ class Burgers:
         stepper = IMEXStepper(
             self.problem, self.u, self.u_previous, self.dt, t0, self.time, self.closure_interval
         )
-        num_steps = round((t1 - t0) / self.dt)
-        if callback is not None:
-            callback(t0)
-        seconds = 0.0
-        hide = self.comm.rank != 0 or progress is None
-        for n in tqdm(range(num_steps), desc=progress, disable=hide):
-            tic = time.perf_counter()
-            stepper.step()
-            seconds += time.perf_counter() - tic
-            if not self.comm.allreduce(bool(np.isfinite(self.u.x.array).all()), op=MPI.LAND):
-                break  # blown up: the caller sees the missing states
-            if callback is not None and (n + 1) % every == 0:
-                callback(stepper.t)
-        return self.comm.allreduce(seconds, op=MPI.MAX)
+        return march(stepper, round((t1 - t0) / self.dt), callback, every, progress)
 
 
 def smagorinsky(constant: fem.Constant, h: float):
@@ -196,3 +184,44 @@ def coarse_run(
     every = round(sample_every / model.dt)
     seconds = model.run(start, t0, t1, callback=callback, every=every)
     return CoarseRun(states, np.array(energies), seconds)
+
+
+def write_vtx(path: Path, filtered_fine: np.ndarray, models: Iterable[Burgers], t: float) -> None:
+    """A VTX file of the coarse states at time ``t`` (collective).
+
+    Args:
+        path: The ``.bp`` folder.
+        filtered_fine: The dof values of the filtered fine state on the models' space.
+        models: Coarse models on one mesh with the same space, each written as its
+            ``u.name``.
+        t: The time of the states.
+    """
+    models = list(models)
+    space = models[0].V  # the same mesh and dof layout for every model
+    states = [fem.Function(space, name="fine_filtered")]
+    states[0].x.array[:] = filtered_fine
+    for model in models:
+        states.append(fem.Function(space, name=model.u.name))
+        states[-1].x.array[:] = model.u.x.array
+    with io.VTXWriter(space.mesh.comm, path, states, engine="BP4") as vtx:
+        vtx.write(t)
+
+
+def write_outputs(
+    folder: Path, summary: dict, filtered: dict[float, np.ndarray], fine_state_test: fem.Function
+) -> None:
+    """Write ``summary.json`` and ``reference.npz`` into ``folder`` on rank 0 (collective).
+
+    What ``experiments/burgers_outputs.py`` reads. ``reference.npz`` holds ``times`` and
+    ``states``, the filtered fine states (nodal values in order of x) by time, and
+    ``fine_state_test``, the nodal values of the fine state ``fine_state_test``.
+    """
+    fine_nodal = nodal(fine_state_test)
+    if fine_state_test.function_space.mesh.comm.rank == 0:
+        (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+        np.savez(
+            folder / "reference.npz",
+            times=np.array(sorted(filtered)),
+            states=np.array([filtered[t] for t in sorted(filtered)]),
+            fine_state_test=fine_nodal,
+        )

@@ -11,8 +11,8 @@
 # # Viscous Burgers, LES-style: learned subgrid fluxes on a coarse mesh
 #
 # This demo is implemented in {download}`demo_burgers.py`, with the problem's plain
-# DOLFINx parts (parameters, IMEX solver, nodal values) in {download}`burgers.py`. It
-# illustrates how to:
+# DOLFINx parts (parameters, IMEX solver, nodal values, output files) in
+# {download}`burgers.py`. It illustrates how to:
 #
 # - turn a fine DOLFINx simulation into closure training data: filter the state with an
 #   exact, boundary-respecting L² projection onto the coarse space
@@ -93,9 +93,9 @@
 
 # +
 import argparse
-import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from mpi4py import MPI
@@ -103,7 +103,7 @@ from mpi4py import MPI
 import numpy as np
 import torch
 import ufl
-from dolfinx import fem, io
+from dolfinx import fem
 from neuralop.models import FNO
 
 import dolfinx_mno as mno
@@ -122,7 +122,7 @@ from dolfinx_mno.models import MLP
 from dolfinx_mno.training import fit, shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # demos/: utilities.py
-from burgers import Burgers, coarse_run, nodal, nu, relative_error
+from burgers import Burgers, coarse_run, nodal, nu, relative_error, write_outputs, write_vtx
 from utilities import log, output_folder
 
 parser = argparse.ArgumentParser(description="Learned subgrid fluxes for 1D viscous Burgers.")
@@ -223,13 +223,9 @@ cell_average = CellAverage(Wc, fine.mesh)
 q = ufl.TestFunction(Wc)
 coarse_flux = Tendency((0.5 * u_bar**2 - nu * u_bar.dx(0)) * q * ufl.dx, name="coarse_flux")
 sampler = ClosureSampler(
-    projection,
-    u_bar,
-    [u_bar, u_bar.dx(0)],
-    coarse_flux,
-    quadrature_degree=2,
+    projection, u_bar, [u_bar, u_bar.dx(0)], coarse_flux, quadrature_degree=2,
     tendency_restriction=cell_average,
-)
+)  # fmt: skip
 u_f = fine.u_previous
 fine_flux = 0.5 * u_f**2 - nu * u_f.dx(0)
 tau_exact = sampler.filtered_tendency - coarse_flux.function
@@ -238,16 +234,14 @@ grid_targets = GriddedSampler([tau_exact], grid, mesh=Vc.mesh)
 # -
 
 # The fine run calls `record(t)` at every sampling time. Over the training horizon it
-# appends the sample to the data file and keeps the gridded fields (on rank 0, which
-# receives the grids); from $t_s$ on it keeps the filtered fine solution, the reference.
+# appends the sample to a new data file (`mode="w"`) and keeps the gridded fields (on rank
+# 0, which receives the grids); from $t_s$ on it keeps the filtered fine solution, the
+# reference.
 
 # +
 data_path = output / "closure_data.h5"
-if comm.rank == 0 and data_path.exists():
-    data_path.unlink()
-comm.Barrier()
 writer = ClosureDataWriter.from_sampler(
-    data_path, sampler, fine_mesh=fine.mesh, time_step=config["sample_every"],
+    data_path, sampler, fine_mesh=fine.mesh, time_step=config["sample_every"], mode="w",
     attributes={"problem": "viscous Burgers", "nu": nu, "flux": "u^2/2 - nu u_x"},
 )  # fmt: skip
 sample_steps = round(config["sample_every"] / config["fine_dt"])
@@ -277,8 +271,7 @@ fine_test_seconds = fine.run(
     fine_state_test, t_test, t_end, callback=record, every=sample_steps, progress="fine, test"
 )
 writer.close()
-fine_final = fem.Function(Vc, name="fine_filtered")  # the filtered fine state at t_end
-fine_final.x.array[:] = u_bar.x.array
+fine_final = u_bar.x.array.copy()  # the filtered fine state at t_end
 test_reference = {t: v for t, v in filtered.items() if t > t_test + 1e-9}
 log(
     f"fine run: {fine_seconds + fine_test_seconds:.1f} s "
@@ -301,20 +294,18 @@ with ClosureDataReader(data_path) as reader:
 points_per_snapshot = inputs.shape[0] // times.size
 snapshot = np.repeat(np.arange(times.size), points_per_snapshot)  # the split's groups
 log(f"training data: {times.size} snapshots of {points_per_snapshot} points")
+# The settings both fits share:
+fit_settings = dict(learning_rate=3e-3, patience=15, normalize_targets=True, seed=0,
+                    comm=comm, progress=comm.rank == 0 and not args.quick)  # fmt: skip
 tic = time.perf_counter()
 local_fit = fit(
     MLP(2, 1, hidden_features=[64, 64], seed=0),
     shard(inputs, comm),
     shard(targets.reshape(-1, 1), comm),
     groups=shard(snapshot, comm),
-    comm=comm,
     epochs=config["mlp_epochs"],
     batch_size=1024,
-    learning_rate=3e-3,
-    patience=15,
-    normalize_targets=True,
-    seed=0,
-    progress=comm.rank == 0 and not args.quick,
+    **fit_settings,
 )
 local_fit_seconds = time.perf_counter() - tic
 local_path = output / "local_closure.pt"
@@ -353,15 +344,10 @@ operator_fit = fit(
     shard(grid_inputs_all.astype(np.float32), comm),
     shard(grid_targets_all.astype(np.float32), comm),
     grid=True,
-    comm=comm,
     epochs=config["fno_epochs"],
     batch_size=16,
     chunk_size=16,
-    learning_rate=3e-3,
-    patience=15,
-    normalize_targets=True,
-    seed=0,
-    progress=comm.rank == 0 and not args.quick,
+    **fit_settings,
 )
 operator_fit_seconds = time.perf_counter() - tic
 operator_path = output / "mno_closure.pt"
@@ -375,14 +361,10 @@ save_model(
 
 def operator_closure(un):
     closure = mno.NonlocalClosure(
-        str(operator_path),
-        mno.Operands({"u": un, "u_x": un.dx(0)}),
-        value_shape=(),
-        quadrature_degree=2,
-        grid_shape=grid.shape,
-        bounding_box=(grid.lower, grid.upper),
+        str(operator_path), mno.Operands({"u": un, "u_x": un.dx(0)}), value_shape=(),
+        quadrature_degree=2, grid_shape=grid.shape, bounding_box=(grid.lower, grid.upper),
         mask_channel=False,
-    )
+    )  # fmt: skip
     return closure, closure.dx
 
 
@@ -404,23 +386,18 @@ log(
 
 # +
 closure_interval = max(1, round(config["closure_every"] / config["coarse_dt"]))
-dt = config["coarse_dt"]
+coarse_model = partial(Burgers, nc, config["coarse_dt"], domain=Vc.mesh,
+                       closure_interval=closure_interval)  # fmt: skip
 models = {
     "no closure": plain,
-    "local MLP": Burgers(
-        nc, dt, local_closure, name="local", domain=Vc.mesh, closure_interval=closure_interval
-    ),
-    "MNO (FNO)": Burgers(
-        nc, dt, operator_closure, name="mno", domain=Vc.mesh, closure_interval=closure_interval
-    ),
+    "local MLP": coarse_model(local_closure, name="local"),
+    "MNO (FNO)": coarse_model(operator_closure, name="mno"),
 }
-errors, seconds, finals = {}, {}, [fine_final]
+errors, seconds = {}, {}
 for label, model in models.items():
     run = coarse_run(model, test_start, t_test, t_end, config["sample_every"])
     errors[label] = relative_error(run.states, test_reference)
     seconds[label] = run.seconds
-    finals.append(fem.Function(Vc, name=model.u.name))  # Vc: the same mesh and dof layout
-    finals[-1].x.array[:] = model.u.x.array
     log(f"{label:>12}: relative L2 error {errors[label]:.3e}, {run.seconds:.2f} s")
 # -
 
@@ -433,29 +410,16 @@ for label, model in models.items():
 # closures further without running the fine model again.
 
 # +
-with io.VTXWriter(comm, output / "coarse_final.bp", finals, engine="BP4") as vtx:
-    vtx.write(t_end)
+write_vtx(output / "coarse_final.bp", fine_final, models.values(), t_end)
 summary = {
-    "quick": args.quick,
-    "config": config,
+    "quick": args.quick, "config": config,
     "grid": {"lower": list(grid.lower), "upper": list(grid.upper), "shape": list(grid.shape)},
-    "closure_interval": closure_interval,
-    "training_points": int(inputs.shape[0]),
+    "closure_interval": closure_interval, "training_points": int(inputs.shape[0]),
     "fit_seconds": {"local": local_fit_seconds, "mno": operator_fit_seconds},
     "fine_seconds": {"total": fine_seconds + fine_test_seconds, "test": fine_test_seconds},
-    "relative_l2_error": errors,
-    "wall_time_s": seconds,
-    "ranks": comm.size,
-}
-fine_nodal = nodal(fine_state_test)
-if comm.rank == 0:
-    (output / "summary.json").write_text(json.dumps(summary, indent=2))
-    np.savez(
-        output / "reference.npz",
-        times=np.array(sorted(filtered)),
-        states=np.array([filtered[t] for t in sorted(filtered)]),
-        fine_state_test=fine_nodal,
-    )
+    "relative_l2_error": errors, "wall_time_s": seconds, "ranks": comm.size,
+}  # fmt: skip
+write_outputs(output, summary, filtered, fine_state_test)  # summary.json, reference.npz
 # -
 
 # ## Checks

@@ -1,5 +1,6 @@
-"""The measuring parts of ``demo_turbulence_2d.py``: coarse runs against a reference, the
-resolution factor, a-posteriori training and the figures.
+"""The measuring parts of ``demo_turbulence_2d.py``: the check of the closure data, coarse
+runs against a reference (:class:`Comparison`), the resolution factor, a-posteriori
+training, the figures and ``summary.json``.
 
 Everything here reads the flows of :mod:`flow` and the package's public API; the demo
 imports it so that its own text stays about the workflow.
@@ -8,17 +9,21 @@ imports it so that its own text stays about the workflow.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import ufl
 from dolfinx import fem, io
-from flow import VorticityFlow, length
+from flow import VorticityFlow, length, wall_projection
 from utilities import log, relative_l2_error
 
 import dolfinx_mno as mno
+from dolfinx_mno.data import ClosureSampler
 from dolfinx_mno.rollout import Rollout
 from dolfinx_mno.timestepping import IMEXStepper
 from dolfinx_mno.training import fit_rollout
@@ -239,6 +244,130 @@ def step_error(check: VorticityFlow, start: fem.Function, reference: fem.Functio
     return relative_l2_error((check.omega.x.array - start.x.array) / check.dt, reference)
 
 
+def tendency_check(
+    dns: VorticityFlow,
+    start: fem.Function,
+    coarse: int,
+    sampler: ClosureSampler,
+    fine_flux: Any,
+    tau_exact: Any,
+) -> dict[str, float]:
+    """A check of the closure data: one DNS step against coarse steps with the exact ``τ``.
+
+    From the DNS state, one DNS step gives the filtered DNS tendency ``(R ω¹ − ω̄)/Δt``
+    (``R``: the sampler's filter); coarse steps of the DNS time step from ``ω̄`` with the
+    exact ``τ`` (sampled at this state, interpolated in the sampler's tendency space) and
+    with no closure give theirs. The DNS state is restored afterwards.
+
+    Args:
+        dns: The DNS, at the state to check.
+        start: ``ω̄``, its filtered vorticity, which the sampler's operands read too.
+        coarse: Cells per side of the coarse mesh, ``start``'s.
+        sampler: The closure sampler, its filter onto ``start``'s space.
+        fine_flux: The fine flux the sampler filters (UFL, on the DNS state).
+        tau_exact: The exact closure ``τ`` of the sampler's last sample (UFL).
+
+    Returns:
+        The relative L² error of the coarse tendency, by ``"exact tau"`` and
+        ``"no closure"``.
+    """
+    saved = dns.w.x.array.copy(), dns.w_previous.x.array.copy()
+    sampler.sample(dns.omega, fine_flux)
+    space = sampler.filtered_tendency.function_space
+    tau = fem.Function(space, name="tau")
+    tau.interpolate(fem.Expression(tau_exact, space.element.interpolation_points))
+    dns.run(0.0, dns.dt)
+    tendency_dns = fem.Function(start.function_space)
+    tendency_dns.x.array[:] = (sampler.restriction(dns.omega).x.array - start.x.array) / dns.dt
+    dns.w.x.array[:], dns.w_previous.x.array[:] = saved
+    closures = {"exact tau": lambda omega_n, velocity_n: (tau, ufl.dx), "no closure": None}
+    domain = start.function_space.mesh
+    return {
+        label: step_error(
+            VorticityFlow(coarse, dns.dt, dns.nu, closure, domain=domain), start, tendency_dns
+        )
+        for label, closure in closures.items()
+    }
+
+
+class Comparison:
+    """Runs against one reference trajectory with one compiled correlation: :func:`compare`.
+
+    Args:
+        space: The coarse P1 space of the reference.
+        reference: The filtered DNS vorticity at ``0, sample_every, ...`` (dof values on
+            ``space``).
+        sample_every: Time between samples; a multiple of the time steps of the runs.
+        long_end: The end of the long run (stability) of the runs on the coarse mesh.
+    """
+
+    def __init__(
+        self,
+        space: fem.FunctionSpace,
+        reference: Sequence[np.ndarray],
+        sample_every: float,
+        long_end: float,
+    ):
+        self.space, self.reference = space, reference
+        self.sample_every, self.long_end = sample_every, long_end
+        self.pair = fem.Function(space), fem.Function(space)
+        self.correlation = mno.Correlation(*self.pair)
+
+    def run(
+        self,
+        flow: VorticityFlow,
+        start: fem.Function,
+        to_coarse: Callable[[fem.Function], fem.Function] | None = None,
+    ) -> Run:
+        """:func:`compare` of ``flow`` from ``start`` at time 0.
+
+        ``to_coarse``: the filter of a finer flow's vorticity onto the coarse space; None
+        for a flow on the coarse mesh, which then runs on to ``long_end``.
+        """
+        long_end = self.long_end if to_coarse is None else None
+        return compare(
+            flow,
+            start,
+            self.reference,
+            to_coarse if to_coarse is not None else (lambda f: f),
+            self.correlation,
+            self.pair,
+            0.0,
+            self.sample_every,
+            long_end,
+        )
+
+    def ladder(
+        self,
+        sizes: Sequence[int],
+        coarse: VorticityFlow,
+        time_step: Callable[[int], float],
+        start: fem.Function,
+        fine: int,
+    ) -> dict[int, Run]:
+        """The runs without closure on the meshes of ``sizes``, by cells per side.
+
+        Args:
+            sizes: Cells per side, multiples of ``coarse.n`` that divide ``fine``.
+            coarse: The coarse flow without closure, the one run on the coarse mesh.
+            time_step: The time step of a mesh of ``n`` cells per side.
+            start: The DNS vorticity at the start, filtered onto each mesh.
+            fine: Cells per side of the DNS mesh.
+        """
+        runs = {}
+        for n in sizes:
+            if n == coarse.n:
+                flow = coarse
+            else:
+                flow = VorticityFlow(n, time_step(n), coarse.nu, name=f"ladder{n}")
+            to_flow = wall_projection(flow.V, subdivisions=fine // n)
+            to_coarse = None
+            if n != coarse.n:
+                to_coarse = wall_projection(self.space, subdivisions=n // coarse.n)
+            runs[n] = self.run(flow, to_flow(start), to_coarse)
+        return runs
+
+
 def headline(runs: dict[str, Run], ladder: dict[int, Run], coarse: int) -> dict[str, dict]:
     """The table of the demo: per model, the metrics and the resolution factor (printed)."""
     table = {}
@@ -310,3 +439,32 @@ def figures(
     if msh.comm.rank == 0:
         plot(output, runs, spectra, snapshots, float(next(iter(runs.values())).times[0]))
     return spectra
+
+
+def write_summary(
+    path: Path,
+    summary: dict,
+    training: dict[str, APosteriori],
+    table: dict[str, dict],
+    runs: dict[str, Run],
+    spectra: dict[str, mno.Spectra],
+    comm: Any,
+) -> None:
+    """Write ``summary.json`` on rank 0 of ``comm``: ``summary`` and the results of the runs.
+
+    Adds to ``summary`` (the demo's set-up and numbers) ``"a_posteriori"`` (the fields of
+    ``training``), ``"models"`` (``table``, of :func:`headline`), ``"correlations"`` (of
+    every run, over the test horizon) and ``"spectra"`` (rank 0's, of :func:`figures`).
+    """
+    summary = {
+        **summary,
+        "a_posteriori": {k: vars(v) for k, v in training.items()},
+        "models": table,
+        "correlations": {k: r.correlations.tolist() for k, r in runs.items()},
+        "spectra": {
+            k: {f: getattr(v, f).tolist() for f in ("k", "energy", "enstrophy")}
+            for k, v in spectra.items()
+        },
+    }
+    if comm.rank == 0:
+        path.write_text(json.dumps(summary, indent=2))

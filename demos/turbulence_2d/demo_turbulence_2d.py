@@ -11,9 +11,9 @@
 # # 2D turbulence: a coarse mesh with a learned closure against mesh refinement
 #
 # This demo is implemented in {download}`demo_turbulence_2d.py`, with the flow solver in
-# {download}`flow.py` and the measurements (coarse runs against a reference, resolution
-# factor, a-posteriori training, figures) in {download}`comparison.py`. It illustrates how
-# to:
+# {download}`flow.py` and the measurements (the data check, coarse runs against a
+# reference, resolution factor, a-posteriori training, figures, summary) in
+# {download}`comparison.py`. It illustrates how to:
 #
 # - make closure data from a 2D DNS: filter the vorticity to a nested coarse mesh
 #   ({py:class}`dolfinx_mno.data.L2Projection`), the vorticity flux by exact coarse-cell
@@ -67,9 +67,9 @@
 
 # +
 import argparse
-import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from mpi4py import MPI
@@ -89,17 +89,8 @@ from dolfinx_mno.models import MLP
 from dolfinx_mno.training import fit, shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # demos/: utilities.py
-from comparison import (
-    compare,
-    figures,
-    headline,
-    smagorinsky_constant,
-    step_error,
-    train_a_posteriori,
-    write_vtx,
-)
-from flow import VorticityFlow, length, smagorinsky, velocity
-from flow import spin_up as spin_up_flow
+import comparison
+from flow import VorticityFlow, length, smagorinsky, spin_up, velocity
 from utilities import boundary_dofs, log, output_folder
 
 parser = argparse.ArgumentParser(description="Learned closures for 2D turbulence.")
@@ -206,23 +197,19 @@ def filtered(omega_fine):
     return omega_bar
 
 
-n = config["spin_up_n"]
+n = config["spin_up_n"]  # the spin-up runs on n² first, then on the DNS mesh
 cheap = VorticityFlow(n, time_step(n), nu, name="cheap") if n != nf else None
+spin_up_dns = partial(  # spin_up_dns(seed): the DNS from the initial vorticity of `seed`
+    spin_up, dns, duration=config["spin_up"], cheap=cheap, fine_duration=config["spin_up_fine"]
+)
 
-
-def spin_up(seed):
-    """The DNS state after the spin-up from the initial vorticity of `seed`."""
-    spin_up_flow(dns, seed, config["spin_up"], cheap, config["spin_up_fine"])
-
-
-t_end = config["horizon"]
 every = round(config["sample_every"] / dns.dt)
 coarse_every = round(config["sample_every"] / plain.dt)
 samples, grid_x, grid_y, trajectories = [], [], [], []
 num_owned = plain.W.dofmap.index_map.size_local * plain.W.dofmap.index_map_bs
 tic = time.perf_counter()
 for seed in config["train_seeds"]:
-    spin_up(seed)
+    spin_up_dns(seed)
     trajectories.append([])
 
     def record(t):
@@ -232,7 +219,7 @@ for seed in config["train_seeds"]:
         grid_x.append(grid_inputs())
         grid_y.append(grid_targets())
 
-    dns.run(0.0, t_end, record, every=every, progress=f"training trajectory {seed}")
+    dns.run(0.0, config["horizon"], record, every=every, progress=f"training trajectory {seed}")
 log(f"training data: {len(samples)} snapshots, {time.perf_counter() - tic:.1f} s")
 # -
 
@@ -242,22 +229,10 @@ log(f"training data: {len(samples)} snapshots, {time.perf_counter() - tic:.1f} s
 # Taylor–Galerkin terms and of explicit and implicit viscosity in the flux, both $O(\Delta t)$.
 
 # +
-spin_up(config["test_seed"])
-saved = dns.w.x.array.copy(), dns.w_previous.x.array.copy()
+spin_up_dns(config["test_seed"])
 start_fine = dns.omega
 start = filtered(start_fine).copy()  # first: the sampler reads the coarse state of `plain`
-sampler.sample(start_fine, fine_flux)
-tau = fem.Function(Wc, name="tau")
-tau.interpolate(fem.Expression(tau_exact, Wc.element.interpolation_points))
-dns.run(0.0, dns.dt)
-tendency_dns = fem.Function(Vc)
-tendency_dns.x.array[:] = (projection(dns.omega).x.array - start.x.array) / dns.dt
-dns.w.x.array[:], dns.w_previous.x.array[:] = saved
-tendency_error = {
-    label: step_error(VorticityFlow(nc, dns.dt, nu, closure, domain=coarse_mesh), start,
-                      tendency_dns)
-    for label, closure in (("exact tau", lambda o, u: (tau, ufl.dx)), ("no closure", None))
-}  # fmt: skip
+tendency_error = comparison.tendency_check(dns, start, nc, sampler, fine_flux, tau_exact)
 log(f"coarse tendency vs the filtered DNS tendency: {tendency_error}")
 
 reference, dns_energies, t_test = [], [], config["test_horizon"]
@@ -282,7 +257,7 @@ log(f"DNS: {dns_seconds / t_test:.1f} s per time unit")
 # +
 inputs = np.concatenate([s.inputs for s in samples])  # (points, 6): ∇ω̄, ∇ū row-major
 targets = np.concatenate([s.targets for s in samples]).reshape(-1, 2)
-c_s_squared = smagorinsky_constant(inputs, targets, h, comm)
+c_s_squared = comparison.smagorinsky_constant(inputs, targets, h, comm)
 c_s = float(np.sqrt(max(c_s_squared, 0.0)))
 log(f"Smagorinsky: C_s = {c_s:.3f} (C_s² = {c_s_squared:.3e} before clipping)")
 # -
@@ -293,8 +268,7 @@ log(f"Smagorinsky: C_s = {c_s:.3f} (C_s² = {c_s_squared:.3e} before clipping)")
 # {py:class}`~dolfinx_mno.Closure` in any coarse model.
 
 # +
-points = samples[0].inputs.shape[0]
-snapshot = np.repeat(np.arange(len(samples)), points)
+snapshot = np.repeat(np.arange(len(samples)), samples[0].inputs.shape[0])  # split groups
 tic = time.perf_counter()
 local_fit = fit(
     MLP(6, 2, hidden_features=[64, 64], seed=0), inputs, targets, groups=snapshot, comm=comm,
@@ -357,21 +331,18 @@ log(f"fits: MLP {local_seconds:.1f} s, FNO {operator_seconds:.1f} s")
 # in place, so the trained coarse model is the one that then runs.
 
 # +
-models = {"no closure": plain,
-          "Smagorinsky": VorticityFlow(nc, plain.dt, nu, smagorinsky(fem.Constant(
-              coarse_mesh, c_s), h), domain=coarse_mesh, name="smagorinsky")}  # fmt: skip
+coarse_flow = partial(VorticityFlow, nc, plain.dt, nu, domain=coarse_mesh)  # (closure, name=)
+eddy_viscosity = smagorinsky(fem.Constant(coarse_mesh, c_s), h)
+models = {"no closure": plain, "Smagorinsky": coarse_flow(eddy_viscosity, name="smagorinsky")}
 training = {}
 for label, factory in (("local MLP", local_closure), ("MNO", operator_closure)):
     name = label.split()[0].lower()
-    models[f"{label}, a priori"] = VorticityFlow(
-        nc, plain.dt, nu, factory, domain=coarse_mesh, name=f"{name}_prior"
-    )
-    trained = VorticityFlow(nc, plain.dt, nu, factory, domain=coarse_mesh, name=f"{name}_post")
-    training[label] = train_a_posteriori(
+    models[f"{label}, a priori"] = coarse_flow(factory, name=f"{name}_prior")
+    trained = models[f"{label}, a posteriori"] = coarse_flow(factory, name=f"{name}_post")
+    training[label] = comparison.train_a_posteriori(
         trained, trajectories, coarse_every, config["window"], config["rollout_epochs"],
         learning_rate=1e-3, stride=config["stride"],
     )  # fmt: skip
-    models[f"{label}, a posteriori"] = trained
     log(f"{label} a posteriori: {training[label]}")
 # -
 
@@ -382,22 +353,10 @@ for label, factory in (("local MLP", local_closure), ("MNO", operator_closure)):
 # way as the DNS). The coarse models run on for ten training horizons, for stability.
 
 # +
-pair = fem.Function(Vc), fem.Function(Vc)
-rho = mno.Correlation(*pair)
-runs, ladder = {}, {}
-for n in config["ladder"]:
-    flow = plain if n == nc else VorticityFlow(n, time_step(n), nu, name=f"ladder{n}")
-    bcs = [fem.dirichletbc(0.0, boundary_dofs(flow.V), flow.V)]
-    to_flow = L2Projection(flow.V, subdivisions=nf // n, bcs=bcs)
-    to_coarse = L2Projection(Vc, subdivisions=n // nc, bcs=[bc_c]) if n != nc else (lambda f: f)
-    long_end = 10 * config["horizon"] if n == nc else None  # the coarse one: stability too
-    ladder[n] = compare(flow, to_flow(start_fine), reference, to_coarse, rho, pair, 0.0,
-                        config["sample_every"], long_end)  # fmt: skip
-    runs["no closure" if n == nc else f"no closure, {n}²"] = ladder[n]
-for label, flow in models.items():
-    if flow is not plain:
-        runs[label] = compare(flow, start, reference, lambda f: f, rho, pair, 0.0,
-                              config["sample_every"], long_end=10 * config["horizon"])  # fmt: skip
+test_runs = comparison.Comparison(Vc, reference, config["sample_every"], 10 * config["horizon"])
+ladder = test_runs.ladder(config["ladder"], plain, time_step, start_fine, nf)
+runs = {"no closure" if n == nc else f"no closure, {n}²": run for n, run in ladder.items()}
+runs |= {label: test_runs.run(flow, start) for label, flow in models.items() if flow is not plain}
 # -
 
 # ## Step 4: the headline, spectra and outputs
@@ -407,23 +366,17 @@ for label, flow in models.items():
 # cost per time unit there with the model's.
 
 # +
-table = headline(runs, ladder, nc)
-write_vtx(output / "test_vorticity.bp", Vc, reference, runs, config["sample_every"])
-spectra = figures(output, runs, dns_final, reference[-1], Vc, ["no closure", "MNO, a posteriori"])
-reference_energy = max(dns_energies)
+table = comparison.headline(runs, ladder, nc)
+comparison.write_vtx(output / "test_vorticity.bp", Vc, reference, runs, config["sample_every"])
+shown = ["no closure", "MNO, a posteriori"]  # beside the DNS in the figures
+spectra = comparison.figures(output, runs, dns_final, reference[-1], Vc, shown)
 summary = {
     "quick": args.quick, "ranks": comm.size, "config": config, "nu": nu,
     "smagorinsky_constant": c_s, "tendency_check": tendency_error,
-    "dns_seconds_per_time_unit": dns_seconds / t_test, "dns_max_energy": reference_energy,
+    "dns_seconds_per_time_unit": dns_seconds / t_test, "dns_max_energy": max(dns_energies),
     "fit_seconds": {"local": local_seconds, "mno": operator_seconds},
-    "a_posteriori": {k: vars(v) for k, v in training.items()},
-    "models": table,
-    "correlations": {k: r.correlations.tolist() for k, r in runs.items()},
-    "spectra": {k: {f: getattr(v, f).tolist() for f in ("k", "energy", "enstrophy")}
-                for k, v in spectra.items()},  # rank 0's
 }  # fmt: skip
-if comm.rank == 0:
-    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+comparison.write_summary(output / "summary.json", summary, training, table, runs, spectra, comm)
 # -
 
 # ## Checks
@@ -442,5 +395,5 @@ for label, result in training.items():
 for label in models:
     row = table[label]
     assert row["finite"] and row["long_run_end"] > 10 * config["horizon"] - 1e-6, (label, row)
-    assert row["max_energy"] < 10 * reference_energy, (label, row)
+    assert row["max_energy"] < 10 * max(dns_energies), (label, row)
 log("all checks passed")

@@ -39,11 +39,12 @@ walls gives the coarse equations above with, on each coarse cell ``K``,
 
 ``ū`` the coarse velocity of ``ω̄`` (``∇v`` is constant on ``K``, so only cell averages
 matter). This is the commutator of filter and coarse operator in flux form.
+
+Like the demos, this module needs ``demos/`` on ``sys.path`` for ``utilities``.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -53,7 +54,7 @@ import basix.ufl
 import numpy as np
 import ufl
 from dolfinx import fem, mesh
-from tqdm.auto import tqdm
+from utilities import boundary_dofs, march
 
 import dolfinx_mno as mno
 from dolfinx_mno.data import L2Projection
@@ -168,7 +169,7 @@ class VorticityFlow:
             L += dt * dot(tau, grad(v)) * measure
             self.closure = tau if isinstance(tau, mno.ClosureBase) else None
         self.bcs = [
-            fem.dirichletbc(0.0, _boundary_dofs(self.W.sub(i)), self.W.sub(i)) for i in (0, 1)
+            fem.dirichletbc(0.0, boundary_dofs(self.W.sub(i)), self.W.sub(i)) for i in (0, 1)
         ]
         self.problem = LinearProblem(
             a,
@@ -215,7 +216,7 @@ class VorticityFlow:
         if self._poisson is None:
             self._source = fem.Function(self.V)
             psi, q = ufl.TrialFunction(self.Q), ufl.TestFunction(self.Q)
-            bc = fem.dirichletbc(0.0, _boundary_dofs(self.Q), self.Q)
+            bc = fem.dirichletbc(0.0, boundary_dofs(self.Q), self.Q)
             self._poisson = LinearProblem(
                 ufl.inner(ufl.grad(psi), ufl.grad(q)) * ufl.dx,
                 self._source * q * ufl.dx,
@@ -251,20 +252,7 @@ class VorticityFlow:
         stepper = IMEXStepper(
             self.problem, self.w, self.w_previous, self.dt, t0, self.time, self.closure_interval
         )
-        num_steps = round((t1 - t0) / self.dt)
-        if callback is not None:
-            callback(t0)
-        seconds = 0.0
-        hide = self.comm.rank != 0 or progress is None
-        for step in tqdm(range(num_steps), desc=progress, disable=hide):
-            tic = time.perf_counter()
-            stepper.step()
-            seconds += time.perf_counter() - tic
-            if not self.comm.allreduce(bool(np.isfinite(self.w.x.array).all()), op=MPI.LAND):
-                break
-            if callback is not None and (step + 1) % every == 0:
-                callback(stepper.t)
-        return self.comm.allreduce(seconds, op=MPI.MAX)
+        return march(stepper, round((t1 - t0) / self.dt), callback, every, progress)
 
     def energy(self) -> float:
         """Kinetic energy ``½∫|u|²`` of the current state (collective)."""
@@ -291,9 +279,18 @@ def spin_up(
     first.set_vorticity(initial_vorticity(seed))
     first.run(0.0, duration, progress=f"spin-up {seed}, {first.n}²")
     if cheap is not None:
-        bc = fem.dirichletbc(0.0, _boundary_dofs(flow.V), flow.V)
-        flow.set_vorticity(L2Projection(flow.V, bcs=[bc])(cheap.omega))
+        flow.set_vorticity(wall_projection(flow.V)(cheap.omega))
         flow.run(0.0, fine_duration, progress=f"spin-up {seed}, {flow.n}²")
+
+
+def wall_projection(V: fem.FunctionSpace, subdivisions: int = 1) -> L2Projection:
+    """The filter onto V: the L² projection onto its functions that vanish on the walls.
+
+    ``subdivisions``: the fine cells per side of a cell of V, for an exact projection of
+    a function on a nested finer mesh (see :class:`~dolfinx_mno.data.L2Projection`).
+    """
+    bc = fem.dirichletbc(0.0, boundary_dofs(V), V)
+    return L2Projection(V, subdivisions=subdivisions, bcs=[bc])
 
 
 def smagorinsky(constant: fem.Constant, h: float) -> ClosureCallback:
@@ -309,11 +306,3 @@ def smagorinsky(constant: fem.Constant, h: float) -> ClosureCallback:
         return -((constant * h) ** 2) * rate * ufl.grad(omega_n), ufl.dx
 
     return closure
-
-
-def _boundary_dofs(V: fem.FunctionSpace) -> np.ndarray:
-    """The dofs of V (a space or a sub-space) on the walls."""
-    msh = V.mesh
-    msh.topology.create_connectivity(msh.topology.dim - 1, msh.topology.dim)
-    facets = mesh.exterior_facet_indices(msh.topology)
-    return fem.locate_dofs_topological(V, msh.topology.dim - 1, facets)
