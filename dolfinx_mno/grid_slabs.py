@@ -63,6 +63,8 @@ class SlabGather:
     Attributes:
         local_shape: This rank's slab, ``(rows, n_1, ...)``.
         exchange_bytes: Bytes this rank sends to other ranks per transfer.
+        remote_count: Samples (grid points) this rank sends to other ranks per transfer:
+            those sampled in a cell of this rank outside its slab's rows.
     """
 
     def __init__(
@@ -113,7 +115,8 @@ class SlabGather:
             mpi_type,
         ]
         others = np.arange(comm.size) != comm.rank
-        self.exchange_bytes = int(send[others].sum()) * channels * self.dtype.itemsize
+        self.remote_count = int(send[others].sum())
+        self.exchange_bytes = self.remote_count * channels * self.dtype.itemsize
 
     def prepare(self, out: np.ndarray, extension_value: float, mask_channel: bool) -> None:
         """The extension value everywhere, then the mask (1 inside the mesh, 0 outside).
@@ -259,6 +262,8 @@ class SlabScatter:
         local_shape: This rank's slab, ``(rows, n_1, ...)``.
         value_dtype: Scalar type of the interpolated values.
         exchange_bytes: Bytes this rank sends to other ranks per transfer (the halo).
+        remote_count: Grid points this rank sends to other ranks per transfer (the halo
+            rows of their blocks in its slab).
     """
 
     def __init__(
@@ -310,7 +315,8 @@ class SlabScatter:
         self._send = [self._send_buffer, (send, _displacements(send)), mpi_type]
         self._receive = [self._receive_buffer, (receive, _displacements(receive)), mpi_type]
         others = np.arange(comm.size) != comm.rank
-        self.exchange_bytes = int(send[others].sum()) * self.dtype.itemsize
+        self.remote_count = int(send[others].sum()) // self.num_channels
+        self.exchange_bytes = self.remote_count * self.num_channels * self.dtype.itemsize
 
     def scatter(self, slab: np.ndarray) -> None:
         """Send every rank its rows of the block it needs (collective).
