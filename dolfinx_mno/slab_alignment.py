@@ -19,9 +19,9 @@ by a rank other than its row's. Two ways make the slabs and the mesh partition a
 
 Balance matters as much as locality: the distributed FNO's time and memory on a rank are
 proportional to its rows, and the slowest rank sets the pace. So
-:func:`rows_following_samples` accepts the mesh's rows only within ``max_imbalance`` of
-the balanced maximum ``ceil(n_0 / P)`` (and a row for every rank); the cell partitioner
-starts from balanced rows, so the two together move at most one row per cut.
+:func:`rows_following_samples` accepts the mesh's rows only within ``max_imbalance``
+(default 1.25) of the mean ``n_0 / P`` (and a row for every rank); the cell partitioner
+starts from balanced rows, so the two together move at most a row or two per cut.
 """
 
 from __future__ import annotations
@@ -242,7 +242,8 @@ def rows_following_samples(
     below those of rank ``r + 1``, rank ``r``'s slab starts at its first sampled row, so no
     sample travels in :class:`~dolfinx_mno.grid_slabs.SlabGather` except on a row two ranks
     share; such a row goes to the rank that samples more of it. The result is kept if
-    every rank gets a row and none gets more than ``ceil(max_imbalance * ceil(n_0 / P))``;
+    every rank gets a row and none gets more than
+    ``max(ceil(n_0 / P), floor(max_imbalance * n_0 / P))``;
     otherwise (ranks interleaved along axis 0, a rank without cells, too uneven a split)
     the balanced rows are returned. The decision is the same on every rank.
 
@@ -251,8 +252,9 @@ def rows_following_samples(
         indices: Flat (row-major) grid indices this rank samples, ``(num_local,)``, e.g.
             :attr:`~dolfinx_mno.grid_gather.GriddedSampler.indices`.
         comm: The ranks.
-        max_imbalance: The most rows a rank may get, as a multiple of the balanced
-            maximum ``ceil(n_0 / P)``; at least 1.
+        max_imbalance: The most rows a rank may get, as a multiple of the mean
+            ``n_0 / P`` (rounded down, and never below the balanced ``ceil(n_0 / P)``);
+            at least 1.
 
     Returns:
         The rows per rank.
@@ -270,7 +272,7 @@ def rows_following_samples(
             f"{comm.size} ranks: use a finer grid or fewer ranks."
         )
     balanced = SlabPartition.balanced(size, comm.size)
-    limit = math.ceil(max_imbalance * max(balanced.counts))
+    limit = max(max(balanced.counts), math.floor(max_imbalance * size / comm.size))
     sampled = np.asarray(indices, dtype=np.int64) // math.prod(int(n) for n in grid_shape[1:])
     # Each rank's histogram of sampled rows, from its first sampled row; None if it samples
     # nothing or spans more rows than two slabs may hold (then ranks cannot be ordered).

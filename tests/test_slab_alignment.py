@@ -95,15 +95,15 @@ def test_rows_following_samples_fit_ordered_ranks():
     """Uneven ordered samples give uneven rows; interleaved or missing ones the balanced rows."""
     comm = MPI.COMM_WORLD
     size, rank = comm.size, comm.rank
-    shape = (10, 3)
-    starts = {1: [0, 10], 2: [0, 6, 10], 3: [0, 2, 7, 10]}[size]
+    shape = (12, 3)
+    starts = {1: [0, 12], 2: [0, 7, 12], 3: [0, 2, 7, 12]}[size]
     block = np.arange(starts[rank] * 3, starts[rank + 1] * 3)
     expected = SlabPartition(tuple(np.diff(starts).tolist()))
     assert rows_following_samples(shape, block, comm) == expected
     # A rank that also samples one point of the next rank's first row: that row stays.
     extra = [starts[rank + 1] * 3] if rank < size - 1 else []
     assert rows_following_samples(shape, np.concatenate([block, extra]), comm) == expected
-    balanced = SlabPartition.balanced(10, size)
+    balanced = SlabPartition.balanced(12, size)
     if size > 1:
         reversed_block = np.arange(starts[size - 1 - rank] * 3, starts[size - rank] * 3)
         assert rows_following_samples(shape, reversed_block, comm) == balanced
