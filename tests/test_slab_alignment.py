@@ -12,6 +12,7 @@ import re
 
 from mpi4py import MPI
 
+import basix.ufl
 import numpy as np
 import pytest
 import torch
@@ -72,6 +73,34 @@ def test_partitioner_puts_each_cell_in_its_slab(cells, grid_shape):
     assert comm.allreduce(area) == pytest.approx(1.0, rel=1e-14)
     if cells == (1, 1) and comm.size == 3:  # the triangles' means: 1/3 → row 2, 2/3 → row 5
         assert comm.allgather(len(means)) == [1, 1, 0]
+
+
+@pytest.mark.mpi
+def test_partitioner_in_create_mesh():
+    """The partitioner given to create_mesh, the quadrilaterals and their nodes on rank 0."""
+    comm = MPI.COMM_WORLD
+    nx, ny = 9, 4
+    x = np.empty((0, 2))
+    cells = np.empty((0, 4), dtype=np.int64)
+    if comm.rank == 0:
+        ix, iy = np.meshgrid(np.arange(nx + 1), np.arange(ny + 1), indexing="xy")
+        x = np.column_stack([ix.ravel() / nx, iy.ravel() / ny])
+        i, j = np.meshgrid(np.arange(nx), np.arange(ny), indexing="xy")
+        first = (j * (nx + 1) + i).ravel()
+        cells = np.column_stack([first, first + 1, first + nx + 1, first + nx + 2])
+    grid = Grid((0.0, 0.0), (1.0, 1.0), (7, 5))
+    element = basix.ufl.element("Lagrange", "quadrilateral", 1, shape=(2,))
+    msh = mesh.create_mesh(comm, cells, element, x, partitioner=slab_partitioner(comm, grid, x))
+    rows = SlabPartition.balanced(7, comm.size)
+    means = _vertex_means(msh)
+    assert comm.allreduce(len(means)) == nx * ny
+    assert np.array_equal(slab_of_coordinates(grid, rows, means), np.full(len(means), comm.rank))
+    # Column i of cells (centre (i + 1/2) / 9) goes to the slab of row rint(6 (i + 1/2) / 9):
+    # rows (4, 3) on 2 ranks, (3, 2, 2) on 3.
+    columns = sorted(set(np.rint(means * nx - 0.5).astype(int).tolist()))
+    expected = {1: [list(range(9))], 2: [[0, 1, 2, 3, 4], [5, 6, 7, 8]]}
+    expected[3] = [[0, 1, 2, 3], [4, 5, 6], [7, 8]]
+    assert columns == expected[comm.size][comm.rank]
 
 
 @pytest.mark.mpi
