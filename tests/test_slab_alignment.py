@@ -22,8 +22,8 @@ from dolfinx import fem, mesh
 import dolfinx_mno  # noqa: F401  (before dolfinx)
 from dolfinx_mno.distributed_fft import SlabPartition
 from dolfinx_mno.grid import Grid, grid_over_mesh
-from dolfinx_mno.grid_gather import GridPointSampler
-from dolfinx_mno.grid_slabs import SlabGather
+from dolfinx_mno.grid_gather import GriddedSampler, GridPointSampler
+from dolfinx_mno.grid_slabs import SlabGather, SlabSampler
 from dolfinx_mno.nonlocal_closure import NonlocalClosure
 from dolfinx_mno.slab_alignment import (
     redistribute_to_slabs,
@@ -246,3 +246,25 @@ def test_bad_input_raises_on_every_rank():
     u = fem.Function(fem.functionspace(msh, ("Lagrange", 1)))
     with pytest.raises(ValueError, match=r"slabs must be 'mesh' or 'balanced', got 'rows'\."):
         NonlocalClosure(torch.nn.Identity(), [u], grid_shape=(4, 4), distributed=True, slabs="rows")
+
+
+@pytest.mark.mpi
+def test_slab_sampler_with_rows_following_the_mesh():
+    """Training inputs in slabs that follow a slab-partitioned mesh: each rank's rows."""
+    comm = MPI.COMM_WORLD
+    original = mesh.create_unit_square(comm, 12, 12)
+    grid = grid_over_mesh(original, (8, 6))
+    uneven = SlabPartition({1: (8,), 2: (5, 3), 3: (2, 3, 3)}[comm.size])
+    aligned = redistribute_to_slabs(original, grid, uneven)
+    x = ufl.SpatialCoordinate(aligned)
+    operands = [ufl.sin(3 * x[0]) + x[1]]
+    gathered = comm.bcast(GriddedSampler(operands, grid, mesh=aligned)(), root=0)
+    slabs = SlabSampler(operands, grid, mesh=aligned, rows="mesh")
+    assert slabs.rows == uneven  # the partitioner's rows, found from the samples
+    assert np.array_equal(slabs(), gathered[:, slabs.rows.block(comm.rank)])
+    balanced = SlabSampler(operands, grid, mesh=aligned, rows="balanced")
+    assert balanced.rows == SlabPartition.balanced(8, comm.size)
+    with pytest.raises(
+        ValueError, match=r"rows must be a SlabPartition, 'balanced' or 'mesh', got 'slabs'\."
+    ):
+        SlabSampler(operands, grid, mesh=aligned, rows="slabs")
