@@ -14,7 +14,14 @@
 #   (`distributed=True`) with the same FNO (P1 `u` and the mask on a 256² grid over a
 #   unit square of 64 × 64 squares);
 # - the **communication volume per rank** of the all-to-all transposes, counted exactly
-#   for the runs here and modelled for 64 to 1024 ranks.
+#   for the runs here and modelled for 64 to 1024 ranks;
+# - the **grid samples that travel between ranks** in the distributed closure's slab
+#   gather (`SlabGather.remote_count`) and halo scatter (`SlabScatter.remote_count`),
+#   with DOLFINx's default mesh partition against the mesh split into the grid's slabs
+#   (`dolfinx_mno.redistribute_to_slabs`), and with balanced slab rows against rows that
+#   follow the mesh partition (`NonlocalClosure(slabs="balanced" | "mesh")`), on a grid
+#   whose inner rows miss the mesh's vertices (`--closure-grid`) and on one through them
+#   (`--closure-cells + 1` points per side).
 #
 # Memory is the growth of the process's peak resident set (`VmHWM`, reset through
 # `/proc/self/clear_refs` just before) during a forward after a warm-up one, run with
@@ -36,11 +43,13 @@
 # ```
 # export MALLOC_MMAP_THRESHOLD_=65536
 # for p in 1 2 3 4; do mpirun -n $p python benchmarks/distributed_operator.py; done
+# for p in 1 2 3; do mpirun -n $p python benchmarks/distributed_operator.py --remote; done
 # python benchmarks/distributed_operator.py --summary      # the table of all runs
 # python benchmarks/distributed_operator.py --quick        # smoke test (seconds)
 # ```
 #
-# Results go to `benchmarks/results/distributed_operator_np<P>.json`.
+# Results go to `benchmarks/results/distributed_operator_np<P>.json` (and, with `--remote`,
+# `distributed_operator_remote_np<P>.json`).
 
 from __future__ import annotations
 
@@ -128,6 +137,67 @@ def _closure_update_times(model: torch.nn.Module, comm: MPI.Comm, args) -> dict[
     return times
 
 
+def _remote_samples(model: torch.nn.Module, comm: MPI.Comm, args) -> list[dict]:
+    """Grid points sent to other ranks per closure update, summed over ranks.
+
+    For each grid (``closure_grid``² and ``(closure_cells + 1)``²), each mesh partition
+    (DOLFINx's default, the grid's slabs) and each choice of slab rows.
+    """
+    import ufl
+    from dolfinx import fem, mesh
+
+    from dolfinx_mno import NonlocalClosure, redistribute_to_slabs
+    from dolfinx_mno.grid import grid_over_mesh
+
+    default = mesh.create_unit_square(comm, args.closure_cells, args.closure_cells)
+    rows = []
+    for points in (args.closure_grid, args.closure_cells + 1):
+        grid_shape = (points, points)
+        aligned = redistribute_to_slabs(default, grid_over_mesh(default, grid_shape))
+        for partition, msh in (("default", default), ("slabs", aligned)):
+            u = fem.Function(fem.functionspace(msh, ("Lagrange", 1)))
+            x = ufl.SpatialCoordinate(msh)
+            u.interpolate(fem.Expression(x[0], u.function_space.element.interpolation_points))
+            for slabs in ("balanced", "mesh"):
+                closure = NonlocalClosure(
+                    model, [u], grid_shape=grid_shape, distributed=True, slabs=slabs, device="cpu"
+                )
+                stage = closure.slab_stage
+                assert stage is not None
+                rows.append(
+                    {
+                        "grid": grid_shape,
+                        "mesh_partition": partition,
+                        "slabs": slabs,
+                        "rows": stage.rows.counts,
+                        "samples": comm.allreduce(closure.gridded_sampler.num_local),
+                        "remote_slab_gather": stage.remote_counts["slab"],
+                        "remote_halo_scatter": stage.remote_counts["halo"],
+                    }
+                )
+    return rows
+
+
+def _save_remote_samples(model: torch.nn.Module, comm: MPI.Comm, args) -> None:
+    """Measure :func:`_remote_samples`; write its JSON and print it (rank 0)."""
+    rows = _remote_samples(model, comm, args)
+    if comm.rank != 0:
+        return
+    quick = "_quick" if args.quick else ""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"distributed_operator_remote_np{comm.size}{quick}.json"
+    result = {
+        "ranks": comm.size,
+        "closure_cells": (args.closure_cells,) * 2,
+        "remote_samples": rows,
+        "command": f"mpirun -n {comm.size} python benchmarks/distributed_operator.py --remote"
+        + (" --quick" if args.quick else ""),
+    }
+    path.write_text(json.dumps(result, indent=1))
+    for row in rows:
+        print(row)
+
+
 def bytes_per_rank(
     grid: tuple[int, ...], kept: tuple[int, ...], channels: int, layers: int, ranks: int, c: int
 ) -> float:
@@ -162,6 +232,7 @@ def main() -> None:
     parser.add_argument("--closure-cells", type=int, default=64, help="mesh squares per side")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--summary", action="store_true")
+    parser.add_argument("--remote", action="store_true", help="only the samples sent between ranks")
     args = parser.parse_args()
     if args.summary:
         summary()
@@ -174,6 +245,9 @@ def main() -> None:
     torch.set_num_threads(1)
     grid, modes = tuple(args.grid), tuple(args.modes)
     model = _model(modes, args.width, args.layers)
+    if args.remote:  # the counts do not depend on the model: a small one
+        _save_remote_samples(_model((4, 4), 4, 1), comm, args)
+        return
     field = torch.randn(1, 2, *grid, generator=torch.Generator().manual_seed(1))
 
     distributed = DistributedFNO(model, grid, comm)
@@ -285,6 +359,21 @@ def summary() -> None:
                 f"({run['bytes_modelled'] / 2**20:.2f}) | "
                 f"{1e3 * run['closure_update_gathered_s']:.1f} | "
                 f"{1e3 * run['closure_update_distributed_s']:.1f} |"
+            )
+    print()
+    print("Grid points sent to other ranks per closure update, summed over ranks")
+    print("| P | grid | mesh partition | slabs | rows | samples | slab gather | halo scatter |")
+    print("|---|---|---|---|---|---|---|---|")
+    remote_runs = [
+        json.loads(p.read_text())
+        for p in sorted(RESULTS.glob("distributed_operator_remote_np[0-9].json"))
+    ]
+    for run in remote_runs:
+        for row in run["remote_samples"]:
+            print(
+                f"| {run['ranks']} | {row['grid'][0]}² | {row['mesh_partition']} | "
+                f"{row['slabs']} | {tuple(row['rows'])} | {row['samples']} | "
+                f"{row['remote_slab_gather']} | {row['remote_halo_scatter']} |"
             )
     print()
     print("Modelled all-to-all volume per rank and forward (FNO width 64, 4 layers, float32,")

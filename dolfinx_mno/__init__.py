@@ -54,6 +54,7 @@ from dolfinx_mno.normalization import AffineNormalization, NormalizedModel
 from dolfinx_mno.operands import Operands
 from dolfinx_mno.output import ClosureWriter, QuadratureAverage, cell_average
 from dolfinx_mno.quadrature import check_form, form, measure, quadrature_space
+from dolfinx_mno.slab_alignment import redistribute_to_slabs, slab_partitioner
 from dolfinx_mno.spec import ClosureSpec
 from dolfinx_mno.torch_bridge import resolve_device, to_precision
 from dolfinx_mno.training import fit
@@ -96,9 +97,11 @@ __all__ = [
     "load_model",
     "measure",
     "quadrature_space",
+    "redistribute_to_slabs",
     "register_architecture",
     "resolve_device",
     "sample_on_box_grid",
     "save_model",
+    "slab_partitioner",
     "to_precision",
 ]

@@ -40,7 +40,13 @@ from mpi4py import MPI
 import torch
 import torch.distributed as dist
 
-__all__ = ["SlabPartition", "SlabSpectralTransform", "all_to_all", "process_group"]
+__all__ = [
+    "SlabPartition",
+    "SlabSpectralTransform",
+    "all_to_all",
+    "process_group",
+    "process_group_backend",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +94,31 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def process_group_backend(device: torch.device | None = None) -> str:
+    """The ``torch.distributed`` backend for tensors on ``device``.
+
+    Args:
+        device: The device of the tensors exchanged; ``None``: a CUDA device if CUDA is
+            available, else the CPU.
+
+    Returns:
+        ``"nccl"`` for CUDA devices, ``"gloo"`` for the CPU.
+
+    Raises:
+        RuntimeError: A CUDA device, but torch was built without NCCL.
+    """
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type != "cuda":
+        return "gloo"
+    if not dist.is_nccl_available():
+        raise RuntimeError(
+            "The distributed mode on CUDA devices needs NCCL, which this torch build lacks: "
+            "run the model on the CPU (device='cpu') or install a torch with NCCL."
+        )
+    return "nccl"
+
+
 def process_group(comm: MPI.Comm, backend: str | None = None) -> dist.ProcessGroup:
     """The ``torch.distributed`` process group of ``comm``'s ranks (collective).
 
@@ -104,7 +135,8 @@ def process_group(comm: MPI.Comm, backend: str | None = None) -> dist.ProcessGro
         comm: The ranks that share the grid; ``comm.size`` must be the size of the
             torch world (``MPI.COMM_WORLD`` in practice).
         backend: ``"gloo"`` (CPU tensors) or ``"nccl"`` (CUDA tensors); by default
-            ``"nccl"`` if CUDA is available, else ``"gloo"``.
+            :func:`process_group_backend` ``()``: ``"nccl"`` if CUDA is available, else
+            ``"gloo"``.
 
     Returns:
         The default process group.
@@ -124,7 +156,7 @@ def process_group(comm: MPI.Comm, backend: str | None = None) -> dist.ProcessGro
             )
         return typing.cast(dist.ProcessGroup, dist.group.WORLD)
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = process_group_backend()
     hosts = comm.allgather(MPI.Get_processor_name())
     address = None
     if comm.rank == 0:

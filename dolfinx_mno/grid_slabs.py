@@ -36,6 +36,7 @@ from dolfinx_mno.grid import Grid
 from dolfinx_mno.grid_gather import GriddedSampler
 from dolfinx_mno.grid_scatter import GridInterpolator
 from dolfinx_mno.operands import OperandsLike
+from dolfinx_mno.slab_alignment import rows_following_samples
 
 __all__ = ["SlabGather", "SlabSampler", "SlabScatter"]
 
@@ -63,6 +64,8 @@ class SlabGather:
     Attributes:
         local_shape: This rank's slab, ``(rows, n_1, ...)``.
         exchange_bytes: Bytes this rank sends to other ranks per transfer.
+        remote_count: Samples (grid points) this rank sends to other ranks per transfer:
+            those sampled in a cell of this rank outside its slab's rows.
     """
 
     def __init__(
@@ -113,7 +116,8 @@ class SlabGather:
             mpi_type,
         ]
         others = np.arange(comm.size) != comm.rank
-        self.exchange_bytes = int(send[others].sum()) * channels * self.dtype.itemsize
+        self.remote_count = int(send[others].sum())
+        self.exchange_bytes = self.remote_count * channels * self.dtype.itemsize
 
     def prepare(self, out: np.ndarray, extension_value: float, mask_channel: bool) -> None:
         """The extension value everywhere, then the mask (1 inside the mesh, 0 outside).
@@ -173,8 +177,12 @@ class SlabSampler:
         mask_channel: Append the inside/outside mask as the last channel.
         sampling_degree: As for :class:`~dolfinx_mno.grid_gather.GriddedSampler`.
         mesh: The mesh; by default that of the expressions.
-        rows: Rows of axis 0 per rank; default the balanced partition, which
-            :class:`~dolfinx_mno.DistributedFNO` uses too.
+        rows: Rows of axis 0 per rank; default (``None`` or ``"balanced"``) the
+            balanced partition, which :class:`~dolfinx_mno.DistributedFNO` uses too;
+            ``"mesh"``: rows that follow
+            the mesh partition where they can
+            (:func:`~dolfinx_mno.slab_alignment.rows_following_samples`), as a distributed
+            :class:`~dolfinx_mno.NonlocalClosure` takes by default.
 
     Attributes:
         rows: The partition.
@@ -182,8 +190,8 @@ class SlabSampler:
         channels: Channels of the slab, mask included.
 
     Raises:
-        ValueError: Fewer grid rows than ranks (on every rank), or what
-            :class:`~dolfinx_mno.grid_gather.GriddedSampler` raises.
+        ValueError: Fewer grid rows than ranks, or ``rows`` another string (on every
+            rank), or what :class:`~dolfinx_mno.grid_gather.GriddedSampler` raises.
 
     Example:
         >>> slabs = SlabSampler([u, ufl.grad(u)], closure.grid, mask_channel=True)
@@ -199,9 +207,11 @@ class SlabSampler:
         mask_channel: bool = False,
         sampling_degree: int | None = None,
         mesh: Mesh | None = None,
-        rows: SlabPartition | None = None,
+        rows: SlabPartition | str | None = None,
     ):
         """Set up the sampling and the routing (collective); see the class docstring."""
+        if isinstance(rows, str) and rows not in ("mesh", "balanced"):
+            raise ValueError(f"rows must be a SlabPartition, 'balanced' or 'mesh', got {rows!r}.")
         self._sampler = GriddedSampler(
             expressions,
             grid,
@@ -212,13 +222,16 @@ class SlabSampler:
             gather=False,
         )
         comm = self._sampler.operands.mesh.comm
-        if rows is None:
+        if not isinstance(rows, SlabPartition):
             if grid.shape[0] < comm.size:
                 raise ValueError(
                     f"The grid {grid.shape} has {grid.shape[0]} rows along axis 0, fewer than "
                     f"the {comm.size} ranks: use a finer grid or fewer ranks."
                 )
-            rows = SlabPartition.balanced(grid.shape[0], comm.size)
+            if rows == "mesh":
+                rows = rows_following_samples(grid.shape, self._sampler.indices, comm)
+            else:
+                rows = SlabPartition.balanced(grid.shape[0], comm.size)
         self.rows = rows
         dtype = self._sampler.operands.dtype
         channels = self._sampler.num_channels
@@ -259,6 +272,8 @@ class SlabScatter:
         local_shape: This rank's slab, ``(rows, n_1, ...)``.
         value_dtype: Scalar type of the interpolated values.
         exchange_bytes: Bytes this rank sends to other ranks per transfer (the halo).
+        remote_count: Grid points this rank sends to other ranks per transfer (the halo
+            rows of their blocks in its slab).
     """
 
     def __init__(
@@ -310,7 +325,8 @@ class SlabScatter:
         self._send = [self._send_buffer, (send, _displacements(send)), mpi_type]
         self._receive = [self._receive_buffer, (receive, _displacements(receive)), mpi_type]
         others = np.arange(comm.size) != comm.rank
-        self.exchange_bytes = int(send[others].sum()) * self.dtype.itemsize
+        self.remote_count = int(send[others].sum()) // self.num_channels
+        self.exchange_bytes = self.remote_count * self.num_channels * self.dtype.itemsize
 
     def scatter(self, slab: np.ndarray) -> None:
         """Send every rank its rows of the block it needs (collective).

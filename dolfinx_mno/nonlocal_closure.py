@@ -72,6 +72,7 @@ from dolfinx_mno.nonlocal_distributed import SlabModelStage
 from dolfinx_mno.operand_map import OperandMatrix
 from dolfinx_mno.operands import Operands, OperandsLike, operand_comm
 from dolfinx_mno.quadrature import owned_dofs, quadrature_points, quadrature_space
+from dolfinx_mno.slab_alignment import rows_following_samples
 from dolfinx_mno.spec import ClosureSpec
 from dolfinx_mno.torch_bridge import GridEvaluator, resolve_device
 from dolfinx_mno.validation import check_integer
@@ -119,6 +120,13 @@ class NonlocalClosure(ClosureBase):
             rows its quadrature points need (:mod:`dolfinx_mno.nonlocal_distributed`). The
             model then runs on every rank (on ``device``, ``"auto"``: each rank's GPU).
             Needs at least ``comm.size`` grid points along the first axis.
+        slabs: How the distributed mode splits the grid's rows among the ranks:
+            ``"mesh"`` (default) follows the mesh partition where it can, so that fewer
+            grid samples travel to other ranks, and falls back to ``"balanced"`` rows
+            otherwise (:func:`~dolfinx_mno.slab_alignment.rows_following_samples`; a mesh
+            made with :func:`~dolfinx_mno.slab_alignment.redistribute_to_slabs` agrees
+            with the slabs); ``"balanced"``: consecutive rows in rank order, the counts
+            differing by at most one.
         name: Name of the function.
 
     Shapes:
@@ -150,6 +158,7 @@ class NonlocalClosure(ClosureBase):
         device: str | torch.device | None = "auto",
         root: int = 0,
         distributed: bool = False,
+        slabs: str = "mesh",
         name: str = "nonlocal_closure",
     ):
         """Build the closure and its grid (collective).
@@ -184,6 +193,8 @@ class NonlocalClosure(ClosureBase):
                 raise ValueError(f"root must be a rank of the mesh communicator, got {root}.")
             if sampling_degree is not None:
                 check_integer(sampling_degree, "sampling_degree")
+            if slabs not in ("mesh", "balanced"):
+                raise ValueError(f"slabs must be 'mesh' or 'balanced', got {slabs!r}.")
             gdim = mesh.geometry.dim
             tdim = mesh.topology.dim
             if gdim != tdim:
@@ -239,7 +250,7 @@ class NonlocalClosure(ClosureBase):
         self._evaluator: GridEvaluator | None = None
         self._slabs: SlabModelStage | None = None
         if self.distributed:  # slab → model → halo, on every rank
-            self._slabs = self._slab_stage(device)
+            self._slabs = self._slab_stage(device, slabs)
             self.communication = dict(self._slabs.communication)
             self._fill_not_updated()
             return
@@ -278,11 +289,14 @@ class NonlocalClosure(ClosureBase):
             self.grid, points, self.num_outputs, self.dtype, self._comm, root=self.root
         )
 
-    def _slab_stage(self, device: str | torch.device | None) -> SlabModelStage:
+    def _slab_stage(self, device: str | torch.device | None, slabs: str) -> SlabModelStage:
         """The distributed mode's slab gather, model and halo scatter (collective)."""
         if device is not None:
             self._model.to(resolve_device(device, self._comm))
         points = self._owned_points()
+        rows = None  # balanced; too few rows for the ranks: DistributedFNO says so
+        if slabs == "mesh" and self.grid.shape[0] >= self._comm.size:
+            rows = rows_following_samples(self.grid.shape, self._gridded.indices, self._comm)
         return SlabModelStage(
             self._model,
             self.grid,
@@ -295,6 +309,7 @@ class NonlocalClosure(ClosureBase):
             self.num_outputs,
             self.dtype,
             self._comm,
+            rows=rows,
         )
 
     def _root_evaluator(self, device: str | torch.device | None) -> GridEvaluator:

@@ -12,9 +12,11 @@ root model and scatter stages with :class:`SlabModelStage`:
    the rows of the output block around its quadrature points that other ranks hold, and
    interpolates.
 
-The slabs are the balanced partition of the first grid axis (every rank, one that owns no
-cells included, holds at least one row), so the grid needs at least as many points along
-its first axis as there are ranks.
+The slabs are rows of the first grid axis, at least one per rank (one that owns no cells
+included), so the grid needs at least as many points along its first axis as there are
+ranks. By default they are the balanced rows; the closure passes rows that follow the mesh
+partition where it can (:func:`~dolfinx_mno.slab_alignment.rows_following_samples`), so
+that fewer samples travel in stage 1.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 
 from dolfinx_mno._mpi import agree
 from dolfinx_mno.closure import ClosureEvaluationError
+from dolfinx_mno.distributed_fft import SlabPartition, process_group_backend
 from dolfinx_mno.distributed_operator import DistributedFNO
 from dolfinx_mno.grid import Grid
 from dolfinx_mno.grid_slabs import SlabGather, SlabScatter
@@ -53,15 +56,19 @@ class SlabModelStage:
         out_channels: The model's output channels.
         dtype: The mesh's scalar type.
         comm: The mesh's communicator.
+        rows: Rows of axis 0 per rank; default the balanced partition.
 
     Attributes:
         distributed: The :class:`DistributedFNO`.
         device: The model's device.
         model_dtype: The model's floating-point dtype.
         out_channels: The model's output channels.
+        rows: The rows of axis 0 per rank.
         local_shape: This rank's slab, ``(rows, n_1, ...)``.
         communication: Bytes sent per update, summed over ranks: ``{"slab": ..., "halo":
             ...}`` (the all-to-alls of the model are in its own counts).
+        remote_counts: Grid points sent to other ranks per update, summed over ranks:
+            ``{"slab": samples, "halo": output points}``.
 
     Raises:
         ValueError: On every rank, the model cannot be distributed (see
@@ -81,12 +88,14 @@ class SlabModelStage:
         out_channels: int,
         dtype: npt.DTypeLike,
         comm: MPI.Comm,
+        rows: SlabPartition | None = None,
     ):
         """Set up the three stages (collective); the arguments are in the class docstring."""
         device = next(model.parameters()).device
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        self.distributed = DistributedFNO(model, grid.shape, comm, backend=backend)
-        rows = self.distributed.rows
+        self.distributed = DistributedFNO(
+            model, grid.shape, comm, rows=rows, backend=process_group_backend(device)
+        )
+        rows = self.rows = self.distributed.rows
         self._comm = comm
         self._gather = SlabGather(grid, rows, indices, inside, num_inputs, dtype, comm)
         self._scatter = SlabScatter(grid, rows, points, out_channels, dtype, comm)
@@ -108,6 +117,10 @@ class SlabModelStage:
         self.communication = {
             "slab": comm.allreduce(self._gather.exchange_bytes),
             "halo": comm.allreduce(self._scatter.exchange_bytes),
+        }
+        self.remote_counts = {
+            "slab": comm.allreduce(self._gather.remote_count),
+            "halo": comm.allreduce(self._scatter.remote_count),
         }
 
     def gather(self, samples: np.ndarray) -> None:

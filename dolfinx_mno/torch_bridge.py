@@ -42,7 +42,9 @@ __all__ = [
     "GridEvaluator",
     "PointwiseEvaluator",
     "default_batch_size",
+    "device_of_local_rank",
     "model_dtype",
+    "node_local_rank",
     "resolve_device",
     "to_precision",
     "training_mode_error",
@@ -75,12 +77,37 @@ def resolve_device(device: str | torch.device | None, comm: MPI.Comm) -> torch.d
     """
     if device is None or device == "auto":
         if torch.cuda.is_available():
-            local = comm.Split_type(MPI.COMM_TYPE_SHARED)
-            rank = local.rank
-            local.Free()
-            return torch.device("cuda", rank % torch.cuda.device_count())
+            return device_of_local_rank(node_local_rank(comm), torch.cuda.device_count())
         return torch.device("cpu")
     return torch.device(device)
+
+
+def node_local_rank(comm: MPI.Comm) -> int:
+    """This process's rank among ``comm``'s ranks on its node (collective).
+
+    The ranks of ``comm.Split_type(MPI.COMM_TYPE_SHARED)``, the processes that share
+    memory with this one.
+    """
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    rank = int(local.rank)
+    local.Free()
+    return rank
+
+
+def device_of_local_rank(local_rank: int, num_gpus: int) -> torch.device:
+    """The device of the rank ``local_rank`` on a node with ``num_gpus`` GPUs.
+
+    Args:
+        local_rank: The rank on the node (:func:`node_local_rank`).
+        num_gpus: The node's CUDA devices; 0 means the CPU.
+
+    Returns:
+        ``cuda:(local_rank % num_gpus)``, or the CPU if ``num_gpus == 0``: ranks on one
+        node are spread round-robin over its GPUs, several ranks sharing one if need be.
+    """
+    if num_gpus < 1:
+        return torch.device("cpu")
+    return torch.device("cuda", int(local_rank) % int(num_gpus))
 
 
 def model_dtype(model: torch.nn.Module, default: torch.dtype) -> torch.dtype:
