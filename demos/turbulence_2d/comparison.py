@@ -49,6 +49,22 @@ class Run:
     """The coarse vorticity (dof values on the coarse space) at the sampling times."""
 
 
+def steps_between(interval: float, dt: float) -> int:
+    """The number of time steps ``dt`` in ``interval``, which must hold a whole number.
+
+    Raises:
+        ValueError: ``interval`` is not a positive multiple of ``dt`` (a run would then be
+            compared with reference samples of other times).
+    """
+    count = round(interval / dt)
+    if count < 1 or abs(count * dt - interval) > 1e-9 * interval:
+        raise ValueError(
+            f"The sampling interval {interval} is not a whole number of time steps {dt}: "
+            "choose sample_every as a multiple of every model's time step."
+        )
+    return count
+
+
 def compare(
     flow: VorticityFlow,
     start: fem.Function,
@@ -75,7 +91,7 @@ def compare(
         sample_every: Time between samples; a multiple of ``flow.dt``.
         long_end: Continue to this time for the stability check (energy only).
     """
-    every = round(sample_every / flow.dt)
+    every = steps_between(sample_every, flow.dt)
     times, correlations, energies, states = [], [], [], []
     model_values, reference_values = pair
 

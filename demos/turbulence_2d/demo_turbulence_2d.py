@@ -122,7 +122,7 @@ elif args.medium:
     config = dict(
         dns=128, coarse=16, ladder=[16, 32, 64], courant=0.4, spin_up_n=64, spin_up=5.0,
         spin_up_fine=1.0, train_seeds=[1, 2, 3], test_seed=5, horizon=2.0,
-        test_horizon=6.0, sample_every=0.0625, mlp_epochs=200, fno_epochs=60, fno_modes=8,
+        test_horizon=6.0, sample_every=0.05, mlp_epochs=200, fno_epochs=60, fno_modes=8,
         fno_width=24, window=4, rollout_epochs=5, stride=2,
     )  # fmt: skip
 else:
@@ -203,8 +203,8 @@ spin_up_dns = partial(  # spin_up_dns(seed): the DNS from the initial vorticity 
     spin_up, dns, duration=config["spin_up"], cheap=cheap, fine_duration=config["spin_up_fine"]
 )
 
-every = round(config["sample_every"] / dns.dt)
-coarse_every = round(config["sample_every"] / plain.dt)
+every = comparison.steps_between(config["sample_every"], dns.dt)
+coarse_every = comparison.steps_between(config["sample_every"], plain.dt)
 samples, grid_x, grid_y, trajectories = [], [], [], []
 num_owned = plain.W.dofmap.index_map.size_local * plain.W.dofmap.index_map_bs
 tic = time.perf_counter()
