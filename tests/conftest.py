@@ -8,6 +8,9 @@ import pytest
 
 import dolfinx_mno  # noqa: F401  (makes the wheel's MPI visible before dolfinx)
 
+# The shared helpers assert too: pytest's introspection for their failures.
+pytest.register_assert_rewrite("problems")
+
 
 @pytest.fixture(autouse=True)
 def collect_and_synchronise():
