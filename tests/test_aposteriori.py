@@ -139,15 +139,15 @@ def test_learns_a_linear_reaction_through_the_solver():
         horizon=3,
         validation_fraction=0.0,
         batch_size=2,
-        epochs=150,
+        epochs=100,  # the loss falls below 1e-8 of its start at epoch 70
         learning_rate=0.1,
         lr_patience=10,
-        patience=150,
+        patience=100,
         progress=False,
     )
     history = result.history
     assert result.model is closure.model and not closure.model.training
-    assert history.epochs == 150 and history.resumed_from is None
+    assert history.epochs == 100 and history.resumed_from is None
     weight, bias = parameters(closure.model)
     assert abs(weight + K) <= 1e-3 * K and abs(bias - S) <= 1e-3 * S
     assert history.val_loss[0] > 1e-3
@@ -174,10 +174,10 @@ def test_learns_from_states_kept_every_few_steps():
         target_interval=2,
         validation_fraction=0.0,
         batch_size=2,
-        epochs=150,
+        epochs=80,  # the loss falls below 1e-8 of its start at epoch 63
         learning_rate=0.1,
         lr_patience=10,
-        patience=150,
+        patience=80,
         progress=False,
     )
     weight, bias = parameters(closure.model)

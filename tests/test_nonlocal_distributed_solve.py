@@ -19,18 +19,27 @@ import numpy as np
 import pytest
 import torch
 import ufl
-from dolfinx import fem, mesh
+from dolfinx import mesh
 from neuralop_reference import widened_spectral_buffer
-from problems import DIRECT, boundary_bc
+from problems import (
+    DT,
+    flat_gradient,
+    global_max,
+    heat_functions,
+    imex_heat,
+    implicit_heat,
+    interpolated_targets,
+    parameter_remainders,
+    parameters_of,
+    random_directions,
+    rates,
+)
 
 import dolfinx_mno as mno
-from dolfinx_mno.petsc import LinearProblem, NonlinearProblem
-from dolfinx_mno.rollout import Rollout, rollout_loss
-from dolfinx_mno.timestepping import IMEXStepper, ImplicitStepper
+from dolfinx_mno.rollout import Rollout
 
 neuralop = pytest.importorskip("neuralop")
 
-DT = 0.05
 GRID = (8, 6)
 
 
@@ -48,17 +57,11 @@ def initial(x):
     return np.sin(np.pi * x[0]) * np.cos(np.pi * x[1]) + 0.5 * x[0]
 
 
-def heat(msh, model, distributed, prefix, bcs=False):
-    """An IMEX heat step with a non-local FNO source in the linear form (a copy of model)."""
-    V = fem.functionspace(msh, ("Lagrange", 1))
-    u_n = fem.Function(V, name="u_n")
-    u_n.interpolate(initial)
-    uh = fem.Function(V, name="u")
-    u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
-    a = (u * v + DT * ufl.inner(ufl.grad(u), ufl.grad(v))) * ufl.dx
-    closure = mno.NonlocalClosure(
+def nonlocal_closure(model, operands, distributed):
+    """A non-local closure of a copy of ``model`` on the grid ``GRID``."""
+    return mno.NonlocalClosure(
         copy.deepcopy(model),
-        [u_n, ufl.grad(u_n)],
+        operands,
         (),
         2,
         grid_shape=GRID,
@@ -67,16 +70,15 @@ def heat(msh, model, distributed, prefix, bcs=False):
         distributed=distributed,
         name=f"c{int(distributed)}",
     )
-    L = u_n * v * ufl.dx + DT * closure * v * closure.dx
-    problem = LinearProblem(
-        a,
-        L,
-        u=uh,
-        bcs=[boundary_bc(V)] if bcs else [],
-        petsc_options=DIRECT,
-        petsc_options_prefix=f"{prefix}{int(distributed)}_",
-    )
-    return IMEXStepper(problem, uh, u_n, dt=DT), closure
+
+
+def heat(msh, model, distributed, prefix, bcs=False):
+    """An IMEX heat step with a non-local FNO source in the linear form (a copy of model)."""
+    u_n, uh = heat_functions(msh, 1, initial)
+    v = ufl.TestFunction(u_n.function_space)
+    closure = nonlocal_closure(model, [u_n, ufl.grad(u_n)], distributed)
+    explicit = DT * closure * v * closure.dx
+    return imex_heat(u_n, uh, explicit, f"{prefix}{int(distributed)}_", bcs), closure
 
 
 def reference(distributed: bool) -> contextlib.AbstractContextManager[None]:
@@ -84,18 +86,13 @@ def reference(distributed: bool) -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext() if distributed else widened_spectral_buffer()
 
 
+def target(t):
+    return lambda x: (1 - t) * np.sin(np.pi * x[0]) + 0.3 * x[1] ** 2
+
+
 def targets(rollout, num_steps):
-    V = rollout.stepper.u.function_space
-    result = []
-    for n in range(1, num_steps + 1):
-        f = fem.Function(V)
-        f.interpolate(lambda x, t=n * DT: (1 - t) * np.sin(np.pi * x[0]) + 0.3 * x[1] ** 2)
-        result.append(torch.from_numpy(f.x.array[: rollout.num_owned].copy()))
-    return result
-
-
-def _max(comm, value):
-    return comm.allreduce(float(value), op=MPI.MAX)
+    """Owned values of the analytic targets at t_1, ..., t_k (rank-independent)."""
+    return interpolated_targets(rollout, target, num_steps)
 
 
 @pytest.mark.mpi
@@ -112,15 +109,10 @@ def test_time_loop_distributed_equals_gathered(fno, cells):
             stepper.run(3, progress=False)
         states.append(stepper.u.x.array.copy())
         values.append(closure.x.array.copy())
-    scale = _max(comm, np.abs(states[0]).max(initial=0.0))
-    closure_scale = _max(comm, np.abs(values[0]).max(initial=0.0))
+    scale, closure_scale = global_max(comm, states[0]), global_max(comm, values[0])
     assert scale > 0.1 and closure_scale > 0.01  # the closure is not negligible
-    assert _max(comm, np.abs(states[1] - states[0]).max(initial=0.0)) <= 1e-12 * scale
-    assert _max(comm, np.abs(values[1] - values[0]).max(initial=0.0)) <= 1e-12 * closure_scale
-
-
-def _flat(gradients):
-    return torch.cat([g.reshape(-1) for g in gradients]).numpy()
+    assert global_max(comm, states[1] - states[0]) <= 1e-12 * scale
+    assert global_max(comm, values[1] - values[0]) <= 1e-12 * closure_scale
 
 
 @pytest.mark.mpi
@@ -142,24 +134,18 @@ def test_rollout_gradients_distributed_equal_gathered(fno, cells, checkpoint_eve
             )
         results.append(result)
     gathered, distributed_ = results
-    expected = _flat(gathered.parameters[0])
+    expected = flat_gradient(gathered)
     assert np.linalg.norm(expected) > 1e-4 and gathered.loss > 1e-3
     assert distributed_.loss == pytest.approx(gathered.loss, rel=1e-12)
-    error = np.linalg.norm(_flat(distributed_.parameters[0]) - expected)
+    error = np.linalg.norm(flat_gradient(distributed_) - expected)
     assert error <= 1e-10 * np.linalg.norm(expected)
     # Summed over ranks exactly once: the same gradient on every rank.
-    every = comm.allgather(_flat(distributed_.parameters[0]))
+    every = comm.allgather(flat_gradient(distributed_))
     assert all(np.array_equal(g, every[0]) for g in every)
     initial = gathered.initial_state.numpy()
-    initial_error = np.abs(distributed_.initial_state.numpy() - initial).max(initial=0.0)
-    initial_scale = _max(comm, np.abs(initial).max(initial=0.0))
+    initial_scale = global_max(comm, initial)
     assert initial_scale > 1e-4
-    assert _max(comm, initial_error) <= 1e-10 * initial_scale
-
-
-def _loss(rollout, u0, data):
-    with torch.no_grad():
-        return float(rollout_loss(rollout.run(u0, len(data)), data, rollout.comm))
+    assert global_max(comm, distributed_.initial_state.numpy() - initial) <= 1e-10 * initial_scale
 
 
 @pytest.mark.mpi
@@ -170,73 +156,24 @@ def test_taylor_distributed_rollout(fno):
     rollout = Rollout(stepper)
     u0, data = rollout.initial_state(), targets(rollout, 5)
     result = rollout.gradient(u0, data)
-    parameters = list(closure.model.parameters())
-    generator = torch.Generator().manual_seed(7)
-    directions = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in parameters]
-    slope = sum(
-        float((g.conj() * d).real.sum()) if g.is_complex() else float((g * d).sum())
-        for g, d in zip(result.parameters[0], directions, strict=True)
-    )
-    base = [p.detach().clone() for p in parameters]
-    J0 = _loss(rollout, u0, data)
-    assert J0 == pytest.approx(result.loss, rel=1e-13)
-    remainders = []
-    for k in range(5):
-        eps = 1e-2 * 2.0**-k
-        with torch.no_grad():
-            for p, p0, d in zip(parameters, base, directions, strict=True):
-                p.copy_(p0 + eps * d)
-        remainders.append(abs(_loss(rollout, u0, data) - J0 - eps * slope))
-    with torch.no_grad():
-        for p, p0 in zip(parameters, base, strict=True):
-            p.copy_(p0)
-    remainders = np.asarray(remainders)
+    parameters = parameters_of([closure])
+    directions = random_directions(parameters)
+    remainders = parameter_remainders(rollout, u0, data, result, parameters, directions, rel=1e-13)
     assert remainders[0] > 1e-9  # the closure matters
-    assert min(np.log2(remainders[:-1] / remainders[1:])) >= 1.9
+    assert min(rates(remainders)) >= 1.9
 
 
-#: Newton with the non-local closure frozen in the Jacobian (Picard for it), converged
-#: tightly: the adjoint is that of the converged step.
-PICARD = {
-    **DIRECT,
-    "snes_type": "newtonls",
-    "snes_linesearch_type": "none",
-    "snes_atol": 1e-13,
-    "snes_rtol": 1e-13,
-    "snes_stol": 0.0,
-    "snes_max_it": 50,
-}
+def implicit_nonlocal_heat(msh, model, distributed):
+    """Backward Euler with a non-local FNO source ``dt c(u, ∇u) v`` of the new state.
 
-
-def implicit_heat(msh, model, distributed):
-    """Backward Euler with a non-local FNO source ``dt c(u, ∇u) v`` of the new state."""
-    V = fem.functionspace(msh, ("Lagrange", 1))
-    u_n = fem.Function(V, name="u_n")
-    u_n.interpolate(initial)
-    uh = fem.Function(V, name="u")
-    uh.x.array[:] = u_n.x.array
-    v = ufl.TestFunction(V)
-    closure = mno.NonlocalClosure(
-        copy.deepcopy(model),
-        [uh, ufl.grad(uh)],
-        (),
-        2,
-        grid_shape=GRID,
-        extension_value=0.5,
-        device="cpu",
-        distributed=distributed,
-        name=f"c{int(distributed)}",
-    )
-    F = ((uh - u_n) * v + DT * ufl.inner(ufl.grad(uh), ufl.grad(v))) * ufl.dx
-    F -= DT * closure * v * closure.dx
-    problem = NonlinearProblem(
-        F,
-        uh,
-        bcs=[boundary_bc(V)],
-        petsc_options=PICARD,
-        petsc_options_prefix=f"dist_implicit{int(distributed)}_",
-    )
-    return ImplicitStepper(problem, uh, u_n, dt=DT)
+    Newton with the non-local closure frozen in the Jacobian (Picard for it), converged
+    tightly: the adjoint is that of the converged step.
+    """
+    u_n, uh = heat_functions(msh, 1, initial)
+    v = ufl.TestFunction(u_n.function_space)
+    closure = nonlocal_closure(model, [uh, ufl.grad(uh)], distributed)
+    implicit = -DT * closure * v * closure.dx
+    return implicit_heat(u_n, uh, implicit, f"dist_implicit{int(distributed)}_")
 
 
 @pytest.mark.mpi
@@ -247,10 +184,11 @@ def test_implicit_rollout_gradients_distributed_equal_gathered(fno):
     results = []
     for distributed in (False, True):
         msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 3)
-        rollout = Rollout(implicit_heat(msh, fno, distributed))
+        rollout = Rollout(implicit_nonlocal_heat(msh, fno, distributed))
         u0 = rollout.initial_state()
         data = [state.detach() * 0.9 for state in rollout.run(u0, 3)]
         result = rollout.gradient(u0, data, initial_state=True)
+        # Complex weights stay complex: the atol below bounds |Δ| of each entry.
         flat = torch.cat([g.reshape(-1) for g in result.parameters[0]]).numpy()
         results.append((result.loss, flat, result.initial_state.numpy()))
     (loss_g, grad_g, initial_g), (loss_d, grad_d, initial_d) = results

@@ -9,7 +9,27 @@ import pytest
 import torch
 import ufl
 from dolfinx import fem, mesh
-from problems import DIRECT, Cubic, boundary_bc
+from problems import (
+    DIRECT,
+    DT,
+    Cubic,
+    assert_rank_invariant,
+    flat_gradient,
+    global_max,
+    heat_functions,
+    imex_heat,
+    implicit_heat,
+    initial_state_remainders,
+    interpolated_targets,
+    mlp,
+    owned_values,
+    parameter_remainders,
+    parameters_of,
+    random_directions,
+    rates,
+    state_slope,
+    stepper_and_rollout_states,
+)
 
 import dolfinx_mno as mno
 from dolfinx_mno.petsc import LinearProblem, NonlinearProblem
@@ -17,18 +37,7 @@ from dolfinx_mno.quadrature import quadrature_points
 from dolfinx_mno.rollout import Rollout, allreduce_gradients, rollout_loss
 from dolfinx_mno.timestepping import IMEXStepper, ImplicitStepper
 
-DT = 0.05
 NUM_STEPS = 5
-
-
-def mlp(num_inputs, num_outputs, seed=0):
-    """A small float64 tanh MLP, the same on every rank."""
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(
-        torch.nn.Linear(num_inputs, 8),
-        torch.nn.Tanh(),
-        torch.nn.Linear(8, num_outputs),
-    ).double()
 
 
 def initial(x):
@@ -37,6 +46,10 @@ def initial(x):
 
 def target(t):
     return lambda x: (1 - t) * np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]) + 0.3 * x[1]
+
+
+def direction(x):
+    return np.cos(2 * x[0]) + x[1] ** 2
 
 
 def heat(
@@ -52,15 +65,9 @@ def heat(
 
     ``"scalar"``: a source ``dt q(u_n, ∇u_n) v``; ``"flux"``: ``-dt q(u_n, ∇u_n)·∇v``.
     """
-    V = fem.functionspace(msh, ("Lagrange", degree))
-    u_n = fem.Function(V, name="u_n")
-    u_n.interpolate(initial)
-    uh = fem.Function(V, name="u")
-    u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
-    a = (u * v + DT * ufl.inner(ufl.grad(u), ufl.grad(v))) * ufl.dx
-    L = u_n * v * ufl.dx
-    if nonlinear:
-        L -= DT * u_n**3 * v * ufl.dx
+    u_n, uh = heat_functions(msh, degree, initial)
+    v = ufl.TestFunction(u_n.function_space)
+    explicit = [-DT * u_n**3 * v * ufl.dx] if nonlinear else []
     made = []
     for seed, kind in enumerate(closures):
         shape = () if kind == "scalar" else (2,)
@@ -69,69 +76,23 @@ def heat(
             model, [u_n, ufl.grad(u_n)], shape, 2 * degree, device="cpu", name=kind
         )
         term = closure * v if kind == "scalar" else -ufl.inner(closure, ufl.grad(v))
-        L += DT * term * closure.dx
+        explicit.append(DT * term * closure.dx)
         made.append(closure)
-    problem = LinearProblem(
-        a,
-        L,
-        u=uh,
-        bcs=[boundary_bc(V)] if bcs else [],
-        petsc_options=DIRECT,
-        petsc_options_prefix=prefix,
-    )
-    return IMEXStepper(problem, uh, u_n, dt=DT), made
+    return imex_heat(u_n, uh, sum(explicit), prefix, bcs), made
 
 
 def targets(rollout, num_steps=NUM_STEPS):
-    """Owned values of analytic targets at t_1, ..., t_k (rank-independent functions)."""
-    V = rollout.stepper.u.function_space
-    result = []
-    for n in range(1, num_steps + 1):
-        f = fem.Function(V)
-        f.interpolate(target(n * DT))
-        result.append(torch.from_numpy(f.x.array[: rollout.num_owned].copy()))
-    return result
-
-
-def loss(rollout, u0, data):
-    with torch.no_grad():
-        return float(rollout_loss(rollout.run(u0, len(data)), data, rollout.comm))
-
-
-def rates(remainders):
-    remainders = np.asarray(remainders)
-    return np.log2(remainders[:-1] / remainders[1:])
+    """Owned values of the analytic targets at t_1, ..., t_k (rank-independent)."""
+    return interpolated_targets(rollout, target, num_steps)
 
 
 def taylor_parameters(rollout, closures, u0, data):
     """Remainders |J(θ+εδ) − J(θ) − ε dJ·δ| at ε = 1e-2·2^-k, k = 0..4."""
     result = rollout.gradient(u0, data, closures=closures)
-    parameters = [list(c.model.parameters()) for c in closures]
-    generator = torch.Generator().manual_seed(7)
-    directions = [
-        [torch.randn(p.shape, generator=generator).double() for p in group] for group in parameters
-    ]
-    slope = sum(
-        float((grad * d).sum())
-        for grads, ds in zip(result.parameters, directions, strict=True)
-        for grad, d in zip(grads, ds, strict=True)
+    parameters = parameters_of(closures)
+    return parameter_remainders(
+        rollout, u0, data, result, parameters, random_directions(parameters)
     )
-    base = [[p.detach().clone() for p in g] for g in parameters]
-    J0 = loss(rollout, u0, data)
-    assert J0 == pytest.approx(result.loss, rel=1e-14)
-    remainders = []
-    for k in range(5):
-        eps = 1e-2 * 2.0**-k
-        with torch.no_grad():
-            for group, b, ds in zip(parameters, base, directions, strict=True):
-                for p, p0, d in zip(group, b, ds, strict=True):
-                    p.copy_(p0 + eps * d)
-        remainders.append(abs(loss(rollout, u0, data) - J0 - eps * slope))
-    with torch.no_grad():
-        for group, b in zip(parameters, base, strict=True):
-            for p, p0 in zip(group, b, strict=True):
-                p.copy_(p0)
-    return remainders
 
 
 @pytest.mark.mpi
@@ -158,15 +119,7 @@ def test_taylor_initial_state(degree):
     u0, data = rollout.initial_state(), targets(rollout)
     result = rollout.gradient(u0, data, closures=[], initial_state=True)
     assert result.parameters == []
-    direction = fem.Function(stepper.u.function_space)
-    direction.interpolate(lambda x: np.cos(2 * x[0]) + x[1] ** 2)
-    delta = torch.from_numpy(direction.x.array[: rollout.num_owned].copy())
-    slope = rollout.comm.allreduce(float((result.initial_state * delta).sum()), op=MPI.SUM)
-    J0 = loss(rollout, u0, data)
-    remainders = [
-        abs(loss(rollout, u0 + eps * delta, data) - J0 - eps * slope)
-        for eps in 1e-2 * 2.0 ** -np.arange(5)
-    ]
+    remainders = initial_state_remainders(rollout, u0, data, result.initial_state, direction)
     assert remainders[0] > 1e-9
     assert min(rates(remainders)) >= 1.9
 
@@ -190,15 +143,8 @@ def test_rollout_states_are_the_steppers():
     msh = mesh.create_unit_square(MPI.COMM_WORLD, 5, 5)
     stepper, _ = heat(msh, 1, ("scalar", "flux"), prefix="forward_")
     rollout = Rollout(stepper)
-    u0 = rollout.initial_state()
-    with torch.no_grad():
-        states = rollout.run(u0, NUM_STEPS)
-    stepper.u_previous.x.array[: rollout.num_owned] = u0.numpy()
-    stepper.u_previous.x.scatter_forward()
-    stepper.run(NUM_STEPS, progress=False)
-    expected = stepper.u.x.array[: rollout.num_owned]
-    scale = msh.comm.allreduce(np.abs(expected).max(initial=0.0), op=MPI.MAX)
-    error = msh.comm.allreduce(np.abs(states[-1].numpy() - expected).max(initial=0.0), op=MPI.MAX)
+    state, expected = stepper_and_rollout_states(rollout, rollout.initial_state(), NUM_STEPS)
+    scale, error = global_max(msh.comm, expected), global_max(msh.comm, state - expected)
     assert scale > 0.04
     assert error <= 1e-13 * scale
 
@@ -210,12 +156,8 @@ def _serial_and_parallel_gradients(cells, checkpoint_every=None):
         stepper, closures = heat(msh, 1, ("scalar", "flux"), bcs=False, prefix=f"ranks{comm.size}_")
         rollout = Rollout(stepper, checkpoint_every=checkpoint_every)
         result = rollout.gradient(rollout.initial_state(), targets(rollout), initial_state=True)
-        direction = fem.Function(stepper.u.function_space)
-        direction.interpolate(lambda x: np.cos(2 * x[0]) + x[1] ** 2)
-        weights = torch.from_numpy(direction.x.array[: rollout.num_owned].copy())
-        local = float((result.initial_state * weights).sum())
-        flat = torch.cat([g.reshape(-1) for group in result.parameters for g in group])
-        results.append((result.loss, flat.numpy(), comm.allreduce(local, op=MPI.SUM)))
+        slope = state_slope(rollout, result.initial_state, owned_values(rollout, direction))
+        results.append((result.loss, flat_gradient(result), slope))
         assert len(closures) == len(result.parameters) == 2
     return results
 
@@ -224,14 +166,7 @@ def _serial_and_parallel_gradients(cells, checkpoint_every=None):
 @pytest.mark.parametrize("cells", [(1, 1), (6, 5)])
 def test_gradients_do_not_depend_on_ranks(cells):
     """COMM_WORLD against COMM_SELF on the same cells; (1, 1) on 3 ranks: a rank owns none."""
-    (loss_1, grad_1, slope_1), (loss_p, grad_p, slope_p) = _serial_and_parallel_gradients(cells)
-    assert loss_1 > 1e-3 and np.linalg.norm(grad_1) > 1e-3 and abs(slope_1) > 1e-3
-    assert loss_p == pytest.approx(loss_1, rel=1e-12)
-    assert np.linalg.norm(grad_p - grad_1) <= 1e-10 * np.linalg.norm(grad_1)
-    assert slope_p == pytest.approx(slope_1, rel=1e-10)
-    # And every rank holds the same parameter gradients.
-    gathered = MPI.COMM_WORLD.allgather(grad_p)
-    assert all(np.array_equal(g, gathered[0]) for g in gathered)
+    assert_rank_invariant(*_serial_and_parallel_gradients(cells))
 
 
 @pytest.mark.mpi
@@ -461,35 +396,16 @@ def test_bad_input_raises_the_same_error_on_every_rank(tiny_square):
     )
 
 
-NEWTON = {
-    **DIRECT,
-    "snes_type": "newtonls",
-    "snes_linesearch_type": "none",
-    "snes_atol": 1e-13,
-    "snes_rtol": 1e-13,
-    "snes_stol": 0.0,
-}
-
-
-def implicit_heat(msh, degree=1, prefix="implicit_"):
+def implicit_flux_heat(msh, degree=1, prefix="implicit_"):
     """Backward Euler with a flux closure q(u, ∇u) of the new state (Newton, exact J)."""
-    V = fem.functionspace(msh, ("Lagrange", degree))
-    u_n = fem.Function(V, name="u_n")
-    u_n.interpolate(initial)
-    uh = fem.Function(V, name="u")
-    uh.x.array[:] = u_n.x.array
-    v = ufl.TestFunction(V)
-    torch.manual_seed(4)
+    u_n, uh = heat_functions(msh, degree, initial)
+    v = ufl.TestFunction(u_n.function_space)
     model = mlp(3, 2, seed=4)
     with torch.no_grad():  # a mild closure: Newton converges in a few iterations
         model[2].weight.mul_(0.2)
     closure = mno.Closure(model, [uh, ufl.grad(uh)], (2,), 2 * degree, device="cpu", name="q")
-    F = ((uh - u_n) * v + DT * ufl.inner(ufl.grad(uh), ufl.grad(v))) * ufl.dx
-    F += DT * ufl.inner(closure, ufl.grad(v)) * closure.dx
-    problem = NonlinearProblem(
-        F, uh, bcs=[boundary_bc(V)], petsc_options=NEWTON, petsc_options_prefix=prefix
-    )
-    return ImplicitStepper(problem, uh, u_n, dt=DT), [closure]
+    flux = DT * ufl.inner(closure, ufl.grad(v)) * closure.dx
+    return implicit_heat(u_n, uh, flux, prefix), [closure]
 
 
 @pytest.mark.mpi
@@ -497,7 +413,7 @@ def implicit_heat(msh, degree=1, prefix="implicit_"):
 def test_taylor_implicit_parameters(degree):
     """Second-order Taylor remainders in θ through 5 Newton-converged implicit steps."""
     msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
-    stepper, closures = implicit_heat(msh, degree, prefix=f"implicit_taylor{degree}_")
+    stepper, closures = implicit_flux_heat(msh, degree, prefix=f"implicit_taylor{degree}_")
     rollout = Rollout(stepper)
     u0 = rollout.initial_state()
     remainders = taylor_parameters(rollout, closures, u0, targets(rollout))
@@ -508,30 +424,16 @@ def test_taylor_implicit_parameters(degree):
 @pytest.mark.mpi
 def test_taylor_implicit_initial_state_and_checkpoints():
     msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
-    stepper, _ = implicit_heat(msh, 1, prefix="implicit_u0_")
+    stepper, _ = implicit_flux_heat(msh, 1, prefix="implicit_u0_")
     rollout = Rollout(stepper)
     u0, data = rollout.initial_state(), targets(rollout)
     result = rollout.gradient(u0, data, initial_state=True)
-    direction = fem.Function(stepper.u.function_space)
-    direction.interpolate(lambda x: np.cos(2 * x[0]) + x[1] ** 2)
-    delta = torch.from_numpy(direction.x.array[: rollout.num_owned].copy())
-    slope = rollout.comm.allreduce(float((result.initial_state * delta).sum()), op=MPI.SUM)
-    J0 = loss(rollout, u0, data)
-    remainders = [
-        abs(loss(rollout, u0 + eps * delta, data) - J0 - eps * slope)
-        for eps in 1e-2 * 2.0 ** -np.arange(5)
-    ]
+    remainders = initial_state_remainders(rollout, u0, data, result.initial_state, direction)
     assert remainders[0] > 1e-9
     assert min(rates(remainders)) >= 1.9
     # The implicit rollout's states are the stepper's.
-    with torch.no_grad():
-        states = rollout.run(u0, NUM_STEPS)
-    stepper.u_previous.x.array[: rollout.num_owned] = u0.numpy()
-    stepper.u_previous.x.scatter_forward()
-    stepper.u.x.array[:] = stepper.u_previous.x.array
-    stepper.run(NUM_STEPS, progress=False)
-    error = np.abs(states[-1].numpy() - stepper.u.x.array[: rollout.num_owned]).max(initial=0)
-    assert msh.comm.allreduce(error, op=MPI.MAX) <= 1e-11
+    state, expected = stepper_and_rollout_states(rollout, u0, NUM_STEPS)
+    assert global_max(msh.comm, state - expected) <= 1e-11
     # Checkpointed: the same gradient.
     checkpointed = Rollout(stepper, checkpoint_every=2).gradient(u0, data, initial_state=True)
     for group, expected in zip(checkpointed.parameters, result.parameters, strict=True):
@@ -544,10 +446,9 @@ def test_implicit_gradients_do_not_depend_on_ranks(tiny_square):
     """Implicit steps on 2 cells (a rank without cells on 3 ranks) against COMM_SELF."""
     flat = []
     for msh in (mesh.create_unit_square(MPI.COMM_SELF, 1, 1), tiny_square):
-        stepper, _ = implicit_heat(msh, 2, prefix=f"implicit_ranks{msh.comm.size}_")
+        stepper, _ = implicit_flux_heat(msh, 2, prefix=f"implicit_ranks{msh.comm.size}_")
         rollout = Rollout(stepper)
-        result = rollout.gradient(rollout.initial_state(), targets(rollout))
-        flat.append(torch.cat([g.reshape(-1) for g in result.parameters[0]]).numpy())
+        flat.append(flat_gradient(rollout.gradient(rollout.initial_state(), targets(rollout))))
     assert np.linalg.norm(flat[0]) > 1e-4
     assert np.linalg.norm(flat[1] - flat[0]) <= 1e-10 * np.linalg.norm(flat[0])
 

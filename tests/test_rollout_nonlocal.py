@@ -9,12 +9,33 @@ import pytest
 import torch
 import ufl
 from dolfinx import fem, mesh
-from problems import DIRECT, boundary_bc
+from problems import (
+    DT,
+    NEWTON,
+    assert_rank_invariant,
+    flat_gradient,
+    global_max,
+    heat_functions,
+    imex_heat,
+    implicit_heat,
+    initial_state_remainders,
+    interpolated_targets,
+    loss_at,
+    mlp,
+    owned_values,
+    parameter_remainders,
+    parameter_slope,
+    parameters_of,
+    random_directions,
+    rates,
+    state_slope,
+    stepper_and_rollout_states,
+)
 
 import dolfinx_mno as mno
-from dolfinx_mno.petsc import LinearProblem, NonlinearProblem
-from dolfinx_mno.rollout import Rollout, rollout_loss
-from dolfinx_mno.timestepping import IMEXStepper, ImplicitStepper
+from dolfinx_mno.petsc import NonlinearProblem
+from dolfinx_mno.rollout import Rollout
+from dolfinx_mno.timestepping import ImplicitStepper
 from dolfinx_mno.torch_bridge import to_precision
 
 try:
@@ -22,7 +43,6 @@ try:
 except ImportError:  # pragma: no cover
     neuralop = pytest.importorskip("neuralop")
 
-DT = 0.05
 NUM_STEPS = 5
 
 
@@ -48,51 +68,33 @@ def target(t):
     return lambda x: (1 - t) * np.sin(np.pi * x[0]) + 0.3 * x[0] ** 2
 
 
+def direction(x):
+    return np.cos(2 * x[0]) + x[0] ** 2
+
+
 def heat(msh, degree=1, bcs=True, prefix="nonlocal_", local=False):
     """An IMEX heat step with a non-local source dt c(u_n, ∂u_n/∂x) v in the linear form.
 
     ``local``: also a local flux closure ``-dt q(u_n) ∂v/∂x`` (an MLP).
     """
-    V = fem.functionspace(msh, ("Lagrange", degree))
-    u_n = fem.Function(V, name="u_n")
-    u_n.interpolate(initial)
-    uh = fem.Function(V, name="u")
-    u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
-    a = (u * v + DT * ufl.inner(ufl.grad(u), ufl.grad(v))) * ufl.dx
+    u_n, uh = heat_functions(msh, degree, initial)
+    v = ufl.TestFunction(u_n.function_space)
     closure = mno.NonlocalClosure(
         conv_model(3), [u_n, u_n.dx(0)], (), 2 * degree, grid_shape=(9,), device="cpu"
     )
-    L = u_n * v * ufl.dx + DT * closure * v * closure.dx
+    explicit = DT * closure * v * closure.dx
     if local:
-        torch.manual_seed(1)
-        mlp = torch.nn.Sequential(torch.nn.Linear(1, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
-        flux = mno.Closure(mlp.double(), [u_n], (), 2 * degree, device="cpu", name="q")
-        L -= DT * flux * v.dx(0) * flux.dx
-    problem = LinearProblem(
-        a,
-        L,
-        u=uh,
-        bcs=[boundary_bc(V)] if bcs else [],
-        petsc_options=DIRECT,
-        petsc_options_prefix=prefix,
-    )
-    stepper = IMEXStepper(problem, uh, u_n, dt=DT)
+        flux = mno.Closure(
+            mlp(1, 1, seed=1, width=6), [u_n], (), 2 * degree, device="cpu", name="q"
+        )
+        explicit -= DT * flux * v.dx(0) * flux.dx
+    stepper = imex_heat(u_n, uh, explicit, prefix, bcs)
     return (stepper, [closure, flux]) if local else (stepper, closure)
 
 
 def targets(rollout, num_steps=NUM_STEPS):
-    V = rollout.stepper.u.function_space
-    result = []
-    for n in range(1, num_steps + 1):
-        f = fem.Function(V)
-        f.interpolate(target(n * DT))
-        result.append(torch.from_numpy(f.x.array[: rollout.num_owned].copy()))
-    return result
-
-
-def loss(rollout, u0, data):
-    with torch.no_grad():
-        return float(rollout_loss(rollout.run(u0, len(data)), data, rollout.comm))
+    """Owned values of the analytic targets at t_1, ..., t_k (rank-independent)."""
+    return interpolated_targets(rollout, target, num_steps)
 
 
 @pytest.mark.mpi
@@ -108,27 +110,11 @@ def test_taylor_parameters(degree, local):
     rollout = Rollout(stepper)
     u0, data = rollout.initial_state(), targets(rollout)
     result = rollout.gradient(u0, data, closures=closures)
-    parameters = [p for closure in closures for p in closure.model.parameters()]
-    gradients = [g for group in result.parameters for g in group]
-    generator = torch.Generator().manual_seed(7)
-    directions = [torch.randn(p.shape, generator=generator).double() for p in parameters]
-    slope = sum(float((g * d).sum()) for g, d in zip(gradients, directions, strict=True))
-    base = [p.detach().clone() for p in parameters]
-    J0 = loss(rollout, u0, data)
-    assert J0 == pytest.approx(result.loss, rel=1e-14)
-    remainders = []
-    for k in range(5):
-        eps = 1e-2 * 2.0**-k
-        with torch.no_grad():
-            for p, p0, d in zip(parameters, base, directions, strict=True):
-                p.copy_(p0 + eps * d)
-        remainders.append(abs(loss(rollout, u0, data) - J0 - eps * slope))
-    with torch.no_grad():
-        for p, p0 in zip(parameters, base, strict=True):
-            p.copy_(p0)
-    remainders = np.asarray(remainders)
+    parameters = parameters_of(closures)
+    directions = random_directions(parameters)
+    remainders = parameter_remainders(rollout, u0, data, result, parameters, directions)
     assert remainders[0] > 1e-9  # the closure matters
-    assert min(np.log2(remainders[:-1] / remainders[1:])) >= 1.9
+    assert min(rates(remainders)) >= 1.9
 
 
 @pytest.mark.mpi
@@ -139,19 +125,9 @@ def test_taylor_initial_state():
     rollout = Rollout(stepper)
     u0, data = rollout.initial_state(), targets(rollout)
     result = rollout.gradient(u0, data, closures=[], initial_state=True)
-    direction = fem.Function(stepper.u.function_space)
-    direction.interpolate(lambda x: np.cos(2 * x[0]) + x[0] ** 2)
-    delta = torch.from_numpy(direction.x.array[: rollout.num_owned].copy())
-    slope = rollout.comm.allreduce(float((result.initial_state * delta).sum()), op=MPI.SUM)
-    J0 = loss(rollout, u0, data)
-    remainders = np.array(
-        [
-            abs(loss(rollout, u0 + eps * delta, data) - J0 - eps * slope)
-            for eps in 1e-2 * 2.0 ** -np.arange(5)
-        ]
-    )
+    remainders = initial_state_remainders(rollout, u0, data, result.initial_state, direction)
     assert remainders[0] > 1e-9
-    assert min(np.log2(remainders[:-1] / remainders[1:])) >= 1.9
+    assert min(rates(remainders)) >= 1.9
 
 
 @pytest.mark.mpi
@@ -160,15 +136,8 @@ def test_rollout_states_are_the_steppers():
     msh = mesh.create_unit_interval(MPI.COMM_WORLD, 8)
     stepper, _ = heat(msh, 1, prefix="nl_forward_")
     rollout = Rollout(stepper)
-    u0 = rollout.initial_state()
-    with torch.no_grad():
-        states = rollout.run(u0, NUM_STEPS)
-    stepper.u_previous.x.array[: rollout.num_owned] = u0.numpy()
-    stepper.u_previous.x.scatter_forward()
-    stepper.run(NUM_STEPS, progress=False)
-    expected = stepper.u.x.array[: rollout.num_owned]
-    scale = msh.comm.allreduce(np.abs(expected).max(initial=0.0), op=MPI.MAX)
-    error = msh.comm.allreduce(np.abs(states[-1].numpy() - expected).max(initial=0.0), op=MPI.MAX)
+    state, expected = stepper_and_rollout_states(rollout, rollout.initial_state(), NUM_STEPS)
+    scale, error = global_max(msh.comm, expected), global_max(msh.comm, state - expected)
     assert scale > 0.04
     assert error <= 1e-12 * scale
 
@@ -183,19 +152,9 @@ def test_gradients_do_not_depend_on_ranks(cells):
         stepper, _ = heat(msh, 1, bcs=False, prefix=f"nl_ranks{comm.size}_")
         rollout = Rollout(stepper, checkpoint_every=2)
         result = rollout.gradient(rollout.initial_state(), targets(rollout), initial_state=True)
-        direction = fem.Function(stepper.u.function_space)
-        direction.interpolate(lambda x: np.cos(2 * x[0]) + x[0] ** 2)
-        weights = torch.from_numpy(direction.x.array[: rollout.num_owned].copy())
-        slope = comm.allreduce(float((result.initial_state * weights).sum()), op=MPI.SUM)
-        flat = torch.cat([g.reshape(-1) for g in result.parameters[0]]).numpy()
-        results.append((result.loss, flat, slope))
-    (loss_1, grad_1, slope_1), (loss_p, grad_p, slope_p) = results
-    assert loss_1 > 1e-3 and np.linalg.norm(grad_1) > 1e-3 and abs(slope_1) > 1e-3
-    assert loss_p == pytest.approx(loss_1, rel=1e-12)
-    assert np.linalg.norm(grad_p - grad_1) <= 1e-10 * np.linalg.norm(grad_1)
-    assert slope_p == pytest.approx(slope_1, rel=1e-10)
-    gathered = MPI.COMM_WORLD.allgather(grad_p)
-    assert all(np.array_equal(g, gathered[0]) for g in gathered)
+        slope = state_slope(rollout, result.initial_state, owned_values(rollout, direction))
+        results.append((result.loss, flat_gradient(result), slope))
+    assert_rank_invariant(*results)
 
 
 @pytest.mark.mpi
@@ -207,8 +166,7 @@ def test_checkpointed_gradient_equals_the_full_graph():
     gradients = []
     for checkpoint_every in (None, 2, 3):
         rollout = Rollout(stepper, checkpoint_every=checkpoint_every)
-        result = rollout.gradient(u0, targets(rollout))
-        gradients.append(torch.cat([g.reshape(-1) for g in result.parameters[0]]).numpy())
+        gradients.append(flat_gradient(rollout.gradient(u0, targets(rollout))))
     assert np.linalg.norm(gradients[0]) > 1e-3
     for gradient in gradients[1:]:
         assert np.linalg.norm(gradient - gradients[0]) <= 1e-12 * np.linalg.norm(gradients[0])
@@ -216,16 +174,8 @@ def test_checkpointed_gradient_equals_the_full_graph():
 
 # -- implicit steps: the closure at the unknown u_{n+1} ------------------------------------
 
-#: Newton (with the non-local closure frozen in the Jacobian: Picard) to round-off.
-PICARD = {
-    **DIRECT,
-    "snes_type": "newtonls",
-    "snes_linesearch_type": "none",
-    "snes_atol": 1e-13,
-    "snes_rtol": 1e-13,
-    "snes_stol": 0.0,
-    "snes_max_it": 50,
-}
+#: Newton with the non-local closure frozen in the Jacobian: Picard for it, to round-off.
+PICARD = NEWTON
 #: Matrix-free Newton: the exact Jacobian's action by differences of the residual (which
 #: re-evaluates the closure), preconditioned by the frozen-closure Jacobian's LU.
 MATRIX_FREE = {**PICARD, "snes_mf_operator": True, "ksp_type": "gmres", "ksp_rtol": 1e-12}
@@ -250,59 +200,27 @@ def fno(seed=0, in_channels=3):
     return to_precision(model, torch.float64)
 
 
-def implicit_heat(msh, degree=1, bcs=True, prefix="nl_implicit_", local=False, options=PICARD):
+def implicit_nonlocal_heat(
+    msh, degree=1, bcs=True, prefix="nl_implicit_", local=False, options=PICARD
+):
     """Backward Euler with a non-local FNO source dt c(u, ∂u/∂x) v of the new state u.
 
     ``local``: also a local flux closure ``dt q(u) ∂v/∂x`` of the new state (its tangent in
     the Jacobian).
     """
-    V = fem.functionspace(msh, ("Lagrange", degree))
-    u_n = fem.Function(V, name="u_n")
-    u_n.interpolate(initial)
-    uh = fem.Function(V, name="u")
-    uh.x.array[:] = u_n.x.array
-    v = ufl.TestFunction(V)
+    u_n, uh = heat_functions(msh, degree, initial)
+    v = ufl.TestFunction(u_n.function_space)
     closure = mno.NonlocalClosure(
         fno(), [uh, uh.dx(0)], (), 2 * degree, grid_shape=(9,), device="cpu", name="c"
     )
-    F = ((uh - u_n) * v + DT * ufl.inner(ufl.grad(uh), ufl.grad(v))) * ufl.dx
-    F -= DT * closure * v * closure.dx
+    implicit = -DT * closure * v * closure.dx
     closures = [closure]
     if local:
-        torch.manual_seed(1)
-        mlp = torch.nn.Sequential(torch.nn.Linear(1, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
-        flux = mno.Closure(mlp.double(), [uh], (), 2 * degree, device="cpu", name="q")
-        F += DT * flux * v.dx(0) * flux.dx
+        model = mlp(1, 1, seed=1, width=6)
+        flux = mno.Closure(model, [uh], (), 2 * degree, device="cpu", name="q")
+        implicit += DT * flux * v.dx(0) * flux.dx
         closures.append(flux)
-    problem = NonlinearProblem(
-        F,
-        uh,
-        bcs=[boundary_bc(V)] if bcs else [],
-        petsc_options=options,
-        petsc_options_prefix=prefix,
-    )
-    return ImplicitStepper(problem, uh, u_n, dt=DT), closures
-
-
-def directional_derivative(result, directions):
-    """dJ·δ from the rollout gradient: Re Σ conj(g) δ (complex spectral weights included)."""
-    return sum(
-        float(torch.real((g.conj() * d).sum()))
-        for grads, ds in zip(result.parameters, directions, strict=True)
-        for g, d in zip(grads, ds, strict=True)
-    )
-
-
-def loss_at(rollout, u0, data, parameters, base, directions, eps):
-    """The loss at θ + ε δ (θ restored after)."""
-    with torch.no_grad():
-        for p, p0, d in zip(parameters, base, directions, strict=True):
-            p.copy_(p0 + eps * d)
-    value = loss(rollout, u0, data)
-    with torch.no_grad():
-        for p, p0 in zip(parameters, base, strict=True):
-            p.copy_(p0)
-    return value
+    return implicit_heat(u_n, uh, implicit, prefix, bcs, options), closures
 
 
 @pytest.mark.mpi
@@ -316,35 +234,21 @@ def test_taylor_implicit_parameters(degree, local):
     """
     msh = mesh.create_unit_interval(MPI.COMM_WORLD, 8)
     prefix = f"nl_implicit_taylor{degree}{local}_"
-    stepper, closures = implicit_heat(msh, degree, prefix=prefix, local=local)
+    stepper, closures = implicit_nonlocal_heat(msh, degree, prefix=prefix, local=local)
     rollout = Rollout(stepper)
     u0, data = rollout.initial_state(), targets(rollout)
     result = rollout.gradient(u0, data, closures=closures)
-    groups = [list(closure.model.parameters()) for closure in closures]
-    assert any(p.is_complex() for p in groups[0])  # the FNO's spectral weights
-    generator = torch.Generator().manual_seed(7)
-    directions = [
-        [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in group]
-        for group in groups
-    ]
-    slope = directional_derivative(result, directions)
-    parameters = [p for group in groups for p in group]
-    flat = [d for group in directions for d in group]
-    base = [p.detach().clone() for p in parameters]
-    J0 = loss(rollout, u0, data)
-    assert J0 == pytest.approx(result.loss, rel=1e-14)
-    remainders = np.array(
-        [
-            abs(loss_at(rollout, u0, data, parameters, base, flat, eps) - J0 - eps * slope)
-            for eps in 1e-2 * 2.0 ** -np.arange(5)
-        ]
-    )
+    parameters = parameters_of(closures)
+    assert any(p.is_complex() for p in closures[0].model.parameters())  # spectral weights
+    directions = random_directions(parameters)
+    remainders = parameter_remainders(rollout, u0, data, result, parameters, directions)
     assert remainders[0] > 1e-5  # the closure matters
-    assert min(np.log2(remainders[:-1] / remainders[1:])) >= 1.9
+    assert min(rates(remainders)) >= 1.9
+    slope = parameter_slope(result, directions)
     h = 3e-4
     central = (
-        loss_at(rollout, u0, data, parameters, base, flat, h)
-        - loss_at(rollout, u0, data, parameters, base, flat, -h)
+        loss_at(rollout, u0, data, parameters, directions, h)
+        - loss_at(rollout, u0, data, parameters, directions, -h)
     ) / (2 * h)
     assert abs(slope) > 0.1
     assert central == pytest.approx(slope, rel=5e-6)
@@ -355,32 +259,16 @@ def test_taylor_implicit_initial_state_and_checkpoints():
     """Second-order remainders in u_0 (through ∂c/∂u in the adjoint solve); the rollout's
     states are the stepper's; checkpointed segments give the same gradient."""
     msh = mesh.create_unit_interval(MPI.COMM_WORLD, 8)
-    stepper, _ = implicit_heat(msh, 1, prefix="nl_implicit_u0_")
+    stepper, _ = implicit_nonlocal_heat(msh, 1, prefix="nl_implicit_u0_")
     rollout = Rollout(stepper)
     u0, data = rollout.initial_state(), targets(rollout)
     result = rollout.gradient(u0, data, initial_state=True)
-    direction = fem.Function(stepper.u.function_space)
-    direction.interpolate(lambda x: np.cos(2 * x[0]) + x[0] ** 2)
-    delta = torch.from_numpy(direction.x.array[: rollout.num_owned].copy())
-    slope = rollout.comm.allreduce(float((result.initial_state * delta).sum()), op=MPI.SUM)
-    J0 = loss(rollout, u0, data)
-    remainders = np.array(
-        [
-            abs(loss(rollout, u0 + eps * delta, data) - J0 - eps * slope)
-            for eps in 1e-2 * 2.0 ** -np.arange(5)
-        ]
-    )
+    remainders = initial_state_remainders(rollout, u0, data, result.initial_state, direction)
     assert remainders[0] > 1e-5
-    assert min(np.log2(remainders[:-1] / remainders[1:])) >= 1.9
+    assert min(rates(remainders)) >= 1.9
     # The rollout's states are the stepper's (Newton updating the closure at each iterate).
-    with torch.no_grad():
-        states = rollout.run(u0, NUM_STEPS)
-    stepper.u_previous.x.array[: rollout.num_owned] = u0.numpy()
-    stepper.u_previous.x.scatter_forward()
-    stepper.u.x.array[:] = stepper.u_previous.x.array
-    stepper.run(NUM_STEPS, progress=False)
-    error = np.abs(states[-1].numpy() - stepper.u.x.array[: rollout.num_owned]).max(initial=0)
-    assert msh.comm.allreduce(error, op=MPI.MAX) <= 1e-11
+    state, expected = stepper_and_rollout_states(rollout, u0, NUM_STEPS)
+    assert global_max(msh.comm, state - expected) <= 1e-11
     # Checkpointed: the same gradient (the model recomputed on the root only).
     checkpointed = Rollout(stepper, checkpoint_every=2).gradient(u0, data, initial_state=True)
     for g, e in zip(checkpointed.parameters[0], result.parameters[0], strict=True):
@@ -396,13 +284,13 @@ def test_implicit_gradient_does_not_depend_on_the_nonlinear_solver():
     msh = mesh.create_unit_interval(MPI.COMM_WORLD, 8)
     results = []
     for name, options in (("picard", PICARD), ("mf", MATRIX_FREE)):
-        stepper, _ = implicit_heat(msh, 1, prefix=f"nl_implicit_{name}_", options=options)
+        stepper, _ = implicit_nonlocal_heat(msh, 1, prefix=f"nl_implicit_{name}_", options=options)
         rollout = Rollout(stepper)
         u0, data = rollout.initial_state(), targets(rollout)
         results.append(rollout.gradient(u0, data, initial_state=True))
-    picard, matrix_free = (torch.cat([g.reshape(-1) for g in r.parameters[0]]) for r in results)
-    assert float(picard.norm()) > 1e-2
-    assert float((matrix_free - picard).norm()) <= 1e-10 * float(picard.norm())
+    picard, matrix_free = (flat_gradient(r) for r in results)
+    assert np.linalg.norm(picard) > 1e-2
+    assert np.linalg.norm(matrix_free - picard) <= 1e-10 * np.linalg.norm(picard)
     difference = float((results[1].initial_state - results[0].initial_state).norm())
     scale = float(results[0].initial_state.norm())
     assert msh.comm.allreduce(difference, op=MPI.MAX) <= 1e-10 * msh.comm.allreduce(
@@ -416,7 +304,7 @@ def test_implicit_closure_of_x_only():
     Jᵀ), beside the non-local and the local closure of u: its gradient equals a central
     difference."""
     msh = mesh.create_unit_interval(MPI.COMM_WORLD, 8)
-    stepper, _ = implicit_heat(msh, 1, prefix="nl_implicit_x_", local=True)
+    stepper, _ = implicit_nonlocal_heat(msh, 1, prefix="nl_implicit_x_", local=True)
     x = ufl.SpatialCoordinate(msh)
     source = mno.NonlocalClosure(
         fno(3, in_channels=2), [x[0]], (), 2, grid_shape=(9,), mesh=msh, device="cpu", name="f"
@@ -430,14 +318,12 @@ def test_implicit_closure_of_x_only():
     u0, data = rollout.initial_state(), targets(rollout)
     result = rollout.gradient(u0, data, closures=[source])
     parameters = list(source.model.parameters())
-    generator = torch.Generator().manual_seed(3)
-    directions = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in parameters]
-    slope = directional_derivative(result, [directions])
-    base = [p.detach().clone() for p in parameters]
+    directions = random_directions(parameters, seed=3)
+    slope = parameter_slope(result, directions)
     h = 3e-4
     central = (
-        loss_at(rollout, u0, data, parameters, base, directions, h)
-        - loss_at(rollout, u0, data, parameters, base, directions, -h)
+        loss_at(rollout, u0, data, parameters, directions, h)
+        - loss_at(rollout, u0, data, parameters, directions, -h)
     ) / (2 * h)
     assert abs(slope) > 0.1
     assert central == pytest.approx(slope, rel=5e-6)
@@ -452,29 +338,12 @@ def test_implicit_gradients_do_not_depend_on_ranks(cells):
     for comm in (MPI.COMM_SELF, MPI.COMM_WORLD):
         msh = mesh.create_unit_interval(comm, cells)
         prefix = f"nl_implicit_ranks{comm.size}_{cells}_"
-        stepper, _ = implicit_heat(msh, 1, bcs=cells > 2, prefix=prefix)
+        stepper, _ = implicit_nonlocal_heat(msh, 1, bcs=cells > 2, prefix=prefix)
         rollout = Rollout(stepper)
         result = rollout.gradient(rollout.initial_state(), targets(rollout), initial_state=True)
-        direction = fem.Function(stepper.u.function_space)
-        direction.interpolate(lambda x: np.cos(2 * x[0]) + x[0] ** 2)
-        weights = torch.from_numpy(direction.x.array[: rollout.num_owned].copy())
-        slope = comm.allreduce(float((result.initial_state * weights).sum()), op=MPI.SUM)
-        flat = torch.cat(
-            [
-                torch.view_as_real(g.resolve_conj()).reshape(-1)
-                if g.is_complex()
-                else g.reshape(-1)
-                for g in result.parameters[0]
-            ]
-        ).numpy()
-        results.append((result.loss, flat, slope))
-    (loss_1, grad_1, slope_1), (loss_p, grad_p, slope_p) = results
-    assert loss_1 > 1e-3 and np.linalg.norm(grad_1) > 1e-3 and abs(slope_1) > 1e-3
-    assert loss_p == pytest.approx(loss_1, rel=1e-12)
-    assert np.linalg.norm(grad_p - grad_1) <= 1e-10 * np.linalg.norm(grad_1)
-    assert slope_p == pytest.approx(slope_1, rel=1e-10)
-    gathered = MPI.COMM_WORLD.allgather(grad_p)
-    assert all(np.array_equal(g, gathered[0]) for g in gathered)
+        slope = state_slope(rollout, result.initial_state, owned_values(rollout, direction))
+        results.append((result.loss, flat_gradient(result), slope))
+    assert_rank_invariant(*results)
 
 
 @pytest.mark.mpi
