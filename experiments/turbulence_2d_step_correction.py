@@ -411,9 +411,11 @@ log(
     f"{training['held_out_after']:.4g} in {training['epochs']} epochs, {training['seconds']:.0f} s"
 )
 
-# ## Checks: every run starts correlated; the oracle lasts at least as long as no closure.
+# ## Checks: every run starts correlated; the oracle (exact to round-off in one step, checked
+# above) tracks the filtered DNS over the whole test horizon; the learned runs' numbers are
+# the measurement.
 for name, row in runs.items():
     assert row["correlations"][0] > 0.99, (name, row["correlations"][:2])
-oracle_lasts = runs["oracle: exact s_n every step"]["decorrelation_time"]
-assert oracle_lasts is None or oracle_lasts >= runs["no closure"]["decorrelation_time"]
+oracle_row = runs["oracle: exact s_n every step"]
+assert oracle_row["decorrelation_time"] is None and oracle_row["correlation_end"] > 0.99, oracle_row
 log(f"all checks passed; outputs in {output}")
