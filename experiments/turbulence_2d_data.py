@@ -197,6 +197,9 @@ class CoarseRuns:
         def callback(t: float) -> None:
             step = round(t / flow.dt)
             if step % every == 0:
+                if not np.isfinite(flow.energy()):  # collective: the ranks agree
+                    rho.append(np.nan)  # blown up (the run stops after this step)
+                    return
                 omega = flow.omega if to_coarse is None else to_coarse(flow.omega)
                 self.pair[0].x.array[:] = omega.x.array
                 self.pair[1].x.array[:] = omega_reference[index(step)]
