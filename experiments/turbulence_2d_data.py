@@ -20,6 +20,7 @@ Like the experiments, it needs ``demos/`` and ``demos/turbulence_2d/`` on ``sys.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -187,7 +188,9 @@ class CoarseRuns:
         Returns:
             ``decorrelation_time`` (None: never), ``correlation_end``,
             ``seconds_per_time_unit`` (over the test horizon), ``correlations``, and with
-            ``long_end`` the ``energy_end`` and ``max_energy`` of the long run.
+            ``long_end`` the ``energy_end`` and ``max_energy`` of the long run and whether
+            it stayed ``finite``. A run that blows up (a non-finite state, or a closure that
+            fails on it) stops there: its correlations are NaN from then on.
         """
         omega_reference = self.reference if reference is None else reference
         every = record_every or steps(self.data.config["sample_every"], flow.dt)
@@ -208,7 +211,11 @@ class CoarseRuns:
                 before_step(step)
 
         flow.set_vorticity(initial)
-        seconds = flow.run(0.0, self.horizon, callback)
+        tic = time.perf_counter()
+        try:
+            seconds = flow.run(0.0, self.horizon, callback)
+        except mno.ClosureEvaluationError:  # raised on every rank: the closure blew up
+            seconds = flow.comm.allreduce(time.perf_counter() - tic, op=MPI.MAX)
         expected = round(self.horizon / (every * flow.dt)) + 1
         rho += [np.nan] * (expected - len(rho))  # a blown-up run stops early
         sample_times = np.arange(expected) * every * flow.dt
@@ -225,7 +232,10 @@ class CoarseRuns:
                 def record_energy(t: float) -> None:
                     energies.append(flow.energy())
 
-                flow.run(self.horizon, long_end, record_energy, every=every)
+                try:
+                    flow.run(self.horizon, long_end, record_energy, every=every)
+                except mno.ClosureEvaluationError:
+                    energies.append(np.nan)
             finite = bool(np.all(np.isfinite(energies))) and len(energies) > 1
             result |= {
                 "long_end": long_end,
