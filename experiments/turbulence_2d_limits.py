@@ -19,9 +19,11 @@ This experiment tests the explanations of ``docs/results.md`` by measurement:
 
 The demo writes no DNS data (only its a-priori model files and ``summary.json``), so this
 experiment regenerates the DNS with the demo's ``flow`` module and the demo's settings
-(the same seeds, spin-up and fits, so its models are the demo's), and fits the closures
-again. One difference, measured here too: at ``--medium`` the demo samples every 0.0625
-time units, which is 2.5 coarse steps of 0.025. Its comparison rounds that to 2 steps, so
+(the same seeds, spin-up and fits, so its models are the demo's; the DNS, the coarse runs
+and the closure grid come from ``turbulence_2d_data.py``, shared with
+``turbulence_2d_step_correction.py``), and fits the closures again. One difference,
+measured here too: at ``--medium`` the demo samples every 0.0625 time units, which is 2.5
+coarse steps of 0.025. Its comparison rounds that to 2 steps, so
 the coarse runs are compared with the reference up to half a step off in time and its
 a-posteriori training targets the state 0.0625 ahead after 0.05 of coarse time. This
 experiment samples every 0.05 (2 coarse steps, 16 DNS steps) and also reruns the demo's
