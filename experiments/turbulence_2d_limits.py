@@ -19,9 +19,11 @@ This experiment tests the explanations of ``docs/results.md`` by measurement:
 
 The demo writes no DNS data (only its a-priori model files and ``summary.json``), so this
 experiment regenerates the DNS with the demo's ``flow`` module and the demo's settings
-(the same seeds, spin-up and fits, so its models are the demo's), and fits the closures
-again. One difference, measured here too: at ``--medium`` the demo samples every 0.0625
-time units, which is 2.5 coarse steps of 0.025. Its comparison rounds that to 2 steps, so
+(the same seeds, spin-up and fits, so its models are the demo's; the DNS, the coarse runs
+and the closure grid come from ``turbulence_2d_data.py``, shared with
+``turbulence_2d_step_correction.py``), and fits the closures again. One difference,
+measured here too: at ``--medium`` the demo samples every 0.0625 time units, which is 2.5
+coarse steps of 0.025. Its comparison rounds that to 2 steps, so
 the coarse runs are compared with the reference up to half a step off in time and its
 a-posteriori training targets the state 0.0625 ahead after 0.05 of coarse time. This
 experiment samples every 0.05 (2 coarse steps, 16 DNS steps) and also reruns the demo's
@@ -36,10 +38,8 @@ with ``--quick``) and prints the tables.
 
 import argparse
 import json
-import math
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from mpi4py import MPI
@@ -51,8 +51,7 @@ from dolfinx import fem
 from neuralop.models import FNO
 
 import dolfinx_mno as mno
-from dolfinx_mno.data import CellAverage, ClosureSampler, L2Projection, Tendency
-from dolfinx_mno.grid import Grid
+from dolfinx_mno.data import CellAverage, ClosureSampler, Tendency
 from dolfinx_mno.grid_gather import GriddedSampler
 from dolfinx_mno.io import save_model
 from dolfinx_mno.models import MLP
@@ -62,8 +61,9 @@ from dolfinx_mno.training import fit, shard
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPOSITORY / "demos"), str(REPOSITORY / "demos" / "turbulence_2d")]
 from comparison import smagorinsky_constant, train_a_posteriori
-from flow import VorticityFlow, length, smagorinsky, spin_up, velocity
-from utilities import boundary_dofs, log, output_folder
+from flow import VorticityFlow, length, smagorinsky, velocity
+from turbulence_2d_data import CoarseRuns, Turbulence, closure_grid, settings, steps
+from utilities import log, output_folder
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--quick", action="store_true", help="small problem, a smoke test")
@@ -76,57 +76,37 @@ comm = MPI.COMM_WORLD
 torch.set_num_threads(1)
 output = output_folder("turbulence_2d_limits", root=REPOSITORY / "experiments" / "output")
 
-# The demo's --quick and --medium settings; `sample_every` divides every time step here,
-# `demo_sample_every` is the demo's (the a-priori data are sampled at it, as in the demo).
+# The demo's --quick and --medium settings (`turbulence_2d_data.settings`); `sample_every`
+# divides every time step here, `demo_sample_every` is the demo's (the a-priori data are
+# sampled at it, as in the demo).
+config = settings(args.quick)
 if args.quick:
-    config = dict(
-        dns=32, coarse=8, ladder=[8, 16], courant=0.5, spin_up_n=16, spin_up=1.0,
-        spin_up_fine=0.25, train_seeds=[1, 2], test_seed=3, horizon=0.5, test_horizon=1.5,
-        sample_every=0.125, demo_sample_every=0.125, mlp_epochs=15, fno_epochs=10,
-        fno_modes=8, fno_width=16, demo_window=2, demo_rollout_epochs=2, windows=[2, 3],
-        rollout_epochs=2, stride=1, holds=[1, 2],
+    config |= dict(
+        demo_sample_every=0.125, mlp_epochs=15, fno_epochs=10, fno_modes=8, fno_width=16,
+        demo_window=2, demo_rollout_epochs=2, windows=[2, 3], rollout_epochs=2, stride=1,
+        holds=[1, 2],
     )  # fmt: skip
 else:
-    config = dict(
-        dns=128, coarse=16, ladder=[16, 32, 64], courant=0.4, spin_up_n=64, spin_up=5.0,
-        spin_up_fine=1.0, train_seeds=[1, 2, 3], test_seed=5, horizon=2.0,
-        test_horizon=6.0, sample_every=0.05, demo_sample_every=0.0625, mlp_epochs=200,
-        fno_epochs=60, fno_modes=8, fno_width=24, demo_window=4, demo_rollout_epochs=5,
-        windows=[4, 8, 16], rollout_epochs=20, stride=2, holds=[1, 2, 8],
+    config |= dict(
+        demo_sample_every=0.0625, mlp_epochs=200, fno_epochs=60, fno_modes=8, fno_width=24,
+        demo_window=4, demo_rollout_epochs=5, windows=[4, 8, 16], rollout_epochs=20,
+        stride=2, holds=[1, 2, 8],
     )  # fmt: skip
 config["windows"] = args.windows or config["windows"]
 config["rollout_epochs"] = args.epochs or config["rollout_epochs"]
-nu = 1e-3
-nf, nc = config["dns"], config["coarse"]
-ratio, h = nf // nc, length / nc
-
-
-def time_step(n: int) -> float:
-    return config["courant"] / n
-
-
-def steps(interval: float, dt: float) -> int:
-    """Time steps in ``interval`` (an error if they do not fit exactly)."""
-    count = round(interval / dt)
-    assert abs(count * dt - interval) < 1e-9 * interval, (interval, dt)
-    return count
-
-
 log(f"config: {config}")
 
 # ## The DNS, the coarse spaces and the exact subgrid flux, as the demo builds them
-dns = VorticityFlow(nf, time_step(nf), nu, name="dns")
-plain = VorticityFlow(nc, time_step(nc), nu, name="plain")
-coarse_mesh, Vc = plain.mesh, plain.V
-bc_c = fem.dirichletbc(0.0, boundary_dofs(Vc), Vc)
-projection = L2Projection(Vc, subdivisions=ratio, bcs=[bc_c])
-omega_bar = fem.Function(Vc, name="omega_bar")
+data = Turbulence(config, comm)
+dns, plain, omega_bar, filtered = data.dns, data.plain, data.omega_bar, data.filtered
+nu, nf, nc = plain.nu, config["dns"], config["coarse"]
+h, coarse_mesh, Vc = length / nc, data.mesh, data.V
 Wc = fem.functionspace(coarse_mesh, ("Discontinuous Lagrange", 0, (2,)))
 flux_c = plain.velocity_n * plain.omega_n - nu * ufl.grad(plain.omega_n)
 coarse_flux = Tendency(ufl.inner(flux_c, ufl.TestFunction(Wc)) * ufl.dx, name="coarse_flux")
 operands = {"grad_omega": ufl.grad(plain.omega_n), "grad_u": ufl.grad(plain.velocity_n)}
 sampler = ClosureSampler(
-    projection, omega_bar, operands, coarse_flux, quadrature_degree=1,
+    data.projection, omega_bar, operands, coarse_flux, quadrature_degree=1,
     tendency_restriction=CellAverage(Wc, dns.mesh),
 )  # fmt: skip
 omega_f, psi_f = ufl.split(dns.w)
@@ -134,22 +114,10 @@ fine_flux = velocity(psi_f) * omega_f - nu * ufl.grad(omega_f)
 tau_exact = sampler.filtered_tendency - coarse_flux.function
 tau = fem.Function(Wc, name="tau")
 tau_expression = fem.Expression(tau_exact, Wc.element.interpolation_points)
-margin = nc
-shape = 2 * nc + 2 * margin
-lower = h / 4 - margin * h / 2
-grid = Grid((lower, lower), (lower + (shape - 1) * h / 2,) * 2, (shape, shape))
+grid = closure_grid(nc)
 grid_inputs = GriddedSampler([plain.omega_n, plain.velocity_n], grid)
 grid_targets = GriddedSampler([tau_exact], grid, mesh=coarse_mesh)
 num_owned = plain.W.dofmap.index_map.size_local * plain.W.dofmap.index_map_bs
-n = config["spin_up_n"]
-cheap = VorticityFlow(n, time_step(n), nu, name="cheap") if n != nf else None
-
-
-def filtered(omega_fine: fem.Function) -> fem.Function:
-    """ω̄ of a fine vorticity; sets the coarse state (and ψ̄) of `plain`."""
-    projection(omega_fine, out=omega_bar)
-    plain.set_vorticity(omega_bar)
-    return omega_bar
 
 
 def exact_tau() -> np.ndarray:
@@ -171,7 +139,6 @@ fine_per_coarse = steps(plain.dt, dns.dt)
 tic = time.perf_counter()
 samples, grid_x, grid_y, trajectories, demo_trajectories = [], [], [], [], []
 for seed in config["train_seeds"]:
-    spin_up(dns, seed, config["spin_up"], cheap, config["spin_up_fine"])
     trajectories.append([])
     demo_trajectories.append([])
 
@@ -186,81 +153,34 @@ for seed in config["train_seeds"]:
             filtered(dns.omega)
             trajectories[-1].append(plain.w.x.array[:num_owned].copy())
 
-    dns.run(0.0, config["horizon"], record)
+    data.trajectory(seed, config["horizon"], record)
 log(f"training data: {len(samples)} snapshots, {time.perf_counter() - tic:.1f} s")
 
 # ## The test trajectory: filtered vorticity and exact τ at every DNS step
-spin_up(dns, config["test_seed"], config["spin_up"], cheap, config["spin_up_fine"])
-start_fine = dns.omega
-start = filtered(start_fine).copy()
 tau_steps: list[np.ndarray] = []  # exact τ at every DNS step
 omega_steps: list[np.ndarray] = []  # ω̄ at every DNS step
 tic = time.perf_counter()
+start_fine = dns.omega  # overwritten at t = 0 (the end of the spin-up)
 
 
 def record_test(t: float) -> None:
+    if t == 0.0:
+        start_fine.x.array[:] = dns.omega.x.array
     exact_tau()
     tau_steps.append(tau.x.array.copy())
     omega_steps.append(omega_bar.x.array.copy())
 
 
-dns_seconds = dns.run(0.0, config["test_horizon"], record_test)
+dns_seconds = data.trajectory(config["test_seed"], config["test_horizon"], record_test)
+start = omega_bar.copy()
+start.x.array[:] = omega_steps[0]
 log(f"test trajectory with τ at every DNS step: {time.perf_counter() - tic:.1f} s")
 reference = omega_steps[::every]
 times = np.arange(len(reference)) * config["sample_every"]
 
 # ## Coarse runs against the filtered DNS
-pair = fem.Function(Vc), fem.Function(Vc)
-correlation = mno.Correlation(*pair)
-
-
-def decorrelation(sample_times: np.ndarray, rho: np.ndarray) -> float | None:
-    """t(ρ < 0.95), None if never within the horizon."""
-    t = mno.decorrelation_time(sample_times, np.nan_to_num(rho, nan=-1.0))
-    return None if math.isinf(t) else float(t)
-
-
-def run(
-    flow: VorticityFlow,
-    initial: fem.Function,
-    to_coarse: Callable[[fem.Function], fem.Function] | None = None,
-    before_step: Callable[[int], None] | None = None,
-    record_every: int | None = None,
-    reference_index: Callable[[int], int] | None = None,
-) -> dict:
-    """Run ``flow`` over the test horizon from ``initial``; its correlation with the reference.
-
-    ``before_step(k)`` runs before step ``k`` (the oracle sets τ there). By default the
-    run is compared every ``sample_every`` with the reference at the same time; the
-    demo's way is ``record_every`` steps and a ``reference_index`` of the step.
-    """
-    omega_reference = reference if reference_index is None else demo_reference
-    record_every = record_every or steps(config["sample_every"], flow.dt)
-    index = reference_index or (lambda step: step // record_every)
-    rho: list[float] = []
-
-    def callback(t: float) -> None:
-        step = round(t / flow.dt)
-        if step % record_every == 0:
-            omega = flow.omega if to_coarse is None else to_coarse(flow.omega)
-            pair[0].x.array[:] = omega.x.array
-            pair[1].x.array[:] = omega_reference[index(step)]
-            rho.append(correlation())
-        if before_step is not None:
-            before_step(step)
-
-    flow.set_vorticity(initial)
-    seconds = flow.run(0.0, config["test_horizon"], callback)
-    expected = round(config["test_horizon"] / (record_every * flow.dt)) + 1
-    rho += [np.nan] * (expected - len(rho))  # a blown-up run stops early
-    sample_times = np.arange(expected) * record_every * flow.dt
-    return {
-        "decorrelation_time": decorrelation(sample_times, np.asarray(rho)),
-        "correlation_end": float(rho[-1]),
-        "seconds_per_time_unit": seconds / config["test_horizon"],
-        "correlations": [float(r) for r in rho],
-    }
-
+coarse_runs = CoarseRuns(data, reference)
+run = coarse_runs.run
 
 demo_reference = [
     omega_steps[round(j * config["demo_sample_every"] / dns.dt)]
@@ -273,25 +193,16 @@ runs["no closure, compared as the demo"] = run(
     start,
     record_every=demo_coarse_every,
     reference_index=lambda step: round(step * plain.dt / config["demo_sample_every"]),
+    reference=demo_reference,
 )
-for size in config["ladder"][1:]:
-    flow = VorticityFlow(size, time_step(size), nu, name=f"ladder{size}")
-    to_flow = L2Projection(
-        flow.V, subdivisions=nf // size, bcs=[fem.dirichletbc(0.0, boundary_dofs(flow.V), flow.V)]
-    )
-    to_coarse = L2Projection(Vc, subdivisions=size // nc, bcs=[bc_c])
-    runs[f"no closure, {size}²"] = run(flow, to_flow(start_fine), to_coarse=to_coarse)
-runs["no closure, DNS time step"] = run(
-    VorticityFlow(nc, dns.dt, nu, domain=coarse_mesh, name="plain_fine_dt"), start
-)
+runs |= coarse_runs.ladder(config["ladder"], start_fine)
+runs["no closure, DNS time step"] = run(data.coarse_model("plain_fine_dt", dns.dt), start)
 
 
 def oracle(dt: float, hold: int, name: str) -> dict:
     """The coarse model with the DNS's exact τ, refreshed every ``hold`` steps of ``dt``."""
     oracle_tau = fem.Function(Wc, name=f"{name}_tau")
-    flow = VorticityFlow(
-        nc, dt, nu, lambda o, u: (oracle_tau, ufl.dx), domain=coarse_mesh, name=name
-    )
+    flow = data.coarse_model(name, dt, closure=lambda o, u: (oracle_tau, ufl.dx))
     fine_steps = steps(dt, dns.dt)
 
     def before_step(step: int) -> None:
@@ -355,7 +266,7 @@ def operator_closure(omega_n, velocity_n):
 
 
 def coarse_model(factory, name: str) -> VorticityFlow:
-    return VorticityFlow(nc, plain.dt, nu, factory, domain=coarse_mesh, name=name)
+    return data.coarse_model(name, closure=factory)
 
 
 models = {

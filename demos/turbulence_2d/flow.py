@@ -118,6 +118,10 @@ class VorticityFlow:
             as ``+ dt * inner(tau, grad(v)) * measure``. Closures of type
             :class:`dolfinx_mno.ClosureBase` are updated by the solver.
         closure_interval: Update the learned closures every this many steps.
+        source: Optional ``source(omega_n, velocity_n) -> (s, measure)``, a scalar
+            vorticity source entering as ``+ dt * s * v * measure`` (a correction of the
+            whole step, not only of the flux). At most one of ``closure`` and ``source``
+            may be a :class:`dolfinx_mno.ClosureBase`.
         domain: The mesh to use (else :func:`box` of ``n``), so that models share one.
         name: Prefix of the PETSc options and function names.
         comm: Communicator.
@@ -133,6 +137,7 @@ class VorticityFlow:
         domain: mesh.Mesh | None = None,
         name: str = "flow",
         comm: MPI.Comm = MPI.COMM_WORLD,
+        source: ClosureCallback | None = None,
     ):
         self.comm, self.n, self.dt, self.nu = comm, n, dt, nu
         self.closure_interval = closure_interval
@@ -163,11 +168,21 @@ class VorticityFlow:
             - 0.5 * dt**2 * advection * dot(self.velocity_n, grad(v))
             + dt * self.forcing * v
         ) * dx
-        self.closure = None
+        learned = []
         if closure is not None:
             tau, measure = closure(self.omega_n, self.velocity_n)
             L += dt * dot(tau, grad(v)) * measure
-            self.closure = tau if isinstance(tau, mno.ClosureBase) else None
+            learned.append(tau)
+        if source is not None:
+            s, measure = source(self.omega_n, self.velocity_n)
+            L += dt * s * v * measure
+            learned.append(s)
+        learned = [c for c in learned if isinstance(c, mno.ClosureBase)]
+        if len(learned) > 1:
+            raise ValueError("At most one of closure and source may be a learned closure.")
+        self.closure = learned[0] if learned else None
+        #: The forms of a step, ``a(w, (v, q)) = L((v, q))`` (UFL, before the conditions).
+        self.a, self.L = a, L
         self.bcs = [
             fem.dirichletbc(0.0, boundary_dofs(self.W.sub(i)), self.W.sub(i)) for i in (0, 1)
         ]

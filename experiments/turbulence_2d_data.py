@@ -1,0 +1,261 @@
+"""The DNS and coarse runs shared by the 2D turbulence experiments.
+
+``turbulence_2d_limits.py`` and ``turbulence_2d_step_correction.py`` regenerate the DNS of
+the flagship demo (``demos/turbulence_2d/``) with its ``flow`` module and its ``--quick``
+and ``--medium`` settings, filter it onto the coarse mesh, and compare coarse runs with the
+filtered DNS of the test seed. This module holds what both need:
+
+* :func:`settings`: the demo's settings (mesh sizes, time steps, seeds, horizons), with a
+  sampling interval that is a whole number of coarse steps;
+* :class:`Turbulence`: the DNS, the coarse model without closure, the filter ``ω̄ = P ω``
+  onto the coarse P1 functions vanishing on the walls, and the spun-up trajectories;
+* :class:`CoarseRuns`: a coarse (or ladder) run from the filtered test state, its
+  vorticity correlation with the filtered DNS and its decorrelation time;
+* :func:`closure_grid`: the grid of the demo's non-local closures (spacing ``h/2`` with a
+  zero margin of half the box beyond the walls).
+
+Like the experiments, it needs ``demos/`` and ``demos/turbulence_2d/`` on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mpi4py import MPI
+
+import numpy as np
+from dolfinx import fem
+from flow import VorticityFlow, length, spin_up
+from utilities import boundary_dofs
+
+import dolfinx_mno as mno
+from dolfinx_mno.data import L2Projection
+from dolfinx_mno.grid import Grid
+
+#: Viscosity of the demo (Re ≈ 1000).
+NU = 1e-3
+
+
+def settings(quick: bool) -> dict[str, Any]:
+    """The demo's ``--quick`` or ``--medium`` settings of the DNS, the meshes and the runs.
+
+    Keys: ``dns`` and ``coarse`` (cells per side), ``ladder`` (the no-closure meshes),
+    ``courant`` (time step ``courant / n``), ``spin_up_n``, ``spin_up`` and ``spin_up_fine``
+    (see :func:`flow.spin_up`), ``train_seeds``, ``test_seed``, ``horizon`` (of each
+    training trajectory), ``test_horizon`` and ``sample_every`` (a whole number of coarse
+    and DNS steps).
+    """
+    if quick:
+        return dict(
+            dns=32, coarse=8, ladder=[8, 16], courant=0.5, spin_up_n=16, spin_up=1.0,
+            spin_up_fine=0.25, train_seeds=[1, 2], test_seed=3, horizon=0.5,
+            test_horizon=1.5, sample_every=0.125,
+        )  # fmt: skip
+    return dict(
+        dns=128, coarse=16, ladder=[16, 32, 64], courant=0.4, spin_up_n=64, spin_up=5.0,
+        spin_up_fine=1.0, train_seeds=[1, 2, 3], test_seed=5, horizon=2.0, test_horizon=6.0,
+        sample_every=0.05,
+    )  # fmt: skip
+
+
+def steps(interval: float, dt: float) -> int:
+    """Time steps ``dt`` in ``interval`` (an error if they do not fit exactly)."""
+    count = round(interval / dt)
+    assert count >= 1 and abs(count * dt - interval) < 1e-9 * interval, (interval, dt)
+    return count
+
+
+def closure_grid(coarse: int) -> Grid:
+    """The grid of the non-local closures on the ``coarse²`` mesh.
+
+    Spacing ``h/2``, points at cell quarter points, with a margin of ``coarse`` points (half
+    the box) beyond each wall, where the closure's inputs are zero.
+    """
+    h = length / coarse
+    margin = coarse
+    shape = 2 * coarse + 2 * margin
+    lower = h / 4 - margin * h / 2
+    return Grid((lower, lower), (lower + (shape - 1) * h / 2,) * 2, (shape, shape))
+
+
+class Turbulence:
+    """The DNS, the coarse model without closure and the filter between them.
+
+    Args:
+        config: :func:`settings` (or a dict with its keys).
+        comm: Communicator.
+
+    Attributes:
+        dns: The DNS flow (``config["dns"]²``).
+        plain: The coarse flow without closure; :meth:`filtered` sets its state.
+        omega_bar: The filtered vorticity, P1 on the coarse mesh (overwritten by
+            :meth:`filtered`).
+        projection: The filter from the DNS mesh.
+    """
+
+    def __init__(self, config: dict[str, Any], comm: MPI.Comm = MPI.COMM_WORLD):
+        self.config = config
+        nf, nc, n = config["dns"], config["coarse"], config["spin_up_n"]
+        self.dns = VorticityFlow(nf, self.time_step(nf), NU, name="dns", comm=comm)
+        self.plain = VorticityFlow(nc, self.time_step(nc), NU, name="plain", comm=comm)
+        self.mesh, self.V = self.plain.mesh, self.plain.V
+        self.bc = fem.dirichletbc(0.0, boundary_dofs(self.V), self.V)
+        self.projection = L2Projection(self.V, subdivisions=nf // nc, bcs=[self.bc])
+        self.omega_bar = fem.Function(self.V, name="omega_bar")
+        self._cheap = None
+        if n != nf:
+            self._cheap = VorticityFlow(n, self.time_step(n), NU, name="cheap", comm=comm)
+
+    def time_step(self, n: int) -> float:
+        """The time step of an ``n²`` mesh (CFL ≈ 0.3)."""
+        return self.config["courant"] / n
+
+    def filtered(self, omega_fine: fem.Function) -> fem.Function:
+        """``ω̄`` of a DNS vorticity; sets the coarse state (and ``ψ̄``) of :attr:`plain`."""
+        self.projection(omega_fine, out=self.omega_bar)
+        self.plain.set_vorticity(self.omega_bar)
+        return self.omega_bar
+
+    def trajectory(self, seed: int, horizon: float, record: Callable[[float], None]) -> float:
+        """Spin the DNS up from ``seed``'s initial vorticity and run it over ``horizon``.
+
+        ``record(t)`` is called at every DNS step (and at ``t = 0``). Returns the wall time
+        of the run after the spin-up.
+        """
+        config = self.config
+        spin_up(self.dns, seed, config["spin_up"], self._cheap, config["spin_up_fine"])
+        return self.dns.run(0.0, horizon, record)
+
+    def coarse_model(self, name: str, dt: float | None = None, **closures: Any) -> VorticityFlow:
+        """A flow on the coarse mesh (time step ``dt``, default the coarse one) with closures.
+
+        ``closures``: ``closure=`` and/or ``source=`` of :class:`flow.VorticityFlow`.
+        """
+        dt = self.plain.dt if dt is None else dt
+        return VorticityFlow(self.plain.n, dt, NU, domain=self.mesh, name=name, **closures)
+
+
+def decorrelation(sample_times: np.ndarray, rho: np.ndarray) -> float | None:
+    """``t(ρ < 0.95)``, None if never within the horizon (NaN counts as decorrelated)."""
+    t = mno.decorrelation_time(sample_times, np.nan_to_num(rho, nan=-1.0))
+    return None if math.isinf(t) else float(t)
+
+
+class CoarseRuns:
+    """Runs from the filtered test state against the filtered DNS.
+
+    Args:
+        data: The DNS and coarse spaces.
+        reference: The filtered DNS vorticity (dof values on the coarse space) every
+            ``config["sample_every"]`` from the start of the test trajectory.
+    """
+
+    def __init__(self, data: Turbulence, reference: Sequence[np.ndarray]):
+        self.data, self.reference = data, reference
+        self.horizon = data.config["test_horizon"]
+        self.pair = fem.Function(data.V), fem.Function(data.V)
+        self.correlation = mno.Correlation(*self.pair)
+
+    def run(
+        self,
+        flow: VorticityFlow,
+        initial: fem.Function,
+        to_coarse: Callable[[fem.Function], fem.Function] | None = None,
+        before_step: Callable[[int], None] | None = None,
+        record_every: int | None = None,
+        reference_index: Callable[[int], int] | None = None,
+        reference: Sequence[np.ndarray] | None = None,
+        long_end: float | None = None,
+    ) -> dict[str, Any]:
+        """Run ``flow`` over the test horizon from ``initial``; its correlation with the DNS.
+
+        Args:
+            flow: The model.
+            initial: Its initial vorticity (P1 on ``flow.V``).
+            to_coarse: The filter of a finer flow's vorticity onto the coarse space.
+            before_step: ``before_step(k)`` runs before step ``k`` (an oracle sets its
+                closure there).
+            record_every: Compare every this many steps (default: ``sample_every``).
+            reference_index: The index into ``reference`` of step ``k`` (default: ``k //
+                record_every``).
+            reference: Other reference samples than the constructor's.
+            long_end: Run on to this time after the test horizon (stability), recording
+                the energy every ``record_every`` steps (without ``before_step``).
+
+        Returns:
+            ``decorrelation_time`` (None: never), ``correlation_end``,
+            ``seconds_per_time_unit`` (over the test horizon), ``correlations``, and with
+            ``long_end`` the ``energy_end`` and ``max_energy`` of the long run and whether
+            it stayed ``finite``. A run that blows up (a non-finite state, or a closure that
+            fails on it) stops there: its correlations are NaN from then on.
+        """
+        omega_reference = self.reference if reference is None else reference
+        every = record_every or steps(self.data.config["sample_every"], flow.dt)
+        index = reference_index or (lambda step: step // every)
+        rho: list[float] = []
+
+        def callback(t: float) -> None:
+            step = round(t / flow.dt)
+            if step % every == 0:
+                if not np.isfinite(flow.energy()):  # collective: the ranks agree
+                    rho.append(np.nan)  # blown up (the run stops after this step)
+                    return
+                omega = flow.omega if to_coarse is None else to_coarse(flow.omega)
+                self.pair[0].x.array[:] = omega.x.array
+                self.pair[1].x.array[:] = omega_reference[index(step)]
+                rho.append(self.correlation())
+            if before_step is not None:
+                before_step(step)
+
+        flow.set_vorticity(initial)
+        tic = time.perf_counter()
+        try:
+            seconds = flow.run(0.0, self.horizon, callback)
+        except mno.ClosureEvaluationError:  # raised on every rank: the closure blew up
+            seconds = flow.comm.allreduce(time.perf_counter() - tic, op=MPI.MAX)
+        expected = round(self.horizon / (every * flow.dt)) + 1
+        rho += [np.nan] * (expected - len(rho))  # a blown-up run stops early
+        sample_times = np.arange(expected) * every * flow.dt
+        result = {
+            "decorrelation_time": decorrelation(sample_times, np.asarray(rho)),
+            "correlation_end": float(rho[-1]),
+            "seconds_per_time_unit": seconds / self.horizon,
+            "correlations": [float(r) for r in rho],
+        }
+        if long_end is not None:
+            energies = [flow.energy()]
+            if np.isfinite(energies[0]):
+
+                def record_energy(t: float) -> None:
+                    energies.append(flow.energy())
+
+                try:
+                    flow.run(self.horizon, long_end, record_energy, every=every)
+                except mno.ClosureEvaluationError:
+                    energies.append(np.nan)
+            finite = bool(np.all(np.isfinite(energies))) and len(energies) > 1
+            result |= {
+                "long_end": long_end,
+                "finite": finite,
+                "energy_end": float(energies[-1]),
+                "max_energy": float(np.nanmax(energies)) if finite else math.inf,
+            }
+        return result
+
+    def ladder(self, sizes: Sequence[int], start_fine: fem.Function) -> dict[str, dict[str, Any]]:
+        """The runs without closure on the finer meshes of ``sizes`` (keys ``"no closure, n²"``).
+
+        ``start_fine``: the DNS vorticity at the start, filtered onto each mesh.
+        """
+        data, runs = self.data, {}
+        nf, nc = data.config["dns"], data.config["coarse"]
+        for size in (n for n in sizes if n != nc):
+            flow = VorticityFlow(size, data.time_step(size), NU, name=f"ladder{size}")
+            bc = fem.dirichletbc(0.0, boundary_dofs(flow.V), flow.V)
+            to_flow = L2Projection(flow.V, subdivisions=nf // size, bcs=[bc])
+            to_coarse = L2Projection(data.V, subdivisions=size // nc, bcs=[data.bc])
+            runs[f"no closure, {size}²"] = self.run(flow, to_flow(start_fine), to_coarse=to_coarse)
+        return runs
