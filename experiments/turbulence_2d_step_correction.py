@@ -33,8 +33,8 @@ settings and number of ranks reads it instead::
     mpirun -n 2 python experiments/turbulence_2d_step_correction.py   # --medium settings
     python experiments/turbulence_2d_step_correction.py --quick       # smoke test, < 60 s
 
-Writes ``summary.json`` (``summary_quick.json`` with ``--quick``) beside the DNS data and
-prints the tables.
+Writes ``summary.json`` (``summary_quick.json`` with ``--quick``; with ``--train-seeds N``
+``summary_medium_Nseeds.json``) beside the DNS data and prints the tables.
 """
 
 import argparse
@@ -71,6 +71,9 @@ from utilities import log, output_folder
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--quick", action="store_true", help="small problem, a smoke test")
 parser.add_argument("--rollout-epochs", type=int, default=None, help="a-posteriori epochs")
+parser.add_argument(
+    "--train-seeds", type=int, default=None, help="number of training trajectories (default 3)"
+)
 args = parser.parse_args()
 comm = MPI.COMM_WORLD
 torch.set_num_threads(1)
@@ -87,6 +90,9 @@ else:
         long_end=20.0, window=4, rollout_epochs=5, stride=2,
     )  # fmt: skip
 config["rollout_epochs"] = args.rollout_epochs or config["rollout_epochs"]
+if args.train_seeds is not None:  # seeds 1, 2, ... without the test seed
+    seeds = [seed for seed in range(1, args.train_seeds + 2) if seed != config["test_seed"]]
+    config["train_seeds"] = seeds[: args.train_seeds]
 log(f"config: {config}")
 data = Turbulence(config, comm)
 dns, plain, nc = data.dns, data.plain, config["coarse"]
@@ -122,7 +128,9 @@ def generate_dns() -> dict[str, np.ndarray]:
     return arrays
 
 
-mode = "quick" if args.quick else "medium"
+mode = ("quick" if args.quick else "medium") + (
+    f"_{args.train_seeds}seeds" if args.train_seeds else ""
+)
 cache = output / f"dns_{mode}_rank{comm.rank}of{comm.size}.npz"
 key = json.dumps({k: config[k] for k in settings(args.quick)}, sort_keys=True)
 found = cache.exists() and str(np.load(cache)["key"]) == key
@@ -420,7 +428,7 @@ summary = {
     "runs": runs,
 }
 if comm.rank == 0:
-    (output / f"summary{'_quick' if args.quick else ''}.json").write_text(
+    (output / f"summary{'' if mode == 'medium' else '_' + mode}.json").write_text(
         json.dumps(summary, indent=2)
     )
 
