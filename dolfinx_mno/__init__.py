@@ -48,7 +48,7 @@ from dolfinx_mno.distributed_operator import DistributedFNO
 from dolfinx_mno.grid import Grid
 from dolfinx_mno.guard import install_problem_guard
 from dolfinx_mno.io import ModelFileError, load_model, register_architecture, save_model
-from dolfinx_mno.models import MLP
+from dolfinx_mno.models import MLP, Bounded
 from dolfinx_mno.nonlocal_closure import NonlocalClosure
 from dolfinx_mno.normalization import AffineNormalization, NormalizedModel
 from dolfinx_mno.operands import Operands
@@ -70,6 +70,7 @@ except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source tre
 __all__ = [
     "MLP",
     "AffineNormalization",
+    "Bounded",
     "Closure",
     "ClosureBase",
     "ClosureEvaluationError",

@@ -40,7 +40,8 @@ What protects what:
 
 Registered architectures: ``"mlp"`` (:class:`~dolfinx_mno.models.MLP`),
 ``"normalized_model"`` (:class:`~dolfinx_mno.NormalizedModel` around any registered
-model), ``"neuralop.FNO"`` and ``"neuralop.TFNO"`` (neuraloperator), and whatever
+model), ``"bounded"`` (:class:`~dolfinx_mno.models.Bounded` around any registered model),
+``"neuralop.FNO"`` and ``"neuralop.TFNO"`` (neuraloperator), and whatever
 :func:`register_architecture` adds.
 """
 
@@ -66,7 +67,7 @@ import numpy as np
 import torch
 
 from dolfinx_mno._mpi import agree_on, on_root
-from dolfinx_mno.models import MLP
+from dolfinx_mno.models import MLP, Bounded
 from dolfinx_mno.normalization import AffineNormalization, NormalizedModel
 from dolfinx_mno.spec import ClosureSpec, metadata_with_spec, spec_from_metadata
 
@@ -115,7 +116,7 @@ class _Architecture:
 
 
 _REGISTRY: dict[str, _Architecture] = {}
-_BUILTIN = ("mlp", "normalized_model", "neuralop.FNO", "neuralop.TFNO")
+_BUILTIN = ("mlp", "normalized_model", "bounded", "neuralop.FNO", "neuralop.TFNO")
 
 
 def _type_name(cls: type) -> str:
@@ -210,6 +211,15 @@ def _describe_normalized(model: torch.nn.Module) -> dict[str, Any]:
     return description
 
 
+def _build_bounded(model: Mapping[str, Any], bound: float) -> Bounded:
+    return Bounded(build_model(model), bound)
+
+
+def _describe_bounded(model: torch.nn.Module) -> dict[str, Any]:
+    assert isinstance(model, Bounded)
+    return {"model": architecture_config(model.model), "bound": model.bound}
+
+
 def _neuralop_class(name: str) -> type:
     try:
         import neuralop.models
@@ -274,6 +284,8 @@ register_architecture("normalized_model", _build_normalized, describe=_describe_
 _REGISTRY["normalized_model"] = dataclasses.replace(
     _REGISTRY["normalized_model"], type_name=_type_name(NormalizedModel)
 )
+register_architecture("bounded", _build_bounded, describe=_describe_bounded)
+_REGISTRY["bounded"] = dataclasses.replace(_REGISTRY["bounded"], type_name=_type_name(Bounded))
 for _name in ("FNO", "TFNO"):
     _REGISTRY[f"neuralop.{_name}"] = _Architecture(
         _neuralop_factory(_name), _describe_neuralop, f"neuralop.models.fno.{_name}"

@@ -74,6 +74,10 @@ parser.add_argument("--rollout-epochs", type=int, default=None, help="a-posterio
 parser.add_argument(
     "--train-seeds", type=int, default=None, help="number of training trajectories (default 3)"
 )
+parser.add_argument(
+    "--bound", type=float, default=None,
+    help="bound the learned sources: dolfinx_mno.Bounded, in training standard deviations",
+)  # fmt: skip
 args = parser.parse_args()
 comm = MPI.COMM_WORLD
 torch.set_num_threads(1)
@@ -90,6 +94,7 @@ else:
         long_end=20.0, window=4, rollout_epochs=5, stride=2,
     )  # fmt: skip
 config["rollout_epochs"] = args.rollout_epochs or config["rollout_epochs"]
+config["bound"] = args.bound
 if args.train_seeds is not None:  # seeds 1, 2, ... without the test seed
     seeds = [seed for seed in range(1, args.train_seeds + 2) if seed != config["test_seed"]]
     config["train_seeds"] = seeds[: args.train_seeds]
@@ -248,10 +253,20 @@ log(f"training data: {len(points)} steps, {num_points} points, {time.perf_counte
 
 # ## The learned step corrections: a local MLP and an FNO, fitted a priori (or read: the
 # fits of a previous run with the same settings and number of ranks)
-local_path = output / f"local_correction_{mode}.pt"
-operator_path = output / f"mno_correction_{mode}.pt"
-fits_path = output / f"fits_{mode}.json"
-fit_keys = ("quadrature_degree", "mlp_epochs", "fno_epochs", "fno_modes", "fno_width")
+fit_mode = mode + (f"_bound{args.bound:g}" if args.bound is not None else "")
+local_path = output / f"local_correction_{fit_mode}.pt"
+operator_path = output / f"mno_correction_{fit_mode}.pt"
+fits_path = output / f"fits_{fit_mode}.json"
+fit_keys = ("quadrature_degree", "mlp_epochs", "fno_epochs", "fno_modes", "fno_width", "bound")
+
+
+def bounded(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with ``--bound``: ``fit`` normalises the targets, so the bound is in
+    standard deviations of the training sources, and a bounded source keeps the damped
+    coarse model bounded."""
+    return model if args.bound is None else mno.Bounded(model, args.bound)
+
+
 fit_key = json.dumps([key, comm.size, {k: config[k] for k in fit_keys}])
 
 
@@ -266,7 +281,7 @@ def fit_corrections() -> dict:
     """Fit both corrections to the training data, save them; their fit records."""
     tic = time.perf_counter()
     local_fit = fit(
-        MLP(operands.num_inputs, 1, hidden_features=[64, 64], seed=0), inputs, targets,
+        bounded(MLP(operands.num_inputs, 1, hidden_features=[64, 64], seed=0)), inputs, targets,
         groups=np.repeat(np.arange(len(points)), len(table) // len(points)), comm=comm,
         epochs=config["mlp_epochs"], batch_size=2048, learning_rate=3e-3, patience=20,
         normalize_targets=True, seed=0, progress=False,
@@ -281,7 +296,7 @@ def fit_corrections() -> dict:
     operator = FNO(n_modes=(config["fno_modes"],) * 2, hidden_channels=config["fno_width"],
                    in_channels=3, out_channels=1, n_layers=4)  # fmt: skip
     operator_fit = fit(
-        operator, shard(grid_x_all.astype(np.float32), comm),
+        bounded(operator), shard(grid_x_all.astype(np.float32), comm),
         shard(grid_y_all.astype(np.float32), comm), grid=True, comm=comm,
         epochs=config["fno_epochs"], batch_size=8, chunk_size=8, learning_rate=3e-3,
         patience=20, normalize_targets=True, seed=0, progress=False,
@@ -428,7 +443,7 @@ summary = {
     "runs": runs,
 }
 if comm.rank == 0:
-    (output / f"summary{'' if mode == 'medium' else '_' + mode}.json").write_text(
+    (output / f"summary{'' if fit_mode == 'medium' else '_' + fit_mode}.json").write_text(
         json.dumps(summary, indent=2)
     )
 

@@ -171,6 +171,29 @@ def test_per_channel_normalisation_round_trip(tmp_path):
     assert io.load_model(tmp_path / "points.pt").output_normalization.axis == -1
 
 
+def test_bounded_round_trip(tmp_path):
+    """``Bounded`` around an MLP (inside a normalisation, as ``fit`` wraps it) and an FNO."""
+    from neuralop import models
+
+    torch.manual_seed(0)
+    mlp = mno.NormalizedModel(
+        mno.Bounded(MLP(2, 1, [8], seed=0), bound=2.5),
+        mno.AffineNormalization([1.0, -1.0], [2.0, 0.5], width=2),
+        mno.AffineNormalization(3.0, 4.0, width=1),
+    )
+    fno = mno.Bounded(models.FNO(n_modes=(4,), in_channels=1, out_channels=1,
+                                 hidden_channels=4), bound=0.5).eval()  # fmt: skip
+    for saved, x in ((mlp, torch.randn(7, 2, dtype=torch.float64)), (fno, torch.randn(2, 1, 12))):
+        io.save_model(tmp_path / "bounded.pt", saved)
+        loaded = io.load_model(tmp_path / "bounded.pt")
+        assert_same_state(saved, loaded)
+        assert torch.equal(saved(x), loaded(x))
+    inner = io.read_model_file(tmp_path / "bounded.pt").architecture
+    assert inner["name"] == "bounded" and inner["kwargs"]["bound"] == 0.5
+    assert inner["kwargs"]["model"]["name"] == "neuralop.FNO"
+    assert type(loaded) is mno.Bounded and loaded.bound == 0.5
+
+
 def test_user_architecture(tmp_path, registry):
     class Cubic(torch.nn.Module):
         def __init__(self, width=2):

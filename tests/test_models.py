@@ -1,11 +1,11 @@
-"""The MLP closure model: JSON config, seeding, dtypes, shapes."""
+"""The MLP closure model (JSON config, seeding, dtypes, shapes) and the Bounded wrapper."""
 
 import json
 
 import pytest
 import torch
 
-from dolfinx_mno.models import ACTIVATIONS, MLP
+from dolfinx_mno.models import ACTIVATIONS, MLP, Bounded
 
 
 def test_config_rebuilds_the_same_network():
@@ -50,3 +50,29 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="dtype must be one of"):
         MLP(2, 1, dtype="int32")
     assert sorted(ACTIVATIONS) == ["elu", "gelu", "relu", "sigmoid", "silu", "softplus", "tanh"]
+
+
+def test_bounded_values_and_gradient():
+    """``b tanh(m / b)``: bounded for any input, the chain rule's gradient, m's dtype."""
+    model = MLP(3, 2, hidden_features=[8], seed=0)
+    bounded = Bounded(model, bound=0.7)
+    x = torch.randn(50, 3, dtype=torch.float64, requires_grad=True)
+    y = bounded(x)
+    raw = model(x)
+    torch.testing.assert_close(y, 0.7 * torch.tanh(raw / 0.7), rtol=0, atol=0)
+    assert y.dtype == torch.float64 and y.shape == (50, 2)
+    assert bounded(1e8 * torch.ones(3, 3, dtype=torch.float64)).abs().max() <= 0.7
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    (expected,) = torch.autograd.grad((raw * (1 - torch.tanh(raw / 0.7) ** 2).detach()).sum(), x)
+    torch.testing.assert_close(grad, expected, rtol=1e-14, atol=1e-15)
+    # Well inside the bound the output is nearly the model's: |y| < b/2 loses < 8 %.
+    small = torch.linspace(-0.35, 0.35, 11, dtype=torch.float64)
+    assert (0.7 * torch.tanh(small / 0.7) / small.where(small != 0, 1.0))[small != 0].min() > 0.92
+    assert list(bounded.parameters()) == list(model.parameters())
+    assert "bound=0.7" in repr(bounded)
+
+
+@pytest.mark.parametrize("bound", [0.0, -1.0, float("inf"), float("nan")])
+def test_bounded_refuses_bad_bounds(bound):
+    with pytest.raises(ValueError, match="Bounded needs a finite bound > 0"):
+        Bounded(MLP(2, 1, [4]), bound)
