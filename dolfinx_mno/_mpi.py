@@ -5,7 +5,7 @@ DOLFINx therefore never lets a rank-local error reach a collective, and neither 
 dolfinx_mno: rank-local work (reading a file, probing a model, evaluating it) runs first,
 then the ranks agree on the outcome with **one** collective, and either all ranks go on or
 all ranks raise. Every such decision in the package goes through this module, in one of
-three ways:
+four ways:
 
 1. **Agree on an error** (:func:`rank_local`, :func:`agree`, :func:`agree_on`): every rank
    works, then one ``allgather`` of a short description of each rank's failure (or
@@ -25,7 +25,19 @@ three ways:
    and written on rank 0), ``data/sample.py`` (the root sorts a gathered sample and checks
    its cells) and ``training.py`` (checkpoints written, and the one to resume from chosen,
    on rank 0).
-3. **Passive wait**: the root runs a long computation (the model of a
+3. **Stages of a collective pipeline** (:func:`collective_stages`, :func:`stage_entry`):
+   a backward pass through torch's autograd engine runs collective stages (the adjoint
+   solves, the transposed scatters) between rank-local ones the package does not call
+   itself (a model's vector-Jacobian product). A rank whose local stage raises leaves the
+   engine at once, while the others go on to the next collective stage. So every
+   collective stage begins with :func:`stage_entry` (an :func:`agree` that has nothing
+   to report), and the whole pass runs inside :func:`collective_stages`, which on a rank
+   that raised a not-yet-agreed exception makes the one :func:`agree` that the other
+   ranks' next stage entry (or the block's end) is waiting in. Exceptions raised by an
+   agreement are marked, so no rank agrees twice on the same failure. Used by
+   ``rollout.py`` (:meth:`~dolfinx_mno.rollout.Rollout.gradient`) with the stages of
+   ``step_adjoint.py`` and ``nonlocal_adjoint.py``.
+4. **Passive wait**: the root runs a long computation (the model of a
    :class:`~dolfinx_mno.NonlocalClosure`) while the other ranks wait for its verdict on a
    nonblocking broadcast, asleep rather than spinning on a core, and learn the reason
    only on failure, in the message format of :func:`failure_message`. Used by
@@ -75,12 +87,20 @@ __all__ = [
     "agree",
     "agree_on",
     "agree_with_root",
+    "collective_stages",
     "describe",
     "failure_message",
     "on_root",
     "rank_local",
+    "stage_entry",
     "wait_passively",
 ]
+
+#: The ``what`` of a rollout's backward pass and of its collective stages' entries.
+BACKWARD_PASS = "The backward pass of the rollout"
+
+#: Attribute set on exceptions that every rank raised from one agreement.
+_AGREED = "_dolfinx_mno_agreed"
 
 #: Failing ranks listed in a message before the list is cut short.
 _MAX_LISTED_RANKS = 8
@@ -206,7 +226,7 @@ def agree_on[T](
         and cause is not None
         and (error_type is None or isinstance(cause, error_type))
     ):
-        raise cause
+        raise _agreed(cause)
     message = failure_message(what, [None if e is None else e[0] for e in failures], note)
     kind: type[Exception] | None = error_type
     if kind is None and module is not None and qualname is not None:
@@ -217,8 +237,22 @@ def agree_on[T](
     except Exception:  # a type that cannot be built from a message alone
         error = RuntimeError(message)
     if cause is not None:
-        raise error from cause
-    raise error
+        raise _agreed(error) from cause
+    raise _agreed(error)
+
+
+def _agreed[E: BaseException](error: E) -> E:
+    """Mark ``error`` as raised on every rank by one agreement (see :func:`is_agreed`)."""
+    try:
+        setattr(error, _AGREED, True)
+    except AttributeError:  # pragma: no cover - exceptions without a __dict__
+        pass
+    return error
+
+
+def is_agreed(error: BaseException) -> bool:
+    """Whether every rank raised ``error`` from the same agreement (:func:`agree_on`)."""
+    return bool(getattr(error, _AGREED, False))
 
 
 def agree(
@@ -347,6 +381,51 @@ def rank_local(
         agree(comm, describe(error), what, error_type, cause=error, note=note)
         raise  # not reached: agree raises on a rank that failed
     agree(comm, None, what, error_type, note=note)
+
+
+def stage_entry(comm: MPI.Comm, what: str) -> None:
+    """Begin a collective stage of a :func:`collective_stages` block (collective).
+
+    An :func:`agree` with nothing to report: it completes when every rank has reached the
+    stage, or matches the agreement of a rank that failed before it, and then raises that
+    rank's failure on every rank. Give the ``what`` of the enclosing block, so that every
+    rank raises the same message.
+    """
+    agree(comm, None, what)
+
+
+@contextlib.contextmanager
+def collective_stages(
+    comm: MPI.Comm, what: str, error_type: type[Exception] | None = None
+) -> Iterator[None]:
+    """Run a pipeline whose collective stages begin with :func:`stage_entry` (collective).
+
+    A rank whose rank-local part raises (an exception not raised by an agreement) makes
+    one :func:`agree` with its reason, which the other ranks meet at their next
+    :func:`stage_entry` or at the end of the block; an exception that an agreement raised
+    is already the same on every rank and passes through. Every rank then raises the same
+    exception, and none is left waiting in a collective call.
+
+    Args:
+        comm: The communicator whose ranks must agree.
+        what: What the pipeline does, the subject of the message; the stages' entries must
+            use the same text.
+        error_type: As for :func:`agree`.
+
+    Raises:
+        Exception: On every rank, if the pipeline raised on any rank.
+
+    Example:
+        >>> with collective_stages(comm, "The backward pass of the rollout"):
+        ...     gradients = torch.autograd.grad(loss, parameters)
+    """
+    try:
+        yield
+    except Exception as error:
+        if not is_agreed(error):
+            agree(comm, describe(error), what, error_type, cause=error)
+        raise
+    agree(comm, None, what, error_type)
 
 
 # -- work on the root alone -------------------------------------------------------------

@@ -48,6 +48,7 @@ import typing
 import numpy as np
 import torch
 
+from dolfinx_mno._mpi import BACKWARD_PASS, agree, describe, stage_entry
 from dolfinx_mno.nonlocal_closure import NonlocalClosure
 from dolfinx_mno.nonlocal_distributed import SlabModelStage
 
@@ -84,6 +85,7 @@ class GatherFunction(torch.autograd.Function):
     def backward(ctx, cotangent: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         """Its transpose (see the class docstring)."""
         closure: NonlocalClosure = ctx.closure
+        stage_entry(closure.function_space.mesh.comm, BACKWARD_PASS)
         sampler = closure.gridded_sampler
         grid = None
         if closure.grid_evaluator is not None:
@@ -127,6 +129,7 @@ class ScatterFunction(torch.autograd.Function):
         """Its transpose (see the class docstring)."""
         closure: NonlocalClosure = ctx.closure
         ctx.saved_tensors  # noqa: B018  (unpacked on every rank: see forward)
+        stage_entry(closure.function_space.mesh.comm, BACKWARD_PASS)
         scatter = closure.grid_scatter
         values = cotangent.detach().reshape(scatter.num_points, closure.num_outputs)
         field = scatter.scatter_adjoint(np.ascontiguousarray(values.numpy()))
@@ -159,6 +162,7 @@ class SlabGatherFunction(torch.autograd.Function):
     def backward(ctx, cotangent: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         """Its transpose (see the class docstring)."""
         stage: SlabModelStage = ctx.stage
+        stage_entry(stage.comm, BACKWARD_PASS)
         slab = cotangent.detach().reshape(cotangent.shape[1], -1).contiguous().numpy()
         return torch.from_numpy(stage.slab_inputs_adjoint(slab)), None
 
@@ -185,6 +189,7 @@ class SlabScatterFunction(torch.autograd.Function):
     def backward(ctx, cotangent: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         """Its transpose (see the class docstring)."""
         stage: SlabModelStage = ctx.stage
+        stage_entry(stage.comm, BACKWARD_PASS)
         values = cotangent.detach().reshape(stage.num_points, stage.out_channels)
         output = torch.from_numpy(stage.values_adjoint(values.contiguous().numpy()))
         return output.reshape(ctx.output_shape), None
@@ -222,10 +227,19 @@ def nonlocal_values(closure: NonlocalClosure, samples: torch.Tensor) -> torch.Te
         return _distributed_values(closure.slab_stage, samples)
     grid = typing.cast(torch.Tensor, GatherFunction.apply(samples, closure))
     evaluator = closure.grid_evaluator
-    if evaluator is None:
-        output = grid  # the empty stand-in of the other ranks
-    else:
-        inputs = grid.to(device=evaluator.device, dtype=evaluator.dtype)
-        output = closure.model(inputs).to(device="cpu", dtype=torch.float64)
+    output, failure = grid, None  # the other ranks pass on the empty stand-in
+    if evaluator is not None:
+        try:
+            inputs = grid.to(device=evaluator.device, dtype=evaluator.dtype)
+            output = closure.model(inputs).to(device="cpu", dtype=torch.float64)
+        except Exception as error:
+            failure = error
+    # The root's verdict before the scatter, which every rank enters.
+    agree(
+        closure.function_space.mesh.comm,
+        None if failure is None else describe(failure),
+        f"The model of closure '{closure.name}'",
+        cause=failure,
+    )
     parameters = [p for p in closure.model.parameters() if p.requires_grad]
     return typing.cast(torch.Tensor, ScatterFunction.apply(closure, output, *parameters))

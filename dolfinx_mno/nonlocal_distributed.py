@@ -96,7 +96,7 @@ class SlabModelStage:
             model, grid.shape, comm, rows=rows, backend=process_group_backend(device)
         )
         rows = self.rows = self.distributed.rows
-        self._comm = comm
+        self._comm = self.comm = comm
         self._gather = SlabGather(grid, rows, indices, inside, num_inputs, dtype, comm)
         self._scatter = SlabScatter(grid, rows, points, out_channels, dtype, comm)
         self.num_points = self._scatter.num_points

@@ -59,7 +59,7 @@ import torch
 import torch.utils.checkpoint
 import ufl
 
-from dolfinx_mno._mpi import rank_local
+from dolfinx_mno._mpi import BACKWARD_PASS, collective_stages, rank_local
 from dolfinx_mno.base import ClosureBase
 from dolfinx_mno.closure import Closure, extract_closures
 from dolfinx_mno.nonlocal_closure import NonlocalClosure
@@ -345,7 +345,11 @@ class Rollout:
                 inputs = operand_map.apply(None)
             else:
                 inputs = OperandFunction.apply(state, operand_map)
-            values.append(model_values(closure, inputs))
+            if isinstance(closure, NonlocalClosure):  # collective, agreed in its stages
+                values.append(model_values(closure, inputs))
+                continue
+            with rank_local(self.comm, f"The model of closure '{closure.name}'"):
+                values.append(model_values(closure, inputs))
         return typing.cast(torch.Tensor, IMEXStepFunction.apply(step, t_new, state, *values))
 
     # -- the gradient --------------------------------------------------------------------
@@ -410,10 +414,14 @@ class Rollout:
             if not chosen and not initial_state:
                 raise ValueError("Nothing to differentiate: give closures or initial_state=True.")
         start = u0.detach().clone().requires_grad_(initial_state)
-        states = self.run(start, horizon)[interval - 1 :: interval]
-        loss = rollout_loss(states, target_tensors, self.comm)
-        inputs = [p for group in parameters for p in group] + ([start] if initial_state else [])
-        gradients = list(torch.autograd.grad(loss, inputs, materialize_grads=True))
+        # A rank-local stage of the backward pass (a model's VJP) that raises on some ranks
+        # only is agreed on at the others' next collective stage (_mpi.collective_stages).
+        with collective_stages(self.comm, BACKWARD_PASS):
+            states = self.run(start, horizon)[interval - 1 :: interval]
+            loss = rollout_loss(states, target_tensors, self.comm)
+            inputs = [p for group in parameters for p in group]
+            inputs += [start] if initial_state else []
+            gradients = list(torch.autograd.grad(loss, inputs, materialize_grads=True))
         initial = gradients.pop() if initial_state else None
         allreduce_gradients(gradients, self.comm)
         grouped = []

@@ -37,7 +37,7 @@ import ufl
 from dolfinx import fem, la
 from ufl.algorithms import expand_derivatives
 
-from dolfinx_mno._mpi import agree
+from dolfinx_mno._mpi import BACKWARD_PASS, agree, stage_entry
 from dolfinx_mno.closure import Closure, ClosureEvaluationError
 from dolfinx_mno.nonlocal_adjoint import nonlocal_values
 from dolfinx_mno.nonlocal_closure import NonlocalClosure
@@ -107,6 +107,7 @@ class OperandMap:
             (i for i, c in enumerate(self.coefficients) if c is state), None
         )
         space = state.function_space
+        self.comm = space.mesh.comm
         self.num_owned = owned_size(space)
         self.scratch = la.vector(space.dofmap.index_map, space.dofmap.index_map_bs)
 
@@ -151,6 +152,7 @@ class OperandFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, sensitivity: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         """Its transpose (see the class docstring)."""
+        stage_entry(ctx.operand_map.comm, BACKWARD_PASS)
         return ctx.operand_map.pull_back(sensitivity.contiguous()), None
 
 
@@ -337,6 +339,7 @@ class IMEXStepFunction(torch.autograd.Function):
     def backward(ctx, sensitivity: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         """Its transpose (see the class docstring)."""
         step: IMEXStep = ctx.step
+        stage_entry(step.comm, BACKWARD_PASS)
         state = None
         if not step.affine:
             u_n, *values = (t.detach().numpy() for t in ctx.saved_tensors)
@@ -474,6 +477,7 @@ class ImplicitStep:
         operand_maps: Sequence[OperandMap],
     ):
         self.problem = problem
+        self.comm = u.function_space.mesh.comm
         self.u = u
         self.u_previous = u_previous
         self.closures = list(closures)
@@ -604,6 +608,7 @@ class ImplicitStepFunction(torch.autograd.Function):
     def backward(ctx, sensitivity: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         """Its transpose (see the class docstring)."""
         step: ImplicitStep = ctx.step
+        stage_entry(step.comm, BACKWARD_PASS)
         u_n, u_new = (t.detach() for t in ctx.saved_tensors)
         grad_u, sensitivities, linearisations = step.adjoint(
             sensitivity.contiguous().numpy(), u_n.numpy(), u_new.numpy()

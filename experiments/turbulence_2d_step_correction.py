@@ -34,7 +34,10 @@ settings and number of ranks reads it instead::
     python experiments/turbulence_2d_step_correction.py --quick       # smoke test, < 60 s
 
 Writes ``summary.json`` (``summary_quick.json`` with ``--quick``; with ``--train-seeds N``
-``summary_medium_Nseeds.json``) beside the DNS data and prints the tables.
+``summary_medium_Nseeds.json``, and ``_bound<B>``, ``_window<W>`` for those options)
+beside the DNS data and prints the tables. ``--bound B`` wraps both learned sources in
+:class:`dolfinx_mno.Bounded` (``B`` training standard deviations), ``--window W`` sets the
+a-posteriori window.
 """
 
 import argparse
@@ -72,6 +75,9 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--quick", action="store_true", help="small problem, a smoke test")
 parser.add_argument("--rollout-epochs", type=int, default=None, help="a-posteriori epochs")
 parser.add_argument(
+    "--window", type=int, default=None, help="a-posteriori window, in snapshots (default 4)"
+)
+parser.add_argument(
     "--train-seeds", type=int, default=None, help="number of training trajectories (default 3)"
 )
 parser.add_argument(
@@ -94,6 +100,7 @@ else:
         long_end=20.0, window=4, rollout_epochs=5, stride=2,
     )  # fmt: skip
 config["rollout_epochs"] = args.rollout_epochs or config["rollout_epochs"]
+config["window"] = args.window or config["window"]
 config["bound"] = args.bound
 if args.train_seeds is not None:  # seeds 1, 2, ... without the test seed
     seeds = [seed for seed in range(1, args.train_seeds + 2) if seed != config["test_seed"]]
@@ -443,7 +450,8 @@ summary = {
     "runs": runs,
 }
 if comm.rank == 0:
-    (output / f"summary{'' if fit_mode == 'medium' else '_' + fit_mode}.json").write_text(
+    name = fit_mode + (f"_window{args.window}" if args.window else "")
+    (output / f"summary{'' if name == 'medium' else '_' + name}.json").write_text(
         json.dumps(summary, indent=2)
     )
 

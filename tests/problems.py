@@ -80,6 +80,64 @@ def mlp(num_inputs: int, num_outputs: int, seed: int = 0, width: int = 8) -> tor
     ).double()
 
 
+class _FailInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, message):
+        ctx.message = message
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, gradient):
+        if ctx.message is not None:
+            raise ValueError(ctx.message)
+        return gradient, None
+
+
+class FailsOnOneRank(torch.nn.Module):
+    """``model``, raising ``ValueError`` on ``rank`` alone once :attr:`armed`.
+
+    ``where="forward"``: in the forward pass; ``"backward"``: in its vector-Jacobian
+    product, inside torch's autograd engine, where the other ranks go on.
+    """
+
+    def __init__(self, model: torch.nn.Module, rank: int, where: str):
+        super().__init__()
+        self.model, self.rank, self.where, self.armed = model, rank, where, False
+
+    def message(self) -> str:
+        return f"the model's {self.where} pass failed on rank {self.rank}"
+
+    def forward(self, x):
+        armed = self.armed and MPI.COMM_WORLD.rank == self.rank
+        if armed and self.where == "forward":
+            raise ValueError(self.message())
+        fails = armed and self.where == "backward"
+        return _FailInBackward.apply(self.model(x), self.message() if fails else None)
+
+
+def assert_fails_on_every_rank(comm: MPI.Comm, what: str, model: FailsOnOneRank, call) -> None:
+    """``call()`` raises the same ``ValueError`` on every rank, naming ``model``'s rank.
+
+    On one rank, the model's own error unchanged. ``model`` is disarmed afterwards.
+    """
+    import re
+
+    import pytest
+
+    message = model.message()
+    if comm.size > 1:
+        message = (
+            f"{what} failed on rank(s) [{model.rank}] (1 of {comm.size} ranks); on rank "
+            f"{model.rank}: ValueError: {message}."
+        )
+    model.armed = True
+    try:
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            call()
+    finally:
+        model.armed = False
+
+
 # -- heat steps --------------------------------------------------------------------------
 
 

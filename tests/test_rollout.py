@@ -13,6 +13,8 @@ from problems import (
     DIRECT,
     DT,
     Cubic,
+    FailsOnOneRank,
+    assert_fails_on_every_rank,
     assert_rank_invariant,
     flat_gradient,
     global_max,
@@ -268,6 +270,35 @@ def test_one_step_gradient_equals_the_a_priori_gradient():
 def _raises(error, message, call):
     with pytest.raises(error, match=f"^{re.escape(message)}$"):
         call()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize(
+    ("where", "checkpoint_every", "last_rank"),
+    [("forward", None, True), ("backward", None, False), ("backward", 2, True)],
+)
+def test_a_model_failing_on_one_rank_fails_on_every_rank(where, checkpoint_every, last_rank):
+    """A model that raises on one rank only, in its forward pass or in its VJP inside
+    torch's backward pass (where the other ranks go on to the next collective stage):
+    every rank raises the same error, none is left waiting; the rollout still works
+    afterwards and gives the gradient it gave before.
+    """
+    comm = MPI.COMM_WORLD
+    msh = mesh.create_unit_square(comm, 4, 4)
+    u_n, uh = heat_functions(msh, 1, initial)
+    model = FailsOnOneRank(mlp(3, 1), comm.size - 1 if last_rank else 0, where)
+    closure = mno.Closure(model, [u_n, ufl.grad(u_n)], (), 2, device="cpu", name="scalar")
+    v = ufl.TestFunction(u_n.function_space)
+    prefix = f"fail_{where}_{checkpoint_every}_{last_rank}_"
+    stepper = imex_heat(u_n, uh, DT * closure * v * closure.dx, prefix)
+    rollout = Rollout(stepper, checkpoint_every=checkpoint_every)
+    u0, data = rollout.initial_state(), targets(rollout, 4)
+    before = flat_gradient(rollout.gradient(u0, data))
+    what = "The backward pass of the rollout"
+    what = "The model of closure 'scalar'" if where == "forward" else what
+    assert_fails_on_every_rank(comm, what, model, lambda: rollout.gradient(u0, data))
+    after = flat_gradient(rollout.gradient(u0, data))
+    np.testing.assert_array_equal(after, before)
 
 
 @pytest.mark.mpi

@@ -12,6 +12,8 @@ from dolfinx import fem, mesh
 from problems import (
     DT,
     NEWTON,
+    FailsOnOneRank,
+    assert_fails_on_every_rank,
     assert_rank_invariant,
     flat_gradient,
     global_max,
@@ -344,6 +346,29 @@ def test_implicit_gradients_do_not_depend_on_ranks(cells):
         slope = state_slope(rollout, result.initial_state, owned_values(rollout, direction))
         results.append((result.loss, flat_gradient(result), slope))
     assert_rank_invariant(*results)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize(("where", "checkpoint_every"), [("forward", None), ("backward", 2)])
+def test_a_model_failing_on_the_root_fails_on_every_rank(where, checkpoint_every):
+    """The operator (run on the root alone) raises in its forward pass or in its VJP:
+    every rank raises the same error, none waits in the scatter or the gather; the
+    rollout then gives the gradient it gave before."""
+    msh = mesh.create_unit_interval(MPI.COMM_WORLD, 8)
+    u_n, uh = heat_functions(msh, 1, initial)
+    model = FailsOnOneRank(conv_model(3), 0, where)
+    closure = mno.NonlocalClosure(
+        model, [u_n, u_n.dx(0)], (), 2, grid_shape=(9,), device="cpu", name="c"
+    )
+    v = ufl.TestFunction(u_n.function_space)
+    prefix = f"nl_fail_{where}_{checkpoint_every}_"
+    stepper = imex_heat(u_n, uh, DT * closure * v * closure.dx, prefix)
+    rollout = Rollout(stepper, checkpoint_every=checkpoint_every)
+    u0, data = rollout.initial_state(), targets(rollout, 4)
+    before = flat_gradient(rollout.gradient(u0, data))
+    what = "The model of closure 'c'" if where == "forward" else "The backward pass of the rollout"
+    assert_fails_on_every_rank(msh.comm, what, model, lambda: rollout.gradient(u0, data))
+    np.testing.assert_array_equal(flat_gradient(rollout.gradient(u0, data)), before)
 
 
 @pytest.mark.mpi

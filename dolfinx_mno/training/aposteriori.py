@@ -39,7 +39,7 @@ from mpi4py import MPI
 import numpy as np
 import torch
 
-from dolfinx_mno._mpi import agree_on
+from dolfinx_mno._mpi import agree_on, rank_local
 from dolfinx_mno.closure import Closure
 from dolfinx_mno.io import _check_json, architecture_config
 from dolfinx_mno.rollout import Rollout, allreduce_gradients, rollout_loss
@@ -127,8 +127,9 @@ class APrioriLoss:
         Returns:
             The loss and one gradient per parameter (its shape, dtype and device).
         """
-        local = self._local_loss()
-        gradients = list(torch.autograd.grad(local, list(parameters), materialize_grads=True))
+        with rank_local(self.comm, "The a-priori term's gradient"):
+            local = self._local_loss()
+            gradients = list(torch.autograd.grad(local, list(parameters), materialize_grads=True))
         summed = [*gradients, local.detach().reshape(1)]
         allreduce_gradients(summed, self.comm)
         return float(summed[-1]), gradients
