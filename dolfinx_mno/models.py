@@ -134,11 +134,11 @@ class MLP(torch.nn.Module):
 class Bounded(torch.nn.Module):
     """Bound a model's output smoothly: ``y = b tanh(model(x) / b)``, so ``|y| < b``.
 
-    A learned source or flux that cannot grow without bound keeps a dissipative coarse
-    model bounded whatever the model predicts out of its training distribution: with
-    drag or viscosity, a bounded forcing gives a bounded solution. Outputs well inside
-    the bound are nearly unchanged (``|y|`` below ``b / 2`` loses less than 8 %), and the
-    tanh is smooth, so tangents and gradients stay continuous.
+    A learned source or flux then cannot take arbitrary values on states outside its
+    training data. Outputs well inside the bound are nearly unchanged (``|y|`` below
+    ``b / 2`` loses less than 8 %), and the tanh is smooth, so tangents and gradients stay
+    continuous. A bound on the values does not bound the solution of an explicit scheme:
+    a sustained bounded source can still drive it past its stability limit.
 
     Wrapped by :func:`dolfinx_mno.training.fit` with ``normalize_targets=True``, the bound
     acts on the *normalised* output: ``bound=5`` keeps every prediction within five

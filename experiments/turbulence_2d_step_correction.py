@@ -77,6 +77,8 @@ parser.add_argument("--rollout-epochs", type=int, default=None, help="a-posterio
 parser.add_argument(
     "--window", type=int, default=None, help="a-posteriori window, in snapshots (default 4)"
 )
+parser.add_argument("--mlp-epochs", type=int, default=None, help="a-priori epochs (100)")
+parser.add_argument("--fno-epochs", type=int, default=None, help="a-priori epochs (60)")
 parser.add_argument(
     "--train-seeds", type=int, default=None, help="number of training trajectories (default 3)"
 )
@@ -101,6 +103,8 @@ else:
     )  # fmt: skip
 config["rollout_epochs"] = args.rollout_epochs or config["rollout_epochs"]
 config["window"] = args.window or config["window"]
+config["mlp_epochs"] = args.mlp_epochs or config["mlp_epochs"]
+config["fno_epochs"] = args.fno_epochs or config["fno_epochs"]
 config["bound"] = args.bound
 if args.train_seeds is not None:  # seeds 1, 2, ... without the test seed
     seeds = [seed for seed in range(1, args.train_seeds + 2) if seed != config["test_seed"]]
@@ -269,8 +273,7 @@ fit_keys = ("quadrature_degree", "mlp_epochs", "fno_epochs", "fno_modes", "fno_w
 
 def bounded(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` with ``--bound``: ``fit`` normalises the targets, so the bound is in
-    standard deviations of the training sources, and a bounded source keeps the damped
-    coarse model bounded."""
+    standard deviations of the training sources."""
     return model if args.bound is None else mno.Bounded(model, args.bound)
 
 
