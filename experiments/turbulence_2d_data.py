@@ -169,6 +169,7 @@ class CoarseRuns:
         reference_index: Callable[[int], int] | None = None,
         reference: Sequence[np.ndarray] | None = None,
         long_end: float | None = None,
+        each_step: Callable[[int], None] | None = None,
     ) -> dict[str, Any]:
         """Run ``flow`` over the test horizon from ``initial``; its correlation with the DNS.
 
@@ -184,6 +185,8 @@ class CoarseRuns:
             reference: Other reference samples than the constructor's.
             long_end: Run on to this time after the test horizon (stability), recording
                 the energy every ``record_every`` steps (without ``before_step``).
+            each_step: ``each_step(k)`` runs at the start and after every step, of both
+                runs (``k`` counts from the start of each); its time counts as the model's.
 
         Returns:
             ``decorrelation_time`` (None: never), ``correlation_end``,
@@ -209,13 +212,19 @@ class CoarseRuns:
                 rho.append(self.correlation())
             if before_step is not None:
                 before_step(step)
+            if each_step is not None:
+                tic = time.perf_counter()
+                each_step(step)
+                hook_seconds.append(time.perf_counter() - tic)
 
+        hook_seconds: list[float] = []
         flow.set_vorticity(initial)
         tic = time.perf_counter()
         try:
             seconds = flow.run(0.0, self.horizon, callback)
         except mno.ClosureEvaluationError:  # raised on every rank: the closure blew up
             seconds = flow.comm.allreduce(time.perf_counter() - tic, op=MPI.MAX)
+        seconds += flow.comm.allreduce(sum(hook_seconds), op=MPI.MAX)
         expected = round(self.horizon / (every * flow.dt)) + 1
         rho += [np.nan] * (expected - len(rho))  # a blown-up run stops early
         sample_times = np.arange(expected) * every * flow.dt
@@ -230,10 +239,14 @@ class CoarseRuns:
             if np.isfinite(energies[0]):
 
                 def record_energy(t: float) -> None:
-                    energies.append(flow.energy())
+                    step = round((t - self.horizon) / flow.dt)
+                    if step % every == 0:
+                        energies.append(flow.energy())
+                    if each_step is not None:
+                        each_step(step)
 
                 try:
-                    flow.run(self.horizon, long_end, record_energy, every=every)
+                    flow.run(self.horizon, long_end, record_energy, every=1 if each_step else every)
                 except mno.ClosureEvaluationError:
                     energies.append(np.nan)
             finite = bool(np.all(np.isfinite(energies))) and len(energies) > 1

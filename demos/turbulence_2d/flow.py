@@ -122,6 +122,9 @@ class VorticityFlow:
             vorticity source entering as ``+ dt * s * v * measure`` (a correction of the
             whole step, not only of the flux). At most one of ``closure`` and ``source``
             may be a :class:`dolfinx_mno.ClosureBase`.
+        source_damping: Optional rate ``α`` (a constant the caller sets at every step) of a
+            term ``- dt * α * omega_n * v * dx`` beside the source: a caller that sets
+            ``α = max(0, (s, ω̄)) / (ω̄, ω̄)`` removes the enstrophy the source would inject.
         domain: The mesh to use (else :func:`box` of ``n``), so that models share one.
         name: Prefix of the PETSc options and function names.
         comm: Communicator.
@@ -138,6 +141,7 @@ class VorticityFlow:
         name: str = "flow",
         comm: MPI.Comm = MPI.COMM_WORLD,
         source: ClosureCallback | None = None,
+        source_damping: fem.Constant | None = None,
     ):
         self.comm, self.n, self.dt, self.nu = comm, n, dt, nu
         self.closure_interval = closure_interval
@@ -177,6 +181,8 @@ class VorticityFlow:
             s, measure = source(self.omega_n, self.velocity_n)
             L += dt * s * v * measure
             learned.append(s)
+        if source_damping is not None:
+            L -= dt * source_damping * self.omega_n * v * dx
         learned = [c for c in learned if isinstance(c, mno.ClosureBase)]
         if len(learned) > 1:
             raise ValueError("At most one of closure and source may be a learned closure.")
