@@ -31,7 +31,8 @@ EXPERIMENTS = {
     # ~20 s each (the step correction's DNS file, once written, is read by later runs).
     "turbulence_2d/demo_turbulence_2d.py": [
         ["turbulence_2d_limits.py", "--quick"],
-        ["turbulence_2d_step_correction.py", "--quick"],
+        # --bound and --dissipative: the stabilised step correction's code paths
+        ["turbulence_2d_step_correction.py", "--quick", "--bound", "4", "--dissipative"],
     ],
 }
 
