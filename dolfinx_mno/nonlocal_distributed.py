@@ -96,7 +96,7 @@ class SlabModelStage:
             model, grid.shape, comm, rows=rows, backend=process_group_backend(device)
         )
         rows = self.rows = self.distributed.rows
-        self._comm = self.comm = comm
+        self.comm = comm
         self._gather = SlabGather(grid, rows, indices, inside, num_inputs, dtype, comm)
         self._scatter = SlabScatter(grid, rows, points, out_channels, dtype, comm)
         self.num_points = self._scatter.num_points
@@ -139,7 +139,7 @@ class SlabModelStage:
         """
         note = "The previous closure values were kept."
         reason = training_mode_error(self.distributed.model)
-        agree(self._comm, reason, what, ClosureEvaluationError, note=note)
+        agree(self.comm, reason, what, ClosureEvaluationError, note=note)
         field = self._inputs.view(1, -1, *self.local_shape)
         field = field.to(device=self.device, dtype=self.model_dtype)
         with torch.inference_mode():
@@ -147,7 +147,7 @@ class SlabModelStage:
         self._outputs[...] = output.cpu().numpy()
         bad = int(np.count_nonzero(~np.isfinite(self._outputs)))
         reason = f"the model returned NaN/Inf at {bad} values of this rank's slab" if bad else None
-        agree(self._comm, reason, what, ClosureEvaluationError, note=note)
+        agree(self.comm, reason, what, ClosureEvaluationError, note=note)
 
     def scatter(self) -> None:
         """Send each rank the halo rows of its block of the output (collective)."""
