@@ -305,9 +305,8 @@ class PointwiseEvaluator:
         # On the CPU with matching dtypes the host buffer can be fed to the model directly.
         self._zero_copy = device.type == "cpu" and self.dtype == torch_host
         # Compiled functions take one chunk shape: a shorter last chunk is padded.
-        self._pad = bool(compile)
         if compile and num_points > 0:
-            self.kernel.prepare_values(chunk)
+            self.kernel.prepare_values(chunk, num_points)
 
     @property
     def inputs(self) -> npt.NDArray[np.floating]:
@@ -354,6 +353,7 @@ class PointwiseEvaluator:
             "compiled": self.kernel.compiled,
             "tangent_compiled": self.kernel.tangent_compiled,
             "compile_error": self.kernel.compile_error,
+            "compile_declined": dict(self.kernel.compile_declined),
             "timings": dict(self.kernel.timings),
         }
 
@@ -377,10 +377,10 @@ class PointwiseEvaluator:
                 shape, dtype=self._outputs.dtype, pin_memory=self._non_blocking
             )
         if mode is not None:
-            self.kernel.prepare_tangent(max(self._chunk, 1), mode)
+            self.kernel.prepare_tangent(max(self._chunk, 1), mode, self.num_points)
         elif self.kernel.tangent_mode is None and self.num_points > 0:
             try:
-                self.kernel.prepare_tangent(self._chunk)
+                self.kernel.prepare_tangent(self._chunk, num_points=self.num_points)
             except Exception:
                 return None
         if self.kernel.tangent_mode is not None and self._chunk_tangents is None:
@@ -417,21 +417,21 @@ class PointwiseEvaluator:
                 "forward (the closure already evaluates values without autograd)"
             )
 
-    def _chunk_input(self, start: int, stop: int, chunk: int) -> torch.Tensor:
-        """The model input for points ``start:stop`` (padded to ``chunk`` if compiled)."""
+    def _chunk_input(self, start: int, stop: int, chunk: int, pad: bool) -> torch.Tensor:
+        """The model input for points ``start:stop`` (padded to ``chunk`` if ``pad``)."""
         n = stop - start
-        if self._zero_copy and not (self._pad and n < chunk):
+        if self._zero_copy and not (pad and n < chunk):
             return self._inputs[start:stop]
         self._chunk_inputs[:n].copy_(self._inputs[start:stop], non_blocking=self._non_blocking)
-        return self._chunk_inputs[:chunk] if self._pad else self._chunk_inputs[:n]
+        return self._chunk_inputs[:chunk] if pad else self._chunk_inputs[:n]
 
-    def _tangent_output(self, start: int, stop: int, chunk: int) -> torch.Tensor:
+    def _tangent_output(self, start: int, stop: int, chunk: int, pad: bool) -> torch.Tensor:
         """Where the kernel writes the tangent of points ``start:stop`` (see ``_chunk_input``)."""
         assert self._tangents is not None and self._chunk_tangents is not None
         n = stop - start
-        if self._zero_copy and not (self._pad and n < chunk):
+        if self._zero_copy and not (pad and n < chunk):
             return self._tangents[start:stop]
-        return self._chunk_tangents[:chunk] if self._pad else self._chunk_tangents[:n]
+        return self._chunk_tangents[:chunk] if pad else self._chunk_tangents[:n]
 
     def evaluate(self, tangent: bool = False) -> None:
         """Evaluate the model on :attr:`inputs`, writing :attr:`outputs` (and :attr:`tangents`).
@@ -445,19 +445,21 @@ class PointwiseEvaluator:
         if tangent and self._chunk_tangents is None:
             self.prepare_tangent()
             if self.num_points > 0 and self.kernel.tangent_mode is None:
-                self.kernel.prepare_tangent(self._chunk)  # raises the reason
+                self.kernel.prepare_tangent(self._chunk, num_points=self.num_points)  # raises
         nb = self._non_blocking
         chunk = self._tangent_chunk if tangent else self._chunk
+        # Compiled functions take one chunk shape: a shorter last chunk is padded.
+        pad = self.kernel.tangent_compiled if tangent else self.kernel.compiled
         self._tangent_sum.zero_()
         # Autograd needs tensors that inference mode forbids; the tangent enables grad itself.
         with torch.no_grad() if tangent else torch.inference_mode():
             for start in range(0, self.num_points, chunk):
                 stop = min(start + chunk, self.num_points)
                 n = stop - start
-                x = self._chunk_input(start, stop, chunk)
+                x = self._chunk_input(start, stop, chunk, pad)
                 if tangent:
                     assert self._tangents is not None
-                    out = self._tangent_output(start, stop, chunk)
+                    out = self._tangent_output(start, stop, chunk, pad)
                     y, has_graph = self.kernel.values_and_tangent(x, out)
                     if not has_graph:
                         self._check_input_independent(x, y)

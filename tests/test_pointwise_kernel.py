@@ -160,6 +160,59 @@ def test_compile_failure_warns_and_runs_eagerly(monkeypatch):
     np.testing.assert_array_equal(ev.tangents, eager.tangents)
 
 
+def test_compiled_functions_write_the_points_last_tangent(monkeypatch):
+    """The compiled tangent is computed points-last and written back point-major.
+
+    ``torch.compile`` stood in for by the identity: the layout, the padding of the last
+    chunk and the writer are tested without a compiler (below MIN_TIMED_POINTS nothing is
+    timed and the compiled functions are kept).
+    """
+    monkeypatch.setattr(torch, "compile", lambda function, **kwargs: function)
+    ev = evaluator(FluxModel().double(), 3, 2, 2500, compile=True, batch_size=1000)
+    ev.evaluate(tangent=True)
+    plan = ev.plan
+    assert plan["compiled"] and plan["tangent_compiled"] and plan["values_path"] == "compiled"
+    assert plan["compile_declined"] == {}
+    x = ev.inputs
+    expected = (1 + x[:, :1] ** 2) * x[:, 1:] + 0.5 * x[:, :1]
+    np.testing.assert_allclose(ev.outputs, expected, rtol=1e-15, atol=1e-15)
+    np.testing.assert_allclose(ev.tangents, flux_tangent(x), rtol=1e-14, atol=1e-14)
+
+
+def test_a_compiled_function_slower_than_eager_is_declined(monkeypatch):
+    """On the CPU a compiled function that measures slower than the eager one is not kept.
+
+    ``torch.compile`` stood in for by a wrapper that sleeps 20 ms a call: both functions
+    are declined, the reasons recorded, and the results are the eager ones, bitwise.
+    """
+    import time
+
+    def slow_compile(function, **kwargs):
+        def slower(*args):
+            time.sleep(0.02)
+            return function(*args)
+
+        return slower
+
+    monkeypatch.setattr(torch, "compile", slow_compile)
+    points = 3 * MIN_TIMED_POINTS
+    eager = evaluator(FluxModel().double(), 3, 2, points, batch_size=8192)
+    ev = evaluator(FluxModel().double(), 3, 2, points, compile=True, batch_size=8192)
+    for e in (ev, eager):
+        e.evaluate(tangent=True)
+    plan = ev.plan
+    assert plan["compile"] and plan["compile_error"] is None
+    assert not plan["compiled"] and not plan["tangent_compiled"]
+    assert plan["values_path"] == "model"
+    assert set(plan["compile_declined"]) == {"values", "tangent"}
+    assert "eager kept" in plan["compile_declined"]["tangent"]
+    timings = plan["timings"]
+    assert timings["values compiled"] > timings["values eager"]
+    assert timings["tangent compiled"] > timings["tangent eager"]
+    np.testing.assert_array_equal(ev.outputs, eager.outputs)
+    np.testing.assert_array_equal(ev.tangents, eager.tangents)
+
+
 @pytest.mark.slow
 def test_compiled_closure_equals_the_eager_one():
     """``compile=True`` (inductor on the CPU): values and tangent as eager, to round-off.
