@@ -81,6 +81,31 @@ def closure_grid(coarse: int) -> Grid:
     return Grid((lower, lower), (lower + (shape - 1) * h / 2,) * 2, (shape, shape))
 
 
+def grid_closure(
+    path, grid: Grid, value_shape: tuple[int, ...] = (2,), quadrature_degree: int = 1
+) -> Callable:
+    """A :class:`VorticityFlow` closure factory: the operator saved at ``path`` on ``grid``.
+
+    ``factory(omega_n, velocity_n)`` returns ``(closure, closure.dx)`` for a
+    :class:`~dolfinx_mno.NonlocalClosure` of the operands ``omega`` and ``u`` (the demo
+    writes the same closure out, as its tutorial).
+    """
+
+    def factory(omega_n: fem.Function, velocity_n: fem.Function):
+        closure = mno.NonlocalClosure(
+            str(path),
+            mno.Operands({"omega": omega_n, "u": velocity_n}),
+            value_shape=value_shape,
+            quadrature_degree=quadrature_degree,
+            grid_shape=grid.shape,
+            bounding_box=(grid.lower, grid.upper),
+            mask_channel=False,
+        )
+        return closure, closure.dx
+
+    return factory
+
+
 class Turbulence:
     """The DNS, the coarse model without closure and the filter between them.
 

@@ -62,7 +62,14 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPOSITORY / "demos"), str(REPOSITORY / "demos" / "turbulence_2d")]
 from comparison import smagorinsky_constant, train_a_posteriori
 from flow import VorticityFlow, length, smagorinsky, velocity
-from turbulence_2d_data import CoarseRuns, Turbulence, closure_grid, settings, steps
+from turbulence_2d_data import (
+    CoarseRuns,
+    Turbulence,
+    closure_grid,
+    grid_closure,
+    settings,
+    steps,
+)
 from utilities import log, output_folder
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -256,13 +263,7 @@ def local_closure(omega_n, velocity_n):
     return closure, closure.dx
 
 
-def operator_closure(omega_n, velocity_n):
-    closure = mno.NonlocalClosure(
-        str(operator_path), mno.Operands({"omega": omega_n, "u": velocity_n}),
-        value_shape=(2,), quadrature_degree=1, grid_shape=grid.shape,
-        bounding_box=(grid.lower, grid.upper), mask_channel=False,
-    )  # fmt: skip
-    return closure, closure.dx
+operator_closure = grid_closure(operator_path, grid)
 
 
 def coarse_model(factory, name: str) -> VorticityFlow:

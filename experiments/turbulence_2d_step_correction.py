@@ -70,7 +70,14 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPOSITORY / "demos"), str(REPOSITORY / "demos" / "turbulence_2d")]
 from comparison import resolution_factor, train_a_posteriori
 from flow import VorticityFlow
-from turbulence_2d_data import CoarseRuns, Turbulence, closure_grid, settings, steps
+from turbulence_2d_data import (
+    CoarseRuns,
+    Turbulence,
+    closure_grid,
+    grid_closure,
+    settings,
+    steps,
+)
 from utilities import log, output_folder
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -344,13 +351,7 @@ def local_source(omega_n, velocity_n):
     return closure, closure.dx
 
 
-def operator_source(omega_n, velocity_n):
-    closure = mno.NonlocalClosure(
-        str(operator_path), mno.Operands({"omega": omega_n, "u": velocity_n}),
-        value_shape=(), quadrature_degree=q, grid_shape=grid.shape,
-        bounding_box=(grid.lower, grid.upper), mask_channel=False,
-    )  # fmt: skip
-    return closure, closure.dx
+operator_source = grid_closure(operator_path, grid, value_shape=(), quadrature_degree=q)
 
 
 hooks: dict[str, Callable[[int], None] | None] = {}
