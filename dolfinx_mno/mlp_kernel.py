@@ -5,9 +5,10 @@ product of matrices, ``∂y/∂x = W_L D_{L-1} W_{L-1} ⋯ D_1 W_1`` with ``D_k 
 for the tanh outputs ``t_k``, which this module evaluates without autograd: one forward pass
 that keeps the activations in buffers allocated once, then the product accumulated from
 the output side for all ``num_outputs`` rows at once (one matrix product per linear layer,
-one in-place scaling per activation). Autograd does the same arithmetic but records a
-graph, allocates every intermediate, and runs one backward pass per output component (or
-a batched one through ``vmap``).
+one fused in-place pass per activation: autograd's own ``tanh_backward`` /
+``sigmoid_backward`` kernels, ``G ∘ (1 - t²)`` from the stored output ``t``). Autograd
+does the same arithmetic but records a graph, allocates every intermediate, and runs one
+backward pass per output component (or a batched one through ``vmap``).
 
 The values alone use the same buffers: linear layers write with ``out=`` and activations
 work in place, so a chunk allocates nothing. The results are those of the model (the same
@@ -34,6 +35,11 @@ import torch
 __all__ = ["SequentialMLP"]
 
 _ACTIVATIONS = {torch.nn.Tanh: "tanh", torch.nn.Sigmoid: "sigmoid"}
+#: ``G ∘ f'`` from the activation's output ``t`` (``1 - t²``, ``t - t²``), in one pass.
+_BACKWARD = {
+    "tanh": torch.ops.aten.tanh_backward.grad_input,
+    "sigmoid": torch.ops.aten.sigmoid_backward.grad_input,
+}
 
 
 @dataclasses.dataclass
@@ -84,8 +90,6 @@ class SequentialMLP:
         self._capacity = 0
         self._activations: list[torch.Tensor] = []
         self._cotangents: list[torch.Tensor] = []
-        self._derivative: torch.Tensor | None = None
-        self._one: torch.Tensor | None = None
         self._widths: list[int] = []
 
     @classmethod
@@ -160,9 +164,6 @@ class SequentialMLP:
         self._widths = widths
         # Flat: the first (m, n, width) entries are a contiguous view for any n <= points.
         self._cotangents = [torch.empty(m * points * w, dtype=dtype, device=device) for w in widths]
-        largest = max(layer.width for layer in self.layers)
-        self._derivative = torch.empty(points * largest, dtype=dtype, device=device)
-        self._one = torch.ones((), dtype=dtype, device=device)
         self._capacity = points
 
     def _cotangent(self, index: int, n: int) -> torch.Tensor:
@@ -295,7 +296,6 @@ class SequentialMLP:
         """
         y = self.values(x)
         n, m = x.shape[0], self.num_outputs
-        assert self._derivative is not None and self._one is not None
         with torch.no_grad():
             g: torch.Tensor | None = None  # None: the identity, before the last layer
             rows: torch.Tensor | None = None  # the last layer's weight, applied lazily
@@ -317,17 +317,15 @@ class SequentialMLP:
                     linear -= 1
                 else:
                     activation = self._activations[linear][:n]  # this layer's output
-                    derivative = self._derivative[: n * layer.width].view(n, layer.width)
-                    if layer.kind == "tanh":
-                        torch.addcmul(self._one, activation, activation, value=-1, out=derivative)
-                    else:
-                        torch.addcmul(activation, activation, activation, value=-1, out=derivative)
                     if g is None:  # G = W_last ∘ f', in one pass
                         assert rows is not None
                         g = self._cotangent(linear + 1, n)
-                        torch.mul(rows.unsqueeze(1), derivative, out=g)
+                        source = rows.unsqueeze(1).expand(g.shape)
                     else:
-                        g.mul_(derivative)
+                        source = g
+                    # G ∘ f'(t) in one fused pass, autograd's own backward kernels.
+                    backward = _BACKWARD[layer.kind]
+                    backward(source, activation.unsqueeze(0).expand(g.shape), grad_input=g)
             if g is None:  # a single linear layer: G = W at every point
                 assert rows is not None
                 g = self._cotangent(0, n)
