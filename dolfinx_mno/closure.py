@@ -90,8 +90,12 @@ class Closure(ClosureBase):
             :mod:`dolfinx_mno.pointwise_kernel`).
         compile: Compile the model's value and tangent functions with
             :func:`torch.compile` (opt-in: the first compilation takes from seconds to
-            minutes). Where compilation is unavailable or fails, a ``RuntimeWarning``
-            says why and the model runs eagerly, with the same results.
+            minutes). On the CPU each compiled function is kept only where it measures
+            no slower than the eager one (it pays for cheap formulas, whose values and
+            tangent inductor fuses into one loop, not for MLPs, whose fused eager pass
+            runs MKL's GEMMs); ``evaluation_plan["compile_declined"]`` says which were not
+            kept. Where compilation is unavailable or fails, a ``RuntimeWarning`` says
+            why and the model runs eagerly, with the same results.
         tangent: Also compute ``∂closure/∂operands`` at each update (implicit coupling).
             :func:`derivative` switches it on when a Jacobian needs it.
         name: Name of the function (used in output files and error messages).
