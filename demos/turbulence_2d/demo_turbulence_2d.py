@@ -11,9 +11,9 @@
 # # 2D turbulence: a coarse mesh with a learned closure against mesh refinement
 #
 # This demo is implemented in {download}`demo_turbulence_2d.py`, with the flow solver in
-# {download}`flow.py` and the measurements (the data check, coarse runs against a
-# reference, resolution factor, a-posteriori training, figures, summary) in
-# {download}`comparison.py`. It illustrates how to:
+# {download}`flow.py`, the measurements (data check, coarse runs against a reference,
+# resolution factor, a-posteriori training) in {download}`comparison.py` and the outputs
+# (VTX, figures, summary) in {download}`report.py`. It illustrates how to:
 #
 # - make closure data from a 2D DNS: filter the vorticity to a nested coarse mesh
 #   ({py:class}`dolfinx_mno.data.L2Projection`), the vorticity flux by exact coarse-cell
@@ -90,6 +90,7 @@ from dolfinx_mno.training import fit, shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # demos/: utilities.py
 import comparison
+import report
 from flow import VorticityFlow, length, smagorinsky, spin_up, velocity
 from utilities import boundary_dofs, log, output_folder
 
@@ -367,16 +368,16 @@ runs |= {label: test_runs.run(flow, start) for label, flow in models.items() if 
 
 # +
 table = comparison.headline(runs, ladder, nc)
-comparison.write_vtx(output / "test_vorticity.bp", Vc, reference, runs, config["sample_every"])
+report.write_vtx(output / "test_vorticity.bp", Vc, reference, runs, config["sample_every"])
 shown = ["no closure", "MNO, a posteriori"]  # beside the DNS in the figures
-spectra = comparison.figures(output, runs, dns_final, reference[-1], Vc, shown)
+spectra = report.figures(output, runs, dns_final, reference[-1], Vc, shown)
 summary = {
     "quick": args.quick, "ranks": comm.size, "config": config, "nu": nu,
     "smagorinsky_constant": c_s, "tendency_check": tendency_error,
     "dns_seconds_per_time_unit": dns_seconds / t_test, "dns_max_energy": max(dns_energies),
     "fit_seconds": {"local": local_seconds, "mno": operator_seconds},
 }  # fmt: skip
-comparison.write_summary(output / "summary.json", summary, training, table, runs, spectra, comm)
+report.write_summary(output / "summary.json", summary, training, table, runs, spectra, comm)
 # -
 
 # ## Checks
