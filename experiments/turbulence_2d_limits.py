@@ -70,7 +70,7 @@ from turbulence_2d_data import (
     settings,
     steps,
 )
-from utilities import log, output_folder
+from utilities import assemble_global, log, output_folder
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--quick", action="store_true", help="small problem, a smoke test")
@@ -325,10 +325,6 @@ predictions = {"Smagorinsky": smagorinsky(fem.Constant(coarse_mesh, c_s), h)(
 predictions |= {label: flow.closure for label, flow in models.items() if flow.closure is not None}
 
 
-def integral(form: fem.Form) -> float:
-    return comm.allreduce(fem.assemble_scalar(form), op=MPI.SUM)
-
-
 moments = [fem.form(ufl.inner(tau, tau) * dxq), fem.form(1.0 * dxq)]
 moments += [fem.form(tau[i] * dxq) for i in range(2)]
 errors = {
@@ -341,14 +337,14 @@ skill: dict[str, dict[str, list[float]]] = {
 for values, omega in zip(tau_steps[::every], reference, strict=True):
     tau.x.array[:] = values
     omega_bar.x.array[:] = omega
-    norm, area, *mean = (integral(form) for form in moments)
+    norm, area, *mean = (assemble_global(form) for form in moments)
     variance = norm - (mean[0] ** 2 + mean[1] ** 2) / area
     for flow in (plain, *models.values()):
         flow.set_vorticity(omega_bar)
         if flow.closure is not None:
             flow.closure.update()
     for label, form in errors.items():
-        error = integral(form)
+        error = assemble_global(form)
         skill[label]["relative_l2"].append(float(np.sqrt(error / norm)))
         skill[label]["fve"].append(float(1.0 - error / variance))
 a_priori_skill = {

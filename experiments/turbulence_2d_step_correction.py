@@ -78,7 +78,7 @@ from turbulence_2d_data import (
     settings,
     steps,
 )
-from utilities import log, output_folder
+from utilities import assemble_global, log, output_folder
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--quick", action="store_true", help="small problem, a smoke test")
@@ -374,8 +374,7 @@ def learned_model(label: str, name: str, source: Callable) -> VorticityFlow:
 
     def remove_injection(step: int) -> None:
         closure.update()
-        injected = comm.allreduce(fem.assemble_scalar(injection), op=MPI.SUM)
-        alpha.value = max(0.0, injected) / comm.allreduce(fem.assemble_scalar(norm), op=MPI.SUM)
+        alpha.value = max(0.0, assemble_global(injection)) / assemble_global(norm)
 
     hooks[label] = remove_injection
     return flow
@@ -388,10 +387,6 @@ models = {
 
 
 # ## A-priori skill on the test seed, every sample_every
-def integral(form: fem.Form) -> float:
-    return comm.allreduce(fem.assemble_scalar(form), op=MPI.SUM)
-
-
 def a_priori_skill(flows: dict[str, VorticityFlow]) -> dict[str, dict[str, float]]:
     """Relative L² error and variance explained of each flow's source, test-seed average."""
     s, dxq = correction.source, measure(data.mesh, q)
@@ -400,12 +395,12 @@ def a_priori_skill(flows: dict[str, VorticityFlow]) -> dict[str, dict[str, float
     skill: dict[str, list[tuple[float, float]]] = {label: [] for label in flows}
     for n in range(0, len(test_sources), every):
         correction(test_states[n], test_states[n + 1])
-        norm, area, mean = (integral(form) for form in moments)
+        norm, area, mean = (assemble_global(form) for form in moments)
         variance = norm - mean**2 / area
         for label, flow in flows.items():
             flow.set_vorticity(correction.omega)
             flow.closure.update()
-            error = integral(errors[label])
+            error = assemble_global(errors[label])
             skill[label].append((np.sqrt(error / norm), 1.0 - error / variance))
     return {
         label: {"relative_l2": float(np.mean([r[0] for r in rows])),
