@@ -237,7 +237,6 @@ class PointwiseKernel:
         timings: Seconds measured to make the choices: ``"chunk <n>"`` (values of a chunk
             of ``n`` points), ``"tangent mode <mode>"`` (values and tangent of the sample)
             and ``"tangent chunk <n>"`` (values and tangent in the chosen mode).
-        compiled: Whether the value function in use is compiled.
         tangent_compiled: Whether the value-and-tangent function in use is compiled.
         compile_error: Why compilation was given up, or ``None``.
         compile_declined: For ``"values"`` and ``"tangent"``: why a compiled function that
@@ -259,7 +258,6 @@ class PointwiseKernel:
         self.device = device
         self.dtype = dtype
         self.compile_requested = bool(compile)
-        self.compiled = False
         self.tangent_compiled = False
         self.compile_error: str | None = None
         self.compile_declined: dict[str, str] = {}
@@ -272,6 +270,11 @@ class PointwiseKernel:
         #: ``"model"``, ``"sequential"`` (the fused MLP pass) or ``"compiled"``: what
         #: computes the values.
         self.values_path = "model"
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the value function in use is compiled (``values_path == "compiled"``)."""
+        return self.values_path == "compiled"
 
     # -- running --------------------------------------------------------------------
 
@@ -418,7 +421,6 @@ class PointwiseKernel:
         eager, seconds = self._values, seconds_of(compiled)
         if self._faster_compiled("values", seconds, seconds_of, eager, chunk, points):
             self._values = compiled
-            self.compiled = True
             self.values_path = "compiled"
 
     def _faster_compiled(
