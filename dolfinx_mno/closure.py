@@ -95,7 +95,10 @@ class Closure(ClosureBase):
             tangent inductor fuses into one loop, not for MLPs, whose fused eager pass
             runs MKL's GEMMs); ``evaluation_plan["compile_declined"]`` says which were not
             kept. Where compilation is unavailable or fails, a ``RuntimeWarning`` says
-            why and the model runs eagerly, with the same results.
+            why and the model runs eagerly, with the same results. The operand stage is
+            compiled too, for operands affine in the coefficients (the ``"compiled"``
+            mode of :mod:`dolfinx_mno.operand_map`, kept only if it measures fastest;
+            ``evaluation_plan["operands"]`` says which mode runs).
         tangent: Also compute ``∂closure/∂operands`` at each update (implicit coupling).
             :func:`derivative` switches it on when a Jacobian needs it.
         name: Name of the function (used in output files and error messages).
@@ -198,7 +201,7 @@ class Closure(ClosureBase):
         self._operand_buffer = evaluator.inputs.reshape(num_cells, points.shape[0], num_inputs)
         with rank_local(comm, f"Building closure '{name}'"):  # times the operand modes
             self._operand_evaluator = OperandEvaluator(
-                self._expression, mesh, num_cells, self._operand_buffer
+                self._expression, mesh, num_cells, self._operand_buffer, compile=compile
             )
         self._value_dofs = owned_dofs(space, num_cells)
         self._tangent: fem.Function | None = None

@@ -5,7 +5,7 @@ quadrature rule on every owned cell, once per update. :meth:`fem.Expression.eval
 this in three steps: it packs the coefficients' cell dofs into a new
 ``(num_cells, num_cell_dofs)`` array, packs the constants, and runs the generated kernel
 (which recomputes the geometry) on every cell. :class:`OperandEvaluator` does the same
-with less work per update, in one of three modes chosen at construction (``mode``):
+with less work per update, in one of four modes chosen at construction (``mode``):
 
 ``"packed"``
     The generated kernel on coefficients gathered into a buffer allocated once, with a
@@ -23,6 +23,13 @@ with less work per update, in one of three modes chosen at construction (``mode`
     only when its blocks take at most ``max_matrix_bytes``. If the mesh geometry changes
     afterwards (a moving mesh), the evaluator notices at the next update (the geometry is
     compared with a copy) and falls back to ``"packed"`` for good.
+``"compiled"``
+    Only with ``compile=True`` (``Closure(..., compile=True)``): the matrix's blocks,
+    applied together with the gathering of the dofs by one loop compiled by
+    :func:`torch.compile` (:mod:`dolfinx_mno.operand_compiled`).
+    Built when the matrix applies, and kept only if it measures faster than ``"packed"``
+    and ``"matrix"``; a moving mesh drops it as it drops the matrix. If compilation fails,
+    the plan says why and the other modes are used.
 ``"expression"``
     :meth:`fem.Expression.eval` itself (the fallback for elements with dof
     transformations).
@@ -38,7 +45,8 @@ On this repository's 2-core benchmark machine (``docs/benchmarks.md``), for P1
 where fresh allocations cost page faults): the generated kernel, which both run, is most of
 the stage. ``"matrix"`` loses (16.6 ms): its blocks hold 27 numbers per cell where the
 kernel reads 9 vertex coordinates, and the stage is bound by memory traffic, not
-arithmetic.
+arithmetic. ``"compiled"`` reads the same blocks but makes one pass over memory instead
+of three (``docs/benchmarks.md``, seventh session).
 """
 
 from __future__ import annotations
@@ -56,12 +64,13 @@ from dolfinx.mesh import Mesh
 from ufl.algorithms import expand_derivatives, extract_coefficients
 from ufl.algorithms.analysis import extract_constants
 
-from dolfinx_mno._timing import best_time
+from dolfinx_mno._timing import best_times
+from dolfinx_mno.operand_compiled import CompiledAffineMap
 
 __all__ = ["OPERAND_MODES", "OperandEvaluator", "OperandMatrix", "is_affine_in_coefficients"]
 
 #: The operand evaluation modes.
-OPERAND_MODES = ("packed", "matrix", "expression")
+OPERAND_MODES = ("packed", "matrix", "compiled", "expression")
 
 
 def is_affine_in_coefficients(expression: ufl.core.expr.Expr) -> bool:
@@ -118,16 +127,20 @@ class OperandEvaluator:
         values: The buffer to write, ``(num_cells, num_points, num_inputs)`` in the
             expression's dtype, C-contiguous; it is written by every :meth:`evaluate`.
         mode: ``None`` (the default) chooses as described in the module docstring;
-            ``"packed"``, ``"matrix"`` or ``"expression"`` forces that mode.
+            ``"packed"``, ``"matrix"``, ``"compiled"`` or ``"expression"`` forces that
+            mode.
         max_matrix_bytes: Largest size of the matrix blocks to try; by default four times
             the size of ``values``.
+        compile: Also try the ``"compiled"`` mode (it is forced by ``mode="compiled"``).
 
     Raises:
         ValueError: A forced mode that does not apply (``"matrix"`` for operands that are
-            not affine, ``"packed"``/``"matrix"`` for elements with dof transformations).
+            not affine, ``"packed"``/``"matrix"`` for elements with dof transformations),
+            or ``"compiled"`` where :func:`torch.compile` fails.
 
     Attributes:
-        mode: ``"packed"``, ``"matrix"`` or ``"expression"`` (see the module docstring).
+        mode: ``"packed"``, ``"matrix"``, ``"compiled"`` or ``"expression"`` (see the
+            module docstring).
         plan: Why: the mode, the reason for a fallback, and the seconds measured.
     """
 
@@ -140,6 +153,7 @@ class OperandEvaluator:
         *,
         mode: str | None = None,
         max_matrix_bytes: int | None = None,
+        compile: bool = False,
     ):
         if mode not in (None, *OPERAND_MODES):
             raise ValueError(f"mode must be None or one of {OPERAND_MODES}, got {mode!r}.")
@@ -160,20 +174,25 @@ class OperandEvaluator:
         self._blocks: np.ndarray | None = None
         self._offset: np.ndarray | None = None
         self._geometry: torch.Tensor | None = None
+        self._compiled_map: CompiledAffineMap | None = None
         self.affine = is_affine_in_coefficients(expression.ufl_expression)
-        if mode in ("packed", "matrix") and self.mode == "expression":
+        if mode in ("packed", "matrix", "compiled") and self.mode == "expression":
             raise ValueError(f"Operand mode {mode!r} does not apply: {self.plan['fallback']}.")
-        if mode == "matrix" and not self.affine:
+        if mode in ("matrix", "compiled") and not self.affine:
             raise ValueError(
-                "Operand mode 'matrix' needs operands affine in the coefficients, without "
+                f"Operand mode {mode!r} needs operands affine in the coefficients, without "
                 "fem.Constant."
             )
         if mode == "expression":
             self.mode = "expression"
-        elif mode == "matrix":
+        elif mode in ("matrix", "compiled"):
             self._use_matrix()
+            if mode == "compiled" and num_cells > 0:
+                self._use_compiled(raise_errors=True)
+                self._blocks = self._offset = None  # the compiled map holds what it needs
+            self.mode = mode
         elif mode is None and self.mode == "packed" and num_cells > 0:
-            self._try_matrix(max_matrix_bytes or 4 * values.nbytes)
+            self._try_matrix(max_matrix_bytes or 4 * values.nbytes, compile)
         self.plan["mode"] = self.mode
 
     # -- set-up -----------------------------------------------------------------------
@@ -268,8 +287,8 @@ class OperandEvaluator:
             np.subtract(self._values.reshape(self.num_cells, rows), offset, out=blocks[:, :, k])
         return blocks, offset
 
-    def _try_matrix(self, max_bytes: int) -> None:
-        """Build the matrix mode if it applies and keep it if it is faster than ``packed``."""
+    def _try_matrix(self, max_bytes: int, compile: bool) -> None:
+        """Build the matrix (and compiled) modes if they apply; keep the fastest mode."""
         if not self.affine:
             self.plan["matrix"] = "not tried: the operands are not affine in the coefficients"
             return
@@ -278,13 +297,42 @@ class OperandEvaluator:
             self.plan["matrix"] = f"not tried: its blocks would take {size} bytes"
             return
         self._use_matrix()
-        matrix_time = best_time(self._evaluate_matrix, repeats=3)
-        packed_time = best_time(self._evaluate_packed, repeats=3)
-        self.plan["seconds"] = {"packed": packed_time, "matrix": matrix_time}
-        if packed_time <= matrix_time:
-            self.mode = "packed"
-            self.plan["matrix"] = "built, slower than packed"
+        candidates = {"packed": self._evaluate_packed, "matrix": self._evaluate_matrix}
+        if compile and self._use_compiled(raise_errors=False):
+            assert self._compiled_map is not None
+            candidates["compiled"] = self._compiled_map
+        seconds = best_times(candidates)
+        self.plan["seconds"] = seconds
+        self.mode = min(seconds, key=seconds.__getitem__)  # ties: the first, packed
+        for other in ("matrix", "compiled"):
+            if other in seconds and self.mode != other:
+                self.plan[other] = f"built, slower than {self.mode}"
+        if self.mode != "compiled":
+            self._compiled_map = None
+        else:
+            self._blocks = self._offset = None  # the compiled map holds what it needs
+        if self.mode == "packed":
             self._blocks = self._offset = self._geometry = None
+
+    def _use_compiled(self, raise_errors: bool) -> bool:
+        """Build the compiled map from the matrix's blocks; whether it could be built."""
+        assert self._blocks is not None
+        try:
+            self._compiled_map = CompiledAffineMap(
+                self._blocks,
+                self._offset,
+                [c.x.array for c in self._coefficients],
+                self._indices,
+                self._values,
+            )
+        except Exception as err:
+            if raise_errors:
+                raise
+            text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            self.plan["compiled"] = f"failed: {type(err).__name__}: {text}".rstrip(": ")
+            return False
+        self.mode = "compiled"
+        return True
 
     def _use_matrix(self) -> None:
         """Build the per-cell matrix and switch to the matrix mode."""
@@ -299,14 +347,17 @@ class OperandEvaluator:
         """Write the operands at the points of the owned cells into the value buffer."""
         if self.num_cells == 0:
             return
-        if self.mode == "matrix":
+        if self.mode in ("matrix", "compiled"):
             assert self._geometry is not None
             if torch.equal(torch.from_numpy(self._mesh.geometry.x), self._geometry):
-                self._evaluate_matrix()
+                if self._compiled_map is not None:
+                    self._compiled_map()
+                else:
+                    self._evaluate_matrix()
                 return
+            self.plan[self.mode] = "dropped: the mesh geometry changed"
             self.mode = self.plan["mode"] = "packed"  # the mesh moved: for good
-            self.plan["matrix"] = "dropped: the mesh geometry changed"
-            self._blocks = self._offset = self._geometry = None
+            self._blocks = self._offset = self._geometry = self._compiled_map = None
         if self.mode == "packed":
             self._evaluate_packed()
         else:

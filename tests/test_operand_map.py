@@ -1,5 +1,7 @@
 """The operand stage: packed kernel, constant dof→operand matrix, fallbacks."""
 
+import time
+
 from mpi4py import MPI
 
 import numpy as np
@@ -9,6 +11,7 @@ import ufl
 from dolfinx import fem, mesh
 
 import dolfinx_mno as mno
+from dolfinx_mno._timing import best_times
 from dolfinx_mno.operand_map import OperandEvaluator, is_affine_in_coefficients
 from dolfinx_mno.quadrature import flatten_operands, quadrature_points
 
@@ -42,12 +45,18 @@ NONLINEAR = {
 }
 
 
+def _eager_compile(monkeypatch):
+    """Stand torch.compile in by the identity: the compiled mode's loop runs eagerly."""
+    monkeypatch.setattr(torch, "compile", lambda function, **kwargs: function)
+
+
 @pytest.mark.mpi
 @pytest.mark.parametrize("cells", [(5, 4), (1, 1)])
 @pytest.mark.parametrize("name", sorted(AFFINE))
-@pytest.mark.parametrize("mode", [None, "packed", "matrix", "expression"])
-def test_every_mode_gives_expression_eval(cells, name, mode):
+@pytest.mark.parametrize("mode", [None, "packed", "matrix", "compiled", "expression"])
+def test_every_mode_gives_expression_eval(cells, name, mode, monkeypatch):
     """On (1, 1) cells and 3 ranks one rank owns no cells."""
+    _eager_compile(monkeypatch)
     msh = mesh.create_unit_square(MPI.COMM_WORLD, *cells)
     u, w, expression, num_cells, buffer = _setup(msh, AFFINE[name])
     evaluator = OperandEvaluator(expression, msh, num_cells, buffer, mode=mode)
@@ -113,15 +122,98 @@ def test_constants_are_packed_and_not_affine():
 
 
 @pytest.mark.mpi
-def test_a_moving_mesh_drops_the_matrix_for_good():
+@pytest.mark.parametrize("mode", ["matrix", "compiled"])
+def test_a_moving_mesh_drops_the_matrix_for_good(mode, monkeypatch):
+    _eager_compile(monkeypatch)
     msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
     _u, _w, expression, num_cells, buffer = _setup(msh, AFFINE["u_grad_u"])
-    evaluator = OperandEvaluator(expression, msh, num_cells, buffer, mode="matrix")
+    evaluator = OperandEvaluator(expression, msh, num_cells, buffer, mode=mode)
     msh.geometry.x[:, 0] *= 1.5  # stretch: the gradients change
     evaluator.evaluate()
-    assert evaluator.mode == "packed"
-    assert evaluator.plan["matrix"] == "dropped: the mesh geometry changed"
+    if num_cells > 0:
+        assert evaluator.mode == "packed"
+        assert evaluator.plan[mode] == "dropped: the mesh geometry changed"
     np.testing.assert_allclose(buffer, _expected(expression, msh, num_cells), rtol=1e-13)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("name", sorted(AFFINE))
+def test_compile_adds_the_compiled_mode_and_keeps_the_fastest(name, monkeypatch):
+    """compile=True times the compiled map beside packed and matrix and keeps the fastest."""
+    _eager_compile(monkeypatch)
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 8, 7)
+    u, _w, expression, num_cells, buffer = _setup(msh, AFFINE[name])
+    plain = OperandEvaluator(expression, msh, num_cells, buffer.copy())
+    assert "compiled" not in plain.plan.get("seconds", {})
+    # Blocks of P2 u and vector w: 6-12x the operands, over the default limit (4x).
+    limit = 2**30
+    evaluator = OperandEvaluator(
+        expression, msh, num_cells, buffer, max_matrix_bytes=limit, compile=True
+    )
+    seconds = evaluator.plan["seconds"]
+    assert sorted(seconds) == ["compiled", "matrix", "packed"]
+    assert evaluator.mode == min(seconds, key=seconds.__getitem__)
+    for other in {"matrix", "compiled"} - {evaluator.mode}:
+        assert evaluator.plan[other] == f"built, slower than {evaluator.mode}"
+    for _step in range(2):
+        evaluator.evaluate()
+        np.testing.assert_allclose(
+            buffer, _expected(expression, msh, num_cells), rtol=1e-13, atol=1e-12
+        )
+        u.x.array[:] += 0.5
+
+
+def test_a_failed_compilation_keeps_the_other_modes(monkeypatch):
+    def broken(function, **kwargs):
+        def fails(*args):
+            raise RuntimeError("no C++ compiler\nsecond line")
+
+        return fails
+
+    monkeypatch.setattr(torch, "compile", broken)
+    msh = mesh.create_unit_square(MPI.COMM_SELF, 4, 4)
+    _u, _w, expression, num_cells, buffer = _setup(msh, AFFINE["u_grad_u"])
+    evaluator = OperandEvaluator(
+        expression, msh, num_cells, buffer, max_matrix_bytes=2**30, compile=True
+    )
+    assert evaluator.plan["compiled"] == "failed: RuntimeError: no C++ compiler"
+    assert evaluator.mode in ("packed", "matrix")
+    assert sorted(evaluator.plan["seconds"]) == ["matrix", "packed"]
+    evaluator.evaluate()
+    np.testing.assert_allclose(buffer, _expected(expression, msh, num_cells), rtol=1e-13)
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        OperandEvaluator(expression, msh, num_cells, buffer, mode="compiled")
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_the_compiled_map_writes_the_operands_in_place_with_inductor():
+    """The real torch.compile: Expression.eval's values, written straight into the buffer.
+
+    Two coefficients and an offset (``x``); on (2, 1) cells and 3 ranks one rank owns no
+    cells. No allocation the size of the operands in an update (the loop writes every
+    value once, into the caller's buffer).
+    """
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 2, 1)
+    operands = lambda u, w, x: [w, ufl.grad(u), 2 * u + x[0]]  # noqa: E731
+    u, w, expression, num_cells, buffer = _setup(msh, operands)
+    evaluator = OperandEvaluator(expression, msh, num_cells, buffer, mode="compiled")
+    assert evaluator.mode == "compiled"
+    for _step in range(2):
+        evaluator.evaluate()
+        np.testing.assert_allclose(
+            buffer, _expected(expression, msh, num_cells), rtol=1e-13, atol=1e-12
+        )
+        u.x.array[:] *= -2.0
+        w.x.array[:] += 1.0
+    if num_cells == 0:
+        return
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as profile:
+        evaluator.evaluate()
+    allocated = [e.cpu_memory_usage for e in profile.events() if e.cpu_memory_usage > 0]
+    assert max(allocated, default=0) < buffer.nbytes
 
 
 def test_elements_with_dof_transformations_use_expression_eval():
@@ -150,8 +242,26 @@ def test_closure_exposes_its_operand_matrix_and_plan():
     closure.update()
     plan = closure.evaluation_plan
     assert plan["operands"]["mode"] in ("packed", "matrix")
+    assert "compiled" not in plan["operands"]["seconds"]  # only with compile=True
     operator = closure.operand_matrix()
     values = operator.matrix @ torch.from_numpy(u.x.array)
     np.testing.assert_allclose(
         values.numpy(), closure._evaluator.inputs.reshape(-1), rtol=1e-13, atol=1e-12
     )
+
+
+def test_the_modes_are_timed_in_turn():
+    """best_times interleaves its candidates (a slow moment falls on all) and keeps minima."""
+    calls = []
+    durations = {"a": iter([0, 0.003, 0.001, 0.002]), "b": iter([0, 0.0, 0.004, 0.002])}
+
+    def candidate(name):
+        def run():
+            calls.append(name)
+            time.sleep(next(durations[name]))
+
+        return run
+
+    seconds = best_times({"a": candidate("a"), "b": candidate("b")}, repeats=3)
+    assert calls == ["a", "b"] * 4
+    assert 0.001 <= seconds["a"] < 0.002 and seconds["b"] < 0.001
