@@ -494,6 +494,40 @@ class _CompiledAverage(typing.NamedTuple):
     quadrature_degree: int
 
 
+def _check_cell_average_arguments(
+    space: fem.FunctionSpace, fine_mesh: _mesh.Mesh, quadrature_degree: int | None
+) -> None:
+    """:class:`CellAverage`'s argument checks (rank-local, before any collective call)."""
+    coarse = space.mesh
+    value_shape = tuple(int(n) for n in space.value_shape)
+    if space.dofmap.list.shape[1] != 1 or _degree(space) != 0:
+        raise ValueError(
+            "CellAverage restricts to a DG0 space (one degree of freedom per cell), got "
+            f"{space.ufl_element()}."
+        )
+    if space.dofmap.bs != int(np.prod(value_shape, dtype=int)):
+        raise ValueError("CellAverage does not support symmetric tensor spaces.")
+    if not isinstance(fine_mesh, _mesh.Mesh):
+        raise TypeError(f"fine_mesh must be a dolfinx.mesh.Mesh, got {type(fine_mesh)}.")
+    if not _same_communicator(coarse.comm, fine_mesh.comm):
+        raise ValueError("The fine and coarse meshes must share one MPI communicator.")
+    tdim = coarse.topology.dim
+    if fine_mesh.topology.dim != tdim or fine_mesh.geometry.dim != coarse.geometry.dim:
+        raise ValueError(
+            f"The coarse mesh has topological/geometric dimension {tdim}/"
+            f"{coarse.geometry.dim}, the fine mesh {fine_mesh.topology.dim}/"
+            f"{fine_mesh.geometry.dim}."
+        )
+    dtype = np.dtype(coarse.geometry.x.dtype)
+    if np.dtype(fine_mesh.geometry.x.dtype) != dtype:
+        raise TypeError("The fine and coarse mesh geometries have different dtypes.")
+    if quadrature_degree is not None:
+        check_integer(quadrature_degree, "quadrature_degree")
+    coarse_cells = coarse.topology.index_map(tdim)
+    if dtype == np.float32 and coarse_cells.size_global >= 2**24:
+        raise ValueError("float32 meshes are limited to 2**24 coarse cells.")
+
+
 class CellAverage:
     """Restriction by exact averages over the cells of a coarse mesh: ``(R w)_K``.
 
@@ -554,34 +588,12 @@ class CellAverage:
         padding: float | None = None,
     ):
         """Set up the averaging (collective); see the class docstring for the arguments."""
+        _check_cell_average_arguments(space, fine_mesh, quadrature_degree)
         coarse = space.mesh
-        value_shape = tuple(int(n) for n in space.value_shape)
-        if space.dofmap.list.shape[1] != 1 or _degree(space) != 0:
-            raise ValueError(
-                "CellAverage restricts to a DG0 space (one degree of freedom per cell), got "
-                f"{space.ufl_element()}."
-            )
-        if space.dofmap.bs != int(np.prod(value_shape, dtype=int)):
-            raise ValueError("CellAverage does not support symmetric tensor spaces.")
-        if not isinstance(fine_mesh, _mesh.Mesh):
-            raise TypeError(f"fine_mesh must be a dolfinx.mesh.Mesh, got {type(fine_mesh)}.")
-        if not _same_communicator(coarse.comm, fine_mesh.comm):
-            raise ValueError("The fine and coarse meshes must share one MPI communicator.")
         tdim = coarse.topology.dim
-        if fine_mesh.topology.dim != tdim or fine_mesh.geometry.dim != coarse.geometry.dim:
-            raise ValueError(
-                f"The coarse mesh has topological/geometric dimension {tdim}/"
-                f"{coarse.geometry.dim}, the fine mesh {fine_mesh.topology.dim}/"
-                f"{fine_mesh.geometry.dim}."
-            )
         dtype = np.dtype(coarse.geometry.x.dtype)
-        if np.dtype(fine_mesh.geometry.x.dtype) != dtype:
-            raise TypeError("The fine and coarse mesh geometries have different dtypes.")
-        if quadrature_degree is not None:
-            check_integer(quadrature_degree, "quadrature_degree")
+        value_shape = tuple(int(n) for n in space.value_shape)
         coarse_cells = coarse.topology.index_map(tdim)
-        if dtype == np.float32 and coarse_cells.size_global >= 2**24:
-            raise ValueError("float32 meshes are limited to 2**24 coarse cells.")
 
         self._space = space
         self._fine_mesh = fine_mesh
@@ -603,8 +615,18 @@ class CellAverage:
         )
         self._vectors: dict[int, la.Vector] = {}
 
-        # Collective from here on. The parent (coarse cell, global index) of each owned fine
-        # cell: the coarse DG0 function of global cell indices, evaluated at fine midpoints.
+        # Collective from here on.
+        self._map_parents(padding)
+        self._check_nesting()
+
+    def _map_parents(self, padding: float) -> None:
+        """The parent coarse cell of each owned fine cell, and the map that sums into it.
+
+        The parent (its global index) is the coarse DG0 function of global cell indices,
+        evaluated at the fine cells' midpoints (collective).
+        """
+        coarse, fine_mesh, dtype = self._space.mesh, self._fine_mesh, self._dtype
+        coarse_cells = coarse.topology.index_map(coarse.topology.dim)
         scalar_coarse = fem.functionspace(coarse, ("DG", 0))
         scalar_fine = fem.functionspace(fine_mesh, ("DG", 0))
         offset = coarse_cells.local_range[0]
@@ -647,7 +669,10 @@ class CellAverage:
         self._starts = np.flatnonzero(np.diff(sorted_local, prepend=-1))
         self._targets = sorted_local[self._starts]
 
-        # Nesting check: per coarse cell, the fine cells' volumes and first moments add up.
+    def _check_nesting(self) -> None:
+        """Per coarse cell, the fine cells' volumes and first moments must add up (collective)."""
+        coarse, fine_mesh, dtype = self._space.mesh, self._fine_mesh, self._dtype
+        tdim = coarse.topology.dim
         x_fine, x_coarse = ufl.SpatialCoordinate(fine_mesh), ufl.SpatialCoordinate(coarse)
         moment_degree = 2 * max(_coordinate_degree(coarse), _coordinate_degree(fine_mesh))
         width = 1 + coarse.geometry.dim
