@@ -189,33 +189,12 @@ class NonlocalClosure(ClosureBase):
                 mask_channel = mask_channel if mask_channel is not None else trained.mask_channel
             mask_channel = True if mask_channel is None else mask_channel
             comm = mesh.comm
-            if not 0 <= check_integer(root, "root") < comm.size:
-                raise ValueError(f"root must be a rank of the mesh communicator, got {root}.")
-            if sampling_degree is not None:
-                check_integer(sampling_degree, "sampling_degree")
-            if slabs not in ("mesh", "balanced"):
-                raise ValueError(f"slabs must be 'mesh' or 'balanced', got {slabs!r}.")
-            gdim = mesh.geometry.dim
-            tdim = mesh.topology.dim
-            if gdim != tdim:
-                raise ValueError("Non-local closures need a mesh whose gdim equals its tdim.")
-            if grid_shape is not None:
-                if isinstance(grid_shape, int | np.integer) or len(grid_shape) != gdim:
-                    raise ValueError(
-                        f"grid_shape must give at least 2 points in each of {gdim} directions, "
-                        f"e.g. {(16,) * gdim}, got {grid_shape!r}."
-                    )
-                grid_shape = [check_integer(n, "Each entry of grid_shape", 2) for n in grid_shape]
-            if bounding_box is not None:
-                box_lower = np.asarray(bounding_box[0], dtype=np.float64)
-                box_upper = np.asarray(bounding_box[1], dtype=np.float64)
-                if box_lower.shape != (gdim,) or box_upper.shape != (gdim,):
-                    raise ValueError(f"bounding_box corners must have {gdim} coordinates.")
+            grid_shape, box = _checked_grid_arguments(
+                mesh, root, sampling_degree, slabs, grid_shape, bounding_box
+            )
 
         # Collective from here on; every decision below is identical on all ranks.
-        grid = grid_over_mesh(
-            mesh, grid_shape, None if bounding_box is None else (box_lower, box_upper)
-        )
+        grid = grid_over_mesh(mesh, grid_shape, box)
         space = quadrature_space(mesh, int(quadrature_degree), value_shape)
         super().__init__(space, name=name, dtype=dtype)
         self._mno_quadrature_degree = int(quadrature_degree)
@@ -515,3 +494,43 @@ def _quadrature_coordinates(
     x = fem.Expression(ufl.SpatialCoordinate(mesh), points, dtype=dtype)
     coordinates = x.eval(mesh, np.arange(num_cells, dtype=np.int32))
     return coordinates.reshape(-1, mesh.geometry.dim)
+
+
+def _checked_grid_arguments(
+    mesh: Mesh,
+    root: int,
+    sampling_degree: int | None,
+    slabs: str,
+    grid_shape: Sequence[int] | None,
+    bounding_box: tuple[Sequence[float], Sequence[float]] | None,
+) -> tuple[list[int] | None, tuple[np.ndarray, np.ndarray] | None]:
+    """Check :class:`NonlocalClosure`'s grid arguments (rank-local).
+
+    Returns:
+        The grid shape as a list of ints (or ``None``) and the bounding box as two float64
+        arrays (or ``None``).
+    """
+    if not 0 <= check_integer(root, "root") < mesh.comm.size:
+        raise ValueError(f"root must be a rank of the mesh communicator, got {root}.")
+    if sampling_degree is not None:
+        check_integer(sampling_degree, "sampling_degree")
+    if slabs not in ("mesh", "balanced"):
+        raise ValueError(f"slabs must be 'mesh' or 'balanced', got {slabs!r}.")
+    gdim = mesh.geometry.dim
+    if gdim != mesh.topology.dim:
+        raise ValueError("Non-local closures need a mesh whose gdim equals its tdim.")
+    shape = None
+    if grid_shape is not None:
+        if isinstance(grid_shape, int | np.integer) or len(grid_shape) != gdim:
+            raise ValueError(
+                f"grid_shape must give at least 2 points in each of {gdim} directions, "
+                f"e.g. {(16,) * gdim}, got {grid_shape!r}."
+            )
+        shape = [check_integer(n, "Each entry of grid_shape", 2) for n in grid_shape]
+    if bounding_box is None:
+        return shape, None
+    box_lower = np.asarray(bounding_box[0], dtype=np.float64)
+    box_upper = np.asarray(bounding_box[1], dtype=np.float64)
+    if box_lower.shape != (gdim,) or box_upper.shape != (gdim,):
+        raise ValueError(f"bounding_box corners must have {gdim} coordinates.")
+    return shape, (box_lower, box_upper)
