@@ -480,6 +480,32 @@ def _scales(run: _Run, train: list[Window], comm: MPI.Comm) -> float:
     return scale
 
 
+def _recorded_settings(
+    run: _Run, settings: dict[str, Any], scale: float, comm: MPI.Comm
+) -> dict[str, Any]:
+    """The settings a checkpoint records (collective: counts the a-priori samples).
+
+    A resumed run must match them: the data's layout, the scale of the targets and the
+    a-priori samples, besides the options. Sorted by key.
+    """
+    settings = dict(settings)
+    settings.update(
+        closure=run.closure.name,
+        trajectories=run.train.lengths,
+        target_scale=f"{scale:.10e}",
+    )
+    if run.train.start_times is not None:
+        settings["start_times"] = run.train.start_times
+    if run.val is not None:
+        settings["validation_trajectories"] = run.val.lengths
+        if run.val.start_times is not None:
+            settings["validation_start_times"] = run.val.start_times
+    if run.a_priori is not None:
+        count = comm.allreduce(run.a_priori.num_samples, op=MPI.SUM)
+        settings.update(a_priori_samples=count, a_priori_scale=f"{run.a_priori.scale:.10e}")
+    return dict(sorted(settings.items()))
+
+
 def fit_rollout(
     rollout: Rollout,
     trajectories: Sequence[Trajectory],
@@ -633,21 +659,7 @@ def fit_rollout(
     else:
         train, val = windows, run.val.windows
     scale = _scales(run, train, comm)
-    settings.update(
-        closure=run.closure.name,
-        trajectories=run.train.lengths,
-        target_scale=f"{scale:.10e}",
-    )
-    if run.train.start_times is not None:
-        settings["start_times"] = run.train.start_times
-    if run.val is not None:
-        settings["validation_trajectories"] = run.val.lengths
-        if run.val.start_times is not None:
-            settings["validation_start_times"] = run.val.start_times
-    if run.a_priori is not None:
-        count = comm.allreduce(run.a_priori.num_samples, op=MPI.SUM)
-        settings.update(a_priori_samples=count, a_priori_scale=f"{run.a_priori.scale:.10e}")
-    settings = dict(sorted(settings.items()))
+    settings = _recorded_settings(run, settings, scale, comm)
     model = run.closure.model
     model.eval()
     with torch.random.fork_rng(devices=[]):
