@@ -190,11 +190,11 @@ def test_a_failed_compilation_keeps_the_other_modes(monkeypatch):
 def test_the_compiled_map_writes_the_operands_in_place_with_inductor():
     """The real torch.compile: Expression.eval's values, written straight into the buffer.
 
-    Two coefficients and an offset (``x``); on (2, 1) cells and 3 ranks one rank owns no
+    Two coefficients and an offset (``x``); on (1, 1) cells and 3 ranks one rank owns no
     cells. No allocation the size of the operands in an update (the loop writes every
     value once, into the caller's buffer).
     """
-    msh = mesh.create_unit_square(MPI.COMM_WORLD, 2, 1)
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 1, 1)
     operands = lambda u, w, x: [w, ufl.grad(u), 2 * u + x[0]]  # noqa: E731
     u, w, expression, num_cells, buffer = _setup(msh, operands)
     evaluator = OperandEvaluator(expression, msh, num_cells, buffer, mode="compiled")
