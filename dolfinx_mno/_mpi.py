@@ -268,8 +268,9 @@ def agree(
 ) -> None:
     """Raise the same exception on every rank if any rank failed (collective).
 
-    :func:`agree_on` without values: one ``allgather`` of a short tuple of strings per
-    rank.
+    :func:`agree_on` without values. On several ranks one ``Allreduce`` of a flag says
+    whether any rank failed (no pickling: this runs at every closure update); only then
+    does one ``allgather`` of a short tuple of strings per rank bring the reasons.
 
     Args:
         comm: The communicator whose ranks must agree.
@@ -282,6 +283,11 @@ def agree(
     Raises:
         Exception: On every rank, if any rank gave a ``reason`` or a ``cause``.
     """
+    if comm.size > 1:
+        failed = np.array([reason is not None or cause is not None], dtype=np.int32)
+        comm.Allreduce(MPI.IN_PLACE, failed, op=MPI.MAX)
+        if not failed[0]:
+            return
     agree_on(comm, None, what, error_type, reason=reason, cause=cause, note=note)
 
 

@@ -309,3 +309,22 @@ def test_wait_passively_completes_a_request():
     request = MPI.COMM_SELF.Ibarrier()
     wait_passively(request)
     assert request == MPI.REQUEST_NULL
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("failing", ["last", "none", "all"])
+def test_agree_flags_then_gathers_the_reasons(failing):
+    """``agree`` (the closure update's check): one flag reduction, reasons only on failure."""
+    last = COMM.size - 1
+    failing_ranks = {"last": [last], "none": [], "all": list(range(COMM.size))}[failing]
+    reasons = [f"NaN at {r + 1} points" if r in failing_ranks else None for r in range(COMM.size)]
+    if not failing_ranks:
+        agree(COMM, reasons[COMM.rank], "Update 1")
+    else:
+        with pytest.raises(FloatingPointError) as info:
+            agree(COMM, reasons[COMM.rank], "Update 1", FloatingPointError, note="Kept.")
+        assert str(info.value) == failure_message("Update 1", reasons, "Kept.")
+        assert f"on rank {failing_ranks[0]}: NaN at {failing_ranks[0] + 1} points" in str(
+            info.value
+        )
+    assert COMM.allreduce(1) == COMM.size  # in step afterwards
