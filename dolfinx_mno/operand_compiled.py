@@ -13,7 +13,13 @@ The blocks are stored ``(num_cells, num_cell_dofs, rows)``, so that the loop ove
 is innermost and contiguous (inductor vectorises the innermost loop). Compact forms that
 store a row shared by every cell once (the values of a coefficient at the points) were
 measured and dropped: inductor then assembles the rows of a cell in a temporary buffer
-and copies it (with one allocation per call), or runs a masked loop per row, 2-5x slower.
+and copies it (with one allocation per call), or runs a masked loop per row, 1.5-5x
+slower.
+
+Dynamo compiles :func:`_apply` once per operand layout (shapes). Past
+``torch._dynamo.config.recompile_limit`` layouts in one process it runs further ones
+eagerly (the same values, with temporaries); such a map then loses the timing at
+construction and is not kept.
 
 :class:`CompiledAffineMap` is only used with ``Closure(..., compile=True)``, and only kept
 where it measures faster than the other modes (see
@@ -81,12 +87,6 @@ class CompiledAffineMap:
         self._out = torch.from_numpy(values).view(num_cells, -1)
         self._function = torch.compile(_apply, dynamic=False) if compile else _apply
         self()  # compiles now (a failure raises here, not in an update)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held for the map (blocks, offset, gather indices)."""
-        tensors = [self._blocks, *self._indices] + ([] if self._offset is None else [self._offset])
-        return sum(t.numel() * t.element_size() for t in tensors)
 
     def __call__(self) -> None:
         """Write the operands of the current coefficient values into the buffer."""
