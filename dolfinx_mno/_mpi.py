@@ -110,9 +110,15 @@ _MAX_LISTED_RANKS = 8
 _Failure = tuple[str, str | None, str | None] | None
 
 
-def describe(error: BaseException) -> str:
-    """``"TypeName: message"`` (or just the type name for an empty message)."""
+def describe(error: BaseException, *, first_line: bool = False) -> str:
+    """``"TypeName: message"`` (or just the type name for an empty message).
+
+    With ``first_line``, only the message's first non-blank line (torch.compile's errors
+    run over many lines).
+    """
     text = str(error)
+    if first_line:
+        text = text.strip().splitlines()[0] if text.strip() else ""
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 

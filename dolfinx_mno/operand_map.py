@@ -64,6 +64,7 @@ from dolfinx.mesh import Mesh
 from ufl.algorithms import expand_derivatives, extract_coefficients
 from ufl.algorithms.analysis import extract_constants
 
+from dolfinx_mno._mpi import describe
 from dolfinx_mno._timing import best_times
 from dolfinx_mno.operand_compiled import CompiledAffineMap
 
@@ -328,8 +329,7 @@ class OperandEvaluator:
         except Exception as err:
             if raise_errors:
                 raise
-            text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            self.plan["compiled"] = f"failed: {type(err).__name__}: {text}".rstrip(": ")
+            self.plan["compiled"] = f"failed: {describe(err, first_line=True)}"
             return False
         self.mode = "compiled"
         return True

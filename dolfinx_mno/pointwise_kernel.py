@@ -61,6 +61,7 @@ from collections.abc import Callable
 
 import torch
 
+from dolfinx_mno._mpi import describe
 from dolfinx_mno._timing import best_time
 from dolfinx_mno.mlp_kernel import SequentialMLP
 
@@ -584,8 +585,7 @@ class PointwiseKernel:
             with context:
                 compiled(sample)
         except Exception as err:
-            text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            self.compile_error = f"{type(err).__name__}: {text}" if text else type(err).__name__
+            self.compile_error = describe(err, first_line=True)
             warnings.warn(
                 f"compile=True: torch.compile of the model's {what} failed "
                 f"({self.compile_error}); the closure runs the model eagerly (same results, "
