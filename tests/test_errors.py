@@ -167,6 +167,58 @@ def test_nan_output_keeps_previous_values(setup, tangent):
     assert closure.update_count == 2
 
 
+class NonFiniteAtPoints(torch.nn.Module):
+    """``2 u``, with NaN or Inf at chosen points of this rank (set between updates)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bad: dict[int, float] = {}
+        self.seen = 0
+
+    def forward(self, x):
+        y = 2.0 * x[:, 0]
+        start, self.seen = self.seen, self.seen + x.shape[0]
+        for point, value in self.bad.items():
+            if start <= point < self.seen:
+                y = y.clone()
+                y[point - start] = value
+        return y
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_value_in_any_chunk_is_caught(setup, value):
+    """One non-finite value in a middle or the last of many chunks fails the update.
+
+    The finiteness test sums each chunk's values as they are written; a single NaN/Inf
+    in any chunk must make the sum non-finite (and an Inf and a -Inf in different chunks
+    must not hide each other).
+    """
+    msh, _, u = setup
+    comm = msh.comm
+    model = NonFiniteAtPoints()
+    closure = mno.Closure(model, [u], quadrature_degree=2, batch_size=5)
+    n = closure._evaluator.num_points
+    counts = comm.allgather(n)
+    owner = int(np.argmax(counts))  # the rank with the most points gets the bad values
+    assert counts[owner] >= 3 * 5  # several chunks there
+    model.seen = 0  # the construction's probe and timings called the model too
+    closure.update()
+    before = closure.x.array.copy()
+    for bad in ({n - 1: value}, {n // 2: value}, {n // 3: np.inf, n - 2: -np.inf}):
+        model.seen = 0
+        model.bad = bad if comm.rank == owner else {}
+        with pytest.raises(mno.ClosureEvaluationError) as info:
+            closure.update()
+        assert f"failed on rank(s) [{owner}]" in str(info.value)
+        assert f"returned NaN/Inf values at {len(bad)} of {counts[owner]}" in str(info.value)
+        np.testing.assert_array_equal(closure.x.array, before)
+    model.seen, model.bad = 0, {}
+    closure.update()
+    np.testing.assert_array_equal(closure.x.array, before)
+    assert closure.update_count == 2
+
+
 class RaiseOnLastRank(torch.nn.Module):
     def __init__(self, rank):
         super().__init__()
