@@ -38,7 +38,10 @@ Writes ``summary.json`` (``summary_quick.json`` with ``--quick``; with ``--train
 beside the DNS data and prints the tables. ``--bound B`` wraps both learned sources in
 :class:`dolfinx_mno.Bounded` (``B`` training standard deviations), ``--window W`` sets the
 a-posteriori window, ``--dissipative`` removes in the runs, at every step, the enstrophy
-the learned sources would inject.
+the learned sources would inject. ``--memory`` gives the local source the change of the
+coarse vorticity over the last coarse step as well (``ω̄_n − ω̄_{n-1}`` and its gradient;
+a priori only: the rollout's adjoint does not follow ``ω̄_{n-1}``), fits only that source
+and compares it with the one without memory fitted by an earlier run of the same settings.
 """
 
 import argparse
@@ -99,6 +102,11 @@ parser.add_argument(
     "--bound", type=float, default=None,
     help="bound the learned sources: dolfinx_mno.Bounded, in training standard deviations",
 )  # fmt: skip
+parser.add_argument(
+    "--memory", action="store_true",
+    help="the local source also reads the change of ω̄ over the last coarse step; a priori "
+    "only, against the source without it (the FNO is not fitted)",
+)  # fmt: skip
 args = parser.parse_args()
 comm = MPI.COMM_WORLD
 torch.set_num_threads(1)
@@ -120,6 +128,7 @@ config["mlp_epochs"] = args.mlp_epochs or config["mlp_epochs"]
 config["fno_epochs"] = args.fno_epochs or config["fno_epochs"]
 config["bound"] = args.bound
 config["dissipative"] = args.dissipative
+config["memory"] = args.memory
 if args.train_seeds is not None:  # seeds 1, 2, ... without the test seed
     seeds = [seed for seed in range(1, args.train_seeds + 2) if seed != config["test_seed"]]
     config["train_seeds"] = seeds[: args.train_seeds]
@@ -241,10 +250,20 @@ assert check_error < 1e-9, check_error
 
 # ## Training data: pointwise features at the quadrature points and gridded fields
 q = config["quadrature_degree"]
-operands = mno.Operands({
-    "omega": plain.omega_n, "u": plain.velocity_n,
-    "grad_omega": ufl.grad(plain.omega_n), "grad_u": ufl.grad(plain.velocity_n),
-})  # fmt: skip
+
+
+def source_operands(omega_n, velocity_n, previous: fem.Function | None) -> mno.Operands:
+    """The local source's inputs; with ``previous`` (``ω̄_{n-1}``, ``--memory``) also the
+    change ``ω̄_n − ω̄_{n-1}`` over the last coarse step and its gradient."""
+    named = {"omega": omega_n, "u": velocity_n,
+             "grad_omega": ufl.grad(omega_n), "grad_u": ufl.grad(velocity_n)}  # fmt: skip
+    if previous is not None:
+        named |= {"d_omega": omega_n - previous, "grad_d_omega": ufl.grad(omega_n - previous)}
+    return mno.Operands(named)
+
+
+previous_state = fem.Function(data.V, name="omega_previous") if args.memory else None
+operands = source_operands(plain.omega_n, plain.velocity_n, previous_state)
 num_cells = data.mesh.topology.index_map(2).size_local
 features = fem.Expression(
     ufl.as_vector([*operands.components, correction.source]), quadrature_points(data.mesh, q)
@@ -255,11 +274,14 @@ grid_targets = GriddedSampler([correction.source], grid, mesh=data.mesh)
 tic = time.perf_counter()
 points, grid_x, grid_y = [], [], []
 for states in train_states:
-    for n in range(len(states) - 1):
+    for n in range(1 if args.memory else 0, len(states) - 1):  # memory: from ω̄_1 on
+        if previous_state is not None:
+            previous_state.x.array[:] = states[n - 1]
         correction(states[n], states[n + 1])
         points.append(features.eval(data.mesh, np.arange(num_cells, dtype=np.int32)))
-        grid_x.append(grid_inputs())
-        grid_y.append(grid_targets())
+        if not args.memory:
+            grid_x.append(grid_inputs())
+            grid_y.append(grid_targets())
 num_owned = plain.W.dofmap.index_map.size_local * plain.W.dofmap.index_map_bs
 
 
@@ -279,6 +301,8 @@ log(f"training data: {len(points)} steps, {num_points} points, {time.perf_counte
 # ## The learned step corrections: a local MLP and an FNO, fitted a priori (or read: the
 # fits of a previous run with the same settings and number of ranks)
 fit_mode = mode + (f"_bound{args.bound:g}" if args.bound is not None else "")
+memoryless_path = output / f"local_correction_{fit_mode}.pt"  # --memory compares with it
+fit_mode += "_memory" if args.memory else ""
 local_path = output / f"local_correction_{fit_mode}.pt"
 operator_path = output / f"mno_correction_{fit_mode}.pt"
 fits_path = output / f"fits_{fit_mode}.json"
@@ -313,6 +337,10 @@ def fit_corrections() -> dict:
     mno.save_model(local_path, local_fit.model, comm=comm,
                    spec=mno.ClosureSpec.from_operands(operands, (), q))  # fmt: skip
     records = {"key": fit_key, "local MLP": record_fit(local_fit, tic)}
+    if args.memory:
+        if comm.rank == 0:
+            fits_path.write_text(json.dumps(records, indent=2))
+        return records
     tic = time.perf_counter()
     grid_data = (np.array(grid_x), np.array(grid_y)) if comm.rank == 0 else None
     grid_x_all, grid_y_all = comm.bcast(grid_data, root=0)
@@ -336,19 +364,43 @@ def fit_corrections() -> dict:
 
 
 fits = json.loads(fits_path.read_text()) if fits_path.exists() else {}
-if fits.get("key") == fit_key and local_path.exists() and operator_path.exists():
+if fits.get("key") == fit_key and local_path.exists() and (args.memory or operator_path.exists()):
     log(f"fits read from {fits_path.name} and the model files")
 else:
     fits = fit_corrections()
 log(f"fits: {fits}")
 
 
-def local_source(omega_n, velocity_n):
-    closure = mno.Closure(str(local_path), mno.Operands({
-        "omega": omega_n, "u": velocity_n,
-        "grad_omega": ufl.grad(omega_n), "grad_u": ufl.grad(velocity_n),
-    }))  # fmt: skip
+def local_source(omega_n, velocity_n, path: Path = local_path, previous=None):
+    closure = mno.Closure(str(path), source_operands(omega_n, velocity_n, previous))
     return closure, closure.dx
+
+
+class Memory:
+    """``ω̄_{n-1}`` of a run for the ``--memory`` source, kept by a per-step hook.
+
+    Called at the start of a run and after every step (``CoarseRuns.run``'s ``each_step``,
+    before the next step's closure update): the previous state becomes the one saved at
+    the last call, and the current one is saved. After :meth:`reset` (before each run) the
+    first call sees no change (``ω̄_{-1} = ω̄_0``).
+    """
+
+    def __init__(self):
+        self.previous = fem.Function(data.V, name="omega_previous")
+        self.flow: VorticityFlow | None = None
+        self.saved: np.ndarray | None = None
+
+    def reset(self) -> None:
+        self.saved = None
+
+    def __call__(self, step: int) -> None:
+        assert self.flow is not None
+        current = self.flow.w.x.array[self.flow.V_to_W]
+        self.previous.x.array[:] = current if self.saved is None else self.saved
+        self.saved = current.copy()
+
+
+memories: dict[str, Memory] = {}
 
 
 operator_source = grid_closure(operator_path, grid, value_shape=(), quadrature_degree=q)
@@ -362,9 +414,13 @@ def learned_model(label: str, name: str, source: Callable) -> VorticityFlow:
     every step, the enstrophy the source would inject (``hooks[label]``): ``α = max(0, (s,
     ω̄)) / (ω̄, ω̄)`` in the term ``- dt α ω̄ v`` beside the source, with the source
     evaluated once per step by the hook (the solver's own updates are switched off)."""
+    memory = memories.get(label)
     if not args.dissipative:
-        hooks[label] = None
-        return data.coarse_model(name, source=source)
+        hooks[label] = memory
+        flow = data.coarse_model(name, source=source)
+        if memory is not None:
+            memory.flow = flow
+        return flow
     alpha = fem.Constant(data.mesh, 0.0)
     flow = data.coarse_model(name, source=source, source_damping=alpha, closure_interval=10**9)
     closure, omega = flow.closure, flow.omega_n
@@ -373,17 +429,37 @@ def learned_model(label: str, name: str, source: Callable) -> VorticityFlow:
     norm = fem.form(omega * omega * ufl.dx)
 
     def remove_injection(step: int) -> None:
+        if memory is not None:
+            memory(step)
         closure.update()
         alpha.value = max(0.0, assemble_global(injection)) / assemble_global(norm)
 
     hooks[label] = remove_injection
+    if memory is not None:
+        memory.flow = flow
     return flow
 
 
-models = {
-    "local MLP, a priori": learned_model("local MLP, a priori", "mlp_prior", local_source),
-    "MNO, a priori": learned_model("MNO, a priori", "mno_prior", operator_source),
-}
+def memory_source(label: str) -> Callable:
+    """The ``--memory`` local source of the model ``label``, with its :class:`Memory`."""
+    memory = memories.setdefault(label, Memory())
+    return lambda omega_n, velocity_n: local_source(omega_n, velocity_n, previous=memory.previous)
+
+
+if args.memory:
+    models = {}
+    if memoryless_path.exists():  # the source without memory, fitted by an earlier run
+        models["local MLP, a priori"] = learned_model(
+            "local MLP, a priori", "mlp_prior",
+            lambda omega_n, velocity_n: local_source(omega_n, velocity_n, memoryless_path),
+        )  # fmt: skip
+    label = "local MLP with memory, a priori"
+    models[label] = learned_model(label, "mlp_memory", memory_source(label))
+else:
+    models = {
+        "local MLP, a priori": learned_model("local MLP, a priori", "mlp_prior", local_source),
+        "MNO, a priori": learned_model("MNO, a priori", "mno_prior", operator_source),
+    }
 
 
 # ## A-priori skill on the test seed, every sample_every
@@ -399,6 +475,8 @@ def a_priori_skill(flows: dict[str, VorticityFlow]) -> dict[str, dict[str, float
         variance = norm - mean**2 / area
         for label, flow in flows.items():
             flow.set_vorticity(correction.omega)
+            if label in memories:
+                memories[label].previous.x.array[:] = test_states[max(n - 1, 0)]
             flow.closure.update()
             error = assemble_global(errors[label])
             skill[label].append((np.sqrt(error / norm), 1.0 - error / variance))
@@ -428,6 +506,8 @@ def feed_oracle(step: int) -> None:
 
 runs["oracle: exact s_n every step"] = coarse_runs.run(oracle, start, before_step=feed_oracle)
 for label, flow in models.items():
+    if label in memories:
+        memories[label].reset()
     runs[label] = coarse_runs.run(flow, start, long_end=long_end, each_step=hooks[label])
     log(f"{label}: t(ρ<0.95) = {runs[label]['decorrelation_time']}")
 
@@ -438,18 +518,20 @@ def lasts(label: str) -> float:
     return config["test_horizon"] if t is None else t
 
 
-best = max(models, key=lambda label: (lasts(label), skill[label]["fve"]))
-label = best.replace("a priori", "a posteriori")
-tuned = learned_model(label, "tuned", local_source if "MLP" in best else operator_source)
-training = vars(
-    train_a_posteriori(
-        tuned, trajectories, every, config["window"], config["rollout_epochs"],
-        learning_rate=1e-3, stride=config["stride"],
-    )
-)  # fmt: skip
-log(f"{label}: {training}")
-skill |= a_priori_skill({label: tuned})
-runs[label] = coarse_runs.run(tuned, start, long_end=long_end, each_step=hooks[label])
+training: dict | None = None
+if not args.memory:  # the rollout's adjoint does not follow ω̄_{n-1} through the steps
+    best = max(models, key=lambda label: (lasts(label), skill[label]["fve"]))
+    label = best.replace("a priori", "a posteriori")
+    tuned = learned_model(label, "tuned", local_source if "MLP" in best else operator_source)
+    training = vars(
+        train_a_posteriori(
+            tuned, trajectories, every, config["window"], config["rollout_epochs"],
+            learning_rate=1e-3, stride=config["stride"],
+        )
+    )  # fmt: skip
+    log(f"{label}: {training}")
+    skill |= a_priori_skill({label: tuned})
+    runs[label] = coarse_runs.run(tuned, start, long_end=long_end, each_step=hooks[label])
 
 # ## Resolution factor and wall-time ratio against the ladder (the demo's definition)
 horizon = config["test_horizon"]
@@ -479,7 +561,7 @@ summary = {
     "one_step_check": check_error,
     "fits": {k: v for k, v in fits.items() if k != "key"},
     "a_priori_skill": skill,
-    "a_posteriori": {label: training},
+    "a_posteriori": {} if training is None else {label: training},
     "runs": runs,
 }
 if comm.rank == 0:
@@ -507,10 +589,12 @@ for name, row in runs.items():
 log(f"\n{'source, test seed':>36} | rel. L2 error of s | variance explained")
 for name, row in skill.items():
     log(f"{name:>36} | {row['relative_l2']:18.3f} | {row['fve']:18.3f}")
-log(
-    f"{label}: held-out rollout loss {training['held_out_before']:.4g} → "
-    f"{training['held_out_after']:.4g} in {training['epochs']} epochs, {training['seconds']:.0f} s"
-)
+if training is not None:
+    log(
+        f"{label}: held-out rollout loss {training['held_out_before']:.4g} → "
+        f"{training['held_out_after']:.4g} in {training['epochs']} epochs, "
+        f"{training['seconds']:.0f} s"
+    )
 
 # ## Checks: every run starts correlated; the oracle (exact to round-off in one step, checked
 # above) tracks the filtered DNS over the whole test horizon; the learned runs' numbers are
