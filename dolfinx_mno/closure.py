@@ -415,8 +415,8 @@ class Closure(ClosureBase):
             width = self._evaluator.num_outputs * self._evaluator.num_inputs
             arrays.append(self._evaluator.tangents.reshape(outputs.shape[0], width))
         # A sum is a cheap test for the common all-finite case; count only on failure. The
-        # evaluator sums the values and tangents while computing them (no second pass).
-        sums = [self._evaluator.value_sum, self._evaluator.tangent_sum if with_tangent else 0.0]
+        # evaluator sums the values' squares and the tangents while computing them.
+        sums = [self._evaluator.value_squares, self._evaluator.tangent_sum if with_tangent else 0.0]
         if all(np.isfinite(total) for total in sums):
             return None
         bad = np.zeros(outputs.shape[0], dtype=bool)

@@ -299,7 +299,7 @@ class PointwiseEvaluator:
         self._tangents: torch.Tensor | None = None
         self._chunk_tangents: torch.Tensor | None = None
         self._tangent_sum = torch.zeros((), dtype=torch.float64, device=device)
-        self._value_sum = 0.0
+        self._value_squares = 0.0
         # Device-side input buffer in the model's dtype (the cast happens on copy).
         self._chunk_inputs = torch.zeros((chunk, num_inputs), dtype=self.dtype, device=device)
         self._non_blocking = pin
@@ -337,13 +337,17 @@ class PointwiseEvaluator:
         return float(self._tangent_sum)
 
     @property
-    def value_sum(self) -> float:
-        """Sum of every output value of the last evaluation.
+    def value_squares(self) -> float:
+        """Sum of the squares of every output value of the last evaluation.
 
-        On the CPU accumulated chunk by chunk right after each chunk's values are written,
-        while they are in cache; finite when every value is (see :attr:`tangent_sum`).
+        Finite when every value is: a NaN gives NaN and an Inf of either sign gives +Inf
+        (squares cannot cancel); only values above ~1e154 overflow it without being
+        non-finite, a false alarm for the caller to rule out. On the CPU it is
+        accumulated chunk by chunk right after each chunk's values are written, with
+        torch's dot product (faster than a sum on this repository's machine; torch's, not
+        NumPy's, whose BLAS threads would oversubscribe the cores of ranks sharing a node).
         """
-        return self._value_sum
+        return self._value_squares
 
     @property
     def tangent_mode(self) -> str | None:
@@ -461,8 +465,9 @@ class PointwiseEvaluator:
         # Compiled functions take one chunk shape: a shorter last chunk is padded.
         pad = self.kernel.tangent_compiled if tangent else self.kernel.compiled
         self._tangent_sum.zero_()
-        outputs = self._outputs.numpy()
-        value_sum = 0.0
+        outputs = self._outputs.view(-1)  # the buffer is contiguous
+        width = self.num_outputs
+        squares = 0.0
         # Autograd needs tensors that inference mode forbids; the tangent enables grad itself.
         with torch.no_grad() if tangent else torch.inference_mode():
             for start in range(0, self.num_points, chunk):
@@ -484,12 +489,13 @@ class PointwiseEvaluator:
                 else:
                     y = self.kernel.values(x)
                 self._outputs[start:stop].copy_(y[:n].reshape(n, -1), non_blocking=nb)
-                if not nb:  # summed while in cache: the finiteness test needs no second pass
-                    value_sum += float(np.add.reduce(outputs[start:stop], axis=None))
+                if not nb:  # while in cache: the finiteness test needs no second pass
+                    chunk_values = outputs[start * width : stop * width]
+                    squares += float(torch.dot(chunk_values, chunk_values))
         if nb:
             torch.cuda.synchronize(self.device)
-            value_sum = float(np.add.reduce(outputs, axis=None))
-        self._value_sum = value_sum
+            squares = float(torch.dot(outputs, outputs))
+        self._value_squares = squares
 
     def probe(self) -> tuple[int, ...]:
         """Run the model on two zero points and return its output shape without the batch.

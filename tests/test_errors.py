@@ -168,26 +168,31 @@ def test_nan_output_keeps_previous_values(setup, tangent):
 
 
 class NonFiniteAtPoints(torch.nn.Module):
-    """``2 u``, with NaN or Inf at chosen points of this rank (set between updates)."""
+    """``2 u`` (``(2 u, u)`` if ``vector``), with NaN or Inf at chosen points of this rank
+    (in the last component; set between updates)."""
 
-    def __init__(self):
+    def __init__(self, vector: bool):
         super().__init__()
+        self.vector = vector
         self.bad: dict[int, float] = {}
         self.seen = 0
 
     def forward(self, x):
-        y = 2.0 * x[:, 0]
+        y = torch.stack([2.0 * x[:, 0], x[:, 0]], 1) if self.vector else 2.0 * x[:, 0]
         start, self.seen = self.seen, self.seen + x.shape[0]
         for point, value in self.bad.items():
             if start <= point < self.seen:
                 y = y.clone()
-                y[point - start] = value
+                y[point - start, ...] = value
+                if self.vector:
+                    y[point - start, 0] = 1.0  # only the last component is bad
         return y
 
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
-def test_non_finite_value_in_any_chunk_is_caught(setup, value):
+@pytest.mark.parametrize("vector", [False, True])
+def test_non_finite_value_in_any_chunk_is_caught(setup, value, vector):
     """One non-finite value in a middle or the last of many chunks fails the update.
 
     The finiteness test sums each chunk's values as they are written; a single NaN/Inf
@@ -196,8 +201,8 @@ def test_non_finite_value_in_any_chunk_is_caught(setup, value):
     """
     msh, _, u = setup
     comm = msh.comm
-    model = NonFiniteAtPoints()
-    closure = mno.Closure(model, [u], quadrature_degree=2, batch_size=5)
+    model = NonFiniteAtPoints(vector)
+    closure = mno.Closure(model, [u], (2,) if vector else (), quadrature_degree=2, batch_size=5)
     n = closure._evaluator.num_points
     counts = comm.allgather(n)
     owner = int(np.argmax(counts))  # the rank with the most points gets the bad values
