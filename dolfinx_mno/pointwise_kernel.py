@@ -33,10 +33,13 @@ rule is: ``"sequential"`` for a plain MLP, else ``"reverse"`` when
 ``num_outputs <= num_inputs``, else ``"forward"``.
 
 Chunk size (CPU): the model is timed on random inputs at a few chunk sizes
-(:data:`CHUNK_CANDIDATES`) and the size with the lowest time per point is kept (the larger
-one when two are within 3 %). A model that is cheap per point (an analytic formula) is
-dominated by the fixed cost of each call and runs in a few large chunks; an MLP's
-activations must stay in cache and it runs in chunks of a few thousand points.
+(:data:`CHUNK_CANDIDATES`, and the number of points if smaller) and the size with the
+lowest time for all the points is kept (the larger one when two are within 3 %), a
+shorter last chunk counting as a full one (a compiled function runs it padded). A model
+that is cheap per point (an analytic formula) is dominated by the fixed cost of each call
+and runs in a few large chunks; an MLP's activations must stay in cache and it runs in
+chunks of a few thousand points. For 10,086 points, say, one chunk of 10,086 is kept
+unless two of 8,192 (the second padded) cost less.
 
 Compilation (``compile=True``): the value function and the tangent function are passed to
 :func:`torch.compile` (inductor; CUDA graphs, ``mode="reduce-overhead"``, on a GPU), for
@@ -302,7 +305,7 @@ class PointwiseKernel:
     # -- choices --------------------------------------------------------------------
 
     def choose_chunk_size(self, num_points: int) -> int:
-        """Time the model at a few chunk sizes; return the one with the lowest time per point.
+        """Time the model at a few chunk sizes; return the fastest for ``num_points``.
 
         Only on the CPU and for more than :data:`MIN_TIMED_POINTS` points; otherwise one
         chunk of ``num_points`` (at least 1) on the CPU, 2¹⁸ points on a GPU.
@@ -376,28 +379,30 @@ class PointwiseKernel:
     def _fastest_chunk(
         self, num_points: int, run: Callable[[torch.Tensor], None], label: str
     ) -> int:
-        """The candidate chunk size with the lowest time per point of ``run``.
+        """The candidate chunk size with the lowest time of ``run`` over ``num_points``.
 
-        The larger of two within 3 %; timings are recorded as ``"{label} {size}"``.
+        ``ceil(num_points / size)`` calls of the timed chunk (a shorter last chunk counts as
+        a full one: compiled functions pad it); the larger of two within 3 %. Timings are
+        recorded as ``"{label} {size}"``.
         """
         if self.device.type != "cpu":
             return 1 << 18
         if num_points <= MIN_TIMED_POINTS:
             return max(1, num_points)
         candidates = sorted({min(size, num_points) for size in CHUNK_CANDIDATES})
-        per_point: dict[int, float] = {}
+        total: dict[int, float] = {}
         try:
             for size in candidates:
                 x = _sample(size, self.num_inputs, self.dtype, self.device)
                 seconds = best_time(functools.partial(run, x))
                 self.timings[f"{label} {size}"] = seconds
-                per_point[size] = seconds / size
+                total[size] = -(-num_points // size) * seconds
                 if seconds > _SLOW_CALL:
                     break  # an expensive model: larger chunks only cost cache misses
         except Exception:  # the model fails on random inputs: the update will tell
             return min(num_points, 4096)
-        best = min(per_point.values())
-        return max(size for size, cost in per_point.items() if cost <= 1.03 * best)
+        best = min(total.values())
+        return max(size for size, cost in total.items() if cost <= 1.03 * best)
 
     def prepare_values(self, chunk: int, num_points: int | None = None) -> None:
         """Compile the value function for chunks of ``chunk`` points, if requested.

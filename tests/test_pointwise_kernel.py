@@ -1,5 +1,6 @@
 """How a model is run: tangent modes, their choice, chunk sizes, compilation and its fallback."""
 
+import math
 import warnings
 
 from mpi4py import MPI
@@ -99,19 +100,23 @@ def test_a_model_without_autograd_graph_is_constant_or_refused():
     assert np.all(ev.outputs == 3.0) and np.all(ev.tangents == 0.0)
 
 
-def test_chunk_size_is_measured_and_recorded():
-    """The chunk with the lowest time per point (the larger within 3 %) is kept."""
-    ev = evaluator(FluxModel().double(), 3, 2, 200_000)
+@pytest.mark.parametrize("num_points", [200_000, 10_086])
+def test_chunk_size_is_measured_and_recorded(num_points):
+    """The chunk with the lowest time for all the points (the larger within 3 %) is kept.
+
+    ``ceil(num_points / size)`` chunks each: the last, shorter one counts as a full one.
+    """
+    ev = evaluator(FluxModel().double(), 3, 2, num_points)
     plan = ev.plan
     assert plan["batch_size_source"] == "measured"
-    per_point = {
-        int(k.split()[1]): v / int(k.split()[1])
+    total = {
+        int(k.split()[1]): v * math.ceil(num_points / int(k.split()[1]))
         for k, v in plan["timings"].items()
         if k.startswith("chunk")
     }
-    assert set(per_point) <= set(CHUNK_CANDIDATES)
-    best = min(per_point.values())
-    assert ev.batch_size == max(s for s, c in per_point.items() if c <= 1.03 * best)
+    assert set(total) <= {min(c, num_points) for c in CHUNK_CANDIDATES}
+    best = min(total.values())
+    assert ev.batch_size == max(s for s, c in total.items() if c <= 1.03 * best)
     # The tangent's chunk is measured the same way, in the chosen mode.
     ev.prepare_tangent()
     tangent_sizes = [
