@@ -195,9 +195,9 @@ class NonFiniteAtPoints(torch.nn.Module):
 def test_non_finite_value_in_any_chunk_is_caught(setup, value, vector):
     """One non-finite value in a middle or the last of many chunks fails the update.
 
-    The finiteness test sums each chunk's values as they are written; a single NaN/Inf
-    in any chunk must make the sum non-finite (and an Inf and a -Inf in different chunks
-    must not hide each other).
+    The finiteness test adds up the squares of each chunk's values as they are written; a
+    single NaN/Inf in any chunk must make that sum non-finite (and an Inf and a -Inf in
+    different chunks must not hide each other).
     """
     msh, _, u = setup
     comm = msh.comm
