@@ -448,6 +448,54 @@ class _Run:
         built = optim.build_from_options(parameters, options, settings)
         return cls(settings, closure, train, val, a_priori, *built, metadata=metadata)
 
+    def fit(self, rollout: Rollout, options: Mapping[str, Any], comm: MPI.Comm) -> FitResult:
+        """Split, scale and train (collective; the checks are done and agreed)."""
+        settings = self.settings
+        if self.val is None:
+            train, val = split_windows(
+                self.train.windows, settings["validation_fraction"], settings["seed"]
+            )
+        else:
+            train, val = self.train.windows, self.val.windows
+        scale = _scales(self, train, comm)
+        settings = _recorded_settings(self, settings, scale, comm)
+        model = self.closure.model
+        model.eval()
+        with torch.random.fork_rng(devices=[]):
+            broadcast_weights(model, comm)  # the same starting weights everywhere: rank 0's
+            objective = RolloutObjective(
+                rollout,
+                self.closure,
+                horizon=settings["horizon"],
+                scale=scale,
+                a_priori=self.a_priori,
+                a_priori_weight=settings.get("a_priori_weight", 0.0),
+                target_interval=settings["target_interval"],
+            )
+            loop = RolloutSettings(
+                epochs=int(options["epochs"]),
+                **{k: settings[k] for k in ("patience", "min_delta", "seed", "batch_size")},
+            )
+            trainer = RolloutTrainer(
+                objective,
+                train,
+                val,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                settings=loop,
+                comm=comm,
+                checkpoints=Checkpoints.in_folder(
+                    options["checkpoint_dir"],
+                    every=options["checkpoint_every"],
+                    settings=settings,
+                    metadata=self.metadata,
+                    comm=comm,
+                ),
+                progress=options["progress"],
+                callback=options["callback"],
+            )
+            return FitResult(model, trainer.resume_and_train(options["resume"]).history)
+
     def layout(self) -> tuple[list[int], list[int] | None, bool]:
         """What every rank must agree on: the trajectory lengths, and a-priori or not."""
         val = None if self.val is None else self.val.lengths
@@ -544,93 +592,66 @@ def fit_rollout(
     The objective is the rollout error against filtered fine trajectories
     (:class:`RolloutObjective`): for a minibatch of windows,
     ``J = mean_w Σ_{n=1}^{k} ‖u_n^w − t_n^w‖² / S + λ J_prior``, with ``S`` the mean over
-    the training windows of ``Σ_n ‖t_n^w‖²`` (the loss is relative) and ``J_prior`` the
-    optional relative a-priori loss ``Σ ‖m(x) − y‖² / Σ ‖y‖²`` on samples at quadrature
-    points. Its gradient comes from :meth:`Rollout.gradient
-    <dolfinx_mno.rollout.Rollout.gradient>` (the discrete adjoint of the steps) and
-    autograd, summed over ranks, so the weights are the same on any number of ranks (to
-    rounding). The closure's model is trained in place; the rollout then runs with the
-    trained weights.
-
-    A window of a trajectory starts at ``t0 + s dt``, with ``t0`` the stepper's time when
-    ``fit_rollout`` is called (the state ``traj[0]`` is at ``t0``): the stepper's time is
-    set to it before each window (and restored), so time-dependent data set by the
+    the training windows of ``Σ_n ‖t_n^w‖²`` and ``J_prior`` the optional relative
+    a-priori loss ``Σ ‖m(x) − y‖² / Σ ‖y‖²``. Its gradient comes from :meth:`Rollout.gradient
+    <dolfinx_mno.rollout.Rollout.gradient>` (the discrete adjoint of the steps), summed over
+    ranks, so the weights are the same on any number of ranks (to rounding). The model is
+    trained in place. A window of a trajectory starts at ``t0 + s dt`` (``t0``: the
+    stepper's time when ``fit_rollout`` is called, or the trajectory's start time); the
+    stepper's time is set to it for the window and restored, so that data set by the
     rollout's ``before_step`` hook follow.
 
     Args:
-        rollout: The differentiable rollout of the coarse solver, with the closure in its
-            step. Its model stays in eval mode (no dropout or batch normalisation).
-        trajectories: The training data: a list of trajectories, each the filtered fine
-            solution at the coarse steps ``t0, t0 + dt, ...``, as a list of states of
-            shape ``(num_owned,)`` (this rank's owned dofs of ``u``, as
-            :meth:`Rollout.run <dolfinx_mno.rollout.Rollout.run>` returns them;
-            :func:`owned_states` makes them from ``fem.Function`` objects) or an array
-            ``(num_states, num_owned)``. Every trajectory needs ``horizon + 1`` states at
-            least; the ranks must pass the same numbers of states.
+        rollout: The differentiable rollout of the coarse solver, the closure in its step.
+        trajectories: The filtered fine solution at the coarse steps ``t0, t0 + dt, ...``,
+            per trajectory a list of states ``(num_owned,)`` (this rank's owned dofs of
+            ``u``; :func:`owned_states` makes them) or an array ``(num_states,
+            num_owned)``, with at least ``horizon + 1`` states; the same numbers of states
+            on every rank.
         horizon: The number of steps ``k`` of a window.
-        closure: The closure to train; by default the rollout's only closure. The models
-            of other closures stay fixed.
-        validation: Held-out trajectories (the same format) whose windows give the
-            validation loss. Default: a seeded split of the training windows.
-        start_times: The time of the first state of each trajectory (for a source or
-            boundary data that depend on time); default: the stepper's time when
-            ``fit_rollout`` is called, for every trajectory.
-        validation_start_times: The same for the ``validation`` trajectories; held-out
-            trajectories from another time window need them, or their windows would run
-            with the data of the wrong times.
+        closure: The closure to train; by default the rollout's only closure.
+        validation: Held-out trajectories (the same format); default: a seeded split of the
+            training windows.
         validation_fraction: Without ``validation``, the fraction of the windows held out
-            (default 0.2; at least one window on each side). ``0``: the validation loss
-            is the loss on the training windows after each epoch (for scarce data).
-        stride: Distance between the starts of a trajectory's windows (default 1: every
-            start ``0 .. num_states - 1 - horizon``).
-        target_interval: Coarse steps between consecutive states of a trajectory (default
-            1: a state at every coarse step). With ``m > 1`` the trajectories hold the
-            filtered fine solution at ``t0, t0 + m dt, ...``, a window runs ``horizon × m``
-            coarse steps, and its loss compares the states after ``m, 2m, ...`` steps.
-        a_priori: ``(inputs, targets)``, this rank's a-priori samples, as
-            :func:`~dolfinx_mno.training.fit` takes them: ``(num_local_samples,
-            num_inputs)`` and ``(num_local_samples, *value_shape)`` (a rank may hold none;
-            pass it on every rank or on none). All of them enter each step's loss.
+            (default 0.2); ``0``: validate on the training windows.
+        start_times: The time of each trajectory's first state (default: ``t0``).
+        validation_start_times: The same for the ``validation`` trajectories.
+        stride: Distance between the starts of a trajectory's windows.
+        target_interval: Coarse steps ``m`` between consecutive states of a trajectory: a
+            window runs ``horizon × m`` steps and compares the states after ``m, 2m, ...``.
+        a_priori: ``(inputs, targets)``, this rank's a-priori samples as
+            :func:`~dolfinx_mno.training.fit` takes them (on every rank or on none).
         a_priori_weight: ``λ`` (default 1 with ``a_priori``).
-        epochs: Maximum number of epochs (passes over the training windows).
+        epochs: Maximum number of passes over the training windows.
         batch_size: Windows per optimiser step (their gradients are averaged).
-        optimizer: Factory ``params -> torch.optim.Optimizer`` (as for ``fit``); default
-            Adam with ``learning_rate`` (default 1e-3) and ``weight_decay`` (default 0).
-        scheduler: Factory ``optimizer -> scheduler`` or ``None`` (as for ``fit``),
-            stepped once per epoch after validation; default ``ReduceLROnPlateau`` on the
-            validation loss with ``lr_factor`` (0.5), ``lr_patience`` (10) and
-            ``min_learning_rate`` (1e-6).
-        learning_rate: See ``optimizer``.
-        weight_decay: See ``optimizer``.
-        lr_factor: See ``scheduler``.
-        lr_patience: See ``scheduler``.
-        min_learning_rate: See ``scheduler``.
+        optimizer: As for :func:`~dolfinx_mno.training.fit`; default Adam
+            (:mod:`~dolfinx_mno.training.optim` documents the defaults and their options).
+        scheduler: As for ``fit``; default ``ReduceLROnPlateau`` on the validation loss.
+        learning_rate: Of the default Adam (1e-3).
+        weight_decay: Of the default Adam (0).
+        lr_factor: Of the default schedule (0.5).
+        lr_patience: Of the default schedule (10).
+        min_learning_rate: Of the default schedule (1e-6).
         patience: Stop after this many epochs without a validation loss below
             ``best * (1 - min_delta)``; the best weights are restored.
         min_delta: Relative improvement that counts for early stopping.
-        seed: Seeds the split, each epoch's order of the windows and torch's random
-            state in each epoch (the caller's is restored on return).
-        checkpoint_dir: Folder for checkpoints (model file + training state, as for
-            ``fit``; the model's architecture must be registered for
-            :func:`~dolfinx_mno.io.save_model`); ``None`` for none.
-        checkpoint_every: Write a checkpoint every this many epochs, and at the end.
-        resume: Continue from the newest complete checkpoint in ``checkpoint_dir`` (if
-            any), which must have been written with the same settings and data.
-        metadata: JSON dict stored in the checkpoint model files, with the closure's
-            spec.
-        progress: Show a tqdm progress bar on rank 0 (training and validation loss).
+        seed: Seeds the split, the order of the windows and torch's random state in each
+            epoch (the caller's is restored on return).
+        checkpoint_dir: As for ``fit`` (:mod:`~dolfinx_mno.training.checkpoint`); the
+            model's architecture must be registered for :func:`~dolfinx_mno.io.save_model`.
+        checkpoint_every: Epochs between checkpoints.
+        resume: Continue from the newest complete checkpoint.
+        metadata: JSON dict stored in the checkpoint model files, with the closure's spec.
+        progress: Show a tqdm progress bar on rank 0.
         callback: ``callback(epoch, history)`` after every epoch, on every rank.
 
     Returns:
-        The closure's model (the weights of the best validation epoch, in eval mode) and
-        the history: ``train_loss`` is ``J`` averaged over the epoch's windows as they
-        were seen, ``val_loss`` the rollout part of ``J`` on the validation windows.
+        The closure's model (the best epoch's weights, in eval mode) and the history.
 
     Raises:
-        TypeError, ValueError: Bad input, on every rank, before any collective call: a
-            horizon longer than a trajectory, states of the wrong shape, no windows on
-            one side of the split, a closure that is not in the rollout, a model without
-            trainable parameters, a checkpoint of other data or settings.
+        TypeError, ValueError: Bad input, on every rank, before any collective call (short
+            or misshapen trajectories, no window on one side of the split, a closure not
+            in the rollout or without trainable parameters, a checkpoint of other data).
         FloatingPointError: NaN or Inf losses (on every rank).
         RuntimeError: A linear solve of the rollout did not converge.
     """
@@ -652,50 +673,4 @@ def fit_rollout(
             f"lengths, a-priori samples or not): {layouts}. Every rank passes its owned "
             "dofs of the same trajectories, and a_priori on every rank or on none."
         )
-    settings = run.settings
-    windows = run.train.windows
-    if run.val is None:
-        train, val = split_windows(windows, settings["validation_fraction"], settings["seed"])
-    else:
-        train, val = windows, run.val.windows
-    scale = _scales(run, train, comm)
-    settings = _recorded_settings(run, settings, scale, comm)
-    model = run.closure.model
-    model.eval()
-    with torch.random.fork_rng(devices=[]):
-        broadcast_weights(model, comm)  # the same starting weights everywhere: rank 0's
-        objective = RolloutObjective(
-            rollout,
-            run.closure,
-            horizon=settings["horizon"],
-            scale=scale,
-            a_priori=run.a_priori,
-            a_priori_weight=settings.get("a_priori_weight", 0.0),
-            target_interval=settings["target_interval"],
-        )
-        checkpoints = Checkpoints.in_folder(
-            checkpoint_dir,
-            every=checkpoint_every,
-            settings=settings,
-            metadata=run.metadata,
-            comm=comm,
-        )
-        trainer = RolloutTrainer(
-            objective,
-            train,
-            val,
-            optimizer=run.optimizer,
-            scheduler=run.scheduler,
-            settings=RolloutSettings(
-                epochs=int(epochs),
-                patience=settings["patience"],
-                min_delta=settings["min_delta"],
-                seed=settings["seed"],
-                batch_size=settings["batch_size"],
-            ),
-            comm=comm,
-            checkpoints=checkpoints,
-            progress=progress,
-            callback=callback,
-        )
-        return FitResult(model, trainer.resume_and_train(resume).history)
+    return run.fit(rollout, options, comm)

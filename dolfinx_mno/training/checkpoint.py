@@ -15,6 +15,15 @@ The model file is written first and the state second; older pairs are deleted on
 both are in place, and :meth:`Checkpoints.resume` takes the newest state whose model file
 has the digest it recorded, so a run killed between the two writes resumes from the
 previous pair.
+
+The checkpoint options of ``fit`` and ``fit_rollout``: ``checkpoint_dir`` (the folder,
+created by rank 0; ``None`` for no checkpoints), ``checkpoint_every`` (a checkpoint every
+this many epochs, and at the end), ``resume`` (continue from the newest complete
+checkpoint in the folder, or start afresh if there is none) and ``metadata`` (a JSON dict
+stored in the checkpoint model files). A run resumes only with the data and the settings
+of the interrupted one (injected optimisers and schedules compared by class and
+configuration); only ``epochs``, ``checkpoint_every``, ``metadata``, ``spec``,
+``progress`` and ``callback`` may change. Anything else is refused, naming what differs.
 """
 
 from __future__ import annotations

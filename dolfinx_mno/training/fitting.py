@@ -20,6 +20,7 @@ from dolfinx_mno.training.loop import LoopSettings, Trainer
 from dolfinx_mno.training.parallel import broadcast_weights
 from dolfinx_mno.training.samples import (
     LocalSamples,
+    SampleLayout,
     agree_on_samples,
     groups_digest,
     prepare_rows,
@@ -118,6 +119,67 @@ class _Run:
         built = optim.build_from_options(params, options, settings)
         return cls(settings, samples, *built, metadata=metadata)
 
+    def train(
+        self,
+        model: torch.nn.Module,
+        layout: SampleLayout,
+        options: Mapping[str, Any],
+        comm: MPI.Comm,
+    ) -> FitResult:
+        """Split, normalise and train (collective; the checks are done and agreed)."""
+        settings, samples = self.settings, self.samples
+        if layout.groups is not None:
+            settings["groups_sha256"] = groups_digest(layout.groups)
+        split = split_samples(
+            layout.num_samples, settings["validation_fraction"], settings["seed"], layout.groups
+        )
+        settings.update(
+            num_samples=layout.num_samples,
+            num_inputs=samples.x.shape[1],
+            num_outputs=samples.y.shape[1],
+        )
+        if samples.grid:
+            settings.update(
+                grid=True,
+                input_shape=list(samples.input_shape),
+                target_shape=list(samples.target_shape),
+            )
+        trained, rows = prepare_rows(
+            model,
+            samples,
+            split,
+            layout.offsets,
+            normalize_inputs=settings["normalize"],
+            normalize_targets=settings.get("normalize_targets", settings["normalize"]),
+            comm=comm,
+        )
+        loop = LoopSettings(
+            epochs=int(options["epochs"]),
+            **{
+                k: settings[k]
+                for k in ("batch_size", "chunk_size", "patience", "min_delta", "seed")
+            },
+        )
+        trainer = Trainer(
+            model,
+            trained,
+            rows,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            settings=loop,
+            comm=comm,
+            checkpoints=Checkpoints.in_folder(
+                options["checkpoint_dir"],
+                every=options["checkpoint_every"],
+                settings=settings,
+                metadata=self.metadata,
+                comm=comm,
+            ),
+            progress=options["progress"],
+            callback=options["callback"],
+        )
+        return FitResult(trained, trainer.resume_and_train(options["resume"]).history)
+
 
 def fit(
     model: torch.nn.Module,
@@ -153,91 +215,61 @@ def fit(
 ) -> FitResult:
     """Train ``model`` to map ``inputs`` to ``targets`` (mean squared error).
 
-    Collective on ``comm``. Each rank passes its own samples; the global data set is
-    the concatenation of the ranks' samples in rank order (:func:`shard` cuts an array
-    every rank holds into such blocks). Or every rank passes the same data file, as a
+    Collective on ``comm``. Each rank passes its own samples; the global data set is the
+    concatenation of the ranks' samples in rank order (:func:`shard` cuts an array every
+    rank holds into such blocks). Or every rank passes the same data file, a
     :class:`~dolfinx_mno.data.ClosureDataReader` (points) or
-    :class:`~dolfinx_mno.data.GriddedDataReader` (fields), and reads its block of the
-    stored samples (:func:`read_shard`). The result depends on the global data and the
-    settings only, not on the number of ranks or how the samples are spread over them.
+    :class:`~dolfinx_mno.data.GriddedDataReader` (fields), and reads its block of it
+    (:func:`read_shard`). The result depends on the global data and the settings only,
+    not on the number of ranks or how the samples are spread over them.
 
     Args:
         model: Maps ``(batch, num_inputs)`` to ``(batch, num_outputs)`` or
             ``(batch, *value_shape)``; with ``grid=True``, ``(batch, in_channels, *grid)``
-            to ``(batch, out_channels, *grid)``. Trained in its dtype, on its device. Rank
-            0's initial weights are used on all ranks. It is trained in place (wrapped in
-            a :class:`~dolfinx_mno.NormalizedModel` if ``normalize`` or
-            ``normalize_targets``). For rank-invariant results it must be deterministic
-            (no dropout) and act on each sample of a batch separately (no batch norm).
-        inputs: This rank's samples, shape ``(num_local_samples, num_inputs)`` (NumPy or
-            torch, real; a vector is one column; other sample shapes are flattened); with
-            ``grid=True``, fields ``(num_local_samples, in_channels, *grid)``, passed to
-            the model in that shape. Or a data reader (on every rank; then no
-            ``targets``): all complete samples of its file, inputs and targets.
-        targets: Shape ``(num_local_samples, num_outputs)`` or
-            ``(num_local_samples, *value_shape)``; with ``grid=True``,
-            ``(num_local_samples, out_channels, *grid)`` on the grid of the inputs.
+            to ``(batch, out_channels, *grid)``. Trained in place, in its dtype and on its
+            device, from rank 0's weights. It must be deterministic and act on each sample
+            separately (no dropout, no batch norm) for rank-invariant results.
+        inputs: This rank's samples ``(num_local_samples, num_inputs)`` (NumPy or torch,
+            real; other sample shapes are flattened); with ``grid=True``, fields
+            ``(num_local_samples, in_channels, *grid)``. Or a data reader (then no
+            ``targets``): all complete samples of its file.
+        targets: ``(num_local_samples, num_outputs)`` or ``(num_local_samples,
+            *value_shape)``; with ``grid=True``, ``(num_local_samples, out_channels, *grid)``.
         comm: Communicator; default ``MPI.COMM_WORLD``.
-        epochs: Maximum number of epochs (passes over the training split).
-        batch_size: Samples per optimiser step (the last batch of an epoch may be
-            smaller).
-        chunk_size: Samples per backward pass: the unit of work shared among ranks and
-            of the fixed-order gradient sum. The result depends on it (at rounding level)
-            but not on the number of ranks; at most ``ceil(batch_size / chunk_size)``
-            ranks have work in a step.
-        optimizer: Factory ``params -> torch.optim.Optimizer``, called with the list of
-            the model's trainable parameters, e.g.
-            ``lambda params: torch.optim.SGD(params, lr=0.1)``. Default: Adam with
-            ``learning_rate`` and ``weight_decay``.
-        scheduler: Factory ``optimizer -> LRScheduler`` (or ``None``, a constant rate),
-            e.g. ``lambda opt: torch.optim.lr_scheduler.StepLR(opt, 10)``, stepped once
-            per epoch after validation (a ``ReduceLROnPlateau`` with the validation loss).
-            Default: ``ReduceLROnPlateau`` with ``lr_factor``, ``lr_patience`` and
-            ``min_learning_rate``.
-        learning_rate: Initial learning rate of the default Adam (default 1e-3).
-        weight_decay: Weight decay (L2) of the default Adam (default 0).
-        lr_factor: Factor of the default schedule, applied when the validation loss has
-            not improved (relative threshold 1e-4) for ``lr_patience`` epochs (default
-            0.5).
-        lr_patience: See ``lr_factor`` (default 10).
-        min_learning_rate: Lower bound of the default schedule's rate (default 1e-6).
+        epochs: Maximum number of passes over the training split.
+        batch_size: Samples per optimiser step (the last batch may be smaller).
+        chunk_size: Samples per backward pass, the unit of work shared among ranks and of
+            the fixed-order gradient sum (the result depends on it at rounding level).
+        optimizer: Factory ``params -> torch.optim.Optimizer``; default Adam
+            (:mod:`~dolfinx_mno.training.optim` documents the defaults and their options).
+        scheduler: Factory ``optimizer -> LRScheduler`` or ``None``, stepped once per epoch
+            after validation; default ``ReduceLROnPlateau`` on the validation loss.
+        learning_rate: Of the default Adam (1e-3).
+        weight_decay: Of the default Adam (0).
+        lr_factor: Of the default schedule (0.5).
+        lr_patience: Of the default schedule (10).
+        min_learning_rate: Of the default schedule (1e-6).
         patience: Stop after this many epochs without a validation loss below
             ``best * (1 - min_delta)``.
         min_delta: Relative improvement that counts for early stopping.
-        validation_fraction: Fraction of the global samples held out for validation
-            (at least one sample each for training and validation).
-        seed: Seeds the split, the epoch orders and torch's random state in each epoch.
-            The caller's random state is restored on return.
-        normalize: Wrap the model in a :class:`~dolfinx_mno.NormalizedModel` with
-            the statistics of the training split: mean and standard deviation (unbiased)
-            per input component, or with ``grid=True`` per input channel pooled over the
-            samples and grid points (``axis=1`` normalisations: the model still runs on
-            any grid, and a translation-invariant model stays so).
-        normalize_targets: Normalise the targets the same way (the loss is then the MSE
-            of normalised targets, and the model's outputs are mapped back). ``None``
-            (the default): the value of ``normalize``. Either option alone gives a
-            :class:`~dolfinx_mno.NormalizedModel` whose other normalisation is the
-            identity.
-        grid: Samples are fields on a grid (see ``model``, ``inputs``), not points.
-            Default: false for arrays and closure data, true for gridded data.
-        groups: This rank's group id of each sample, integers of shape
-            ``(num_local_samples,)``, e.g. the trajectory a snapshot comes from; with a
-            reader, one id per stored sample of the file, ``(reader.num_samples,)``, the
-            same on every rank. The split then sends whole groups to validation
-            (``round(validation_fraction * num_groups)`` of the distinct ids, seeded), so
-            that no group is on both sides. A group's samples may be spread over ranks.
-        checkpoint_dir: Folder for checkpoints (created by rank 0); ``None`` for none.
-        checkpoint_every: Write a checkpoint every this many epochs, and at the end.
-        resume: Continue from the newest complete checkpoint in ``checkpoint_dir`` (if
-            there is none, start afresh). The data and every setting but ``epochs``,
-            ``checkpoint_every``, ``metadata``, ``spec``, ``progress`` and ``callback`` must be
-            those of the interrupted run: other settings (injected optimisers and
-            schedules by class and configuration), another number of samples, other
-            groups or (with ``normalize``) other statistics of the training split are
-            refused.
+        validation_fraction: Fraction of the global samples held out for validation.
+        seed: Seeds the split, the epoch orders and torch's random state in each epoch
+            (the caller's random state is restored on return).
+        normalize: Wrap the model in a :class:`~dolfinx_mno.NormalizedModel` with the mean
+            and standard deviation of the training split per input component (per input
+            channel, pooled over the grid, with ``grid=True``).
+        normalize_targets: Normalise the targets likewise (the loss is then the MSE of
+            normalised targets); default: ``normalize``.
+        grid: Samples are fields on a grid; default: true for gridded data only.
+        groups: This rank's group id of each sample (with a reader, one per stored
+            sample, the same on every rank), e.g. its trajectory: the split sends whole
+            groups to validation.
+        checkpoint_dir: Folder for checkpoints (see :mod:`~dolfinx_mno.training.checkpoint`
+            for these four options and what a resumed run must keep).
+        checkpoint_every: Epochs between checkpoints.
+        resume: Continue from the newest complete checkpoint.
         metadata: JSON dict stored in the checkpoint model files.
-        spec: The closure the model is trained for (e.g. ``sampler.spec``), stored in the
-            checkpoint model files as :func:`~dolfinx_mno.io.save_model` stores it.
+        spec: The closure the model is trained for, stored in the checkpoint model files.
         progress: Show a tqdm progress bar (rank 0 only).
         callback: ``callback(epoch, history)`` after every epoch, on every rank.
 
@@ -261,60 +293,7 @@ def fit(
         error = f"{type(err).__name__}: {err}"
     layout = agree_on_samples(error, None if run is None else run.samples, comm)
     assert run is not None
-    settings, samples = run.settings, run.samples
     # The same global data and settings on every rank: all ranks raise here together.
-    if layout.groups is not None:
-        settings["groups_sha256"] = groups_digest(layout.groups)
-    split = split_samples(
-        layout.num_samples, settings["validation_fraction"], settings["seed"], layout.groups
-    )
-    settings.update(
-        num_samples=layout.num_samples,
-        num_inputs=samples.x.shape[1],
-        num_outputs=samples.y.shape[1],
-    )
-    if samples.grid:
-        settings.update(
-            grid=True,
-            input_shape=list(samples.input_shape),
-            target_shape=list(samples.target_shape),
-        )
-
     with torch.random.fork_rng(devices=[]):
         broadcast_weights(model, comm)  # the same starting weights everywhere: rank 0's
-        trained, rows = prepare_rows(
-            model,
-            samples,
-            split,
-            layout.offsets,
-            normalize_inputs=settings["normalize"],
-            normalize_targets=settings.get("normalize_targets", settings["normalize"]),
-            comm=comm,
-        )
-        checkpoints = Checkpoints.in_folder(
-            checkpoint_dir,
-            every=checkpoint_every,
-            settings=settings,
-            metadata=run.metadata,
-            comm=comm,
-        )
-        trainer = Trainer(
-            model,
-            trained,
-            rows,
-            optimizer=run.optimizer,
-            scheduler=run.scheduler,
-            settings=LoopSettings(
-                epochs=int(epochs),
-                batch_size=settings["batch_size"],
-                chunk_size=settings["chunk_size"],
-                patience=settings["patience"],
-                min_delta=settings["min_delta"],
-                seed=settings["seed"],
-            ),
-            comm=comm,
-            checkpoints=checkpoints,
-            progress=progress,
-            callback=callback,
-        )
-        return FitResult(trained, trainer.resume_and_train(resume).history)
+        return run.train(model, layout, options, comm)

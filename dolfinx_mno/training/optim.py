@@ -7,6 +7,16 @@ are Adam and :class:`~torch.optim.lr_scheduler.ReduceLROnPlateau` on the validat
 (:func:`adam`, :func:`reduce_on_plateau`). The schedule is stepped once per epoch, after
 validation (:func:`step_scheduler`).
 
+The options of the defaults, the same in ``fit`` and ``fit_rollout`` (:func:`default_settings`;
+giving one of them together with an injected factory is an error):
+
+* ``learning_rate``: the initial rate of the default Adam (default 1e-3);
+* ``weight_decay``: its weight decay (L2, default 0);
+* ``lr_factor``: the default schedule multiplies the rate by this factor (default 0.5)
+  when the validation loss has not improved (relative threshold 1e-4) for
+  ``lr_patience`` epochs (default 10);
+* ``min_learning_rate``: the default schedule's lower bound (default 1e-6).
+
 A checkpoint stores both ``state_dict``; :func:`describe` records the class and
 configuration of injected ones among the run's settings, so that resuming with another
 optimiser or schedule is refused rather than silently mixed.
