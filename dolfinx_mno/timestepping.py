@@ -27,6 +27,18 @@ solved; Dirichlet data and other coefficients are set there in one line::
 
     stepper.run(100, before_step=lambda stepper, t: g.interpolate(lambda x: exact(x, t)))
 
+**Older states.** A scheme or a closure that reads states before ``u_n`` (a two-level
+scheme such as Adams–Bashforth 2, or a closure with memory of the last step) gets them
+from ``older=[u_nm1, ...]``: ``older[j]`` holds ``u_{n-1-j}``, and each successful step
+shifts them (``older[0]`` becomes the ``u_n`` it started from). Set them with the initial
+state; after a failed step they are unchanged::
+
+    u_nm1 = fem.Function(V, name="u_nm1")         # u_{n-1}; here u_{-1} = u_0
+    u_nm1.x.array[:] = u_n.x.array
+    closure = Closure(model, [u_n, u_n - u_nm1], quadrature_degree=2)
+    ...
+    stepper = IMEXStepper(problem, u_h, u_n, dt=0.01, older=[u_nm1])
+
 **Statistics.** Every successful step appends a :class:`StepStatistics` to
 ``stepper.history``: the time reached, the wall time, the solver's converged reason and its
 iterations (Newton and total KSP iterations for :class:`ImplicitStepper`, KSP iterations
@@ -38,7 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import time as _time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from dolfinx import fem
 from tqdm.auto import tqdm
@@ -97,18 +109,34 @@ class _Stepper[Problem: (LinearProblem, NonlinearProblem)]:
         dt: float,
         t0: float = 0.0,
         time: fem.Constant | None = None,
+        older: Sequence[fem.Function] = (),
     ):
         """Set up the time loop; see the class docstring for the arguments."""
         if not dt > 0:
             raise ValueError(f"The time step must be positive, got {dt}.")
         if u.function_space != u_previous.function_space:
             raise ValueError("u and u_previous must live on the same function space.")
+        older = list(older)
+        for j, function in enumerate(older):
+            if not isinstance(function, fem.Function):
+                raise TypeError(
+                    f"older[{j}] must be a dolfinx.fem.Function, got {type(function).__name__}."
+                )
+            if function.function_space != u.function_space:
+                raise ValueError(
+                    f"older[{j}] ('{function.name}') must live on the function space of u."
+                )
+        functions = [u, u_previous, *older]
+        if len({id(f) for f in functions}) != len(functions):
+            raise ValueError("u, u_previous and the older states must be distinct functions.")
         self.problem: Problem = problem
         self.u = u
         self.u_previous = u_previous
         self.dt = float(dt)
         self.t = float(t0)
         self.time = time
+        #: ``[u_{n-1}, u_{n-2}, ...]``: the states before ``u_previous``, shifted each step.
+        self.older: list[fem.Function] = older
         self.num_steps = 0
         #: The statistics of every successful step, in order.
         self.history: list[StepStatistics] = []
@@ -127,7 +155,8 @@ class _Stepper[Problem: (LinearProblem, NonlinearProblem)]:
 
         The step sets the time constant to ``t + dt``, calls ``before_step(self, t + dt)``
         (``self.t`` is still the old time), solves (which updates the closures), checks
-        convergence, copies ``u`` into ``u_previous`` and appends a
+        convergence, shifts the older states (``older[0]`` gets ``u_previous``), copies
+        ``u`` into ``u_previous`` and appends a
         :class:`StepStatistics` to :attr:`history`.
 
         Args:
@@ -144,7 +173,8 @@ class _Stepper[Problem: (LinearProblem, NonlinearProblem)]:
                 type on the first failing rank with the message ``"The before_step hook
                 failed on rank(s) [r, ...] (k of n ranks); on rank r: ..."``.
 
-            On any error the step is undone: ``u`` and ``u_previous`` hold ``u_n``, the
+            On any error the step is undone: ``u`` and ``u_previous`` hold ``u_n`` (and the
+            older states are unchanged), the
             time constant holds the old time, :attr:`t`, :attr:`num_steps` and
             :attr:`history` are unchanged. What ``before_step`` changed is not undone:
             it sets its data from the time it is given, so the next attempt sets them
@@ -170,6 +200,9 @@ class _Stepper[Problem: (LinearProblem, NonlinearProblem)]:
                 f"The {self.solver_name} diverged at t = {t_new:g} (reason {reason})."
             )
         self.u.x.scatter_forward()
+        for j in range(len(self.older) - 1, -1, -1):  # the oldest first
+            newer = self.older[j - 1] if j > 0 else self.u_previous
+            self.older[j].x.array[:] = newer.x.array
         self.u_previous.x.array[:] = self.u.x.array
         self.t = t_new
         self.num_steps += 1
@@ -251,6 +284,14 @@ class IMEXStepper(_Stepper[LinearProblem]):
             than a step, such as a neural operator, changes slowly on the time scale of a
             small explicit step; holding it over ``k`` steps adds an error of order
             ``k Δt`` to its time integration (first order, like IMEX Euler itself).
+        older: ``[u_{n-1}, u_{n-2}, ...]``, states before ``u_previous`` that the forms or
+            closures read, on the space of ``u``; each step shifts them (see the module
+            docstring).
+
+    Raises:
+        ValueError: A time step that is not positive, ``u`` and ``u_previous`` (or an older
+            state) on different spaces, a function given twice, or a bad
+            ``closure_interval``.
     """
 
     solver_name = "linear solver"
@@ -264,13 +305,14 @@ class IMEXStepper(_Stepper[LinearProblem]):
         t0: float = 0.0,
         time: fem.Constant | None = None,
         closure_interval: int = 1,
+        older: Sequence[fem.Function] = (),
     ):
         """Set up the time loop; see the class docstring for the arguments."""
         if not isinstance(closure_interval, int) or closure_interval < 1:
             raise ValueError(
                 f"closure_interval must be a positive integer, got {closure_interval!r}."
             )
-        super().__init__(problem, u, u_previous, dt, t0, time)
+        super().__init__(problem, u, u_previous, dt, t0, time, older)
         self.closure_interval = closure_interval
 
     def _solve(self) -> tuple[int, int, int | None]:
@@ -299,6 +341,12 @@ class ImplicitStepper(_Stepper[NonlinearProblem]):
         dt: Time step.
         t0: Initial time.
         time: Optional constant holding the time, set to the new time before each solve.
+        older: ``[u_{n-1}, u_{n-2}, ...]``, states before ``u_previous`` that the residual
+            reads (BDF2, for example), on the space of ``u``; each step shifts them.
+
+    Raises:
+        ValueError: A time step that is not positive, ``u`` and ``u_previous`` (or an older
+            state) on different spaces, or a function given twice.
     """
 
     solver_name = "Newton solver"

@@ -417,3 +417,95 @@ def test_failing_before_step_raises_on_every_rank_and_undoes_the_step():
     stepper.step(lambda s, t: (f_h.interpolate(_source(t)), g.interpolate(_exact(t))))
     assert _max_error(stepper.u_previous, _exact(0.1)) < 1e-12
     assert isinstance(stepper.history[-1], StepStatistics) and stepper.history[-1].step == 2
+
+
+class _AdamsBashforthCubic(torch.nn.Module):
+    """``1.5 a³ − 0.5 b³`` of the inputs ``(a, b) = (u_n, u_{n-1})``: AB2 for ``u³``."""
+
+    def forward(self, x):
+        return 1.5 * x[:, 0] ** 3 - 0.5 * x[:, 1] ** 3
+
+
+def _ab2_heat(closure: bool, prefix: str):
+    """Heat with ``-u³`` by Adams–Bashforth 2 (explicit) and diffusion implicit.
+
+    Returns the stepper and its functions ``u_n``, ``u_nm1``; ``u_{-1} = u_0``.
+    """
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 8, 7)
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    dt = 0.02
+    u_n, u_nm1, uh = fem.Function(V), fem.Function(V, name="u_nm1"), fem.Function(V)
+    u_n.interpolate(lambda x: 2 * np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]))
+    u_nm1.x.array[:] = u_n.x.array
+    u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
+    a = (u * v + dt * ufl.inner(ufl.grad(u), ufl.grad(v))) * ufl.dx
+    L = u_n * v * ufl.dx
+    if closure:
+        source = mno.Closure(_AdamsBashforthCubic().double(), [u_n, u_nm1], quadrature_degree=3)
+        L -= dt * source * v * source.dx
+    else:
+        L -= dt * (1.5 * u_n**3 - 0.5 * u_nm1**3) * v * ufl.dx(metadata={"quadrature_degree": 3})
+    problem = LinearProblem(
+        a, L, u=uh, bcs=[boundary_bc(V)], petsc_options=DIRECT, petsc_options_prefix=prefix
+    )
+    return IMEXStepper(problem, uh, u_n, dt=dt, older=[u_nm1]), u_n, u_nm1
+
+
+@pytest.mark.mpi
+def test_older_states_give_a_two_level_scheme():
+    """AB2 with ``older=[u_nm1]``: the stepper equals a hand-written loop (UFL and closure)."""
+    stepper, u_n, u_nm1 = _ab2_heat(closure=True, prefix="ab2_closure_")
+    reference, r_n, r_nm1 = _ab2_heat(closure=False, prefix="ab2_ufl_")
+    comm = u_n.function_space.mesh.comm
+    expected_older = []
+    for _ in range(4):  # the hand-written loop: solve, then shift by hand
+        reference.problem.solve()
+        r_nm1.x.array[:] = r_n.x.array
+        r_n.x.array[:] = reference.u.x.array
+        expected_older.append(r_nm1.x.array.copy())
+    states = []
+    stepper.run(4, progress=False, callback=lambda s: states.append(u_nm1.x.array.copy()))
+    scale = comm.allreduce(np.abs(r_n.x.array).max(initial=0.0), op=MPI.MAX)
+    assert scale > 0.3
+    got_all, expected_all = [*states, u_n.x.array], [*expected_older, r_n.x.array]
+    for got, expected in zip(got_all, expected_all, strict=True):
+        error = comm.allreduce(np.abs(got - expected).max(initial=0.0), op=MPI.MAX)
+        assert error <= 1e-13 * scale
+    # The two levels matter: AB2 differs from forward Euler on u³ after the first step.
+    differs = comm.allreduce(np.abs(u_nm1.x.array - u_n.x.array).max(initial=0.0), op=MPI.MAX)
+    assert differs > 1e-3 * scale
+
+
+@pytest.mark.mpi
+def test_a_failed_step_keeps_the_older_states():
+    stepper, u_n, u_nm1 = _ab2_heat(closure=True, prefix="ab2_fail_")
+    stepper.step()
+    kept = (u_n.x.array.copy(), u_nm1.x.array.copy())
+    failing_rank = MPI.COMM_WORLD.size - 1
+
+    def before_step(s, t):
+        if MPI.COMM_WORLD.rank == failing_rank:
+            raise RuntimeError("no data")
+
+    with pytest.raises(RuntimeError):
+        stepper.step(before_step)
+    np.testing.assert_array_equal(u_n.x.array, kept[0])
+    np.testing.assert_array_equal(u_nm1.x.array, kept[1])
+    assert stepper.num_steps == 1
+
+
+def test_bad_older_states_raise():
+    msh = mesh.create_unit_square(MPI.COMM_SELF, 2, 2)
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    W = fem.functionspace(msh, ("Lagrange", 2))
+    u_n, uh = fem.Function(V), fem.Function(V)
+    u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
+    problem = LinearProblem(
+        u * v * ufl.dx, u_n * v * ufl.dx, u=uh, petsc_options=DIRECT, petsc_options_prefix="bad_"
+    )
+    with pytest.raises(ValueError, match=r"older\[0\] \('f'\) must live on the function space"):
+        IMEXStepper(problem, uh, u_n, dt=0.1, older=[fem.Function(W, name="f")])
+    with pytest.raises(ValueError, match="must be distinct functions"):
+        IMEXStepper(problem, uh, u_n, dt=0.1, older=[u_n])
+    with pytest.raises(TypeError, match=r"older\[0\] must be a dolfinx.fem.Function"):
+        IMEXStepper(problem, uh, u_n, dt=0.1, older=[u_n.x.array])
