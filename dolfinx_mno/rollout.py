@@ -11,6 +11,12 @@ step ``n`` is three stages, each with its own backward (:mod:`dolfinx_mno.step_a
     u_{n+1} = A⁻¹ b(u_n, c_n)    the IMEX solve (IMEXStepFunction: μ = A⁻ᵀ g, then
                                                  (∂b/∂u_n)ᵀ μ and (∂b/∂c_n)ᵀ μ)
 
+A stepper that keeps older states (``IMEXStepper(..., older=[u_nm1])``: a closure with
+memory of the last step, or a two-level scheme) makes the state a tuple ``(u_n, u_{n-1},
+...)``: the operand map and the solve read every level, and their backward gives each
+level its share (``P_jᵀ g``, ``B_jᵀ μ``), so that ``u_n`` is followed through the step that
+makes it and the steps that read it as an older state.
+
 ``P`` is the closure's constant operand matrix
 (:meth:`~dolfinx_mno.Closure.operand_matrix`), ``A`` the step's constant matrix, whose
 factorisation (or preconditioner) the transposed solves reuse (``KSPSolveTranspose``), and
@@ -125,9 +131,12 @@ class Rollout:
             form must be constant (no ``u_previous``, no closures: the matrix and its
             factorisation serve every step and every transposed solve); the linear form
             may contain local :class:`~dolfinx_mno.Closure`\ s and
-            :class:`~dolfinx_mno.NonlocalClosure`\ s that read ``u_previous``.
-            Implicit: the residual's closures, local and non-local, read ``u`` (not
-            ``u_previous``), and the Jacobian holds the local closures' tangents (the
+            :class:`~dolfinx_mno.NonlocalClosure`\ s that read ``u_previous`` and, if the
+            stepper keeps them (``older=``), the older states ``u_{n-1}, ...``: the
+            rollout's state is then all the levels, and the gradient follows each
+            ``u_n`` through the steps that read it as ``u_{n-1}``, ``u_{n-2}``, ....
+            Implicit: no older states; the residual's closures, local and non-local, read
+            ``u`` (not ``u_previous``), and the Jacobian holds the local closures' tangents (the
             default ``J``; non-local closures are frozen in it by design, and the adjoint
             adds their linearisation matrix-free, so the Newton solver's preconditioner
             must support ``PCApplyTranspose``, as LU does). Converge the nonlinear solve
@@ -149,8 +158,9 @@ class Rollout:
     Raises:
         TypeError: ``stepper`` is neither stepper.
         ValueError: ``closure_interval`` other than 1, a bilinear form that reads
-            ``u_previous``, a closure or the solution, a linear form that reads the
-            solution, an implicit closure that reads ``u_previous``, a local implicit
+            ``u_previous``, an older state, a closure or the solution, a linear form that
+            reads the solution, an implicit stepper with older states, an implicit closure
+            that reads ``u_previous``, a local implicit
             closure frozen in the Jacobian, operands not affine in their coefficients, or a
             bad ``checkpoint_every``.
 
@@ -174,7 +184,8 @@ class Rollout:
         state = stepper.u if implicit else stepper.u_previous
         with rank_local(comm, "Building the rollout"):
             closures, form = self._check(stepper, checkpoint_every)
-            self._maps = [OperandMap(closure, state) for closure in closures]
+            older = [] if implicit else stepper.older
+            self._maps = [OperandMap(closure, state, older) for closure in closures]
             if isinstance(stepper, ImplicitStepper):
                 self._check_implicit(stepper, closures)
         self.stepper = stepper
@@ -183,13 +194,17 @@ class Rollout:
         self.checkpoint_every = checkpoint_every
         self.before_step = before_step
         self.num_owned = owned_size(stepper.u.function_space)
+        #: Number of older levels ``u_{n-1}, ...`` of the state (the stepper's ``older``).
+        self.num_older = len(stepper.older)
         self._step_adjoint: IMEXStep | ImplicitStep
         if isinstance(stepper, ImplicitStepper):
             self._step_adjoint = ImplicitStep(
                 stepper.problem, stepper.u, stepper.u_previous, closures, form, self._maps
             )
         else:
-            self._step_adjoint = IMEXStep(stepper.problem, stepper.u_previous, closures, form)
+            self._step_adjoint = IMEXStep(
+                stepper.problem, stepper.u_previous, closures, form, stepper.older
+            )
         self._t0 = stepper.t
 
     @staticmethod
@@ -208,12 +223,19 @@ class Rollout:
             )
         if isinstance(stepper, ImplicitStepper):
             form = stepper.problem.ufl_forms[0]
+            if stepper.older:
+                raise ValueError(
+                    "A rollout of the implicit stepper does not support older states "
+                    f"({len(stepper.older)} given): its adjoint follows u_n only. Use the "
+                    "IMEX stepper for closures or schemes that read u_(n-1)."
+                )
         else:
             a, form = stepper.problem.ufl_forms
             read_by_a = {id(c) for c in coefficients(a)}
             for function, what in (
                 (stepper.u_previous, "u_previous"),
                 (stepper.u, "the solution u"),
+                *((f, f"the older state older[{j}]") for j, f in enumerate(stepper.older)),
             ):
                 if id(function) in read_by_a:
                     raise ValueError(
@@ -266,13 +288,54 @@ class Rollout:
         """The owned values of ``u_previous`` now, a new float64 CPU tensor."""
         return torch.from_numpy(self.stepper.u_previous.x.array[: self.num_owned].copy())
 
-    def run(self, u0: torch.Tensor, num_steps: int) -> list[torch.Tensor]:
+    def initial_older(self) -> list[torch.Tensor]:
+        """The owned values of the stepper's older states now, ``[u_{-1}, u_{-2}, ...]``.
+
+        New float64 CPU tensors (``[]`` for a stepper without older states). Read them,
+        like :meth:`initial_state`, before a rollout: a rollout leaves the functions at
+        the last state it computed.
+        """
+        return [torch.from_numpy(f.x.array[: self.num_owned].copy()) for f in self.stepper.older]
+
+    def _check_older(self, older: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
+        """``older`` checked against the stepper's older states (rank-local)."""
+        if older is None:
+            if self.num_older:
+                raise ValueError(
+                    f"The stepper keeps {self.num_older} older state(s) u_(n-1), ...; give "
+                    "their initial values, older=[u_(-1), ...] (rollout.initial_older() "
+                    "reads the stepper's)."
+                )
+            return []
+        older = list(older)
+        if len(older) != self.num_older:
+            raise ValueError(
+                f"older has {len(older)} state(s); the stepper keeps {self.num_older} older "
+                "state(s)."
+            )
+        for j, level in enumerate(older):
+            self._check_state(level, f"older[{j}]")
+        return older
+
+    def run(
+        self,
+        u0: torch.Tensor,
+        num_steps: int,
+        *,
+        older: Sequence[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
         """Advance ``num_steps`` steps from ``u0``, from the stepper's time (collective).
 
         Args:
             u0: The initial state, ``(num_owned,)`` float64 on the CPU; it may require
                 grad.
             num_steps: The horizon ``k ≥ 1``.
+            older: With a stepper that keeps older states (``older=`` of
+                :class:`~dolfinx_mno.timestepping.IMEXStepper`), their initial values
+                ``[u_{-1}, u_{-2}, ...]``, each like ``u0`` (e.g. from
+                :meth:`initial_older`); required then, and ``None`` otherwise. The
+                gradient follows them through the steps: ``u_n`` becomes the next step's
+                ``u_{n-1}``.
 
         Returns:
             ``[u_1, ..., u_k]``, each ``(num_owned,)`` float64 on the CPU, with autograd
@@ -287,22 +350,27 @@ class Rollout:
             self._check_state(u0, "u0")
             if not isinstance(num_steps, int) or num_steps < 1:
                 raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}.")
+            levels = [u0, *self._check_older(older)]
         self._t0 = self.stepper.t
         segment = self.checkpoint_every or num_steps
         states: list[torch.Tensor] = []
-        state = u0
         for start in range(0, num_steps, segment):
             count = min(segment, num_steps - start)
             last = start + count == num_steps  # its graph is the first one backward needs
             if self.checkpoint_every is not None and torch.is_grad_enabled() and not last:
                 outputs = torch.utils.checkpoint.checkpoint(
-                    self._segment, state, start, count, use_reentrant=False
+                    self._segment, start, count, *levels, use_reentrant=False
                 )
             else:
-                outputs = self._segment(state, start, count)
+                outputs = self._segment(start, count, *levels)
             states.extend(outputs)
-            state = outputs[-1]
+            levels = self._shift(levels, outputs)
         return states
+
+    @staticmethod
+    def _shift(levels: Sequence[torch.Tensor], new: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The levels ``[u_n, u_{n-1}, ...]`` after the new states ``new`` (oldest first)."""
+        return [*reversed(new), *levels][: len(levels)]
 
     def _check_state(self, state: typing.Any, name: str) -> None:
         if not isinstance(state, torch.Tensor):
@@ -317,16 +385,19 @@ class Rollout:
                 f"got {tuple(state.shape)}."
             )
 
-    def _segment(self, state: torch.Tensor, start: int, count: int) -> tuple[torch.Tensor, ...]:
-        """Steps ``start .. start + count - 1`` from ``state``; returns their new states."""
+    def _segment(self, start: int, count: int, *levels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The new states of steps ``start .. start + count - 1`` from ``[u_n, u_{n-1}, ...]``."""
         states = []
+        current = list(levels)
         for n in range(start, start + count):
-            state = self._step(state, n)
+            state = self._step(current, n)
             states.append(state)
+            current = self._shift(current, [state])
         return tuple(states)
 
-    def _step(self, state: torch.Tensor, n: int) -> torch.Tensor:
-        """Step ``n``: time and hook, then the step's stages."""
+    def _step(self, levels: Sequence[torch.Tensor], n: int) -> torch.Tensor:
+        """Step ``n`` from ``[u_n, u_{n-1}, ...]``: time and hook, then the step's stages."""
+        state = levels[0]
         t_new = self._t0 + (n + 1) * self.stepper.dt
         if self.stepper.time is not None:
             self.stepper.time.value = t_new  # type: ignore[assignment]
@@ -341,16 +412,16 @@ class Rollout:
             )
         values = []
         for closure, operand_map in zip(self.closures, self._maps, strict=True):
-            if operand_map.block is None:  # the operands do not read u_n
+            if not operand_map.reads_levels:  # the operands do not read u_n, u_(n-1), ...
                 inputs = operand_map.apply(None)
             else:
-                inputs = OperandFunction.apply(state, operand_map)
+                inputs = OperandFunction.apply(state, operand_map, *levels[1:])
             if isinstance(closure, NonlocalClosure):  # collective, agreed in its stages
                 values.append(model_values(closure, inputs))
                 continue
             with rank_local(self.comm, f"The model of closure '{closure.name}'"):
                 values.append(model_values(closure, inputs))
-        return typing.cast(torch.Tensor, IMEXStepFunction.apply(step, t_new, state, *values))
+        return typing.cast(torch.Tensor, IMEXStepFunction.apply(step, t_new, *levels, *values))
 
     # -- the gradient --------------------------------------------------------------------
 
@@ -363,6 +434,7 @@ class Rollout:
         closures: Sequence[ClosureBase] | None = None,
         initial_state: bool = False,
         target_interval: int = 1,
+        older: Sequence[torch.Tensor] | None = None,
     ) -> RolloutGradient:
         """The gradient of :func:`rollout_loss` over ``num_steps`` steps (collective).
 
@@ -382,6 +454,9 @@ class Rollout:
             target_interval: Steps between targets (filtered fine states are often kept
                 at a coarser interval than the coarse step); the loss compares the states
                 after ``target_interval, 2 target_interval, ...`` steps.
+            older: The initial older states ``[u_{-1}, ...]`` of a stepper that keeps them
+                (see :meth:`run`); constants of the gradient (``initial_state`` is
+                ``∂loss/∂u_0`` with them held).
 
         Raises:
             ValueError: A horizon longer than the targets (or not a multiple of
@@ -417,7 +492,7 @@ class Rollout:
         # A rank-local stage of the backward pass (a model's VJP) that raises on some ranks
         # only is agreed on at the others' next collective stage (_mpi.collective_stages).
         with collective_stages(self.comm, BACKWARD_PASS):
-            states = self.run(start, horizon)[interval - 1 :: interval]
+            states = self.run(start, horizon, older=older)[interval - 1 :: interval]
             loss = rollout_loss(states, target_tensors, self.comm)
             inputs = [p for group in parameters for p in group]
             inputs += [start] if initial_state else []

@@ -81,21 +81,29 @@ def _check_reason(reason: typing.Any, what: str) -> None:
 
 
 class OperandMap:
-    """``x = P [dofs] + x₀`` for one closure, with one function's block from a tensor.
+    """``x = P [dofs] + x₀`` for one closure, with the blocks of the state's levels from tensors.
 
     Args:
         closure: The closure (operands affine in their coefficients); for a
             :class:`~dolfinx_mno.NonlocalClosure` the rows are its grid samples on this rank.
         state: The function whose values the tensor holds (``u_previous`` for IMEX, ``u``
             for implicit steps); the closure's other coefficients are read at each call.
+        older: The functions of the older levels ``u_{n-1}, ...`` (a stepper's ``older``),
+            whose values also come from tensors.
 
     Attributes:
-        block: Position of ``state`` among the operand matrix's coefficients, or ``None``
-            if the operands do not read it.
+        blocks: For each level (``state``, then ``older``), its position among the operand
+            matrix's coefficients, or ``None`` if the operands do not read it.
+        block: ``blocks[0]``, the position of ``state``.
         shape: ``(num_points, num_inputs)`` of the model input on this rank.
     """
 
-    def __init__(self, closure: Closure | NonlocalClosure, state: fem.Function):
+    def __init__(
+        self,
+        closure: Closure | NonlocalClosure,
+        state: fem.Function,
+        older: Sequence[fem.Function] = (),
+    ):
         operator = closure.operand_matrix()
         self.matrix = operator.matrix
         self.transpose = operator.matrix.t().to_sparse_csr()
@@ -103,57 +111,91 @@ class OperandMap:
         self.shape = operator.offset.shape
         self.coefficients = operator.coefficients
         self.column_offsets = operator.column_offsets
-        self.block: int | None = next(
-            (i for i, c in enumerate(self.coefficients) if c is state), None
-        )
+        self.blocks: list[int | None] = [
+            next((i for i, c in enumerate(self.coefficients) if c is level), None)
+            for level in (state, *older)
+        ]
+        self.block = self.blocks[0]
         space = state.function_space
         self.comm = space.mesh.comm
         self.num_owned = owned_size(space)
         self.scratch = la.vector(space.dofmap.index_map, space.dofmap.index_map_bs)
 
-    def _dofs(self, owned: Array | None) -> torch.Tensor:
-        """The concatenated coefficient arrays, the state's owned+ghost values in its block."""
+    @property
+    def reads_levels(self) -> bool:
+        """Whether the operands read any level of the state."""
+        return any(block is not None for block in self.blocks)
+
+    def _dofs(self, levels: Sequence[Array | None]) -> torch.Tensor:
+        """The concatenated coefficient arrays, each level's owned+ghost values in its block."""
         dofs = np.empty(self.column_offsets[-1])
-        for i, coefficient in enumerate(self.coefficients):
-            start, stop = self.column_offsets[i], self.column_offsets[i + 1]
-            if i == self.block:
-                assert owned is not None
-                self.scratch.array[: self.num_owned] = owned
+        for level, block in zip(levels, self.blocks, strict=False):
+            if block is not None:
+                assert level is not None
+                self.scratch.array[: self.num_owned] = level
                 self.scratch.scatter_forward()
+                start, stop = self.column_offsets[block], self.column_offsets[block + 1]
                 dofs[start:stop] = self.scratch.array
-            else:
-                dofs[start:stop] = coefficient.x.array
+        read = {block for block in self.blocks[: len(levels)] if block is not None}
+        for i, coefficient in enumerate(self.coefficients):
+            if i not in read:
+                dofs[self.column_offsets[i] : self.column_offsets[i + 1]] = coefficient.x.array
         return torch.from_numpy(dofs)
 
-    def apply(self, owned: Array | None) -> torch.Tensor:
-        """The model inputs ``(num_points, num_inputs)`` at the state ``owned``."""
-        values = self.matrix @ self._dofs(owned) + self.offset
+    def apply(self, owned: Array | None, *older: Array) -> torch.Tensor:
+        """The model inputs ``(num_points, num_inputs)`` at ``owned`` and the levels ``older``.
+
+        Older levels not given are read from their functions.
+        """
+        values = self.matrix @ self._dofs([owned, *older]) + self.offset
         return values.reshape(self.shape)
+
+    def pull_back_levels(self, sensitivity: torch.Tensor) -> list[torch.Tensor | None]:
+        """``(∂x/∂level)ᵀ g`` for each level (``None`` for a level the operands do not read).
+
+        ``Pᵀ g`` on the level's block, ghost entries summed into their owners.
+        """
+        full = self.transpose @ sensitivity.reshape(-1)
+        gradients: list[torch.Tensor | None] = []
+        for block in self.blocks:
+            if block is None:
+                gradients.append(None)
+                continue
+            start, stop = self.column_offsets[block], self.column_offsets[block + 1]
+            self.scratch.array[:] = full[start:stop].numpy()
+            self.scratch.scatter_reverse(la.InsertMode.add)
+            gradients.append(torch.from_numpy(self.scratch.array[: self.num_owned].copy()))
+        return gradients
 
     def pull_back(self, sensitivity: torch.Tensor) -> torch.Tensor:
         """``(∂x/∂state)ᵀ g``: ``Pᵀ g`` on the state's block, ghosts summed into owners."""
         assert self.block is not None
-        full = self.transpose @ sensitivity.reshape(-1)
-        start, stop = self.column_offsets[self.block], self.column_offsets[self.block + 1]
-        self.scratch.array[:] = full[start:stop].numpy()
-        self.scratch.scatter_reverse(la.InsertMode.add)
-        return torch.from_numpy(self.scratch.array[: self.num_owned].copy())
+        gradient = self.pull_back_levels(sensitivity)[0]
+        assert gradient is not None
+        return gradient
 
 
 class OperandFunction(torch.autograd.Function):
-    """Autograd stage of :class:`OperandMap`: a state (owned) → the model inputs."""
+    """Autograd stage of :class:`OperandMap`: a state and its older levels → model inputs.
+
+    Called as ``OperandFunction.apply(u_n, operand_map, u_{n-1}, ...)`` (owned entries).
+    """
 
     @staticmethod
-    def forward(ctx, owned: torch.Tensor, operand_map: OperandMap) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, owned: torch.Tensor, operand_map: OperandMap, *older: torch.Tensor
+    ) -> torch.Tensor:
         """The stage (see the class docstring)."""
         ctx.operand_map = operand_map
-        return operand_map.apply(owned.detach().numpy())
+        ctx.num_older = len(older)
+        return operand_map.apply(owned.detach().numpy(), *(o.detach().numpy() for o in older))
 
     @staticmethod
-    def backward(ctx, sensitivity: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx, sensitivity: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         """Its transpose (see the class docstring)."""
         stage_entry(ctx.operand_map.comm, BACKWARD_PASS)
-        return ctx.operand_map.pull_back(sensitivity.contiguous()), None
+        gradients = ctx.operand_map.pull_back_levels(sensitivity.contiguous())
+        return gradients[0], None, *gradients[1 : 1 + ctx.num_older]
 
 
 def closure_values(closure: Closure, inputs: torch.Tensor) -> torch.Tensor:
@@ -236,19 +278,21 @@ def _write(function: fem.Function, dofs: slice | np.ndarray, values: Array) -> N
 
 
 class IMEXStep:
-    """One IMEX solve ``A u_{n+1} = b(u_n, c_n)`` and its adjoint.
+    """One IMEX solve ``A u_{n+1} = b(u_n, u_{n-1}, ..., c_n)`` and its adjoint.
 
     ``b = R L(u_n, c) + (lifting and Dirichlet values)``, ``R`` zeroing the Dirichlet rows,
     so ``∂b/∂u_n = R B_u`` and ``∂b/∂c = R B_c`` with ``B_u``, ``B_c`` the matrices of
     ``∂L/∂u_n`` and ``∂L/∂c``: the adjoint is ``μ = A⁻ᵀ g``, ``R μ``, then ``B_uᵀ (R μ)``
-    and ``B_cᵀ (R μ)``. ``A`` is assembled here, once; the problem's KSP keeps its
-    factorisation (or preconditioner) for every solve and transposed solve.
+    and ``B_cᵀ (R μ)``; likewise ``B_jᵀ (R μ)`` for each older level ``u_{n-1-j}`` that
+    ``L`` reads. ``A`` is assembled here, once; the problem's KSP keeps its factorisation
+    (or preconditioner) for every solve and transposed solve.
 
     Args:
         problem: The step's linear problem (constant bilinear form).
         u_previous: The previous state, read by ``L`` and the closures.
         closures: The closures of ``L``.
         L: The UFL linear form.
+        older: The functions of the older levels ``u_{n-1}, ...`` (a stepper's ``older``).
     """
 
     def __init__(
@@ -257,27 +301,31 @@ class IMEXStep:
         u_previous: fem.Function,
         closures: Sequence[Closure | NonlocalClosure],
         L: ufl.Form,
+        older: Sequence[fem.Function] = (),
     ):
         self.problem = problem
         self.u_previous = u_previous
+        self.older = list(older)
+        self.num_levels = 1 + len(self.older)
         self.closures = list(closures)
         self.comm = u_previous.function_space.mesh.comm
         self.num_owned = owned_size(u_previous.function_space)
         self.value_dofs = [owned_dofs(c.function_space, _num_cells(c)) for c in self.closures]
-        self.jacobians = _FormJacobians(L, [u_previous, *self.closures])
+        self.jacobians = _FormJacobians(L, [u_previous, *self.older, *self.closures])
         self.affine = self.jacobians.affine
         problem.assemble_operator()
         self.rhs = problem.b.duplicate()
         self.adjoint_solution = problem.b.duplicate()
 
-    def _set_state(self, u_n: Array, values: Sequence[Array]) -> None:
-        """Write ``u_n`` into ``u_previous`` and the closure values into the closures."""
-        _write(self.u_previous, slice(0, self.num_owned), u_n)
+    def _set_state(self, levels: Sequence[Array], values: Sequence[Array]) -> None:
+        """Write the levels into ``u_previous`` and the older functions, values into closures."""
+        for function, level in zip([self.u_previous, *self.older], levels, strict=True):
+            _write(function, slice(0, self.num_owned), level)
         for closure, dofs, value in zip(self.closures, self.value_dofs, values, strict=True):
             _write(closure, dofs, value)
 
-    def solve(self, u_n: Array, values: Sequence[Array], t_new: float) -> Array:
-        """``u_{n+1}`` (owned) from ``u_n`` and the closure values (collective)."""
+    def solve(self, levels: Sequence[Array], values: Sequence[Array], t_new: float) -> Array:
+        """``u_{n+1}`` (owned) from ``[u_n, u_{n-1}, ...]`` and the closure values (collective)."""
         bad = [
             c.name for c, v in zip(self.closures, values, strict=True) if not np.isfinite(v).all()
         ]
@@ -287,7 +335,7 @@ class IMEXStep:
             f"The rollout step to t = {t_new:g}",
             ClosureEvaluationError,
         )
-        self._set_state(u_n, values)
+        self._set_state(levels, values)
         problem = self.problem
         problem.assemble_rhs()
         problem.solver.solve(problem.b, problem.x)
@@ -299,13 +347,15 @@ class IMEXStep:
         return np.array(problem.x.array_r[: self.num_owned])
 
     def adjoint(
-        self, sensitivity: Array, state: tuple[Array, Sequence[Array]] | None
+        self, sensitivity: Array, state: tuple[Sequence[Array], Sequence[Array]] | None
     ) -> list[torch.Tensor]:
-        """``[∂J/∂u_n, ∂J/∂c_1, ...]`` (owned) from ``g = ∂J/∂u_{n+1}`` (collective).
+        """``[∂J/∂u_n, ∂J/∂u_{n-1}, ..., ∂J/∂c_1, ...]`` (owned) from ``g = ∂J/∂u_{n+1}``.
+
+        Collective.
 
         Args:
             sensitivity: ``g``, the owned entries.
-            state: ``(u_n, closure values)`` of the step, to assemble the Jacobians at
+            state: ``(levels, closure values)`` of the step, to assemble the Jacobians at
                 (``None`` when ``L`` is affine: they were assembled once).
         """
         self.rhs.array_w[:] = sensitivity
@@ -316,24 +366,28 @@ class IMEXStep:
         if state is not None:
             self._set_state(*state)
             self.jacobians.assemble()
-        u_n, *values = self.jacobians.transpose_products(self.adjoint_solution, 1.0)
+        products = self.jacobians.transpose_products(self.adjoint_solution, 1.0)
+        levels, values = products[: self.num_levels], products[self.num_levels :]
         owned = [value[dofs] for value, dofs in zip(values, self.value_dofs, strict=True)]
-        return [torch.from_numpy(u_n), *(torch.from_numpy(np.array(v)) for v in owned)]
+        gradients = [torch.from_numpy(level) for level in levels]
+        return gradients + [torch.from_numpy(np.array(v)) for v in owned]
 
 
 class IMEXStepFunction(torch.autograd.Function):
-    """Autograd stage of :class:`IMEXStep`: ``(u_n, c_1, ..., c_m) → u_{n+1}``."""
+    """Autograd stage of :class:`IMEXStep`: ``(u_n, u_{n-1}, ..., c_1, ..., c_m) → u_{n+1}``.
+
+    The inputs hold as many older levels as the step has (``IMEXStep.num_levels - 1``).
+    """
 
     @staticmethod
-    def forward(
-        ctx, step: IMEXStep, t_new: float, u_n: torch.Tensor, *values: torch.Tensor
-    ) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, step: IMEXStep, t_new: float, *inputs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """The stage (see the class docstring)."""
         ctx.step = step
         if not step.affine:
-            ctx.save_for_backward(u_n, *values)
-        arrays = [v.detach().numpy() for v in values]
-        return torch.from_numpy(step.solve(u_n.detach().numpy(), arrays, t_new))
+            ctx.save_for_backward(*inputs)
+        arrays = [v.detach().numpy() for v in inputs]
+        levels, values = arrays[: step.num_levels], arrays[step.num_levels :]
+        return torch.from_numpy(step.solve(levels, values, t_new))
 
     @staticmethod
     def backward(ctx, sensitivity: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
@@ -342,8 +396,8 @@ class IMEXStepFunction(torch.autograd.Function):
         stage_entry(step.comm, BACKWARD_PASS)
         state = None
         if not step.affine:
-            u_n, *values = (t.detach().numpy() for t in ctx.saved_tensors)
-            state = (u_n, values)
+            arrays = [t.detach().numpy() for t in ctx.saved_tensors]
+            state = (arrays[: step.num_levels], arrays[step.num_levels :])
         gradients = step.adjoint(sensitivity.contiguous().numpy(), state)
         return None, None, *gradients
 

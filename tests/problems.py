@@ -229,18 +229,20 @@ def interpolated_targets(
 
 
 def stepper_and_rollout_states(
-    rollout: Rollout, u0: torch.Tensor, num_steps: int
+    rollout: Rollout, u0: torch.Tensor, num_steps: int, older: Sequence[torch.Tensor] = ()
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The owned final state of ``rollout.run`` and of the stepper's own loop from ``u0``.
+    """The owned final state of ``rollout.run`` and of the stepper's own loop from ``u0``
+    (and the older states ``older``).
 
     The stepper's unknown starts from ``u0`` too (Newton's initial guess; an LU solve
     ignores it).
     """
     with torch.no_grad():
-        states = rollout.run(u0, num_steps)
+        states = rollout.run(u0, num_steps, older=list(older) if older else None)
     stepper = rollout.stepper
-    stepper.u_previous.x.array[: rollout.num_owned] = u0.numpy()
-    stepper.u_previous.x.scatter_forward()
+    for function, values in zip([stepper.u_previous, *stepper.older], [u0, *older], strict=True):
+        function.x.array[: rollout.num_owned] = values.numpy()
+        function.x.scatter_forward()
     stepper.u.x.array[:] = stepper.u_previous.x.array
     stepper.run(num_steps, progress=False)
     return states[-1].numpy(), stepper.u.x.array[: rollout.num_owned]
@@ -254,10 +256,16 @@ def global_max(comm: MPI.Comm, values: np.ndarray) -> float:
 # -- losses, slopes, remainders ----------------------------------------------------------
 
 
-def loss(rollout: Rollout, u0: torch.Tensor, data: Sequence[torch.Tensor]) -> float:
-    """The rollout loss of ``len(data)`` steps from ``u0``, without a graph."""
+def loss(
+    rollout: Rollout,
+    u0: torch.Tensor,
+    data: Sequence[torch.Tensor],
+    older: Sequence[torch.Tensor] | None = None,
+) -> float:
+    """The rollout loss of ``len(data)`` steps from ``u0`` (and ``older``), without a graph."""
     with torch.no_grad():
-        return float(rollout_loss(rollout.run(u0, len(data)), data, rollout.comm))
+        states = rollout.run(u0, len(data), older=older)
+        return float(rollout_loss(states, data, rollout.comm))
 
 
 def loss_at(
@@ -267,6 +275,7 @@ def loss_at(
     parameters: Sequence[torch.Tensor],
     directions: Sequence[torch.Tensor],
     eps: float,
+    older: Sequence[torch.Tensor] | None = None,
 ) -> float:
     """The loss at ``θ + ε δ`` (``θ``: ``parameters``, restored after)."""
     base = [p.detach().clone() for p in parameters]
@@ -274,7 +283,7 @@ def loss_at(
         for p, p0, d in zip(parameters, base, directions, strict=True):
             p.copy_(p0 + eps * d)
     try:
-        return loss(rollout, u0, data)
+        return loss(rollout, u0, data, older)
     finally:
         with torch.no_grad():
             for p, p0 in zip(parameters, base, strict=True):
@@ -335,13 +344,14 @@ def parameter_remainders(
     parameters: Sequence[torch.Tensor],
     directions: Sequence[torch.Tensor],
     rel: float = 1e-14,
+    older: Sequence[torch.Tensor] | None = None,
 ) -> np.ndarray:
     """Taylor remainders in ``θ`` of the gradient ``result`` (its loss checked to ``rel``)."""
-    J0 = loss(rollout, u0, data)
+    J0 = loss(rollout, u0, data, older)
     assert J0 == pytest.approx(result.loss, rel=rel)
     slope = parameter_slope(result, directions)
     return remainders(
-        lambda eps: loss_at(rollout, u0, data, parameters, directions, eps), J0, slope
+        lambda eps: loss_at(rollout, u0, data, parameters, directions, eps, older), J0, slope
     )
 
 
@@ -351,12 +361,13 @@ def initial_state_remainders(
     data: Sequence[torch.Tensor],
     gradient: torch.Tensor,
     direction: PointFunction,
+    older: Sequence[torch.Tensor] | None = None,
 ) -> np.ndarray:
     """Taylor remainders in ``u_0`` along ``direction`` (interpolated) of ``dJ/du_0``."""
     delta = owned_values(rollout, direction)
     slope = state_slope(rollout, gradient, delta)
-    J0 = loss(rollout, u0, data)
-    return remainders(lambda eps: loss(rollout, u0 + eps * delta, data), J0, slope)
+    J0 = loss(rollout, u0, data, older)
+    return remainders(lambda eps: loss(rollout, u0 + eps * delta, data, older), J0, slope)
 
 
 def assert_rank_invariant(
