@@ -592,3 +592,125 @@ def test_progress_bar_on_rank_0_only(capsys):
     )
     err = capsys.readouterr().err
     assert ("fit_rollout" in err) == (MPI.COMM_WORLD.rank == 0)
+
+
+# -- a reaction with memory: the stepper keeps u_(n-1) ---------------------------------------
+
+#: The true reaction with memory, r = A u_n + B u_(n-1) + S (Adams–Bashforth 2 of -2u + 1).
+A, B = -1.5 * K, 0.5 * K
+
+
+def memory_heat(msh, model=None, initial=INITIAL[0], before=INITIAL[0]):
+    """The IMEX step with ``older=[u_nm1]`` (``u_0 = initial``, ``u_{-1} = before``) and a
+    closure of both."""
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    u_n, u_nm1, uh = fem.Function(V), fem.Function(V, name="u_nm1"), fem.Function(V)
+    u_n.interpolate(initial)
+    u_nm1.interpolate(before)
+    time = fem.Constant(msh, 0.0)
+    u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
+    a = (u * v + DT * ufl.inner(ufl.grad(u), ufl.grad(v))) * ufl.dx
+    L = u_n * v * ufl.dx + DT * ufl.sin(3 * time) * v * ufl.dx
+    closure = None
+    if model is None:
+        L += DT * (A * u_n + B * u_nm1 + S) * v * ufl.dx
+    else:
+        closure = mno.Closure(model, [u_n, u_nm1], (), 2, device="cpu", name="memory")
+        L += DT * closure * v * closure.dx
+    problem = mno.petsc.LinearProblem(
+        a, L, u=uh, petsc_options=DIRECT, petsc_options_prefix=f"apost{next(_prefixes)}_"
+    )
+    return IMEXStepper(problem, uh, u_n, dt=DT, time=time, older=[u_nm1]), closure
+
+
+def memory_trajectory(msh, initial, before, num_steps):
+    """``[u_{-1}, u_0, ..., u_k]`` of the exact scheme: states one step apart."""
+    stepper, _ = memory_heat(msh, None, initial, before)
+    states = owned_states([*stepper.older, stepper.u_previous])
+    for _ in range(num_steps):
+        stepper.step()
+        states += owned_states([stepper.u])
+    return states
+
+
+def memory_model():
+    model = MLP(2, 1, [], seed=0)
+    with torch.no_grad():
+        model.layers[0].weight.zero_()
+        model.layers[0].bias.zero_()
+    return model
+
+
+def test_windows_with_older_states_start_after_them():
+    trajectory = np.arange(18.0).reshape(6, 3)
+    data = TrajectoryWindows(
+        [trajectory], horizon=2, stride=1, num_owned=3, what="trajectory", num_older=2
+    )
+    assert [w.start for w in data.windows] == [2, 3]
+    window = data.windows[0]
+    assert [o.numpy().tolist() for o in window.older] == [
+        trajectory[1].tolist(),
+        trajectory[0].tolist(),
+    ]
+    with pytest.raises(ValueError, match=r"needs 2 older state\(s\), horizon \+ 1 = 7"):
+        TrajectoryWindows([trajectory], horizon=4, stride=1, num_owned=3, what="x", num_older=2)
+
+
+def _train_memory(comm, cells, epochs, learning_rate=0.1):
+    msh = mesh.create_unit_square(comm, *cells)
+    # u_(-1) far from u_0, so that the data tell A from B (u_n ≈ u_(n-1) later on).
+    befores = INITIAL[1:] + INITIAL[:1]
+    trajectories = [memory_trajectory(msh, f, g, 5) for f, g in zip(INITIAL, befores, strict=True)]
+    stepper, closure = memory_heat(msh, memory_model())
+    result = fit_rollout(
+        Rollout(stepper, checkpoint_every=2),
+        trajectories,
+        horizon=3,
+        start_times=[-DT] * len(trajectories),  # their first state is u_(-1)
+        validation_fraction=0.0,
+        batch_size=3,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        lr_patience=10,
+        patience=epochs,
+        progress=False,
+    )
+    layer = closure.model.layers[0]
+    return np.array([*layer.weight.detach().numpy().ravel(), layer.bias.item()]), result.history
+
+
+def test_learns_a_reaction_with_memory_through_the_solver():
+    """From r = 0 to r = A u_n + B u_(n-1) + S (to 1e-3): the gradient follows each state
+    through the step that reads it as u_(n-1); windows start at state 1."""
+    weights, history = _train_memory(MPI.COMM_WORLD, (3, 3), 150)
+    expected = np.array([A, B, S])
+    assert np.abs(weights - expected).max() <= 1e-3 * np.abs(expected).max()
+    assert history.best_val_loss <= 1e-8 * history.val_loss[0]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("cells", [(1, 1), (4, 3)])
+def test_weights_with_memory_do_not_depend_on_ranks(cells):
+    """COMM_WORLD against COMM_SELF; (1, 1) on 3 ranks: a rank owns no cells."""
+    serial, serial_history = _train_memory(MPI.COMM_SELF, cells, 3)
+    parallel, history = _train_memory(MPI.COMM_WORLD, cells, 3)
+    assert np.linalg.norm(serial) > 0.05  # it trained
+    assert np.linalg.norm(parallel - serial) <= 1e-10 * np.linalg.norm(serial)
+    assert np.allclose(history.train_loss, serial_history.train_loss, rtol=1e-10, atol=0)
+
+
+@pytest.mark.mpi
+def test_memory_needs_every_coarse_step(tiny_square):
+    stepper, _ = memory_heat(tiny_square, memory_model())
+    trajectory = memory_trajectory(tiny_square, INITIAL[0], INITIAL[1], 6)
+    _raises_everywhere(
+        ValueError,
+        re.escape(
+            "The rollout's stepper keeps 1 older state(s) u_(n-1), ...: a window starts from "
+            "the trajectory's states one coarse step apart, so the trajectories must hold "
+            "every coarse step (target_interval=1, got 2)."
+        ),
+        lambda: fit_rollout(
+            Rollout(stepper), [trajectory[::2]], horizon=2, target_interval=2, progress=False
+        ),
+    )

@@ -200,7 +200,8 @@ class RolloutObjective:
         """``Σ_n ‖u_n − t_n‖² / S`` of one window, without gradients (collective)."""
         with self._at_start_of(window), torch.no_grad():
             m = self.target_interval
-            states = self.rollout.run(window.initial, self.horizon * m)[m - 1 :: m]
+            older = list(window.older) if window.older else None
+            states = self.rollout.run(window.initial, self.horizon * m, older=older)[m - 1 :: m]
             return float(rollout_loss(states, list(window.targets), self.rollout.comm)) / self.scale
 
     def rollout_loss(self, windows: Sequence[Window]) -> float:
@@ -225,6 +226,7 @@ class RolloutObjective:
                     num_steps=self.horizon * self.target_interval,
                     closures=[self.closure],
                     target_interval=self.target_interval,
+                    older=list(window.older) if window.older else None,
                 )
             weight = 1.0 / (self.scale * len(windows))
             rollout_part += result.loss * weight
@@ -423,10 +425,18 @@ class _Run:
         metadata = _check_json(metadata_with_spec(options["metadata"], closure.spec), "metadata")
         if options["checkpoint_dir"] is not None:
             architecture_config(closure.model)  # a checkpoint is a model file: it must be savable
+        if rollout.num_older and settings["target_interval"] != 1:
+            raise ValueError(
+                f"The rollout's stepper keeps {rollout.num_older} older state(s) u_(n-1), ...: "
+                "a window starts from the trajectory's states one coarse step apart, so the "
+                f"trajectories must hold every coarse step (target_interval=1, got "
+                f"{settings['target_interval']})."
+            )
         windows = {
             "horizon": settings["horizon"],
             "stride": settings["stride"],
             "num_owned": rollout.num_owned,
+            "num_older": rollout.num_older,
         }
         train = TrajectoryWindows(
             trajectories, what="trajectory", start_times=options["start_times"], **windows
@@ -619,6 +629,9 @@ def fit_rollout(
         stride: Distance between the starts of a trajectory's windows.
         target_interval: Coarse steps ``m`` between consecutive states of a trajectory: a
             window runs ``horizon × m`` steps and compares the states after ``m, 2m, ...``.
+            With a stepper that keeps older states (``older=``, a closure with memory) it
+            must be 1: a window starting at state ``s`` takes states ``s-1, s-2, ...`` as
+            its initial older states, so windows start at ``rollout.num_older``.
         a_priori: ``(inputs, targets)``, this rank's a-priori samples as
             :func:`~dolfinx_mno.training.fit` takes them (on every rank or on none).
         a_priori_weight: ``λ`` (default 1 with ``a_priori``).

@@ -63,6 +63,8 @@ class Window:
         targets: ``traj[s+1 .. s+k]``, shape ``(horizon, num_owned)`` float64.
         origin: The time of the trajectory's first state, or ``None`` for the stepper's
             time when training starts.
+        older: ``[traj[s-1], traj[s-2], ...]``, the window's initial older states for a
+            rollout whose stepper keeps them (empty otherwise).
     """
 
     trajectory: int
@@ -70,6 +72,7 @@ class Window:
     initial: torch.Tensor
     targets: torch.Tensor
     origin: float | None = None
+    older: tuple[torch.Tensor, ...] = ()
 
 
 def _as_trajectory(trajectory: Any, index: int, num_owned: int, what: str) -> torch.Tensor:
@@ -120,11 +123,14 @@ class TrajectoryWindows:
         what: What the trajectories are, for the messages (``"trajectory"``).
         start_times: The time of each trajectory's first state; ``None``: the stepper's
             time when training starts, for all.
+        num_older: Older states a window starts from (a rollout's ``num_older``): the
+            windows start at ``num_older`` or later, and take the states before their start
+            as ``older``.
 
     Attributes:
         states: Each trajectory as ``(num_states, num_owned)`` float64.
-        windows: Every window, by trajectory then start: starts ``0, stride, ...`` up to
-            ``num_states - 1 - horizon``.
+        windows: Every window, by trajectory then start: starts ``num_older, num_older +
+            stride, ...`` up to ``num_states - 1 - horizon``.
         start_times: The start times as floats, or ``None``.
 
     Raises:
@@ -142,6 +148,7 @@ class TrajectoryWindows:
         num_owned: int,
         what: str,
         start_times: Sequence[float] | None = None,
+        num_older: int = 0,
     ):
         if (
             isinstance(trajectories, np.ndarray | torch.Tensor | str)
@@ -155,12 +162,13 @@ class TrajectoryWindows:
             )
         self.states = [_as_trajectory(t, i, num_owned, what) for i, t in enumerate(trajectories)]
         for i, states in enumerate(self.states):
-            if states.shape[0] < horizon + 1:
+            if states.shape[0] < num_older + horizon + 1:
+                older = f"{num_older} older state(s), " if num_older else ""
                 raise ValueError(
                     f"{what.capitalize()} {i} has {states.shape[0]} states, too few for a "
-                    f"horizon of {horizon} steps (a window needs horizon + 1 = {horizon + 1}: "
-                    "the initial state and the targets); give a shorter horizon or longer "
-                    "trajectories."
+                    f"horizon of {horizon} steps (a window needs {older}horizon + 1 = "
+                    f"{num_older + horizon + 1}: {older}the initial state and the targets); "
+                    "give a shorter horizon or longer trajectories."
                 )
         origins: list[float | None] = [None] * len(self.states)
         if start_times is not None:
@@ -173,9 +181,16 @@ class TrajectoryWindows:
             origins = [float(t) for t in times]
         self.start_times = None if start_times is None else origins
         self.windows = [
-            Window(i, s, states[s], states[s + 1 : s + 1 + horizon], origins[i])
+            Window(
+                i,
+                s,
+                states[s],
+                states[s + 1 : s + 1 + horizon],
+                origins[i],
+                tuple(states[s - j] for j in range(1, num_older + 1)),
+            )
             for i, states in enumerate(self.states)
-            for s in range(0, states.shape[0] - horizon, stride)
+            for s in range(num_older, states.shape[0] - horizon, stride)
         ]
 
     @property
