@@ -24,11 +24,17 @@ over one step, then measures:
   times, which the other jobs of a shared machine inflate less (the usual adjoint bound is
   3×; with checkpointing the backward recomputes one more forward).
 
+``--memory``: the closure also reads the change over the last step, ``q(u_n, u_n −
+u_{n-1}, ∇u_n)`` (``Linear(4, 32)``), and the stepper keeps ``u_{n-1}``
+(``older=[u_nm1]``): the rollout's state then holds two time levels, and the gradient
+follows each state through two steps.
+
 One thread (``torch.set_num_threads(1)``, one MPI rank). Writes
 ``benchmarks/results/rollout_gradient[_TAG].json`` and prints a table.
 
     .venv/bin/python benchmarks/rollout_gradient.py                 # k = 10, 40, 160
     .venv/bin/python benchmarks/rollout_gradient.py --steps 4 8 --cells 8 --repeats 1  # smoke
+    .venv/bin/python benchmarks/rollout_gradient.py --memory --tag memory  # two time levels
 """
 
 from __future__ import annotations
@@ -75,8 +81,8 @@ def worker_environment() -> dict[str, str]:
     return {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
 
 
-def build(cells: int, every: int | None):
-    """The rollout of the advection-diffusion step and its initial state and targets."""
+def build(cells: int, every: int | None, memory: bool = False):
+    """The rollout of the advection-diffusion step, its initial state (and older states)."""
     from mpi4py import MPI
 
     import ufl
@@ -90,15 +96,18 @@ def build(cells: int, every: int | None):
     V = fem.functionspace(msh, ("Lagrange", 1))
     u_n, uh = fem.Function(V), fem.Function(V)
     u_n.interpolate(lambda x: np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]))
+    u_nm1 = fem.Function(V)
+    u_nm1.interpolate(lambda x: 0.9 * np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]))
     torch.manual_seed(0)
     model = torch.nn.Sequential(
-        torch.nn.Linear(3, 32),
+        torch.nn.Linear(4 if memory else 3, 32),
         torch.nn.Tanh(),
         torch.nn.Linear(32, 32),
         torch.nn.Tanh(),
         torch.nn.Linear(32, 1),
     ).double()
-    closure = mno.Closure(model, [u_n, ufl.grad(u_n)], quadrature_degree=2, device="cpu")
+    operands = [u_n, u_n - u_nm1, ufl.grad(u_n)] if memory else [u_n, ufl.grad(u_n)]
+    closure = mno.Closure(model, operands, quadrature_degree=2, device="cpu")
     dt, kappa = 1e-3, 0.05
     beta = ufl.as_vector([1.0, 0.5])
     u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
@@ -114,9 +123,9 @@ def build(cells: int, every: int | None):
         petsc_options={"ksp_type": "preonly", "pc_type": "lu"},
         petsc_options_prefix="rollout_benchmark_",
     )
-    rollout = Rollout(IMEXStepper(problem, uh, u_n, dt=dt), checkpoint_every=every)
-    u0 = rollout.initial_state()
-    return rollout, u0, V
+    older = [u_nm1] if memory else []
+    rollout = Rollout(IMEXStepper(problem, uh, u_n, dt=dt, older=older), checkpoint_every=every)
+    return rollout, rollout.initial_state(), rollout.initial_older() or None, V
 
 
 def targets(V, num_owned: int, steps: int) -> list[torch.Tensor]:
@@ -139,11 +148,11 @@ def worker(args: argparse.Namespace) -> None:
     """One configuration in this process; prints its JSON row."""
     torch.set_num_threads(1)
     every = args.every if args.checkpoint else None
-    rollout, u0, V = build(args.cells, every)
+    rollout, u0, older, V = build(args.cells, every, args.memory)
     data = targets(V, rollout.num_owned, args.k)
     # Warm-up: JIT-compiled forms, factorisation, allocator, and (with one checkpointed
     # segment) torch.utils.checkpoint's first call, which loads ~140 MiB of libraries.
-    rollout.gradient(u0, data[: min(args.k, (every or 0) + 1)])
+    rollout.gradient(u0, data[: min(args.k, (every or 0) + 1)], older=older)
     row: dict[str, typing.Any] = {
         "k": args.k,
         "checkpoint_every": every,
@@ -153,21 +162,21 @@ def worker(args: argparse.Namespace) -> None:
     }
     if args.measure == "memory":
         before = rss_bytes()
-        row["loss"] = rollout.gradient(u0, data).loss
+        row["loss"] = rollout.gradient(u0, data, older=older).loss
         row["peak_rss_delta_bytes"] = peak_rss_bytes() - before
     else:
-        rollout.gradient(u0, data)  # the first k-step backward builds autograd's caches
+        rollout.gradient(u0, data, older=older)  # the first k-step backward: autograd's caches
 
         def forward() -> None:
             with torch.no_grad():
-                rollout.run(u0, args.k)
+                rollout.run(u0, args.k, older=older)
 
         # Alternated, so that a change of the machine's load hits both alike; the ratio
         # from CPU time, which other jobs on the machine do not inflate (much).
         forward_times, gradient_times = [], []
         for _ in range(args.repeats):
             forward_times.append(timed(forward))
-            gradient_times.append(timed(lambda: rollout.gradient(u0, data)))
+            gradient_times.append(timed(lambda: rollout.gradient(u0, data, older=older)))
         row["forward_s"] = min(t[0] for t in forward_times)
         row["gradient_s"] = min(t[0] for t in gradient_times)
         row["forward_cpu_s"] = min(t[1] for t in forward_times)
@@ -183,6 +192,9 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10, help="steps per checkpoint segment")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--tag", default="")
+    parser.add_argument(
+        "--memory", action="store_true", help="a closure of u_n - u_(n-1): two time levels"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--k", type=int, default=10, help=argparse.SUPPRESS)
@@ -196,16 +208,20 @@ def main() -> None:
         for checkpoint in (False, True):
             row: dict[str, typing.Any] = {}
             for measure in ("time", "memory"):
-                command = [
-                    sys.executable,
-                    __file__,
-                    "--worker",
-                    f"--measure={measure}",
-                    f"--k={k}",
-                    f"--cells={args.cells}",
-                    f"--every={args.every}",
-                    f"--repeats={args.repeats}",
-                ] + (["--checkpoint"] if checkpoint else [])
+                command = (
+                    [
+                        sys.executable,
+                        __file__,
+                        "--worker",
+                        f"--measure={measure}",
+                        f"--k={k}",
+                        f"--cells={args.cells}",
+                        f"--every={args.every}",
+                        f"--repeats={args.repeats}",
+                    ]
+                    + (["--checkpoint"] if checkpoint else [])
+                    + (["--memory"] if args.memory else [])
+                )
                 # Times with the default allocator; memory with a fixed mmap threshold.
                 environment = worker_environment() if measure == "memory" else None
                 output = subprocess.run(
@@ -218,7 +234,10 @@ def main() -> None:
         f"{'CPU fwd ms':>11} {'CPU grad ms':>12} {'ratio':>6} "
         f"{'peak RSS Δ MiB':>15}"
     )
-    print(f"P1 {args.cells}x{args.cells}, {rows[0]['dofs']} dofs, {rows[0]['points']} points")
+    levels = ", two time levels (--memory)" if args.memory else ""
+    print(
+        f"P1 {args.cells}x{args.cells}, {rows[0]['dofs']} dofs, {rows[0]['points']} points{levels}"
+    )
     print(header)
     for row in rows:
         every = row["checkpoint_every"]

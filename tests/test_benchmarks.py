@@ -66,3 +66,23 @@ def test_turbulence_scaling_case_and_comparison(kind, tmp_path):
     assert row["speedup"] == pytest.approx(2.0) and row["efficiency"] == pytest.approx(1.0)
     assert row["round_steps"] == [[2 * case["step"]] * 2, [case["step"]]]
     assert len(result["rounds"]["1"]) == 2 and len(result["rounds"]["2"]) == 1
+
+
+def test_rollout_gradient_smoke():
+    """Tiny rollouts with two time levels (``--memory``): the rows, finite and consistent."""
+    import subprocess
+
+    tag = "smoke_test_memory"
+    command = [sys.executable, str(BENCHMARKS / "rollout_gradient.py"), "--memory", "--steps",
+               "3", "--cells", "4", "--every", "2", "--repeats", "1", "--tag", tag]  # fmt: skip
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    assert "two time levels" in output
+    path = BENCHMARKS / "results" / f"rollout_gradient_{tag}.json"
+    rows = json.loads(path.read_text())["rows"]
+    path.unlink()
+    assert [row["checkpoint_every"] for row in rows] == [None, 2]
+    for row in rows:
+        assert row["k"] == 3 and row["dofs"] == 25 and row["points"] == 3 * 2 * 4**2
+        assert row["forward_s"] > 0 and row["gradient_s"] > 0 and math.isfinite(row["ratio"])
+        assert row["loss"] > 0
+    assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-12)  # checkpoints: same
