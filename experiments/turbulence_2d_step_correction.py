@@ -40,8 +40,10 @@ beside the DNS data and prints the tables. ``--bound B`` wraps both learned sour
 a-posteriori window, ``--dissipative`` removes in the runs, at every step, the enstrophy
 the learned sources would inject. ``--memory`` gives the local source the change of the
 coarse vorticity over the last coarse step as well (``ω̄_n − ω̄_{n-1}`` and its gradient;
-a priori only: the rollout's adjoint does not follow ``ω̄_{n-1}``), fits only that source
-and compares it with the one without memory fitted by an earlier run of the same settings.
+the coarse flow keeps ``ω̄_{n-1}`` as its stepper's older state), fits only that source,
+compares it with the one without memory fitted by an earlier run of the same settings,
+and trains it a posteriori through the solver with a rollout whose state holds both time
+levels (trajectories at every coarse step, windows of ``W × sample_every`` steps).
 """
 
 import argparse
@@ -104,8 +106,8 @@ parser.add_argument(
 )  # fmt: skip
 parser.add_argument(
     "--memory", action="store_true",
-    help="the local source also reads the change of ω̄ over the last coarse step; a priori "
-    "only, against the source without it (the FNO is not fitted)",
+    help="the local source also reads the change of ω̄ over the last coarse step, trained a "
+    "priori and a posteriori, against the source without it (the FNO is not fitted)",
 )  # fmt: skip
 args = parser.parse_args()
 comm = MPI.COMM_WORLD
@@ -115,12 +117,12 @@ config = settings(args.quick)
 if args.quick:
     config |= dict(
         quadrature_degree=2, mlp_epochs=10, fno_epochs=5, fno_modes=4, fno_width=8,
-        long_end=3.0, window=2, rollout_epochs=1, stride=2,
+        long_end=3.0, window=2, rollout_epochs=1, stride=2, memory_stride=2,
     )  # fmt: skip
 else:
     config |= dict(
         quadrature_degree=2, mlp_epochs=100, fno_epochs=60, fno_modes=8, fno_width=24,
-        long_end=20.0, window=4, rollout_epochs=5, stride=2,
+        long_end=20.0, window=4, rollout_epochs=5, stride=2, memory_stride=4,
     )  # fmt: skip
 config["rollout_epochs"] = args.rollout_epochs or config["rollout_epochs"]
 config["window"] = args.window or config["window"]
@@ -376,74 +378,36 @@ def local_source(omega_n, velocity_n, path: Path = local_path, previous=None):
     return closure, closure.dx
 
 
-class Memory:
-    """``ω̄_{n-1}`` of a run for the ``--memory`` source, kept by a per-step hook.
-
-    Called at the start of a run and after every step (``CoarseRuns.run``'s ``each_step``,
-    before the next step's closure update): the previous state becomes the one saved at
-    the last call, and the current one is saved. After :meth:`reset` (before each run) the
-    first call sees no change (``ω̄_{-1} = ω̄_0``).
-    """
-
-    def __init__(self):
-        self.previous = fem.Function(data.V, name="omega_previous")
-        self.flow: VorticityFlow | None = None
-        self.saved: np.ndarray | None = None
-
-    def reset(self) -> None:
-        self.saved = None
-
-    def __call__(self, step: int) -> None:
-        assert self.flow is not None
-        current = self.flow.w.x.array[self.flow.V_to_W]
-        self.previous.x.array[:] = current if self.saved is None else self.saved
-        self.saved = current.copy()
-
-
-memories: dict[str, Memory] = {}
-
-
 operator_source = grid_closure(operator_path, grid, value_shape=(), quadrature_degree=q)
 
 
 hooks: dict[str, Callable[[int], None] | None] = {}
 
 
-def learned_model(label: str, name: str, source: Callable) -> VorticityFlow:
-    """The coarse model with a learned source; with ``--dissipative`` its runs remove, at
-    every step, the enstrophy the source would inject (``hooks[label]``): ``α = max(0, (s,
-    ω̄)) / (ω̄, ω̄)`` in the term ``- dt α ω̄ v`` beside the source, with the source
-    evaluated once per step by the hook (the solver's own updates are switched off)."""
-    memory = memories.get(label)
+def learned_model(label: str, name: str, source: Callable, memory: bool = False) -> VorticityFlow:
+    """The coarse model with a learned source (``memory``: one that also reads ``ω̄_{n-1}``,
+    kept by the flow); with ``--dissipative`` its runs remove, at every step, the enstrophy
+    the source would inject (``hooks[label]``): ``α = max(0, (s, ω̄)) / (ω̄, ω̄)`` in the
+    term ``- dt α ω̄ v`` beside the source, with the source evaluated once per step by the
+    hook (the solver's own updates are switched off)."""
     if not args.dissipative:
-        hooks[label] = memory
-        flow = data.coarse_model(name, source=source)
-        if memory is not None:
-            memory.flow = flow
-        return flow
+        hooks[label] = None
+        return data.coarse_model(name, source=source, memory=memory)
     alpha = fem.Constant(data.mesh, 0.0)
-    flow = data.coarse_model(name, source=source, source_damping=alpha, closure_interval=10**9)
+    flow = data.coarse_model(
+        name, source=source, source_damping=alpha, closure_interval=10**9, memory=memory
+    )
     closure, omega = flow.closure, flow.omega_n
     assert closure is not None
     injection = fem.form(closure * omega * closure.dx)
     norm = fem.form(omega * omega * ufl.dx)
 
     def remove_injection(step: int) -> None:
-        if memory is not None:
-            memory(step)
         closure.update()
         alpha.value = max(0.0, assemble_global(injection)) / assemble_global(norm)
 
     hooks[label] = remove_injection
-    if memory is not None:
-        memory.flow = flow
     return flow
-
-
-def memory_source(label: str) -> Callable:
-    """The ``--memory`` local source of the model ``label``, with its :class:`Memory`."""
-    memory = memories.setdefault(label, Memory())
-    return lambda omega_n, velocity_n: local_source(omega_n, velocity_n, previous=memory.previous)
 
 
 if args.memory:
@@ -454,7 +418,7 @@ if args.memory:
             lambda omega_n, velocity_n: local_source(omega_n, velocity_n, memoryless_path),
         )  # fmt: skip
     label = "local MLP with memory, a priori"
-    models[label] = learned_model(label, "mlp_memory", memory_source(label))
+    models[label] = learned_model(label, "mlp_memory", local_source, memory=True)
 else:
     models = {
         "local MLP, a priori": learned_model("local MLP, a priori", "mlp_prior", local_source),
@@ -467,16 +431,16 @@ def a_priori_skill(flows: dict[str, VorticityFlow]) -> dict[str, dict[str, float
     """Relative L² error and variance explained of each flow's source, test-seed average."""
     s, dxq = correction.source, measure(data.mesh, q)
     moments = [fem.form(s * s * dxq), fem.form(1.0 * dxq), fem.form(s * dxq)]
+    previous = fem.Function(data.V)
     errors = {label: fem.form((flow.closure - s) ** 2 * dxq) for label, flow in flows.items()}
     skill: dict[str, list[tuple[float, float]]] = {label: [] for label in flows}
     for n in range(0, len(test_sources), every):
         correction(test_states[n], test_states[n + 1])
         norm, area, mean = (assemble_global(form) for form in moments)
         variance = norm - mean**2 / area
+        previous.x.array[:] = test_states[max(n - 1, 0)]
         for label, flow in flows.items():
-            flow.set_vorticity(correction.omega)
-            if label in memories:
-                memories[label].previous.x.array[:] = test_states[max(n - 1, 0)]
+            flow.set_vorticity(correction.omega, previous=previous)
             flow.closure.update()
             error = assemble_global(errors[label])
             skill[label].append((np.sqrt(error / norm), 1.0 - error / variance))
@@ -506,8 +470,6 @@ def feed_oracle(step: int) -> None:
 
 runs["oracle: exact s_n every step"] = coarse_runs.run(oracle, start, before_step=feed_oracle)
 for label, flow in models.items():
-    if label in memories:
-        memories[label].reset()
     runs[label] = coarse_runs.run(flow, start, long_end=long_end, each_step=hooks[label])
     log(f"{label}: t(ρ<0.95) = {runs[label]['decorrelation_time']}")
 
@@ -518,8 +480,17 @@ def lasts(label: str) -> float:
     return config["test_horizon"] if t is None else t
 
 
-training: dict | None = None
-if not args.memory:  # the rollout's adjoint does not follow ω̄_{n-1} through the steps
+if args.memory:  # the rollout follows ω̄_n through both levels: states at every coarse step
+    label = "local MLP with memory, a posteriori"
+    tuned = learned_model(label, "tuned", local_source, memory=True)
+    every_step = [[coarse_state(omega) for omega in states] for states in train_states]
+    training = vars(
+        train_a_posteriori(
+            tuned, every_step, 1, config["window"] * every, config["rollout_epochs"],
+            learning_rate=1e-3, stride=config["memory_stride"],
+        )
+    )  # fmt: skip
+else:
     best = max(models, key=lambda label: (lasts(label), skill[label]["fve"]))
     label = best.replace("a priori", "a posteriori")
     tuned = learned_model(label, "tuned", local_source if "MLP" in best else operator_source)
@@ -529,9 +500,9 @@ if not args.memory:  # the rollout's adjoint does not follow ω̄_{n-1} through 
             learning_rate=1e-3, stride=config["stride"],
         )
     )  # fmt: skip
-    log(f"{label}: {training}")
-    skill |= a_priori_skill({label: tuned})
-    runs[label] = coarse_runs.run(tuned, start, long_end=long_end, each_step=hooks[label])
+log(f"{label}: {training}")
+skill |= a_priori_skill({label: tuned})
+runs[label] = coarse_runs.run(tuned, start, long_end=long_end, each_step=hooks[label])
 
 # ## Resolution factor and wall-time ratio against the ladder (the demo's definition)
 horizon = config["test_horizon"]
@@ -561,7 +532,7 @@ summary = {
     "one_step_check": check_error,
     "fits": {k: v for k, v in fits.items() if k != "key"},
     "a_priori_skill": skill,
-    "a_posteriori": {} if training is None else {label: training},
+    "a_posteriori": {label: training},
     "runs": runs,
 }
 if comm.rank == 0:
@@ -589,12 +560,11 @@ for name, row in runs.items():
 log(f"\n{'source, test seed':>36} | rel. L2 error of s | variance explained")
 for name, row in skill.items():
     log(f"{name:>36} | {row['relative_l2']:18.3f} | {row['fve']:18.3f}")
-if training is not None:
-    log(
-        f"{label}: held-out rollout loss {training['held_out_before']:.4g} → "
-        f"{training['held_out_after']:.4g} in {training['epochs']} epochs, "
-        f"{training['seconds']:.0f} s"
-    )
+log(
+    f"{label}: held-out rollout loss {training['held_out_before']:.4g} → "
+    f"{training['held_out_after']:.4g} in {training['epochs']} epochs, "
+    f"{training['seconds']:.0f} s"
+)
 
 # ## Checks: every run starts correlated; the oracle (exact to round-off in one step, checked
 # above) tracks the filtered DNS over the whole test horizon; the learned runs' numbers are

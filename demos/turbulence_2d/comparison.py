@@ -170,13 +170,16 @@ def train_a_posteriori(
     ``trajectories``: per training seed, the owned dofs of the filtered coarse state
     ``w = (ω̄, ψ̄)`` every ``every`` coarse steps. Windows of ``window`` states; a seeded
     fifth of them is held out (early stopping) and their rollout loss measured before and
-    after.
+    after. A flow with ``memory`` needs ``every = 1``: its windows start from two states.
     """
-    stepper = IMEXStepper(flow.problem, flow.w, flow.w_previous, flow.dt, 0.0, flow.time)
+    stepper = IMEXStepper(
+        flow.problem, flow.w, flow.w_previous, flow.dt, 0.0, flow.time, older=flow.older
+    )
     rollout = Rollout(stepper)
     windows = TrajectoryWindows(
-        trajectories, horizon=window, stride=stride, num_owned=rollout.num_owned, what="training"
-    ).windows
+        trajectories, horizon=window, stride=stride, num_owned=rollout.num_owned,
+        what="training", num_older=rollout.num_older,
+    ).windows  # fmt: skip
     held_out = split_windows(windows, 0.2, seed=0)[1]  # fit_rollout's own split
     closure = typing.cast(mno.Closure, flow.closure)
     objective = RolloutObjective(rollout, closure, horizon=window, scale=1.0, target_interval=every)

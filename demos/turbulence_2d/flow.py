@@ -125,6 +125,10 @@ class VorticityFlow:
         source_damping: Optional rate ``α`` (a constant the caller sets at every step) of a
             term ``- dt * α * omega_n * v * dx`` beside the source: a caller that sets
             ``α = max(0, (s, ω̄)) / (ω̄, ω̄)`` removes the enstrophy the source would inject.
+        memory: Keep the vorticity of the step before too (``w_older``, ``older=`` of the
+            stepper), and call ``source(omega_n, velocity_n, previous=omega_older)``: a
+            source with memory of the last step, which a rollout differentiates through
+            both time levels.
         domain: The mesh to use (else :func:`box` of ``n``), so that models share one.
         name: Prefix of the PETSc options and function names.
         comm: Communicator.
@@ -142,6 +146,7 @@ class VorticityFlow:
         comm: MPI.Comm = MPI.COMM_WORLD,
         source: ClosureCallback | None = None,
         source_damping: fem.Constant | None = None,
+        memory: bool = False,
     ):
         self.comm, self.n, self.dt, self.nu = comm, n, dt, nu
         self.closure_interval = closure_interval
@@ -154,6 +159,8 @@ class VorticityFlow:
         self.w = fem.Function(self.W, name=f"{name}_w")
         self.w_previous = fem.Function(self.W, name=f"{name}_w_previous")
         self.omega_n, self.psi_n = ufl.split(self.w_previous)
+        #: ``[w_{n-1}]`` with ``memory``, else ``[]``: the stepper's older states.
+        self.older = [fem.Function(self.W, name=f"{name}_w_older")] if memory else []
         self.velocity_n = velocity(self.psi_n)
         self.time = fem.Constant(self.mesh, 0.0)
 
@@ -178,7 +185,11 @@ class VorticityFlow:
             L += dt * dot(tau, grad(v)) * measure
             learned.append(tau)
         if source is not None:
-            s, measure = source(self.omega_n, self.velocity_n)
+            if memory:
+                previous = ufl.split(self.older[0])[0]
+                s, measure = source(self.omega_n, self.velocity_n, previous=previous)
+            else:
+                s, measure = source(self.omega_n, self.velocity_n)
             L += dt * s * v * measure
             learned.append(s)
         if source_damping is not None:
@@ -215,23 +226,33 @@ class VorticityFlow:
         out.x.array[:] = self.w.x.array[self.V_to_W]
         return out
 
-    def set_vorticity(self, omega: fem.Function | Callable[[np.ndarray], np.ndarray]) -> None:
+    def set_vorticity(
+        self,
+        omega: fem.Function | Callable[[np.ndarray], np.ndarray],
+        previous: fem.Function | None = None,
+    ) -> None:
         """Set the state from a vorticity: ``ω`` interpolated in P1, ``ψ`` solved for.
 
         ``omega``: a P1 function on this mesh or a function of the coordinates. ``ψ`` is
         the discrete streamfunction of ``ω`` (``(∇ψ, ∇q) = (ω, q)``, ``ψ = 0`` on the
         walls), so that a step starting here is the same as a step of the run.
+        ``previous``: with ``memory``, the vorticity of the step before (P1 function);
+        default ``omega`` (no change over the last step).
         """
-        source = fem.Function(self.V)
-        if isinstance(omega, fem.Function):
-            source.x.array[:] = omega.x.array
-        else:
-            source.interpolate(omega)
-        psi = self._solve_streamfunction(source)
-        for target in (self.w, self.w_previous):
-            target.x.array[self.V_to_W] = source.x.array
-            target.x.array[self.Q_to_W] = psi.x.array
-            target.x.scatter_forward()
+        levels = [(omega, (self.w, self.w_previous))]
+        if self.older:
+            levels.append((omega if previous is None else previous, (self.older[0],)))
+        for vorticity, targets in levels:
+            source = fem.Function(self.V)
+            if isinstance(vorticity, fem.Function):
+                source.x.array[:] = vorticity.x.array
+            else:
+                source.interpolate(vorticity)
+            psi = self._solve_streamfunction(source)
+            for target in targets:
+                target.x.array[self.V_to_W] = source.x.array
+                target.x.array[self.Q_to_W] = psi.x.array
+                target.x.scatter_forward()
 
     def _solve_streamfunction(self, omega: fem.Function) -> fem.Function:
         if self._poisson is None:
@@ -271,8 +292,9 @@ class VorticityFlow:
             The wall time of the steps (closure updates included), the slowest rank's.
         """
         stepper = IMEXStepper(
-            self.problem, self.w, self.w_previous, self.dt, t0, self.time, self.closure_interval
-        )
+            self.problem, self.w, self.w_previous, self.dt, t0, self.time, self.closure_interval,
+            older=self.older,
+        )  # fmt: skip
         return march(stepper, round((t1 - t0) / self.dt), callback, every, progress)
 
     def energy(self) -> float:
