@@ -11,6 +11,7 @@ from mpi4py import MPI
 
 import numpy as np
 import pytest
+import torch
 import ufl
 from dolfinx import fem, mesh
 from problems import (
@@ -82,6 +83,21 @@ def memory_heat(msh, degree=1, prefix="memory_", nonlinear=False, bcs=True):
 
 def targets(rollout, num_steps=NUM_STEPS):
     return interpolated_targets(rollout, target, num_steps)
+
+
+def nonlocal_memory_heat(msh, prefix):
+    """1D IMEX heat with a NonlocalClosure of ``(u_n, u_n − u_{n-1})`` (and the mask) on a grid."""
+    u_n, uh = heat_functions(msh, 1, lambda x: np.sin(np.pi * x[0]) + 0.5 * x[0])
+    u_nm1 = fem.Function(u_n.function_space, name="u_nm1")
+    u_nm1.interpolate(lambda x: 0.7 * np.sin(np.pi * x[0]) + 0.2 * x[0])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv1d(3, 4, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv1d(4, 1, 3, padding=1)
+    ).double()
+    closure = mno.NonlocalClosure(model, [u_n, u_n - u_nm1], (), 2, grid_shape=(9,), device="cpu")
+    v = ufl.TestFunction(u_n.function_space)
+    problem = imex_heat(u_n, uh, DT * closure * v * closure.dx, prefix).problem
+    return IMEXStepper(problem, uh, u_n, dt=DT, older=[u_nm1]), closure
 
 
 @pytest.mark.mpi
@@ -168,6 +184,26 @@ def test_gradients_with_older_states_do_not_depend_on_ranks(cells):
         slope = state_slope(rollout, result.initial_state, owned_values(rollout, direction))
         results.append((result.loss, flat_gradient(result), slope))
     assert_rank_invariant(*results)
+
+
+@pytest.mark.mpi
+def test_taylor_nonlocal_closure_with_older_states():
+    """A NonlocalClosure reading u_n − u_{n-1}: Taylor rates ≥ 1.9 in θ and in u_0."""
+    msh = mesh.create_unit_interval(MPI.COMM_WORLD, 8)
+    stepper, closure = nonlocal_memory_heat(msh, "older_nonlocal_")
+    rollout = Rollout(stepper, checkpoint_every=2)
+    u0, older = rollout.initial_state(), rollout.initial_older()
+    data = interpolated_targets(rollout, lambda t: lambda x: (1 - t) * np.sin(np.pi * x[0]), 5)
+    result = rollout.gradient(u0, data, older=older, initial_state=True)
+    parameters = parameters_of([closure])
+    remainders = parameter_remainders(
+        rollout, u0, data, result, parameters, random_directions(parameters), older=older
+    )
+    assert remainders[0] > 1e-9 and min(rates(remainders)) >= 1.9
+    remainders = initial_state_remainders(
+        rollout, u0, data, result.initial_state, lambda x: np.cos(2 * x[0]), older
+    )
+    assert remainders[0] > 1e-9 and min(rates(remainders)) >= 1.9
 
 
 def _raises(error, message, call):
