@@ -105,6 +105,11 @@ parser.add_argument(
     help="bound the learned sources: dolfinx_mno.Bounded, in training standard deviations",
 )  # fmt: skip
 parser.add_argument(
+    "--warm-start", action="store_true",
+    help="with --memory: train through the solver from the source without memory (its "
+    "memory weights zero), against that source trained on the same windows",
+)  # fmt: skip
+parser.add_argument(
     "--memory", action="store_true",
     help="the local source also reads the change of ω̄ over the last coarse step, trained a "
     "priori and a posteriori, against the source without it (the FNO is not fitted)",
@@ -131,6 +136,7 @@ config["fno_epochs"] = args.fno_epochs or config["fno_epochs"]
 config["bound"] = args.bound
 config["dissipative"] = args.dissipative
 config["memory"] = args.memory
+config["warm_start"] = args.warm_start
 if args.train_seeds is not None:  # seeds 1, 2, ... without the test seed
     seeds = [seed for seed in range(1, args.train_seeds + 2) if seed != config["test_seed"]]
     config["train_seeds"] = seeds[: args.train_seeds]
@@ -480,29 +486,75 @@ def lasts(label: str) -> float:
     return config["test_horizon"] if t is None else t
 
 
-if args.memory:  # the rollout follows ω̄_n through both levels: states at every coarse step
-    label = "local MLP with memory, a posteriori"
-    tuned = learned_model(label, "tuned", local_source, memory=True)
-    every_step = [[coarse_state(omega) for omega in states] for states in train_states]
-    training = vars(
+def warm_memory_model(path: Path) -> None:
+    """Save to ``path`` the source with memory that *is* the source without memory.
+
+    The memory fit's model (its input statistics for the three memory inputs) with the
+    memoryless fit's weights, statistics and bound for the nine shared inputs and zero
+    first-layer weights for the memory inputs: the same function of the state, which
+    training through the solver may then teach to use the memory (``--warm-start``).
+    """
+    old, new = mno.load_model(memoryless_path), mno.load_model(local_path)
+    width = old.input_normalization.shift.numel()
+    with torch.no_grad():
+        for name in ("shift", "scale"):
+            getattr(new.input_normalization, name)[:width] = getattr(old.input_normalization, name)
+            getattr(new.output_normalization, name).copy_(getattr(old.output_normalization, name))
+        for p_new, p_old in zip(new.parameters(), old.parameters(), strict=True):
+            if p_new.shape == p_old.shape:
+                p_new.copy_(p_old)
+            else:  # the first layer: the memory inputs' columns start at zero
+                p_new.zero_()
+                p_new[:, :width] = p_old
+    mno.save_model(path, new, comm=comm, spec=mno.ClosureSpec.from_operands(operands, (), q))
+
+
+def tune(label: str, name: str, source: Callable, memory: bool, data: list, interval: int,
+         window: int, stride: int) -> None:  # fmt: skip
+    """Train a coarse model's source a posteriori, then its skill and run (in place)."""
+    tuned = learned_model(label, name, source, memory=memory)
+    trainings[label] = vars(
         train_a_posteriori(
-            tuned, every_step, 1, config["window"] * every, config["rollout_epochs"],
-            learning_rate=1e-3, stride=config["memory_stride"],
+            tuned, data, interval, window, config["rollout_epochs"], learning_rate=1e-3,
+            stride=stride,
         )
     )  # fmt: skip
+    log(f"{label}: {trainings[label]}")
+    skill.update(a_priori_skill({label: tuned}))
+    runs[label] = coarse_runs.run(tuned, start, long_end=long_end, each_step=hooks[label])
+
+
+trainings: dict[str, dict] = {}
+if args.memory:  # the rollout follows ω̄_n through both levels: states at every coarse step
+    every_step = [[coarse_state(omega) for omega in states] for states in train_states]
+    per_step = dict(data=every_step, interval=1, window=config["window"] * every,
+                    stride=config["memory_stride"])  # fmt: skip
+    if args.warm_start:  # both from the source without memory, on the same windows
+        assert memoryless_path.exists(), (
+            f"--warm-start needs {memoryless_path} (a run without --memory)"
+        )
+        warm_path = output / f"local_correction_{fit_mode}_warm.pt"
+        warm_memory_model(warm_path)
+        start_skill = a_priori_skill({"warm": learned_model(
+            "warm", "warm", lambda o, u, previous: local_source(o, u, warm_path, previous),
+            memory=True)})["warm"]  # fmt: skip
+        memoryless = skill["local MLP, a priori"]
+        log(f"warm start: {start_skill} (the source without memory: {memoryless})")
+        assert abs(start_skill["fve"] - memoryless["fve"]) < 1e-10, (start_skill, memoryless)
+        # The same windows: from state 1 on (the forcing does not depend on time).
+        tune("local MLP, a posteriori (windows of steps)", "tuned_plain",
+             lambda o, u: local_source(o, u, memoryless_path), False,
+             **(per_step | {"data": [states[1:] for states in every_step]}))  # fmt: skip
+        tune("local MLP with memory from the one without, a posteriori", "tuned_warm",
+             lambda o, u, previous: local_source(o, u, warm_path, previous), memory=True,
+             **per_step)  # fmt: skip
+    else:
+        tune("local MLP with memory, a posteriori", "tuned", local_source, True, **per_step)
 else:
     best = max(models, key=lambda label: (lasts(label), skill[label]["fve"]))
-    label = best.replace("a priori", "a posteriori")
-    tuned = learned_model(label, "tuned", local_source if "MLP" in best else operator_source)
-    training = vars(
-        train_a_posteriori(
-            tuned, trajectories, every, config["window"], config["rollout_epochs"],
-            learning_rate=1e-3, stride=config["stride"],
-        )
-    )  # fmt: skip
-log(f"{label}: {training}")
-skill |= a_priori_skill({label: tuned})
-runs[label] = coarse_runs.run(tuned, start, long_end=long_end, each_step=hooks[label])
+    tune(best.replace("a priori", "a posteriori"), "tuned",
+         local_source if "MLP" in best else operator_source, memory=False, data=trajectories,
+         interval=every, window=config["window"], stride=config["stride"])  # fmt: skip
 
 # ## Resolution factor and wall-time ratio against the ladder (the demo's definition)
 horizon = config["test_horizon"]
@@ -532,12 +584,13 @@ summary = {
     "one_step_check": check_error,
     "fits": {k: v for k, v in fits.items() if k != "key"},
     "a_priori_skill": skill,
-    "a_posteriori": {label: training},
+    "a_posteriori": trainings,
     "runs": runs,
 }
 if comm.rank == 0:
     name = fit_mode + (f"_window{args.window}" if args.window else "")
     name += "_dissipative" if args.dissipative else ""
+    name += "_warm" if args.warm_start else ""
     (output / f"summary{'' if name == 'medium' else '_' + name}.json").write_text(
         json.dumps(summary, indent=2)
     )
@@ -560,11 +613,12 @@ for name, row in runs.items():
 log(f"\n{'source, test seed':>36} | rel. L2 error of s | variance explained")
 for name, row in skill.items():
     log(f"{name:>36} | {row['relative_l2']:18.3f} | {row['fve']:18.3f}")
-log(
-    f"{label}: held-out rollout loss {training['held_out_before']:.4g} → "
-    f"{training['held_out_after']:.4g} in {training['epochs']} epochs, "
-    f"{training['seconds']:.0f} s"
-)
+for label, training in trainings.items():
+    log(
+        f"{label}: held-out rollout loss {training['held_out_before']:.4g} → "
+        f"{training['held_out_after']:.4g} in {training['epochs']} epochs, "
+        f"{training['seconds']:.0f} s"
+    )
 
 # ## Checks: every run starts correlated; the oracle (exact to round-off in one step, checked
 # above) tracks the filtered DNS over the whole test horizon; the learned runs' numbers are
