@@ -616,8 +616,8 @@ def fit_rollout(
         trajectories: The filtered fine solution at the coarse steps ``t0, t0 + dt, ...``,
             per trajectory a list of states ``(num_owned,)`` (this rank's owned dofs of
             ``u``; :func:`owned_states` makes them) or an array ``(num_states,
-            num_owned)``, with at least ``horizon + 1`` states; the same numbers of states
-            on every rank.
+            num_owned)``, with at least ``horizon + 1 + rollout.num_older`` states; the
+            same numbers of states on every rank.
         horizon: The number of steps ``k`` of a window.
         closure: The closure to train; by default the rollout's only closure.
         validation: Held-out trajectories (the same format); default: a seeded split of the
@@ -629,9 +629,8 @@ def fit_rollout(
         stride: Distance between the starts of a trajectory's windows.
         target_interval: Coarse steps ``m`` between consecutive states of a trajectory: a
             window runs ``horizon × m`` steps and compares the states after ``m, 2m, ...``.
-            With a stepper that keeps older states (``older=``, a closure with memory) it
-            must be 1: a window starting at state ``s`` takes states ``s-1, s-2, ...`` as
-            its initial older states, so windows start at ``rollout.num_older``.
+            1 for a stepper with older states: a window at state ``s ≥ num_older`` starts
+            from the older states ``s-1, s-2, ...``.
         a_priori: ``(inputs, targets)``, this rank's a-priori samples as
             :func:`~dolfinx_mno.training.fit` takes them (on every rank or on none).
         a_priori_weight: ``λ`` (default 1 with ``a_priori``).
