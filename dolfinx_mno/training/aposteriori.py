@@ -620,10 +620,9 @@ def fit_rollout(
             same numbers of states on every rank.
         horizon: The number of steps ``k`` of a window.
         closure: The closure to train; by default the rollout's only closure.
-        validation: Held-out trajectories (the same format); default: a seeded split of the
-            training windows.
+        validation: Held-out trajectories (the same format); default: a seeded split.
         validation_fraction: Without ``validation``, the fraction of the windows held out
-            (default 0.2); ``0``: validate on the training windows.
+            (0.2); ``0``: validate on the training windows.
         start_times: The time of each trajectory's first state (default: ``t0``).
         validation_start_times: The same for the ``validation`` trajectories.
         stride: Distance between the starts of a trajectory's windows.
@@ -649,8 +648,7 @@ def fit_rollout(
         min_delta: Relative improvement that counts for early stopping.
         seed: Seeds the split, the order of the windows and torch's random state in each
             epoch (the caller's is restored on return).
-        checkpoint_dir: As for ``fit`` (:mod:`~dolfinx_mno.training.checkpoint`); the
-            model's architecture must be registered for :func:`~dolfinx_mno.io.save_model`.
+        checkpoint_dir: As for ``fit`` (:mod:`~dolfinx_mno.training.checkpoint`).
         checkpoint_every: Epochs between checkpoints.
         resume: Continue from the newest complete checkpoint.
         metadata: JSON dict stored in the checkpoint model files, with the closure's spec.

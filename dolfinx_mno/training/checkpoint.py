@@ -20,7 +20,9 @@ The checkpoint options of ``fit`` and ``fit_rollout``: ``checkpoint_dir`` (the f
 created by rank 0; ``None`` for no checkpoints), ``checkpoint_every`` (a checkpoint every
 this many epochs, and at the end), ``resume`` (continue from the newest complete
 checkpoint in the folder, or start afresh if there is none) and ``metadata`` (a JSON dict
-stored in the checkpoint model files). A run resumes only with the data and the settings
+stored in the checkpoint model files). With ``checkpoint_dir`` the model's architecture
+must be registered (:func:`dolfinx_mno.io.register_architecture`; checked before
+training), since a checkpoint is a model file. A run resumes only with the data and the settings
 of the interrupted one (injected optimisers and schedules compared by class and
 configuration); only ``epochs``, ``checkpoint_every``, ``metadata``, ``spec``,
 ``progress`` and ``callback`` may change. Anything else is refused, naming what differs.
