@@ -126,9 +126,11 @@ class _Stepper[Problem: (LinearProblem, NonlinearProblem)]:
                 raise ValueError(
                     f"older[{j}] ('{function.name}') must live on the function space of u."
                 )
-        functions = [u, u_previous, *older]
-        if len({id(f) for f in functions}) != len(functions):
-            raise ValueError("u, u_previous and the older states must be distinct functions.")
+        taken = {id(u), id(u_previous)}
+        if len({id(f) for f in older} - taken) != len(older):
+            raise ValueError(
+                "The older states must be distinct functions, other than u and u_previous."
+            )
         self.problem: Problem = problem
         self.u = u
         self.u_previous = u_previous

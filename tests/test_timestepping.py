@@ -505,7 +505,10 @@ def test_bad_older_states_raise():
     )
     with pytest.raises(ValueError, match=r"older\[0\] \('f'\) must live on the function space"):
         IMEXStepper(problem, uh, u_n, dt=0.1, older=[fem.Function(W, name="f")])
-    with pytest.raises(ValueError, match="must be distinct functions"):
+    with pytest.raises(ValueError, match="must be distinct functions, other than u and"):
         IMEXStepper(problem, uh, u_n, dt=0.1, older=[u_n])
+    older = fem.Function(V)
+    with pytest.raises(ValueError, match="must be distinct functions, other than u and"):
+        IMEXStepper(problem, uh, u_n, dt=0.1, older=[older, older])
     with pytest.raises(TypeError, match=r"older\[0\] must be a dolfinx.fem.Function"):
         IMEXStepper(problem, uh, u_n, dt=0.1, older=[u_n.x.array])
