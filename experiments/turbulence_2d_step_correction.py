@@ -105,6 +105,11 @@ parser.add_argument(
     help="bound the learned sources: dolfinx_mno.Bounded, in training standard deviations",
 )  # fmt: skip
 parser.add_argument(
+    "--cnn", action="store_true",
+    help="the non-local source is a small CNN on the grid (a compact stencil, Kochkov-style) "
+    "instead of the FNO; the local MLP is read from the run without --cnn",
+)  # fmt: skip
+parser.add_argument(
     "--warm-start", action="store_true",
     help="with --memory: train through the solver from the source without memory (its "
     "memory weights zero), against that source trained on the same windows",
@@ -115,6 +120,8 @@ parser.add_argument(
     "priori and a posteriori, against the source without it (the FNO is not fitted)",
 )  # fmt: skip
 args = parser.parse_args()
+if args.cnn and args.memory:
+    parser.error("--cnn and --memory are separate measurements; give one of them")
 comm = MPI.COMM_WORLD
 torch.set_num_threads(1)
 output = output_folder("turbulence_2d_step_correction", root=REPOSITORY / "experiments" / "output")
@@ -137,6 +144,7 @@ config["bound"] = args.bound
 config["dissipative"] = args.dissipative
 config["memory"] = args.memory
 config["warm_start"] = args.warm_start
+config["cnn"] = args.cnn
 if args.train_seeds is not None:  # seeds 1, 2, ... without the test seed
     seeds = [seed for seed in range(1, args.train_seeds + 2) if seed != config["test_seed"]]
     config["train_seeds"] = seeds[: args.train_seeds]
@@ -314,6 +322,36 @@ fit_mode += "_memory" if args.memory else ""
 local_path = output / f"local_correction_{fit_mode}.pt"
 operator_path = output / f"mno_correction_{fit_mode}.pt"
 fits_path = output / f"fits_{fit_mode}.json"
+memoryless_fits = fits_path  # --cnn reads the local MLP's fit record from it
+if args.cnn:
+    fit_mode += "_cnn"
+    operator_path = output / f"cnn_correction_{fit_mode}.pt"
+    fits_path = output / f"fits_{fit_mode}.json"
+OPERATOR = "CNN" if args.cnn else "MNO"
+
+
+class StencilCNN(torch.nn.Module):
+    """``layers`` convolutions ``kernel × kernel`` of ``width`` channels (GELU), then a
+    1×1 one: a non-local source of compact support (``layers (kernel − 1) + 1`` grid
+    points, about three coarse cells across), as Kochkov et al.'s learned corrections."""
+
+    def __init__(self, in_channels=3, out_channels=1, width=32, layers=3, kernel=5):
+        super().__init__()
+        self.config = dict(in_channels=in_channels, out_channels=out_channels, width=width,
+                           layers=layers, kernel=kernel)  # fmt: skip
+        blocks: list[torch.nn.Module] = []
+        channels = in_channels
+        for _ in range(layers):
+            blocks += [torch.nn.Conv2d(channels, width, kernel, padding=kernel // 2),
+                       torch.nn.GELU()]  # fmt: skip
+            channels = width
+        self.net = torch.nn.Sequential(*blocks, torch.nn.Conv2d(channels, out_channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+mno.register_architecture("turbulence_2d.stencil_cnn", StencilCNN)
 fit_keys = ("quadrature_degree", "mlp_epochs", "fno_epochs", "fno_modes", "fno_width", "bound")
 
 
@@ -336,6 +374,13 @@ def record_fit(result, tic: float) -> dict:
 def fit_corrections() -> dict:
     """Fit both corrections to the training data, save them; their fit records."""
     tic = time.perf_counter()
+    if args.cnn:  # the local MLP of the run without --cnn
+        assert local_path.exists(), f"--cnn reads {local_path}: run without --cnn first"
+        records = {
+            "key": fit_key,
+            "local MLP": json.loads(memoryless_fits.read_text())["local MLP"],
+        }
+        return fit_operator(records)
     local_fit = fit(
         bounded(MLP(operands.num_inputs, 1, hidden_features=[64, 64], seed=0)), inputs, targets,
         groups=np.repeat(np.arange(len(points)), len(table) // len(points)), comm=comm,
@@ -349,12 +394,20 @@ def fit_corrections() -> dict:
         if comm.rank == 0:
             fits_path.write_text(json.dumps(records, indent=2))
         return records
+    return fit_operator(records)
+
+
+def fit_operator(records: dict) -> dict:
+    """Fit the non-local correction (FNO, or the CNN with ``--cnn``), save it; the records."""
     tic = time.perf_counter()
     grid_data = (np.array(grid_x), np.array(grid_y)) if comm.rank == 0 else None
     grid_x_all, grid_y_all = comm.bcast(grid_data, root=0)
     torch.manual_seed(0)
-    operator = FNO(n_modes=(config["fno_modes"],) * 2, hidden_channels=config["fno_width"],
-                   in_channels=3, out_channels=1, n_layers=4)  # fmt: skip
+    if args.cnn:
+        operator: torch.nn.Module = StencilCNN()
+    else:
+        operator = FNO(n_modes=(config["fno_modes"],) * 2, hidden_channels=config["fno_width"],
+                       in_channels=3, out_channels=1, n_layers=4)  # fmt: skip
     operator_fit = fit(
         bounded(operator), shard(grid_x_all.astype(np.float32), comm),
         shard(grid_y_all.astype(np.float32), comm), grid=True, comm=comm,
@@ -364,7 +417,7 @@ def fit_corrections() -> dict:
     spec = mno.ClosureSpec(("omega", "u"), (1, 2), value_shape=(), quadrature_degree=q,
                            grid=grid, mask_channel=False)  # fmt: skip
     mno.save_model(operator_path, operator_fit.model, comm=comm, spec=spec)
-    records["MNO"] = record_fit(operator_fit, tic)
+    records[OPERATOR] = record_fit(operator_fit, tic)
     if comm.rank == 0:
         fits_path.write_text(json.dumps(records, indent=2))
     comm.Barrier()
@@ -428,7 +481,9 @@ if args.memory:
 else:
     models = {
         "local MLP, a priori": learned_model("local MLP, a priori", "mlp_prior", local_source),
-        "MNO, a priori": learned_model("MNO, a priori", "mno_prior", operator_source),
+        f"{OPERATOR}, a priori": learned_model(
+            f"{OPERATOR}, a priori", "mno_prior", operator_source
+        ),
     }
 
 

@@ -33,6 +33,8 @@ EXPERIMENTS = {
         ["turbulence_2d_limits.py", "--quick"],
         # --bound and --dissipative: the stabilised step correction's code paths
         ["turbulence_2d_step_correction.py", "--quick", "--bound", "4", "--dissipative"],
+        # the CNN source, against the local MLP the run above fitted
+        ["turbulence_2d_step_correction.py", "--quick", "--bound", "4", "--dissipative", "--cnn"],
         # the source with memory, against the one the run above fitted
         [
             "turbulence_2d_step_correction.py",
