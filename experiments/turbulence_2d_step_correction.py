@@ -43,7 +43,10 @@ coarse vorticity over the last coarse step as well (``ω̄_n − ω̄_{n-1}`` an
 the coarse flow keeps ``ω̄_{n-1}`` as its stepper's older state), fits only that source,
 compares it with the one without memory fitted by an earlier run of the same settings,
 and trains it a posteriori through the solver with a rollout whose state holds both time
-levels (trajectories at every coarse step, windows of ``W × sample_every`` steps).
+levels (trajectories at every coarse step, windows of ``W × sample_every`` steps);
+``--warm-start`` starts that training from the source without memory. ``--cnn`` replaces
+the FNO by a small CNN on the same grid (compact support, as Kochkov et al.'s models) and
+reads the local MLP fitted by the run without it.
 """
 
 import argparse
