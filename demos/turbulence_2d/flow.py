@@ -24,8 +24,9 @@ The ``½Δt`` term is the Taylor–Galerkin (Lax–Wendroff) correction of expli
 (Donea 1984): forward Euler on the skew-symmetric Galerkin advection amplifies every
 resolved mode, and at coarse resolutions faster than viscosity damps it (measured: a 32²
 run blows up within 2 time units); with the correction the explicit part is second order
-in time and stable under a CFL condition, and it stays a one-step scheme, which the
-differentiable rollouts of :mod:`dolfinx_mno.rollout` need.
+in time and stable under a CFL condition, and it stays a one-step scheme (the
+differentiable rollouts of :mod:`dolfinx_mno.rollout` also take two-level ones, through
+the stepper's ``older`` states, as ``memory=True`` uses).
 
 The matrix of a step is constant (block lower-triangular), factorised once by MUMPS and
 reused, so a step is one right-hand side assembly and one pair of triangular solves.
