@@ -494,12 +494,8 @@ class _Run:
                 scheduler=self.scheduler,
                 settings=loop,
                 comm=comm,
-                checkpoints=Checkpoints.in_folder(
-                    options["checkpoint_dir"],
-                    every=options["checkpoint_every"],
-                    settings=settings,
-                    metadata=self.metadata,
-                    comm=comm,
+                checkpoints=Checkpoints.from_options(
+                    options, settings=settings, metadata=self.metadata, comm=comm
                 ),
                 progress=options["progress"],
                 callback=options["callback"],

@@ -118,18 +118,22 @@ class Checkpoints:
             self.directory.mkdir(parents=True, exist_ok=True)
 
     @classmethod
-    def in_folder(
+    def from_options(
         cls,
-        directory: str | os.PathLike[str] | None,
+        options: Mapping[str, Any],
         *,
-        every: int,
         settings: Mapping[str, Any],
         metadata: Mapping[str, Any] | None,
         comm: MPI.Comm,
     ) -> Checkpoints | None:
-        """The checkpoints in ``directory``, or ``None`` for no folder (collective)."""
+        """The checkpoints that ``fit``'s or ``fit_rollout``'s options ask for (collective).
+
+        From ``checkpoint_dir`` and ``checkpoint_every``; ``None`` without a folder.
+        """
+        directory = options["checkpoint_dir"]
         if directory is None:
             return None
+        every = options["checkpoint_every"]
         return cls(directory, every=every, settings=settings, metadata=metadata, comm=comm)
 
     def due(self, epochs_done: int, last: bool) -> bool:
