@@ -152,7 +152,12 @@ def heat_functions(
 
 
 def imex_heat(
-    u_n: fem.Function, uh: fem.Function, explicit: ufl.Form, prefix: str, bcs: bool = True
+    u_n: fem.Function,
+    uh: fem.Function,
+    explicit: ufl.Form,
+    prefix: str,
+    bcs: bool = True,
+    older: Sequence[fem.Function] = (),
 ) -> IMEXStepper:
     """The IMEX step ``(u − u_n, v) + dt (∇u, ∇v) = explicit(v)``, LU-solved.
 
@@ -163,6 +168,7 @@ def imex_heat(
             test function ``ufl.TestFunction(V)``.
         prefix: The PETSc options prefix (unique per test).
         bcs: ``u = 0`` on the boundary, or no boundary condition.
+        older: The stepper's older states (``u_{n-1}, ...``), if ``explicit`` reads them.
     """
     V = uh.function_space
     u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
@@ -175,7 +181,7 @@ def imex_heat(
         petsc_options=DIRECT,
         petsc_options_prefix=prefix,
     )
-    return IMEXStepper(problem, uh, u_n, dt=DT)
+    return IMEXStepper(problem, uh, u_n, dt=DT, older=older)
 
 
 def implicit_heat(

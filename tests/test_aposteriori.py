@@ -33,6 +33,7 @@ from dolfinx_mno.training.trajectories import TrajectoryWindows, split_windows
 
 DT = 0.05
 K, S = 2.0, 1.0  # the true reaction r(u) = -K u + S
+A, B = -1.5 * K, 0.5 * K  # with memory: r = A u_n + B u_(n-1) + S (Adams–Bashforth 2 of it)
 _prefixes = itertools.count()
 
 INITIAL = [
@@ -42,25 +43,34 @@ INITIAL = [
 ]
 
 
-def heat(msh, model=None, initial=INITIAL[0], k=K, s=S):
-    """The IMEX step and its closure; ``model=None``: the exact reaction in UFL."""
+def heat(msh, model=None, initial=INITIAL[0], k=K, s=S, before=None):
+    """The IMEX step and its closure; ``model=None``: the exact reaction in UFL.
+
+    ``before``: the stepper keeps ``u_{n-1}`` (``older=[u_nm1]``, interpolating ``before``
+    at the start), the reaction has memory, ``A u_n + B u_{n-1} + S``, and the closure
+    reads ``(u_n, u_{n-1})``.
+    """
     V = fem.functionspace(msh, ("Lagrange", 1))
     u_n, uh = fem.Function(V, name="u_n"), fem.Function(V, name="u")
     u_n.interpolate(initial)
+    older = [] if before is None else [fem.Function(V, name="u_nm1")]
+    for u_nm1 in older:
+        u_nm1.interpolate(before)
     time = fem.Constant(msh, 0.0)
     u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
     a = (u * v + DT * ufl.inner(ufl.grad(u), ufl.grad(v))) * ufl.dx
     L = u_n * v * ufl.dx + DT * ufl.sin(3 * time) * v * ufl.dx
     closure = None
     if model is None:
-        L += DT * (-k * u_n + s) * v * ufl.dx
+        reaction = -k * u_n + s if before is None else A * u_n + B * older[0] + S
+        L += DT * reaction * v * ufl.dx
     else:
-        closure = mno.Closure(model, [u_n], (), 2, device="cpu", name="reaction")
+        closure = mno.Closure(model, [u_n, *older], (), 2, device="cpu", name="reaction")
         L += DT * closure * v * closure.dx
     problem = mno.petsc.LinearProblem(
         a, L, u=uh, petsc_options=DIRECT, petsc_options_prefix=f"apost{next(_prefixes)}_"
     )
-    return IMEXStepper(problem, uh, u_n, dt=DT, time=time), closure
+    return IMEXStepper(problem, uh, u_n, dt=DT, time=time, older=older), closure
 
 
 def fine_trajectory(msh, initial, num_steps, k=K, s=S):
@@ -596,36 +606,10 @@ def test_progress_bar_on_rank_0_only(capsys):
 
 # -- a reaction with memory: the stepper keeps u_(n-1) ---------------------------------------
 
-#: The true reaction with memory, r = A u_n + B u_(n-1) + S (Adams–Bashforth 2 of -2u + 1).
-A, B = -1.5 * K, 0.5 * K
-
-
-def memory_heat(msh, model=None, initial=INITIAL[0], before=INITIAL[0]):
-    """The IMEX step with ``older=[u_nm1]`` (``u_0 = initial``, ``u_{-1} = before``) and a
-    closure of both."""
-    V = fem.functionspace(msh, ("Lagrange", 1))
-    u_n, u_nm1, uh = fem.Function(V), fem.Function(V, name="u_nm1"), fem.Function(V)
-    u_n.interpolate(initial)
-    u_nm1.interpolate(before)
-    time = fem.Constant(msh, 0.0)
-    u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
-    a = (u * v + DT * ufl.inner(ufl.grad(u), ufl.grad(v))) * ufl.dx
-    L = u_n * v * ufl.dx + DT * ufl.sin(3 * time) * v * ufl.dx
-    closure = None
-    if model is None:
-        L += DT * (A * u_n + B * u_nm1 + S) * v * ufl.dx
-    else:
-        closure = mno.Closure(model, [u_n, u_nm1], (), 2, device="cpu", name="memory")
-        L += DT * closure * v * closure.dx
-    problem = mno.petsc.LinearProblem(
-        a, L, u=uh, petsc_options=DIRECT, petsc_options_prefix=f"apost{next(_prefixes)}_"
-    )
-    return IMEXStepper(problem, uh, u_n, dt=DT, time=time, older=[u_nm1]), closure
-
 
 def memory_trajectory(msh, initial, before, num_steps):
     """``[u_{-1}, u_0, ..., u_k]`` of the exact scheme: states one step apart."""
-    stepper, _ = memory_heat(msh, None, initial, before)
+    stepper, _ = heat(msh, None, initial, before=before)
     states = owned_states([*stepper.older, stepper.u_previous])
     for _ in range(num_steps):
         stepper.step()
@@ -661,7 +645,7 @@ def _train_memory(comm, cells, epochs, learning_rate=0.1):
     # u_(-1) far from u_0, so that the data tell A from B (u_n ≈ u_(n-1) later on).
     befores = INITIAL[1:] + INITIAL[:1]
     trajectories = [memory_trajectory(msh, f, g, 5) for f, g in zip(INITIAL, befores, strict=True)]
-    stepper, closure = memory_heat(msh, memory_model())
+    stepper, closure = heat(msh, memory_model(), before=INITIAL[0])
     result = fit_rollout(
         Rollout(stepper, checkpoint_every=2),
         trajectories,
@@ -701,7 +685,7 @@ def test_weights_with_memory_do_not_depend_on_ranks(cells):
 
 @pytest.mark.mpi
 def test_memory_needs_every_coarse_step(tiny_square):
-    stepper, _ = memory_heat(tiny_square, memory_model())
+    stepper, _ = heat(tiny_square, memory_model(), before=INITIAL[0])
     trajectory = memory_trajectory(tiny_square, INITIAL[0], INITIAL[1], 6)
     _raises_everywhere(
         ValueError,

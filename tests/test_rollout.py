@@ -88,12 +88,13 @@ def targets(rollout, num_steps=NUM_STEPS):
     return interpolated_targets(rollout, target, num_steps)
 
 
-def taylor_parameters(rollout, closures, u0, data):
-    """Remainders |J(θ+εδ) − J(θ) − ε dJ·δ| at ε = 1e-2·2^-k, k = 0..4."""
-    result = rollout.gradient(u0, data, closures=closures)
+def taylor_parameters(rollout, closures, u0, data, older=None):
+    """Remainders |J(θ+εδ) − J(θ) − ε dJ·δ| at ε = 1e-2·2^-k, k = 0..4 (``older``: the
+    initial older states of a stepper that keeps them)."""
+    result = rollout.gradient(u0, data, closures=closures, older=older)
     parameters = parameters_of(closures)
     return parameter_remainders(
-        rollout, u0, data, result, parameters, random_directions(parameters)
+        rollout, u0, data, result, parameters, random_directions(parameters), older=older
     )
 
 

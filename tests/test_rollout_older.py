@@ -5,8 +5,6 @@ The closure reads ``u_n``, ``u_n − u_{n-1}`` and ``∇u_{n-1}``, and the linea
 reads it as ``u_{n-1}`` fails the Taylor tests.
 """
 
-import re
-
 from mpi4py import MPI
 
 import numpy as np
@@ -25,37 +23,21 @@ from problems import (
     interpolated_targets,
     mlp,
     owned_values,
-    parameter_remainders,
-    parameters_of,
-    random_directions,
     rates,
     state_slope,
     stepper_and_rollout_states,
 )
+from test_rollout import NUM_STEPS, _raises, direction, initial, targets, taylor_parameters
 
 import dolfinx_mno as mno
 from dolfinx_mno.petsc import LinearProblem, NonlinearProblem
 from dolfinx_mno.rollout import Rollout
 from dolfinx_mno.timestepping import IMEXStepper, ImplicitStepper
 
-NUM_STEPS = 5
-
-
-def initial(x):
-    return np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]) + 0.5 * x[0]
-
 
 def before_initial(x):
     """``u_{-1}``: not ``u_0``, so that the closure's memory input is not zero."""
     return 0.8 * np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]) + 0.4 * x[0] + 0.1 * x[1]
-
-
-def target(t):
-    return lambda x: (1 - t) * np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]) + 0.3 * x[1]
-
-
-def direction(x):
-    return np.cos(2 * x[0]) + x[1] ** 2
 
 
 def memory_heat(msh, degree=1, prefix="memory_", nonlinear=False, bcs=True):
@@ -77,12 +59,7 @@ def memory_heat(msh, degree=1, prefix="memory_", nonlinear=False, bcs=True):
     explicit = DT * closure * v * closure.dx + 0.5 * DT * u_nm1 * v * ufl.dx
     if nonlinear:
         explicit -= DT * u_nm1**3 * v * ufl.dx
-    problem = imex_heat(u_n, uh, explicit, prefix, bcs).problem
-    return IMEXStepper(problem, uh, u_n, dt=DT, older=[u_nm1]), closure
-
-
-def targets(rollout, num_steps=NUM_STEPS):
-    return interpolated_targets(rollout, target, num_steps)
+    return imex_heat(u_n, uh, explicit, prefix, bcs, older=[u_nm1]), closure
 
 
 def nonlocal_memory_heat(msh, prefix):
@@ -96,8 +73,7 @@ def nonlocal_memory_heat(msh, prefix):
     ).double()
     closure = mno.NonlocalClosure(model, [u_n, u_n - u_nm1], (), 2, grid_shape=(9,), device="cpu")
     v = ufl.TestFunction(u_n.function_space)
-    problem = imex_heat(u_n, uh, DT * closure * v * closure.dx, prefix).problem
-    return IMEXStepper(problem, uh, u_n, dt=DT, older=[u_nm1]), closure
+    return imex_heat(u_n, uh, DT * closure * v * closure.dx, prefix, older=[u_nm1]), closure
 
 
 @pytest.mark.mpi
@@ -122,11 +98,7 @@ def test_taylor_parameters_with_older_states(degree, checkpoint_every):
     stepper, closure = memory_heat(msh, degree, prefix=f"older_taylor{degree}_")
     rollout = Rollout(stepper, checkpoint_every=checkpoint_every)
     u0, older, data = rollout.initial_state(), rollout.initial_older(), targets(rollout)
-    result = rollout.gradient(u0, data, older=older)
-    parameters = parameters_of([closure])
-    remainders = parameter_remainders(
-        rollout, u0, data, result, parameters, random_directions(parameters), older=older
-    )
+    remainders = taylor_parameters(rollout, [closure], u0, data, older)
     assert remainders[0] > 1e-9
     assert min(rates(remainders)) >= 1.9
 
@@ -194,21 +166,13 @@ def test_taylor_nonlocal_closure_with_older_states():
     rollout = Rollout(stepper, checkpoint_every=2)
     u0, older = rollout.initial_state(), rollout.initial_older()
     data = interpolated_targets(rollout, lambda t: lambda x: (1 - t) * np.sin(np.pi * x[0]), 5)
-    result = rollout.gradient(u0, data, older=older, initial_state=True)
-    parameters = parameters_of([closure])
-    remainders = parameter_remainders(
-        rollout, u0, data, result, parameters, random_directions(parameters), older=older
-    )
+    remainders = taylor_parameters(rollout, [closure], u0, data, older)
     assert remainders[0] > 1e-9 and min(rates(remainders)) >= 1.9
+    result = rollout.gradient(u0, data, closures=[], older=older, initial_state=True)
     remainders = initial_state_remainders(
         rollout, u0, data, result.initial_state, lambda x: np.cos(2 * x[0]), older
     )
     assert remainders[0] > 1e-9 and min(rates(remainders)) >= 1.9
-
-
-def _raises(error, message, call):
-    with pytest.raises(error, match=f"^{re.escape(message)}$"):
-        call()
 
 
 @pytest.mark.mpi
