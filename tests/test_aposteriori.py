@@ -429,7 +429,7 @@ def test_early_stopping_restores_the_best_weights():
     msh = mesh.create_unit_square(MPI.COMM_WORLD, 3, 3)
     trajectories = [fine_trajectory(msh, f, 2) for f in INITIAL[:2]]
     validation = [fine_trajectory(msh, INITIAL[2], 2, s=0.5)]
-    rollout, closure = coarse(msh)
+    rollout, closure = coarse(msh, bias=-2.0)  # the fit passes s = 0.5 on its way to s = 1
     seen = []
     result = fit_rollout(
         rollout,
@@ -438,7 +438,7 @@ def test_early_stopping_restores_the_best_weights():
         validation=validation,
         batch_size=2,
         epochs=100,
-        learning_rate=0.5,
+        learning_rate=0.2,
         patience=2,
         callback=lambda epoch, history: seen.append(parameters(closure.model)),
         progress=False,
@@ -449,6 +449,33 @@ def test_early_stopping_restores_the_best_weights():
     assert history.val_loss[history.best_epoch] == min(history.val_loss)
     assert np.array_equal(parameters(closure.model), seen[history.best_epoch])
     assert not np.array_equal(seen[-1], seen[history.best_epoch])
+    assert history.best_val_loss < history.initial_val_loss
+
+
+@pytest.mark.mpi
+def test_training_that_only_worsens_returns_the_starting_weights():
+    """Started at the validation reaction's exact weights (s = 0.5), every epoch moves them
+    towards the training reaction's (s = 1): the closure keeps the weights it was given."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 3, 3)
+    trajectories = [fine_trajectory(msh, f, 2) for f in INITIAL[:2]]
+    validation = [fine_trajectory(msh, INITIAL[2], 2, s=0.5)]
+    rollout, closure = coarse(msh, weight=-K, bias=0.5)
+    result = fit_rollout(
+        rollout,
+        trajectories,
+        horizon=2,
+        validation=validation,
+        batch_size=2,
+        epochs=100,
+        learning_rate=0.2,
+        patience=3,
+        progress=False,
+    )
+    history = result.history
+    assert history.stopped_early and history.epochs == 3 and history.best_epoch == -1
+    assert history.initial_val_loss == history.best_val_loss < 1e-20  # the same scheme
+    assert min(history.val_loss) > 1e-6
+    assert np.array_equal(parameters(closure.model), [-K, 0.5]) and not closure.model.training
 
 
 def _raises_everywhere(error, message, call):

@@ -127,6 +127,30 @@ def test_plateau_schedule_and_early_stopping():
     assert history.learning_rate == sorted(history.learning_rate, reverse=True)
 
 
+@pytest.mark.mpi
+def test_training_that_only_worsens_returns_the_starting_weights():
+    """A linear model started at the exact weights of linear targets with noise of 0.1:
+    Adam's first steps of 1.0 throw it far off, and ``fit`` returns the weights it was
+    given (``best_epoch`` -1) instead of its first epoch's."""
+    comm = MPI.COMM_WORLD
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 2))
+    y = 2.0 * x[:, 0] - x[:, 1] + 0.5 + 0.1 * rng.normal(size=200)
+    model = MLP(2, 1, [], seed=0)
+    with torch.no_grad():
+        model.layers[0].weight.copy_(torch.tensor([[2.0, -1.0]]))
+        model.layers[0].bias.fill_(0.5)
+    start = weights(model)
+    x, y = shard(x, comm), shard(y, comm)
+    result = fit(model, x, y, comm=comm, epochs=50, batch_size=20, learning_rate=1.0,
+                 normalize=False, patience=3, progress=False)  # fmt: skip
+    history = result.history
+    assert history.stopped_early and history.epochs == 3 and history.best_epoch == -1
+    assert history.best_val_loss == history.initial_val_loss < 0.02  # the noise's 0.01
+    assert min(history.val_loss) > 2 * history.initial_val_loss
+    assert max_difference(weights(result.model), start) == 0.0
+
+
 def test_without_normalisation_and_value_shapes():
     x = np.random.default_rng(0).normal(size=(120, 3))
     y = np.stack([x, 2 * x], axis=1)  # (n, 2, 3): a closure with value_shape (2, 3)

@@ -246,7 +246,8 @@ def fit(
         lr_patience: Of the default schedule (10).
         min_learning_rate: Of the default schedule (1e-6).
         patience: Stop after this many epochs without a validation loss below
-            ``best * (1 - min_delta)``.
+            ``best * (1 - min_delta)``; the best epoch's weights are restored, or the
+            starting weights (their validation loss is measured first) if none beat them.
         min_delta: Relative improvement that counts for early stopping.
         validation_fraction: Fraction of the global samples held out for validation.
         seed: Seeds the split, the epoch orders and torch's random state in each epoch

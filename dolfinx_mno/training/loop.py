@@ -140,7 +140,7 @@ class EpochLoop:
             The final state; the model holds the weights of the best epoch, in eval mode.
         """
         if state is None:
-            state = TrainingState(TrainingHistory(), clone_state(self.model))
+            state = self.start()
         epochs, start = self.settings.epochs, state.history.epochs
         bar = tqdm(
             total=epochs,
@@ -170,6 +170,19 @@ class EpochLoop:
         self.model.load_state_dict(state.best_state)
         self.model.eval()
         return state
+
+    def start(self) -> TrainingState:
+        """A fresh run's state: the starting weights are the best until an epoch beats them.
+
+        Their validation loss is measured first (collective), so that training that only
+        makes a model worse (a fine-tuning run with too large a step, say) returns the
+        model it was given, not its first epoch. A NaN or Inf loss counts as ``inf``.
+        """
+        history = TrainingHistory()
+        initial = float(self.validate())
+        history.initial_val_loss = initial if np.isfinite(initial) else float("inf")
+        history.best_val_loss = history.initial_val_loss
+        return TrainingState(history, clone_state(self.model))
 
     def train_one_epoch(self, epoch: int) -> float:
         """One pass over the training split (collective); returns its training loss."""

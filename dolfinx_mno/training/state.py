@@ -24,8 +24,12 @@ class TrainingHistory:
             epoch.
         learning_rate: Learning rate used in the epoch (of the optimiser's first
             parameter group).
-        best_epoch: Epoch of the lowest validation loss (-1 before the first epoch).
+        best_epoch: Epoch of the lowest validation loss; -1: no epoch beat the starting
+            weights (their loss is ``initial_val_loss``), so they are the best.
         best_val_loss: That loss.
+        initial_val_loss: Validation loss of the weights the run started from, measured
+            before the first epoch (``inf`` if it was NaN or Inf); ``None`` for a run
+            restored from a checkpoint written before it existed.
         stopped_early: Whether early stopping ended the run.
         resumed_from: Number of epochs restored from a checkpoint, or ``None``.
     """
@@ -37,6 +41,7 @@ class TrainingHistory:
     best_val_loss: float = float("inf")
     stopped_early: bool = False
     resumed_from: int | None = None
+    initial_val_loss: float | None = None
 
     @property
     def epochs(self) -> int:
