@@ -21,6 +21,7 @@ EXPERIMENTS = [
     "checkerboard_cell_problems.py",
     "multiscale_diffusion_results.py",
     "transient_diffusion_results.py",
+    "turbulence_2d_data_scaling.py",
 ]
 
 

@@ -1,0 +1,134 @@
+"""2D turbulence: the learned step correction's skill against the number of trajectories.
+
+``turbulence_2d_step_correction.py`` found that more training trajectories, not a richer
+model or longer unrolls, moved the learned step correction (issue 14). This script reads
+its summaries for several numbers of training trajectories, with the other settings the
+same, and shows the trend against the ladder of coarse meshes without closure::
+
+    mpirun -n 2 python experiments/turbulence_2d_step_correction.py --train-seeds 9 \\
+        --bound 4 --window 16 --rollout-epochs 10 --dissipative
+    # ... the same with --train-seeds 18 and 36 (--mlp-epochs 60 / 30, --fno-epochs 40 / 20)
+    python experiments/turbulence_2d_data_scaling.py
+
+It fits the decorrelation time of the a-posteriori source against log2 of the number of
+trajectories (a line through the points: the gain per doubling) and says how many
+doublings the line needs to reach the 32² and 64² meshes' decorrelation times, i.e.
+resolution factors 2 and 4. Writes ``data_scaling.json`` and ``data_scaling.png``
+(copied to ``docs/figures/turbulence_2d_data_scaling.png``) to
+``experiments/output/turbulence_2d_data_scaling/``. Serial; reads files only.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPOSITORY / "demos")]
+from utilities import log, output_folder
+
+SUMMARIES = REPOSITORY / "experiments" / "output" / "turbulence_2d_step_correction"
+SOURCES = {"a priori": "local MLP, a priori", "a posteriori": "local MLP, a posteriori"}
+LADDER = {1: "no closure", 2: "no closure, 32²", 4: "no closure, 64²"}
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument(
+    "--seeds",
+    type=int,
+    nargs="+",
+    default=[9, 18, 36],
+    help="numbers of training trajectories whose summaries to read (default 9 18 36)",
+)
+parser.add_argument(
+    "--suffix",
+    default="bound4_window16_dissipative",
+    help="the summaries' settings, as in summary_medium_<N>seeds_<suffix>.json",
+)
+args = parser.parse_args()
+output = output_folder("turbulence_2d_data_scaling", root=REPOSITORY / "experiments" / "output")
+
+# ## The summaries, one per number of trajectories, checked to differ only in that number
+paths = [SUMMARIES / f"summary_medium_{n}seeds_{args.suffix}.json" for n in args.seeds]
+missing = [str(p) for p in paths if not p.is_file()]
+if missing:
+    sys.exit(
+        "missing summaries (run turbulence_2d_step_correction.py first): " + ", ".join(missing)
+    )
+summaries = [json.loads(p.read_text()) for p in paths]
+ignored = {"train_seeds", "mlp_epochs", "fno_epochs"}  # the epochs scale with the data
+settings = [{k: v for k, v in s["config"].items() if k not in ignored} for s in summaries]
+for n, other in zip(args.seeds[1:], settings[1:], strict=True):
+    differ = sorted(
+        k for k in settings[0].keys() | other.keys() if settings[0].get(k) != other.get(k)
+    )
+    if differ:
+        sys.exit(
+            f"the {n}-trajectory run differs from the {args.seeds[0]}-trajectory one in {differ}"
+        )
+counts = [len(s["config"]["train_seeds"]) for s in summaries]
+times = {
+    label: [s["runs"][name]["decorrelation_time"] for s in summaries]
+    for label, name in SOURCES.items()
+}
+ladder = {
+    factor: summaries[-1]["runs"][name]["decorrelation_time"] for factor, name in LADDER.items()
+}
+
+# ## The gain per doubling of the data (least squares in log2 of the count)
+slope, intercept = np.polyfit(np.log2(counts), times["a posteriori"], 1)
+doublings = {
+    factor: (
+        float((ladder[factor] - intercept) / slope - np.log2(counts[-1])) if slope > 0 else None
+    )
+    for factor in (2, 4)
+}
+result = {
+    "trajectories": counts,
+    "decorrelation_times": times,
+    "ladder": {f"{factor}x": t for factor, t in ladder.items()},
+    "gain_per_doubling": float(slope),
+    "doublings_beyond_the_last_to_reach": {f"{factor}x": d for factor, d in doublings.items()},
+    "summaries": [p.name for p in paths],
+}
+(output / "data_scaling.json").write_text(json.dumps(result, indent=2))
+
+log(f"{'trajectories':>12} | " + " | ".join(f"{label:>12}" for label in times))
+for i, n in enumerate(counts):
+    log(f"{n:12d} | " + " | ".join(f"{times[label][i]:12.3f}" for label in times))
+log("ladder without closure: " + ", ".join(f"{16 * f}² {t:.3f}" for f, t in ladder.items()))
+for factor, d in doublings.items():
+    reach = (
+        "never (no gain)"
+        if d is None
+        else f"{d:.1f} more doublings ({counts[-1] * 2**d:.3g} trajectories)"
+    )
+    mesh = f"the {16 * factor}² mesh's {ladder[factor]:.3f}"
+    log(f"a posteriori, {slope:+.3f} per doubling: {mesh} in {reach}")
+
+# ## The figure: decorrelation time against the number of trajectories, the ladder beside it
+figure, axes = plt.subplots(figsize=(6.0, 3.8))
+for label, marker in (("a priori", "s"), ("a posteriori", "o")):
+    axes.plot(counts, times[label], marker=marker, label=f"16² + learned step correction, {label}")
+reach_32 = doublings[2] if doublings[2] is not None else 0.0
+line = np.array([counts[0], counts[-1] * 2 ** min(reach_32 + 1.0, 24.0)])
+axes.plot(
+    line, slope * np.log2(line) + intercept, "k:", lw=1, label=f"fit: {slope:+.3f} per doubling"
+)
+for factor, t in ladder.items():
+    axes.axhline(t, color="0.6", lw=0.8)
+    axes.annotate(f"{16 * factor}², no closure", (line[-1], t), xytext=(0, 3), ha="right",
+                  textcoords="offset points", fontsize=8, color="0.35")  # fmt: skip
+axes.set_xscale("log", base=2)
+axes.set_xlabel("training trajectories (2 time units each)")
+axes.set_ylabel("t(ρ < 0.95) on the test seed")
+axes.set_title("2D turbulence, 16² coarse mesh: skill against data", fontsize=10)
+axes.legend(fontsize=7, loc="upper left")
+figure.tight_layout()
+figure.savefig(output / "data_scaling.png", dpi=110)
+log(f"outputs in {output}")
