@@ -123,7 +123,7 @@ def build_flow(kind: str, n: int, args: argparse.Namespace, comm: MPI.Comm) -> V
                 quadrature_degree=2,
                 grid_shape=(grid_points, grid_points),
                 bounding_box=((0.0, 0.0), (length, length)),
-                device="cpu",
+                device=args.device,
             )
             return tau, tau.dx
 
@@ -397,6 +397,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--domain-padding", type=float, default=0.25, help="FNO padding")
     parser.add_argument(
         "--grid-refinement", type=int, default=2, help="grid points per coarse cell side"
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="the MNO's device: cpu, cuda or auto (default cpu)"
     )
     parser.add_argument("--tag", default=None, help="result tag (default np<ranks>)")
     parser.add_argument("--output-dir", type=Path, default=RESULTS, help="result folder")

@@ -84,6 +84,9 @@ CHUNK_CANDIDATES = (2048, 8192, 32768, 131072)
 MIN_TIMED_POINTS = 4096
 #: A candidate chunk whose call takes longer than this is the last one timed (seconds).
 _SLOW_CALL = 0.05
+#: The ``torch.compile`` mode of ``compile=True`` on a GPU: ``"reduce-overhead"`` records
+#: CUDA graphs; ``"default"`` does not (``benchmarks/gpu_checks.py`` times both).
+CUDA_COMPILE_MODE = "reduce-overhead"
 
 ValuesFunction = Callable[[torch.Tensor], torch.Tensor]
 #: ``f(x, out) -> (values, has_graph)``: values ``(n, m)``; the tangent is written into
@@ -583,7 +586,7 @@ class PointwiseKernel:
         inference: bool = False,
     ) -> typing.Any:
         """``torch.compile(function)`` after one run on ``sample``; ``None`` if that fails."""
-        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        mode = CUDA_COMPILE_MODE if self.device.type == "cuda" else None
         try:
             compiled = torch.compile(function, dynamic=False, mode=mode)
             context = torch.inference_mode() if inference else torch.no_grad()

@@ -86,3 +86,24 @@ def test_rollout_gradient_smoke():
         assert row["forward_s"] > 0 and row["gradient_s"] > 0 and math.isfinite(row["ratio"])
         assert row["loss"] > 0
     assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-12)  # checkpoints: same
+
+
+def test_gpu_checks_smoke(tmp_path):
+    """The GPU session's prepared script, on the CPU: every check runs, its rows are sane."""
+    import subprocess
+
+    command = [sys.executable, str(BENCHMARKS / "gpu_checks.py"), "--quick", "--device", "cpu",
+               "--output-dir", str(tmp_path), "--tag", "smoke"]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, text=True, cwd=BENCHMARKS)
+    report = json.loads((tmp_path / "gpu_checks_smoke.json").read_text())
+    assert report["args"]["device"] == "cpu" and "gpu" not in report["machine"]
+    (transfer,) = report["transfers"]
+    assert transfer["points"] > 0 and transfer["update"] > 0 and transfer["assembly"] > 0
+    assert all(transfer[f"stage_{s}"] >= 0 for s in ("operands", "h2d", "model", "d2h"))
+    assert [row["setting"] for row in report["cuda_graphs"]] == ["eager"]
+    cases = {row["case"]: row for row in report["rollout_gradients"]}
+    assert set(cases) == {"burgers_1d", "turbulence_2d"}
+    for row in cases.values():
+        assert row["steps"] == 3 and row["parameters"] > 0 and math.isfinite(row["cpu_loss"])
+        assert row["cpu_forward_s"] > 0 and row["cpu_gradient_s"] > 0
+        assert row["relative_difference"] == 0.0  # the same device twice: the same gradient
