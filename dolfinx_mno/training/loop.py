@@ -137,7 +137,8 @@ class EpochLoop:
         """Run the epochs from ``state`` (a fresh run by default) to the end (collective).
 
         Returns:
-            The final state; the model holds the weights of the best epoch, in eval mode.
+            The final state; the model holds the weights of the best epoch (or, if no
+            epoch beat them, the starting weights), in eval mode.
         """
         if state is None:
             state = self.start()
