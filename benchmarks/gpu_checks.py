@@ -3,7 +3,8 @@
 # A GPU machine is lent to some tasks only, for minutes. This script is what such a session
 # runs, prepared and smoke-tested on the CPU beforehand (`--quick --device cpu`, in
 # `tests/test_benchmarks.py`). One process, serial, every check guarded: a check that fails
-# records its error and the others still run. About 5 minutes on an H100-class machine.
+# records its error and the others still run. An estimated 5-8 minutes on an H100-class
+# machine, most of it the torch.compile of the CUDA-graph check; run it with a timeout.
 #
 # 1. **Transfers** (issue 12): the stages of one update of the `3 → 64 → 64 → 1` fp32 MLP
 #    closure with its model on the device (`closure_overhead.py`'s `measure_case`) at 10⁶
