@@ -95,17 +95,10 @@ def _child_environment() -> dict[str, str]:
 
 
 @pytest.mark.parametrize("num_ranks", [1, 2], ids=lambda n: f"np{n}")
-@pytest.mark.parametrize(
-    "demo",
-    # A demo's serial and 2-rank runs write the same output folder, and the experiments
-    # after the serial run read it: under pytest-xdist (`make test-serial`) they share one
-    # worker (`--dist loadgroup`), in the order above; different demos run side by side.
-    [
-        pytest.param(demo, marks=pytest.mark.xdist_group(str(demo.relative_to(DEMO_DIR))))
-        for demo in DEMOS
-    ],
-    ids=lambda path: str(path.relative_to(DEMO_DIR)),
-)
+# A demo's serial and 2-rank runs write the same output folder, and the experiments after
+# the serial run read it: under pytest-xdist (`make test-serial`) this file's tests stay on
+# one worker (`--dist loadfile`) and run in order; other files run beside them.
+@pytest.mark.parametrize("demo", DEMOS, ids=lambda path: str(path.relative_to(DEMO_DIR)))
 def test_demo(demo: Path, num_ranks: int):
     if MPI.COMM_WORLD.size > 1:
         pytest.skip("demo tests start their own MPI jobs; run them from the serial session")
