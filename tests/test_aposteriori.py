@@ -423,13 +423,13 @@ def test_interrupted_run_resumes_to_the_same_weights(shared_dir):
         )
 
 
-@pytest.mark.mpi
-def test_early_stopping_restores_the_best_weights():
-    """Validation data of another reaction (s = 0.5): its loss rises once the fit passes it."""
+def _fit_against_another_reaction(weight, bias, patience):
+    """``fit_rollout`` on the reaction s = 1, validated on s = 0.5, from ``weight``, ``bias``;
+    returns the history, the closure and its parameters after each epoch."""
     msh = mesh.create_unit_square(MPI.COMM_WORLD, 3, 3)
     trajectories = [fine_trajectory(msh, f, 2) for f in INITIAL[:2]]
     validation = [fine_trajectory(msh, INITIAL[2], 2, s=0.5)]
-    rollout, closure = coarse(msh, bias=-2.0)  # the fit passes s = 0.5 on its way to s = 1
+    rollout, closure = coarse(msh, weight=weight, bias=bias)
     seen = []
     result = fit_rollout(
         rollout,
@@ -439,11 +439,18 @@ def test_early_stopping_restores_the_best_weights():
         batch_size=2,
         epochs=100,
         learning_rate=0.2,
-        patience=2,
+        patience=patience,
         callback=lambda epoch, history: seen.append(parameters(closure.model)),
         progress=False,
     )
-    history = result.history
+    return result.history, closure, seen
+
+
+@pytest.mark.mpi
+def test_early_stopping_restores_the_best_weights():
+    """Validation data of another reaction (s = 0.5): its loss rises once the fit passes it
+    on its way from s = -2 to s = 1."""
+    history, closure, seen = _fit_against_another_reaction(0.0, -2.0, patience=2)
     assert history.stopped_early
     assert 0 < history.best_epoch and history.epochs == history.best_epoch + 3 < 100
     assert history.val_loss[history.best_epoch] == min(history.val_loss)
@@ -456,22 +463,7 @@ def test_early_stopping_restores_the_best_weights():
 def test_training_that_only_worsens_returns_the_starting_weights():
     """Started at the validation reaction's exact weights (s = 0.5), every epoch moves them
     towards the training reaction's (s = 1): the closure keeps the weights it was given."""
-    msh = mesh.create_unit_square(MPI.COMM_WORLD, 3, 3)
-    trajectories = [fine_trajectory(msh, f, 2) for f in INITIAL[:2]]
-    validation = [fine_trajectory(msh, INITIAL[2], 2, s=0.5)]
-    rollout, closure = coarse(msh, weight=-K, bias=0.5)
-    result = fit_rollout(
-        rollout,
-        trajectories,
-        horizon=2,
-        validation=validation,
-        batch_size=2,
-        epochs=100,
-        learning_rate=0.2,
-        patience=3,
-        progress=False,
-    )
-    history = result.history
+    history, closure, _ = _fit_against_another_reaction(-K, 0.5, patience=3)
     assert history.stopped_early and history.epochs == 3 and history.best_epoch == -1
     assert history.initial_val_loss == history.best_val_loss < 1e-20  # the same scheme
     assert min(history.val_loss) > 1e-6

@@ -639,9 +639,8 @@ def fit_rollout(
         lr_factor: Of the default schedule (0.5).
         lr_patience: Of the default schedule (10).
         min_learning_rate: Of the default schedule (1e-6).
-        patience: Stop after this many epochs without a validation loss below
-            ``best * (1 - min_delta)``; the best weights are restored (the starting
-            weights, whose validation loss is measured first, if no epoch beat them).
+        patience: Epochs without a validation loss below ``best * (1 - min_delta)`` before
+            stopping; the best weights are restored, the starting ones if no epoch beats them.
         min_delta: Relative improvement that counts for early stopping.
         seed: Seeds the split, the order of the windows and torch's random state in each
             epoch (the caller's is restored on return).
@@ -653,8 +652,7 @@ def fit_rollout(
         callback: ``callback(epoch, history)`` after every epoch, on every rank.
 
     Returns:
-        The closure's model (the best epoch's weights or, if none beat them, the
-        starting weights; in eval mode) and the history.
+        The closure's model (with the best weights, see ``patience``; eval mode), the history.
 
     Raises:
         TypeError, ValueError: Bad input, on every rank, before any collective call (short
