@@ -12,7 +12,9 @@ filtered DNS of the test seed. This module holds what both need:
 * :class:`CoarseRuns`: a coarse (or ladder) run from the filtered test state, its
   vorticity correlation with the filtered DNS and its decorrelation time;
 * :func:`closure_grid`: the grid of the demo's non-local closures (spacing ``h/2`` with a
-  zero margin of half the box beyond the walls).
+  zero margin of half the box beyond the walls);
+* :func:`over_seeds`: the decorrelation times of runs from several test seeds, their
+  spread, and the time of their seed-averaged correlation.
 
 Like the experiments, it needs ``demos/`` and ``demos/turbulence_2d/`` on ``sys.path``.
 """
@@ -297,3 +299,39 @@ class CoarseRuns:
             to_coarse = L2Projection(data.V, subdivisions=size // nc, bcs=[data.bc])
             runs[f"no closure, {size}²"] = self.run(flow, to_flow(start_fine), to_coarse=to_coarse)
         return runs
+
+
+def over_seeds(correlations: Sequence[Sequence[float]], sample_every: float) -> dict[str, Any]:
+    """The decorrelation of one model's runs from several test seeds.
+
+    Args:
+        correlations: Per seed, the correlation with that seed's filtered DNS every
+            ``sample_every`` from the start (NaN: blown up, counted as ρ = −1 as in
+            :func:`decorrelation`).
+        sample_every: The sampling interval.
+
+    Returns:
+        ``times`` (per seed, ``None``: never within the horizon), ``mean``, ``std`` (the
+        sample standard deviation, 0 for one seed), ``min`` and ``max`` of the times with
+        ``None`` counted as the horizon, ``never`` (how many seeds never decorrelate),
+        ``mean_correlation`` (the correlation averaged over the seeds at each sample) and
+        ``averaged_time``: the decorrelation time of that average (Kochkov et al.'s
+        measure; ``None``: never).
+    """
+    rho = np.nan_to_num(np.asarray(correlations, dtype=float), nan=-1.0)
+    if rho.ndim != 2 or rho.shape[0] == 0 or rho.shape[1] < 2:
+        raise ValueError(f"need (seeds, samples) correlations, got shape {rho.shape}")
+    sample_times = np.arange(rho.shape[1]) * sample_every
+    times = [decorrelation(sample_times, row) for row in rho]
+    capped = np.array([sample_times[-1] if t is None else t for t in times])
+    mean_rho = rho.mean(axis=0)
+    return {
+        "times": times,
+        "mean": float(capped.mean()),
+        "std": float(capped.std(ddof=1)) if len(capped) > 1 else 0.0,
+        "min": float(capped.min()),
+        "max": float(capped.max()),
+        "never": sum(t is None for t in times),
+        "mean_correlation": [float(r) for r in mean_rho],
+        "averaged_time": decorrelation(sample_times, mean_rho),
+    }

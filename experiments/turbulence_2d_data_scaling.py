@@ -13,7 +13,10 @@ same, and shows the trend against the ladder of coarse meshes without closure::
 It fits the decorrelation time of the a-posteriori source against log2 of the number of
 trajectories (a line through the points: the gain per doubling) and says how many
 doublings the line needs to reach the 32² and 64² meshes' decorrelation times, i.e.
-resolution factors 2 and 4. Writes ``data_scaling.json`` and ``data_scaling.png``
+resolution factors 2 and 4. With ``--test-seeds K`` it reads the summaries of runs with
+``--test-seeds K`` and uses each model's mean decorrelation time over the ``K + 1`` test
+seeds, with its standard error, instead of the one test seed's. Writes
+``data_scaling.json`` and ``data_scaling.png`` (``data_scaling_test<K>seeds.*``)
 (copied to ``docs/figures/turbulence_2d_data_scaling.png``) to
 ``experiments/output/turbulence_2d_data_scaling/``. Serial; reads files only.
 """
@@ -50,11 +53,18 @@ parser.add_argument(
     default="bound4_window16_dissipative",
     help="the summaries' settings, as in summary_medium_<N>seeds_<suffix>.json",
 )
+parser.add_argument(
+    "--test-seeds",
+    type=int,
+    default=0,
+    help="read the runs with --test-seeds K: mean times over the K + 1 test seeds (default 0)",
+)
 args = parser.parse_args()
+suffix = args.suffix + (f"_test{args.test_seeds}seeds" if args.test_seeds else "")
 output = output_folder("turbulence_2d_data_scaling", root=REPOSITORY / "experiments" / "output")
 
 # ## The summaries, one per number of trajectories, checked to differ only in that number
-paths = [SUMMARIES / f"summary_medium_{n}seeds_{args.suffix}.json" for n in args.seeds]
+paths = [SUMMARIES / f"summary_medium_{n}seeds_{suffix}.json" for n in args.seeds]
 missing = [str(p) for p in paths if not p.is_file()]
 if missing:
     sys.exit(
@@ -76,13 +86,19 @@ for n, other in zip(args.seeds[1:], settings[1:], strict=True):
             f"the {n}-trajectory run differs from the {args.seeds[0]}-trajectory one in {differ}"
         )
 counts = [len(s["config"]["train_seeds"]) for s in summaries]
-times = {
-    label: [s["runs"][name]["decorrelation_time"] for s in summaries]
-    for label, name in SOURCES.items()
-}
-ladder = {
-    factor: summaries[-1]["runs"][name]["decorrelation_time"] for factor, name in LADDER.items()
-}
+
+
+def decorrelation(summary: dict, name: str) -> tuple[float, float]:
+    """A run's decorrelation time and its standard error (0 with one test seed)."""
+    if not args.test_seeds:
+        return summary["runs"][name]["decorrelation_time"], 0.0
+    row = summary["test_seeds"]["runs"][name]
+    return row["mean"], row["std"] / np.sqrt(len(summary["test_seeds"]["seeds"]))
+
+
+times = {label: [decorrelation(s, name)[0] for s in summaries] for label, name in SOURCES.items()}
+errors = {label: [decorrelation(s, name)[1] for s in summaries] for label, name in SOURCES.items()}
+ladder = {factor: decorrelation(summaries[-1], name)[0] for factor, name in LADDER.items()}
 
 # ## The gain per doubling of the data (least squares in log2 of the count)
 slope, intercept = np.polyfit(np.log2(counts), times["a posteriori"], 1)
@@ -95,16 +111,27 @@ doublings = {
 result = {
     "trajectories": counts,
     "decorrelation_times": times,
+    "standard_errors": errors,
+    "test_seeds": summaries[-1]["test_seeds"]["seeds"] if args.test_seeds else None,
     "ladder": {f"{factor}x": t for factor, t in ladder.items()},
     "gain_per_doubling": float(slope),
     "doublings_beyond_the_last_to_reach": {f"{factor}x": d for factor, d in doublings.items()},
     "summaries": [p.name for p in paths],
 }
-(output / "data_scaling.json").write_text(json.dumps(result, indent=2))
+stem = "data_scaling" + (f"_test{args.test_seeds}seeds" if args.test_seeds else "")
+(output / f"{stem}.json").write_text(json.dumps(result, indent=2))
 
 log(f"{'trajectories':>12} | " + " | ".join(f"{label:>12}" for label in times))
 for i, n in enumerate(counts):
-    log(f"{n:12d} | " + " | ".join(f"{times[label][i]:12.3f}" for label in times))
+    log(
+        f"{n:12d} | "
+        + " | ".join(
+            f"{times[label][i]:6.3f} ± {errors[label][i]:.3f}"
+            if args.test_seeds
+            else f"{times[label][i]:12.3f}"
+            for label in times
+        )
+    )
 log("ladder without closure: " + ", ".join(f"{16 * f}² {t:.3f}" for f, t in ladder.items()))
 for factor, d in doublings.items():
     reach = (
@@ -118,7 +145,8 @@ for factor, d in doublings.items():
 # ## The figure: decorrelation time against the number of trajectories, the ladder beside it
 figure, axes = plt.subplots(figsize=(6.0, 3.8))
 for label, marker in (("a priori", "s"), ("a posteriori", "o")):
-    axes.plot(counts, times[label], marker=marker, label=f"16² + learned step correction, {label}")
+    axes.errorbar(counts, times[label], yerr=errors[label], marker=marker, capsize=3,
+                  label=f"16² + learned step correction, {label}")  # fmt: skip
 reach_32 = doublings[2] if doublings[2] is not None else 0.0
 line = np.array([counts[0], counts[-1] * 2 ** min(reach_32 + 1.0, 12.0)])
 axes.plot(
@@ -130,9 +158,12 @@ for factor, t in ladder.items():
                   textcoords="offset points", fontsize=8, color="0.35")  # fmt: skip
 axes.set_xscale("log", base=2)
 axes.set_xlabel("training trajectories (2 time units each)")
-axes.set_ylabel("t(ρ < 0.95) on the test seed")
+axes.set_ylabel(
+    f"t(ρ < 0.95), mean of {args.test_seeds + 1} test seeds" if args.test_seeds
+    else "t(ρ < 0.95) on the test seed"
+)  # fmt: skip
 axes.set_title("2D turbulence, 16² coarse mesh: skill against data", fontsize=10)
 axes.legend(fontsize=7, loc="upper left")
 figure.tight_layout()
-figure.savefig(output / "data_scaling.png", dpi=110)
+figure.savefig(output / f"{stem}.png", dpi=110)
 log(f"outputs in {output}")

@@ -46,7 +46,10 @@ and trains it a posteriori through the solver with a rollout whose state holds b
 levels (trajectories at every coarse step, windows of ``W × sample_every`` steps);
 ``--warm-start`` starts that training from the source without memory. ``--cnn`` replaces
 the FNO by a small CNN on the same grid (compact support, as Kochkov et al.'s models) and
-reads the local MLP fitted by the run without it.
+reads the local MLP fitted by the run without it. ``--test-seeds K`` runs every model
+(and the ladder) from ``K`` more test trajectories too, seeds 101, ..., ``100 + K`` (their
+DNS saved beside the others): each model's decorrelation times over the ``K + 1`` test
+seeds, their spread, and the resolution factor of the seed-averaged correlation.
 """
 
 import argparse
@@ -57,6 +60,7 @@ import time
 import types
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from mpi4py import MPI
 
@@ -83,6 +87,7 @@ from turbulence_2d_data import (
     Turbulence,
     closure_grid,
     grid_closure,
+    over_seeds,
     settings,
     steps,
 )
@@ -116,6 +121,11 @@ parser.add_argument(
     "--warm-start", action="store_true",
     help="with --memory: train through the solver from the source without memory (its "
     "memory weights zero), against that source trained on the same windows",
+)  # fmt: skip
+parser.add_argument(
+    "--test-seeds", type=int, default=0,
+    help="also run every model from this many more test trajectories (seeds 101, 102, ...): "
+    "the spread of the decorrelation times and the factor of the seed-averaged correlation",
 )  # fmt: skip
 parser.add_argument(
     "--memory", action="store_true",
@@ -578,11 +588,13 @@ def tune(label: str, name: str, source: Callable, memory: bool, data: list, inte
         )
     )  # fmt: skip
     log(f"{label}: {trainings[label]}")
+    tuned_models[label] = tuned
     skill.update(a_priori_skill({label: tuned}))
     runs[label] = coarse_runs.run(tuned, start, long_end=long_end, each_step=hooks[label])
 
 
 trainings: dict[str, dict] = {}
+tuned_models: dict[str, VorticityFlow] = {}
 if args.memory:  # the rollout follows ω̄_n through both levels: states at every coarse step
     every_step = [[coarse_state(omega) for omega in states] for states in train_states]
     per_step = dict(data=every_step, interval=1, window=config["window"] * every,
@@ -627,12 +639,84 @@ def as_run(row: dict) -> types.SimpleNamespace:
     )
 
 
-ladder = {
-    n: as_run(runs["no closure" if n == nc else f"no closure, {n}²"]) for n in config["ladder"]
-}
+def ladder_label(n: int) -> str:
+    return "no closure" if n == nc else f"no closure, {n}²"
+
+
+ladder_labels = [ladder_label(n) for n in config["ladder"] if n != nc]
+ladder = {n: as_run(runs[ladder_label(n)]) for n in config["ladder"]}
 for row in runs.values():
     factor, ratio, capped = resolution_factor(ladder, nc, as_run(row))
     row |= {"resolution_factor": factor, "wall_time_ratio": ratio, "factor_is_lower_bound": capped}
+
+
+# ## More test seeds: the spread of the decorrelation times (``--test-seeds``)
+def more_test_seeds(count: int) -> dict[str, Any]:
+    """Every model's runs from ``count`` more test trajectories and from the test seed.
+
+    The DNS of seeds 101, 102, ... (none of them a training seed) is filtered every
+    ``sample_every`` and saved per rank like the training data. Returns, per run label,
+    :func:`over_seeds` of its correlations on all the seeds (the test seed's from the runs
+    above) with the seed-averaged correlation's resolution factor and wall-time ratio
+    against the ladder, ``beats_no_closure``: on how many seeds it lasts longer than the
+    coarse mesh without closure, and ``gain_over_no_closure`` with its
+    ``gain_standard_error``: the mean over the seeds of the difference of the two times
+    (paired, seed by seed: the seeds' own spread cancels), times never reached counted as
+    the horizon.
+    """
+    seeds = [101 + i for i in range(count)]
+    # The same for any training seeds: the settings without them, and these seeds.
+    path = output / f"dns_{mode.split('_')[0]}_test{count}seeds_rank{comm.rank}of{comm.size}.npz"
+    dns_settings = {k: config[k] for k in settings(args.quick) if k != "train_seeds"}
+    seeds_key = json.dumps([dns_settings, seeds], sort_keys=True)
+    known = path.exists() and str(np.load(path)["key"]) == seeds_key
+    if comm.allreduce(known, op=MPI.LAND):
+        arrays = dict(np.load(path))
+    else:
+        arrays = {}
+        for seed in seeds:
+            states, fine, _ = filtered_trajectory(seed, horizon)
+            arrays |= {f"seed{seed}": states[::every], f"start{seed}": fine}
+            log(f"test seed {seed}: DNS done")
+        np.savez(path, key=np.array(seeds_key), **arrays)
+    flows = {"no closure": plain} | models | tuned_models
+    rows: dict[str, list[dict]] = {label: [runs[label]] for label in [*flows, *ladder_labels]}
+    for seed in seeds:
+        reference = list(arrays[f"seed{seed}"])
+        seed_runs = CoarseRuns(data, reference)
+        initial, fine = fem.Function(data.V), fem.Function(dns.V)
+        initial.x.array[:], fine.x.array[:] = reference[0], arrays[f"start{seed}"]
+        for label, flow in flows.items():
+            rows[label].append(seed_runs.run(flow, initial, each_step=hooks.get(label)))
+        for label, row in seed_runs.ladder(config["ladder"], fine).items():
+            rows[label].append(row)
+        log(f"test seed {seed}: " + ", ".join(
+            f"{label} {row[-1]['decorrelation_time']}" for label, row in rows.items()))  # fmt: skip
+    stats = {
+        label: over_seeds([row["correlations"] for row in rows_], config["sample_every"])
+        | {"seconds_per_time_unit": float(np.mean([row["seconds_per_time_unit"] for row in rows_]))}
+        for label, rows_ in rows.items()
+    }  # fmt: skip
+
+    def averaged(label: str) -> types.SimpleNamespace:
+        t = stats[label]["averaged_time"]
+        return as_run({"decorrelation_time": t,
+                       "seconds_per_time_unit": stats[label]["seconds_per_time_unit"]})  # fmt: skip
+
+    seed_ladder = {n: averaged(ladder_label(n)) for n in config["ladder"]}
+    capped_times = {label: np.array([horizon if t is None else t for t in row["times"]])
+                    for label, row in stats.items()}  # fmt: skip
+    for label, row in stats.items():
+        factor, ratio, capped = resolution_factor(seed_ladder, nc, averaged(label))
+        gain = capped_times[label] - capped_times["no closure"]  # paired: the same seeds
+        row |= {"resolution_factor": factor, "wall_time_ratio": ratio,
+                "factor_is_lower_bound": capped, "beats_no_closure": int(np.sum(gain > 0)),
+                "gain_over_no_closure": float(gain.mean()),
+                "gain_standard_error": float(gain.std(ddof=1) / np.sqrt(len(gain)))}  # fmt: skip
+    return {"seeds": [config["test_seed"], *seeds], "runs": stats}
+
+
+test_seeds = more_test_seeds(args.test_seeds) if args.test_seeds else None
 
 summary = {
     "quick": args.quick,
@@ -644,11 +728,13 @@ summary = {
     "a_priori_skill": skill,
     "a_posteriori": trainings,
     "runs": runs,
+    "test_seeds": test_seeds,
 }
 if comm.rank == 0:
     name = fit_mode + (f"_window{args.window}" if args.window else "")
     name += "_dissipative" if args.dissipative else ""
     name += "_warm" if args.warm_start else ""
+    name += f"_test{args.test_seeds}seeds" if args.test_seeds else ""
     (output / f"summary{'' if name == 'medium' else '_' + name}.json").write_text(
         json.dumps(summary, indent=2)
     )
@@ -678,11 +764,29 @@ for label, training in trainings.items():
         f"{training['seconds']:.0f} s"
     )
 
+if test_seeds is not None:
+    log(
+        f"\nover the test seeds {test_seeds['seeds']}: t(ρ<0.95) mean ± std [min, max] | "
+        "the seed-averaged ρ's t | its factor (wall ratio) | gain over no closure, paired, ± its "
+        "standard error | seeds where it outlasts no closure"
+    )
+    for name, row in test_seeds["runs"].items():
+        bound = "≥" if row["factor_is_lower_bound"] else " "
+        log(
+            f"{name:>36} | {row['mean']:.3f} ± {row['std']:.3f} [{row['min']:.3f}, "
+            f"{row['max']:.3f}] | {cell(row['averaged_time']):>7} | {bound}"
+            f"{row['resolution_factor']:5.2f} ({row['wall_time_ratio']:.2f}) | "
+            f"{row['gain_over_no_closure']:+.3f} ± {row['gain_standard_error']:.3f} | "
+            f"{row['beats_no_closure']}/{len(test_seeds['seeds'])}"
+        )
+
 # ## Checks: every run starts correlated; the oracle (exact to round-off in one step, checked
 # above) tracks the filtered DNS over the whole test horizon; the learned runs' numbers are
 # the measurement.
 for name, row in runs.items():
     assert row["correlations"][0] > 0.99, (name, row["correlations"][:2])
+for name, row in (test_seeds or {"runs": {}})["runs"].items():
+    assert row["mean_correlation"][0] > 0.99, (name, row["mean_correlation"][:2])
 oracle_row = runs["oracle: exact s_n every step"]
 assert oracle_row["decorrelation_time"] is None and oracle_row["correlation_end"] > 0.99, oracle_row
 log(f"all checks passed; outputs in {output}")

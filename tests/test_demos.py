@@ -31,8 +31,17 @@ EXPERIMENTS = {
     # ~20 s each (the step correction's DNS file, once written, is read by later runs).
     "turbulence_2d/demo_turbulence_2d.py": [
         ["turbulence_2d_limits.py", "--quick"],
-        # --bound and --dissipative: the stabilised step correction's code paths
-        ["turbulence_2d_step_correction.py", "--quick", "--bound", "4", "--dissipative"],
+        # --bound and --dissipative: the stabilised step correction's code paths; two more
+        # test seeds (their DNS, the runs from them and the statistics over the seeds)
+        [
+            "turbulence_2d_step_correction.py",
+            "--quick",
+            "--bound",
+            "4",
+            "--dissipative",
+            "--test-seeds",
+            "2",
+        ],
         # the CNN source, against the local MLP the run above fitted
         ["turbulence_2d_step_correction.py", "--quick", "--bound", "4", "--dissipative", "--cnn"],
         # the source with memory, against the one the run above fitted

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mpi4py import MPI
 
+import numpy as np
 import pytest
 from test_demos import _child_environment
 
@@ -35,3 +36,32 @@ def test_experiment_starts(experiment: str):
     )
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
     assert result.stdout.startswith("usage:"), result.stdout
+
+
+def test_over_seeds_statistics():
+    """The decorrelation over several test seeds (``turbulence_2d_step_correction.py
+    --test-seeds``): per-seed times, their spread, and the seed-averaged correlation's."""
+    demos = EXPERIMENT_DIR.parent / "demos"
+    sys.path[:0] = [str(demos), str(demos / "turbulence_2d"), str(EXPERIMENT_DIR)]
+    try:
+        from turbulence_2d_data import over_seeds
+    finally:
+        del sys.path[:3]
+    # Seed 1 crosses 0.95 a quarter of the way from t = 1 to 1.5 (0.97 → 0.93 ... linear:
+    # 0.5 + 0.5 · 0.02 / 0.04 = 0.75); seed 2 never does (counted as the horizon, 1.5).
+    stats = over_seeds([[1.0, 0.97, 0.93, 0.90], [1.0, 0.99, 0.98, 0.96]], 0.5)
+    assert stats["times"] == [pytest.approx(0.75), None] and stats["never"] == 1
+    assert stats["mean"] == pytest.approx(1.125) and stats["std"] == pytest.approx(0.75 / 2**0.5)
+    assert (stats["min"], stats["max"]) == (pytest.approx(0.75), 1.5)
+    # The average [1, 0.98, 0.955, 0.93] crosses at 1 + 0.5 · 0.005 / 0.025 = 1.1.
+    assert stats["mean_correlation"] == pytest.approx([1.0, 0.98, 0.955, 0.93])
+    assert stats["averaged_time"] == pytest.approx(1.1)
+    # A blown-up run (NaN) counts as ρ = −1 from that sample on, as in the runs' own times:
+    # 1 → −1 crosses 0.95 at 0.5 · 0.05 / 2 = 0.0125.
+    blown = over_seeds([[1.0, np.nan, 0.99, 0.99]], 0.5)
+    assert blown["times"] == [pytest.approx(0.0125)] and blown["std"] == 0.0
+    assert blown["averaged_time"] == pytest.approx(0.0125)
+    assert over_seeds([[1.0, 0.99]], 0.5)["averaged_time"] is None
+    for bad in ([], [[1.0]], [1.0, 0.9]):
+        with pytest.raises(ValueError, match="correlations"):
+            over_seeds(bad, 0.5)
