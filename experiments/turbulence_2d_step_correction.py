@@ -50,6 +50,9 @@ reads the local MLP fitted by the run without it. ``--test-seeds K`` runs every 
 (and the ladder) from ``K`` more test trajectories too, seeds 101, ..., ``100 + K`` (their
 DNS saved beside the others): each model's decorrelation times over the ``K + 1`` test
 seeds, their spread, and the resolution factor of the seed-averaged correlation.
+``--coarse N`` sets the coarse mesh (``N²``, default 16² at ``--medium``; the ladder is
+``N²``, ``(2N)²`` and ``(4N)²`` where coarser than the DNS), with its own DNS, fits and
+summaries (``_coarse<N>`` in their names).
 """
 
 import argparse
@@ -128,6 +131,11 @@ parser.add_argument(
     "the spread of the decorrelation times and the factor of the seed-averaged correlation",
 )  # fmt: skip
 parser.add_argument(
+    "--coarse", type=int, default=None,
+    help="the coarse mesh (cells per side, dividing the DNS's; default 16 at --medium); the "
+    "ladder is it and its 2× and 4× refinements coarser than the DNS",
+)  # fmt: skip
+parser.add_argument(
     "--memory", action="store_true",
     help="the local source also reads the change of ω̄ over the last coarse step, trained a "
     "priori and a posteriori, against the source without it (the FNO is not fitted)",
@@ -139,6 +147,11 @@ comm = MPI.COMM_WORLD
 torch.set_num_threads(1)
 output = output_folder("turbulence_2d_step_correction", root=REPOSITORY / "experiments" / "output")
 config = settings(args.quick)
+if args.coarse is not None:
+    if not 1 <= args.coarse < config["dns"] or config["dns"] % args.coarse:
+        parser.error(f"--coarse must divide the DNS's {config['dns']} cells and be fewer")
+    config["coarse"] = args.coarse
+    config["ladder"] = [f * args.coarse for f in (1, 2, 4) if f * args.coarse < config["dns"]]
 if args.quick:
     config |= dict(
         quadrature_degree=2, mlp_epochs=10, fno_epochs=5, fno_modes=4, fno_width=8,
@@ -196,9 +209,10 @@ def generate_dns() -> dict[str, np.ndarray]:
     return arrays
 
 
-mode = ("quick" if args.quick else "medium") + (
-    f"_{args.train_seeds}seeds" if args.train_seeds else ""
+base_mode = ("quick" if args.quick else "medium") + (
+    f"_coarse{args.coarse}" if args.coarse is not None else ""
 )
+mode = base_mode + (f"_{args.train_seeds}seeds" if args.train_seeds else "")
 cache = output / f"dns_{mode}_rank{comm.rank}of{comm.size}.npz"
 key = json.dumps({k: config[k] for k in settings(args.quick)}, sort_keys=True)
 found = cache.exists() and str(np.load(cache)["key"]) == key
@@ -666,7 +680,7 @@ def more_test_seeds(count: int) -> dict[str, Any]:
     """
     seeds = [101 + i for i in range(count)]
     # The same for any training seeds: the settings without them, and these seeds.
-    path = output / f"dns_{mode.split('_')[0]}_test{count}seeds_rank{comm.rank}of{comm.size}.npz"
+    path = output / f"dns_{base_mode}_test{count}seeds_rank{comm.rank}of{comm.size}.npz"
     dns_settings = {k: config[k] for k in settings(args.quick) if k != "train_seeds"}
     seeds_key = json.dumps([dns_settings, seeds], sort_keys=True)
     known = path.exists() and str(np.load(path)["key"]) == seeds_key
