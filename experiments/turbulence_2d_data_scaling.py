@@ -96,14 +96,6 @@ def decorrelation(summary: dict, name: str) -> tuple[float, float]:
     return row["mean"], row["std"] / np.sqrt(len(summary["test_seeds"]["seeds"]))
 
 
-def paired_gain(summary: dict, name: str) -> tuple[float, float]:
-    """A run's gain in decorrelation time over no closure, seed by seed: mean, standard error."""
-    horizon, rows = summary["config"]["test_horizon"], summary["test_seeds"]["runs"]
-    capped = [[horizon if t is None else t for t in rows[n]["times"]] for n in (name, "no closure")]
-    gain = np.subtract(*capped)
-    return float(gain.mean()), float(gain.std(ddof=1) / np.sqrt(len(gain)))
-
-
 times = {label: [decorrelation(s, name)[0] for s in summaries] for label, name in SOURCES.items()}
 errors = {label: [decorrelation(s, name)[1] for s in summaries] for label, name in SOURCES.items()}
 ladder = {factor: decorrelation(summaries[-1], name)[0] for factor, name in LADDER.items()}
@@ -121,7 +113,13 @@ result = {
     "decorrelation_times": times,
     "standard_errors": errors,
     "paired_gains_over_no_closure": (
-        {label: [paired_gain(s, name) for s in summaries] for label, name in SOURCES.items()}
+        {
+            label: [
+                (row["gain_over_no_closure"], row["gain_standard_error"])
+                for row in (s["test_seeds"]["runs"][name] for s in summaries)
+            ]
+            for label, name in SOURCES.items()
+        }
         if args.test_seeds
         else None
     ),

@@ -143,6 +143,8 @@ parser.add_argument(
 args = parser.parse_args()
 if args.cnn and args.memory:
     parser.error("--cnn and --memory are separate measurements; give one of them")
+if args.test_seeds < 0:
+    parser.error(f"--test-seeds must be 0 or more, got {args.test_seeds}")
 comm = MPI.COMM_WORLD
 torch.set_num_threads(1)
 output = output_folder("turbulence_2d_step_correction", root=REPOSITORY / "experiments" / "output")
