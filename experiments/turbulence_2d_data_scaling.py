@@ -16,9 +16,10 @@ doublings the line needs to reach the 32² and 64² meshes' decorrelation times,
 resolution factors 2 and 4. With ``--test-seeds K`` it reads the summaries of runs with
 ``--test-seeds K`` and uses each model's mean decorrelation time over the ``K + 1`` test
 seeds, with its standard error, instead of the one test seed's. Writes
-``data_scaling.json`` and ``data_scaling.png`` (``data_scaling_test<K>seeds.*``)
-(copied to ``docs/figures/turbulence_2d_data_scaling.png``) to
-``experiments/output/turbulence_2d_data_scaling/``. Serial; reads files only.
+``data_scaling.json`` and ``data_scaling.png`` (``data_scaling_test<K>seeds.*``) to
+``experiments/output/turbulence_2d_data_scaling/`` (the figures are copied to
+``docs/figures/turbulence_2d_data_scaling.png`` and ``turbulence_2d_test_seeds.png``).
+Serial; reads files only.
 """
 
 import argparse

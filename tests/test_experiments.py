@@ -47,8 +47,8 @@ def test_over_seeds_statistics():
         from turbulence_2d_data import over_seeds
     finally:
         del sys.path[:3]
-    # Seed 1 crosses 0.95 a quarter of the way from t = 1 to 1.5 (0.97 → 0.93 ... linear:
-    # 0.5 + 0.5 · 0.02 / 0.04 = 0.75); seed 2 never does (counted as the horizon, 1.5).
+    # Seed 1 crosses 0.95 halfway from t = 0.5 (0.97) to 1 (0.93), linearly:
+    # 0.5 + 0.5 · 0.02 / 0.04 = 0.75; seed 2 never does (counted as the horizon, 1.5).
     stats = over_seeds([[1.0, 0.97, 0.93, 0.90], [1.0, 0.99, 0.98, 0.96]], 0.5)
     assert stats["times"] == [pytest.approx(0.75), None] and stats["never"] == 1
     assert stats["mean"] == pytest.approx(1.125) and stats["std"] == pytest.approx(0.75 / 2**0.5)
