@@ -301,7 +301,11 @@ class CoarseRuns:
         return runs
 
 
-def over_seeds(correlations: Sequence[Sequence[float]], sample_every: float) -> dict[str, Any]:
+def over_seeds(
+    correlations: Sequence[Sequence[float]],
+    sample_every: float,
+    baseline: Sequence[Sequence[float]] | None = None,
+) -> dict[str, Any]:
     """The decorrelation of one model's runs from several test seeds.
 
     Args:
@@ -309,14 +313,19 @@ def over_seeds(correlations: Sequence[Sequence[float]], sample_every: float) -> 
             ``sample_every`` from the start (NaN: blown up, counted as ρ = −1 as in
             :func:`decorrelation`).
         sample_every: The sampling interval.
+        baseline: Another model's correlations from the same seeds (e.g. no closure).
 
     Returns:
-        ``times`` (per seed, ``None``: never within the horizon), ``mean``, ``std`` (the
+        ``times`` (per seed, ``None``: never within the horizon; ``capped_times`` with
+        the horizon for ``None``), ``mean``, ``std`` (the
         sample standard deviation, 0 for one seed), ``min`` and ``max`` of the times with
         ``None`` counted as the horizon, ``never`` (how many seeds never decorrelate),
         ``mean_correlation`` (the correlation averaged over the seeds at each sample) and
         ``averaged_time``: the decorrelation time of that average (Kochkov et al.'s
-        measure; ``None``: never).
+        measure; ``None``: never). With ``baseline`` also the paired comparison, seed by
+        seed (the seeds' own spread cancels): ``gain_over_baseline`` (the mean difference
+        of the times), its ``gain_standard_error`` and ``beats_baseline`` (on how many
+        seeds the model lasts longer).
     """
     rho = np.nan_to_num(np.asarray(correlations, dtype=float), nan=-1.0)
     if rho.ndim != 2 or rho.shape[0] == 0 or rho.shape[1] < 2:
@@ -325,7 +334,18 @@ def over_seeds(correlations: Sequence[Sequence[float]], sample_every: float) -> 
     times = [decorrelation(sample_times, row) for row in rho]
     capped = np.array([sample_times[-1] if t is None else t for t in times])
     mean_rho = rho.mean(axis=0)
-    return {
+    paired = {}
+    if baseline is not None:
+        gain = capped - np.array(over_seeds(baseline, sample_every)["capped_times"])
+        paired = {
+            "gain_over_baseline": float(gain.mean()),
+            "gain_standard_error": float(gain.std(ddof=1) / np.sqrt(len(gain)))
+            if len(gain) > 1
+            else 0.0,
+            "beats_baseline": int(np.sum(gain > 0)),
+        }
+    return paired | {
+        "capped_times": [float(t) for t in capped],
         "times": times,
         "mean": float(capped.mean()),
         "std": float(capped.std(ddof=1)) if len(capped) > 1 else 0.0,

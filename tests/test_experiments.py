@@ -56,6 +56,18 @@ def test_over_seeds_statistics():
     # The average [1, 0.98, 0.955, 0.93] crosses at 1 + 0.5 · 0.005 / 0.025 = 1.1.
     assert stats["mean_correlation"] == pytest.approx([1.0, 0.98, 0.955, 0.93])
     assert stats["averaged_time"] == pytest.approx(1.1)
+    assert stats["capped_times"] == [pytest.approx(0.75), 1.5]
+    # Paired with a baseline from the same seeds: seed 1's crosses at 0.5 + 0.5 · 0.02 / 0.07
+    # (= 0.75 − 3 / 28), seed 2's never; the gains are 3/28 and 0, the standard error of
+    # their mean |3/28 − 0| / 2.
+    paired = over_seeds(
+        [[1.0, 0.97, 0.93, 0.90], [1.0, 0.99, 0.98, 0.96]],
+        0.5,
+        baseline=[[1.0, 0.97, 0.90, 0.90], [1.0, 0.99, 0.98, 0.96]],
+    )
+    assert paired["gain_over_baseline"] == pytest.approx(3 / 56)
+    assert paired["gain_standard_error"] == pytest.approx(3 / 56)
+    assert paired["beats_baseline"] == 1
     # A blown-up run (NaN) counts as ρ = −1 from that sample on, as in the runs' own times:
     # 1 → −1 crosses 0.95 at 0.5 · 0.05 / 2 = 0.0125.
     blown = over_seeds([[1.0, np.nan, 0.99, 0.99]], 0.5)
