@@ -7,8 +7,14 @@ degree 2: 3 points per cell)::
 
     a = (u v + dt κ ∇u·∇v) dx,   L = (u_n − dt β·∇u_n) v dx + dt q v dx_q
 
-For each horizon ``k`` (``--steps``), with and without checkpointing (``--every`` steps per
-segment), a fresh process (``--worker``) builds the problem, takes one warm-up gradient
+``--implicit``: backward Euler instead, the closure a flux ``q(u, ∇u)`` of the new state
+(``Linear(3, 32) → tanh → Linear(32, 32) → tanh → Linear(32, 2)``, weights of the last layer
+scaled by 0.2), solved by Newton with the closure's tangent (LU, tolerances 1e-12)::
+
+    F = (u − u_n) v + dt κ ∇u·∇v + dt (β·∇u) v + dt q(u, ∇u)·∇v = 0
+
+For each horizon ``k`` (``--steps``), without and with checkpointing (``--every`` steps
+per segment), a fresh process (``--worker``) builds the problem, takes one warm-up gradient
 over one step, then measures:
 
 * **peak memory**: the peak resident set size (``ru_maxrss``) during one gradient over
@@ -22,7 +28,10 @@ over one step, then measures:
   with the graph, then backward: transposed solves, operand pull-backs, the model's VJP),
   taken alternately; wall and CPU time (``time.process_time``), and the ratio of the CPU
   times, which the other jobs of a shared machine inflate less (the usual adjoint bound is
-  3×; with checkpointing the backward recomputes one more forward).
+  3×; with checkpointing the backward recomputes part of a forward). Checkpointed, the
+  gradient is taken two ways in the same rounds: keeping the forward's states
+  (``keep_states=True``, the default: the recomputation runs the operand and model stages
+  only) and solving the recomputed steps again (``keep_states=False``, ``ratio_solve_again``).
 
 ``--memory``: the closure also reads the change over the last step, ``q(u_n, u_n −
 u_{n-1}, ∇u_n)`` (``Linear(4, 32)``), and the stepper keeps ``u_{n-1}``
@@ -35,6 +44,7 @@ One thread (``torch.set_num_threads(1)``, one MPI rank). Writes
     .venv/bin/python benchmarks/rollout_gradient.py                 # k = 10, 40, 160
     .venv/bin/python benchmarks/rollout_gradient.py --steps 4 8 --cells 8 --repeats 1  # smoke
     .venv/bin/python benchmarks/rollout_gradient.py --memory --tag memory  # two time levels
+    .venv/bin/python benchmarks/rollout_gradient.py --implicit --tag implicit  # Newton steps
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ import subprocess
 import sys
 import time
 import typing
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +92,12 @@ def worker_environment() -> dict[str, str]:
     return {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
 
 
-def build(cells: int, every: int | None, memory: bool = False):
+def build(
+    cells: int,
+    every: int | None,
+    memory: bool = False,
+    implicit: bool = False,
+):
     """The rollout of the advection-diffusion step, its initial state (and older states)."""
     from mpi4py import MPI
 
@@ -91,6 +107,9 @@ def build(cells: int, every: int | None, memory: bool = False):
     from dolfinx_mno.petsc import LinearProblem
     from dolfinx_mno.rollout import Rollout
     from dolfinx_mno.timestepping import IMEXStepper
+
+    if implicit:
+        return build_implicit(cells, every)
 
     msh = mesh.create_unit_square(MPI.COMM_WORLD, cells, cells)
     V = fem.functionspace(msh, ("Lagrange", 1))
@@ -124,8 +143,67 @@ def build(cells: int, every: int | None, memory: bool = False):
         petsc_options_prefix="rollout_benchmark_",
     )
     older = [u_nm1] if memory else []
-    rollout = Rollout(IMEXStepper(problem, uh, u_n, dt=dt, older=older), checkpoint_every=every)
+    stepper = IMEXStepper(problem, uh, u_n, dt=dt, older=older)
+    rollout = Rollout(stepper, checkpoint_every=every)
     return rollout, rollout.initial_state(), rollout.initial_older() or None, V
+
+
+def build_implicit(cells: int, every: int | None):
+    """The rollout of the backward Euler step with a flux closure of the new state."""
+    from mpi4py import MPI
+
+    import ufl
+    from dolfinx import fem, mesh
+
+    from dolfinx_mno.petsc import NonlinearProblem
+    from dolfinx_mno.rollout import Rollout
+    from dolfinx_mno.timestepping import ImplicitStepper
+
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, cells, cells)
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    u_n, uh = fem.Function(V), fem.Function(V)
+    u_n.interpolate(lambda x: np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]))
+    uh.x.array[:] = u_n.x.array
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 32),
+        torch.nn.Tanh(),
+        torch.nn.Linear(32, 32),
+        torch.nn.Tanh(),
+        torch.nn.Linear(32, 2),
+    ).double()
+    with torch.no_grad():  # a mild closure: Newton converges in a few iterations
+        model[4].weight.mul_(0.2)
+    closure = mno.Closure(model, [uh, ufl.grad(uh)], (2,), quadrature_degree=2, device="cpu")
+    dt, kappa = 1e-3, 0.05
+    beta = ufl.as_vector([1.0, 0.5])
+    v = ufl.TestFunction(V)
+    F = (
+        (uh - u_n) * v
+        + dt * kappa * ufl.inner(ufl.grad(uh), ufl.grad(v))
+        + dt * ufl.dot(beta, ufl.grad(uh)) * v
+    ) * ufl.dx + dt * ufl.inner(closure, ufl.grad(v)) * closure.dx
+    msh.topology.create_connectivity(1, 2)
+    boundary = fem.locate_dofs_topological(V, 1, mesh.exterior_facet_indices(msh.topology))
+    options = {
+        "ksp_type": "preonly",
+        "pc_type": "lu",
+        "snes_type": "newtonls",
+        "snes_linesearch_type": "none",
+        "snes_atol": 1e-12,
+        "snes_rtol": 1e-12,
+        "snes_stol": 0.0,
+    }
+    problem = NonlinearProblem(
+        F,
+        uh,
+        bcs=[fem.dirichletbc(0.0, boundary, V)],
+        petsc_options=options,
+        petsc_options_prefix="rollout_benchmark_implicit_",
+    )
+    stepper = ImplicitStepper(problem, uh, u_n, dt=dt)
+    rollout = Rollout(stepper, checkpoint_every=every)
+    return rollout, rollout.initial_state(), None, V
 
 
 def targets(V, num_owned: int, steps: int) -> list[torch.Tensor]:
@@ -148,7 +226,7 @@ def worker(args: argparse.Namespace) -> None:
     """One configuration in this process; prints its JSON row."""
     torch.set_num_threads(1)
     every = args.every if args.checkpoint else None
-    rollout, u0, older, V = build(args.cells, every, args.memory)
+    rollout, u0, older, V = build(args.cells, every, args.memory, args.implicit)
     data = targets(V, rollout.num_owned, args.k)
     # Warm-up: JIT-compiled forms, factorisation, allocator, and (with one checkpointed
     # segment) torch.utils.checkpoint's first call, which loads ~140 MiB of libraries.
@@ -156,6 +234,7 @@ def worker(args: argparse.Namespace) -> None:
     row: dict[str, typing.Any] = {
         "k": args.k,
         "checkpoint_every": every,
+        "implicit": args.implicit,
         "cells": args.cells,
         "dofs": rollout.num_owned,
         "points": int(rollout._maps[0].shape[0]),
@@ -173,15 +252,29 @@ def worker(args: argparse.Namespace) -> None:
 
         # Alternated, so that a change of the machine's load hits both alike; the ratio
         # from CPU time, which other jobs on the machine do not inflate (much).
-        forward_times, gradient_times = [], []
+        def gradient(keep_states: bool) -> Callable[[], None]:
+            def call() -> None:
+                rollout.keep_states = keep_states
+                rollout.gradient(u0, data, older=older)
+
+            return call
+
+        variants = {"": gradient(True)}
+        if every is not None:  # the same rounds, solving the recomputed steps again
+            variants["_solve_again"] = gradient(False)
+        forward_times: list[tuple[float, float]] = []
+        gradient_times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
         for _ in range(args.repeats):
             forward_times.append(timed(forward))
-            gradient_times.append(timed(lambda: rollout.gradient(u0, data, older=older)))
+            for name, call in variants.items():
+                gradient_times[name].append(timed(call))
+        rollout.keep_states = True
         row["forward_s"] = min(t[0] for t in forward_times)
-        row["gradient_s"] = min(t[0] for t in gradient_times)
         row["forward_cpu_s"] = min(t[1] for t in forward_times)
-        row["gradient_cpu_s"] = min(t[1] for t in gradient_times)
-        row["ratio"] = row["gradient_cpu_s"] / row["forward_cpu_s"]
+        for name, times in gradient_times.items():
+            row[f"gradient{name}_s"] = min(t[0] for t in times)
+            row[f"gradient{name}_cpu_s"] = min(t[1] for t in times)
+            row[f"ratio{name}"] = row[f"gradient{name}_cpu_s"] / row["forward_cpu_s"]
     print(json.dumps(row))
 
 
@@ -194,6 +287,9 @@ def main() -> None:
     parser.add_argument("--tag", default="")
     parser.add_argument(
         "--memory", action="store_true", help="a closure of u_n - u_(n-1): two time levels"
+    )
+    parser.add_argument(
+        "--implicit", action="store_true", help="backward Euler with Newton (closure of u_{n+1})"
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", action="store_true", help=argparse.SUPPRESS)
@@ -221,6 +317,7 @@ def main() -> None:
                     ]
                     + (["--checkpoint"] if checkpoint else [])
                     + (["--memory"] if args.memory else [])
+                    + (["--implicit"] if args.implicit else [])
                 )
                 # Times with the default allocator; memory with a fixed mmap threshold.
                 environment = worker_environment() if measure == "memory" else None
@@ -231,20 +328,24 @@ def main() -> None:
             rows.append(row)
     header = (
         f"{'k':>5} {'checkpoint':>10} {'forward ms':>11} {'gradient ms':>12} "
-        f"{'CPU fwd ms':>11} {'CPU grad ms':>12} {'ratio':>6} "
+        f"{'CPU fwd ms':>11} {'CPU grad ms':>12} {'ratio':>6} {'solving again':>14} "
         f"{'peak RSS Δ MiB':>15}"
     )
     levels = ", two time levels (--memory)" if args.memory else ""
+    scheme = "backward Euler, Newton" if args.implicit else "IMEX"
     print(
-        f"P1 {args.cells}x{args.cells}, {rows[0]['dofs']} dofs, {rows[0]['points']} points{levels}"
+        f"P1 {args.cells}x{args.cells}, {rows[0]['dofs']} dofs, {rows[0]['points']} points, "
+        f"{scheme}{levels}"
     )
     print(header)
     for row in rows:
         every = row["checkpoint_every"]
+        again = f"{row['ratio_solve_again']:.2f}" if every else "-"
         print(
             f"{row['k']:>5} {('every ' + str(every)) if every else 'no':>10} "
             f"{ms(row['forward_s']):>11} {ms(row['gradient_s']):>12} "
-            f"{ms(row['forward_cpu_s']):>11} {ms(row['gradient_cpu_s']):>12} {row['ratio']:>6.2f} "
+            f"{ms(row['forward_cpu_s']):>11} {ms(row['gradient_cpu_s']):>12} "
+            f"{row['ratio']:>6.2f} {again:>14} "
             f"{row['peak_rss_delta_bytes'] / 2**20:>15.1f}"
         )
     results = Path(__file__).resolve().parent / "results"

@@ -123,7 +123,7 @@ class Rollout:
     docstring); :meth:`gradient` runs it and returns the gradient of :func:`rollout_loss`.
     The stepper's time, step count and history are not changed; the problem's functions
     (``u``, ``u_previous``, the closure values, the time constant) are left at the last
-    state that was computed (in a checkpointed backward: a recomputed one).
+    state that was computed (after a checkpointed backward: an earlier one).
 
     Args:
         stepper: An :class:`~dolfinx_mno.timestepping.IMEXStepper` (``closure_interval=1``)
@@ -147,10 +147,18 @@ class Rollout:
         checkpoint_every: Keep the autograd graph of only one segment of this many steps
             at a time (:func:`torch.utils.checkpoint.checkpoint`, non-reentrant): the
             model's activations of the other segments are dropped and recomputed in
-            backward. The last segment keeps its graph from the forward (backward needs it
-            first, so keeping it costs no extra memory): a rollout of ``k`` steps
-            recomputes ``k - (k - 1) % checkpoint_every - 1`` of them, none if ``k ≤
-            checkpoint_every``. ``None`` (the default) keeps every step's.
+            backward (see ``keep_states``). The last segment keeps its graph from the
+            forward (backward needs it first, so keeping it costs no extra memory): a
+            rollout of ``k`` steps recomputes ``k - (k - 1) % checkpoint_every - 1`` of
+            them, none if ``k ≤ checkpoint_every``. ``None`` (the default) keeps every
+            step's.
+        keep_states: With ``checkpoint_every``, keep every state of the forward (one
+            ``(num_owned,)`` tensor a step, which the loss often keeps anyway) so that the
+            recomputation rebuilds only the operand and model stages of each step: a step
+            recomputed in backward returns its state from the forward instead of solving
+            again (for an implicit step, no Newton solve at all). ``False`` keeps only each
+            segment's first state and solves the recomputed steps again; the gradient is
+            the same.
         before_step: Called as ``before_step(stepper, t_new)`` before each step, as in
             :meth:`~dolfinx_mno.timestepping.IMEXStepper.step` (time-dependent data; not
             differentiated). The stepper's time constant, if any, is set first.
@@ -161,8 +169,8 @@ class Rollout:
             ``u_previous``, an older state, a closure or the solution, a linear form that
             reads the solution, an implicit stepper with older states, an implicit closure
             that reads ``u_previous``, a local implicit
-            closure frozen in the Jacobian, operands not affine in their coefficients, or a
-            bad ``checkpoint_every``.
+            closure frozen in the Jacobian, operands not affine in their coefficients, a
+            bad ``checkpoint_every``, or a ``keep_states`` that is not a bool.
 
         Checked on every rank, agreed before any collective call.
     """
@@ -172,6 +180,7 @@ class Rollout:
         stepper: Stepper,
         *,
         checkpoint_every: int | None = None,
+        keep_states: bool = True,
         before_step: Callable[[Stepper, float], None] | None = None,
     ):
         """Check the stepper and assemble the constant matrices (collective)."""
@@ -183,6 +192,8 @@ class Rollout:
         implicit = isinstance(stepper, ImplicitStepper)
         state = stepper.u if implicit else stepper.u_previous
         with rank_local(comm, "Building the rollout"):
+            if not isinstance(keep_states, bool):
+                raise ValueError(f"keep_states must be True or False, got {keep_states!r}.")
             closures, form = self._check(stepper, checkpoint_every)
             older = [] if implicit else stepper.older
             self._maps = [OperandMap(closure, state, older) for closure in closures]
@@ -192,6 +203,7 @@ class Rollout:
         self.comm = comm
         self.closures: list[AnyClosure] = closures
         self.checkpoint_every = checkpoint_every
+        self.keep_states = keep_states
         self.before_step = before_step
         self.num_owned = owned_size(stepper.u.function_space)
         #: Number of older levels ``u_{n-1}, ...`` of the state (the stepper's ``older``).
@@ -353,16 +365,20 @@ class Rollout:
             levels = [u0, *self._check_older(older)]
         self._t0 = self.stepper.t
         segment = self.checkpoint_every or num_steps
+        checkpointed = self.checkpoint_every is not None and torch.is_grad_enabled()
+        # The forward's states by step, for the recomputation (keep_states): filled by the
+        # first pass of a segment, read by its second.
+        known: dict[int, torch.Tensor] | None = {} if checkpointed and self.keep_states else None
         states: list[torch.Tensor] = []
         for start in range(0, num_steps, segment):
             count = min(segment, num_steps - start)
             last = start + count == num_steps  # its graph is the first one backward needs
-            if self.checkpoint_every is not None and torch.is_grad_enabled() and not last:
+            if checkpointed and not last:
                 outputs = torch.utils.checkpoint.checkpoint(
-                    self._segment, start, count, *levels, use_reentrant=False
+                    self._segment, start, count, known, *levels, use_reentrant=False
                 )
             else:
-                outputs = self._segment(start, count, *levels)
+                outputs = self._segment(start, count, None, *levels)
             states.extend(outputs)
             levels = self._shift(levels, outputs)
         return states
@@ -385,18 +401,32 @@ class Rollout:
                 f"got {tuple(state.shape)}."
             )
 
-    def _segment(self, start: int, count: int, *levels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The new states of steps ``start .. start + count - 1`` from ``[u_n, u_{n-1}, ...]``."""
+    def _segment(
+        self, start: int, count: int, known: dict[int, torch.Tensor] | None, *levels: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """The new states of steps ``start .. start + count - 1`` from ``[u_n, u_{n-1}, ...]``.
+
+        ``known``: the states of the steps computed so far, filled here on a first pass and
+        returned by the solve stages on a second (a checkpoint's recomputation).
+        """
         states = []
         current = list(levels)
         for n in range(start, start + count):
-            state = self._step(current, n)
+            state = self._step(current, n, None if known is None else known.get(n))
+            if known is not None:
+                known.setdefault(n, state.detach())  # shares the output's memory
             states.append(state)
             current = self._shift(current, [state])
         return tuple(states)
 
-    def _step(self, levels: Sequence[torch.Tensor], n: int) -> torch.Tensor:
-        """Step ``n`` from ``[u_n, u_{n-1}, ...]``: time and hook, then the step's stages."""
+    def _step(
+        self, levels: Sequence[torch.Tensor], n: int, known: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Step ``n`` from ``[u_n, u_{n-1}, ...]``: time and hook, then the step's stages.
+
+        With ``known`` (the state this step gave before), the solve stage returns it
+        instead of solving: the stages before it still run, with their graphs.
+        """
         state = levels[0]
         t_new = self._t0 + (n + 1) * self.stepper.dt
         if self.stepper.time is not None:
@@ -408,7 +438,8 @@ class Rollout:
         if isinstance(step, ImplicitStep):
             parameters = [p for c in self.closures for p in c.model.parameters() if p.requires_grad]
             return typing.cast(
-                torch.Tensor, ImplicitStepFunction.apply(step, t_new, state, *parameters)
+                torch.Tensor,
+                ImplicitStepFunction.apply(step, t_new, known, state, *parameters),
             )
         values = []
         for closure, operand_map in zip(self.closures, self._maps, strict=True):
@@ -421,7 +452,9 @@ class Rollout:
                 continue
             with rank_local(self.comm, f"The model of closure '{closure.name}'"):
                 values.append(model_values(closure, inputs))
-        return typing.cast(torch.Tensor, IMEXStepFunction.apply(step, t_new, *levels, *values))
+        return typing.cast(
+            torch.Tensor, IMEXStepFunction.apply(step, t_new, known, *levels, *values)
+        )
 
     # -- the gradient --------------------------------------------------------------------
 

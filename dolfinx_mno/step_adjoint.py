@@ -380,11 +380,15 @@ class IMEXStepFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, step: IMEXStep, t_new: float, *inputs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """The stage (see the class docstring)."""
+    def forward(  # type: ignore[override]
+        ctx, step: IMEXStep, t_new: float, known: torch.Tensor | None, *inputs: torch.Tensor
+    ) -> torch.Tensor:
+        """The stage (see the class docstring); ``known``: ``u_{n+1}`` from an earlier solve."""
         ctx.step = step
         if not step.affine:
             ctx.save_for_backward(*inputs)
+        if known is not None:  # a recomputation: the solve would give the same state
+            return known.detach().clone()
         arrays = [v.detach().numpy() for v in inputs]
         levels, values = arrays[: step.num_levels], arrays[step.num_levels :]
         return torch.from_numpy(step.solve(levels, values, t_new))
@@ -399,7 +403,7 @@ class IMEXStepFunction(torch.autograd.Function):
             arrays = [t.detach().numpy() for t in ctx.saved_tensors]
             state = (arrays[: step.num_levels], arrays[step.num_levels :])
         gradients = step.adjoint(sensitivity.contiguous().numpy(), state)
-        return None, None, *gradients
+        return None, None, None, *gradients
 
 
 # -- stage 3b: an implicit step ------------------------------------------------------------
@@ -650,11 +654,19 @@ class ImplicitStepFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, step: ImplicitStep, t_new: float, u_n: torch.Tensor, *parameters: torch.Tensor
+        ctx,
+        step: ImplicitStep,
+        t_new: float,
+        known: torch.Tensor | None,
+        u_n: torch.Tensor,
+        *parameters: torch.Tensor,
     ) -> torch.Tensor:  # type: ignore[override]
-        """The stage (see the class docstring)."""
+        """The stage (see the class docstring); ``known``: ``u_{n+1}`` from an earlier solve."""
         ctx.step = step
-        u_new = torch.from_numpy(step.solve(u_n.detach().numpy(), t_new))
+        if known is not None:  # a recomputation: Newton would converge to the same state
+            u_new = known.detach().clone()
+        else:
+            u_new = torch.from_numpy(step.solve(u_n.detach().numpy(), t_new))
         ctx.save_for_backward(u_n, u_new)
         return u_new
 
@@ -686,4 +698,4 @@ class ImplicitStepFunction(torch.autograd.Function):
                     torch.zeros_like(p) if g is None else g
                     for p, g in zip(parameters, grads, strict=True)
                 )
-        return None, None, grad_u, *parameter_gradients
+        return None, None, None, grad_u, *parameter_gradients

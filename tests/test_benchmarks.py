@@ -68,15 +68,18 @@ def test_turbulence_scaling_case_and_comparison(kind, tmp_path):
     assert len(result["rounds"]["1"]) == 2 and len(result["rounds"]["2"]) == 1
 
 
-def test_rollout_gradient_smoke():
-    """Tiny rollouts with two time levels (``--memory``): the rows, finite and consistent."""
+@pytest.mark.parametrize(("flag", "label"), [("--memory", "two time levels"),
+                                           ("--implicit", "backward Euler, Newton")])  # fmt: skip
+def test_rollout_gradient_smoke(flag, label):
+    """Tiny rollouts with two time levels or Newton steps: the rows, finite and consistent;
+    checkpointed, the same loss, and the gradient also timed solving the steps again."""
     import subprocess
 
-    tag = "smoke_test_memory"
-    command = [sys.executable, str(BENCHMARKS / "rollout_gradient.py"), "--memory", "--steps",
+    tag = f"smoke_test{flag.replace('-', '_')}"
+    command = [sys.executable, str(BENCHMARKS / "rollout_gradient.py"), flag, "--steps",
                "3", "--cells", "4", "--every", "2", "--repeats", "1", "--tag", tag]  # fmt: skip
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    assert "two time levels" in output
+    assert label in output
     path = BENCHMARKS / "results" / f"rollout_gradient_{tag}.json"
     rows = json.loads(path.read_text())["rows"]
     path.unlink()
@@ -86,6 +89,8 @@ def test_rollout_gradient_smoke():
         assert row["forward_s"] > 0 and row["gradient_s"] > 0 and math.isfinite(row["ratio"])
         assert row["loss"] > 0
     assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-12)  # checkpoints: same
+    assert "ratio_solve_again" not in rows[0]
+    assert rows[1]["gradient_solve_again_s"] > 0 and math.isfinite(rows[1]["ratio_solve_again"])
 
 
 def test_gpu_checks_smoke(tmp_path):

@@ -178,8 +178,8 @@ def test_checkpointed_gradient_equals_the_full_graph():
     stepper, _ = heat(msh, 1, ("scalar", "flux"), prefix="checkpoint_")
     u0 = Rollout(stepper).initial_state()
     results = []
-    for every in (None, 2, 3):
-        rollout = Rollout(stepper, checkpoint_every=every)
+    for every, keep_states in ((None, True), (2, True), (3, True), (2, False), (3, False)):
+        rollout = Rollout(stepper, checkpoint_every=every, keep_states=keep_states)
         results.append(rollout.gradient(u0, targets(rollout), initial_state=True))
     reference = results[0]
     for result in results[1:]:
@@ -341,6 +341,11 @@ def test_bad_input_raises_the_same_error_on_every_rank(tiny_square):
         "checkpoint_every must be None or a positive integer, got 0.",
         lambda: Rollout(stepper, checkpoint_every=0),
     )
+    _raises(
+        ValueError,
+        "keep_states must be True or False, got 'no'.",
+        lambda: Rollout(stepper, checkpoint_every=2, keep_states="no"),  # type: ignore[arg-type]
+    )
     # A model without parameters, when θ-gradients are asked for.
     u_n = stepper.u_previous
     cubic = mno.Closure(Cubic().double(), [u_n], quadrature_degree=2, device="cpu", name="cubic")
@@ -466,11 +471,15 @@ def test_taylor_implicit_initial_state_and_checkpoints():
     # The implicit rollout's states are the stepper's.
     state, expected = stepper_and_rollout_states(rollout, u0, NUM_STEPS)
     assert global_max(msh.comm, state - expected) <= 1e-11
-    # Checkpointed: the same gradient.
-    checkpointed = Rollout(stepper, checkpoint_every=2).gradient(u0, data, initial_state=True)
-    for group, expected in zip(checkpointed.parameters, result.parameters, strict=True):
-        for g, e in zip(group, expected, strict=True):
-            assert float((g - e).norm()) <= 1e-12 * float(e.norm())
+    # Checkpointed, with the forward's states or solving again: the same gradient.
+    for keep_states in (True, False):
+        checkpointed = Rollout(stepper, checkpoint_every=2, keep_states=keep_states)
+        again = checkpointed.gradient(u0, data, initial_state=True)
+        for group, expected in zip(again.parameters, result.parameters, strict=True):
+            for g, e in zip(group, expected, strict=True):
+                assert float((g - e).norm()) <= 1e-12 * float(e.norm())
+        difference = float((again.initial_state - result.initial_state).norm())
+        assert difference <= 1e-12 * float(result.initial_state.norm())
 
 
 @pytest.mark.mpi
@@ -520,21 +529,69 @@ def test_allreduce_gradients_sums_real_and_complex_tensors():
     np.testing.assert_array_equal(double.numpy(), np.full((2, 2), 0.5 * total))
 
 
+def _count_solves(rollout: Rollout) -> list[int]:
+    """Count the rollout's solves (IMEX solves or Newton solves) from now on."""
+    count = [0]
+    step = rollout._step_adjoint
+    solve = step.solve
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return solve(*args, **kwargs)
+
+    step.solve = counted  # type: ignore[method-assign]
+    return count
+
+
 @pytest.mark.mpi
+@pytest.mark.parametrize("keep_states", [True, False])
 @pytest.mark.parametrize(("every", "recomputed"), [(2, 4), (3, 3), (5, 0), (8, 0)])
-def test_checkpoints_recompute_all_but_the_last_segment(every, recomputed):
+def test_checkpoints_recompute_all_but_the_last_segment(every, recomputed, keep_states):
     """Backward recomputes every segment but the last, whose graph the forward kept; the
-    gradient is the full graph's."""
+    recomputed steps solve again only without ``keep_states``; the gradient is the full
+    graph's."""
     msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
-    stepper, _ = heat(msh, 1, ("scalar",), prefix=f"recompute{every}_")
+    stepper, _ = heat(msh, 1, ("scalar",), prefix=f"recompute{every}{keep_states}_")
     times = []
     full = Rollout(stepper)
     u0 = full.initial_state()
     reference = full.gradient(u0, targets(full))
-    rollout = Rollout(stepper, checkpoint_every=every, before_step=lambda _, t: times.append(t))
+    rollout = Rollout(
+        stepper,
+        checkpoint_every=every,
+        keep_states=keep_states,
+        before_step=lambda _, t: times.append(t),
+    )
+    solves = _count_solves(rollout)
     result = rollout.gradient(u0, targets(rollout))
     assert len(times) == NUM_STEPS + recomputed
     assert sorted(times[NUM_STEPS:]) == times[:recomputed]  # the first steps, again
+    if keep_states or not recomputed:
+        assert solves[0] == NUM_STEPS
+    else:  # torch's checkpoint may stop a segment's recomputation before its last solve
+        assert NUM_STEPS < solves[0] <= NUM_STEPS + recomputed
+    assert result.loss == pytest.approx(reference.loss, rel=1e-12)
+    for g, e in zip(result.parameters[0], reference.parameters[0], strict=True):
+        assert float((g - e).norm()) <= 1e-12 * float(e.norm())
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("keep_states", [True, False])
+def test_checkpointed_implicit_steps_are_not_solved_again(keep_states):
+    """A checkpointed implicit rollout runs Newton once a step with ``keep_states`` (the
+    backward rebuilds the model's graph only), once more for each recomputed step without;
+    the gradient is the full graph's."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
+    stepper, _ = implicit_flux_heat(msh, 1, prefix=f"implicit_keep{keep_states}_")
+    full = Rollout(stepper)
+    u0, data = full.initial_state(), targets(full)
+    reference = full.gradient(u0, data)
+    rollout = Rollout(stepper, checkpoint_every=2, keep_states=keep_states)
+    solves = _count_solves(rollout)
+    result = rollout.gradient(u0, data)
+    recomputed = NUM_STEPS - (NUM_STEPS - 1) % 2 - 1
+    assert recomputed > 0
+    assert solves[0] == NUM_STEPS + (0 if keep_states else recomputed)
     assert result.loss == pytest.approx(reference.loss, rel=1e-12)
     for g, e in zip(result.parameters[0], reference.parameters[0], strict=True):
         assert float((g - e).norm()) <= 1e-12 * float(e.norm())
