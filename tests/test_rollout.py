@@ -138,6 +138,12 @@ def test_taylor_linear_form_nonlinear_in_the_state():
     remainders = taylor_parameters(rollout, closures, u0, targets(rollout))
     assert remainders[0] > 1e-9
     assert min(rates(remainders)) >= 1.9
+    # Checkpointed: the recomputed steps' Jacobians at the forward's states, the same gradient.
+    reference = flat_gradient(rollout.gradient(u0, targets(rollout)))
+    for keep_states in (True, False):
+        checkpointed = Rollout(stepper, checkpoint_every=2, keep_states=keep_states)
+        flat = flat_gradient(checkpointed.gradient(u0, targets(checkpointed)))
+        assert np.linalg.norm(flat - reference) <= 1e-12 * np.linalg.norm(reference)
 
 
 @pytest.mark.mpi

@@ -121,14 +121,15 @@ def test_taylor_initial_state_with_older_states(nonlinear):
 
 @pytest.mark.mpi
 def test_checkpointed_gradient_with_older_states_equals_the_full_graph():
-    """Segments of 1, 2 and 3 steps: the older level crosses every segment boundary."""
+    """Segments of 1, 2 and 3 steps: the older level crosses every segment boundary;
+    the recomputation returns the forward's states or solves again."""
     msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
     stepper, _ = memory_heat(msh, prefix="older_checkpoint_")
     probe = Rollout(stepper)
     u0, older = probe.initial_state(), probe.initial_older()
     results = []
-    for every in (None, 1, 2, 3):
-        rollout = Rollout(stepper, checkpoint_every=every)
+    for every, keep_states in ((None, True), (1, True), (2, True), (3, True), (2, False)):
+        rollout = Rollout(stepper, checkpoint_every=every, keep_states=keep_states)
         results.append(rollout.gradient(u0, targets(rollout), older=older, initial_state=True))
     reference = flat_gradient(results[0])
     for result in results[1:]:
