@@ -92,6 +92,36 @@ def worker_environment() -> dict[str, str]:
     return {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
 
 
+DT, KAPPA = 1e-3, 0.05
+
+
+def tanh_mlp(inputs: int, outputs: int) -> torch.nn.Sequential:
+    """``Linear(inputs, 32) → tanh → Linear(32, 32) → tanh → Linear(32, outputs)``, float64."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(inputs, 32),
+        torch.nn.Tanh(),
+        torch.nn.Linear(32, 32),
+        torch.nn.Tanh(),
+        torch.nn.Linear(32, outputs),
+    ).double()
+
+
+def unit_square(cells: int):
+    """P1 on the unit square: the space, ``u_n = sin(πx) sin(πy)`` and ``u = 0`` on ∂Ω."""
+    from mpi4py import MPI
+
+    from dolfinx import fem, mesh
+
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, cells, cells)
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    u_n = fem.Function(V)
+    u_n.interpolate(lambda x: np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]))
+    msh.topology.create_connectivity(1, 2)
+    boundary = fem.locate_dofs_topological(V, 1, mesh.exterior_facet_indices(msh.topology))
+    return V, u_n, fem.dirichletbc(0.0, boundary, V)
+
+
 def build(
     cells: int,
     every: int | None,
@@ -99,10 +129,8 @@ def build(
     implicit: bool = False,
 ):
     """The rollout of the advection-diffusion step, its initial state (and older states)."""
-    from mpi4py import MPI
-
     import ufl
-    from dolfinx import fem, mesh
+    from dolfinx import fem
 
     from dolfinx_mno.petsc import LinearProblem
     from dolfinx_mno.rollout import Rollout
@@ -111,80 +139,53 @@ def build(
     if implicit:
         return build_implicit(cells, every)
 
-    msh = mesh.create_unit_square(MPI.COMM_WORLD, cells, cells)
-    V = fem.functionspace(msh, ("Lagrange", 1))
-    u_n, uh = fem.Function(V), fem.Function(V)
-    u_n.interpolate(lambda x: np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]))
-    u_nm1 = fem.Function(V)
+    V, u_n, bc = unit_square(cells)
+    uh, u_nm1 = fem.Function(V), fem.Function(V)
     u_nm1.interpolate(lambda x: 0.9 * np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]))
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(4 if memory else 3, 32),
-        torch.nn.Tanh(),
-        torch.nn.Linear(32, 32),
-        torch.nn.Tanh(),
-        torch.nn.Linear(32, 1),
-    ).double()
+    model = tanh_mlp(4 if memory else 3, 1)
     operands = [u_n, u_n - u_nm1, ufl.grad(u_n)] if memory else [u_n, ufl.grad(u_n)]
     closure = mno.Closure(model, operands, quadrature_degree=2, device="cpu")
-    dt, kappa = 1e-3, 0.05
     beta = ufl.as_vector([1.0, 0.5])
     u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
-    a = (u * v + dt * kappa * ufl.inner(ufl.grad(u), ufl.grad(v))) * ufl.dx
-    L = (u_n - dt * ufl.dot(beta, ufl.grad(u_n))) * v * ufl.dx + dt * closure * v * closure.dx
-    msh.topology.create_connectivity(1, 2)
-    boundary = fem.locate_dofs_topological(V, 1, mesh.exterior_facet_indices(msh.topology))
+    a = (u * v + DT * KAPPA * ufl.inner(ufl.grad(u), ufl.grad(v))) * ufl.dx
+    L = (u_n - DT * ufl.dot(beta, ufl.grad(u_n))) * v * ufl.dx + DT * closure * v * closure.dx
     problem = LinearProblem(
         a,
         L,
         u=uh,
-        bcs=[fem.dirichletbc(0.0, boundary, V)],
+        bcs=[bc],
         petsc_options={"ksp_type": "preonly", "pc_type": "lu"},
         petsc_options_prefix="rollout_benchmark_",
     )
     older = [u_nm1] if memory else []
-    stepper = IMEXStepper(problem, uh, u_n, dt=dt, older=older)
+    stepper = IMEXStepper(problem, uh, u_n, dt=DT, older=older)
     rollout = Rollout(stepper, checkpoint_every=every)
     return rollout, rollout.initial_state(), rollout.initial_older() or None, V
 
 
 def build_implicit(cells: int, every: int | None):
     """The rollout of the backward Euler step with a flux closure of the new state."""
-    from mpi4py import MPI
-
     import ufl
-    from dolfinx import fem, mesh
+    from dolfinx import fem
 
     from dolfinx_mno.petsc import NonlinearProblem
     from dolfinx_mno.rollout import Rollout
     from dolfinx_mno.timestepping import ImplicitStepper
 
-    msh = mesh.create_unit_square(MPI.COMM_WORLD, cells, cells)
-    V = fem.functionspace(msh, ("Lagrange", 1))
-    u_n, uh = fem.Function(V), fem.Function(V)
-    u_n.interpolate(lambda x: np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]))
+    V, u_n, bc = unit_square(cells)
+    uh = fem.Function(V)
     uh.x.array[:] = u_n.x.array
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(3, 32),
-        torch.nn.Tanh(),
-        torch.nn.Linear(32, 32),
-        torch.nn.Tanh(),
-        torch.nn.Linear(32, 2),
-    ).double()
+    model = tanh_mlp(3, 2)
     with torch.no_grad():  # a mild closure: Newton converges in a few iterations
         model[4].weight.mul_(0.2)
     closure = mno.Closure(model, [uh, ufl.grad(uh)], (2,), quadrature_degree=2, device="cpu")
-    dt, kappa = 1e-3, 0.05
     beta = ufl.as_vector([1.0, 0.5])
     v = ufl.TestFunction(V)
     F = (
         (uh - u_n) * v
-        + dt * kappa * ufl.inner(ufl.grad(uh), ufl.grad(v))
-        + dt * ufl.dot(beta, ufl.grad(uh)) * v
-    ) * ufl.dx + dt * ufl.inner(closure, ufl.grad(v)) * closure.dx
-    msh.topology.create_connectivity(1, 2)
-    boundary = fem.locate_dofs_topological(V, 1, mesh.exterior_facet_indices(msh.topology))
+        + DT * KAPPA * ufl.inner(ufl.grad(uh), ufl.grad(v))
+        + DT * ufl.dot(beta, ufl.grad(uh)) * v
+    ) * ufl.dx + DT * ufl.inner(closure, ufl.grad(v)) * closure.dx
     options = {
         "ksp_type": "preonly",
         "pc_type": "lu",
@@ -195,14 +196,9 @@ def build_implicit(cells: int, every: int | None):
         "snes_stol": 0.0,
     }
     problem = NonlinearProblem(
-        F,
-        uh,
-        bcs=[fem.dirichletbc(0.0, boundary, V)],
-        petsc_options=options,
-        petsc_options_prefix="rollout_benchmark_implicit_",
+        F, uh, bcs=[bc], petsc_options=options, petsc_options_prefix="rollout_benchmark_implicit_"
     )
-    stepper = ImplicitStepper(problem, uh, u_n, dt=dt)
-    rollout = Rollout(stepper, checkpoint_every=every)
+    rollout = Rollout(ImplicitStepper(problem, uh, u_n, dt=DT), checkpoint_every=every)
     return rollout, rollout.initial_state(), None, V
 
 
