@@ -151,7 +151,8 @@ class Rollout:
             forward (backward needs it first, so keeping it costs no extra memory): a
             rollout of ``k`` steps recomputes ``k - (k - 1) % checkpoint_every - 1`` of
             them, none if ``k ≤ checkpoint_every``. ``None`` (the default) keeps every
-            step's.
+            step's. An implicit rollout keeps no model graph between its passes (backward
+            rebuilds it at each converged state), so it needs no checkpointing for memory.
         keep_states: With ``checkpoint_every``, keep every state of the forward (one
             ``(num_owned,)`` tensor a step, which the loss often keeps anyway) so that the
             recomputation rebuilds only the operand and model stages of each step: a step
