@@ -113,11 +113,6 @@ class ScatterFunction(torch.autograd.Function):
         ctx.closure = closure
         ctx.num_parameters = len(parameters)
         ctx.output_shape = output.shape
-        # Saved on every rank, so that a checkpointed segment (torch.utils.checkpoint,
-        # non-reentrant) is recomputed at the same stage on every rank: recomputation starts
-        # when backward first unpacks a saved tensor, and the model (which saves tensors)
-        # runs on the root only.
-        ctx.save_for_backward(output)
         if closure.grid_evaluator is not None:
             scatter.pack(output.detach().reshape(closure.num_outputs, -1).numpy())
         scatter.scatter()
@@ -128,7 +123,6 @@ class ScatterFunction(torch.autograd.Function):
     def backward(ctx, cotangent: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         """Its transpose (see the class docstring)."""
         closure: NonlocalClosure = ctx.closure
-        ctx.saved_tensors  # noqa: B018  (unpacked on every rank: see forward)
         stage_entry(closure.function_space.mesh.comm, BACKWARD_PASS)
         scatter = closure.grid_scatter
         values = cotangent.detach().reshape(scatter.num_points, closure.num_outputs)

@@ -62,7 +62,6 @@ from mpi4py import MPI
 import numpy as np
 import numpy.typing as npt
 import torch
-import torch.utils.checkpoint
 import ufl
 
 from dolfinx_mno._mpi import BACKWARD_PASS, collective_stages, rank_local
@@ -145,9 +144,9 @@ class Rollout:
             coefficients). A form nonlinear in ``u_n`` or a closure is supported: its
             Jacobians are then assembled at each step's state in backward.
         checkpoint_every: Keep the autograd graph of only one segment of this many steps
-            at a time (:func:`torch.utils.checkpoint.checkpoint`, non-reentrant): the
-            model's activations of the other segments are dropped and recomputed in
-            backward (see ``keep_states``). The last segment keeps its graph from the
+            at a time: the other segments run without a graph, keeping only their first
+            states, and backward runs each of them again with its graph when it reaches it
+            (see ``keep_states``). The last segment keeps its graph from the
             forward (backward needs it first, so keeping it costs no extra memory): a
             rollout of ``k`` steps recomputes ``k - (k - 1) % checkpoint_every - 1`` of
             them, none if ``k ≤ checkpoint_every``. ``None`` (the default) keeps every
@@ -375,14 +374,23 @@ class Rollout:
             count = min(segment, num_steps - start)
             last = start + count == num_steps  # its graph is the first one backward needs
             if checkpointed and not last:
-                outputs = torch.utils.checkpoint.checkpoint(
-                    self._segment, start, count, known, *levels, use_reentrant=False
+                outputs = _CheckpointedSegment.apply(
+                    self, start, count, known, len(levels), *levels, *self._trainable()
                 )
             else:
                 outputs = self._segment(start, count, None, *levels)
             states.extend(outputs)
             levels = self._shift(levels, outputs)
         return states
+
+    def _trainable(self) -> list[torch.Tensor]:
+        """The closures' trainable parameters, each once (the inputs of a segment)."""
+        seen: dict[int, torch.Tensor] = {}
+        for closure in self.closures:
+            for parameter in closure.model.parameters():
+                if parameter.requires_grad:
+                    seen.setdefault(id(parameter), parameter)
+        return list(seen.values())
 
     @staticmethod
     def _shift(levels: Sequence[torch.Tensor], new: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -562,6 +570,60 @@ class Rollout:
                 "respect to the initial state only)."
             )
         return parameters
+
+
+class _CheckpointedSegment(torch.autograd.Function):
+    """A segment of steps whose graph is rebuilt in backward (checkpointing).
+
+    Called as ``apply(rollout, start, count, known, num_levels, *levels, *parameters)``.
+    The forward runs the steps without a graph (an autograd function's forward runs without
+    one), so the first pass costs what a forward rollout does. The backward runs them again
+    with the graph, from the saved levels (and, with ``known``, the forward's states
+    instead of solving), and takes the segment's VJP with respect to the levels and the
+    models' parameters. The parameters are inputs so that the outputs depend on them even
+    when no level requires grad. The recomputation is the forward again: the models must be
+    deterministic, as closures require (evaluation mode).
+
+    Every rank reaches this backward at the same point of the graph, so the collective
+    stages of the recomputation and of its VJP run in the same order on every rank.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        rollout: Rollout,
+        start: int,
+        count: int,
+        known: dict[int, torch.Tensor] | None,
+        num_levels: int,
+        *inputs: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        """The segment's states, without a graph (see the class docstring)."""
+        ctx.rollout, ctx.start, ctx.count, ctx.known = rollout, start, count, known
+        ctx.parameters = inputs[num_levels:]
+        ctx.save_for_backward(*inputs[:num_levels])
+        return rollout._segment(start, count, known, *inputs[:num_levels])
+
+    @staticmethod
+    def backward(ctx, *sensitivities: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        """The segment's VJP, from its steps run again with their graph."""
+        needs = ctx.needs_input_grad[5:]  # [*levels, *parameters]
+        levels = [
+            level.detach().requires_grad_(need)
+            for level, need in zip(ctx.saved_tensors, needs, strict=False)
+        ]
+        with torch.enable_grad():
+            states = ctx.rollout._segment(ctx.start, ctx.count, ctx.known, *levels)
+        wanted = [x for x, need in zip([*levels, *ctx.parameters], needs, strict=True) if need]
+        pairs = [(s, g) for s, g in zip(states, sensitivities, strict=True) if s.requires_grad]
+        gradients = iter(
+            torch.autograd.grad(
+                [s for s, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True
+            )
+            if pairs
+            else [None] * len(wanted)
+        )
+        return None, None, None, None, None, *(next(gradients) if n else None for n in needs)
 
 
 # -- losses and reductions -----------------------------------------------------------------
