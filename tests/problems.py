@@ -376,6 +376,21 @@ def initial_state_remainders(
     return remainders(lambda eps: loss(rollout, u0 + eps * delta, data, older), J0, slope)
 
 
+def assert_same_gradient(
+    gradient: Sequence[torch.Tensor], expected: Sequence[torch.Tensor], rtol: float = 1e-12
+) -> None:
+    """``gradient`` equals ``expected`` (one closure's parameter gradients) to ``rtol``.
+
+    Relative to the closure's whole gradient: a parameter whose gradient is zero but for
+    round-off (1e-16) has no relative digits to compare, and another order of the same
+    operations (a recomputed segment, another rank count) changes it.
+    """
+    scale = float(torch.cat([e.reshape(-1) for e in expected]).norm())
+    assert scale > 0
+    for g, e in zip(gradient, expected, strict=True):
+        assert float((g - e).norm()) <= rtol * scale
+
+
 def assert_rank_invariant(
     serial: tuple[float, np.ndarray, float], parallel: tuple[float, np.ndarray, float]
 ) -> None:
