@@ -32,6 +32,8 @@ over one step, then measures:
   gradient is taken two ways in the same rounds: keeping the forward's states
   (``keep_states=True``, the default: the recomputation runs the operand and model stages
   only) and solving the recomputed steps again (``keep_states=False``, ``ratio_solve_again``).
+  In the same rounds, the gradient's first pass alone (``ratio_first_pass``: the forward
+  rollout with its graph, or with checkpointed segments run without one but the last).
 
 ``--memory``: the closure also reads the change over the last step, ``q(u_n, u_n −
 u_{n-1}, ∇u_n)`` (``Linear(4, 32)``), and the stepper keeps ``u_{n-1}``
@@ -225,7 +227,8 @@ def worker(args: argparse.Namespace) -> None:
     rollout, u0, older, V = build(args.cells, every, args.memory, args.implicit)
     data = targets(V, rollout.num_owned, args.k)
     # Warm-up: JIT-compiled forms, factorisation, allocator, and (with one checkpointed
-    # segment) torch.utils.checkpoint's first call, which loads ~140 MiB of libraries.
+    # segment) a first recomputation. (torch.utils.checkpoint, used until the thirteenth
+    # session, loaded ~140 MiB of libraries on its first call.)
     rollout.gradient(u0, data[: min(args.k, (every or 0) + 1)], older=older)
     row: dict[str, typing.Any] = {
         "k": args.k,
@@ -246,6 +249,9 @@ def worker(args: argparse.Namespace) -> None:
             with torch.no_grad():
                 rollout.run(u0, args.k, older=older)
 
+        def first_pass() -> None:  # a gradient's forward: the graph, or checkpointed segments
+            rollout.run(u0, args.k, older=older)
+
         # Alternated, so that a change of the machine's load hits both alike; the ratio
         # from CPU time, which other jobs on the machine do not inflate (much).
         def gradient(keep_states: bool) -> Callable[[], None]:
@@ -259,14 +265,18 @@ def worker(args: argparse.Namespace) -> None:
         if every is not None:  # the same rounds, solving the recomputed steps again
             variants["_solve_again"] = gradient(False)
         forward_times: list[tuple[float, float]] = []
+        first_pass_times: list[tuple[float, float]] = []
         gradient_times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
         for _ in range(args.repeats):
             forward_times.append(timed(forward))
+            first_pass_times.append(timed(first_pass))
             for name, call in variants.items():
                 gradient_times[name].append(timed(call))
         rollout.keep_states = True
         row["forward_s"] = min(t[0] for t in forward_times)
         row["forward_cpu_s"] = min(t[1] for t in forward_times)
+        row["first_pass_cpu_s"] = min(t[1] for t in first_pass_times)
+        row["ratio_first_pass"] = row["first_pass_cpu_s"] / row["forward_cpu_s"]
         for name, times in gradient_times.items():
             row[f"gradient{name}_s"] = min(t[0] for t in times)
             row[f"gradient{name}_cpu_s"] = min(t[1] for t in times)
@@ -325,7 +335,7 @@ def main() -> None:
     header = (
         f"{'k':>5} {'checkpoint':>10} {'forward ms':>11} {'gradient ms':>12} "
         f"{'CPU fwd ms':>11} {'CPU grad ms':>12} {'ratio':>6} {'solving again':>14} "
-        f"{'peak RSS Δ MiB':>15}"
+        f"{'first pass':>11} {'peak RSS Δ MiB':>15}"
     )
     levels = ", two time levels (--memory)" if args.memory else ""
     scheme = "backward Euler, Newton" if args.implicit else "IMEX"
@@ -341,7 +351,7 @@ def main() -> None:
             f"{row['k']:>5} {('every ' + str(every)) if every else 'no':>10} "
             f"{ms(row['forward_s']):>11} {ms(row['gradient_s']):>12} "
             f"{ms(row['forward_cpu_s']):>11} {ms(row['gradient_cpu_s']):>12} "
-            f"{row['ratio']:>6.2f} {again:>14} "
+            f"{row['ratio']:>6.2f} {again:>14} {row['ratio_first_pass']:>11.2f} "
             f"{row['peak_rss_delta_bytes'] / 2**20:>15.1f}"
         )
     results = Path(__file__).resolve().parent / "results"

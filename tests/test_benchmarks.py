@@ -72,7 +72,8 @@ def test_turbulence_scaling_case_and_comparison(kind, tmp_path):
                                            ("--implicit", "backward Euler, Newton")])  # fmt: skip
 def test_rollout_gradient_smoke(flag, label):
     """Tiny rollouts with two time levels or Newton steps: the rows, finite and consistent;
-    checkpointed, the same loss, and the gradient also timed solving the steps again."""
+    checkpointed, the same loss, and the gradient also timed solving the steps again; the
+    first pass timed alone."""
     import subprocess
 
     tag = f"smoke_test{flag.replace('-', '_')}"
@@ -87,6 +88,7 @@ def test_rollout_gradient_smoke(flag, label):
     for row in rows:
         assert row["k"] == 3 and row["dofs"] == 25 and row["points"] == 3 * 2 * 4**2
         assert row["forward_s"] > 0 and row["gradient_s"] > 0 and math.isfinite(row["ratio"])
+        assert row["first_pass_cpu_s"] > 0 and math.isfinite(row["ratio_first_pass"])
         assert row["loss"] > 0
     assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-12)  # checkpoints: same
     assert "ratio_solve_again" not in rows[0]
