@@ -198,6 +198,28 @@ def test_checkpointed_gradient_equals_the_full_graph():
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("frozen", [False, True])
+def test_checkpointed_initial_state_gradient_alone(frozen):
+    """``closures=[]``, ``initial_state=True``, with trainable or frozen models: a checkpointed
+    segment then differentiates with respect to its input state alone (frozen: its only
+    input that requires grad), and gives the full graph's ``∂loss/∂u_0``."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
+    stepper, closures = heat(msh, 1, ("scalar", "flux"), prefix=f"checkpoint_u0_{frozen}_")
+    for closure in closures if frozen else []:
+        closure.model.requires_grad_(False)
+    u0 = Rollout(stepper).initial_state()
+    gradients = []
+    for every in (None, 2):
+        rollout = Rollout(stepper, checkpoint_every=every)
+        result = rollout.gradient(u0, targets(rollout), closures=[], initial_state=True)
+        assert result.parameters == []
+        gradients.append(result.initial_state)
+    assert float(gradients[0].norm()) > 1e-3
+    difference = float((gradients[1] - gradients[0]).norm())
+    assert difference <= 1e-12 * float(gradients[0].norm())
+
+
+@pytest.mark.mpi
 def test_targets_every_few_steps():
     """``target_interval=2``: the loss compares the states after 2, 4, 6 steps; its gradient
     equals autograd's of that loss (parameters and initial state), the same on every rank."""
