@@ -12,9 +12,18 @@ backward pass per output component (or a batched one through ``vmap``).
 
 The values alone use the same buffers: linear layers write with ``out=`` and activations
 work in place, so a chunk allocates nothing. The results are those of the model (the same
-``addmm`` and ``tanh`` kernels; the tangent agrees with autograd to round-off);
+``addmm`` kernels; the tangent agrees with autograd to round-off);
 :class:`~dolfinx_mno.pointwise_kernel.PointwiseKernel` checks this on a sample and keeps
 the fused pass only where it measures faster.
+
+The tanh kernel is one of :data:`TANH_KERNELS`: torch's (SLEEF's 1-ulp ``tanh``, 3.1–3.6 ns
+a float32 value on one core of the AVX-512 machines we measured) or, for float32 and
+float64 buffers on the CPU, NumPy's in place on the same memory (its SIMD ``tanh``, 0.4
+ns: 8× faster in float32, 3× in float64; the two differ by an ulp at most). In a small MLP
+the activations, not the matrix products, then set the pace: the fused pass of a
+``3 → 64 → 64 → 1`` float32 MLP ran 3.2× faster with NumPy's (``docs/benchmarks.md``).
+:class:`~dolfinx_mno.pointwise_kernel.PointwiseKernel` times both and keeps the faster
+(torch's runs on several threads where NumPy's runs on one), after the same agreement check.
 
 Recognised: a :class:`torch.nn.Sequential` whose members are exactly
 :class:`torch.nn.Linear`, :class:`torch.nn.Tanh`, :class:`torch.nn.Sigmoid` or
@@ -30,9 +39,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 
-__all__ = ["SequentialMLP"]
+__all__ = ["TANH_KERNELS", "SequentialMLP"]
+
+#: How the fused pass applies tanh: ``"torch"`` (``torch.tanh``) or ``"numpy"`` (``np.tanh``
+#: in place on the buffer's memory; float32/float64 on the CPU only).
+TANH_KERNELS = ("torch", "numpy")
 
 _ACTIVATIONS = {torch.nn.Tanh: "tanh", torch.nn.Sigmoid: "sigmoid"}
 #: ``G ∘ f'`` from the activation's output ``t`` (``1 - t²``, ``t - t²``), in one pass.
@@ -91,6 +105,29 @@ class SequentialMLP:
         self._activations: list[torch.Tensor] = []
         self._cotangents: list[torch.Tensor] = []
         self._widths: list[int] = []
+        #: One of :data:`TANH_KERNELS` (see :meth:`use_tanh_kernel`).
+        self.tanh_kernel = "torch"
+
+    @property
+    def has_tanh(self) -> bool:
+        """Whether a layer is a tanh (whose kernel :meth:`use_tanh_kernel` chooses)."""
+        return any(layer.kind == "tanh" for layer in self.layers)
+
+    @staticmethod
+    def numpy_tanh_supported(dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether NumPy's tanh can work on buffers of this dtype and device."""
+        return device.type == "cpu" and dtype in (torch.float32, torch.float64)
+
+    def use_tanh_kernel(self, kernel: str, dtype: torch.dtype, device: torch.device) -> None:
+        """Apply tanh with ``kernel`` (one of :data:`TANH_KERNELS`) from the next call on."""
+        if kernel not in TANH_KERNELS:
+            raise ValueError(f"Unknown tanh kernel {kernel!r}; use one of {TANH_KERNELS}.")
+        if kernel == "numpy" and not self.numpy_tanh_supported(dtype, device):
+            raise ValueError(
+                f"NumPy's tanh works on float32 or float64 buffers on the CPU, not {dtype} on "
+                f"{device}."
+            )
+        self.tanh_kernel = kernel
 
     @classmethod
     def from_model(
@@ -281,7 +318,12 @@ class SequentialMLP:
                     h = out
                     linear += 1
                 elif layer.kind == "tanh":
-                    torch.tanh(h, out=h)  # h is a buffer: the last layer is linear
+                    # h is a buffer (the last layer is linear): contiguous, its own memory.
+                    if self.tanh_kernel == "numpy" and self.numpy_tanh_supported(h.dtype, h.device):
+                        array = h.numpy()
+                        np.tanh(array, out=array)
+                    else:
+                        torch.tanh(h, out=h)
                 else:
                     torch.sigmoid(h, out=h)
         return h

@@ -26,7 +26,8 @@ see :meth:`PointwiseKernel.prepare_tangent`):
     For a plain MLP (``nn.Sequential`` of ``Linear`` and tanh/sigmoid): the fused pass of
     :mod:`dolfinx_mno.mlp_kernel`, without autograd, into buffers allocated once. Such a
     model's values also run through it when that measures faster than the model's own
-    forward (:attr:`PointwiseKernel.values_path`).
+    forward (:attr:`PointwiseKernel.values_path`), with torch's or NumPy's tanh, whichever
+    measures faster (:attr:`PointwiseKernel.tanh_kernel`).
 
 Without a sample large enough to time (fewer than :data:`MIN_TIMED_POINTS` points) the
 rule is: ``"sequential"`` for a plain MLP, else ``"reverse"`` when
@@ -65,7 +66,7 @@ from collections.abc import Callable
 import torch
 
 from dolfinx_mno._mpi import describe
-from dolfinx_mno._timing import best_time
+from dolfinx_mno._timing import best_time, best_times
 from dolfinx_mno.mlp_kernel import SequentialMLP
 
 __all__ = [
@@ -320,11 +321,26 @@ class PointwiseKernel:
 
         return self._fastest_chunk(num_points, run, "chunk")
 
+    @property
+    def tanh_kernel(self) -> str | None:
+        """The fused MLP pass's tanh kernel, or ``None`` without one.
+
+        One of :data:`~dolfinx_mno.mlp_kernel.TANH_KERNELS`; ``None`` without a fused pass
+        or a tanh layer.
+        """
+        if self._mlp is None or not self._mlp.has_tanh:
+            return None
+        return self._mlp.tanh_kernel
+
     def choose_values_path(self, num_points: int) -> str:
         """Use the fused MLP pass for values if it agrees with the model and is not slower.
 
         Timed on ``min(num_points, 8192)`` random points (not timed below
-        :data:`MIN_TIMED_POINTS`: the fused pass allocates nothing, so it is kept).
+        :data:`MIN_TIMED_POINTS`: the fused pass allocates nothing, so it is kept). With a
+        tanh layer, on the CPU in float32 or float64, the fused pass is timed with each of
+        :data:`~dolfinx_mno.mlp_kernel.TANH_KERNELS` (each checked against the model
+        first) and keeps the faster (:attr:`tanh_kernel`; the tangent's ``"sequential"``
+        mode uses it too); untimed, torch's.
 
         Returns:
             :attr:`values_path`.
@@ -333,20 +349,42 @@ class PointwiseKernel:
             return self.values_path
         mlp = self._mlp
         sample = _sample(min(num_points, 8192), self.num_inputs, self.dtype, self.device)
+
+        def fused_with(kernel: str) -> Callable[[], torch.Tensor]:
+            def call() -> torch.Tensor:
+                mlp.tanh_kernel = kernel
+                return mlp.values(sample)
+
+            return call
+
         try:
             with torch.inference_mode():
                 reference = self.model(sample).reshape(sample.shape[0], -1)
-                fused = mlp.values(sample)
                 scale = float(reference.abs().max()) or 1.0
-                if float((fused - reference).abs().max()) > 1e3 * _eps(self.dtype) * scale:
+                tolerance = 1e3 * _eps(self.dtype) * scale
+                kernels = ["torch"]
+                if mlp.has_tanh and mlp.numpy_tanh_supported(self.dtype, self.device):
+                    kernels.append("numpy")
+                agreeing = [
+                    kernel
+                    for kernel in kernels
+                    if float((fused_with(kernel)() - reference).abs().max()) <= tolerance
+                ]
+                mlp.tanh_kernel = "torch"
+                if "torch" not in agreeing:
                     self._mlp = None
                     return self.values_path
                 if sample.shape[0] >= MIN_TIMED_POINTS:
-                    model_time = best_time(functools.partial(self.model, sample))
-                    fused_time = best_time(functools.partial(mlp.values, sample))
-                    self.timings["values model"] = model_time
-                    self.timings["values sequential"] = fused_time
-                    if fused_time > model_time:
+                    names = {"torch": "values sequential", "numpy": "values sequential numpy tanh"}
+                    candidates = {names[kernel]: fused_with(kernel) for kernel in agreeing}
+                    times = best_times(
+                        {"values model": functools.partial(self.model, sample), **candidates},
+                        repeats=3,
+                    )
+                    self.timings.update(times)
+                    kernel = min(agreeing, key=lambda kernel: times[names[kernel]])
+                    mlp.tanh_kernel = kernel
+                    if times[names[kernel]] > times["values model"]:
                         return self.values_path
         except Exception:  # the generic path then, which reports errors in the update
             self._mlp = None

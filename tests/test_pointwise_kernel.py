@@ -284,6 +284,87 @@ def test_fused_mlp_pass_gives_the_model_and_autograd(num_outputs, dtype):
     np.testing.assert_allclose(fused.outputs, expected, rtol=8 * eps, atol=8 * eps)
 
 
+def tanh_mlp(num_outputs, dtype):
+    """``3 → 32 → 32 → num_outputs`` with two tanh layers (the fused pass's common case)."""
+    torch.manual_seed(4)
+    layers = [torch.nn.Linear(3, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh()]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(32, num_outputs)).to(dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kernel", ["torch", "numpy"])
+def test_fused_mlp_pass_with_either_tanh_kernel(kernel, dtype):
+    """Torch's or NumPy's tanh: the model's values to a few ulps, and the tangent of those
+    activations (autograd's, to round-off)."""
+    model = tanh_mlp(2, dtype)
+    mlp = SequentialMLP.from_model(model, 3, 2)
+    assert mlp is not None and mlp.has_tanh and mlp.tanh_kernel == "torch"
+    mlp.use_tanh_kernel(kernel, dtype, CPU)
+    assert mlp.tanh_kernel == kernel
+    x = torch.rand(1000, 3, dtype=dtype, generator=torch.Generator().manual_seed(1)) * 4 - 2
+    out = torch.empty(1000, 2, 3, dtype=dtype)
+    with torch.inference_mode():
+        values, has_graph = mlp.values_and_tangent(x, out)
+        expected = model(x)
+    eps = torch.finfo(dtype).eps
+    scale = float(expected.abs().max())
+    assert has_graph and float((values - expected).abs().max()) <= 8 * eps * scale
+    jacobian = torch.func.vmap(torch.func.jacrev(model))(x).detach()
+    assert float((out - jacobian).abs().max()) <= 64 * eps * float(jacobian.abs().max())
+    if kernel == "numpy":  # really another kernel: NumPy's tanh is not torch's bit for bit
+        h = torch.linspace(-3, 3, 10001, dtype=dtype)
+        assert not torch.equal(torch.tanh(h), torch.from_numpy(np.tanh(h.numpy())))
+
+
+def test_tanh_kernel_refuses_what_it_cannot_run():
+    mlp = SequentialMLP.from_model(tanh_mlp(1, torch.float64), 3, 1)
+    assert mlp is not None
+    with pytest.raises(ValueError, match="Unknown tanh kernel 'sleef'"):
+        mlp.use_tanh_kernel("sleef", torch.float64, CPU)
+    with pytest.raises(ValueError, match="float32 or float64 buffers on the CPU"):
+        mlp.use_tanh_kernel("numpy", torch.bfloat16, CPU)
+    assert mlp.tanh_kernel == "torch"  # unchanged
+    # Buffers of a dtype NumPy cannot hold, with NumPy's kernel chosen: torch's tanh runs.
+    model = tanh_mlp(1, torch.bfloat16)
+    mlp = SequentialMLP.from_model(model, 3, 1)
+    assert mlp is not None
+    mlp.use_tanh_kernel("numpy", torch.float32, CPU)
+    x = torch.rand(64, 3, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(mlp.values(x), model(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_faster_tanh_kernel_is_chosen_and_recorded(dtype):
+    """Timed on a sample once (at construction): the plan names the kernel whose time is
+    the lower, and the values (and the fused tangent) use it."""
+    points = 2 * MIN_TIMED_POINTS
+    ev = evaluator(tanh_mlp(1, dtype), 3, 1, points)
+    plan = ev.plan
+    timings = plan["timings"]
+    numpy_time, torch_time = timings["values sequential numpy tanh"], timings["values sequential"]
+    assert plan["tanh_kernel"] == ("numpy" if numpy_time < torch_time else "torch")
+    assert plan["values_path"] == (
+        "sequential" if min(numpy_time, torch_time) <= timings["values model"] else "model"
+    )
+    assert ev.prepare_tangent("sequential") == "sequential"
+    ev.evaluate(tangent=True)
+    x = torch.from_numpy(ev.inputs).to(dtype)
+    with torch.no_grad():
+        expected = ev.model(x).double().numpy()
+    eps = torch.finfo(dtype).eps
+    np.testing.assert_allclose(ev.outputs, expected, rtol=8 * eps, atol=8 * eps)
+
+
+def test_tanh_kernel_without_timing_or_tanh():
+    """Too few points to time: torch's tanh. No tanh layer, or no fused pass: ``None``."""
+    assert evaluator(tanh_mlp(1, torch.float64), 3, 1, 100).plan["tanh_kernel"] == "torch"
+    sigmoid = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Sigmoid(), torch.nn.Linear(8, 1))
+    assert evaluator(sigmoid.double(), 3, 1, 100).plan["tanh_kernel"] is None
+    relu = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    assert evaluator(relu.double(), 3, 1, 100).plan["tanh_kernel"] is None
+
+
 class MyLinear(torch.nn.Linear):
     pass
 
