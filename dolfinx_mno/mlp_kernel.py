@@ -16,14 +16,15 @@ work in place, so a chunk allocates nothing. The results are those of the model 
 :class:`~dolfinx_mno.pointwise_kernel.PointwiseKernel` checks this on a sample and keeps
 the fused pass only where it measures faster.
 
-The tanh kernel is one of :data:`TANH_KERNELS`: torch's (SLEEF's 1-ulp ``tanh``, 3.1–3.6 ns
-a float32 value on one core of the AVX-512 machines we measured) or, for float32 and
-float64 buffers on the CPU, NumPy's in place on the same memory (its SIMD ``tanh``, 0.4
-ns: 8× faster in float32, 3× in float64; the two differ by an ulp at most). In a small MLP
-the activations, not the matrix products, then set the pace: the fused pass of a
-``3 → 64 → 64 → 1`` float32 MLP ran 3.2× faster with NumPy's (``docs/benchmarks.md``).
-:class:`~dolfinx_mno.pointwise_kernel.PointwiseKernel` times both and keeps the faster
-(torch's runs on several threads where NumPy's runs on one), after the same agreement check.
+The tanh kernel is one of :data:`TANH_KERNELS`: torch's (SLEEF's 1-ulp ``tanh``) or, for
+float32 and float64 buffers on the CPU, NumPy's in place on the same memory (its own SIMD
+``tanh``; the two differ by an ulp at most). Which is faster depends on the CPU: on one
+core of an AVX-512 AMD EPYC, torch's took 3.1–3.6 ns a float32 value and NumPy's 0.4 (6.6
+against 2.1 ns in float64), and the fused pass of a ``3 → 64 → 64 → 1`` float32 MLP ran
+3.2× faster with NumPy's (``docs/benchmarks.md``); an earlier machine had measured torch's
+at 0.25 ns. :class:`~dolfinx_mno.pointwise_kernel.PointwiseKernel` therefore times both
+and keeps the faster (torch's also runs on several threads where NumPy's runs on one),
+after the same agreement check.
 
 Recognised: a :class:`torch.nn.Sequential` whose members are exactly
 :class:`torch.nn.Linear`, :class:`torch.nn.Tanh`, :class:`torch.nn.Sigmoid` or
