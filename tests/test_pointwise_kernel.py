@@ -508,3 +508,44 @@ def test_fused_mlp_pass_refuses_normalized_models_it_cannot_fold():
         mno.AffineNormalization(width=1, axis=1),
     )
     assert SequentialMLP.from_model(fields, 3, 1) is None  # per-channel (grid) layout
+
+
+class OpaqueSequential(torch.nn.Sequential):
+    """An ``nn.Sequential`` the fused pass does not recognise: the model's own forward."""
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("cells", ["timed", "tiny"])
+def test_tanh_kernel_choice_per_rank_gives_the_models_values(dtype, cells, tiny_square):
+    """Each rank chooses its tanh kernel (timed where it has ≥ MIN_TIMED_POINTS points,
+    torch's where it has fewer or none); on every rank the closure's values equal those of
+    the same MLP run through its own forward (a subclass the fused pass skips)."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 48, 48) if cells == "timed" else tiny_square
+    u = fem.Function(fem.functionspace(msh, ("Lagrange", 1)))
+    u.interpolate(lambda x: np.sin(3 * x[0]) * x[1] - 0.5)
+    model = tanh_mlp(1, dtype)
+    fused = mno.Closure(model, [u, ufl.grad(u)], quadrature_degree=2, device="cpu")
+    plain = mno.Closure(
+        OpaqueSequential(*model).eval(), [u, ufl.grad(u)], quadrature_degree=2, device="cpu"
+    )
+    fused.update()
+    plain.update()
+    plan = fused.evaluation_plan
+    assert plain.evaluation_plan["values_path"] == "model"
+    timings = plan["timings"]
+    timed = "values sequential numpy tanh" in timings
+    if timed:
+        faster = timings["values sequential numpy tanh"] < timings["values sequential"]
+        assert plan["tanh_kernel"] == ("numpy" if faster else "torch")
+    else:
+        assert plan["tanh_kernel"] == "torch"
+    # 13,824 points on one rank; 6 (two cells) on the tiny square, none on a rank without.
+    assert timed == (cells == "timed" and msh.comm.size == 1) or msh.comm.size > 1
+    if cells == "tiny":
+        assert not timed
+    eps = torch.finfo(dtype).eps
+    scale = MPI.COMM_WORLD.allreduce(float(np.abs(plain.x.array).max(initial=0.0)), op=MPI.MAX)
+    error = float(np.abs(fused.x.array - plain.x.array).max(initial=0.0))
+    assert MPI.COMM_WORLD.allreduce(error, op=MPI.MAX) <= 8 * eps * scale
+    assert scale > 0.1
