@@ -307,6 +307,8 @@ class SequentialMLP:
         n = x.shape[0]
         h = x
         linear = 0
+        # Once a chunk (the buffers have x's dtype and device), not once a layer.
+        numpy_tanh = self.tanh_kernel == "numpy" and self.numpy_tanh_supported(x.dtype, x.device)
         with torch.no_grad():
             for layer in self.layers:
                 if layer.kind == "linear":
@@ -320,7 +322,7 @@ class SequentialMLP:
                     linear += 1
                 elif layer.kind == "tanh":
                     # h is a buffer (the last layer is linear): contiguous, its own memory.
-                    if self.tanh_kernel == "numpy" and self.numpy_tanh_supported(h.dtype, h.device):
+                    if numpy_tanh:
                         array = h.numpy()
                         np.tanh(array, out=array)
                     else:

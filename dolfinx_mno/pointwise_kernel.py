@@ -352,7 +352,7 @@ class PointwiseKernel:
 
         def fused_with(kernel: str) -> Callable[[], torch.Tensor]:
             def call() -> torch.Tensor:
-                mlp.tanh_kernel = kernel
+                mlp.use_tanh_kernel(kernel, self.dtype, self.device)
                 return mlp.values(sample)
 
             return call
@@ -370,7 +370,7 @@ class PointwiseKernel:
                     for kernel in kernels
                     if float((fused_with(kernel)() - reference).abs().max()) <= tolerance
                 ]
-                mlp.tanh_kernel = "torch"
+                mlp.use_tanh_kernel("torch", self.dtype, self.device)
                 if "torch" not in agreeing:
                     self._mlp = None
                     return self.values_path
@@ -383,7 +383,7 @@ class PointwiseKernel:
                     )
                     self.timings.update(times)
                     kernel = min(agreeing, key=lambda kernel: times[names[kernel]])
-                    mlp.tanh_kernel = kernel
+                    mlp.use_tanh_kernel(kernel, self.dtype, self.device)
                     if times[names[kernel]] > times["values model"]:
                         return self.values_path
         except Exception:  # the generic path then, which reports errors in the update
