@@ -510,13 +510,20 @@ def test_ranks_waiting_for_the_model_do_not_spin():
     msh = mesh.create_unit_square(comm, 8, 8)
     u = fem.Function(fem.functionspace(msh, ("Lagrange", 1)))
     seconds = 0.5
-    closure = NonlocalClosure(Sleep(seconds), [u], grid_shape=(17, 17))
+    model = Sleep(0.0)
+    closure = NonlocalClosure(model, [u], grid_shape=(17, 17))
+    # A first update without the sleep, so that the measured one holds the wait and the
+    # update's own (small, fixed) work, not first-call costs.
+    closure.update()
+    model.seconds = seconds
     comm.Barrier()
     cpu = time.process_time()
     closure.update()
     cpu = time.process_time() - cpu
     if comm.rank != closure.root:
         assert closure.timings["wait"] > 0.9 * seconds
-        # Measured on 2 and 3 ranks: 0.008-0.011 s of CPU time in the 0.5 s wait. MPI's
-        # own (polling) wait took 0.14 s with 9 other jobs on the 2 cores.
-        assert cpu < 0.06 * seconds, cpu
+        # Measured on 2 and 3 ranks: 0.008-0.011 s of CPU time in the 0.5 s wait on a quiet
+        # machine, 0.032 s once under CI's load before the warm-up update was added. MPI's
+        # own (polling) wait took 0.14 s with 9 other jobs on the 2 cores, and a whole
+        # 0.5 s on a free core.
+        assert cpu < 0.1 * seconds, cpu
