@@ -180,6 +180,14 @@ class SequentialMLP:
             return None
         return cls(layers, num_inputs, num_outputs, model)
 
+    def bytes_per_point(self, tangent: bool, dtype: torch.dtype) -> int:
+        """The buffers' bytes per point: activations, and the cotangents with ``tangent``."""
+        linear_widths = [layer.width for layer in self.layers if layer.kind == "linear"]
+        floats = sum(linear_widths)
+        if tangent:
+            floats += self.num_outputs * (self.num_inputs + sum(linear_widths[:-1]))
+        return floats * torch.empty((), dtype=dtype).element_size()
+
     def reserve(self, points: int, dtype: torch.dtype, device: torch.device) -> None:
         """Allocate the buffers for chunks of up to ``points`` points (exactly that many)."""
         if points == self._capacity and self._activations:

@@ -114,3 +114,35 @@ def test_gpu_checks_smoke(tmp_path):
         assert row["steps"] == 3 and row["parameters"] > 0 and math.isfinite(row["cpu_loss"])
         assert row["cpu_forward_s"] > 0 and row["cpu_gradient_s"] > 0
         assert row["relative_difference"] == 0.0  # the same device twice: the same gradient
+
+
+def test_chunk_sizes_smoke():
+    """The chunk-size benchmark on a small mesh: every closure's row, the given sizes kept,
+    the bounded choice within the cache, finite times and ratios."""
+    import subprocess
+
+    from dolfinx_mno._cache import cache_bytes_per_core
+    from dolfinx_mno.pointwise_kernel import CHUNK_CANDIDATES
+
+    command = [sys.executable, str(BENCHMARKS / "chunk_sizes.py"), "--cells", "48",
+               "--rounds", "1", "--repeats", "1", "--tag", "smoke_test"]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, text=True, cwd=BENCHMARKS)
+    path = BENCHMARKS / "results" / "chunk_sizes_smoke_test.json"
+    result = json.loads(path.read_text())
+    path.unlink()
+    rows = {row["closure"]: row for row in result["rows"]}
+    assert result["num_points"] == 6 * 48**2
+    assert list(rows) == ["chosen", "chosen, unbounded"] + [
+        f"batch_size={size}" for size in CHUNK_CANDIDATES
+    ]
+    for size in CHUNK_CANDIDATES:
+        row = rows[f"batch_size={size}"]
+        assert row["batch_size"] == size
+        assert row["tangent_batch_size"] == min(size, result["num_points"])
+    for row in rows.values():
+        assert row["values_ms"] > 0 and row["tangent_ms"] > 0
+        assert math.isfinite(row["values_ratio"]) and math.isfinite(row["tangent_ratio"])
+    assert rows["chosen"]["values_ratio"] == 1.0 and rows["chosen"]["tangent_ratio"] == 1.0
+    cache = cache_bytes_per_core()
+    if cache is not None:  # 1,040 bytes a point of float32 tangent buffers (3-64-64-1)
+        assert rows["chosen"]["tangent_batch_size"] <= max(2048, cache // 1040)

@@ -13,6 +13,7 @@ from analytic import FluxModel, StressModel
 from dolfinx import fem, mesh
 
 import dolfinx_mno as mno
+from dolfinx_mno import _cache, pointwise_kernel
 from dolfinx_mno.mlp_kernel import SequentialMLP
 from dolfinx_mno.pointwise_kernel import (
     CHUNK_CANDIDATES,
@@ -128,6 +129,60 @@ def test_chunk_size_is_measured_and_recorded(num_points):
     assert evaluator(FluxModel().double(), 3, 2, 100).plan["timings"] == {}
     given = evaluator(FluxModel().double(), 3, 2, 200_000, batch_size=777)
     assert given.batch_size == 777 and given.plan["batch_size_source"] == "argument"
+
+
+def test_cache_size_is_read_per_core_from_the_last_level(tmp_path):
+    """The highest-level data or unified cache, divided by the CPUs that share it."""
+    caches = [
+        ("Data", 1, "32K", "0"),
+        ("Instruction", 1, "32K", "0"),
+        ("Unified", 2, "1024K", "0"),
+        ("Unified", 3, "32768K", "0-1,4-5"),
+        ("Instruction", 4, "64M", "0"),  # not data: skipped
+    ]
+    for index, (kind, level, size, shared) in enumerate(caches):
+        folder = tmp_path / f"index{index}"
+        folder.mkdir()
+        (folder / "type").write_text(kind + "\n")
+        (folder / "level").write_text(f"{level}\n")
+        (folder / "size").write_text(size + "\n")
+        (folder / "shared_cpu_list").write_text(shared + "\n")
+    assert _cache._from_sysfs(tmp_path) == 32768 * 1024 // 4
+    assert _cache._from_sysfs(tmp_path / "missing") is None
+    assert _cache._parse_size("2M") == 2 << 20 and _cache._parse_size("512") == 512
+    assert _cache._count_cpus("0-3,8,10-11") == 7
+
+
+def test_an_mlps_chunks_are_bounded_by_the_cache(monkeypatch):
+    """Sizes whose fused buffers exceed the cache per core are not timed or chosen."""
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh()
+    )
+    model.append(torch.nn.Linear(64, 1))
+    kernel = PointwiseKernel(model.double(), 3, 1, CPU, torch.float64)
+    # Activations 64 + 64 + 1 floats a point; the tangent adds 1 × (3 + 64 + 64) cotangents.
+    assert kernel._mlp is not None
+    assert kernel._mlp.bytes_per_point(False, torch.float64) == 129 * 8
+    assert kernel._mlp.bytes_per_point(True, torch.float32) == 260 * 4
+    cache = 20_000 * 129 * 8  # room for 20,000 points of values
+    monkeypatch.setattr(pointwise_kernel, "cache_bytes_per_core", lambda: cache)
+    assert kernel.chunk_bound(False) == 20_000
+    assert kernel.chunk_bound(True) == cache // (260 * 8)  # 9,923
+    ev = evaluator(model.double(), 3, 1, 200_000)
+    timed = [int(k.split()[1]) for k in ev.plan["timings"] if k.startswith("chunk")]
+    assert sorted(timed) == [2048, 8192] and ev.batch_size in timed
+    ev.prepare_tangent()
+    timed = [int(k.split()[-1]) for k in ev.plan["timings"] if k.startswith("tangent chunk")]
+    assert sorted(timed) == [2048, 8192] and ev.plan["tangent_batch_size"] in timed
+    # A cache smaller than any candidate: the smallest is still timed, and kept.
+    monkeypatch.setattr(pointwise_kernel, "cache_bytes_per_core", lambda: 1000)
+    ev = evaluator(model.double(), 3, 1, 200_000)
+    assert ev.batch_size == 2048
+    assert [k for k in ev.plan["timings"] if k.startswith("chunk")] == ["chunk 2048"]
+    # Other models, or an unknown cache: no bound.
+    assert PointwiseKernel(FluxModel().double(), 3, 2, CPU, torch.float64).chunk_bound(True) is None
+    monkeypatch.setattr(pointwise_kernel, "cache_bytes_per_core", lambda: None)
+    assert kernel.chunk_bound(True) is None
 
 
 def test_chunked_values_do_not_depend_on_the_chunk_size():
@@ -550,3 +605,31 @@ def test_tanh_kernel_choice_per_rank_gives_the_models_values(dtype, cells, tiny_
     error = float(np.abs(fused.x.array - plain.x.array).max(initial=0.0))
     assert MPI.COMM_WORLD.allreduce(error, op=MPI.MAX) <= 8 * eps * scale
     assert scale > 0.1
+
+
+@pytest.mark.mpi
+def test_cache_bound_per_rank_keeps_the_models_values_and_tangent(monkeypatch, tiny_square):
+    """With a cache for 3,000 points of tangent buffers, every rank with points to time
+    keeps chunks within it (or the smallest candidate), and its values and tangents equal
+    those of the same MLP run through its own forward, on ranks with and without cells."""
+    model = tanh_mlp(1, torch.float64)
+    assert SequentialMLP.from_model(model, 3, 1) is not None
+    per_point = SequentialMLP.from_model(model, 3, 1).bytes_per_point(True, torch.float64)
+    monkeypatch.setattr(pointwise_kernel, "cache_bytes_per_core", lambda: 3000 * per_point)
+    for msh in (mesh.create_unit_square(MPI.COMM_WORLD, 48, 48), tiny_square):
+        u = fem.Function(fem.functionspace(msh, ("Lagrange", 1)))
+        u.interpolate(lambda x: np.sin(3 * x[0]) * x[1] - 0.5)
+        fused = mno.Closure(model, [u, ufl.grad(u)], quadrature_degree=2, device="cpu")
+        plain = mno.Closure(
+            OpaqueSequential(*model).eval(), [u, ufl.grad(u)], quadrature_degree=2, device="cpu"
+        )
+        for closure in (fused, plain):
+            closure.update(tangent=True)
+        plan = fused.evaluation_plan
+        if any(key.startswith("tangent chunk") for key in plan["timings"]):
+            assert plan["tangent_batch_size"] == 2048  # 8,192 exceeds the bound
+            assert "tangent chunk 8192" not in plan["timings"]
+        for a, b in ((fused.x, plain.x), (fused.tangent.x, plain.tangent.x)):
+            error = float(np.abs(a.array - b.array).max(initial=0.0))
+            scale = float(np.abs(b.array).max(initial=0.0))
+            assert MPI.COMM_WORLD.allreduce(error - 64 * 2.2e-16 * scale, op=MPI.MAX) <= 0
