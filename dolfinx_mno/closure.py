@@ -286,6 +286,17 @@ class Closure(ClosureBase):
             )
         return self._tangent
 
+    def model_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The model at ``x`` as updates run it, with autograd's graph (rank-local).
+
+        ``x`` is ``(n, num_inputs)`` in :attr:`model_dtype` on :attr:`device`. The result
+        is the model's output, except that a plain tanh MLP whose updates measured NumPy's
+        tanh faster uses it here too (its values differ from torch's by an ulp at most;
+        the gradients are those of the values returned). Rollouts differentiate this
+        (:mod:`dolfinx_mno.rollout`).
+        """
+        return self._evaluator.kernel.differentiable_values(x)
+
     def mean_tangent(self) -> np.ndarray:
         """The tangent of the last update averaged over every quadrature point (collective).
 

@@ -39,11 +39,12 @@ activation) runs through the generic modes.
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import numpy as np
 import torch
 
-__all__ = ["TANH_KERNELS", "SequentialMLP"]
+__all__ = ["TANH_KERNELS", "NumPyTanh", "SequentialMLP"]
 
 #: How the fused pass applies tanh: ``"torch"`` (``torch.tanh``) or ``"numpy"`` (``np.tanh``
 #: in place on the buffer's memory; float32/float64 on the CPU only).
@@ -55,6 +56,30 @@ _BACKWARD = {
     "tanh": torch.ops.aten.tanh_backward.grad_input,
     "sigmoid": torch.ops.aten.sigmoid_backward.grad_input,
 }
+
+
+class NumPyTanh(torch.autograd.Function):
+    """``tanh`` by NumPy's SIMD kernel, differentiable: the backward is ``g (1 - y²)``.
+
+    For float32/float64 tensors on the CPU (the caller checks,
+    :meth:`SequentialMLP.numpy_tanh_supported`). The backward is autograd's own
+    ``tanh_backward`` on the saved output, as for ``torch.tanh``; the output is saved as
+    an output, so that the backward is itself differentiable (second derivatives).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """``tanh(x)`` into a new tensor, kept for the backward."""
+        y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        np.tanh(x.detach().contiguous().numpy(), out=y.numpy())
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """``grad (1 - y²)``."""
+        (y,) = ctx.saved_tensors
+        return torch.ops.aten.tanh_backward(grad, y)
 
 
 @dataclasses.dataclass
@@ -337,6 +362,33 @@ class SequentialMLP:
                         torch.tanh(h, out=h)
                 else:
                     torch.sigmoid(h, out=h)
+        return h
+
+    def differentiable_values(self, x: torch.Tensor) -> torch.Tensor:
+        """``model(x)`` with autograd's graph, tanh by :attr:`tanh_kernel`.
+
+        For gradients through the model (rollouts): the model's own layers and
+        normalisations as torch operations, in its order, so that autograd gives the
+        parameters' and the inputs' gradients; NumPy's tanh through :class:`NumPyTanh`
+        where it is the kernel in use (otherwise the result is the model's, bit for bit).
+        Allocates like the model's forward (the graph keeps the activations).
+        """
+        self._check_unchanged()
+        numpy_tanh = self.tanh_kernel == "numpy" and self.numpy_tanh_supported(x.dtype, x.device)
+        h = x if self._input_norm is None else self._input_norm(x)
+        for layer in self.layers:
+            if layer.kind == "linear":
+                module, bias = layer.module, layer.module.bias
+                h = torch.nn.functional.linear(
+                    h, _tensor(module.weight), None if bias is None else _tensor(bias)
+                )
+            elif layer.kind == "tanh":
+                h = NumPyTanh.apply(h) if numpy_tanh else torch.tanh(h)
+            else:
+                h = torch.sigmoid(h)
+        if self._output_norm is not None:
+            inverse: typing.Callable[[torch.Tensor], torch.Tensor] = self._output_norm.inverse  # type: ignore[assignment]
+            h = inverse(h)
         return h
 
     def values_and_tangent(self, x: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, bool]:

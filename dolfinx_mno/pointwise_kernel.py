@@ -294,6 +294,18 @@ class PointwiseKernel:
         """The model's output at ``x``, ``(n, ...)``; call under ``torch.inference_mode``."""
         return self._values(x)
 
+    def differentiable_values(self, x: torch.Tensor) -> torch.Tensor:
+        """The model at ``x`` with autograd's graph, for gradients through it.
+
+        The model's own forward, except for a plain MLP whose chosen tanh kernel is NumPy's
+        (:attr:`tanh_kernel`): the same layers with that tanh
+        (:meth:`~dolfinx_mno.mlp_kernel.SequentialMLP.differentiable_values`), so that
+        rollouts and their gradients run the activations the updates measured faster.
+        """
+        if self._mlp is not None and self.tanh_kernel == "numpy":
+            return self._mlp.differentiable_values(x)
+        return self.model(x)
+
     def values_and_tangent(self, x: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """Values ``(n, num_outputs)`` at ``x``; the tangent is written into ``out``.
 

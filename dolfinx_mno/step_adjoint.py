@@ -200,7 +200,7 @@ class OperandFunction(torch.autograd.Function):
 
 def closure_values(closure: Closure, inputs: torch.Tensor) -> torch.Tensor:
     """The model at ``inputs`` in its dtype and device, as float64 CPU values ``(-1,)``."""
-    outputs = closure.model(inputs.to(device=closure.device, dtype=closure.model_dtype))
+    outputs = closure.model_outputs(inputs.to(device=closure.device, dtype=closure.model_dtype))
     return outputs.to(device="cpu", dtype=torch.float64).reshape(-1)
 
 

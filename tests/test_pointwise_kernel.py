@@ -473,6 +473,67 @@ def test_fused_mlp_pass_handles_linear_layers_in_a_row(layers):
     np.testing.assert_allclose(fused.tangents, reference.tangents, rtol=1e-13, atol=1e-14)
 
 
+def test_numpy_tanh_function_values_and_gradient():
+    """NumPyTanh: NumPy's values, and first and second derivatives (gradcheck,
+    gradgradcheck; the second derivative -2 y (1 - y²) to round-off)."""
+    from dolfinx_mno.mlp_kernel import NumPyTanh
+
+    x = torch.linspace(-4.0, 4.0, 60, dtype=torch.float64).reshape(12, 5).requires_grad_()
+    y = NumPyTanh.apply(x)
+    assert torch.equal(y.detach(), torch.from_numpy(np.tanh(x.detach().numpy())))
+    assert torch.autograd.gradcheck(NumPyTanh.apply, (x,))
+    assert torch.autograd.gradgradcheck(NumPyTanh.apply, (x,))
+    (gradient,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    (second,) = torch.autograd.grad(gradient.sum(), x)
+    t = np.tanh(x.detach().numpy())
+    np.testing.assert_allclose(second.numpy(), -2 * t * (1 - t**2), rtol=1e-14, atol=1e-15)
+    # A non-contiguous input (a transposed view) gives the same values.
+    assert torch.equal(NumPyTanh.apply(x.detach().t()), y.detach().t())
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kernel", ["torch", "numpy"])
+def test_differentiable_values_give_the_models_values_and_gradients(kernel, dtype, normalized):
+    """The graph rollouts differentiate: with torch's tanh the model's values and
+    gradients bit for bit; with NumPy's the model's values to 8 ulp and autograd's
+    gradients (inputs and every parameter, statistics included) to 64 ulp."""
+    layers = [torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16)]
+    layers += [torch.nn.Tanh(), torch.nn.Identity(), torch.nn.Linear(16, 2)]
+    if normalized:
+        model = normalized_mlp(layers, 2, dtype)
+        for norm in (model.input_normalization, model.output_normalization):
+            for name in ("shift", "scale"):  # trainable statistics get gradients too
+                setattr(norm, name, torch.nn.Parameter(getattr(norm, name).clone()))
+    else:
+        torch.manual_seed(3)
+        model = torch.nn.Sequential(*layers).to(dtype)
+    kernel_of = PointwiseKernel(model, 3, 2, CPU, dtype)
+    assert kernel_of._mlp is not None
+    kernel_of._mlp.use_tanh_kernel(kernel, dtype, CPU)
+    x = torch.from_numpy(np.random.default_rng(1).random((300, 3)) * 4 - 2).to(dtype)
+    cotangent = torch.from_numpy(np.random.default_rng(2).random((300, 2))).to(dtype)
+    parameters = list(model.parameters())
+    assert len(parameters) == 6 + 4 * normalized
+
+    def gradients(function):
+        inputs = x.clone().requires_grad_()
+        y = function(inputs)
+        return y.detach(), torch.autograd.grad(y, [inputs, *parameters], cotangent)
+
+    y, grads = gradients(kernel_of.differentiable_values)
+    y_ref, grads_ref = gradients(model)
+    eps = torch.finfo(dtype).eps
+    if kernel == "torch":
+        assert torch.equal(y, y_ref)
+        assert all(torch.equal(g, r) for g, r in zip(grads, grads_ref, strict=True))
+        return
+    assert not torch.equal(y, y_ref)  # the two kernels differ somewhere in the last bits
+    assert float((y - y_ref).abs().max()) <= 8 * eps * float(y_ref.abs().max())
+    for g, r in zip(grads, grads_ref, strict=True):
+        assert float((g - r).abs().max()) <= 64 * eps * float(r.abs().max())
+
+
 def test_fused_mlp_pass_refuses_a_model_whose_layers_were_replaced():
     model = plain_mlp(1).eval()
     ev = evaluator(model, 3, 1, 100)

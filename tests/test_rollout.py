@@ -643,3 +643,55 @@ def test_checkpointed_implicit_steps_are_not_solved_again(keep_states):
     assert solves[0] == NUM_STEPS + (0 if keep_states else recomputed)
     assert result.loss == pytest.approx(reference.loss, rel=1e-12)
     assert_same_gradient(result.parameters[0], reference.parameters[0])
+
+
+def use_tanh_kernel(closures, kernel):
+    """Make each closure's fused MLP pass (updates and rollouts) use ``kernel``'s tanh."""
+    for closure in closures:
+        mlp_pass = closure._evaluator.kernel._mlp
+        assert mlp_pass is not None and mlp_pass.has_tanh
+        mlp_pass.use_tanh_kernel(kernel, closure.model_dtype, closure.device)
+        assert closure.evaluation_plan["tanh_kernel"] == kernel
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("case", ["imex", "imex, tiny square", "implicit"])
+def test_rollouts_run_the_numpy_tanh_the_updates_chose(case, monkeypatch, tiny_square):
+    """A closure whose updates use NumPy's tanh runs it in rollouts and their gradients:
+    second-order Taylor remainders over 5 steps (IMEX, scalar and flux closures, also on
+    the two-cell square, P2 without boundary conditions, where on 3 ranks one owns no
+    cells; implicit, a flux of the new state), and the loss and gradients of torch's tanh
+    to round-off."""
+    from dolfinx_mno import mlp_kernel
+
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
+    if case == "implicit":
+        stepper, closures = implicit_flux_heat(msh, 1, prefix="numpy_tanh_implicit_")
+    elif case == "imex":
+        stepper, closures = heat(msh, 1, ("scalar", "flux"), prefix="numpy_tanh_imex_")
+    else:
+        stepper, closures = heat(
+            tiny_square, 2, ("scalar", "flux"), bcs=False, prefix="numpy_tanh_tiny_"
+        )
+    rollout = Rollout(stepper, checkpoint_every=2)
+    u0, data = rollout.initial_state(), targets(rollout)
+    calls = []
+    original = mlp_kernel.NumPyTanh.forward
+    monkeypatch.setattr(
+        mlp_kernel.NumPyTanh, "forward", lambda ctx, x: calls.append(1) or original(ctx, x)
+    )
+    use_tanh_kernel(closures, "numpy")
+    remainders = taylor_parameters(rollout, closures, u0, data)
+    assert calls  # NumPy's tanh ran
+    assert remainders[0] > 1e-9
+    assert min(rates(remainders)) >= 1.9
+    with_numpy = rollout.gradient(u0, data, closures=closures, initial_state=True)
+    use_tanh_kernel(closures, "torch")
+    calls.clear()
+    with_torch = rollout.gradient(u0, data, closures=closures, initial_state=True)
+    assert not calls
+    assert with_numpy.loss == pytest.approx(with_torch.loss, rel=1e-13)
+    for group, expected in zip(with_numpy.parameters, with_torch.parameters, strict=True):
+        assert_same_gradient(group, expected, rtol=1e-12)
+    difference = float((with_numpy.initial_state - with_torch.initial_state).norm())
+    assert difference <= 1e-12 * float(with_torch.initial_state.norm())
