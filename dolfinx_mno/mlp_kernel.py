@@ -44,7 +44,7 @@ import typing
 import numpy as np
 import torch
 
-__all__ = ["TANH_KERNELS", "NumPyTanh", "SequentialMLP"]
+__all__ = ["TANH_KERNELS", "MLPFunction", "SequentialMLP"]
 
 #: How the fused pass applies tanh: ``"torch"`` (``torch.tanh``) or ``"numpy"`` (``np.tanh``
 #: in place on the buffer's memory; float32/float64 on the CPU only).
@@ -56,30 +56,6 @@ _BACKWARD = {
     "tanh": torch.ops.aten.tanh_backward.grad_input,
     "sigmoid": torch.ops.aten.sigmoid_backward.grad_input,
 }
-
-
-class NumPyTanh(torch.autograd.Function):
-    """``tanh`` by NumPy's SIMD kernel, differentiable: the backward is ``g (1 - y²)``.
-
-    For float32/float64 tensors on the CPU (the caller checks,
-    :meth:`SequentialMLP.numpy_tanh_supported`). The backward is autograd's own
-    ``tanh_backward`` on the saved output, as for ``torch.tanh``; the output is saved as
-    an output, so that the backward is itself differentiable (second derivatives).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """``tanh(x)`` into a new tensor, kept for the backward."""
-        y = torch.empty_like(x, memory_format=torch.contiguous_format)
-        np.tanh(x.detach().contiguous().numpy(), out=y.numpy())
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """``grad (1 - y²)``."""
-        (y,) = ctx.saved_tensors
-        return torch.ops.aten.tanh_backward(grad, y)
 
 
 @dataclasses.dataclass
@@ -365,27 +341,24 @@ class SequentialMLP:
         return h
 
     def differentiable_values(self, x: torch.Tensor) -> torch.Tensor:
-        """``model(x)`` with autograd's graph, tanh by :attr:`tanh_kernel`.
+        """``model(x)`` with autograd's graph, for gradients through the model (rollouts).
 
-        For gradients through the model (rollouts): the model's own layers and
-        normalisations as torch operations, in its order, so that autograd gives the
-        parameters' and the inputs' gradients; NumPy's tanh through :class:`NumPyTanh`
-        where it is the kernel in use (otherwise the result is the model's, bit for bit).
-        Allocates like the model's forward (the graph keeps the activations).
+        The layers run as one autograd function, :class:`MLPFunction`, with tanh by
+        :attr:`tanh_kernel` and a hand-written backward; a
+        :class:`~dolfinx_mno.normalization.NormalizedModel`'s normalisations run around
+        it as torch operations (trainable statistics get their gradients from autograd).
+        Allocates like the model's forward: the activations are kept for the backward.
         """
         self._check_unchanged()
         numpy_tanh = self.tanh_kernel == "numpy" and self.numpy_tanh_supported(x.dtype, x.device)
         h = x if self._input_norm is None else self._input_norm(x)
+        tensors = []
         for layer in self.layers:
             if layer.kind == "linear":
-                module, bias = layer.module, layer.module.bias
-                h = torch.nn.functional.linear(
-                    h, _tensor(module.weight), None if bias is None else _tensor(bias)
-                )
-            elif layer.kind == "tanh":
-                h = NumPyTanh.apply(h) if numpy_tanh else torch.tanh(h)
-            else:
-                h = torch.sigmoid(h)
+                tensors.append(_tensor(layer.module.weight))
+                if layer.module.bias is not None:
+                    tensors.append(_tensor(layer.module.bias))
+        h = MLPFunction.apply(self.layers, numpy_tanh, h, *tensors)
         if self._output_norm is not None:
             inverse: typing.Callable[[torch.Tensor], torch.Tensor] = self._output_norm.inverse  # type: ignore[assignment]
             h = inverse(h)
@@ -441,6 +414,104 @@ class SequentialMLP:
                 g.copy_(rows.unsqueeze(1).expand(g.shape))
             out.copy_(g.transpose(0, 1))
         return y, True
+
+
+class MLPFunction(torch.autograd.Function):
+    """A recognised MLP's layers as one autograd function with a hand-written backward.
+
+    ``MLPFunction.apply(layers, numpy_tanh, x, *tensors)``: ``layers`` are
+    :class:`SequentialMLP`'s, ``tensors`` each linear layer's weight and (if it has one)
+    bias, in order; ``numpy_tanh`` applies tanh with NumPy's kernel in place (float32 or
+    float64 on the CPU), otherwise torch's. The forward keeps each linear layer's input
+    and each activation's output, as autograd would; the backward is the chain rule, layer
+    by layer from the output: ``∂W = Gᵀ a``, ``∂b = Σ G``, ``G ← G W`` (a broadcast
+    product for a one-row ``W``), ``G ← G ∘ f'(t)`` by autograd's own ``tanh_backward`` /
+    ``sigmoid_backward`` kernels in place; gradients nobody needs are not computed.
+
+    The same products as autograd's (the results agree to round-off, and bit for bit on
+    the MLPs tested); it saves autograd's per-operation nodes and the outer product of a
+    one-output layer. A second derivative is refused: the backward raises under
+    ``create_graph=True``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        layers: list[_Layer],
+        numpy_tanh: bool,
+        x: torch.Tensor,
+        *tensors: torch.Tensor,
+    ) -> torch.Tensor:
+        """The layers at ``x``; keeps what the backward needs."""
+        inputs: list[torch.Tensor] = []  # of each linear layer
+        outputs: list[torch.Tensor] = []  # of each activation
+        positions: list[tuple[int, int | None]] = []  # of each weight and bias in tensors
+        h, index = x, 0
+        for layer in layers:
+            if layer.kind == "linear":
+                has_bias = layer.module.bias is not None
+                positions.append((index, index + 1 if has_bias else None))
+                weight = tensors[index]
+                inputs.append(h)
+                if has_bias:
+                    h = torch.addmm(tensors[index + 1], h, weight.t())
+                else:
+                    h = torch.mm(h, weight.t())
+                index += 1 + has_bias
+            else:
+                # h is the previous linear layer's fresh output (from_model's rule): its own
+                # contiguous memory, which the activation overwrites.
+                if layer.kind == "sigmoid":
+                    h.sigmoid_()
+                elif numpy_tanh:
+                    array = h.numpy()
+                    np.tanh(array, out=array)
+                else:
+                    h.tanh_()
+                outputs.append(h)
+        # Saved as autograd saves its own: freed after the backward (unless the graph is
+        # retained), refused in a second backward, and checked against later in-place
+        # changes of the inputs and weights.
+        ctx.layers, ctx.positions = layers, positions
+        ctx.num_tensors, ctx.num_inputs = len(tensors), len(inputs)
+        ctx.save_for_backward(*tensors, *inputs, *outputs)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        """The chain rule through the layers (see the class docstring)."""
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "Second derivatives through a closure's fused MLP (MLPFunction) are not "
+                "supported: its backward is hand-written. Differentiate the model itself "
+                "(closure.model) for higher derivatives."
+            )
+        saved = ctx.saved_tensors
+        tensors = saved[: ctx.num_tensors]
+        inputs = saved[ctx.num_tensors : ctx.num_tensors + ctx.num_inputs]
+        outputs = saved[ctx.num_tensors + ctx.num_inputs :]
+        needs = ctx.needs_input_grad[3:]
+        gradients: list[torch.Tensor | None] = [None] * len(tensors)
+        g = grad
+        linear, activation = len(inputs) - 1, len(outputs) - 1
+        for layer in reversed(ctx.layers):
+            if layer.kind == "linear":
+                weight_at, bias_at = ctx.positions[linear]
+                if needs[weight_at]:
+                    gradients[weight_at] = torch.mm(g.t(), inputs[linear])
+                if bias_at is not None and needs[bias_at]:
+                    gradients[bias_at] = g.sum(0)
+                if linear == 0 and not ctx.needs_input_grad[2]:
+                    break
+                weight = tensors[weight_at]
+                g = g * weight if weight.shape[0] == 1 else torch.mm(g, weight)
+                linear -= 1
+            else:  # g is this function's own (a linear layer's product): overwritten
+                backward = _BACKWARD[layer.kind]
+                backward(g, outputs[activation], grad_input=g)
+                activation -= 1
+        grad_x = g if ctx.needs_input_grad[2] else None
+        return (None, None, grad_x, *gradients)
 
 
 def _tensor(tensor: torch.Tensor | torch.nn.Module) -> torch.Tensor:

@@ -146,3 +146,24 @@ def test_chunk_sizes_smoke():
     cache = cache_bytes_per_core()
     if cache is not None:  # 1,040 bytes a point of float32 tangent buffers (3-64-64-1)
         assert rows["chosen"]["tangent_batch_size"] <= max(2048, cache // 1040)
+
+
+def test_rollout_model_paths_smoke():
+    """The three ways of running the model in a rollout, on a tiny problem: every way's
+    row, finite times, and 'model' against itself exactly 1."""
+    import subprocess
+
+    command = [sys.executable, str(BENCHMARKS / "rollout_model_paths.py"), "--steps", "3",
+               "--cells", "4", "--every", "2", "--rounds", "1", "--repeats", "1",
+               "--tag", "smoke_test"]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, text=True, cwd=BENCHMARKS)
+    path = BENCHMARKS / "results" / "rollout_model_paths_smoke_test.json"
+    result = json.loads(path.read_text())
+    path.unlink()
+    rows = {row["way"]: row for row in result["rows"]}
+    assert list(rows) == ["model", "numpy tanh per op", "fused"]
+    assert result["points"] == 96 and result["tanh_kernel"] == "torch"  # too few to time
+    for row in rows.values():
+        assert row["forward_cpu_s"] > 0 and row["gradient_cpu_s"] > 0
+        assert math.isfinite(row["ratio"]) and len(row["rounds"]["gradient"]) == 1
+    assert rows["model"]["gradient_against_model"] == 1.0

@@ -473,31 +473,71 @@ def test_fused_mlp_pass_handles_linear_layers_in_a_row(layers):
     np.testing.assert_allclose(fused.tangents, reference.tangents, rtol=1e-13, atol=1e-14)
 
 
-def test_numpy_tanh_function_values_and_gradient():
-    """NumPyTanh: NumPy's values, and first and second derivatives (gradcheck,
-    gradgradcheck; the second derivative -2 y (1 - y²) to round-off)."""
-    from dolfinx_mno.mlp_kernel import NumPyTanh
+def function_mlp(kind):
+    """MLPs for MLPFunction: tanh, sigmoid and identity layers; no biases; two linear
+    layers in a row; a one-output last layer (its backward is a broadcast product)."""
+    torch.manual_seed(5)
+    if kind == "mixed":
+        return plain_mlp(2)
+    if kind == "no bias":
+        layers = [torch.nn.Linear(3, 8, bias=False), torch.nn.Tanh()]
+        return torch.nn.Sequential(*layers, torch.nn.Linear(8, 1, bias=False)).double()
+    layers = [torch.nn.Linear(3, 8), torch.nn.Linear(8, 8), torch.nn.Tanh()]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(8, 1)).double()
 
-    x = torch.linspace(-4.0, 4.0, 60, dtype=torch.float64).reshape(12, 5).requires_grad_()
-    y = NumPyTanh.apply(x)
-    assert torch.equal(y.detach(), torch.from_numpy(np.tanh(x.detach().numpy())))
-    assert torch.autograd.gradcheck(NumPyTanh.apply, (x,))
-    assert torch.autograd.gradgradcheck(NumPyTanh.apply, (x,))
-    (gradient,) = torch.autograd.grad(y.sum(), x, create_graph=True)
-    (second,) = torch.autograd.grad(gradient.sum(), x)
-    t = np.tanh(x.detach().numpy())
-    np.testing.assert_allclose(second.numpy(), -2 * t * (1 - t**2), rtol=1e-14, atol=1e-15)
-    # A non-contiguous input (a transposed view) gives the same values.
-    assert torch.equal(NumPyTanh.apply(x.detach().t()), y.detach().t())
+
+@pytest.mark.parametrize("kind", ["mixed", "no bias", "linear twice"])
+@pytest.mark.parametrize("kernel", ["torch", "numpy"])
+def test_mlp_function_gradients(kind, kernel):
+    """MLPFunction's hand-written backward: gradcheck in the inputs and every weight and
+    bias (float64), a frozen layer gets no gradient, and a second derivative is refused."""
+    from dolfinx_mno.mlp_kernel import MLPFunction
+
+    model = function_mlp(kind)
+    mlp = SequentialMLP.from_model(model, 3, model[-1].out_features)
+    assert mlp is not None
+    tensors = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    x = torch.from_numpy(np.random.default_rng(3).random((40, 3)) * 2 - 1).requires_grad_()
+
+    def function(x, *tensors):
+        return MLPFunction.apply(mlp.layers, kernel == "numpy", x, *tensors)
+
+    assert torch.autograd.gradcheck(function, (x, *tensors))
+    with torch.no_grad():  # the values are the model's
+        expected = model(x)
+    eps = torch.finfo(torch.float64).eps
+    assert float((function(x, *tensors).detach() - expected).abs().max()) <= 8 * eps
+    # Only what is asked for: a frozen first weight and x without grad.
+    tensors[0].requires_grad_(False)
+    y = function(x.detach(), *tensors)
+    grads = torch.autograd.grad(y.sum(), tensors[1:])
+    shapes = [g.shape for g in grads]
+    assert shapes == [t.shape for t in tensors[1:]]
+    gradient = torch.autograd.grad(function(x, *tensors).sum(), x, create_graph=False)[0]
+    assert gradient.shape == x.shape
+    with pytest.raises(RuntimeError, match="Second derivatives through a closure's fused MLP"):
+        torch.autograd.grad(function(x, *tensors).sum(), x, create_graph=True)
+    # The activations are saved as autograd saves its own: kept with retain_graph, freed
+    # after a backward (a second one is refused), checked against in-place changes.
+    y = function(x, *tensors).sum()
+    first = torch.autograd.grad(y, x, retain_graph=True)[0]
+    assert torch.equal(torch.autograd.grad(y, x)[0], first)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(y, x)
+    y = function(x, *tensors).sum()
+    with torch.no_grad():
+        tensors[-1].add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(y, x)
 
 
 @pytest.mark.parametrize("normalized", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("kernel", ["torch", "numpy"])
 def test_differentiable_values_give_the_models_values_and_gradients(kernel, dtype, normalized):
-    """The graph rollouts differentiate: with torch's tanh the model's values and
-    gradients bit for bit; with NumPy's the model's values to 8 ulp and autograd's
-    gradients (inputs and every parameter, statistics included) to 64 ulp."""
+    """The graph rollouts differentiate (MLPFunction): with torch's tanh the model's
+    values and autograd's gradients to round-off; with NumPy's the model's values to 8 ulp
+    and autograd's gradients (inputs and every parameter, statistics included) to 64 ulp."""
     layers = [torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16)]
     layers += [torch.nn.Tanh(), torch.nn.Identity(), torch.nn.Linear(16, 2)]
     if normalized:

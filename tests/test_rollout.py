@@ -675,11 +675,14 @@ def test_rollouts_run_the_numpy_tanh_the_updates_chose(case, monkeypatch, tiny_s
         )
     rollout = Rollout(stepper, checkpoint_every=2)
     u0, data = rollout.initial_state(), targets(rollout)
-    calls = []
-    original = mlp_kernel.NumPyTanh.forward
-    monkeypatch.setattr(
-        mlp_kernel.NumPyTanh, "forward", lambda ctx, x: calls.append(1) or original(ctx, x)
-    )
+    calls = []  # the fused MLP function's calls with NumPy's tanh
+    original = mlp_kernel.MLPFunction.forward
+
+    def spy(ctx, layers, numpy_tanh, *args):
+        calls.extend([1] if numpy_tanh else [])
+        return original(ctx, layers, numpy_tanh, *args)
+
+    monkeypatch.setattr(mlp_kernel.MLPFunction, "forward", spy)
     use_tanh_kernel(closures, "numpy")
     remainders = taylor_parameters(rollout, closures, u0, data)
     assert calls  # NumPy's tanh ran
