@@ -34,6 +34,11 @@ Recognised: a :class:`torch.nn.Sequential` whose members are exactly
 at every call (``W₁ diag(1/σ)``, ``diag(σ_out) W_L``; a few small matrices, so that training
 the model or its statistics later is seen). Anything else (a subclass, a custom
 activation) runs through the generic modes.
+
+Rollouts differentiate the model (:mod:`dolfinx_mno.rollout`): for them
+:meth:`SequentialMLP.differentiable_values` runs the layers as one autograd function,
+:class:`MLPFunction`, with the chosen tanh and a hand-written backward (the normalisations
+of a ``NormalizedModel`` around it, unfolded, under autograd).
 """
 
 from __future__ import annotations
