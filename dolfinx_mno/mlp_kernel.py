@@ -70,6 +70,17 @@ class _Layer:
     width: int  # output width
 
 
+def _activate(h: torch.Tensor, kind: str, numpy_tanh: bool) -> None:
+    """Apply the activation ``kind`` to ``h`` in place (contiguous, its own memory)."""
+    if kind == "sigmoid":
+        torch.sigmoid(h, out=h)
+    elif numpy_tanh:
+        array = h.numpy()
+        np.tanh(array, out=array)
+    else:
+        torch.tanh(h, out=h)
+
+
 def _has_hooks(module: torch.nn.Module) -> bool:
     return bool(
         module._forward_hooks
@@ -135,6 +146,10 @@ class SequentialMLP:
                 f"{device}."
             )
         self.tanh_kernel = kernel
+
+    def _numpy_tanh_for(self, x: torch.Tensor) -> bool:
+        """Whether tanh runs by NumPy's kernel on tensors like ``x``."""
+        return self.tanh_kernel == "numpy" and self.numpy_tanh_supported(x.dtype, x.device)
 
     @classmethod
     def from_model(
@@ -321,8 +336,7 @@ class SequentialMLP:
         n = x.shape[0]
         h = x
         linear = 0
-        # Once a chunk (the buffers have x's dtype and device), not once a layer.
-        numpy_tanh = self.tanh_kernel == "numpy" and self.numpy_tanh_supported(x.dtype, x.device)
+        numpy_tanh = self._numpy_tanh_for(x)  # once a chunk, not once a layer
         with torch.no_grad():
             for layer in self.layers:
                 if layer.kind == "linear":
@@ -334,15 +348,8 @@ class SequentialMLP:
                         torch.mm(h, weight.t(), out=out)
                     h = out
                     linear += 1
-                elif layer.kind == "tanh":
-                    # h is a buffer (the last layer is linear): contiguous, its own memory.
-                    if numpy_tanh:
-                        array = h.numpy()
-                        np.tanh(array, out=array)
-                    else:
-                        torch.tanh(h, out=h)
-                else:
-                    torch.sigmoid(h, out=h)
+                else:  # h is a buffer (the last layer is linear): its own memory
+                    _activate(h, layer.kind, numpy_tanh)
         return h
 
     def differentiable_values(self, x: torch.Tensor) -> torch.Tensor:
@@ -355,15 +362,13 @@ class SequentialMLP:
         Allocates like the model's forward: the activations are kept for the backward.
         """
         self._check_unchanged()
-        numpy_tanh = self.tanh_kernel == "numpy" and self.numpy_tanh_supported(x.dtype, x.device)
         h = x if self._input_norm is None else self._input_norm(x)
-        tensors = []
+        tensors: list[torch.Tensor | None] = []
         for layer in self.layers:
             if layer.kind == "linear":
-                tensors.append(_tensor(layer.module.weight))
-                if layer.module.bias is not None:
-                    tensors.append(_tensor(layer.module.bias))
-        h = MLPFunction.apply(self.layers, numpy_tanh, h, *tensors)
+                bias = layer.module.bias
+                tensors += [_tensor(layer.module.weight), None if bias is None else _tensor(bias)]
+        h = MLPFunction.apply(self.layers, self._numpy_tanh_for(x), h, *tensors)
         if self._output_norm is not None:
             inverse: typing.Callable[[torch.Tensor], torch.Tensor] = self._output_norm.inverse  # type: ignore[assignment]
             h = inverse(h)
@@ -425,8 +430,8 @@ class MLPFunction(torch.autograd.Function):
     """A recognised MLP's layers as one autograd function with a hand-written backward.
 
     ``MLPFunction.apply(layers, numpy_tanh, x, *tensors)``: ``layers`` are
-    :class:`SequentialMLP`'s, ``tensors`` each linear layer's weight and (if it has one)
-    bias, in order; ``numpy_tanh`` applies tanh with NumPy's kernel in place (float32 or
+    :class:`SequentialMLP`'s, ``tensors`` each linear layer's weight and bias (``None``
+    without one), in order; ``numpy_tanh`` applies tanh with NumPy's kernel in place (float32 or
     float64 on the CPU), otherwise torch's. The forward keeps each linear layer's input
     and each activation's output, as autograd would; the backward is the chain rule, layer
     by layer from the output: ``∂W = Gᵀ a``, ``∂b = Σ G``, ``G ← G W`` (a broadcast
@@ -445,39 +450,27 @@ class MLPFunction(torch.autograd.Function):
         layers: list[_Layer],
         numpy_tanh: bool,
         x: torch.Tensor,
-        *tensors: torch.Tensor,
+        *tensors: torch.Tensor | None,
     ) -> torch.Tensor:
         """The layers at ``x``; keeps what the backward needs."""
         inputs: list[torch.Tensor] = []  # of each linear layer
         outputs: list[torch.Tensor] = []  # of each activation
-        positions: list[tuple[int, int | None]] = []  # of each weight and bias in tensors
-        h, index = x, 0
+        h = x
         for layer in layers:
             if layer.kind == "linear":
-                has_bias = layer.module.bias is not None
-                positions.append((index, index + 1 if has_bias else None))
-                weight = tensors[index]
+                weight, bias = tensors[2 * len(inputs)], tensors[2 * len(inputs) + 1]
+                assert weight is not None
                 inputs.append(h)
-                if has_bias:
-                    h = torch.addmm(tensors[index + 1], h, weight.t())
-                else:
-                    h = torch.mm(h, weight.t())
-                index += 1 + has_bias
+                h = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
             else:
                 # h is the previous linear layer's fresh output (from_model's rule): its own
                 # contiguous memory, which the activation overwrites.
-                if layer.kind == "sigmoid":
-                    h.sigmoid_()
-                elif numpy_tanh:
-                    array = h.numpy()
-                    np.tanh(array, out=array)
-                else:
-                    h.tanh_()
+                _activate(h, layer.kind, numpy_tanh)
                 outputs.append(h)
         # Saved as autograd saves its own: freed after the backward (unless the graph is
         # retained), refused in a second backward, and checked against later in-place
         # changes of the inputs and weights.
-        ctx.layers, ctx.positions = layers, positions
+        ctx.layers = layers
         ctx.num_tensors, ctx.num_inputs = len(tensors), len(inputs)
         ctx.save_for_backward(*tensors, *inputs, *outputs)
         return h
@@ -501,14 +494,13 @@ class MLPFunction(torch.autograd.Function):
         linear, activation = len(inputs) - 1, len(outputs) - 1
         for layer in reversed(ctx.layers):
             if layer.kind == "linear":
-                weight_at, bias_at = ctx.positions[linear]
-                if needs[weight_at]:
-                    gradients[weight_at] = torch.mm(g.t(), inputs[linear])
-                if bias_at is not None and needs[bias_at]:
-                    gradients[bias_at] = g.sum(0)
+                if needs[2 * linear]:  # the weight's
+                    gradients[2 * linear] = torch.mm(g.t(), inputs[linear])
+                if needs[2 * linear + 1]:  # the bias's (False without one)
+                    gradients[2 * linear + 1] = g.sum(0)
                 if linear == 0 and not ctx.needs_input_grad[2]:
                     break
-                weight = tensors[weight_at]
+                weight = tensors[2 * linear]
                 g = g * weight if weight.shape[0] == 1 else torch.mm(g, weight)
                 linear -= 1
             else:  # g is this function's own (a linear layer's product): overwritten
