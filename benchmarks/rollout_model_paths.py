@@ -12,7 +12,9 @@ ways, switched in turn within each round on the same rollout:
   function of its own (a reference kept here: it separates the two effects below);
 * ``fused`` (what dolfinx_mno runs when the closure's updates chose NumPy's ``tanh``): the
   layers as one autograd function, ``mlp_kernel.MLPFunction``, NumPy's ``tanh`` and a
-  hand-written backward.
+  hand-written backward, the matrix products by torch's BLAS;
+* ``fused, numpy gemm``: the same with the matrix products by NumPy's BLAS (what runs when
+  the updates also chose NumPy's GEMM kernel).
 
 Each round times, for each way, the best of ``--repeats`` forward rollouts (``torch.no_grad``)
 and of as many gradients, in CPU time (``time.process_time``: other jobs on a shared
@@ -69,10 +71,23 @@ def model_forward(kernel: pointwise_kernel.PointwiseKernel, x: torch.Tensor) -> 
     return kernel.model(x)
 
 
+def fused_with(gemm: str):
+    """The fused pass with NumPy's tanh and ``gemm``'s BLAS (whatever the closure chose)."""
+
+    def way(kernel: pointwise_kernel.PointwiseKernel, x: torch.Tensor) -> torch.Tensor:
+        assert kernel._mlp is not None
+        kernel._mlp.use_tanh_kernel("numpy", x.dtype, x.device)
+        kernel._mlp.use_gemm_kernel(gemm, x.dtype, x.device)
+        return kernel._mlp.differentiable_values(x)
+
+    return way
+
+
 WAYS = {
     "model": model_forward,
     "numpy tanh per op": numpy_tanh_per_op,
-    "fused": pointwise_kernel.PointwiseKernel.differentiable_values,
+    "fused": fused_with("torch"),
+    "fused, numpy gemm": fused_with("numpy"),
 }
 
 
@@ -97,10 +112,10 @@ def main() -> None:
     data = rollout_gradient.targets(V, rollout.num_owned, args.steps)
     (closure,) = rollout.closures
     plan = closure.evaluation_plan
-    if plan["tanh_kernel"] != "numpy":
-        print(
-            f"note: this closure's updates chose {plan['tanh_kernel']!r} tanh; 'fused' is 'model'"
-        )
+    print(
+        f"this closure's updates chose {plan['tanh_kernel']!r} tanh and "
+        f"{plan['gemm_kernel']!r} GEMM"
+    )
 
     def forward() -> None:
         with torch.no_grad():
@@ -147,6 +162,7 @@ def main() -> None:
         "args": vars(args),
         "points": 6 * args.cells**2,
         "tanh_kernel": plan["tanh_kernel"],
+        "gemm_kernel": plan["gemm_kernel"],
         "rows": rows,
     }
     name = f"rollout_model_paths{'_' + args.tag if args.tag else ''}.json"

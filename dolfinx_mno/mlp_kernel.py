@@ -26,6 +26,15 @@ at 0.25 ns. :class:`~dolfinx_mno.pointwise_kernel.PointwiseKernel` therefore tim
 and keeps the faster (torch's also runs on several threads where NumPy's runs on one),
 after the same agreement check.
 
+The matrix products run by one of :data:`GEMM_KERNELS`: torch's BLAS (MKL in torch's x86
+wheels) or NumPy's (OpenBLAS in NumPy's wheels) on the same memory, at torch's thread
+count (:mod:`dolfinx_mno._blas`). MKL is tuned for Intel CPUs: on one core of an AMD EPYC
+it took 1.2–2.2× OpenBLAS's time for the narrow products of a float64 ``3 → 32 → 32 → 1``
+MLP, and a rollout's model ran 1.3× faster with OpenBLAS; for a float32 ``3 → 64 → 64 → 1``
+they were even (NumPy's ``matmul`` has no bias term, so its bias costs a pass).
+:class:`~dolfinx_mno.pointwise_kernel.PointwiseKernel` times each pair of kernels and keeps
+the fastest.
+
 Recognised: a :class:`torch.nn.Sequential` whose members are exactly
 :class:`torch.nn.Linear`, :class:`torch.nn.Tanh`, :class:`torch.nn.Sigmoid` or
 :class:`torch.nn.Identity`, with no hooks, ending in a linear layer; and such a
@@ -43,17 +52,24 @@ of a ``NormalizedModel`` around it, unfolded, under autograd).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import typing
 
 import numpy as np
 import torch
 
-__all__ = ["TANH_KERNELS", "MLPFunction", "SequentialMLP"]
+from dolfinx_mno._blas import torch_threads
+
+__all__ = ["GEMM_KERNELS", "TANH_KERNELS", "MLPFunction", "SequentialMLP"]
 
 #: How the fused pass applies tanh: ``"torch"`` (``torch.tanh``) or ``"numpy"`` (``np.tanh``
 #: in place on the buffer's memory; float32/float64 on the CPU only).
 TANH_KERNELS = ("torch", "numpy")
+#: Which BLAS runs the fused pass's matrix products: ``"torch"``'s (``torch.addmm``, MKL
+#: in torch's x86 wheels) or ``"numpy"``'s (``np.matmul`` on the same memory, OpenBLAS in
+#: NumPy's wheels, at torch's thread count; float32/float64 on the CPU only).
+GEMM_KERNELS = ("torch", "numpy")
 
 _ACTIVATIONS = {torch.nn.Tanh: "tanh", torch.nn.Sigmoid: "sigmoid"}
 #: ``G ∘ f'`` from the activation's output ``t`` (``1 - t²``, ``t - t²``), in one pass.
@@ -79,6 +95,34 @@ def _activate(h: torch.Tensor, kind: str, numpy_tanh: bool) -> None:
         np.tanh(array, out=array)
     else:
         torch.tanh(h, out=h)
+
+
+def _array(tensor: torch.Tensor) -> np.ndarray:
+    """NumPy's view of a CPU tensor's memory (no copy; autograd's flag is ignored)."""
+    return tensor.detach().numpy()
+
+
+def _linear(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    numpy_gemm: bool,
+) -> None:
+    """``out = h Wᵀ + b`` by torch's BLAS or, with ``numpy_gemm``, NumPy's.
+
+    NumPy's ``matmul`` has no accumulating form, so the bias is added in a second pass over
+    ``out`` (in cache: ``out`` was just written).
+    """
+    if numpy_gemm:
+        result = _array(out)
+        np.matmul(_array(h), _array(weight).T, out=result)
+        if bias is not None:
+            np.add(result, _array(bias), out=result)
+    elif bias is not None:
+        torch.addmm(bias, h, weight.t(), out=out)
+    else:
+        torch.mm(h, weight.t(), out=out)
 
 
 def _has_hooks(module: torch.nn.Module) -> bool:
@@ -125,6 +169,8 @@ class SequentialMLP:
         self._widths: list[int] = []
         #: One of :data:`TANH_KERNELS` (see :meth:`use_tanh_kernel`).
         self.tanh_kernel = "torch"
+        #: One of :data:`GEMM_KERNELS` (see :meth:`use_gemm_kernel`).
+        self.gemm_kernel = "torch"
 
     @property
     def has_tanh(self) -> bool:
@@ -150,6 +196,21 @@ class SequentialMLP:
     def _numpy_tanh_for(self, x: torch.Tensor) -> bool:
         """Whether tanh runs by NumPy's kernel on tensors like ``x``."""
         return self.tanh_kernel == "numpy" and self.numpy_tanh_supported(x.dtype, x.device)
+
+    def use_gemm_kernel(self, kernel: str, dtype: torch.dtype, device: torch.device) -> None:
+        """Run the matrix products with ``kernel``'s BLAS (:data:`GEMM_KERNELS`) from now on."""
+        if kernel not in GEMM_KERNELS:
+            raise ValueError(f"Unknown GEMM kernel {kernel!r}; use one of {GEMM_KERNELS}.")
+        if kernel == "numpy" and not self.numpy_tanh_supported(dtype, device):
+            raise ValueError(
+                f"NumPy's matmul works on float32 or float64 buffers on the CPU, not {dtype} "
+                f"on {device}."
+            )
+        self.gemm_kernel = kernel
+
+    def _numpy_gemm_for(self, x: torch.Tensor) -> bool:
+        """Whether the matrix products run by NumPy's BLAS on tensors like ``x``."""
+        return self.gemm_kernel == "numpy" and self.numpy_tanh_supported(x.dtype, x.device)
 
     @classmethod
     def from_model(
@@ -337,15 +398,14 @@ class SequentialMLP:
         h = x
         linear = 0
         numpy_tanh = self._numpy_tanh_for(x)  # once a chunk, not once a layer
-        with torch.no_grad():
+        numpy_gemm = self._numpy_gemm_for(x)
+        threads = torch_threads() if numpy_gemm else contextlib.nullcontext()
+        with torch.no_grad(), threads:
             for layer in self.layers:
                 if layer.kind == "linear":
                     out = self._activations[linear][:n]
                     weight, bias = self._weight_and_bias(linear, layer.module)
-                    if bias is not None:
-                        torch.addmm(bias, h, weight.t(), out=out)
-                    else:
-                        torch.mm(h, weight.t(), out=out)
+                    _linear(h, weight, bias, out, numpy_gemm)
                     h = out
                     linear += 1
                 else:  # h is a buffer (the last layer is linear): its own memory
@@ -368,7 +428,9 @@ class SequentialMLP:
             if layer.kind == "linear":
                 bias = layer.module.bias
                 tensors += [_tensor(layer.module.weight), None if bias is None else _tensor(bias)]
-        h = MLPFunction.apply(self.layers, self._numpy_tanh_for(x), h, *tensors)
+        h = MLPFunction.apply(
+            self.layers, self._numpy_tanh_for(x), self._numpy_gemm_for(x), h, *tensors
+        )
         if self._output_norm is not None:
             inverse: typing.Callable[[torch.Tensor], torch.Tensor] = self._output_norm.inverse  # type: ignore[assignment]
             h = inverse(h)
@@ -384,7 +446,9 @@ class SequentialMLP:
         """
         y = self.values(x)
         n, m = x.shape[0], self.num_outputs
-        with torch.no_grad():
+        numpy_gemm = self._numpy_gemm_for(x)
+        threads = torch_threads() if numpy_gemm else contextlib.nullcontext()
+        with torch.no_grad(), threads:
             g: torch.Tensor | None = None  # None: the identity, before the last layer
             rows: torch.Tensor | None = None  # the last layer's weight, applied lazily
             linear = len(self._activations) - 1
@@ -400,11 +464,18 @@ class SequentialMLP:
                         g = self._cotangent(linear + 1, n)
                         g.copy_(rows.unsqueeze(1).expand(g.shape))
                     target = self._cotangent(linear, n)
-                    # The weight column-major: MKL's GEMM runs 1.1-1.2x faster with it for a
-                    # square layer and 2-4x for the narrow first one (3 inputs), measured.
-                    columns = self._buffer((linear, "weight_t"), weight.t())
-                    columns.copy_(weight.t())
-                    torch.matmul(g.view(m * n, -1), columns.t(), out=target.view(m * n, -1))
+                    if numpy_gemm:
+                        np.matmul(
+                            _array(g).reshape(m * n, -1),
+                            _array(weight),
+                            out=_array(target).reshape(m * n, -1),
+                        )
+                    else:
+                        # The weight column-major: MKL's GEMM runs 1.1-1.2x faster with it
+                        # for a square layer and 2-4x for the narrow first one (3 inputs).
+                        columns = self._buffer((linear, "weight_t"), weight.t())
+                        columns.copy_(weight.t())
+                        torch.matmul(g.view(m * n, -1), columns.t(), out=target.view(m * n, -1))
                     g = target
                     linear -= 1
                 else:
@@ -429,14 +500,16 @@ class SequentialMLP:
 class MLPFunction(torch.autograd.Function):
     """A recognised MLP's layers as one autograd function with a hand-written backward.
 
-    ``MLPFunction.apply(layers, numpy_tanh, x, *tensors)``: ``layers`` are
+    ``MLPFunction.apply(layers, numpy_tanh, numpy_gemm, x, *tensors)``: ``layers`` are
     :class:`SequentialMLP`'s, ``tensors`` each linear layer's weight and bias (``None``
     without one), in order; ``numpy_tanh`` applies tanh with NumPy's kernel in place (float32 or
-    float64 on the CPU), otherwise torch's. The forward keeps each linear layer's input
-    and each activation's output, as autograd would; the backward is the chain rule, layer
-    by layer from the output: ``∂W = Gᵀ a``, ``∂b = Σ G``, ``G ← G W`` (a broadcast
-    product for a one-row ``W``), ``G ← G ∘ f'(t)`` by autograd's own ``tanh_backward`` /
-    ``sigmoid_backward`` kernels in place; gradients nobody needs are not computed.
+    float64 on the CPU), otherwise torch's; ``numpy_gemm`` runs the matrix products, forward
+    and backward, with NumPy's BLAS at torch's thread count, otherwise torch's. The forward
+    keeps each linear layer's input and each activation's output, as autograd would; the
+    backward is the chain rule, layer by layer from the output: ``∂W = Gᵀ a``,
+    ``∂b = Σ G``, ``G ← G W`` (a broadcast product for a one-row ``W``), ``G ← G ∘ f'(t)``
+    by autograd's own ``tanh_backward`` / ``sigmoid_backward`` kernels in place; gradients
+    nobody needs are not computed.
 
     The same products as autograd's (the results agree to round-off, and bit for bit on
     the MLPs tested); it saves autograd's per-operation nodes and the outer product of a
@@ -449,6 +522,7 @@ class MLPFunction(torch.autograd.Function):
         ctx,
         layers: list[_Layer],
         numpy_tanh: bool,
+        numpy_gemm: bool,
         x: torch.Tensor,
         *tensors: torch.Tensor | None,
     ) -> torch.Tensor:
@@ -456,21 +530,24 @@ class MLPFunction(torch.autograd.Function):
         inputs: list[torch.Tensor] = []  # of each linear layer
         outputs: list[torch.Tensor] = []  # of each activation
         h = x
-        for layer in layers:
-            if layer.kind == "linear":
-                weight, bias = tensors[2 * len(inputs)], tensors[2 * len(inputs) + 1]
-                assert weight is not None
-                inputs.append(h)
-                h = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
-            else:
-                # h is the previous linear layer's fresh output (from_model's rule): its own
-                # contiguous memory, which the activation overwrites.
-                _activate(h, layer.kind, numpy_tanh)
-                outputs.append(h)
+        with torch_threads() if numpy_gemm else contextlib.nullcontext():
+            for layer in layers:
+                if layer.kind == "linear":
+                    weight, bias = tensors[2 * len(inputs)], tensors[2 * len(inputs) + 1]
+                    assert weight is not None
+                    inputs.append(h)
+                    out = torch.empty((h.shape[0], layer.width), dtype=h.dtype, device=h.device)
+                    _linear(h, weight, bias, out, numpy_gemm)
+                    h = out
+                else:
+                    # h is the previous linear layer's fresh output (from_model's rule): its
+                    # own contiguous memory, which the activation overwrites.
+                    _activate(h, layer.kind, numpy_tanh)
+                    outputs.append(h)
         # Saved as autograd saves its own: freed after the backward (unless the graph is
         # retained), refused in a second backward, and checked against later in-place
         # changes of the inputs and weights.
-        ctx.layers = layers
+        ctx.layers, ctx.numpy_gemm = layers, numpy_gemm
         ctx.num_tensors, ctx.num_inputs = len(tensors), len(inputs)
         ctx.save_for_backward(*tensors, *inputs, *outputs)
         return h
@@ -488,27 +565,37 @@ class MLPFunction(torch.autograd.Function):
         tensors = saved[: ctx.num_tensors]
         inputs = saved[ctx.num_tensors : ctx.num_tensors + ctx.num_inputs]
         outputs = saved[ctx.num_tensors + ctx.num_inputs :]
-        needs = ctx.needs_input_grad[3:]
+        needs = ctx.needs_input_grad[4:]
+        needs_x = ctx.needs_input_grad[3]
         gradients: list[torch.Tensor | None] = [None] * len(tensors)
+        mm = _numpy_mm if ctx.numpy_gemm else torch.mm
         g = grad
         linear, activation = len(inputs) - 1, len(outputs) - 1
-        for layer in reversed(ctx.layers):
-            if layer.kind == "linear":
-                if needs[2 * linear]:  # the weight's
-                    gradients[2 * linear] = torch.mm(g.t(), inputs[linear])
-                if needs[2 * linear + 1]:  # the bias's (False without one)
-                    gradients[2 * linear + 1] = g.sum(0)
-                if linear == 0 and not ctx.needs_input_grad[2]:
-                    break
-                weight = tensors[2 * linear]
-                g = g * weight if weight.shape[0] == 1 else torch.mm(g, weight)
-                linear -= 1
-            else:  # g is this function's own (a linear layer's product): overwritten
-                backward = _BACKWARD[layer.kind]
-                backward(g, outputs[activation], grad_input=g)
-                activation -= 1
-        grad_x = g if ctx.needs_input_grad[2] else None
-        return (None, None, grad_x, *gradients)
+        with torch_threads() if ctx.numpy_gemm else contextlib.nullcontext():
+            for layer in reversed(ctx.layers):
+                if layer.kind == "linear":
+                    if needs[2 * linear]:  # the weight's
+                        gradients[2 * linear] = mm(g.t(), inputs[linear])
+                    if needs[2 * linear + 1]:  # the bias's (False without one)
+                        gradients[2 * linear + 1] = g.sum(0)
+                    if linear == 0 and not needs_x:
+                        break
+                    weight = tensors[2 * linear]
+                    g = g * weight if weight.shape[0] == 1 else mm(g, weight)
+                    linear -= 1
+                else:  # g is this function's own (a linear layer's product): overwritten
+                    backward = _BACKWARD[layer.kind]
+                    backward(g, outputs[activation], grad_input=g)
+                    activation -= 1
+        grad_x = g if needs_x else None
+        return (None, None, None, grad_x, *gradients)
+
+
+def _numpy_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` by NumPy's BLAS, into a new tensor (CPU, float32/float64)."""
+    out = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
+    np.matmul(_array(a), _array(b), out=_array(out))
+    return out
 
 
 def _tensor(tensor: torch.Tensor | torch.nn.Module) -> torch.Tensor:

@@ -26,8 +26,9 @@ see :meth:`PointwiseKernel.prepare_tangent`):
     For a plain MLP (``nn.Sequential`` of ``Linear`` and tanh/sigmoid): the fused pass of
     :mod:`dolfinx_mno.mlp_kernel`, without autograd, into buffers allocated once. Such a
     model's values also run through it when that measures faster than the model's own
-    forward (:attr:`PointwiseKernel.values_path`), with torch's or NumPy's tanh, whichever
-    measures faster (:attr:`PointwiseKernel.tanh_kernel`).
+    forward (:attr:`PointwiseKernel.values_path`), with torch's or NumPy's tanh and torch's
+    or NumPy's BLAS, whichever pair measures fastest (:attr:`PointwiseKernel.tanh_kernel`,
+    :attr:`PointwiseKernel.gemm_kernel`).
 
 Without a sample large enough to time (fewer than :data:`MIN_TIMED_POINTS` points) the
 rule is: ``"sequential"`` for a plain MLP, else ``"reverse"`` when
@@ -297,12 +298,12 @@ class PointwiseKernel:
     def differentiable_values(self, x: torch.Tensor) -> torch.Tensor:
         """The model at ``x`` with autograd's graph, for gradients through it.
 
-        The model's own forward, except for a plain MLP whose chosen tanh kernel is NumPy's
-        (:attr:`tanh_kernel`): the same layers with that tanh
-        (:meth:`~dolfinx_mno.mlp_kernel.SequentialMLP.differentiable_values`), so that
-        rollouts and their gradients run the activations the updates measured faster.
+        The model's own forward, except for a plain MLP whose chosen tanh kernel or GEMM
+        kernel is NumPy's (:attr:`tanh_kernel`, :attr:`gemm_kernel`): the same layers with
+        those kernels (:meth:`~dolfinx_mno.mlp_kernel.SequentialMLP.differentiable_values`),
+        so that rollouts and their gradients run the kernels the updates measured faster.
         """
-        if self._mlp is not None and self.tanh_kernel == "numpy":
+        if self._mlp is not None and "numpy" in (self.tanh_kernel, self.gemm_kernel):
             return self._mlp.differentiable_values(x)
         return self.model(x)
 
@@ -348,15 +349,24 @@ class PointwiseKernel:
             return None
         return self._mlp.tanh_kernel
 
+    @property
+    def gemm_kernel(self) -> str | None:
+        """Whose BLAS runs the fused MLP pass's matrix products, or ``None`` without one.
+
+        One of :data:`~dolfinx_mno.mlp_kernel.GEMM_KERNELS`.
+        """
+        return None if self._mlp is None else self._mlp.gemm_kernel
+
     def choose_values_path(self, num_points: int) -> str:
         """Use the fused MLP pass for values if it agrees with the model and is not slower.
 
         Timed on ``min(num_points, 8192)`` random points (not timed below
-        :data:`MIN_TIMED_POINTS`: the fused pass allocates nothing, so it is kept). With a
-        tanh layer, on the CPU in float32 or float64, the fused pass is timed with each of
-        :data:`~dolfinx_mno.mlp_kernel.TANH_KERNELS` (each checked against the model
-        first) and keeps the faster (:attr:`tanh_kernel`; the tangent's ``"sequential"``
-        mode uses it too); untimed, torch's.
+        :data:`MIN_TIMED_POINTS`: the fused pass allocates nothing, so it is kept). On the
+        CPU in float32 or float64 the fused pass is timed with each pair of a tanh kernel
+        (:data:`~dolfinx_mno.mlp_kernel.TANH_KERNELS`, with a tanh layer) and a GEMM kernel
+        (:data:`~dolfinx_mno.mlp_kernel.GEMM_KERNELS`), each pair checked against the
+        model first, and keeps the fastest (:attr:`tanh_kernel`, :attr:`gemm_kernel`; the
+        tangent's ``"sequential"`` mode uses them too); untimed, torch's.
 
         Returns:
             :attr:`values_path`.
@@ -366,41 +376,53 @@ class PointwiseKernel:
         mlp = self._mlp
         sample = _sample(min(num_points, 8192), self.num_inputs, self.dtype, self.device)
 
-        def fused_with(kernel: str) -> Callable[[], torch.Tensor]:
+        def use(kernels: tuple[str, str]) -> None:
+            mlp.use_tanh_kernel(kernels[0], self.dtype, self.device)
+            mlp.use_gemm_kernel(kernels[1], self.dtype, self.device)
+
+        def fused_with(kernels: tuple[str, str]) -> Callable[[], torch.Tensor]:
             def call() -> torch.Tensor:
-                mlp.use_tanh_kernel(kernel, self.dtype, self.device)
+                use(kernels)
                 return mlp.values(sample)
 
             return call
+
+        def name(kernels: tuple[str, str]) -> str:
+            tanh, gemm = kernels
+            return (
+                "values sequential"
+                + " numpy tanh" * (tanh == "numpy")
+                + (" numpy gemm" * (gemm == "numpy"))
+            )
 
         try:
             with torch.inference_mode():
                 reference = self.model(sample).reshape(sample.shape[0], -1)
                 scale = float(reference.abs().max()) or 1.0
                 tolerance = 1e3 * _eps(self.dtype) * scale
-                kernels = ["torch"]
-                if mlp.has_tanh and mlp.numpy_tanh_supported(self.dtype, self.device):
-                    kernels.append("numpy")
+                numpy_ok = mlp.numpy_tanh_supported(self.dtype, self.device)
+                tanh_kernels = ["torch"] + ["numpy"] * (mlp.has_tanh and numpy_ok)
+                gemm_kernels = ["torch"] + ["numpy"] * numpy_ok
+                pairs = [(tanh, gemm) for tanh in tanh_kernels for gemm in gemm_kernels]
                 agreeing = [
-                    kernel
-                    for kernel in kernels
-                    if float((fused_with(kernel)() - reference).abs().max()) <= tolerance
+                    pair
+                    for pair in pairs
+                    if float((fused_with(pair)() - reference).abs().max()) <= tolerance
                 ]
-                mlp.use_tanh_kernel("torch", self.dtype, self.device)
-                if "torch" not in agreeing:
+                use(("torch", "torch"))
+                if ("torch", "torch") not in agreeing:
                     self._mlp = None
                     return self.values_path
                 if sample.shape[0] >= MIN_TIMED_POINTS:
-                    names = {"torch": "values sequential", "numpy": "values sequential numpy tanh"}
-                    candidates = {names[kernel]: fused_with(kernel) for kernel in agreeing}
+                    candidates = {name(pair): fused_with(pair) for pair in agreeing}
                     times = best_times(
                         {"values model": functools.partial(self.model, sample), **candidates},
                         repeats=3,
                     )
                     self.timings.update(times)
-                    kernel = min(agreeing, key=lambda kernel: times[names[kernel]])
-                    mlp.use_tanh_kernel(kernel, self.dtype, self.device)
-                    if times[names[kernel]] > times["values model"]:
+                    fastest = min(agreeing, key=lambda pair: times[name(pair)])
+                    use(fastest)
+                    if times[name(fastest)] > times["values model"]:
                         return self.values_path
         except Exception:  # the generic path then, which reports errors in the update
             self._mlp = None

@@ -363,6 +363,7 @@ class PointwiseEvaluator:
             "tangent_batch_size": None if self._chunk_tangents is None else self._tangent_chunk,
             "values_path": self.kernel.values_path,
             "tanh_kernel": self.kernel.tanh_kernel,
+            "gemm_kernel": self.kernel.gemm_kernel,
             "tangent_mode": self.kernel.tangent_mode,
             "compile": self.kernel.compile_requested,
             "compiled": self.kernel.compiled,

@@ -149,7 +149,7 @@ def test_chunk_sizes_smoke():
 
 
 def test_rollout_model_paths_smoke():
-    """The three ways of running the model in a rollout, on a tiny problem: every way's
+    """The four ways of running the model in a rollout, on a tiny problem: every way's
     row, finite times, and 'model' against itself exactly 1."""
     import subprocess
 
@@ -161,8 +161,9 @@ def test_rollout_model_paths_smoke():
     result = json.loads(path.read_text())
     path.unlink()
     rows = {row["way"]: row for row in result["rows"]}
-    assert list(rows) == ["model", "numpy tanh per op", "fused"]
-    assert result["points"] == 96 and result["tanh_kernel"] == "torch"  # too few to time
+    assert list(rows) == ["model", "numpy tanh per op", "fused", "fused, numpy gemm"]
+    assert result["points"] == 96  # too few to time: torch's kernels
+    assert (result["tanh_kernel"], result["gemm_kernel"]) == ("torch", "torch")
     for row in rows.values():
         assert row["forward_cpu_s"] > 0 and row["gradient_cpu_s"] > 0
         assert math.isfinite(row["ratio"]) and len(row["rounds"]["gradient"]) == 1

@@ -2,6 +2,7 @@
 
 import math
 import warnings
+from unittest import mock
 
 from mpi4py import MPI
 
@@ -347,15 +348,18 @@ def tanh_mlp(num_outputs, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("gemm", ["torch", "numpy"])
 @pytest.mark.parametrize("kernel", ["torch", "numpy"])
-def test_fused_mlp_pass_with_either_tanh_kernel(kernel, dtype):
-    """Torch's or NumPy's tanh: the model's values to a few ulps, and the tangent of those
-    activations (autograd's, to round-off)."""
+def test_fused_mlp_pass_with_either_tanh_kernel(kernel, gemm, dtype):
+    """Torch's or NumPy's tanh, torch's or NumPy's BLAS: the model's values to a few ulps,
+    and the tangent of those activations (autograd's, to round-off)."""
     model = tanh_mlp(2, dtype)
     mlp = SequentialMLP.from_model(model, 3, 2)
     assert mlp is not None and mlp.has_tanh and mlp.tanh_kernel == "torch"
+    assert mlp.gemm_kernel == "torch"
     mlp.use_tanh_kernel(kernel, dtype, CPU)
-    assert mlp.tanh_kernel == kernel
+    mlp.use_gemm_kernel(gemm, dtype, CPU)
+    assert (mlp.tanh_kernel, mlp.gemm_kernel) == (kernel, gemm)
     x = torch.rand(1000, 3, dtype=dtype, generator=torch.Generator().manual_seed(1)) * 4 - 2
     out = torch.empty(1000, 2, 3, dtype=dtype)
     with torch.inference_mode():
@@ -378,15 +382,64 @@ def test_tanh_kernel_refuses_what_it_cannot_run():
         mlp.use_tanh_kernel("sleef", torch.float64, CPU)
     with pytest.raises(ValueError, match="float32 or float64 buffers on the CPU"):
         mlp.use_tanh_kernel("numpy", torch.bfloat16, CPU)
-    assert mlp.tanh_kernel == "torch"  # unchanged
-    # Buffers of a dtype NumPy cannot hold, with NumPy's kernel chosen: torch's tanh runs.
+    with pytest.raises(ValueError, match="Unknown GEMM kernel 'mkl'"):
+        mlp.use_gemm_kernel("mkl", torch.float64, CPU)
+    with pytest.raises(ValueError, match="float32 or float64 buffers on the CPU"):
+        mlp.use_gemm_kernel("numpy", torch.float16, CPU)
+    assert (mlp.tanh_kernel, mlp.gemm_kernel) == ("torch", "torch")  # unchanged
+    # Buffers of a dtype NumPy cannot hold, with NumPy's kernels chosen: torch's run.
     model = tanh_mlp(1, torch.bfloat16)
     mlp = SequentialMLP.from_model(model, 3, 1)
     assert mlp is not None
     mlp.use_tanh_kernel("numpy", torch.float32, CPU)
+    mlp.use_gemm_kernel("numpy", torch.float32, CPU)
     x = torch.rand(64, 3, dtype=torch.bfloat16)
     with torch.inference_mode():
         assert torch.equal(mlp.values(x), model(x))
+
+
+def test_numpy_gemm_runs_at_torchs_thread_count():
+    """NumPy's BLAS runs the fused pass's products with torch's thread count, and gets its
+    own back afterwards, also after an error in the block."""
+    from dolfinx_mno import _blas, mlp_kernel
+
+    threads = torch.get_num_threads()
+    libs = _blas._controllers()
+    before = _blas.blas_threads()
+    other = threads + 1
+    try:
+        for lib in libs:  # a BLAS built without threads keeps 1
+            lib.set_num_threads(other)
+        settable = [i for i, count in enumerate(_blas.blas_threads()) if count == other]
+        assert settable  # NumPy's OpenBLAS at least
+
+        def counts() -> list[int]:
+            return [_blas.blas_threads()[i] for i in settable]
+
+        seen = []
+        original = np.matmul
+
+        def spy(*args, **kwargs):
+            seen.append(counts())
+            return original(*args, **kwargs)
+
+        mlp = SequentialMLP.from_model(tanh_mlp(2, torch.float64), 3, 2)
+        assert mlp is not None
+        mlp.use_gemm_kernel("numpy", torch.float64, CPU)
+        x = torch.rand(50, 3, dtype=torch.float64)
+        with mock.patch.object(mlp_kernel.np, "matmul", spy), torch.inference_mode():
+            mlp.values_and_tangent(x, torch.empty(50, 2, 3, dtype=torch.float64))
+        # Three products for the values, two for the tangent (the last layer's is a copy).
+        assert seen == [[threads] * len(settable)] * 5
+        assert counts() == [other] * len(settable)
+        with pytest.raises(ZeroDivisionError), _blas.torch_threads():
+            assert counts() == [threads] * len(settable)
+            _ = 1 / 0
+        assert counts() == [other] * len(settable)
+    finally:
+        for lib, count in zip(libs, before, strict=True):
+            lib.set_num_threads(count)
+    assert _blas.blas_threads() == before
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -397,10 +450,18 @@ def test_the_faster_tanh_kernel_is_chosen_and_recorded(dtype):
     ev = evaluator(tanh_mlp(1, dtype), 3, 1, points)
     plan = ev.plan
     timings = plan["timings"]
-    numpy_time, torch_time = timings["values sequential numpy tanh"], timings["values sequential"]
-    assert plan["tanh_kernel"] == ("numpy" if numpy_time < torch_time else "torch")
+    fused = {k: v for k, v in timings.items() if k.startswith("values sequential")}
+    assert sorted(fused) == [
+        "values sequential",
+        "values sequential numpy gemm",
+        "values sequential numpy tanh",
+        "values sequential numpy tanh numpy gemm",
+    ]
+    fastest = min(fused, key=fused.__getitem__)
+    assert plan["tanh_kernel"] == ("numpy" if "numpy tanh" in fastest else "torch")
+    assert plan["gemm_kernel"] == ("numpy" if "numpy gemm" in fastest else "torch")
     assert plan["values_path"] == (
-        "sequential" if min(numpy_time, torch_time) <= timings["values model"] else "model"
+        "sequential" if fused[fastest] <= timings["values model"] else "model"
     )
     assert ev.prepare_tangent("sequential") == "sequential"
     ev.evaluate(tangent=True)
@@ -412,12 +473,16 @@ def test_the_faster_tanh_kernel_is_chosen_and_recorded(dtype):
 
 
 def test_tanh_kernel_without_timing_or_tanh():
-    """Too few points to time: torch's tanh. No tanh layer, or no fused pass: ``None``."""
-    assert evaluator(tanh_mlp(1, torch.float64), 3, 1, 100).plan["tanh_kernel"] == "torch"
+    """Too few points to time: torch's tanh and BLAS. No tanh layer: no tanh kernel; no
+    fused pass: neither."""
+    plan = evaluator(tanh_mlp(1, torch.float64), 3, 1, 100).plan
+    assert (plan["tanh_kernel"], plan["gemm_kernel"]) == ("torch", "torch")
     sigmoid = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Sigmoid(), torch.nn.Linear(8, 1))
-    assert evaluator(sigmoid.double(), 3, 1, 100).plan["tanh_kernel"] is None
+    plan = evaluator(sigmoid.double(), 3, 1, 100).plan
+    assert (plan["tanh_kernel"], plan["gemm_kernel"]) == (None, "torch")
     relu = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
-    assert evaluator(relu.double(), 3, 1, 100).plan["tanh_kernel"] is None
+    plan = evaluator(relu.double(), 3, 1, 100).plan
+    assert (plan["tanh_kernel"], plan["gemm_kernel"]) == (None, None)
 
 
 class MyLinear(torch.nn.Linear):
@@ -487,8 +552,9 @@ def function_mlp(kind):
 
 
 @pytest.mark.parametrize("kind", ["mixed", "no bias", "linear twice"])
+@pytest.mark.parametrize("gemm", ["torch", "numpy"])
 @pytest.mark.parametrize("kernel", ["torch", "numpy"])
-def test_mlp_function_gradients(kind, kernel):
+def test_mlp_function_gradients(kind, kernel, gemm):
     """MLPFunction's hand-written backward: gradcheck in the inputs and every weight and
     bias (float64), a frozen layer gets no gradient, and a second derivative is refused."""
     from dolfinx_mno.mlp_kernel import MLPFunction
@@ -504,7 +570,7 @@ def test_mlp_function_gradients(kind, kernel):
     x = torch.from_numpy(np.random.default_rng(3).random((40, 3)) * 2 - 1).requires_grad_()
 
     def function(x, *tensors):
-        return MLPFunction.apply(mlp.layers, kernel == "numpy", x, *tensors)
+        return MLPFunction.apply(mlp.layers, kernel == "numpy", gemm == "numpy", x, *tensors)
 
     assert torch.autograd.gradcheck(function, (x, *tensors))
     with torch.no_grad():  # the values are the model's
@@ -537,11 +603,12 @@ def test_mlp_function_gradients(kind, kernel):
 
 @pytest.mark.parametrize("normalized", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("kernel", ["torch", "numpy"])
+@pytest.mark.parametrize("kernel", ["torch", "numpy", "numpy gemm", "numpy tanh and gemm"])
 def test_differentiable_values_give_the_models_values_and_gradients(kernel, dtype, normalized):
-    """The graph rollouts differentiate (MLPFunction): with torch's tanh the model's
-    values and autograd's gradients to round-off; with NumPy's the model's values to 8 ulp
-    and autograd's gradients (inputs and every parameter, statistics included) to 64 ulp."""
+    """The graph rollouts differentiate (MLPFunction): with torch's tanh and BLAS the
+    model's values and autograd's gradients to round-off; with NumPy's tanh or BLAS the
+    model's values to 8 ulp and autograd's gradients (inputs and every parameter,
+    statistics included) to 64 ulp."""
     layers = [torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16)]
     layers += [torch.nn.Tanh(), torch.nn.Identity(), torch.nn.Linear(16, 2)]
     if normalized:
@@ -554,7 +621,9 @@ def test_differentiable_values_give_the_models_values_and_gradients(kernel, dtyp
         model = torch.nn.Sequential(*layers).to(dtype)
     kernel_of = PointwiseKernel(model, 3, 2, CPU, dtype)
     assert kernel_of._mlp is not None
-    kernel_of._mlp.use_tanh_kernel(kernel, dtype, CPU)
+    tanh = "numpy" if kernel in ("numpy", "numpy tanh and gemm") else "torch"
+    kernel_of._mlp.use_tanh_kernel(tanh, dtype, CPU)
+    kernel_of._mlp.use_gemm_kernel("numpy" if "gemm" in kernel else "torch", dtype, CPU)
     x = torch.from_numpy(np.random.default_rng(1).random((300, 3)) * 4 - 2).to(dtype)
     cotangent = torch.from_numpy(np.random.default_rng(2).random((300, 2))).to(dtype)
     parameters = list(model.parameters())
@@ -572,7 +641,8 @@ def test_differentiable_values_give_the_models_values_and_gradients(kernel, dtyp
         assert torch.equal(y, y_ref)
         assert all(torch.equal(g, r) for g, r in zip(grads, grads_ref, strict=True))
         return
-    assert not torch.equal(y, y_ref)  # the two kernels differ somewhere in the last bits
+    if tanh == "numpy":  # the two tanh differ somewhere in the last bits
+        assert not torch.equal(y, y_ref)
     assert float((y - y_ref).abs().max()) <= 8 * eps * float(y_ref.abs().max())
     for g, r in zip(grads, grads_ref, strict=True):
         assert float((g - r).abs().max()) <= 64 * eps * float(r.abs().max())
@@ -678,8 +748,8 @@ class OpaqueSequential(torch.nn.Sequential):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("cells", ["timed", "tiny"])
 def test_tanh_kernel_choice_per_rank_gives_the_models_values(dtype, cells, tiny_square):
-    """Each rank chooses its tanh kernel (timed where it has ≥ MIN_TIMED_POINTS points,
-    torch's where it has fewer or none); on every rank the closure's values equal those of
+    """Each rank chooses its tanh and GEMM kernels (timed where it has ≥ MIN_TIMED_POINTS
+    points, torch's where it has fewer or none); on every rank the closure's values equal those of
     the same MLP run through its own forward (a subclass the fused pass skips)."""
     msh = mesh.create_unit_square(MPI.COMM_WORLD, 48, 48) if cells == "timed" else tiny_square
     u = fem.Function(fem.functionspace(msh, ("Lagrange", 1)))
@@ -696,10 +766,13 @@ def test_tanh_kernel_choice_per_rank_gives_the_models_values(dtype, cells, tiny_
     timings = plan["timings"]
     timed = "values sequential numpy tanh" in timings
     if timed:
-        faster = timings["values sequential numpy tanh"] < timings["values sequential"]
-        assert plan["tanh_kernel"] == ("numpy" if faster else "torch")
+        passes = {k: v for k, v in timings.items() if k.startswith("values sequential")}
+        assert len(passes) == 4
+        fastest = min(passes, key=passes.__getitem__)
+        assert plan["tanh_kernel"] == ("numpy" if "numpy tanh" in fastest else "torch")
+        assert plan["gemm_kernel"] == ("numpy" if "numpy gemm" in fastest else "torch")
     else:
-        assert plan["tanh_kernel"] == "torch"
+        assert (plan["tanh_kernel"], plan["gemm_kernel"]) == ("torch", "torch")
     # 13,824 points on one rank; 6 (two cells) on the tiny square, none on a rank without.
     if msh.comm.size == 1:
         assert timed == (cells == "timed")

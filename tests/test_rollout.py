@@ -645,23 +645,27 @@ def test_checkpointed_implicit_steps_are_not_solved_again(keep_states):
     assert_same_gradient(result.parameters[0], reference.parameters[0])
 
 
-def use_tanh_kernel(closures, kernel):
-    """Make each closure's fused MLP pass (updates and rollouts) use ``kernel``'s tanh."""
+def use_tanh_kernel(closures, kernel, gemm="torch"):
+    """Make each closure's fused MLP pass (updates and rollouts) use ``kernel``'s tanh and
+    ``gemm``'s BLAS."""
     for closure in closures:
         mlp_pass = closure._evaluator.kernel._mlp
         assert mlp_pass is not None and mlp_pass.has_tanh
         mlp_pass.use_tanh_kernel(kernel, closure.model_dtype, closure.device)
-        assert closure.evaluation_plan["tanh_kernel"] == kernel
+        mlp_pass.use_gemm_kernel(gemm, closure.model_dtype, closure.device)
+        plan = closure.evaluation_plan
+        assert (plan["tanh_kernel"], plan["gemm_kernel"]) == (kernel, gemm)
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("gemm", ["torch", "numpy"])
 @pytest.mark.parametrize("case", ["imex", "imex, tiny square", "implicit"])
-def test_rollouts_run_the_numpy_tanh_the_updates_chose(case, monkeypatch, tiny_square):
-    """A closure whose updates use NumPy's tanh runs it in rollouts and their gradients:
-    second-order Taylor remainders over 5 steps (IMEX, scalar and flux closures, also on
-    the two-cell square, P2 without boundary conditions, where on 3 ranks one owns no
-    cells; implicit, a flux of the new state), and the loss and gradients of torch's tanh
-    to round-off."""
+def test_rollouts_run_the_numpy_tanh_the_updates_chose(case, gemm, monkeypatch, tiny_square):
+    """A closure whose updates use NumPy's tanh (and torch's or NumPy's BLAS) runs them in
+    rollouts and their gradients: second-order Taylor remainders over 5 steps (IMEX,
+    scalar and flux closures, also on the two-cell square, P2 without boundary conditions,
+    where on 3 ranks one owns no cells; implicit, a flux of the new state), and the loss
+    and gradients of torch's tanh and BLAS to round-off."""
     from dolfinx_mno import mlp_kernel
 
     msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
@@ -678,14 +682,14 @@ def test_rollouts_run_the_numpy_tanh_the_updates_chose(case, monkeypatch, tiny_s
     calls = []  # the fused MLP function's calls with NumPy's tanh
     original = mlp_kernel.MLPFunction.forward
 
-    def spy(ctx, layers, numpy_tanh, *args):
-        calls.extend([1] if numpy_tanh else [])
-        return original(ctx, layers, numpy_tanh, *args)
+    def spy(ctx, layers, numpy_tanh, numpy_gemm, *args):
+        calls.extend([(numpy_tanh, numpy_gemm)] if numpy_tanh or numpy_gemm else [])
+        return original(ctx, layers, numpy_tanh, numpy_gemm, *args)
 
     monkeypatch.setattr(mlp_kernel.MLPFunction, "forward", spy)
-    use_tanh_kernel(closures, "numpy")
+    use_tanh_kernel(closures, "numpy", gemm)
     remainders = taylor_parameters(rollout, closures, u0, data)
-    assert calls  # NumPy's tanh ran
+    assert calls and set(calls) == {(True, gemm == "numpy")}  # NumPy's kernels ran
     assert remainders[0] > 1e-9
     assert min(rates(remainders)) >= 1.9
     with_numpy = rollout.gradient(u0, data, closures=closures, initial_state=True)
