@@ -3,7 +3,7 @@
 The problem is ``benchmarks/rollout_gradient.py``'s (an IMEX advection-diffusion step on
 the unit square, P1, an MLP source closure ``Linear(3, 32) → tanh → Linear(32, 32) → tanh →
 Linear(32, 1)`` in float64 at 6,144 points, one thread, one rank), with ``--steps`` steps in
-segments of ``--every``. The rollout's model stage (``Closure.model_outputs``) runs three
+segments of ``--every``. The rollout's model stage (``Closure.model_outputs``) runs five
 ways, switched in turn within each round on the same rollout:
 
 * ``model``: the model's own forward with autograd (torch's ``tanh``), as before the
@@ -13,8 +13,11 @@ ways, switched in turn within each round on the same rollout:
 * ``fused`` (what dolfinx_mno runs when the closure's updates chose NumPy's ``tanh``): the
   layers as one autograd function, ``mlp_kernel.MLPFunction``, NumPy's ``tanh`` and a
   hand-written backward, the matrix products by torch's BLAS;
-* ``fused, numpy gemm``: the same with the matrix products by NumPy's BLAS (what runs when
-  the updates also chose NumPy's GEMM kernel).
+* ``fused, numpy gemm``: the same with the matrix products by NumPy's BLAS;
+* ``the same, buffers without a graph`` (what dolfinx_mno runs when the updates chose
+  NumPy's tanh and BLAS): where no graph is recorded (the forward rollout, the first pass
+  of each checkpointed segment), the fused pass of the updates in its buffers
+  (``SequentialMLP.fresh_values``) instead of ``MLPFunction``.
 
 Each round times, for each way, the best of ``--repeats`` forward rollouts (``torch.no_grad``)
 and of as many gradients, in CPU time (``time.process_time``: other jobs on a shared
@@ -83,11 +86,23 @@ def fused_with(gemm: str):
     return way
 
 
+DIFFERENTIABLE_VALUES = pointwise_kernel.PointwiseKernel.differentiable_values
+
+
+def buffered(kernel: pointwise_kernel.PointwiseKernel, x: torch.Tensor) -> torch.Tensor:
+    """What dolfinx_mno runs with NumPy's tanh and BLAS: without a graph, the buffers."""
+    assert kernel._mlp is not None
+    kernel._mlp.use_tanh_kernel("numpy", x.dtype, x.device)
+    kernel._mlp.use_gemm_kernel("numpy", x.dtype, x.device)
+    return DIFFERENTIABLE_VALUES(kernel, x)
+
+
 WAYS = {
     "model": model_forward,
     "numpy tanh per op": numpy_tanh_per_op,
     "fused": fused_with("torch"),
     "fused, numpy gemm": fused_with("numpy"),
+    "the same, buffers without a graph": buffered,
 }
 
 
@@ -174,11 +189,11 @@ def main() -> None:
         f"\nk = {args.steps}, segments of {args.every}, {6 * args.cells**2:,} points; "
         f"CPU ms, medians of {args.rounds} rounds"
     )
-    header = f"{'way':<18} {'forward':>8} {'gradient':>9} {'ratio':>6}  against 'model'"
+    header = f"{'way':<34} {'forward':>8} {'gradient':>9} {'ratio':>6}  against 'model'"
     print(header)
     for row in rows:
         print(
-            f"{row['way']:<18} {1e3 * row['forward_cpu_s']:>8.0f} "
+            f"{row['way']:<34} {1e3 * row['forward_cpu_s']:>8.0f} "
             f"{1e3 * row['gradient_cpu_s']:>9.0f} {row['ratio']:>6.2f}  "
             f"forward {row['forward_against_model']:.2f}, gradient "
             f"{row['gradient_against_model']:.2f}"

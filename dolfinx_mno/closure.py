@@ -290,10 +290,11 @@ class Closure(ClosureBase):
         """The model at ``x`` as updates run it, with autograd's graph (rank-local).
 
         ``x`` is ``(n, num_inputs)`` in :attr:`model_dtype` on :attr:`device`. The result
-        is the model's output, except that a plain tanh MLP whose updates measured NumPy's
-        tanh faster uses it here too (its values differ from torch's by an ulp at most;
-        the gradients are those of the values returned). Rollouts differentiate this
-        (:mod:`dolfinx_mno.rollout`).
+        is the model's output, except that a plain MLP whose updates measured NumPy's
+        tanh or BLAS faster uses them here too (its values differ from torch's by an ulp at
+        most; the gradients are those of the values returned; see
+        :meth:`~dolfinx_mno.pointwise_kernel.PointwiseKernel.differentiable_values`).
+        Rollouts differentiate this (:mod:`dolfinx_mno.rollout`).
         """
         return self._evaluator.kernel.differentiable_values(x)
 

@@ -412,6 +412,22 @@ class SequentialMLP:
                     _activate(h, layer.kind, numpy_tanh)
         return h
 
+    def fresh_values(self, x: torch.Tensor) -> torch.Tensor:
+        """``model(x)`` into a new ``(n, num_outputs)`` tensor, without a graph.
+
+        Runs :meth:`values` chunk by chunk (chunks of the reserved buffers' size) and copies
+        each chunk's output out: only the output is allocated, not the activations. For
+        rollouts without a graph (forward rollouts, the first pass of a checkpointed
+        segment), which would otherwise allocate every layer's output at every step.
+        """
+        n = x.shape[0]
+        out = torch.empty((n, self.num_outputs), dtype=x.dtype, device=x.device)
+        chunk = self._capacity if self._activations else min(n, 8192)
+        for start in range(0, n, max(chunk, 1)):
+            stop = min(start + chunk, n)
+            out[start:stop].copy_(self.values(x[start:stop]))
+        return out
+
     def differentiable_values(self, x: torch.Tensor) -> torch.Tensor:
         """``model(x)`` with autograd's graph, for gradients through the model (rollouts).
 

@@ -149,7 +149,7 @@ def test_chunk_sizes_smoke():
 
 
 def test_rollout_model_paths_smoke():
-    """The four ways of running the model in a rollout, on a tiny problem: every way's
+    """The five ways of running the model in a rollout, on a tiny problem: every way's
     row, finite times, and 'model' against itself exactly 1."""
     import subprocess
 
@@ -161,7 +161,13 @@ def test_rollout_model_paths_smoke():
     result = json.loads(path.read_text())
     path.unlink()
     rows = {row["way"]: row for row in result["rows"]}
-    assert list(rows) == ["model", "numpy tanh per op", "fused", "fused, numpy gemm"]
+    assert list(rows) == [
+        "model",
+        "numpy tanh per op",
+        "fused",
+        "fused, numpy gemm",
+        "the same, buffers without a graph",
+    ]
     assert result["points"] == 96  # too few to time: torch's kernels
     assert (result["tanh_kernel"], result["gemm_kernel"]) == ("torch", "torch")
     for row in rows.values():

@@ -648,6 +648,45 @@ def test_differentiable_values_give_the_models_values_and_gradients(kernel, dtyp
         assert float((g - r).abs().max()) <= 64 * eps * float(r.abs().max())
 
 
+@pytest.mark.parametrize("normalized", [False, True])
+def test_differentiable_values_without_a_graph_run_through_the_buffers(normalized, monkeypatch):
+    """Without a graph (forward rollouts) the fused MLP runs through the updates' buffers,
+    chunk by chunk: the values of the graph's pass to a few ulps, in a fresh tensor (a
+    later call does not overwrite it), MLPFunction not called, the buffers unchanged."""
+    from dolfinx_mno import mlp_kernel
+
+    layers = [torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)]
+    if normalized:
+        model = normalized_mlp(layers, 2)
+    else:
+        torch.manual_seed(3)
+        model = torch.nn.Sequential(*layers).double()
+    kernel_of = PointwiseKernel(model, 3, 2, CPU, torch.float64)
+    assert kernel_of._mlp is not None
+    kernel_of._mlp.use_tanh_kernel("numpy", torch.float64, CPU)
+    kernel_of.reserve(1000)
+    buffers = [b.data_ptr() for b in kernel_of._mlp._activations]
+    x = torch.from_numpy(np.random.default_rng(1).random((2500, 3)) * 4 - 2)
+    with_graph = kernel_of.differentiable_values(x.clone().requires_grad_())
+    assert with_graph.requires_grad
+    calls = []
+    original = mlp_kernel.MLPFunction.apply
+    monkeypatch.setattr(mlp_kernel.MLPFunction, "apply", lambda *a: calls.append(1) or original(*a))
+    with torch.no_grad():
+        first = kernel_of.differentiable_values(x)
+        kept = first.clone()
+        second = kernel_of.differentiable_values(x[:700] + 1.0)
+    assert not calls and not first.requires_grad
+    assert first.shape == (2500, 2) and second.shape == (700, 2)
+    assert torch.equal(first, kept)  # not a view of a buffer the second call rewrote
+    eps = torch.finfo(torch.float64).eps
+    with_graph = with_graph.detach()
+    scale = float(with_graph.abs().max())
+    assert float((first - with_graph).abs().max()) <= 8 * eps * scale
+    assert [b.data_ptr() for b in kernel_of._mlp._activations] == buffers
+    assert kernel_of._mlp._capacity == 1000
+
+
 def test_fused_mlp_pass_refuses_a_model_whose_layers_were_replaced():
     model = plain_mlp(1).eval()
     ev = evaluator(model, 3, 1, 100)
