@@ -57,6 +57,30 @@ def test_every_tangent_mode_gives_the_exact_tangent(mode, points):
     np.testing.assert_allclose(ev.tangents, flux_tangent(x), rtol=1e-14, atol=1e-14)
 
 
+class FlatFlux(torch.nn.Module):
+    """FluxModel's formula through ``x.view``: needs a contiguous input."""
+
+    def forward(self, x):
+        flat = x.view(-1)
+        u, g = flat[0::3].unsqueeze(1), x.view(-1, 3)[:, 1:]
+        return (1.0 + u * u) * g + 0.5 * u
+
+
+def test_reverse_columns_is_not_given_a_model_that_needs_a_contiguous_input():
+    """A model that views its input fails in "reverse-columns": timed, the mode is skipped
+    (the tangent is still exact); forced, a clear error."""
+    ev = evaluator(FlatFlux().double(), 3, 2, 2 * MIN_TIMED_POINTS)
+    mode = ev.prepare_tangent()
+    assert mode != "reverse-columns"
+    assert "tangent mode reverse-columns" not in ev.plan["timings"]
+    assert "tangent mode reverse" in ev.plan["timings"]
+    ev.evaluate(tangent=True)
+    np.testing.assert_allclose(ev.tangents, flux_tangent(ev.inputs), rtol=1e-14, atol=1e-14)
+    other = evaluator(FlatFlux().double(), 3, 2, 2 * MIN_TIMED_POINTS)
+    with pytest.raises(ValueError, match="tangent mode 'reverse-columns' fails for this model"):
+        other.prepare_tangent("reverse-columns")
+
+
 def test_the_measured_tangent_mode_is_the_fastest_that_was_timed():
     """Above MIN_TIMED_POINTS every mode is timed and the fastest is recorded and used."""
     ev = evaluator(StressModel(2).double(), 6, 4, 3 * MIN_TIMED_POINTS, batch_size=8192)
