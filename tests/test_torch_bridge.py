@@ -272,9 +272,11 @@ def test_nonlocal_closure_refuses_a_model_put_back_in_training_mode(u):
 
 
 @pytest.mark.mpi
-def test_updates_reuse_their_buffers_and_allocate_nothing_that_grows_with_the_mesh():
+@pytest.mark.parametrize("gemm", ["torch", "numpy"])
+def test_updates_reuse_their_buffers_and_allocate_nothing_that_grows_with_the_mesh(gemm):
     """Every per-update buffer is allocated at construction; the model's own temporaries
-    are those of one chunk (bounded memory), whatever the number of points."""
+    are those of one chunk (bounded memory), whatever the number of points; with either
+    BLAS in the fused MLP pass."""
     msh = mesh.create_unit_square(MPI.COMM_WORLD, 128, 128)
     u = fem.Function(fem.functionspace(msh, ("Lagrange", 1)))
     u.interpolate(lambda x: np.sin(x[0]) + x[1] ** 2)
@@ -283,9 +285,11 @@ def test_updates_reuse_their_buffers_and_allocate_nothing_that_grows_with_the_me
     closure = mno.Closure(
         model.double(), [u, ufl.grad(u)], device="cpu", batch_size=512, tangent=True
     )
+    evaluator = closure._evaluator
+    assert evaluator.kernel._mlp is not None
+    evaluator.kernel._mlp.use_gemm_kernel(gemm, torch.float64, torch.device("cpu"))
     closure.update()
     first = (closure.x.array.copy(), closure.tangent.x.array.copy())
-    evaluator = closure._evaluator
     buffers = [
         evaluator._inputs,
         evaluator._outputs,
