@@ -874,3 +874,64 @@ def test_cache_bound_per_rank_keeps_the_models_values_and_tangent(monkeypatch, t
             error = float(np.abs(a.array - b.array).max(initial=0.0))
             scale = float(np.abs(b.array).max(initial=0.0))
             assert MPI.COMM_WORLD.allreduce(error - 64 * 2.2e-16 * scale, op=MPI.MAX) <= 0
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("kernels", ["numpy tanh, numpy gemm", "torch tanh, numpy gemm"])
+def test_numpy_gemm_on_every_rank_gives_the_models_values_and_tangent(kernels, tiny_square):
+    """With NumPy's BLAS in the fused pass on every rank (forced), updates with tangent
+    equal those of the same MLP run through its own forward, on ranks with and without
+    cells; NumPy's BLAS runs at torch's thread count during the update only."""
+    from dolfinx_mno import _blas
+
+    tanh = kernels.split(" tanh")[0]
+    model = tanh_mlp(2, torch.float64)
+    before = _blas.blas_threads()
+    for msh in (mesh.create_unit_square(MPI.COMM_WORLD, 24, 24), tiny_square):
+        u = fem.Function(fem.functionspace(msh, ("Lagrange", 1)))
+        u.interpolate(lambda x: np.sin(3 * x[0]) * x[1] - 0.5)
+        fused = mno.Closure(model, [u, ufl.grad(u)], (2,), quadrature_degree=2, device="cpu")
+        plain = mno.Closure(
+            OpaqueSequential(*model).eval(), [u, ufl.grad(u)], (2,), 2, device="cpu"
+        )
+        mlp = fused._evaluator.kernel._mlp
+        assert mlp is not None
+        mlp.use_tanh_kernel(tanh, torch.float64, CPU)
+        mlp.use_gemm_kernel("numpy", torch.float64, CPU)
+        for closure in (fused, plain):
+            closure.update(tangent=True)
+        plan = fused.evaluation_plan
+        assert (plan["tanh_kernel"], plan["gemm_kernel"]) == (tanh, "numpy")
+        for a, b in ((fused.x, plain.x), (fused.tangent.x, plain.tangent.x)):
+            error = float(np.abs(a.array - b.array).max(initial=0.0))
+            scale = MPI.COMM_WORLD.allreduce(float(np.abs(b.array).max(initial=0.0)), op=MPI.MAX)
+            assert scale > 1e-2
+            assert MPI.COMM_WORLD.allreduce(error, op=MPI.MAX) <= 64 * 2.2e-16 * scale
+    assert _blas.blas_threads() == before
+
+
+@pytest.mark.mpi
+def test_reverse_columns_on_every_rank_gives_the_exact_tangent(tiny_square):
+    """The analytic flux's tangent in mode reverse-columns (forced on every rank) is the
+    hand-written one, on ranks with and without cells, and equals reverse mode's."""
+    for msh in (mesh.create_unit_square(MPI.COMM_WORLD, 24, 24), tiny_square):
+        u = fem.Function(fem.functionspace(msh, ("Lagrange", 1)))
+        u.interpolate(lambda x: np.sin(3 * x[0]) * x[1] - 0.5)
+        closures = {}
+        for mode in ("reverse", "reverse-columns"):
+            closure = mno.Closure(
+                FluxModel().double(), [u, ufl.grad(u)], (2,), quadrature_degree=2, device="cpu"
+            )
+            assert closure._evaluator.prepare_tangent(mode) == mode
+            closure.update(tangent=True)
+            closures[mode] = closure
+        columns = closures["reverse-columns"]
+        inputs = columns._evaluator.inputs
+        expected = flux_tangent(inputs).reshape(-1)
+        error = float(np.abs(columns._evaluator.tangents.reshape(-1) - expected).max(initial=0))
+        assert MPI.COMM_WORLD.allreduce(error, op=MPI.MAX) <= 1e-14
+        difference = closures["reverse"].tangent.x.array - columns.tangent.x.array
+        assert (
+            MPI.COMM_WORLD.allreduce(float(np.abs(difference).max(initial=0)), op=MPI.MAX) <= 1e-15
+        )
+        assert columns.evaluation_plan["tangent_mode"] == "reverse-columns"
