@@ -36,13 +36,15 @@ they were even (NumPy's ``matmul`` has no bias term, so its bias costs a pass).
 the fastest.
 
 Recognised: a :class:`torch.nn.Sequential` whose members are exactly
-:class:`torch.nn.Linear`, :class:`torch.nn.Tanh`, :class:`torch.nn.Sigmoid` or
-:class:`torch.nn.Identity`, with no hooks, ending in a linear layer; and such a
-``Sequential`` wrapped in a pointwise :class:`~dolfinx_mno.normalization.NormalizedModel`
-(``axis=-1``), whose affine normalisations are folded into the first and last linear layers
-at every call (``W₁ diag(1/σ)``, ``diag(σ_out) W_L``; a few small matrices, so that training
-the model or its statistics later is seen). Anything else (a subclass, a custom
-activation) runs through the generic modes.
+:class:`torch.nn.Linear`, :class:`torch.nn.Tanh`, :class:`torch.nn.Sigmoid`,
+:class:`torch.nn.GELU` (exact or ``approximate="tanh"``; its output goes to a buffer of its
+own, its input stays for the derivative) or :class:`torch.nn.Identity`, with no hooks,
+ending in a linear layer; and such a ``Sequential`` wrapped in a pointwise
+:class:`~dolfinx_mno.normalization.NormalizedModel` (``axis=-1``), whose affine
+normalisations are folded into the first and last linear layers at every call
+(``W₁ diag(1/σ)``, ``diag(σ_out) W_L``; a few small matrices, so that training the model or
+its statistics later is seen). Anything else (a subclass, a custom activation) runs through
+the generic modes.
 
 Rollouts differentiate the model (:mod:`dolfinx_mno.rollout`): for them
 :meth:`SequentialMLP.differentiable_values` runs the layers as one autograd function,
@@ -71,7 +73,7 @@ TANH_KERNELS = ("torch", "numpy")
 #: NumPy's wheels, at torch's thread count; float32/float64 on the CPU only).
 GEMM_KERNELS = ("torch", "numpy")
 
-_ACTIVATIONS = {torch.nn.Tanh: "tanh", torch.nn.Sigmoid: "sigmoid"}
+_ACTIVATIONS = {torch.nn.Tanh: "tanh", torch.nn.Sigmoid: "sigmoid", torch.nn.GELU: "gelu"}
 #: ``G ∘ f'`` from the activation's output ``t`` (``1 - t²``, ``t - t²``), in one pass.
 _BACKWARD = {
     "tanh": torch.ops.aten.tanh_backward.grad_input,
@@ -84,6 +86,29 @@ class _Layer:
     kind: str  # "linear", "tanh" or "sigmoid"
     module: torch.nn.Module
     width: int  # output width
+
+
+def _backward(layer: _Layer, source: torch.Tensor, saved: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = source ∘ f'`` for activation ``layer``, in one pass (``out`` may be ``source``).
+
+    ``saved`` is what the forward kept: the output ``t`` of tanh and the sigmoid, the input
+    ``z`` of GELU (whose derivative ``Φ(z) + z φ(z)`` is not a function of its output).
+    """
+    if layer.kind == "gelu":
+        approximate = typing.cast(str, layer.module.approximate)
+        torch.ops.aten.gelu_backward.grad_input(
+            source, saved, approximate=approximate, grad_input=out
+        )
+    else:
+        _BACKWARD[layer.kind](source, saved, grad_input=out)
+
+
+def _gelu(z: torch.Tensor, layer: _Layer, out: torch.Tensor | None = None) -> torch.Tensor:
+    """GELU of ``z`` (the layer's approximation) into ``out``, or a new tensor."""
+    approximate = typing.cast(str, layer.module.approximate)
+    if out is None:
+        return torch.ops.aten.gelu(z, approximate=approximate)
+    return torch.ops.aten.gelu.out(z, approximate=approximate, out=out)
 
 
 def _activate(h: torch.Tensor, kind: str, numpy_tanh: bool) -> None:
@@ -166,6 +191,7 @@ class SequentialMLP:
         self._capacity = 0
         self._activations: list[torch.Tensor] = []
         self._cotangents: list[torch.Tensor] = []
+        self._post: dict[int, torch.Tensor] = {}
         self._widths: list[int] = []
         #: One of :data:`TANH_KERNELS` (see :meth:`use_tanh_kernel`).
         self.tanh_kernel = "torch"
@@ -265,7 +291,8 @@ class SequentialMLP:
     def bytes_per_point(self, tangent: bool, dtype: torch.dtype) -> int:
         """The buffers' bytes per point: activations, and the cotangents with ``tangent``."""
         linear_widths = [layer.width for layer in self.layers if layer.kind == "linear"]
-        floats = sum(linear_widths)
+        gelu_widths = [layer.width for layer in self.layers if layer.kind == "gelu"]
+        floats = sum(linear_widths) + sum(gelu_widths)
         if tangent:
             floats += self.num_outputs * (self.num_inputs + sum(linear_widths[:-1]))
         return floats * torch.empty((), dtype=dtype).element_size()
@@ -292,6 +319,14 @@ class SequentialMLP:
         self._widths = widths
         # Flat: the first (m, n, width) entries are a contiguous view for any n <= points.
         self._cotangents = [torch.empty(m * points * w, dtype=dtype, device=device) for w in widths]
+        # GELU's outputs, keyed by the linear layer before it: its input z stays in that
+        # layer's buffer for the derivative.
+        self._post = {}
+        linear = -1
+        for layer in self.layers:
+            linear += layer.kind == "linear"
+            if layer.kind == "gelu":
+                self._post[linear] = torch.empty((points, layer.width), dtype=dtype, device=device)
         self._capacity = points
 
     def _cotangent(self, index: int, n: int) -> torch.Tensor:
@@ -408,6 +443,8 @@ class SequentialMLP:
                     _linear(h, weight, bias, out, numpy_gemm)
                     h = out
                     linear += 1
+                elif layer.kind == "gelu":  # out of place: z stays for the derivative
+                    h = _gelu(h, layer, self._post[linear - 1][:n])
                 else:  # h is a buffer (the last layer is linear): its own memory
                     _activate(h, layer.kind, numpy_tanh)
         return h
@@ -495,16 +532,16 @@ class SequentialMLP:
                     g = target
                     linear -= 1
                 else:
-                    activation = self._activations[linear][:n]  # this layer's output
+                    # This layer's output (tanh, sigmoid) or input (GELU).
+                    activation = self._activations[linear][:n]
                     if g is None:  # G = W_last ∘ f', in one pass
                         assert rows is not None
                         g = self._cotangent(linear + 1, n)
                         source = rows.unsqueeze(1).expand(g.shape)
                     else:
                         source = g
-                    # G ∘ f'(t) in one fused pass, autograd's own backward kernels.
-                    backward = _BACKWARD[layer.kind]
-                    backward(source, activation.unsqueeze(0).expand(g.shape), grad_input=g)
+                    # G ∘ f' in one fused pass, autograd's own backward kernels.
+                    _backward(layer, source, activation.unsqueeze(0).expand(g.shape), g)
             if g is None:  # a single linear layer: G = W at every point
                 assert rows is not None
                 g = self._cotangent(0, n)
@@ -555,6 +592,9 @@ class MLPFunction(torch.autograd.Function):
                     out = torch.empty((h.shape[0], layer.width), dtype=h.dtype, device=h.device)
                     _linear(h, weight, bias, out, numpy_gemm)
                     h = out
+                elif layer.kind == "gelu":  # keeps its input z for the derivative
+                    outputs.append(h)
+                    h = _gelu(h, layer)
                 else:
                     # h is the previous linear layer's fresh output (from_model's rule): its
                     # own contiguous memory, which the activation overwrites.
@@ -600,8 +640,7 @@ class MLPFunction(torch.autograd.Function):
                     g = g * weight if weight.shape[0] == 1 else mm(g, weight)
                     linear -= 1
                 else:  # g is this function's own (a linear layer's product): overwritten
-                    backward = _BACKWARD[layer.kind]
-                    backward(g, outputs[activation], grad_input=g)
+                    _backward(layer, g, outputs[activation], g)
                     activation -= 1
         grad_x = g if needs_x else None
         return (None, None, None, grad_x, *gradients)

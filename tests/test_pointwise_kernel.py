@@ -1,5 +1,6 @@
 """How a model is run: tangent modes, their choice, chunk sizes, compilation and its fallback."""
 
+import functools
 import math
 import warnings
 from unittest import mock
@@ -189,6 +190,10 @@ def test_an_mlps_chunks_are_bounded_by_the_cache(monkeypatch):
     assert kernel._mlp is not None
     assert kernel._mlp.bytes_per_point(False, torch.float64) == 129 * 8
     assert kernel._mlp.bytes_per_point(True, torch.float32) == 260 * 4
+    gelu = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.GELU(), torch.nn.Linear(64, 1))
+    gelu_pass = SequentialMLP.from_model(gelu, 3, 1)
+    assert gelu_pass is not None  # GELU's outputs take a buffer of their own
+    assert gelu_pass.bytes_per_point(False, torch.float64) == (64 + 64 + 1) * 8
     cache = 20_000 * 129 * 8  # room for 20,000 points of values
     monkeypatch.setattr(pointwise_kernel, "cache_bytes_per_core", lambda: cache)
     assert kernel.chunk_bound(False) == 20_000
@@ -340,14 +345,27 @@ def plain_mlp(num_outputs, dtype=torch.float64, activation=torch.nn.Tanh):
     return torch.nn.Sequential(*layers).to(dtype)
 
 
+GELUS = {
+    "gelu": torch.nn.GELU,
+    "gelu tanh": functools.partial(torch.nn.GELU, approximate="tanh"),
+}
+
+
+@pytest.mark.parametrize("activation", ["tanh", "gelu", "gelu tanh"])
 @pytest.mark.parametrize("num_outputs", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_fused_mlp_pass_gives_the_model_and_autograd(num_outputs, dtype):
-    """The fused pass for plain MLPs: the model's values, autograd's tangent (round-off)."""
+def test_fused_mlp_pass_gives_the_model_and_autograd(num_outputs, dtype, activation):
+    """The fused pass for plain MLPs (tanh or GELU, exact or tanh-approximated, then a
+    sigmoid): the model's values, autograd's tangent (round-off)."""
     points = 3000  # two chunks of 2048 with the given batch size: a shorter last chunk
-    fused = evaluator(plain_mlp(num_outputs, dtype), 3, num_outputs, points, batch_size=2048)
+    layer = GELUS.get(activation, torch.nn.Tanh)
+    model = plain_mlp(num_outputs, dtype, layer)
+    assert SequentialMLP.from_model(model, 3, num_outputs) is not None
+    fused = evaluator(model, 3, num_outputs, points, batch_size=2048)
     assert fused.prepare_tangent("sequential") == "sequential"
-    reference = evaluator(plain_mlp(num_outputs, dtype), 3, num_outputs, points, batch_size=2048)
+    reference = evaluator(
+        plain_mlp(num_outputs, dtype, layer), 3, num_outputs, points, batch_size=2048
+    )
     reference.prepare_tangent("reverse-loop")
     for ev in (fused, reference):
         ev.evaluate(tangent=True)
@@ -564,18 +582,21 @@ def test_fused_mlp_pass_handles_linear_layers_in_a_row(layers):
 
 def function_mlp(kind):
     """MLPs for MLPFunction: tanh, sigmoid and identity layers; no biases; two linear
-    layers in a row; a one-output last layer (its backward is a broadcast product)."""
+    layers in a row; a one-output last layer (its backward is a broadcast product); GELU,
+    exact and tanh-approximated."""
     torch.manual_seed(5)
     if kind == "mixed":
         return plain_mlp(2)
     if kind == "no bias":
         layers = [torch.nn.Linear(3, 8, bias=False), torch.nn.Tanh()]
         return torch.nn.Sequential(*layers, torch.nn.Linear(8, 1, bias=False)).double()
+    if kind.startswith("gelu"):
+        return plain_mlp(2, activation=GELUS[kind])
     layers = [torch.nn.Linear(3, 8), torch.nn.Linear(8, 8), torch.nn.Tanh()]
     return torch.nn.Sequential(*layers, torch.nn.Linear(8, 1)).double()
 
 
-@pytest.mark.parametrize("kind", ["mixed", "no bias", "linear twice"])
+@pytest.mark.parametrize("kind", ["mixed", "no bias", "linear twice", "gelu", "gelu tanh"])
 @pytest.mark.parametrize("gemm", ["torch", "numpy"])
 @pytest.mark.parametrize("kernel", ["torch", "numpy"])
 def test_mlp_function_gradients(kind, kernel, gemm):
