@@ -39,8 +39,10 @@ Recognised: a :class:`torch.nn.Sequential` whose members are exactly
 :class:`torch.nn.Linear`, :class:`torch.nn.Tanh`, :class:`torch.nn.Sigmoid`,
 :class:`torch.nn.GELU` (exact or ``approximate="tanh"``; its output goes to a buffer of its
 own, its input stays for the derivative) or :class:`torch.nn.Identity`, with no hooks,
-ending in a linear layer; and such a ``Sequential`` wrapped in a pointwise
-:class:`~dolfinx_mno.normalization.NormalizedModel` (``axis=-1``), whose affine
+ending in a linear layer; :class:`dolfinx_mno.MLP` with such activations (its ``layers``);
+and either wrapped in a pointwise
+:class:`~dolfinx_mno.normalization.NormalizedModel` (``axis=-1``, what
+:func:`~dolfinx_mno.training.fit` returns), whose affine
 normalisations are folded into the first and last linear layers at every call
 (``W₁ diag(1/σ)``, ``diag(σ_out) W_L``; a few small matrices, so that training the model or
 its statistics later is seen). Anything else (a subclass, a custom activation) runs through
@@ -180,6 +182,8 @@ class SequentialMLP:
         self.layers = layers
         self._model = model
         self._members = tuple(model) if model is not None else ()
+        # A dolfinx_mno.MLP whose ``layers`` this is (checked at every call), else None.
+        self._container: torch.nn.Module | None = None
         # A NormalizedModel's statistics, folded into the first and last linear layers.
         self._wrapper: torch.nn.Module | None = None
         self._input_norm: torch.nn.Module | None = None
@@ -243,8 +247,14 @@ class SequentialMLP:
         cls, model: torch.nn.Module, num_inputs: int, num_outputs: int
     ) -> SequentialMLP | None:
         """The fused MLP for ``model``, or ``None`` if ``model`` is not a plain MLP."""
+        from dolfinx_mno.models import MLP
         from dolfinx_mno.normalization import AffineNormalization, NormalizedModel
 
+        if type(model) is MLP and not _has_hooks(model):  # the package's own: its layers
+            inner = cls.from_model(model.layers, num_inputs, num_outputs)
+            if inner is not None:
+                inner._container = model
+            return inner
         if type(model) is NormalizedModel and not _has_hooks(model):
             norms = (model.input_normalization, model.output_normalization)
             if not all(
@@ -403,9 +413,16 @@ class SequentialMLP:
 
     def _check_unchanged(self) -> None:
         """Refuse a model whose layers were replaced since (the buffers follow the old ones)."""
-        wrapper = self._wrapper
+        wrapper, container = self._wrapper, self._container
+        if container is not None and container.layers is not self._model:
+            raise RuntimeError(
+                "the MLP's layers were replaced after the closure was built (its fused MLP "
+                "pass follows the layers it was built with); build a new closure for the "
+                "new model"
+            )
+        inner = self._model if container is None else container
         if wrapper is not None and (
-            wrapper.model is not self._model
+            wrapper.model is not inner
             or wrapper.input_normalization is not self._input_norm
             or wrapper.output_normalization is not self._output_norm
         ):

@@ -732,6 +732,40 @@ def test_differentiable_values_without_a_graph_run_through_the_buffers(normalize
     assert kernel_of._mlp._capacity == 1000
 
 
+@pytest.mark.parametrize("normalized", [False, True])
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid", "gelu", "softplus"])
+def test_the_packages_mlp_runs_the_fused_pass(activation, normalized):
+    """dolfinx_mno.MLP (alone or in the NormalizedModel fit returns) with a recognised
+    activation runs the fused pass: the model's values and autograd's tangent; with
+    another activation, the generic modes. Replacing its layers later is refused."""
+    model = mno.MLP(3, 2, hidden_features=[16, 16], activation=activation, seed=2)
+    if normalized:
+        model = mno.NormalizedModel(
+            model,
+            mno.AffineNormalization(shift=[0.3, -1.0, 2.0], scale=[0.5, 2.0, 4.0], width=3),
+            mno.AffineNormalization(shift=[1.0, -1.0], scale=[2.0, 0.5], width=2),
+        )
+    recognised = activation != "softplus"
+    assert (SequentialMLP.from_model(model, 3, 2) is not None) == recognised
+    fused = evaluator(model, 3, 2, 3000, batch_size=2048)
+    assert fused.prepare_tangent() == ("sequential" if recognised else fused.tangent_mode)
+    reference = evaluator(model, 3, 2, 3000, batch_size=2048)
+    reference.kernel._mlp = None  # the generic modes
+    reference.prepare_tangent("reverse-loop")
+    for ev in (fused, reference):
+        ev.evaluate(tangent=True)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(fused.inputs)).numpy()
+    np.testing.assert_allclose(fused.outputs, expected, rtol=1e-14, atol=1e-14)
+    scale = np.abs(reference.tangents).max()
+    np.testing.assert_allclose(fused.tangents, reference.tangents, rtol=0, atol=1e-13 * scale)
+    if recognised:
+        mlp = model.model if normalized else model
+        mlp.layers = torch.nn.Sequential(*mlp.layers).eval()  # new container, same modules
+        with pytest.raises(RuntimeError, match="replaced after the closure was built"):
+            fused.evaluate()
+
+
 def test_fused_mlp_pass_refuses_a_model_whose_layers_were_replaced():
     model = plain_mlp(1).eval()
     ev = evaluator(model, 3, 1, 100)
