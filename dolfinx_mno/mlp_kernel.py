@@ -152,6 +152,25 @@ def _linear(
         torch.mm(h, weight.t(), out=out)
 
 
+def _checked(
+    what: str,
+    function: str,
+    kernel: str,
+    kernels: tuple[str, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> str:
+    """``kernel`` if it is one of ``kernels`` and can run on such buffers, else ValueError."""
+    if kernel not in kernels:
+        raise ValueError(f"Unknown {what} kernel {kernel!r}; use one of {kernels}.")
+    if kernel == "numpy" and not SequentialMLP.numpy_tanh_supported(dtype, device):
+        raise ValueError(
+            f"NumPy's {function} works on float32 or float64 buffers on the CPU, not {dtype} "
+            f"on {device}."
+        )
+    return kernel
+
+
 def _has_hooks(module: torch.nn.Module) -> bool:
     return bool(
         module._forward_hooks
@@ -209,19 +228,12 @@ class SequentialMLP:
 
     @staticmethod
     def numpy_tanh_supported(dtype: torch.dtype, device: torch.device) -> bool:
-        """Whether NumPy's tanh can work on buffers of this dtype and device."""
+        """Whether NumPy's kernels (tanh, matmul) work on buffers of this dtype and device."""
         return device.type == "cpu" and dtype in (torch.float32, torch.float64)
 
     def use_tanh_kernel(self, kernel: str, dtype: torch.dtype, device: torch.device) -> None:
         """Apply tanh with ``kernel`` (one of :data:`TANH_KERNELS`) from the next call on."""
-        if kernel not in TANH_KERNELS:
-            raise ValueError(f"Unknown tanh kernel {kernel!r}; use one of {TANH_KERNELS}.")
-        if kernel == "numpy" and not self.numpy_tanh_supported(dtype, device):
-            raise ValueError(
-                f"NumPy's tanh works on float32 or float64 buffers on the CPU, not {dtype} on "
-                f"{device}."
-            )
-        self.tanh_kernel = kernel
+        self.tanh_kernel = _checked("tanh", "tanh", kernel, TANH_KERNELS, dtype, device)
 
     def _numpy_tanh_for(self, x: torch.Tensor) -> bool:
         """Whether tanh runs by NumPy's kernel on tensors like ``x``."""
@@ -229,14 +241,7 @@ class SequentialMLP:
 
     def use_gemm_kernel(self, kernel: str, dtype: torch.dtype, device: torch.device) -> None:
         """Run the matrix products with ``kernel``'s BLAS (:data:`GEMM_KERNELS`) from now on."""
-        if kernel not in GEMM_KERNELS:
-            raise ValueError(f"Unknown GEMM kernel {kernel!r}; use one of {GEMM_KERNELS}.")
-        if kernel == "numpy" and not self.numpy_tanh_supported(dtype, device):
-            raise ValueError(
-                f"NumPy's matmul works on float32 or float64 buffers on the CPU, not {dtype} "
-                f"on {device}."
-            )
-        self.gemm_kernel = kernel
+        self.gemm_kernel = _checked("GEMM", "matmul", kernel, GEMM_KERNELS, dtype, device)
 
     def _numpy_gemm_for(self, x: torch.Tensor) -> bool:
         """Whether the matrix products run by NumPy's BLAS on tensors like ``x``."""
