@@ -163,7 +163,7 @@ def _checked(
     """``kernel`` if it is one of ``kernels`` and can run on such buffers, else ValueError."""
     if kernel not in kernels:
         raise ValueError(f"Unknown {what} kernel {kernel!r}; use one of {kernels}.")
-    if kernel == "numpy" and not SequentialMLP.numpy_tanh_supported(dtype, device):
+    if kernel == "numpy" and not SequentialMLP.numpy_supported(dtype, device):
         raise ValueError(
             f"NumPy's {function} works on float32 or float64 buffers on the CPU, not {dtype} "
             f"on {device}."
@@ -227,7 +227,7 @@ class SequentialMLP:
         return any(layer.kind == "tanh" for layer in self.layers)
 
     @staticmethod
-    def numpy_tanh_supported(dtype: torch.dtype, device: torch.device) -> bool:
+    def numpy_supported(dtype: torch.dtype, device: torch.device) -> bool:
         """Whether NumPy's kernels (tanh, matmul) work on buffers of this dtype and device."""
         return device.type == "cpu" and dtype in (torch.float32, torch.float64)
 
@@ -237,7 +237,7 @@ class SequentialMLP:
 
     def _numpy_tanh_for(self, x: torch.Tensor) -> bool:
         """Whether tanh runs by NumPy's kernel on tensors like ``x``."""
-        return self.tanh_kernel == "numpy" and self.numpy_tanh_supported(x.dtype, x.device)
+        return self.tanh_kernel == "numpy" and self.numpy_supported(x.dtype, x.device)
 
     def use_gemm_kernel(self, kernel: str, dtype: torch.dtype, device: torch.device) -> None:
         """Run the matrix products with ``kernel``'s BLAS (:data:`GEMM_KERNELS`) from now on."""
@@ -245,7 +245,7 @@ class SequentialMLP:
 
     def _numpy_gemm_for(self, x: torch.Tensor) -> bool:
         """Whether the matrix products run by NumPy's BLAS on tensors like ``x``."""
-        return self.gemm_kernel == "numpy" and self.numpy_tanh_supported(x.dtype, x.device)
+        return self.gemm_kernel == "numpy" and self.numpy_supported(x.dtype, x.device)
 
     @classmethod
     def from_model(
@@ -519,11 +519,12 @@ class SequentialMLP:
         through the layers backwards: ``G ← G W`` for a linear layer, ``G ← G ∘ f'`` for
         an activation (``1 - t²`` for tanh, ``s - s²`` for the sigmoid).
         """
-        y = self.values(x)
         n, m = x.shape[0], self.num_outputs
         numpy_gemm = self._numpy_gemm_for(x)
+        # NumPy's thread count set once for both passes (values' own setting then finds it).
         threads = torch_threads() if numpy_gemm else contextlib.nullcontext()
         with torch.no_grad(), threads:
+            y = self.values(x)
             g: torch.Tensor | None = None  # None: the identity, before the last layer
             rows: torch.Tensor | None = None  # the last layer's weight, applied lazily
             linear = len(self._activations) - 1

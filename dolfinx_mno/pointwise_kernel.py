@@ -434,7 +434,7 @@ class PointwiseKernel:
                 reference = self.model(sample).reshape(sample.shape[0], -1)
                 scale = float(reference.abs().max()) or 1.0
                 tolerance = 1e3 * _eps(self.dtype) * scale
-                numpy_ok = mlp.numpy_tanh_supported(self.dtype, self.device)
+                numpy_ok = mlp.numpy_supported(self.dtype, self.device)
                 tanh_kernels = ["torch"] + ["numpy"] * (mlp.has_tanh and numpy_ok)
                 gemm_kernels = ["torch"] + ["numpy"] * numpy_ok
                 pairs = [(tanh, gemm) for tanh in tanh_kernels for gemm in gemm_kernels]
