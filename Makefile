@@ -21,8 +21,12 @@ $(VENV)/.installed: pyproject.toml setup.py MANIFEST.in dolfinx_mno_mpi.pth scri
 	$(PY) -m pip install -q -e ".[dolfinx,operators,mesh,plot,test,dev]"
 	@# dolfinx-external-operator names fenics-dolfinx, which the wheel does not provide.
 	$(PY) -m pip install -q --no-deps "dolfinx-external-operator>=0.11,<0.12"
+	@# dolfinx-adjoint (pyadjoint for DOLFINx), for benchmarks/adjoint_routes.py and its test;
+	@# it names fenics-dolfinx too. pyadjoint's own needs, scipy and sympy, are installed.
+	$(PY) -m pip install -q --no-deps "dolfinx-adjoint>=0.4,<0.5" "fenicsx-compat>=0.4,<0.5" \
+		"pyadjoint-ad>=2026.10" "checkpoint-schedules>=1.0"
 	@# dolfinx before dolfinx_mno: the start-up hook (dolfinx_mno_mpi.pth) must make it work.
-	$(PY) -c "import dolfinx, dolfinx_mno, torch; print('dolfinx', dolfinx.__version__, 'torch', torch.__version__)"
+	$(PY) -c "import dolfinx, dolfinx_mno, torch, dolfinx_adjoint; print('dolfinx', dolfinx.__version__, 'torch', torch.__version__)"
 	@touch $@
 
 venv: $(VENV)/.installed
