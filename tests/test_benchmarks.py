@@ -174,3 +174,51 @@ def test_rollout_model_paths_smoke():
         assert row["forward_cpu_s"] > 0 and row["gradient_cpu_s"] > 0
         assert math.isfinite(row["ratio"]) and len(row["rounds"]["gradient"]) == 1
     assert rows["model"]["gradient_against_model"] == 1.0
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("case", ["square", "two cells", "square, MLP"])
+def test_rollout_gradient_equals_dolfinx_adjoints(case, tiny_square):
+    """Our discrete adjoint (``Rollout.gradient``) against dolfinx-adjoint (pyadjoint), an
+    independent implementation: the same loss and gradient over 5 IMEX steps, to round-off,
+    on any number of ranks (two cells on 3 ranks: a rank without cells), with zero
+    Dirichlet data or natural conditions; for a closure with three parameters, and for a
+    tanh MLP 3-2-2-2 (its 20 weights; pyadjoint's written out in UFL)."""
+    import numpy as np
+    from dolfinx import mesh
+
+    bench = _module("adjoint_routes")
+    if case == "two cells":  # every vertex is on the boundary: natural conditions
+        routes = bench.build(tiny_square, 5, bcs=False, start_state=lambda x: 1 + x[0] + x[1] ** 2)
+    else:
+        width = 2 if case == "square, MLP" else None
+        routes = bench.build(mesh.create_unit_square(MPI.COMM_WORLD, 6, 6), 5, width=width)
+    loss, ours = routes.ours_gradient()
+    pyadjoint_loss, theirs = routes.pyadjoint_gradient()
+    # Every parameter counts, but the MLP's last bias: a constant flux meets ∇v with v = 0
+    # on the boundary, its gradient is round-off.
+    assert loss > 1e-6 and np.count_nonzero(np.abs(theirs) > 1e-9) >= theirs.size - 2
+    assert abs(loss - pyadjoint_loss) <= 1e-12 * loss
+    assert bench.relative_difference(ours, theirs) <= 1e-10, (ours, theirs)
+    # pyadjoint's derivative again on the same tape; ours again from the same state (to
+    # an ulp, not bitwise: MUMPS's parallel solves may sum in another order).
+    np.testing.assert_allclose(routes.pyadjoint_derivative(), theirs, rtol=1e-12)
+    np.testing.assert_allclose(routes.ours_gradient()[1], ours, rtol=1e-12)
+    bench.pyadjoint.get_working_tape().clear_tape()
+
+
+@pytest.mark.mpi
+def test_adjoint_routes_smoke():
+    """The benchmark's measurement and table on a tiny case: every time positive, ratios
+    consistent with the times, the two gradients the same."""
+    bench = _module("adjoint_routes")
+    case = bench.measure(MPI.COMM_WORLD, 4, 3, 1)
+    times = case["times"]
+    assert set(times) == {"ours_forward", "ours_gradient", "pyadjoint_forward",
+                          "pyadjoint_gradient", "pyadjoint_derivative"}  # fmt: skip
+    assert all(math.isfinite(t) and t > 0 for t in times.values())
+    assert case["gradient_over_forward"]["ours"] == times["ours_gradient"] / times["ours_forward"]
+    assert case["dofs"] == 25 and case["gradient_difference"] <= 1e-10
+    result = {"machine": {"cpu": "test"}, "ranks": 1, "steps": 3, "repeats": 1, "width": None}
+    result["cases"] = [case]
+    assert bench.table(result).count("\n") == 4
