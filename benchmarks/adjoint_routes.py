@@ -22,9 +22,9 @@ against targets from a run with other parameters; pyadjoint gets the same sum ex
 For each size, in alternating order over ``--repeats`` rounds after one warm-up round
 (which JIT-compiles every form), the median wall time (slowest rank) of:
 
-* ``ours_forward``: ``IMEXStepper.run(k)``, the plain time loop;
+* ``ours_forward``: the stepper's ``run(k)``, the plain time loop;
 * ``ours_gradient``: ``Rollout.gradient`` (forward with the torch graph, then backward);
-* ``pyadjoint_forward``: the same loop with dolfinx-adjoint's ``LinearProblem``, not taped
+* ``pyadjoint_forward``: the same loop with dolfinx-adjoint's problem, not taped
   (``pyadjoint.stop_annotating()``);
 * ``pyadjoint_gradient``: the loop taped, then ``ReducedFunctional.derivative()``;
 * ``pyadjoint_derivative``: ``derivative()`` alone, on the tape of the last round.
@@ -39,12 +39,18 @@ has no torch model: its MLP is written out in UFL (each weight matrix a vector
 FFCx compiles the network and its derivatives into the assembly kernels. That is the
 fairest pyadjoint route to such a closure short of a custom block calling torch's VJP
 (which is what our route is, ``docs/adjoint.md``); the first round's JIT compilation is
-reported separately (``compile``). Writes ``benchmarks/results/adjoint_routes[_TAG].json``
-and prints a table.
+reported separately (``first_round``).
+
+``--implicit``: backward Euler instead, ``(u − u_n) v + dt ∇u·∇v + dt q(u, ∇u)·∇v = 0``, the
+closure of the new state, solved by Newton to 1e-13 on both sides (ours with the closure's
+tangent in the Jacobian, :class:`~dolfinx_mno.timestepping.ImplicitStepper`; pyadjoint's
+``NonlinearProblem`` with UFL's Jacobian). Writes
+``benchmarks/results/adjoint_routes[_TAG].json`` and prints a table.
 
     .venv/bin/python benchmarks/adjoint_routes.py                 # n = 32, 64, 128; k = 20
     .venv/bin/mpirun -n 2 .venv/bin/python benchmarks/adjoint_routes.py --tag np2
     .venv/bin/python benchmarks/adjoint_routes.py --closure mlp --sizes 32 --tag mlp8
+    .venv/bin/python benchmarks/adjoint_routes.py --implicit --tag implicit
     .venv/bin/python benchmarks/adjoint_routes.py --quick         # smoke test
 """
 
@@ -74,13 +80,24 @@ import pyadjoint
 import ufl
 from dolfinx import fem, la, mesh
 
-from dolfinx_mno.petsc import LinearProblem
+from dolfinx_mno.petsc import LinearProblem, NonlinearProblem
 from dolfinx_mno.rollout import Rollout
-from dolfinx_mno.timestepping import IMEXStepper
+from dolfinx_mno.timestepping import IMEXStepper, ImplicitStepper
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DT = 0.01
 DIRECT = {"ksp_type": "preonly", "pc_type": "lu", "pc_factor_mat_solver_type": "mumps"}
+#: Newton converged to round-off on both sides: each adjoint is that of the converged step.
+NEWTON = {
+    **DIRECT,
+    "snes_type": "newtonls",
+    "snes_linesearch_type": "none",
+    "snes_atol": 1e-13,
+    "snes_rtol": 1e-13,
+    "snes_stol": 0.0,
+    "snes_max_it": 30,
+    "snes_error_if_not_converged": True,
+}
 #: The parameters of the targets' run, and those the gradient is taken at.
 TRUE, START = (0.05, 2.0, 0.5), (0.03, 1.5, 0.3)
 WARMUP = 1
@@ -161,7 +178,7 @@ class Routes:
 
     model: torch.nn.Module
     closure: mno.Closure
-    stepper: IMEXStepper
+    stepper: IMEXStepper | ImplicitStepper
     rollout: Rollout
     u0: torch.Tensor
     targets: list[torch.Tensor]
@@ -169,10 +186,11 @@ class Routes:
     pyadjoint_run: Callable[[], object]
 
     def ours_forward(self) -> None:
-        """The plain time loop: ``k`` IMEX steps from ``u0``."""
+        """The plain time loop: ``k`` steps from ``u0``."""
         stepper = self.stepper
-        stepper.u_previous.x.array[: self.rollout.num_owned] = self.u0.numpy()
-        stepper.u_previous.x.scatter_forward()
+        for function in (stepper.u_previous, stepper.u):
+            function.x.array[: self.rollout.num_owned] = self.u0.numpy()
+            function.x.scatter_forward()
         stepper.run(len(self.targets), progress=False)
 
     def ours_gradient(self) -> tuple[float, np.ndarray]:
@@ -206,13 +224,16 @@ def build(
     bcs: bool = True,
     start_state: Callable[[np.ndarray], np.ndarray] = initial,
     width: int | None = None,
+    implicit: bool = False,
 ) -> Routes:
     """Both routes on ``msh`` for ``num_steps`` steps (collective).
 
     ``bcs``: ``u = 0`` on the boundary (else natural conditions, so that a mesh of two
     cells keeps free dofs). ``start_state``: the initial state, interpolated in P1.
     ``width``: the closure is :func:`mlp` of this width (targets from its parameters
-    scaled by 1.1) instead of :class:`Flux` (targets from ``TRUE``).
+    scaled by 1.1) instead of :class:`Flux` (targets from ``TRUE``). ``implicit``: backward
+    Euler with the closure of the new state, solved by Newton (ours with the closure's
+    tangent in the Jacobian, pyadjoint's with UFL's derivative), instead of IMEX.
     """
     V = fem.functionspace(msh, ("Lagrange", 1))
     msh.topology.create_connectivity(msh.topology.dim - 1, msh.topology.dim)
@@ -222,17 +243,28 @@ def build(
     u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
     a = (u * v + DT * ufl.inner(ufl.grad(u), ufl.grad(v))) * ufl.dx
 
-    # Ours: the closure in the linear form, the rollout of the stepper.
+    # Ours: the closure in the step's form, the rollout of the stepper.
     u_n, uh = fem.Function(V, name="u_n"), fem.Function(V, name="u")
     u_n.interpolate(start_state)
+    uh.x.array[:] = u_n.x.array
     model: torch.nn.Module = Flux(START) if width is None else mlp(width)
-    closure = mno.Closure(model, [u_n, ufl.grad(u_n)], (2,), 2)
-    L = u_n * v * ufl.dx - DT * ufl.inner(closure, ufl.grad(v)) * closure.dx
-    problem = LinearProblem(
-        a, L, u=uh, bcs=conditions, petsc_options=DIRECT, petsc_options_prefix="ours_",
-        reuse_matrix=True,
-    )  # fmt: skip
-    stepper = IMEXStepper(problem, uh, u_n, dt=DT)
+    stepper: IMEXStepper | ImplicitStepper
+    if implicit:
+        closure = mno.Closure(model, [uh, ufl.grad(uh)], (2,), 2)
+        F = (uh - u_n) * v * ufl.dx + DT * ufl.inner(ufl.grad(uh), ufl.grad(v)) * ufl.dx
+        F += DT * ufl.inner(closure, ufl.grad(v)) * closure.dx
+        nonlinear = NonlinearProblem(
+            F, uh, bcs=conditions, petsc_options=NEWTON, petsc_options_prefix="ours_"
+        )
+        stepper = ImplicitStepper(nonlinear, uh, u_n, dt=DT)
+    else:
+        closure = mno.Closure(model, [u_n, ufl.grad(u_n)], (2,), 2)
+        L = u_n * v * ufl.dx - DT * ufl.inner(closure, ufl.grad(v)) * closure.dx
+        problem = LinearProblem(
+            a, L, u=uh, bcs=conditions, petsc_options=DIRECT, petsc_options_prefix="ours_",
+            reuse_matrix=True,
+        )  # fmt: skip
+        stepper = IMEXStepper(problem, uh, u_n, dt=DT)
     rollout = Rollout(stepper)
     u0 = torch.from_numpy(u_n.x.array[: rollout.num_owned].copy())
     parameters = [p.detach().clone() for p in model.parameters()]
@@ -255,12 +287,22 @@ def build(
         controls = [dxa.Constant(msh, p.numpy().ravel().copy()) for p in parameters]
     p_n, ph = dxa.Function(V, name="p_n"), dxa.Function(V, name="p")
     quadrature = ufl.Measure("dx", domain=msh, metadata={"quadrature_degree": 2})
-    flux = flux_ufl(controls, p_n) if width is None else mlp_ufl(model, controls, p_n)
-    L_p = p_n * v * ufl.dx - DT * ufl.inner(flux, ufl.grad(v)) * quadrature
-    problem_p = dxa.LinearProblem(
-        a, L_p, u=ph, bcs=conditions, petsc_options=DIRECT, adjoint_petsc_options=DIRECT,
-        petsc_options_prefix="pyadjoint_",
-    )  # fmt: skip
+    state = ph if implicit else p_n  # what the closure reads
+    flux = flux_ufl(controls, state) if width is None else mlp_ufl(model, controls, state)
+    problem_p: dxa.LinearProblem | dxa.NonlinearProblem
+    if implicit:
+        F_p = (ph - p_n) * v * ufl.dx + DT * ufl.inner(ufl.grad(ph), ufl.grad(v)) * ufl.dx
+        F_p += DT * ufl.inner(flux, ufl.grad(v)) * quadrature
+        problem_p = dxa.NonlinearProblem(
+            F_p, ph, bcs=conditions, petsc_options=NEWTON, adjoint_petsc_options=DIRECT,
+            petsc_options_prefix="pyadjoint_",
+        )  # fmt: skip
+    else:
+        L_p = p_n * v * ufl.dx - DT * ufl.inner(flux, ufl.grad(v)) * quadrature
+        problem_p = dxa.LinearProblem(
+            a, L_p, u=ph, bcs=conditions, petsc_options=DIRECT, adjoint_petsc_options=DIRECT,
+            petsc_options_prefix="pyadjoint_",
+        )  # fmt: skip
     # Σ_dofs (p − t)² = ∫ w (p − t)² dx with the vertex rule and w = 1 / (lumped mass).
     vertex = ufl.Measure("dx", domain=msh, metadata={"quadrature_rule": "vertex"})
     lumped = fem.assemble_vector(fem.form(v * vertex))
@@ -281,6 +323,8 @@ def build(
         # Through pyadjoint (a new version of p_n on the tape), not by writing its array:
         # the tape would otherwise keep p_n's value from the end of the last run.
         dxa.assign(start, p_n)
+        if implicit:  # Newton's first guess: the state, as ours
+            dxa.assign(start, ph)
         loss = 0.0
         for target in target_functions:
             problem_p.solve()
@@ -305,14 +349,20 @@ def timed(comm: MPI.Comm, call: Callable[[], object]) -> float:
 
 
 def measure(
-    comm: MPI.Comm, n: int, num_steps: int, repeats: int, width: int | None = None
+    comm: MPI.Comm,
+    n: int,
+    num_steps: int,
+    repeats: int,
+    width: int | None = None,
+    implicit: bool = False,
 ) -> dict[str, object]:
     """Both routes on the ``n × n`` square: medians of interleaved rounds, and agreement.
 
-    ``width``: the MLP closure of this width (:func:`build`), else the flux.
+    ``width``: the MLP closure of this width, else the flux; ``implicit``: backward Euler
+    by Newton, else IMEX (:func:`build`).
     """
     msh = mesh.create_unit_square(comm, n, n)
-    routes = build(msh, num_steps, width=width)
+    routes = build(msh, num_steps, width=width, implicit=implicit)
     calls = {
         "ours_forward": routes.ours_forward,
         "ours_gradient": routes.ours_gradient,
@@ -368,8 +418,9 @@ def table(result: dict) -> str:
         if result["width"] is None
         else f"MLP 3-{result['width']}-{result['width']}-2"
     )
+    scheme = "implicit (Newton)" if result.get("implicit") else "IMEX"
     lines = [
-        f"{closure}, {result['ranks']} rank(s), {result['steps']} steps, "
+        f"{closure}, {scheme}, {result['ranks']} rank(s), {result['steps']} steps, "
         f"{result['repeats']} rounds, {result['machine']['cpu']}",
         "",
         "| n | dofs | ours forward | ours gradient | ratio | pyadjoint forward | "
@@ -399,6 +450,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds")
     parser.add_argument("--closure", choices=("flux", "mlp"), default="flux")
     parser.add_argument("--width", type=int, default=8, help="hidden width of --closure mlp")
+    parser.add_argument("--implicit", action="store_true", help="backward Euler by Newton")
     parser.add_argument("--tag", default=None, help="result file tag")
     parser.add_argument("--quick", action="store_true", help="n = 8, 4 steps, 1 round")
     return parser.parse_args(argv)
@@ -413,7 +465,7 @@ def main(argv: list[str] | None = None) -> dict:
     width = args.width if args.closure == "mlp" else None
     cases = []
     for n in args.sizes:
-        cases.append(measure(comm, n, args.steps, args.repeats, width))
+        cases.append(measure(comm, n, args.steps, args.repeats, width, args.implicit))
         if comm.rank == 0:
             print(f"n = {n}: done", flush=True)
     result = {
@@ -421,6 +473,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ranks": comm.size,
         "closure": args.closure,
         "width": width,
+        "implicit": args.implicit,
         "steps": args.steps,
         "repeats": args.repeats,
         "cases": cases,
