@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +67,7 @@ from mpi4py import MPI
 import numpy as np
 import torch
 from _common import machine, ms
+from closure_overhead import timed
 
 # dolfinx_mno makes the MPI library of the dolfinx-solver wheel visible; it must be
 # imported before dolfinx.
@@ -241,7 +241,7 @@ def build(
     boundary = fem.locate_dofs_topological(V, msh.topology.dim - 1, facets)
     conditions = [fem.dirichletbc(0.0, boundary, V)] if bcs else []
     u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
-    a = (u * v + DT * ufl.inner(ufl.grad(u), ufl.grad(v))) * ufl.dx
+    a = (u * v + DT * ufl.inner(ufl.grad(u), ufl.grad(v))) * ufl.dx  # the IMEX matrix
 
     # Ours: the closure in the step's form, the rollout of the stepper.
     u_n, uh = fem.Function(V, name="u_n"), fem.Function(V, name="u")
@@ -340,14 +340,6 @@ def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def timed(comm: MPI.Comm, call: Callable[[], object]) -> float:
-    """Wall time of ``call`` on the slowest rank."""
-    comm.Barrier()
-    start = time.perf_counter()
-    call()
-    return comm.allreduce(time.perf_counter() - start, op=MPI.MAX)
-
-
 def measure(
     comm: MPI.Comm,
     n: int,
@@ -392,9 +384,7 @@ def measure(
     return {
         "n": n,
         "steps": num_steps,
-        "dofs": msh.comm.allreduce(
-            fem.functionspace(msh, ("Lagrange", 1)).dofmap.index_map.size_local
-        ),
+        "dofs": routes.stepper.u.function_space.dofmap.index_map.size_global,
         "times": times,
         "first_round": first_round,
         "gradient_over_forward": {
