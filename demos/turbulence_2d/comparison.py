@@ -164,6 +164,7 @@ def train_a_posteriori(
     epochs: int,
     learning_rate: float,
     stride: int = 1,
+    progress: bool = False,
 ) -> APosteriori:
     """Train ``flow``'s closure in place through its solver with ``fit_rollout``.
 
@@ -171,6 +172,7 @@ def train_a_posteriori(
     ``w = (ω̄, ψ̄)`` every ``every`` coarse steps. Windows of ``window`` states; a seeded
     fifth of them is held out (early stopping) and their rollout loss measured before and
     after. A flow with ``memory`` needs ``every = 1``: its windows start from two states.
+    ``progress``: a progress bar over the epochs on rank 0.
     """
     stepper = IMEXStepper(
         flow.problem, flow.w, flow.w_previous, flow.dt, 0.0, flow.time, older=flow.older
@@ -196,7 +198,7 @@ def train_a_posteriori(
         batch_size=4,
         learning_rate=learning_rate,
         patience=4,
-        progress=False,
+        progress=progress,
     )
     seconds = time.perf_counter() - tic
     return APosteriori(before, objective.rollout_loss(held_out), result.history.epochs, seconds)

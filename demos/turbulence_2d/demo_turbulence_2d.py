@@ -274,7 +274,7 @@ tic = time.perf_counter()
 local_fit = fit(
     MLP(6, 2, hidden_features=[64, 64], seed=0), inputs, targets, groups=snapshot, comm=comm,
     epochs=config["mlp_epochs"], batch_size=1024, learning_rate=3e-3, patience=20,
-    normalize_targets=True, seed=0, progress=False,
+    normalize_targets=True, seed=0, progress=not args.quick,
 )  # fmt: skip
 local_seconds = time.perf_counter() - tic
 local_path = output / "local_closure.pt"
@@ -304,7 +304,7 @@ operator_fit = fit(
     operator, shard(grid_x_all.astype(np.float32), comm),
     shard(grid_y_all.astype(np.float32), comm), grid=True, comm=comm,
     epochs=config["fno_epochs"], batch_size=8, chunk_size=8, learning_rate=3e-3,
-    patience=20, normalize_targets=True, seed=0, progress=False,
+    patience=20, normalize_targets=True, seed=0, progress=not args.quick,
 )  # fmt: skip
 operator_seconds = time.perf_counter() - tic
 operator_path = output / "mno_closure.pt"
@@ -342,7 +342,7 @@ for label, factory in (("local MLP", local_closure), ("MNO", operator_closure)):
     trained = models[f"{label}, a posteriori"] = coarse_flow(factory, name=f"{name}_post")
     training[label] = comparison.train_a_posteriori(
         trained, trajectories, coarse_every, config["window"], config["rollout_epochs"],
-        learning_rate=1e-3, stride=config["stride"],
+        learning_rate=1e-3, stride=config["stride"], progress=not args.quick,
     )  # fmt: skip
     log(f"{label} a posteriori: {training[label]}")
 # -
