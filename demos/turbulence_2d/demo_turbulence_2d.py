@@ -27,8 +27,8 @@
 #   correlation with the filtered DNS, time to decorrelate, spectra, long-run stability,
 #   and the *resolution factor*: the finer mesh without closure a model is as good as.
 #
-# Run it with `python demo_turbulence_2d.py` (or under `mpirun -n 2`); `--quick` (CI) runs
-# a small problem, `--medium` the full workflow at a 128² DNS (7 minutes on 2 cores).
+# Run it with `python demo_turbulence_2d.py` (or under `mpirun -n 2`): the full mode, a 256²
+# DNS, takes an hour on 2 cores; `--medium` (128², 7 minutes) and `--quick` (CI) are smaller.
 # Outputs go to `demos/output/turbulence_2d/`; the numbers are in `docs/results.md`.
 #
 # ## The problem
@@ -96,7 +96,7 @@ from utilities import boundary_dofs, log, output_folder
 
 parser = argparse.ArgumentParser(description="Learned closures for 2D turbulence.")
 parser.add_argument("--quick", action="store_true", help="small problem for CI")
-parser.add_argument("--medium", action="store_true", help="the full mode at 128² (~25 min)")
+parser.add_argument("--medium", action="store_true", help="the workflow at 128² (~7 min)")
 args = parser.parse_args()
 comm = MPI.COMM_WORLD
 torch.set_num_threads(1)
