@@ -59,7 +59,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mpi4py import MPI
@@ -80,6 +80,7 @@ import pyadjoint
 import ufl
 from dolfinx import fem, la, mesh
 
+from dolfinx_mno.models import MLP
 from dolfinx_mno.petsc import LinearProblem, NonlinearProblem
 from dolfinx_mno.rollout import Rollout
 from dolfinx_mno.timestepping import IMEXStepper, ImplicitStepper
@@ -122,23 +123,17 @@ def flux_ufl(theta: tuple, u: ufl.core.expr.Expr) -> ufl.core.expr.Expr:
     return a * ufl.tanh(b * u) * ufl.grad(u) + ufl.as_vector([c * u * u, 0.0])
 
 
-def mlp(width: int) -> torch.nn.Sequential:
-    """A tanh MLP ``3 → width → width → 2`` (float64, seeded; last layer scaled by 0.1)."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(3, width),
-        torch.nn.Tanh(),
-        torch.nn.Linear(width, width),
-        torch.nn.Tanh(),
-        torch.nn.Linear(width, 2),
-    ).double()
+def mlp(width: int) -> MLP:
+    """The package's tanh MLP ``3 → width → width → 2`` (float64, seeded), its last layer
+    scaled by 0.1 so that the flux stays small."""
+    model = MLP(3, 2, hidden_features=[width, width], seed=0)
     with torch.no_grad():
-        model[4].weight.mul_(0.1)
-        model[4].bias.mul_(0.1)
+        for parameter in list(model.parameters())[-2:]:
+            parameter.mul_(0.1)
     return model
 
 
-def mlp_ufl(model: torch.nn.Sequential, controls: list, u: ufl.core.expr.Expr):
+def mlp_ufl(model: MLP, controls: list, u: ufl.core.expr.Expr):
     """:func:`mlp` in UFL, its weights the (flattened) ``controls`` in parameter order."""
 
     def shaped(control: object, parameter: torch.Tensor) -> ufl.core.expr.Expr:
@@ -184,6 +179,8 @@ class Routes:
     targets: list[torch.Tensor]
     controls: list
     pyadjoint_run: Callable[[], object]
+    #: The reduced functional of the last :meth:`pyadjoint_gradient`'s tape.
+    functional: object = field(default=None, init=False, repr=False)
 
     def ours_forward(self) -> None:
         """The plain time loop: ``k`` steps from ``u0``."""
@@ -207,14 +204,16 @@ class Routes:
         """pyadjoint's loop taped, then the reduced functional's derivative."""
         pyadjoint.get_working_tape().clear_tape()
         loss = self.pyadjoint_run()
-        self._functional = pyadjoint.ReducedFunctional(
+        self.functional = pyadjoint.ReducedFunctional(
             loss, [pyadjoint.Control(c) for c in self.controls]
         )
         return float(loss), self.pyadjoint_derivative()
 
     def pyadjoint_derivative(self) -> np.ndarray:
         """``derivative()`` on the last tape (after :meth:`pyadjoint_gradient`)."""
-        derivative = self._functional.derivative()
+        if self.functional is None:
+            raise RuntimeError("pyadjoint_derivative needs a tape: call pyadjoint_gradient first.")
+        derivative = self.functional.derivative()  # type: ignore[attr-defined]
         return np.concatenate([d.x.array.ravel() for d in derivative])
 
 
