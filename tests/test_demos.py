@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mpi4py import MPI
 
+import numpy as np
 import pytest
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demos"
@@ -65,6 +66,9 @@ def _check_turbulence_2d(summary: dict, num_ranks: int) -> None:
     assert 0.0 <= summary["smagorinsky_constant"] < 0.5, summary["smagorinsky_constant"]
     for label, row in summary["a_posteriori"].items():
         assert row["held_out_after"] < row["held_out_before"], (label, row)
+    # Both closures are trained on the same windows: the same loss without closure.
+    plain = [row["held_out_no_closure"] for row in summary["a_posteriori"].values()]
+    assert 0 < plain[0] < np.inf and np.allclose(plain, plain[0], rtol=1e-12), plain
     models = summary["models"]
     assert {"no closure", "Smagorinsky", "MNO, a posteriori", "local MLP, a posteriori"} <= set(
         models

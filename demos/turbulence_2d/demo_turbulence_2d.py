@@ -342,7 +342,7 @@ for label, factory in (("local MLP", local_closure), ("MNO", operator_closure)):
     trained = models[f"{label}, a posteriori"] = coarse_flow(factory, name=f"{name}_post")
     training[label] = comparison.train_a_posteriori(
         trained, trajectories, coarse_every, config["window"], config["rollout_epochs"],
-        learning_rate=1e-3, stride=config["stride"], progress=not args.quick,
+        learning_rate=1e-3, stride=config["stride"], progress=not args.quick, plain=plain,
     )  # fmt: skip
     log(f"{label} a posteriori: {training[label]}")
 # -
