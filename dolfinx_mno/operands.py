@@ -36,7 +36,7 @@ import numpy.typing as npt
 import ufl
 from dolfinx import fem
 from dolfinx.mesh import Mesh
-from ufl.algorithms import extract_coefficients
+from ufl.algorithms import extract_arguments, extract_coefficients
 from ufl.algorithms.analysis import extract_constants
 from ufl.algorithms.renumbering import renumber_indices
 
@@ -340,14 +340,29 @@ def operand_comm(operands: OperandsLike, mesh: Mesh | None) -> MPI.Comm:
 
 
 def _as_expression(operand: typing.Any, index: int) -> ufl.core.expr.Expr:
-    """``operand`` as a UFL expression (numbers become constants); refuses anything else."""
+    """``operand`` as a UFL expression (numbers become constants); refuses anything else.
+
+    Refuses trial and test functions too: an operand is evaluated at the quadrature points
+    from dof values, and an argument has none (``fem.Expression`` would tabulate it as a
+    basis, one value per basis function, which overruns the operand buffer).
+    """
     try:
-        return typing.cast(ufl.core.expr.Expr, ufl.as_ufl(operand))
+        expression = typing.cast(ufl.core.expr.Expr, ufl.as_ufl(operand))
     except Exception:
         raise TypeError(
             f"Operand {index} must be a UFL expression or a fem.Function, got "
             f"{type(operand).__name__}."
         ) from None
+    arguments = extract_arguments(expression)
+    if arguments:
+        kind = "a TestFunction" if arguments[0].number() == 0 else "a TrialFunction"
+        raise TypeError(
+            f"Operand {index} ({expression}) contains {kind}: a closure reads coefficients "
+            "(fem.Function, fem.Constant, SpatialCoordinate), not form arguments. Pass the "
+            "function holding the state (e.g. the previous step's u_n, or the Newton "
+            "iterate u_h); mno.derivative(F, u_h) linearises the closure through it."
+        )
+    return expression
 
 
 def _check_names(

@@ -6,6 +6,7 @@ from mpi4py import MPI
 
 import numpy as np
 import pytest
+import torch
 import ufl
 from dolfinx import fem, mesh
 
@@ -263,3 +264,31 @@ def test_closures_and_samplers_accept_operands():
     from_operands.update()
     from_list.update()
     np.testing.assert_array_equal(from_operands.x.array, from_list.x.array)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("which", ["trial", "grad(test)", "u + trial"])
+def test_form_arguments_are_refused_on_every_rank(tiny_square, which):
+    """A TrialFunction where ``u_n`` was meant: a clear error at construction, not an update.
+
+    ``fem.Expression`` tabulates an argument as a basis (one value per basis function), so
+    the update used to overrun the operand buffer and corrupt memory. The check is
+    rank-local and the same on every rank, also on a rank that owns no cells.
+    """
+    V = fem.functionspace(tiny_square, ("Lagrange", 1))
+    u_n = fem.Function(V, name="u_n")
+    trial, test = ufl.TrialFunction(V), ufl.TestFunction(V)
+    operand, kind = {
+        "trial": (trial, "a TrialFunction"),
+        "grad(test)": (ufl.grad(test), "a TestFunction"),
+        "u + trial": (u_n + trial, "a TrialFunction"),
+    }[which]
+    message = re.escape(f"Operand 1 ({operand}) contains {kind}: a closure reads coefficients")
+    with pytest.raises(TypeError, match=f"^{message}"):
+        Operands([u_n, operand])
+    width = 1 + int(np.prod(operand.ufl_shape, dtype=int))
+    model = torch.nn.Linear(width, 1, dtype=torch.float64)
+    with pytest.raises(TypeError, match=f"^{message}"):
+        mno.Closure(model, [u_n, operand])
+    with pytest.raises(TypeError, match=f"^{message}"):
+        mno.NonlocalClosure(torch.nn.Conv2d(width, 1, 1), [u_n, operand], grid_shape=(4, 4))
