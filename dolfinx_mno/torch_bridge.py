@@ -490,7 +490,16 @@ class PointwiseEvaluator:
                             self._tangents[start:stop].copy_(out[:n], non_blocking=nb)
                 else:
                     y = self.kernel.values(x)
-                self._outputs[start:stop].copy_(y[:n].reshape(n, -1), non_blocking=nb)
+                if y.ndim == 0 or y.shape[0] != x.shape[0] or y[:n].numel() != n * width:
+                    # A model ending in squeeze() returns (2,) for a chunk of one point:
+                    # broadcasting it would give every component the first one's value.
+                    raise ValueError(
+                        f"The model returned shape {tuple(y.shape)} for a chunk of "
+                        f"{x.shape[0]} point(s); expected ({x.shape[0]}, ...) with {width} "
+                        "value(s) per point (does it drop the batch dimension of a single "
+                        "point, e.g. by squeeze()?)"
+                    )
+                self._outputs[start:stop].copy_(y[:n].reshape(n, width), non_blocking=nb)
                 if not nb:  # while in cache: the finiteness test needs no second pass
                     chunk_values = outputs[start * width : stop * width]
                     squares += float(torch.dot(chunk_values, chunk_values))
@@ -527,6 +536,19 @@ class PointwiseEvaluator:
             raise ValueError(
                 f"The model must return a tensor of shape (batch, ...); for a batch of 2 "
                 f"points it returned {shape}."
+            )
+        # A last chunk may hold one point: a model that drops the batch dimension there
+        # (squeeze()) would have its output broadcast over the components.
+        with torch.inference_mode():
+            single = self.model(x[:1])
+        if not isinstance(single, torch.Tensor) or tuple(single.shape) != (1, *y.shape[1:]):
+            shape = (
+                tuple(single.shape) if isinstance(single, torch.Tensor) else type(single).__name__
+            )
+            raise ValueError(
+                f"The model must keep the batch dimension: for a batch of 2 points it returned "
+                f"{tuple(y.shape)}, for 1 point {shape} instead of {(1, *y.shape[1:])} (does "
+                "it squeeze() its output?)."
             )
         return tuple(y.shape[1:])
 

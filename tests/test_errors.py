@@ -450,3 +450,46 @@ def test_batch_size_must_be_a_positive_integer(setup, monkeypatch):
     )
     monkeypatch.setenv("DOLFINX_MNO_BATCH_SIZE", "7")
     assert PointwiseEvaluator(mlp(1, 1), 1, 1, 10, np.float64, torch.device("cpu")).batch_size == 7
+
+
+class SqueezedFlux(torch.nn.Module):
+    """``(u, 2 u)``, squeezed like many hand-written models: ``(2,)`` for one point.
+
+    ``rows``: from now on return only the first ``rows`` rows of every batch (a model that
+    goes wrong after construction).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.rows: int | None = None
+
+    def forward(self, x):
+        y = torch.cat([x, 2.0 * x], dim=1)
+        return y.squeeze() if self.rows is None else y[: self.rows]
+
+
+@pytest.mark.mpi
+def test_a_model_that_drops_the_batch_dimension_is_refused(setup):
+    """A ``(2,)`` output for a one-point chunk used to be broadcast over the components.
+
+    The construction probe refuses such a model. One that returns the wrong number of rows
+    later fails its update on every rank, with the values kept.
+    """
+    _, _, u = setup
+    with pytest.raises(ValueError, match=r"^The model must keep the batch dimension: for a batch"):
+        mno.Closure(SqueezedFlux(), [u], value_shape=(2,))
+    model = SqueezedFlux()
+    model.rows = 1_000_000
+    closure = mno.Closure(model, [u], value_shape=(2,), quadrature_degree=1, batch_size=4)
+    closure.update()
+    before = closure.x.array.copy()
+    inputs = closure._evaluator.inputs[:, 0]
+    expected = np.stack([inputs, 2 * inputs], axis=1).reshape(-1)
+    np.testing.assert_array_equal(before[: closure._value_dofs.stop], expected)
+    model.rows = 1
+    with pytest.raises(
+        mno.ClosureEvaluationError, match=r"returned shape \(1, 2\) for a chunk of 4"
+    ):
+        closure.update()
+    np.testing.assert_array_equal(closure.x.array, before)
+    assert closure.update_count == 1
