@@ -100,6 +100,7 @@ class _Stepper[Problem: (LinearProblem, NonlinearProblem)]:
     """The time loop shared by the steppers; subclasses say how one step is solved."""
 
     solver_name = "solver"
+    problem_type: type = object
 
     def __init__(
         self,
@@ -112,6 +113,18 @@ class _Stepper[Problem: (LinearProblem, NonlinearProblem)]:
         older: Sequence[fem.Function] = (),
     ):
         """Set up the time loop; see the class docstring for the arguments."""
+        expected = self.problem_type
+        if not isinstance(problem, expected):
+            raise TypeError(
+                f"{type(self).__name__} takes a dolfinx_mno.petsc.{expected.__name__}, got "
+                f"{type(problem).__module__}.{type(problem).__name__}."
+            )
+        if problem.u is not u:
+            raise ValueError(
+                "u must be the problem's solution function (problem.u): the solve writes "
+                "problem.u, so a step would copy into u_previous a function that never "
+                f"changes. Pass the same function as u=... to {expected.__name__} and here."
+            )
         if not dt > 0:
             raise ValueError(f"The time step must be positive, got {dt}.")
         if u.function_space != u_previous.function_space:
@@ -291,12 +304,14 @@ class IMEXStepper(_Stepper[LinearProblem]):
             docstring).
 
     Raises:
-        ValueError: A time step that is not positive, ``u`` and ``u_previous`` (or an older
-            state) on different spaces, a function given twice, or a bad
-            ``closure_interval``.
+        TypeError: A problem that is not a :class:`dolfinx_mno.petsc.LinearProblem`.
+        ValueError: ``u`` that is not ``problem.u``, a time step that is not positive,
+            ``u`` and ``u_previous`` (or an older state) on different spaces, a function
+            given twice, or a bad ``closure_interval``.
     """
 
     solver_name = "linear solver"
+    problem_type = LinearProblem
 
     def __init__(
         self,
@@ -347,11 +362,14 @@ class ImplicitStepper(_Stepper[NonlinearProblem]):
             reads (BDF2, for example), on the space of ``u``; each step shifts them.
 
     Raises:
-        ValueError: A time step that is not positive, ``u`` and ``u_previous`` (or an older
-            state) on different spaces, or a function given twice.
+        TypeError: A problem that is not a :class:`dolfinx_mno.petsc.NonlinearProblem`.
+        ValueError: ``u`` that is not ``problem.u``, a time step that is not positive,
+            ``u`` and ``u_previous`` (or an older state) on different spaces, or a
+            function given twice.
     """
 
     solver_name = "Newton solver"
+    problem_type = NonlinearProblem
 
     def _solve(self) -> tuple[int, int, int | None]:
         self.problem.solve()

@@ -512,3 +512,33 @@ def test_bad_older_states_raise():
         IMEXStepper(problem, uh, u_n, dt=0.1, older=[older, older])
     with pytest.raises(TypeError, match=r"older\[0\] must be a dolfinx.fem.Function"):
         IMEXStepper(problem, uh, u_n, dt=0.1, older=[u_n.x.array])
+
+
+@pytest.mark.mpi
+def test_a_stepper_refuses_a_u_that_the_solve_does_not_write(tiny_square):
+    """``u`` other than ``problem.u`` (e.g. ``u=`` forgotten) used to step silently: each
+    step copied a never-written function into ``u_n``. Also the wrong problem class.
+
+    Checked before any collective, the same on every rank (also one without cells).
+    """
+    V = fem.functionspace(tiny_square, ("Lagrange", 1))
+    u_n, uh = fem.Function(V), fem.Function(V)
+    u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
+    forgotten = LinearProblem(
+        u * v * ufl.dx, u_n * v * ufl.dx, petsc_options=DIRECT, petsc_options_prefix="nou_"
+    )
+    message = r"^u must be the problem's solution function \(problem.u\): the solve writes"
+    with pytest.raises(ValueError, match=message):
+        IMEXStepper(forgotten, uh, u_n, dt=0.1)
+    w, w_n, other = fem.Function(V), fem.Function(V), fem.Function(V)
+    F = ((w - w_n) * v + ufl.inner(ufl.grad(w), ufl.grad(v))) * ufl.dx
+    nonlinear = NonlinearProblem(F, w, petsc_options=DIRECT, petsc_options_prefix="otheru_")
+    with pytest.raises(ValueError, match=message + r".*Pass the same function as u=\.\.\. to "):
+        ImplicitStepper(nonlinear, other, w_n, dt=0.1)
+    with pytest.raises(TypeError, match=r"^ImplicitStepper takes a dolfinx_mno.petsc.Nonlinear"):
+        ImplicitStepper(forgotten, forgotten.u, u_n, dt=0.1)
+    with pytest.raises(TypeError, match=r"^IMEXStepper takes a dolfinx_mno.petsc.LinearProblem"):
+        IMEXStepper(nonlinear, w, w_n, dt=0.1)
+    # The right pairs are accepted.
+    IMEXStepper(forgotten, forgotten.u, u_n, dt=0.1)
+    ImplicitStepper(nonlinear, w, w_n, dt=0.1)
