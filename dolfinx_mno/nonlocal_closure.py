@@ -62,7 +62,7 @@ import ufl
 from dolfinx import fem
 from dolfinx.mesh import Mesh
 
-from dolfinx_mno._mpi import agree_with_root, describe, rank_local
+from dolfinx_mno._mpi import agree, agree_with_root, describe, rank_local
 from dolfinx_mno.base import ClosureBase, validate_arguments
 from dolfinx_mno.closure import ClosureEvaluationError
 from dolfinx_mno.grid import grid_over_mesh
@@ -209,6 +209,9 @@ class NonlocalClosure(ClosureBase):
         self._model = model
         self._comm = comm
         self._is_root = comm.rank == root
+        # The grid sampling and the scatter to the quadrature points are built for this
+        # geometry; update() refuses a mesh that moved since.
+        self._geometry = mesh.geometry.x.copy()
         self._update_count = 0
         self.timings: dict[str, float] = {}
         self.total_timings: dict[str, float] = {}
@@ -382,11 +385,25 @@ class NonlocalClosure(ClosureBase):
                 with the root's reason (``"... failed on rank(s) [0] (1 of 4 ranks); on
                 rank 0: the model returned NaN/Inf at 12 of 289 grid points. ..."``); the
                 values are left unchanged on every rank.
+            RuntimeError: If the mesh moved (its geometry changed on any rank) since the
+                closure was built, on every rank, with the values unchanged: the grid
+                sampling and the quadrature points are those of the old geometry.
         """
         if tangent:
             raise ValueError("Non-local closures have no pointwise tangent; see the docs.")
         attempt = self._update_count + 1
         what = f"Update {attempt} of non-local closure '{self.name}'"
+        moved = not np.array_equal(self.function_space.mesh.geometry.x, self._geometry)
+        reason = "the mesh geometry changed since the closure was built" if moved else None
+        agree(
+            self._comm,
+            reason,
+            what,
+            RuntimeError,
+            note="A NonlocalClosure samples its grid and places its values at the quadrature "
+            "points of the mesh it was built on; build a new one after moving the mesh. The "
+            "previous closure values were kept.",
+        )
         if self._slabs is not None:
             self._update_distributed(attempt, what)
             return

@@ -493,3 +493,42 @@ def test_a_model_that_drops_the_batch_dimension_is_refused(setup):
         closure.update()
     np.testing.assert_array_equal(closure.x.array, before)
     assert closure.update_count == 1
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("distributed", [False, True], ids=["gathered", "distributed"])
+def test_a_nonlocal_closure_refuses_a_moved_mesh(tiny_square, distributed):
+    """Its grid sampling and quadrature points are the old geometry's: it used to return
+    the old mesh's values silently. Moved on one rank only (the first that owns cells):
+    the update raises on every rank, values kept; moved back, it updates again.
+    """
+    neuralop = pytest.importorskip("neuralop")
+    from dolfinx_mno.torch_bridge import to_precision
+
+    torch.manual_seed(0)
+    fno = neuralop.models.FNO(
+        n_modes=(2, 2), in_channels=1, out_channels=1, hidden_channels=4, n_layers=1
+    )
+    model = to_precision(fno, torch.float64).eval()
+    x = ufl.SpatialCoordinate(tiny_square)
+    closure = mno.NonlocalClosure(
+        model, [x[0]], grid_shape=(4, 4), mask_channel=False, distributed=distributed,
+        mesh=tiny_square,
+    )  # fmt: skip
+    closure.update()
+    before = closure.x.array.copy()
+    comm = tiny_square.comm
+    cells = comm.allgather(tiny_square.topology.index_map(2).size_local)
+    mover = next(rank for rank, n in enumerate(cells) if n > 0)
+    geometry = tiny_square.geometry.x
+    saved = geometry.copy()
+    if comm.rank == mover:
+        geometry[:, 0] = 0.5 * geometry[:, 0] ** 2 + 0.3
+    expected = rf"failed on rank\(s\) \[{mover}\] .*the mesh geometry changed"
+    with pytest.raises(RuntimeError, match=expected):
+        closure.update()
+    np.testing.assert_array_equal(closure.x.array, before)
+    assert closure.update_count == 1
+    geometry[:] = saved
+    closure.update()
+    np.testing.assert_array_equal(closure.x.array, before)
