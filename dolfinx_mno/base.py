@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,6 +26,16 @@ from dolfinx_mno.spec import ClosureSpec
 from dolfinx_mno.validation import check_integer, check_value_shape
 
 __all__ = ["ClosureBase", "ModelArguments", "operand_comm", "validate_arguments"]
+
+
+#: Every live closure by the ``id`` of its C++ function, for :func:`closure_of_cpp_function`.
+_LIVE_CLOSURES: weakref.WeakValueDictionary[int, ClosureBase] = weakref.WeakValueDictionary()
+
+
+def closure_of_cpp_function(function: typing.Any) -> ClosureBase | None:
+    """The closure whose C++ function is ``function`` (a compiled form's coefficient)."""
+    closure = _LIVE_CLOSURES.get(id(function))
+    return closure if closure is not None and closure._cpp_object is function else None
 
 
 class ClosureBase(fem.Function, WithOperands):
@@ -55,6 +67,8 @@ class ClosureBase(fem.Function, WithOperands):
             dtype: Scalar type of the values.
         """
         super().__init__(V, name=name, dtype=dtype)
+        # Compiled forms hold the C++ function only; the guard finds the closure from it.
+        _LIVE_CLOSURES[id(self._cpp_object)] = self
 
     def update(self, tangent: bool | None = None) -> None:
         """Evaluate the model at the current operands and store the values (collective)."""

@@ -16,8 +16,8 @@ naming the subclass to use instead. The guard
 
 * replaces the classes' ``__new__``, so it raises before the instance exists (DOLFINx's
   ``__del__`` would otherwise run on a half-built problem);
-* reads only the UFL forms, before any collective call; the verdict is the same on every
-  rank, so every rank raises;
+* reads only the forms (UFL forms, or the coefficients of compiled ``fem.Form``), before
+  any collective call; the verdict is the same on every rank, so every rank raises;
 * changes nothing for forms without closures, nor for classes that set the class attribute
   ``_mno_updates_closures = True`` (the :mod:`dolfinx_mno.petsc` subclasses, or a user's own
   subclass that updates the closures itself);
@@ -35,10 +35,11 @@ import typing
 from collections.abc import Callable
 
 import ufl
+from dolfinx import fem
 
-from dolfinx_mno.base import ClosureBase
+from dolfinx_mno.base import ClosureBase, closure_of_cpp_function
 
-__all__ = ["closures_in", "forms_in", "install_problem_guard"]
+__all__ = ["closures_in", "compiled_forms_in", "forms_in", "install_problem_guard"]
 
 # The DOLFINx classes guarded, and what to use instead.
 _FIXES = {
@@ -67,12 +68,22 @@ def forms_in(forms: typing.Any) -> list[ufl.Form]:
     return []
 
 
+def compiled_forms_in(forms: typing.Any) -> list[fem.Form]:
+    """The compiled forms (:class:`dolfinx.fem.Form`) of a form or (nested) list or tuple."""
+    if isinstance(forms, fem.Form):
+        return [forms]
+    if isinstance(forms, list | tuple):
+        return [form for item in forms for form in compiled_forms_in(item)]
+    return []
+
+
 def closures_in(forms: typing.Any) -> list[ClosureBase]:
     """The closures in a form or (nested) sequence of forms, each once, in a stable order.
 
     Args:
-        forms: A :class:`ufl.Form`, or a list or tuple (possibly nested) of forms, ``None``
-            and other objects; anything that is not a form is skipped.
+        forms: A :class:`ufl.Form` or a compiled :class:`dolfinx.fem.Form`, or a list or
+            tuple (possibly nested) of them, ``None`` and other objects; anything that is
+            not a form is skipped.
 
     Returns:
         The closures, ordered by their UFL count.
@@ -83,6 +94,11 @@ def closures_in(forms: typing.Any) -> list[ClosureBase]:
         for coefficient in form.coefficients()
         if isinstance(coefficient, ClosureBase)
     }
+    for compiled in compiled_forms_in(forms):
+        for function in compiled._cpp_object.coefficients:
+            closure = closure_of_cpp_function(function)
+            if closure is not None:
+                found[closure.count()] = closure
     return [found[count] for count in sorted(found)]
 
 

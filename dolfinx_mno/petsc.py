@@ -50,7 +50,7 @@ import ufl
 from dolfinx import fem
 
 from dolfinx_mno.base import ClosureBase
-from dolfinx_mno.closure import Closure, derivative, extract_closures
+from dolfinx_mno.closure import Closure, derivative
 from dolfinx_mno.guard import closures_in, forms_in
 from dolfinx_mno.quadrature import check_form
 
@@ -59,6 +59,22 @@ __all__ = ["LinearProblem", "NonlinearProblem", "check_jacobian"]
 
 def _collect(forms: Sequence[ufl.Form | None], closures: Sequence[ClosureBase] | None) -> list:
     return list(closures) if closures is not None else closures_in(forms)
+
+
+def _check_updated(in_forms: Sequence[ClosureBase], updated: Sequence[ClosureBase]) -> None:
+    """Raise if a closure of the forms is never updated by the solve and never was before.
+
+    Update counts are the same on every rank, so every rank raises, before any collective.
+    """
+    counts = {c.count() for c in updated}
+    stale = [c for c in in_forms if c.update_count == 0 and c.count() not in counts]
+    if stale:
+        raise RuntimeError(
+            f"Closure(s) {_names(stale)} have never been updated and are not in this "
+            "problem's closures, so the solve would assemble them without the model's "
+            "values. Call closure.update() first, or leave closures=None so that the "
+            "problem updates every closure of its forms."
+        )
 
 
 def _names(closures: Sequence[ClosureBase]) -> str:
@@ -161,9 +177,13 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
             J = derivative(F, u)
         elif not frozen_closures:
             check_jacobian(F, J, u)
+        preconditioner = kwargs.get("P")
         check_form(F)
         check_form(J)
-        closures_ = _collect([F, J], closures)
+        if preconditioner is not None:
+            check_form(preconditioner)
+        closures_ = _collect([F, J, preconditioner], closures)
+        self._form_closures = closures_in([F, J, preconditioner])
         self._ufl_forms = (F, J)
         self._bcs = list(bcs or [])
         PETSc.garbage_cleanup(u.function_space.mesh.comm)  # see the module notes
@@ -201,11 +221,15 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
         """Solve; returns ``u``. Check ``self.solver.getConvergedReason() > 0``.
 
         Raises:
+            RuntimeError: A closure of the forms is not among :attr:`closures` and has
+                never been updated (raised on every rank before any collective call;
+                nothing is changed).
             ClosureEvaluationError: Newton did not converge and a closure update had
                 failed on the way (raised on every rank; ``u`` holds the last iterate).
                 An update that fails at a trial point of the line search only shortens
                 the step.
         """
+        _check_updated(self._form_closures, self._callbacks.closures)
         self._callbacks.state_valid = False
         self._callbacks.error = None
         u = typing.cast(fem.Function, super().solve())
@@ -317,17 +341,20 @@ class LinearProblem(_fem_petsc.LinearProblem):
         **kwargs: typing.Any,
     ):
         """Set up the problem (collective); see the class docstring for the arguments."""
+        preconditioner = kwargs.get("P")
         check_form(a)
         check_form(L)
-        if reuse_matrix and extract_closures(a):
+        if preconditioner is not None:
+            check_form(preconditioner)
+        if reuse_matrix and closures_in([a, preconditioner]):
             raise ValueError(
-                "reuse_matrix=True needs a bilinear form without closures: closures in `a` "
-                "change at every solve."
+                "reuse_matrix=True needs bilinear forms without closures: closures in `a` "
+                "(or `P`) change at every solve."
             )
         if reuse_matrix and not isinstance(a, ufl.Form):
             raise ValueError("reuse_matrix=True supports a single bilinear form only.")
-        self._closures = _collect([a, L], closures)
-        self._form_closures = closures_in([a, L, kwargs.get("P")])
+        self._closures = _collect([a, L, preconditioner], closures)
+        self._form_closures = closures_in([a, L, preconditioner])
         self._reuse_matrix = reuse_matrix
         self._matrix_ready = False
         self._ufl_forms = (a, L)
@@ -346,17 +373,12 @@ class LinearProblem(_fem_petsc.LinearProblem):
 
     def _check_updated(self, update_closures: bool) -> None:
         """Raise if a closure that this solve would assemble has never been updated."""
-        updated = {c.count() for c in self._closures} if update_closures else set()
-        stale = [c for c in self._form_closures if c.update_count == 0 and c.count() not in updated]
+        if update_closures:
+            _check_updated(self._form_closures, self._closures)
+            return
+        stale = [c for c in self._form_closures if c.update_count == 0]
         if not stale:
             return
-        if update_closures:
-            raise RuntimeError(
-                f"Closure(s) {_names(stale)} have never been updated and are not in this "
-                "problem's closures, so the solve would assemble them without the model's "
-                "values. Call closure.update() first, or leave closures=None so that the "
-                "problem updates every closure of its forms."
-            )
         raise RuntimeError(
             f"Closure(s) {_names(stale)} have never been updated, so "
             "solve(update_closures=False) would assemble them without the model's values. "

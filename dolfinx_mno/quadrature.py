@@ -113,10 +113,17 @@ def check_form(form: ufl.Form | Iterable[ufl.Form]) -> None:
         form: A UFL form, or a (nested) sequence of forms.
 
     Raises:
+        TypeError: If a form is a compiled :class:`dolfinx.fem.Form`.
         ValueError: If an integral containing a closure is not a cell integral, has no
             quadrature degree (a plain ``dx``), asks for a quadrature degree or rule other
             than the closure's, or mixes closures of different quadrature degrees.
     """
+    if isinstance(form, fem.Form):
+        raise TypeError(
+            "Closure forms must be given as UFL forms (dolfinx_mno's problems compile them, "
+            "as dolfinx.fem.petsc's problems do): got a compiled dolfinx.fem.Form, whose "
+            "integrals cannot be checked. Pass the UFL form instead of fem.form(...)."
+        )
     if not isinstance(form, ufl.Form):
         for item in form:
             if item is not None:

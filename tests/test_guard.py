@@ -102,3 +102,18 @@ def test_guard_leaves_forms_without_closures_alone():
     uh = problem.solve()
     values = np.abs(uh.x.array - 3.0)  # the L2 projection of a constant
     assert MPI.COMM_WORLD.allreduce(np.max(values, initial=0.0), op=MPI.MAX) < 1e-12
+
+
+@pytest.mark.mpi
+def test_compiled_forms_with_closures_are_refused_too():
+    """A compiled ``fem.form`` holds only the C++ function: the guard finds the closure
+    from it (it used to let DOLFINx's problem assemble the closure frozen), and the
+    dolfinx_mno problems say that they take UFL forms."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 1, 1)  # 3 ranks: one owns no cell
+    u, _, a, L = _closure_forms(msh)
+    with pytest.raises(TypeError, match=r"^dolfinx.fem.petsc.LinearProblem does not update"):
+        dolfinx.fem.petsc.LinearProblem(
+            fem.form(a), fem.form(L), u=u, petsc_options_prefix="compiled_"
+        )
+    with pytest.raises(TypeError, match=r"^Closure forms must be given as UFL forms"):
+        LinearProblem(a, fem.form(L), u=u, petsc_options_prefix="compiled_ours_")

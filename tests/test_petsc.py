@@ -388,3 +388,50 @@ def test_dropped_problems_are_freed():
     del nonlinear, linear
     gc.collect()
     assert [r() for r in references] == [None, None]
+
+
+@pytest.mark.mpi
+def test_closures_in_the_preconditioner_form_are_checked_and_updated():
+    """``P=`` forms: their closures are checked (closure.dx) and updated like ``a``'s."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 1, 1)  # 3 ranks: one owns no cell
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    u_n, uh = fem.Function(V), fem.Function(V)
+    u_n.x.array[:] = 1.0
+    w, v = ufl.TrialFunction(V), ufl.TestFunction(V)
+    k = mno.Closure(Cubic().double(), [u_n], quadrature_degree=2, name="k")
+    a, L = w * v * ufl.dx, u_n * v * ufl.dx
+    with pytest.raises(ValueError, match=r"^Closure\(s\) 'k' \(degree 2\) are integrated with"):
+        LinearProblem(a, L, P=(1 + k) * w * v * ufl.dx, petsc_options_prefix="p_dx_")
+    # GMRES on a, preconditioned by LU of P = (1 + u³) a = 2 a: converges to a⁻¹ L.
+    krylov = {"ksp_type": "gmres", "pc_type": "lu", "ksp_rtol": 1e-14, "ksp_atol": 0.0}
+    problem = LinearProblem(
+        a, L, P=(1 + k) * w * v * k.dx, u=uh, petsc_options=krylov, petsc_options_prefix="p_"
+    )
+    assert problem.closures == [k]
+    problem.solve()
+    problem.solve()
+    assert k.update_count == 2
+    err = np.max(np.abs(uh.x.array - 1.0), initial=0.0)
+    assert MPI.COMM_WORLD.allreduce(err, op=MPI.MAX) < 1e-12
+    with pytest.raises(ValueError, match="without closures"):
+        LinearProblem(a, L, P=(1 + k) * w * v * k.dx, reuse_matrix=True, petsc_options_prefix="r_")
+
+
+@pytest.mark.mpi
+def test_newton_refuses_closures_never_updated(tiny_square):
+    """As the linear problem does: a closure left out of ``closures=`` and never updated
+    raises on every rank before the solve (it used to give a NaN residual, reason -4)."""
+    V = fem.functionspace(tiny_square, ("Lagrange", 1))
+    u = fem.Function(V)
+    v = ufl.TestFunction(V)
+    c = mno.Closure(Cubic().double(), [u], quadrature_degree=2, name="c")
+    F = (u - 1.0) * v * ufl.dx + 1e-3 * c * v * c.dx
+    problem = NonlinearProblem(F, u, closures=[], petsc_options=DIRECT, petsc_options_prefix="nu_")
+    with pytest.raises(RuntimeError, match=r"^Closure\(s\) 'c' have never been updated and are"):
+        problem.solve()
+    assert c.update_count == 0
+    c.update()
+    problem.solve()  # the closure frozen at u = 0 (Picard by hand): u = 1
+    assert problem.solver.getConvergedReason() > 0
+    err = np.max(np.abs(u.x.array - 1.0), initial=0.0)
+    assert MPI.COMM_WORLD.allreduce(err, op=MPI.MAX) < 1e-10
