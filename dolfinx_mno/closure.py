@@ -437,10 +437,18 @@ class Closure(ClosureBase):
         if not bad.any():
             return None
         what = "values or tangents" if with_tangent else "values"
-        return (
+        reason = (
             f"the model returned NaN/Inf {what} at {int(bad.sum())} of {outputs.shape[0]} "
             "quadrature points"
         )
+        # Garbage in, garbage out: say so when the operands were not finite there either.
+        inputs = np.asarray(self._evaluator.inputs)[bad]
+        if (bad_inputs := int((~np.isfinite(inputs).all(axis=1)).sum())) > 0:
+            reason += (
+                f", and its inputs, the operands, were already NaN/Inf at {bad_inputs} of "
+                "them (the state the closure reads is not finite)"
+            )
+        return reason
 
     def linearization(
         self, coefficient: fem.Function, argument: ufl.Argument

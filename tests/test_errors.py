@@ -532,3 +532,29 @@ def test_a_nonlocal_closure_refuses_a_moved_mesh(tiny_square, distributed):
     geometry[:] = saved
     closure.update()
     np.testing.assert_array_equal(closure.x.array, before)
+
+
+@pytest.mark.mpi
+def test_non_finite_operands_are_named_as_the_cause(setup):
+    """NaN in the state reaches the model through its operands: the error says so."""
+    msh, _, u = setup
+    closure = mno.Closure(mlp(1, 1), [u], quadrature_degree=1)
+    closure.update()
+    before = closure.x.array.copy()
+    comm = msh.comm
+    if comm.rank == 0 and u.x.index_map.size_local > 0:
+        u.x.array[0] = np.nan
+    u.x.scatter_forward()
+    inputs = closure._evaluator.inputs
+    with pytest.raises(mno.ClosureEvaluationError) as info:
+        closure.update()
+    bad = int(np.sum(~np.isfinite(inputs[:, 0])))  # refreshed by the failed update
+    counts = comm.allgather(bad)
+    first = next(rank for rank, n in enumerate(counts) if n)
+    assert (
+        f"on rank {first}: the model returned NaN/Inf values at {counts[first]} of "
+        f"{comm.allgather(len(inputs))[first]} quadrature points, and its inputs, the operands, "
+        f"were already NaN/Inf at {counts[first]} of them (the state the closure reads is not "
+        "finite). The previous closure values were kept."
+    ) in str(info.value)
+    np.testing.assert_array_equal(closure.x.array, before)
