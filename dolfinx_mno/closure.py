@@ -32,7 +32,7 @@ import torch
 import ufl
 from dolfinx import fem
 from dolfinx.mesh import Mesh
-from ufl.algorithms import expand_derivatives
+from ufl.algorithms import expand_derivatives, extract_coefficients
 from ufl.constantvalue import Zero
 
 from dolfinx_mno._mpi import agree, describe, rank_local
@@ -47,6 +47,25 @@ from dolfinx_mno.torch_bridge import (
 )
 
 __all__ = ["Closure", "ClosureEvaluationError", "derivative", "extract_closures"]
+
+
+def _check_quadrature_operands(operands: Operands, degree: int) -> None:
+    """Refuse operands on quadrature points of another degree (a closure, its tangent).
+
+    Such a function has values at its own quadrature points only; DOLFINx would refuse
+    it with "Mismatch of tabulation points and element points", naming neither.
+    """
+    for name, expression in zip(operands.names, operands.expressions, strict=True):
+        for coefficient in extract_coefficients(expression):
+            own = getattr(coefficient, "_mno_quadrature_degree", None)
+            if own is not None and own != degree:
+                raise ValueError(
+                    f"Operand '{name}' reads '{coefficient.name}', which holds values at the "
+                    f"points of a degree-{own} quadrature rule only, but this closure "
+                    f"evaluates its operands at the points of degree {degree}. Give the "
+                    f"closure quadrature_degree={own}, or project '{coefficient.name}' onto "
+                    "a finite-element space first."
+                )
 
 
 class ClosureEvaluationError(RuntimeError):
@@ -160,6 +179,7 @@ class Closure(ClosureBase):
             num_cells = mesh.topology.index_map(tdim).size_local
             points = quadrature_points(mesh, int(quadrature_degree))
             num_points = num_cells * points.shape[0]
+            _check_quadrature_operands(operands, int(quadrature_degree))
 
             # Probe the model where it is now, on two points (a rank without cells too).
             probe_device = model_device(model) or torch.device("cpu")

@@ -558,3 +558,26 @@ def test_non_finite_operands_are_named_as_the_cause(setup):
         "finite). The previous closure values were kept."
     ) in str(info.value)
     np.testing.assert_array_equal(closure.x.array, before)
+
+
+@pytest.mark.mpi
+def test_a_closure_read_at_another_quadrature_degree_is_refused(setup):
+    """One closure as another's operand: only at its own points (same degree it works)."""
+    _, _, u = setup
+    first = mno.Closure(mlp(1, 1), [u], quadrature_degree=2, name="first")
+    first.update()
+    message = (
+        "Operand 'first' reads 'first', which holds values at the points of a degree-2 "
+        "quadrature rule only, but this closure evaluates its operands at the points of "
+        "degree 1. Give the closure quadrature_degree=2, or project 'first' onto a "
+        "finite-element space first."
+    )
+    with pytest.raises(ValueError) as info:
+        mno.Closure(mlp(1, 1), [first], quadrature_degree=1)
+    assert str(info.value) == message
+    second = mno.Closure(mlp(1, 1), [2.0 * first], quadrature_degree=2)
+    second.update()
+    model = second.model
+    with torch.no_grad():
+        expected = model(torch.from_numpy(2.0 * first.x.array.reshape(-1, 1))).numpy()
+    np.testing.assert_allclose(second.x.array, expected.reshape(-1), rtol=1e-14, atol=1e-14)
