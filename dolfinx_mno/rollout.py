@@ -81,6 +81,7 @@ from dolfinx_mno.step_adjoint import (
     owned_size,
 )
 from dolfinx_mno.timestepping import IMEXStepper, ImplicitStepper
+from dolfinx_mno.torch_bridge import training_mode_error
 
 __all__ = ["Rollout", "RolloutGradient", "allreduce_gradients", "rollout_loss"]
 
@@ -360,9 +361,13 @@ class Rollout:
         """
         with rank_local(self.comm, "Starting the rollout"):
             self._check_state(u0, "u0")
-            if not isinstance(num_steps, int) or num_steps < 1:
+            if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
                 raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}.")
             levels = [u0, *self._check_older(older)]
+            for closure in self.closures:
+                if (reason := training_mode_error(closure.model)) is not None:
+                    raise RuntimeError(f"Closure '{closure.name}': {reason}.")
+        _same_on_every_rank(self.comm, "Starting the rollout", num_steps=num_steps)
         self._t0 = self.stepper.t
         segment = self.checkpoint_every or num_steps
         checkpointed = self.checkpoint_every is not None and torch.is_grad_enabled()
@@ -513,6 +518,8 @@ class Rollout:
                     f"target_interval must be a positive integer, got {target_interval!r}."
                 )
             horizon = len(targets) * interval if num_steps is None else num_steps
+            if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+                raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}.")
             if horizon % interval:
                 raise ValueError(
                     f"The horizon of {horizon} steps is not a multiple of target_interval = "
@@ -530,6 +537,16 @@ class Rollout:
             parameters = [self._parameters(closure) for closure in chosen]
             if not chosen and not initial_state:
                 raise ValueError("Nothing to differentiate: give closures or initial_state=True.")
+        # Each rank's arguments are checked above on their own; a horizon or a set of
+        # inputs that differs between ranks would leave them in different collectives.
+        _same_on_every_rank(
+            self.comm,
+            "Preparing the rollout gradient",
+            num_steps=horizon,
+            target_interval=interval,
+            closures=[closure.name for closure in chosen],
+            initial_state=bool(initial_state),
+        )
         start = u0.detach().clone().requires_grad_(initial_state)
         # A rank-local stage of the backward pass (a model's VJP) that raises on some ranks
         # only is agreed on at the others' next collective stage (_mpi.collective_stages).
@@ -570,6 +587,27 @@ class Rollout:
                 "respect to the initial state only)."
             )
         return parameters
+
+
+def _same_on_every_rank(comm: MPI.Comm, what: str, **values: typing.Any) -> None:
+    """Raise the same ``ValueError`` on every rank if ``values`` differ between ranks.
+
+    Collective (one ``allgather``; nothing on one rank).
+    """
+    if comm.size == 1:
+        return
+    gathered = comm.allgather(values)
+    differing = [name for name in values if any(v[name] != gathered[0][name] for v in gathered)]
+    if differing:
+        shown = "; ".join(
+            f"{name}: {[v[name] for v in gathered]} on ranks 0..{comm.size - 1}"
+            for name in differing
+        )
+        raise ValueError(
+            f"{what}: every rank must pass the same arguments, but they differ ({shown}). "
+            "Give each rank the same number of steps and targets (each rank's targets hold "
+            "its own owned dofs)."
+        )
 
 
 class _CheckpointedSegment(torch.autograd.Function):

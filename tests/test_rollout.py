@@ -702,3 +702,41 @@ def test_rollouts_run_the_numpy_tanh_the_updates_chose(case, gemm, monkeypatch, 
         assert_same_gradient(group, expected, rtol=1e-12)
     difference = float((with_numpy.initial_state - with_torch.initial_state).norm())
     assert difference <= 1e-12 * float(with_torch.initial_state.norm())
+
+
+@pytest.mark.mpi
+def test_arguments_that_differ_between_ranks_raise_instead_of_hanging(tiny_square):
+    """Each rank checks its own arguments; a horizon (or a set of inputs) that differs
+    between ranks used to leave the ranks in different collectives. Also a model put
+    back in training mode (dropout: a random gradient) is refused as update() refuses it.
+    """
+    stepper, (closure,) = heat(tiny_square, 1, ("scalar",), prefix="ranks_differ_")
+    rollout = Rollout(stepper)
+    comm = tiny_square.comm
+    u0, data = rollout.initial_state(), targets(rollout, 3)
+    before = flat_gradient(rollout.gradient(u0, data))
+    if comm.size > 1:
+        mine = data[: 3 if comm.rank == 0 else 2]
+        counts = [3] + [2] * (comm.size - 1)
+        _raises(
+            ValueError,
+            "Preparing the rollout gradient: every rank must pass the same arguments, but "
+            f"they differ (num_steps: {counts} on ranks 0..{comm.size - 1}). Give each rank "
+            "the same number of steps and targets (each rank's targets hold its own owned "
+            "dofs).",
+            lambda: rollout.gradient(u0, mine),
+        )
+        with pytest.raises(ValueError, match=r"\(initial_state: \[True, False"):
+            rollout.gradient(u0, data, initial_state=comm.rank == 0)
+        with pytest.raises(ValueError, match=r"^Starting the rollout: every rank must pass"):
+            rollout.run(u0, 2 + comm.rank)
+    _raises(
+        ValueError,
+        "num_steps must be a positive integer, got 2.0.",
+        lambda: rollout.gradient(u0, data, num_steps=2.0),
+    )
+    closure.model.train()
+    with pytest.raises(RuntimeError, match=r"Closure 'scalar': the model is in training mode"):
+        rollout.gradient(u0, data)
+    closure.model.eval()
+    np.testing.assert_array_equal(flat_gradient(rollout.gradient(u0, data)), before)
