@@ -38,6 +38,7 @@ import numpy as np
 import ufl
 from dolfinx import fem, io
 
+from dolfinx_mno._mpi import agree
 from dolfinx_mno.quadrature import operand_components
 
 __all__ = ["ClosureWriter", "QuadratureAverage", "cell_average", "is_quadrature_space"]
@@ -252,6 +253,8 @@ class ClosureWriter:
         ]
         self._path = path
         self._closed = False
+        self._comm = comm
+        self._last_time: float | None = None
         self._vtx: typing.Any = None
         self._xdmf: io.XDMFFile | None = None
         if path.suffix == ".bp":
@@ -279,17 +282,33 @@ class ClosureWriter:
 
         Raises:
             RuntimeError: If the writer was closed.
+            ValueError: If ``t`` is not finite, or, for XDMF, not later than the last
+                written time (XDMF keeps one data set per time value: a second write at
+                the same time would overwrite the first's data). On every rank, before
+                anything is written.
         """
         if self._closed:
             raise RuntimeError(f"The writer of '{self._path}' is closed; open a new one.")
+        time = float(t)
+        reason = None
+        if not np.isfinite(time):
+            reason = f"the time must be finite, got {t!r}"
+        elif self._xdmf is not None and self._last_time is not None and time <= self._last_time:
+            reason = (
+                f"the time {time:g} is not later than the last written time "
+                f"{self._last_time:g}; XDMF keeps one data set per time value, so this write "
+                "would overwrite the earlier one's data"
+            )
+        agree(self._comm, reason, f"Writing '{self._path.name}'", ValueError)
+        self._last_time = time
         for average in self._averages:
             average.update()
         if self._vtx is not None:
-            self._vtx.write(float(t))
+            self._vtx.write(time)
         else:
             assert self._xdmf is not None
             for function in self._outputs:
-                self._xdmf.write_function(function, float(t))
+                self._xdmf.write_function(function, time)
 
     def close(self) -> None:
         """Close the file (collective); later calls do nothing."""

@@ -375,3 +375,33 @@ def test_errors(shared_dir):
     writer.close()  # a second close does nothing
     with pytest.raises(RuntimeError, match="is closed; open a new one"):
         writer.write(0.0)
+
+
+@pytest.mark.mpi
+def test_xdmf_refuses_a_time_that_does_not_increase(shared_dir):
+    """XDMF keeps one data set per time: a second write at t = 0 used to overwrite the
+    first's data silently. Refused on every rank (also one without cells), file intact."""
+    msh = mesh.create_unit_square(COMM, 1, 1)  # 3 ranks: one owns no cell
+    fields = ClosureFields(msh, ())
+    path = shared_dir / "same_time.xdmf"
+    with mno.ClosureWriter(COMM, path, [fields.closure]) as writer:
+        fields.set_scale(1.0)
+        writer.write(0.0)
+        fields.set_scale(-3.0)
+        for t in (0.0, -1.0):
+            with pytest.raises(ValueError, match=r"the time .* is not later than the last"):
+                writer.write(t)
+        with pytest.raises(ValueError, match=r"the time must be finite, got nan"):
+            writer.write(float("nan"))
+        writer.write(0.5)
+
+    def check():
+        attributes = _read_xdmf(path)
+        assert [t for t, _, _ in attributes["closure"]] == [0.0, 0.5]
+        with h5py.File(path.with_suffix(".h5"), "r") as h5:
+            first = h5[attributes["closure"][0][1]][...]
+            second = h5[attributes["closure"][1][1]][...]
+        np.testing.assert_allclose(second, -3.0 * first, rtol=1e-12)
+        assert np.abs(first).max() > 0
+
+    _on_root(check)
