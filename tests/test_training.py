@@ -834,3 +834,148 @@ def test_fit_on_a_gridded_data_reader_equals_fit_on_arrays(shared_dir):
     assert max_difference(weights(from_file.model), weights(from_arrays.model)) == 0.0
     assert from_file.history.val_loss == from_arrays.history.val_loss
     assert from_file.history.val_loss[-1] < 0.5 * from_file.history.val_loss[0]
+
+
+class OneRankFails(torch.nn.Module):
+    """An MLP that raises on rank 1 (or 0 alone) once ``armed``: a model failing on one
+    rank's chunk only, as batch norm does on a one-row chunk."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = MLP(2, 1, [8], seed=0)
+        self.armed = False
+
+    def forward(self, x):
+        if self.armed and MPI.COMM_WORLD.rank == min(1, MPI.COMM_WORLD.size - 1):
+            raise ValueError("bad chunk")
+        return self.net(x)
+
+
+@pytest.mark.mpi
+def test_a_failure_on_one_rank_inside_the_epochs_raises_on_every_rank(shared_dir):
+    """A callback or a model that raises on one rank used to leave the others waiting in
+    the next collective; a checkpoint folder only rank 0 could not create, too."""
+    comm = MPI.COMM_WORLD
+    x, y = known_function(64)
+    x, y = shard(x, comm), shard(y, comm)
+    settings = dict(epochs=4, batch_size=16, chunk_size=8, progress=False)
+    failing = min(1, comm.size - 1)
+
+    def callback(epoch, history):
+        if epoch == 1 and comm.rank == failing:
+            raise Interrupt("stop here")
+
+    with pytest.raises(Exception, match=r"stop here") as info:
+        fit(MLP(2, 1, [8], seed=0), x, y, callback=callback, **settings)
+    assert info.type is Interrupt or f"failed on rank(s) [{failing}]" in str(info.value)
+    model = OneRankFails()
+
+    def arm(epoch, history):
+        model.armed = True
+
+    with pytest.raises(ValueError, match=r"bad chunk"):  # the rank's own, or agreed on
+        fit(model, x, y, callback=arm, **settings)
+    model.armed = False
+    blocker = shared_dir / "a_file"
+    if comm.rank == 0:
+        blocker.write_text("not a folder")
+    comm.Barrier()
+    with pytest.raises(FileExistsError, match="a_file"):
+        fit(MLP(2, 1, [8], seed=0), x, y, checkpoint_dir=blocker, **settings)
+    with pytest.raises(ValueError, match=r"The model \(Identity\) has no trainable parameters"):
+        fit(torch.nn.Identity(), x, np.stack([y, y], axis=1), **settings)
+
+
+class Plain(torch.nn.Module):
+    """An unregistered architecture: it cannot be written to a model file."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def one_group(params):
+    """Adam, as the default but injected."""
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+def two_groups(params):
+    """The same Adam with the weights and the biases in two parameter groups."""
+    params = list(params)
+    return torch.optim.Adam([{"params": params[::2]}, {"params": params[1::2]}], lr=1e-3)
+
+
+@pytest.mark.mpi
+def test_a_resume_that_does_not_fit_changes_nothing(shared_dir):
+    """Another architecture, another optimiser layout, other data (without the statistics
+    that would tell): refused, the model as it was. A damaged newest pair falls back to
+    an intact older one, and an unregistered model is refused before any epoch."""
+    comm = MPI.COMM_WORLD
+    x, y = known_function(96)
+    x, y = shard(x, comm), shard(y, comm)
+    settings = dict(epochs=4, batch_size=16, chunk_size=8, progress=False, checkpoint_every=2)
+    folder = shared_dir / "run"
+    fit(MLP(2, 1, [8], seed=0), x, y, checkpoint_dir=folder, **settings)
+
+    def refused(model, match, **options):
+        before = weights(model)
+        with pytest.raises(ValueError, match=match):
+            fit(model, x, y, checkpoint_dir=folder, resume=True, **{**settings, **options})
+        assert max_difference(weights(model), before) == 0.0
+
+    refused(MLP(2, 1, [8], activation="relu", seed=0), r"holds another model")
+    folder = shared_dir / "injected"
+    fit(MLP(2, 1, [8], seed=0), x, y, checkpoint_dir=folder, optimizer=one_group, **settings)
+    refused(MLP(2, 1, [8], seed=3), r"does not fit this model, optimiser.*nothing was changed",
+            optimizer=two_groups)  # fmt: skip
+    raw = shared_dir / "raw"
+    fit(MLP(2, 1, [8], seed=0), x, y, checkpoint_dir=raw, normalize=False, **settings)
+    before = MLP(2, 1, [8], seed=0)
+    with pytest.raises(ValueError, match=r"other data or settings \(data_checksum: "):
+        fit(before, 2 * x, y, checkpoint_dir=raw, resume=True, normalize=False, **settings)
+    # The same data on this number of ranks resumes (the checksum is rank-invariant).
+    again = fit(MLP(2, 1, [8], seed=5), x, y, checkpoint_dir=raw, resume=True, normalize=False,
+                **{**settings, "epochs": 6})  # fmt: skip
+    assert again.history.resumed_from == 4
+    # Pairs after 2 and 4 epochs, the newest model file damaged: resume from 2.
+    kept = shared_dir / "kept"
+    fit(MLP(2, 1, [8], seed=0), x, y, checkpoint_dir=kept,
+        callback=lambda e, h: None, **{**settings, "checkpoint_every": 2})  # fmt: skip
+    comm.Barrier()
+    if comm.rank == 0:
+        newest = kept / "checkpoint-000004.model.pt"
+        older_model, older_state = (kept / f"checkpoint-000002.{k}.pt" for k in ("model", "state"))
+        shutil.copy(newest, older_model)  # re-create an older pair from the newest
+        state = torch.load(kept / "checkpoint-000004.state.pt", weights_only=True)
+        state["epochs_done"] = 2
+        torch.save(state, older_state)
+        newest.write_bytes(newest.read_bytes()[:100])
+    comm.Barrier()
+    resumed = fit(MLP(2, 1, [8], seed=0), x, y, checkpoint_dir=kept, resume=True, **settings)
+    assert resumed.history.resumed_from == 2
+    epochs = []
+    with pytest.raises(ValueError, match=r"No registered architecture describes a Plain"):
+        fit(Plain(), x, y[:, None], checkpoint_dir=shared_dir / "plain",
+            callback=lambda e, h: epochs.append(e), **settings)  # fmt: skip
+    assert epochs == []
+
+
+@pytest.mark.mpi
+def test_the_data_checksum_does_not_depend_on_the_ranks():
+    from dolfinx_mno.training.samples import data_checksum
+
+    comm = MPI.COMM_WORLD
+    x, y = known_function(1000)
+    y = y[:, None]
+    whole = data_checksum(x, y, 0, MPI.COMM_SELF, chunk=64)
+    mine_x, mine_y = shard(x, comm), shard(y, comm)
+    offset = comm.exscan(len(mine_x)) or 0
+    assert data_checksum(mine_x, mine_y, offset, comm, chunk=37) == whole
+    changed = x.copy()
+    changed[500, 1] = np.nextafter(changed[500, 1], 2.0)  # one bit of one value
+    assert data_checksum(changed, y, 0, MPI.COMM_SELF) != whole
+    swapped = x[[1, 0, *range(2, 1000)]]  # two rows swapped
+    assert data_checksum(swapped, y[[1, 0, *range(2, 1000)]], 0, MPI.COMM_SELF) != whole

@@ -24,12 +24,16 @@ stored in the checkpoint model files). With ``checkpoint_dir`` the model's archi
 must be registered (:func:`dolfinx_mno.io.register_architecture`; checked before
 training), since a checkpoint is a model file. A run resumes only with the data and the settings
 of the interrupted one (injected optimisers and schedules compared by class and
-configuration); only ``epochs``, ``checkpoint_every``, ``metadata``, ``spec``,
-``progress`` and ``callback`` may change. Anything else is refused, naming what differs.
+configuration, the architecture as the model file records it but for its ``seed``);
+only ``epochs``, ``checkpoint_every``, ``metadata``, ``spec``, ``progress`` and
+``callback`` may change. Anything else is refused, naming what differs, before anything
+is loaded; a state that still fails to load leaves the model, optimiser and schedule as
+they were.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -43,7 +47,13 @@ from mpi4py import MPI
 import torch
 
 from dolfinx_mno._mpi import agree, on_root
-from dolfinx_mno.io import atomic_torch_save, read_model_file, read_torch_file
+from dolfinx_mno.io import (
+    ModelFileError,
+    architecture_config,
+    atomic_torch_save,
+    read_model_file,
+    read_torch_file,
+)
 from dolfinx_mno.io import save_model as save_model_file
 from dolfinx_mno.training.optim import Scheduler
 from dolfinx_mno.training.state import TrainingHistory, TrainingState
@@ -54,6 +64,23 @@ __all__ = ["STATE_FORMAT", "STATE_FORMAT_VERSION", "Checkpoints"]
 STATE_FORMAT = "dolfinx_mno.training_state"
 STATE_FORMAT_VERSION = 1
 _CHECKPOINT = re.compile(r"^checkpoint-(\d{6,})\.state\.pt$")
+
+
+def _as_json(value: Any) -> Any:
+    """An architecture as JSON gives it back (tuples become lists), without its ``seed``s.
+
+    A seed sets the initial weights only, which a resume replaces: a run resumed with a
+    model built from another seed is the same architecture.
+    """
+
+    def without_seeds(item: Any) -> Any:
+        if isinstance(item, dict):
+            return {k: without_seeds(v) for k, v in item.items() if k != "seed"}
+        if isinstance(item, list):
+            return [without_seeds(v) for v in item]
+        return item
+
+    return without_seeds(json.loads(json.dumps(value, sort_keys=True)))
 
 
 def _paths(directory: Path, epochs_done: int) -> tuple[Path, Path]:
@@ -70,7 +97,8 @@ def latest_checkpoint(directory: Path) -> int | None:
     """Epochs done of the newest complete (model, state) pair in ``directory``, or ``None``.
 
     A pair is complete when the model file's digest is the one the state recorded; a
-    model file written just before an interruption, without its state, is skipped.
+    model file written just before an interruption, without its state, is skipped, and so
+    is a pair whose model file is missing or damaged.
 
     Raises:
         ModelFileError: A state file that cannot be read.
@@ -84,7 +112,11 @@ def latest_checkpoint(directory: Path) -> int | None:
     for epochs_done in found:
         model_path, state_path = _paths(directory, epochs_done)
         state = _load_state(state_path)
-        if model_path.is_file() and read_model_file(model_path).sha256 == state["model_sha256"]:
+        try:
+            digest = read_model_file(model_path).sha256
+        except (ModelFileError, OSError):  # damaged or missing: not a complete pair
+            continue
+        if digest == state["model_sha256"]:
             return epochs_done
     return None
 
@@ -114,8 +146,11 @@ class Checkpoints:
         self.settings = dict(settings)
         self.metadata = dict(metadata or {})
         self.comm = comm
-        if comm.rank == 0:
-            self.directory.mkdir(parents=True, exist_ok=True)
+        on_root(
+            comm,
+            lambda: self.directory.mkdir(parents=True, exist_ok=True),
+            f"Creating the checkpoint folder {os.fspath(self.directory)!r}",
+        )
 
     @classmethod
     def from_options(
@@ -237,7 +272,15 @@ class Checkpoints:
                 f"settings ({differ}); resume with the same ones, or start afresh in "
                 "another folder."
             )
-        weights = read_model_file(model_path).state_dict
+        saved_model = read_model_file(model_path)
+        architecture = architecture_config(model)
+        if _as_json(saved_model.architecture) != _as_json(architecture):
+            raise ValueError(
+                f"The checkpoint {os.fspath(model_path)!r} holds another model: "
+                f"{saved_model.architecture} then, {architecture} now. Resume with the same "
+                "architecture, or start afresh in another folder."
+            )
+        weights = saved_model.state_dict
         current = model.state_dict()
         statistics = [k for k in current if "_normalization." in k and k in weights]
         if any(not torch.equal(weights[k], current[k].cpu()) for k in statistics):
@@ -246,8 +289,24 @@ class Checkpoints:
                 "statistics of the training split differ. Resume with the same data, or "
                 "start afresh in another folder."
             )
-        model.load_state_dict(weights)
-        optimizer.load_state_dict(contents["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(contents["scheduler"])
+        # torch copies what fits before it reports what does not: keep the objects as they
+        # were if any part fails to load.
+        model_before = {k: v.detach().clone() for k, v in current.items()}
+        optimizer_before = copy.deepcopy(optimizer.state_dict())
+        scheduler_before = None if scheduler is None else copy.deepcopy(scheduler.state_dict())
+        try:
+            model.load_state_dict(weights)
+            optimizer.load_state_dict(contents["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(contents["scheduler"])
+        except (ValueError, RuntimeError, KeyError) as err:
+            model.load_state_dict(model_before)
+            optimizer.load_state_dict(optimizer_before)
+            if scheduler is not None and scheduler_before is not None:
+                scheduler.load_state_dict(scheduler_before)
+            raise ValueError(
+                f"The checkpoint {os.fspath(state_path)!r} does not fit this model, optimiser "
+                f"or schedule ({type(err).__name__}: {err}); nothing was changed. Resume "
+                "with the same ones, or start afresh in another folder."
+            ) from err
         return contents

@@ -12,7 +12,7 @@ from mpi4py import MPI
 import numpy.typing as npt
 import torch
 
-from dolfinx_mno.io import _check_json
+from dolfinx_mno.io import _check_json, architecture_config
 from dolfinx_mno.spec import ClosureSpec, metadata_with_spec
 from dolfinx_mno.training import optim
 from dolfinx_mno.training.checkpoint import Checkpoints
@@ -22,6 +22,7 @@ from dolfinx_mno.training.samples import (
     LocalSamples,
     SampleLayout,
     agree_on_samples,
+    data_checksum,
     groups_digest,
     prepare_rows,
     split_samples,
@@ -116,6 +117,13 @@ class _Run:
             comm=options["comm"],
         )
         params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(
+                f"The model ({type(model).__name__}) has no trainable parameters (none "
+                "requires grad): there is nothing to fit."
+            )
+        if options["checkpoint_dir"] is not None:
+            architecture_config(model)  # a checkpoint is a model file: it must be savable
         built = optim.build_from_options(params, options, settings)
         return cls(settings, samples, *built, metadata=metadata)
 
@@ -130,6 +138,13 @@ class _Run:
         settings, samples = self.settings, self.samples
         if layout.groups is not None:
             settings["groups_sha256"] = groups_digest(layout.groups)
+        normalize_targets = settings.get("normalize_targets", settings["normalize"])
+        if options["checkpoint_dir"] is not None and not (
+            settings["normalize"] and normalize_targets
+        ):
+            # Without both statistics (checked on resume) other data could resume silently.
+            offset = int(layout.offsets[comm.rank])
+            settings["data_checksum"] = data_checksum(samples.x, samples.y, offset, comm)
         split = split_samples(
             layout.num_samples, settings["validation_fraction"], settings["seed"], layout.groups
         )

@@ -29,6 +29,7 @@ import numpy.typing as npt
 import torch
 from tqdm.auto import tqdm
 
+from dolfinx_mno._mpi import rank_local
 from dolfinx_mno.torch_bridge import model_device, model_dtype
 from dolfinx_mno.training.checkpoint import Checkpoints
 from dolfinx_mno.training.optim import Scheduler, step_scheduler
@@ -165,7 +166,10 @@ class EpochLoop:
                     lr=f"{history.learning_rate[-1]:.1e}",
                 )
                 if self.callback is not None:
-                    self.callback(epoch, history)
+                    # A callback that raises on some ranks only must not leave the others
+                    # in the next epoch's collectives.
+                    with rank_local(self.comm, f"The callback after epoch {epoch}"):
+                        self.callback(epoch, history)
         finally:
             bar.close()
         self.model.load_state_dict(state.best_state)
@@ -331,13 +335,16 @@ class Trainer(EpochLoop):
         mine = plan[self.comm.rank]
         buffer = self.gradients.buffer(len(mine))
         row = 0
-        for i, (a, b) in enumerate(mine):
-            chunk = rows[row : row + b - a]
-            row += b - a
-            self.optimizer.zero_grad(set_to_none=True)
-            squared = self._squared_error(chunk)
-            (squared / (batch_size * self.rows.num_outputs)).backward()
-            self.gradients.record(buffer[i], squared.item())
+        # The model runs on this rank's chunks only: agree before the gradients' sum, so
+        # that a model raising on one rank (batch norm on a one-row chunk) raises on all.
+        with rank_local(self.comm, "Training on a minibatch"):
+            for i, (a, b) in enumerate(mine):
+                chunk = rows[row : row + b - a]
+                row += b - a
+                self.optimizer.zero_grad(set_to_none=True)
+                squared = self._squared_error(chunk)
+                (squared / (batch_size * self.rows.num_outputs)).backward()
+                self.gradients.record(buffer[i], squared.item())
         losses = self.gradients.sum(buffer, [len(c) for c in plan], self.comm)
         self.optimizer.step()
         return losses
@@ -347,7 +354,7 @@ class Trainer(EpochLoop):
         self.network.eval()
         mine = self.val_chunks[self.comm.rank]
         sums = np.zeros((len(mine), 1))
-        with torch.no_grad():
+        with torch.no_grad(), rank_local(self.comm, "Validating"):
             row = 0
             for i, (a, b) in enumerate(mine):
                 sums[i, 0] = self._squared_error(self.val_rows[row : row + b - a]).item()

@@ -271,6 +271,40 @@ def groups_digest(groups: npt.NDArray[np.int64]) -> str:
     return hashlib.sha256(groups.astype("<i8").tobytes()).hexdigest()
 
 
+def data_checksum(
+    inputs: npt.NDArray, targets: npt.NDArray, offset: int, comm: MPI.Comm, chunk: int = 65536
+) -> str:
+    """A checksum of the global samples, the same on any number of ranks (collective).
+
+    Each row (its inputs and targets as float64 bits) is hashed with fixed odd weights and
+    weighted by its global index; the sum over all rows is taken modulo 2⁶⁴, which is
+    exact and independent of how the rows are spread over ranks. Not cryptographic: it
+    tells other data from the data of a checkpoint (a setting of a run without the
+    training statistics, which would tell them apart otherwise).
+
+    Args:
+        inputs: This rank's input rows ``(n, ·)``.
+        targets: This rank's target rows ``(n, ·)``.
+        offset: The global index of this rank's first row.
+        comm: The communicator.
+        chunk: Rows hashed at a time (bounds the temporary memory).
+    """
+    width = inputs.shape[1] + targets.shape[1]
+    weights = np.random.default_rng(0xC0FFEE).integers(1, 2**63, width, dtype=np.uint64)
+    weights |= np.uint64(1)
+    mix, total = np.uint64(0x9E3779B97F4A7C15), 0
+    with np.errstate(over="ignore"):
+        for start in range(0, inputs.shape[0], chunk):
+            stop = min(start + chunk, inputs.shape[0])
+            rows = np.concatenate([inputs[start:stop], targets[start:stop]], axis=1)
+            words = np.ascontiguousarray(rows, dtype=np.float64).view(np.uint64)
+            hashes = (words * weights).sum(axis=1, dtype=np.uint64)
+            hashes ^= hashes >> np.uint64(31)
+            index = np.arange(offset + start, offset + stop, dtype=np.uint64) * mix + mix
+            total += int((hashes * index).sum(dtype=np.uint64))
+    return f"{comm.allreduce(total, op=MPI.SUM) % 2**64:016x}"
+
+
 def split_samples(
     num_samples: int,
     validation_fraction: float,
