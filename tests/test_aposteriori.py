@@ -717,3 +717,28 @@ def test_memory_needs_every_coarse_step(tiny_square):
             Rollout(stepper), [trajectory[::2]], horizon=2, target_interval=2, progress=False
         ),
     )
+
+
+@pytest.mark.mpi
+def test_training_leaves_the_simulation_where_it_was(tiny_square):
+    """fit_rollout runs the stepper from every window's start; afterwards the states, the
+    time and the closure's values are those from before (they used to be the last
+    window's), and the next step continues the user's simulation with the trained model."""
+    trajectories = [fine_trajectory(tiny_square, f, 4) for f in INITIAL[:2]]
+    stepper, closure = heat(tiny_square, wrong_model(), initial=INITIAL[2])
+    stepper.run(2, progress=False)  # a simulation under way
+    rollout = Rollout(stepper)
+    kept = [f.x.array.copy() for f in (stepper.u, stepper.u_previous, closure)]
+    t, time = stepper.t, float(stepper.time.value)
+    fit_rollout(rollout, trajectories, horizon=2, validation_fraction=0.0, batch_size=2,
+                epochs=3, learning_rate=0.1, progress=False)  # fmt: skip
+    for function, before in zip((stepper.u, stepper.u_previous, closure), kept, strict=True):
+        np.testing.assert_array_equal(function.x.array, before)
+    assert (stepper.t, float(stepper.time.value)) == (t, time)
+    # One more step from there equals one step of a fresh stepper with the trained model.
+    fresh, _ = heat(tiny_square, closure.model)
+    fresh.u_previous.x.array[:] = stepper.u_previous.x.array
+    fresh.t = t
+    stepper.step()
+    fresh.step()
+    np.testing.assert_allclose(stepper.u.x.array, fresh.u.x.array, rtol=1e-13, atol=1e-13)

@@ -471,7 +471,7 @@ class _Run:
         settings = _recorded_settings(self, settings, scale, comm)
         model = self.closure.model
         model.eval()
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _stepper_state_kept(rollout):
             broadcast_weights(model, comm)  # the same starting weights everywhere: rank 0's
             objective = RolloutObjective(
                 rollout,
@@ -506,6 +506,32 @@ class _Run:
         """What every rank must agree on: the trajectory lengths, and a-priori or not."""
         val = None if self.val is None else self.val.lengths
         return self.train.lengths, val, self.a_priori is not None
+
+
+@contextlib.contextmanager
+def _stepper_state_kept(rollout: Rollout) -> Iterator[None]:
+    """The stepper's states, time and closure values as they were, whatever happens inside.
+
+    Training runs the stepper from every window's start: without this, a simulation
+    continued after ``fit_rollout`` would start from the last window's state.
+    """
+    stepper = rollout.stepper
+    functions = [stepper.u, stepper.u_previous, *stepper.older]
+    for closure in rollout.closures:
+        functions.append(closure)
+        if isinstance(closure, Closure) and closure._tangent is not None:
+            functions.append(closure._tangent)
+    arrays = [function.x.array.copy() for function in functions]
+    t = stepper.t
+    time = None if stepper.time is None else float(stepper.time.value)
+    try:
+        yield
+    finally:
+        for function, array in zip(functions, arrays, strict=True):
+            function.x.array[:] = array
+        stepper.t = t
+        if stepper.time is not None:
+            stepper.time.value = time  # type: ignore[assignment]
 
 
 def _scales(run: _Run, train: list[Window], comm: MPI.Comm) -> float:
