@@ -152,6 +152,17 @@ def unsupported_options(model: typing.Any) -> list[str]:
         if conv.fft_norm != "forward":
             problems.append(f"fft_norm={conv.fft_norm!r} (layer {index})")
             break
+    # model.double() leaves neuraloperator's complex spectral weights in complex64: the
+    # first spectral product would then fail on the ranks that hold modes, in a collective.
+    real = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    spectral = {p.dtype for p in model.parameters() if p.is_complex()}
+    expected = {torch.complex64 if t == torch.float32 else torch.complex128 for t in real}
+    if len(real) > 1 or (real and spectral and spectral != expected):
+        names = sorted(str(t).removeprefix("torch.") for t in real | spectral)
+        problems.append(
+            f"parameters of mixed precision {names} (model.double() does not convert the "
+            "complex spectral weights; use dolfinx_mno.to_precision(model, torch.float64))"
+        )
     return problems
 
 

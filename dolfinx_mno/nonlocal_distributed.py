@@ -91,6 +91,17 @@ class SlabModelStage:
         rows: SlabPartition | None = None,
     ):
         """Set up the three stages (collective); the arguments are in the class docstring."""
+        # The same model on every rank: each raises alike, before the first collective.
+        channels = num_inputs + int(mask_channel)
+        found = (getattr(model, "in_channels", channels), getattr(model, "out_channels", None))
+        if found != (channels, out_channels):
+            mask = " and the mask" if mask_channel else ""
+            raise ValueError(
+                f"The FNO maps {found[0]} channels to {found[1]}, but the closure gives it "
+                f"{channels} (the operands' {num_inputs} components{mask}) and needs "
+                f"{out_channels} (its value shape): build it with in_channels={channels}, "
+                f"out_channels={out_channels}."
+            )
         device = next(model.parameters()).device
         self.distributed = DistributedFNO(
             model, grid.shape, comm, rows=rows, backend=process_group_backend(device)

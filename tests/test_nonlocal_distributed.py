@@ -170,3 +170,22 @@ def test_slab_transfers_adjoint(cells):
     transposed = comm.allreduce(float((slab * stage.values_adjoint(weights)).sum()))
     assert abs(forward) > 1e-3
     assert transposed == pytest.approx(forward, rel=1e-13)
+
+
+@pytest.mark.mpi
+def test_models_that_cannot_run_are_refused_at_construction():
+    """As the gathered mode's probe refuses them: a ``model.double()`` FNO (its complex
+    weights stay complex64, the first update then failed in a collective, a hang on a rank
+    without modes) and channel counts that do not fit the operands or the value shape."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
+    u = fem.Function(fem.functionspace(msh, ("Lagrange", 1)))
+    mixed = neuralop.models.FNO(
+        n_modes=(4, 2), in_channels=2, out_channels=1, hidden_channels=4, n_layers=1
+    ).double()
+    with pytest.raises(ValueError, match=r"parameters of mixed precision \['complex64', 'float6"):
+        NonlocalClosure(mixed, [u], grid_shape=(8, 8), distributed=True)
+    for in_channels, out_channels in ((3, 1), (2, 2)):
+        model = _fno(in_channels, out_channels)
+        with pytest.raises(ValueError, match=rf"^The FNO maps {in_channels} channels to "):
+            NonlocalClosure(model, [u], grid_shape=(8, 8), distributed=True)
+    NonlocalClosure(_fno(2, 1), [u], grid_shape=(8, 8), distributed=True).update()
