@@ -33,7 +33,7 @@ import numpy.typing as npt
 import torch
 import ufl
 from dolfinx import fem, geometry
-from dolfinx.mesh import CellType, Mesh
+from dolfinx.mesh import CellType, Mesh, compute_midpoints
 
 from dolfinx_mno.grid import Grid
 from dolfinx_mno.operand_map import OperandEvaluator, OperandMatrix
@@ -64,6 +64,42 @@ def _reference_coordinates(mesh: Mesh, cells: np.ndarray, points: np.ndarray) ->
     for i in range(len(cells)):
         reference[i] = cmap.pull_back(points[i : i + 1, :gdim], nodes[i])[0]
     return reference
+
+
+def _owners_by_midpoints(
+    mesh: Mesh, owned: np.ndarray, num_points: int, offsets: np.ndarray, links: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each grid point's cell where the mesh has no original cell indices (a submesh).
+
+    Of the cells containing a point (several where it lies on a shared facet), the one whose
+    midpoint is the lexicographically smallest wins: a choice by geometry, the same on any
+    number of ranks, made with three ``Allreduce`` of the coordinates.
+
+    Returns:
+        ``(indices, cells, inside)``: the flat grid indices this rank evaluates, their
+        local cells, and on every rank whether each grid point lies in the mesh.
+    """
+    comm = mesh.comm
+    counts = np.diff(offsets)
+    midpoints = compute_midpoints(mesh, mesh.topology.dim, owned)
+    best = np.full((num_points, 3), np.inf)
+    local_cell = np.full(num_points, -1, dtype=np.int32)
+    if links.size:
+        point_of_link = np.repeat(np.arange(num_points), counts)
+        keys = midpoints[links]
+        order = np.lexsort((keys[:, 2], keys[:, 1], keys[:, 0], point_of_link))
+        first = order[np.unique(point_of_link[order], return_index=True)[1]]
+        best[point_of_link[first]] = keys[first]
+        local_cell[point_of_link[first]] = links[first]
+    candidate = np.ones(num_points, dtype=bool)
+    for axis in range(3):
+        mine = np.where(candidate, best[:, axis], np.inf)
+        smallest = np.empty_like(mine)
+        comm.Allreduce(mine, smallest, op=MPI.MIN)
+        candidate &= mine == smallest
+    inside = np.isfinite(smallest)
+    indices = np.flatnonzero(candidate & inside)
+    return indices, local_cell[indices], inside
 
 
 class GridPointSampler:
@@ -101,7 +137,14 @@ class GridPointSampler:
         offsets = colliding.offsets
         links = colliding.array
         counts = np.diff(offsets)
-        original = np.asarray(mesh.topology.original_cell_index, dtype=np.int64)
+        try:
+            original = np.asarray(mesh.topology.original_cell_index, dtype=np.int64)
+        except RuntimeError:  # a submesh has none (DOLFINx: "Mixed topology unsupported")
+            self.indices, self.cells, self.inside = _owners_by_midpoints(
+                mesh, owned, grid.num_points, offsets, links
+            )
+            self._finish(grid, space, points, dtype)
+            return
         sentinel = np.iinfo(np.int64).max
         local_best = np.full(grid.num_points, sentinel, dtype=np.int64)
         local_cell = np.full(grid.num_points, -1, dtype=np.int32)
@@ -118,12 +161,18 @@ class GridPointSampler:
         best = np.empty_like(local_best)
         comm.Allreduce(local_best, best, op=MPI.MIN)
         mine = (local_best == best) & (best != sentinel)
-        self.grid = grid
-        self.space = space
         self.inside = best != sentinel
         self.indices = np.flatnonzero(mine)
         self.cells = local_cell[self.indices]
+        self._finish(grid, space, points, dtype)
 
+    def _finish(
+        self, grid: Grid, space: fem.FunctionSpace, points: np.ndarray, dtype: npt.DTypeLike
+    ) -> None:
+        """The basis at this rank's points, once ``indices`` and ``cells`` are chosen."""
+        mesh = space.mesh
+        self.grid = grid
+        self.space = space
         element = space.ufl_element()
         scalar = element.sub_elements[0] if element.num_sub_elements else element
         if self.num_local:

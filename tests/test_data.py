@@ -1145,3 +1145,15 @@ def test_single_vector_operand():
     assert sample.inputs.shape == values.shape
     assert _max_abs(values) > 0
     assert _max_abs(sample.inputs - values) <= 10 * EPS * _max_abs(values)
+
+
+@pytest.mark.mpi
+def test_a_submesh_coarse_mesh_gets_a_clear_error():
+    """DOLFINx keeps no original cell indices for a submesh, which samples record."""
+    square = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
+    cells = mesh.locate_entities(square, 2, lambda x: x[0] <= 0.5 + 1e-12)
+    coarse = mesh.create_submesh(square, 2, cells)[0]
+    V_c = fem.functionspace(coarse, ("Lagrange", 1))
+    u_c = fem.Function(V_c)
+    with pytest.raises(ValueError, match=r"this mesh has none: DOLFINx 0.11 keeps none for a"):
+        ClosureSampler(Interpolation(V_c), u_c, [u_c], -3.0 * u_c, quadrature_degree=2)

@@ -206,3 +206,45 @@ def test_sample_matrix_and_gather_adjoint(square):
         forward = float((gathered[:4] * mask * cotangent[:4]).sum())
         assert abs(forward) > 1e-3
         assert backward == pytest.approx(forward, rel=1e-13)
+
+
+def _l_shape(comm):
+    """The L-shaped submesh of the unit square's 4 x 4 mesh (no original cell indices)."""
+    square = mesh.create_unit_square(comm, 4, 4)
+    cells = mesh.locate_entities(square, 2, lambda x: (x[0] <= 0.5 + 1e-12) | (x[1] <= 0.5 + 1e-12))
+    return mesh.create_submesh(square, 2, cells)[0]
+
+
+@pytest.mark.mpi
+def test_a_submesh_is_sampled_with_its_owning_cells_chosen_by_geometry():
+    """A submesh has no original cell indices (DOLFINx raised "Mixed topology
+    unsupported"): on shared facets the cell with the smallest midpoint wins, on any
+    partition. A DG0 field of the cells' midpoints shows which cell was taken."""
+    grid = Grid((0.0, 0.0), (1.0, 1.0), (9, 9))  # points on the vertices and facets
+    samples = []
+    for comm in (MPI.COMM_SELF, COMM):
+        msh = _l_shape(comm)
+        cell_field = fem.Function(fem.functionspace(msh, ("Discontinuous Lagrange", 0)))
+        cell_field.interpolate(lambda x: 10 * x[0] + x[1])  # at the midpoints
+        sampler = GriddedSampler([cell_field], grid, mask_channel=True)
+        samples.append(sampler())
+    if COMM.rank == 0:
+        serial, parallel = samples
+        np.testing.assert_array_equal(parallel[-1], serial[-1])  # the mask
+        points = grid.points()
+        in_l = (points[:, 0] <= 0.5 + 1e-12) | (points[:, 1] <= 0.5 + 1e-12)
+        np.testing.assert_array_equal(serial[-1].reshape(-1) == 1.0, in_l)
+        np.testing.assert_allclose(parallel[0], serial[0], rtol=0, atol=1e-13)
+        msh = _l_shape(MPI.COMM_SELF)
+        tree = geometry.bb_tree(msh, 2)
+        cells = geometry.compute_colliding_cells(
+            msh, geometry.compute_collisions_points(tree, points), points
+        )
+        midpoints = mesh.compute_midpoints(
+            msh, 2, np.arange(msh.topology.index_map(2).size_local, dtype=np.int32)
+        )
+        expected = np.zeros(grid.num_points)
+        for i in np.flatnonzero(in_l):
+            chosen = min(tuple(midpoints[c]) for c in cells.links(i))
+            expected[i] = 10 * chosen[0] + chosen[1]
+        np.testing.assert_allclose(serial[0].reshape(-1)[in_l], expected[in_l], atol=1e-13)

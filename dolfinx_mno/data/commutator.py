@@ -279,9 +279,16 @@ class ClosureSampler(WithOperands):
         tdim = mesh.topology.dim
         self._num_cells = mesh.topology.index_map(tdim).size_local
         self._cells = np.arange(self._num_cells, dtype=np.int32)
-        self._cell_index = np.asarray(
-            mesh.topology.original_cell_index[: self._num_cells], dtype=np.int64
-        )
+        try:
+            original = mesh.topology.original_cell_index
+        except RuntimeError:  # DOLFINx: "Mixed topology unsupported"
+            raise ValueError(
+                "ClosureSampler records each sample's original cell index (the same on any "
+                "number of ranks), and this mesh has none: DOLFINx 0.11 keeps none for a "
+                "submesh (create_submesh). Build the coarse mesh with create_mesh (e.g. "
+                "from the submesh's cells and coordinates) or a mesh generator."
+            ) from None
+        self._cell_index = np.asarray(original[: self._num_cells], dtype=np.int64)
         self.num_points = mesh.topology.index_map(tdim).size_global * self.points_per_cell
 
         # Collective from here on.
