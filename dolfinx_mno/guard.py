@@ -59,22 +59,23 @@ _FIXES = {
 }
 
 
-def forms_in(forms: typing.Any) -> list[ufl.Form]:
-    """The forms of a form or (nested) list or tuple; anything else (``None``) is skipped."""
-    if isinstance(forms, ufl.Form):
+def _found_in(forms: typing.Any, kind: type) -> list:
+    """The objects of type ``kind`` in ``forms`` or its (nested) lists and tuples."""
+    if isinstance(forms, kind):
         return [forms]
     if isinstance(forms, list | tuple):
-        return [form for item in forms for form in forms_in(item)]
+        return [form for item in forms for form in _found_in(item, kind)]
     return []
+
+
+def forms_in(forms: typing.Any) -> list[ufl.Form]:
+    """The forms of a form or (nested) list or tuple; anything else (``None``) is skipped."""
+    return _found_in(forms, ufl.Form)
 
 
 def compiled_forms_in(forms: typing.Any) -> list[fem.Form]:
     """The compiled forms (:class:`dolfinx.fem.Form`) of a form or (nested) list or tuple."""
-    if isinstance(forms, fem.Form):
-        return [forms]
-    if isinstance(forms, list | tuple):
-        return [form for item in forms for form in compiled_forms_in(item)]
-    return []
+    return _found_in(forms, fem.Form)
 
 
 def closures_in(forms: typing.Any) -> list[ClosureBase]:
