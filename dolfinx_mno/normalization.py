@@ -8,6 +8,7 @@ the closure tangent is computed.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -75,6 +76,8 @@ class AffineNormalization(torch.nn.Module):
             not torch.all(torch.isfinite(scale_vector)) or torch.any(scale_vector == 0)
         ):
             raise ValueError("Normalisation scales must be finite and non-zero.")
+        if not shift_vector.is_meta and not torch.all(torch.isfinite(shift_vector)):
+            raise ValueError("Normalisation shifts must be finite.")
         self.axis = int(axis)
         self.register_buffer("shift", shift_vector)
         self.register_buffer("scale", scale_vector)
@@ -98,6 +101,15 @@ class AffineNormalization(torch.nn.Module):
         The standard deviation is the unbiased one (``torch.std``, ``ddof=1``).
         """
         data = torch.as_tensor(data, dtype=torch.float64)
+        if data.ndim == 0 or data.shape[0] == 0:
+            shape = tuple(data.shape)
+            raise ValueError(f"No samples to take statistics of (data of shape {shape}).")
+        if not torch.all(torch.isfinite(data)):
+            count = int((~torch.isfinite(data.reshape(data.shape[0], -1))).any(dim=1).sum())
+            raise ValueError(
+                f"The data hold NaN or Inf in {count} of {data.shape[0]} samples: their mean "
+                "and standard deviation would be too."
+            )
         if axis is None:
             data = data.reshape(data.shape[0], -1)
             axis = -1
@@ -167,8 +179,24 @@ class NormalizedModel(torch.nn.Module):
         # handed float64 activations by float64 statistics.
         dtype = model_dtype(model, torch.float64)
         self.model = model
-        self.input_normalization = input_normalization.to(dtype)
-        self.output_normalization = output_normalization.to(dtype)
+        # Copies: Module.to() casts in place, and the caller's statistics stay theirs.
+        self.input_normalization = copy.deepcopy(input_normalization).to(dtype)
+        self.output_normalization = copy.deepcopy(output_normalization).to(dtype)
+        for which, given, cast in (
+            ("input", input_normalization, self.input_normalization),
+            ("output", output_normalization, self.output_normalization),
+        ):
+            kept = [cast.shift, cast.scale]
+            if any(t.is_meta for t in kept):
+                continue
+            if not all(bool(torch.all(torch.isfinite(t))) for t in kept) or bool(
+                torch.any(cast.scale == 0)
+            ):
+                raise ValueError(
+                    f"The {which} statistics do not fit the model's dtype {dtype} (shift "
+                    f"{given.shift.tolist()}, scale {given.scale.tolist()}: they overflow or "
+                    "underflow it). Use a model of a wider dtype, or rescale the data."
+                )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Evaluate on physical inputs (either layout); returns physical outputs."""

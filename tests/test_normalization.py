@@ -115,3 +115,28 @@ def test_float32_model_gets_float32_statistics():
     )
     assert model.input_normalization.shift.dtype == torch.float32
     assert model(torch.zeros(4, 2)).dtype == torch.float32
+
+
+def test_statistics_that_cannot_work_are_refused_and_the_callers_are_kept():
+    """NaN data or shifts, no samples, statistics that overflow a float16 model (every
+    input then normalised to 0: a constant closure, silently); the caller's normalisation
+    object is not cast in place."""
+    with pytest.raises(ValueError, match=r"^Normalisation shifts must be finite\.$"):
+        mno.AffineNormalization(shift=[np.nan], scale=[1.0])
+    data = torch.tensor([[1.0, 2.0], [np.nan, 0.0], [3.0, 1.0]])
+    with pytest.raises(ValueError, match=r"^The data hold NaN or Inf in 1 of 3 samples"):
+        mno.AffineNormalization.from_data(data)
+    with pytest.raises(ValueError, match=r"^No samples to take statistics of \(data of shape"):
+        mno.AffineNormalization.from_data(torch.zeros((0, 2)))
+    wide = mno.AffineNormalization(shift=[0.0], scale=[1e5])
+    half = torch.nn.Linear(1, 1).to(torch.float16)
+    with pytest.raises(ValueError, match=r"^The input statistics do not fit the model's dtype"):
+        mno.NormalizedModel(half, wide, mno.AffineNormalization())
+    assert wide.scale.dtype == torch.float64 and wide.scale.item() == 1e5
+    single = torch.nn.Linear(1, 1)
+    wrapped = mno.NormalizedModel(single, wide, mno.AffineNormalization())
+    assert wrapped.input_normalization.scale.dtype == torch.float32
+    assert wide.scale.dtype == torch.float64  # the caller's object, unchanged
+    x = torch.tensor([[2e5]])
+    expected = single(torch.tensor([[2.0]]))
+    torch.testing.assert_close(wrapped(x), expected)
