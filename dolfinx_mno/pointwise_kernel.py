@@ -724,7 +724,10 @@ class PointwiseKernel:
         try:
             compiled = torch.compile(function, dynamic=False, mode=mode)
             context = torch.inference_mode() if inference else torch.no_grad()
-            with context:
+            # Past torch's limit of compilations per code object (closures of one model
+            # class with other chunk shapes) it would run the function eagerly without a
+            # word, and the plan would say "compiled": raise instead, and fall back below.
+            with context, torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
                 compiled(sample)
         except Exception as err:
             self.compile_error = describe(err, first_line=True)

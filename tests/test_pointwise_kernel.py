@@ -250,6 +250,32 @@ def test_compile_failure_warns_and_runs_eagerly(monkeypatch):
     np.testing.assert_array_equal(ev.tangents, eager.tangents)
 
 
+def test_past_the_recompile_limit_the_closure_says_it_runs_eagerly(monkeypatch):
+    """torch runs a function eagerly, with a log line only, once a code object has been
+    compiled for too many shapes (closures of one model with other chunk sizes); the plan
+    then still said "compiled". The trial run now fails there, so the fallback warns.
+
+    torch.compile stood in for by a function that behaves as torch's does past its limit:
+    it raises only when ``fail_on_recompile_limit_hit`` is set, as the trial run sets it.
+    """
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    def past_the_limit(function, **kwargs):
+        def compiled(*args):
+            if torch._dynamo.config.fail_on_recompile_limit_hit:
+                raise FailOnRecompileLimitHit("recompile_limit reached with fullgraph=True")
+            return function(*args)  # what torch does otherwise: eagerly, silently
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", past_the_limit)
+    with pytest.warns(RuntimeWarning, match=r"compile=True: torch.compile .* failed .*eagerly"):
+        ev = evaluator(FluxModel().double(), 3, 2, 3000, compile=True)
+    assert not ev.plan["compiled"]
+    assert ev.plan["compile_error"].startswith("FailOnRecompileLimitHit")
+    assert not torch._dynamo.config.fail_on_recompile_limit_hit  # restored
+
+
 def test_compiled_functions_write_the_points_last_tangent(monkeypatch):
     """The compiled tangent is computed points-last and written back point-major.
 
