@@ -253,15 +253,21 @@ class Closure(ClosureBase):
             model: The torch model implementing it.
             kwargs: Passed to :class:`Closure` (``device``, ``batch_size``, ``name``, ...).
         """
+        if not isinstance(operator, ufl.ExternalOperator):
+            raise TypeError(
+                "from_external_operator takes a ufl.ExternalOperator (e.g. "
+                "dolfinx_external_operator.FEMExternalOperator), got "
+                f"{type(operator).__name__}; for other operands use Closure(model, operands)."
+            )
         if any(operator.derivatives):
             raise ValueError("Build the closure from the operator itself, not a derivative.")
         space = getattr(operator, "original_function_space", None) or operator.ufl_function_space()
         element = space.ufl_element()
         degree = element.embedded_superdegree
         mesh = space.mesh
-        if not element.has_custom_quadrature or not np.allclose(
-            element.custom_quadrature()[0], quadrature_points(mesh, degree)
-        ):
+        points = element.custom_quadrature()[0] if element.has_custom_quadrature else None
+        default = quadrature_points(mesh, degree)
+        if points is None or points.shape != default.shape or not np.allclose(points, default):
             raise ValueError(
                 "The external operator's space must be a quadrature space with Basix's "
                 "default rule (basix.ufl.quadrature_element(cell, value_shape, degree=q))."

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -85,7 +86,15 @@ class MLP(torch.nn.Module):
     ):
         """Build the network; the arguments are described in the class docstring."""
         super().__init__()
-        widths = [int(in_features), *(int(w) for w in hidden_features), int(out_features)]
+        if isinstance(hidden_features, str | bytes) or not isinstance(hidden_features, Iterable):
+            raise TypeError(
+                "hidden_features must be a sequence of layer widths, e.g. [64, 64] (or [] "
+                f"for none), got {hidden_features!r}."
+            )
+        hidden = list(hidden_features)
+        if any(isinstance(w, bool) or not isinstance(w, numbers.Integral) for w in hidden):
+            raise TypeError(f"MLP layer widths must be integers, got {hidden}.")
+        widths = [int(in_features), *(int(w) for w in hidden), int(out_features)]
         if any(w < 1 for w in widths):
             raise ValueError(f"MLP layer widths must be positive, got {widths}.")
         if activation not in ACTIVATIONS:

@@ -63,6 +63,18 @@ def test_closure_from_external_operator_matches_its_evaluation():
         mno.Closure.from_external_operator(
             dxo.FEMExternalOperator(u, ufl.grad(u), function_space=P), FluxModel().double()
         )
+    # Another rule of the same degree (4 Gauss-Jacobi points, not the default's 6):
+    # refused as such, not by a NumPy broadcasting error.
+    import basix.ufl
+
+    jacobi = basix.ufl.quadrature_element("triangle", (2,), scheme="gauss_jacobi", degree=3)
+    with pytest.raises(ValueError, match="default rule"):
+        mno.Closure.from_external_operator(
+            dxo.FEMExternalOperator(u, ufl.grad(u), function_space=fem.functionspace(msh, jacobi)),
+            FluxModel().double(),
+        )
+    with pytest.raises(TypeError, match=r"^from_external_operator takes a ufl.ExternalOperator"):
+        mno.Closure.from_external_operator(fem.Function(Q), FluxModel().double())
 
 
 def _benchmark_module():

@@ -18,7 +18,7 @@
 # - make closure data from a 2D DNS: filter the vorticity to a nested coarse mesh
 #   ({py:class}`dolfinx_mno.data.L2Projection`), the vorticity flux by exact coarse-cell
 #   averages ({py:class}`dolfinx_mno.data.CellAverage`), and sample the exact subgrid flux
-#   ({py:class}`dolfinx_mno.data.ClosureSampler`, {py:class}`dolfinx_mno.grid.GriddedSampler`);
+#   ({py:class}`dolfinx_mno.data.ClosureSampler`, {py:class}`dolfinx_mno.data.GriddedSampler`);
 # - tune a Smagorinsky constant on those data, fit a local vector closure (an MLP) and a
 #   non-local one (a Fourier neural operator in a {py:class}`dolfinx_mno.NonlocalClosure`)
 #   a priori, then train both *through the solver* (a posteriori,

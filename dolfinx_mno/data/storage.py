@@ -16,7 +16,7 @@ Points are ordered by global (original) cell index, then by point of the quadrat
 whatever the number of MPI ranks. Only rank 0 writes the file (serial h5py).
 
 Gridded data (fields on a grid, for neural operators, e.g. from
-:class:`~dolfinx_mno.grid.GriddedSampler`; ``format`` ``dolfinx_mno.gridded_data``)::
+:class:`~dolfinx_mno.data.GriddedSampler`; ``format`` ``dolfinx_mno.gridded_data``)::
 
     /                 attributes: format, format_version, num_complete, created, versions,
                       grid_shape, in_channels, out_channels, [grid_lower, grid_upper],
@@ -655,7 +655,7 @@ class GriddedDataWriter(_SampleFileWriter):
 
     A sample is a pair of fields on one grid: the model's input ``(in_channels, *grid)``
     and its target ``(out_channels, *grid)``, as a
-    :class:`~dolfinx_mno.grid.GriddedSampler` gathers them on its root. They are given on
+    :class:`~dolfinx_mno.data.GriddedSampler` gathers them on its root. They are given on
     rank 0, which writes them with serial h5py; the other ranks call :meth:`append` too
     and pass ``None``. The checks are agreed on, so every rank raises the same error, and
     the append is crash-safe as :class:`ClosureDataWriter`'s.
