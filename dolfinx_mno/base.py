@@ -8,6 +8,7 @@ form checks (:func:`dolfinx_mno.check_form`) rely only on this interface.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import typing
 import weakref
@@ -205,6 +206,14 @@ def validate_arguments(
         model = contents.build()
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    meta = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+            if t.is_meta]  # fmt: skip
+    if meta:
+        raise ValueError(
+            f"The model's tensors {meta[:3]}{' ...' if len(meta) > 3 else ''} are on the meta "
+            "device: they have shapes but no values. Load its weights first (e.g. "
+            "model.load_state_dict(state, assign=True), or dolfinx_mno.load_model)."
+        )
     if shape is None:
         shape = trained.value_shape if trained is not None else ()
     if degree is None:

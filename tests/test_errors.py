@@ -581,3 +581,14 @@ def test_a_closure_read_at_another_quadrature_degree_is_refused(setup):
     with torch.no_grad():
         expected = model(torch.from_numpy(2.0 * first.x.array.reshape(-1, 1))).numpy()
     np.testing.assert_allclose(second.x.array, expected.reshape(-1), rtol=1e-14, atol=1e-14)
+
+
+def test_a_model_on_the_meta_device_is_refused(setup):
+    """Shapes without values: the probe passed on meta and every update failed."""
+    _, _, u = setup
+    with torch.device("meta"):
+        model = mno.MLP(3, 2, [8])
+    with pytest.raises(ValueError, match=r"are on the meta device: they have shapes but no"):
+        mno.Closure(model, [u, ufl.grad(u)], (2,), 2, device=None)
+    with pytest.raises(ValueError, match=r"are on the meta device"):
+        mno.Closure(model, [u, ufl.grad(u)], (2,), 2)

@@ -49,6 +49,13 @@ def test_bad_arguments():
         MLP(2, 1, [0])
     with pytest.raises(ValueError, match="dtype must be one of"):
         MLP(2, 1, dtype="int32")
+    # A string is a sequence too: "64" used to build layers of widths 6 and 4.
+    for hidden in ("64", 64):
+        with pytest.raises(TypeError, match=r"^hidden_features must be a sequence of layer"):
+            MLP(2, 1, hidden)
+    with pytest.raises(TypeError, match=r"^MLP layer widths must be integers, got \[4.5\]"):
+        MLP(2, 1, [4.5])
+    assert MLP(2, 1, (w for w in (3, 5)), seed=0).config["hidden_features"] == [3, 5]
     assert sorted(ACTIVATIONS) == ["elu", "gelu", "relu", "sigmoid", "silu", "softplus", "tanh"]
 
 
