@@ -1,6 +1,6 @@
 """The operand stage: packed kernel, constant dof→operand matrix, fallbacks."""
 
-import time
+import types
 
 from mpi4py import MPI
 
@@ -250,18 +250,26 @@ def test_closure_exposes_its_operand_matrix_and_plan():
     )
 
 
-def test_the_modes_are_timed_in_turn():
-    """best_times interleaves its candidates (a slow moment falls on all) and keeps minima."""
+def test_the_modes_are_timed_in_turn(monkeypatch):
+    """best_times interleaves its candidates (a slow moment falls on all) and keeps minima.
+
+    On a clock that only the candidates advance: real sleeps of a millisecond took two
+    under the load of the test suite itself, and the test failed.
+    """
+    from dolfinx_mno import _timing
+
+    clock = [0.0]
+    monkeypatch.setattr(_timing, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     calls = []
     durations = {"a": iter([0, 0.003, 0.001, 0.002]), "b": iter([0, 0.0, 0.004, 0.002])}
 
     def candidate(name):
         def run():
             calls.append(name)
-            time.sleep(next(durations[name]))
+            clock[0] += next(durations[name])
 
         return run
 
     seconds = best_times({"a": candidate("a"), "b": candidate("b")}, repeats=3)
     assert calls == ["a", "b"] * 4
-    assert 0.001 <= seconds["a"] < 0.002 and seconds["b"] < 0.001
+    assert seconds == {"a": 0.001, "b": 0.0}
