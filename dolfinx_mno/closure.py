@@ -39,7 +39,7 @@ from dolfinx_mno._mpi import agree, describe, rank_local
 from dolfinx_mno.base import ClosureBase, validate_arguments
 from dolfinx_mno.operand_map import OperandEvaluator, OperandMatrix
 from dolfinx_mno.operands import Operands, OperandsLike, operand_comm, operand_components
-from dolfinx_mno.quadrature import owned_dofs, quadrature_points, quadrature_space
+from dolfinx_mno.quadrature import _closure_degree, owned_dofs, quadrature_points, quadrature_space
 from dolfinx_mno.torch_bridge import (
     PointwiseEvaluator,
     model_device,
@@ -57,7 +57,7 @@ def _check_quadrature_operands(operands: Operands, degree: int) -> None:
     """
     for name, expression in zip(operands.names, operands.expressions, strict=True):
         for coefficient in extract_coefficients(expression):
-            own = getattr(coefficient, "_mno_quadrature_degree", None)
+            own = _closure_degree(coefficient)
             if own is not None and own != degree:
                 raise ValueError(
                     f"Operand '{name}' reads '{coefficient.name}', which holds values at the "

@@ -57,10 +57,6 @@ from dolfinx_mno.quadrature import check_form
 __all__ = ["LinearProblem", "NonlinearProblem", "check_jacobian"]
 
 
-def _collect(forms: Sequence[ufl.Form | None], closures: Sequence[ClosureBase] | None) -> list:
-    return list(closures) if closures is not None else closures_in(forms)
-
-
 def _check_updated(in_forms: Sequence[ClosureBase], updated: Sequence[ClosureBase]) -> None:
     """Raise if a closure of the forms is never updated by the solve and never was before.
 
@@ -182,8 +178,8 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
         check_form(J)
         if preconditioner is not None:
             check_form(preconditioner)
-        closures_ = _collect([F, J, preconditioner], closures)
         self._form_closures = closures_in([F, J, preconditioner])
+        closures_ = list(self._form_closures if closures is None else closures)
         self._ufl_forms = (F, J)
         self._bcs = list(bcs or [])
         PETSc.garbage_cleanup(u.function_space.mesh.comm)  # see the module notes
@@ -353,8 +349,8 @@ class LinearProblem(_fem_petsc.LinearProblem):
             )
         if reuse_matrix and not isinstance(a, ufl.Form):
             raise ValueError("reuse_matrix=True supports a single bilinear form only.")
-        self._closures = _collect([a, L, preconditioner], closures)
         self._form_closures = closures_in([a, L, preconditioner])
+        self._closures = list(self._form_closures if closures is None else closures)
         self._reuse_matrix = reuse_matrix
         self._matrix_ready = False
         self._ufl_forms = (a, L)

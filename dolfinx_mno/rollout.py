@@ -64,7 +64,7 @@ import numpy.typing as npt
 import torch
 import ufl
 
-from dolfinx_mno._mpi import BACKWARD_PASS, collective_stages, rank_local
+from dolfinx_mno._mpi import BACKWARD_PASS, agree_on, collective_stages, rank_local
 from dolfinx_mno.base import ClosureBase
 from dolfinx_mno.closure import Closure, extract_closures
 from dolfinx_mno.nonlocal_closure import NonlocalClosure
@@ -592,11 +592,10 @@ class Rollout:
 def _same_on_every_rank(comm: MPI.Comm, what: str, **values: typing.Any) -> None:
     """Raise the same ``ValueError`` on every rank if ``values`` differ between ranks.
 
-    Collective (one ``allgather``; nothing on one rank).
+    Collective (one ``allgather`` through :func:`~dolfinx_mno._mpi.agree_on`; nothing on
+    one rank).
     """
-    if comm.size == 1:
-        return
-    gathered = comm.allgather(values)
+    gathered = agree_on(comm, values, what)
     differing = [name for name in values if any(v[name] != gathered[0][name] for v in gathered)]
     if differing:
         shown = "; ".join(

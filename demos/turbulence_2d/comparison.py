@@ -159,6 +159,14 @@ class APosteriori:
     closure has to beat."""
 
 
+def _rollout(flow: VorticityFlow) -> Rollout:
+    """A differentiable rollout of ``flow``'s coarse step (its own IMEX stepper)."""
+    stepper = IMEXStepper(
+        flow.problem, flow.w, flow.w_previous, flow.dt, 0.0, flow.time, older=flow.older
+    )
+    return Rollout(stepper)
+
+
 def train_a_posteriori(
     flow: VorticityFlow,
     trajectories: list[list[np.ndarray]],
@@ -179,10 +187,7 @@ def train_a_posteriori(
     ``progress``: a progress bar over the epochs on rank 0. ``plain``: the coarse model
     without closure (on the same mesh), whose loss on the held-out windows is recorded too.
     """
-    stepper = IMEXStepper(
-        flow.problem, flow.w, flow.w_previous, flow.dt, 0.0, flow.time, older=flow.older
-    )
-    rollout = Rollout(stepper)
+    rollout = _rollout(flow)
     windows = TrajectoryWindows(
         trajectories, horizon=window, stride=stride, num_owned=rollout.num_owned,
         what="training", num_older=rollout.num_older,
@@ -221,10 +226,7 @@ def rollout_loss_without_closure(
     summed over the dofs and the targets. (The flow's forcing does not depend on time, so
     the window's start time does not matter.)
     """
-    stepper = IMEXStepper(
-        plain.problem, plain.w, plain.w_previous, plain.dt, 0.0, plain.time, older=plain.older
-    )
-    rollout = Rollout(stepper)
+    rollout = _rollout(plain)
     total = 0.0
     for w in windows:
         older = list(w.older) if w.older else None
