@@ -57,6 +57,7 @@ import pickle
 import platform
 import tempfile
 import typing
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -683,6 +684,13 @@ def read_torch_file(
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        # torch.save writes a zip archive; anything else (random bytes, a text file) fails
+        # in the unpickler too, but holds no code to refuse.
+        if not zipfile.is_zipfile(path):
+            raise ModelFileError(
+                f"Could not read {name!r}: it is not a torch file (torch.save writes a zip "
+                "archive); the file is corrupted or of another kind."
+            ) from err
         raise ModelFileError(
             f"Refusing {name!r}: it holds objects other than tensors and plain containers "
             "(loading it would run code from the file; dolfinx_mno loads with "

@@ -355,7 +355,9 @@ class Rollout:
             history when ``u0`` or a model parameter requires grad.
 
         Raises:
-            ValueError: A bad ``u0`` or ``num_steps`` (on every rank).
+            TypeError: ``u0`` (or an older state) is not a torch tensor (on every rank).
+            ValueError: A ``u0`` of the wrong dtype, device or shape, or a bad
+                ``num_steps`` (on every rank).
             RuntimeError: A linear solve did not converge.
             ClosureEvaluationError: A model returned NaN/Inf values.
         """
@@ -472,6 +474,9 @@ class Rollout:
 
     # -- the gradient --------------------------------------------------------------------
 
+    # A gradient function: it differentiates whatever the caller's torch mode (no_grad).
+    @torch.inference_mode(False)
+    @torch.enable_grad()
     def gradient(
         self,
         u0: torch.Tensor,
@@ -506,12 +511,15 @@ class Rollout:
                 ``∂loss/∂u_0`` with them held).
 
         Raises:
-            ValueError: A horizon longer than the targets (or not a multiple of
-                ``target_interval``), targets of the wrong shape, a
+            TypeError: ``u0`` is not a torch tensor.
+            ValueError: A ``u0`` of the wrong dtype, device or shape, a horizon longer than
+                the targets (or not a multiple of ``target_interval``), targets of the
+                wrong shape, a
                 closure that is not in the step's linear form, a closure whose model has no
                 trainable parameters, or nothing to differentiate. Raised on every rank.
         """
         with rank_local(self.comm, "Preparing the rollout gradient"):
+            self._check_state(u0, "u0")
             interval = target_interval
             if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
                 raise ValueError(
@@ -679,24 +687,44 @@ class _AllreduceSum(torch.autograd.Function):
 
 
 def rollout_loss(
-    states: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], comm: MPI.Comm
+    states: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor | npt.ArrayLike],
+    comm: MPI.Comm,
 ) -> torch.Tensor:
-    """``Σ_n ‖u_n − t_n‖²`` over every rank's owned dofs (collective: one allreduce).
+    """``Σ_n ‖u_n − t_n‖²`` over every rank's owned dofs (collective).
 
     Args:
         states: ``[u_1, ..., u_k]`` from :meth:`Rollout.run`, each ``(num_owned,)``.
-        targets: ``[t_1, ..., t_k]``, the same shapes (float64).
+        targets: ``[t_1, ..., t_k]``, tensors or arrays of the same shapes (compared in
+            float64; constants of the loss).
         comm: The mesh communicator.
 
     Returns:
         A float64 scalar tensor, the same on every rank; its gradient flows to each rank's
         own states.
+
+    Raises:
+        ValueError: Another number of targets than states, or a target whose shape is not
+            its state's (which would broadcast silently); raised on every rank.
     """
-    if len(states) != len(targets):
-        raise ValueError(f"{len(states)} states but {len(targets)} targets.")
+    with rank_local(comm, "Computing the rollout loss", ValueError):
+        if len(states) != len(targets):
+            raise ValueError(f"{len(states)} states but {len(targets)} targets.")
+        compared = []
+        for n, (state, target) in enumerate(zip(states, targets, strict=True)):
+            if isinstance(target, torch.Tensor):
+                value = target.detach().to(device=state.device, dtype=torch.float64)
+            else:
+                value = torch.as_tensor(np.asarray(target, dtype=np.float64), device=state.device)
+            if tuple(value.shape) != tuple(state.shape):
+                raise ValueError(
+                    f"Target {n} has shape {tuple(value.shape)} but its state has "
+                    f"{tuple(state.shape)} (this rank's owned dofs)."
+                )
+            compared.append(value)
     local = torch.zeros((), dtype=torch.float64)
-    for state, target in zip(states, targets, strict=True):
-        local = local + ((state - target) ** 2).sum()
+    for state, value in zip(states, compared, strict=True):
+        local = local + ((state - value) ** 2).sum()
     return typing.cast(torch.Tensor, _AllreduceSum.apply(local, comm))
 
 

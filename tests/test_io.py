@@ -272,6 +272,15 @@ def test_tampered_truncated_and_foreign_files_are_refused(tmp_path):
     with pytest.raises(io.ModelFileError, match="truncated, corrupted or not a torch file"):
         io.load_model(path)
 
+    # Bytes that are no zip archive fail in torch's unpickler too; that is not code refused.
+    path.write_bytes(np.random.default_rng(0).bytes(2000))
+    with pytest.raises(io.ModelFileError) as info:
+        io.load_model(path)
+    assert str(info.value) == (
+        f"Could not read {str(path)!r}: it is not a torch file (torch.save writes a zip "
+        "archive); the file is corrupted or of another kind."
+    )
+
     path.write_bytes(good)
     payload = raw(path)
     payload["format_version"] = 2

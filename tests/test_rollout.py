@@ -235,6 +235,13 @@ def test_targets_every_few_steps():
     *expected, expected_initial = torch.autograd.grad(expected_loss, [*parameters, start])
     allreduce_gradients(expected, rollout.comm)
     assert result.loss == pytest.approx(float(expected_loss.detach()), rel=1e-14)
+    # NumPy targets (as docs/adjoint.md writes them) give the same loss and gradient.
+    arrays = [np.asarray(t) for t in data]
+    assert not isinstance(arrays[0], torch.Tensor)
+    numpy_loss = rollout_loss(rollout.run(start, 6)[1::2], arrays, rollout.comm)
+    assert float(numpy_loss.detach()) == float(expected_loss.detach())
+    (numpy_initial,) = torch.autograd.grad(numpy_loss, [start])
+    assert torch.equal(numpy_initial, expected_initial)
     for g, e in zip(result.parameters[0], expected, strict=True):
         assert float((g - e).norm()) <= 1e-13 * float(e.norm())
     assert float((result.initial_state - expected_initial).norm()) <= 1e-13 * float(
@@ -364,6 +371,20 @@ def test_bad_input_raises_the_same_error_on_every_rank(tiny_square):
         "num_steps must be a positive integer, got 0.",
         lambda: rollout.run(u0, 0),
     )
+    # A NumPy u0 is refused before the ranks' agreement on the arguments, not after it.
+    _raises(
+        TypeError,
+        "u0 must be a torch.Tensor, got ndarray.",
+        lambda: rollout.gradient(u0.numpy(), data),
+    )
+    # rollout_loss: a target that would broadcast against its state (each rank's message
+    # names its own number of dofs).
+    states = rollout.run(u0, 3)
+    owned = u0.shape[0]
+    with pytest.raises(
+        ValueError, match=re.escape(f"Target 1 has shape ({owned}, 1) but its state has ({owned},)")
+    ):
+        rollout_loss(states, [data[0], data[1][:, None], data[2]], rollout.comm)
     _raises(
         ValueError,
         "checkpoint_every must be None or a positive integer, got 0.",

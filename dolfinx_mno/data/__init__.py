@@ -5,7 +5,7 @@ fields to the coarse space → closure targets as the commutator of filter and c
 operator, with the matching closure inputs → an HDF5 file, written append-only and
 crash-safely, read back as NumPy arrays or torch tensors::
 
-    from dolfinx_mno.data import ClosureDataWriter, ClosureSampler, L2Projection
+    from dolfinx_mno.data import ClosureDataWriter, ClosureSampler, L2Projection, Tendency
 
     sampler = ClosureSampler(L2Projection(V_c), u_c, [u_c, ufl.grad(u_c)], u_c**2,
                              quadrature_degree=2, fine_tendency=Tendency(u_f**2, W_f))

@@ -573,7 +573,7 @@ class CellAverage:
     Example:
         >>> average = CellAverage(fem.functionspace(coarse, ("DG", 0, (2,))), fine)
         >>> flux = average(a * ufl.grad(u_fine))  # coarse DG0 vector function
-        >>> average(u_fine.dx(0), out=...)  # another input: another compiled form
+        >>> average(ufl.as_vector([u_fine.dx(0), u_fine]), out=flux)  # another input: another form
     """
 
     method = "cell_average"
