@@ -33,6 +33,16 @@ __all__ = ["ClosureBase", "ModelArguments", "operand_comm", "validate_arguments"
 _LIVE_CLOSURES: weakref.WeakValueDictionary[int, ClosureBase] = weakref.WeakValueDictionary()
 
 
+#: Every live closure's tangent function by its ``id``, for :func:`closure_of_tangent`.
+_TANGENT_OWNERS: weakref.WeakValueDictionary[int, ClosureBase] = weakref.WeakValueDictionary()
+
+
+def closure_of_tangent(function: typing.Any) -> ClosureBase | None:
+    """The closure whose :attr:`~dolfinx_mno.Closure.tangent` is ``function``, if any."""
+    closure = _TANGENT_OWNERS.get(id(function))
+    return closure if closure is not None and closure._tangent is function else None
+
+
 def closure_of_cpp_function(function: typing.Any) -> ClosureBase | None:
     """The closure whose C++ function is ``function`` (a compiled form's coefficient)."""
     closure = _LIVE_CLOSURES.get(id(function))
@@ -52,6 +62,7 @@ class ClosureBase(fem.Function, WithOperands):
     _mno_quadrature_degree: int
     _model: torch.nn.Module
     _update_count: int = 0
+    _tangent: fem.Function | None = None
     #: Seconds spent in each stage of the last successful update.
     timings: dict[str, float]
     #: Seconds spent in each stage, summed over all successful updates.
@@ -221,5 +232,13 @@ def validate_arguments(
     # A closure evaluates the model for inference: dropout off, batch-norm statistics
     # frozen (the probe at construction must not update them, or results would depend on
     # the number of ranks). The closures refuse to update a model put back in training mode.
-    model.eval()
+    try:
+        model.eval()
+    except NotImplementedError as error:  # torch.export's ExportedProgram.module()
+        raise TypeError(
+            f"The model cannot be put in evaluation mode ({error}); a closure evaluates "
+            "models for inference and needs model.eval(). The module of a torch.export "
+            "program (ExportedProgram.module()) cannot: pass the original torch.nn.Module, "
+            "or torch.jit.script(model), or torch.compile it with compile=True."
+        ) from error
     return ModelArguments(model, shape, degree, trained)

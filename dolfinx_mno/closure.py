@@ -36,36 +36,18 @@ from ufl.algorithms import expand_derivatives, extract_coefficients
 from ufl.constantvalue import Zero
 
 from dolfinx_mno._mpi import agree, describe, rank_local
-from dolfinx_mno.base import ClosureBase, validate_arguments
+from dolfinx_mno.base import _TANGENT_OWNERS, ClosureBase, closure_of_tangent, validate_arguments
 from dolfinx_mno.operand_map import OperandEvaluator, OperandMatrix
 from dolfinx_mno.operands import Operands, OperandsLike, operand_comm, operand_components
-from dolfinx_mno.quadrature import _closure_degree, owned_dofs, quadrature_points, quadrature_space
+from dolfinx_mno.quadrature import owned_dofs, quadrature_points, quadrature_space
 from dolfinx_mno.torch_bridge import (
+    ModelStateError,
     PointwiseEvaluator,
     model_device,
     resolve_device,
 )
 
 __all__ = ["Closure", "ClosureEvaluationError", "derivative", "extract_closures"]
-
-
-def _check_quadrature_operands(operands: Operands, degree: int) -> None:
-    """Refuse operands on quadrature points of another degree (a closure, its tangent).
-
-    Such a function has values at its own quadrature points only; DOLFINx would refuse
-    it with "Mismatch of tabulation points and element points", naming neither.
-    """
-    for name, expression in zip(operands.names, operands.expressions, strict=True):
-        for coefficient in extract_coefficients(expression):
-            own = _closure_degree(coefficient)
-            if own is not None and own != degree:
-                raise ValueError(
-                    f"Operand '{name}' reads '{coefficient.name}', which holds values at the "
-                    f"points of a degree-{own} quadrature rule only, but this closure "
-                    f"evaluates its operands at the points of degree {degree}. Give the "
-                    f"closure quadrature_degree={own}, or project '{coefficient.name}' onto "
-                    "a finite-element space first."
-                )
 
 
 class ClosureEvaluationError(RuntimeError):
@@ -130,9 +112,11 @@ class Closure(ClosureBase):
     Raises:
         ValueError: Operands from another mesh, a model input width different from the
             operand components, a model output that does not match ``value_shape``, a
-            bad ``quadrature_degree``/``value_shape``, or operands, a value shape or a
-            degree other than those in the model file's spec.
-        TypeError: Complex or otherwise unsupported dtypes.
+            negative ``quadrature_degree``, or operands, a value shape or a degree other
+            than those in the model file's spec.
+        TypeError: A ``quadrature_degree`` that is not an integer, a ``value_shape`` that
+            is not a tuple of positive integers (``2`` for ``(2,)``), operands that are
+            form arguments, or complex or otherwise unsupported dtypes.
 
         Under MPI every check, the model file's reading and the probe run before the first
         collective call, and the ranks agree on their outcome: an error on some ranks
@@ -147,6 +131,9 @@ class Closure(ClosureBase):
 
     supports_tangent = True
 
+    # A closure's buffers and tangents are ordinary tensors whatever the caller's torch
+    # mode: a closure built or updated under torch.inference_mode() must work outside it.
+    @torch.inference_mode(False)
     def __init__(
         self,
         model: torch.nn.Module | str | os.PathLike[str],
@@ -179,7 +166,6 @@ class Closure(ClosureBase):
             num_cells = mesh.topology.index_map(tdim).size_local
             points = quadrature_points(mesh, int(quadrature_degree))
             num_points = num_cells * points.shape[0]
-            _check_quadrature_operands(operands, int(quadrature_degree))
 
             # Probe the model where it is now, on two points (a rank without cells too).
             probe_device = model_device(model) or torch.device("cpu")
@@ -379,10 +365,12 @@ class Closure(ClosureBase):
             self._tangent = fem.Function(space, name=f"{self.name}_tangent", dtype=self.dtype)
             self._tangent.x.array[:] = np.nan  # until an update computes it
             self._tangent._mno_quadrature_degree = self.quadrature_degree  # type: ignore
+            _TANGENT_OWNERS[id(self._tangent)] = self
             self._tangent_dofs = owned_dofs(space, self._num_cells)
             self._evaluator.prepare_tangent()
         return self._tangent
 
+    @torch.inference_mode(False)
     def update(self, tangent: bool | None = None) -> None:
         """Evaluate the model at the current operands and store the values.
 
@@ -416,6 +404,8 @@ class Closure(ClosureBase):
             t2 = time.perf_counter()
             timings.update(operands=t1 - t0, model=t2 - t1)
             reason = self._check_finite(with_tangent)
+        except ModelStateError as err:  # the model is not to be run now
+            reason, cause = str(err), err
         except Exception as err:  # reported collectively below
             reason, cause = f"the model raised {describe(err)}", err
         # Agree on failure before touching any value or entering any other collective:
@@ -500,7 +490,25 @@ class Closure(ClosureBase):
         Pure UFL: allocates no tangent and calls no collective, so every rank agrees.
         """
         argument = ufl.Argument(coefficient.ufl_function_space(), 0)
+        if self.views_of(coefficient):
+            return True  # through a view UFL cannot see; derivative() refuses it
         return self._operand_variations(coefficient, argument) is not None
+
+    def views_of(self, coefficient: fem.Function) -> list[str]:
+        """The operands' functions that are views of ``coefficient`` (``coefficient.sub(i)``).
+
+        A view shares ``coefficient``'s values but is another UFL coefficient, so
+        ``ufl.derivative`` with respect to ``coefficient`` does not see through it.
+        """
+        own = coefficient.x.array
+        return [
+            f.name
+            for op in self.operands
+            for f in extract_coefficients(op)
+            if isinstance(f, fem.Function)
+            and f is not coefficient
+            and np.may_share_memory(f.x.array, own)
+        ]
 
     def _operand_variations(
         self, coefficient: fem.Function, argument: ufl.Argument
@@ -540,7 +548,34 @@ def derivative(
 
     Returns:
         The Jacobian form.
+
+    Raises:
+        ValueError: ``form`` holds a closure's tangent that depends on ``coefficient`` (a
+            second derivative, e.g. of ``mno.derivative(energy, u)``), or a closure reads a
+            view ``coefficient.sub(i)``: in both cases a term of the Jacobian would be
+            missing.
     """
+    name = coefficient.name
+    for c in form.coefficients():
+        owner = closure_of_tangent(c)
+        if isinstance(owner, Closure) and owner.depends_on(coefficient):
+            raise ValueError(
+                f"The form holds the tangent of closure '{owner.name}' (∂{owner.name}/∂operands, "
+                f"e.g. from an earlier mno.derivative), which depends on '{name}': its "
+                "derivative is the closure's second derivative, which dolfinx_mno does not "
+                "compute, so the Jacobian would silently miss it. Learn the derivative as a "
+                "closure of its own (a model that returns ∂W/∂u, used directly in the "
+                "residual), or linearise a frozen tangent by hand."
+            )
+    for closure in extract_closures(form):
+        if isinstance(closure, Closure) and (views := closure.views_of(coefficient)):
+            raise ValueError(
+                f"Closure '{closure.name}' reads {views}, a view of '{name}' "
+                f"({name}.sub(i)) that UFL sees as another coefficient: its tangent would "
+                "be silently missing from the Jacobian. Give the closure the component of "
+                f"'{name}' itself: {name}[i] for a vector function, ufl.split({name})[i] "
+                "for a mixed one."
+            )
     if argument is None:
         number = max((a.number() for a in form.arguments()), default=-1) + 1
         argument = ufl.Argument(coefficient.ufl_function_space(), number)

@@ -74,7 +74,7 @@ from dolfinx_mno.operands import Operands, OperandsLike, operand_comm
 from dolfinx_mno.quadrature import owned_dofs, quadrature_points, quadrature_space
 from dolfinx_mno.slab_alignment import rows_following_samples
 from dolfinx_mno.spec import ClosureSpec
-from dolfinx_mno.torch_bridge import GridEvaluator, resolve_device
+from dolfinx_mno.torch_bridge import GridEvaluator, ModelStateError, resolve_device
 from dolfinx_mno.validation import check_integer
 
 __all__ = ["NonlocalClosure"]
@@ -135,13 +135,16 @@ class NonlocalClosure(ClosureBase):
         axes are in ``(x, y, z)`` order.
 
     Attributes:
-        communication: Bytes sent per update: ``{"gather": ..., "scatter": ...}`` summed
-            over ranks (excluding the root's own share), set at construction.
+        communication: Bytes sent per update, summed over ranks, set at construction:
+            ``{"gather": ..., "scatter": ...}`` (excluding the root's own share), or with
+            ``distributed=True`` ``{"slab": ..., "halo": ...}`` (see
+            :class:`~dolfinx_mno.nonlocal_distributed.SlabModelStage`).
         timings: Seconds per stage of the last update: ``sample``, ``gather``, ``model``
             (root only), ``wait`` (non-root ranks waiting, asleep, for the root's model),
             ``scatter``, ``interpolate`` and ``total``.
     """
 
+    @torch.inference_mode(False)  # as Closure: its buffers work in any torch mode
     def __init__(
         self,
         model: torch.nn.Module | str | os.PathLike[str],
@@ -374,6 +377,7 @@ class NonlocalClosure(ClosureBase):
 
     # -- update ------------------------------------------------------------------------
 
+    @torch.inference_mode(False)
     def update(self, tangent: bool | None = None) -> None:
         """Sample, gather, run the model, scatter and interpolate (collective).
 
@@ -480,6 +484,8 @@ class NonlocalClosure(ClosureBase):
             reason = self._evaluator.check_finite()
             if reason is None:
                 self._scatter.pack(self._evaluator.outputs)
+        except ModelStateError as err:  # the model is not to be run now
+            return str(err), err
         except Exception as err:  # reported on every rank by the caller
             return f"the model raised {describe(err)}", err
         return reason, None

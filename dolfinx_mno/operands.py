@@ -362,6 +362,22 @@ def _as_expression(operand: typing.Any, index: int) -> ufl.core.expr.Expr:
             "function holding the state (e.g. the previous step's u_n, or the Newton "
             "iterate u_h); mno.derivative(F, u_h) linearises the closure through it."
         )
+    # Closures and closure tangents carry their quadrature degree (quadrature._closure_degree;
+    # not imported: quadrature imports this module).
+    nested = [
+        c.name
+        for c in extract_coefficients(expression)
+        if getattr(c, "_mno_quadrature_degree", None) is not None
+    ]
+    if nested:
+        raise TypeError(
+            f"Operand {index} ({expression}) reads the closure values {nested}: a closure of "
+            "a closure is neither updated by the problems (they update the closures of their "
+            "forms, not of the closures' operands) nor linearised by mno.derivative (the "
+            "chain rule through the inner closure is missing), so its values and Jacobian "
+            "would be silently wrong. Compose the two models into one torch.nn.Module that "
+            "reads the inner closure's operands instead."
+        )
     return expression
 
 

@@ -40,11 +40,14 @@ __all__ = [
     "NUMPY_TO_TORCH",
     "TORCH_TO_NUMPY",
     "GridEvaluator",
+    "ModelStateError",
     "PointwiseEvaluator",
     "default_batch_size",
     "device_of_local_rank",
     "model_dtype",
     "node_local_rank",
+    "placement",
+    "placement_error",
     "resolve_device",
     "to_precision",
     "training_mode_error",
@@ -173,6 +176,44 @@ def training_mode_error(model: torch.nn.Module) -> str | None:
     )
 
 
+class ModelStateError(RuntimeError):
+    """The model is not in a state a closure can evaluate (training mode, recast, moved).
+
+    Raised by the evaluators before the model runs; the closures report its message as
+    the reason, not as an error the model raised.
+    """
+
+
+def placement(model: torch.nn.Module) -> tuple[torch.dtype, torch.device] | None:
+    """The dtype and device of ``model``'s first real floating-point parameter or buffer."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype, tensor.device
+    return None
+
+
+def placement_error(
+    model: torch.nn.Module, built: tuple[torch.dtype, torch.device] | None
+) -> str | None:
+    """Why ``model`` must not be evaluated by a closure built for ``built``, or ``None``.
+
+    A closure's input buffers, casts and compiled kernels are those of the model's dtype
+    and device at construction; after ``model.float()`` or ``model.to(device)`` they would
+    feed the model tensors it cannot take, or (a model that casts internally) mix
+    precisions silently.
+    """
+    now = placement(model)
+    if now == built or built is None:
+        return None
+    was = f"{built[0]} on {built[1]}"
+    is_ = "no floating-point tensors" if now is None else f"{now[0]} on {now[1]}"
+    return (
+        f"the model's tensors changed from {was} to {is_} since the closure was built "
+        "(model.float(), model.to(...)); a closure keeps the buffers and kernels of the "
+        "model's precision and device at construction: build a new closure for the model"
+    )
+
+
 def _host_dtype(dtype: npt.DTypeLike) -> np.dtype:
     """``dtype`` as a NumPy dtype, if it is a DOLFINx dtype the evaluators support."""
     host_dtype = np.dtype(dtype)
@@ -267,6 +308,7 @@ class PointwiseEvaluator:
         self.device = device
         self.host_dtype = host_dtype
         self.dtype = model_dtype(model, NUMPY_TO_TORCH[host_dtype])
+        self._placement = placement(model)
         if self.dtype not in SUPPORTED_MODEL_DTYPES:
             raise TypeError(
                 f"Unsupported model dtype {self.dtype}; use one of {SUPPORTED_MODEL_DTYPES}."
@@ -456,8 +498,9 @@ class PointwiseEvaluator:
             tangent: Also compute ``∂output/∂input`` per point, in the same pass as the
                 values (the mode is :attr:`tangent_mode`).
         """
-        if (reason := training_mode_error(self.model)) is not None:
-            raise RuntimeError(reason)
+        reason = training_mode_error(self.model) or placement_error(self.model, self._placement)
+        if reason is not None:
+            raise ModelStateError(reason)
         if tangent and self._chunk_tangents is None:
             self.prepare_tangent()
             if self.num_points > 0 and self.kernel.tangent_mode is None:
@@ -618,6 +661,7 @@ class GridEvaluator:
             (t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()),
             NUMPY_TO_TORCH[host_dtype],
         )
+        self._placement = placement(model)
         pin = self.device.type == "cuda"
         self._inputs = torch.empty(
             (self.in_channels, self.num_points), dtype=torch.float64, pin_memory=pin
@@ -661,13 +705,15 @@ class GridEvaluator:
         """Run the model on :attr:`inputs` and write :attr:`outputs`.
 
         Raises:
-            RuntimeError: The model is in training mode (:func:`training_mode_error`).
+            RuntimeError: The model is in training mode (:func:`training_mode_error`), or
+                its dtype or device changed since construction (:func:`placement_error`).
             Exception: Whatever the model raises, or a ``RuntimeError`` if its output
                 cannot be viewed as ``(out_channels, num_points)``; :attr:`outputs` is then
                 incomplete.
         """
-        if (reason := training_mode_error(self.model)) is not None:
-            raise RuntimeError(reason)
+        reason = training_mode_error(self.model) or placement_error(self.model, self._placement)
+        if reason is not None:
+            raise ModelStateError(reason)
         output = self._call()
         # To the host, in float64.
         self._outputs.copy_(output[0].reshape(self.out_channels, self.num_points))

@@ -1,5 +1,6 @@
 """Bad input gets a clear error and loses nothing — on every rank, without hangs."""
 
+import re
 import time
 
 from mpi4py import MPI
@@ -561,26 +562,22 @@ def test_non_finite_operands_are_named_as_the_cause(setup):
 
 
 @pytest.mark.mpi
-def test_a_closure_read_at_another_quadrature_degree_is_refused(setup):
-    """One closure as another's operand: only at its own points (same degree it works)."""
+def test_a_closure_of_a_closure_is_refused(setup):
+    """One closure (or its tangent) as another's operand: the problems would not update the
+    inner one and mno.derivative would miss the chain rule through it (found by an audit: a
+    Newton solve "converged" 0.375 off the pure-UFL solution)."""
     _, _, u = setup
     first = mno.Closure(mlp(1, 1), [u], quadrature_degree=2, name="first")
     first.update()
-    message = (
-        "Operand 'first' reads 'first', which holds values at the points of a degree-2 "
-        "quadrature rule only, but this closure evaluates its operands at the points of "
-        "degree 1. Give the closure quadrature_degree=2, or project 'first' onto a "
-        "finite-element space first."
-    )
-    with pytest.raises(ValueError) as info:
-        mno.Closure(mlp(1, 1), [first], quadrature_degree=1)
-    assert str(info.value) == message
-    second = mno.Closure(mlp(1, 1), [2.0 * first], quadrature_degree=2)
-    second.update()
-    model = second.model
-    with torch.no_grad():
-        expected = model(torch.from_numpy(2.0 * first.x.array.reshape(-1, 1))).numpy()
-    np.testing.assert_allclose(second.x.array, expected.reshape(-1), rtol=1e-14, atol=1e-14)
+    for operands, shown in (([first], "first"), ([2.0 * first, u], "2.0 * first")):
+        with pytest.raises(TypeError) as info:
+            mno.Closure(mlp(len(operands), 1), operands, quadrature_degree=2)
+        assert str(info.value).startswith(
+            f"Operand 0 ({shown}) reads the closure values ['first']: a closure of a closure "
+            "is neither updated by the problems"
+        )
+    with pytest.raises(TypeError, match=r"reads the closure values \['first_tangent'\]"):
+        mno.Closure(mlp(1, 1), [first.enable_tangent()[0]], quadrature_degree=2)
 
 
 def test_a_model_on_the_meta_device_is_refused(setup):
@@ -592,3 +589,63 @@ def test_a_model_on_the_meta_device_is_refused(setup):
         mno.Closure(model, [u, ufl.grad(u)], (2,), 2, device=None)
     with pytest.raises(ValueError, match=r"are on the meta device"):
         mno.Closure(model, [u, ufl.grad(u)], (2,), 2)
+
+
+class _Quartic(torch.nn.Module):
+    """W(u) = u⁴."""
+
+    def forward(self, x):
+        return x[:, 0] ** 4
+
+
+@pytest.mark.mpi
+def test_a_second_derivative_of_a_closure_is_refused(setup):
+    """A learned energy ``Π = ∫ W(u)``: its first derivative is exact (against pure UFL),
+    its second would silently miss ``W''`` (an audit found Newton stalling 2.45 off the
+    pure-UFL solution): refused by mno.derivative and hence by NonlinearProblem."""
+    _, V, u = setup
+    W = mno.Closure(_Quartic(), [u], quadrature_degree=4, name="W")
+    F = mno.derivative(W * W.dx, u, ufl.TestFunction(V))
+    W.update()
+    residual = fem.assemble_vector(fem.form(F)).array
+    expected = fem.assemble_vector(fem.form(ufl.derivative(u**4 * W.dx, u))).array
+    assert np.abs(residual - expected).max(initial=0.0) <= 1e-13 * np.abs(expected).max()
+    message = (
+        "The form holds the tangent of closure 'W' (∂W/∂operands, e.g. from an earlier "
+        "mno.derivative), which depends on 'state': its derivative is the closure's second "
+        "derivative, which dolfinx_mno does not compute"
+    )
+    u.name = "state"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        mno.derivative(F, u)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        NonlinearProblem(F, u, petsc_options_prefix="second_derivative_")
+
+
+@pytest.mark.mpi
+def test_a_view_of_the_unknown_as_operand_is_refused_in_jacobians():
+    """``u.sub(0)`` shares u's values but is another UFL coefficient: its tangent would be
+    dropped from the Jacobian (an audit found Newton ending in NaN). mno.derivative refuses
+    it, the problems' Jacobian check counts it, and ``u[0]`` gives the exact Jacobian."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
+    V = fem.functionspace(msh, ("Lagrange", 1, (2,)))
+    u = fem.Function(V, name="u")
+    u.interpolate(lambda x: np.stack([x[0] + x[1], x[0] * x[1]]))
+    v = ufl.TestFunction(V)
+    view = mno.Closure(_Quartic(), [u.sub(0)], quadrature_degree=4, name="view")
+    assert view.depends_on(u)
+    assert view.views_of(u) == [u.sub(0).name]
+    F = ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx + view * v[0] * view.dx
+    with pytest.raises(ValueError, match=r"^Closure 'view' reads \['u_0'\], a view of 'u'"):
+        mno.derivative(F, u)
+    with pytest.raises(ValueError, match=r"J misses the tangent of closure\(s\) 'view', whose"):
+        NonlinearProblem(F, u, J=ufl.derivative(F, u), petsc_options_prefix="view_")
+    # The component itself: the exact Jacobian, against pure UFL.
+    component = mno.Closure(_Quartic(), [u[0]], quadrature_degree=4, name="component")
+    F = ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx + component * v[0] * component.dx
+    J = mno.derivative(F, u)
+    component.update(tangent=True)
+    A = fem.assemble_matrix(fem.form(J)).to_dense()
+    F_ufl = ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx + u[0] ** 4 * v[0] * component.dx
+    B = fem.assemble_matrix(fem.form(ufl.derivative(F_ufl, u))).to_dense()
+    assert np.abs(A - B).max(initial=0.0) <= 1e-12 * max(np.abs(B).max(initial=0.0), 1.0)

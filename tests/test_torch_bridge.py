@@ -262,7 +262,7 @@ def test_nonlocal_closure_refuses_a_model_put_back_in_training_mode(u):
         closure.update()
     assert str(info.value) == (
         f"Update 2 of non-local closure 'c' failed on rank(s) [0] (1 of {size} "
-        f"{'rank' if size == 1 else 'ranks'}); on rank 0: the model raised RuntimeError: "
+        f"{'rank' if size == 1 else 'ranks'}); on rank 0: "
         "the model is in training mode (GridDropout, dropout): dropout and batch norm "
         "would make the closure values random and dependent on the number of ranks; call "
         "model.eval() (closure.model.eval()) before updating the closure. The previous "

@@ -188,6 +188,30 @@ def test_bad_input_fails_on_every_rank():
 
 
 @pytest.mark.mpi
+def test_settings_that_differ_between_ranks_are_refused():
+    """Each rank fitting with its own epochs (an audit: each rank meant a fit of its own and
+    left out comm=) deadlocked in the loss allreduce; now every rank raises, naming the
+    settings by rank. comm=MPI.COMM_SELF gives independent fits."""
+    comm = MPI.COMM_WORLD
+    x, y = known_function(60)
+    local_x, local_y = shard(x, comm), shard(y, comm)
+    if comm.size > 1:
+        epochs = [2 + r for r in range(comm.size)]
+        with pytest.raises(ValueError) as info:
+            fit(MLP(2, 1, [4]), local_x, local_y, epochs=2 + comm.rank, seed=0, progress=False)
+        assert str(info.value).startswith(
+            f"fit: the ranks were given different settings, by rank: {{'epochs': {epochs}}}."
+        )
+        with pytest.raises(ValueError, match=r"\{'batch_size': \[8, 9"):
+            fit(MLP(2, 1, [4]), local_x, local_y, epochs=1, batch_size=8 + comm.rank,
+                progress=False)  # fmt: skip
+    alone = fit(
+        MLP(2, 1, [4]), local_x, local_y, epochs=1 + comm.rank, comm=MPI.COMM_SELF, progress=False
+    )
+    assert alone.history.epochs == 1 + comm.rank
+
+
+@pytest.mark.mpi
 def test_sizes_must_be_integers_on_every_rank():
     """``batch_size=0`` is not "the default", ``True`` is not 1 and 2.5 is not 2."""
     comm = MPI.COMM_WORLD

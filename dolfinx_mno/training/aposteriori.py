@@ -586,6 +586,8 @@ def _recorded_settings(
     return dict(sorted(settings.items()))
 
 
+@torch.inference_mode(False)
+@torch.enable_grad()  # training needs gradients whatever the caller's torch mode
 def fit_rollout(
     rollout: Rollout,
     trajectories: Sequence[Trajectory],
@@ -687,7 +689,13 @@ def fit_rollout(
         FloatingPointError: NaN or Inf losses (on every rank).
         RuntimeError: A linear solve of the rollout did not converge.
     """
-    comm = rollout.comm if isinstance(rollout, Rollout) else MPI.COMM_WORLD
+    if not isinstance(rollout, Rollout):
+        # No communicator to agree on: the ranks that share one make the same mistake.
+        raise TypeError(
+            f"rollout must be a dolfinx_mno.rollout.Rollout, got {type(rollout).__name__} "
+            "(wrap the stepper: Rollout(stepper))."
+        )
+    comm = rollout.comm
     options = dict(locals())
     run: _Run | None = None
     cause: Exception | None = None

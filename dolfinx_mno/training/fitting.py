@@ -192,6 +192,8 @@ class _Run:
         return FitResult(trained, trainer.resume_and_train(options["resume"]).history)
 
 
+@torch.inference_mode(False)
+@torch.enable_grad()  # training needs gradients whatever the caller's torch mode
 def fit(
     model: torch.nn.Module,
     inputs: npt.ArrayLike | torch.Tensor | ClosureDataReader | GriddedDataReader,
@@ -303,7 +305,18 @@ def fit(
         run = _Run.check(model, inputs, targets, options)
     except Exception as err:  # the model's probe and the factories may raise anything
         error = f"{type(err).__name__}: {err}"
-    layout = agree_on_samples(error, None if run is None else run.samples, comm)
+    layout = agree_on_samples(
+        error,
+        None if run is None else run.samples,
+        comm,
+        # The settings, and what a resume may change but the ranks must share.
+        settings=None
+        if run is None
+        else {
+            **run.settings,
+            **{k: options[k] for k in ("epochs", "checkpoint_every", "resume")},
+        },
+    )
     assert run is not None
     # The same global data and settings on every rank: all ranks raise here together.
     with torch.random.fork_rng(devices=[]):

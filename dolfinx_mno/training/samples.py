@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+from collections.abc import Mapping
 from typing import Any
 
 from mpi4py import MPI
@@ -217,7 +219,10 @@ class SampleLayout:
 
 
 def agree_on_samples(
-    error: str | None, samples: LocalSamples | None, comm: MPI.Comm
+    error: str | None,
+    samples: LocalSamples | None,
+    comm: MPI.Comm,
+    settings: Mapping[str, Any] | None = None,
 ) -> SampleLayout:
     """Share every rank's verdict and sample counts; raise the same error on every rank.
 
@@ -227,11 +232,14 @@ def agree_on_samples(
         error: This rank's error, or ``None``.
         samples: This rank's samples (``None`` if ``error``).
         comm: The communicator.
+        settings: This rank's settings (epochs, batch size, seed, ...), which must be the
+            same on every rank: ranks that run different numbers of epochs or batches would
+            wait for each other forever.
 
     Raises:
-        ValueError: A rank failed, the ranks' sample shapes differ, groups were given on
-            some ranks only, or the ranks read different numbers of samples from their
-            files.
+        ValueError: A rank failed, the ranks' sample shapes or settings differ, groups were
+            given on some ranks only, or the ranks read different numbers of samples from
+            their files.
     """
     report = None
     if samples is not None and error is None:
@@ -241,8 +249,18 @@ def agree_on_samples(
             samples.target_shape,
             samples.groups,
             samples.stored_samples,
+            json.dumps(settings, sort_keys=True, default=str),
         )
     reports = agree_on(comm, report, "fit: checking the input", ValueError, reason=error)
+    found = [json.loads(report[5]) for report in reports]
+    differing = sorted(k for k in set().union(*found) if len({str(s.get(k)) for s in found}) > 1)
+    if differing:
+        values = {k: [s.get(k) for s in found] for k in differing}
+        raise ValueError(
+            f"fit: the ranks were given different settings, by rank: {values}. Every rank "
+            "of comm trains the same model on its share of the data and must pass the same "
+            "settings (for independent fits per rank, pass comm=MPI.COMM_SELF)."
+        )
     shapes = {(report[1], report[2]) for report in reports}
     if len(shapes) > 1:
         raise ValueError(
