@@ -29,6 +29,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import os
 import socket
@@ -39,6 +40,8 @@ from mpi4py import MPI
 
 import torch
 import torch.distributed as dist
+
+from dolfinx_mno._mpi import rank_local
 
 __all__ = [
     "SlabPartition",
@@ -143,8 +146,9 @@ def process_group(comm: MPI.Comm, backend: str | None = None) -> dist.ProcessGro
 
     Raises:
         RuntimeError: On every rank: the ranks span several hosts and ``MASTER_ADDR`` is
-            not set on rank 0, or torch's default group is initialised with another size
-            or rank.
+            not set on rank 0, torch's default group is initialised with another size or
+            rank, or rank 0 cannot open the rendezvous (its port is in use: another job's,
+            or another communicator's with the same ``MASTER_PORT``).
     """
     if dist.is_initialized():
         sizes = comm.allgather((dist.get_world_size(), dist.get_rank()))
@@ -170,8 +174,23 @@ def process_group(comm: MPI.Comm, backend: str | None = None) -> dist.ProcessGro
             f"The {comm.size} ranks run on {len(set(hosts))} hosts: set MASTER_ADDR (and "
             "MASTER_PORT) on rank 0 to an address of its host that the other hosts reach."
         )
+    # Rank 0 opens the rendezvous first and the ranks agree on it: a port in use would
+    # otherwise fail rank 0 alone and leave the others connecting to it forever.
+    timeout = datetime.timedelta(minutes=5)
+    store: dist.TCPStore | None = None
+    note = (
+        f"Is port {port} in use? Unset MASTER_PORT to let rank 0 pick a free port, or give "
+        "each communicator that starts torch.distributed a port of its own."
+    )
+    with rank_local(comm, "Opening torch.distributed's rendezvous", RuntimeError, note=note):
+        if comm.rank == 0:
+            store = dist.TCPStore(
+                address, port, comm.size, is_master=True, timeout=timeout, wait_for_workers=False
+            )
+    if comm.rank != 0:
+        store = dist.TCPStore(address, port, comm.size, is_master=False, timeout=timeout)
     dist.init_process_group(
-        backend, init_method=f"tcp://{address}:{port}", rank=comm.rank, world_size=comm.size
+        backend, store=store, rank=comm.rank, world_size=comm.size, timeout=timeout
     )
     return typing.cast(dist.ProcessGroup, dist.group.WORLD)
 

@@ -195,8 +195,9 @@ class ClosureWriter:
 
     Raises:
         TypeError: An entry of ``functions`` that is not a :class:`dolfinx.fem.Function`.
-        ValueError: No functions, functions on several meshes, repeated names, an unknown
-            suffix, or a value shape the format cannot hold.
+        ValueError: No functions, functions on several meshes, a ``comm`` other than the
+            mesh's, repeated names, an unknown suffix, or a value shape the format cannot
+            hold.
 
         These are found before any collective call, identically on every rank.
 
@@ -219,6 +220,15 @@ class ClosureWriter:
         """Open the file (collective); see the class docstring for the arguments."""
         path = Path(filename)
         functions = _check_functions(functions)
+        mesh_comm = functions[0].function_space.mesh.comm
+        if MPI.Comm.Compare(comm, mesh_comm) not in (MPI.IDENT, MPI.CONGRUENT):
+            # (A local check: every rank of either communicator finds the mismatch.)
+            raise ValueError(
+                f"comm (size {comm.size}) is not the functions' mesh communicator (size "
+                f"{mesh_comm.size}): the writer would put one rank's mesh in another rank's "
+                "file, or leave files half-written. Pass the mesh's, "
+                "functions[0].function_space.mesh.comm."
+            )
         if path.suffix not in SUFFIXES:
             raise ValueError(
                 f"Cannot tell the format of '{path}': use the suffix .bp (VTX, "

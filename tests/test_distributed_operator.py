@@ -8,7 +8,10 @@ few modes along axis 1 some ranks own no modes in the transposed layout.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import typing
+from pathlib import Path
 
 from mpi4py import MPI
 
@@ -229,3 +232,27 @@ def test_modes_changed_after_construction_raise():
     model.n_modes = (2, 2)
     with pytest.raises(RuntimeError, match=r"modes changed from \(4, 3\) to \(2, 2\)"):
         distributed(torch.zeros(1, 2, *distributed.local_shape, dtype=torch.float64))
+
+
+MPIRUN = Path(sys.executable).parent / "mpirun"
+RENDEZVOUS_JOB = Path(__file__).with_name("rendezvous_job.py")
+
+
+@pytest.mark.skipif(not MPIRUN.exists(), reason="needs mpirun next to the Python executable")
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_a_rendezvous_port_in_use_raises_on_every_rank(ranks):
+    """MASTER_PORT in use (another job's, or a split communicator's with the same port):
+    rank 0 cannot open the rendezvous, and every rank says so instead of hanging."""
+    if MPI.COMM_WORLD.size > 1:
+        pytest.skip("starts its own MPI job; run it from the serial session")
+    command = [str(MPIRUN), "-n", str(ranks), sys.executable, str(RENDEZVOUS_JOB)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Ranks' lines may interleave: count the messages.
+    found = re.findall(
+        r"rank (\d): Opening torch.distributed's rendezvous failed on rank\(s\) \[0\] .*?"
+        r"Is port \d+ in use\? Unset MASTER_PORT",
+        result.stdout,
+    )
+    assert sorted(int(rank) for rank in found) == list(range(ranks)), result.stdout
+    assert "joined" not in result.stdout

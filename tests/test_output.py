@@ -370,6 +370,16 @@ def test_errors(shared_dir):
     )
     with pytest.raises(ValueError, match=message):
         mno.ClosureWriter(COMM, path.with_suffix(".xdmf"), [closure, fields.tangent])
+    # Another communicator than the mesh's: before, each rank's COMM_SELF mesh written
+    # through COMM_WORLD left only rank 0's file (an audit), or files with 18 values on
+    # 6 cells the other way round. Refused on every rank, for both formats.
+    own = fem.Function(fem.functionspace(mesh.create_unit_square(MPI.COMM_SELF, 2, 2), ("DG", 0)))
+    for comm, functions in ((MPI.COMM_SELF, [closure]), (COMM, [own])):
+        for suffix in (".bp", ".xdmf"):
+            if comm.size == COMM.size == 1:
+                continue  # the same communicator on one process
+            with pytest.raises(ValueError, match=r"is not the functions' mesh communicator"):
+                mno.ClosureWriter(comm, path.with_suffix(suffix), functions)
     writer = mno.ClosureWriter(COMM, path, [closure])
     writer.close()
     writer.close()  # a second close does nothing
