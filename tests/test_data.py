@@ -691,6 +691,25 @@ def test_killed_writer_keeps_complete_samples(tmp_path):
             )
 
 
+def test_a_truncated_file_gives_a_clear_error(tmp_path):
+    """A file cut short (an interrupted copy): reading or appending names the file and what
+    to do (before: h5py's bare "Unable to synchronously open file (truncated file ...)");
+    mode="w" still replaces it."""
+    path = tmp_path / "cut.h5"
+    with synthetic_writer(path) as writer:
+        for i in range(3):
+            writer.append(synthetic_sample(i))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    message = rf"^Cannot open {re.escape(str(path))} as HDF5 \(.*\): the file is damaged or"
+    with pytest.raises(OSError, match=message):
+        ClosureDataReader(path)
+    with pytest.raises(OSError, match=message):
+        synthetic_writer(path)
+    with synthetic_writer(path, mode="w") as writer:
+        assert writer.append(synthetic_sample(0)) == 1
+
+
 WRITING_LOCKED = (
     "Cannot open {} for writing: another process has it open (HDF5 locks the file while a "
     "ClosureDataWriter, a ClosureDataReader or any h5py program holds it). Close it there or "

@@ -160,6 +160,14 @@ def _open_hdf5(path: Path, mode: str, writing: bool) -> h5py.File:
                 "block) or its process has ended."
             )
         raise BlockingIOError(message) from err
+    except OSError as err:  # h5py's "truncated file", "file signature not found", ...
+        if not path.exists():
+            raise
+        raise OSError(
+            f"Cannot open {path} as HDF5 ({str(err).splitlines()[0]}): the file is damaged "
+            "or truncated (an interrupted copy), or not HDF5. Write a new file (mode='w' "
+            "or another path)."
+        ) from err
 
 
 def _chunk_points(num_points: int, row_bytes: int) -> int:
