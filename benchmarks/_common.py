@@ -48,6 +48,12 @@ def ms(seconds: float) -> str:
     return f"{rounded:,.0f}" if rounded >= 1000 else f"{rounded:.3g}"
 
 
+def result_tag(tag: str | None, ranks: int, quick: bool) -> str:
+    """The tag of a result file: ``tag``, else ``np{ranks}``, with ``_quick`` for a smoke
+    test, so that a ``--quick`` run never overwrites a measurement."""
+    return tag or f"np{ranks}{'_quick' if quick else ''}"
+
+
 def run_serial_and_parallel(
     script: str, forwarded: Sequence[str], tag: str | None, ranks: int, mpirun: str | None
 ) -> tuple[str, str]:

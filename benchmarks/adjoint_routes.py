@@ -469,7 +469,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if comm.rank == 0:
         RESULTS.mkdir(exist_ok=True)
-        name = f"adjoint_routes_{args.tag}.json" if args.tag else "adjoint_routes.json"
+        suffix = f"_{args.tag}" if args.tag else "_quick" if args.quick else ""
+        name = f"adjoint_routes{suffix}.json"
         (RESULTS / name).write_text(json.dumps(result, indent=1))
         print(table(result))
     return result

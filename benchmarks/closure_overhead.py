@@ -55,7 +55,7 @@ from mpi4py import MPI
 
 import numpy as np
 import torch
-from _common import machine, ms, run_serial_and_parallel
+from _common import machine, ms, result_tag, run_serial_and_parallel
 
 # dolfinx_mno makes the MPI library of the dolfinx-solver wheel visible; it must be
 # imported before dolfinx.
@@ -562,6 +562,10 @@ def parse_args() -> argparse.Namespace:
         help="only compare two result files",
     )
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if not all(s >= 1 for s in args.sizes):  # NaN too
+        parser.error(f"--sizes must be at least 1, got {args.sizes}")
     if args.quick:
         args.sizes = [2e3, 8e3]
         args.repeats = min(args.repeats, 3)
@@ -647,8 +651,7 @@ def main() -> None:
     if comm.rank == 0:
         print_table(report)
         RESULTS.mkdir(parents=True, exist_ok=True)
-        tag = args.tag or f"np{comm.size}"
-        path = RESULTS / f"closure_overhead_{tag}.json"
+        path = RESULTS / f"closure_overhead_{result_tag(args.tag, comm.size, args.quick)}.json"
         path.write_text(json.dumps(report, indent=2))
         print(f"wrote {path}")
 

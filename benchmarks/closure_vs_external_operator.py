@@ -61,7 +61,7 @@ from mpi4py import MPI
 
 import numpy as np
 import torch
-from _common import machine, ms, run_serial_and_parallel
+from _common import machine, ms, result_tag, run_serial_and_parallel
 from closure_overhead import FirstColumn, matmul_rate, points_per_cell, residual_assembler, timed
 
 # dolfinx_mno makes the MPI library of the dolfinx-solver wheel visible; it must be
@@ -606,7 +606,8 @@ def main() -> None:
             report["targets"] = {}
         print_report(report)
         RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / f"closure_vs_external_operator_{args.tag or f'np{comm.size}'}.json"
+        tag = result_tag(args.tag, comm.size, args.quick)
+        path = RESULTS / f"closure_vs_external_operator_{tag}.json"
         path.write_text(json.dumps(report, indent=2))
         print(f"wrote {path}")
 

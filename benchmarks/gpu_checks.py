@@ -273,7 +273,8 @@ def main() -> None:
             report[name] = {"error": "".join(traceback.format_exception(err))}
             print(f"\n{name} FAILED:\n{report[name]['error']}")
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    path = args.output_dir / f"gpu_checks{'_' + args.tag if args.tag else ''}.json"
+    suffix = f"_{args.tag}" if args.tag else "_quick" if args.quick else ""
+    path = args.output_dir / f"gpu_checks{suffix}.json"
     path.write_text(json.dumps(report, indent=2, default=str))
     print(f"\nwrote {path}")
 

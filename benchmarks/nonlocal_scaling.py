@@ -57,7 +57,7 @@ from mpi4py import MPI
 
 import numpy as np
 import torch
-from _common import machine, ms, run_serial_and_parallel
+from _common import machine, ms, result_tag, run_serial_and_parallel
 
 # dolfinx_mno makes the MPI library of the dolfinx-solver wheel visible; it must be
 # imported before dolfinx.
@@ -430,8 +430,7 @@ def main() -> None:
     report["communication_share_at_256"] = share
     print_table(report)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    tag = args.tag or f"np{comm.size}"
-    path = RESULTS / f"nonlocal_scaling_{tag}.json"
+    path = RESULTS / f"nonlocal_scaling_{result_tag(args.tag, comm.size, args.quick)}.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
 

@@ -72,7 +72,7 @@ from mpi4py import MPI
 
 import numpy as np
 import torch
-from _common import machine, ms, run_serial_and_parallel
+from _common import machine, ms, result_tag, run_serial_and_parallel
 
 # dolfinx_mno makes the MPI library of the dolfinx-solver wheel visible; it must be
 # imported before dolfinx.
@@ -488,7 +488,8 @@ def main() -> None:
     }
     print_run(report)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    path = args.output_dir / f"turbulence_scaling_{args.tag or f'np{comm.size}'}.json"
+    tag = result_tag(args.tag, comm.size, args.quick)
+    path = args.output_dir / f"turbulence_scaling_{tag}.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
 

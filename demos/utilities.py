@@ -14,6 +14,7 @@ after its other imports (``dolfinx_mno`` first, as everywhere)::
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,15 +40,34 @@ def log(*message: object, comm: MPI.Comm = MPI.COMM_WORLD, **kwargs: object) -> 
         print(*message, **kwargs, flush=True)  # type: ignore[call-overload]
 
 
-def output_folder(name: str, comm: MPI.Comm = MPI.COMM_WORLD, root: Path | None = None) -> Path:
-    """The folder ``root / name`` (``root``: ``demos/output``), created on rank 0 first.
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: a positive integer (0 and negatives are refused, not defaulted)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
-    Collective: no rank goes on before the folder exists.
+
+def output_folder(name: str, comm: MPI.Comm = MPI.COMM_WORLD, root: Path | None = None) -> Path:
+    """The folder ``root / name`` (``root``: ``demos/output``), created if need be.
+
+    Collective: rank 0 creates it and tells the others whether that worked, so that a
+    folder it cannot create (a file in the way, no permission) raises on every rank
+    instead of leaving the others waiting.
     """
     folder = (root or OUTPUT) / name
+    error = None
     if comm.rank == 0:
-        folder.mkdir(parents=True, exist_ok=True)
-    comm.Barrier()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            error = f"Cannot create the output folder {folder}: {err}"
+    error = comm.bcast(error, root=0)
+    if error is not None:
+        raise OSError(error)
     return folder
 
 

@@ -54,15 +54,17 @@ from burgers_outputs import (
     operator_closure,
     read_demo_output,
 )
-from utilities import log, output_folder
+from utilities import log, output_folder, positive_int
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 add_demo_output_argument(parser)
-parser.add_argument("--window", type=int, default=None, help="sampling intervals per rollout")
 parser.add_argument(
-    "--stride", type=int, default=None, help="sampling intervals between window starts"
+    "--window", type=positive_int, default=None, help="sampling intervals per rollout"
 )
-parser.add_argument("--epochs", type=int, default=None)
+parser.add_argument(
+    "--stride", type=positive_int, default=None, help="sampling intervals between window starts"
+)
+parser.add_argument("--epochs", type=positive_int, default=None)
 parser.add_argument("--learning-rate", type=float, default=1e-3)
 parser.add_argument(
     "--closures",

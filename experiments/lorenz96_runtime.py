@@ -51,7 +51,7 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPOSITORY / "demos"), str(REPOSITORY / "demos" / "lorenz96")]
 from lorenz96 import F, TwoLevelLorenz96, coarse_step, dtype, field_closure
 from ring_fno import RingFNO
-from utilities import output_folder
+from utilities import output_folder, positive_int
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument(
@@ -60,11 +60,14 @@ parser.add_argument(
     default=REPOSITORY / "demos" / "output" / "lorenz96",
     help="the folder the Lorenz 96 demo wrote (default: demos/output/lorenz96)",
 )
-parser.add_argument("--min-log2-k", type=int, default=6, help="smallest K = 2^n timed")
+parser.add_argument("--min-log2-k", type=positive_int, default=6, help="smallest K = 2^n timed")
 parser.add_argument(
-    "--max-log2-k", type=int, default=None, help="largest K = 2^n timed (14; 11 after --quick)"
+    "--max-log2-k",
+    type=positive_int,
+    default=None,
+    help="largest K = 2^n timed (14; 11 after --quick)",
 )
-parser.add_argument("--threads", type=int, default=1, help="torch threads")
+parser.add_argument("--threads", type=positive_int, default=1, help="torch threads")
 parser.add_argument("--neuralop", action="store_true", help="also time neuraloperator's FNO")
 args = parser.parse_args()
 
@@ -75,6 +78,8 @@ if not all(path.is_file() for path in files):
     sys.exit(f"{args.demo_output} has no closures.json or mno.pt: run the Lorenz 96 demo first")
 demo = json.loads(files[0].read_text())
 max_log2_k = args.max_log2_k or (11 if demo["quick"] else 14)
+if max_log2_k < args.min_log2_k:
+    parser.error(f"--max-log2-k {max_log2_k} is below --min-log2-k {args.min_log2_k}")
 seed = demo["settings"]["seed"]
 output = output_folder("lorenz96", root=REPOSITORY / "experiments" / "output")
 torch.set_num_threads(args.threads)

@@ -74,6 +74,7 @@ from problem import (
 from utilities import (
     boundary_dofs,
     output_folder,
+    positive_int,
     relative_l2_error,
     timed,
     unit_square,
@@ -324,7 +325,7 @@ def tensor_errors(A, A_hom, mean, data: TrainingData):
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--quick", action="store_true", help="small problem (seconds)")
 parser.add_argument(
-    "--cells-per-period", type=int, default=8, help="laminate fine cells per period, x 4"
+    "--cells-per-period", type=positive_int, default=8, help="laminate fine cells per period, x 4"
 )
 args = parser.parse_args()
 if args.cells_per_period % 4:

@@ -22,8 +22,10 @@ Like the experiments, it needs ``demos/`` and ``demos/turbulence_2d/`` on ``sys.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from mpi4py import MPI
@@ -39,6 +41,29 @@ from dolfinx_mno.grid import Grid
 
 #: Viscosity of the demo (Re ≈ 1000).
 NU = 1e-3
+
+
+def read_cache(path: Path, key: str, comm: MPI.Comm) -> dict[str, np.ndarray] | None:
+    """The arrays of every rank's ``path`` if all were written with ``key`` (collective).
+
+    A missing, damaged or half-written file (an interrupted run) counts as absent on its
+    rank, and then on every rank: the caller regenerates the data everywhere.
+    """
+    arrays = None
+    try:
+        with np.load(path) as stored:
+            if str(stored["key"]) == key:
+                arrays = {name: stored[name] for name in stored.files if name != "key"}
+    except Exception:  # absent, truncated, not an .npz, another layout
+        arrays = None
+    return arrays if comm.allreduce(arrays is not None, op=MPI.LAND) else None
+
+
+def write_cache(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` with ``key`` to ``path`` atomically (a new name, then a rename)."""
+    partial = path.with_name(path.name + ".partial.npz")
+    np.savez(partial, key=np.array(key), **arrays)
+    os.replace(partial, path)
 
 
 def settings(quick: bool) -> dict[str, Any]:

@@ -70,14 +70,16 @@ from turbulence_2d_data import (
     settings,
     steps,
 )
-from utilities import assemble_global, log, output_folder
+from utilities import assemble_global, log, output_folder, positive_int
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--quick", action="store_true", help="small problem, a smoke test")
 parser.add_argument(
-    "--windows", type=int, nargs="+", default=None, help="a-posteriori windows of the MLP"
+    "--windows", type=positive_int, nargs="+", default=None, help="a-posteriori windows of the MLP"
 )
-parser.add_argument("--epochs", type=int, default=None, help="a-posteriori epochs of the MLP")
+parser.add_argument(
+    "--epochs", type=positive_int, default=None, help="a-posteriori epochs of the MLP"
+)
 args = parser.parse_args()
 comm = MPI.COMM_WORLD
 torch.set_num_threads(1)

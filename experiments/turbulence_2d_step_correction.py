@@ -91,25 +91,33 @@ from turbulence_2d_data import (
     closure_grid,
     grid_closure,
     over_seeds,
+    read_cache,
     settings,
     steps,
+    write_cache,
 )
-from utilities import assemble_global, log, output_folder
+from utilities import assemble_global, log, output_folder, positive_int
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--quick", action="store_true", help="small problem, a smoke test")
-parser.add_argument("--rollout-epochs", type=int, default=None, help="a-posteriori epochs")
+parser.add_argument("--rollout-epochs", type=positive_int, default=None, help="a-posteriori epochs")
 parser.add_argument(
-    "--window", type=int, default=None, help="a-posteriori window, in snapshots (default 4)"
+    "--window",
+    type=positive_int,
+    default=None,
+    help="a-posteriori window, in snapshots (default 4)",
 )
 parser.add_argument(
     "--dissipative", action="store_true",
     help="runs remove the enstrophy a learned source injects: s - max(0, (s, ω)) / (ω, ω) ω",
 )  # fmt: skip
-parser.add_argument("--mlp-epochs", type=int, default=None, help="a-priori epochs (100)")
-parser.add_argument("--fno-epochs", type=int, default=None, help="a-priori epochs (60)")
+parser.add_argument("--mlp-epochs", type=positive_int, default=None, help="a-priori epochs (100)")
+parser.add_argument("--fno-epochs", type=positive_int, default=None, help="a-priori epochs (60)")
 parser.add_argument(
-    "--train-seeds", type=int, default=None, help="number of training trajectories (default 3)"
+    "--train-seeds",
+    type=positive_int,
+    default=None,
+    help="number of training trajectories (default 3)",
 )
 parser.add_argument(
     "--bound", type=float, default=None,
@@ -131,8 +139,8 @@ parser.add_argument(
     "the spread of the decorrelation times and the factor of the seed-averaged correlation",
 )  # fmt: skip
 parser.add_argument(
-    "--coarse", type=int, default=None,
-    help="the coarse mesh (cells per side, dividing the DNS's; default 16 at --medium); the "
+    "--coarse", type=positive_int, default=None,
+    help="the coarse mesh (cells per side, dividing the DNS's; default 16, 8 with --quick); the "
     "ladder is it and its 2× and 4× refinements coarser than the DNS",
 )  # fmt: skip
 parser.add_argument(
@@ -217,14 +225,13 @@ base_mode = ("quick" if args.quick else "medium") + (
 mode = base_mode + (f"_{args.train_seeds}seeds" if args.train_seeds else "")
 cache = output / f"dns_{mode}_rank{comm.rank}of{comm.size}.npz"
 key = json.dumps({k: config[k] for k in settings(args.quick)}, sort_keys=True)
-found = cache.exists() and str(np.load(cache)["key"]) == key
 tic = time.perf_counter()
-if comm.allreduce(found, op=MPI.LAND):
-    dns_data = dict(np.load(cache))
+if (cached := read_cache(cache, key, comm)) is not None:
+    dns_data = cached
     log(f"DNS read from {cache.name}")
 else:
     dns_data = generate_dns()
-    np.savez(cache, key=np.array(key), **dns_data)
+    write_cache(cache, key, dns_data)
     log(f"DNS: {time.perf_counter() - tic:.1f} s")
 train_states = [dns_data[f"seed{seed}"] for seed in config["train_seeds"]]
 test_states = dns_data[f"seed{config['test_seed']}"]
@@ -401,13 +408,24 @@ def record_fit(result, tic: float) -> dict:
 
 
 def fit_corrections() -> dict:
-    """Fit both corrections to the training data, save them; their fit records."""
+    """Fit both corrections to the training data, save them; their fit records.
+
+    The record is removed first and written last: a run interrupted between them leaves
+    model files without a record, which the next run refits instead of reading.
+    """
     tic = time.perf_counter()
-    if args.cnn:  # the local MLP of the run without --cnn
-        assert local_path.exists(), f"--cnn reads {local_path}: run without --cnn first"
+    if comm.rank == 0:
+        fits_path.unlink(missing_ok=True)
+    comm.Barrier()
+    if args.cnn:  # the local MLP of the run without --cnn, with the same settings
+        memoryless = json.loads(memoryless_fits.read_text()) if memoryless_fits.exists() else {}
+        assert local_path.exists() and memoryless.get("key") == fit_key, (
+            f"--cnn reads {local_path} and its record {memoryless_fits.name} of a run with "
+            "the same settings: run without --cnn first"
+        )
         records = {
             "key": fit_key,
-            "local MLP": json.loads(memoryless_fits.read_text())["local MLP"],
+            "local MLP": memoryless["local MLP"],
         }
         return fit_operator(records)
     local_fit = fit(
@@ -685,16 +703,15 @@ def more_test_seeds(count: int) -> dict[str, Any]:
     path = output / f"dns_{base_mode}_test{count}seeds_rank{comm.rank}of{comm.size}.npz"
     dns_settings = {k: config[k] for k in settings(args.quick) if k != "train_seeds"}
     seeds_key = json.dumps([dns_settings, seeds], sort_keys=True)
-    known = path.exists() and str(np.load(path)["key"]) == seeds_key
-    if comm.allreduce(known, op=MPI.LAND):
-        arrays = dict(np.load(path))
+    if (cached := read_cache(path, seeds_key, comm)) is not None:
+        arrays = cached
     else:
         arrays = {}
         for seed in seeds:
             states, fine, _ = filtered_trajectory(seed, horizon)
             arrays |= {f"seed{seed}": states[::every], f"start{seed}": fine}
             log(f"test seed {seed}: DNS done")
-        np.savez(path, key=np.array(seeds_key), **arrays)
+        write_cache(path, seeds_key, arrays)
     flows = {"no closure": plain} | models | tuned_models
     rows: dict[str, list[dict]] = {label: [runs[label]] for label in [*flows, *ladder_labels]}
     for seed in seeds:

@@ -234,3 +234,12 @@ def test_adjoint_routes_smoke():
     result = {"machine": {"cpu": "test"}, "ranks": 1, "steps": 3, "repeats": 1, "width": None}
     result["cases"] = [case]
     assert bench.table(result).count("\n") == 4
+
+
+def test_smoke_runs_do_not_overwrite_measurements():
+    """``--quick`` without ``--tag`` writes ``..._np{n}_quick.json``: an audit found a smoke
+    run replacing the measured ``closure_overhead_np1.json`` silently."""
+    common = _module("_common")
+    assert common.result_tag(None, 1, quick=False) == "np1"
+    assert common.result_tag(None, 2, quick=True) == "np2_quick"
+    assert common.result_tag("mine", 2, quick=True) == "mine"
