@@ -377,12 +377,11 @@ def test_bad_input_raises_the_same_error_on_every_rank(tiny_square):
         "u0 must be a torch.Tensor, got ndarray.",
         lambda: rollout.gradient(u0.numpy(), data),
     )
-    # rollout_loss: a target that would broadcast against its state (each rank's message
-    # names its own number of dofs).
+    # rollout_loss: a target that would broadcast against its state (the message quotes the
+    # first failing rank's numbers of dofs).
     states = rollout.run(u0, 3)
-    owned = u0.shape[0]
     with pytest.raises(
-        ValueError, match=re.escape(f"Target 1 has shape ({owned}, 1) but its state has ({owned},)")
+        ValueError, match=r"Target 1 has shape \(\d+, 1\) but its state has \(\d+,\) \(this"
     ):
         rollout_loss(states, [data[0], data[1][:, None], data[2]], rollout.comm)
     _raises(
