@@ -710,6 +710,20 @@ def test_a_truncated_file_gives_a_clear_error(tmp_path):
         assert writer.append(synthetic_sample(0)) == 1
 
 
+def test_a_count_beyond_the_stored_samples_is_refused(tmp_path):
+    """num_complete edited to 7 on a 3-sample file: the reader said 7 samples and returned
+    3 (an audit); it now refuses the file."""
+    path = tmp_path / "edited.h5"
+    with synthetic_writer(path) as writer:
+        for i in range(3):
+            writer.append(synthetic_sample(i))
+    with h5py.File(path, "r+") as file:
+        file.attrs["num_complete"] = 7
+    message = f"{path} is damaged: it says 7 samples are complete, but its 'inputs' holds 3."
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        ClosureDataReader(path)
+
+
 WRITING_LOCKED = (
     "Cannot open {} for writing: another process has it open (HDF5 locks the file while a "
     "ClosureDataWriter, a ClosureDataReader or any h5py program holds it). Close it there or "

@@ -804,11 +804,19 @@ class _SampleFileReader(_Closing):
             #: All attributes, JSON values decoded.
             self.metadata = _read_attributes(self._file.attrs)
             _check_format(self.metadata, self.path, self._kind, self._format_version)
+            complete = int(self.metadata["num_complete"])
+            for name in ("inputs", "targets"):
+                stored = self._file[name].shape[0]
+                if stored < complete:  # a damaged or hand-edited file
+                    raise ValueError(
+                        f"{self.path} is damaged: it says {complete} samples are complete, "
+                        f"but its '{name}' holds {stored}."
+                    )
         except Exception:
             self._file.close()
             raise
         #: Number of complete samples.
-        self.num_samples = int(self.metadata["num_complete"])
+        self.num_samples = complete
 
     def _indices(self, samples: slice | Sequence[int] | None) -> np.ndarray:
         everything = np.arange(self.num_samples)
