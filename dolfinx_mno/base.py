@@ -33,14 +33,14 @@ __all__ = ["ClosureBase", "ModelArguments", "operand_comm", "validate_arguments"
 _LIVE_CLOSURES: weakref.WeakValueDictionary[int, ClosureBase] = weakref.WeakValueDictionary()
 
 
-#: Every live closure's tangent function by its ``id``, for :func:`closure_of_tangent`.
-_TANGENT_OWNERS: weakref.WeakValueDictionary[int, ClosureBase] = weakref.WeakValueDictionary()
-
-
 def closure_of_tangent(function: typing.Any) -> ClosureBase | None:
-    """The closure whose :attr:`~dolfinx_mno.Closure.tangent` is ``function``, if any."""
-    closure = _TANGENT_OWNERS.get(id(function))
-    return closure if closure is not None and closure._tangent is function else None
+    """The closure whose :attr:`~dolfinx_mno.Closure.tangent` is ``function``, if any.
+
+    A tangent holds a weak reference to its closure (``_mno_tangent_of``), set when the
+    closure allocates it.
+    """
+    owner = getattr(function, "_mno_tangent_of", None)
+    return owner() if owner is not None else None
 
 
 def closure_of_cpp_function(function: typing.Any) -> ClosureBase | None:
@@ -62,7 +62,6 @@ class ClosureBase(fem.Function, WithOperands):
     _mno_quadrature_degree: int
     _model: torch.nn.Module
     _update_count: int = 0
-    _tangent: fem.Function | None = None
     #: Seconds spent in each stage of the last successful update.
     timings: dict[str, float]
     #: Seconds spent in each stage, summed over all successful updates.

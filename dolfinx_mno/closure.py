@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import time
 import typing
+import weakref
 
 from mpi4py import MPI
 
@@ -36,7 +37,7 @@ from ufl.algorithms import expand_derivatives, extract_coefficients
 from ufl.constantvalue import Zero
 
 from dolfinx_mno._mpi import agree, describe, rank_local
-from dolfinx_mno.base import _TANGENT_OWNERS, ClosureBase, closure_of_tangent, validate_arguments
+from dolfinx_mno.base import ClosureBase, closure_of_tangent, validate_arguments
 from dolfinx_mno.operand_map import OperandEvaluator, OperandMatrix
 from dolfinx_mno.operands import Operands, OperandsLike, operand_comm, operand_components
 from dolfinx_mno.quadrature import owned_dofs, quadrature_points, quadrature_space
@@ -365,7 +366,7 @@ class Closure(ClosureBase):
             self._tangent = fem.Function(space, name=f"{self.name}_tangent", dtype=self.dtype)
             self._tangent.x.array[:] = np.nan  # until an update computes it
             self._tangent._mno_quadrature_degree = self.quadrature_degree  # type: ignore
-            _TANGENT_OWNERS[id(self._tangent)] = self
+            self._tangent._mno_tangent_of = weakref.ref(self)  # type: ignore[attr-defined]
             self._tangent_dofs = owned_dofs(space, self._num_cells)
             self._evaluator.prepare_tangent()
         return self._tangent

@@ -560,7 +560,7 @@ class Rollout:
         # only is agreed on at the others' next collective stage (_mpi.collective_stages).
         with collective_stages(self.comm, BACKWARD_PASS):
             states = self.run(start, horizon, older=older)[interval - 1 :: interval]
-            loss = rollout_loss(states, target_tensors, self.comm)
+            loss = squared_distance(states, target_tensors, self.comm)
             inputs = [p for group in parameters for p in group]
             inputs += [start] if initial_state else []
             gradients = list(torch.autograd.grad(loss, inputs, materialize_grads=True))
@@ -722,9 +722,20 @@ def rollout_loss(
                     f"{tuple(state.shape)} (this rank's owned dofs)."
                 )
             compared.append(value)
+    return squared_distance(states, compared, comm)
+
+
+def squared_distance(
+    states: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], comm: MPI.Comm
+) -> torch.Tensor:
+    """:func:`rollout_loss` of checked float64 tensor targets (collective: one allreduce).
+
+    For callers whose targets are checked already (:meth:`Rollout.gradient`, the windows
+    of :func:`dolfinx_mno.training.fit_rollout`): no check and no agreement per call.
+    """
     local = torch.zeros((), dtype=torch.float64)
-    for state, value in zip(states, compared, strict=True):
-        local = local + ((state - value) ** 2).sum()
+    for state, target in zip(states, targets, strict=True):
+        local = local + ((state - target) ** 2).sum()
     return typing.cast(torch.Tensor, _AllreduceSum.apply(local, comm))
 
 

@@ -23,6 +23,7 @@ dtype and device rules:
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import typing
@@ -185,8 +186,11 @@ class ModelStateError(RuntimeError):
 
 
 def placement(model: torch.nn.Module) -> tuple[torch.dtype, torch.device] | None:
-    """The dtype and device of ``model``'s first real floating-point parameter or buffer."""
-    for tensor in (*model.parameters(), *model.buffers()):
+    """The dtype and device of ``model``'s first real floating-point parameter or buffer.
+
+    Called at every update: it stops at that tensor.
+    """
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
         if tensor.is_floating_point():
             return tensor.dtype, tensor.device
     return None

@@ -42,7 +42,7 @@ import torch
 from dolfinx_mno._mpi import agree_on, rank_local
 from dolfinx_mno.closure import Closure
 from dolfinx_mno.io import _check_json, architecture_config
-from dolfinx_mno.rollout import Rollout, allreduce_gradients, rollout_loss
+from dolfinx_mno.rollout import Rollout, allreduce_gradients, squared_distance
 from dolfinx_mno.spec import metadata_with_spec
 from dolfinx_mno.training import optim
 from dolfinx_mno.training.checkpoint import Checkpoints
@@ -202,7 +202,8 @@ class RolloutObjective:
             m = self.target_interval
             older = list(window.older) if window.older else None
             states = self.rollout.run(window.initial, self.horizon * m, older=older)[m - 1 :: m]
-            return float(rollout_loss(states, list(window.targets), self.rollout.comm)) / self.scale
+            distance = squared_distance(states, list(window.targets), self.rollout.comm)
+            return float(distance) / self.scale
 
     def rollout_loss(self, windows: Sequence[Window]) -> float:
         """The rollout part of ``J``: the mean of :meth:`window_loss` (collective)."""
@@ -586,6 +587,20 @@ def _recorded_settings(
     return dict(sorted(settings.items()))
 
 
+def _communicator(rollout: Rollout) -> MPI.Comm:
+    """The rollout's communicator; a ``TypeError`` for anything else.
+
+    Raised before any collective: there is no communicator to agree on, and the ranks that
+    share one make the same mistake.
+    """
+    if not isinstance(rollout, Rollout):
+        raise TypeError(
+            f"rollout must be a dolfinx_mno.rollout.Rollout, got {type(rollout).__name__} "
+            "(wrap the stepper: Rollout(stepper))."
+        )
+    return rollout.comm
+
+
 @torch.inference_mode(False)
 @torch.enable_grad()  # training needs gradients whatever the caller's torch mode
 def fit_rollout(
@@ -689,13 +704,7 @@ def fit_rollout(
         FloatingPointError: NaN or Inf losses (on every rank).
         RuntimeError: A linear solve of the rollout did not converge.
     """
-    if not isinstance(rollout, Rollout):
-        # No communicator to agree on: the ranks that share one make the same mistake.
-        raise TypeError(
-            f"rollout must be a dolfinx_mno.rollout.Rollout, got {type(rollout).__name__} "
-            "(wrap the stepper: Rollout(stepper))."
-        )
-    comm = rollout.comm
+    comm = _communicator(rollout)
     options = dict(locals())
     run: _Run | None = None
     cause: Exception | None = None

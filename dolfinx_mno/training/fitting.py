@@ -192,6 +192,20 @@ class _Run:
         return FitResult(trained, trainer.resume_and_train(options["resume"]).history)
 
 
+def _agree(
+    error: str | None, run: _Run | None, options: Mapping[str, Any], comm: MPI.Comm
+) -> SampleLayout:
+    """Every rank's verdict, samples and settings (collective; see :func:`agree_on_samples`).
+
+    The settings compared are the run's and what a resume may change but the ranks must
+    share (epochs, checkpoints).
+    """
+    if run is None:
+        return agree_on_samples(error, None, comm)
+    shared = {k: options[k] for k in ("epochs", "checkpoint_every", "resume")}
+    return agree_on_samples(error, run.samples, comm, settings={**run.settings, **shared})
+
+
 @torch.inference_mode(False)
 @torch.enable_grad()  # training needs gradients whatever the caller's torch mode
 def fit(
@@ -305,18 +319,7 @@ def fit(
         run = _Run.check(model, inputs, targets, options)
     except Exception as err:  # the model's probe and the factories may raise anything
         error = f"{type(err).__name__}: {err}"
-    layout = agree_on_samples(
-        error,
-        None if run is None else run.samples,
-        comm,
-        # The settings, and what a resume may change but the ranks must share.
-        settings=None
-        if run is None
-        else {
-            **run.settings,
-            **{k: options[k] for k in ("epochs", "checkpoint_every", "resume")},
-        },
-    )
+    layout = _agree(error, run, options, comm)
     assert run is not None
     # The same global data and settings on every rank: all ranks raise here together.
     with torch.random.fork_rng(devices=[]):
