@@ -35,7 +35,7 @@ from dolfinx_mno.distributed_fft import SlabPartition, process_group_backend
 from dolfinx_mno.distributed_operator import DistributedFNO
 from dolfinx_mno.grid import Grid
 from dolfinx_mno.grid_slabs import SlabGather, SlabScatter
-from dolfinx_mno.torch_bridge import placement, placement_error, training_mode_error
+from dolfinx_mno.torch_bridge import Placement, training_mode_error
 
 __all__ = ["SlabModelStage"]
 
@@ -121,7 +121,7 @@ class SlabModelStage:
         self.model_dtype = next(
             (t.dtype for t in model.parameters() if t.is_floating_point()), torch.float64
         )
-        self._placement = placement(model)
+        self._placement = Placement(model)
         self.device = device
         self.local_shape = local_shape
         self.out_channels = int(out_channels)
@@ -151,7 +151,7 @@ class SlabModelStage:
         """
         note = "The previous closure values were kept."
         model = self.distributed.model
-        reason = training_mode_error(model) or placement_error(model, self._placement)
+        reason = training_mode_error(model) or self._placement.error()
         agree(self.comm, reason, what, ClosureEvaluationError, note=note)
         field = self._inputs.view(1, -1, *self.local_shape)
         field = field.to(device=self.device, dtype=self.model_dtype)

@@ -42,13 +42,12 @@ __all__ = [
     "TORCH_TO_NUMPY",
     "GridEvaluator",
     "ModelStateError",
+    "Placement",
     "PointwiseEvaluator",
     "default_batch_size",
     "device_of_local_rank",
     "model_dtype",
     "node_local_rank",
-    "placement",
-    "placement_error",
     "resolve_device",
     "to_precision",
     "training_mode_error",
@@ -185,37 +184,44 @@ class ModelStateError(RuntimeError):
     """
 
 
-def placement(model: torch.nn.Module) -> tuple[torch.dtype, torch.device] | None:
-    """The dtype and device of ``model``'s first real floating-point parameter or buffer.
-
-    Called at every update: it stops at that tensor.
-    """
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        if tensor.is_floating_point():
-            return tensor.dtype, tensor.device
-    return None
-
-
-def placement_error(
-    model: torch.nn.Module, built: tuple[torch.dtype, torch.device] | None
-) -> str | None:
-    """Why ``model`` must not be evaluated by a closure built for ``built``, or ``None``.
+class Placement:
+    """The dtype and device of a model's first real floating-point tensor at construction.
 
     A closure's input buffers, casts and compiled kernels are those of the model's dtype
     and device at construction; after ``model.float()`` or ``model.to(device)`` they would
     feed the model tensors it cannot take, or (a model that casts internally) mix
-    precisions silently.
+    precisions silently. ``model.float()`` and ``.to()`` convert the parameters in place,
+    so watching the one tensor is enough, and cheap at every update (a parameter replaced
+    by another object, ``load_state_dict(assign=True)``, is not watched).
+
+    Args:
+        model: The model.
     """
-    now = placement(model)
-    if now == built or built is None:
-        return None
-    was = f"{built[0]} on {built[1]}"
-    is_ = "no floating-point tensors" if now is None else f"{now[0]} on {now[1]}"
-    return (
-        f"the model's tensors changed from {was} to {is_} since the closure was built "
-        "(model.float(), model.to(...)); a closure keeps the buffers and kernels of the "
-        "model's precision and device at construction: build a new closure for the model"
-    )
+
+    def __init__(self, model: torch.nn.Module):
+        self._tensor = next(
+            (
+                t
+                for t in itertools.chain(model.parameters(), model.buffers())
+                if t.is_floating_point()
+            ),
+            None,
+        )
+        self._built = None if self._tensor is None else (self._tensor.dtype, self._tensor.device)
+
+    def error(self) -> str | None:
+        """Why the model must not be evaluated by the closure now, or ``None``."""
+        if self._tensor is None or self._built is None:
+            return None
+        dtype, device = self._tensor.dtype, self._tensor.device
+        if (dtype, device) == self._built:
+            return None
+        return (
+            f"the model's tensors changed from {self._built[0]} on {self._built[1]} to "
+            f"{dtype} on {device} since the closure was built (model.float(), "
+            "model.to(...)); a closure keeps the buffers and kernels of the model's "
+            "precision and device at construction: build a new closure for the model"
+        )
 
 
 def _host_dtype(dtype: npt.DTypeLike) -> np.dtype:
@@ -312,7 +318,7 @@ class PointwiseEvaluator:
         self.device = device
         self.host_dtype = host_dtype
         self.dtype = model_dtype(model, NUMPY_TO_TORCH[host_dtype])
-        self._placement = placement(model)
+        self._placement = Placement(model)
         if self.dtype not in SUPPORTED_MODEL_DTYPES:
             raise TypeError(
                 f"Unsupported model dtype {self.dtype}; use one of {SUPPORTED_MODEL_DTYPES}."
@@ -502,7 +508,7 @@ class PointwiseEvaluator:
             tangent: Also compute ``∂output/∂input`` per point, in the same pass as the
                 values (the mode is :attr:`tangent_mode`).
         """
-        reason = training_mode_error(self.model) or placement_error(self.model, self._placement)
+        reason = training_mode_error(self.model) or self._placement.error()
         if reason is not None:
             raise ModelStateError(reason)
         if tangent and self._chunk_tangents is None:
@@ -665,7 +671,7 @@ class GridEvaluator:
             (t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()),
             NUMPY_TO_TORCH[host_dtype],
         )
-        self._placement = placement(model)
+        self._placement = Placement(model)
         pin = self.device.type == "cuda"
         self._inputs = torch.empty(
             (self.in_channels, self.num_points), dtype=torch.float64, pin_memory=pin
@@ -710,12 +716,12 @@ class GridEvaluator:
 
         Raises:
             RuntimeError: The model is in training mode (:func:`training_mode_error`), or
-                its dtype or device changed since construction (:func:`placement_error`).
+                its dtype or device changed since construction (:class:`Placement`).
             Exception: Whatever the model raises, or a ``RuntimeError`` if its output
                 cannot be viewed as ``(out_channels, num_points)``; :attr:`outputs` is then
                 incomplete.
         """
-        reason = training_mode_error(self.model) or placement_error(self.model, self._placement)
+        reason = training_mode_error(self.model) or self._placement.error()
         if reason is not None:
             raise ModelStateError(reason)
         output = self._call()
