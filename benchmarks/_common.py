@@ -7,7 +7,7 @@ import platform
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,23 @@ def result_tag(tag: str | None, ranks: int, quick: bool) -> str:
     """The tag of a result file: ``tag``, else ``np{ranks}``, with ``_quick`` for a smoke
     test, so that a ``--quick`` run never overwrites a measurement."""
     return tag or f"np{ranks}{'_quick' if quick else ''}"
+
+
+def shared_cases(
+    first: Mapping[Hashable, object], second: Mapping[Hashable, object], names: Sequence[str]
+) -> set[Hashable]:
+    """The case keys two result files share; SystemExit naming both files' cases if none.
+
+    A comparison of runs with different ``--sizes`` (or closures, or kinds) would otherwise
+    print an empty table and write an empty result without a word.
+    """
+    shared = set(first) & set(second)
+    if not shared:
+        raise SystemExit(
+            f"{names[0]} and {names[1]} share no case to compare: {sorted(map(str, first))} "
+            f"against {sorted(map(str, second))}. Compare runs of the same sizes and cases."
+        )
+    return shared
 
 
 def run_serial_and_parallel(

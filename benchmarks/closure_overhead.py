@@ -55,7 +55,7 @@ from mpi4py import MPI
 
 import numpy as np
 import torch
-from _common import machine, ms, result_tag, run_serial_and_parallel
+from _common import machine, ms, result_tag, run_serial_and_parallel, shared_cases
 
 # dolfinx_mno makes the MPI library of the dolfinx-solver wheel visible; it must be
 # imported before dolfinx.
@@ -447,10 +447,11 @@ def compare_files(one: Path, many: Path) -> list[dict[str, object]]:
     reports = [json.loads(path.read_text()) for path in (one, many)]
     cases = [{(c["closure"], c["points"]): c for c in r["cases"]} for r in reports]
     ranks = [r["config"]["ranks"] for r in reports]
+    shared = shared_cases(cases[0], cases[1], (one.name, many.name))
     rows = []
     print(f"\nclosure update, {ranks[0]} rank(s) ({one.name}) vs {ranks[1]} ({many.name})")
     print(f"{'closure':>9} {'points':>9} {'update 1':>9} {'update 2':>9} {'speed-up':>9}")
-    for key in sorted(cases[0].keys() & cases[1].keys(), key=lambda k: (k[0], k[1])):
+    for key in sorted(shared, key=lambda k: (k[0], k[1])):
         first, second = cases[0][key]["update"], cases[1][key]["update"]
         rows.append(
             {

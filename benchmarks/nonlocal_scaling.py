@@ -57,7 +57,7 @@ from mpi4py import MPI
 
 import numpy as np
 import torch
-from _common import machine, ms, result_tag, run_serial_and_parallel
+from _common import machine, ms, result_tag, run_serial_and_parallel, shared_cases
 
 # dolfinx_mno makes the MPI library of the dolfinx-solver wheel visible; it must be
 # imported before dolfinx.
@@ -228,11 +228,12 @@ def compare_files(one: Path, many: Path) -> list[dict[str, object]]:
     reports = [json.loads(path.read_text()) for path in (one, many)]
     cases = [{c["n"]: c for c in r["cases"]} for r in reports]
     ranks = [r["config"]["ranks"] for r in reports]
+    shared = shared_cases(cases[0], cases[1], (one.name, many.name))
     rows = []
     print(f"\nnon-local update, {ranks[0]} rank(s) ({one.name}) vs {ranks[1]} ({many.name})")
     header = ["grid", "update 1", "update 2", "speed-up", "model 1", "model 2", "g+s % 2"]
     print(" ".join(f"{h:>10}" for h in header))
-    for n in sorted(cases[0].keys() & cases[1].keys()):
+    for n in sorted(shared):
         first, second = cases[0][n], cases[1][n]
         rows.append(
             {

@@ -72,7 +72,7 @@ from mpi4py import MPI
 
 import numpy as np
 import torch
-from _common import machine, ms, result_tag, run_serial_and_parallel
+from _common import machine, ms, result_tag, run_serial_and_parallel, shared_cases
 
 # dolfinx_mno makes the MPI library of the dolfinx-solver wheel visible; it must be
 # imported before dolfinx.
@@ -288,6 +288,8 @@ def best_rounds(paths: list[Path]) -> tuple[dict[tuple[str, int], dict[str, Any]
 def compare_files(one: list[Path], many: list[Path], ranks: int) -> dict[str, Any]:
     """Speed-up and efficiency from the 1-rank runs in ``one`` to the runs in ``many``."""
     (first, rounds_one), (second, rounds_many) = best_rounds(one), best_rounds(many)
+    names = [f"the runs {[path.name for path in paths]}" for paths in (one, many)]
+    shared = shared_cases(first, second, names)
     rows = []
     print(
         f"\nturbulence_scaling, 1 rank vs {ranks} (1 thread each), best of "
@@ -298,7 +300,7 @@ def compare_files(one: list[Path], many: list[Path], ranks: int) -> dict[str, An
     header += [f"closure {ranks}", f"rhs {ranks}", f"solve {ranks}", "factor 1", f"factor {ranks}"]
     header += ["GiB 1", f"GiB {ranks}", "MUMPS MiB 1", f"MUMPS MiB {ranks}"]
     print(" ".join(f"{h:>11}" for h in header))
-    for key in sorted(first.keys() & second.keys(), key=lambda k: (KINDS.index(k[0]), k[1])):
+    for key in sorted(shared, key=lambda k: (KINDS.index(k[0]), k[1])):
         a, b = first[key], second[key]
         speedup = a["step"] / b["step"]
         row = {

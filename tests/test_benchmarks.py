@@ -243,3 +243,25 @@ def test_smoke_runs_do_not_overwrite_measurements():
     assert common.result_tag(None, 1, quick=False) == "np1"
     assert common.result_tag(None, 2, quick=True) == "np2_quick"
     assert common.result_tag("mine", 2, quick=True) == "mine"
+
+
+@pytest.mark.parametrize("script", ["closure_overhead", "nonlocal_scaling"])
+def test_comparison_of_disjoint_runs_says_so(script, tmp_path, capsys):
+    """Two result files with no case in common: an error naming both files' cases, not an
+    empty table (an audit found ``--compare`` printing only a header)."""
+    bench = _module(script)
+    key = "n" if script == "nonlocal_scaling" else "points"
+    paths = []
+    for ranks, size in ((1, 1000), (2, 8000)):
+        case = {key: size, "closure": "mlp", "update": 1.0, "assembly": 1.0}
+        paths.append(tmp_path / f"np{ranks}.json")
+        paths[-1].write_text(json.dumps({"config": {"ranks": ranks}, "cases": [case]}))
+    with pytest.raises(SystemExit, match="np1.json and np2.json share no case to compare"):
+        bench.compare_files(*paths)
+    assert capsys.readouterr().out == ""  # nothing printed before the error
+    turbulence = _module("turbulence_scaling")
+    for path, n in zip(paths, (8, 16), strict=True):
+        case = {"kind": "coarse", "n": n, "step": 1.0}
+        path.write_text(json.dumps({"load_average": {"before": [0.0]}, "cases": [case]}))
+    with pytest.raises(SystemExit, match=r"\('coarse', 8\)"):
+        turbulence.compare_files(paths[:1], paths[1:], ranks=2)
