@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,12 +51,23 @@ def positive_int(text: str) -> int:
     return value
 
 
-def output_folder(name: str, comm: MPI.Comm = MPI.COMM_WORLD, root: Path | None = None) -> Path:
+def output_folder(
+    name: str,
+    comm: MPI.Comm = MPI.COMM_WORLD,
+    root: Path | None = None,
+    written_last: Sequence[str] = (),
+) -> Path:
     """The folder ``root / name`` (``root``: ``demos/output``), created if need be.
 
     Collective: rank 0 creates it and tells the others whether that worked, so that a
     folder it cannot create (a file in the way, no permission) raises on every rank
     instead of leaving the others waiting.
+
+    Args:
+        written_last: Files of the folder that the run writes after the others (a summary
+            of the model files it saves first). Rank 0 removes them from an earlier run
+            here, so that a run stopped before its end leaves no old summary beside new
+            model files for a later script to read as one.
     """
     folder = (root or OUTPUT) / name
     error = None
@@ -65,6 +76,12 @@ def output_folder(name: str, comm: MPI.Comm = MPI.COMM_WORLD, root: Path | None 
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             error = f"Cannot create the output folder {folder}: {err}"
+        for stale in written_last if error is None else ():
+            try:
+                (folder / stale).unlink(missing_ok=True)
+            except OSError as err:
+                error = f"Cannot remove {stale} of an earlier run from {folder}: {err}"
+                break
     error = comm.bcast(error, root=0)
     if error is not None:
         raise OSError(error)

@@ -36,3 +36,27 @@ def test_an_output_folder_that_cannot_be_created_raises_on_every_rank():
         COMM.Barrier()
         if COMM.rank == 0:
             shutil.rmtree(root)
+
+
+@pytest.mark.mpi
+def test_an_output_folder_forgets_what_the_run_writes_last():
+    """Files written last (a summary of the models saved first) are removed when the run
+    starts, the others kept: a run stopped between the two leaves no old summary beside new
+    models (the audit of the eighteenth session)."""
+    root = Path(COMM.bcast(tempfile.mkdtemp(prefix="mno-demo-") if COMM.rank == 0 else None))
+    try:
+        if COMM.rank == 0:
+            (root / "demo").mkdir()
+            for name in ("summary.json", "model.pt", "reference.npz"):
+                (root / "demo" / name).write_text("an earlier run")
+        COMM.Barrier()
+        folder = output_folder("demo", COMM, root, written_last=("summary.json", "reference.npz"))
+        names = sorted(path.name for path in folder.iterdir())
+        assert names == ["model.pt"]
+        assert (folder / "model.pt").read_text() == "an earlier run"
+        # Nothing to remove (a first run) is no error.
+        assert output_folder("demo", COMM, root, written_last=("summary.json",)) == folder
+    finally:
+        COMM.Barrier()
+        if COMM.rank == 0:
+            shutil.rmtree(root)

@@ -100,7 +100,7 @@ parser.add_argument("--medium", action="store_true", help="the workflow at 128²
 args = parser.parse_args()
 comm = MPI.COMM_WORLD
 torch.set_num_threads(1)
-output = output_folder("turbulence_2d")
+output = output_folder("turbulence_2d", written_last=("summary.json",))
 # -
 
 # Sizes. The time step of a mesh of $n$ cells per side is $\Delta t = c/n$: with
