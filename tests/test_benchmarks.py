@@ -256,7 +256,7 @@ def test_comparison_of_disjoint_runs_says_so(script, tmp_path, capsys):
         case = {key: size, "closure": "mlp", "update": 1.0, "assembly": 1.0}
         paths.append(tmp_path / f"np{ranks}.json")
         paths[-1].write_text(json.dumps({"config": {"ranks": ranks}, "cases": [case]}))
-    with pytest.raises(SystemExit, match="np1.json and np2.json share no case to compare"):
+    with pytest.raises(SystemExit, match=r"np1\.json and np2\.json share no case to compare"):
         bench.compare_files(*paths)
     assert capsys.readouterr().out == ""  # nothing printed before the error
     turbulence = _module("turbulence_scaling")
