@@ -176,6 +176,34 @@ def training_mode_error(model: torch.nn.Module) -> str | None:
     )
 
 
+class InputModifiedError(ValueError):
+    """The model changes its input in place (see :func:`call_watching_input`)."""
+
+
+def call_watching_input(model: torch.nn.Module, x: torch.Tensor) -> typing.Any:
+    """``model(x)``; :class:`InputModifiedError` if the model changed ``x`` in place.
+
+    The evaluators hand a model views of their operand buffers, and the tangents and the
+    gradients through the model (rollouts, training) need its input as it was given: a
+    model that scales or shifts its input in place (``x.mul_(w)``, ``x[:, 0] += 1``,
+    ``ReLU(inplace=True)`` as its first layer) fails there with torch's messages about
+    leaf variables, or changes stored samples from one call to the next. torch counts the
+    in-place writes to a tensor and its views (its version counter), so one probe call
+    tells. For the probes at construction, never on the hot path.
+    """
+    version = x._version
+    y = model(x)
+    if x._version != version:
+        raise InputModifiedError(
+            "The model changes its input in place (an in-place operation on its argument "
+            "or a view of it, e.g. x.mul_(w), x[:, 0] += 1, or ReLU(inplace=True) as its "
+            "first layer). Closures and training pass the model their own buffers, and "
+            "tangents and gradients need the input unchanged: start the forward with "
+            "x = x.clone(), or use out-of-place operations (x = x * w)."
+        )
+    return y
+
+
 class ModelStateError(RuntimeError):
     """The model is not in a state a closure can evaluate (training mode, recast, moved).
 
@@ -570,7 +598,7 @@ class PointwiseEvaluator:
         x = torch.zeros((2, self.num_inputs), dtype=self.dtype, device=self.device)
         try:
             with torch.inference_mode():
-                y = self.model(x)
+                y = call_watching_input(self.model, x)
         except RuntimeError as err:
             expected = _expected_input_width(self.model)
             if expected is not None and expected != self.num_inputs:
@@ -704,11 +732,16 @@ class GridEvaluator:
         """Host output buffer, shape ``(out_channels, num_points)``."""
         return self._outputs_array
 
-    def _call(self) -> typing.Any:
-        """The model's output for the current :attr:`inputs` (without autograd)."""
+    def _call(self, probe: bool = False) -> typing.Any:
+        """The model's output for the current :attr:`inputs` (without autograd).
+
+        ``probe``: also check that the model leaves its input as it was given.
+        """
         if self._model_input is not self._input_field:
             self._model_input.copy_(self._input_field)
         with torch.inference_mode():
+            if probe:
+                return call_watching_input(self.model, self._model_input)
             return self.model(self._model_input)
 
     def evaluate(self) -> None:
@@ -762,7 +795,9 @@ class GridEvaluator:
         outputs = outputs or f"{self.out_channels} output channel{'s' * (self.out_channels != 1)}"
         given = f"(1, {channels}, *{self.grid_shape})"
         try:
-            y = self._call()
+            y = self._call(probe=True)
+        except InputModifiedError:
+            raise
         except Exception as err:
             expected = getattr(self.model, "in_channels", None)
             if expected is not None and expected != channels:

@@ -649,3 +649,50 @@ def test_a_view_of_the_unknown_as_operand_is_refused_in_jacobians():
     F_ufl = ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx + u[0] ** 4 * v[0] * component.dx
     B = fem.assemble_matrix(fem.form(ufl.derivative(F_ufl, u))).to_dense()
     assert np.abs(A - B).max(initial=0.0) <= 1e-12 * max(np.abs(B).max(initial=0.0), 1.0)
+
+
+# -- models that change their input in place -------------------------------------------------
+
+
+class _ScalesInput(torch.nn.Module):
+    """Scales its input in place (``x.mul_``) or shifts a view of it (``x[:, 0] += 1``)."""
+
+    def __init__(self, how: str, channels: bool = False):
+        super().__init__()
+        self.how, self.channels = how, channels
+        self.weight = torch.nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+
+    def forward(self, x):
+        if self.how == "mul_":
+            x.mul_(self.weight)
+        elif self.how == "view":
+            x[:, 0] += 1.0
+        else:  # out of place: accepted
+            x = x * self.weight
+        return x[:, :1] if self.channels else x[:, :1] ** 2
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("how", ["mul_", "view"])
+def test_a_model_that_changes_its_input_is_refused_at_construction(setup, how):
+    """Before, its values were right but its tangent failed with torch's message about a
+    "leaf Variable", and a fit could change its stored samples (audit, nineteenth session).
+    Now the closures and fit refuse it on every rank, and the same model out of place
+    works."""
+    from dolfinx_mno.training import fit
+
+    _, _, u = setup
+    expected = r"changes its input in place .* x = x\.clone\(\)"
+    with pytest.raises(ValueError, match=expected):
+        mno.Closure(_ScalesInput(how), [u, ufl.grad(u)], (), 2)
+    with pytest.raises(ValueError, match=expected):
+        mno.NonlocalClosure(_ScalesInput(how, channels=True), [u], grid_shape=(4, 4))
+    x = np.linspace(0.0, 1.0, 6).reshape(3, 2)
+    with pytest.raises(ValueError, match=expected):
+        fit(_ScalesInput(how), x, x[:, :1], epochs=1, normalize=False, progress=False)
+    closure = mno.Closure(_ScalesInput("copy"), [u, ufl.grad(u)], (), 2)
+    closure.update(tangent=True)
+    values = closure.x.array.reshape(-1, 1)  # 4 u² at every point; its tangent 8 u, 0, 0
+    tangent = closure.tangent.x.array.reshape(values.shape[0], 3)
+    u_points = np.sqrt(values[:, 0] / 4.0) if values.size else values[:, 0]
+    assert np.allclose(tangent[:, 0], 8.0 * u_points) and not tangent[:, 1:].any()

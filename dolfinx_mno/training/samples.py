@@ -26,7 +26,7 @@ import torch
 
 from dolfinx_mno._mpi import agree_on
 from dolfinx_mno.normalization import AffineNormalization, NormalizedModel
-from dolfinx_mno.torch_bridge import model_device, model_dtype
+from dolfinx_mno.torch_bridge import call_watching_input, model_device, model_dtype
 from dolfinx_mno.training.parallel import fetch_rows, read_shard, shard_range
 
 __all__ = [
@@ -185,7 +185,7 @@ class LocalSamples:
         dtype = model_dtype(model, torch.float64)
         probe = torch.zeros(2, *self.input_shape, dtype=dtype, device=model_device(model))
         with torch.no_grad():
-            output = model(probe)
+            output = call_watching_input(model, probe)
         if self.grid and tuple(output.shape) != (2, *self.target_shape):
             raise ValueError(
                 f"The model maps {(2, *self.input_shape)} inputs to {tuple(output.shape)}, "
