@@ -6,8 +6,8 @@ The first two stages of a non-local closure's update (the grid itself is in
 
 * :class:`GridPointSampler` (rank-local after set-up): evaluates a discontinuous Lagrange
   function at the grid points this rank owns. Each grid point is owned by exactly one
-  rank and evaluated in exactly one cell: among the cells that contain it, the one with
-  the smallest *original* (input) cell index, agreed on with one ``MPI.MIN`` reduction at
+  rank and evaluated in exactly one cell: among the cells that contain it, the one whose
+  midpoint is lexicographically smallest, agreed on with ``MPI.MIN`` reductions at
   set-up. The choice therefore does not depend on the partition, which matters where a
   discontinuous operand (``grad u``) jumps across a facet that a grid point lies on.
   Points in no cell are *outside* the domain.
@@ -69,11 +69,14 @@ def _reference_coordinates(mesh: Mesh, cells: np.ndarray, points: np.ndarray) ->
 def _owners_by_midpoints(
     mesh: Mesh, owned: np.ndarray, num_points: int, offsets: np.ndarray, links: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each grid point's cell where the mesh has no original cell indices (a submesh).
+    """Each grid point's owning rank and cell.
 
     Of the cells containing a point (several where it lies on a shared facet), the one whose
     midpoint is the lexicographically smallest wins: a choice by geometry, the same on any
-    number of ranks, made with three ``Allreduce`` of the coordinates.
+    number of ranks, made with three ``Allreduce`` of the coordinates. (The smallest
+    *original* cell index, used before, is not: a submesh has none, and the mesh that
+    ``dolfinx.mesh.refine`` returns numbers its cells in an order that follows the
+    partition, so grid points on facets took other cells' values on other rank counts.)
 
     Returns:
         ``(indices, cells, inside)``: the flat grid indices this rank evaluates, their
@@ -126,7 +129,6 @@ class GridPointSampler:
 
     def __init__(self, grid: Grid, space: fem.FunctionSpace, dtype: npt.DTypeLike = np.float64):
         mesh = space.mesh
-        comm = mesh.comm
         tdim = mesh.topology.dim
         num_owned = mesh.topology.index_map(tdim).size_local
         points = grid.points()
@@ -134,36 +136,9 @@ class GridPointSampler:
         tree = geometry.bb_tree(mesh, tdim, entities=owned)
         candidates = geometry.compute_collisions_points(tree, points)
         colliding = geometry.compute_colliding_cells(mesh, candidates, points)
-        offsets = colliding.offsets
-        links = colliding.array
-        counts = np.diff(offsets)
-        try:
-            original = np.asarray(mesh.topology.original_cell_index, dtype=np.int64)
-        except RuntimeError:  # a submesh has none (DOLFINx: "Mixed topology unsupported")
-            self.indices, self.cells, self.inside = _owners_by_midpoints(
-                mesh, owned, grid.num_points, offsets, links
-            )
-            self._finish(grid, space, points, dtype)
-            return
-        sentinel = np.iinfo(np.int64).max
-        local_best = np.full(grid.num_points, sentinel, dtype=np.int64)
-        local_cell = np.full(grid.num_points, -1, dtype=np.int32)
-        has = counts > 0
-        if links.size:
-            keys = original[links]
-            starts = offsets[:-1][has]
-            local_best[has] = np.minimum.reduceat(keys, starts)
-            # The local cell holding the minimum original index, for each point found here.
-            point_of_link = np.repeat(np.arange(grid.num_points), counts)
-            is_best = keys == local_best[point_of_link]
-            first = np.unique(point_of_link[is_best], return_index=True)
-            local_cell[first[0]] = links[is_best][first[1]]
-        best = np.empty_like(local_best)
-        comm.Allreduce(local_best, best, op=MPI.MIN)
-        mine = (local_best == best) & (best != sentinel)
-        self.inside = best != sentinel
-        self.indices = np.flatnonzero(mine)
-        self.cells = local_cell[self.indices]
+        self.indices, self.cells, self.inside = _owners_by_midpoints(
+            mesh, owned, grid.num_points, colliding.offsets, colliding.array
+        )
         self._finish(grid, space, points, dtype)
 
     def _finish(
