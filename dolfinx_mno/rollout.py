@@ -162,7 +162,12 @@ class Rollout:
             the same.
         before_step: Called as ``before_step(stepper, t_new)`` before each step, as in
             :meth:`~dolfinx_mno.timestepping.IMEXStepper.step` (time-dependent data; not
-            differentiated). The stepper's time constant, if any, is set first.
+            differentiated). The stepper's time constant, if any, is set first. It must set
+            the data from ``t_new`` alone: backward calls it again for each step before
+            that step's adjoint (and a checkpoint's recomputation before each recomputed
+            step); ``stepper.t`` and ``stepper.num_steps`` are not advanced by a rollout.
+            Matrices assembled once (the bilinear form's, an affine linear form's
+            Jacobians) are reassembled when the data they read change.
 
     Raises:
         TypeError: ``stepper`` is neither stepper.
@@ -218,7 +223,8 @@ class Rollout:
             self._step_adjoint = IMEXStep(
                 stepper.problem, stepper.u_previous, closures, form, stepper.older
             )
-        self._t0 = stepper.t
+        # Backward sets each step's data again before its adjoint reassembles anything.
+        self._step_adjoint.prepare = self._prepare_step
 
     @staticmethod
     def _check(stepper: Stepper, checkpoint_every: int | None) -> tuple[list[AnyClosure], ufl.Form]:
@@ -370,7 +376,7 @@ class Rollout:
                 if (reason := training_mode_error(closure.model)) is not None:
                     raise RuntimeError(f"Closure '{closure.name}': {reason}.")
         _same_on_every_rank(self.comm, "Starting the rollout", num_steps=num_steps)
-        self._t0 = self.stepper.t
+        t0 = self.stepper.t  # each segment keeps its own: a later run may start elsewhere
         segment = self.checkpoint_every or num_steps
         checkpointed = self.checkpoint_every is not None and torch.is_grad_enabled()
         # The forward's states by step, for the recomputation (keep_states): filled by the
@@ -382,10 +388,10 @@ class Rollout:
             last = start + count == num_steps  # its graph is the first one backward needs
             if checkpointed and not last:
                 outputs = _CheckpointedSegment.apply(
-                    self, start, count, known, len(levels), *levels, *self._trainable()
+                    self, start, count, known, t0, len(levels), *levels, *self._trainable()
                 )
             else:
-                outputs = self._segment(start, count, None, *levels)
+                outputs = self._segment(start, count, None, t0, *levels)
             states.extend(outputs)
             levels = self._shift(levels, outputs)
         return states
@@ -418,25 +424,39 @@ class Rollout:
             )
 
     def _segment(
-        self, start: int, count: int, known: dict[int, torch.Tensor] | None, *levels: torch.Tensor
+        self,
+        start: int,
+        count: int,
+        known: dict[int, torch.Tensor] | None,
+        t0: float,
+        *levels: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         """The new states of steps ``start .. start + count - 1`` from ``[u_n, u_{n-1}, ...]``.
 
         ``known``: the states of the steps computed so far, filled here on a first pass and
-        returned by the solve stages on a second (a checkpoint's recomputation).
+        returned by the solve stages on a second (a checkpoint's recomputation). ``t0``:
+        the time of the run's initial state.
         """
         states = []
         current = list(levels)
         for n in range(start, start + count):
-            state = self._step(current, n, None if known is None else known.get(n))
+            state = self._step(current, n, t0, None if known is None else known.get(n))
             if known is not None:
                 known.setdefault(n, state.detach())  # shares the output's memory
             states.append(state)
             current = self._shift(current, [state])
         return tuple(states)
 
+    def _prepare_step(self, t_new: float) -> None:
+        """A step's time-dependent data: the time constant, then the hook (collective)."""
+        if self.stepper.time is not None:
+            self.stepper.time.value = t_new  # type: ignore[assignment]
+        if self.before_step is not None:
+            with rank_local(self.comm, "The before_step hook"):
+                self.before_step(self.stepper, t_new)
+
     def _step(
-        self, levels: Sequence[torch.Tensor], n: int, known: torch.Tensor | None = None
+        self, levels: Sequence[torch.Tensor], n: int, t0: float, known: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Step ``n`` from ``[u_n, u_{n-1}, ...]``: time and hook, then the step's stages.
 
@@ -444,12 +464,8 @@ class Rollout:
         instead of solving: the stages before it still run, with their graphs.
         """
         state = levels[0]
-        t_new = self._t0 + (n + 1) * self.stepper.dt
-        if self.stepper.time is not None:
-            self.stepper.time.value = t_new  # type: ignore[assignment]
-        if self.before_step is not None:
-            with rank_local(self.comm, "The before_step hook"):
-                self.before_step(self.stepper, t_new)
+        t_new = t0 + (n + 1) * self.stepper.dt
+        self._prepare_step(t_new)
         step = self._step_adjoint
         if isinstance(step, ImplicitStep):
             parameters = [p for c in self.closures for p in c.model.parameters() if p.requires_grad]
@@ -620,7 +636,7 @@ def _same_on_every_rank(comm: MPI.Comm, what: str, **values: typing.Any) -> None
 class _CheckpointedSegment(torch.autograd.Function):
     """A segment of steps whose graph is rebuilt in backward (checkpointing).
 
-    Called as ``apply(rollout, start, count, known, num_levels, *levels, *parameters)``.
+    Called as ``apply(rollout, start, count, known, t0, num_levels, *levels, *parameters)``.
     The forward runs the steps without a graph (an autograd function's forward runs without
     one), so the first pass costs what a forward rollout does. The backward runs them again
     with the graph, from the saved levels (and, with ``known``, the forward's states
@@ -640,25 +656,26 @@ class _CheckpointedSegment(torch.autograd.Function):
         start: int,
         count: int,
         known: dict[int, torch.Tensor] | None,
+        t0: float,
         num_levels: int,
         *inputs: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         """The segment's states, without a graph (see the class docstring)."""
         ctx.rollout, ctx.start, ctx.count, ctx.known = rollout, start, count, known
-        ctx.parameters = inputs[num_levels:]
+        ctx.t0, ctx.parameters = t0, inputs[num_levels:]
         ctx.save_for_backward(*inputs[:num_levels])
-        return rollout._segment(start, count, known, *inputs[:num_levels])
+        return rollout._segment(start, count, known, t0, *inputs[:num_levels])
 
     @staticmethod
     def backward(ctx, *sensitivities: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         """The segment's VJP, from its steps run again with their graph."""
-        needs = ctx.needs_input_grad[5:]  # [*levels, *parameters]
+        needs = ctx.needs_input_grad[6:]  # [*levels, *parameters]
         levels = [
             level.detach().requires_grad_(need)
             for level, need in zip(ctx.saved_tensors, needs, strict=False)
         ]
         with torch.enable_grad():
-            states = ctx.rollout._segment(ctx.start, ctx.count, ctx.known, *levels)
+            states = ctx.rollout._segment(ctx.start, ctx.count, ctx.known, ctx.t0, *levels)
         wanted = [x for x, need in zip([*levels, *ctx.parameters], needs, strict=True) if need]
         pairs = [(s, g) for s, g in zip(states, sensitivities, strict=True) if s.requires_grad]
         gradients = iter(
@@ -668,7 +685,7 @@ class _CheckpointedSegment(torch.autograd.Function):
             if pairs
             else [None] * len(wanted)
         )
-        return None, None, None, None, None, *(next(gradients) if n else None for n in needs)
+        return None, None, None, None, None, None, *(next(gradients) if n else None for n in needs)
 
 
 # -- losses and reductions -----------------------------------------------------------------

@@ -27,6 +27,7 @@ from __future__ import annotations
 import typing
 from collections.abc import Sequence
 
+from mpi4py import MPI
 from petsc4py import PETSc
 
 import dolfinx.fem.petsc as _fem_petsc
@@ -220,6 +221,59 @@ def model_values(closure: Closure | NonlocalClosure, inputs: torch.Tensor) -> to
 # -- the Jacobians of a form with respect to the state and the closures --------------------
 
 
+class _FormData:
+    """The values of the constants and coefficients some forms read, but for the unknowns.
+
+    A matrix assembled once from such forms stays valid only while these values do not
+    change; a rollout's time constant and ``before_step`` hook may change them from one
+    step to the next (a time-dependent coefficient, a step size in a ``fem.Constant``).
+    :meth:`changed` compares them with the values at the last :meth:`save`.
+
+    Args:
+        forms: UFL forms (``None`` and empty forms read nothing).
+        unknowns: Functions whose values are not data (the state, the closures).
+        comm: The communicator on which :meth:`changed` agrees.
+    """
+
+    def __init__(
+        self, forms: Sequence[ufl.Form | None], unknowns: Sequence[typing.Any], comm: typing.Any
+    ):
+        excluded = {id(w) for w in unknowns}
+        constants: dict[int, typing.Any] = {}
+        functions: dict[int, typing.Any] = {}
+        for form in forms:
+            if form is None or form.empty():
+                continue
+            for constant in ufl.algorithms.analysis.extract_constants(form):
+                constants.setdefault(id(constant), constant)
+            for coefficient in form.coefficients():
+                if id(coefficient) not in excluded:
+                    functions.setdefault(id(coefficient), coefficient)
+        self._constants = list(constants.values())
+        self._functions = list(functions.values())
+        self._comm = comm
+        self._saved = self._values()
+
+    def _values(self) -> list[npt.NDArray[typing.Any]]:
+        return [np.array(c.value, copy=True) for c in self._constants] + [
+            f.x.array.copy() for f in self._functions
+        ]
+
+    def save(self) -> None:
+        """Remember the current values."""
+        self._saved = self._values()
+
+    def changed(self) -> bool:
+        """Whether any value differs from the saved one on any rank (collective)."""
+        if not self._constants and not self._functions:
+            return False  # alike on every rank: nothing to agree on
+        current = [c.value for c in self._constants] + [f.x.array for f in self._functions]
+        local = any(
+            not np.array_equal(now, then) for now, then in zip(current, self._saved, strict=True)
+        )
+        return bool(self._comm.allreduce(local, op=MPI.LOR))
+
+
 class _FormJacobians:
     """Matrices of ``∂form/∂unknown`` for a state and closures, and their transposed products.
 
@@ -243,6 +297,9 @@ class _FormJacobians:
         # Each product's owned entries: the matrix's column layout.
         self.products = [None if m is None else m.createVecs()[0] for m in self.matrices]
         self.sizes = [owned_size(w.function_space) for w in unknowns]
+        comm = unknowns[0].function_space.mesh.comm
+        #: What the matrices read besides the unknowns (time-dependent data, say).
+        self.data = _FormData(derivatives, unknowns, comm)
 
     def assemble(self) -> None:
         """Reassemble the matrices at the functions' current values (collective)."""
@@ -251,6 +308,16 @@ class _FormJacobians:
                 matrix.zeroEntries()
                 _fem_petsc.assemble_matrix(matrix, form)
                 matrix.assemble()
+        self.data.save()
+
+    def refresh(self) -> None:
+        """Reassemble the matrices if their data changed since the last assembly.
+
+        For affine forms, whose matrices are otherwise assembled once: a step's
+        time-dependent coefficients, restored for its adjoint (collective).
+        """
+        if self.data.changed():
+            self.assemble()
 
     def transpose_product(self, index: int, vector: PETSc.Vec, scale: float) -> Array:  # type: ignore[name-defined]
         """``scale · (∂form/∂w)ᵀ vector`` for the unknown ``w`` at ``index``: owned entries.
@@ -314,8 +381,19 @@ class IMEXStep:
         self.jacobians = _FormJacobians(L, [u_previous, *self.older, *self.closures])
         self.affine = self.jacobians.affine
         problem.assemble_operator()
+        #: What the matrix reads (a time-dependent coefficient, a step size in a Constant).
+        self.operator_data = _FormData([problem.ufl_forms[0]], [], self.comm)
         self.rhs = problem.b.duplicate()
         self.adjoint_solution = problem.b.duplicate()
+        #: Sets a step's time-dependent data, ``prepare(t_new)`` (the rollout's time
+        #: constant and hook); run again before the step's adjoint, which reassembles.
+        self.prepare: typing.Callable[[float], None] | None = None
+
+    def _refresh_operator(self) -> None:
+        """Reassemble ``A`` if its data changed (PETSc then refactorises; collective)."""
+        if self.operator_data.changed():
+            self.problem.assemble_operator()
+            self.operator_data.save()
 
     def _set_state(self, levels: Sequence[Array], values: Sequence[Array]) -> None:
         """Write the levels into ``u_previous`` and the older functions, values into closures."""
@@ -336,6 +414,7 @@ class IMEXStep:
             ClosureEvaluationError,
         )
         self._set_state(levels, values)
+        self._refresh_operator()
         problem = self.problem
         problem.assemble_rhs()
         problem.solver.solve(problem.b, problem.x)
@@ -358,6 +437,7 @@ class IMEXStep:
             state: ``(levels, closure values)`` of the step, to assemble the Jacobians at
                 (``None`` when ``L`` is affine: they were assembled once).
         """
+        self._refresh_operator()  # A of this step (prepared by the caller)
         self.rhs.array_w[:] = sensitivity
         solver = self.problem.solver
         solver.solveTranspose(self.rhs, self.adjoint_solution)
@@ -366,6 +446,8 @@ class IMEXStep:
         if state is not None:
             self._set_state(*state)
             self.jacobians.assemble()
+        else:
+            self.jacobians.refresh()
         products = self.jacobians.transpose_products(self.adjoint_solution, 1.0)
         levels, values = products[: self.num_levels], products[self.num_levels :]
         owned = [value[dofs] for value, dofs in zip(values, self.value_dofs, strict=True)]
@@ -384,7 +466,7 @@ class IMEXStepFunction(torch.autograd.Function):
         ctx, step: IMEXStep, t_new: float, known: torch.Tensor | None, *inputs: torch.Tensor
     ) -> torch.Tensor:
         """The stage (see the class docstring); ``known``: ``u_{n+1}`` from an earlier solve."""
-        ctx.step = step
+        ctx.step, ctx.t_new = step, t_new
         if not step.affine:
             ctx.save_for_backward(*inputs)
         if known is not None:  # a recomputation: the solve would give the same state
@@ -398,6 +480,8 @@ class IMEXStepFunction(torch.autograd.Function):
         """Its transpose (see the class docstring)."""
         step: IMEXStep = ctx.step
         stage_entry(step.comm, BACKWARD_PASS)
+        if step.prepare is not None:  # the step's own time-dependent data
+            step.prepare(ctx.t_new)
         state = None
         if not step.affine:
             arrays = [t.detach().numpy() for t in ctx.saved_tensors]
@@ -543,6 +627,8 @@ class ImplicitStep:
         self.num_owned = owned_size(u.function_space)
         self.value_dofs = [owned_dofs(c.function_space, _num_cells(c)) for c in self.closures]
         self.jacobians = _FormJacobians(F, [u_previous, *self.closures])
+        #: As :attr:`IMEXStep.prepare`.
+        self.prepare: typing.Callable[[float], None] | None = None
         self.rhs = problem.b.duplicate()
         self.adjoint_solution = problem.b.duplicate()
         self._transposed = _TransposedJacobian(self)
@@ -636,6 +722,8 @@ class ImplicitStep:
         problem.A.assemble()
         if not self.jacobians.affine:
             self.jacobians.assemble()
+        else:
+            self.jacobians.refresh()
         self.rhs.array_w[:] = sensitivity
         self._solve_transpose(linearisations)
         _fem_petsc.set_bc(self.adjoint_solution, bcs, alpha=0.0)
@@ -662,7 +750,7 @@ class ImplicitStepFunction(torch.autograd.Function):
         *parameters: torch.Tensor,
     ) -> torch.Tensor:  # type: ignore[override]
         """The stage (see the class docstring); ``known``: ``u_{n+1}`` from an earlier solve."""
-        ctx.step = step
+        ctx.step, ctx.t_new = step, t_new
         if known is not None:  # a recomputation: Newton would converge to the same state
             u_new = known.detach().clone()
         else:
@@ -675,6 +763,8 @@ class ImplicitStepFunction(torch.autograd.Function):
         """Its transpose (see the class docstring)."""
         step: ImplicitStep = ctx.step
         stage_entry(step.comm, BACKWARD_PASS)
+        if step.prepare is not None:  # the step's own time-dependent data
+            step.prepare(ctx.t_new)
         u_n, u_new = (t.detach() for t in ctx.saved_tensors)
         grad_u, sensitivities, linearisations = step.adjoint(
             sensitivity.contiguous().numpy(), u_n.numpy(), u_new.numpy()
