@@ -52,6 +52,7 @@ import dataclasses
 import time as _time
 from collections.abc import Callable, Sequence
 
+import numpy as np
 from dolfinx import fem
 from tqdm.auto import tqdm
 
@@ -124,6 +125,13 @@ class _Stepper[Problem: (LinearProblem, NonlinearProblem)]:
                 "u must be the problem's solution function (problem.u): the solve writes "
                 "problem.u, so a step would copy into u_previous a function that never "
                 f"changes. Pass the same function as u=... to {expected.__name__} and here."
+            )
+        if isinstance(dt, bool) or not isinstance(dt, int | float | np.integer | np.floating):
+            raise TypeError(
+                f"dt must be a positive number, got a {type(dt).__name__}. A step size "
+                "held in a fem.Constant of the forms is data: pass dt=float(c.value), and "
+                "to change it, set both (c.value and stepper.dt, e.g. in a before_step "
+                "hook)."
             )
         if not dt > 0:
             raise ValueError(f"The time step must be positive, got {dt}.")

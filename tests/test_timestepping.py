@@ -200,6 +200,10 @@ def test_implicit_stepper_failure_keeps_state():
     assert stepper.step() == pytest.approx(0.04)
     with pytest.raises(ValueError, match="time step must be positive"):
         ImplicitStepper(stepper.problem, stepper.u, stepper.u_previous, dt=0.0)
+    # A step size in a fem.Constant (an audit: "UFL conditions cannot be evaluated as bool").
+    constant = fem.Constant(stepper.u.function_space.mesh, 0.02)
+    with pytest.raises(TypeError, match=r"dt must be a positive number, got a Constant\. "):
+        ImplicitStepper(stepper.problem, stepper.u, stepper.u_previous, dt=constant)
 
 
 class Identity(torch.nn.Module):
