@@ -265,10 +265,12 @@ class GridPointSampler:
 
 
 def _degree_of(expressions: Sequence[ufl.core.expr.Expr]) -> int:
-    """Degree of the DG space expressions are sampled through: their coefficients' highest.
+    """Degree of the DG space expressions are sampled through.
 
-    The interpolation of ``u`` and ``grad(u)`` of a Lagrange ``u`` into it is exact, and so
-    is that of piecewise constants.
+    The highest degree of their coefficients and of their meshes' coordinate elements, at
+    least 1. The interpolation into it of ``u`` and ``grad(u)`` of a Lagrange ``u``, of
+    piecewise constants, and of ``x`` (which is of the geometry's degree in each cell, 2 on
+    a curved P2 mesh) is exact.
     """
     degrees = [
         c.function_space.ufl_element().embedded_superdegree
@@ -276,7 +278,13 @@ def _degree_of(expressions: Sequence[ufl.core.expr.Expr]) -> int:
         for c in ufl.algorithms.extract_coefficients(e)
         if hasattr(c, "function_space")
     ]
-    return max([1, *degrees])
+    geometry_degrees = [
+        domain.ufl_coordinate_element().embedded_superdegree
+        for e in expressions
+        for domain in ufl.domain.extract_domains(e)
+        if isinstance(domain, ufl.Mesh)
+    ]
+    return max([1, *degrees, *geometry_degrees])
 
 
 class GriddedSampler:

@@ -108,7 +108,8 @@ class NonlocalClosure(ClosureBase):
         extension_value: Value of every input channel at grid points outside the domain.
         sampling_degree: Degree of the discontinuous Lagrange space the operands are
             interpolated into before point evaluation; default the highest degree of the
-            operand coefficients (exact for ``u`` and ``grad u`` of a Lagrange ``u``).
+            operand coefficients and of the mesh geometry (exact for ``u`` and ``grad u``
+            of a Lagrange ``u``, and for ``x``, on curved meshes too).
         mesh: The mesh; by default the mesh of the operands.
         device: Device of the model on the root rank (``"auto"``: CUDA if available).
         root: Rank that runs the model.
