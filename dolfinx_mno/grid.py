@@ -36,9 +36,14 @@ class Grid:
     """A vertex-centred structured grid.
 
     Attributes:
-        lower: Lower corner, shape ``(gdim,)``.
-        upper: Upper corner, shape ``(gdim,)``.
+        lower: Lower corner, shape ``(gdim,)``, finite.
+        upper: Upper corner, shape ``(gdim,)``, finite and above ``lower``.
         shape: Number of points per direction (at least 2 each).
+
+    Raises:
+        ValueError: Corners and shape of different lengths, a corner that is not finite
+            (an infinite or NaN corner gives NaN points), an upper corner not above the
+            lower one, or fewer than 2 points in a direction.
     """
 
     lower: tuple[float, ...]
@@ -48,6 +53,10 @@ class Grid:
     def __post_init__(self):
         if not (len(self.lower) == len(self.upper) == len(self.shape)):
             raise ValueError("Grid lower, upper and shape must have the same length.")
+        if not all(math.isfinite(x) for x in (*self.lower, *self.upper)):
+            raise ValueError(
+                f"Grid corners must be finite numbers, got lower {self.lower}, upper {self.upper}."
+            )
         if any(n < 2 for n in self.shape):
             raise ValueError(f"A grid needs at least 2 points per direction, got {self.shape}.")
         if any(hi <= lo for lo, hi in zip(self.lower, self.upper, strict=True)):

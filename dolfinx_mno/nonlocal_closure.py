@@ -557,4 +557,10 @@ def _checked_grid_arguments(
     box_upper = np.asarray(bounding_box[1], dtype=np.float64)
     if box_lower.shape != (gdim,) or box_upper.shape != (gdim,):
         raise ValueError(f"bounding_box corners must have {gdim} coordinates.")
+    if not (np.isfinite(box_lower).all() and np.isfinite(box_upper).all()):
+        raise ValueError(
+            f"bounding_box corners must be finite numbers, got {tuple(box_lower.tolist())} "
+            f"and {tuple(box_upper.tolist())}: give the lower and upper corners of a box that "
+            "contains the mesh, or leave bounding_box out for the mesh's bounding box."
+        )
     return shape, (box_lower, box_upper)

@@ -43,6 +43,18 @@ def test_bad_grids_are_refused():
     with pytest.raises(ValueError) as info:
         Grid((0.0, 1.0), (1.0, 1.0), (2, 2))
     assert str(info.value) == "Grid upper (1.0, 1.0) must exceed lower (0.0, 1.0)."
+    # An infinite or NaN corner passed the comparison above and gave NaN points.
+    for lower in ((-np.inf, 0.0), (np.nan, 0.0)):
+        with pytest.raises(ValueError) as info:
+            Grid(lower, (1.0, 1.0), (2, 2))
+        assert str(info.value) == (
+            f"Grid corners must be finite numbers, got lower {lower}, upper (1.0, 1.0)."
+        )
+    with pytest.raises(ValueError) as info:
+        Grid((0.0, 0.0), (1.0, np.inf), (2, 2))
+    assert str(info.value) == (
+        "Grid corners must be finite numbers, got lower (0.0, 0.0), upper (1.0, inf)."
+    )
 
 
 @pytest.mark.mpi

@@ -229,6 +229,15 @@ def test_bad_input():
         NonlocalClosure(fno(in_channels=3), [u], grid_shape=(16, 16))
     with pytest.raises(ValueError, match="grid_shape must give at least 2 points"):
         NonlocalClosure(Channels([0]), [u], grid_shape=(16,))
+    # An infinite or NaN corner gave NaN at every quadrature point, without an error.
+    for lower, shown in (([-np.inf, 0], "(-inf, 0.0)"), ([np.nan, 0], "(nan, 0.0)")):
+        with pytest.raises(ValueError) as info:
+            NonlocalClosure(Channels([0]), [u], grid_shape=(5, 5), bounding_box=(lower, [1, 1]))
+        assert str(info.value) == (
+            f"bounding_box corners must be finite numbers, got {shown} and (1.0, 1.0): give "
+            "the lower and upper corners of a box that contains the mesh, or leave "
+            "bounding_box out for the mesh's bounding box."
+        )
 
 
 @pytest.mark.mpi
