@@ -65,7 +65,7 @@ from dolfinx.mesh import Mesh
 from dolfinx_mno._mpi import agree, agree_with_root, describe, rank_local
 from dolfinx_mno.base import ClosureBase, validate_arguments
 from dolfinx_mno.closure import ClosureEvaluationError
-from dolfinx_mno.grid import grid_over_mesh
+from dolfinx_mno.grid import grid_over_mesh, mesh_bounding_box
 from dolfinx_mno.grid_gather import GriddedSampler
 from dolfinx_mno.grid_scatter import GridScatter
 from dolfinx_mno.nonlocal_distributed import SlabModelStage
@@ -99,9 +99,15 @@ class NonlocalClosure(ClosureBase):
             model file's spec, else 2.
         grid_shape: Points per direction. Default: the model file's spec, else one point
             per mean cell size, i.e. ``ceil(extent / h) + 1`` with
-            ``h = (volume / num_cells)^(1/tdim)``.
-        bounding_box: ``(lower, upper)`` of the grid; default the mesh's bounding box. It
-            must contain the mesh.
+            ``h = (volume / num_cells)^(1/tdim)``. With a spec in the model file it must be
+            the trained one.
+        bounding_box: ``(lower, upper)`` of the grid, finite; default the mesh's bounding
+            box. It must contain the mesh. With a spec in the model file the grid must
+            have the trained spacing (hence extent), to a relative
+            :data:`~dolfinx_mno.spec.SPACING_RTOL`, anywhere in space
+            (:meth:`~dolfinx_mno.spec.ClosureSpec.check_grid`): a mesh of another extent
+            needs a ``bounding_box`` of the trained extent that contains it, or the model
+            itself passed instead of its file (unchecked).
         mask_channel: Append a channel that is 1 at grid points inside the domain and 0
             outside (always 1 on a box-shaped domain); default the model file's spec,
             else ``True``.
@@ -174,6 +180,7 @@ class NonlocalClosure(ClosureBase):
         # raises on every rank.
         what = f"Building non-local closure '{name}'"
         with rank_local(operand_comm(operands, mesh), what):
+            source = repr(os.fspath(model)) if isinstance(model, str | os.PathLike) else ""
             operands = operand_list = Operands(operands, mesh=mesh)  # both names used below
             arguments = validate_arguments(
                 model,
@@ -199,6 +206,9 @@ class NonlocalClosure(ClosureBase):
 
         # Collective from here on; every decision below is identical on all ranks.
         grid = grid_over_mesh(mesh, grid_shape, box)
+        mesh_box = mesh_bounding_box(mesh)
+        if trained is not None:  # the grid and the boxes are global: every rank raises alike
+            trained.check_grid(grid, mesh_box, bounding_box_given=box is not None, source=source)
         space = quadrature_space(mesh, int(quadrature_degree), value_shape)
         super().__init__(space, name=name, dtype=dtype)
         self._mno_quadrature_degree = int(quadrature_degree)

@@ -5,7 +5,8 @@ and for the closure's value shape (and, for a non-local closure, for its grid an
 channel). :class:`ClosureSpec` records these; :func:`dolfinx_mno.save_model` stores it in
 the model file (``save_model(path, model, spec=closure.spec)``), and a closure built from
 the file (``Closure(path, operands)``) takes the value shape and quadrature degree from it
-and refuses operands or settings that differ::
+and refuses operands or settings that differ (a non-local closure also a grid of another
+spacing, :meth:`ClosureSpec.check_grid`)::
 
     spec = closure.spec                     # or sampler.spec, or ClosureSpec(...)
     save_model("closure.pt", model, spec=spec)
@@ -23,16 +24,29 @@ import numbers
 import typing
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+import numpy.typing as npt
+
 from dolfinx_mno.grid import Grid
 from dolfinx_mno.operands import Operands, OperandsLike
 from dolfinx_mno.validation import check_integer, check_value_shape
 
-__all__ = ["SPEC_KEY", "SPEC_VERSION", "ClosureSpec", "metadata_with_spec", "spec_from_metadata"]
+__all__ = [
+    "SPACING_RTOL",
+    "SPEC_KEY",
+    "SPEC_VERSION",
+    "ClosureSpec",
+    "metadata_with_spec",
+    "spec_from_metadata",
+]
 
 #: The metadata key of a model file that holds the spec.
 SPEC_KEY = "closure_spec"
 #: Version of the layout of :meth:`ClosureSpec.to_dict`; other versions are refused.
 SPEC_VERSION = 1
+#: Relative difference up to which a non-local closure's grid spacing is the trained one
+#: (:meth:`ClosureSpec.check_grid`): round-off of mesh coordinates, not a change of grid.
+SPACING_RTOL = 1e-9
 
 _REQUIRED = ("version", "operands", "operand_widths", "value_shape", "quadrature_degree")
 _GRID_KEYS = ("grid", "mask_channel")
@@ -232,7 +246,8 @@ class ClosureSpec:
 
         Operand names and widths must be equal, in order. ``value_shape``,
         ``quadrature_degree``, ``grid_shape`` and ``mask_channel`` are compared where
-        given (``None``: the caller takes the spec's).
+        given (``None``: the caller takes the spec's). The grid's spacing needs the mesh
+        and is checked once the grid is built (:meth:`check_grid`).
 
         Args:
             operands: The closure's operands.
@@ -291,6 +306,83 @@ class ClosureSpec:
                 f"The model in {source} was trained with {'; '.join(differences)}. "
                 + " ".join(fixes)
             )
+
+    def check_grid(
+        self,
+        grid: Grid,
+        mesh_box: tuple[npt.ArrayLike, npt.ArrayLike],
+        *,
+        bounding_box_given: bool = False,
+        source: str = "the model file",
+    ) -> None:
+        """Refuse a non-local closure's grid whose spacing is not the trained one (rank-local).
+
+        A grid model is only right at the spacing it was trained at (a finite-difference
+        stencil, a convolution, an FNO's modes per unit length). Its grid shape is already
+        the trained one (:meth:`check`), so the grid must have the trained extent too: the
+        trained grid, moved anywhere, but not stretched. Spacings agree if they differ by at
+        most :data:`SPACING_RTOL` relative to the trained one, in every direction. A local
+        spec has no grid: nothing to check.
+
+        Args:
+            grid: The closure's grid.
+            mesh_box: ``(lower, upper)`` of the mesh's bounding box, each ``(gdim,)``, to
+                suggest a box of the trained extent that contains the mesh.
+            bounding_box_given: Whether the grid's box was given (``bounding_box=``)
+                rather than the mesh's bounding box.
+            source: Where the spec comes from, for the message (e.g. ``"'model.pt'"``).
+
+        Raises:
+            ValueError: Another spacing: the message gives the trained and the new spacing
+                and extent, and what to pass (a ``bounding_box`` of the trained extent that
+                contains the mesh, where one does).
+        """
+        if self.grid is None:
+            return
+        trained = self.grid.spacing
+        spacing = grid.spacing
+        if np.all(np.abs(spacing - trained) <= SPACING_RTOL * trained):
+            return
+        extent = np.array(self.grid.upper) - np.array(self.grid.lower)
+        mesh_lower, mesh_upper = (np.asarray(corner, dtype=np.float64) for corner in mesh_box)
+        where = "the bounding_box given" if bounding_box_given else "this mesh's bounding box"
+        message = (
+            f"The model in {source} was trained on a {self.grid.shape} grid of spacing "
+            f"{_numbers(trained)} over the extent {_numbers(extent)}; on {where} "
+            f"[{_numbers(grid.lower)}, {_numbers(grid.upper)}] it would run with spacing "
+            f"{_numbers(spacing)} over the extent {_numbers(np.array(grid.upper) - grid.lower)}"
+            ", which it was not trained for."
+        )
+        tolerance = SPACING_RTOL * extent
+        if self.grid.covers(mesh_lower, mesh_upper):
+            box = (self.grid.lower, self.grid.upper)
+            fix = f"Pass bounding_box={_box(box)}, the trained grid's box, which contains the mesh."
+        elif np.all(mesh_upper - mesh_lower <= extent + tolerance):
+            box = (tuple(mesh_lower.tolist()), tuple((mesh_lower + extent).tolist()))
+            fix = (
+                f"Pass bounding_box={_box(box)}, a box of the trained extent that contains "
+                "the mesh."
+            )
+        else:
+            wider = np.flatnonzero(mesh_upper - mesh_lower > extent + tolerance).tolist()
+            axes = f"axis {wider[0]}" if len(wider) == 1 else f"axes {', '.join(map(str, wider))}"
+            fix = f"No grid of the trained extent contains this mesh: it is wider along {axes}."
+        raise ValueError(
+            f"{message} {fix} To run the model on another grid all the same, pass the model "
+            "itself, dolfinx_mno.load_model(path), which is not checked against the file's "
+            "spec."
+        )
+
+
+def _numbers(values: npt.ArrayLike) -> tuple[float, ...]:
+    """``values`` as a tuple of floats to 12 significant digits, for messages."""
+    return tuple(float(f"{float(v):.12g}") for v in np.asarray(values).reshape(-1))
+
+
+def _box(box: tuple[Sequence[float], Sequence[float]]) -> str:
+    """``((0.0, 0.0), (1.0, 1.0))``: a bounding box to pass, exactly."""
+    lower, upper = (tuple(float(x) for x in corner) for corner in box)
+    return f"({lower}, {upper})"
 
 
 def _listing(operands: Sequence[tuple[str, int]]) -> str:

@@ -546,6 +546,70 @@ def exactly(message):
 
 
 @pytest.mark.mpi
+def test_nonlocal_closure_from_a_file_keeps_the_trained_grid_spacing(shared_dir, registry):
+    """The spec's grid extent is checked too: its shape alone let a mesh of another extent
+    run the model on another spacing, silently (a trained d/dx was off by 100 %)."""
+    io.register_architecture("pointwise_conv", PointwiseConv)
+    comm = MPI.COMM_WORLD
+
+    def closure_of(lower, upper, **options):
+        msh = mesh.create_rectangle(comm, [lower, upper], [4, 4])
+        u = fem.Function(fem.functionspace(msh, ("Lagrange", 1)), name="u")
+        u.interpolate(lambda x: 1 + x[0] * x[1])
+        return NonlocalClosure(path, [u], **options)
+
+    path = shared_dir / "grid.pt"
+    spec = ClosureSpec(("u",), (1,), (), 1, grid=mno.Grid((0.0, 0.0), (1.0, 1.0), (5, 9)),
+                       mask_channel=False)  # fmt: skip
+    io.save_model(path, PointwiseConv(1, 1, seed=2), spec=spec, comm=comm)
+    # Moved anywhere, the trained grid is fine; a box of the trained extent too.
+    assert closure_of([2, -1], [3, 0]).grid == mno.Grid((2.0, -1.0), (3.0, 0.0), (5, 9))
+    box = ((0.0, 0.0), (1.0, 1.0))
+    closure = closure_of([0, 0], [0.5, 1], bounding_box=box)
+    closure.update()
+    assert closure.grid == spec.grid
+    trained = (
+        f"The model in {os.fspath(path)!r} was trained on a (5, 9) grid of spacing "
+        "(0.25, 0.125) over the extent (1.0, 1.0); "
+    )
+    load_model = (
+        " To run the model on another grid all the same, pass the model itself, "
+        "dolfinx_mno.load_model(path), which is not checked against the file's spec."
+    )
+    cases = [
+        (
+            ([0, 0], [2, 1], {}),
+            "on this mesh's bounding box [(0.0, 0.0), (2.0, 1.0)] it would run with spacing "
+            "(0.5, 0.125) over the extent (2.0, 1.0), which it was not trained for. No grid "
+            "of the trained extent contains this mesh: it is wider along axis 0.",
+        ),
+        (
+            ([0, 0], [0.5, 1], {}),
+            "on this mesh's bounding box [(0.0, 0.0), (0.5, 1.0)] it would run with spacing "
+            "(0.125, 0.125) over the extent (0.5, 1.0), which it was not trained for. Pass "
+            "bounding_box=((0.0, 0.0), (1.0, 1.0)), the trained grid's box, which contains the "
+            "mesh.",
+        ),
+        (
+            ([0, 0], [1, 1], {"bounding_box": ([0, 0], [4, 4])}),
+            "on the bounding_box given [(0.0, 0.0), (4.0, 4.0)] it would run with spacing "
+            "(1.0, 0.5) over the extent (4.0, 4.0), which it was not trained for. Pass "
+            "bounding_box=((0.0, 0.0), (1.0, 1.0)), the trained grid's box, which contains the "
+            "mesh.",
+        ),
+    ]
+    for (lower, upper, options), message in cases:
+        with pytest.raises(ValueError) as caught:
+            closure_of(lower, upper, **options)
+        assert str(caught.value) == trained + message + load_model
+    # The model itself is not checked: it runs on the grid asked for.
+    msh = mesh.create_rectangle(comm, [[0, 0], [2, 1]], [4, 4])
+    u = fem.Function(fem.functionspace(msh, ("Lagrange", 1)), name="u")
+    unchecked = NonlocalClosure(io.load_model(path), [u], grid_shape=(5, 9), mask_channel=False)
+    assert unchecked.grid == mno.Grid((0.0, 0.0), (2.0, 1.0), (5, 9))
+
+
+@pytest.mark.mpi
 def test_spec_round_trip_through_a_model_file(shared_dir):
     comm = MPI.COMM_WORLD
     local = ClosureSpec(("u", "grad(u)"), (1, 2), (), 3)

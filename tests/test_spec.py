@@ -179,6 +179,58 @@ def test_check_lists_every_difference_and_the_fix():
         LOCAL.check(operands, nonlocal_closure=True, source="'l.pt'")
 
 
+def test_check_grid_refuses_another_spacing_and_names_the_box_to_pass():
+    """GRID: (5, 9) points over [0, 1] x [0, 2], spacing (0.25, 0.25)."""
+    unit = (np.zeros(2), np.array([1.0, 2.0]))
+    NONLOCAL.check_grid(GRID, unit)
+    NONLOCAL.check_grid(mno.Grid((3.0, -1.0), (4.0, 1.0), (5, 9)), unit)  # moved, same spacing
+    NONLOCAL.check_grid(mno.Grid((0.0, 0.0), (1.0 + 1e-12, 2.0), (5, 9)), unit)  # round-off
+    LOCAL.check_grid(mno.Grid((0.0, 0.0), (7.0, 7.0), (3, 3)), unit)  # a local spec: no grid
+    trained = (
+        "The model in 'g.pt' was trained on a (5, 9) grid of spacing (0.25, 0.25) over the "
+        "extent (1.0, 2.0); "
+    )
+    load_model = (
+        " To run the model on another grid all the same, pass the model itself, "
+        "dolfinx_mno.load_model(path), which is not checked against the file's spec."
+    )
+    cases = [
+        # A smaller mesh inside the trained box: its own box stretches the grid's points.
+        (
+            mno.Grid((0.0, 0.0), (0.5, 2.0), (5, 9)),
+            (np.zeros(2), np.array([0.5, 2.0])),
+            False,
+            "on this mesh's bounding box [(0.0, 0.0), (0.5, 2.0)] it would run with spacing "
+            "(0.125, 0.25) over the extent (0.5, 2.0), which it was not trained for. Pass "
+            "bounding_box=((0.0, 0.0), (1.0, 2.0)), the trained grid's box, which contains "
+            "the mesh.",
+        ),
+        # A smaller mesh elsewhere: a box of the trained extent at the mesh's lower corner.
+        (
+            mno.Grid((5.0, 1.0), (5.5, 2.0), (5, 9)),
+            (np.array([5.0, 1.0]), np.array([5.5, 2.0])),
+            False,
+            "on this mesh's bounding box [(5.0, 1.0), (5.5, 2.0)] it would run with spacing "
+            "(0.125, 0.125) over the extent (0.5, 1.0), which it was not trained for. Pass "
+            "bounding_box=((5.0, 1.0), (6.0, 3.0)), a box of the trained extent that contains "
+            "the mesh.",
+        ),
+        # A box given that changes the spacing; a mesh wider than the trained extent.
+        (
+            mno.Grid((0.0, 0.0), (4.0, 4.0), (5, 9)),
+            (np.zeros(2), np.array([2.0, 3.0])),
+            True,
+            "on the bounding_box given [(0.0, 0.0), (4.0, 4.0)] it would run with spacing "
+            "(1.0, 0.5) over the extent (4.0, 4.0), which it was not trained for. No grid of "
+            "the trained extent contains this mesh: it is wider along axes 0, 1.",
+        ),
+    ]
+    for grid, mesh_box, given, message in cases:
+        with pytest.raises(ValueError) as caught:
+            NONLOCAL.check_grid(grid, mesh_box, bounding_box_given=given, source="'g.pt'")
+        assert str(caught.value) == trained + message + load_model
+
+
 def test_metadata_holds_the_spec_once():
     assert metadata_with_spec(None, None) == {}
     assert metadata_with_spec({"units": "m"}, LOCAL) == {"units": "m", SPEC_KEY: LOCAL.to_dict()}
