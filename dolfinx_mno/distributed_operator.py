@@ -44,7 +44,13 @@ import torch.distributed as dist
 from dolfinx_mno._mpi import agree_on
 from dolfinx_mno.distributed_fft import SlabPartition, SlabSpectralTransform, process_group
 
-__all__ = ["DistributedFNO", "DistributedSpectralConv", "kept_modes", "unsupported_options"]
+__all__ = [
+    "DistributedFNO",
+    "DistributedSpectralConv",
+    "check_supported",
+    "kept_modes",
+    "unsupported_options",
+]
 
 
 def kept_modes(
@@ -104,6 +110,20 @@ def kept_modes(
         modes_in.append([f % n for f in frequencies])
         modes_out.append([(f + 2 * (n // 2)) % n for f in frequencies])
     return modes_in, modes_out, weight_slices
+
+
+def check_supported(model: typing.Any) -> None:
+    """Refuse a model :class:`DistributedFNO` cannot distribute (rank-local).
+
+    Raises:
+        ValueError: Not a neuralop FNO/TFNO, or options it cannot distribute, each named
+            (:func:`unsupported_options`).
+    """
+    problems = unsupported_options(model)
+    if problems:
+        raise ValueError(
+            "DistributedFNO cannot distribute this model: " + "; ".join(problems) + "."
+        )
 
 
 def unsupported_options(model: typing.Any) -> list[str]:
@@ -312,11 +332,7 @@ class DistributedFNO(torch.nn.Module):
         """Check the model and grid, then join the process group (collective)."""
         super().__init__()
         grid_shape = tuple(int(n) for n in grid_shape)
-        problems = unsupported_options(model)
-        if problems:
-            raise ValueError(
-                "DistributedFNO cannot distribute this model: " + "; ".join(problems) + "."
-            )
+        check_supported(model)
         if len(grid_shape) != model.n_dim:
             raise ValueError(
                 f"The grid {grid_shape} has {len(grid_shape)} axes, but the FNO has "

@@ -32,7 +32,7 @@ import torch
 from dolfinx_mno._mpi import agree
 from dolfinx_mno.closure import ClosureEvaluationError
 from dolfinx_mno.distributed_fft import SlabPartition, process_group_backend
-from dolfinx_mno.distributed_operator import DistributedFNO, unsupported_options
+from dolfinx_mno.distributed_operator import DistributedFNO, check_supported
 from dolfinx_mno.grid import Grid
 from dolfinx_mno.grid_slabs import SlabGather, SlabScatter
 from dolfinx_mno.torch_bridge import Placement, training_mode_error
@@ -92,11 +92,12 @@ class SlabModelStage:
     ):
         """Set up the three stages (collective); the arguments are in the class docstring."""
         # The same model on every rank: each raises alike, before the first collective.
-        # A model DistributedFNO cannot run (not an FNO, or an option it refuses) is left to
-        # it, which names why before its first collective; only an FNO has channels to check.
+        # First whether it is an FNO DistributedFNO can run (a Sequential got the channel
+        # message), then its channels.
+        check_supported(model)
         channels = num_inputs + int(mask_channel)
         found = (getattr(model, "in_channels", channels), getattr(model, "out_channels", None))
-        if not unsupported_options(model) and found != (channels, out_channels):
+        if found != (channels, out_channels):
             mask = " and the mask" if mask_channel else ""
             raise ValueError(
                 f"The FNO maps {found[0]} channels to {found[1]}, but the closure gives it "

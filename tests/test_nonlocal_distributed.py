@@ -194,11 +194,13 @@ def test_models_that_cannot_run_are_refused_at_construction():
 @pytest.mark.mpi
 def test_a_model_that_is_no_fno_is_refused_as_such():
     """A Sequential got the channel message ("maps 2 channels to None"), a bare Conv2d the
-    type message: both get the type message, on every rank."""
+    type message: all get the type message, on every rank, a model without parameters too
+    (not StopIteration)."""
     msh = mesh.create_unit_square(MPI.COMM_WORLD, 3, 3)
     u = fem.Function(fem.functionspace(msh, ("Lagrange", 1)))
     convolution = torch.nn.Conv2d(2, 1, 3, padding=1).double()
-    for model, name in ((torch.nn.Sequential(convolution), "Sequential"), (convolution, "Conv2d")):
+    models = [torch.nn.Sequential(convolution), convolution, torch.nn.Identity()]
+    for model, name in zip(models, ["Sequential", "Conv2d", "Identity"], strict=True):
         with pytest.raises(ValueError) as info:
             NonlocalClosure(model, [u], grid_shape=(5, 5), distributed=True)
         assert str(info.value) == (
