@@ -295,8 +295,9 @@ class GriddedSampler:
     exactly what it sees in the simulation. Each expression's components, expression after
     expression (row-major), form the channels. The values at the grid points are those of
     the interpolants of the expressions into a discontinuous Lagrange space of degree
-    ``sampling_degree`` (default: the highest degree of their coefficients; exact for
-    ``u``, ``grad(u)`` and piecewise constants), each point evaluated on exactly one rank
+    ``sampling_degree`` (default: the highest degree of their coefficients and of the
+    mesh's geometry; exact for ``u``, ``grad(u)``, ``x`` and piecewise constants), each
+    point evaluated on exactly one rank
     (:class:`GridPointSampler`). Points outside the mesh get ``extension_value``;
     ``mask_channel`` appends a channel that is 1 inside and 0 outside.
 
