@@ -238,7 +238,9 @@ class Correlation:
                     "Correlate fields that vary"
                     + (", or pass centered=False to keep the mean." if self.centered else ".")
                 )
-        return float(product / math.sqrt(squares_a * squares_b))
+        # Two roots, not the root of the product: squares_a * squares_b overflows (or
+        # underflows) for fields of magnitude ~1e±77, whose correlation is still 1.
+        return float(product / (math.sqrt(squares_a) * math.sqrt(squares_b)))
 
 
 def correlation(

@@ -148,6 +148,18 @@ def test_correlation_errors():
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("scale", [1e80, 1e-85])
+@pytest.mark.parametrize("centered", [True, False])
+def test_correlation_of_huge_and_tiny_fields(scale, centered):
+    """The product of the two integrals (~scale⁴) would overflow or underflow; the roots do not."""
+    msh = _box(cells=(8, 8))
+    u = fem.Function(fem.functionspace(msh, ("Lagrange", 1)))
+    u.interpolate(lambda x: scale * (np.sin(3 * x[0]) + x[1]))
+    assert mno.correlation(u, u, centered=centered) == pytest.approx(1.0, abs=1e-12)
+    assert mno.correlation(u, -u, centered=centered) == pytest.approx(-1.0, abs=1e-12)
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("centered", [True, False])
 def test_correlation_is_rank_invariant(tiny_square, centered):
     """Two cells: on 3 ranks one rank owns none. The value of one process, on every rank."""
