@@ -192,10 +192,12 @@ def composite_quadrature(
     The reference cell is split into ``subdivisions`` pieces per direction (``m^tdim``
     sub-cells; a triangle into ``m²`` triangles, as red refinement does), and the default
     rule is mapped onto each. On a mesh nested in a coarse mesh by uniform refinement by a
-    factor ``m`` (e.g. ``create_unit_square(comm, m * n, m * n)`` inside ``(n, n)``), the
-    rule on a coarse cell integrates exactly every field that is a polynomial of degree
-    ``≤ degree`` on each fine cell: fine fields with kinks or jumps between fine cells,
-    which a single high-degree rule would alias.
+    factor ``m`` whose cells are these sub-cells (e.g. ``create_unit_square(comm, m * n,
+    m * n)`` inside ``(n, n)``, both with the diagonal ``"right"`` or both ``"left"``; not
+    ``"crossed"`` or ``"left_right"``, nor :func:`dolfinx.mesh.refine`), the rule on a
+    coarse cell integrates exactly every field that is a polynomial of degree ``≤ degree``
+    on each fine cell: fine fields with kinks or jumps between fine cells, which a single
+    high-degree rule would alias.
 
     Args:
         cell: ``"interval"``, ``"triangle"``, ``"quadrilateral"`` or ``"hexahedron"``.

@@ -10,6 +10,8 @@
   its model, bit for bit, and exact values of piecewise polynomials on the grid.
 """
 
+import re
+
 from mpi4py import MPI
 
 import numpy as np
@@ -25,6 +27,7 @@ from dolfinx_mno.data import (
     GriddedSampler,
     L2Projection,
     Tendency,
+    restriction,
 )
 from dolfinx_mno.grid import Grid
 from dolfinx_mno.quadrature import composite_quadrature, measure
@@ -86,6 +89,43 @@ def _rough_fine_field(Vf):
     return u
 
 
+def _galerkin_residual(projected, u_f, bcs=()):
+    """max |(P u_f − u_f, φ)| / (‖u_f‖ ‖φ‖) over a few smooth coarse φ, on the fine mesh.
+
+    Every coarse function is a fine function when the meshes are nested: it is interpolated
+    into the fine space exactly, and the residual is integrated exactly on the fine cells.
+    φ vanishes on the dofs of ``bcs``.
+    """
+    Vc, Vf = projected.function_space, u_f.function_space
+    fine = Vf.mesh
+    cells = np.arange(fine.topology.index_map(fine.topology.dim).size_local, dtype=np.int32)
+    transfer = fem.create_interpolation_data(Vf, Vc, cells)
+
+    def on_fine(w):
+        out = fem.Function(Vf)
+        out.interpolate_nonmatching(w, cells, transfer)
+        out.x.scatter_forward()
+        return out
+
+    def integral(form):
+        return fine.comm.allreduce(fem.assemble_scalar(fem.form(form)))
+
+    rng = np.random.default_rng(0)
+    norm = np.sqrt(integral(u_f**2 * ufl.dx))
+    projected_f = on_fine(projected)
+    worst = 0.0
+    for _ in range(3):
+        phi = fem.Function(Vc)
+        x = Vc.tabulate_dof_coordinates()
+        phi.x.array[:] = np.cos(rng.uniform(1, 9) * x[:, 0] + rng.uniform(1, 9) * x[:, 1])
+        for bc in bcs:
+            bc.set(phi.x.array)
+        phi_f = on_fine(phi)
+        residual = abs(integral((projected_f - u_f) * phi_f * ufl.dx))
+        worst = max(worst, residual / (norm * np.sqrt(integral(phi_f**2 * ufl.dx))))
+    return worst
+
+
 @pytest.mark.mpi
 @pytest.mark.parametrize("kind", ["interval", "quadrilateral", "triangle"])
 @pytest.mark.parametrize("constrained", [False, True])
@@ -99,37 +139,138 @@ def test_nested_l2_projection_is_exact(kind, constrained):
     bcs = [_wall_bc(Vc)] if constrained else []
     exact = L2Projection(Vc, subdivisions=m, bcs=bcs)(u_f)
     aliased = L2Projection(Vc, bcs=bcs)(u_f)
-
-    # Coarse functions are fine functions (nested): interpolate them exactly.
-    cells = np.arange(fine.topology.index_map(fine.topology.dim).size_local, dtype=np.int32)
-    transfer = fem.create_interpolation_data(Vf, Vc, cells)
-
-    def on_fine(w):
-        out = fem.Function(Vf)
-        out.interpolate_nonmatching(w, cells, transfer)
-        out.x.scatter_forward()
-        return out
-
-    rng = np.random.default_rng(0)
-    norm = np.sqrt(fine.comm.allreduce(fem.assemble_scalar(fem.form(u_f**2 * ufl.dx))))
-    worst = {"exact": 0.0, "aliased": 0.0}
-    for _ in range(3):
-        phi = fem.Function(Vc)
-        x = Vc.tabulate_dof_coordinates()
-        phi.x.array[:] = np.cos(rng.uniform(1, 9) * x[:, 0] + rng.uniform(1, 9) * x[:, 1])
-        if constrained:
-            bcs[0].set(phi.x.array)
-        phi_f = on_fine(phi)
-        phi_norm = np.sqrt(fine.comm.allreduce(fem.assemble_scalar(fem.form(phi_f**2 * ufl.dx))))
-        for label, projected in (("exact", exact), ("aliased", aliased)):
-            residual = fem.form((on_fine(projected) - u_f) * phi_f * ufl.dx)
-            value = abs(fine.comm.allreduce(fem.assemble_scalar(residual)))
-            worst[label] = max(worst[label], value / (norm * phi_norm))
-    assert worst["exact"] < 1e-12, worst
-    assert worst["aliased"] > 1e-4, worst  # the default rule sees only a few fine cells
+    assert _galerkin_residual(exact, u_f, bcs) < 1e-12
+    assert _galerkin_residual(aliased, u_f, bcs) > 1e-4  # the default rule sees few fine cells
     if constrained:
         values = exact.x.array[bcs[0].dof_indices()[0]]
         assert np.all(values == 0.0)
+
+
+def _square(n, cell=mesh.CellType.triangle, diagonal=mesh.DiagonalType.right):
+    return mesh.create_unit_square(MPI.COMM_WORLD, n, n, cell, diagonal=diagonal)
+
+
+def _refined(n):
+    """``create_unit_square(n, n)`` refined once by dolfinx.mesh.refine (Plaza's method)."""
+    msh = _square(n)
+    msh.topology.create_entities(1)
+    return mesh.refine(msh)[0]
+
+
+# (coarse mesh, fine mesh, subdivisions) on which the composite rule is exact.
+EXACT_PAIRS = {
+    "left diagonal": lambda: (
+        _square(3, diagonal=mesh.DiagonalType.left),
+        _square(6, diagonal=mesh.DiagonalType.left),
+        2,
+    ),
+    "rectangle of quadrilaterals": lambda: (
+        mesh.create_rectangle(
+            MPI.COMM_WORLD, [[0.0, 0.0], [2.0, 1.0]], [2, 1], mesh.CellType.quadrilateral
+        ),
+        mesh.create_rectangle(
+            MPI.COMM_WORLD, [[0.0, 0.0], [2.0, 1.0]], [6, 3], mesh.CellType.quadrilateral
+        ),
+        3,
+    ),
+    "hexahedra": lambda: (
+        mesh.create_unit_cube(MPI.COMM_WORLD, 1, 1, 1, mesh.CellType.hexahedron),
+        mesh.create_unit_cube(MPI.COMM_WORLD, 2, 2, 2, mesh.CellType.hexahedron),
+        2,
+    ),
+    # Sub-cells inside the fine cells are fine too: a finer rule than needed is exact.
+    "twice the refinement": lambda: (_square(2), _square(4), 4),
+    # Two coarse cells: on 3 ranks one rank owns none.
+    "fine mesh is the coarse mesh": lambda: (_square(1), _square(1), 3),
+}
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("pair", EXACT_PAIRS)
+def test_composite_rule_check_accepts_exact_pairs(pair, monkeypatch):
+    """The check passes where the composite rule is exact, once per fine mesh."""
+    coarse, fine, m = EXACT_PAIRS[pair]()
+    Vc = fem.functionspace(coarse, ("Lagrange", 1))
+    u_f = _rough_fine_field(fem.functionspace(fine, ("Lagrange", 1)))
+    checks = []
+    check = restriction._composite_rule_mismatch
+    monkeypatch.setattr(
+        restriction,
+        "_composite_rule_mismatch",
+        lambda *args: checks.append(check(*args)) or checks[-1],
+    )
+    projection = L2Projection(Vc, subdivisions=m)
+    projected = projection(u_f)
+    assert _galerkin_residual(projected, u_f) < 1e-12
+    projection(u_f, out=projected)
+    projection(_rough_fine_field(fem.functionspace(fine, ("Lagrange", 2))))
+    assert len(checks) == 1 and checks[0] < 1e-13, checks
+
+
+# (coarse mesh, fine mesh, subdivisions) on which the composite rule is not exact.
+INEXACT_PAIRS = {
+    "crossed diagonals": lambda: (
+        _square(3, diagonal=mesh.DiagonalType.crossed),
+        _square(6, diagonal=mesh.DiagonalType.crossed),
+        2,
+    ),
+    "left_right diagonals": lambda: (
+        _square(3, diagonal=mesh.DiagonalType.left_right),
+        _square(6, diagonal=mesh.DiagonalType.left_right),
+        2,
+    ),
+    "left inside right": lambda: (_square(3, diagonal=mesh.DiagonalType.left), _square(6), 2),
+    "dolfinx.mesh.refine": lambda: (_square(3), _refined(3), 2),
+    "wrong count": lambda: (_square(3), _square(12), 2),
+    "not nested": lambda: (_square(4), _square(7), 2),
+    "quadrilaterals not nested": lambda: (
+        _square(3, mesh.CellType.quadrilateral),
+        _square(7, mesh.CellType.quadrilateral),
+        2,
+    ),
+    "intervals, wrong count": lambda: (
+        mesh.create_interval(MPI.COMM_WORLD, 4, [0.0, 1.0]),
+        mesh.create_interval(MPI.COMM_WORLD, 12, [0.0, 1.0]),
+        2,
+    ),
+}
+
+
+def _inexact_message(m, tdim):
+    """The error for a fine mesh the composite rule is not exact on (a pattern)."""
+    text = (
+        f"L2Projection(subdivisions={m}) is not exact on this fine mesh: its cells are not "
+        f"the {m}^{tdim} = {m**tdim} sub-cells of each coarse cell that the composite rule "
+        "assumes (a field linear on each fine cell is integrated with relative error "
+        "MISMATCH > 1e-10). The rule is exact when the fine mesh refines the coarse one "
+        f"uniformly by {m}: create_interval, create_rectangle, create_box or "
+        f"create_unit_square/cube with {m}·n cells per direction inside n, with "
+        "quadrilaterals, hexahedra, or triangles with diagonal 'right' or 'left' (as the "
+        "coarse mesh); not diagonal 'crossed', 'left_right' or 'right_left', and not "
+        "dolfinx.mesh.refine, which splits triangles differently. Pass the refinement "
+        "factor as subdivisions, or use subdivisions=1 with a higher quadrature_degree for "
+        "an approximate projection."
+    )
+    return re.escape(text).replace("MISMATCH", r"(\d\.\d\de[-+]\d\d)")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("pair", INEXACT_PAIRS)
+def test_composite_rule_check_refuses_inexact_pairs(pair):
+    """Every rank raises the same error, at every call, rather than project inexactly."""
+    coarse, fine, m = INEXACT_PAIRS[pair]()
+    Vc = fem.functionspace(coarse, ("Lagrange", 1))
+    u_f = _rough_fine_field(fem.functionspace(fine, ("Lagrange", 1)))
+    projection = L2Projection(Vc, subdivisions=m)
+    pattern = _inexact_message(m, coarse.topology.dim)
+    for _ in range(2):
+        with pytest.raises(ValueError) as error:
+            projection(u_f)
+        match = re.fullmatch(pattern, str(error.value))
+        assert match is not None, str(error.value)
+        assert float(match.group(1)) > 1e-5  # far above round-off (~1e-15)
+        texts = coarse.comm.allgather(str(error.value))
+        assert texts == [texts[0]] * coarse.comm.size
 
 
 def test_l2_projection_rejects_bad_options():

@@ -349,12 +349,22 @@ class L2Projection:
 
     **Nested meshes** (``subdivisions = m``): the rule is Basix's degree-``q`` rule on each
     of the ``m^d`` sub-cells of a uniform subdivision of every coarse cell
-    (:func:`dolfinx_mno.quadrature.composite_quadrature`). If the fine mesh refines the
-    coarse one uniformly by the factor ``m`` (``create_interval(comm, m * n, ...)`` inside
-    ``(comm, n, ...)``, the same for unit squares and cubes of quadrilaterals or
-    hexahedra, and red refinement of triangles), the sub-cells are the fine cells and the
-    projection is exact for any fine field with ``u_f · φ`` of degree ``≤ q`` on each fine
-    cell: shocks, kinks and jumps between fine cells are integrated exactly, not aliased.
+    (:func:`dolfinx_mno.quadrature.composite_quadrature`; triangles split into ``m²`` by
+    red refinement). If the fine mesh refines the coarse one uniformly by the factor ``m``,
+    the sub-cells are the fine cells and the projection is exact for any fine field with
+    ``u_f · φ`` of degree ``≤ q`` on each fine cell: shocks, kinks and jumps between fine
+    cells are integrated exactly, not aliased. Such meshes are ``create_interval(comm,
+    m * n, ...)`` inside ``(comm, n, ...)``, and the same for ``create_rectangle``,
+    ``create_box`` and the unit square and cube with quadrilaterals, hexahedra, or
+    triangles with the diagonal ``"right"`` (the default) or ``"left"`` on both meshes.
+    Not: the diagonals ``"crossed"``, ``"left_right"`` and ``"right_left"`` (their fine
+    cells are not the red sub-triangles of the coarse ones), :func:`dolfinx.mesh.refine`
+    (which splits triangles differently), a fine mesh refined by another factor than
+    ``m``, or meshes that are not nested. At the first call for each fine mesh the
+    projection checks, collectively, that the rule integrates a field that is linear on
+    each fine cell (with values that look random) exactly to 1e-10 relative, and raises
+    otherwise; for such meshes use ``subdivisions=1`` with a higher ``quadrature_degree``
+    (an approximate projection). The check costs about one projection, once.
 
     **Boundary conditions** (``bcs``): the projection onto the functions of ``V_c`` that
     take the conditions' values on their dofs, tested with the functions vanishing there.
@@ -369,7 +379,8 @@ class L2Projection:
         quadrature_degree: ``q``, at least ``2k`` so that the mass matrix is exact; by
             default ``2k + 2``.
         subdivisions: Split each coarse cell into ``subdivisions`` pieces per direction
-            for the rule (interval, triangle, quadrilateral, hexahedron cells).
+            for the rule (interval, triangle, quadrilateral, hexahedron cells); the fine
+            meshes must then refine the coarse one uniformly by this factor (above).
         bcs: Dirichlet conditions on ``V_c`` the projection satisfies.
         petsc_options: Options of the mass solve, overriding :data:`MASS_SOLVER_OPTIONS`
             (CG, Jacobi, relative tolerance 1e-14).
@@ -415,6 +426,9 @@ class L2Projection:
         self.subdivisions = int(subdivisions)
         mesh = space.mesh
         value_shape = tuple(space.value_shape)
+        # Fine meshes on which the composite rule was found exact, by id (kept alive).
+        self._exact_on: dict[int, _mesh.Mesh] = {}
+        self._composite: _CompositeRule | None = None
         if self.subdivisions == 1:
             dx = measure(mesh, self.quadrature_degree)
             quadrature = quadrature_space(mesh, self.quadrature_degree, value_shape)
@@ -431,6 +445,7 @@ class L2Projection:
                 cell, value_shape, scheme="custom", points=points, weights=weights
             )
             quadrature = fem.functionspace(mesh, element)
+            self._composite = _CompositeRule(cell, points, weights, dx)
         self._solver = MassSolver(space, dx, petsc_options, bcs=bcs)
         #: The fine field at the coarse quadrature points, ``(num_cells, num_points, *shape)``.
         self.quadrature_values = fem.Function(quadrature, dtype=self._solver.dtype)
@@ -464,15 +479,137 @@ class L2Projection:
             ``out``, ghosts updated.
 
         Raises:
+            ValueError: On all ranks, with ``subdivisions > 1``, if the composite rule is
+                not exact on ``u``'s mesh (its cells are not the sub-cells of the rule),
+                or if some quadrature points lie outside ``u``'s mesh.
             RuntimeError: On all ranks, if the mass solve did not converge.
         """
         out = _output(self._space, u, out)
         self._transfer.check(u, out)
         if np.dtype(u.dtype) != self._solver.dtype:
             raise TypeError(f"L2Projection needs {self._solver.dtype} fields, got {u.dtype}.")
+        if self._composite is not None:
+            self._check_composite_rule(u.function_space)
         self._transfer.transfer(u, self.quadrature_values)
         self._solver.solve(self._rhs, out)
         return out
+
+    def _check_composite_rule(self, source: fem.FunctionSpace) -> None:
+        """Check that the composite rule is exact on ``source``'s mesh (collective, once).
+
+        Raises:
+            ValueError: On all ranks, if the rule does not integrate a field that is
+                linear on each fine cell exactly.
+        """
+        fine_mesh = source.mesh
+        if id(fine_mesh) in self._exact_on:
+            return
+        assert self._composite is not None
+        data = self._transfer.data(source)  # the points' owners, reused by the check
+        mismatch = _composite_rule_mismatch(
+            self._composite,
+            self._space.mesh,
+            self._transfer.cells,
+            data,
+            fine_mesh,
+            self.quadrature_degree,
+        )
+        if not mismatch <= _COMPOSITE_TOLERANCE:  # the same number on every rank
+            m, tdim = self.subdivisions, self._space.mesh.topology.dim
+            raise ValueError(
+                f"L2Projection(subdivisions={m}) is not exact on this fine mesh: its cells "
+                f"are not the {m}^{tdim} = {m**tdim} sub-cells of each coarse cell that the "
+                f"composite rule assumes (a field linear on each fine cell is integrated "
+                f"with relative error {mismatch:.2e} > {_COMPOSITE_TOLERANCE:.0e}). The "
+                f"rule is exact when the fine mesh refines the coarse one uniformly by "
+                f"{m}: create_interval, create_rectangle, create_box or "
+                f"create_unit_square/cube with {m}·n cells per direction inside n, with "
+                "quadrilaterals, hexahedra, or triangles with diagonal 'right' or 'left' "
+                "(as the coarse mesh); not diagonal 'crossed', 'left_right' or "
+                "'right_left', and not dolfinx.mesh.refine, which splits triangles "
+                "differently. Pass the refinement factor as subdivisions, or use "
+                "subdivisions=1 with a higher quadrature_degree for an approximate "
+                "projection."
+            )
+        self._exact_on[id(fine_mesh)] = fine_mesh
+
+
+#: Largest relative error of the composite rule on a field linear on each fine cell for
+#: which :class:`L2Projection` accepts a fine mesh (round-off is ~1e-14 on 10⁵ cells).
+_COMPOSITE_TOLERANCE = 1e-10
+
+
+class _CompositeRule(typing.NamedTuple):
+    """The composite rule of an :class:`L2Projection` on its reference cell."""
+
+    cell: str
+    points: npt.NDArray[np.float64]
+    weights: npt.NDArray[np.float64]
+    dx: ufl.Measure
+
+
+def _pseudo_random(points: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
+    """Values in ``[0, 1)`` that look random, a function of the points ``(n, 3)`` alone."""
+    waves = np.sin(points @ np.array([12.9898, 78.233, 37.719])) * 43758.5453
+    return typing.cast(npt.NDArray[np.float64], waves - np.floor(waves))
+
+
+def _composite_rule_mismatch(
+    rule: _CompositeRule,
+    coarse_mesh: _mesh.Mesh,
+    coarse_cells: npt.NDArray[np.int32],
+    data: typing.Any,
+    fine_mesh: _mesh.Mesh,
+    quadrature_degree: int,
+) -> float:
+    """Relative error of the composite rule on a field that is linear on each fine cell.
+
+    The field ``w`` (DG1 on the fine mesh; DG0 for a rule of degree < 2) takes values in
+    ``[1, 2]`` that look random and are a function of each dof's position and its cell's
+    midpoint alone, so ``w`` jumps across every fine facet and does not depend on the
+    partition. ``w`` is evaluated at the rule's points on the coarse cells with the
+    point-ownership ``data`` of the projection's transfer, and ``∫ w`` by the rule is
+    compared with ``∫ w`` integrated exactly on the fine cells. The two agree to round-off
+    if every sub-cell of the rule lies inside one fine cell; a sub-cell that straddles a
+    fine facet integrates a jump with a rule made for polynomials.
+
+    Collective; the same value on every rank (sums in rank order).
+    """
+    dtype = np.dtype(fine_mesh.geometry.x.dtype)
+    comm = fine_mesh.comm
+    tdim = fine_mesh.topology.dim
+    cells = fine_mesh.topology.index_map(tdim)
+    degree = 1 if quadrature_degree >= 2 else 0
+    fine_space = fem.functionspace(fine_mesh, ("DG", degree))
+    w = fem.Function(fine_space, dtype=dtype)
+    # Coordinates scaled to the mesh's bounding box, so the values vary at any size.
+    x = fine_mesh.geometry.x
+    lower, upper = np.min(x, axis=0, initial=np.inf), np.max(x, axis=0, initial=-np.inf)
+    comm.Allreduce(MPI.IN_PLACE, lower, op=MPI.MIN)
+    comm.Allreduce(MPI.IN_PLACE, upper, op=MPI.MAX)
+    extent = np.where(upper > lower, upper - lower, 1.0)
+    all_cells = np.arange(cells.size_local + cells.num_ghosts, dtype=np.int32)
+    midpoints = _mesh.compute_midpoints(fine_mesh, tdim, all_cells)
+    cell_dofs = fine_space.dofmap.list[all_cells]
+    positions = 0.7 * fine_space.tabulate_dof_coordinates()[cell_dofs]
+    positions += 0.3 * midpoints[:, None, :]
+    w.x.array[cell_dofs] = 1.0 + _pseudo_random((positions - lower) / extent)
+
+    quadrature = fem.functionspace(
+        coarse_mesh,
+        basix.ufl.quadrature_element(
+            rule.cell, (), scheme="custom", points=rule.points, weights=rule.weights
+        ),
+    )
+    at_points = fem.Function(quadrature, dtype=dtype)
+    at_points.interpolate_nonmatching(w, coarse_cells, data)
+    composite = fem.assemble_scalar(fem.form(at_points * rule.dx, dtype=dtype))
+    exact = fem.assemble_scalar(fem.form(w * ufl.dx(domain=fine_mesh), dtype=dtype))
+    local = np.array([composite, exact], dtype=np.float64)
+    everyone = np.empty((comm.size, 2), dtype=np.float64)
+    comm.Allgather(local, everyone)
+    composite, exact = np.sum(everyone, axis=0)  # rank order: bitwise the same everywhere
+    return float(abs(composite - exact) / abs(exact))
 
 
 def _coordinate_degree(msh: _mesh.Mesh) -> int:
