@@ -33,8 +33,9 @@ import numpy.typing as npt
 import torch
 import ufl
 from dolfinx import fem, geometry
-from dolfinx.mesh import CellType, Mesh, compute_midpoints
+from dolfinx.mesh import CellType, Mesh
 
+from dolfinx_mno.cell_order import midpoint_keys
 from dolfinx_mno.grid import Grid
 from dolfinx_mno.operand_map import OperandEvaluator, OperandMatrix
 from dolfinx_mno.operands import Operands, OperandsLike
@@ -72,7 +73,8 @@ def _owners_by_midpoints(
     """Each grid point's owning rank and cell.
 
     Of the cells containing a point (several where it lies on a shared facet), the one whose
-    midpoint is the lexicographically smallest wins: a choice by geometry, the same on any
+    midpoint is the lexicographically smallest wins
+    (:func:`~dolfinx_mno.cell_order.midpoint_keys`): a choice by geometry, the same on any
     number of ranks, made with three ``Allreduce`` of the coordinates. (The smallest
     *original* cell index, used before, is not: a submesh has none, and the mesh that
     ``dolfinx.mesh.refine`` returns numbers its cells in an order that follows the
@@ -84,7 +86,7 @@ def _owners_by_midpoints(
     """
     comm = mesh.comm
     counts = np.diff(offsets)
-    midpoints = compute_midpoints(mesh, mesh.topology.dim, owned)
+    midpoints = midpoint_keys(mesh, owned)
     best = np.full((num_points, 3), np.inf)
     local_cell = np.full(num_points, -1, dtype=np.int32)
     if links.size:

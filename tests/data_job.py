@@ -2,8 +2,9 @@
 
 ``sample DIR``: the same small "simulation" on any number of ranks writes closure data
 with each restriction to ``DIR/<method>.h5`` (``l2_projection``, ``interpolation``, and
-``cell_average`` onto DG0 from a nested fine mesh; run under ``mpirun -n 1, 2, 3``; the
-files must hold the same arrays).
+``cell_average`` onto DG0 from a nested fine mesh, ``refined_interpolation`` onto a mesh
+made by ``dolfinx.mesh.refine``; run under ``mpirun -n 1, 2, 3``; the files must hold the
+same arrays).
 
 ``hold PATH``: a writer that appends one sample, prints ``holding``, keeps the file open
 until a line arrives on standard input, then appends a second sample and closes.
@@ -27,6 +28,8 @@ import dolfinx_mno  # noqa: F401  (before dolfinx)
 from dolfinx_mno.data import ClosureDataWriter, ClosureSample
 
 NUM_CELLS, POINTS_PER_CELL, NUM_INPUTS = 7, 3, 2
+#: The files ``sample`` writes: by restriction, and onto a refined coarse mesh.
+FILES = ("l2_projection", "interpolation", "cell_average", "refined_interpolation")
 
 
 def synthetic_sample(i: int) -> ClosureSample:
@@ -111,18 +114,25 @@ def sample(directory: str) -> None:
     u_nested = fem.Function(fem.functionspace(nested, ("Lagrange", 2)), name="u_f")
     nested_tendency = Tendency(u_nested**2, fem.functionspace(nested, ("Lagrange", 4)))
     W_c = fem.functionspace(coarse, ("DG", 0))
+    # A coarse mesh made by dolfinx.mesh.refine: its original cell indices follow the
+    # partition, so samples recorded by them were in another order on each rank count.
+    unrefined = mesh.create_unit_square(comm, 3, 2)
+    unrefined.topology.create_entities(1)
+    refined = mesh.refine(unrefined)[0]
     cases = [
         (L2Projection(V_c), u_f, fine_tendency, fine),
         (Interpolation(V_c), u_f, fine_tendency, fine),
         (CellAverage(W_c, nested), u_nested, nested_tendency, nested),
+        (Interpolation(fem.functionspace(refined, ("Lagrange", 1))), u_f, fine_tendency, fine),
     ]
-    for restriction, state, tendency, fine_mesh in cases:
+    for (restriction, state, tendency, fine_mesh), name in zip(cases, FILES, strict=True):
         u_c = fem.Function(restriction.space, name="u_c")
+        coarse = restriction.space.mesh
         x = ufl.SpatialCoordinate(coarse)
         sampler = ClosureSampler(
             restriction, u_c, [u_c, ufl.grad(u_c), x[0]], u_c**2, 3, fine_tendency=tendency
         )
-        path = os.path.join(directory, f"{restriction.method}.h5")
+        path = os.path.join(directory, f"{name}.h5")
         writer = ClosureDataWriter.from_sampler(
             path, sampler, fine_mesh=fine_mesh, time_step=0.1, units={"u": "1"}, mode="w"
         )

@@ -29,6 +29,7 @@ import ufl
 from dolfinx import fem
 from ufl.algorithms import extract_arguments
 
+from dolfinx_mno.cell_order import geometric_cell_index
 from dolfinx_mno.data.restriction import CellAverage, MassSolver, Restriction
 from dolfinx_mno.data.sample import ClosureSample, mesh_summary
 from dolfinx_mno.operands import (
@@ -279,19 +280,11 @@ class ClosureSampler(WithOperands):
         tdim = mesh.topology.dim
         self._num_cells = mesh.topology.index_map(tdim).size_local
         self._cells = np.arange(self._num_cells, dtype=np.int32)
-        try:
-            original = mesh.topology.original_cell_index
-        except RuntimeError:  # DOLFINx: "Mixed topology unsupported"
-            raise ValueError(
-                "ClosureSampler records each sample's original cell index (the same on any "
-                "number of ranks), and this mesh has none: DOLFINx 0.11 keeps none for a "
-                "submesh (create_submesh). Build the coarse mesh with create_mesh (e.g. "
-                "from the submesh's cells and coordinates) or a mesh generator."
-            ) from None
-        self._cell_index = np.asarray(original[: self._num_cells], dtype=np.int64)
         self.num_points = mesh.topology.index_map(tdim).size_global * self.points_per_cell
 
         # Collective from here on.
+        #: The samples' global cell indices: by position, the same on any partition.
+        self._cell_index = geometric_cell_index(mesh)
         #: ``R t_f``: the filtered fine tendency, on ``V_c``.
         self.filtered_tendency = fem.Function(tendency_space, name="filtered_tendency", dtype=dtype)
         commutator = self.filtered_tendency - coarse_value

@@ -30,7 +30,9 @@ class ClosureSample:
         inputs: Closure inputs, ``(num_local_points, num_inputs)``; the columns are the
             operand components in the order of :class:`dolfinx_mno.Closure`.
         targets: Closure targets, ``(num_local_points, *value_shape)``.
-        cell_index: Global (original) index of each owned cell, ``(num_local_cells,)``,
+        cell_index: Global index of each owned cell (the same on any partition; a
+            :class:`ClosureSampler`'s: :func:`~dolfinx_mno.cell_order.geometric_cell_index`),
+            ``(num_local_cells,)``,
             int64; ``num_local_points = num_local_cells * points_per_cell`` and the rows of
             cell ``i`` are ``i * points_per_cell, ..., (i + 1) * points_per_cell - 1``.
         comm: The communicator the sample is distributed over.

@@ -12,8 +12,9 @@ File layout (one file per data set; ``S`` samples, ``P`` points per sample, ``C`
     /cell_index       (C,)                     global cell index of the points' cells, sorted
     /coordinates      (P, gdim)                physical coordinates of the points (optional)
 
-Points are ordered by global (original) cell index, then by point of the quadrature rule,
-whatever the number of MPI ranks. Only rank 0 writes the file (serial h5py).
+Points are ordered by global cell index (the cells' order by midpoint,
+:mod:`dolfinx_mno.cell_order`), then by point of the quadrature rule, whatever the number
+of MPI ranks. Only rank 0 writes the file (serial h5py).
 
 Gridded data (fields on a grid, for neural operators, e.g. from
 :class:`~dolfinx_mno.data.GriddedSampler`; ``format`` ``dolfinx_mno.gridded_data``)::
