@@ -56,7 +56,7 @@ from dolfinx_mno.io import (
 )
 from dolfinx_mno.io import save_model as save_model_file
 from dolfinx_mno.training.optim import Scheduler
-from dolfinx_mno.training.state import TrainingHistory, TrainingState
+from dolfinx_mno.training.state import TrainingHistory, TrainingState, clone_state
 
 __all__ = ["STATE_FORMAT", "STATE_FORMAT_VERSION", "Checkpoints"]
 
@@ -290,8 +290,9 @@ class Checkpoints:
                 "start afresh in another folder."
             )
         # torch copies what fits before it reports what does not: keep the objects as they
-        # were if any part fails to load.
-        model_before = {k: v.detach().clone() for k, v in current.items()}
+        # were if any part fails to load. Tensors only: neuraloperator's models add their
+        # init kwargs to the state_dict as "_metadata", a dict.
+        model_before = clone_state(model)
         optimizer_before = copy.deepcopy(optimizer.state_dict())
         scheduler_before = None if scheduler is None else copy.deepcopy(scheduler.state_dict())
         try:
