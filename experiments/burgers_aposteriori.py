@@ -17,7 +17,8 @@ horizon, and the loss is the relative squared error of the coarse
 states against the filtered fine ones at the sampling times inside the window. Its
 gradient with respect to the model's weights is the discrete adjoint of the coarse scheme
 (:class:`dolfinx_mno.rollout.Rollout`, ``docs/adjoint.md``). Adam, early stopping on a
-seeded fifth of the windows (held out), checkpoints.
+seeded fifth of the windows (held out), checkpoints (in a new folder
+``checkpoints_{local,mno}/run-NNN`` per run; ``--resume`` continues the last run's).
 
 Then each closure, a priori and a posteriori, runs over the test horizon as the demo runs
 it (updated every ``closure_interval`` steps), and over ten horizons for stability. Writes
@@ -73,6 +74,12 @@ parser.add_argument(
     default=("local MLP", "MNO (FNO)"),
     help="the closures to train a posteriori",
 )
+parser.add_argument(
+    "--resume",
+    action="store_true",
+    help="continue the last run's training from its checkpoints (default: a fresh run, "
+    "checkpointed in a new folder)",
+)
 args = parser.parse_args()
 
 comm = MPI.COMM_WORLD
@@ -102,6 +109,22 @@ def demo_operator_closure(un, path=args.demo_output / "mno_closure.pt"):
 
 
 # ## Training through the solver (the closure updated every step while training)
+def checkpoint_folder(name):
+    """``checkpoints_{name}/run-NNN``: a new folder per run, the last one with ``--resume``.
+
+    ``fit_rollout`` starts a fresh run only in a folder without checkpoints, so that a
+    resume never mixes two runs' checkpoints; the earlier runs' folders are kept.
+    """
+    parent = output / f"checkpoints_{name}"
+    last = None
+    if comm.rank == 0:
+        runs = [int(p.name[4:]) for p in parent.glob("run-*") if p.name[4:].isdigit()]
+        last = max(runs, default=0)
+    last = comm.bcast(last)
+    number = last if args.resume and last > 0 else last + 1
+    return parent / f"run-{number:03d}"
+
+
 def train_a_posteriori(name, closure_factory):
     """Train the closure of a coarse model a posteriori; returns its file and losses."""
     coarse = Burgers(nc, dt, closure_factory, name=f"train_{name}")
@@ -140,7 +163,8 @@ def train_a_posteriori(name, closure_factory):
         batch_size=4,
         learning_rate=args.learning_rate,
         patience=4,
-        checkpoint_dir=output / f"checkpoints_{name}",
+        checkpoint_dir=checkpoint_folder(name),
+        resume=args.resume,
         progress=comm.rank == 0,
     )
     seconds = time.perf_counter() - tic

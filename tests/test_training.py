@@ -353,6 +353,48 @@ def test_interrupted_run_resumes_to_the_same_weights(shared_dir):
 
 
 @pytest.mark.mpi
+def test_a_fresh_run_refuses_a_folder_with_checkpoints(shared_dir):
+    """A fresh run beside an earlier run's later checkpoint used to be resumed from that
+    one (the newest pair in the folder): it is refused, before any epoch, and nothing in
+    the folder is touched."""
+    comm = MPI.COMM_WORLD
+    x, y = known_function(96)
+    x, y = shard(x, comm), shard(y, comm)
+    settings = dict(batch_size=16, chunk_size=8, progress=False, checkpoint_every=4)
+    folder = shared_dir / "run"
+    fit(MLP(2, 1, [8], seed=0), x, y, epochs=8, checkpoint_dir=folder, **settings)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    epochs = []
+    message = (
+        f"The checkpoint folder '{folder}' already holds 2 checkpoint file(s) of an earlier "
+        "run (the newest: 'checkpoint-000008.state.pt', after 8 epochs). Pass resume=True "
+        "to continue that run, or, to start afresh, choose another checkpoint_dir or remove "
+        "those files."
+    )
+    with pytest.raises(FileExistsError) as info:
+        fit(MLP(2, 1, [8], seed=1), x, y, epochs=12, checkpoint_dir=folder,
+            callback=lambda e, h: epochs.append(e), **settings)  # fmt: skip
+    assert str(info.value) == message and epochs == []
+    comm.Barrier()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    # A lone model file (the state was never written) counts too.
+    comm.Barrier()
+    if comm.rank == 0:
+        (folder / "checkpoint-000008.state.pt").rename(shared_dir / "state.pt")
+    comm.Barrier()
+    with pytest.raises(FileExistsError, match=r"holds 1 checkpoint file\(s\).*000008\.model"):
+        fit(MLP(2, 1, [8], seed=1), x, y, epochs=12, checkpoint_dir=folder, **settings)
+    comm.Barrier()
+    if comm.rank == 0:
+        (shared_dir / "state.pt").rename(folder / "checkpoint-000008.state.pt")
+    comm.Barrier()
+    # resume=True continues the earlier run.
+    resumed = fit(MLP(2, 1, [8], seed=1), x, y, epochs=12, checkpoint_dir=folder, resume=True,
+                  **settings)  # fmt: skip
+    assert resumed.history.resumed_from == 8 and resumed.history.epochs == 12
+
+
+@pytest.mark.mpi
 def test_progress_bar_on_rank_0_only(capsys):
     comm = MPI.COMM_WORLD
     x, y = known_function(40)

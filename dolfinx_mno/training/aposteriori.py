@@ -701,6 +701,8 @@ def fit_rollout(
         TypeError, ValueError: Bad input, on every rank, before any collective call (short
             or misshapen trajectories, no window on one side of the split, a closure not
             in the rollout or without trainable parameters, a checkpoint of other data).
+        FileExistsError: A fresh run (``resume=False``) in a ``checkpoint_dir`` that holds
+            checkpoint files already (on every rank, before training).
         FloatingPointError: NaN or Inf losses (on every rank).
         RuntimeError: A linear solve of the rollout did not converge.
     """

@@ -20,7 +20,9 @@ The checkpoint options of ``fit`` and ``fit_rollout``: ``checkpoint_dir`` (the f
 created by rank 0; ``None`` for no checkpoints), ``checkpoint_every`` (a checkpoint every
 this many epochs, and at the end), ``resume`` (continue from the newest complete
 checkpoint in the folder, or start afresh if there is none) and ``metadata`` (a JSON dict
-stored in the checkpoint model files). With ``checkpoint_dir`` the model's architecture
+stored in the checkpoint model files). A fresh run (``resume=False``) refuses a folder that
+already holds checkpoint files, before training: a later resume would not know which
+run's pair to take. With ``checkpoint_dir`` the model's architecture
 must be registered (:func:`dolfinx_mno.io.register_architecture`; checked before
 training), since a checkpoint is a model file. A run resumes only with the data and the settings
 of the interrupted one (injected optimisers and schedules compared by class and
@@ -64,6 +66,8 @@ __all__ = ["STATE_FORMAT", "STATE_FORMAT_VERSION", "Checkpoints"]
 STATE_FORMAT = "dolfinx_mno.training_state"
 STATE_FORMAT_VERSION = 1
 _CHECKPOINT = re.compile(r"^checkpoint-(\d{6,})\.state\.pt$")
+#: Either file of a pair: a fresh run refuses a folder that holds any.
+_CHECKPOINT_FILE = re.compile(r"^checkpoint-(\d{6,})\.(model|state)\.pt$")
 
 
 def _as_json(value: Any) -> Any:
@@ -130,6 +134,14 @@ class Checkpoints:
         settings: The run's settings (JSON); a resumed run must have the same.
         metadata: JSON metadata for the model files, e.g. the operand spec.
         comm: The communicator of the run.
+        resume: The run resumes from the folder's checkpoints. A fresh run (``False``)
+            refuses a folder that already holds checkpoint files: its own checkpoints would
+            sit beside the earlier run's, and a later ``resume=True`` would take the
+            newest pair, whichever run wrote it.
+
+    Raises:
+        FileExistsError: A fresh run's folder holds checkpoint files, or ``directory`` is
+            a file (on every rank, before training).
     """
 
     def __init__(
@@ -140,6 +152,7 @@ class Checkpoints:
         settings: Mapping[str, Any],
         metadata: Mapping[str, Any] | None,
         comm: MPI.Comm,
+        resume: bool = False,
     ):
         self.directory = Path(directory)
         self.every = int(every)
@@ -148,9 +161,29 @@ class Checkpoints:
         self.comm = comm
         on_root(
             comm,
-            lambda: self.directory.mkdir(parents=True, exist_ok=True),
-            f"Creating the checkpoint folder {os.fspath(self.directory)!r}",
+            lambda: self._prepare(resume),
+            f"Preparing the checkpoint folder {os.fspath(self.directory)!r}",
         )
+
+    def _prepare(self, resume: bool) -> None:
+        """Create the folder; for a fresh run, check that it holds no checkpoint (root)."""
+        directory = self.directory
+        directory.mkdir(parents=True, exist_ok=True)
+        if resume:
+            return
+        found = [
+            (int(m.group(1)), f.name)
+            for f in directory.iterdir()
+            if (m := _CHECKPOINT_FILE.match(f.name))
+        ]
+        if found:
+            epochs_done, name = max(found)
+            raise FileExistsError(
+                f"The checkpoint folder {os.fspath(directory)!r} already holds {len(found)} "
+                f"checkpoint file(s) of an earlier run (the newest: {name!r}, after "
+                f"{epochs_done} epochs). Pass resume=True to continue that run, or, to start "
+                "afresh, choose another checkpoint_dir or remove those files."
+            )
 
     @classmethod
     def from_options(
@@ -163,13 +196,21 @@ class Checkpoints:
     ) -> Checkpoints | None:
         """The checkpoints that ``fit``'s or ``fit_rollout``'s options ask for (collective).
 
-        From ``checkpoint_dir`` and ``checkpoint_every``; ``None`` without a folder.
+        From ``checkpoint_dir``, ``checkpoint_every`` and ``resume``; ``None`` without a
+        folder.
         """
         directory = options["checkpoint_dir"]
         if directory is None:
             return None
         every = options["checkpoint_every"]
-        return cls(directory, every=every, settings=settings, metadata=metadata, comm=comm)
+        return cls(
+            directory,
+            every=every,
+            settings=settings,
+            metadata=metadata,
+            comm=comm,
+            resume=bool(options["resume"]),
+        )
 
     def due(self, epochs_done: int, last: bool) -> bool:
         """Whether to write a checkpoint after ``epochs_done`` epochs (``last``: run over)."""
