@@ -395,6 +395,37 @@ def test_a_fresh_run_refuses_a_folder_with_checkpoints(shared_dir):
 
 
 @pytest.mark.mpi
+def test_a_folder_without_write_permission_is_refused_before_training(shared_dir, monkeypatch):
+    """It used to fail at the first checkpoint, after checkpoint_every epochs. (The tests
+    may run as root, whom chmod does not stop: the folder refuses temporary files here.)"""
+    comm = MPI.COMM_WORLD
+    x, y = known_function(64)
+    x, y = shard(x, comm), shard(y, comm)
+    folder = shared_dir / "read-only"
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == folder:
+            raise PermissionError(13, "Permission denied", str(folder / "x.tmp"))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    epochs = []
+    with pytest.raises(PermissionError) as info:
+        fit(MLP(2, 1, [8], seed=0), x, y, epochs=40, batch_size=16, chunk_size=8,
+            checkpoint_dir=folder, checkpoint_every=20, progress=False,
+            callback=lambda e, h: epochs.append(e))  # fmt: skip
+    assert str(info.value) == (
+        f"Cannot write checkpoints in '{folder}' (PermissionError: [Errno 13] Permission "
+        f"denied: '{folder}/x.tmp'); choose a checkpoint_dir you can write to, or make this "
+        "one writable."
+    )
+    assert epochs == []
+    comm.Barrier()
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.mpi
 def test_progress_bar_on_rank_0_only(capsys):
     comm = MPI.COMM_WORLD
     x, y = known_function(40)

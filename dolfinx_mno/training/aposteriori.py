@@ -703,6 +703,8 @@ def fit_rollout(
             in the rollout or without trainable parameters, a checkpoint of other data).
         FileExistsError: A fresh run (``resume=False``) in a ``checkpoint_dir`` that holds
             checkpoint files already (on every rank, before training).
+        PermissionError: No file can be written in ``checkpoint_dir`` (on every rank,
+            before training).
         FloatingPointError: NaN or Inf losses (on every rank).
         RuntimeError: A linear solve of the rollout did not converge.
     """

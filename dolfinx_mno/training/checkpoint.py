@@ -40,6 +40,7 @@ import dataclasses
 import json
 import os
 import re
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ from mpi4py import MPI
 
 import torch
 
-from dolfinx_mno._mpi import agree, on_root
+from dolfinx_mno._mpi import agree, describe, on_root
 from dolfinx_mno.io import (
     ModelFileError,
     architecture_config,
@@ -142,6 +143,8 @@ class Checkpoints:
     Raises:
         FileExistsError: A fresh run's folder holds checkpoint files, or ``directory`` is
             a file (on every rank, before training).
+        PermissionError: No file can be written in the folder (on every rank, before
+            training).
     """
 
     def __init__(
@@ -166,9 +169,22 @@ class Checkpoints:
         )
 
     def _prepare(self, resume: bool) -> None:
-        """Create the folder; for a fresh run, check that it holds no checkpoint (root)."""
+        """Create the folder, check it is writable and, if fresh, holds no checkpoint (root).
+
+        Writing is tried as a checkpoint does it, with a temporary file, so that a folder
+        without write permission fails before training, not after ``every`` epochs.
+        """
         directory = self.directory
         directory.mkdir(parents=True, exist_ok=True)
+        try:
+            handle, probe = tempfile.mkstemp(dir=directory, prefix=".write-test-", suffix=".tmp")
+            os.close(handle)
+            os.unlink(probe)
+        except OSError as err:
+            raise PermissionError(
+                f"Cannot write checkpoints in {os.fspath(directory)!r} ({describe(err)}); "
+                "choose a checkpoint_dir you can write to, or make this one writable."
+            ) from err
         if resume:
             return
         found = [

@@ -310,6 +310,8 @@ def fit(
         ModelFileError: An unreadable checkpoint.
         FileExistsError: A fresh run (``resume=False``) in a ``checkpoint_dir`` that holds
             checkpoint files already (on every rank, before training).
+        PermissionError: No file can be written in ``checkpoint_dir`` (on every rank,
+            before training).
         FloatingPointError: NaN or Inf losses (on every rank).
     """
     comm = MPI.COMM_WORLD if comm is None else comm
