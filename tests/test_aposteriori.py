@@ -411,7 +411,8 @@ def test_interrupted_run_resumes_to_the_same_weights(shared_dir):
     contents = io.read_model_file(shared_dir / "b" / "checkpoint-000004.model.pt")
     assert contents.metadata["purpose"] == "test" and contents.spec == closure.spec
     assert contents.metadata["training"]["settings"]["horizon"] == 2
-    assert np.array_equal(parameters(contents.build()), last[-1])  # the last epoch's
+    # The weights fit_rollout returns (here the last epoch's, the best).
+    assert np.array_equal(parameters(contents.build()), parameters(model))
     # Other settings are refused, naming them.
     with pytest.raises(ValueError, match=r"other data or settings \(horizon: 2 then, 3 now"):
         fit_rollout(
@@ -423,7 +424,7 @@ def test_interrupted_run_resumes_to_the_same_weights(shared_dir):
         )
 
 
-def _fit_against_another_reaction(weight, bias, patience):
+def _fit_against_another_reaction(weight, bias, patience, checkpoint_dir=None):
     """``fit_rollout`` on the reaction s = 1, validated on s = 0.5, from ``weight``, ``bias``;
     returns the history, the closure and its parameters after each epoch."""
     msh = mesh.create_unit_square(MPI.COMM_WORLD, 3, 3)
@@ -441,21 +442,29 @@ def _fit_against_another_reaction(weight, bias, patience):
         learning_rate=0.2,
         patience=patience,
         callback=lambda epoch, history: seen.append(parameters(closure.model)),
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=100,
         progress=False,
     )
     return result.history, closure, seen
 
 
 @pytest.mark.mpi
-def test_early_stopping_restores_the_best_weights():
+def test_early_stopping_restores_the_best_weights(shared_dir):
     """Validation data of another reaction (s = 0.5): its loss rises once the fit passes it
-    on its way from s = -2 to s = 1."""
-    history, closure, seen = _fit_against_another_reaction(0.0, -2.0, patience=2)
+    on its way from s = -2 to s = 1. The final checkpoint's model file holds the best
+    weights too (it used to hold the last epoch's)."""
+    history, closure, seen = _fit_against_another_reaction(0.0, -2.0, 2, shared_dir)
     assert history.stopped_early
     assert 0 < history.best_epoch and history.epochs == history.best_epoch + 3 < 100
     assert history.val_loss[history.best_epoch] == min(history.val_loss)
     assert np.array_equal(parameters(closure.model), seen[history.best_epoch])
     assert not np.array_equal(seen[-1], seen[history.best_epoch])
+    final = io.load_model(shared_dir / f"checkpoint-{history.epochs:06d}.model.pt")
+    assert np.array_equal(parameters(final), seen[history.best_epoch])
+    state = torch.load(shared_dir / f"checkpoint-{history.epochs:06d}.state.pt", weights_only=True)
+    last = [state["weights"][f"layers.0.{k}"].item() for k in ("weight", "bias")]
+    assert np.array_equal(last, seen[-1])  # the state's: a resume continues from them
     assert history.best_val_loss < history.initial_val_loss
 
 

@@ -353,6 +353,39 @@ def test_interrupted_run_resumes_to_the_same_weights(shared_dir):
 
 
 @pytest.mark.mpi
+def test_checkpoint_model_files_hold_the_best_weights(shared_dir):
+    """After early stopping the last checkpoint's model file used to hold the last epoch's
+    weights, not those fit returns. A checkpoint's model file holds the best weights so far;
+    its state the last epoch's, so that a resume still continues exactly."""
+    comm = MPI.COMM_WORLD
+    x, y = known_function(240)
+    y = y + 0.3 * np.random.default_rng(3).normal(size=240)
+    x, y = shard(x, comm), shard(y, comm)
+    settings = dict(epochs=40, batch_size=32, chunk_size=16, learning_rate=5e-2,
+                    lr_patience=100, patience=4, checkpoint_every=1, progress=False)  # fmt: skip
+    bests = []
+    straight = fit(MLP(2, 1, [16], seed=0), x, y, checkpoint_dir=shared_dir / "a",
+                   callback=lambda e, h: bests.append(h.best_epoch), **settings)  # fmt: skip
+    history = straight.history
+    assert history.stopped_early and history.best_epoch == history.epochs - 1 - 4
+    final = shared_dir / "a" / f"checkpoint-{history.epochs:06d}.model.pt"
+    assert max_difference(weights(io.load_model(final)), weights(straight.model)) == 0.0
+    assert io.read_model_file(final).metadata["training"]["best_epoch"] == history.best_epoch
+    # Interrupted after the first epoch that did not improve: its pair holds both weights.
+    stop = next(e for e, best in enumerate(bests) if best < e)
+    with pytest.raises(Interrupt):
+        fit(MLP(2, 1, [16], seed=0), x, y, checkpoint_dir=shared_dir / "b",
+            callback=stop_after(stop), **settings)  # fmt: skip
+    state = torch.load(shared_dir / "b" / f"checkpoint-{stop + 1:06d}.state.pt", weights_only=True)
+    assert state["weights"] is not None
+    resumed = fit(MLP(2, 1, [16], seed=9), x, y, checkpoint_dir=shared_dir / "b", resume=True,
+                  **settings)  # fmt: skip
+    assert resumed.history.resumed_from == stop + 1
+    assert max_difference(weights(resumed.model), weights(straight.model)) == 0.0
+    assert resumed.history.val_loss == history.val_loss
+
+
+@pytest.mark.mpi
 def test_a_fresh_run_refuses_a_folder_with_checkpoints(shared_dir):
     """A fresh run beside an earlier run's later checkpoint used to be resumed from that
     one (the newest pair in the folder): it is refused, before any epoch, and nothing in

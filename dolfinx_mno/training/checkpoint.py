@@ -3,13 +3,17 @@
 A checkpoint is a pair of files in one folder, written atomically by rank 0 after
 ``epochs_done`` epochs:
 
-* ``checkpoint-EEEEEE.model.pt``: the model, with :func:`dolfinx_mno.io.save_model` (a
-  checkpoint is a model file); its metadata is the caller's plus
-  ``{"training": {"epochs": ..., "settings": ...}}``.
+* ``checkpoint-EEEEEE.model.pt``: the model with the weights the run would return if it
+  ended there (those of the best epoch so far, or the starting weights if no epoch beat
+  them), with :func:`dolfinx_mno.io.save_model` (a checkpoint is a model file, usable as
+  a closure); its metadata is the caller's plus ``{"training": {"epochs": ...,
+  "best_epoch": ..., "settings": ...}}``.
 * ``checkpoint-EEEEEE.state.pt``: tensors and plain containers only (loadable with
   ``weights_only=True``): the epochs done, the settings (JSON), the model file's SHA-256,
-  the optimiser's and the scheduler's ``state_dict``, the history, the best weights and
-  the early-stopping counter.
+  the optimiser's and the scheduler's ``state_dict``, the history, the best weights, the
+  early-stopping counter, and the weights after the last epoch (``"weights"``; ``None``
+  when they are the best ones, which the model file holds), from which a resumed run
+  continues.
 
 The model file is written first and the state second; older pairs are deleted only after
 both are in place, and :meth:`Checkpoints.resume` takes the newest state whose model file
@@ -241,11 +245,36 @@ class Checkpoints:
         scheduler: Scheduler | None,
         state: TrainingState,
     ) -> None:
-        """Write the (model, state) pair of ``epochs_done``, then remove older pairs."""
+        """Write the (model, state) pair of ``epochs_done``, then remove older pairs.
+
+        The model file holds the best weights so far (what the run would return), the
+        state the current ones if they differ.
+        """
         directory, comm = self.directory, self.comm
         model_path, state_path = _paths(directory, epochs_done)
-        info = {"training": {"epochs": epochs_done, "settings": self.settings}}
-        digest = save_model_file(model_path, model, metadata={**self.metadata, **info}, comm=comm)
+        info = {
+            "training": {
+                "epochs": epochs_done,
+                "best_epoch": state.history.best_epoch,
+                "settings": self.settings,
+            }
+        }
+        current = clone_state(model)
+        best = state.best_state
+        if current.keys() == best.keys() and all(torch.equal(current[k], best[k]) for k in best):
+            weights = None
+            digest = save_model_file(
+                model_path, model, metadata={**self.metadata, **info}, comm=comm
+            )
+        else:
+            weights = current
+            model.load_state_dict(best)  # in place: the optimiser keeps its parameters
+            try:
+                digest = save_model_file(
+                    model_path, model, metadata={**self.metadata, **info}, comm=comm
+                )
+            finally:
+                model.load_state_dict(current)
         contents = {
             "format": STATE_FORMAT,
             "format_version": STATE_FORMAT_VERSION,
@@ -257,6 +286,7 @@ class Checkpoints:
             "history": dataclasses.asdict(state.history),
             "best_state": dict(state.best_state),
             "bad_epochs": state.bad_epochs,
+            "weights": weights,
         }
 
         def write() -> None:
@@ -337,7 +367,11 @@ class Checkpoints:
                 f"{saved_model.architecture} then, {architecture} now. Resume with the same "
                 "architecture, or start afresh in another folder."
             )
-        weights = saved_model.state_dict
+        # The weights after the last epoch: the state's, or (the best ones, or a state
+        # written before it held them) the model file's.
+        weights = contents.get("weights")
+        if weights is None:
+            weights = saved_model.state_dict
         current = model.state_dict()
         statistics = [k for k in current if "_normalization." in k and k in weights]
         if any(not torch.equal(weights[k], current[k].cpu()) for k in statistics):
