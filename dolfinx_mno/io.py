@@ -55,6 +55,7 @@ import json
 import os
 import pickle
 import platform
+import stat
 import tempfile
 import typing
 import zipfile
@@ -486,16 +487,44 @@ def _payload(
     return {**header, "state_dict": state, "sha256": _digest(header, state)}
 
 
+def _umask() -> int:
+    """The process's umask (from ``/proc`` on Linux, so that it is never changed)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, then put it back
+    os.umask(mask)
+    return mask
+
+
+def _file_mode(target: Path) -> int:
+    """The mode of a file written at ``target``: the replaced file's, or ``open()``'s.
+
+    ``open()`` gives a new file ``0o666`` less the umask.
+    """
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
 def atomic_torch_save(payload: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save(payload, path)`` through a temporary file and :func:`os.replace`.
 
     An interrupted save leaves any previous file at ``path`` intact and no temporary file.
+    The file keeps the permission bits of the file it replaces; a new one gets those of a
+    file made by ``open()`` (``0o666`` less the umask), not the temporary file's ``0o600``.
     """
     target = Path(path)
     handle, temporary = tempfile.mkstemp(
         dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
     )
     try:
+        os.fchmod(handle, _file_mode(target))
         with os.fdopen(handle, "wb") as stream:
             torch.save(payload, stream)
             stream.flush()

@@ -447,6 +447,30 @@ def test_interrupted_save_keeps_the_old_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
 
 
+@pytest.mark.parametrize(("umask", "new_mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_saved_files_get_the_usual_permissions(tmp_path, umask, new_mode):
+    """Files used to be created 0o600 (the temporary file's mode), and an existing file
+    replaced by a save became 0o600 too."""
+    import stat
+
+    previous = os.umask(umask)
+    try:
+        new = tmp_path / "new.pt"
+        io.save_model(new, MLP(2, 1, [4], seed=0))
+        assert stat.S_IMODE(new.stat().st_mode) == new_mode
+        plain = tmp_path / "plain.txt"
+        plain.write_text("")  # what open() gives
+        assert stat.S_IMODE(plain.stat().st_mode) == new_mode
+        existing = tmp_path / "existing.pt"
+        existing.write_bytes(b"")
+        existing.chmod(0o640)
+        io.save_model(existing, MLP(2, 1, [4], seed=0))
+        assert stat.S_IMODE(existing.stat().st_mode) == 0o640
+        assert io.read_model_file(existing).architecture["name"] == "mlp"
+    finally:
+        os.umask(previous)
+
+
 @pytest.mark.mpi
 def test_mpi_rank_0_writes_all_ranks_load(shared_dir):
     comm = MPI.COMM_WORLD
