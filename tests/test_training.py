@@ -1129,6 +1129,32 @@ def test_a_resume_that_does_not_fit_changes_nothing(shared_dir):
 
 
 @pytest.mark.mpi
+def test_unreadable_state_files_are_passed_over_as_damaged_model_files_are(shared_dir):
+    """A file named like a newer state file but not one used to block the resume with
+    ModelFileError, although an intact pair was there."""
+    comm = MPI.COMM_WORLD
+    x, y = known_function(96)
+    x, y = shard(x, comm), shard(y, comm)
+    settings = dict(batch_size=16, chunk_size=8, progress=False, checkpoint_every=4)
+    folder = shared_dir / "run"
+    fit(MLP(2, 1, [8], seed=0), x, y, epochs=4, checkpoint_dir=folder, **settings)
+    comm.Barrier()
+    if comm.rank == 0:
+        (folder / "checkpoint-000100.state.pt").write_text("not a checkpoint")
+        torch.save({"format": "something else"}, folder / "checkpoint-000050.state.pt")
+        shutil.copy(folder / "checkpoint-000004.model.pt", folder / "checkpoint-000050.model.pt")
+        torch.save([1, 2], folder / "checkpoint-000030.state.pt")
+    comm.Barrier()
+    resumed = fit(MLP(2, 1, [8], seed=0), x, y, epochs=8, checkpoint_dir=folder, resume=True,
+                  **settings)  # fmt: skip
+    assert resumed.history.resumed_from == 4 and resumed.history.epochs == 8
+    # Nothing but the run's own older pair was removed.
+    names = sorted(p.name for p in folder.iterdir())
+    kept = ["000008.model", "000008.state", "000030.state", "000050.model", "000050.state"]
+    assert names == [f"checkpoint-{name}.pt" for name in [*kept, "000100.state"]]
+
+
+@pytest.mark.mpi
 def test_the_data_checksum_does_not_depend_on_the_ranks():
     from dolfinx_mno.training.samples import data_checksum
 

@@ -107,10 +107,8 @@ def latest_checkpoint(directory: Path) -> int | None:
 
     A pair is complete when the model file's digest is the one the state recorded; a
     model file written just before an interruption, without its state, is skipped, and so
-    is a pair whose model file is missing or damaged.
-
-    Raises:
-        ModelFileError: A state file that cannot be read.
+    is a pair whose model file or state file is missing, damaged or not one (another
+    file of that name): the newest intact pair is taken, as from a run killed mid-write.
     """
     if not directory.is_dir():
         return None
@@ -120,12 +118,12 @@ def latest_checkpoint(directory: Path) -> int | None:
     )
     for epochs_done in found:
         model_path, state_path = _paths(directory, epochs_done)
-        state = _load_state(state_path)
         try:
+            state = _load_state(state_path)
             digest = read_model_file(model_path).sha256
         except (ModelFileError, OSError):  # damaged or missing: not a complete pair
             continue
-        if digest == state["model_sha256"]:
+        if digest == state.get("model_sha256"):
             return epochs_done
     return None
 
