@@ -385,6 +385,25 @@ def test_checkpoint_model_files_hold_the_best_weights(shared_dir):
     assert resumed.history.val_loss == history.val_loss
 
 
+def test_best_epoch_with_min_delta_is_the_last_epoch_that_improved_by_enough():
+    """With min_delta > 0 the best epoch is not that of the lowest validation loss."""
+    x, y = known_function(300)
+    y = y + 0.3 * np.random.default_rng(8).normal(size=300)
+    network, seen = MLP(2, 1, [16], seed=0), []
+    result = fit(network, x, y, comm=SERIAL, epochs=60, batch_size=32, chunk_size=16,
+                 learning_rate=5e-2, lr_patience=100, patience=6, min_delta=0.05,
+                 progress=False, callback=lambda e, h: seen.append(weights(network)))  # fmt: skip
+    history = result.history
+    best, expected = history.initial_val_loss, -1
+    for epoch, loss in enumerate(history.val_loss):  # the rule, replayed
+        if loss < best * (1 - 0.05):
+            best, expected = loss, epoch
+    assert history.best_epoch == expected and history.best_val_loss == best
+    assert history.epochs == expected + 1 + 6 and history.stopped_early
+    assert min(history.val_loss) < history.best_val_loss  # a later, smaller loss
+    assert max_difference(weights(result.model.model), seen[expected]) == 0.0
+
+
 @pytest.mark.mpi
 def test_a_fresh_run_refuses_a_folder_with_checkpoints(shared_dir):
     """A fresh run beside an earlier run's later checkpoint used to be resumed from that

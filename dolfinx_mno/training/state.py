@@ -24,9 +24,14 @@ class TrainingHistory:
             epoch.
         learning_rate: Learning rate used in the epoch (of the optimiser's first
             parameter group).
-        best_epoch: Epoch of the lowest validation loss; -1: no epoch beat the starting
+        best_epoch: The epoch whose weights the run returns: the last epoch whose
+            validation loss was below ``best * (1 - min_delta)``, ``best`` being the
+            loss of the best epoch before it (or ``initial_val_loss``). With
+            ``min_delta=0`` (the default) the epoch of the lowest validation loss (the
+            first, on ties); with ``min_delta > 0`` a later epoch may have a lower loss
+            that did not improve by enough to count. -1: no epoch beat the starting
             weights (their loss is ``initial_val_loss``), so they are the best.
-        best_val_loss: That loss.
+        best_val_loss: The validation loss of ``best_epoch``.
         initial_val_loss: Validation loss of the weights the run started from, measured
             before the first epoch (``inf`` if it was NaN or Inf); ``None`` for a run
             restored from a checkpoint written before it existed.
