@@ -1097,6 +1097,8 @@ def test_a_resume_that_does_not_fit_changes_nothing(shared_dir):
     """Another architecture, another optimiser layout, other data (without the statistics
     that would tell): refused, the model as it was. A damaged newest pair falls back to
     an intact older one, and an unregistered model is refused before any epoch."""
+    from dolfinx_mno.training.checkpoint import _state_digest
+
     comm = MPI.COMM_WORLD
     x, y = known_function(96)
     x, y = shard(x, comm), shard(y, comm)
@@ -1135,6 +1137,7 @@ def test_a_resume_that_does_not_fit_changes_nothing(shared_dir):
         shutil.copy(newest, older_model)  # re-create an older pair from the newest
         state = torch.load(kept / "checkpoint-000004.state.pt", weights_only=True)
         state["epochs_done"] = 2
+        state["sha256"] = _state_digest(state)  # an intact state of its own
         torch.save(state, older_state)
         newest.write_bytes(newest.read_bytes()[:100])
     comm.Barrier()
@@ -1171,6 +1174,38 @@ def test_unreadable_state_files_are_passed_over_as_damaged_model_files_are(share
     names = sorted(p.name for p in folder.iterdir())
     kept = ["000008.model", "000008.state", "000030.state", "000050.model", "000050.state"]
     assert names == [f"checkpoint-{name}.pt" for name in [*kept, "000100.state"]]
+
+
+@pytest.mark.mpi
+def test_a_damaged_state_file_fails_its_checksum(shared_dir):
+    """A state file had no checksum: a changed bit in its best weights resumed silently,
+    and the run returned other weights. Now its pair is passed over as damaged."""
+    from dolfinx_mno.io import ModelFileError
+    from dolfinx_mno.training.checkpoint import _load_state
+
+    comm = MPI.COMM_WORLD
+    x, y = known_function(96)
+    x, y = shard(x, comm), shard(y, comm)
+    settings = dict(epochs=4, batch_size=16, chunk_size=8, progress=False, checkpoint_every=4)
+    straight = fit(MLP(2, 1, [8], seed=0), x, y, checkpoint_dir=shared_dir / "a", **settings)
+    path = shared_dir / "a" / "checkpoint-000004.state.pt"
+    state = _load_state(path)  # intact: verified
+    assert len(state["sha256"]) == 64
+    comm.Barrier()
+    if comm.rank == 0:
+        first = state["best_state"]["model.layers.0.weight"].view(-1)
+        first[0] = np.nextafter(first[0].item(), np.inf)  # one bit of one weight
+        torch.save(state, path)
+    comm.Barrier()
+    with pytest.raises(ModelFileError) as info:
+        _load_state(path)
+    assert str(info.value) == (
+        f"SHA-256 mismatch in '{path}': the training-state file is corrupted."
+    )
+    resumed = fit(MLP(2, 1, [8], seed=0), x, y, checkpoint_dir=shared_dir / "a", resume=True,
+                  **settings)  # fmt: skip
+    assert resumed.history.resumed_from is None  # no intact pair: a fresh start
+    assert max_difference(weights(resumed.model), weights(straight.model)) == 0.0
 
 
 @pytest.mark.mpi

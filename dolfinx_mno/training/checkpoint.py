@@ -13,7 +13,7 @@ A checkpoint is a pair of files in one folder, written atomically by rank 0 afte
   the optimiser's and the scheduler's ``state_dict``, the history, the best weights, the
   early-stopping counter, and the weights after the last epoch (``"weights"``; ``None``
   when they are the best ones, which the model file holds), from which a resumed run
-  continues.
+  continues; and the SHA-256 of all of these (``"sha256"``), checked on resume.
 
 The model file is written first and the state second; older pairs are deleted only after
 both are in place, and :meth:`Checkpoints.resume` takes the newest state whose model file
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -97,9 +98,64 @@ def _paths(directory: Path, epochs_done: int) -> tuple[Path, Path]:
     return Path(f"{stem}.model.pt"), Path(f"{stem}.state.pt")
 
 
+def _state_digest(contents: Mapping[str, Any]) -> str:
+    """SHA-256 over a state's contents but its ``"sha256"``.
+
+    Every value: tensors by dtype, shape and bytes, containers in order (dicts by key),
+    other values by type and ``repr``.
+    """
+    sha = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            sha.update(f"tensor {tensor.dtype} {list(tensor.shape)}".encode())
+            flat = tensor.reshape(-1)
+            if flat.numel() and flat.stride(0) != 1:  # as io._digest: a damaged stride
+                flat = flat.clone(memory_format=torch.contiguous_format)
+            sha.update(flat.view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, Mapping):
+            sha.update(b"{")
+            for key in sorted(value, key=repr):
+                sha.update(repr(key).encode() + b":")
+                feed(value[key])
+            sha.update(b"}")
+        elif isinstance(value, list | tuple):
+            sha.update(b"[" if isinstance(value, list) else b"(")
+            for item in value:
+                feed(item)
+            sha.update(b"]")
+        else:
+            sha.update(f"{type(value).__name__} {value!r};".encode())
+
+    feed({k: v for k, v in contents.items() if k != "sha256"})
+    return sha.hexdigest()
+
+
 def _load_state(state_path: Path) -> dict[str, Any]:
-    """A training-state file's contents; raises :class:`ModelFileError` if it is not one."""
-    return read_torch_file(state_path, "training-state file", STATE_FORMAT, STATE_FORMAT_VERSION)
+    """A training-state file's contents, verified.
+
+    Raises:
+        ModelFileError: Not a training-state file, or one that fails its SHA-256 check
+            (a state written before it held one is not checked).
+    """
+    contents = read_torch_file(
+        state_path, "training-state file", STATE_FORMAT, STATE_FORMAT_VERSION
+    )
+    if "sha256" in contents:
+        try:
+            digest = _state_digest(contents)
+        except Exception as err:  # tensors that torch loads but cannot read back
+            raise ModelFileError(
+                f"Could not verify {os.fspath(state_path)!r}: the file is corrupted "
+                f"({describe(err, first_line=True)})."
+            ) from err
+        if digest != contents["sha256"]:
+            raise ModelFileError(
+                f"SHA-256 mismatch in {os.fspath(state_path)!r}: the training-state file "
+                "is corrupted."
+            )
+    return contents
 
 
 def latest_checkpoint(directory: Path) -> int | None:
@@ -288,6 +344,7 @@ class Checkpoints:
         }
 
         def write() -> None:
+            contents["sha256"] = _state_digest(contents)
             atomic_torch_save(contents, state_path)
             for old in directory.iterdir():
                 match = _CHECKPOINT.match(old.name)
@@ -344,7 +401,7 @@ class Checkpoints:
     ) -> dict[str, Any]:
         """Check the pair of ``epochs_done`` against this run and load it (local)."""
         model_path, state_path = _paths(self.directory, epochs_done)
-        contents = torch.load(state_path, map_location="cpu", weights_only=True)
+        contents = _load_state(state_path)
         saved, settings = json.loads(contents["settings"]), self.settings
         if saved != settings:
             differ = ", ".join(
