@@ -484,7 +484,31 @@ def _payload(
         "versions": json.dumps(_versions(config), sort_keys=True),
     }
     state = _tensor_state(model)
+    if architecture is not None:
+        _check_fit(config, state)
     return {**header, "state_dict": state, "sha256": _digest(header, state)}
+
+
+def _check_fit(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse weights that the architecture given to :func:`save_model` cannot load.
+
+    The architecture is built on the meta device (nothing allocated) and the weights are
+    matched against it as :func:`load_model` will (names and shapes). A factory that
+    cannot run on the meta device is not checked here.
+    """
+    skeleton = ModelFile(dict(config), {}, {}, dict(state), "")._skeleton()
+    if skeleton is None:
+        return
+    try:
+        skeleton.load_state_dict(dict(state), strict=True, assign=True)
+    except (RuntimeError, ValueError, KeyError) as err:
+        reason = str(err).strip().splitlines()
+        raise ModelFileError(
+            f"The model's weights do not fit the architecture {config['name']!r} with "
+            f"kwargs {config['kwargs']}, so the file could never be loaded: "
+            f"{' '.join(line.strip() for line in reason)} Give the (name, kwargs) the "
+            "model was built with, or leave architecture out for a registered model."
+        ) from err
 
 
 def _umask() -> int:
@@ -562,7 +586,9 @@ def save_model(
         metadata: Free-form JSON dict stored with the model, e.g. ``{"units": {...}}``.
             NumPy scalars and arrays are converted to JSON numbers and lists.
         architecture: ``(name, kwargs)`` of a registered architecture, for a model
-            :func:`architecture_config` does not recognise.
+            :func:`architecture_config` does not recognise. The weights are checked
+            against it (names and shapes, on the meta device) before anything is
+            written; what shapes cannot tell (another activation) is not checked.
         comm: Under MPI, the communicator of the ranks that hold the model (collective).
             Every rank checks its model, the ranks check that they hold the same weights,
             rank 0 writes, and every rank returns once the file is in place or raises
@@ -572,9 +598,10 @@ def save_model(
         The SHA-256 digest stored in the file.
 
     Raises:
-        ModelFileError: The model cannot be described (on all ranks if any), the spec
-            is given twice (``spec`` and ``metadata["closure_spec"]``) or malformed, or the
-            ranks hold different weights, specs or architectures.
+        ModelFileError: The model cannot be described (on all ranks if any), its
+            weights do not fit the ``architecture`` given, the spec is given twice
+            (``spec`` and ``metadata["closure_spec"]``) or malformed, or the ranks hold
+            different weights, specs or architectures.
         OSError: The file could not be written: under MPI, rank 0's error, the same type
             and text on every rank.
     """

@@ -447,6 +447,35 @@ def test_interrupted_save_keeps_the_old_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
 
 
+def test_save_model_refuses_an_architecture_the_weights_do_not_fit(tmp_path):
+    """save_model(..., architecture=...) used to write a file that could never be loaded."""
+    path = tmp_path / "model.pt"
+    wide = {"in_features": 3, "out_features": 2, "hidden_features": [8]}
+    with pytest.raises(io.ModelFileError) as info:
+        io.save_model(path, MLP(3, 2, [4], seed=0), architecture=("mlp", wide))
+    assert str(info.value) == (
+        "The model's weights do not fit the architecture 'mlp' with kwargs "
+        "{'in_features': 3, 'out_features': 2, 'hidden_features': [8]}, so the file could "
+        "never be loaded: Error(s) in loading state_dict for MLP: size mismatch for "
+        "layers.0.weight: copying a param with shape torch.Size([4, 3]) from checkpoint, "
+        "the shape in current model is torch.Size([8, 3]). size mismatch for layers.0.bias: "
+        "copying a param with shape torch.Size([4]) from checkpoint, the shape in current "
+        "model is torch.Size([8]). size mismatch for layers.2.weight: copying a param with "
+        "shape torch.Size([2, 4]) from checkpoint, the shape in current model is "
+        "torch.Size([2, 8]). Give the (name, kwargs) the model was built with, or leave "
+        "architecture out for a registered model."
+    )
+    assert list(tmp_path.iterdir()) == []
+    plain = torch.nn.Sequential(torch.nn.Linear(3, 4, dtype=torch.float64))
+    with pytest.raises(io.ModelFileError, match=r'Unexpected key\(s\) in state_dict: "0.weight"'):
+        io.save_model(path, plain, architecture=("mlp", {**wide, "hidden_features": [4]}))
+    # The right kwargs: saved and loaded back exactly.
+    model = MLP(3, 2, [4], seed=0)
+    io.save_model(path, model, architecture=("mlp", {**wide, "hidden_features": [4]}))
+    loaded, saved = tensors(io.load_model(path)), tensors(model)
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved) and list(loaded) == list(saved)
+
+
 @pytest.mark.parametrize(("umask", "new_mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_saved_files_get_the_usual_permissions(tmp_path, umask, new_mode):
     """Files used to be created 0o600 (the temporary file's mode), and an existing file
