@@ -223,8 +223,6 @@ class Rollout:
             self._step_adjoint = IMEXStep(
                 stepper.problem, stepper.u_previous, closures, form, stepper.older
             )
-        # Backward sets each step's data again before its adjoint reassembles anything.
-        self._step_adjoint.prepare = self._prepare_step
 
     @staticmethod
     def _check(stepper: Stepper, checkpoint_every: int | None) -> tuple[list[AnyClosure], ufl.Form]:
@@ -469,9 +467,10 @@ class Rollout:
         step = self._step_adjoint
         if isinstance(step, ImplicitStep):
             parameters = [p for c in self.closures for p in c.model.parameters() if p.requires_grad]
+            prepare = self._prepare_step
             return typing.cast(
                 torch.Tensor,
-                ImplicitStepFunction.apply(step, t_new, known, state, *parameters),
+                ImplicitStepFunction.apply(step, t_new, known, prepare, state, *parameters),
             )
         values = []
         for closure, operand_map in zip(self.closures, self._maps, strict=True):
@@ -485,7 +484,8 @@ class Rollout:
             with rank_local(self.comm, f"The model of closure '{closure.name}'"):
                 values.append(model_values(closure, inputs))
         return typing.cast(
-            torch.Tensor, IMEXStepFunction.apply(step, t_new, known, *levels, *values)
+            torch.Tensor,
+            IMEXStepFunction.apply(step, t_new, known, self._prepare_step, *levels, *values),
         )
 
     # -- the gradient --------------------------------------------------------------------

@@ -56,6 +56,9 @@ __all__ = [
 ]
 
 Array = npt.NDArray[np.float64]
+#: ``prepare(t_new)``: sets a step's time-dependent data (a rollout's time constant and
+#: ``before_step`` hook), run again before the step's adjoint, which reassembles.
+Prepare = typing.Callable[[float], None]
 
 
 def owned_size(space: fem.FunctionSpace) -> int:
@@ -385,9 +388,6 @@ class IMEXStep:
         self.operator_data = _FormData([problem.ufl_forms[0]], [], self.comm)
         self.rhs = problem.b.duplicate()
         self.adjoint_solution = problem.b.duplicate()
-        #: Sets a step's time-dependent data, ``prepare(t_new)`` (the rollout's time
-        #: constant and hook); run again before the step's adjoint, which reassembles.
-        self.prepare: typing.Callable[[float], None] | None = None
 
     def _refresh_operator(self) -> None:
         """Reassemble ``A`` if its data changed (PETSc then refactorises; collective)."""
@@ -463,10 +463,19 @@ class IMEXStepFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, step: IMEXStep, t_new: float, known: torch.Tensor | None, *inputs: torch.Tensor
+        ctx,
+        step: IMEXStep,
+        t_new: float,
+        known: torch.Tensor | None,
+        prepare: Prepare | None,
+        *inputs: torch.Tensor,
     ) -> torch.Tensor:
-        """The stage (see the class docstring); ``known``: ``u_{n+1}`` from an earlier solve."""
-        ctx.step, ctx.t_new = step, t_new
+        """The stage (see the class docstring).
+
+        ``known``: ``u_{n+1}`` from an earlier solve; ``prepare``: sets the step's
+        time-dependent data again before its adjoint.
+        """
+        ctx.step, ctx.t_new, ctx.prepare = step, t_new, prepare
         if not step.affine:
             ctx.save_for_backward(*inputs)
         if known is not None:  # a recomputation: the solve would give the same state
@@ -480,14 +489,14 @@ class IMEXStepFunction(torch.autograd.Function):
         """Its transpose (see the class docstring)."""
         step: IMEXStep = ctx.step
         stage_entry(step.comm, BACKWARD_PASS)
-        if step.prepare is not None:  # the step's own time-dependent data
-            step.prepare(ctx.t_new)
+        if ctx.prepare is not None:  # the step's own time-dependent data
+            ctx.prepare(ctx.t_new)
         state = None
         if not step.affine:
             arrays = [t.detach().numpy() for t in ctx.saved_tensors]
             state = (arrays[: step.num_levels], arrays[step.num_levels :])
         gradients = step.adjoint(sensitivity.contiguous().numpy(), state)
-        return None, None, None, *gradients
+        return None, None, None, None, *gradients
 
 
 # -- stage 3b: an implicit step ------------------------------------------------------------
@@ -627,8 +636,6 @@ class ImplicitStep:
         self.num_owned = owned_size(u.function_space)
         self.value_dofs = [owned_dofs(c.function_space, _num_cells(c)) for c in self.closures]
         self.jacobians = _FormJacobians(F, [u_previous, *self.closures])
-        #: As :attr:`IMEXStep.prepare`.
-        self.prepare: typing.Callable[[float], None] | None = None
         self.rhs = problem.b.duplicate()
         self.adjoint_solution = problem.b.duplicate()
         self._transposed = _TransposedJacobian(self)
@@ -746,11 +753,16 @@ class ImplicitStepFunction(torch.autograd.Function):
         step: ImplicitStep,
         t_new: float,
         known: torch.Tensor | None,
+        prepare: Prepare | None,
         u_n: torch.Tensor,
         *parameters: torch.Tensor,
     ) -> torch.Tensor:  # type: ignore[override]
-        """The stage (see the class docstring); ``known``: ``u_{n+1}`` from an earlier solve."""
-        ctx.step, ctx.t_new = step, t_new
+        """The stage (see the class docstring).
+
+        ``known``: ``u_{n+1}`` from an earlier solve; ``prepare``: sets the step's
+        time-dependent data again before its adjoint.
+        """
+        ctx.step, ctx.t_new, ctx.prepare = step, t_new, prepare
         if known is not None:  # a recomputation: Newton would converge to the same state
             u_new = known.detach().clone()
         else:
@@ -763,8 +775,8 @@ class ImplicitStepFunction(torch.autograd.Function):
         """Its transpose (see the class docstring)."""
         step: ImplicitStep = ctx.step
         stage_entry(step.comm, BACKWARD_PASS)
-        if step.prepare is not None:  # the step's own time-dependent data
-            step.prepare(ctx.t_new)
+        if ctx.prepare is not None:  # the step's own time-dependent data
+            ctx.prepare(ctx.t_new)
         u_n, u_new = (t.detach() for t in ctx.saved_tensors)
         grad_u, sensitivities, linearisations = step.adjoint(
             sensitivity.contiguous().numpy(), u_n.numpy(), u_new.numpy()
@@ -788,4 +800,4 @@ class ImplicitStepFunction(torch.autograd.Function):
                     torch.zeros_like(p) if g is None else g
                     for p, g in zip(parameters, grads, strict=True)
                 )
-        return None, None, None, grad_u, *parameter_gradients
+        return None, None, None, None, grad_u, *parameter_gradients
