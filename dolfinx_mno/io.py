@@ -68,7 +68,7 @@ from mpi4py import MPI
 import numpy as np
 import torch
 
-from dolfinx_mno._mpi import agree_on, on_root
+from dolfinx_mno._mpi import agree_on, describe, on_root
 from dolfinx_mno.models import MLP, Bounded
 from dolfinx_mno.normalization import AffineNormalization, NormalizedModel
 from dolfinx_mno.spec import ClosureSpec, metadata_with_spec, spec_from_metadata
@@ -441,14 +441,37 @@ def _digest(header: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -
     for key in sorted(state_dict):
         tensor = state_dict[key].detach().cpu().contiguous()
         sha.update(json.dumps([key, str(tensor.dtype), list(tensor.shape)]).encode())
-        flat = tensor.reshape(-1)
-        if flat.numel() and flat.stride(0) != 1:
-            # torch calls a one-element tensor contiguous whatever its stride, and a
-            # damaged file can give it any stride; the uint8 view needs stride 1.
-            flat = flat.clone(memory_format=torch.contiguous_format)
-        # A uint8 view reads the bytes of any dtype (bfloat16 and complex included).
-        sha.update(flat.view(torch.uint8).numpy().tobytes())
+        sha.update(tensor_bytes(tensor))
     return sha.hexdigest()
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The bytes of a tensor, for a digest: any dtype, any stride a damaged file gives."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    if flat.numel() and flat.stride(0) != 1:
+        # torch calls a one-element tensor contiguous whatever its stride, and a damaged
+        # file can give it any stride; the uint8 view needs stride 1.
+        flat = flat.clone(memory_format=torch.contiguous_format)
+    # A uint8 view reads the bytes of any dtype (bfloat16 and complex included).
+    return flat.view(torch.uint8).numpy().tobytes()
+
+
+def verify_digest(
+    path: str | os.PathLike[str], compute: Callable[[], str], expected: str, damage: str
+) -> None:
+    """Raise :class:`ModelFileError` unless ``compute()`` gives the stored ``expected``.
+
+    ``damage``: what a mismatch means, after ``"SHA-256 mismatch in <path>: "``.
+    """
+    try:
+        digest = compute()
+    except Exception as err:  # tensors that torch loads but cannot read back
+        raise ModelFileError(
+            f"Could not verify {os.fspath(path)!r}: the file is corrupted "
+            f"({describe(err, first_line=True)})."
+        ) from err
+    if digest != expected:
+        raise ModelFileError(f"SHA-256 mismatch in {os.fspath(path)!r}: {damage}")
 
 
 def _payload(
@@ -793,18 +816,13 @@ def read_model_file(path: str | os.PathLike[str]) -> ModelFile:
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise ModelFileError(f"The state_dict in {os.fspath(path)!r} holds non-tensors.")
     header = {k: raw[k] for k in ("format", "format_version", *keys[:3])}
-    try:
-        digest = _digest(header, state)
-    except Exception as err:  # tensors that torch loads but cannot read back
-        raise ModelFileError(
-            f"Could not verify {os.fspath(path)!r}: the file is corrupted "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})."
-        ) from err
-    if digest != raw["sha256"]:
-        raise ModelFileError(
-            f"SHA-256 mismatch in {os.fspath(path)!r}: the file is corrupted (a damaged "
-            "copy, disk or download), or its weights or header were edited after saving."
-        )
+    verify_digest(
+        path,
+        lambda: _digest(header, state),
+        raw["sha256"],
+        "the file is corrupted (a damaged copy, disk or download), or its weights or header "
+        "were edited after saving.",
+    )
     try:
         architecture = json.loads(raw["architecture"])
         metadata = json.loads(raw["metadata"])

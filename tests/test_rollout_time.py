@@ -43,6 +43,7 @@ from problems import (
     random_directions,
     rates,
 )
+from test_rollout import direction, initial, target  # the same fields as there
 
 import dolfinx_mno as mno
 from dolfinx_mno.petsc import LinearProblem, NonlinearProblem
@@ -57,18 +58,6 @@ isolated = pytest.mark.skipif(
     not ISOLATED, reason="runs in its own MPI job (test_isolated_tests_in_their_own_mpi_jobs)"
 )
 MPIRUN = Path(sys.executable).parent / "mpirun"
-
-
-def initial(x):
-    return np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]) + 0.5 * x[0]
-
-
-def target(t):
-    return lambda x: (1 - t) * np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]) + 0.3 * x[1]
-
-
-def direction(x):
-    return np.cos(2 * x[0]) + x[1] ** 2
 
 
 def imex_time_dependent(case, prefix):

@@ -701,15 +701,20 @@ def fit_rollout(
         TypeError, ValueError: Bad input, on every rank, before any collective call (short
             or misshapen trajectories, no window on one side of the split, a closure not
             in the rollout or without trainable parameters, a checkpoint of other data).
-        FileExistsError: A fresh run (``resume=False``) in a ``checkpoint_dir`` that holds
-            checkpoint files already (on every rank, before training).
-        PermissionError: No file can be written in ``checkpoint_dir`` (on every rank,
-            before training).
+        FileExistsError, PermissionError: A fresh run in a ``checkpoint_dir`` holding
+            checkpoints, or one not writable (on every rank, before training).
         FloatingPointError: NaN or Inf losses (on every rank).
         RuntimeError: A linear solve of the rollout did not converge.
     """
     comm = _communicator(rollout)
     options = dict(locals())
+    return _checked_run(rollout, trajectories, options, comm).fit(rollout, options, comm)
+
+
+def _checked_run(
+    rollout: Rollout, trajectories: Sequence[Trajectory], options: dict[str, Any], comm: MPI.Comm
+) -> _Run:
+    """:meth:`_Run.check` on every rank, its verdicts and data layouts agreed (collective)."""
     run: _Run | None = None
     cause: Exception | None = None
     try:
@@ -726,4 +731,4 @@ def fit_rollout(
             f"lengths, a-priori samples or not): {layouts}. Every rank passes its owned "
             "dofs of the same trajectories, and a_priori on every rank or on none."
         )
-    return run.fit(rollout, options, comm)
+    return run

@@ -61,6 +61,8 @@ from dolfinx_mno.io import (
     atomic_torch_save,
     read_model_file,
     read_torch_file,
+    tensor_bytes,
+    verify_digest,
 )
 from dolfinx_mno.io import save_model as save_model_file
 from dolfinx_mno.training.optim import Scheduler
@@ -108,12 +110,8 @@ def _state_digest(contents: Mapping[str, Any]) -> str:
 
     def feed(value: Any) -> None:
         if isinstance(value, torch.Tensor):
-            tensor = value.detach().cpu().contiguous()
-            sha.update(f"tensor {tensor.dtype} {list(tensor.shape)}".encode())
-            flat = tensor.reshape(-1)
-            if flat.numel() and flat.stride(0) != 1:  # as io._digest: a damaged stride
-                flat = flat.clone(memory_format=torch.contiguous_format)
-            sha.update(flat.view(torch.uint8).numpy().tobytes())
+            sha.update(f"tensor {value.dtype} {list(value.shape)}".encode())
+            sha.update(tensor_bytes(value))
         elif isinstance(value, Mapping):
             sha.update(b"{")
             for key in sorted(value, key=repr):
@@ -143,18 +141,12 @@ def _load_state(state_path: Path) -> dict[str, Any]:
         state_path, "training-state file", STATE_FORMAT, STATE_FORMAT_VERSION
     )
     if "sha256" in contents:
-        try:
-            digest = _state_digest(contents)
-        except Exception as err:  # tensors that torch loads but cannot read back
-            raise ModelFileError(
-                f"Could not verify {os.fspath(state_path)!r}: the file is corrupted "
-                f"({describe(err, first_line=True)})."
-            ) from err
-        if digest != contents["sha256"]:
-            raise ModelFileError(
-                f"SHA-256 mismatch in {os.fspath(state_path)!r}: the training-state file "
-                "is corrupted."
-            )
+        verify_digest(
+            state_path,
+            lambda: _state_digest(contents),
+            contents["sha256"],
+            "the training-state file is corrupted.",
+        )
     return contents
 
 

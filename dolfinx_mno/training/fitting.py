@@ -308,10 +308,8 @@ def fit(
         ValueError: Bad data or settings (on every rank, whichever rank found it), or a
             checkpoint written with other data or settings.
         ModelFileError: An unreadable checkpoint.
-        FileExistsError: A fresh run (``resume=False``) in a ``checkpoint_dir`` that holds
-            checkpoint files already (on every rank, before training).
-        PermissionError: No file can be written in ``checkpoint_dir`` (on every rank,
-            before training).
+        FileExistsError, PermissionError: A fresh run in a ``checkpoint_dir`` holding
+            checkpoints, or one not writable (on every rank, before training).
         FloatingPointError: NaN or Inf losses (on every rank).
     """
     comm = MPI.COMM_WORLD if comm is None else comm
