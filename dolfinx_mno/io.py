@@ -47,6 +47,7 @@ model), ``"bounded"`` (:class:`~dolfinx_mno.models.Bounded` around any registere
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -118,6 +119,8 @@ class _Architecture:
 
 
 _REGISTRY: dict[str, _Architecture] = {}
+#: Set while :func:`architecture_config` describes models by class only (tags ignored).
+_BY_CLASS: contextvars.ContextVar[bool] = contextvars.ContextVar("_BY_CLASS", default=False)
 _BUILTIN = ("mlp", "normalized_model", "bounded", "neuralop.FNO", "neuralop.TFNO")
 
 
@@ -331,7 +334,8 @@ def architecture_config(model: torch.nn.Module) -> dict[str, Any]:
             arguments are not JSON.
     """
     tagged = getattr(model, "_mno_architecture", None)
-    if isinstance(tagged, Mapping) and tagged.get("name") in _REGISTRY:
+    by_class = _BY_CLASS.get()
+    if not by_class and isinstance(tagged, Mapping) and tagged.get("name") in _REGISTRY:
         return typing.cast(dict[str, Any], _check_json(dict(tagged), "The architecture"))
     type_name = _type_name(type(model))
     # The latest registration wins, so users can override the built-in descriptions.
@@ -509,6 +513,7 @@ def _payload(
     state = _tensor_state(model)
     if architecture is not None:
         _check_fit(config, state)
+        _check_same_model(config, model)
     return {**header, "state_dict": state, "sha256": _digest(header, state)}
 
 
@@ -532,6 +537,54 @@ def _check_fit(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> 
             f"{' '.join(line.strip() for line in reason)} Give the (name, kwargs) the "
             "model was built with, or leave architecture out for a registered model."
         ) from err
+
+
+def _without_seeds(value: Any) -> Any:
+    """A description without its ``seed``s: they set initial weights, which a file replaces."""
+    if isinstance(value, Mapping):
+        return {k: _without_seeds(v) for k, v in value.items() if k != "seed"}
+    if isinstance(value, list):
+        return [_without_seeds(v) for v in value]
+    return value
+
+
+def _check_same_model(config: Mapping[str, Any], model: torch.nn.Module) -> None:
+    """Refuse an architecture that builds another function than ``model`` with its weights.
+
+    The weights fit (:func:`_check_fit`), but a hyperparameter that shapes cannot tell
+    (an MLP's activation, a bound) may differ. Where both the model and the architecture
+    built on the meta device are of registered classes, their descriptions by class (the
+    registered ``describe``, defaults included; seeds left out) must agree. Otherwise
+    (another class, or a factory that cannot run on the meta device) only the names and
+    shapes are checked.
+    """
+    skeleton = ModelFile(dict(config), {}, {}, {}, "")._skeleton()
+    if skeleton is None:
+        return
+    token = _BY_CLASS.set(True)
+    try:
+        declared = _without_seeds(architecture_config(skeleton))
+        own = _without_seeds(architecture_config(model))
+    except Exception:  # not of a registered class, or a describe that needs values
+        return
+    finally:
+        _BY_CLASS.reset(token)
+    if declared == own:
+        return
+    differ = [f"architecture {declared['name']!r} there, {own['name']!r} in the model"]
+    if declared["name"] == own["name"]:
+        there, here = declared["kwargs"], own["kwargs"]
+        differ = [
+            f"{key}={there.get(key)!r} there, {here.get(key)!r} in the model"
+            for key in sorted(there.keys() | here.keys())
+            if there.get(key) != here.get(key)
+        ]
+    raise ModelFileError(
+        f"The architecture {config['name']!r} with kwargs {config['kwargs']} builds another "
+        f"model than the one given ({'; '.join(differ)}): the file would load into a "
+        "different function. Give the (name, kwargs) the model was built with, or leave "
+        "architecture out for a registered model."
+    )
 
 
 def _umask() -> int:
@@ -611,7 +664,9 @@ def save_model(
         architecture: ``(name, kwargs)`` of a registered architecture, for a model
             :func:`architecture_config` does not recognise. The weights are checked
             against it (names and shapes, on the meta device) before anything is
-            written; what shapes cannot tell (another activation) is not checked.
+            written, and so is what shapes cannot tell (another activation): where
+            the model and the architecture are of registered classes, their
+            descriptions (seeds aside) must agree.
         comm: Under MPI, the communicator of the ranks that hold the model (collective).
             Every rank checks its model, the ranks check that they hold the same weights,
             rank 0 writes, and every rank returns once the file is in place or raises

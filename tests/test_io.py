@@ -469,11 +469,44 @@ def test_save_model_refuses_an_architecture_the_weights_do_not_fit(tmp_path):
     plain = torch.nn.Sequential(torch.nn.Linear(3, 4, dtype=torch.float64))
     with pytest.raises(io.ModelFileError, match=r'Unexpected key\(s\) in state_dict: "0.weight"'):
         io.save_model(path, plain, architecture=("mlp", {**wide, "hidden_features": [4]}))
-    # The right kwargs: saved and loaded back exactly.
+    # The right kwargs (defaults left out, no seed): saved and loaded back exactly.
     model = MLP(3, 2, [4], seed=0)
     io.save_model(path, model, architecture=("mlp", {**wide, "hidden_features": [4]}))
     loaded, saved = tensors(io.load_model(path)), tensors(model)
     assert all(torch.equal(loaded[k], saved[k]) for k in saved) and list(loaded) == list(saved)
+    x = torch.linspace(-2.0, 2.0, 12, dtype=torch.float64).reshape(4, 3)
+    assert torch.equal(io.load_model(path)(x), model(x))
+
+
+def test_save_model_refuses_an_architecture_of_another_activation(tmp_path):
+    """A tanh MLP saved as a gelu one fits every shape: the file was written and loaded
+    into another function (outputs 0.14 apart on [-1, 1]²)."""
+    path = tmp_path / "model.pt"
+    kwargs = {"in_features": 2, "out_features": 1, "hidden_features": [8]}
+    model = MLP(2, 1, [8], seed=0)  # tanh
+    with pytest.raises(io.ModelFileError) as info:
+        io.save_model(path, model, architecture=("mlp", {**kwargs, "activation": "gelu"}))
+    assert str(info.value) == (
+        "The architecture 'mlp' with kwargs {'in_features': 2, 'out_features': 1, "
+        "'hidden_features': [8], 'activation': 'gelu'} builds another model than the one "
+        "given (activation='gelu' there, 'tanh' in the model): the file would load into a "
+        "different function. Give the (name, kwargs) the model was built with, or leave "
+        "architecture out for a registered model."
+    )
+    # Nested: the bound of a Bounded around it, and the inner activation.
+    inner = {"name": "mlp", "kwargs": kwargs}
+    with pytest.raises(io.ModelFileError, match=r"\(bound=2.0 there, 3.0 in the model\)"):
+        io.save_model(path, mno.Bounded(model, 3.0),
+                      architecture=("bounded", {"model": inner, "bound": 2.0}))  # fmt: skip
+    gelu = {"name": "mlp", "kwargs": {**kwargs, "activation": "gelu"}}
+    with pytest.raises(io.ModelFileError, match=r"\(model=\{.*'gelu'.* there, .*'tanh'"):
+        io.save_model(path, mno.Bounded(model, 3.0),
+                      architecture=("bounded", {"model": gelu, "bound": 3.0}))  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+    io.save_model(path, mno.Bounded(model, 3.0), architecture=("bounded", {"model": inner,
+                  "bound": 3.0}))  # fmt: skip
+    x = torch.linspace(-1.0, 1.0, 10, dtype=torch.float64).reshape(5, 2)
+    assert torch.equal(io.load_model(path)(x), mno.Bounded(model, 3.0)(x))
 
 
 @pytest.mark.parametrize(("umask", "new_mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
