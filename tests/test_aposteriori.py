@@ -424,12 +424,15 @@ def test_interrupted_run_resumes_to_the_same_weights(shared_dir):
         )
 
 
-def _fit_against_another_reaction(weight, bias, patience, checkpoint_dir=None):
-    """``fit_rollout`` on the reaction s = 1, validated on s = 0.5, from ``weight``, ``bias``;
-    returns the history, the closure and its parameters after each epoch."""
+def _fit_against_another_reaction(
+    weight, bias, patience, checkpoint_dir=None, validation_s=0.5, resume=False
+):
+    """``fit_rollout`` on the reaction s = 1, validated on s = ``validation_s``, from
+    ``weight``, ``bias``; returns the history, the closure and its parameters after each
+    epoch."""
     msh = mesh.create_unit_square(MPI.COMM_WORLD, 3, 3)
     trajectories = [fine_trajectory(msh, f, 2) for f in INITIAL[:2]]
-    validation = [fine_trajectory(msh, INITIAL[2], 2, s=0.5)]
+    validation = [fine_trajectory(msh, INITIAL[2], 2, s=validation_s)]
     rollout, closure = coarse(msh, weight=weight, bias=bias)
     seen = []
     result = fit_rollout(
@@ -444,6 +447,7 @@ def _fit_against_another_reaction(weight, bias, patience, checkpoint_dir=None):
         callback=lambda epoch, history: seen.append(parameters(closure.model)),
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=100,
+        resume=resume,
         progress=False,
     )
     return result.history, closure, seen
@@ -466,6 +470,27 @@ def test_early_stopping_restores_the_best_weights(shared_dir):
     last = [state["weights"][f"layers.0.{k}"].item() for k in ("weight", "bias")]
     assert np.array_equal(last, seen[-1])  # the state's: a resume continues from them
     assert history.best_val_loss < history.initial_val_loss
+    # Validation trajectories of another reaction (s = 0.6, same lengths) used to resume
+    # silently, with the best loss and the early stopping of s = 0.5.
+    serial = mesh.create_unit_square(MPI.COMM_SELF, 3, 3)
+
+    def fingerprint(s):
+        trajectory = fine_trajectory(serial, INITIAL[2], 2, s=s)
+        windows = TrajectoryWindows([trajectory], horizon=2, stride=1,
+                                    num_owned=trajectory[0].size, what="trajectory")  # fmt: skip
+        return windows.fingerprint(MPI.COMM_SELF)
+
+    then, now = fingerprint(0.5), fingerprint(0.6)  # the same sums on one rank
+    assert state["data"]["validation trajectories"] == then
+    with pytest.raises(ValueError) as info:
+        _fit_against_another_reaction(0.0, -2.0, 2, shared_dir, validation_s=0.6, resume=True)
+    assert str(info.value) == (
+        f"The checkpoint '{shared_dir}/checkpoint-{history.epochs:06d}.state.pt' was trained "
+        f"on other data: the validation trajectories differ (1 with checksum "
+        f"{then['checksum']} then, 1 with checksum {now['checksum']} now). Its best loss and "
+        "early-stopping state belong to those data. Resume with the data the run started "
+        "with, or train on these in a fresh run: another checkpoint_dir, with resume=False."
+    )
 
 
 @pytest.mark.mpi

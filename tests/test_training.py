@@ -2,6 +2,7 @@
 
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 from mpi4py import MPI
@@ -307,10 +308,14 @@ def test_interrupted_run_resumes_to_the_same_weights(shared_dir):
     if comm.rank == 0:  # a model file written just before the kill, without its state
         shutil.copy(shared_dir / "b" / names[0], shared_dir / "b" / "checkpoint-000014.model.pt")
     comm.Barrier()
-    # Resumed with a freshly initialised model of another seed: the checkpoint wins.
-    resumed = fit(
-        MLP(2, 1, [16], seed=99), x, y, checkpoint_dir=shared_dir / "b", resume=True, **settings
-    )
+    # Resumed with a freshly initialised model of another seed: the checkpoint wins. The
+    # model file without its state is an interrupted write, not damage: no warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        resumed = fit(
+            MLP(2, 1, [16], seed=99), x, y, checkpoint_dir=shared_dir / "b", resume=True,
+            **settings,
+        )  # fmt: skip
     assert resumed.history.resumed_from == 12 and straight.history.resumed_from is None
     assert max_difference(weights(resumed.model), weights(straight.model)) == 0.0
     assert resumed.history.val_loss == straight.history.val_loss
@@ -1141,8 +1146,22 @@ def test_a_resume_that_does_not_fit_changes_nothing(shared_dir):
         torch.save(state, older_state)
         newest.write_bytes(newest.read_bytes()[:100])
     comm.Barrier()
-    resumed = fit(MLP(2, 1, [8], seed=0), x, y, checkpoint_dir=kept, resume=True, **settings)
+    # It used to fall back without a word; every rank warns, naming the file and why.
+    with pytest.warns(RuntimeWarning) as caught:
+        resumed = fit(MLP(2, 1, [8], seed=0), x, y, checkpoint_dir=kept, resume=True, **settings)
     assert resumed.history.resumed_from == 2
+    [message] = [str(w.message) for w in caught]
+    assert message.startswith(
+        f"resume=True passed over 1 damaged checkpoint(s) in '{kept}': the pair after 4 "
+        f"epochs (ModelFileError: Could not read '{kept}/checkpoint-000004.model.pt': the file "
+        "is truncated, corrupted or not a torch file (RuntimeError: PytorchStreamReader "
+        "failed reading zip archive: failed finding central directory"  # torch's words
+    )
+    assert message.endswith(
+        "). Resuming from 'checkpoint-000002.state.pt' (after 2 epochs) instead. Remove or "
+        "restore the damaged files to silence this warning."
+    )
+    assert caught[0].filename == __file__  # the caller's line, past the package
     epochs = []
     with pytest.raises(ValueError, match=r"No registered architecture describes a Plain"):
         fit(Plain(), x, y[:, None], checkpoint_dir=shared_dir / "plain",
@@ -1167,9 +1186,21 @@ def test_unreadable_state_files_are_passed_over_as_damaged_model_files_are(share
         shutil.copy(folder / "checkpoint-000004.model.pt", folder / "checkpoint-000050.model.pt")
         torch.save([1, 2], folder / "checkpoint-000030.state.pt")
     comm.Barrier()
-    resumed = fit(MLP(2, 1, [8], seed=0), x, y, epochs=8, checkpoint_dir=folder, resume=True,
-                  **settings)  # fmt: skip
+    with pytest.warns(RuntimeWarning) as caught:
+        resumed = fit(MLP(2, 1, [8], seed=0), x, y, epochs=8, checkpoint_dir=folder,
+                      resume=True, **settings)  # fmt: skip
     assert resumed.history.resumed_from == 4 and resumed.history.epochs == 8
+    assert [str(w.message) for w in caught] == [
+        f"resume=True passed over 3 damaged checkpoint(s) in '{folder}': the pair after 100 "
+        f"epochs (ModelFileError: Could not read '{folder}/checkpoint-000100.state.pt': it is "
+        "not a torch file (torch.save writes a zip archive); the file is corrupted or of "
+        "another kind); the pair after 50 epochs (ModelFileError: "
+        f"'{folder}/checkpoint-000050.state.pt' is not a dolfinx_mno training-state file); "
+        f"the pair after 30 epochs (ModelFileError: '{folder}/checkpoint-000030.state.pt' is "
+        "not a dolfinx_mno training-state file). Resuming from 'checkpoint-000004.state.pt' "
+        "(after 4 epochs) instead. Remove or restore the damaged files to silence this "
+        "warning."
+    ]
     # Nothing but the run's own older pair was removed.
     names = sorted(p.name for p in folder.iterdir())
     kept = ["000008.model", "000008.state", "000030.state", "000050.model", "000050.state"]
@@ -1202,15 +1233,22 @@ def test_a_damaged_state_file_fails_its_checksum(shared_dir):
     assert str(info.value) == (
         f"SHA-256 mismatch in '{path}': the training-state file is corrupted."
     )
-    resumed = fit(MLP(2, 1, [8], seed=0), x, y, checkpoint_dir=shared_dir / "a", resume=True,
-                  **settings)  # fmt: skip
+    with pytest.warns(RuntimeWarning) as caught:
+        resumed = fit(MLP(2, 1, [8], seed=0), x, y, checkpoint_dir=shared_dir / "a",
+                      resume=True, **settings)  # fmt: skip
     assert resumed.history.resumed_from is None  # no intact pair: a fresh start
+    assert [str(w.message) for w in caught] == [
+        f"resume=True passed over 1 damaged checkpoint(s) in '{shared_dir / 'a'}': the pair "
+        f"after 4 epochs (ModelFileError: SHA-256 mismatch in '{path}': the training-state "
+        "file is corrupted). No intact checkpoint is left: the run starts afresh. Remove or "
+        "restore the damaged files to silence this warning."
+    ]
     assert max_difference(weights(resumed.model), weights(straight.model)) == 0.0
 
 
 @pytest.mark.mpi
 def test_the_data_checksum_does_not_depend_on_the_ranks():
-    from dolfinx_mno.training.samples import data_checksum
+    from dolfinx_mno.training.samples import data_checksum, split_fingerprint, split_samples
 
     comm = MPI.COMM_WORLD
     x, y = known_function(1000)
@@ -1224,3 +1262,54 @@ def test_the_data_checksum_does_not_depend_on_the_ranks():
     assert data_checksum(changed, y, 0, MPI.COMM_SELF) != whole
     swapped = x[[1, 0, *range(2, 1000)]]  # two rows swapped
     assert data_checksum(swapped, y[[1, 0, *range(2, 1000)]], 0, MPI.COMM_SELF) != whole
+    # The checksums of the two splits: as rank-invariant, adding up to the whole one's.
+    split = split_samples(1000, 0.2, 0, None)
+    parts = split_fingerprint(mine_x, mine_y, offset, split, comm)
+    assert parts == split_fingerprint(x, y, 0, split, MPI.COMM_SELF)
+    assert [parts[k]["count"] for k in parts] == [800, 200]
+    total = sum(int(parts[k]["checksum"], 16) for k in parts) % 2**64
+    assert f"{total:016x}" == whole
+
+
+@pytest.mark.mpi
+def test_a_resume_with_other_data_is_refused_naming_them(shared_dir):
+    """Other validation samples (same sizes, same training statistics) used to resume
+    silently, with a best loss and an early-stopping state of other data; so did a swap
+    of two training samples."""
+    from dolfinx_mno.training.samples import split_fingerprint, split_samples
+
+    comm = MPI.COMM_WORLD
+    x, y = known_function(96)
+    settings = dict(epochs=2, batch_size=16, chunk_size=8, progress=False, checkpoint_every=2)
+    folder = shared_dir / "run"
+    fit(MLP(2, 1, [8], seed=0), shard(x, comm), shard(y, comm), checkpoint_dir=folder, **settings)
+    split = split_samples(96, 0.2, 0, None)
+    train_index, val_index = split
+    before = split_fingerprint(x, y[:, None], 0, split, SERIAL)  # one rank: the same
+    state = torch.load(folder / "checkpoint-000002.state.pt", weights_only=True)
+    assert state["data"] == before
+    assert [before[k]["count"] for k in before] == [77, 19]
+    other = y.copy()
+    other[val_index] += 1.0
+    first, second = train_index[:2]
+    order = np.arange(96)
+    order[[first, second]] = [second, first]
+    for changed_x, changed_y, what in ((x, other, "validation"), (x[order], y[order], "training")):
+        after = split_fingerprint(changed_x, changed_y[:, None], 0, split, SERIAL)
+        assert after[f"{what} samples"] != before[f"{what} samples"]
+        with pytest.raises(ValueError) as info:
+            fit(MLP(2, 1, [8], seed=0), shard(changed_x, comm), shard(changed_y, comm),
+                checkpoint_dir=folder, resume=True, **{**settings, "epochs": 4})  # fmt: skip
+        count = before[f"{what} samples"]["count"]
+        assert str(info.value) == (
+            f"The checkpoint '{folder}/checkpoint-000002.state.pt' was trained on other data: "
+            f"the {what} samples differ ({count} with checksum "
+            f"{before[f'{what} samples']['checksum']} then, {count} with checksum "
+            f"{after[f'{what} samples']['checksum']} now). Its best loss and early-stopping "
+            "state belong to those data. Resume with the data the run started with, or train "
+            "on these in a fresh run: another checkpoint_dir, with resume=False."
+        )
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "checkpoint-000002.model.pt",
+        "checkpoint-000002.state.pt",
+    ]  # nothing trained or written

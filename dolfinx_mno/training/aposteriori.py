@@ -496,12 +496,31 @@ class _Run:
                 settings=loop,
                 comm=comm,
                 checkpoints=Checkpoints.from_options(
-                    options, settings=settings, metadata=self.metadata, comm=comm
+                    options,
+                    settings=settings,
+                    metadata=self.metadata,
+                    comm=comm,
+                    data=self.fingerprint(options, comm),
                 ),
                 progress=options["progress"],
                 callback=options["callback"],
             )
             return FitResult(model, trainer.resume_and_train(options["resume"]).history)
+
+    def fingerprint(
+        self, options: Mapping[str, Any], comm: MPI.Comm
+    ) -> dict[str, dict[str, Any]] | None:
+        """What a checkpoint records of the data, compared on resume (collective).
+
+        ``None`` without checkpoints. The trajectories (those the validation windows are
+        split from, too) and the validation trajectories, if given.
+        """
+        if options["checkpoint_dir"] is None:
+            return None
+        data = {"trajectories": self.train.fingerprint(comm)}
+        if self.val is not None:
+            data["validation trajectories"] = self.val.fingerprint(comm)
+        return data
 
     def layout(self) -> tuple[list[int], list[int] | None, bool]:
         """What every rank must agree on: the trajectory lengths, and a-priori or not."""

@@ -13,12 +13,16 @@ A checkpoint is a pair of files in one folder, written atomically by rank 0 afte
   the optimiser's and the scheduler's ``state_dict``, the history, the best weights, the
   early-stopping counter, and the weights after the last epoch (``"weights"``; ``None``
   when they are the best ones, which the model file holds), from which a resumed run
-  continues; and the SHA-256 of all of these (``"sha256"``), checked on resume.
+  continues; a fingerprint of the training and validation data (``"data"``: counts and
+  checksums, compared on resume); and the SHA-256 of all of these (``"sha256"``),
+  checked on resume.
 
 The model file is written first and the state second; older pairs are deleted only after
 both are in place, and :meth:`Checkpoints.resume` takes the newest state whose model file
 has the digest it recorded, so a run killed between the two writes resumes from the
-previous pair.
+previous pair. Newer pairs passed over as damaged (unreadable, truncated, failing their
+SHA-256, or another file of that name) are named in one ``RuntimeWarning``, on every
+rank, with the checkpoint resumed instead.
 
 The checkpoint options of ``fit`` and ``fit_rollout``: ``checkpoint_dir`` (the folder,
 created by rank 0; ``None`` for no checkpoints), ``checkpoint_every`` (a checkpoint every
@@ -32,7 +36,8 @@ training), since a checkpoint is a model file. A run resumes only with the data 
 of the interrupted one (injected optimisers and schedules compared by class and
 configuration, the architecture as the model file records it but for its ``seed``);
 only ``epochs``, ``checkpoint_every``, ``metadata``, ``spec``, ``progress`` and
-``callback`` may change. Anything else is refused, naming what differs, before anything
+``callback`` may change (other training or validation data of the same sizes are told by
+the data fingerprint). Anything else is refused, naming what differs, before anything
 is loaded; a state that still fails to load leaves the model, optimiser and schedule as
 they were.
 """
@@ -46,6 +51,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -150,30 +156,66 @@ def _load_state(state_path: Path) -> dict[str, Any]:
     return contents
 
 
-def latest_checkpoint(directory: Path) -> int | None:
-    """Epochs done of the newest complete (model, state) pair in ``directory``, or ``None``.
+def latest_checkpoint(directory: Path) -> tuple[int | None, list[str]]:
+    """The newest complete (model, state) pair in ``directory``, and the pairs passed over.
 
     A pair is complete when the model file's digest is the one the state recorded; a
-    model file written just before an interruption, without its state, is skipped, and so
-    is a pair whose model file or state file is missing, damaged or not one (another
-    file of that name): the newest intact pair is taken, as from a run killed mid-write.
+    model file written just before an interruption, without its state, is not a pair (no
+    state file names it) and is left out silently. A newer state whose model file or
+    itself is missing, damaged or not one (another file of that name) is passed over for
+    the newest intact pair, and said so.
+
+    Returns:
+        The epochs done of the newest complete pair (``None``: none), and for each newer
+        pair passed over, newest first, why: ``"the pair after E epochs (TypeName:
+        message naming the file)"``.
     """
     if not directory.is_dir():
-        return None
+        return None, []
     found = sorted(
         (int(m.group(1)) for f in directory.iterdir() if (m := _CHECKPOINT.match(f.name))),
         reverse=True,
     )
+    skipped: list[str] = []
     for epochs_done in found:
         model_path, state_path = _paths(directory, epochs_done)
         try:
             state = _load_state(state_path)
             digest = read_model_file(model_path).sha256
-        except (ModelFileError, OSError):  # damaged or missing: not a complete pair
+        except (ModelFileError, OSError) as err:  # damaged or missing: not a complete pair
+            reason = describe(err, first_line=True).rstrip(".")
+            skipped.append(f"the pair after {epochs_done} epochs ({reason})")
             continue
         if digest == state.get("model_sha256"):
-            return epochs_done
-    return None
+            return epochs_done, skipped
+        skipped.append(
+            f"the pair after {epochs_done} epochs (the model file {os.fspath(model_path)!r} "
+            "is not the one its state was written with: the SHA-256 differs)"
+        )
+    return None, skipped
+
+
+def _warn_skipped(directory: Path, skipped: list[str], choice: int | None) -> None:
+    """Warn that damaged checkpoints were passed over, and say what is resumed instead.
+
+    Every rank warns, with rank 0's findings: a warning filter that turns warnings into
+    errors then raises on every rank, not on rank 0 alone before a collective.
+    """
+    if not skipped:
+        return
+    instead = (
+        f"Resuming from {_paths(directory, choice)[1].name!r} (after {choice} epochs) instead."
+        if choice is not None
+        else "No intact checkpoint is left: the run starts afresh."
+    )
+    warnings.warn(
+        f"resume=True passed over {len(skipped)} damaged checkpoint(s) in "
+        f"{os.fspath(directory)!r}: {'; '.join(skipped)}. {instead} Remove or restore the "
+        "damaged files to silence this warning.",
+        RuntimeWarning,
+        # The caller of fit or fit_rollout, past this package and torch's decorators.
+        skip_file_prefixes=(str(Path(__file__).parents[1]), str(Path(torch.__file__).parent)),
+    )
 
 
 class Checkpoints:
@@ -185,6 +227,9 @@ class Checkpoints:
         settings: The run's settings (JSON); a resumed run must have the same.
         metadata: JSON metadata for the model files, e.g. the operand spec.
         comm: The communicator of the run.
+        data: A fingerprint of the run's data, stored in the state files and compared on
+            resume: ``{what: {"count": n, "checksum": "…"}}``, ``what`` naming the data
+            for the messages (``"training samples"``, ``"validation trajectories"``, ...).
         resume: The run resumes from the folder's checkpoints. A fresh run (``False``)
             refuses a folder that already holds checkpoint files: its own checkpoints would
             sit beside the earlier run's, and a later ``resume=True`` would take the
@@ -206,8 +251,10 @@ class Checkpoints:
         metadata: Mapping[str, Any] | None,
         comm: MPI.Comm,
         resume: bool = False,
+        data: Mapping[str, Mapping[str, Any]] | None = None,
     ):
         self.directory = Path(directory)
+        self.data = None if data is None else {k: dict(v) for k, v in data.items()}
         self.every = int(every)
         self.settings = dict(settings)
         self.metadata = dict(metadata or {})
@@ -259,11 +306,12 @@ class Checkpoints:
         settings: Mapping[str, Any],
         metadata: Mapping[str, Any] | None,
         comm: MPI.Comm,
+        data: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> Checkpoints | None:
         """The checkpoints that ``fit``'s or ``fit_rollout``'s options ask for (collective).
 
         From ``checkpoint_dir``, ``checkpoint_every`` and ``resume``; ``None`` without a
-        folder.
+        folder. ``data``: the fingerprint of the run's data (see :class:`Checkpoints`).
         """
         directory = options["checkpoint_dir"]
         if directory is None:
@@ -276,6 +324,7 @@ class Checkpoints:
             metadata=metadata,
             comm=comm,
             resume=bool(options["resume"]),
+            data=data,
         )
 
     def due(self, epochs_done: int, last: bool) -> bool:
@@ -333,6 +382,7 @@ class Checkpoints:
             "best_state": dict(state.best_state),
             "bad_epochs": state.bad_epochs,
             "weights": weights,
+            "data": self.data,
         }
 
         def write() -> None:
@@ -359,17 +409,21 @@ class Checkpoints:
             The restored state (``history.resumed_from`` set), or ``None`` if the folder
             holds no complete checkpoint.
 
+        Warns:
+            RuntimeWarning: Newer pairs were passed over as damaged (on every rank).
+
         Raises:
             ModelFileError: An unreadable state file (on every rank).
             ValueError: A checkpoint of other settings or data (on every rank).
         """
         comm = self.comm
         # Rank 0 chooses, so that every rank restores the same pair.
-        choice = on_root(
+        choice, skipped = on_root(
             comm,
             lambda: latest_checkpoint(self.directory),
             f"Choosing a checkpoint in {os.fspath(self.directory)!r}",
         )
+        _warn_skipped(self.directory, skipped, choice)
         if choice is None:
             return None
         cause: Exception | None = None
@@ -383,6 +437,33 @@ class Checkpoints:
         history.resumed_from = choice
         best_state = {k: v.clone() for k, v in contents["best_state"].items()}
         return TrainingState(history, best_state, int(contents["bad_epochs"]))
+
+    def _check_data(self, state_path: Path, saved: Mapping[str, Any] | None) -> None:
+        """Refuse a checkpoint whose data fingerprint differs from this run's (local).
+
+        A state written before it held one (``saved`` is ``None``) is not checked.
+        """
+        data = self.data
+        if saved is None or data is None or saved == data:
+            return
+
+        def described(entry: Mapping[str, Any] | None) -> str:
+            if entry is None:
+                return "none"
+            return f"{entry['count']} with checksum {entry['checksum']}"
+
+        differ = "; ".join(
+            f"the {what} differ ({described(saved.get(what))} then, "
+            f"{described(data.get(what))} now)"
+            for what in sorted(saved.keys() | data.keys())
+            if saved.get(what) != data.get(what)
+        )
+        raise ValueError(
+            f"The checkpoint {os.fspath(state_path)!r} was trained on other data: {differ}. "
+            "Its best loss and early-stopping state belong to those data. Resume with the "
+            "data the run started with, or train on these in a fresh run: another "
+            "checkpoint_dir, with resume=False."
+        )
 
     def _load(
         self,
@@ -406,6 +487,7 @@ class Checkpoints:
                 f"settings ({differ}); resume with the same ones, or start afresh in "
                 "another folder."
             )
+        self._check_data(state_path, contents.get("data"))
         saved_model = read_model_file(model_path)
         architecture = architecture_config(model)
         if _as_json(saved_model.architecture) != _as_json(architecture):

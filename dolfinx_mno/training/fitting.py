@@ -25,6 +25,7 @@ from dolfinx_mno.training.samples import (
     data_checksum,
     groups_digest,
     prepare_rows,
+    split_fingerprint,
     split_samples,
 )
 from dolfinx_mno.training.state import TrainingHistory
@@ -148,6 +149,11 @@ class _Run:
         split = split_samples(
             layout.num_samples, settings["validation_fraction"], settings["seed"], layout.groups
         )
+        data = None
+        if options["checkpoint_dir"] is not None:
+            # Compared on resume: the best loss and early stopping belong to these data.
+            offset = int(layout.offsets[comm.rank])
+            data = split_fingerprint(samples.x, samples.y, offset, split, comm)
         settings.update(
             num_samples=layout.num_samples,
             num_inputs=samples.x.shape[1],
@@ -184,7 +190,7 @@ class _Run:
             settings=loop,
             comm=comm,
             checkpoints=Checkpoints.from_options(
-                options, settings=settings, metadata=self.metadata, comm=comm
+                options, settings=settings, metadata=self.metadata, comm=comm, data=data
             ),
             progress=options["progress"],
             callback=options["callback"],

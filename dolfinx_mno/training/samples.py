@@ -37,6 +37,7 @@ __all__ = [
     "groups_digest",
     "is_reader",
     "prepare_rows",
+    "split_fingerprint",
     "split_samples",
 ]
 
@@ -289,6 +290,27 @@ def groups_digest(groups: npt.NDArray[np.int64]) -> str:
     return hashlib.sha256(groups.astype("<i8").tobytes()).hexdigest()
 
 
+def _row_hashes(
+    inputs: npt.NDArray, targets: npt.NDArray, offset: int, chunk: int
+) -> npt.NDArray[np.uint64]:
+    """Each row's hash weighted by its global index (see :func:`data_checksum`)."""
+    width = inputs.shape[1] + targets.shape[1]
+    weights = np.random.default_rng(0xC0FFEE).integers(1, 2**63, width, dtype=np.uint64)
+    weights |= np.uint64(1)
+    mix = np.uint64(0x9E3779B97F4A7C15)
+    parts = [np.zeros(0, dtype=np.uint64)]
+    with np.errstate(over="ignore"):
+        for start in range(0, inputs.shape[0], chunk):
+            stop = min(start + chunk, inputs.shape[0])
+            rows = np.concatenate([inputs[start:stop], targets[start:stop]], axis=1)
+            words = np.ascontiguousarray(rows, dtype=np.float64).view(np.uint64)
+            hashes = (words * weights).sum(axis=1, dtype=np.uint64)
+            hashes ^= hashes >> np.uint64(31)
+            index = np.arange(offset + start, offset + stop, dtype=np.uint64) * mix + mix
+            parts.append(hashes * index)
+    return np.concatenate(parts)
+
+
 def data_checksum(
     inputs: npt.NDArray, targets: npt.NDArray, offset: int, comm: MPI.Comm, chunk: int = 65536
 ) -> str:
@@ -307,20 +329,47 @@ def data_checksum(
         comm: The communicator.
         chunk: Rows hashed at a time (bounds the temporary memory).
     """
-    width = inputs.shape[1] + targets.shape[1]
-    weights = np.random.default_rng(0xC0FFEE).integers(1, 2**63, width, dtype=np.uint64)
-    weights |= np.uint64(1)
-    mix, total = np.uint64(0x9E3779B97F4A7C15), 0
-    with np.errstate(over="ignore"):
-        for start in range(0, inputs.shape[0], chunk):
-            stop = min(start + chunk, inputs.shape[0])
-            rows = np.concatenate([inputs[start:stop], targets[start:stop]], axis=1)
-            words = np.ascontiguousarray(rows, dtype=np.float64).view(np.uint64)
-            hashes = (words * weights).sum(axis=1, dtype=np.uint64)
-            hashes ^= hashes >> np.uint64(31)
-            index = np.arange(offset + start, offset + stop, dtype=np.uint64) * mix + mix
-            total += int((hashes * index).sum(dtype=np.uint64))
+    hashed = _row_hashes(inputs, targets, offset, chunk)
+    total = int(hashed.sum(dtype=np.uint64))
     return f"{comm.allreduce(total, op=MPI.SUM) % 2**64:016x}"
+
+
+def split_fingerprint(
+    inputs: npt.NDArray,
+    targets: npt.NDArray,
+    offset: int,
+    split: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]],
+    comm: MPI.Comm,
+) -> dict[str, dict[str, Any]]:
+    """The sizes and checksums of the training and the validation split (collective).
+
+    What a checkpoint records of its data
+    (:class:`~dolfinx_mno.training.checkpoint.Checkpoints`): ``{"training samples":
+    {"count": n, "checksum": "…"}, "validation samples": {...}}``, each checksum the
+    :func:`data_checksum` of that split's rows alone (the two add up to the checksum of
+    all rows, modulo 2⁶⁴), the same on any number of ranks.
+
+    Args:
+        inputs: This rank's input rows ``(n, ·)``, as given (not normalised).
+        targets: This rank's target rows ``(n, ·)``.
+        offset: The global index of this rank's first row.
+        split: ``(train_index, val_index)``, global indices.
+        comm: The communicator.
+    """
+    hashed = _row_hashes(inputs, targets, offset, 65536)
+    in_validation = np.isin(np.arange(offset, offset + hashed.size), split[1])
+    # Unsigned sums wrap modulo 2⁶⁴, in NumPy and in MPI alike.
+    totals = np.array(
+        [hashed[~in_validation].sum(dtype=np.uint64), hashed[in_validation].sum(dtype=np.uint64)],
+        dtype=np.uint64,
+    )
+    comm.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
+    return {
+        what: {"count": len(index), "checksum": f"{int(total):016x}"}
+        for what, index, total in zip(
+            ("training samples", "validation samples"), split, totals, strict=True
+        )
+    }
 
 
 def split_samples(

@@ -17,6 +17,8 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from mpi4py import MPI
+
 import numpy as np
 import numpy.typing as npt
 import torch
@@ -192,6 +194,25 @@ class TrajectoryWindows:
             for i, states in enumerate(self.states)
             for s in range(num_older, states.shape[0] - horizon, stride)
         ]
+
+    def fingerprint(self, comm: MPI.Comm) -> dict[str, Any]:
+        """``{"count": num_trajectories, "checksum": "…"}`` of the global trajectories.
+
+        Collective. The checksum is three sums over every value ``u`` of every state and
+        rank, to 11 significant digits: ``Σ u²``, ``Σ |u|`` and ``Σ (i + 1)(s + 1) u²``
+        (``u`` in state ``s`` of trajectory ``i``), so other values, states in another
+        order or trajectories swapped tell. Sums of positive terms rounded as the target
+        scale of the settings is: sums in another order, on another number of ranks or of
+        trajectories recomputed there (which differ at rounding level) agree, but for a
+        sum at a rounding boundary. It is not cryptographic.
+        """
+        sums = np.zeros(3)
+        for i, states in enumerate(self.states):
+            squares = (states**2).sum(dim=1).numpy()
+            weights = (i + 1) * np.arange(1, squares.size + 1, dtype=np.float64)
+            sums += [squares.sum(), float(states.abs().sum()), float(weights @ squares)]
+        comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
+        return {"count": len(self.states), "checksum": " ".join(f"{v:.10e}" for v in sums)}
 
     @property
     def lengths(self) -> list[int]:
