@@ -155,8 +155,12 @@ class Closure(ClosureBase):
         # compilation of the operand expression), and the ranks agree on its outcome: a
         # failure on any rank raises on every rank instead of leaving the others waiting.
         comm = operand_comm(operands, mesh)
-        target = resolve_device(device, comm) if device is not None else None
+        # "auto" resolves collectively; a named device is checked rank by rank below.
+        named = device is not None and not (isinstance(device, str) and device == "auto")
+        target = resolve_device(device, comm) if device is not None and not named else None
         with rank_local(comm, f"Building closure '{name}'"):
+            if named:
+                target = resolve_device(device, comm)
             operands = Operands(operands, mesh=mesh)
             arguments = validate_arguments(model, operands, value_shape, quadrature_degree)
             model, value_shape = arguments.model, arguments.value_shape

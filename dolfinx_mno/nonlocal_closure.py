@@ -288,7 +288,11 @@ class NonlocalClosure(ClosureBase):
     def _slab_stage(self, device: str | torch.device | None, slabs: str) -> SlabModelStage:
         """The distributed mode's slab gather, model and halo scatter (collective)."""
         if device is not None:
-            self._model.to(resolve_device(device, self._comm))
+            # "auto" resolves collectively; a named device is checked rank by rank.
+            named = not (isinstance(device, str) and device == "auto")
+            target = None if named else resolve_device(device, self._comm)
+            with rank_local(self._comm, "Placing the non-local closure's model"):
+                self._model.to(target or resolve_device(device, self._comm))
         points = self._owned_points()
         rows = None  # balanced; too few rows for the ranks: DistributedFNO says so
         if slabs == "mesh" and self.grid.shape[0] >= self._comm.size:

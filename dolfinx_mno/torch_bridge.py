@@ -74,15 +74,33 @@ def resolve_device(device: str | torch.device | None, comm: MPI.Comm) -> torch.d
             :class:`torch.device`.
         comm: Communicator of the mesh. The node-local rank is computed with
             ``MPI.COMM_TYPE_SHARED``, so ranks on one node are spread over its GPUs.
+            Collective for ``"auto"`` only.
 
     Returns:
         The device.
+
+    Raises:
+        RuntimeError: A CUDA device that this process cannot use (no CUDA device, or an
+            index beyond the devices there are): no silent fallback to the CPU.
     """
     if device is None or device == "auto":
         if torch.cuda.is_available():
             return device_of_local_rank(node_local_rank(comm), torch.cuda.device_count())
         return torch.device("cpu")
-    return torch.device(device)
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        # torch's own message ("Found no NVIDIA driver") comes later, from deep inside
+        # model.to(), and does not say what to pass instead.
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (resolved.index is not None and resolved.index >= count):
+            found = "no CUDA device" if count == 0 else f"{count} CUDA device(s)"
+            raise RuntimeError(
+                f"device={str(device)!r} was requested, but torch finds {found} on this "
+                "machine (torch.cuda.is_available() is "
+                f"{torch.cuda.is_available()}). Pass device='auto' (a GPU when there is "
+                "one, the CPU otherwise) or device='cpu'."
+            )
+    return resolved
 
 
 def node_local_rank(comm: MPI.Comm) -> int:
@@ -124,6 +142,31 @@ def model_dtype(model: torch.nn.Module, default: torch.dtype) -> torch.dtype:
         if tensor.is_floating_point() or tensor.is_complex():
             return tensor.dtype
     return default
+
+
+def mixed_precision_hint(model: torch.nn.Module, given: torch.dtype) -> str | None:
+    """What to do about a model whose tensors mix real dtypes, or ``None``.
+
+    The closures feed a model inputs in one dtype, that of its first floating-point
+    tensor (:func:`model_dtype`); a model half cast (``model[0].double()``), or one whose
+    buffers promote the input to another dtype, then fails in torch with a bare "mat1 and
+    mat2 must have the same dtype". Only called once the model has failed: mixed dtypes
+    are not refused.
+
+    Args:
+        model: The model that failed.
+        given: The dtype of the inputs it was given.
+    """
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    dtypes = {t.dtype for t in tensors if t.is_floating_point()}
+    if len(dtypes) < 2:
+        return None
+    names = ", ".join(sorted(str(dtype) for dtype in dtypes))
+    return (
+        f"the model's parameters and buffers mix dtypes ({names}) and it is given "
+        f"{given} inputs; cast the whole model to one dtype, "
+        "e.g. model.double(), or dolfinx_mno.to_precision(model, dtype)"
+    )
 
 
 def to_precision(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -607,10 +650,12 @@ class PointwiseEvaluator:
                     f"per point, but the operands provide {self.num_inputs} (a "
                     f"(2, {self.num_inputs}) probe batch raised: {err})"
                 ) from err
+            hint = mixed_precision_hint(self.model, self.dtype) or (
+                f"the operands provide {self.num_inputs} components per point; is that the "
+                "model's input width?"
+            )
             raise ValueError(
-                f"The model failed on a (2, {self.num_inputs}) probe batch (the operands "
-                f"provide {self.num_inputs} components per point; is that the model's input "
-                f"width?): {err}"
+                f"The model failed on a (2, {self.num_inputs}) probe batch ({hint}): {err}"
             ) from err
         if not isinstance(y, torch.Tensor) or y.ndim < 1 or y.shape[0] != 2:
             shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
@@ -805,9 +850,10 @@ class GridEvaluator:
                     f"Channel mismatch: the model has in_channels={expected}, but it is "
                     f"given {inputs}."
                 ) from err
+            hint = mixed_precision_hint(self.model, self.dtype)
             raise ValueError(
                 f"The model failed on a probe input of {inputs} on the {self.grid_shape} "
-                f"grid: {type(err).__name__}: {err}"
+                f"grid{f' ({hint})' if hint else ''}: {type(err).__name__}: {err}"
             ) from err
         expected_shape = (1, self.out_channels, *self.grid_shape)
         if not isinstance(y, torch.Tensor):

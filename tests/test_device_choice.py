@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from mpi4py import MPI
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -88,3 +89,38 @@ def test_backend_is_nccl_on_cuda_and_gloo_on_the_cpu(monkeypatch):
     ):
         process_group_backend(torch.device("cuda", 0))
     assert process_group_backend(torch.device("cpu")) == "gloo"
+
+
+def test_a_cuda_device_this_machine_lacks_is_refused(monkeypatch):
+    """An explicit CUDA device that is not there: a message that says what to pass, not
+    torch's "Found no NVIDIA driver" from deep inside ``model.to``."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    comm = _Comm(0)
+    with pytest.raises(RuntimeError, match=r"^device='cuda' was requested, but torch finds no "):
+        resolve_device("cuda", comm)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(RuntimeError, match=r"'cuda:2' was requested, but torch finds 2 CUDA "):
+        resolve_device(torch.device("cuda", 2), comm)
+    assert resolve_device("cuda:1", comm) == torch.device("cuda", 1)
+    assert resolve_device("cpu", comm) == torch.device("cpu") and comm.split_types == []
+
+
+@pytest.mark.mpi
+def test_closure_on_a_missing_cuda_device_fails_on_every_rank(monkeypatch, tiny_square):
+    """``Closure(..., device="cuda")`` without CUDA: one clear error on every rank, raised
+    before any collective (on 3 ranks, one of them owns no cells)."""
+    from dolfinx import fem
+
+    import dolfinx_mno as mno
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    u = fem.Function(fem.functionspace(tiny_square, ("Lagrange", 1)))
+    model = torch.nn.Linear(1, 1, dtype=torch.float64)
+    expected = r"device='cuda' was requested, but torch finds no CUDA device on this machine"
+    for device in ("cuda", torch.device("cuda")):
+        with pytest.raises(RuntimeError, match=expected):
+            mno.Closure(model, [u], (), 1, device=device)
+    closure = mno.Closure(model, [u], (), 1, device="cpu")  # the model stays usable
+    closure.update()
+    assert closure.x.array.dtype == np.float64

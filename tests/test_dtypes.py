@@ -75,3 +75,28 @@ def test_float32_model_with_float64_dolfinx():
         scale = comm.allreduce(np.max(np.abs(b)), op=MPI.MAX)
         assert diff > 0  # really computed in float32
         assert diff <= 10 * eps32 * scale
+
+
+def test_mixed_dtype_model_gets_a_message_naming_the_dtypes(tiny_square):
+    """A model cast in part (one layer ``.double()``) fails in torch with "mat1 and mat2
+    must have the same dtype"; the closure's message blamed the input width. Now it names
+    the dtypes and the fix; a model whose buffer only differs keeps working."""
+    u = fem.Function(fem.functionspace(tiny_square, ("Lagrange", 1)))
+    mixed = Mlp().float()
+    mixed.net[0].double()
+    message = r"mix dtypes \(torch\.float32, torch\.float64\) and it is given torch\.float64 inputs"
+    with pytest.raises(ValueError, match=message + "; cast the whole model to one dtype"):
+        mno.Closure(mixed, [u, ufl.grad(u)], (2,), 1)
+    model = Mlp().double()
+    model.register_buffer("unused", torch.zeros(1, dtype=torch.float16))
+    closure = mno.Closure(model, [u, ufl.grad(u)], (2,), 1)
+    closure.update()
+    assert closure.model_dtype == torch.float64
+    expected = model(torch.zeros(1, 3, dtype=torch.float64)).detach().numpy()  # u = 0
+    assert np.allclose(closure.x.array.reshape(-1, 2), expected, rtol=1e-14)
+    # The grid evaluator of non-local closures says the same.
+    grid_model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 1), torch.nn.Conv2d(4, 1, 1))
+    grid_model[1].double()
+    evaluator = mno.torch_bridge.GridEvaluator(grid_model, 1, 1, (4, 4), np.float64, None)
+    with pytest.raises(ValueError, match=r"grid \(the model's parameters and buffers mix dtypes"):
+        evaluator.probe()
