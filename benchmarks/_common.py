@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import shutil
@@ -9,6 +10,8 @@ import subprocess
 import sys
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
+
+from mpi4py import MPI
 
 import numpy as np
 import torch
@@ -40,6 +43,67 @@ def machine(device: torch.device) -> dict[str, object]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: a positive integer (0 and negatives refused, not run)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def positive_size(text: str) -> float:
+    """An ``argparse`` type: a positive number of points or dofs, ``1e5`` accepted."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value >= 1 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number (>= 1), got {text}")
+    return value
+
+
+def existing_file(text: str) -> Path:
+    """An ``argparse`` type: the path of a file that exists (a result file to read)."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return path
+
+
+def device_name(text: str) -> str:
+    """An ``argparse`` type: ``auto``, ``cpu`` or a CUDA device this machine has.
+
+    Checked by :func:`dolfinx_mno.resolve_device` before any work: ``--device cuda``
+    on a machine without a GPU is refused here, not by torch minutes into the run.
+    """
+    if text == "auto":
+        return text
+    try:
+        mno.resolve_device(text, MPI.COMM_SELF)
+    except RuntimeError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def refuse_quick_overrides(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, names: Sequence[str]
+) -> None:
+    """``parser.error`` if ``--quick`` is given with options it sets itself.
+
+    ``--quick`` replaces these options' values; given together, the explicit values would
+    be dropped without a word.
+    """
+    if not args.quick:
+        return
+    given = [name for name in names if getattr(args, name) != parser.get_default(name)]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        parser.error(f"--quick sets {flags} itself: drop --quick, or drop {flags}")
 
 
 def ms(seconds: float) -> str:

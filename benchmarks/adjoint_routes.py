@@ -66,7 +66,7 @@ from mpi4py import MPI
 
 import numpy as np
 import torch
-from _common import machine, ms
+from _common import machine, ms, positive_int, refuse_quick_overrides
 from closure_overhead import timed
 
 # dolfinx_mno makes the MPI library of the dolfinx-solver wheel visible; it must be
@@ -434,15 +434,19 @@ def table(result: dict) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Our rollout gradient against pyadjoint's.")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128])
-    parser.add_argument("--steps", type=int, default=20, help="time steps per rollout")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds")
+    parser.add_argument("--sizes", type=positive_int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--steps", type=positive_int, default=20, help="time steps per rollout")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed rounds")
     parser.add_argument("--closure", choices=("flux", "mlp"), default="flux")
-    parser.add_argument("--width", type=int, default=8, help="hidden width of --closure mlp")
+    parser.add_argument(
+        "--width", type=positive_int, default=8, help="hidden width of --closure mlp"
+    )
     parser.add_argument("--implicit", action="store_true", help="backward Euler by Newton")
     parser.add_argument("--tag", default=None, help="result file tag")
     parser.add_argument("--quick", action="store_true", help="n = 8, 4 steps, 1 round")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    refuse_quick_overrides(parser, args, ["sizes", "steps", "repeats"])
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -33,7 +33,7 @@ from mpi4py import MPI
 
 import numpy as np
 import torch
-from _common import machine
+from _common import machine, positive_int
 
 import dolfinx_mno as mno
 from dolfinx_mno import pointwise_kernel
@@ -49,13 +49,17 @@ def best_update(closure: mno.Closure, tangent: bool, repeats: int) -> float:
     return min(seconds)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cells", type=int, default=408)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cells", type=positive_int, default=408)
+    parser.add_argument("--rounds", type=positive_int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--tag", default="")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(1)
 
     import ufl

@@ -55,7 +55,18 @@ from mpi4py import MPI
 
 import numpy as np
 import torch
-from _common import machine, ms, result_tag, run_serial_and_parallel, shared_cases
+from _common import (
+    device_name,
+    existing_file,
+    machine,
+    ms,
+    positive_int,
+    positive_size,
+    refuse_quick_overrides,
+    result_tag,
+    run_serial_and_parallel,
+    shared_cases,
+)
 
 # dolfinx_mno makes the MPI library of the dolfinx-solver wheel visible; it must be
 # imported before dolfinx.
@@ -500,34 +511,38 @@ def compare_ranks(args: argparse.Namespace) -> None:
 # ## Driver
 
 
-def parse_args() -> argparse.Namespace:
-    """Command-line options."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options (``argv``: default ``sys.argv[1:]``)."""
     parser = argparse.ArgumentParser(
         description="Time closure updates beside one residual assembly (see the header)."
     )
     parser.add_argument(
         "--sizes",
-        type=float,
+        type=positive_size,
         nargs="+",
         default=[1e4, 1e5, 1e6],
         help="total numbers of quadrature points (over all ranks) (default: 1e4 1e5 1e6)",
     )
-    parser.add_argument("--repeats", type=int, default=7, help="timed calls per figure")
+    parser.add_argument("--repeats", type=positive_int, default=7, help="timed calls per figure")
     parser.add_argument(
         "--tag",
         default=None,
         help="result file tag (default: np<ranks>; with --compare-ranks, a prefix)",
     )
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    parser.add_argument(
+        "--device", type=device_name, default="cpu", help="cpu, cuda or auto (default: cpu)"
+    )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=1,
         help="torch.set_num_threads per rank (default 1, serial and under MPI, so that "
         "the rank comparison is a comparison of ranks)",
     )
-    parser.add_argument("--batch-size", type=int, default=None, help="closure batch_size")
-    parser.add_argument("--element-degree", type=int, default=1, help="Lagrange degree of u")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="closure batch_size")
+    parser.add_argument(
+        "--element-degree", type=positive_int, default=1, help="Lagrange degree of u"
+    )
     parser.add_argument(
         "--quadrature-degree",
         type=int,
@@ -535,11 +550,13 @@ def parse_args() -> argparse.Namespace:
         help="closure quadrature degree (default: twice the element degree)",
     )
     parser.add_argument("--activation", default="tanh", choices=sorted(ACTIVATIONS))
-    parser.add_argument("--matmul-n", type=int, default=None, help="matmul size (2048; GPU 8192)")
+    parser.add_argument(
+        "--matmul-n", type=positive_int, default=None, help="matmul size (2048; GPU 8192)"
+    )
     parser.add_argument("--batch-study", action="store_true", help="MLP time vs batch size")
     parser.add_argument(
         "--study-batch-sizes",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=[512, 1024, 2048, 4096, 8192, 16384, 65536],
         help="batch sizes of the study (the whole array is always added)",
@@ -553,20 +570,17 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="run serially and under mpirun -n RANKS, then print the update speed-up",
     )
-    parser.add_argument("--ranks", type=int, default=2, help="ranks for --compare-ranks")
+    parser.add_argument("--ranks", type=positive_int, default=2, help="ranks for --compare-ranks")
     parser.add_argument("--mpirun", default=None, help="mpirun for --compare-ranks")
     parser.add_argument(
         "--compare",
         nargs=2,
-        type=Path,
+        type=existing_file,
         metavar=("ONE_RANK.json", "MANY_RANKS.json"),
         help="only compare two result files",
     )
-    args = parser.parse_args()
-    if args.repeats < 1:
-        parser.error(f"--repeats must be at least 1, got {args.repeats}")
-    if not all(s >= 1 for s in args.sizes):  # NaN too
-        parser.error(f"--sizes must be at least 1, got {args.sizes}")
+    args = parser.parse_args(argv)
+    refuse_quick_overrides(parser, args, ["sizes", "study_batch_sizes"])
     if args.quick:
         args.sizes = [2e3, 8e3]
         args.repeats = min(args.repeats, 3)

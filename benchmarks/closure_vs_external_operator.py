@@ -61,7 +61,16 @@ from mpi4py import MPI
 
 import numpy as np
 import torch
-from _common import machine, ms, result_tag, run_serial_and_parallel
+from _common import (
+    existing_file,
+    machine,
+    ms,
+    positive_int,
+    positive_size,
+    refuse_quick_overrides,
+    result_tag,
+    run_serial_and_parallel,
+)
 from closure_overhead import FirstColumn, matmul_rate, points_per_cell, residual_assembler, timed
 
 # dolfinx_mno makes the MPI library of the dolfinx-solver wheel visible; it must be
@@ -505,24 +514,29 @@ def targets_table(paths: list[Path]) -> str:
 # ## Driver
 
 
-def parse_args() -> argparse.Namespace:
-    """Command-line options."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options (``argv``: default ``sys.argv[1:]``)."""
     parser = argparse.ArgumentParser(description="Closure against ext-op (see the header).")
-    parser.add_argument("--sizes", type=float, nargs="+", default=[1e4, 1e5, 1e6])
-    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per figure")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    parser.add_argument("--quadrature-degree", type=int, default=2)
+    parser.add_argument("--sizes", type=positive_size, nargs="+", default=[1e4, 1e5, 1e6])
+    parser.add_argument("--repeats", type=positive_int, default=7, help="timed rounds per figure")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads per rank")
+    parser.add_argument("--quadrature-degree", type=positive_int, default=2)
     parser.add_argument("--closures", nargs="+", default=list(CLOSURES), choices=CLOSURES)
     parser.add_argument("--compile", action="store_true", help="Closure(..., compile=True)")
     parser.add_argument("--tag", default=None, help="result file tag (default np<ranks>)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     parser.add_argument("--compare-ranks", action="store_true", help="1 rank, then --ranks")
-    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--ranks", type=positive_int, default=2)
     parser.add_argument("--mpirun", default=None)
     parser.add_argument(
-        "--markdown", nargs="+", type=Path, default=None, help="only print result files as tables"
+        "--markdown",
+        nargs="+",
+        type=existing_file,
+        default=None,
+        help="only print result files as tables",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    refuse_quick_overrides(parser, args, ["sizes"])
     if args.quick:
         args.sizes = [2e3, 8e3]
         args.repeats = min(args.repeats, 3)

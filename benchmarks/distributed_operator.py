@@ -64,7 +64,7 @@ from mpi4py import MPI
 
 import numpy as np
 import torch
-from _common import machine
+from _common import machine, positive_int, refuse_quick_overrides
 
 from dolfinx_mno import DistributedFNO, to_precision
 
@@ -220,20 +220,31 @@ def measured_bytes(distributed: DistributedFNO, channels: int, c: int) -> int:
     return total
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--grid", type=int, nargs=2, default=(512, 512))
-    parser.add_argument("--modes", type=int, nargs=2, default=(16, 16))
-    parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--weak-rows", type=int, default=128, help="rows per rank (weak)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--closure-grid", type=int, default=256, help="closure grid points")
-    parser.add_argument("--closure-cells", type=int, default=64, help="mesh squares per side")
+    parser.add_argument("--grid", type=positive_int, nargs=2, default=(512, 512))
+    parser.add_argument("--modes", type=positive_int, nargs=2, default=(16, 16))
+    parser.add_argument("--width", type=positive_int, default=16)
+    parser.add_argument("--layers", type=positive_int, default=4)
+    parser.add_argument("--weak-rows", type=positive_int, default=128, help="rows per rank (weak)")
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument(
+        "--closure-grid", type=positive_int, default=256, help="closure grid points"
+    )
+    parser.add_argument(
+        "--closure-cells", type=positive_int, default=64, help="mesh squares per side"
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--summary", action="store_true")
     parser.add_argument("--remote", action="store_true", help="only the samples sent between ranks")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    names = ["grid", "modes", "width", "layers", "weak_rows", "repeats", "closure_grid"]
+    refuse_quick_overrides(parser, args, [*names, "closure_cells"])
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.summary:
         summary()
         return

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 import turbulence_scaling
 import ufl
-from _common import machine
+from _common import device_name, machine, positive_int, positive_size, refuse_quick_overrides
 from neuralop.models import FNO
 
 import dolfinx_mno as mno
@@ -241,17 +241,25 @@ def print_rows(title: str, rows: list[dict[str, Any]]) -> None:
         ))  # fmt: skip
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="The GPU checks of issues 12-14 (see header).")
-    parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default auto)")
-    parser.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7])
-    parser.add_argument("--steps", type=int, default=20, help="rollout steps (default 20)")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=None, help="closure chunk size")
+    parser.add_argument(
+        "--device", type=device_name, default="auto", help="cuda, cpu or auto (default auto)"
+    )
+    parser.add_argument("--sizes", type=positive_size, nargs="+", default=[1e6, 1e7])
+    parser.add_argument("--steps", type=positive_int, default=20, help="rollout steps (default 20)")
+    parser.add_argument("--repeats", type=positive_int, default=10)
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="closure chunk size")
     parser.add_argument("--tag", default="")
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    refuse_quick_overrides(parser, args, ["sizes", "steps", "repeats"])
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.quick:
         args.sizes, args.steps, args.repeats = [2e3], 3, 3
     device = mno.resolve_device(args.device, COMM)  # torch's threads: all cores, for the CPU side

@@ -57,7 +57,17 @@ from mpi4py import MPI
 
 import numpy as np
 import torch
-from _common import machine, ms, result_tag, run_serial_and_parallel, shared_cases
+from _common import (
+    device_name,
+    existing_file,
+    machine,
+    ms,
+    positive_int,
+    refuse_quick_overrides,
+    result_tag,
+    run_serial_and_parallel,
+    shared_cases,
+)
 
 # dolfinx_mno makes the MPI library of the dolfinx-solver wheel visible; it must be
 # imported before dolfinx.
@@ -297,21 +307,26 @@ def compare_ranks(args: argparse.Namespace) -> None:
 # ## Driver
 
 
-def parse_args() -> argparse.Namespace:
-    """Command-line options."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options (``argv``: default ``sys.argv[1:]``)."""
     parser = argparse.ArgumentParser(
         description="Time non-local closure updates against the grid size (see the header)."
     )
     parser.add_argument(
         "--sizes",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=list(SIZES),
         help="grid points per direction (default: 32 64 128 256 512 1024)",
     )
-    parser.add_argument("--repeats", type=int, default=15, help="most timed updates per size")
     parser.add_argument(
-        "--min-repeats", type=int, default=3, help="fewest timed updates per size (default 3)"
+        "--repeats", type=positive_int, default=15, help="most timed updates per size"
+    )
+    parser.add_argument(
+        "--min-repeats",
+        type=positive_int,
+        default=3,
+        help="fewest timed updates per size (default 3)",
     )
     parser.add_argument(
         "--time-budget",
@@ -324,42 +339,47 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="result file tag (default: np<ranks>; with --compare-ranks, a prefix)",
     )
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    parser.add_argument(
+        "--device", type=device_name, default="cpu", help="cpu, cuda or auto (default: cpu)"
+    )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=1,
         help="torch.set_num_threads per rank (default 1, serial and under MPI)",
     )
     parser.add_argument(
         "--root-threads",
-        type=int,
+        type=positive_int,
         default=None,
         help="torch.set_num_threads on the rank that runs the model (default: --threads)",
     )
-    parser.add_argument("--modes", type=int, default=16, help="FNO modes per direction")
-    parser.add_argument("--hidden", type=int, default=32, help="FNO hidden channels")
-    parser.add_argument("--layers", type=int, default=4, help="FNO layers")
+    parser.add_argument("--modes", type=positive_int, default=16, help="FNO modes per direction")
+    parser.add_argument("--hidden", type=positive_int, default=32, help="FNO hidden channels")
+    parser.add_argument("--layers", type=positive_int, default=4, help="FNO layers")
     parser.add_argument(
         "--domain-padding", type=float, default=0.25, help="FNO domain padding (default 0.25)"
     )
-    parser.add_argument("--quadrature-degree", type=int, default=2, help="closure quadrature")
+    parser.add_argument(
+        "--quadrature-degree", type=positive_int, default=2, help="closure quadrature"
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     parser.add_argument(
         "--compare-ranks",
         action="store_true",
         help="run serially and under mpirun -n RANKS, then print the speed-up",
     )
-    parser.add_argument("--ranks", type=int, default=2, help="ranks for --compare-ranks")
+    parser.add_argument("--ranks", type=positive_int, default=2, help="ranks for --compare-ranks")
     parser.add_argument("--mpirun", default=None, help="mpirun for --compare-ranks")
     parser.add_argument(
         "--compare",
         nargs=2,
-        type=Path,
+        type=existing_file,
         metavar=("ONE_RANK.json", "MANY_RANKS.json"),
         help="only compare two result files",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    refuse_quick_overrides(parser, args, ["sizes"])
     if args.root_threads is None:
         args.root_threads = args.threads
     if args.quick:

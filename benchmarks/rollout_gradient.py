@@ -64,7 +64,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import machine, ms
+from _common import machine, ms, positive_int
 
 import dolfinx_mno as mno
 
@@ -284,12 +284,14 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps(row))
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, nargs="+", default=[10, 40, 160])
-    parser.add_argument("--cells", type=int, default=32)
-    parser.add_argument("--every", type=int, default=10, help="steps per checkpoint segment")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", type=positive_int, nargs="+", default=[10, 40, 160])
+    parser.add_argument("--cells", type=positive_int, default=32)
+    parser.add_argument(
+        "--every", type=positive_int, default=10, help="steps per checkpoint segment"
+    )
+    parser.add_argument("--repeats", type=positive_int, default=7)
     parser.add_argument("--tag", default="")
     parser.add_argument(
         "--memory", action="store_true", help="a closure of u_n - u_(n-1): two time levels"
@@ -299,9 +301,13 @@ def main() -> None:
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--k", type=int, default=10, help=argparse.SUPPRESS)
+    parser.add_argument("--k", type=positive_int, default=10, help=argparse.SUPPRESS)
     parser.add_argument("--measure", default="time", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     if args.worker:
         worker(args)
         return

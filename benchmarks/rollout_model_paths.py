@@ -40,7 +40,7 @@ from unittest import mock
 import numpy as np
 import rollout_gradient
 import torch
-from _common import machine
+from _common import machine, positive_int
 
 from dolfinx_mno import pointwise_kernel
 
@@ -112,15 +112,21 @@ def cpu_seconds(action) -> float:
     return time.process_time() - start
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=160)
-    parser.add_argument("--every", type=int, default=10, help="steps per checkpoint segment")
-    parser.add_argument("--cells", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--steps", type=positive_int, default=160)
+    parser.add_argument(
+        "--every", type=positive_int, default=10, help="steps per checkpoint segment"
+    )
+    parser.add_argument("--cells", type=positive_int, default=32)
+    parser.add_argument("--rounds", type=positive_int, default=8)
+    parser.add_argument("--repeats", type=positive_int, default=2)
     parser.add_argument("--tag", default="")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(1)
 
     rollout, u0, _, V = rollout_gradient.build(args.cells, args.every)

@@ -28,14 +28,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import machine, ms
+from _common import machine, ms, positive_int, positive_size
 
 import dolfinx_mno as mno
 from dolfinx_mno.torch_bridge import PointwiseEvaluator
 
 
 def models() -> dict[str, torch.nn.Module]:
-    """The two closures, seeded, in float64."""
+    """The two closures, seeded, in float64, in evaluation mode."""
     torch.manual_seed(0)
     linear = mno.NormalizedModel(
         torch.nn.Linear(2, 2),
@@ -49,7 +49,8 @@ def models() -> dict[str, torch.nn.Module]:
         torch.nn.Tanh(),
         torch.nn.Linear(64, 2),
     ).double()
-    return {"linear": linear, "mlp": mlp}
+    # Evaluation mode, as a closure sets it: the evaluator refuses a model in training mode.
+    return {"linear": linear.eval(), "mlp": mlp.eval()}
 
 
 def forward_mode(
@@ -87,13 +88,17 @@ def median_seconds(call, repeats: int) -> float:
     return float(np.median(times))
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=positive_size, nargs="+", default=[1e3, 1e4, 1e5])
+    parser.add_argument("--repeats", type=positive_int, default=15)
+    parser.add_argument("--tag", default="")
+    return parser.parse_args(argv)
+
+
 def main() -> None:
     """Run the study, write the JSON file and print the table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=float, nargs="+", default=[1e3, 1e4, 1e5])
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--tag", default="")
-    args = parser.parse_args()
+    args = parse_args()
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     rows = []

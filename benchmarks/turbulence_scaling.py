@@ -72,7 +72,16 @@ from mpi4py import MPI
 
 import numpy as np
 import torch
-from _common import machine, ms, result_tag, run_serial_and_parallel, shared_cases
+from _common import (
+    device_name,
+    machine,
+    ms,
+    positive_int,
+    refuse_quick_overrides,
+    result_tag,
+    run_serial_and_parallel,
+    shared_cases,
+)
 
 # dolfinx_mno makes the MPI library of the dolfinx-solver wheel visible; it must be
 # imported before dolfinx.
@@ -384,24 +393,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Strong scaling of the 2D turbulence runs, 1 to 2 ranks (see the header)."
     )
-    parser.add_argument("--fine-sizes", type=int, nargs="+", default=[256, 512])
-    parser.add_argument("--coarse-sizes", type=int, nargs="+", default=[32, 64])
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per case")
+    parser.add_argument("--fine-sizes", type=positive_int, nargs="+", default=[256, 512])
+    parser.add_argument("--coarse-sizes", type=positive_int, nargs="+", default=[32, 64])
+    parser.add_argument("--steps", type=positive_int, default=10, help="timed steps per case")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument(
-        "--breakdown", type=int, default=5, help="repeats of the solves alone (default 5)"
+        "--breakdown", type=positive_int, default=5, help="repeats of the solves alone (default 5)"
     )
     parser.add_argument("--cfl", type=float, default=0.25, help="dt = cfl * h (default 0.25)")
     parser.add_argument("--nu", type=float, default=1e-3, help="viscosity (default 1e-3)")
-    parser.add_argument("--modes", type=int, default=16, help="FNO modes per direction")
-    parser.add_argument("--hidden", type=int, default=32, help="FNO hidden channels")
-    parser.add_argument("--layers", type=int, default=4, help="FNO layers")
+    parser.add_argument("--modes", type=positive_int, default=16, help="FNO modes per direction")
+    parser.add_argument("--hidden", type=positive_int, default=32, help="FNO hidden channels")
+    parser.add_argument("--layers", type=positive_int, default=4, help="FNO layers")
     parser.add_argument("--domain-padding", type=float, default=0.25, help="FNO padding")
     parser.add_argument(
-        "--grid-refinement", type=int, default=2, help="grid points per coarse cell side"
+        "--grid-refinement", type=positive_int, default=2, help="grid points per coarse cell side"
     )
     parser.add_argument(
-        "--device", default="cpu", help="the MNO's device: cpu, cuda or auto (default cpu)"
+        "--device",
+        type=device_name,
+        default="cpu",
+        help="the MNO's device: cpu, cuda or auto (default cpu)",
     )
     parser.add_argument("--tag", default=None, help="result tag (default np<ranks>)")
     parser.add_argument("--output-dir", type=Path, default=RESULTS, help="result folder")
@@ -411,8 +423,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="run serially and under mpirun -n RANKS, ROUNDS times, then compare",
     )
-    parser.add_argument("--ranks", type=int, default=2, help="ranks for --compare-ranks")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds for --compare-ranks")
+    parser.add_argument("--ranks", type=positive_int, default=2, help="ranks for --compare-ranks")
+    parser.add_argument("--rounds", type=positive_int, default=2, help="rounds for --compare-ranks")
     parser.add_argument(
         "--first-round", type=int, default=0, help="number of the first round (to add rounds)"
     )
@@ -423,6 +435,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="only compare the round files of --tag in --output-dir",
     )
     args = parser.parse_args(argv)
+    names = ["fine_sizes", "coarse_sizes", "steps", "warmup", "breakdown", "rounds"]
+    refuse_quick_overrides(parser, args, names)
     if args.quick:
         args.fine_sizes, args.coarse_sizes = [32], [16]
         args.steps, args.warmup, args.breakdown, args.rounds = 3, 1, 2, 1

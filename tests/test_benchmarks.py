@@ -148,6 +148,22 @@ def test_chunk_sizes_smoke():
         assert rows["chosen"]["tangent_batch_size"] <= max(2048, cache // 1040)
 
 
+def test_tangent_modes_smoke(monkeypatch):
+    """The tangent-mode study on 50 points: both models' rows, the two tangents equal. (It
+    failed at its first evaluation: its models were left in training mode.)"""
+    bench = _module("tangent_modes")
+    argv = ["tangent_modes.py", "--sizes", "50", "--repeats", "1", "--tag", "smoke_test"]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    path = BENCHMARKS / "results" / "tangent_modes_smoke_test.json"
+    rows = json.loads(path.read_text())["rows"]
+    path.unlink()
+    assert [(row["model"], row["points"]) for row in rows] == [("linear", 50), ("mlp", 50)]
+    for row in rows:
+        assert row["tangent_difference"] <= 1e-12
+        assert row["values_seconds"] > 0 and row["reverse_seconds"] > 0
+
+
 def test_rollout_model_paths_smoke():
     """The five ways of running the model in a rollout, on a tiny problem: every way's
     row, finite times, and 'model' against itself exactly 1."""
@@ -265,3 +281,42 @@ def test_comparison_of_disjoint_runs_says_so(script, tmp_path, capsys):
         path.write_text(json.dumps({"load_average": {"before": [0.0]}, "cases": [case]}))
     with pytest.raises(SystemExit, match=r"\('coarse', 8\)"):
         turbulence.compare_files(paths[:1], paths[1:], ranks=2)
+
+
+# Arguments a benchmark cannot run with: each is refused by the parser (exit status 2, the
+# option named), not minutes later by a traceback deep in the package, a table of NaNs, or
+# a silent run of other sizes. An audit found each of these running.
+BAD_ARGUMENTS = [
+    ("adjoint_routes", ["--steps", "0"], "argument --steps: expected a positive integer, got 0"),
+    ("adjoint_routes", ["--repeats", "0"], "argument --repeats: expected a positive integer"),
+    ("adjoint_routes", ["--quick", "--sizes", "16"], "--quick sets --sizes itself"),
+    ("chunk_sizes", ["--cells", "-1"], "argument --cells: expected a positive integer, got -1"),
+    ("chunk_sizes", ["--rounds", "0"], "argument --rounds: expected a positive integer, got 0"),
+    ("closure_overhead", ["--device", "cuda:7"], "argument --device: device='cuda:7' was"),
+    ("closure_overhead", ["--compare", "none1.json", "none2.json"], "no such file: none1.json"),
+    ("closure_vs_external_operator", ["--sizes", "-10"], "expected a positive number (>= 1)"),
+    ("closure_vs_external_operator", ["--markdown", "none.json"], "no such file: none.json"),
+    ("distributed_operator", ["--grid", "0", "0"], "argument --grid: expected a positive"),
+    ("distributed_operator", ["--quick", "--repeats", "9"], "--quick sets --repeats itself"),
+    ("gpu_checks", ["--steps", "0"], "argument --steps: expected a positive integer, got 0"),
+    ("gpu_checks", ["--device", "gpu"], "argument --device: Expected one of cpu, cuda"),
+    ("nonlocal_scaling", ["--repeats", "0"], "argument --repeats: expected a positive integer"),
+    ("rollout_gradient", ["--steps", "0"], "argument --steps: expected a positive integer, got 0"),
+    ("rollout_model_paths", ["--steps", "0"], "argument --steps: expected a positive integer"),
+    ("tangent_modes", ["--sizes", "nan"], "argument --sizes: expected a positive number"),
+    ("turbulence_scaling", ["--quick", "--steps", "5"], "--quick sets --steps itself"),
+    ("turbulence_scaling", ["--breakdown", "0"], "argument --breakdown: expected a positive"),
+]
+
+
+@pytest.mark.parametrize(("script", "argv", "message"), BAD_ARGUMENTS)
+def test_bad_arguments_are_refused_by_the_parser(script, argv, message, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    bench = _module(script)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
