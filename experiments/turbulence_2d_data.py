@@ -21,6 +21,12 @@ Like the experiments, it needs ``demos/`` and ``demos/turbulence_2d/`` on ``sys.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports that need demos/ on sys.path
+    raise SystemExit(
+        "turbulence_2d_data.py is the module the 2D turbulence experiments share, not a "
+        "script: run turbulence_2d_limits.py or turbulence_2d_step_correction.py (--help)."
+    )
+
 import math
 import os
 import time

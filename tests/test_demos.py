@@ -149,3 +149,17 @@ def _run(command: list[str], cwd: Path) -> None:
         f"{' '.join(command)} exited with code {result.returncode}\n"
         f"--- stdout ---\n{_tail(result.stdout)}\n--- stderr ---\n{_tail(result.stderr)}"
     )
+
+
+def test_turbulence_demo_refuses_quick_with_medium(monkeypatch, capsys):
+    """``--quick --medium`` ran the quick problem without a word; the two are exclusive.
+    Run in process: the parser exits before any work."""
+    import runpy
+
+    folder = DEMO_DIR / "turbulence_2d"
+    monkeypatch.setattr(sys, "path", [str(folder), str(DEMO_DIR), *sys.path])
+    monkeypatch.setattr(sys, "argv", ["demo_turbulence_2d.py", "--quick", "--medium"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(folder / "demo_turbulence_2d.py"), run_name="__main__")
+    assert exit_info.value.code == 2
+    assert "argument --medium: not allowed with argument --quick" in capsys.readouterr().err

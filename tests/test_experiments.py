@@ -77,3 +77,12 @@ def test_over_seeds_statistics():
     for bad in ([], [[1.0]], [1.0, 0.9]):
         with pytest.raises(ValueError, match="correlations"):
             over_seeds(bad, 0.5)
+
+
+def test_shared_module_run_as_a_script_says_what_to_run(capsys):
+    """``python experiments/turbulence_2d_data.py`` (a module, found by a learning user
+    beside the scripts) ended in ``ModuleNotFoundError: No module named 'flow'``."""
+    import runpy
+
+    with pytest.raises(SystemExit, match=r"run turbulence_2d_limits\.py or turbulence_2d_step"):
+        runpy.run_path(str(EXPERIMENT_DIR / "turbulence_2d_data.py"), run_name="__main__")

@@ -95,8 +95,9 @@ from flow import VorticityFlow, length, smagorinsky, spin_up, velocity
 from utilities import boundary_dofs, log, output_folder
 
 parser = argparse.ArgumentParser(description="Learned closures for 2D turbulence.")
-parser.add_argument("--quick", action="store_true", help="small problem for CI")
-parser.add_argument("--medium", action="store_true", help="the workflow at 128² (~7 min)")
+size = parser.add_mutually_exclusive_group()  # --quick --medium ran the quick one
+size.add_argument("--quick", action="store_true", help="small problem for CI")
+size.add_argument("--medium", action="store_true", help="the workflow at 128² (~7 min)")
 args = parser.parse_args()
 comm = MPI.COMM_WORLD
 torch.set_num_threads(1)
