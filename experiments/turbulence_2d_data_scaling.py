@@ -35,7 +35,7 @@ import numpy as np
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPOSITORY / "demos")]
-from utilities import log, output_folder
+from utilities import log, output_folder, positive_int
 
 SUMMARIES = REPOSITORY / "experiments" / "output" / "turbulence_2d_step_correction"
 SOURCES = {"a priori": "local MLP, a priori", "a posteriori": "local MLP, a posteriori"}
@@ -44,7 +44,7 @@ LADDER = {1: "no closure", 2: "no closure, 32²", 4: "no closure, 64²"}
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument(
     "--seeds",
-    type=int,
+    type=positive_int,
     nargs="+",
     default=[9, 18, 36],
     help="numbers of training trajectories whose summaries to read (default 9 18 36)",
@@ -61,6 +61,8 @@ parser.add_argument(
     help="read the runs with --test-seeds K: mean times over the K + 1 test seeds (default 0)",
 )
 args = parser.parse_args()
+if args.test_seeds < 0:  # the step correction's own rule: 0 or more
+    parser.error(f"--test-seeds must be 0 or more, got {args.test_seeds}")
 suffix = args.suffix + (f"_test{args.test_seeds}seeds" if args.test_seeds else "")
 output = output_folder("turbulence_2d_data_scaling", root=REPOSITORY / "experiments" / "output")
 

@@ -86,3 +86,22 @@ def test_shared_module_run_as_a_script_says_what_to_run(capsys):
 
     with pytest.raises(SystemExit, match=r"run turbulence_2d_limits\.py or turbulence_2d_step"):
         runpy.run_path(str(EXPERIMENT_DIR / "turbulence_2d_data.py"), run_name="__main__")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--seeds", "0"], "argument --seeds: expected a positive integer, got 0"),
+        (["--test-seeds", "-1"], "--test-seeds must be 0 or more, got -1"),
+    ],
+)
+def test_data_scaling_refuses_impossible_counts(argv, message, monkeypatch, capsys):
+    """Counts no run can have: a parser error, not "missing summaries" naming files such
+    as ``summary_medium_0seeds_...json`` that no run writes."""
+    import runpy
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts demos/ first
+    monkeypatch.setattr(sys, "argv", ["turbulence_2d_data_scaling.py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(EXPERIMENT_DIR / "turbulence_2d_data_scaling.py"), run_name="__main__")
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
