@@ -148,20 +148,29 @@ def test_chunk_sizes_smoke():
         assert rows["chosen"]["tangent_batch_size"] <= max(2048, cache // 1040)
 
 
-def test_tangent_modes_smoke(monkeypatch):
-    """The tangent-mode study on 50 points: both models' rows, the two tangents equal. (It
-    failed at its first evaluation: its models were left in training mode.)"""
+def test_tangent_modes_models_evaluate():
+    """The tangent-mode study's models go through the evaluator, values and tangents. (The
+    benchmark failed at its first evaluation on every run: its models were left in
+    training mode, which the evaluator refuses.)"""
+    import numpy as np
+    import torch
+
+    from dolfinx_mno.torch_bridge import PointwiseEvaluator
+
     bench = _module("tangent_modes")
-    argv = ["tangent_modes.py", "--sizes", "50", "--repeats", "1", "--tag", "smoke_test"]
-    monkeypatch.setattr(sys, "argv", argv)
-    bench.main()
-    path = BENCHMARKS / "results" / "tangent_modes_smoke_test.json"
-    rows = json.loads(path.read_text())["rows"]
-    path.unlink()
-    assert [(row["model"], row["points"]) for row in rows] == [("linear", 50), ("mlp", 50)]
-    for row in rows:
-        assert row["tangent_difference"] <= 1e-12
-        assert row["values_seconds"] > 0 and row["reverse_seconds"] > 0
+    for name, model in bench.models().items():
+        num_inputs = 3 if name == "mlp" else 2
+        evaluator = PointwiseEvaluator(model, num_inputs, 2, 20, np.float64, torch.device("cpu"))
+        evaluator.inputs[:] = np.linspace(-1, 1, 20 * num_inputs).reshape(20, num_inputs)
+        evaluator.evaluate(tangent=True)
+        with torch.no_grad():
+            values = model(torch.from_numpy(evaluator.inputs.copy())).numpy()
+        assert np.allclose(evaluator.outputs, values, rtol=1e-14, atol=1e-15), name
+        assert evaluator.tangents.shape == (20, 2, num_inputs)
+        assert np.isfinite(evaluator.tangents).all() and np.abs(evaluator.tangents).max() > 0
+        # The normalised linear map has one Jacobian everywhere; the MLP's varies.
+        constant = np.allclose(evaluator.tangents, evaluator.tangents[0], rtol=1e-14)
+        assert constant == (name == "linear"), name
 
 
 def test_rollout_model_paths_smoke():
