@@ -58,6 +58,7 @@ summaries (``_coarse<N>`` in their names).
 import argparse
 import itertools
 import json
+import math
 import sys
 import time
 import types
@@ -153,6 +154,8 @@ if args.cnn and args.memory:
     parser.error("--cnn and --memory are separate measurements; give one of them")
 if args.test_seeds < 0:
     parser.error(f"--test-seeds must be 0 or more, got {args.test_seeds}")
+if args.bound is not None and not 0 < args.bound < math.inf:  # Bounded's rule, checked first
+    parser.error(f"--bound must be positive and finite, got {args.bound}")
 comm = MPI.COMM_WORLD
 torch.set_num_threads(1)
 output = output_folder("turbulence_2d_step_correction", root=REPOSITORY / "experiments" / "output")

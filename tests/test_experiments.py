@@ -105,3 +105,18 @@ def test_data_scaling_refuses_impossible_counts(argv, message, monkeypatch, caps
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(EXPERIMENT_DIR / "turbulence_2d_data_scaling.py"), run_name="__main__")
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bound", ["-1", "0", "inf"])
+def test_step_correction_refuses_a_bound_before_the_dns(bound, monkeypatch, capsys):
+    """``--bound -1`` failed in ``Bounded`` after the DNS and the a-priori fits (about a
+    minute with ``--quick``); the parser refuses it now, before any work."""
+    import runpy
+
+    script = EXPERIMENT_DIR / "turbulence_2d_step_correction.py"
+    monkeypatch.setattr(sys, "path", [str(EXPERIMENT_DIR), *sys.path])  # as python script.py
+    monkeypatch.setattr(sys, "argv", [script.name, "--quick", "--bound", bound])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(script), run_name="__main__")
+    assert exit_info.value.code == 2
+    assert f"--bound must be positive and finite, got {float(bound)}" in capsys.readouterr().err
