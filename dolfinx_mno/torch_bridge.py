@@ -46,6 +46,7 @@ __all__ = [
     "PointwiseEvaluator",
     "default_batch_size",
     "device_of_local_rank",
+    "mixed_precision_hint",
     "model_dtype",
     "node_local_rank",
     "resolve_device",
