@@ -46,6 +46,7 @@ from collections.abc import Sequence
 from petsc4py import PETSc
 
 import dolfinx.fem.petsc as _fem_petsc
+import numpy as np
 import ufl
 from dolfinx import fem
 
@@ -71,6 +72,32 @@ def _check_updated(in_forms: Sequence[ClosureBase], updated: Sequence[ClosureBas
             "values. Call closure.update() first, or leave closures=None so that the "
             "problem updates every closure of its forms."
         )
+
+
+def check_petsc_dtype(forms: typing.Any) -> None:
+    """Raise ``TypeError`` for forms on a mesh whose dtype is not PETSc's real type.
+
+    PETSc has one scalar type per build (float64 for the ``dolfinx-solver-real`` wheel);
+    DOLFINx compiles the forms of its PETSc problems in it, and a float32 mesh then fails
+    deep in the form constructor with a list of nanobind signatures. Closures and their
+    models run in float32 all the same: it is the PETSc solve that needs float64.
+
+    Args:
+        forms: A form or a (nested) sequence of forms; ``None`` entries are skipped.
+    """
+    petsc_dtype = np.dtype(PETSc.RealType)
+    for form in forms_in(forms):
+        for domain in form.ufl_domains():
+            geometry = getattr(domain.ufl_cargo(), "geometry", None)
+            dtype = getattr(getattr(geometry, "x", None), "dtype", petsc_dtype)
+            if np.dtype(dtype) != petsc_dtype:
+                raise TypeError(
+                    f"The form is on a {np.dtype(dtype)} mesh, but PETSc's scalar type is "
+                    f"{petsc_dtype}: dolfinx_mno.petsc problems (like dolfinx.fem.petsc's) "
+                    f"assemble in PETSc's type. Build the mesh and the functions in "
+                    f"{petsc_dtype} (create_unit_square(..., dtype=np.{petsc_dtype})); a "
+                    "closure's model may still run in float32."
+                )
 
 
 def _names(closures: Sequence[ClosureBase]) -> str:
@@ -174,6 +201,7 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
         elif not frozen_closures:
             check_jacobian(F, J, u)
         preconditioner = kwargs.get("P")
+        check_petsc_dtype([F, J, preconditioner])
         check_form(F)
         check_form(J)
         if preconditioner is not None:
@@ -338,6 +366,7 @@ class LinearProblem(_fem_petsc.LinearProblem):
     ):
         """Set up the problem (collective); see the class docstring for the arguments."""
         preconditioner = kwargs.get("P")
+        check_petsc_dtype([a, L, preconditioner])
         check_form(a)
         check_form(L)
         if preconditioner is not None:

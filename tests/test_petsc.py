@@ -435,3 +435,22 @@ def test_newton_refuses_closures_never_updated(tiny_square):
     assert problem.solver.getConvergedReason() > 0
     err = np.max(np.abs(u.x.array - 1.0), initial=0.0)
     assert MPI.COMM_WORLD.allreduce(err, op=MPI.MAX) < 1e-10
+
+
+@pytest.mark.mpi
+def test_float32_problems_say_petsc_needs_float64():
+    """A float32 mesh with a float32 closure (closures support it): the PETSc problems
+    failed deep in DOLFINx's form constructor with a list of nanobind signatures; they now
+    say that PETSc's scalar type is float64, before compiling anything."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 2, 2, dtype=np.float32)
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    u = fem.Function(V, dtype=np.float32)
+    closure = mno.Closure(FluxModel().float(), [u, ufl.grad(u)], (2,), 2)
+    v = ufl.TestFunction(V)
+    F = ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx + ufl.inner(closure, ufl.grad(v)) * closure.dx
+    a = ufl.inner(ufl.TrialFunction(V), v) * ufl.dx
+    expected = r"^The form is on a float32 mesh, but PETSc's scalar type is float64"
+    with pytest.raises(TypeError, match=expected):
+        LinearProblem(a, ufl.inner(closure, ufl.grad(v)) * closure.dx, petsc_options_prefix="f32_")
+    with pytest.raises(TypeError, match=expected):
+        NonlinearProblem(F, u, petsc_options_prefix="f32n_")
