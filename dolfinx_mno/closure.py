@@ -25,6 +25,7 @@ import os
 import time
 import typing
 import weakref
+from collections.abc import Sequence
 
 from mpi4py import MPI
 
@@ -533,11 +534,23 @@ def extract_closures(form: ufl.Form) -> list[ClosureBase]:
     return [c for c in form.coefficients() if isinstance(c, ClosureBase)]
 
 
+@typing.overload
 def derivative(
-    form: ufl.Form,
-    coefficient: fem.Function,
-    argument: ufl.Argument | None = None,
-) -> ufl.Form:
+    form: ufl.Form, coefficient: fem.Function, argument: ufl.Argument | None = None
+) -> ufl.Form: ...
+
+
+@typing.overload
+def derivative(
+    form: Sequence[ufl.Form],
+    coefficient: Sequence[fem.Function],
+    argument: Sequence[ufl.Argument] | None = None,
+) -> list[list[ufl.Form]]: ...
+
+
+def derivative(
+    form: typing.Any, coefficient: typing.Any, argument: typing.Any = None
+) -> typing.Any:
     """Gateaux derivative of a form containing closures (drop-in for :func:`ufl.derivative`).
 
     ``ufl.derivative`` treats a closure as a coefficient independent of ``coefficient``.
@@ -545,21 +558,29 @@ def derivative(
     which makes the Jacobian exact and Newton's method converge quadratically. Each such
     closure computes its tangent at every later :meth:`Closure.update`.
 
+    For a block residual (a list of forms ``F_i`` and a list of unknowns ``u_j``, as
+    :func:`dolfinx.fem.derivative_block` takes them) it returns the block Jacobian
+    ``J[i][j] = derivative(F_i, u_j, du_j)``, with ``du_j`` a trial function of ``u_j``'s
+    space (or ``argument[j]``).
+
     Args:
-        form: The residual form.
-        coefficient: The unknown.
+        form: The residual form, or a list of residual forms.
+        coefficient: The unknown, or a list of unknowns (one per form).
         argument: Direction; by default a new :class:`ufl.Argument` on ``coefficient``'s
             space numbered after the form's arguments (a trial function for a residual).
+            A list of them for a block residual.
 
     Returns:
-        The Jacobian form.
+        The Jacobian form, or the block Jacobian (a list of lists of forms).
 
     Raises:
         ValueError: ``form`` holds a closure's tangent that depends on ``coefficient`` (a
             second derivative, e.g. of ``mno.derivative(energy, u)``), or a closure reads a
             view ``coefficient.sub(i)``: in both cases a term of the Jacobian would be
-            missing.
+            missing. A list of forms with a single unknown, or lists of different lengths.
     """
+    if not isinstance(form, ufl.Form) and isinstance(form, Sequence):
+        return _block_derivative(form, coefficient, argument)
     name = coefficient.name
     for c in form.coefficients():
         owner = closure_of_tangent(c)
@@ -593,3 +614,26 @@ def derivative(
         partial = expand_derivatives(ufl.derivative(form, closure, placeholder))
         jacobian += ufl.replace(partial, {placeholder: variation})
     return jacobian
+
+
+def _block_derivative(
+    forms: Sequence[ufl.Form],
+    coefficients: typing.Any,
+    arguments: typing.Any,
+) -> list[list[ufl.Form]]:
+    """``J[i][j] = derivative(forms[i], coefficients[j], arguments[j])`` (block Jacobian)."""
+    if isinstance(coefficients, fem.Function) or not isinstance(coefficients, Sequence):
+        raise ValueError(
+            f"A block residual ({len(forms)} forms) needs a list of unknowns, one per form "
+            f"(as dolfinx.fem.derivative_block takes them), got {type(coefficients).__name__}."
+        )
+    if arguments is None:
+        arguments = [ufl.TrialFunction(u.function_space) for u in coefficients]
+    if len(coefficients) != len(forms) or len(arguments) != len(coefficients):
+        raise ValueError(
+            f"A block residual of {len(forms)} forms needs as many unknowns (got "
+            f"{len(coefficients)}) and directions (got {len(arguments)})."
+        )
+    return [
+        [derivative(F, u, du) for u, du in zip(coefficients, arguments, strict=True)] for F in forms
+    ]

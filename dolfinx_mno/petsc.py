@@ -46,6 +46,7 @@ from collections.abc import Sequence
 from petsc4py import PETSc
 
 import dolfinx.fem.petsc as _fem_petsc
+import dolfinx.la.petsc as _la_petsc
 import numpy as np
 import ufl
 from dolfinx import fem
@@ -157,12 +158,14 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
     computes values only.
 
     Args:
-        F: Residual form containing closures.
-        u: The unknown.
+        F: Residual form containing closures, or a list of them (a block residual, with
+            ``kind="mpi"`` or ``"nest"`` as in :class:`dolfinx.fem.petsc.NonlinearProblem`).
+        u: The unknown, or a list of unknowns (one per form of a block residual).
         petsc_options_prefix: Prefix of the SNES options (mandatory, non-empty).
         bcs: Dirichlet conditions.
         J: Jacobian; by default ``dolfinx_mno.derivative(F, u)``, which includes the
-            closure tangents. A given ``J`` must include them too (see ``frozen_closures``).
+            closure tangents (for a block residual, the block Jacobian: a list of lists).
+            A given ``J`` must include them too (see ``frozen_closures``).
         closures: The closures to update; by default all closures in ``F`` and ``J``.
         frozen_closures: Accept a ``J`` without the tangents of closures that depend on
             ``u`` (e.g. ``ufl.derivative(F, u)``): a Picard linearisation of the closure
@@ -210,13 +213,21 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
         closures_ = list(self._form_closures if closures is None else closures)
         self._ufl_forms = (F, J)
         self._bcs = list(bcs or [])
-        PETSc.garbage_cleanup(u.function_space.mesh.comm)  # see the module notes
+        unknown = u if isinstance(u, fem.Function) else u[0]  # u may be a list (blocks)
+        PETSc.garbage_cleanup(unknown.function_space.mesh.comm)  # see the module notes
         super().__init__(F, u, petsc_options_prefix=petsc_options_prefix, bcs=bcs, J=J, **kwargs)
         # The SNES keeps its callbacks alive; they must not refer to the problem, or the
         # problem could never be freed (a reference cycle through C that Python's garbage
         # collector cannot see). They live in a separate object.
         self._callbacks = _NewtonCallbacks(closures_, u, self.x.duplicate())
-        residual_ctx = {"u": u, "residual": self.F, "jacobian": self.J, "bcs": bcs or []}
+        residual_ctx: dict[str, typing.Any] = {
+            "u": u,
+            "residual": self.F,
+            "jacobian": self.J,
+            "bcs": bcs or [],
+        }
+        if (blocks := self.b.getAttr("_blocks")) is not None:  # a block residual's layout
+            residual_ctx["_blocks"] = blocks
         jacobian_ctx = {
             "u": u,
             "jacobian": self.J,
@@ -282,7 +293,7 @@ class _NewtonCallbacks:
 
     def update(self, x: PETSc.Vec) -> None:  # type: ignore[name-defined]
         """Bring ``u`` and the closures to the iterate ``x``."""
-        x.ghostUpdate(addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)  # type: ignore
+        _la_petsc._ghost_update(x, PETSc.InsertMode.INSERT, PETSc.ScatterMode.FORWARD)  # type: ignore
         _fem_petsc.assign(x, self.u)  # type: ignore[arg-type]
         for closure in self.closures:
             closure.update()  # with its tangent whenever it has one
