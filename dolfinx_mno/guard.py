@@ -37,7 +37,7 @@ from collections.abc import Callable
 import ufl
 from dolfinx import fem
 
-from dolfinx_mno.base import ClosureBase, closure_of_cpp_function
+from dolfinx_mno.base import ClosureBase, closure_of_cpp_function, closure_of_tangent
 
 __all__ = ["closures_in", "compiled_forms_in", "forms_in", "install_problem_guard"]
 
@@ -78,23 +78,29 @@ def compiled_forms_in(forms: typing.Any) -> list[fem.Form]:
     return _found_in(forms, fem.Form)
 
 
-def closures_in(forms: typing.Any) -> list[ClosureBase]:
+def closures_in(forms: typing.Any, tangents: bool = True) -> list[ClosureBase]:
     """The closures in a form or (nested) sequence of forms, each once, in a stable order.
+
+    A form that holds a closure's :attr:`~dolfinx_mno.Closure.tangent` but not the closure
+    itself (a linearised operator written by hand) counts as holding the closure: the
+    tangent changes with it, at its updates.
 
     Args:
         forms: A :class:`ufl.Form` or a compiled :class:`dolfinx.fem.Form`, or a list or
             tuple (possibly nested) of them, ``None`` and other objects; anything that is
             not a form is skipped.
+        tangents: Count the closures of the tangents a UFL form holds (see above).
 
     Returns:
         The closures, ordered by their UFL count.
     """
-    found = {
-        coefficient.count(): coefficient
-        for form in forms_in(forms)
-        for coefficient in form.coefficients()
-        if isinstance(coefficient, ClosureBase)
-    }
+    found: dict[int, ClosureBase] = {}
+    for form in forms_in(forms):
+        for coefficient in form.coefficients():
+            owner = closure_of_tangent(coefficient) if tangents else None
+            closure = coefficient if isinstance(coefficient, ClosureBase) else owner
+            if closure is not None:
+                found[closure.count()] = closure
     for compiled in compiled_forms_in(forms):
         for function in compiled._cpp_object.coefficients:
             closure = closure_of_cpp_function(function)

@@ -357,6 +357,63 @@ def test_block_newton_matches_pure_ufl(kind, cells):
         _block_problem(msh, True, kind, lambda F, u: mno.derivative(F, u[0]))
 
 
+class Quartic(torch.nn.Module):
+    """W(u) = 5 u⁴ / 2, whose tangent is 10 u³: a learned energy density."""
+
+    def forward(self, x):
+        return 2.5 * x[:, 0] ** 4
+
+
+@pytest.mark.mpi
+def test_forms_holding_only_a_closure_tangent_update_the_closure():
+    """A form that holds closure.tangent, not the closure, updates it: values as pure UFL.
+
+    A hand-written Newton step (a LinearProblem whose operator holds the tangent), and a
+    residual written with the derivative of a learned energy W (W.tangent, with the
+    Jacobian by hand): the tangent follows u at every solve and every Newton iterate
+    (it used to stay at its last manual update, or NaN).
+    """
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
+    comm = msh.comm
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    u, v, du = fem.Function(V), ufl.TestFunction(V), ufl.TrialFunction(V)
+    dx2 = ufl.dx(metadata={"quadrature_degree": 2})
+    W = mno.Closure(Quartic().double(), [u], (), 2, name="W", tangent=True)
+    W.update()
+    L = (20.0 * v - ufl.inner(ufl.grad(u), ufl.grad(v))) * ufl.dx
+    a = ufl.inner(ufl.grad(du), ufl.grad(v)) * ufl.dx
+    step = LinearProblem(
+        a + W.tangent[0] * du * v * W.dx, L, petsc_options=DIRECT, petsc_options_prefix="ts_"
+    )
+    step_ufl = LinearProblem(
+        a + 10 * u**3 * du * v * dx2, L, petsc_options=DIRECT, petsc_options_prefix="ts_ufl_"
+    )
+    assert step.closures == [W]
+    u.interpolate(lambda x: x[0] + 2 * x[1])  # after W's update: the solve must update it
+    w, w_ufl = step.solve(), step_ufl.solve()
+    scale = comm.allreduce(np.max(np.abs(w_ufl.x.array)), op=MPI.MAX)
+    assert scale > 0.1
+    assert comm.allreduce(np.max(np.abs(w.x.array - w_ufl.x.array)), op=MPI.MAX) <= 1e-12 * scale
+
+    def newton(F, J, prefix, problem_class=NonlinearProblem):
+        u.x.array[:] = 0.0
+        problem = problem_class(
+            F, u, J=J, bcs=[boundary_bc(V)], petsc_options=NEWTON, petsc_options_prefix=prefix
+        )
+        problem.solve()
+        assert problem.solver.getConvergedReason() > 0
+        return u.x.array.copy(), problem.solver.getIterationNumber()
+
+    J = a + 30 * u**2 * du * v * dx2
+    F = W.tangent[0] * v * W.dx - L
+    u_closure, its = newton(F, J, "energy_")
+    u_ufl, its_ufl = newton(10 * u**3 * v * dx2 - L, J, "energy_ufl_", DolfinxNonlinearProblem)
+    assert its == its_ufl >= 4
+    scale = comm.allreduce(np.max(np.abs(u_ufl)), op=MPI.MAX)
+    assert scale > 0.1
+    assert comm.allreduce(np.max(np.abs(u_closure - u_ufl)), op=MPI.MAX) <= 1e-12 * scale
+
+
 @pytest.mark.mpi
 def test_jacobian_freezes_closures_without_tangent():
     """Non-local closures have no tangent: ufl.derivative(F, u) is accepted as it is."""
