@@ -39,6 +39,8 @@ from dolfinx.mesh import Mesh
 from ufl.algorithms import extract_arguments, extract_coefficients
 from ufl.algorithms.analysis import extract_constants
 from ufl.algorithms.renumbering import renumber_indices
+from ufl.corealg.traversal import unique_pre_traversal
+from ufl.restriction import Restricted
 
 from dolfinx_mno.torch_bridge import NUMPY_TO_TORCH
 
@@ -361,6 +363,13 @@ def _as_expression(operand: typing.Any, index: int) -> ufl.core.expr.Expr:
             "(fem.Function, fem.Constant, SpatialCoordinate), not form arguments. Pass the "
             "function holding the state (e.g. the previous step's u_n, or the Newton "
             "iterate u_h); mno.derivative(F, u_h) linearises the closure through it."
+        )
+    if any(isinstance(node, Restricted) for node in unique_pre_traversal(expression)):
+        raise ValueError(
+            f"Operand {index} ({expression}) is restricted to a side of a facet (avg, jump, "
+            "u('+')): a closure's operands are evaluated at points inside the cells, where "
+            "a facet has no sides, so its values would be meaningless. Pass the unrestricted "
+            "expression (e.g. u, ufl.grad(u))."
         )
     # Closures and closure tangents carry their quadrature degree (quadrature._closure_degree;
     # not imported: quadrature imports this module).

@@ -580,6 +580,28 @@ def test_a_closure_of_a_closure_is_refused(setup):
         mno.Closure(mlp(1, 1), [first.enable_tangent()[0]], quadrature_degree=2)
 
 
+@pytest.mark.mpi
+@pytest.mark.parametrize(
+    "operand,shown",
+    [
+        (lambda u: ufl.avg(u), "0.5 * (((f)(+)) + ((f)(-)))"),
+        (lambda u: ufl.grad(u)("+"), "(grad(f))(+)"),
+    ],
+)
+def test_operands_restricted_to_a_facet_side_are_refused(setup, operand, shown):
+    """avg(u), jump(u), u('+'): no sides inside a cell (they were accepted, and avg(u)
+    gave values up to 1.1 away from u's on a 4 × 4 square)."""
+    _, _, u = setup
+    with pytest.raises(ValueError) as info:
+        mno.Closure(mlp(2 if shown.startswith("(grad") else 1, 1), [operand(u)])
+    assert str(info.value) == (
+        f"Operand 0 ({shown}) is restricted to a side of a facet (avg, jump, u('+')): a "
+        "closure's operands are evaluated at points inside the cells, where a facet has no "
+        "sides, so its values would be meaningless. Pass the unrestricted expression (e.g. "
+        "u, ufl.grad(u))."
+    )
+
+
 def test_a_model_on_the_meta_device_is_refused(setup):
     """Shapes without values: the probe passed on meta and every update failed."""
     _, _, u = setup
