@@ -120,6 +120,13 @@ class _Stepper[Problem: (LinearProblem, NonlinearProblem)]:
                 f"{type(self).__name__} takes a dolfinx_mno.petsc.{expected.__name__}, got "
                 f"{type(problem).__module__}.{type(problem).__name__}."
             )
+        if not isinstance(problem.u, fem.Function) or not isinstance(u, fem.Function):
+            raise TypeError(
+                f"{type(self).__name__} advances one unknown, a dolfinx.fem.Function (of a "
+                "mixed space for several fields); a block problem's list of unknowns is not "
+                "supported. Use one mixed function (ufl.split(w) in the forms), or loop by "
+                "hand: problem.solve(), then copy each unknown into its previous state."
+            )
         if problem.u is not u:
             raise ValueError(
                 "u must be the problem's solution function (problem.u): the solve writes "
@@ -312,7 +319,8 @@ class IMEXStepper(_Stepper[LinearProblem]):
             docstring).
 
     Raises:
-        TypeError: A problem that is not a :class:`dolfinx_mno.petsc.LinearProblem`.
+        TypeError: A problem that is not a :class:`dolfinx_mno.petsc.LinearProblem`, or
+            a block problem (a list of unknowns).
         ValueError: ``u`` that is not ``problem.u``, a time step that is not positive,
             ``u`` and ``u_previous`` (or an older state) on different spaces, a function
             given twice, or a bad ``closure_interval``.
@@ -370,7 +378,8 @@ class ImplicitStepper(_Stepper[NonlinearProblem]):
             reads (BDF2, for example), on the space of ``u``; each step shifts them.
 
     Raises:
-        TypeError: A problem that is not a :class:`dolfinx_mno.petsc.NonlinearProblem`.
+        TypeError: A problem that is not a :class:`dolfinx_mno.petsc.NonlinearProblem`,
+            or a block problem (a list of unknowns).
         ValueError: ``u`` that is not ``problem.u``, a time step that is not positive,
             ``u`` and ``u_previous`` (or an older state) on different spaces, or a
             function given twice.

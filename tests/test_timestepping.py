@@ -521,7 +521,8 @@ def test_bad_older_states_raise():
 @pytest.mark.mpi
 def test_a_stepper_refuses_a_u_that_the_solve_does_not_write(tiny_square):
     """``u`` other than ``problem.u`` (e.g. ``u=`` forgotten) used to step silently: each
-    step copied a never-written function into ``u_n``. Also the wrong problem class.
+    step copied a never-written function into ``u_n``. Also the wrong problem class, and
+    a block problem.
 
     Checked before any collective, the same on every rank (also one without cells).
     """
@@ -543,6 +544,13 @@ def test_a_stepper_refuses_a_u_that_the_solve_does_not_write(tiny_square):
         ImplicitStepper(forgotten, forgotten.u, u_n, dt=0.1)
     with pytest.raises(TypeError, match=r"^IMEXStepper takes a dolfinx_mno.petsc.LinearProblem"):
         IMEXStepper(nonlinear, w, w_n, dt=0.1)
+    # A block problem (a list of unknowns) is refused with what to do instead (it said
+    # "u must be the problem's solution function" for the problem's own list).
+    p, p_n, r = fem.Function(V), fem.Function(V), ufl.TestFunction(V)
+    G = [F, ((p - p_n) * r + ufl.inner(ufl.grad(p), ufl.grad(r))) * ufl.dx]
+    block = NonlinearProblem(G, [w, p], petsc_options=DIRECT, petsc_options_prefix="blk_")
+    with pytest.raises(TypeError, match=r"^ImplicitStepper advances one unknown, a dolfinx"):
+        ImplicitStepper(block, block.u, [w_n, p_n], dt=0.1)
     # The right pairs are accepted.
     IMEXStepper(forgotten, forgotten.u, u_n, dt=0.1)
     ImplicitStepper(nonlinear, w, w_n, dt=0.1)
