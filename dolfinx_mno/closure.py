@@ -171,6 +171,7 @@ class Closure(ClosureBase):
             tdim = mesh.topology.dim
             num_cells = mesh.topology.index_map(tdim).size_local
             points = quadrature_points(mesh, int(quadrature_degree))
+            _check_quadrature_operands(operands, points, int(quadrature_degree))
             num_points = num_cells * points.shape[0]
 
             # Probe the model where it is now, on two points (a rank without cells too).
@@ -527,6 +528,31 @@ class Closure(ClosureBase):
         if all(isinstance(component, Zero) for component in components):
             return None
         return components
+
+
+def _check_quadrature_operands(operands: Operands, points: np.ndarray, degree: int) -> None:
+    """Refuse operands reading functions of a quadrature space with other points.
+
+    Such a function has values only at its own points (a history variable of another
+    degree, say); FFCx would refuse to evaluate it at the closure's with a bare "Mismatch
+    of tabulation points and element points".
+    """
+    for name, expression in zip(operands.names, operands.expressions, strict=True):
+        for f in extract_coefficients(expression):
+            element = f.ufl_function_space().ufl_element()
+            if not getattr(element, "has_custom_quadrature", False):
+                continue
+            own = element.custom_quadrature()[0]
+            if own.shape == points.shape and np.allclose(own, points, rtol=0.0, atol=1e-14):
+                continue
+            raise ValueError(
+                f"Operand {name} reads '{f.name}', a function on a quadrature space whose "
+                f"values live at its own {own.shape[0]} points per cell (degree "
+                f"{element.embedded_superdegree}), not at the {points.shape[0]} points of the "
+                f"closure's degree-{degree} rule. Give the closure the same "
+                "quadrature_degree, or interpolate the function into a space the closure can "
+                "evaluate anywhere (Lagrange, DG)."
+            )
 
 
 def extract_closures(form: ufl.Form) -> list[ClosureBase]:

@@ -5,6 +5,7 @@ import time
 
 from mpi4py import MPI
 
+import basix.ufl
 import numpy as np
 import pytest
 import torch
@@ -600,6 +601,29 @@ def test_operands_restricted_to_a_facet_side_are_refused(setup, operand, shown):
         "sides, so its values would be meaningless. Pass the unrestricted expression (e.g. "
         "u, ufl.grad(u))."
     )
+
+
+@pytest.mark.mpi
+def test_a_quadrature_function_of_another_rule_is_refused(setup):
+    """A history variable in a degree-4 quadrature space read by a degree-2 closure: FFCx
+    said only "Mismatch of tabulation points and element points". The same degree is read
+    as it is (an identity model returns its values)."""
+    msh, _, _ = setup
+    element = basix.ufl.quadrature_element(msh.basix_cell(), value_shape=(), degree=4)
+    history = fem.Function(fem.functionspace(msh, element), name="history")
+    history.x.array[:] = np.arange(history.x.array.size) % 7
+    history.x.scatter_forward()
+    with pytest.raises(ValueError) as info:
+        mno.Closure(torch.nn.Identity(), [history], quadrature_degree=2)
+    assert str(info.value) == (
+        "Operand history reads 'history', a function on a quadrature space whose values live "
+        "at its own 6 points per cell (degree 4), not at the 3 points of the closure's "
+        "degree-2 rule. Give the closure the same quadrature_degree, or interpolate the "
+        "function into a space the closure can evaluate anywhere (Lagrange, DG)."
+    )
+    closure = mno.Closure(torch.nn.Identity(), [history], quadrature_degree=4)
+    closure.update()
+    np.testing.assert_array_equal(closure.x.array, history.x.array)
 
 
 def test_a_model_on_the_meta_device_is_refused(setup):
