@@ -587,7 +587,8 @@ def derivative(
     For a block residual (a list of forms ``F_i`` and a list of unknowns ``u_j``, as
     :func:`dolfinx.fem.derivative_block` takes them) it returns the block Jacobian
     ``J[i][j] = derivative(F_i, u_j, du_j)``, with ``du_j`` a trial function of ``u_j``'s
-    space (or ``argument[j]``).
+    space (or ``argument[j]``); for a functional and a list of unknowns, the block
+    residual ``[derivative(F, u_j, v_j)]``, ``v_j`` a test function of ``u_j``'s space.
 
     Args:
         form: The residual form, or a list of residual forms.
@@ -603,10 +604,19 @@ def derivative(
         ValueError: ``form`` holds a closure's tangent that depends on ``coefficient`` (a
             second derivative, e.g. of ``mno.derivative(energy, u)``), or a closure reads a
             view ``coefficient.sub(i)``: in both cases a term of the Jacobian would be
-            missing. A list of forms with a single unknown, or lists of different lengths.
+            missing. A list of forms with a single unknown, lists of different lengths,
+            or a form with arguments and a list of unknowns.
     """
     if not isinstance(form, ufl.Form) and isinstance(form, Sequence):
         return _block_derivative(form, coefficient, argument)
+    if not isinstance(coefficient, fem.Function) and isinstance(coefficient, Sequence):
+        if form.arguments():
+            raise ValueError(
+                "A list of unknowns needs a list of residual forms (one per unknown), or a "
+                "functional (a form without arguments), as dolfinx.fem.derivative_block."
+            )
+        arguments = argument or [ufl.TestFunction(u.function_space) for u in coefficient]
+        return [derivative(form, u, du) for u, du in zip(coefficient, arguments, strict=True)]
     name = coefficient.name
     for c in form.coefficients():
         owner = closure_of_tangent(c)

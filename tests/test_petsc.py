@@ -8,6 +8,7 @@ import weakref
 from pathlib import Path
 
 from mpi4py import MPI
+from petsc4py import PETSc
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from analytic import FluxModel, flux_ufl
 from dolfinx import fem, mesh
 from dolfinx.fem.forms import derivative_block
 from dolfinx.fem.petsc import NonlinearProblem as DolfinxNonlinearProblem
+from dolfinx.fem.petsc import assemble_vector
 from problems import DIRECT, NEWTON, Cubic, boundary_bc
 
 import dolfinx_mno as mno
@@ -355,6 +357,40 @@ def test_block_newton_matches_pure_ufl(kind, cells):
         _block_problem(msh, True, kind, derivative_block)
     with pytest.raises(ValueError, match=r"A block residual \(2 forms\) needs a list of unknowns"):
         _block_problem(msh, True, kind, lambda F, u: mno.derivative(F, u[0]))
+
+
+class BlockEnergy(torch.nn.Module):
+    """W(u, p) = sin(u) p + p⁴ / 4 from the inputs (u, p): BlockSource is ∂W/∂p."""
+
+    def forward(self, x):
+        return torch.sin(x[:, 0]) * x[:, 1] + x[:, 1] ** 4 / 4
+
+
+@pytest.mark.mpi
+def test_block_residual_of_a_learned_energy_matches_pure_ufl():
+    """mno.derivative(Π, [u, p]) of a functional: the block residual, as derivative_block.
+
+    It crashed with AttributeError ('list' object has no attribute 'name').
+    """
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 3, 3)
+    u = fem.Function(fem.functionspace(msh, ("Lagrange", 2)), name="u")
+    p = fem.Function(fem.functionspace(msh, ("Lagrange", 1)), name="p")
+    u.interpolate(lambda x: np.sin(3 * x[0]) + x[1])
+    p.interpolate(lambda x: x[0] * x[1] - 0.5)
+    W = mno.Closure(BlockEnergy().double(), [u, p], (), 3, name="W")
+    residual = mno.derivative(W * W.dx, [u, p])
+    W.update()
+    W_ufl = (ufl.sin(u) * p + p**4 / 4) * ufl.dx(metadata={"quadrature_degree": 3})
+    for R, R_ufl in zip(residual, derivative_block(W_ufl, [u, p]), strict=True):
+        b, b_ufl = (assemble_vector(mno.form(form)) for form in (R, R_ufl))
+        for vec in (b, b_ufl):
+            vec.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+        scale = b_ufl.norm(PETSc.NormType.NORM_INFINITY)
+        b.axpy(-1.0, b_ufl)
+        assert scale > 0.01
+        assert b.norm(PETSc.NormType.NORM_INFINITY) <= 1e-14 * scale
+    with pytest.raises(ValueError, match=r"^A list of unknowns needs a list of residual forms"):
+        mno.derivative(residual[0], [u, p])
 
 
 class Quartic(torch.nn.Module):
