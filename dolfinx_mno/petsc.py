@@ -32,10 +32,12 @@ its factors collectively). DOLFINx's problems destroy their objects in ``__del__
 the garbage collector may finalise problems in a different order on different ranks (at
 exit, or when it collects reference cycles): two ranks then wait in two different
 destroys forever. These subclasses do not destroy in ``__del__``; the dropped petsc4py
-objects go to PETSc's queue of delayed destruction, which ``PETSc.garbage_cleanup(comm)``
-empties collectively (it destroys what is queued on every rank). Constructing a problem is
-collective, so each constructor calls it: a loop that creates and drops problems does not
-accumulate their solvers and factors. ``PetscFinalize`` empties the rest.
+objects go to PETSc's queue of delayed destruction on their communicator, which
+:mod:`dolfinx_mno.petsc_garbage` empties collectively (it destroys what is queued on every
+rank). Constructing a problem is collective, so each constructor empties the queues of the
+problems dropped before, on their meshes' communicators too: a loop that creates and drops
+problems, on one mesh or on new ones, accumulates neither their solvers and factors nor
+MPI communicators. ``PetscFinalize`` empties the rest.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import numpy as np
 import ufl
 from dolfinx import fem
 
+from dolfinx_mno import petsc_garbage
 from dolfinx_mno.base import ClosureBase
 from dolfinx_mno.closure import Closure, derivative
 from dolfinx_mno.guard import closures_in, forms_in
@@ -214,8 +217,10 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
         self._ufl_forms = (F, J)
         self._bcs = list(bcs or [])
         unknown = u if isinstance(u, fem.Function) else u[0]  # u may be a list (blocks)
-        PETSc.garbage_cleanup(unknown.function_space.mesh.comm)  # see the module notes
+        comm = unknown.function_space.mesh.comm
+        petsc_garbage.collect(comm)  # see the module notes
         super().__init__(F, u, petsc_options_prefix=petsc_options_prefix, bcs=bcs, J=J, **kwargs)
+        petsc_garbage.track(self, comm)
         # The SNES keeps its callbacks alive; they must not refer to the problem, or the
         # problem could never be freed (a reference cycle through C that Python's garbage
         # collector cannot see). They live in a separate object.
@@ -395,7 +400,9 @@ class LinearProblem(_fem_petsc.LinearProblem):
         self._matrix_ready = False
         self._ufl_forms = (a, L)
         super().__init__(a, L, petsc_options_prefix=petsc_options_prefix, **kwargs)
-        PETSc.garbage_cleanup(self.A.getComm())  # see the module notes
+        comm = self.A.getComm().tompi4py()
+        petsc_garbage.collect(comm)  # see the module notes
+        petsc_garbage.track(self, comm)
 
     @property
     def closures(self) -> list[ClosureBase]:
