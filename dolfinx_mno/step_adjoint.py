@@ -25,6 +25,7 @@ same stages in the same order.
 from __future__ import annotations
 
 import typing
+import weakref
 from collections.abc import Sequence
 
 from mpi4py import MPI
@@ -553,7 +554,10 @@ class _TransposedJacobian:
     """
 
     def __init__(self, step: ImplicitStep):
-        self.step = step
+        # Weakly: the step holds the KSP, which holds this context; a strong reference
+        # would be a cycle through PETSc that Python's collector cannot see, and the step,
+        # its problem, its mesh and their PETSc objects would never be freed.
+        self._step = weakref.ref(step)
         #: ``(closure index, linearisation)`` of the closures that read ``u``; set per solve.
         self.linearisations: list[tuple[int, _NonlocalLinearisation]] = []
         self.masked = step.rhs.duplicate()
@@ -561,7 +565,8 @@ class _TransposedJacobian:
 
     def mult(self, mat: PETSc.Mat, x: PETSc.Vec, y: PETSc.Vec) -> None:  # type: ignore[name-defined]
         """``y = Jᵀ x`` (collective)."""
-        step = self.step
+        step = self._step()
+        assert step is not None, "the step owns the KSP that calls this"
         bcs = step.problem.bcs
         step.problem.A.multTranspose(x, y)
         x.copy(self.masked)

@@ -1,6 +1,8 @@
 """Rollouts with a NonlocalClosure, IMEX and implicit: Taylor tests, the steppers, ranks."""
 
+import gc
 import re
+import weakref
 
 from mpi4py import MPI
 
@@ -413,3 +415,20 @@ def test_implicit_bad_input_raises_on_every_rank():
     )
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         Rollout(ImplicitStepper(frozen, uh, u_n, dt=DT))
+
+
+@pytest.mark.mpi
+def test_a_dropped_implicit_rollout_frees_its_problem():
+    """The adjoint's shell matrix refers to its step weakly. Before, the step held the
+    adjoint KSP and the KSP's Python context held the step: a cycle through PETSc that
+    Python's collector cannot see, so the step, its problem, its mesh and their PETSc
+    objects (~8 MPI communicators a test) were never freed."""
+    msh = mesh.create_unit_interval(MPI.COMM_WORLD, 8)
+    stepper, closures = implicit_nonlocal_heat(msh, 1, prefix="nl_implicit_freed_")
+    rollout = Rollout(stepper)
+    result = rollout.gradient(rollout.initial_state(), targets(rollout), closures=closures)
+    assert np.linalg.norm(flat_gradient(result)) > 1e-3  # the adjoint GMRES ran
+    problem = weakref.ref(stepper.problem)
+    del stepper, closures, rollout, result
+    gc.collect()
+    assert MPI.COMM_WORLD.allgather(problem() is None) == [True] * MPI.COMM_WORLD.size
