@@ -676,6 +676,5 @@ def test_problems_dropped_with_their_meshes_free_their_communicators():
     for _ in range(4):
         solve_on_a_new_mesh()
     leaked = before - free()
-    # One a Newton problem is left (docs/pitfalls.md): PETSc keeps one object of a SNES
-    # destroyed from the queue; 104 before.
+    # One a Newton problem is still kept (docs/pitfalls.md, cause not found); 104 before.
     assert 0 <= leaked <= 4, leaked
