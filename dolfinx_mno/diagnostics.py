@@ -43,7 +43,7 @@ import numpy as np
 import numpy.typing as npt
 import scipy.fft
 import ufl
-from dolfinx import fem
+from dolfinx import fem, la
 from dolfinx.mesh import Mesh
 from ufl.algorithms import extract_coefficients
 from ufl.algorithms.analysis import extract_constants
@@ -119,8 +119,10 @@ class Correlation:
     The forms are compiled at construction; each call assembles them with the current
     values of the fields' coefficients. Centred, a call is two passes: the means ``∫a``
     and ``∫b`` first, then the centred second moments, so that a large mean does not cancel
-    digits of the fluctuations. The local integrals (owned cells only) are gathered on
-    every rank and summed in rank order, so every rank returns the same value. It does
+    digits of the fluctuations. The integrals are summed cell by cell in float64 (also
+    for float32 fields), so that the means are exact to rounding and a constant field
+    is recognised as one on any mesh; the local integrals (owned cells only) are gathered
+    on every rank and summed in rank order, so every rank returns the same value. It does
     not depend on the partition beyond rounding (about 1e-15).
 
     Args:
@@ -177,14 +179,24 @@ class Correlation:
         self.centered = bool(centered)
         self.dtype = dtype
 
+        # The integrals are assembled per cell (against the cells' indicators, a DG0 test
+        # function) and the cells' values summed in float64: assemble_scalar would sum
+        # them in the forms' scalar type, whose rounding (~ number of cells × eps in
+        # float32) would make the means too inexact to tell a constant field from one
+        # that varies.
+        mesh = Mesh(typing.cast(typing.Any, domain).ufl_cargo(), typing.cast(ufl.Mesh, domain))
+        cells = ufl.TestFunction(fem.functionspace(mesh, ("DG", 0)))
+        if measure.integral_type() == "interior_facet":
+            cells = ufl.avg(cells)
+
         def compile_forms(integrands: Sequence[ufl.core.expr.Expr]) -> list[fem.Form]:
-            return [fem.form(integrand * measure, dtype=dtype) for integrand in integrands]
+            return [fem.form(integrand * cells * measure, dtype=dtype) for integrand in integrands]
 
         fa, fb = fields
         one = ufl.as_ufl(dtype.type(1.0))
         # Collective from here on (JIT compilation).
-        self._area_form = fem.form(one * measure, dtype=dtype)
-        self._comm: MPI.Comm = self._area_form.mesh.comm
+        (self._area_form,) = compile_forms([one])
+        self._comm: MPI.Comm = mesh.comm
         if self.centered:
             self._mean_a = fem.Constant(domain, dtype.type(0.0))
             self._mean_b = fem.Constant(domain, dtype.type(0.0))
@@ -201,7 +213,14 @@ class Correlation:
 
     def _sum(self, forms: Sequence[fem.Form]) -> np.ndarray:
         """The global integrals of ``forms``, summed in rank order (collective)."""
-        local = np.array([fem.assemble_scalar(form) for form in forms], dtype=np.float64)
+        local = np.zeros(len(forms), dtype=np.float64)
+        for index, form in enumerate(forms):
+            if not form.function_spaces:  # an integrand UFL simplified to zero
+                continue
+            vector = fem.assemble_vector(form)
+            vector.scatter_reverse(la.InsertMode.add)  # interior facets add to ghost cells
+            owned = vector.index_map.size_local
+            local[index] = np.sum(vector.array[:owned], dtype=np.float64)
         everyone = np.empty((self._comm.size, len(forms)), dtype=np.float64)
         self._comm.Allgather(local, everyone)
         total = np.zeros(len(forms))

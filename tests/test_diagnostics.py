@@ -195,6 +195,34 @@ def test_correlation_errors_agree_on_all_ranks(tiny_square):
     )
 
 
+@pytest.mark.mpi
+@pytest.mark.parametrize(
+    ("dtype", "cells", "element", "value"),
+    [
+        (np.float64, (8, 5), ("Lagrange", 2), 3.0),
+        (np.float32, (64, 64), ("DG", 0), -1e5),
+    ],
+)
+def test_a_constant_function_is_constant_on_any_mesh(dtype, cells, element, value):
+    """The means were summed in the forms' scalar type, their rounding (here 21 eps and 320
+    eps of the value) taken for a fluctuation: the correlation was -0.0016 (or -0.0002)."""
+    msh = mesh.create_rectangle(MPI.COMM_WORLD, [[0.0, 0.0], [2.0, 1.0]], list(cells), dtype=dtype)
+    space = fem.functionspace(msh, element)
+    constant, varying = fem.Function(space, dtype=dtype), fem.Function(space, dtype=dtype)
+    constant.x.array[:] = value
+    varying.interpolate(lambda x: x[0] + x[1] ** 2)
+    with pytest.raises(ValueError, match="Field b of the correlation is constant"):
+        mno.correlation(varying, constant)
+    # Uncentred it is a field like any other: ∫c(x + y²) / sqrt(∫c² ∫(x + y²)²).
+    second_moment = 8.0 / 3.0 + 4.0 / 3.0 + 2.0 / 5.0  # ∫(x + y²)² on [0, 2] × [0, 1]
+    expected = math.copysign(1.0, value) * (2.0 + 2.0 / 3.0) / math.sqrt(2.0 * second_moment)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    interpolation = 1e-4 if element[1] == 0 else 1e-12  # DG0 interpolates x + y² at midpoints
+    assert mno.correlation(constant, varying, centered=False) == pytest.approx(
+        expected, abs=tol + interpolation
+    )
+
+
 # -- decorrelation time ----------------------------------------------------------------------
 
 
