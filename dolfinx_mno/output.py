@@ -179,7 +179,8 @@ class ClosureWriter:
       Lagrange element, as VTX requires, e.g. the solution ``u``.
     * ``.xdmf``: :class:`dolfinx.io.XDMFFile` with an HDF5 file beside it (ParaView's
       "XDMF Reader"). The mesh is written once, at construction. Value shapes of rank
-      at most 2.
+      at most 2; other functions continuous Lagrange of the mesh's degree, or cellwise
+      constant.
 
     As in DOLFINx, vectors with fewer than 3 components are padded with zeros to 3, and
     tensors to 9 components (the entries first, in row-major order, then zeros; a
@@ -196,8 +197,8 @@ class ClosureWriter:
     Raises:
         TypeError: An entry of ``functions`` that is not a :class:`dolfinx.fem.Function`.
         ValueError: No functions, functions on several meshes, a ``comm`` other than the
-            mesh's, repeated names, an unknown suffix, or a value shape the format cannot
-            hold.
+            mesh's, repeated names, an unknown suffix, or a value shape or element the
+            format cannot hold.
 
         These are found before any collective call, identically on every rank.
 
@@ -245,6 +246,22 @@ class ClosureWriter:
                 raise ValueError(
                     f"XDMF holds value shapes of rank at most 2, but the value shapes are "
                     f"{too_deep}; write to a .bp file (VTX) instead."
+                )
+            # XDMFFile.write_function takes cellwise constants and the continuous Lagrange
+            # element of the mesh's degree, and refuses others only when writing (the
+            # closures' averages of that step written, the rest not).
+            mesh_degree = functions[0].function_space.mesh.geometry.cmap.degree
+            elements = {
+                f.name: _element_name(f)
+                for f, is_q in zip(functions, quadrature, strict=True)
+                if not is_q and not _is_xdmf_element(f, mesh_degree)
+            }
+            if elements:
+                raise ValueError(
+                    f"XDMF writes functions of the mesh's element (continuous Lagrange of "
+                    f"degree {mesh_degree}) or cellwise constant ones, but {elements} are "
+                    "not; interpolate them into such a space, or write to a .bp file (VTX), "
+                    "which takes any (discontinuous) Lagrange element."
                 )
         elif not hasattr(io, "VTXWriter"):
             raise ValueError(
@@ -341,6 +358,24 @@ class ClosureWriter:
 
 def _is_cellwise_constant(function: fem.Function) -> bool:
     return int(function.function_space.ufl_element().embedded_superdegree) == 0
+
+
+def _is_xdmf_element(function: fem.Function, mesh_degree: int) -> bool:
+    """Whether ``XDMFFile.write_function`` takes ``function``'s element."""
+    element = typing.cast(typing.Any, function.function_space.ufl_element())
+    if _is_cellwise_constant(function):
+        return True
+    return bool(
+        element.family_name == "P"
+        and not element.discontinuous
+        and int(element.embedded_superdegree) == mesh_degree
+    )
+
+
+def _element_name(function: fem.Function) -> str:
+    element = typing.cast(typing.Any, function.function_space.ufl_element())
+    kind = "DG" if element.discontinuous else element.family_name
+    return f"{kind}{int(element.embedded_superdegree)}"
 
 
 def _check_functions(functions: typing.Any) -> list[fem.Function]:

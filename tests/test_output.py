@@ -370,6 +370,20 @@ def test_errors(shared_dir):
     )
     with pytest.raises(ValueError, match=message):
         mno.ClosureWriter(COMM, path.with_suffix(".xdmf"), [closure, fields.tangent])
+    # XDMF takes the mesh's Lagrange element or cellwise constants; a P2 velocity used to
+    # be refused by DOLFINx only in write(), after the closure's step was written, and a
+    # DG1 one with "Function and Mesh dof layouts do not match".
+    p2 = fem.Function(fem.functionspace(msh, ("Lagrange", 2, (2,))), name="velocity")
+    dg1 = fem.Function(fem.functionspace(msh, ("DG", 1)), name="dg1")
+    message = (
+        r"XDMF writes functions of the mesh's element \(continuous Lagrange of degree 1\) or "
+        r"cellwise constant ones, but \{'velocity': 'P2', 'dg1': 'DG1'\} are not; "
+        r"interpolate them into such a space, or write to a .bp file \(VTX\)"
+    )
+    xdmf = shared_dir / "elements.xdmf"
+    with pytest.raises(ValueError, match=message):
+        mno.ClosureWriter(COMM, xdmf, [closure, p2, u, dg1])
+    assert not xdmf.exists()
     # Another communicator than the mesh's: before, each rank's COMM_SELF mesh written
     # through COMM_WORLD left only rank 0's file (an audit), or files with 18 values on
     # 6 cells the other way round. Refused on every rank, for both formats.
