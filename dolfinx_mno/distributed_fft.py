@@ -263,6 +263,19 @@ def _embed(modes: torch.Tensor, dim: int, index: torch.Tensor, length: int) -> t
     return modes.new_zeros(shape).index_copy(dim, index, modes)
 
 
+def _empty_like(source: torch.Tensor, shape: Sequence[int], complex: bool) -> torch.Tensor:
+    """An empty tensor of ``shape`` in ``source``'s autograd graph.
+
+    A rank without rows still takes part in the all-to-alls of the backward pass, which
+    autograd runs only if its output depends on their input.
+    """
+    real = source.real if source.is_complex() else source
+    dtype = real.dtype
+    if complex:
+        dtype = torch.complex64 if dtype == torch.float32 else torch.complex128
+    return real.new_zeros(shape, dtype=dtype) + real.sum() * 0
+
+
 def _fft_rows(modes: torch.Tensor, inverse: bool) -> torch.Tensor:
     """``fft``/``ifft`` along axis 0 of the grid (dim 2); a rank without modes skips it."""
     if modes.numel() == 0:  # more ranks than modes of axis 1 (MKL refuses empty FFTs)
@@ -361,13 +374,16 @@ class SlabSpectralTransform:
         """
         dim = len(self.grid_shape)
         device = field.device
-        modes = torch.fft.rfft(field, dim=-1, norm="forward")
-        modes = modes.index_select(-1, self._index(self._modes_in, dim - 1, device))
-        for axis in range(1, dim - 1):
-            modes = torch.fft.fft(modes, dim=axis + 2, norm="forward")
-            modes = modes.index_select(axis + 2, self._index(self._modes_in, axis, device))
+        batch, channels = field.shape[:2]
+        if field.shape[2] == 0:  # a rank without rows (MKL refuses empty FFTs)
+            modes = _empty_like(field, (batch, channels, 0, *self.kept[1:]), complex=True)
+        else:
+            modes = torch.fft.rfft(field, dim=-1, norm="forward")
+            modes = modes.index_select(-1, self._index(self._modes_in, dim - 1, device))
+            for axis in range(1, dim - 1):
+                modes = torch.fft.fft(modes, dim=axis + 2, norm="forward")
+                modes = modes.index_select(axis + 2, self._index(self._modes_in, axis, device))
         # The transpose: the chunk of axis-1 modes of rank r goes to rank r.
-        batch, channels = modes.shape[:2]
         blocks = list(torch.split(modes, list(self.mode_chunks.counts), dim=3))
         chunk = self.mode_chunks.counts[self.rank]
         receive = [(batch, channels, rows, chunk, *self.kept[2:]) for rows in self.rows.counts]
@@ -396,6 +412,8 @@ class SlabSpectralTransform:
             (batch, channels, rows, chunk, *self.kept[2:]) for chunk in self.mode_chunks.counts
         ]
         field = torch.cat(all_to_all(blocks, receive, self.group), dim=3)
+        if rows == 0:  # a rank without rows (MKL refuses empty FFTs)
+            return _empty_like(field, (batch, channels, 0, *self.grid_shape[1:]), complex=False)
         for axis in range(dim - 2, 0, -1):
             index = self._index(self._modes_out, axis, device)
             embedded = _embed(field, axis + 2, index, self.grid_shape[axis])

@@ -21,7 +21,7 @@ import torch
 from neuralop_reference import widened_spectral_buffer
 
 import dolfinx_mno  # noqa: F401  (before dolfinx)
-from dolfinx_mno.distributed_fft import SlabPartition
+from dolfinx_mno.distributed_fft import SlabPartition, SlabSpectralTransform, process_group
 from dolfinx_mno.distributed_operator import DistributedFNO, unsupported_options
 from dolfinx_mno.torch_bridge import to_precision
 
@@ -153,6 +153,35 @@ def test_uneven_explicit_rows():
     assert (
         _global_max((output - expected[:, :, distributed.local_rows]).abs().max().item()) <= 1e-12
     )
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("grid", [(3, 5, 4), (2, 7)])
+def test_slab_transform_with_a_rank_without_rows(grid):
+    """The FFTs of a rank holding no rows (rank 1) used to fail in MKL ("Inconsistent
+    configuration parameters"), and the other ranks then aborted in gloo's all-to-all."""
+    counts = list(SlabPartition.balanced(grid[0], max(comm.size - 1, 1)).counts)
+    if comm.size > 1:
+        counts.insert(1, 0)
+    rows = SlabPartition(tuple(counts))
+    modes = [list(range(n)) for n in grid[:-1]] + [list(range(grid[-1] // 2 + 1))]
+    transform = SlabSpectralTransform(grid, rows, modes, process_group(comm), comm.rank)
+    generator = torch.Generator().manual_seed(2)
+    field = torch.randn(2, 3, *grid, dtype=torch.float64, generator=generator)
+    weights = torch.randn(2, 3, *grid, dtype=torch.float64, generator=generator)
+    block = rows.block(comm.rank)
+    local = field[:, :, block].clone().requires_grad_()
+    modes_local = transform.forward(local)
+    expected = np.fft.rfftn(field.numpy(), axes=tuple(range(2, 2 + len(grid))), norm="forward")
+    expected = expected[:, :, :, transform.mode_chunks.block(comm.rank)]
+    error = np.abs(modes_local.detach().numpy() - expected).max(initial=0.0)
+    assert _global_max(error) <= 1e-14 and modes_local.shape == expected.shape
+    back = transform.inverse(modes_local)  # every mode kept: the field itself
+    (back * weights[:, :, block]).sum().backward()  # collective, also on rank 1
+    assert back.shape == local.shape
+    assert _global_max(np.abs((back - local).detach().numpy()).max(initial=0.0)) <= 1e-14
+    error = np.abs((local.grad - weights[:, :, block]).numpy()).max(initial=0.0)
+    assert _global_max(error) <= 1e-14
 
 
 @pytest.mark.mpi
