@@ -250,7 +250,7 @@ class ClosureWriter:
             # XDMFFile.write_function takes cellwise constants and the continuous Lagrange
             # element of the mesh's degree, and refuses others only when writing (the
             # closures' averages of that step written, the rest not).
-            mesh_degree = functions[0].function_space.mesh.geometry.cmap.degree
+            mesh_degree = functions[0].function_space.mesh.geometry.cmaps[0].degree
             elements = {
                 f.name: _element_name(f)
                 for f, is_q in zip(functions, quadrature, strict=True)
