@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from mpi4py import MPI
@@ -292,13 +292,15 @@ def groups_digest(groups: npt.NDArray[np.int64]) -> str:
 
 def _row_hashes(
     inputs: npt.NDArray, targets: npt.NDArray, offset: int, chunk: int
-) -> npt.NDArray[np.uint64]:
-    """Each row's hash weighted by its global index (see :func:`data_checksum`)."""
+) -> Iterator[tuple[int, npt.NDArray[np.uint64]]]:
+    """``(start, hashes)`` for each chunk of rows, one chunk in memory at a time.
+
+    Each row's hash is weighted by its global index (see :func:`data_checksum`).
+    """
     width = inputs.shape[1] + targets.shape[1]
     weights = np.random.default_rng(0xC0FFEE).integers(1, 2**63, width, dtype=np.uint64)
     weights |= np.uint64(1)
     mix = np.uint64(0x9E3779B97F4A7C15)
-    parts = [np.zeros(0, dtype=np.uint64)]
     with np.errstate(over="ignore"):
         for start in range(0, inputs.shape[0], chunk):
             stop = min(start + chunk, inputs.shape[0])
@@ -307,8 +309,7 @@ def _row_hashes(
             hashes = (words * weights).sum(axis=1, dtype=np.uint64)
             hashes ^= hashes >> np.uint64(31)
             index = np.arange(offset + start, offset + stop, dtype=np.uint64) * mix + mix
-            parts.append(hashes * index)
-    return np.concatenate(parts)
+            yield start, hashes * index
 
 
 def data_checksum(
@@ -329,8 +330,8 @@ def data_checksum(
         comm: The communicator.
         chunk: Rows hashed at a time (bounds the temporary memory).
     """
-    hashed = _row_hashes(inputs, targets, offset, chunk)
-    total = int(hashed.sum(dtype=np.uint64))
+    chunks = _row_hashes(inputs, targets, offset, chunk)
+    total = sum(int(hashes.sum(dtype=np.uint64)) for _, hashes in chunks)
     return f"{comm.allreduce(total, op=MPI.SUM) % 2**64:016x}"
 
 
@@ -356,13 +357,17 @@ def split_fingerprint(
         split: ``(train_index, val_index)``, global indices.
         comm: The communicator.
     """
-    hashed = _row_hashes(inputs, targets, offset, 65536)
-    in_validation = np.isin(np.arange(offset, offset + hashed.size), split[1])
+    num_rows = inputs.shape[0]
+    local = split[1][(split[1] >= offset) & (split[1] < offset + num_rows)] - offset
+    in_validation = np.zeros(num_rows, dtype=bool)
+    in_validation[local] = True
     # Unsigned sums wrap modulo 2⁶⁴, in NumPy and in MPI alike.
-    totals = np.array(
-        [hashed[~in_validation].sum(dtype=np.uint64), hashed[in_validation].sum(dtype=np.uint64)],
-        dtype=np.uint64,
-    )
+    totals = np.zeros(2, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for start, hashes in _row_hashes(inputs, targets, offset, 65536):
+            validation = in_validation[start : start + hashes.size]
+            totals[0] += hashes[~validation].sum(dtype=np.uint64)
+            totals[1] += hashes[validation].sum(dtype=np.uint64)
     comm.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
     return {
         what: {"count": len(index), "checksum": f"{int(total):016x}"}
