@@ -47,6 +47,7 @@ from dolfinx_mno.torch_bridge import (
     PointwiseEvaluator,
     model_device,
     resolve_device,
+    resolves_collectively,
 )
 
 __all__ = ["Closure", "ClosureEvaluationError", "derivative", "extract_closures"]
@@ -156,11 +157,10 @@ class Closure(ClosureBase):
         # compilation of the operand expression), and the ranks agree on its outcome: a
         # failure on any rank raises on every rank instead of leaving the others waiting.
         comm = operand_comm(operands, mesh)
-        # "auto" resolves collectively; a named device is checked rank by rank below.
-        named = device is not None and not (isinstance(device, str) and device == "auto")
+        named = device is not None and not resolves_collectively(device)
         target = resolve_device(device, comm) if device is not None and not named else None
         with rank_local(comm, f"Building closure '{name}'"):
-            if named:
+            if named:  # checked rank by rank (a CUDA device this rank lacks)
                 target = resolve_device(device, comm)
             operands = Operands(operands, mesh=mesh)
             arguments = validate_arguments(model, operands, value_shape, quadrature_degree)

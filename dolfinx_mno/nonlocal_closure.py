@@ -74,7 +74,12 @@ from dolfinx_mno.operands import Operands, OperandsLike, operand_comm
 from dolfinx_mno.quadrature import owned_dofs, quadrature_points, quadrature_space
 from dolfinx_mno.slab_alignment import rows_following_samples
 from dolfinx_mno.spec import ClosureSpec
-from dolfinx_mno.torch_bridge import GridEvaluator, ModelStateError, resolve_device
+from dolfinx_mno.torch_bridge import (
+    GridEvaluator,
+    ModelStateError,
+    resolve_device,
+    resolves_collectively,
+)
 from dolfinx_mno.validation import check_integer
 
 __all__ = ["NonlocalClosure"]
@@ -288,9 +293,8 @@ class NonlocalClosure(ClosureBase):
     def _slab_stage(self, device: str | torch.device | None, slabs: str) -> SlabModelStage:
         """The distributed mode's slab gather, model and halo scatter (collective)."""
         if device is not None:
-            # "auto" resolves collectively; a named device is checked rank by rank.
-            named = not (isinstance(device, str) and device == "auto")
-            target = None if named else resolve_device(device, self._comm)
+            collective = resolves_collectively(device)
+            target = resolve_device(device, self._comm) if collective else None
             with rank_local(self._comm, "Placing the non-local closure's model"):
                 self._model.to(target or resolve_device(device, self._comm))
         points = self._owned_points()

@@ -50,6 +50,7 @@ __all__ = [
     "model_dtype",
     "node_local_rank",
     "resolve_device",
+    "resolves_collectively",
     "to_precision",
     "training_mode_error",
 ]
@@ -102,6 +103,15 @@ def resolve_device(device: str | torch.device | None, comm: MPI.Comm) -> torch.d
                 "one, the CPU otherwise) or device='cpu'."
             )
     return resolved
+
+
+def resolves_collectively(device: str | torch.device | None) -> bool:
+    """Whether :func:`resolve_device` is collective for ``device``: ``"auto"`` and ``None``.
+
+    A named device is resolved (and refused) rank by rank, so that callers resolve it
+    inside their per-rank error agreement, and ``"auto"`` before it.
+    """
+    return device is None or (isinstance(device, str) and device == "auto")
 
 
 def node_local_rank(comm: MPI.Comm) -> int:
