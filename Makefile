@@ -42,13 +42,13 @@ test-serial test-mpi: export MPIR_CVAR_CH4_PROGRESS_THROTTLE := 1
 test-serial test-mpi: export MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT := 256
 
 # The serial suite runs on one pytest-xdist worker per core, each torch on one thread; a
-# file's tests stay on one worker (`--dist loadfile`): the demos' serial and 2-rank runs
-# share output folders (tests/test_demos.py).
+# file's tests stay on one worker (`--dist loadfile`), a demo's serial and 2-rank runs too
+# (they share its output folder); the longest files go first (tests/conftest.py).
 TEST_WORKERS ?= auto
 test-serial: export OMP_NUM_THREADS := 1
 
 test-serial: venv
-	$(PY) -m pytest $(PYTEST_FLAGS) -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest $(PYTEST_FLAGS) -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 test-mpi: venv
 	timeout $(MPI_TIMEOUT) $(MPIRUN) -n 2 $(PY) -m pytest $(PYTEST_FLAGS) -m mpi tests

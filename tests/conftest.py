@@ -12,6 +12,44 @@ import dolfinx_mno  # noqa: F401  (makes the wheel's MPI visible before dolfinx)
 pytest.register_assert_rewrite("problems")
 
 
+# The serial suite's longest files, longest first (`make test-serial` keeps this order,
+# `--no-loadscope-reorder`): pytest-xdist hands each worker the next file as it frees up,
+# and a long file handed out last leaves the other worker idle while it runs.
+LONGEST_FIRST = ("test_demos.py", "test_benchmarks.py", "test_rank_invariance.py", "test_data.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the longest files first (stable: each file's tests keep their order)."""
+
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """With ``--dist loadfile``: each demo of ``test_demos.py`` is a work unit of its own.
+
+    A demo's serial and 2-rank runs share its output folder and stay on one worker, in
+    order; different demos write different folders and run on both workers. (The demos
+    together take half the serial suite's time: as one unit, one worker ran them alone.)
+    """
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class DemosApart(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path, _, test = nodeid.partition("::")
+            if path.endswith("test_demos.py") and test.startswith("test_demo["):
+                return f"{path}::{test.partition('[')[2].rpartition('-')[0]}"
+            return super()._split_scope(nodeid)
+
+    return DemosApart(config, log)
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Freeze what the imports and the collection made: each test's ``gc.collect()`` then
     scans the objects made since (its own garbage), not the ~300 000 objects of torch,

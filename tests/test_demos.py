@@ -109,8 +109,8 @@ def _child_environment() -> dict[str, str]:
 
 @pytest.mark.parametrize("num_ranks", [1, 2], ids=lambda n: f"np{n}")
 # A demo's serial and 2-rank runs write the same output folder, and the experiments after
-# the serial run read it: under pytest-xdist (`make test-serial`) this file's tests stay on
-# one worker (`--dist loadfile`) and run in order; other files run beside them.
+# the serial run read it: under pytest-xdist (`make test-serial`) they stay on one worker
+# and run in order (tests/conftest.py); other demos and files run beside them.
 @pytest.mark.parametrize("demo", DEMOS, ids=lambda path: str(path.relative_to(DEMO_DIR)))
 def test_demo(demo: Path, num_ranks: int):
     if MPI.COMM_WORLD.size > 1:
