@@ -24,6 +24,7 @@ MB on large grids cost more in page faults than in arithmetic).
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
 
 from mpi4py import MPI
@@ -44,17 +45,107 @@ from dolfinx_mno.validation import check_integer, output_array
 __all__ = ["GridPointSampler", "GriddedSampler"]
 
 
-def _reference_coordinates(mesh: Mesh, cells: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Reference coordinates of ``points`` (shape ``(n, 3)``) in their ``cells``."""
-    tdim = mesh.topology.dim
-    gdim = mesh.geometry.dim
-    nodes = mesh.geometry.x[mesh.geometry.dofmaps[0][cells]][:, :, :gdim]  # (n, nodes, gdim)
+#: Distance from a reference cell below which a pulled-back point counts as inside it.
+REFERENCE_TOLERANCE = 1e-10
+
+
+def _is_affine(mesh: Mesh) -> bool:
+    """Whether the cells are straight simplices (an affine map from the reference cell)."""
     simplex = mesh.topology.cell_type in (
         CellType.interval,
         CellType.triangle,
         CellType.tetrahedron,
     )
-    if simplex and mesh.geometry.cmaps[0].degree == 1 and gdim == tdim:
+    return simplex and mesh.geometry.cmaps[0].degree == 1 and mesh.geometry.dim == mesh.topology.dim
+
+
+def _in_reference_cell(cell_type: CellType, X: np.ndarray) -> np.ndarray:
+    """Whether each reference point ``X`` ``(n, tdim)`` lies in the reference cell."""
+    tol = REFERENCE_TOLERANCE
+    above = np.all(X >= -tol, axis=1)
+    if cell_type in (CellType.triangle, CellType.tetrahedron):
+        return above & (X.sum(axis=1) <= 1 + tol)
+    if cell_type == CellType.prism:
+        return above & (X[:, 0] + X[:, 1] <= 1 + tol) & (X[:, 2] <= 1 + tol)
+    if cell_type == CellType.pyramid:
+        return above & (X[:, 0] + X[:, 2] <= 1 + tol) & (X[:, 1] + X[:, 2] <= 1 + tol)
+    return above & np.all(X <= 1 + tol, axis=1)  # interval, quadrilateral, hexahedron
+
+
+def _containing_cells(
+    mesh: Mesh, owned: np.ndarray, points: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each point, the owned cells that contain it: CSR ``(offsets, links)``.
+
+    DOLFINx's collision test (:func:`dolfinx.geometry.compute_colliding_cells`) measures
+    the distance to the convex hull of a cell's geometry nodes, which is the cell only for
+    straight cells: a curved (P2-geometry) cell bulges out of its hull and its hull covers
+    parts of its neighbours, so grid points went to neighbours that do not contain them
+    (a DG0 field sampled there took the neighbour's value; a hexahedron with
+    non-planar faces is not its hull either). For such meshes the
+    candidates of a padded bounding-box search are pulled back into each cell instead
+    (Newton), and a cell contains a point if its reference coordinates lie in the
+    reference cell (to :data:`REFERENCE_TOLERANCE`).
+    """
+    tdim = mesh.topology.dim
+    straight = (CellType.interval, CellType.triangle, CellType.tetrahedron, CellType.quadrilateral)
+    if mesh.geometry.cmaps[0].degree == 1 and mesh.topology.cell_type in straight:
+        # The cell is the hull of its vertices (a degree-1 quadrilateral too): exact.
+        tree = geometry.bb_tree(mesh, tdim, entities=owned)
+        candidates = geometry.compute_collisions_points(tree, points)
+        colliding = geometry.compute_colliding_cells(mesh, candidates, points)
+        return colliding.offsets, colliding.array
+    gdim = mesh.geometry.dim
+    sizes = mesh.h(tdim, owned) if owned.size else np.zeros(1)
+    tree = geometry.bb_tree(mesh, tdim, entities=owned, padding=0.25 * float(sizes.max()))
+    candidates = geometry.compute_collisions_points(tree, points)
+    counts = np.diff(candidates.offsets)
+    point_of = np.repeat(np.arange(len(points)), counts)
+    cell_of = candidates.array
+    keep = np.zeros(cell_of.size, dtype=bool)
+    cmap = mesh.geometry.cmaps[0]
+    dofmap = mesh.geometry.dofmaps[0]
+    order = np.argsort(cell_of, kind="stable")
+    starts = np.flatnonzero(np.diff(cell_of[order], prepend=-1) != 0)  # each cell's pairs
+    for start, stop in zip(starts, [*starts[1:], order.size], strict=True):
+        pairs = order[start:stop]
+        nodes = mesh.geometry.x[dofmap[cell_of[pairs[0]]], :gdim]
+        keep[pairs] = _pull_back_inside(
+            cmap, mesh.topology.cell_type, points[point_of[pairs], :gdim], nodes
+        )
+    point_of, cell_of = point_of[keep], cell_of[keep]  # still sorted by point
+    offsets = np.zeros(len(points) + 1, dtype=np.int32)
+    np.cumsum(np.bincount(point_of, minlength=len(points)), out=offsets[1:])
+    return offsets, cell_of.astype(np.int32)
+
+
+def _pull_back_inside(
+    cmap: typing.Any, cell_type: CellType, points: np.ndarray, nodes: np.ndarray
+) -> np.ndarray:
+    """Whether each point pulls back into the reference cell of the cell of ``nodes``.
+
+    A point whose Newton pull-back does not converge (far from a distorted cell) is not
+    in the cell.
+    """
+    try:
+        return _in_reference_cell(cell_type, cmap.pull_back(points, nodes))
+    except RuntimeError:  # some point did not converge: one at a time
+        inside = np.zeros(len(points), dtype=bool)
+        for i in range(len(points)):
+            try:
+                X = cmap.pull_back(points[i : i + 1], nodes)
+            except RuntimeError:
+                continue
+            inside[i] = _in_reference_cell(cell_type, X)[0]
+        return inside
+
+
+def _reference_coordinates(mesh: Mesh, cells: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Reference coordinates of ``points`` (shape ``(n, 3)``) in their ``cells``."""
+    tdim = mesh.topology.dim
+    gdim = mesh.geometry.dim
+    nodes = mesh.geometry.x[mesh.geometry.dofmaps[0][cells]][:, :, :gdim]  # (n, nodes, gdim)
+    if _is_affine(mesh):
         # Affine map x = x0 + J ξ with J's columns x_k - x0: one batched solve.
         x0 = nodes[:, 0, :]
         jacobian = np.stack([nodes[:, k + 1, :] - x0 for k in range(tdim)], axis=2)
@@ -135,11 +226,9 @@ class GridPointSampler:
         num_owned = mesh.topology.index_map(tdim).size_local
         points = grid.points()
         owned = np.arange(num_owned, dtype=np.int32)
-        tree = geometry.bb_tree(mesh, tdim, entities=owned)
-        candidates = geometry.compute_collisions_points(tree, points)
-        colliding = geometry.compute_colliding_cells(mesh, candidates, points)
+        offsets, links = _containing_cells(mesh, owned, points)
         self.indices, self.cells, self.inside = _owners_by_midpoints(
-            mesh, owned, grid.num_points, colliding.offsets, colliding.array
+            mesh, owned, grid.num_points, offsets, links
         )
         self._finish(grid, space, points, dtype)
 

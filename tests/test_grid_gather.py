@@ -331,3 +331,34 @@ def test_a_submesh_is_sampled_with_its_owning_cells_chosen_by_geometry():
             chosen = midpoints[min(cells.links(i), key=lambda c: tuple(keys[c]))]
             expected[i] = 10 * chosen[0] + chosen[1]
         np.testing.assert_allclose(serial[0].reshape(-1)[in_l], expected[in_l], atol=1e-13)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("amplitude", [0.1, 0.2])
+def test_each_grid_point_is_evaluated_in_a_cell_that_contains_it_on_a_curved_mesh(amplitude):
+    """On a P2-geometry mesh DOLFINx's collision test takes the convex hull of a cell's
+    nodes, not the curved cell: 5 and 15 of the 1,517 grid points took the value of a
+    neighbour that does not contain them (here a DG0 field of labels: off by up to 0.9).
+    Each point now goes to a cell whose pull-back puts it inside the reference cell."""
+    msh = _curved_square(COMM, amplitude=amplitude)
+    labels = _cell_labels(msh)
+    grid = Grid((0.0, 0.0), (1.0, 1.0), (41, 37))
+    values = COMM.bcast(GriddedSampler([labels], grid, mask_channel=True)(), root=0)
+    np.testing.assert_array_equal(values[1], 1.0)  # the map keeps the square: all inside
+    # Which labels each point may take: those of the cells that contain it, found here by
+    # pulling the point back into every owned cell.
+    cmap = msh.geometry.cmaps[0]
+    points = grid.points()[:, :2]
+    num_owned = msh.topology.index_map(2).size_local
+    midpoints = mesh.compute_midpoints(msh, 2, np.arange(num_owned, dtype=np.int32))
+    ok = np.zeros(grid.num_points, dtype=np.int32)
+    for cell in range(num_owned):
+        nodes = msh.geometry.x[msh.geometry.dofmaps[0][cell], :2]
+        low, high = nodes.min(axis=0) - 0.05, nodes.max(axis=0) + 0.05
+        near = np.flatnonzero(np.all((points >= low) & (points <= high), axis=1))
+        label = _label(midpoints[cell : cell + 1])[0]
+        for i in near[np.isclose(values[0].reshape(-1)[near], label)]:
+            X = cmap.pull_back(points[i : i + 1], nodes)[0]  # the label's cell: converges
+            ok[i] |= X.min() >= -1e-10 and X.sum() <= 1 + 1e-10
+    COMM.Allreduce(MPI.IN_PLACE, ok, op=MPI.MAX)
+    assert np.count_nonzero(ok == 0) == 0
