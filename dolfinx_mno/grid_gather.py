@@ -119,6 +119,54 @@ def _containing_cells(
     return offsets, cell_of.astype(np.int32)
 
 
+def relocate_in_curved_cells(
+    mesh: Mesh, points: np.ndarray, cells: np.ndarray
+) -> tuple[np.ndarray, int]:
+    """Local cells that contain ``points``, correcting DOLFINx's choice on curved meshes.
+
+    DOLFINx's point location (:func:`dolfinx.fem.create_interpolation_data`, and so
+    ``interpolate_nonmatching``) tests the convex hull of a cell's nodes too (see
+    :func:`_containing_cells`). On a mesh whose cells are not all straight, each point is
+    pulled back into its cell; one that lies outside it moves to a local cell (owned or
+    ghost) that contains it. Rank-local.
+
+    Args:
+        mesh: The mesh the points were located in.
+        points: ``(n, 3)`` physical points.
+        cells: ``(n,)`` the local cells DOLFINx chose.
+
+    Returns:
+        The corrected cells (``cells`` itself where nothing changes), and the number of
+        points that no local cell contains (left in DOLFINx's cell).
+    """
+    straight = (CellType.interval, CellType.triangle, CellType.tetrahedron, CellType.quadrilateral)
+    if len(cells) == 0 or (
+        mesh.geometry.cmaps[0].degree == 1 and mesh.topology.cell_type in straight
+    ):
+        return cells, 0
+    gdim = mesh.geometry.dim
+    cmap, dofmap = mesh.geometry.cmaps[0], mesh.geometry.dofmaps[0]
+    inside = np.zeros(len(cells), dtype=bool)
+    order = np.argsort(cells, kind="stable")
+    starts = np.flatnonzero(np.diff(cells[order], prepend=-1) != 0)
+    for start, stop in zip(starts, [*starts[1:], order.size], strict=True):
+        chosen = order[start:stop]
+        nodes = mesh.geometry.x[dofmap[cells[chosen[0]]], :gdim]
+        inside[chosen] = _pull_back_inside(
+            cmap, mesh.topology.cell_type, points[chosen, :gdim], nodes
+        )
+    wrong = np.flatnonzero(~inside)
+    if wrong.size == 0:
+        return cells, 0
+    index_map = mesh.topology.index_map(mesh.topology.dim)
+    local = np.arange(index_map.size_local + index_map.num_ghosts, dtype=np.int32)
+    offsets, links = _containing_cells(mesh, local, points[wrong])
+    corrected = np.array(cells, dtype=np.int32)
+    found = np.diff(offsets) > 0
+    corrected[wrong[found]] = links[offsets[:-1][found]]
+    return corrected, int(np.count_nonzero(~found))
+
+
 def _pull_back_inside(
     cmap: typing.Any, cell_type: CellType, points: np.ndarray, nodes: np.ndarray
 ) -> np.ndarray:

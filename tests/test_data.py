@@ -171,6 +171,64 @@ def test_points_outside_the_fine_mesh_raise_on_all_ranks():
             assert match.group(2) == "12"
 
 
+def _containing_labels(fine, points):
+    """The DG0 label (``_label`` of its midpoint) of the fine cell containing each point,
+    found by pulling every point back into every nearby owned cell, on every rank."""
+    from test_grid_gather import _label
+
+    expected = np.full(len(points), -np.inf)
+    cmap = fine.geometry.cmaps[0]
+    num_fine = fine.topology.index_map(2).size_local
+    midpoints = mesh.compute_midpoints(fine, 2, np.arange(num_fine, dtype=np.int32))
+    for cell in range(num_fine):
+        nodes = fine.geometry.x[fine.geometry.dofmaps[0][cell], :2]
+        low, high = nodes.min(axis=0) - 0.05, nodes.max(axis=0) + 0.05
+        for i in np.flatnonzero(np.all((points[:, :2] >= low) & (points[:, :2] <= high), 1)):
+            try:
+                X = cmap.pull_back(points[i : i + 1, :2], nodes)[0]
+            except RuntimeError:  # Newton diverges for a point far outside the cell
+                continue
+            if X.min() >= -1e-10 and X.sum() <= 1 + 1e-10:
+                expected[i] = _label(midpoints[cell : cell + 1])[0]
+    COMM.Allreduce(MPI.IN_PLACE, expected, op=MPI.MAX)
+    return expected
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("ghosts", [True, False])
+def test_a_curved_fine_mesh_is_evaluated_in_the_cells_that_contain_the_points(method, ghosts):
+    """DOLFINx locates points in the convex hull of a cell's nodes, which is not the cell on
+    a P2-geometry mesh: 7 of the 1,440 coarse midpoints took the value of a fine cell next
+    to the one that contains them (a DG0 field of labels: off by up to 0.65). The
+    restrictions now pull each point back into its cell and move it to a cell of the rank
+    that contains it: exact on any number of ranks with ghost cells; without them, where
+    the containing cell is on another rank, refused with the same message on every rank."""
+    from test_grid_gather import _cell_labels, _curved_square
+
+    ghost_mode = mesh.GhostMode.shared_facet if ghosts else mesh.GhostMode.none
+    fine = _curved_square(COMM, amplitude=0.15, ghost_mode=ghost_mode)
+    labels = _cell_labels(fine)
+    coarse = mesh.create_unit_square(COMM, 40, 36, mesh.CellType.quadrilateral)
+    V_c = fem.functionspace(coarse, ("DG", 0))
+    num_coarse = coarse.topology.index_map(2).size_local
+    options = {} if method == "interpolation" else {"quadrature_degree": 0}  # the midpoint
+    try:
+        restricted = METHODS[method](V_c, **options)(labels)
+    except ValueError as error:
+        text = str(error)
+        assert not ghosts and COMM.size > 1, text
+        assert COMM.allgather(text) == [text] * COMM.size
+        assert "Give the fine mesh ghost cells" in text
+        return
+    values = restricted.x.array[V_c.dofmap.list[:num_coarse, 0]]
+    cells = np.arange(num_coarse, dtype=np.int32)
+    midpoints = np.concatenate(COMM.allgather(mesh.compute_midpoints(coarse, 2, cells)))
+    expected = _containing_labels(fine, midpoints)
+    offset = COMM.scan(num_coarse) - num_coarse
+    np.testing.assert_allclose(values, expected[offset : offset + num_coarse], rtol=0, atol=1e-12)
+
+
 def test_restriction_input_errors():
     coarse, fine = _meshes(2, MPI.COMM_SELF)
     V_c = fem.functionspace(coarse, ("Lagrange", 1))

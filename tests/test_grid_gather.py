@@ -101,15 +101,18 @@ def test_gridded_sampler_on_a_rank_without_cells(tiny_square):
         assert values is None
 
 
-def _curved_square(comm, n=4, amplitude=0.1):
+def _curved_square(comm, n=4, amplitude=0.1, ghost_mode=mesh.GhostMode.none):
     """The unit square in 2 n² triangles with a degree-2 geometry, curved inside.
 
     The nodes of a straight P2 mesh are moved by ``amplitude sin(πx) sin(πy) (1, 1)``,
     which keeps the boundary in place (det of the map's Jacobian >= 1 - 0.1π > 0).
     """
     element = basix.ufl.element("Lagrange", "triangle", 2, shape=(2,))
+    partitioner = mesh.create_cell_partitioner(ghost_mode, 2)
     if comm.rank != 0:
-        return mesh.create_mesh(comm, np.empty((0, 6), np.int64), element, np.empty((0, 2)))
+        return mesh.create_mesh(
+            comm, np.empty((0, 6), np.int64), element, np.empty((0, 2)), partitioner
+        )
     m = 2 * n + 1  # nodes per lattice row
     i, j = np.meshgrid(np.arange(m), np.arange(m), indexing="ij")
     lattice = np.stack([i.reshape(-1), j.reshape(-1)], axis=1) / (2 * n)
@@ -129,7 +132,9 @@ def _curved_square(comm, n=4, amplitude=0.1):
                 # opposite vertex 0, 1 and 2.
                 vertices = [node(v, v) for v in (v0, v1, v2)]
                 cells.append([*vertices, node(v1, v2), node(v0, v2), node(v0, v1)])
-    return mesh.create_mesh(comm, np.array(cells, np.int64), element, lattice + bump[:, None])
+    return mesh.create_mesh(
+        comm, np.array(cells, np.int64), element, lattice + bump[:, None], partitioner
+    )
 
 
 @pytest.mark.mpi

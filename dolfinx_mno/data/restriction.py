@@ -43,6 +43,7 @@ from ufl.algorithms import estimate_total_polynomial_degree, extract_arguments
 from ufl.algorithms.renumbering import renumber_indices
 
 from dolfinx_mno._mpi import agree_on, rank_local
+from dolfinx_mno.grid_gather import relocate_in_curved_cells
 from dolfinx_mno.quadrature import composite_quadrature, measure, quadrature_space
 from dolfinx_mno.validation import check_integer
 
@@ -142,6 +143,7 @@ class _NonmatchingTransfer:
                     f"domain; increase padding (now {self.padding:g}) for boundaries that "
                     "differ by round-off."
                 )
+            data = _in_containing_cells(source.mesh, data, "fine")
         self._data[id(source)] = (source, data)
         return data
 
@@ -151,6 +153,45 @@ class _NonmatchingTransfer:
         u.x.scatter_forward()  # the owner of each point evaluates u with its ghosts
         out.interpolate_nonmatching(u, self.cells, data)
         out.x.scatter_forward()
+
+
+def _in_containing_cells(source: _mesh.Mesh, data: typing.Any, which: str) -> typing.Any:
+    """``data`` with each point in a cell of ``source`` that contains it (rank-local).
+
+    On curved meshes DOLFINx's point location may choose a neighbour of the cell that
+    contains a point (:func:`~dolfinx_mno.grid_gather.relocate_in_curved_cells`): the
+    point would take the neighbour's value, extrapolated. Such points move to a cell of
+    this rank that contains them.
+
+    Raises:
+        ValueError: Some point lies in no cell of this rank, owned or ghost (its cell is on
+            another rank: a mesh without ghost cells).
+    """
+    points = np.asarray(data.dest_points).reshape(-1, 3)
+    cells = np.asarray(data.dest_cells)
+    corrected, lost = relocate_in_curved_cells(source, points, cells)
+    if lost:
+        raise ValueError(
+            f"{lost} point(s) lie in curved cells of the {which} mesh that DOLFINx's point "
+            "location did not find (it tests the convex hull of a cell's nodes, not the "
+            "curved cell), and in no cell, owned or ghost, of the rank it chose. Give the "
+            f"{which} mesh ghost cells (create_mesh(..., partitioner="
+            "dolfinx.mesh.create_cell_partitioner(GhostMode.shared_facet, 2))), whose "
+            "containing cell is then a ghost of that rank, or straight cells (degree-1 "
+            "geometry)."
+        )
+    if corrected is cells:
+        return data
+    inner = data._cpp_object
+    arrays = [
+        np.array(inner.src_owner, dtype=np.int32),
+        np.array(inner.dest_owners, dtype=np.int32),
+        np.array(inner.dest_points, dtype=points.dtype).reshape(-1),
+        np.array(corrected, dtype=np.int32),
+    ]
+    for array in arrays:
+        array.flags.writeable = False  # the binding takes read-only arrays
+    return type(data)(type(inner)(*arrays))
 
 
 def _output(space: fem.FunctionSpace, u: fem.Function, out: fem.Function | None) -> fem.Function:
