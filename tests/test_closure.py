@@ -106,6 +106,20 @@ def test_matches_ufl(cell, degree, kind):
 
 
 @pytest.mark.mpi
+def test_matches_ufl_on_a_curved_mesh():
+    """A degree-2 geometry, curved inside the cells: a tensor closure of a vector field.
+
+    (Checked once by hand, not kept for the suite's time: hexahedra, intervals, submeshes,
+    meshes without ghost cells, prisms and manifolds, the three kinds and degrees 1-2.)
+    """
+    from test_grid_gather import _curved_square
+
+    msh = _curved_square(MPI.COMM_WORLD, n=3, amplitude=0.15)
+    assert msh.geometry.cmaps[0].degree == 2
+    _compare("stress", msh, 1, q=3)
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("q", [2, 3, 4, 5, 6])
 def test_quadrature_degrees(q):
     """Degrees 2–6 on triangles and quadrilaterals, scalar and flux closures."""
