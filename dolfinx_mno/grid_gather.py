@@ -407,9 +407,10 @@ def _degree_of(expressions: Sequence[ufl.core.expr.Expr]) -> int:
     """Degree of the DG space expressions are sampled through.
 
     The highest degree of their coefficients and of their meshes' coordinate elements, at
-    least 1. The interpolation into it of ``u`` and ``grad(u)`` of a Lagrange ``u``, of
-    piecewise constants, and of ``x`` (which is of the geometry's degree in each cell, 2 on
-    a curved P2 mesh) is exact.
+    least 1. The interpolation into it of ``u`` of a Lagrange ``u``, of piecewise
+    constants, and of ``x`` (which is of the geometry's degree in each cell, 2 on a curved
+    P2 mesh) is exact; that of ``grad(u)`` only on affine cells (on other quadrilaterals,
+    hexahedra and curved cells it is rational in each cell: see ``docs/nonlocal.md``).
     """
     degrees = [
         c.function_space.ufl_element().embedded_superdegree
@@ -435,7 +436,9 @@ class GriddedSampler:
     expression (row-major), form the channels. The values at the grid points are those of
     the interpolants of the expressions into a discontinuous Lagrange space of degree
     ``sampling_degree`` (default: the highest degree of their coefficients and of the
-    mesh's geometry; exact for ``u``, ``grad(u)``, ``x`` and piecewise constants), each
+    mesh's geometry; exact for ``u``, ``x`` and piecewise constants, and for ``grad(u)`` on
+    affine cells; raise it on distorted quadrilaterals and hexahedra and on curved cells,
+    where ``grad(u)`` is not a polynomial), each
     point evaluated on exactly one rank
     (:class:`GridPointSampler`). Points outside the mesh get ``extension_value``;
     ``mask_channel`` appends a channel that is 1 inside and 0 outside.

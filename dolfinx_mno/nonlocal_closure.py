@@ -119,8 +119,10 @@ class NonlocalClosure(ClosureBase):
         extension_value: Value of every input channel at grid points outside the domain.
         sampling_degree: Degree of the discontinuous Lagrange space the operands are
             interpolated into before point evaluation; default the highest degree of the
-            operand coefficients and of the mesh geometry (exact for ``u`` and ``grad u``
-            of a Lagrange ``u``, and for ``x``, on curved meshes too).
+            operand coefficients and of the mesh geometry (exact for a Lagrange ``u`` and
+            for ``x``, on curved meshes too; for ``grad u`` on affine cells only: raise it
+            on distorted quadrilaterals and hexahedra and on curved cells, where ``grad u``
+            is not a polynomial, see ``docs/nonlocal.md``).
         mesh: The mesh; by default the mesh of the operands.
         device: Device of the model on the root rank (``"auto"``: CUDA if available).
         root: Rank that runs the model.
