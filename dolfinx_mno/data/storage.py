@@ -176,7 +176,10 @@ def _chunk_points(num_points: int, row_bytes: int) -> int:
 
 
 # The reader class of each format, for the hint when a file is opened with the other one.
-_READER_OF_FORMAT = {FORMAT: "ClosureDataReader", GRIDDED_FORMAT: "GriddedDataReader"}
+_READER_OF_FORMAT = {
+    FORMAT: ("closure data", "ClosureDataReader"),
+    GRIDDED_FORMAT: ("gridded data", "GriddedDataReader"),
+}
 
 
 def _check_format(metadata: dict[str, typing.Any], path: Path, kind: str, version: int) -> None:
@@ -184,7 +187,7 @@ def _check_format(metadata: dict[str, typing.Any], path: Path, kind: str, versio
     fmt = {"closure data": FORMAT, "gridded data": GRIDDED_FORMAT}[kind]
     if metadata.get("format") != fmt:
         other = _READER_OF_FORMAT.get(str(metadata.get("format")))
-        hint = f" (it holds {other[:-6].lower()} data: read it with {other})" if other else ""
+        hint = f" (it holds {other[0]}: read it with {other[1]})" if other else ""
         raise ValueError(f"{path} is not a dolfinx_mno {kind} file{hint}.")
     if int(metadata.get("format_version", 0)) > version:
         raise ValueError(
