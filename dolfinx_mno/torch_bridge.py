@@ -180,6 +180,11 @@ def mixed_precision_hint(model: torch.nn.Module, given: torch.dtype) -> str | No
     )
 
 
+#: The complex dtype that goes with each real one (none for the half precisions: torch has
+#: no complex bfloat16, and calls its complex32 experimental, unsupported by most operators).
+_COMPLEX_OF_REAL = {torch.float64: torch.complex128, torch.float32: torch.complex64}
+
+
 def to_precision(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """Cast a model's real tensors to ``dtype`` and its complex ones to the matching complex.
 
@@ -189,13 +194,32 @@ def to_precision(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
     Args:
         model: The model.
-        dtype: ``torch.float32`` or ``torch.float64``.
+        dtype: ``torch.float64`` or ``torch.float32`` (complex tensors to ``complex128``
+            or ``complex64``), or ``torch.float16`` or ``torch.bfloat16`` for a model
+            without complex tensors.
 
     Returns:
         The same model.
+
+    Raises:
+        TypeError: ``dtype`` is not a floating-point torch dtype.
+        ValueError: A half precision for a model with complex tensors. Nothing is cast
+            then.
     """
-    complex_dtype = {torch.float32: torch.complex64, torch.float64: torch.complex128}[dtype]
-    for tensor in (*model.parameters(), *model.buffers()):
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(
+            "dtype must be a floating-point torch dtype (torch.float64, torch.float32, "
+            f"torch.float16 or torch.bfloat16), got {dtype!r}."
+        )
+    tensors = (*model.parameters(), *model.buffers())
+    complex_dtype = _COMPLEX_OF_REAL.get(dtype)
+    if complex_dtype is None and any(tensor.is_complex() for tensor in tensors):
+        raise ValueError(
+            f"The model has complex tensors, which have no {dtype} counterpart (torch has "
+            "no complex bfloat16, and its complex32 is experimental): cast it to "
+            "torch.float32 or torch.float64."
+        )
+    for tensor in tensors:
         if tensor.is_complex():
             tensor.data = tensor.data.to(complex_dtype)
         elif tensor.is_floating_point():

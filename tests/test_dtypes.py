@@ -1,5 +1,7 @@
 """dtypes: float32 and float64 DOLFINx, float32 models with float64 DOLFINx."""
 
+import copy
+
 from mpi4py import MPI
 
 import numpy as np
@@ -100,3 +102,73 @@ def test_mixed_dtype_model_gets_a_message_naming_the_dtypes(tiny_square):
     evaluator = mno.torch_bridge.GridEvaluator(grid_model, 1, 1, (4, 4), np.float64, None)
     with pytest.raises(ValueError, match=r"grid \(the model's parameters and buffers mix dtypes"):
         evaluator.probe()
+
+
+class _Spectral(torch.nn.Module):
+    """A real and a complex parameter, as an FNO has."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.tensor([0.5, -1.25]))
+        self.spectral = torch.nn.Parameter(torch.tensor([1.5 - 0.5j]))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "complex_dtype"),
+    [(torch.float64, torch.complex128), (torch.float32, torch.complex64)],
+)
+def test_to_precision_casts_real_and_complex_tensors(dtype, complex_dtype):
+    """Real tensors to ``dtype``, complex ones to the matching complex dtype."""
+    model = mno.to_precision(_Spectral(), dtype)
+    assert model.weight.dtype == dtype and model.spectral.dtype == complex_dtype
+    assert model.weight.tolist() == [0.5, -1.25]
+    assert complex(model.spectral.detach()[0]) == 1.5 - 0.5j
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_to_precision_half_precisions_and_refusals(dtype):
+    """``mno.to_precision(model, dtype)``, the cast docs/pitfalls.md names for a model of
+    one dtype, takes the half precisions closures run in (it raised a bare
+    ``KeyError: torch.float16``). Complex tensors have no supported half counterpart, and
+    a non-float dtype is no precision: both are refused by name, the model left as it was.
+    """
+    linear = mno.to_precision(torch.nn.Linear(2, 1), dtype)
+    assert {p.dtype for p in linear.parameters()} == {dtype}
+    model = _Spectral()
+    with pytest.raises(ValueError) as error:
+        mno.to_precision(model, dtype)
+    assert str(error.value) == (
+        f"The model has complex tensors, which have no {dtype} counterpart (torch has no "
+        "complex bfloat16, and its complex32 is experimental): cast it to torch.float32 or "
+        "torch.float64."
+    )
+    assert model.weight.dtype == torch.float32 and model.spectral.dtype == torch.complex64
+    with pytest.raises(TypeError) as error:
+        mno.to_precision(model, torch.int32)
+    assert str(error.value) == (
+        "dtype must be a floating-point torch dtype (torch.float64, torch.float32, "
+        "torch.float16 or torch.bfloat16), got torch.int32."
+    )
+
+
+@pytest.mark.mpi
+def test_float16_model_cast_by_to_precision_runs_in_half_precision(tiny_square):
+    """A float16 closure (docs/pitfalls.md): values to about float16's eps of the float64
+    evaluation of the same weights, relative to the largest value, widened to float64."""
+    V = fem.functionspace(tiny_square, ("Lagrange", 1))
+    u = fem.Function(V)
+    u.interpolate(lambda x: x[0] + 2 * x[1])
+    torch.manual_seed(3)
+    model64 = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    model64 = mno.to_precision(model64, torch.float64)
+    model16 = copy.deepcopy(model64)
+    mno.to_precision(model16, torch.float16)
+    closures = [mno.Closure(model, [u]) for model in (model16, model64)]
+    for closure in closures:
+        closure.update()
+    assert closures[0].model_dtype == torch.float16 and closures[0].x.array.dtype == np.float64
+    comm = tiny_square.comm
+    diff = np.max(np.abs(closures[0].x.array - closures[1].x.array), initial=0)
+    diff = comm.allreduce(diff, op=MPI.MAX)
+    scale = comm.allreduce(np.max(np.abs(closures[1].x.array), initial=0), op=MPI.MAX)
+    assert 0 < diff <= 4 * torch.finfo(torch.float16).eps * scale
