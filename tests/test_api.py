@@ -2,7 +2,9 @@
 
 import importlib.metadata
 import inspect
+import pathlib
 import pydoc
+import re
 import typing
 
 from mpi4py import MPI
@@ -69,3 +71,46 @@ def test_help_shows_our_own_init_docstring(cls):
     assert init.__module__.startswith("dolfinx_mno"), init
     assert init.__doc__, f"{cls.__name__}.__init__ has no docstring"
     assert inspect.getdoc(init).splitlines()[0] in rendered
+
+
+def _readme_python_blocks():
+    """The ```python blocks of README.md, in order."""
+    readme = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+    return re.findall(r"^```python\n(.*?)^```", readme.read_text(), flags=re.M | re.S)
+
+
+@pytest.mark.mpi
+def test_readme_quick_snippet_runs_and_matches_ufl():
+    """README's first snippet, run as printed on a heat step: a linear closure
+    ``c = w·(u_n, ∇u_n) + b`` gives the solution of the same step written in UFL."""
+    import numpy as np
+    import ufl
+    from dolfinx import fem, mesh
+
+    from dolfinx_mno.petsc import LinearProblem
+
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 3)
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    u_n, u_h = fem.Function(V), fem.Function(V)
+    u_n.interpolate(lambda x: np.sin(3 * x[0]) * x[1] + x[0] ** 2)
+    u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
+    dt = 0.1
+    a = u * v * ufl.dx + dt * ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx
+    L = u_n * v * ufl.dx
+    model = torch.nn.Linear(3, 1).double()
+    with torch.no_grad():
+        model.weight[:] = torch.tensor([[0.5, -2.0, 1.5]])
+        model.bias[:] = 0.25
+    namespace = {"model": model, "u_n": u_n, "u_h": u_h, "a": a, "L": L, "v": v, "dt": dt}
+    namespace["ufl"] = ufl
+    exec(_readme_python_blocks()[0], namespace)
+    assert namespace["problem"].u is u_h
+
+    closure_ufl = 0.5 * u_n - 2.0 * u_n.dx(0) + 1.5 * u_n.dx(1) + 0.25
+    dx2 = ufl.dx(metadata={"quadrature_degree": 2})
+    L_ufl = u_n * v * ufl.dx + dt * closure_ufl * v * dx2
+    expected = LinearProblem(a, L_ufl, petsc_options_prefix="readme_ufl_").solve()
+    difference = np.max(np.abs(u_h.x.array - expected.x.array), initial=0)
+    difference = msh.comm.allreduce(difference, op=MPI.MAX)
+    scale = msh.comm.allreduce(np.max(np.abs(expected.x.array), initial=0), op=MPI.MAX)
+    assert scale > 0.1 and difference <= 1e-12 * scale
