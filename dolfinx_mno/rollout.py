@@ -82,6 +82,7 @@ from dolfinx_mno.step_adjoint import (
 )
 from dolfinx_mno.timestepping import IMEXStepper, ImplicitStepper
 from dolfinx_mno.torch_bridge import training_mode_error
+from dolfinx_mno.validation import is_integer_at_least
 
 __all__ = ["Rollout", "RolloutGradient", "allreduce_gradients", "rollout_loss"]
 
@@ -208,7 +209,7 @@ class Rollout:
         self.stepper = stepper
         self.comm = comm
         self.closures: list[AnyClosure] = closures
-        self.checkpoint_every = checkpoint_every
+        self.checkpoint_every = None if checkpoint_every is None else int(checkpoint_every)
         self.keep_states = keep_states
         self.before_step = before_step
         self.num_owned = owned_size(stepper.u.function_space)
@@ -232,9 +233,7 @@ class Rollout:
                 f"Rollout needs closure_interval=1 (closures updated every step), got "
                 f"{stepper.closure_interval}."
             )
-        if checkpoint_every is not None and (
-            not isinstance(checkpoint_every, int) or checkpoint_every < 1
-        ):
+        if checkpoint_every is not None and not is_integer_at_least(checkpoint_every, 1):
             raise ValueError(
                 f"checkpoint_every must be None or a positive integer, got {checkpoint_every!r}."
             )
@@ -367,8 +366,9 @@ class Rollout:
         """
         with rank_local(self.comm, "Starting the rollout"):
             self._check_state(u0, "u0")
-            if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            if not is_integer_at_least(num_steps, 1):
                 raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}.")
+            num_steps = int(num_steps)
             levels = [u0, *self._check_older(older)]
             for closure in self.closures:
                 if (reason := training_mode_error(closure.model)) is not None:
@@ -537,13 +537,15 @@ class Rollout:
         with rank_local(self.comm, "Preparing the rollout gradient"):
             self._check_state(u0, "u0")
             interval = target_interval
-            if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            if not is_integer_at_least(interval, 1):
                 raise ValueError(
                     f"target_interval must be a positive integer, got {target_interval!r}."
                 )
+            interval = int(interval)
             horizon = len(targets) * interval if num_steps is None else num_steps
-            if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+            if not is_integer_at_least(horizon, 1):
                 raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}.")
+            horizon = int(horizon)
             if horizon % interval:
                 raise ValueError(
                     f"The horizon of {horizon} steps is not a multiple of target_interval = "

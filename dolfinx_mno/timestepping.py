@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 
 from dolfinx_mno._mpi import rank_local
 from dolfinx_mno.petsc import LinearProblem, NonlinearProblem
+from dolfinx_mno.validation import is_integer_at_least
 
 __all__ = ["IMEXStepper", "ImplicitStepper", "StepStatistics"]
 
@@ -341,12 +342,12 @@ class IMEXStepper(_Stepper[LinearProblem]):
         older: Sequence[fem.Function] = (),
     ):
         """Set up the time loop; see the class docstring for the arguments."""
-        if not isinstance(closure_interval, int) or closure_interval < 1:
+        if not is_integer_at_least(closure_interval, 1):
             raise ValueError(
                 f"closure_interval must be a positive integer, got {closure_interval!r}."
             )
         super().__init__(problem, u, u_previous, dt, t0, time, older)
-        self.closure_interval = closure_interval
+        self.closure_interval = int(closure_interval)
 
     def _solve(self) -> tuple[int, int, int | None]:
         self.problem.solve(update_closures=self.num_steps % self.closure_interval == 0)

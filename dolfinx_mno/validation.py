@@ -20,7 +20,13 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["check_array", "check_integer", "check_value_shape", "output_array"]
+__all__ = [
+    "check_array",
+    "check_integer",
+    "check_value_shape",
+    "is_integer_at_least",
+    "output_array",
+]
 
 
 def _integer_kind(minimum: int) -> str:
@@ -62,6 +68,17 @@ def check_integer(value: typing.Any, name: str, minimum: int = 0) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be {kind}, got {value!r}.")
     return int(value)
+
+
+def is_integer_at_least(value: typing.Any, minimum: int = 1) -> bool:
+    """Whether ``value`` is a Python or NumPy integer ≥ ``minimum`` (a ``bool`` is not).
+
+    For checks whose documented error is a ``ValueError`` whatever is wrong; elsewhere
+    :func:`check_integer` raises the error itself.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return False
+    return int(value) >= minimum
 
 
 def check_value_shape(value_shape: typing.Any) -> tuple[int, ...]:

@@ -757,6 +757,18 @@ def test_arguments_that_differ_between_ranks_raise_instead_of_hanging(tiny_squar
         "num_steps must be a positive integer, got 2.0.",
         lambda: rollout.gradient(u0, data, num_steps=2.0),
     )
+    # NumPy integers are integers (as fit and fit_rollout take them; they were refused
+    # as "not a positive integer, got np.int64(3)"); a bool is not.
+    gradient = rollout.gradient(u0, data, num_steps=np.int64(3), target_interval=np.int64(1))
+    np.testing.assert_array_equal(flat_gradient(gradient), before)
+    for state, expected in zip(rollout.run(u0, np.int64(3)), rollout.run(u0, 3), strict=True):
+        assert torch.equal(state.detach(), expected.detach())
+    assert Rollout(stepper, checkpoint_every=np.int64(2)).checkpoint_every == 2
+    _raises(
+        ValueError,
+        "checkpoint_every must be None or a positive integer, got True.",
+        lambda: Rollout(stepper, checkpoint_every=True),
+    )
     closure.model.train()
     with pytest.raises(RuntimeError, match=r"Closure 'scalar': the model is in training mode"):
         rollout.gradient(u0, data)

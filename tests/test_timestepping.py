@@ -112,6 +112,12 @@ def test_imex_closure_interval_holds_values():
     assert diff <= 100 * np.finfo(np.float64).eps * scale
     with pytest.raises(ValueError, match="closure_interval"):
         IMEXStepper(problem, uh, u_n, dt=dt, closure_interval=0)
+    # A NumPy integer is an integer (it was refused as "not a positive integer, got
+    # np.int64(3)"); True is not 1.
+    assert IMEXStepper(problem, uh, u_n, dt=dt, closure_interval=np.int64(3)).closure_interval == 3
+    with pytest.raises(ValueError) as error:
+        IMEXStepper(problem, uh, u_n, dt=dt, closure_interval=True)
+    assert str(error.value) == "closure_interval must be a positive integer, got True."
 
 
 class Poisoned(torch.nn.Module):
