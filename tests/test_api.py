@@ -114,3 +114,72 @@ def test_readme_quick_snippet_runs_and_matches_ufl():
     difference = msh.comm.allreduce(difference, op=MPI.MAX)
     scale = msh.comm.allreduce(np.max(np.abs(expected.x.array), initial=0), op=MPI.MAX)
     assert scale > 0.1 and difference <= 1e-12 * scale
+
+
+def _documented_arguments(doc):
+    """The names of a Google-style docstring's ``Args:`` entries, in order."""
+    lines = inspect.cleandoc(doc).splitlines()
+    names, indent = [], None
+    for line in lines:
+        stripped = line.strip()
+        if stripped in ("Args:", "Arguments:"):
+            indent = len(line) - len(line.lstrip())
+            continue
+        if indent is None or not stripped:
+            continue
+        depth = len(line) - len(line.lstrip())
+        if depth <= indent:
+            indent = None
+        elif depth == indent + 4 and (entry := re.match(r"\*{0,2}(\w+)( \(.*\))?:", stripped)):
+            names.append(entry.group(1))
+    return names
+
+
+def _public_callables():
+    modules = [
+        dolfinx_mno,
+        dolfinx_mno.data,
+        dolfinx_mno.petsc,
+        dolfinx_mno.rollout,
+        dolfinx_mno.timestepping,
+        dolfinx_mno.training,
+    ]
+    for module in modules:
+        for name in module.__all__:
+            item = getattr(module, name)
+            if inspect.isfunction(item):
+                yield f"{module.__name__}.{name}", item, item.__doc__
+            elif inspect.isclass(item):
+                for attribute, member in vars(item).items():
+                    function = getattr(member, "__func__", member)
+                    if not inspect.isfunction(function):
+                        continue
+                    if attribute == "__init__":
+                        doc = f"{item.__doc__ or ''}\n{function.__doc__ or ''}"
+                    elif attribute.startswith("_"):
+                        continue
+                    else:
+                        doc = function.__doc__
+                    yield f"{module.__name__}.{name}.{attribute}", function, doc
+
+
+def test_documented_arguments_are_the_signatures():
+    """Every ``Args:`` entry of the public API names a parameter of the signature, and
+    every parameter of a function that has an ``Args:`` section is documented there
+    (``**kwargs`` may be documented by their names)."""
+    mismatches = []
+    for name, function, doc in _public_callables():
+        documented = _documented_arguments(doc or "")
+        if not documented:
+            continue
+        parameters = inspect.signature(function).parameters
+        variadic = {
+            p.name for p in parameters.values() if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        }
+        names = set(parameters) - {"self", "cls"}
+        unknown = [] if variadic else sorted(set(documented) - names)
+        missing = sorted(names - set(documented) - variadic)
+        repeated = sorted({n for n in documented if documented.count(n) > 1})
+        if unknown or missing or repeated:
+            mismatches.append((name, unknown, missing, repeated))
+    assert not mismatches
