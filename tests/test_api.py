@@ -1,10 +1,12 @@
 """The public API: names, version, device selection."""
 
+import importlib.abc
 import importlib.metadata
 import inspect
 import pathlib
 import pydoc
 import re
+import sys
 import typing
 
 from mpi4py import MPI
@@ -183,3 +185,43 @@ def test_documented_arguments_are_the_signatures():
         if unknown or missing or repeated:
             mismatches.append((name, unknown, missing, repeated))
     assert not mismatches
+
+
+class _NoPETSc(importlib.abc.MetaPathFinder):
+    """The imports of a DOLFINx built without petsc4py."""
+
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("petsc4py", "slepc4py") or name == "dolfinx.fem.petsc":
+            raise ImportError(f"No module named {name!r} (a DOLFINx without PETSc)")
+        return None
+
+
+def test_import_needs_no_petsc4py(monkeypatch):
+    """docs/architecture.md: the PETSc modules are imported explicitly, as
+    ``dolfinx.fem.petsc`` is, and the guard does nothing without petsc4py; but
+    ``import dolfinx_mno`` imported them (``training`` → ``fit_rollout`` → ``rollout``
+    → ``petsc``) and failed on a DOLFINx without petsc4py. Re-imported here with petsc4py
+    hidden, then the original modules are put back."""
+    import dolfinx
+    import dolfinx.fem
+    import numpy as np
+
+    ours = [name for name in sys.modules if name.split(".")[0] == "dolfinx_mno"]
+    hidden = [name for name in sys.modules if name.split(".")[0] in ("petsc4py", "slepc4py")]
+    for name in [*ours, *hidden, "dolfinx.fem.petsc"]:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.delattr(dolfinx.fem, "petsc", raising=False)
+    monkeypatch.setattr(dolfinx, "has_petsc4py", False)
+    monkeypatch.setattr(sys, "meta_path", [_NoPETSc(), *sys.meta_path])
+    try:
+        mno = importlib.import_module("dolfinx_mno")
+        assert not [name for name in sys.modules if name.split(".")[0] == "petsc4py"]
+        assert "dolfinx_mno.petsc" not in sys.modules
+        model = mno.MLP(1, 1, [2], seed=0)
+        result = mno.fit(model, np.zeros((8, 1)), np.ones(8), epochs=1, progress=False)
+        assert result.history.best_epoch == 0
+        with pytest.raises(ImportError, match="No module named 'petsc4py'"):
+            importlib.import_module("dolfinx_mno.petsc")
+    finally:
+        for name in [name for name in sys.modules if name.split(".")[0] == "dolfinx_mno"]:
+            del sys.modules[name]

@@ -30,12 +30,30 @@ The package, in the order a run uses it:
   :mod:`~dolfinx_mno.training.trajectories`.
 """
 
-from dolfinx_mno.training.aposteriori import fit_rollout
+import typing
+
 from dolfinx_mno.training.fitting import FitResult, fit
 from dolfinx_mno.training.parallel import read_shard, shard
 from dolfinx_mno.training.samples import split_samples as _split  # noqa: F401 (tests)
 from dolfinx_mno.training.state import TrainingHistory
 from dolfinx_mno.training.trajectories import owned_states
+
+if typing.TYPE_CHECKING:
+    from dolfinx_mno.training.aposteriori import fit_rollout
+
+
+def __getattr__(name: str) -> typing.Any:
+    """``fit_rollout`` on first use: it imports the rollouts, hence petsc4py.
+
+    ``import dolfinx_mno`` (which imports :func:`fit`) then needs no petsc4py, as
+    DOLFINx needs none without ``dolfinx.fem.petsc``.
+    """
+    if name == "fit_rollout":
+        from dolfinx_mno.training.aposteriori import fit_rollout
+
+        return fit_rollout
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "FitResult",
