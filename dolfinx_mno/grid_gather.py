@@ -59,6 +59,15 @@ def _is_affine(mesh: Mesh) -> bool:
     return simplex and mesh.geometry.cmaps[0].degree == 1 and mesh.geometry.dim == mesh.topology.dim
 
 
+def _is_its_hull(mesh: Mesh) -> bool:
+    """Whether each cell is the hull of its geometry nodes: DOLFINx's collision test exact.
+
+    Straight simplices and degree-1 quadrilaterals.
+    """
+    straight = (CellType.interval, CellType.triangle, CellType.tetrahedron, CellType.quadrilateral)
+    return mesh.geometry.cmaps[0].degree == 1 and mesh.topology.cell_type in straight
+
+
 def _in_reference_cell(cell_type: CellType, X: np.ndarray) -> np.ndarray:
     """Whether each reference point ``X`` ``(n, tdim)`` lies in the reference cell."""
     tol = REFERENCE_TOLERANCE
@@ -88,9 +97,7 @@ def _containing_cells(
     reference cell (to :data:`REFERENCE_TOLERANCE`).
     """
     tdim = mesh.topology.dim
-    straight = (CellType.interval, CellType.triangle, CellType.tetrahedron, CellType.quadrilateral)
-    if mesh.geometry.cmaps[0].degree == 1 and mesh.topology.cell_type in straight:
-        # The cell is the hull of its vertices (a degree-1 quadrilateral too): exact.
+    if _is_its_hull(mesh):  # exact
         tree = geometry.bb_tree(mesh, tdim, entities=owned)
         candidates = geometry.compute_collisions_points(tree, points)
         colliding = geometry.compute_colliding_cells(mesh, candidates, points)
@@ -139,10 +146,7 @@ def relocate_in_curved_cells(
         The corrected cells (``cells`` itself where nothing changes), and the number of
         points that no local cell contains (left in DOLFINx's cell).
     """
-    straight = (CellType.interval, CellType.triangle, CellType.tetrahedron, CellType.quadrilateral)
-    if len(cells) == 0 or (
-        mesh.geometry.cmaps[0].degree == 1 and mesh.topology.cell_type in straight
-    ):
+    if len(cells) == 0 or _is_its_hull(mesh):
         return cells, 0
     gdim = mesh.geometry.dim
     cmap, dofmap = mesh.geometry.cmaps[0], mesh.geometry.dofmaps[0]
