@@ -92,6 +92,7 @@ __all__ = [
     "failure_message",
     "on_root",
     "rank_local",
+    "same_everywhere",
     "stage_entry",
     "wait_passively",
 ]
@@ -295,6 +296,35 @@ def agree(
         if not failed[0]:
             return
     agree_on(comm, None, what, error_type, reason=reason, cause=cause, note=note)
+
+
+def same_everywhere(comm: MPI.Comm, what: str, **settings: typing.Any) -> None:
+    """Raise the same :class:`ValueError` on every rank if ``settings`` differ (collective).
+
+    For arguments that must be the same on every rank (a quadrature degree, a value shape):
+    built differently, the ranks would go on to make collective calls on objects that do
+    not match, and hang or compute something silently wrong. One ``allgather`` of the
+    (small, picklable) settings; nothing on one rank.
+
+    Args:
+        comm: The communicator whose ranks must agree.
+        what: What is being built, the subject of the message.
+        settings: The settings, by name.
+
+    Raises:
+        ValueError: On every rank, naming each setting that differs and its value on
+            every rank.
+    """
+    if comm.size == 1:
+        return
+    everyone = comm.allgather(settings)
+    differ = [key for key in settings if any(s.get(key) != settings[key] for s in everyone)]
+    if differ or any(s.keys() != settings.keys() for s in everyone):
+        values = "; ".join(f"{key}: {[s.get(key) for s in everyone]}" for key in differ)
+        raise ValueError(
+            f"{what}: the ranks were given different arguments, which must be the same on "
+            f"every rank (by rank: {values})."
+        )
 
 
 def on_root[T](comm: MPI.Comm, action: Callable[[], T], what: str, *, root: int = 0) -> T:

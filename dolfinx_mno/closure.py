@@ -37,7 +37,7 @@ from dolfinx.mesh import Mesh
 from ufl.algorithms import expand_derivatives, extract_coefficients
 from ufl.constantvalue import Zero
 
-from dolfinx_mno._mpi import agree, describe, rank_local
+from dolfinx_mno._mpi import agree, describe, rank_local, same_everywhere
 from dolfinx_mno.base import ClosureBase, closure_of_tangent, validate_arguments
 from dolfinx_mno.operand_map import OperandEvaluator, OperandMatrix
 from dolfinx_mno.operands import Operands, OperandsLike, operand_comm, operand_components
@@ -125,7 +125,8 @@ class Closure(ClosureBase):
         collective call, and the ranks agree on their outcome: an error on some ranks
         raises on every rank, with the type of the first failing rank's error and a
         message naming the failing ranks and that rank's reason (an error that is the same
-        on every rank is raised as is).
+        on every rank is raised as is). A quadrature degree, value shape, operand width,
+        dtype or ``tangent`` that differs between ranks raises ``ValueError`` on every rank.
 
     References:
         Lütjens et al., "Multiscale Neural Operator: Learning Fast and Grid-independent
@@ -201,6 +202,15 @@ class Closure(ClosureBase):
             )
 
         # Collective from here on.
+        same_everywhere(
+            comm,
+            f"Building closure '{name}'",
+            quadrature_degree=int(quadrature_degree),
+            value_shape=value_shape,
+            operand_components=num_inputs,
+            dtype=np.dtype(dtype).name,
+            tangent=bool(tangent),
+        )
         space = quadrature_space(mesh, int(quadrature_degree), value_shape)
         super().__init__(space, name=name, dtype=dtype)
         self._mno_quadrature_degree = int(quadrature_degree)

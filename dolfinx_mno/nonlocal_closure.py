@@ -62,7 +62,7 @@ import ufl
 from dolfinx import fem
 from dolfinx.mesh import Mesh
 
-from dolfinx_mno._mpi import agree, agree_with_root, describe, rank_local
+from dolfinx_mno._mpi import agree, agree_with_root, describe, rank_local, same_everywhere
 from dolfinx_mno.base import ClosureBase, validate_arguments
 from dolfinx_mno.closure import ClosureEvaluationError
 from dolfinx_mno.grid import grid_over_mesh, mesh_bounding_box
@@ -212,6 +212,21 @@ class NonlocalClosure(ClosureBase):
             )
 
         # Collective from here on; every decision below is identical on all ranks.
+        same_everywhere(
+            comm,
+            what,
+            quadrature_degree=int(quadrature_degree),
+            value_shape=value_shape,
+            grid_shape=None if grid_shape is None else tuple(grid_shape),
+            bounding_box=None if box is None else tuple(tuple(map(float, b)) for b in box),
+            mask_channel=bool(mask_channel),
+            extension_value=repr(float(extension_value)),  # repr: NaN equals NaN
+            sampling_degree=sampling_degree,
+            root=root,
+            distributed=bool(distributed),
+            slabs=slabs,
+            dtype=np.dtype(dtype).name,
+        )
         grid = grid_over_mesh(mesh, grid_shape, box)
         mesh_box = mesh_bounding_box(mesh)
         if trained is not None:  # the grid and the boxes are global: every rank raises alike

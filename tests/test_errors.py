@@ -268,6 +268,37 @@ def test_error_on_one_rank_does_not_hang(setup):
 
 
 @pytest.mark.mpi
+def test_arguments_that_differ_between_ranks_are_refused_on_every_rank(tiny_square):
+    """A quadrature degree or a grid shape computed from the rank (a user's typo) built a
+    different quadrature space or grid on each rank without a word; what followed hung
+    or mixed spaces. Refused on every rank, naming each rank's value (on 3 ranks the last
+    rank owns no cells)."""
+    comm = tiny_square.comm
+    u = fem.Function(fem.functionspace(tiny_square, ("Lagrange", 1)))
+    degrees = [2 + (r == comm.size - 1) for r in range(comm.size)]
+    expected = (
+        "Building closure 'closure': the ranks were given different arguments, which must "
+        f"be the same on every rank (by rank: quadrature_degree: {degrees})."
+    )
+    if comm.size == 1:  # nothing to compare: it is built
+        assert mno.Closure(mlp(1, 1), [u], (), degrees[comm.rank]).quadrature_degree == 3
+    else:
+        with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+            mno.Closure(mlp(1, 1), [u], (), degrees[comm.rank])
+    shapes = [(8, 8 + (r == comm.size - 1)) for r in range(comm.size)]
+    expected = (
+        "Building non-local closure 'nonlocal_closure': the ranks were given different "
+        f"arguments, which must be the same on every rank (by rank: grid_shape: {shapes})."
+    )
+    if comm.size > 1:
+        with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+            mno.NonlocalClosure(
+                torch.nn.Identity(), [u], (), 2, grid_shape=shapes[comm.rank], device="cpu"
+            )
+    comm.Barrier()  # every rank got here
+
+
+@pytest.mark.mpi
 def test_model_file_on_rank_zero_only_raises_on_every_rank(setup, tmp_path):
     """Rank 0 saved a model file that the other ranks do not see (yet): all raise, at once.
 
