@@ -139,10 +139,14 @@ def check_jacobian(F: ufl.Form, J: typing.Any, u: typing.Any) -> None:
         if tangent.count() not in in_jacobian:
             missing.append(closure)
     if missing:
-        names = ", ".join(f"'{unknown.name}'" for unknown in unknowns)
+        if len(unknowns) == 1:
+            names = f"the unknown '{unknowns[0].name}'"
+        else:  # by position too: unknowns often keep DOLFINx's default name 'f'
+            used = [i for i, w in enumerate(unknowns) if any(c.depends_on(w) for c in missing)]
+            names = "the unknowns " + ", ".join(f"u[{i}] ('{unknowns[i].name}')" for i in used)
         raise ValueError(
             f"The Jacobian J misses the tangent of closure(s) {_names(missing)}, whose "
-            f"operands depend on the unknown {names}: Newton's method would converge "
+            f"operands depend on {names}: Newton's method would converge "
             "slowly, to a looser tolerance. Build J with dolfinx_mno.derivative(F, u) "
             "(or leave J=None), or pass frozen_closures=True if a Picard (frozen-closure) "
             "Jacobian is meant."
