@@ -104,6 +104,20 @@ def check_petsc_dtype(forms: typing.Any) -> None:
                 )
 
 
+def _petsc_objects(problem: typing.Any) -> list[typing.Any]:
+    """A DOLFINx problem's PETSc objects, the blocks of nested vectors included.
+
+    Their communicators differ: matrices and solver on the mesh's, vectors on their index
+    maps' (:func:`dolfinx_mno.petsc_garbage.track` keeps a handle on each).
+    """
+    objects = [problem.solver, problem.A, problem.P_mat]
+    for vector in (problem.b, problem.x):
+        objects.append(vector)
+        if vector.getType() == PETSc.Vec.Type.NEST:  # type: ignore[attr-defined]
+            objects.extend(vector.getNestSubVecs())
+    return objects
+
+
 def _names(closures: Sequence[ClosureBase]) -> str:
     return ", ".join(f"'{closure.name}'" for closure in closures)
 
@@ -224,7 +238,6 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
         comm = unknown.function_space.mesh.comm
         petsc_garbage.collect(comm)  # see the module notes
         super().__init__(F, u, petsc_options_prefix=petsc_options_prefix, bcs=bcs, J=J, **kwargs)
-        petsc_garbage.track(self, comm)
         # The SNES keeps its callbacks alive; they must not refer to the problem, or the
         # problem could never be freed (a reference cycle through C that Python's garbage
         # collector cannot see). They live in a separate object.
@@ -245,6 +258,7 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
         }
         self.solver.setFunction(self._callbacks.residual, self.b, kargs=residual_ctx)
         self.solver.setJacobian(self._callbacks.jacobian, self.A, self.P_mat, kargs=jacobian_ctx)
+        petsc_garbage.track(self, comm, *_petsc_objects(self), self._callbacks.state)
 
     @property
     def closures(self) -> list[ClosureBase]:
@@ -406,7 +420,7 @@ class LinearProblem(_fem_petsc.LinearProblem):
         super().__init__(a, L, petsc_options_prefix=petsc_options_prefix, **kwargs)
         comm = self.A.getComm().tompi4py()
         petsc_garbage.collect(comm)  # see the module notes
-        petsc_garbage.track(self, comm)
+        petsc_garbage.track(self, comm, *_petsc_objects(self))
 
     @property
     def closures(self) -> list[ClosureBase]:

@@ -14,12 +14,14 @@ loop that builds a problem on a new mesh exhausts them after about 130 iteration
 next MUMPS factorisation or mesh creation aborts ("Internal error 1 in
 MUMPS_LOAD_RECV_MSGS", or "Too many communicators").
 
-:func:`track` keeps, for each problem, a handle on its communicator (an empty PETSc vector,
-which keeps PETSc's inner communicator alive) with a weak reference to the problem.
-:func:`collect`, called at a collective point (every problem's construction), empties the
-queues of the tracked communicators whose problems are gone on every rank of the calling
-communicator, then releases the handles: the communicators are freed with the last object
-on them.
+:func:`track` keeps, for each problem, a handle on each of its communicators (an empty
+PETSc vector, which keeps PETSc's inner communicator alive) with a weak reference to the
+problem: a problem's vectors live on their index map's communicator, another one than its
+matrices' and solver's. :func:`collect`, called at a collective point (every problem's
+construction), empties the queues of the tracked communicators whose problems are gone on
+every rank of the calling communicator, all of them together and in rounds (destroying a
+solver on one releases the vectors its callbacks held on another), then releases the
+handles: the communicators are freed with the last object on them.
 """
 
 from __future__ import annotations
@@ -47,17 +49,33 @@ class _Tracked(typing.NamedTuple):
 _tracked: list[_Tracked] = []
 
 
-def track(owner: typing.Any, comm: MPI.Comm) -> None:
-    """Remember the communicator of ``owner``'s PETSc objects until ``owner`` is gone.
+def track(owner: typing.Any, *objects: typing.Any) -> None:
+    """Remember the communicators of ``owner``'s PETSc objects until ``owner`` is gone.
 
-    Collective on ``comm`` (call it where ``owner`` is constructed, on every rank).
+    Collective on the objects' communicators (call it where ``owner`` is constructed, on
+    every rank, with the same objects in the same order). One handle is kept for each
+    distinct communicator: DOLFINx builds a problem's matrices on the mesh's communicator
+    but its vectors (``create_vector``) on their index map's, which is another one, with a
+    queue of its own.
 
     Args:
-        owner: The object whose PETSc objects live on ``comm`` (a problem).
-        comm: The communicator of those objects (the mesh's).
+        owner: The object whose PETSc objects these are (a problem).
+        objects: Its PETSc objects (``None`` entries are skipped), or the communicators
+            (``MPI.Comm``) they live on.
     """
-    handle = PETSc.Vec().create(comm=comm)  # type: ignore[attr-defined, arg-type]
-    _tracked.append(_Tracked(weakref.ref(owner), handle))
+    seen: list[MPI.Comm] = []
+    for entry in objects:
+        if entry is None:
+            continue
+        comm = entry if isinstance(entry, MPI.Comm) else entry.getComm().tompi4py()
+        # PETSc puts every object of one communicator on the same inner communicator.
+        inner = PETSc.Vec().create(comm=comm)  # type: ignore[attr-defined, arg-type]
+        inner_comm = inner.getComm().tompi4py()
+        if any(MPI.Comm.Compare(inner_comm, other) == MPI.IDENT for other in seen):
+            inner.destroy()
+            continue
+        seen.append(inner_comm)
+        _tracked.append(_Tracked(weakref.ref(owner), inner))
 
 
 def _same_ranks(a: MPI.Comm, b: MPI.Comm) -> bool:
@@ -83,19 +101,22 @@ def collect(comm: MPI.Comm) -> int:
         for index, entry in enumerate(_tracked)
         if _same_ranks(entry.handle.getComm().tompi4py(), comm)
     ]
-    released = 0
+    released: list[_Tracked] = []
     if mine:  # the same entries, in the same order, on every rank of comm
         gone = np.array([_tracked[i].owner() is None for i in mine], dtype=np.int32)
         comm.Allreduce(MPI.IN_PLACE, gone, op=MPI.MIN)
         for index in reversed([i for i, flag in zip(mine, gone, strict=True) if flag]):
-            entry = _tracked.pop(index)
-            for _ in range(_PASSES):
-                PETSc.garbage_cleanup(entry.handle.getComm())  # type: ignore[attr-defined]
-            entry.handle.destroy()
-            released += 1
+            released.append(_tracked.pop(index))
+    # Rounds over all the released communicators: destroying an object on one of them
+    # (a solver) may release objects on another (the vectors its Python callbacks held),
+    # which are queued there after that queue was emptied.
     for _ in range(_PASSES):
+        for entry in released:
+            PETSc.garbage_cleanup(entry.handle.getComm())  # type: ignore[attr-defined]
         PETSc.garbage_cleanup(comm)  # type: ignore[attr-defined, arg-type]
-    return released
+    for entry in released:
+        entry.handle.destroy()
+    return len(released)
 
 
 def tracked_count() -> int:
