@@ -45,11 +45,13 @@ from __future__ import annotations
 import typing
 from collections.abc import Sequence
 
+from mpi4py import MPI
 from petsc4py import PETSc
 
 import dolfinx.fem.petsc as _fem_petsc
 import dolfinx.la.petsc as _la_petsc
 import numpy as np
+import numpy.typing as npt
 import ufl
 from dolfinx import fem
 
@@ -165,6 +167,61 @@ def check_jacobian(F: ufl.Form, J: typing.Any, u: typing.Any) -> None:
             "(or leave J=None), or pass frozen_closures=True if a Picard (frozen-closure) "
             "Jacobian is meant."
         )
+
+
+class FormData:
+    """The values of the constants and coefficients some forms read, but for the unknowns.
+
+    A matrix assembled once from such forms stays valid only while these values do not
+    change; a time constant and a ``before_step`` hook may change them from one step to the
+    next (a time-dependent coefficient, a step size in a ``fem.Constant``). :meth:`changed`
+    compares them with the values at the last :meth:`save`. Used by
+    :class:`LinearProblem` (``reuse_matrix=True``) and by the rollouts' steps
+    (:mod:`dolfinx_mno.step_adjoint`).
+
+    Args:
+        forms: UFL forms (``None`` and empty forms read nothing).
+        unknowns: Functions whose values are not data (the state, the closures).
+        comm: The communicator on which :meth:`changed` agrees.
+    """
+
+    def __init__(
+        self, forms: Sequence[ufl.Form | None], unknowns: Sequence[typing.Any], comm: typing.Any
+    ):
+        excluded = {id(w) for w in unknowns}
+        constants: dict[int, typing.Any] = {}
+        functions: dict[int, typing.Any] = {}
+        for form in forms:
+            if form is None or form.empty():
+                continue
+            for constant in ufl.algorithms.analysis.extract_constants(form):
+                constants.setdefault(id(constant), constant)
+            for coefficient in form.coefficients():
+                if id(coefficient) not in excluded:
+                    functions.setdefault(id(coefficient), coefficient)
+        self._constants = list(constants.values())
+        self._functions = list(functions.values())
+        self._comm = comm
+        self._saved = self._values()
+
+    def _values(self) -> list[npt.NDArray[typing.Any]]:
+        return [np.array(c.value, copy=True) for c in self._constants] + [
+            f.x.array.copy() for f in self._functions
+        ]
+
+    def save(self) -> None:
+        """Remember the current values."""
+        self._saved = self._values()
+
+    def changed(self) -> bool:
+        """Whether any value differs from the saved one on any rank (collective)."""
+        if not self._constants and not self._functions:
+            return False  # alike on every rank: nothing to agree on
+        current = [c.value for c in self._constants] + [f.x.array for f in self._functions]
+        local = any(
+            not np.array_equal(now, then) for now, then in zip(current, self._saved, strict=True)
+        )
+        return bool(self._comm.allreduce(local, op=MPI.LOR))
 
 
 class NonlinearProblem(_fem_petsc.NonlinearProblem):
@@ -378,10 +435,11 @@ class LinearProblem(_fem_petsc.LinearProblem):
         petsc_options_prefix: Prefix of the KSP options (mandatory, non-empty).
         closures: The closures to update; by default all closures in ``a`` and ``L``.
         reuse_matrix: Assemble the matrix (and let PETSc factorise or set up the
-            preconditioner) at the first solve only. For IMEX steps, whose matrix does not
-            change, this saves a matrix assembly and, with a direct solver, a
-            factorisation per step. Requires ``a`` without closures and coefficients
-            that stay constant.
+            preconditioner) at the first solve only, and again only when a constant or
+            coefficient of ``a`` (or ``P``) changed since (a step size in a
+            ``fem.Constant``, say). For IMEX steps, whose matrix does not change, this
+            saves a matrix assembly and, with a direct solver, a factorisation per step.
+            Requires ``a`` without closures.
         kwargs: Passed to :class:`dolfinx.fem.petsc.LinearProblem` (``bcs``, ``u``,
             ``petsc_options``, ...).
     """
@@ -419,6 +477,8 @@ class LinearProblem(_fem_petsc.LinearProblem):
         self._ufl_forms = (a, L)
         super().__init__(a, L, petsc_options_prefix=petsc_options_prefix, **kwargs)
         comm = self.A.getComm().tompi4py()
+        # What the reused matrix reads: a change (dt in a Constant) reassembles it.
+        self._matrix_data = FormData([a, preconditioner], [], comm) if reuse_matrix else None
         petsc_garbage.collect(comm)  # see the module notes
         petsc_garbage.track(self, comm, *_petsc_objects(self))
 
@@ -467,8 +527,11 @@ class LinearProblem(_fem_petsc.LinearProblem):
         if update_closures:
             for closure in self._closures:
                 closure.update()
-        if not (self._reuse_matrix and self._matrix_ready):
+        data = self._matrix_data
+        if data is None or not self._matrix_ready or data.changed():
             self._matrix_ready = True
+            if data is not None:
+                data.save()
             return typing.cast(fem.Function, super().solve())
         # Right-hand side only; the operator, and its factorisation, are kept.
         self.assemble_rhs()
@@ -507,3 +570,5 @@ class LinearProblem(_fem_petsc.LinearProblem):
             _fem_petsc.assemble_matrix(self.P_mat, self.preconditioner, bcs=bcs)  # type: ignore[arg-type, misc]
             self.P_mat.assemble()
         self._matrix_ready = True
+        if self._matrix_data is not None:
+            self._matrix_data.save()

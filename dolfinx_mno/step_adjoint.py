@@ -28,7 +28,6 @@ import typing
 import weakref
 from collections.abc import Sequence
 
-from mpi4py import MPI
 from petsc4py import PETSc
 
 import dolfinx.fem.petsc as _fem_petsc
@@ -43,7 +42,7 @@ from dolfinx_mno._mpi import BACKWARD_PASS, agree, stage_entry
 from dolfinx_mno.closure import Closure, ClosureEvaluationError
 from dolfinx_mno.nonlocal_adjoint import nonlocal_values
 from dolfinx_mno.nonlocal_closure import NonlocalClosure
-from dolfinx_mno.petsc import LinearProblem, NonlinearProblem
+from dolfinx_mno.petsc import FormData, LinearProblem, NonlinearProblem
 from dolfinx_mno.quadrature import owned_dofs
 
 __all__ = [
@@ -225,59 +224,6 @@ def model_values(closure: Closure | NonlocalClosure, inputs: torch.Tensor) -> to
 # -- the Jacobians of a form with respect to the state and the closures --------------------
 
 
-class _FormData:
-    """The values of the constants and coefficients some forms read, but for the unknowns.
-
-    A matrix assembled once from such forms stays valid only while these values do not
-    change; a rollout's time constant and ``before_step`` hook may change them from one
-    step to the next (a time-dependent coefficient, a step size in a ``fem.Constant``).
-    :meth:`changed` compares them with the values at the last :meth:`save`.
-
-    Args:
-        forms: UFL forms (``None`` and empty forms read nothing).
-        unknowns: Functions whose values are not data (the state, the closures).
-        comm: The communicator on which :meth:`changed` agrees.
-    """
-
-    def __init__(
-        self, forms: Sequence[ufl.Form | None], unknowns: Sequence[typing.Any], comm: typing.Any
-    ):
-        excluded = {id(w) for w in unknowns}
-        constants: dict[int, typing.Any] = {}
-        functions: dict[int, typing.Any] = {}
-        for form in forms:
-            if form is None or form.empty():
-                continue
-            for constant in ufl.algorithms.analysis.extract_constants(form):
-                constants.setdefault(id(constant), constant)
-            for coefficient in form.coefficients():
-                if id(coefficient) not in excluded:
-                    functions.setdefault(id(coefficient), coefficient)
-        self._constants = list(constants.values())
-        self._functions = list(functions.values())
-        self._comm = comm
-        self._saved = self._values()
-
-    def _values(self) -> list[npt.NDArray[typing.Any]]:
-        return [np.array(c.value, copy=True) for c in self._constants] + [
-            f.x.array.copy() for f in self._functions
-        ]
-
-    def save(self) -> None:
-        """Remember the current values."""
-        self._saved = self._values()
-
-    def changed(self) -> bool:
-        """Whether any value differs from the saved one on any rank (collective)."""
-        if not self._constants and not self._functions:
-            return False  # alike on every rank: nothing to agree on
-        current = [c.value for c in self._constants] + [f.x.array for f in self._functions]
-        local = any(
-            not np.array_equal(now, then) for now, then in zip(current, self._saved, strict=True)
-        )
-        return bool(self._comm.allreduce(local, op=MPI.LOR))
-
-
 class _FormJacobians:
     """Matrices of ``∂form/∂unknown`` for a state and closures, and their transposed products.
 
@@ -303,7 +249,7 @@ class _FormJacobians:
         self.sizes = [owned_size(w.function_space) for w in unknowns]
         comm = unknowns[0].function_space.mesh.comm
         #: What the matrices read besides the unknowns (time-dependent data, say).
-        self.data = _FormData(derivatives, unknowns, comm)
+        self.data = FormData(derivatives, unknowns, comm)
 
     def assemble(self) -> None:
         """Reassemble the matrices at the functions' current values (collective)."""
@@ -386,7 +332,7 @@ class IMEXStep:
         self.affine = self.jacobians.affine
         problem.assemble_operator()
         #: What the matrix reads (a time-dependent coefficient, a step size in a Constant).
-        self.operator_data = _FormData([problem.ufl_forms[0]], [], self.comm)
+        self.operator_data = FormData([problem.ufl_forms[0]], [], self.comm)
         self.rhs = problem.b.duplicate()
         self.adjoint_solution = problem.b.duplicate()
 

@@ -98,6 +98,23 @@ StepStatistics.__init__.__doc__ = "Record one step; see the class docstring for 
 BeforeStep = Callable[["_Stepper", float], None]
 
 
+def _check_dt_kept(stepper: _Stepper, dt: float, t_new: float) -> None:
+    """Refuse a ``before_step`` hook that changed ``stepper.dt`` (restored to ``dt``).
+
+    The step's new time ``t + dt`` is set before the hook runs: the solve would use the
+    new step size (a ``fem.Constant`` the hook set too) and the stepper's time the old one.
+    """
+    if stepper.dt == dt:
+        return
+    changed, stepper.dt = stepper.dt, dt
+    raise ValueError(
+        f"before_step changed stepper.dt from {dt:g} to {changed:g} in the step to "
+        f"t = {t_new:g}, whose time was already set from the old step size. Change the "
+        "step size between steps: set stepper.dt (and the fem.Constant holding it) before "
+        "stepper.step()."
+    )
+
+
 class _Stepper[Problem: (LinearProblem, NonlinearProblem)]:
     """The time loop shared by the steppers; subclasses say how one step is solved."""
 
@@ -138,8 +155,8 @@ class _Stepper[Problem: (LinearProblem, NonlinearProblem)]:
             raise TypeError(
                 f"dt must be a positive number, got a {type(dt).__name__}. A step size "
                 "held in a fem.Constant of the forms is data: pass dt=float(c.value), and "
-                "to change it, set both (c.value and stepper.dt, e.g. in a before_step "
-                "hook)."
+                "to change it, set both (c.value and stepper.dt) between steps, before "
+                "stepper.step()."
             )
         if not dt > 0:
             raise ValueError(f"The time step must be positive, got {dt}.")
@@ -193,7 +210,9 @@ class _Stepper[Problem: (LinearProblem, NonlinearProblem)]:
         Args:
             before_step: Sets time-dependent data (Dirichlet values, sources) for the new
                 time, on every rank. If it raises on any rank, the step raises on every
-                rank (:func:`dolfinx_mno._mpi.rank_local`).
+                rank (:func:`dolfinx_mno._mpi.rank_local`). It must not change
+                :attr:`dt` (``ValueError``: the new time is already set); change the step
+                size between steps.
 
         Raises:
             RuntimeError: If the solver did not converge.
@@ -211,7 +230,8 @@ class _Stepper[Problem: (LinearProblem, NonlinearProblem)]:
             it sets its data from the time it is given, so the next attempt sets them
             again.
         """
-        t_new = self.t + self.dt
+        dt = self.dt
+        t_new = self.t + dt
         start = _time.perf_counter()
         if self.time is not None:
             self.time.value = t_new  # type: ignore[assignment]
@@ -220,6 +240,7 @@ class _Stepper[Problem: (LinearProblem, NonlinearProblem)]:
                 # Agreed on before the solve's collectives: raises on every rank or none.
                 with rank_local(self.u.function_space.mesh.comm, "The before_step hook"):
                     before_step(self, t_new)
+                    _check_dt_kept(self, dt, t_new)
             reason, linear_iterations, newton_iterations = self._solve()
         except Exception as err:
             self._restore()
