@@ -31,6 +31,13 @@ __all__ = ["ClosureBase", "ModelArguments", "operand_comm", "validate_arguments"
 
 #: Every live closure by the ``id`` of its C++ function, for :func:`closure_of_cpp_function`.
 _LIVE_CLOSURES: weakref.WeakValueDictionary[int, ClosureBase] = weakref.WeakValueDictionary()
+#: Every live closure by the ``id`` of its tangent's C++ function (see :func:`register_tangent`).
+_LIVE_TANGENTS: weakref.WeakValueDictionary[int, ClosureBase] = weakref.WeakValueDictionary()
+
+
+def register_tangent(closure: ClosureBase, tangent: fem.Function) -> None:
+    """Let :func:`closure_of_cpp_function` find ``closure`` from its tangent's C++ function."""
+    _LIVE_TANGENTS[id(tangent._cpp_object)] = closure
 
 
 def closure_of_tangent(function: typing.Any) -> ClosureBase | None:
@@ -44,9 +51,17 @@ def closure_of_tangent(function: typing.Any) -> ClosureBase | None:
 
 
 def closure_of_cpp_function(function: typing.Any) -> ClosureBase | None:
-    """The closure whose C++ function is ``function`` (a compiled form's coefficient)."""
+    """The closure whose C++ function, or its tangent's, is ``function``.
+
+    ``function`` is a compiled form's coefficient: such a form holds the C++ functions
+    only (a hand-compiled Jacobian holds the tangent's).
+    """
     closure = _LIVE_CLOSURES.get(id(function))
-    return closure if closure is not None and closure._cpp_object is function else None
+    if closure is not None and closure._cpp_object is function:
+        return closure
+    owner = _LIVE_TANGENTS.get(id(function))
+    tangent = getattr(owner, "_tangent", None)
+    return owner if tangent is not None and tangent._cpp_object is function else None
 
 
 class ClosureBase(fem.Function, WithOperands):

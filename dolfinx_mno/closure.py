@@ -38,7 +38,12 @@ from ufl.algorithms import expand_derivatives, extract_coefficients
 from ufl.constantvalue import Zero
 
 from dolfinx_mno._mpi import agree, describe, rank_local, same_everywhere
-from dolfinx_mno.base import ClosureBase, closure_of_tangent, validate_arguments
+from dolfinx_mno.base import (
+    ClosureBase,
+    closure_of_tangent,
+    register_tangent,
+    validate_arguments,
+)
 from dolfinx_mno.operand_map import OperandEvaluator, OperandMatrix
 from dolfinx_mno.operands import Operands, OperandsLike, operand_comm, operand_components
 from dolfinx_mno.quadrature import owned_dofs, quadrature_points, quadrature_space
@@ -383,6 +388,7 @@ class Closure(ClosureBase):
             self._tangent.x.array[:] = np.nan  # until an update computes it
             self._tangent._mno_quadrature_degree = self.quadrature_degree  # type: ignore
             self._tangent._mno_tangent_of = weakref.ref(self)  # type: ignore[attr-defined]
+            register_tangent(self, self._tangent)
             self._tangent_dofs = owned_dofs(space, self._num_cells)
             self._evaluator.prepare_tangent()
         return self._tangent

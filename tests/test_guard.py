@@ -117,3 +117,16 @@ def test_compiled_forms_with_closures_are_refused_too():
         )
     with pytest.raises(TypeError, match=r"^Closure forms must be given as UFL forms"):
         LinearProblem(a, fem.form(L), u=u, petsc_options_prefix="compiled_ours_")
+    # A hand-compiled Jacobian holds the tangent's C++ function alone; it was let through,
+    # to be assembled with the tangent of whatever state the closure was last updated at.
+    cubic = mno.extract_closures(L)[0]
+    w = ufl.TestFunction(u.function_space)
+    J = mno.derivative(cubic * w * cubic.dx, u)
+    compiled = fem.form(J)
+    held = compiled._cpp_object.coefficients
+    assert not any(f is cubic._cpp_object for f in held)
+    assert any(f is cubic.tangent._cpp_object for f in held)
+    with pytest.raises(TypeError, match=r"^dolfinx.fem.petsc.LinearProblem .* closure\(s\) 'c' "):
+        dolfinx.fem.petsc.LinearProblem(
+            compiled, fem.form(w * ufl.dx), u=u, petsc_options_prefix="cJ_"
+        )
