@@ -342,15 +342,25 @@ class NonlinearProblem(_fem_petsc.NonlinearProblem):
             ClosureEvaluationError: Newton did not converge and a closure update had
                 failed on the way (raised on every rank; ``u`` holds the last iterate).
                 An update that fails at a trial point of the line search only shortens
-                the step.
+                the step. Or the update at the solution failed (below).
+
+        After a converged solve the closures hold their values (and tangents) at the
+        solution ``u``: where SNES stopped without evaluating the residual there
+        (``snes_type: ksponly``), they are updated once more.
         """
         _check_updated(self._form_closures, self._callbacks.closures)
         self._callbacks.state_valid = False
         self._callbacks.error = None
         u = typing.cast(fem.Function, super().solve())
         error, self._callbacks.error = self._callbacks.error, None
-        if error is not None and self.solver.getConvergedReason() <= 0:
+        reason: int = self.solver.getConvergedReason()  # type: ignore[assignment]
+        converged = reason > 0
+        if error is not None and not converged:
             raise error
+        # SNES may stop after its last update without evaluating the residual there
+        # (ksponly, say): leave the closures at the solution, as u is.
+        if converged and not self._callbacks.same_state(self.x):
+            self._callbacks.update(self.x)
         return u
 
     def __del__(self):

@@ -129,6 +129,33 @@ def test_newton_matches_pure_ufl():
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("snes_type", ["newtonls", "ksponly"])
+def test_closures_hold_the_solution_after_the_solve(tiny_square, snes_type):
+    """After a solve, the closure and its tangent are those of the solution u, as a UFL
+    diagnostic of u is. Before: ksponly stops without evaluating the residual at its
+    update, and ∫c dx was that of the initial guess (1.0, not 903.3 at u = 29/3)."""
+    V = fem.functionspace(tiny_square, ("Lagrange", 1))
+    u, v = fem.Function(V), ufl.TestFunction(V)
+    u.x.array[:] = 1.0
+    closure = mno.Closure(Cubic().double(), [u], (), 2, device="cpu", name="r")
+    # r(u) = 27, linearised at u = 1: 1 + 3 (u - 1) = 27 gives u = 29/3 (one ksponly step).
+    F = (closure - 27.0) * v * closure.dx
+    options = {**DIRECT, "snes_type": snes_type, "snes_rtol": 1e-14, "snes_atol": 1e-12}
+    problem = NonlinearProblem(
+        F, u, petsc_options_prefix=f"held_{snes_type}_", petsc_options=options
+    )
+    problem.solve()
+    assert problem.solver.getConvergedReason() > 0
+    expected = 29.0 / 3.0 if snes_type == "ksponly" else 3.0
+    comm = tiny_square.comm
+    assert comm.allreduce(np.abs(u.x.array - expected).max(initial=0.0), op=MPI.MAX) < 1e-12
+    for value, exact in ((closure, u**3), (closure.tangent[0], 3 * u**2)):
+        got = comm.allreduce(fem.assemble_scalar(fem.form(value * closure.dx)), op=MPI.SUM)
+        want = comm.allreduce(fem.assemble_scalar(fem.form(exact * closure.dx)), op=MPI.SUM)
+        assert got == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.mpi
 def test_newton_on_a_rank_without_cells(tiny_square):
     """Newton with a closure where (on 3 ranks) a rank owns no cells: as pure UFL."""
     u_c, its_c, hist_c = _nonlinear_diffusion(1, True, degree=3, msh=tiny_square)
