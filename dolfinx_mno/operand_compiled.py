@@ -45,6 +45,9 @@ def _apply(
     out: torch.Tensor,
 ) -> None:
     """``out[c, r] = sum_k blocks[c, k, r] dofs[c, k] (+ offset[c, r])``, one loop."""
+    if not arrays:  # operands without coefficients (x alone): the offset is everything
+        out.copy_(offset) if offset is not None else out.zero_()
+        return
     dofs = torch.cat([array[index] for array, index in zip(arrays, indices, strict=True)], 1)
     values = (blocks * dofs[:, :, None]).sum(1)
     out.copy_(values if offset is None else values + offset)

@@ -299,7 +299,9 @@ class OperandEvaluator:
             return
         self._use_matrix()
         candidates = {"packed": self._evaluate_packed, "matrix": self._evaluate_matrix}
-        if compile and self._use_compiled(raise_errors=False):
+        if compile and not self._coefficients:  # x alone, constants folded: nothing to gather
+            self.plan["compiled"] = "not tried: the operands read no coefficient"
+        elif compile and self._use_compiled(raise_errors=False):
             assert self._compiled_map is not None
             candidates["compiled"] = self._compiled_map
         seconds = best_times(candidates)

@@ -185,6 +185,24 @@ def test_a_failed_compilation_keeps_the_other_modes(monkeypatch):
         OperandEvaluator(expression, msh, num_cells, buffer, mode="compiled")
 
 
+def test_operands_without_coefficients_skip_the_compiled_mode(monkeypatch):
+    """Operands x alone: compile=True used to try the compiled map, whose torch.cat of no
+    coefficient arrays failed (with torch's traceback logged) before falling back."""
+    _eager_compile(monkeypatch)
+    msh = mesh.create_unit_square(MPI.COMM_SELF, 4, 3)
+    _u, _w, expression, num_cells, buffer = _setup(msh, lambda u, w, x: [x, 2 * x[0]])
+    evaluator = OperandEvaluator(
+        expression, msh, num_cells, buffer, max_matrix_bytes=2**30, compile=True
+    )
+    assert evaluator.plan["compiled"] == "not tried: the operands read no coefficient"
+    forced = OperandEvaluator(expression, msh, num_cells, buffer.copy(), mode="compiled")
+    for each in (evaluator, forced):
+        each.evaluate()
+    expected = _expected(expression, msh, num_cells)
+    np.testing.assert_allclose(buffer, expected, rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(forced._values, expected, rtol=1e-13, atol=1e-14)
+
+
 @pytest.mark.slow
 @pytest.mark.mpi
 def test_the_compiled_map_writes_the_operands_in_place_with_inductor():
