@@ -24,6 +24,7 @@ from dolfinx_mno.io import read_model_file
 from dolfinx_mno.operands import Operands, WithOperands, operand_comm
 from dolfinx_mno.quadrature import measure
 from dolfinx_mno.spec import ClosureSpec
+from dolfinx_mno.torch_bridge import training_mode_error
 from dolfinx_mno.validation import check_integer, check_value_shape
 
 __all__ = ["ClosureBase", "ModelArguments", "operand_comm", "validate_arguments"]
@@ -139,6 +140,15 @@ class ClosureBase(fem.Function, WithOperands):
     def dx(self) -> ufl.Measure:
         """The cell measure with this closure's quadrature rule."""
         return measure(self.function_space.mesh, self.quadrature_degree)
+
+    def model_state_error(self) -> str | None:
+        """Why the model must not be run now, or ``None`` (rank-local).
+
+        Training mode, and for subclasses a dtype or device changed since construction
+        (``model.float()``, ``model.to(...)``): :meth:`update` refuses such a model, and
+        so do the rollouts, which run it through :meth:`~dolfinx_mno.Closure.model_outputs`.
+        """
+        return training_mode_error(self.model)
 
     @property
     def update_count(self) -> int:

@@ -332,6 +332,10 @@ class Closure(ClosureBase):
         """
         return self._evaluator.kernel.differentiable_values(x)
 
+    def model_state_error(self) -> str | None:
+        """Why the model must not be run now, or ``None`` (see :class:`ClosureBase`)."""
+        return self._evaluator.state_error()
+
     def mean_tangent(self) -> np.ndarray:
         """The tangent of the last update averaged over every quadrature point (collective).
 

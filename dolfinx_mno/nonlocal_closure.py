@@ -507,6 +507,17 @@ class NonlocalClosure(ClosureBase):
             total=t5 - t0,
         )
 
+    def model_state_error(self) -> str | None:
+        """Why the model must not be run now, or ``None`` (see :class:`ClosureBase`).
+
+        Rank-local: in the gathered mode only the root rank, which runs the model, checks
+        its dtype and device.
+        """
+        stage = self._slabs if self._slabs is not None else self._evaluator
+        if stage is None:
+            return super().model_state_error()
+        return stage.state_error()
+
     def _run_model(self) -> tuple[str | None, Exception | None]:
         """Run the model and pack its output for the scatter (root only, rank-local).
 

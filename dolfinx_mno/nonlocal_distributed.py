@@ -142,6 +142,10 @@ class SlabModelStage:
         """Send this rank's ``(num_local, num_inputs)`` samples to the slabs (collective)."""
         self._gather.gather(samples, self._inputs.numpy())
 
+    def state_error(self) -> str | None:
+        """Why the model must not run now (training mode, recast or moved), or ``None``."""
+        return training_mode_error(self.distributed.model) or self._placement.error()
+
     def evaluate(self, what: str) -> None:
         """Run the model on the slabs (collective).
 
@@ -153,9 +157,7 @@ class SlabModelStage:
                 returned NaN/Inf on some rank's slab (the values are then not sent).
         """
         note = "The previous closure values were kept."
-        model = self.distributed.model
-        reason = training_mode_error(model) or self._placement.error()
-        agree(self.comm, reason, what, ClosureEvaluationError, note=note)
+        agree(self.comm, self.state_error(), what, ClosureEvaluationError, note=note)
         field = self._inputs.view(1, -1, *self.local_shape)
         field = field.to(device=self.device, dtype=self.model_dtype)
         with torch.inference_mode():

@@ -81,7 +81,6 @@ from dolfinx_mno.step_adjoint import (
     owned_size,
 )
 from dolfinx_mno.timestepping import IMEXStepper, ImplicitStepper
-from dolfinx_mno.torch_bridge import training_mode_error
 from dolfinx_mno.validation import is_integer_at_least
 
 __all__ = ["Rollout", "RolloutGradient", "allreduce_gradients", "rollout_loss"]
@@ -371,7 +370,7 @@ class Rollout:
             num_steps = int(num_steps)
             levels = [u0, *self._check_older(older)]
             for closure in self.closures:
-                if (reason := training_mode_error(closure.model)) is not None:
+                if (reason := closure.model_state_error()) is not None:
                     raise RuntimeError(f"Closure '{closure.name}': {reason}.")
         _same_on_every_rank(self.comm, "Starting the rollout", num_steps=num_steps)
         t0 = self.stepper.t  # each segment keeps its own: a later run may start elsewhere

@@ -607,6 +607,10 @@ class PointwiseEvaluator:
             return self._tangents[start:stop]
         return self._chunk_tangents[:chunk] if pad else self._chunk_tangents[:n]
 
+    def state_error(self) -> str | None:
+        """Why the model must not run now (training mode, recast or moved), or ``None``."""
+        return training_mode_error(self.model) or self._placement.error()
+
     def evaluate(self, tangent: bool = False) -> None:
         """Evaluate the model on :attr:`inputs`, writing :attr:`outputs` (and :attr:`tangents`).
 
@@ -614,7 +618,7 @@ class PointwiseEvaluator:
             tangent: Also compute ``∂output/∂input`` per point, in the same pass as the
                 values (the mode is :attr:`tangent_mode`).
         """
-        reason = training_mode_error(self.model) or self._placement.error()
+        reason = self.state_error()
         if reason is not None:
             raise ModelStateError(reason)
         if tangent and self._chunk_tangents is None:
@@ -824,6 +828,10 @@ class GridEvaluator:
                 return call_watching_input(self.model, self._model_input)
             return self.model(self._model_input)
 
+    def state_error(self) -> str | None:
+        """Why the model must not run now (training mode, recast or moved), or ``None``."""
+        return training_mode_error(self.model) or self._placement.error()
+
     def evaluate(self) -> None:
         """Run the model on :attr:`inputs` and write :attr:`outputs`.
 
@@ -834,7 +842,7 @@ class GridEvaluator:
                 cannot be viewed as ``(out_channels, num_points)``; :attr:`outputs` is then
                 incomplete.
         """
-        reason = training_mode_error(self.model) or self._placement.error()
+        reason = self.state_error()
         if reason is not None:
             raise ModelStateError(reason)
         output = self._call()

@@ -730,7 +730,8 @@ def test_rollouts_run_the_numpy_tanh_the_updates_chose(case, gemm, monkeypatch, 
 def test_arguments_that_differ_between_ranks_raise_instead_of_hanging(tiny_square):
     """Each rank checks its own arguments; a horizon (or a set of inputs) that differs
     between ranks used to leave the ranks in different collectives. Also a model put
-    back in training mode (dropout: a random gradient) is refused as update() refuses it.
+    back in training mode (dropout: a random gradient), or recast, is refused as update()
+    refuses it.
     """
     stepper, (closure,) = heat(tiny_square, 1, ("scalar",), prefix="ranks_differ_")
     rollout = Rollout(stepper)
@@ -773,4 +774,9 @@ def test_arguments_that_differ_between_ranks_raise_instead_of_hanging(tiny_squar
     with pytest.raises(RuntimeError, match=r"Closure 'scalar': the model is in training mode"):
         rollout.gradient(u0, data)
     closure.model.eval()
+    # Recast after construction: was torch's bare "mat1 and mat2 must have the same dtype".
+    closure.model.float()
+    with pytest.raises(RuntimeError, match=r"^Closure 'scalar': the model's tensors changed "):
+        rollout.gradient(u0, data)
+    closure.model.double()
     np.testing.assert_array_equal(flat_gradient(rollout.gradient(u0, data)), before)
