@@ -252,16 +252,29 @@ class NonlocalClosure(ClosureBase):
         self.timings: dict[str, float] = {}
         self.total_timings: dict[str, float] = {}
 
+        self._build_stages(operand_list, mesh, sampling_degree, distributed, device, slabs)
+        self._fill_not_updated()
+
+    def _build_stages(
+        self,
+        operand_list: Operands,
+        mesh: Mesh,
+        sampling_degree: int | None,
+        distributed: bool,
+        device: str | torch.device | None,
+        slabs: str,
+    ) -> None:
+        """Build the stages of an update (collective; see :meth:`__init__`)."""
         # The stages of an update, each with its buffers allocated here, once: fresh arrays
         # of hundreds of MB on large grids cost more in page faults than their arithmetic.
         self._gridded = GriddedSampler(  # sample → gather: operands → the root's grid
             operand_list,
-            grid,
+            self.grid,
             extension_value=self.extension_value,
             mask_channel=self.mask_channel,
             sampling_degree=sampling_degree,
             mesh=mesh,
-            root=root,
+            root=self.root,
             gather=not distributed,  # the distributed mode sends samples to slabs instead
         )
         self.distributed = bool(distributed)
@@ -270,7 +283,6 @@ class NonlocalClosure(ClosureBase):
         if self.distributed:  # slab → model → halo, on every rank
             self._slabs = self._slab_stage(device, slabs)
             self.communication = dict(self._slabs.communication)
-            self._fill_not_updated()
             return
         self._scatter = self._owned_points_scatter()  # scatter → interpolate: grid → values
         self.communication = {
@@ -279,10 +291,9 @@ class NonlocalClosure(ClosureBase):
         }
         # model: on the root, probed once with the real grid shape. The root's verdict
         # (placing the model on its device may fail too) reaches every rank.
-        with rank_local(comm, what):
+        with rank_local(self._comm, f"Building non-local closure '{self.name}'"):
             if self._is_root:
                 self._evaluator = self._root_evaluator(device)
-        self._fill_not_updated()
 
     def _owned_points(self) -> np.ndarray:
         """The owned quadrature points, ``(num_points, gdim)``, and where values go.
