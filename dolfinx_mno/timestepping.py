@@ -57,6 +57,7 @@ from dolfinx import fem
 from tqdm.auto import tqdm
 
 from dolfinx_mno._mpi import rank_local
+from dolfinx_mno.closure import ClosureEvaluationError
 from dolfinx_mno.petsc import LinearProblem, NonlinearProblem
 from dolfinx_mno.validation import is_integer_at_least
 
@@ -224,7 +225,8 @@ class _Stepper[Problem: (LinearProblem, NonlinearProblem)]:
                 failed on rank(s) [r, ...] (k of n ranks); on rank r: ..."``.
 
             On any error the step is undone: ``u`` and ``u_previous`` hold ``u_n`` (and the
-            older states are unchanged), the
+            older states are unchanged), the closures of :class:`ImplicitStepper` their
+            values at ``u_n``, the
             time constant holds the old time, :attr:`t`, :attr:`num_steps` and
             :attr:`history` are unchanged. What ``before_step`` changed is not undone:
             it sets its data from the time it is given, so the next attempt sets them
@@ -243,8 +245,8 @@ class _Stepper[Problem: (LinearProblem, NonlinearProblem)]:
                     _check_dt_kept(self, dt, t_new)
             reason, linear_iterations, newton_iterations = self._solve()
         except Exception as err:
-            self._restore()
             err.add_note(f"In the time step from t = {self.t:g} to t = {t_new:g}.")
+            self._restore(err)
             raise
         if reason <= 0:
             self._restore()
@@ -270,8 +272,12 @@ class _Stepper[Problem: (LinearProblem, NonlinearProblem)]:
         )
         return self.t
 
-    def _restore(self) -> None:
-        """Undo a failed step: ``u`` back to ``u_n``, the time constant to the old time."""
+    def _restore(self, error: Exception | None = None) -> None:
+        """Undo a failed step: ``u`` back to ``u_n``, the time constant to the old time.
+
+        Args:
+            error: What failed (a subclass may add a note to it).
+        """
         if self.time is not None:
             self.time.value = self.t  # type: ignore[assignment]
         self.u.x.array[:] = self.u_previous.x.array
@@ -409,6 +415,24 @@ class ImplicitStepper(_Stepper[NonlinearProblem]):
 
     solver_name = "Newton solver"
     problem_type = NonlinearProblem
+
+    def _restore(self, error: Exception | None = None) -> None:
+        """Undo a failed step, the closures too: Newton left them at its last iterate.
+
+        They are evaluated at ``u_n`` again (collective). Where that fails too (a model
+        that fails everywhere now), they keep their values, and ``error`` says so.
+        """
+        super()._restore()
+        try:
+            for closure in self.problem.closures:
+                closure.update()
+        except ClosureEvaluationError as failure:
+            if error is None:
+                raise
+            error.add_note(
+                "The closures could not be evaluated at the restored state either and hold "
+                f"the values of Newton's last update: {failure}"
+            )
 
     def _solve(self) -> tuple[int, int, int | None]:
         self.problem.solve()

@@ -213,11 +213,22 @@ def test_implicit_stepper_failure_keeps_state():
     with pytest.raises(mno.ClosureEvaluationError, match="returned NaN/Inf") as info:
         stepper.step()
     assert "from t = 0.02 to t = 0.04" in info.value.__notes__[0]
+    assert info.value.__notes__[1].startswith("The closures could not be evaluated at the ")
     assert stepper.num_steps == 1
     assert stepper.t == pytest.approx(0.02) and time.value == pytest.approx(0.02)
     np.testing.assert_array_equal(stepper.u_previous.x.array, state)
     np.testing.assert_array_equal(stepper.u.x.array, state)
     model.poisoned = False  # the stepper goes on from where it was
+    # Newton stopped after one iteration: the closure left at that iterate was left there
+    # (0.3 off its values at u_n); it is back at u_n, as u is.
+    (closure,) = stepper.problem.closures
+    values = closure.x.array.copy()
+    stepper.problem.solver.setTolerances(max_it=1)
+    with pytest.raises(RuntimeError, match=r"diverged at t = 0\.04"):
+        stepper.step()
+    np.testing.assert_allclose(closure.x.array, values, rtol=0, atol=1e-14)
+    np.testing.assert_array_equal(stepper.u.x.array, state)
+    stepper.problem.solver.setTolerances(max_it=50)
     assert stepper.step() == pytest.approx(0.04)
     with pytest.raises(ValueError, match="time step must be positive"):
         ImplicitStepper(stepper.problem, stepper.u, stepper.u_previous, dt=0.0)
