@@ -298,17 +298,18 @@ def agree(
     agree_on(comm, None, what, error_type, reason=reason, cause=cause, note=note)
 
 
-def same_everywhere(comm: MPI.Comm, what: str, **settings: typing.Any) -> None:
+def same_everywhere(comm: MPI.Comm, what: str, note: str = "", /, **settings: typing.Any) -> None:
     """Raise the same :class:`ValueError` on every rank if ``settings`` differ (collective).
 
-    For arguments that must be the same on every rank (a quadrature degree, a value shape):
-    built differently, the ranks would go on to make collective calls on objects that do
+    For arguments that must be the same on every rank (a quadrature degree, a number of
+    steps): given different ones, the ranks would go on to make collective calls that do
     not match, and hang or compute something silently wrong. One ``allgather`` of the
     (small, picklable) settings; nothing on one rank.
 
     Args:
         comm: The communicator whose ranks must agree.
-        what: What is being built, the subject of the message.
+        what: What is being done, the subject of the message.
+        note: Appended to the message (what to do about it).
         settings: The settings, by name.
 
     Raises:
@@ -318,12 +319,14 @@ def same_everywhere(comm: MPI.Comm, what: str, **settings: typing.Any) -> None:
     if comm.size == 1:
         return
     everyone = comm.allgather(settings)
-    differ = [key for key in settings if any(s.get(key) != settings[key] for s in everyone)]
-    if differ or any(s.keys() != settings.keys() for s in everyone):
-        values = "; ".join(f"{key}: {[s.get(key) for s in everyone]}" for key in differ)
+    differ = [name for name in settings if any(s[name] != settings[name] for s in everyone)]
+    if differ:
+        shown = "; ".join(
+            f"{name}: {[s[name] for s in everyone]} on ranks 0..{comm.size - 1}" for name in differ
+        )
         raise ValueError(
-            f"{what}: the ranks were given different arguments, which must be the same on "
-            f"every rank (by rank: {values})."
+            f"{what}: every rank must pass the same arguments, but they differ ({shown})."
+            + (f" {note}" if note else "")
         )
 
 

@@ -64,7 +64,12 @@ import numpy.typing as npt
 import torch
 import ufl
 
-from dolfinx_mno._mpi import BACKWARD_PASS, agree_on, collective_stages, rank_local
+from dolfinx_mno._mpi import (
+    BACKWARD_PASS,
+    collective_stages,
+    rank_local,
+    same_everywhere,
+)
 from dolfinx_mno.base import ClosureBase
 from dolfinx_mno.closure import Closure, extract_closures
 from dolfinx_mno.nonlocal_closure import NonlocalClosure
@@ -84,6 +89,12 @@ from dolfinx_mno.timestepping import IMEXStepper, ImplicitStepper
 from dolfinx_mno.validation import is_integer_at_least
 
 __all__ = ["Rollout", "RolloutGradient", "allreduce_gradients", "rollout_loss"]
+
+#: What to do when the ranks pass different step counts or targets.
+_SAME_ARGUMENTS = (
+    "Give each rank the same number of steps and targets (each rank's targets hold its own "
+    "owned dofs)."
+)
 
 #: The steppers a rollout differentiates.
 Stepper = IMEXStepper | ImplicitStepper
@@ -372,7 +383,7 @@ class Rollout:
             for closure in self.closures:
                 if (reason := closure.model_state_error()) is not None:
                     raise RuntimeError(f"Closure '{closure.name}': {reason}.")
-        _same_on_every_rank(self.comm, "Starting the rollout", num_steps=num_steps)
+        same_everywhere(self.comm, "Starting the rollout", _SAME_ARGUMENTS, num_steps=num_steps)
         t0 = self.stepper.t  # each segment keeps its own: a later run may start elsewhere
         segment = self.checkpoint_every or num_steps
         checkpointed = self.checkpoint_every is not None and torch.is_grad_enabled()
@@ -564,9 +575,10 @@ class Rollout:
                 raise ValueError("Nothing to differentiate: give closures or initial_state=True.")
         # Each rank's arguments are checked above on their own; a horizon or a set of
         # inputs that differs between ranks would leave them in different collectives.
-        _same_on_every_rank(
+        same_everywhere(
             self.comm,
             "Preparing the rollout gradient",
+            _SAME_ARGUMENTS,
             num_steps=horizon,
             target_interval=interval,
             closures=[closure.name for closure in chosen],
@@ -612,26 +624,6 @@ class Rollout:
                 "respect to the initial state only)."
             )
         return parameters
-
-
-def _same_on_every_rank(comm: MPI.Comm, what: str, **values: typing.Any) -> None:
-    """Raise the same ``ValueError`` on every rank if ``values`` differ between ranks.
-
-    Collective (one ``allgather`` through :func:`~dolfinx_mno._mpi.agree_on`; nothing on
-    one rank).
-    """
-    gathered = agree_on(comm, values, what)
-    differing = [name for name in values if any(v[name] != gathered[0][name] for v in gathered)]
-    if differing:
-        shown = "; ".join(
-            f"{name}: {[v[name] for v in gathered]} on ranks 0..{comm.size - 1}"
-            for name in differing
-        )
-        raise ValueError(
-            f"{what}: every rank must pass the same arguments, but they differ ({shown}). "
-            "Give each rank the same number of steps and targets (each rank's targets hold "
-            "its own owned dofs)."
-        )
 
 
 class _CheckpointedSegment(torch.autograd.Function):

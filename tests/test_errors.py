@@ -277,8 +277,8 @@ def test_arguments_that_differ_between_ranks_are_refused_on_every_rank(tiny_squa
     u = fem.Function(fem.functionspace(tiny_square, ("Lagrange", 1)))
     degrees = [2 + (r == comm.size - 1) for r in range(comm.size)]
     expected = (
-        "Building closure 'closure': the ranks were given different arguments, which must "
-        f"be the same on every rank (by rank: quadrature_degree: {degrees})."
+        "Building closure 'closure': every rank must pass the same arguments, but they "
+        f"differ (quadrature_degree: {degrees} on ranks 0..{comm.size - 1})."
     )
     if comm.size == 1:  # nothing to compare: it is built
         assert mno.Closure(mlp(1, 1), [u], (), degrees[comm.rank]).quadrature_degree == 3
@@ -287,8 +287,8 @@ def test_arguments_that_differ_between_ranks_are_refused_on_every_rank(tiny_squa
             mno.Closure(mlp(1, 1), [u], (), degrees[comm.rank])
     shapes = [(8, 8 + (r == comm.size - 1)) for r in range(comm.size)]
     expected = (
-        "Building non-local closure 'nonlocal_closure': the ranks were given different "
-        f"arguments, which must be the same on every rank (by rank: grid_shape: {shapes})."
+        "Building non-local closure 'nonlocal_closure': every rank must pass the same "
+        f"arguments, but they differ (grid_shape: {shapes} on ranks 0..{comm.size - 1})."
     )
     if comm.size > 1:
         with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
