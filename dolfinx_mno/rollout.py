@@ -223,6 +223,8 @@ class Rollout:
         self.keep_states = keep_states
         self.before_step = before_step
         self.num_owned = owned_size(stepper.u.function_space)
+        # The operand maps are built for this geometry: run() refuses a mesh moved since.
+        self._geometry = stepper.u.function_space.mesh.geometry.x.copy()
         #: Number of older levels ``u_{n-1}, ...`` of the state (the stepper's ``older``).
         self.num_older = len(stepper.older)
         self._step_adjoint: IMEXStep | ImplicitStep
@@ -371,7 +373,9 @@ class Rollout:
             TypeError: ``u0`` (or an older state) is not a torch tensor (on every rank).
             ValueError: A ``u0`` of the wrong dtype, device or shape, or a bad
                 ``num_steps`` (on every rank).
-            RuntimeError: A linear solve did not converge.
+            RuntimeError: A linear solve did not converge; a model in training mode or
+                recast since; a mesh that moved since the rollout was built (on every
+                rank).
             ClosureEvaluationError: A model returned NaN/Inf values.
         """
         with rank_local(self.comm, "Starting the rollout"):
@@ -383,6 +387,11 @@ class Rollout:
             for closure in self.closures:
                 if (reason := closure.model_state_error()) is not None:
                     raise RuntimeError(f"Closure '{closure.name}': {reason}.")
+            if not np.array_equal(self.stepper.u.function_space.mesh.geometry.x, self._geometry):
+                raise RuntimeError(
+                    "The mesh moved since the rollout was built (its maps from dofs to the "
+                    "closures' operands are built for one geometry): build a new Rollout."
+                )
         same_everywhere(self.comm, "Starting the rollout", _SAME_ARGUMENTS, num_steps=num_steps)
         t0 = self.stepper.t  # each segment keeps its own: a later run may start elsewhere
         segment = self.checkpoint_every or num_steps

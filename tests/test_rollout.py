@@ -780,3 +780,11 @@ def test_arguments_that_differ_between_ranks_raise_instead_of_hanging(tiny_squar
         rollout.gradient(u0, data)
     closure.model.double()
     np.testing.assert_array_equal(flat_gradient(rollout.gradient(u0, data)), before)
+    # A mesh moved after the rollout was built: its operand maps were silently stale.
+    geometry = tiny_square.geometry.x
+    geometry[:, 0] *= 1.25
+    moved = "The mesh moved since the rollout was built (its maps from dofs to the closures'"
+    with pytest.raises(RuntimeError, match=re.escape(moved)):
+        rollout.gradient(u0, data)
+    geometry[:, 0] /= 1.25
+    np.testing.assert_array_equal(flat_gradient(rollout.gradient(u0, data)), before)
