@@ -170,12 +170,12 @@ def check_jacobian(F: ufl.Form, J: typing.Any, u: typing.Any) -> None:
 
 
 class FormData:
-    """The values of the constants and coefficients some forms read, but for the unknowns.
+    """What some forms read but for the unknowns: constants, coefficients, mesh geometry.
 
     A matrix assembled once from such forms stays valid only while these values do not
     change; a time constant and a ``before_step`` hook may change them from one step to the
-    next (a time-dependent coefficient, a step size in a ``fem.Constant``). :meth:`changed`
-    compares them with the values at the last :meth:`save`. Used by
+    next (a time-dependent coefficient, a step size in a ``fem.Constant``, a moved mesh).
+    :meth:`changed` compares them with the values at the last :meth:`save`. Used by
     :class:`LinearProblem` (``reuse_matrix=True``) and by the rollouts' steps
     (:mod:`dolfinx_mno.step_adjoint`).
 
@@ -191,9 +191,12 @@ class FormData:
         excluded = {id(w) for w in unknowns}
         constants: dict[int, typing.Any] = {}
         functions: dict[int, typing.Any] = {}
+        meshes: dict[int, typing.Any] = {}
         for form in forms:
             if form is None or form.empty():
                 continue
+            for domain in form.ufl_domains():
+                meshes.setdefault(id(domain.ufl_cargo()), domain.ufl_cargo())
             for constant in ufl.algorithms.analysis.extract_constants(form):
                 constants.setdefault(id(constant), constant)
             for coefficient in form.coefficients():
@@ -201,13 +204,17 @@ class FormData:
                     functions.setdefault(id(coefficient), coefficient)
         self._constants = list(constants.values())
         self._functions = list(functions.values())
+        self._geometries = [mesh.geometry for mesh in meshes.values()]
         self._comm = comm
         self._saved = self._values()
 
     def _values(self) -> list[npt.NDArray[typing.Any]]:
         return [np.array(c.value, copy=True) for c in self._constants] + [
-            f.x.array.copy() for f in self._functions
+            w.copy() for w in self._arrays()
         ]
+
+    def _arrays(self) -> list[npt.NDArray[typing.Any]]:
+        return [f.x.array for f in self._functions] + [g.x for g in self._geometries]
 
     def save(self) -> None:
         """Remember the current values."""
@@ -215,9 +222,9 @@ class FormData:
 
     def changed(self) -> bool:
         """Whether any value differs from the saved one on any rank (collective)."""
-        if not self._constants and not self._functions:
+        if not self._constants and not self._functions and not self._geometries:
             return False  # alike on every rank: nothing to agree on
-        current = [c.value for c in self._constants] + [f.x.array for f in self._functions]
+        current = [c.value for c in self._constants] + self._arrays()
         local = any(
             not np.array_equal(now, then) for now, then in zip(current, self._saved, strict=True)
         )

@@ -555,6 +555,29 @@ def test_reuse_matrix_refuses_closures_in_matrix():
         LinearProblem(a, u_n * v * ufl.dx, reuse_matrix=True, petsc_options_prefix="r_")
 
 
+@pytest.mark.mpi
+def test_reused_matrix_follows_a_moved_mesh(tiny_square):
+    """reuse_matrix=True kept the matrix of the first geometry after the mesh moved (the
+    right-hand side followed it): the solution of (u, v) + (∇u, ∇v) = (1, v), u = 1, came
+    out 2 on the square stretched to 2 × 1. On 3 ranks a rank owns no cells."""
+    V = fem.functionspace(tiny_square, ("Lagrange", 2))
+    u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
+    a = (ufl.inner(ufl.grad(u), ufl.grad(v)) + u * v) * ufl.dx
+    L = v * ufl.dx
+    reused = LinearProblem(a, L, reuse_matrix=True, petsc_options=DIRECT, petsc_options_prefix="m_")
+    reused.solve()
+    tiny_square.geometry.x[:, 0] *= 2.0
+    try:
+        moved = reused.solve().x.array.copy()
+        fresh = LinearProblem(a, L, petsc_options=DIRECT, petsc_options_prefix="f_").solve()
+        comm = tiny_square.comm
+        scale = comm.allreduce(np.max(np.abs(fresh.x.array), initial=0.0), op=MPI.MAX)
+        diff = comm.allreduce(np.max(np.abs(moved - fresh.x.array), initial=0.0), op=MPI.MAX)
+        assert scale > 0.1 and diff <= 1e-12 * scale
+    finally:
+        tiny_square.geometry.x[:, 0] /= 2.0
+
+
 @pytest.mark.skipif(not MPIRUN.exists(), reason="needs mpirun next to the Python executable")
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_rank_dependent_drop_order_does_not_deadlock(ranks):
