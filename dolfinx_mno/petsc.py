@@ -453,7 +453,7 @@ class LinearProblem(_fem_petsc.LinearProblem):
         closures: The closures to update; by default all closures in ``a`` and ``L``.
         reuse_matrix: Assemble the matrix (and let PETSc factorise or set up the
             preconditioner) at the first solve only, and again only when a constant or
-            coefficient of ``a`` (or ``P``) changed since (a step size in a
+            coefficient of ``a`` (or ``P``) changed or the mesh moved since (a step size in a
             ``fem.Constant``, say). For IMEX steps, whose matrix does not change, this
             saves a matrix assembly and, with a direct solver, a factorisation per step.
             Requires ``a`` without closures.
