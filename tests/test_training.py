@@ -153,6 +153,47 @@ def test_training_that_only_worsens_returns_the_starting_weights():
     assert max_difference(weights(result.model), start) == 0.0
 
 
+class NaNAfter(torch.nn.Module):
+    """An MLP whose output turns NaN after ``calls`` forward passes (a diverging model)."""
+
+    def __init__(self, calls):
+        super().__init__()
+        self.mlp, self.calls = MLP(2, 1, [4], seed=0), calls
+
+    def forward(self, x):
+        self.calls -= 1
+        return self.mlp(x) * (float("nan") if self.calls < 0 else 1.0)
+
+
+def test_divergence_and_interrupt_leave_the_best_weights():
+    """A loss turning NaN in epoch 4 left the model with NaN weights (an audit: a user who
+    caught the FloatingPointError and saved the model saved NaN); a KeyboardInterrupt left
+    those of a half-done epoch. Now both leave the best epoch's weights, and say so."""
+    x, y = known_function(40)
+    settings = dict(comm=SERIAL, batch_size=8, progress=False)
+    network = MLP(2, 1, [4], seed=0)
+    fit(network, x, y, epochs=4, **settings)
+    reference = weights(network)
+    model = NaNAfter(1 + 4 * (4 + 1) + 2)  # the initial validation, 4 epochs of 4 + 1 passes
+    expected = (
+        r"^Training diverged in epoch 4: training loss nan, validation loss nan\. Lower the "
+        r"learning rate, or check the data\. The model's weights were restored to those of "
+        r"epoch 3 \(the best so far\)\.$"
+    )
+    with pytest.raises(FloatingPointError, match=expected):
+        fit(model, x, y, epochs=10, **settings)
+    assert max_difference(weights(model.mlp), reference) == 0.0
+
+    def interrupt(epoch, history):
+        if epoch == 3:
+            raise KeyboardInterrupt
+
+    model = MLP(2, 1, [4], seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, x, y, epochs=10, callback=interrupt, **settings)
+    assert max_difference(weights(model), reference) == 0.0 and not model.training
+
+
 def test_without_normalisation_and_value_shapes():
     x = np.random.default_rng(0).normal(size=(120, 3))
     y = np.stack([x, 2 * x], axis=1)  # (n, 2, 3): a closure with value_shape (2, 3)

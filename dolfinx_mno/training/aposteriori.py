@@ -722,7 +722,8 @@ def fit_rollout(
             in the rollout or without trainable parameters, a checkpoint of other data).
         FileExistsError, PermissionError: A fresh run in a ``checkpoint_dir`` holding
             checkpoints, or one not writable (on every rank, before training).
-        FloatingPointError: NaN or Inf losses (on every rank).
+        FloatingPointError: NaN or Inf losses (on every rank); the model is left with
+            the best weights so far, as after any error or interrupt during training.
         RuntimeError: A linear solve of the rollout did not converge.
     """
     comm = _communicator(rollout)

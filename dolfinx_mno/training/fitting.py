@@ -316,7 +316,8 @@ def fit(
         ModelFileError: An unreadable checkpoint.
         FileExistsError, PermissionError: A fresh run in a ``checkpoint_dir`` holding
             checkpoints, or one not writable (on every rank, before training).
-        FloatingPointError: NaN or Inf losses (on every rank).
+        FloatingPointError: NaN or Inf losses (on every rank); the model is left with
+            the best weights so far, as after any error or interrupt during training.
     """
     comm = MPI.COMM_WORLD if comm is None else comm
     options = dict(locals())  # the arguments, for the settings

@@ -170,6 +170,12 @@ class EpochLoop:
                     # in the next epoch's collectives.
                     with rank_local(self.comm, f"The callback after epoch {epoch}"):
                         self.callback(epoch, history)
+        except BaseException:
+            # A diverged loss, a failing callback or Ctrl-C: leave the model with the best
+            # weights so far (finite ones), not those of a half-done or diverged step.
+            self.model.load_state_dict(state.best_state)
+            self.model.eval()
+            raise
         finally:
             bar.close()
         self.model.load_state_dict(state.best_state)
@@ -206,9 +212,12 @@ class EpochLoop:
             FloatingPointError: A loss is NaN or Inf (on every rank).
         """
         if not np.isfinite(train_loss) or not np.isfinite(val_loss):
+            best = state.history.best_epoch
+            kept = f"those of epoch {best}" if best >= 0 else "its starting ones"
             raise FloatingPointError(
                 f"Training diverged in epoch {epoch}: training loss {train_loss}, "
-                f"validation loss {val_loss}. Lower the learning rate, or check the data."
+                f"validation loss {val_loss}. Lower the learning rate, or check the data. "
+                f"The model's weights were restored to {kept} (the best so far)."
             )
         learning_rate = float(self.optimizer.param_groups[0]["lr"])
         best = state.record(train_loss, val_loss, learning_rate, self.settings.min_delta)
