@@ -153,6 +153,30 @@ def test_training_that_only_worsens_returns_the_starting_weights():
     assert max_difference(weights(result.model), start) == 0.0
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        (
+            "min_delta",
+            float("nan"),
+            r"min_delta must be in \[0, 1\) \(a relative improvement\), got nan",
+        ),
+        ("min_delta", 1.0, r"min_delta must be in \[0, 1\) \(a relative improvement\), got 1\.0"),
+        ("min_delta", -0.1, r"min_delta must be in \[0, 1\) \(a relative improvement\), got -0\.1"),
+        ("seed", -1, r"seed must be a non-negative integer, got -1"),
+        ("seed", 1.5, r"seed must be a non-negative integer, got 1\.5"),
+    ],
+)
+def test_early_stopping_and_seed_settings_are_checked(option, value, expected):
+    """min_delta=nan or 1 was accepted (an audit): no epoch counted as an improvement, and
+    fit returned the untrained model after `patience` epochs without a word; -0.1 made
+    every worse epoch the best. seed=1.5 trained with seed 1, seed=-1 failed in NumPy
+    with "expected non-negative integer"."""
+    x, y = known_function(20)
+    with pytest.raises((ValueError, TypeError), match=expected):
+        fit(MLP(2, 1, [4]), x, y, comm=SERIAL, epochs=1, progress=False, **{option: value})
+
+
 class NaNAfter(torch.nn.Module):
     """An MLP whose output turns NaN after ``calls`` forward passes (a diverging model)."""
 

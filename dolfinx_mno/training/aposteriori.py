@@ -50,7 +50,7 @@ from dolfinx_mno.training.fitting import FitResult
 from dolfinx_mno.training.loop import EpochLoop, EpochSettings, epoch_seed
 from dolfinx_mno.training.parallel import broadcast_weights
 from dolfinx_mno.training.samples import LocalSamples
-from dolfinx_mno.training.state import TrainingHistory
+from dolfinx_mno.training.state import TrainingHistory, check_min_delta
 from dolfinx_mno.training.trajectories import (
     Trajectory,
     TrajectoryWindows,
@@ -345,9 +345,9 @@ def _settings(options: Mapping[str, Any]) -> dict[str, Any]:
     settings: dict[str, Any] = {
         "batch_size": check_integer(options["batch_size"], "batch_size", minimum=1),
         "horizon": check_integer(options["horizon"], "horizon", minimum=1),
-        "min_delta": float(options["min_delta"]),
+        "min_delta": check_min_delta(options["min_delta"]),
         "patience": check_integer(options["patience"], "patience", minimum=1),
-        "seed": int(options["seed"]),
+        "seed": check_integer(options["seed"], "seed"),
         "stride": check_integer(options["stride"], "stride", minimum=1),
         "target_interval": check_integer(options["target_interval"], "target_interval", minimum=1),
     }
@@ -703,7 +703,7 @@ def fit_rollout(
         min_learning_rate: Of the default schedule (1e-6).
         patience: Epochs without a validation loss below ``best * (1 - min_delta)`` before
             stopping; the best weights are restored, the starting ones if no epoch beats them.
-        min_delta: Relative improvement that counts for early stopping.
+        min_delta: Relative improvement that counts for early stopping, in ``[0, 1)``.
         seed: Seeds the split, the order of the windows and torch's random state in each
             epoch (the caller's is restored on return).
         checkpoint_dir: As for ``fit`` (:mod:`~dolfinx_mno.training.checkpoint`).

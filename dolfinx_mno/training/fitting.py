@@ -28,7 +28,7 @@ from dolfinx_mno.training.samples import (
     split_fingerprint,
     split_samples,
 )
-from dolfinx_mno.training.state import TrainingHistory
+from dolfinx_mno.training.state import TrainingHistory, check_min_delta
 from dolfinx_mno.validation import check_integer
 
 if TYPE_CHECKING:
@@ -68,10 +68,10 @@ def _settings(options: Mapping[str, Any]) -> dict[str, Any]:
     settings: dict[str, Any] = {
         "batch_size": check_integer(options["batch_size"], "batch_size", minimum=1),
         "chunk_size": check_integer(options["chunk_size"], "chunk_size", minimum=1),
-        "min_delta": float(options["min_delta"]),
+        "min_delta": check_min_delta(options["min_delta"]),
         "normalize": bool(options["normalize"]),
         "patience": check_integer(options["patience"], "patience", minimum=1),
-        "seed": int(options["seed"]),
+        "seed": check_integer(options["seed"], "seed"),
         "validation_fraction": float(options["validation_fraction"]),
     }
     settings.update(optim.default_settings(options))
@@ -285,7 +285,7 @@ def fit(
         patience: Stop after this many epochs without a validation loss below
             ``best * (1 - min_delta)``; the best epoch's weights are restored, or the
             starting weights (their validation loss is measured first) if none beat them.
-        min_delta: Relative improvement that counts for early stopping.
+        min_delta: Relative improvement that counts for early stopping, in ``[0, 1)``.
         validation_fraction: Fraction of the global samples held out for validation.
         seed: Seeds the split, the epoch orders and torch's random state in each epoch
             (the caller's random state is restored on return).

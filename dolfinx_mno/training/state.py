@@ -7,6 +7,8 @@ optimiser's and scheduler's ``state_dict``: restoring it continues a run exactly
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import Any
 
 import torch
 
@@ -96,3 +98,22 @@ def clone_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         for k, v in model.state_dict().items()
         if isinstance(v, torch.Tensor)
     }
+
+
+def check_min_delta(value: Any) -> float:
+    """``min_delta`` as a float in ``[0, 1)``.
+
+    A NaN, a value of 1 or more (no loss is below ``best * (1 - min_delta)``) or a negative
+    one (a worse loss counts as an improvement) would make early stopping silently keep
+    the starting weights, or the worst ones.
+
+    Raises:
+        ValueError: ``value`` is not a number in ``[0, 1)``.
+    """
+    delta = float(value)
+    if not (math.isfinite(delta) and 0.0 <= delta < 1.0):
+        raise ValueError(
+            f"min_delta must be in [0, 1) (a relative improvement), got {value}: with it "
+            "no epoch, or every epoch, would count as an improvement."
+        )
+    return delta
