@@ -165,13 +165,15 @@ def test_training_that_only_worsens_returns_the_starting_weights():
         ("min_delta", -0.1, r"min_delta must be in \[0, 1\) \(a relative improvement\), got -0\.1"),
         ("seed", -1, r"seed must be a non-negative integer, got -1"),
         ("seed", 1.5, r"seed must be a non-negative integer, got 1\.5"),
+        ("lr_factor", float("nan"), r"lr_factor must be a finite number, got nan\.$"),
     ],
 )
 def test_early_stopping_and_seed_settings_are_checked(option, value, expected):
     """min_delta=nan or 1 was accepted (an audit): no epoch counted as an improvement, and
     fit returned the untrained model after `patience` epochs without a word; -0.1 made
     every worse epoch the best. seed=1.5 trained with seed 1, seed=-1 failed in NumPy
-    with "expected non-negative integer"."""
+    with "expected non-negative integer". lr_factor=nan was taken by torch, which then
+    never lowered the rate (learning_rate=3: 3, 3, 3, 3, 3, 3 instead of 3, 3, 1.5, 0.75, ...)."""
     x, y = known_function(20)
     with pytest.raises((ValueError, TypeError), match=expected):
         fit(MLP(2, 1, [4]), x, y, comm=SERIAL, epochs=1, progress=False, **{option: value})

@@ -144,7 +144,7 @@ def default_settings(options: Mapping[str, Any]) -> dict[str, Any]:
 
     Raises:
         ValueError: A setting of the default optimiser or schedule given together with an
-            injected one (set it in the factory instead), or a bad integer.
+            injected one (set it in the factory instead), a bad integer, or a NaN or Inf.
         TypeError: A non-integer ``lr_patience``.
     """
     settings: dict[str, Any] = {}
@@ -163,6 +163,9 @@ def default_settings(options: Mapping[str, Any]) -> dict[str, Any]:
                     settings[key] = check_integer(value, key)
                 else:
                     settings[key] = type(default)(value)
+                    if not math.isfinite(settings[key]):
+                        # torch takes lr_factor=nan and then never lowers the rate.
+                        raise ValueError(f"{key} must be a finite number, got {value}.")
     return settings
 
 
