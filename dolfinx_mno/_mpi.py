@@ -41,8 +41,13 @@ four ways:
    :class:`~dolfinx_mno.NonlocalClosure`) while the other ranks wait for its verdict on a
    nonblocking broadcast, asleep rather than spinning on a core, and learn the reason
    only on failure, in the message format of :func:`failure_message`. Used by
-   ``NonlocalClosure.update``; its helper ``_wait_passively`` lives in
-   ``nonlocal_closure.py`` until it moves to the end of this module.
+   ``NonlocalClosure.update`` (:func:`agree_with_root`, :func:`wait_passively`, at the
+   end of this module).
+
+Arguments that must be the same on every rank (a quadrature degree, a grid shape, a number
+of steps) are compared once by :func:`same_everywhere`, which raises the same
+``ValueError`` on every rank if they differ. Used by ``closure.py`` and
+``nonlocal_closure.py`` (construction) and ``rollout.py`` (``run``, ``gradient``).
 
 The first form, around a block or with a reason computed by hand::
 
