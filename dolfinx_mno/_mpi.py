@@ -483,8 +483,7 @@ def collective_stages(
 # -- work on the root alone -------------------------------------------------------------
 # Where only the root computes (a non-local closure's model), the other ranks need its
 # verdict, not an agreement: one nonblocking broadcast of a flag, waited on asleep, and a
-# second broadcast of the reason only if the root failed. These two helpers are not in
-# __all__ yet, to keep merges of this module's header simple; import them by name.
+# second broadcast of the reason only if the root failed.
 
 
 def wait_passively(request: MPI.Request, shortest: float = 50e-6, longest: float = 1e-3) -> None:
