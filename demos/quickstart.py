@@ -68,10 +68,11 @@
 #
 # ## Imports
 #
-# `mpi4py` comes first, as in every DOLFINx script. The two `dolfinx_mno` imports are
-# the first two closure lines: the package itself, and its `LinearProblem`, a drop-in
+# `mpi4py` comes first, as in every DOLFINx script. The first two `dolfinx_mno` imports
+# are the first two closure lines: the package itself, and its `LinearProblem`, a drop-in
 # replacement for {py:class}`dolfinx.fem.petsc.LinearProblem` that evaluates the closures of
-# a form before each solve.
+# a form before each solve. The third, `IMEXStepper`, only replaces a hand-written time
+# loop (see Step 2).
 
 # +
 import argparse
