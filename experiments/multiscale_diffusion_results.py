@@ -32,7 +32,6 @@ from pathlib import Path
 
 from mpi4py import MPI
 
-import dolfinx_solver  # noqa: F401  (loads the MPI libraries before dolfinx)
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np

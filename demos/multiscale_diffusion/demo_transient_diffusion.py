@@ -95,7 +95,6 @@ from pathlib import Path
 
 from mpi4py import MPI
 
-import dolfinx_solver  # noqa: F401  (loads the MPI libraries before dolfinx)
 import numpy as np
 import torch
 import ufl
