@@ -228,7 +228,11 @@ class FormData:
         local = any(
             not np.array_equal(now, then) for now, then in zip(current, self._saved, strict=True)
         )
-        return bool(self._comm.allreduce(local, op=MPI.LOR))
+        # A flag in a buffer, not a pickled object: this runs at every step of a stepper
+        # with reuse_matrix=True (the geometry is always compared, so never skipped).
+        flag = np.array([local], dtype=np.int32)
+        self._comm.Allreduce(MPI.IN_PLACE, flag, op=MPI.MAX)
+        return bool(flag[0])
 
 
 class NonlinearProblem(_fem_petsc.NonlinearProblem):
