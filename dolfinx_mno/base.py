@@ -69,14 +69,15 @@ class ClosureBase(fem.Function, WithOperands):
     """A :class:`dolfinx.fem.Function` on a quadrature space whose values a model computes.
 
     Subclasses set ``_mno_quadrature_degree``, ``_operands`` (an
-    :class:`~dolfinx_mno.Operands`), ``_model``, ``timings`` and ``total_timings``, and
-    implement :meth:`update`.
+    :class:`~dolfinx_mno.Operands`), ``_model``, ``_value_dofs``, ``timings`` and
+    ``total_timings``, and implement :meth:`update`.
     """
 
     #: Whether :meth:`update` can compute ``∂closure/∂operands`` for an exact Jacobian.
     supports_tangent: bool = False
     _mno_quadrature_degree: int
     _model: torch.nn.Module
+    _value_dofs: slice | np.ndarray
     _update_count: int = 0
     #: Seconds spent in each stage of the last successful update.
     timings: dict[str, float]
@@ -100,6 +101,15 @@ class ClosureBase(fem.Function, WithOperands):
     def update(self, tangent: bool | None = None) -> None:
         """Evaluate the model at the current operands and store the values (collective)."""
         raise NotImplementedError
+
+    @property
+    def owned_value_dofs(self) -> slice | np.ndarray:
+        """The entries of ``x.array`` that updates write, in (cell, point) order.
+
+        The owned cells' (a local closure's ``cells``, if given), as
+        :func:`~dolfinx_mno.quadrature.owned_dofs` gives them.
+        """
+        return self._value_dofs
 
     def _fill_not_updated(self) -> None:
         """Fill the values with NaN: a closure never updated must not enter a form as 0.

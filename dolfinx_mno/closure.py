@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from mpi4py import MPI
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import ufl
 from dolfinx import fem
@@ -46,7 +47,12 @@ from dolfinx_mno.base import (
 )
 from dolfinx_mno.operand_map import OperandEvaluator, OperandMatrix
 from dolfinx_mno.operands import Operands, OperandsLike, operand_comm, operand_components
-from dolfinx_mno.quadrature import owned_dofs, quadrature_points, quadrature_space
+from dolfinx_mno.quadrature import (
+    owned_dofs,
+    quadrature_points,
+    quadrature_space,
+    selected_cells,
+)
 from dolfinx_mno.torch_bridge import (
     ModelStateError,
     PointwiseEvaluator,
@@ -111,20 +117,30 @@ class Closure(ClosureBase):
         tangent: Also compute ``∂closure/∂operands`` at each update (implicit coupling).
             :func:`derivative` switches it on when a Jacobian needs it.
         name: Name of the function (used in output files and error messages).
+        cells: Run the model on these cells only: local cell indices, as
+            :func:`dolfinx.mesh.locate_entities` or ``cell_tags.find(tag)`` return them
+            (ghost cells among them are left to their owners, which must select them too).
+            Elsewhere the closure and its tangent are zero, so ``closure.dx`` over the
+            whole mesh integrates it over these cells only, and a model defined on part of
+            the domain never sees the rest. ``None`` (the default): every cell. Given on
+            every rank or on none (an empty array on a rank that selects nothing).
 
     Shapes:
         * ``self.x.array`` holds ``(num_cells, num_points, *value_shape)`` values,
-          ``num_points`` being the points of the quadrature rule on one cell.
+          ``num_points`` being the points of the quadrature rule on one cell (with
+          ``cells=``, :attr:`owned_value_dofs` are the selected cells' entries).
         * :attr:`tangent` holds ``(num_cells, num_points, *value_shape, num_inputs)``.
 
     Raises:
         ValueError: Operands from another mesh, a model input width different from the
             operand components, a model output that does not match ``value_shape``, a
             negative ``quadrature_degree``, or operands, a value shape or a degree other
-            than those in the model file's spec.
+            than those in the model file's spec; ``cells`` not one-dimensional or outside
+            the rank's cells, or given on some ranks only.
         TypeError: A ``quadrature_degree`` that is not an integer, a ``value_shape`` that
             is not a tuple of positive integers (``2`` for ``(2,)``), operands that are
-            form arguments, or complex or otherwise unsupported dtypes.
+            form arguments, complex or otherwise unsupported dtypes, or ``cells`` that are
+            not integers.
 
         Under MPI every check, the model file's reading and the probe run before the first
         collective call, and the ranks agree on their outcome: an error on some ranks
@@ -156,6 +172,7 @@ class Closure(ClosureBase):
         tangent: bool = False,
         name: str = "closure",
         compile: bool = False,
+        cells: npt.ArrayLike | None = None,
     ):
         """Build the closure (collective); see the class docstring for the arguments."""
         # Every rank-local step (reading a model file, the checks, the probe, moving the
@@ -174,8 +191,11 @@ class Closure(ClosureBase):
             quadrature_degree = arguments.quadrature_degree
             mesh, dtype, num_inputs = operands.mesh, operands.dtype, operands.num_inputs
             num_outputs = int(np.prod(value_shape, dtype=int))
+            selected = selected_cells(cells, mesh)
             tdim = mesh.topology.dim
             num_cells = mesh.topology.index_map(tdim).size_local
+            if selected is not None:
+                num_cells = selected.size
             points = quadrature_points(mesh, int(quadrature_degree))
             _check_quadrature_operands(operands, points, int(quadrature_degree))
             num_points = num_cells * points.shape[0]
@@ -215,13 +235,16 @@ class Closure(ClosureBase):
             operand_components=num_inputs,
             dtype=np.dtype(dtype).name,
             tangent=bool(tangent),
+            restricted_to_cells=selected is not None,
         )
         space = quadrature_space(mesh, int(quadrature_degree), value_shape)
         super().__init__(space, name=name, dtype=dtype)
         self._mno_quadrature_degree = int(quadrature_degree)
         self._operands = operands
         self._expression = operands.expression(points)
-        self._cells = np.arange(num_cells, dtype=np.int32)
+        #: The cells the model runs on: their number (cells ``0 .. n - 1``, all owned
+        #: cells) or their local indices (``cells=``).
+        self._selection: int | np.ndarray = num_cells if selected is None else selected
         self._num_cells = num_cells
         self._points_per_cell = points.shape[0]
         self._model = model
@@ -229,9 +252,9 @@ class Closure(ClosureBase):
         self._operand_buffer = evaluator.inputs.reshape(num_cells, points.shape[0], num_inputs)
         with rank_local(comm, f"Building closure '{name}'"):  # times the operand modes
             self._operand_evaluator = OperandEvaluator(
-                self._expression, mesh, num_cells, self._operand_buffer, compile=compile
+                self._expression, mesh, self._selection, self._operand_buffer, compile=compile
             )
-        self._value_dofs = owned_dofs(space, num_cells)
+        self._value_dofs = owned_dofs(space, self._selection)
         self._tangent: fem.Function | None = None
         self._tangent_dofs: slice | np.ndarray | None = None
         self._tangent_current = False  # whether the last update computed the tangent
@@ -298,6 +321,14 @@ class Closure(ClosureBase):
         return self._evaluator.num_inputs
 
     @property
+    def cells(self) -> np.ndarray | None:
+        """The owned cells the model runs on (local indices), or ``None``: every cell.
+
+        Set by ``cells=``; outside these cells the closure and its tangent are zero.
+        """
+        return None if isinstance(self._selection, int) else self._selection
+
+    @property
     def device(self) -> torch.device:
         """Device the model runs on."""
         return self._evaluator.device
@@ -339,12 +370,14 @@ class Closure(ClosureBase):
     def mean_tangent(self) -> np.ndarray:
         """The tangent of the last update averaged over every quadrature point (collective).
 
-        Raises ``RuntimeError`` if the last update did not compute the tangent.
+        Raises ``RuntimeError`` if the last update did not compute the tangent, or if the
+        closure has no point on any rank (``cells=`` selected none).
 
-        Each point of every owned cell counts once, on whichever rank owns it, so the
-        result does not depend on the number of ranks (up to summation order). For a
-        closure linear in its operands, ``q = M x + c``, every point holds ``M``, and so
-        does the mean: this reads an effective tensor off a learned linear flux closure.
+        Each point of every owned cell (of ``cells``, if given) counts once, on whichever
+        rank owns it, so the result does not depend on the number of ranks (up to
+        summation order). For a closure linear in its operands, ``q = M x + c``, every
+        point holds ``M``, and so does the mean: this reads an effective tensor off a
+        learned linear flux closure.
 
         Returns:
             Array of shape ``(*value_shape, num_inputs)``, the same on every rank.
@@ -359,6 +392,8 @@ class Closure(ClosureBase):
         comm = self.function_space.mesh.comm
         total = comm.allreduce(owned.sum(axis=0), op=MPI.SUM)
         count = comm.allreduce(owned.shape[0], op=MPI.SUM)
+        if count == 0:
+            raise RuntimeError(f"Closure '{self.name}' has no quadrature point on any rank.")
         return total / count
 
     @property
@@ -389,13 +424,24 @@ class Closure(ClosureBase):
                 mesh, self.quadrature_degree, (*self.value_shape, self.num_inputs)
             )
             self._tangent = fem.Function(space, name=f"{self.name}_tangent", dtype=self.dtype)
-            self._tangent.x.array[:] = np.nan  # until an update computes it
+            self._tangent_dofs = owned_dofs(space, self._selection)
+            # NaN until an update computes it; 0 (constant values) outside ``cells``.
+            self._tangent.x.array[:] = np.nan if self.cells is None else 0.0
+            self._tangent.x.array[self._tangent_dofs] = np.nan
             self._tangent._mno_quadrature_degree = self.quadrature_degree  # type: ignore
             self._tangent._mno_tangent_of = weakref.ref(self)  # type: ignore[attr-defined]
             register_tangent(self, self._tangent)
-            self._tangent_dofs = owned_dofs(space, self._num_cells)
             self._evaluator.prepare_tangent()
         return self._tangent
+
+    def _fill_not_updated(self) -> None:
+        """NaN where the model runs until the first update, zero outside ``cells``."""
+        if self.cells is None:
+            super()._fill_not_updated()
+            return
+        self.x.array[:] = 0.0
+        self.x.array[self._value_dofs] = np.nan
+        self.x.scatter_forward()  # the ghosts of cells their owners selected
 
     @torch.inference_mode(False)
     def update(self, tangent: bool | None = None) -> None:

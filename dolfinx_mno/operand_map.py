@@ -98,7 +98,7 @@ class OperandMatrix:
     ``operands.reshape(-1) = matrix @ dofs + offset.reshape(-1)`` on one rank, where
     ``dofs`` concatenates ``coefficient.x.array`` (owned and ghost entries) of every
     coefficient in :attr:`coefficients`, and ``operands`` is the closure's
-    ``(num_cells * num_points, num_inputs)`` model input (owned cells, cell after cell,
+    ``(num_cells * num_points, num_inputs)`` model input (its cells, cell after cell,
     point after point). The matrix's transpose maps sensitivities at the points back to
     the dofs (sum the ghost entries into their owners with ``scatter_reverse``).
 
@@ -124,7 +124,8 @@ class OperandEvaluator:
     Args:
         expression: The compiled fused operand vector (value shape ``(num_inputs,)``).
         mesh: The mesh.
-        num_cells: Number of owned cells (cells ``0 .. num_cells - 1``).
+        cells: Number of owned cells (cells ``0 .. cells - 1``), or the local indices of
+            the owned cells to evaluate on, in order (``num_cells`` of them).
         values: The buffer to write, ``(num_cells, num_points, num_inputs)`` in the
             expression's dtype, C-contiguous; it is written by every :meth:`evaluate`.
         mode: ``None`` (the default) chooses as described in the module docstring;
@@ -149,7 +150,7 @@ class OperandEvaluator:
         self,
         expression: fem.Expression,
         mesh: Mesh,
-        num_cells: int,
+        cells: int | np.ndarray,
         values: np.ndarray,
         *,
         mode: str | None = None,
@@ -161,9 +162,11 @@ class OperandEvaluator:
         self._expression = expression
         self._cpp_expression = expression._cpp_object
         self._mesh = mesh
-        self._cells = np.arange(num_cells, dtype=np.int32)
+        if isinstance(cells, int | np.integer):
+            cells = np.arange(cells, dtype=np.int32)
+        self._cells = np.ascontiguousarray(cells, dtype=np.int32)
+        num_cells = self.num_cells = self._cells.size
         self._values = values
-        self.num_cells = num_cells
         self.plan: dict[str, typing.Any] = {}
         self._coefficients = self._ordered_coefficients()
         self._constants = extract_constants(expression.ufl_expression)
@@ -216,7 +219,7 @@ class OperandEvaluator:
         for coefficient in self._coefficients:
             dofmap = coefficient.function_space.dofmap
             bs = dofmap.bs
-            cell_dofs = dofmap.list[: self.num_cells].astype(np.int64)
+            cell_dofs = dofmap.list[self._cells].astype(np.int64)
             width = cell_dofs.shape[1] * bs  # explicit: a rank may own no cells
             unrolled = (cell_dofs[:, :, None] * bs + np.arange(bs)).reshape(self.num_cells, width)
             indices.append(unrolled)

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 import basix
 import basix.ufl
 import numpy as np
+import numpy.typing as npt
 import ufl
 from dolfinx import fem
 from dolfinx.mesh import Mesh
@@ -35,6 +36,7 @@ __all__ = [
     "owned_dofs",
     "quadrature_points",
     "quadrature_space",
+    "selected_cells",
 ]
 
 
@@ -75,15 +77,16 @@ def measure(mesh: Mesh, quadrature_degree: int, **kwargs: typing.Any) -> ufl.Mea
     return ufl.Measure("dx", domain=mesh, metadata=metadata, **kwargs)
 
 
-def owned_dofs(space: fem.FunctionSpace, num_cells: int) -> slice | np.ndarray:
-    """Indices of ``x.array`` holding the owned cells' values, in (cell, point) order.
+def owned_dofs(space: fem.FunctionSpace, cells: int | np.ndarray) -> slice | np.ndarray:
+    """Indices of ``x.array`` holding the given cells' values, in (cell, point) order.
 
     Quadrature dofs are cell-local, so for owned cells they are normally numbered
     contiguously; a slice then avoids a gather on every write.
 
     Args:
         space: A quadrature space (:func:`quadrature_space`), of any value shape.
-        num_cells: Number of owned cells (``index_map(tdim).size_local``).
+        cells: Number of owned cells (``index_map(tdim).size_local``: cells ``0 .. cells -
+            1``), or the local indices of the cells, in the order wanted.
 
     Returns:
         ``slice(0, n)`` or an index array, selecting ``num_cells * num_points *
@@ -91,10 +94,56 @@ def owned_dofs(space: fem.FunctionSpace, num_cells: int) -> slice | np.ndarray:
         ``(num_cells, num_points, *value_shape)``.
     """
     bs = space.dofmap.bs
-    cell_dofs = space.dofmap.list[:num_cells].reshape(-1)
+    selection = slice(0, cells) if isinstance(cells, int | np.integer) else np.asarray(cells)
+    cell_dofs = space.dofmap.list[selection].reshape(-1)
     if np.array_equal(cell_dofs, np.arange(cell_dofs.size)):
         return slice(0, cell_dofs.size * bs)
     return (cell_dofs[:, None] * bs + np.arange(bs)).reshape(-1)
+
+
+def selected_cells(cells: npt.ArrayLike | None, mesh: Mesh) -> np.ndarray | None:
+    """The owned cells among ``cells``, sorted and once each (rank-local).
+
+    Args:
+        cells: Local cell indices on this rank, as :func:`dolfinx.mesh.locate_entities`
+            or :meth:`dolfinx.mesh.MeshTags.find` return them (ghost cells may be among
+            them; they are left to their owners), or ``None``.
+        mesh: The mesh.
+
+    Returns:
+        ``None`` for ``None``, else the owned cells, ``int32``, possibly none.
+
+    Raises:
+        TypeError: ``cells`` is not integers (a boolean mask: pass
+            ``np.flatnonzero(mask)``).
+        ValueError: ``cells`` is not one-dimensional, or holds indices outside this rank's
+            cells (owned and ghost).
+    """
+    if cells is None:
+        return None
+    array = np.asarray(cells)
+    if array.dtype == np.bool_:
+        raise TypeError(
+            "cells must be local cell indices, not a boolean mask; pass np.flatnonzero(mask)."
+        )
+    if array.size == 0:  # [] reads as float64
+        array = array.astype(np.int32)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"cells must be integer local cell indices, got dtype {array.dtype}.")
+    if array.ndim != 1:
+        raise ValueError(
+            f"cells must be a one-dimensional array of local cell indices, got shape {array.shape}."
+        )
+    index_map = mesh.topology.index_map(mesh.topology.dim)
+    total = index_map.size_local + index_map.num_ghosts
+    outside = array[(array < 0) | (array >= total)]
+    if outside.size:
+        raise ValueError(
+            f"cells holds {outside.size} index(es) outside this rank's {total} local cells "
+            f"(owned and ghost), e.g. {int(outside[0])}."
+        )
+    owned = np.unique(array)
+    return owned[owned < index_map.size_local].astype(np.int32)
 
 
 def _closure_degree(coefficient: typing.Any) -> int | None:

@@ -43,7 +43,6 @@ from dolfinx_mno.closure import Closure, ClosureEvaluationError
 from dolfinx_mno.nonlocal_adjoint import nonlocal_values
 from dolfinx_mno.nonlocal_closure import NonlocalClosure
 from dolfinx_mno.petsc import FormData, LinearProblem, NonlinearProblem
-from dolfinx_mno.quadrature import owned_dofs
 
 __all__ = [
     "IMEXStep",
@@ -64,11 +63,6 @@ Prepare = typing.Callable[[float], None]
 def owned_size(space: fem.FunctionSpace) -> int:
     """Number of owned entries of a function's ``x.array`` (owned dofs × block size)."""
     return int(space.dofmap.index_map.size_local * space.dofmap.index_map_bs)
-
-
-def _num_cells(function: fem.Function) -> int:
-    topology = function.function_space.mesh.topology
-    return int(topology.index_map(topology.dim).size_local)
 
 
 def coefficients(form: ufl.Form | None) -> list[typing.Any]:
@@ -327,7 +321,7 @@ class IMEXStep:
         self.closures = list(closures)
         self.comm = u_previous.function_space.mesh.comm
         self.num_owned = owned_size(u_previous.function_space)
-        self.value_dofs = [owned_dofs(c.function_space, _num_cells(c)) for c in self.closures]
+        self.value_dofs = [c.owned_value_dofs for c in self.closures]
         self.jacobians = _FormJacobians(L, [u_previous, *self.older, *self.closures])
         self.affine = self.jacobians.affine
         problem.assemble_operator()
@@ -585,7 +579,7 @@ class ImplicitStep:
         self.closures = list(closures)
         self.operand_maps = list(operand_maps)
         self.num_owned = owned_size(u.function_space)
-        self.value_dofs = [owned_dofs(c.function_space, _num_cells(c)) for c in self.closures]
+        self.value_dofs = [c.owned_value_dofs for c in self.closures]
         self.jacobians = _FormJacobians(F, [u_previous, *self.closures])
         self.rhs = problem.b.duplicate()
         self.adjoint_solution = problem.b.duplicate()

@@ -1,5 +1,7 @@
 """A closure equals the same function written in UFL: residual vectors and Jacobians."""
 
+import re
+
 from mpi4py import MPI
 
 import numpy as np
@@ -54,7 +56,14 @@ def _max_abs(array, comm):
     return comm.allreduce(np.max(np.abs(array)) if array.size else 0.0, op=MPI.MAX)
 
 
-def _compare(kind, msh, degree, q, bound=None):
+def _above_diagonal(x):
+    """Cells above the diagonal y = x, which cell edges follow on the unit-square meshes."""
+    return x[1] >= x[0] - 1e-12
+
+
+def _compare(kind, msh, degree, q, bound=None, marker=None):
+    """``marker``: restrict the closure to the cells it marks (``cells=``), against UFL on
+    ``dx(1)`` of the same cells."""
     comm = msh.comm
     u, model, operands, value_shape, reference = _problem(kind, msh, degree)
     if bound is not None:  # y = b tanh(model / b), in UFL elementwise
@@ -64,11 +73,22 @@ def _compare(kind, msh, degree, q, bound=None):
         else:
             reference = ufl.as_vector([bound * ufl.tanh(reference[i] / bound)
                                        for i in range(value_shape[0])])  # fmt: skip
+    dx = ufl.dx(metadata={"quadrature_degree": q})
+    cells = None
+    if marker is not None:
+        cells = mesh.locate_entities(msh, msh.topology.dim, marker)
+        tags = mesh.meshtags(msh, msh.topology.dim, cells, np.ones_like(cells))
+        dx = dx(1, subdomain_data=tags)
     closure = mno.Closure(
-        model.double(), operands, value_shape, quadrature_degree=q, device="cpu", tangent=True
+        model.double(),
+        operands,
+        value_shape,
+        quadrature_degree=q,
+        device="cpu",
+        tangent=True,
+        cells=cells,
     )
     closure.update()
-    dx = ufl.dx(metadata={"quadrature_degree": q})
     F_closure = _residual(kind, closure, u, closure.dx)
     F_ufl = _residual(kind, reference, u, dx)
     b_closure = assemble_vector(fem.form(F_closure))
@@ -154,6 +174,97 @@ def test_bounded_model_matches_ufl(kind, cells, tiny_square):
     """
     msh = CELLS["triangle"]() if cells == "triangle" else tiny_square
     _compare(kind, msh, 2, q=4 + (kind == "scalar"), bound=1.5)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("kind", ["scalar", "flux"])
+@pytest.mark.parametrize("cells", ["triangle", "tiny"])
+def test_restricted_to_cells_matches_ufl(kind, cells, tiny_square):
+    """``cells=``: residual and Jacobian equal UFL's on ``dx(1)`` of the same cells.
+
+    Half the cells of the triangle mesh, one of the tiny mesh's two (on 3 ranks a rank
+    owns no cells, and on 2 one owns none of the selected ones).
+    """
+    msh = CELLS["triangle"]() if cells == "triangle" else tiny_square
+    _compare(kind, msh, 2, q=4 + (kind == "scalar"), marker=_above_diagonal)
+
+
+class BelowDiagonalFails(torch.nn.Module):
+    """``u + 1``, but NaN at points below the diagonal (inputs ``(u, x, y)``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value = x[:, 0] + 1.0
+        return torch.where(x[:, 2] > x[:, 1], value, torch.full_like(value, torch.nan))
+
+
+@pytest.mark.mpi
+def test_restricted_model_never_runs_outside_its_cells():
+    """A model undefined below the diagonal: it fails on every cell, works on its own.
+
+    The values are NaN on the selected cells until the first update and zero elsewhere,
+    ghosts included; the tangent too.
+    """
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
+    u = fem.Function(fem.functionspace(msh, ("Lagrange", 1)))
+    u.interpolate(lambda x: x[0] + 2 * x[1])
+    operands = [u, ufl.SpatialCoordinate(msh)]
+    everywhere = mno.Closure(BelowDiagonalFails(), operands, (), 2, name="everywhere")
+    count = "48 of 96" if msh.comm.size == 1 else r"\d+ of \d+"  # half the points
+    with pytest.raises(mno.ClosureEvaluationError, match=f"returned NaN/Inf values at {count} "):
+        everywhere.update()
+    cells = mesh.locate_entities(msh, 2, _above_diagonal)
+    closure = mno.Closure(BelowDiagonalFails(), operands, (), 2, cells=cells, tangent=True)
+    owned = msh.topology.index_map(2).size_local
+    assert np.array_equal(closure.cells, cells[cells < owned])
+    values = closure.x.array.reshape(-1, 3)  # (cells, points), owned then ghost cells
+    selected = np.zeros(values.shape[0], dtype=bool)
+    selected[cells] = True
+    assert np.isnan(values[selected]).all() and not values[~selected].any()
+    closure.update()
+    v = ufl.TestFunction(u.function_space)
+    tags = mesh.meshtags(msh, 2, cells, np.ones_like(cells))
+    dx = ufl.dx(1, subdomain_data=tags, metadata={"quadrature_degree": 2})
+    b = assemble_vector(fem.form(ufl.inner(closure, v) * closure.dx))
+    expected = assemble_vector(fem.form(ufl.inner(u + 1, v) * dx))
+    assert _max_abs(b.array - expected.array, msh.comm) <= 1e-15
+    assert _max_abs(expected.array, msh.comm) > 0.01
+    assert not values[~selected].any()  # still zero, ghosts included
+    tangent = closure.tangent.x.array.reshape(values.shape[0], 3, 3)
+    assert (tangent[:owned][selected[:owned]] == [1.0, 0.0, 0.0]).all()
+    assert not tangent[:owned][~selected[:owned]].any()
+    total = msh.comm.allreduce(closure.cells.size)
+    assert total == 16  # the 16 triangles above the diagonal of 32
+    np.testing.assert_array_equal(closure.mean_tangent(), [1.0, 0.0, 0.0])
+    for obj in (b, expected):
+        obj.destroy()
+
+
+@pytest.mark.mpi
+def test_bad_cells_raise_the_same_error_on_every_rank(tiny_square):
+    """Cells of the wrong kind, out of range, or given on some ranks only."""
+    comm = tiny_square.comm
+    u = fem.Function(fem.functionspace(tiny_square, ("Lagrange", 1)))
+
+    def build(cells):
+        return mno.Closure(ScalarModel().double(), [u, ufl.grad(u)], (), 2, cells=cells)
+
+    with pytest.raises(TypeError, match=r"not a boolean mask; pass np\.flatnonzero\(mask\)"):
+        build(np.array([True, False]))
+    with pytest.raises(TypeError, match="integer local cell indices, got dtype float64"):
+        build(np.array([0.0]))
+    with pytest.raises(ValueError, match=r"one-dimensional .* got shape \(1, 1\)"):
+        build(np.zeros((1, 1), dtype=np.int32))
+    local = tiny_square.topology.index_map(2)
+    total = local.size_local + local.num_ghosts
+    bad = np.array([0, total] if comm.rank == 0 else [], dtype=np.int32)
+    message = f"cells holds 1 index(es) outside this rank's {total} local cells"
+    if comm.size > 1:
+        message = "failed on rank(s) [0] (1 of"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build(bad)
+    if comm.size > 1:  # None on rank 0, an array on the others
+        with pytest.raises(ValueError, match=r"restricted_to_cells: \[False, True"):
+            build(None if comm.rank == 0 else np.arange(local.size_local, dtype=np.int32))
 
 
 def test_closure_is_a_coefficient():
