@@ -922,9 +922,13 @@ def test_bad_input_leaves_the_file_valid(tmp_path):
         )
 
 
-def _sampler(comm, method):
-    """The closure data of a small problem: u² with an L2 projection onto P1."""
+def _sampler(comm, method, marker=None):
+    """The closure data of a small problem: u² with an L2 projection onto P1.
+
+    ``marker``: sample the coarse cells it marks only (``cells=``).
+    """
     coarse, fine = _meshes(3, comm)
+    cells = None if marker is None else mesh.locate_entities(coarse, 2, marker)
     u_f = fem.Function(fem.functionspace(fine, ("Lagrange", 2)), name="u_f")
     u_f.interpolate(_smooth)
     V_c = fem.functionspace(coarse, ("Lagrange", 1))
@@ -936,8 +940,35 @@ def _sampler(comm, method):
         u_c**2,
         quadrature_degree=2,
         fine_tendency=Tendency(u_f**2, fem.functionspace(fine, ("Lagrange", 4))),
+        cells=cells,
     )
     return sampler, u_f, fine
+
+
+@pytest.mark.mpi
+def test_a_sampler_on_some_cells_gives_their_rows():
+    """``cells=``: the rows of the selected cells, as the sampler of every cell gives them.
+
+    Gathered in global cell order on 1, 2 and 3 ranks; the target is zero elsewhere.
+    """
+    everywhere, u_f, _ = _sampler(COMM, "l2_projection")
+    some, u_f_again, _ = _sampler(
+        COMM, "l2_projection", marker=lambda x: x[0] + x[1] <= 1.0 + 1e-12
+    )
+    full, part = everywhere.sample(u_f).gather(root=0), some.sample(u_f_again).gather(root=0)
+    owned = some.target.function_space.mesh.topology.index_map(2).size_local
+    outside = np.ones(owned, dtype=bool)
+    outside[some._cells] = False
+    assert not some.target.x.array.reshape(-1, 3)[:owned][outside].any()
+    assert some.num_points < everywhere.num_points
+    if COMM.rank == 0:
+        assert full is not None and part is not None
+        selected = np.isin(full[2], part[2])
+        assert selected.sum() == part[2].size == some.num_points // 3  # 3 points a cell
+        rows = np.repeat(selected, 3)
+        for whole, restricted in zip(full[:2], part[:2], strict=True):
+            assert restricted.shape[0] == some.num_points
+            np.testing.assert_array_equal(restricted, whole[rows])
 
 
 @pytest.mark.mpi

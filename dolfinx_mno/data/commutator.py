@@ -25,10 +25,12 @@ import typing
 from collections.abc import Callable
 
 import numpy as np
+import numpy.typing as npt
 import ufl
 from dolfinx import fem
 from ufl.algorithms import extract_arguments
 
+from dolfinx_mno._mpi import rank_local, same_everywhere
 from dolfinx_mno.cell_order import geometric_cell_index
 from dolfinx_mno.data.restriction import CellAverage, MassSolver, Restriction
 from dolfinx_mno.data.sample import ClosureSample, mesh_summary
@@ -39,7 +41,12 @@ from dolfinx_mno.operands import (
     describe,
     operand_components,
 )
-from dolfinx_mno.quadrature import owned_dofs, quadrature_points, quadrature_space
+from dolfinx_mno.quadrature import (
+    owned_dofs,
+    quadrature_points,
+    quadrature_space,
+    selected_cells,
+)
 from dolfinx_mno.spec import ClosureSpec
 from dolfinx_mno.validation import check_integer
 
@@ -198,15 +205,21 @@ class ClosureSampler(WithOperands):
             then the space of :attr:`filtered_tendency` and sets the target's
             ``value_shape``.
         name: Name of :attr:`target`.
+        cells: Sample these coarse cells only (local indices, as for
+            :class:`dolfinx_mno.Closure`'s ``cells=``): data for a closure that runs on
+            part of the mesh. :attr:`target` is zero elsewhere. ``None`` (the default):
+            every cell.
 
     Shapes:
         ``inputs`` ``(num_local_points, num_inputs)``, ``targets``
         ``(num_local_points, *value_shape)``, with ``num_local_points = num_owned_cells ×
-        num_points_per_cell``, in the ``(cell, point)`` order of the closure's dofs.
+        num_points_per_cell`` (the owned cells among ``cells``, if given), in the
+        ``(cell, point)`` order of the closure's dofs.
 
     Raises:
         ValueError: Operands or tendency on another mesh, shapes that do not match ``V_c``,
-            ``coarse_state`` not on the restriction's space.
+            ``coarse_state`` not on the restriction's space; ``cells`` as
+            :class:`dolfinx_mno.Closure` refuses them (on every rank).
         TypeError: Unsupported dtypes.
     """
 
@@ -221,6 +234,7 @@ class ClosureSampler(WithOperands):
         fine_tendency: Callable[[], fem.Function] | None = None,
         tendency_restriction: Restriction | None = None,
         name: str = "closure_target",
+        cells: npt.ArrayLike | None = None,
     ):
         """Set up the sampler (collective); see the class docstring for the arguments."""
         # Validate everything before the first collective call (JIT compilation).
@@ -278,13 +292,19 @@ class ClosureSampler(WithOperands):
         points = quadrature_points(mesh, self.quadrature_degree)
         self.points_per_cell = int(points.shape[0])
         tdim = mesh.topology.dim
-        self._num_cells = mesh.topology.index_map(tdim).size_local
-        self._cells = np.arange(self._num_cells, dtype=np.int32)
-        self.num_points = mesh.topology.index_map(tdim).size_global * self.points_per_cell
+        owned = mesh.topology.index_map(tdim).size_local
 
         # Collective from here on.
+        with rank_local(mesh.comm, "Setting up the closure sampler"):
+            selected = selected_cells(cells, mesh)
+        same_everywhere(
+            mesh.comm, "Setting up the closure sampler", restricted_to_cells=selected is not None
+        )
+        self._cells = np.arange(owned, dtype=np.int32) if selected is None else selected
+        self._num_cells = int(self._cells.size)
+        self.num_points = mesh.comm.allreduce(self._num_cells) * self.points_per_cell
         #: The samples' global cell indices: by position, the same on any partition.
-        self._cell_index = geometric_cell_index(mesh)
+        self._cell_index = geometric_cell_index(mesh)[self._cells]
         #: ``R t_f``: the filtered fine tendency, on ``V_c``.
         self.filtered_tendency = fem.Function(tendency_space, name="filtered_tendency", dtype=dtype)
         commutator = self.filtered_tendency - coarse_value
@@ -301,7 +321,9 @@ class ClosureSampler(WithOperands):
         self.target = fem.Function(
             quadrature_space(mesh, self.quadrature_degree, value_shape), name=name, dtype=dtype
         )
-        self._target_dofs = owned_dofs(self.target.function_space, self._num_cells)
+        self._target_dofs = owned_dofs(
+            self.target.function_space, self._num_cells if selected is None else selected
+        )
 
     @property
     def spec(self) -> ClosureSpec:
