@@ -111,6 +111,36 @@ class ClosureBase(fem.Function, WithOperands):
         """
         return self._value_dofs
 
+    def _not_copyable_message(self, action: str) -> str:
+        """Why this closure cannot be ``action`` (``"copied"``, ...), and what to do instead.
+
+        A closure holds its mesh, function space and compiled operand expression (C++
+        objects), its model's buffers and, for a non-local closure, communication plans:
+        none of them can be copied or pickled, and a shallow copy would share the C++
+        function (and the UFL identity) of the original.
+        """
+        kind = type(self).__name__
+        return (
+            f"{kind} '{self.name}' cannot be {action}: it holds DOLFINx objects (its function "
+            "space and compiled operand expression), which cannot be copied or pickled. Build "
+            f"a new {kind} from the same model and operands instead; to store the model, "
+            "write it with dolfinx_mno.save_model(path, closure.model, spec=closure.spec) "
+            f"and build {kind}(path, operands) from the file. closure.copy() returns a "
+            "dolfinx.fem.Function holding a copy of the current values."
+        )
+
+    def __copy__(self) -> typing.NoReturn:
+        """Refuse :func:`copy.copy`: see :meth:`_not_copyable_message`."""
+        raise TypeError(self._not_copyable_message("copied (copy.copy)"))
+
+    def __deepcopy__(self, memo: dict[int, typing.Any]) -> typing.NoReturn:
+        """Refuse :func:`copy.deepcopy`: see :meth:`_not_copyable_message`."""
+        raise TypeError(self._not_copyable_message("deep-copied (copy.deepcopy)"))
+
+    def __reduce_ex__(self, protocol: typing.SupportsIndex) -> typing.NoReturn:
+        """Refuse :mod:`pickle` (and ``mpi4py``'s pickled sends): see above."""
+        raise TypeError(self._not_copyable_message("pickled"))
+
     def _fill_not_updated(self) -> None:
         """Fill the values with NaN: a closure never updated must not enter a form as 0.
 

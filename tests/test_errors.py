@@ -1,5 +1,7 @@
 """Bad input gets a clear error and loses nothing — on every rank, without hangs."""
 
+import copy
+import pickle
 import re
 import time
 
@@ -434,6 +436,35 @@ def test_quadrature_degree_must_be_a_non_negative_integer(setup, kind):
             _closure(kind, u, 1, quadrature_degree=degree)
         assert str(info.value) == f"quadrature_degree must be a non-negative integer, {text}"
     assert _closure(kind, u, 1, quadrature_degree=np.int32(1)).quadrature_degree == 1
+
+
+@pytest.mark.parametrize("kind", [0, 1], ids=["Closure", "NonlocalClosure"])
+def test_copying_or_pickling_a_closure_says_what_to_do(setup, kind):
+    """DOLFINx said "cannot pickle 'dolfinx.cpp.fem.FunctionSpace_float64' object"."""
+    _, _, u = setup
+    closure = _closure(kind, u, 1, name="sgs")
+    closure.update()
+    cls = ("Closure", "NonlocalClosure")[kind]
+    for copier, action in [
+        (copy.deepcopy, "deep-copied (copy.deepcopy)"),
+        (copy.copy, "copied (copy.copy)"),
+        (pickle.dumps, "pickled"),
+    ]:
+        with pytest.raises(TypeError) as info:
+            copier(closure)
+        assert str(info.value) == (
+            f"{cls} 'sgs' cannot be {action}: it holds DOLFINx objects (its function space "
+            "and compiled operand expression), which cannot be copied or pickled. Build a "
+            f"new {cls} from the same model and operands instead; to store the model, write "
+            "it with dolfinx_mno.save_model(path, closure.model, spec=closure.spec) and "
+            f"build {cls}(path, operands) from the file. closure.copy() returns a "
+            "dolfinx.fem.Function holding a copy of the current values."
+        )
+    # The way out the message names: a plain function with a copy of the values.
+    values = closure.copy()
+    assert type(values) is fem.Function
+    np.testing.assert_array_equal(values.x.array, closure.x.array)
+    assert not np.shares_memory(values.x.array, closure.x.array)
 
 
 def test_nonlocal_sizes_and_ranks_must_be_integers(setup):
