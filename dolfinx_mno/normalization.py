@@ -90,7 +90,12 @@ class AffineNormalization(torch.nn.Module):
 
         Args:
             data: Samples, shape ``(num_samples, ...)``.
-            eps: Components with a standard deviation below ``eps`` get scale 1.
+            eps: Components whose standard deviation is at most
+                ``eps * max(1, max|x|)`` (``max|x|``: the component's largest magnitude)
+                get scale 1: a spread below ``eps`` for data of magnitude up to 1, and
+                below ``eps`` relative to the magnitude for larger data, is round-off, not
+                information to scale up. Components with a single value (``max == min``)
+                always get scale 1 and that value as their shift, exactly.
             axis: ``None`` (the default): one mean and standard deviation per component
                 of the flattened samples, shape ``(num_samples, width)``, acting on the
                 last axis. An axis ``>= 1`` (or -1): one per index along ``axis``, pooled
@@ -98,7 +103,12 @@ class AffineNormalization(torch.nn.Module):
                 fields ``(num_samples, channels, *grid)``, ``axis=1`` gives per-channel
                 statistics that do not depend on the grid size.
 
-        The standard deviation is the unbiased one (``torch.std``, ``ddof=1``).
+        The standard deviation is the unbiased one (``torch.std``, ``ddof=1``). Its
+        round-off grows with the magnitude of the data, not with its spread: the mean of a
+        column of ``1e7 / 3`` is off by an ulp, and ``torch.std`` of that column gives
+        4.7e-10 (or 0, depending on the number of samples and the width of the array), a
+        scale that would blow its round-off up to order one. Hence the rule relative to
+        the magnitude, the same for any number of samples and components.
         """
         data = torch.as_tensor(data, dtype=torch.float64)
         if data.ndim == 0 or data.shape[0] == 0:
@@ -120,9 +130,14 @@ class AffineNormalization(torch.nn.Module):
                     f"{tuple(data.shape)}, got {axis}."
                 )
             data = data.movedim(axis, -1).reshape(-1, data.shape[axis])
-        std = data.std(dim=0)
-        std = torch.where(std > eps, std, torch.ones_like(std))
-        return cls(shift=data.mean(dim=0), scale=std, width=data.shape[1], axis=axis)
+        mean, std = data.mean(dim=0), data.std(dim=0)
+        lowest, highest = data.min(dim=0).values, data.max(dim=0).values
+        single = lowest == highest  # one sample, or a constant component
+        magnitude = torch.maximum(lowest.abs(), highest.abs()).clamp(min=1.0)
+        constant = single | ~(std > eps * magnitude)
+        std = torch.where(constant, torch.ones_like(std), std)
+        mean = torch.where(single, lowest, mean)
+        return cls(shift=mean, scale=std, width=data.shape[1], axis=axis)
 
     def _along_axis(self, value: torch.Tensor, ndim: int) -> torch.Tensor:
         """``value``, shape ``(width,)``, shaped to broadcast along ``axis`` of ``ndim`` axes."""

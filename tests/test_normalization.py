@@ -27,6 +27,39 @@ def test_affine_normalization_from_data():
         mno.AffineNormalization(shift=[1.0, 2.0, 3.0], width=2)
 
 
+def test_constant_components_get_scale_one_whatever_the_width():
+    """A constant column of 1e7/3 alone got its round-off, 4.66e-10, as scale (1.0 if wider)."""
+    torch.manual_seed(0)
+    value = 1e7 / 3
+    constant = torch.full((1000, 1), value, dtype=torch.float64)
+    assert constant.std(dim=0).item() > 1e-10  # torch's round-off, the old scale
+    alone = mno.AffineNormalization.from_data(constant)
+    assert alone.scale.item() == 1.0 and alone.shift.item() == value
+    assert torch.all(alone(constant) == 0.0)
+    # In a wider array, next to a normal column, a real spread of 1e-6 and 1 ulp of 1e7/3.
+    ulp = np.spacing(value)
+    columns = [
+        constant[:, 0],
+        torch.randn(1000, dtype=torch.float64) * 5.0 + 3.0,
+        1e-6 * torch.randn(1000, dtype=torch.float64),
+        value + ulp * (torch.arange(1000, dtype=torch.float64) % 2),
+        1e-13 * torch.randn(1000, dtype=torch.float64),  # below eps: documented scale 1
+    ]
+    data = torch.stack(columns, dim=1)
+    wide = mno.AffineNormalization.from_data(data)
+    std = data.std(dim=0)
+    assert 9e-7 < std[2] < 1.1e-6 and 0 < std[3] < 1e-9
+    assert wide.scale.tolist() == [1.0, std[1].item(), std[2].item(), 1.0, 1.0]
+    assert wide.shift[0].item() == value
+    torch.testing.assert_close(wide.shift[1:], data[:, 1:].mean(dim=0), rtol=0, atol=0)
+    # Per channel of fields (axis=1), pooled over the grid: the same rule.
+    fields = torch.stack([constant[:, 0].reshape(10, 100), columns[1].reshape(10, 100)], 1)
+    channels = mno.AffineNormalization.from_data(fields, axis=1)
+    assert channels.scale.tolist() == [1.0, std[1].item()]
+    # eps=0: an exactly constant component still gets scale 1, not 0 or its round-off.
+    assert mno.AffineNormalization.from_data(constant, eps=0.0).scale.item() == 1.0
+
+
 def test_per_channel_statistics_equal_numpy():
     """axis=1: one mean and (unbiased) standard deviation per channel, pooled over the rest."""
     rng = np.random.default_rng(0)
