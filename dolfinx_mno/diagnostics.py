@@ -64,7 +64,9 @@ __all__ = [
 #: A field of :class:`Correlation`: a function or a scalar UFL expression.
 FieldLike = fem.Function | ufl.core.expr.Expr
 
-#: A field whose variance is below this multiple of the rounding of its mean is constant.
+#: A field whose variance is below this multiple of the rounding of its mean is constant;
+#: one whose root mean square on a partial measure is below this multiple of eps times its
+#: root mean square over the cells is zero there.
 _ROUNDING_FACTOR = 16.0
 
 
@@ -132,12 +134,17 @@ class Correlation:
         centered: Remove the domain means first (Pearson correlation); else uncentered.
         dx: The measure of the integrals (e.g. ``ufl.Measure("dx", domain=mesh,
             metadata={"quadrature_degree": 6})``); by default ``ufl.dx`` on the fields'
-            mesh, with UFL's estimated degree. The means are over this measure too.
+            mesh, with UFL's estimated degree. The means are over this measure too. Any
+            measure on the mesh: ``ufl.ds``, ``ufl.dS``, a subdomain. On a measure over
+            part of the mesh, a field is also compared with itself over the whole mesh
+            (``∫a² dx`` over every cell, with the quadrature metadata of ``dx``, two more
+            forms): a field that vanishes there up to rounding is refused as zero.
 
     Attributes:
         centered: Whether the means are removed.
         dtype: The scalar type of the forms.
         area: ``∫ 1 dx``, what the means are taken over (computed once).
+        whole_mesh: Whether ``dx`` is the cell measure over the whole mesh.
 
     Raises:
         ValueError: A field that is not scalar, fields on several meshes (or none), a
@@ -185,15 +192,22 @@ class Correlation:
         # float32) would make the means too inexact to tell a constant field from one
         # that varies.
         mesh = Mesh(typing.cast(typing.Any, domain).ufl_cargo(), typing.cast(ufl.Mesh, domain))
-        cells = ufl.TestFunction(fem.functionspace(mesh, ("DG", 0)))
-        if measure.integral_type() == "interior_facet":
-            cells = ufl.avg(cells)
+        indicators = ufl.TestFunction(fem.functionspace(mesh, ("DG", 0)))
+        cells = ufl.avg(indicators) if measure.integral_type() == "interior_facet" else indicators
 
-        def compile_forms(integrands: Sequence[ufl.core.expr.Expr]) -> list[fem.Form]:
-            return [fem.form(integrand * cells * measure, dtype=dtype) for integrand in integrands]
+        def compile_forms(
+            integrands: Sequence[ufl.core.expr.Expr], over: ufl.Measure = measure
+        ) -> list[fem.Form]:
+            test = cells if over is measure else indicators
+            return [fem.form(integrand * test * over, dtype=dtype) for integrand in integrands]
 
         fa, fb = fields
         one = ufl.as_ufl(dtype.type(1.0))
+        # A measure over part of the mesh (facets, a subdomain) needs the fields' scale over
+        # the cells to tell a field that is zero there up to rounding (sin(πx) on x = 1).
+        self.whole_mesh = (
+            measure.integral_type() == "cell" and measure.subdomain_id() == "everywhere"
+        )
         # Collective from here on (JIT compilation).
         (self._area_form,) = compile_forms([one])
         self._comm: MPI.Comm = mesh.comm
@@ -203,13 +217,21 @@ class Correlation:
             fa, fb = fa - self._mean_a, fb - self._mean_b
             self._mean_forms = compile_forms(fields)
         self._moment_forms = compile_forms([fa * fa, fb * fb, fa * fb])
-        (area,) = self._sum([self._area_form])
+        mesh_cells = ufl.Measure("dx", domain=domain, metadata=measure.metadata())
+        if not self.whole_mesh:
+            a, b = fields
+            self._moment_forms += compile_forms([a * a, b * b], over=mesh_cells)
+        areas = self._sum(
+            [self._area_form] + ([] if self.whole_mesh else compile_forms([one], mesh_cells))
+        )
+        area = areas[0]
         if not area > 0.0:  # global: the same on every rank
             raise ValueError(
                 f"The measure of the correlation covers no part of the mesh (its area is "
                 f"{area}); pass a measure over the cells to correlate on."
             )
         self.area = float(area)
+        self._mesh_area = float(areas[-1])
 
     def _sum(self, forms: Sequence[fem.Form]) -> np.ndarray:
         """The global integrals of ``forms``, summed in rank order (collective)."""
@@ -228,6 +250,34 @@ class Correlation:
             total += row
         return total
 
+    def _check_varies(self, name: str, squares: float, scale: float) -> None:
+        """Refuse field ``name`` if ``squares``, ``∫(a - ā)²``, is rounding (rank-local).
+
+        ``scale`` is the larger of ``ā²`` and the field's mean square over the mesh's
+        cells: a constant ``c`` leaves ``(a - ā)² ~ (eps c)²``, and a field evaluated where
+        it vanishes (``sin(πx)`` at ``x = 1``) leaves values of about eps times its size.
+        The integrals are global, summed in rank order: every rank decides the same.
+        """
+        eps = float(np.finfo(self.dtype).eps)
+        threshold = (_ROUNDING_FACTOR * eps) ** 2 * scale * abs(self.area)
+        # NaN or Inf (a blown-up field) is no rounding: the call returns NaN, as documented.
+        if not (math.isfinite(squares) and squares <= threshold):
+            return
+        what = "constant (zero after removing its mean)" if self.centered else "zero"
+        where = ""
+        if not self.whole_mesh:
+            deviation = "deviation from its mean" if self.centered else "root mean square"
+            where = (
+                f" on the measure of the correlation, to rounding (its {deviation} there is "
+                f"at most {_ROUNDING_FACTOR:g} eps times its root mean square over the mesh's "
+                "cells)"
+            )
+        raise ValueError(
+            f"Field {name} of the correlation is {what}{where}: the correlation is 0/0. "
+            "Correlate fields that vary"
+            + (", or pass centered=False to keep the mean." if self.centered else ".")
+        )
+
     def __call__(self) -> float:
         """The correlation of the fields' current values (collective).
 
@@ -237,7 +287,14 @@ class Correlation:
 
         Raises:
             ValueError: On every rank, if a field is zero (uncentered) or constant
-                (centred): the correlation is 0/0.
+                (centred): the correlation is 0/0. Zero and constant are to rounding:
+                ``∫(a - ā)² ≤ (16 eps)² max(ā², ⟨a²⟩) ∫1``, with ``ā`` the mean over
+                ``dx`` (0 uncentred) and ``⟨a²⟩`` the mean square of ``a`` over the
+                mesh's cells, so that a field evaluated where it vanishes (``sin(πx)`` on
+                ``x = 1`` with ``dx=ufl.ds``, ~1e-16 there) is refused on every number of
+                ranks instead of giving noise; on the whole mesh, only exact zeros and
+                constants to the rounding of their mean. The integrals are global, so
+                every rank decides the same before any further collective call.
         """
         if self.centered:
             integral_a, integral_b = self._sum(self._mean_forms)
@@ -246,17 +303,17 @@ class Correlation:
             self._mean_b.value = means[1]
         else:
             means = (0.0, 0.0)
-        squares_a, squares_b, product = self._sum(self._moment_forms)
-        eps = float(np.finfo(self.dtype).eps)
-        for name, squares, mean in (("a", squares_a, means[0]), ("b", squares_b, means[1])):
-            # A constant c leaves (a - ā)² ~ (eps c)²: rounding, not a fluctuation.
-            if squares <= (_ROUNDING_FACTOR * eps * mean) ** 2 * abs(self.area):
-                what = "constant (zero after removing its mean)" if self.centered else "zero"
-                raise ValueError(
-                    f"Field {name} of the correlation is {what}: the correlation is 0/0. "
-                    "Correlate fields that vary"
-                    + (", or pass centered=False to keep the mean." if self.centered else ".")
-                )
+        moments = self._sum(self._moment_forms)
+        squares_a, squares_b, product = moments[:3]
+        if self.whole_mesh:  # the mean squares over the mesh: ∫(a - ā)² / |Ω| + ā²
+            mesh_squares = [squares_a / self.area + means[0] ** 2,
+                            squares_b / self.area + means[1] ** 2]  # fmt: skip
+        else:
+            mesh_squares = [moment / self._mesh_area for moment in moments[3:]]
+        for name, squares, mean, scale in zip(
+            "ab", (squares_a, squares_b), means, mesh_squares, strict=True
+        ):
+            self._check_varies(name, squares, max(mean**2, scale))
         # Two roots, not the root of the product: squares_a * squares_b overflows (or
         # underflows) for fields of magnitude ~1e±77, whose correlation is still 1.
         return float(product / (math.sqrt(squares_a) * math.sqrt(squares_b)))

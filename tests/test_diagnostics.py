@@ -196,6 +196,39 @@ def test_correlation_errors_agree_on_all_ranks(tiny_square):
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("centered", [False, True])
+def test_a_field_zero_on_the_measure_up_to_rounding_is_refused(tiny_square, centered):
+    """sin(πx) sin(πy) on the boundary is ~1e-16: the correlation was noise that changed with
+    the number of ranks (0.654, 0.643, 0.736 on 1, 2, 3 ranks for P2 on 8 × 8 cells)."""
+    comm = tiny_square.comm
+    x = ufl.SpatialCoordinate(tiny_square)
+    u = fem.Function(fem.functionspace(tiny_square, ("Lagrange", 2)))
+    u.interpolate(lambda x: np.sin(np.pi * x[0]) * np.sin(np.pi * x[1]))
+    boundary = comm.allreduce(np.max(np.abs(u.x.array[u.x.array < 0.5]), initial=0), MPI.MAX)
+    assert 0 < boundary < 1e-15  # rounding: not exactly 0 (sin(π) = 1.2e-16)
+    expression = ufl.sin(ufl.pi * x[0]) * ufl.sin(ufl.pi * x[1])
+    other = 1.0 + x[0] + x[1] ** 2
+    what = "constant (zero after removing its mean)" if centered else "zero"
+    deviation = "deviation from its mean" if centered else "root mean square"
+    message = (
+        f"Field a of the correlation is {what} on the measure of the correlation, to rounding "
+        f"(its {deviation} there is at most 16 eps times its root mean square over the "
+        "mesh's cells): the correlation is 0/0. Correlate fields that vary"
+        + (", or pass centered=False to keep the mean." if centered else ".")
+    )
+    for field in (u, expression):
+        with pytest.raises(ValueError) as error:
+            mno.correlation(field, other, dx=ufl.ds, centered=centered)
+        assert comm.allgather(str(error.value)) == [message] * comm.size
+    # A small but real spread on the boundary is a field: x/1e12 dominates the rounding.
+    expected = mno.correlation(x[0], other, dx=ufl.ds, centered=centered)
+    assert abs(expected) > 0.1
+    assert mno.correlation(
+        expression + 1e-12 * x[0], other, dx=ufl.ds, centered=centered
+    ) == pytest.approx(expected, abs=1e-3)
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize(
     ("dtype", "cells", "element", "value"),
     [
