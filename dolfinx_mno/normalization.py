@@ -9,6 +9,7 @@ the closure tangent is computed.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 
 import torch
@@ -218,4 +219,6 @@ class NormalizedModel(torch.nn.Module):
         y = self.model(self.input_normalization(x))
         if self.output_normalization.axis != -1:
             return self.output_normalization.inverse(y)
-        return self.output_normalization.inverse(y.reshape(y.shape[0], -1)).reshape(y.shape)
+        # An explicit width: reshape(0, -1) fails on an empty batch (a rank without points).
+        flat = y.reshape(y.shape[0], math.prod(y.shape[1:]))
+        return self.output_normalization.inverse(flat).reshape(y.shape)

@@ -801,11 +801,22 @@ class Masked(torch.nn.Module):
         return self.model(x[:, :3]) * (x[:, 4:5] > x[:, 3:4])
 
 
-def _restricted_step(msh, implicit, restricted):
-    """A heat step whose closure acts above the diagonal only: by ``cells=`` or a mask."""
+def _restricted_step(msh, implicit, restricted, normalized=False):
+    """A heat step whose closure acts above the diagonal only: by ``cells=`` or a mask.
+
+    ``normalized``: the model is a :class:`~dolfinx_mno.NormalizedModel` (as ``fit``
+    returns), and the boundary is free (the tiny square has no interior vertex).
+    """
     u_n, uh = heat_functions(msh, 1, initial)
     state = uh if implicit else u_n
     model = mlp(3, 2 if implicit else 1, seed=5)
+    if normalized:
+        width = 2 if implicit else 1
+        model = mno.NormalizedModel(
+            model,
+            mno.AffineNormalization(0.5, 2.0, width=3),
+            mno.AffineNormalization(0.1, 0.5, width=width),
+        )
     operands = [state, ufl.grad(state)]
     if restricted:
         cells = mesh.locate_entities(msh, 2, lambda x: x[1] >= x[0] - 1e-12)
@@ -817,10 +828,11 @@ def _restricted_step(msh, implicit, restricted):
     prefix = f"restricted{int(implicit)}{int(restricted)}_"
     if implicit:
         with torch.no_grad():  # a mild closure: Newton converges in a few iterations
-            model[2].weight.mul_(0.2)
+            (model.model if normalized else model)[2].weight.mul_(0.2)
         flux = DT * ufl.inner(closure, ufl.grad(v)) * closure.dx
-        return implicit_heat(u_n, uh, flux, prefix), [closure]
-    return imex_heat(u_n, uh, DT * closure * v * closure.dx, prefix), [closure]
+        return implicit_heat(u_n, uh, flux, prefix, bcs=not normalized), [closure]
+    explicit = DT * closure * v * closure.dx
+    return imex_heat(u_n, uh, explicit, prefix, bcs=not normalized), [closure]
 
 
 @pytest.mark.mpi
@@ -843,5 +855,24 @@ def test_restricted_closure_gradients(implicit):
             remainders = taylor_parameters(rollout, closures, u0, targets(rollout))
             assert remainders[0] > 1e-9
             assert min(rates(remainders)) >= 1.9
+    assert np.linalg.norm(flat[1]) > 1e-4
+    assert np.linalg.norm(flat[0] - flat[1]) <= 1e-12 * np.linalg.norm(flat[1])
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("implicit", [False, True])
+def test_restricted_normalized_closure_on_a_rank_without_its_cells(implicit, tiny_square):
+    """A fitted (normalised) model on one cell of two: a rank that owns none of it.
+
+    On 2 and 3 ranks some rank has no point of the closure; the normalised model's output
+    of an empty batch reshaped by ``-1`` failed there (``cannot reshape tensor of 0
+    elements``). The gradient is that of the masked model on every cell.
+    """
+    flat = []
+    for restricted in (True, False):
+        stepper, closures = _restricted_step(tiny_square, implicit, restricted, normalized=True)
+        rollout = Rollout(stepper)
+        u0 = rollout.initial_state()
+        flat.append(flat_gradient(rollout.gradient(u0, targets(rollout), closures=closures)))
     assert np.linalg.norm(flat[1]) > 1e-4
     assert np.linalg.norm(flat[0] - flat[1]) <= 1e-12 * np.linalg.norm(flat[1])
