@@ -325,8 +325,13 @@ class Closure(ClosureBase):
         """The owned cells the model runs on (local indices), or ``None``: every cell.
 
         Set by ``cells=``; outside these cells the closure and its tangent are zero.
+        Read-only: the closure evaluates its operands on these very indices.
         """
-        return None if isinstance(self._selection, int) else self._selection
+        if isinstance(self._selection, int):
+            return None
+        view = self._selection.view()  # the evaluator's own index: read-only
+        view.flags.writeable = False
+        return view
 
     @property
     def device(self) -> torch.device:
@@ -417,7 +422,10 @@ class Closure(ClosureBase):
     # -- evaluation -------------------------------------------------------------------
 
     def enable_tangent(self) -> fem.Function:
-        """Compute the tangent at every update from now on; returns :attr:`tangent`."""
+        """Compute the tangent at every update from now on; returns :attr:`tangent`.
+
+        Collective the first time (it creates the tangent's function space).
+        """
         if self._tangent is None:
             mesh = self.function_space.mesh
             space = quadrature_space(
@@ -428,6 +436,7 @@ class Closure(ClosureBase):
             # NaN until an update computes it; 0 (constant values) outside ``cells``.
             self._tangent.x.array[:] = np.nan if self.cells is None else 0.0
             self._tangent.x.array[self._tangent_dofs] = np.nan
+            self._tangent.x.scatter_forward()  # the ghosts of cells their owners selected
             self._tangent._mno_quadrature_degree = self.quadrature_degree  # type: ignore
             self._tangent._mno_tangent_of = weakref.ref(self)  # type: ignore[attr-defined]
             register_tangent(self, self._tangent)

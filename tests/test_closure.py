@@ -202,7 +202,8 @@ def test_restricted_model_never_runs_outside_its_cells():
     """A model undefined below the diagonal: it fails on every cell, works on its own.
 
     The values are NaN on the selected cells until the first update and zero elsewhere,
-    ghosts included; the tangent too.
+    ghosts included; the tangent too (its ghosts were 0 on 2 ranks); ``cells`` is
+    read-only.
     """
     msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
     u = fem.Function(fem.functionspace(msh, ("Lagrange", 1)))
@@ -220,6 +221,10 @@ def test_restricted_model_never_runs_outside_its_cells():
     selected = np.zeros(values.shape[0], dtype=bool)
     selected[cells] = True
     assert np.isnan(values[selected]).all() and not values[~selected].any()
+    tangent = closure.tangent.x.array.reshape(values.shape[0], 3, 3)
+    assert np.isnan(tangent[selected]).all() and not tangent[~selected].any()  # ghosts too
+    with pytest.raises(ValueError, match="read-only"):
+        closure.cells[:] = 0  # the evaluator's own index: not to be changed
     closure.update()
     v = ufl.TestFunction(u.function_space)
     tags = mesh.meshtags(msh, 2, cells, np.ones_like(cells))
