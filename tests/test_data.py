@@ -920,6 +920,14 @@ def test_bad_input_leaves_the_file_valid(tmp_path):
             points_per_cell=1,
             metadata={"num_complete": 3},
         )
+    # No point at all (a sampler whose cells= select none on any rank): refused before the
+    # file is made, not by h5py's "Chunk shape must not be greater than data shape" after.
+    empty = tmp_path / "empty.h5"
+    with pytest.raises(ValueError, match=r"num_points must be positive, got 0 \(a Closure"):
+        ClosureDataWriter(
+            empty, MPI.COMM_SELF, num_inputs=3, value_shape=(), num_points=0, points_per_cell=3
+        )
+    assert not empty.exists()
 
 
 def _sampler(comm, method, marker=None):

@@ -453,8 +453,9 @@ class ClosureDataWriter(_SampleFileWriter):
             an operating-system crash, not only a crash of the process.
 
     Raises:
-        ValueError: Bad shapes or mode; reopening a file whose metadata differ (nothing is
-            changed then); a file that is not closure data.
+        ValueError: Bad shapes or mode (``num_points`` of 0: a sampler whose ``cells=``
+            select no cell); reopening a file whose metadata differ (nothing is changed
+            then); a file that is not closure data.
         FileExistsError: ``mode="x"`` and the file exists.
         BlockingIOError: Another process holds the file open (a writer or a reader); on
             every rank, before the file is changed (``mode="w"`` included).
@@ -484,6 +485,11 @@ class ClosureDataWriter(_SampleFileWriter):
             raise ValueError(
                 f"Need num_inputs ≥ 1 and a positive value_shape, got {self.num_inputs} and "
                 f"{self.value_shape}."
+            )
+        if self.num_points < 1:  # rank-independent: num_points counts every rank's points
+            raise ValueError(
+                f"num_points must be positive, got {self.num_points} (a ClosureSampler whose "
+                "cells= select no cell on any rank has no point to write)."
             )
         if self.points_per_cell < 1 or self.num_points % self.points_per_cell:
             raise ValueError(
