@@ -11,7 +11,11 @@ does the same arithmetic but records a graph, allocates every intermediate, and 
 backward pass per output component (or a batched one through ``vmap``).
 
 The values alone use the same buffers: linear layers write with ``out=`` and activations
-work in place, so a chunk allocates nothing. The results are those of the model (the same
+work in place, so a chunk allocates nothing. What each kernel call takes (the buffers'
+views, NumPy's views of them, each weight transposed) is bound once per chunk size, in a
+plan that is rebuilt when a parameter is replaced or given new memory (tested by identity
+at every call): rebuilding it at every chunk cost 15-20 µs a chunk, more than the kernels
+of a small one. The results are those of the model (the same
 ``addmm`` kernels; the tangent agrees with autograd to round-off);
 :class:`~dolfinx_mno.pointwise_kernel.PointwiseKernel` checks this on a sample and keeps
 the fused pass only where it measures faster.
@@ -216,6 +220,10 @@ class SequentialMLP:
         self._cotangents: list[torch.Tensor] = []
         self._post: dict[int, torch.Tensor] = {}
         self._widths: list[int] = []
+        # Bumped whenever a buffer the plans hold views of is reallocated.
+        self._generation = 0
+        # Values plans by (points, numpy tanh, numpy GEMM, generation): see _values_plan.
+        self._plans: dict[tuple[int, bool, bool, int], _Plan] = {}
         #: One of :data:`TANH_KERNELS` (see :meth:`use_tanh_kernel`).
         self.tanh_kernel = "torch"
         #: One of :data:`GEMM_KERNELS` (see :meth:`use_gemm_kernel`).
@@ -343,6 +351,7 @@ class SequentialMLP:
             if layer.kind == "gelu":
                 self._post[linear] = torch.empty((points, layer.width), dtype=dtype, device=device)
         self._capacity = points
+        self._generation += 1
 
     def _cotangent(self, index: int, n: int) -> torch.Tensor:
         """The contiguous ``(num_outputs, n, width)`` cotangent before linear layer ``index``."""
@@ -402,6 +411,7 @@ class SequentialMLP:
             with torch.inference_mode(False):
                 buffer = torch.empty_like(like, memory_format=torch.contiguous_format)
             self._folded[key] = buffer
+            self._generation += 1
         return buffer
 
     def _weight_and_bias(
@@ -436,10 +446,8 @@ class SequentialMLP:
                 "built (its fused MLP pass follows the ones it was built with); build a new "
                 "closure for the new model"
             )
-        if self._model is not None and (
-            len(self._model) != len(self._members)
-            or any(a is not b for a, b in zip(self._model, self._members, strict=False))
-        ):
+        # Modules compare by identity: one tuple comparison of the current members.
+        if self._model is not None and tuple(self._model._modules.values()) != self._members:
             raise RuntimeError(
                 "the model's layers were replaced after the closure was built (its fused MLP "
                 "pass follows the layers it was built with); build a new closure for the "
@@ -447,29 +455,73 @@ class SequentialMLP:
             )
 
     def values(self, x: torch.Tensor) -> torch.Tensor:
-        """``model(x)`` for ``(n, num_inputs)``; a view of a buffer, ``(n, num_outputs)``."""
+        """``model(x)`` for ``(n, num_inputs)``; a view of a buffer, ``(n, num_outputs)``.
+
+        Runs the chunk's :class:`_Plan` (its views and weights bound once, see
+        :meth:`_values_plan`): per layer one kernel call and nothing else.
+        """
         self._check_unchanged()
         self._ensure(x)
         self._fold()
-        n = x.shape[0]
-        h = x
-        linear = 0
         numpy_tanh = self._numpy_tanh_for(x)  # once a chunk, not once a layer
         numpy_gemm = self._numpy_gemm_for(x)
-        threads = torch_threads() if numpy_gemm else contextlib.nullcontext()
-        with torch.no_grad(), threads:
-            for layer in self.layers:
-                if layer.kind == "linear":
-                    out = self._activations[linear][:n]
-                    weight, bias = self._weight_and_bias(linear, layer.module)
-                    _linear(h, weight, bias, out, numpy_gemm)
-                    h = out
-                    linear += 1
-                elif layer.kind == "gelu":  # out of place: z stays for the derivative
-                    h = _gelu(h, layer, self._post[linear - 1][:n])
-                else:  # h is a buffer (the last layer is linear): its own memory
-                    _activate(h, layer.kind, numpy_tanh)
-        return h
+        plan = self._values_plan(x.shape[0], numpy_tanh, numpy_gemm)
+        if not numpy_gemm and not torch.is_grad_enabled():  # inference mode: nothing to enter
+            return _run(plan, x, False)
+        with torch.no_grad(), torch_threads() if numpy_gemm else contextlib.nullcontext():
+            return _run(plan, x, numpy_gemm)
+
+    def _values_plan(self, n: int, numpy_tanh: bool, numpy_gemm: bool) -> _Plan:
+        """The values pass for chunks of ``n`` points with these kernels, built once.
+
+        A plan holds views of the buffers (and NumPy's views of them) and each linear
+        layer's weight as the kernel takes it (``W.t()``, or NumPy's ``Wᵀ``): building
+        them at every chunk cost more than the kernels of a small chunk. It is rebuilt when
+        what it holds may have changed: a buffer reallocated (:attr:`_generation`), a
+        parameter replaced (``layer.weight = nn.Parameter(...)``,
+        ``load_state_dict(..., assign=True)``) or given new memory (``weight.data = ...``),
+        which :meth:`_Plan.current` tests by identity at every call.
+        """
+        key = (n, numpy_tanh, numpy_gemm, self._generation)
+        plan = self._plans.get(key)
+        if plan is not None and plan.current():
+            return plan
+        if len(self._plans) >= 8:  # stale generations, or many chunk sizes (rollouts)
+            self._plans.clear()
+        # Normal views (usable in and out of inference mode), without autograd's history.
+        with torch.inference_mode(False), torch.no_grad():
+            plan = self._build_plan(n, numpy_tanh, numpy_gemm)
+        self._plans[key] = plan
+        return plan
+
+    def _build_plan(self, n: int, numpy_tanh: bool, numpy_gemm: bool) -> _Plan:
+        """A new :class:`_Plan` for chunks of ``n`` points (see :meth:`_values_plan`)."""
+        steps: list[tuple[typing.Any, ...]] = []
+        sources: list[tuple[dict, torch.Tensor | None, torch.Tensor | None, int]] = []
+        linear = 0
+        for layer in self.layers:
+            if layer.kind == "linear":
+                module = layer.module
+                weight_source, bias_source = _tensor(module.weight), module.bias
+                if bias_source is not None:
+                    bias_source = _tensor(bias_source)
+                sources.append(
+                    (module._parameters, weight_source, bias_source, weight_source.data_ptr())
+                )
+                out = self._activations[linear][:n]
+                weight, bias = self._weight_and_bias(linear, module)
+                operand = _array(weight).T if numpy_gemm else weight.t()
+                steps.append((_LINEAR, out, _array(out) if numpy_gemm else None, operand, bias))
+                linear += 1
+            elif layer.kind == "gelu":  # out of place: z stays for the derivative
+                post = self._post[linear - 1][:n]
+                steps.append((_GELU, post, _array(post) if numpy_gemm else None, layer, None))
+            else:  # in place on the previous linear layer's output
+                out = self._activations[linear - 1][:n]
+                kind = "numpy" if layer.kind == "tanh" and numpy_tanh else layer.kind
+                array = _array(out) if kind == "numpy" else None
+                steps.append((_ACTIVATE, out, array, kind, None))
+        return _Plan(tuple(steps), tuple(sources))
 
     def fresh_values(self, x: torch.Tensor) -> torch.Tensor:
         """``model(x)`` into a new ``(n, num_outputs)`` tensor, without a graph.
@@ -571,6 +623,62 @@ class SequentialMLP:
                 g.copy_(rows.unsqueeze(1).expand(g.shape))
             out.copy_(g.transpose(0, 1))
         return y, True
+
+
+_LINEAR, _GELU, _ACTIVATE = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """A values pass for one chunk size, its operands bound (:meth:`SequentialMLP._values_plan`).
+
+    ``steps``: per layer ``(_LINEAR, out, out_array, weight operand, bias)``,
+    ``(_GELU, out, out_array, layer, None)`` or ``(_ACTIVATE, buffer, its array or None,
+    kind, None)`` with ``kind`` ``"numpy"`` (NumPy's tanh), ``"tanh"`` or ``"sigmoid"``.
+    ``sources``: per linear layer its ``_parameters``, the weight and bias there at build
+    time and the weight's data pointer.
+    """
+
+    steps: tuple[tuple[typing.Any, ...], ...]
+    sources: tuple[tuple[dict, torch.Tensor | None, torch.Tensor | None, int], ...]
+
+    def current(self) -> bool:
+        """Whether every linear layer still has the weight and bias the plan was built with."""
+        for parameters, weight, bias, pointer in self.sources:
+            if (
+                parameters.get("weight") is not weight
+                or parameters.get("bias") is not bias
+                or weight is None
+                or weight.data_ptr() != pointer
+            ):
+                return False
+        return True
+
+
+def _run(plan: _Plan, x: torch.Tensor, numpy_gemm: bool) -> torch.Tensor:
+    """Run ``plan`` on ``x``; the output is a view of the last linear layer's buffer."""
+    h, h_array = x, typing.cast(typing.Any, _array(x) if numpy_gemm else None)
+    for kind, out, out_array, operand, bias in plan.steps:
+        if kind == _LINEAR:
+            if numpy_gemm:
+                np.matmul(h_array, operand, out=out_array)
+                if bias is not None:
+                    out.add_(bias)
+            elif bias is not None:
+                torch.addmm(bias, h, operand, out=out)
+            else:
+                torch.mm(h, operand, out=out)
+            h, h_array = out, out_array
+        elif kind == _ACTIVATE:  # in place on h, the previous linear layer's output
+            if operand == "numpy":
+                np.tanh(out_array, out=out_array)
+            elif operand == "tanh":
+                torch.tanh(out, out=out)
+            else:
+                torch.sigmoid(out, out=out)
+        else:
+            h, h_array = _gelu(h, operand, out), out_array
+    return h
 
 
 class MLPFunction(torch.autograd.Function):

@@ -1,5 +1,6 @@
 """How a model is run: tangent modes, their choice, chunk sizes, compilation and its fallback."""
 
+import copy
 import functools
 import math
 import warnings
@@ -805,6 +806,43 @@ def test_fused_mlp_pass_refuses_a_model_whose_layers_were_replaced():
     model[2] = torch.nn.Linear(16, 16).double().eval()  # weights the buffers do not follow
     with pytest.raises(RuntimeError, match="layers were replaced after the closure was built"):
         ev.evaluate()
+
+
+@pytest.mark.parametrize("gemm", ["torch", "numpy"])
+@pytest.mark.parametrize("normalized", [False, True])
+def test_fused_mlp_pass_follows_parameters_replaced_between_updates(gemm, normalized):
+    """The fused values pass binds each layer's weight once (its plan); a weight or bias
+    replaced, given new memory or changed in place between updates is used by the next
+    one: every update's values are the model's own, to round-off."""
+    layers = [torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)]
+    model = normalized_mlp(layers, 2) if normalized else plain_mlp(2)
+    inner = model.model if normalized else model
+    first, last = inner[0], inner[-1]
+    ev = evaluator(model, 3, 2, 3000, batch_size=1024)  # three chunks, the last shorter
+    assert ev.plan["values_path"] == "sequential"
+    ev.kernel._mlp.use_gemm_kernel(gemm, torch.float64, CPU)
+    generator = torch.Generator().manual_seed(5)
+
+    def new(tensor):
+        return torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype) - 0.5
+
+    other = copy.deepcopy(model)
+    for parameter in other.parameters():
+        parameter.data = new(parameter)
+    changes = [
+        lambda: setattr(first, "weight", torch.nn.Parameter(new(first.weight))),
+        lambda: setattr(last, "bias", torch.nn.Parameter(new(last.bias))),
+        lambda: setattr(last.weight, "data", new(last.weight)),  # new memory, same Parameter
+        lambda: first.weight.data.mul_(2.0),  # in place
+        lambda: model.load_state_dict(other.state_dict(), assign=True),
+    ]
+    x = torch.from_numpy(ev.inputs)
+    for change in [lambda: None, *changes]:
+        change()
+        ev.evaluate()
+        with torch.no_grad():
+            expected = model(x).numpy()
+        np.testing.assert_allclose(ev.outputs, expected, rtol=1e-13, atol=1e-13)
 
 
 def normalized_mlp(layers, num_outputs, dtype=torch.float64, scalar_output=False):
