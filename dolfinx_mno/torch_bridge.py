@@ -454,6 +454,9 @@ class PointwiseEvaluator:
         # writes operands into the first and reads closure values from the second.
         self._inputs = torch.empty((num_points, num_inputs), dtype=torch_host, pin_memory=pin)
         self._outputs = torch.empty((num_points, num_outputs), dtype=torch_host, pin_memory=pin)
+        # NumPy's views, made once (``.numpy()`` costs a microsecond at every call).
+        self._inputs_array = self._inputs.numpy()
+        self._outputs_array = self._outputs.numpy()
         self._tangents: torch.Tensor | None = None
         self._chunk_tangents: torch.Tensor | None = None
         self._tangent_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -461,6 +464,9 @@ class PointwiseEvaluator:
         # Device-side input buffer in the model's dtype (the cast happens on copy).
         self._chunk_inputs = torch.zeros((chunk, num_inputs), dtype=self.dtype, device=device)
         self._non_blocking = pin
+        # The values pass's chunks, their views bound (_values_plan), and what they follow.
+        self._plan: list[tuple[typing.Any, ...]] = []
+        self._plan_key: tuple[bool, torch.Tensor] | None = None
         # On the CPU with matching dtypes the host buffer can be fed to the model directly.
         self._zero_copy = device.type == "cpu" and self.dtype == torch_host
         # Compiled functions take one chunk shape: a shorter last chunk is padded.
@@ -470,12 +476,12 @@ class PointwiseEvaluator:
     @property
     def inputs(self) -> npt.NDArray[np.floating]:
         """Host input buffer, shape ``(num_points, num_inputs)``, written by the caller."""
-        return self._inputs.numpy()
+        return self._inputs_array
 
     @property
     def outputs(self) -> npt.NDArray[np.floating]:
         """Host output buffer, shape ``(num_points, num_outputs)``."""
-        return self._outputs.numpy()
+        return self._outputs_array
 
     @property
     def tangents(self) -> npt.NDArray[np.floating]:
@@ -621,48 +627,40 @@ class PointwiseEvaluator:
         reason = self.state_error()
         if reason is not None:
             raise ModelStateError(reason)
-        if tangent and self._chunk_tangents is None:
+        if not tangent:
+            self._value_squares = self._evaluate_values()
+            return
+        if self._chunk_tangents is None:
             self.prepare_tangent()
             if self.num_points > 0 and self.kernel.tangent_mode is None:
                 self.kernel.prepare_tangent(self._chunk, num_points=self.num_points)  # raises
+        assert self._tangents is not None
         nb = self._non_blocking
-        chunk = self._tangent_chunk if tangent else self._chunk
+        chunk = self._tangent_chunk
         # Compiled functions take one chunk shape: a shorter last chunk is padded.
-        pad = self.kernel.tangent_compiled if tangent else self.kernel.compiled
+        pad = self.kernel.tangent_compiled
         self._tangent_sum.zero_()
         outputs = self._outputs.view(-1)  # the buffer is contiguous
         width = self.num_outputs
         squares = 0.0
         # Autograd needs tensors that inference mode forbids; the tangent enables grad itself.
-        with torch.no_grad() if tangent else torch.inference_mode():
+        with torch.no_grad():
             for start in range(0, self.num_points, chunk):
                 stop = min(start + chunk, self.num_points)
                 n = stop - start
                 x = self._chunk_input(start, stop, chunk, pad)
-                if tangent:
-                    assert self._tangents is not None
-                    out = self._tangent_output(start, stop, chunk, pad)
-                    y, has_graph = self.kernel.values_and_tangent(x, out)
-                    if not has_graph:
-                        self._check_input_independent(x, y)
-                        self._tangents[start:stop].zero_()
-                    else:
-                        # Summed while in cache: the finiteness test needs no second pass.
-                        self._tangent_sum += out[:n].sum()
-                        if out.data_ptr() != self._tangents[start:stop].data_ptr():
-                            self._tangents[start:stop].copy_(out[:n], non_blocking=nb)
+                out = self._tangent_output(start, stop, chunk, pad)
+                y, has_graph = self.kernel.values_and_tangent(x, out)
+                if not has_graph:
+                    self._check_input_independent(x, y)
+                    self._tangents[start:stop].zero_()
                 else:
-                    y = self.kernel.values(x)
-                if y.ndim == 0 or y.shape[0] != x.shape[0] or y[:n].numel() != n * width:
-                    # A model ending in squeeze() returns (2,) for a chunk of one point:
-                    # broadcasting it would give every component the first one's value.
-                    raise ValueError(
-                        f"The model returned shape {tuple(y.shape)} for a chunk of "
-                        f"{x.shape[0]} point(s); expected ({x.shape[0]}, ...) with {width} "
-                        "value(s) per point (does it drop the batch dimension of a single "
-                        "point, e.g. by squeeze()?)"
-                    )
-                self._outputs[start:stop].copy_(y[:n].reshape(n, width), non_blocking=nb)
+                    # Summed while in cache: the finiteness test needs no second pass.
+                    self._tangent_sum += out[:n].sum()
+                    if out.data_ptr() != self._tangents[start:stop].data_ptr():
+                        self._tangents[start:stop].copy_(out[:n], non_blocking=nb)
+                y = self._chunk_values(y, x.shape[0], n)
+                self._outputs[start:stop].copy_(y, non_blocking=nb)
                 if not nb:  # while in cache: the finiteness test needs no second pass
                     chunk_values = outputs[start * width : stop * width]
                     squares += float(torch.dot(chunk_values, chunk_values))
@@ -670,6 +668,85 @@ class PointwiseEvaluator:
             torch.cuda.synchronize(self.device)
             squares = float(torch.dot(outputs, outputs))
         self._value_squares = squares
+
+    def _chunk_values(self, y: torch.Tensor, rows: int, n: int) -> torch.Tensor:
+        """The model's output ``y`` for a chunk of ``rows`` points, as ``(n, num_outputs)``.
+
+        ``n <= rows``: the points that are not padding. ValueError for an output of another
+        shape.
+        """
+        width = self.num_outputs
+        # For y.shape[0] == rows >= n >= 1 this is y[:n].numel() == n * width.
+        if y.ndim == 0 or y.shape[0] != rows or y.numel() != rows * width:
+            # A model ending in squeeze() returns (2,) for a chunk of one point:
+            # broadcasting it would give every component the first one's value.
+            raise ValueError(
+                f"The model returned shape {tuple(y.shape)} for a chunk of "
+                f"{rows} point(s); expected ({rows}, ...) with {width} "
+                "value(s) per point (does it drop the batch dimension of a single "
+                "point, e.g. by squeeze()?)"
+            )
+        return y[:n].reshape(n, width)
+
+    def _values_plan(self) -> list[tuple[typing.Any, ...]]:
+        """The values pass's chunks, their views bound: built once, see :meth:`_evaluate_values`.
+
+        Per chunk ``(source, destination, x, target, values, n)``: copy ``source`` (host
+        inputs) into ``destination`` (``None``: the model reads the host buffer itself), run
+        the model on ``x`` (padded to the chunk size for a compiled function), write the
+        first ``n`` rows of its output into ``target``; ``values`` is ``target`` flat, for
+        the finiteness sum. Rebuilt if the chunk input buffer is replaced
+        (:meth:`prepare_tangent`) or the model gets compiled.
+        """
+        pad = self.kernel.compiled
+        key = (pad, self._chunk_inputs)
+        if self._plan_key is not None and self._plan_key[0] == pad and self._plan_key[1] is key[1]:
+            return self._plan
+        chunk, width = self._chunk, self.num_outputs
+        plan = []
+        with torch.inference_mode(False):  # normal views, whoever calls
+            outputs = self._outputs.view(-1)  # the buffer is contiguous
+            for start in range(0, self.num_points, chunk):
+                stop = min(start + chunk, self.num_points)
+                n = stop - start
+                if self._zero_copy and not (pad and n < chunk):
+                    source, destination, x = None, None, self._inputs[start:stop]
+                else:
+                    source, destination = self._inputs[start:stop], self._chunk_inputs[:n]
+                    x = self._chunk_inputs[:chunk] if pad else destination
+                values = outputs[start * width : stop * width]
+                plan.append((source, destination, x, self._outputs[start:stop], values, n))
+        self._plan, self._plan_key = plan, key
+        return plan
+
+    def _evaluate_values(self) -> float:
+        """The values pass (see :meth:`evaluate`); returns the sum of the values' squares.
+
+        Its per-chunk views come from :meth:`_values_plan`, built once: at 10⁴ points an
+        update is one chunk, and slicing, reshaping and zeroing cost more than the model.
+        """
+        nb = self._non_blocking
+        width = self.num_outputs
+        values = self.kernel.values
+        squares = 0.0
+        plan = self._values_plan()  # its views made outside inference mode
+        with torch.inference_mode():
+            for source, destination, x, target, flat, n in plan:
+                if destination is not None:
+                    destination.copy_(source, non_blocking=nb)
+                y = values(x)
+                shape = y.shape
+                # The usual (n, width) output as it is; anything else checked and reshaped.
+                if len(shape) != 2 or shape[0] != n or shape[1] != width or x.shape[0] != n:
+                    y = self._chunk_values(y, x.shape[0], n)
+                target.copy_(y, non_blocking=nb)
+                if not nb:  # while in cache: the finiteness test needs no second pass
+                    squares += float(torch.dot(flat, flat))
+        if nb:
+            outputs = self._outputs.view(-1)
+            torch.cuda.synchronize(self.device)
+            squares = float(torch.dot(outputs, outputs))
+        return squares
 
     def probe(self) -> tuple[int, ...]:
         """Run the model on two zero points and return its output shape without the batch.

@@ -12,7 +12,7 @@ from dolfinx import fem, mesh
 
 import dolfinx_mno as mno
 from dolfinx_mno.petsc import NonlinearProblem
-from dolfinx_mno.torch_bridge import GridEvaluator
+from dolfinx_mno.torch_bridge import GridEvaluator, PointwiseEvaluator
 
 
 @pytest.fixture
@@ -340,3 +340,32 @@ def test_nan_in_the_tangent_alone_is_caught(u):
         closure.update()
     np.testing.assert_array_equal(closure.tangent.x.array, tangent)
     assert not np.array_equal(closure.x.array, values)  # the values-only update went through
+
+
+class Truncating(torch.nn.Module):
+    """``x[:, :1]``, or ``x[: n - rows, :columns]`` once those are set."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows, self.columns = 0, 1
+
+    def forward(self, x):
+        return x[: x.shape[0] - self.rows, : self.columns]
+
+
+@pytest.mark.parametrize(
+    "rows, columns, shape", [(1, 1, "(349, 1)"), (0, 2, "(350, 2)"), (0, 0, "(350, 0)")]
+)
+def test_values_of_the_wrong_shape_after_construction_are_refused(rows, columns, shape):
+    """The values pass takes the usual ``(n, num_outputs)`` output as it is; any other
+    shape is checked, also when it turns up after construction (the probe saw a good
+    one): a ValueError naming it, not values broadcast over the components."""
+    model = Truncating().eval()
+    ev = PointwiseEvaluator(model, 3, 1, 1000, np.float64, torch.device("cpu"), batch_size=350)
+    ev.inputs[:] = np.arange(3000.0).reshape(1000, 3)
+    ev.evaluate()
+    np.testing.assert_array_equal(ev.outputs, ev.inputs[:, :1])
+    model.rows, model.columns = rows, columns
+    expected = rf"returned shape \{shape[:-1]}\) for a chunk of 350 point"
+    with pytest.raises(ValueError, match=expected):
+        ev.evaluate()
