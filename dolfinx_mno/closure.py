@@ -21,6 +21,7 @@ the linearisation of every closure, ``δclosure = T · δ(operands)``, where the
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import typing
@@ -518,17 +519,18 @@ class Closure(ClosureBase):
 
     def _check_finite(self, with_tangent: bool) -> str | None:
         """Describe non-finite model output on this rank, or return ``None``."""
+        # A sum is a cheap test for the common all-finite case; count only on failure. The
+        # evaluator sums the values' squares and the tangents while computing them.
+        if math.isfinite(self._evaluator.value_squares) and (
+            not with_tangent or math.isfinite(self._evaluator.tangent_sum)
+        ):
+            return None
         outputs = self._evaluator.outputs
         arrays = [outputs]
         if with_tangent:
             # An explicit width: reshape(0, -1) fails on a rank that owns no cells.
             width = self._evaluator.num_outputs * self._evaluator.num_inputs
             arrays.append(self._evaluator.tangents.reshape(outputs.shape[0], width))
-        # A sum is a cheap test for the common all-finite case; count only on failure. The
-        # evaluator sums the values' squares and the tangents while computing them.
-        sums = [self._evaluator.value_squares, self._evaluator.tangent_sum if with_tangent else 0.0]
-        if all(np.isfinite(total) for total in sums):
-            return None
         bad = np.zeros(outputs.shape[0], dtype=bool)
         for a in arrays:
             bad |= ~np.isfinite(a).all(axis=1)
