@@ -464,9 +464,9 @@ class PointwiseEvaluator:
         # Device-side input buffer in the model's dtype (the cast happens on copy).
         self._chunk_inputs = torch.zeros((chunk, num_inputs), dtype=self.dtype, device=device)
         self._non_blocking = pin
-        # The values pass's chunks, their views bound (_values_plan), and what they follow.
-        self._plan: list[tuple[typing.Any, ...]] = []
-        self._plan_key: tuple[bool, torch.Tensor] | None = None
+        # The chunks of the values pass (False) and the tangent pass (True), their views
+        # made once, with what they were made from (_chunk_plan).
+        self._plans: dict[bool, tuple[tuple, list[tuple[typing.Any, ...]]]] = {}
         # On the CPU with matching dtypes the host buffer can be fed to the model directly.
         self._zero_copy = device.type == "cpu" and self.dtype == torch_host
         # Compiled functions take one chunk shape: a shorter last chunk is padded.
@@ -597,22 +597,6 @@ class PointwiseEvaluator:
                 "forward (the closure already evaluates values without autograd)"
             )
 
-    def _chunk_input(self, start: int, stop: int, chunk: int, pad: bool) -> torch.Tensor:
-        """The model input for points ``start:stop`` (padded to ``chunk`` if ``pad``)."""
-        n = stop - start
-        if self._zero_copy and not (pad and n < chunk):
-            return self._inputs[start:stop]
-        self._chunk_inputs[:n].copy_(self._inputs[start:stop], non_blocking=self._non_blocking)
-        return self._chunk_inputs[:chunk] if pad else self._chunk_inputs[:n]
-
-    def _tangent_output(self, start: int, stop: int, chunk: int, pad: bool) -> torch.Tensor:
-        """Where the kernel writes the tangent of points ``start:stop`` (see ``_chunk_input``)."""
-        assert self._tangents is not None and self._chunk_tangents is not None
-        n = stop - start
-        if self._zero_copy and not (pad and n < chunk):
-            return self._tangents[start:stop]
-        return self._chunk_tangents[:chunk] if pad else self._chunk_tangents[:n]
-
     def state_error(self) -> str | None:
         """Why the model must not run now (training mode, recast or moved), or ``None``."""
         return training_mode_error(self.model) or self._placement.error()
@@ -636,35 +620,33 @@ class PointwiseEvaluator:
                 self.kernel.prepare_tangent(self._chunk, num_points=self.num_points)  # raises
         assert self._tangents is not None
         nb = self._non_blocking
-        chunk = self._tangent_chunk
-        # Compiled functions take one chunk shape: a shorter last chunk is padded.
-        pad = self.kernel.tangent_compiled
-        self._tangent_sum.zero_()
-        outputs = self._outputs.view(-1)  # the buffer is contiguous
         width = self.num_outputs
+        values_and_tangent = self.kernel.values_and_tangent
+        self._tangent_sum.zero_()
         squares = 0.0
+        plan = self._chunk_plan(tangent=True)
         # Autograd needs tensors that inference mode forbids; the tangent enables grad itself.
         with torch.no_grad():
-            for start in range(0, self.num_points, chunk):
-                stop = min(start + chunk, self.num_points)
-                n = stop - start
-                x = self._chunk_input(start, stop, chunk, pad)
-                out = self._tangent_output(start, stop, chunk, pad)
-                y, has_graph = self.kernel.values_and_tangent(x, out)
+            for source, destination, x, target, flat, n, out, computed, tangents in plan:
+                if destination is not None:
+                    destination.copy_(source, non_blocking=nb)
+                y, has_graph = values_and_tangent(x, out)
                 if not has_graph:
                     self._check_input_independent(x, y)
-                    self._tangents[start:stop].zero_()
+                    tangents.zero_()
                 else:
                     # Summed while in cache: the finiteness test needs no second pass.
-                    self._tangent_sum += out[:n].sum()
-                    if out.data_ptr() != self._tangents[start:stop].data_ptr():
-                        self._tangents[start:stop].copy_(out[:n], non_blocking=nb)
-                y = self._chunk_values(y, x.shape[0], n)
-                self._outputs[start:stop].copy_(y, non_blocking=nb)
+                    self._tangent_sum += computed.sum()
+                    if computed is not tangents:  # written into a chunk buffer
+                        tangents.copy_(computed, non_blocking=nb)
+                shape = y.shape
+                if len(shape) != 2 or shape[0] != n or shape[1] != width or x.shape[0] != n:
+                    y = self._chunk_values(y, x.shape[0], n)
+                target.copy_(y, non_blocking=nb)
                 if not nb:  # while in cache: the finiteness test needs no second pass
-                    chunk_values = outputs[start * width : stop * width]
-                    squares += float(torch.dot(chunk_values, chunk_values))
+                    squares += float(torch.dot(flat, flat))
         if nb:
+            outputs = self._outputs.view(-1)
             torch.cuda.synchronize(self.device)
             squares = float(torch.dot(outputs, outputs))
         self._value_squares = squares
@@ -688,50 +670,67 @@ class PointwiseEvaluator:
             )
         return y[:n].reshape(n, width)
 
-    def _values_plan(self) -> list[tuple[typing.Any, ...]]:
-        """The values pass's chunks, their views bound: built once, see :meth:`_evaluate_values`.
+    def _chunk_plan(self, tangent: bool) -> list[tuple[typing.Any, ...]]:
+        """The chunks of a values (or values and tangent) pass, their views made once.
 
-        Per chunk ``(source, destination, x, target, values, n)``: copy ``source`` (host
-        inputs) into ``destination`` (``None``: the model reads the host buffer itself), run
-        the model on ``x`` (padded to the chunk size for a compiled function), write the
-        first ``n`` rows of its output into ``target``; ``values`` is ``target`` flat, for
-        the finiteness sum. Rebuilt if the chunk input buffer is replaced
-        (:meth:`prepare_tangent`) or the model gets compiled.
+        Per chunk ``(source, destination, x, target, values, n, out, computed, tangents)``:
+        copy ``source`` (host inputs) into ``destination`` (``None``: the model reads the
+        host buffer itself), run the model on ``x`` (padded to the chunk size for a
+        compiled function), write the first ``n`` rows of its output into ``target``;
+        ``values`` is ``target`` flat, for the finiteness sum. With ``tangent``, the kernel
+        writes the tangent into ``out``, whose first ``n`` rows, ``computed``, are copied
+        into ``tangents`` (the host buffer's rows) unless they are the same tensor (the
+        kernel wrote there); without, those three are ``None``. Rebuilt if a chunk buffer is
+        replaced (:meth:`prepare_tangent`) or a function gets compiled (its chunks are
+        padded).
         """
-        pad = self.kernel.compiled
-        key = (pad, self._chunk_inputs)
-        if self._plan_key is not None and self._plan_key[0] == pad and self._plan_key[1] is key[1]:
-            return self._plan
-        chunk, width = self._chunk, self.num_outputs
+        pad = self.kernel.tangent_compiled if tangent else self.kernel.compiled
+        key = (tangent, pad, self._chunk_inputs, self._chunk_tangents)
+        cached = self._plans.get(tangent)
+        if cached is not None and all(a is b for a, b in zip(cached[0], key, strict=True)):
+            return cached[1]
+        chunk = self._tangent_chunk if tangent else self._chunk
+        width = self.num_outputs
         plan = []
         with torch.inference_mode(False):  # normal views, whoever calls
             outputs = self._outputs.view(-1)  # the buffer is contiguous
             for start in range(0, self.num_points, chunk):
                 stop = min(start + chunk, self.num_points)
                 n = stop - start
-                if self._zero_copy and not (pad and n < chunk):
+                direct = self._zero_copy and not (pad and n < chunk)
+                if direct:
                     source, destination, x = None, None, self._inputs[start:stop]
                 else:
                     source, destination = self._inputs[start:stop], self._chunk_inputs[:n]
                     x = self._chunk_inputs[:chunk] if pad else destination
                 values = outputs[start * width : stop * width]
-                plan.append((source, destination, x, self._outputs[start:stop], values, n))
-        self._plan, self._plan_key = plan, key
+                out = computed = tangents = None
+                if tangent:
+                    assert self._tangents is not None and self._chunk_tangents is not None
+                    tangents = self._tangents[start:stop]
+                    if direct:
+                        out = computed = tangents
+                    else:
+                        out = self._chunk_tangents[: chunk if pad else n]
+                        computed = out[:n]
+                target = self._outputs[start:stop]
+                plan.append((source, destination, x, target, values, n, out, computed, tangents))
+        self._plans[tangent] = (key, plan)
         return plan
 
     def _evaluate_values(self) -> float:
         """The values pass (see :meth:`evaluate`); returns the sum of the values' squares.
 
-        Its per-chunk views come from :meth:`_values_plan`, built once: at 10⁴ points an
+        Its per-chunk views come from :meth:`_chunk_plan`, built once: at 10⁴ points an
         update is one chunk, and slicing, reshaping and zeroing cost more than the model.
         """
         nb = self._non_blocking
         width = self.num_outputs
         values = self.kernel.values
         squares = 0.0
-        plan = self._values_plan()  # its views made outside inference mode
+        plan = self._chunk_plan(tangent=False)
         with torch.inference_mode():
-            for source, destination, x, target, flat, n in plan:
+            for source, destination, x, target, flat, n, *_ in plan:
                 if destination is not None:
                     destination.copy_(source, non_blocking=nb)
                 y = values(x)
