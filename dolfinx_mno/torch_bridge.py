@@ -620,7 +620,6 @@ class PointwiseEvaluator:
                 self.kernel.prepare_tangent(self._chunk, num_points=self.num_points)  # raises
         assert self._tangents is not None
         nb = self._non_blocking
-        width = self.num_outputs
         values_and_tangent = self.kernel.values_and_tangent
         self._tangent_sum.zero_()
         squares = 0.0
@@ -639,17 +638,8 @@ class PointwiseEvaluator:
                     self._tangent_sum += computed.sum()
                     if computed is not tangents:  # written into a chunk buffer
                         tangents.copy_(computed, non_blocking=nb)
-                shape = y.shape
-                if len(shape) != 2 or shape[0] != n or shape[1] != width or x.shape[0] != n:
-                    y = self._chunk_values(y, x.shape[0], n)
-                target.copy_(y, non_blocking=nb)
-                if not nb:  # while in cache: the finiteness test needs no second pass
-                    squares += float(torch.dot(flat, flat))
-        if nb:
-            outputs = self._outputs.view(-1)
-            torch.cuda.synchronize(self.device)
-            squares = float(torch.dot(outputs, outputs))
-        self._value_squares = squares
+                squares += self._store(y, x, target, flat, n)
+        self._value_squares = self._squares(squares)
 
     def _chunk_values(self, y: torch.Tensor, rows: int, n: int) -> torch.Tensor:
         """The model's output ``y`` for a chunk of ``rows`` points, as ``(n, num_outputs)``.
@@ -725,7 +715,6 @@ class PointwiseEvaluator:
         update is one chunk, and slicing, reshaping and zeroing cost more than the model.
         """
         nb = self._non_blocking
-        width = self.num_outputs
         values = self.kernel.values
         squares = 0.0
         plan = self._chunk_plan(tangent=False)
@@ -733,19 +722,32 @@ class PointwiseEvaluator:
             for source, destination, x, target, flat, n, *_ in plan:
                 if destination is not None:
                     destination.copy_(source, non_blocking=nb)
-                y = values(x)
-                shape = y.shape
-                # The usual (n, width) output as it is; anything else checked and reshaped.
-                if len(shape) != 2 or shape[0] != n or shape[1] != width or x.shape[0] != n:
-                    y = self._chunk_values(y, x.shape[0], n)
-                target.copy_(y, non_blocking=nb)
-                if not nb:  # while in cache: the finiteness test needs no second pass
-                    squares += float(torch.dot(flat, flat))
-        if nb:
-            outputs = self._outputs.view(-1)
-            torch.cuda.synchronize(self.device)
-            squares = float(torch.dot(outputs, outputs))
-        return squares
+                squares += self._store(values(x), x, target, flat, n)
+        return self._squares(squares)
+
+    def _store(
+        self, y: torch.Tensor, x: torch.Tensor, target: torch.Tensor, flat: torch.Tensor, n: int
+    ) -> float:
+        """Write a chunk's output ``y`` into ``target``; the sum of its squares.
+
+        The usual ``(n, num_outputs)`` output is taken as it is, anything else checked and
+        reshaped (:meth:`_chunk_values`). The squares are summed while in cache (the
+        finiteness test needs no second pass); 0 for a non-blocking copy, which
+        :meth:`_squares` sums after synchronising instead.
+        """
+        shape = y.shape
+        if len(shape) != 2 or shape[0] != n or shape[1] != self.num_outputs or x.shape[0] != n:
+            y = self._chunk_values(y, x.shape[0], n)
+        target.copy_(y, non_blocking=self._non_blocking)
+        return 0.0 if self._non_blocking else float(torch.dot(flat, flat))
+
+    def _squares(self, chunked: float) -> float:
+        """The sum of the values' squares: ``chunked``, or over all values after a sync."""
+        if not self._non_blocking:
+            return chunked
+        torch.cuda.synchronize(self.device)
+        outputs = self._outputs.view(-1)
+        return float(torch.dot(outputs, outputs))
 
     def probe(self) -> tuple[int, ...]:
         """Run the model on two zero points and return its output shape without the batch.
