@@ -969,6 +969,9 @@ def test_a_sampler_on_some_cells_gives_their_rows():
     outside[some._cells] = False
     assert not some.target.x.array.reshape(-1, 3)[:owned][outside].any()
     assert some.num_points < everywhere.num_points
+    assert "sampled_cells" not in everywhere.metadata()  # unchanged for every cell
+    assert some.metadata()["sampled_cells"] == some.num_points // 3
+    assert some.metadata()["coarse_cells"] == everywhere.num_points // 3 == 18
     if COMM.rank == 0:
         assert full is not None and part is not None
         selected = np.isin(full[2], part[2])

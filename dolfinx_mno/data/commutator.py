@@ -303,6 +303,7 @@ class ClosureSampler(WithOperands):
         self._cells = np.arange(owned, dtype=np.int32) if selected is None else selected
         self._num_cells = int(self._cells.size)
         self.num_points = mesh.comm.allreduce(self._num_cells) * self.points_per_cell
+        self._restricted = selected is not None
         #: The samples' global cell indices: by position, the same on any partition.
         self._cell_index = geometric_cell_index(mesh)[self._cells]
         #: ``R t_f``: the filtered fine tendency, on ``V_c``.
@@ -400,7 +401,8 @@ class ClosureSampler(WithOperands):
 
         Returns:
             JSON-serialisable metadata: operands, input names, shapes, quadrature, the
-            filter, the coarse tendency and the mesh sizes.
+            filter, the coarse tendency and the mesh sizes; with ``cells=``, also
+            ``sampled_cells`` and ``coarse_cells`` (global counts).
         """
         restriction = self.restriction
         metadata: dict[str, typing.Any] = {
@@ -421,6 +423,10 @@ class ClosureSampler(WithOperands):
             "coarse_mesh": mesh_summary(self.coarse_state.function_space.mesh),
             "coarse_space": str(self.coarse_state.function_space.ufl_element()),
         }
+        if self._restricted:  # only then: files of every cell keep their metadata
+            mesh = self.coarse_state.function_space.mesh
+            metadata["sampled_cells"] = self.num_points // self.points_per_cell
+            metadata["coarse_cells"] = mesh.topology.index_map(mesh.topology.dim).size_global
         degree = getattr(restriction, "quadrature_degree", None)
         if degree is not None:
             metadata["restriction_quadrature_degree"] = int(degree)
