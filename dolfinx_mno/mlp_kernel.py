@@ -117,15 +117,23 @@ def _gelu(z: torch.Tensor, layer: _Layer, out: torch.Tensor | None = None) -> to
     return torch.ops.aten.gelu.out(z, approximate=approximate, out=out)
 
 
-def _activate(h: torch.Tensor, kind: str, numpy_tanh: bool) -> None:
-    """Apply the activation ``kind`` to ``h`` in place (contiguous, its own memory)."""
-    if kind == "sigmoid":
-        torch.sigmoid(h, out=h)
-    elif numpy_tanh:
-        array = h.numpy()
+def _activation_kind(kind: str, numpy_tanh: bool) -> str:
+    """``"numpy"`` for a tanh that NumPy's kernel applies, else ``kind``."""
+    return "numpy" if kind == "tanh" and numpy_tanh else kind
+
+
+def _activate(h: torch.Tensor, array: typing.Any, kind: str) -> None:
+    """Apply the activation ``kind`` to ``h`` in place (contiguous, its own memory).
+
+    ``kind`` as :func:`_activation_kind` gives it; for ``"numpy"``, ``array`` is NumPy's
+    view of ``h``.
+    """
+    if kind == "numpy":
         np.tanh(array, out=array)
-    else:
+    elif kind == "tanh":
         torch.tanh(h, out=h)
+    else:
+        torch.sigmoid(h, out=h)
 
 
 def _array(tensor: torch.Tensor) -> np.ndarray:
@@ -133,27 +141,35 @@ def _array(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().numpy()
 
 
+def _operand(weight: torch.Tensor, numpy_gemm: bool) -> typing.Any:
+    """A linear layer's weight as :func:`_linear` takes it: ``Wᵀ``, NumPy's with ``numpy_gemm``."""
+    return _array(weight).T if numpy_gemm else weight.t()
+
+
 def _linear(
     h: torch.Tensor,
-    weight: torch.Tensor,
+    h_array: typing.Any,
+    operand: typing.Any,
     bias: torch.Tensor | None,
     out: torch.Tensor,
-    numpy_gemm: bool,
+    out_array: np.ndarray | None,
 ) -> None:
-    """``out = h Wᵀ + b`` by torch's BLAS or, with ``numpy_gemm``, NumPy's.
+    """``out = h Wᵀ + b``, ``operand`` being :func:`_operand`'s ``Wᵀ``.
 
-    NumPy's ``matmul`` has no accumulating form, so the bias is added in a second pass over
-    ``out`` (in cache: ``out`` was just written), by torch: NumPy's broadcast in-place add
-    allocated a temporary the size of ``out`` and took 2.4× as long (NumPy 2.5).
+    By NumPy's BLAS where NumPy's views ``h_array`` and ``out_array`` are given, else by
+    torch's. NumPy's ``matmul`` has no accumulating form, so the bias is added in a second
+    pass over ``out`` (in cache: ``out`` was just written), by torch: NumPy's broadcast
+    in-place add allocated a temporary the size of ``out`` and took 2.4× as long (NumPy
+    2.5).
     """
-    if numpy_gemm:
-        np.matmul(_array(h), _array(weight).T, out=_array(out))
+    if out_array is not None:
+        np.matmul(h_array, operand, out=out_array)
         if bias is not None:
             out.add_(bias)
     elif bias is not None:
-        torch.addmm(bias, h, weight.t(), out=out)
+        torch.addmm(bias, h, operand, out=out)
     else:
-        torch.mm(h, weight.t(), out=out)
+        torch.mm(h, operand, out=out)
 
 
 def _checked(
@@ -510,7 +526,7 @@ class SequentialMLP:
                 )
                 out = self._activations[linear][:n]
                 weight, bias = self._weight_and_bias(linear, module)
-                operand = _array(weight).T if numpy_gemm else weight.t()
+                operand = _operand(weight, numpy_gemm)
                 steps.append((_LINEAR, out, _array(out) if numpy_gemm else None, operand, bias))
                 linear += 1
             elif layer.kind == "gelu":  # out of place: z stays for the derivative
@@ -518,7 +534,7 @@ class SequentialMLP:
                 steps.append((_GELU, post, _array(post) if numpy_gemm else None, layer, None))
             else:  # in place on the previous linear layer's output
                 out = self._activations[linear - 1][:n]
-                kind = "numpy" if layer.kind == "tanh" and numpy_tanh else layer.kind
+                kind = _activation_kind(layer.kind, numpy_tanh)
                 array = _array(out) if kind == "numpy" else None
                 steps.append((_ACTIVATE, out, array, kind, None))
         return _Plan(tuple(steps), tuple(sources))
@@ -660,22 +676,10 @@ def _run(plan: _Plan, x: torch.Tensor, numpy_gemm: bool) -> torch.Tensor:
     h, h_array = x, typing.cast(typing.Any, _array(x) if numpy_gemm else None)
     for kind, out, out_array, operand, bias in plan.steps:
         if kind == _LINEAR:
-            if numpy_gemm:
-                np.matmul(h_array, operand, out=out_array)
-                if bias is not None:
-                    out.add_(bias)
-            elif bias is not None:
-                torch.addmm(bias, h, operand, out=out)
-            else:
-                torch.mm(h, operand, out=out)
+            _linear(h, h_array, operand, bias, out, out_array)
             h, h_array = out, out_array
         elif kind == _ACTIVATE:  # in place on h, the previous linear layer's output
-            if operand == "numpy":
-                np.tanh(out_array, out=out_array)
-            elif operand == "tanh":
-                torch.tanh(out, out=out)
-            else:
-                torch.sigmoid(out, out=out)
+            _activate(out, out_array, operand)
         else:
             h, h_array = _gelu(h, operand, out), out_array
     return h
@@ -721,7 +725,8 @@ class MLPFunction(torch.autograd.Function):
                     assert weight is not None
                     inputs.append(h)
                     out = torch.empty((h.shape[0], layer.width), dtype=h.dtype, device=h.device)
-                    _linear(h, weight, bias, out, numpy_gemm)
+                    arrays = (_array(h), _array(out)) if numpy_gemm else (None, None)
+                    _linear(h, arrays[0], _operand(weight, numpy_gemm), bias, out, arrays[1])
                     h = out
                 elif layer.kind == "gelu":  # keeps its input z for the derivative
                     outputs.append(h)
@@ -729,7 +734,8 @@ class MLPFunction(torch.autograd.Function):
                 else:
                     # h is the previous linear layer's fresh output (from_model's rule): its
                     # own contiguous memory, which the activation overwrites.
-                    _activate(h, layer.kind, numpy_tanh)
+                    kind = _activation_kind(layer.kind, numpy_tanh)
+                    _activate(h, _array(h) if kind == "numpy" else None, kind)
                     outputs.append(h)
         # Saved as autograd saves its own: freed after the backward (unless the graph is
         # retained), refused in a second backward, and checked against later in-place
