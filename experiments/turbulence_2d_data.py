@@ -316,15 +316,20 @@ class CoarseRuns:
             }
         return result
 
-    def ladder(self, sizes: Sequence[int], start_fine: fem.Function) -> dict[str, dict[str, Any]]:
+    def ladder(
+        self, sizes: Sequence[int], start_fine: fem.Function, scheme: str = "euler"
+    ) -> dict[str, dict[str, Any]]:
         """The runs without closure on the finer meshes of ``sizes`` (keys ``"no closure, n²"``).
 
         ``start_fine``: the DNS vorticity at the start, filtered onto each mesh.
+        ``scheme``: the time scheme of the runs (:class:`flow.VorticityFlow`).
         """
         data, runs = self.data, {}
         nf, nc = data.config["dns"], data.config["coarse"]
         for size in (n for n in sizes if n != nc):
-            flow = VorticityFlow(size, data.time_step(size), NU, name=f"ladder{size}")
+            flow = VorticityFlow(
+                size, data.time_step(size), NU, name=f"ladder{size}_{scheme}", scheme=scheme
+            )
             bc = fem.dirichletbc(0.0, boundary_dofs(flow.V), flow.V)
             to_flow = L2Projection(flow.V, subdivisions=nf // size, bcs=[bc])
             to_coarse = L2Projection(data.V, subdivisions=size // nc, bcs=[data.bc])

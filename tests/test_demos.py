@@ -54,6 +54,8 @@ EXPERIMENTS = {
             "--dissipative",
             "--memory",
         ],
+        # the third-order time scheme: DNS, ladders, oracles and the learned closure
+        ["turbulence_2d_time_scheme.py", "--quick", "--learned"],
     ],
 }
 
