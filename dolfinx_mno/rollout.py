@@ -11,6 +11,10 @@ step ``n`` is three stages, each with its own backward (:mod:`dolfinx_mno.step_a
     u_{n+1} = A⁻¹ b(u_n, c_n)    the IMEX solve (IMEXStepFunction: μ = A⁻ᵀ g, then
                                                  (∂b/∂u_n)ᵀ μ and (∂b/∂c_n)ᵀ μ)
 
+An :class:`~dolfinx_mno.timestepping.SSPRK3Stepper` takes these three stages three times
+per step, each from the last one's state, and combines the solves with ``u_n``
+(``w = a u_n + b A⁻¹ b(w', c(w'))``): autograd follows ``u_n`` through every sum.
+
 A stepper that keeps older states (``IMEXStepper(..., older=[u_nm1])``: a closure with
 memory of the last step, or a two-level scheme) makes the state a tuple ``(u_n, u_{n-1},
 ...)``: the operand map and the solve read every level, and their backward gives each
@@ -137,9 +141,10 @@ class Rollout:
     state that was computed (after a checkpointed backward: an earlier one).
 
     Args:
-        stepper: An :class:`~dolfinx_mno.timestepping.IMEXStepper` (``closure_interval=1``)
-            or an :class:`~dolfinx_mno.timestepping.ImplicitStepper`. IMEX: the bilinear
-            form must be constant (no ``u_previous``, no closures: the matrix and its
+        stepper: An :class:`~dolfinx_mno.timestepping.IMEXStepper` (``closure_interval=1``;
+            an :class:`~dolfinx_mno.timestepping.SSPRK3Stepper` too) or an
+            :class:`~dolfinx_mno.timestepping.ImplicitStepper`. IMEX: the bilinear form
+            must be constant (no ``u_previous``, no closures: the matrix and its
             factorisation serve every step and every transposed solve); the linear form
             may contain local :class:`~dolfinx_mno.Closure`\ s and
             :class:`~dolfinx_mno.NonlocalClosure`\ s that read ``u_previous`` and, if the
@@ -491,21 +496,31 @@ class Rollout:
                 torch.Tensor,
                 ImplicitStepFunction.apply(step, t_new, known, prepare, state, *parameters),
             )
-        values = []
-        for closure, operand_map in zip(self.closures, self._maps, strict=True):
-            if not operand_map.reads_levels:  # the operands do not read u_n, u_(n-1), ...
-                inputs = operand_map.apply(None)
-            else:
-                inputs = OperandFunction.apply(state, operand_map, *levels[1:])
-            if isinstance(closure, NonlocalClosure):  # collective, agreed in its stages
-                values.append(model_values(closure, inputs))
-                continue
-            with rank_local(self.comm, f"The model of closure '{closure.name}'"):
-                values.append(model_values(closure, inputs))
-        return typing.cast(
-            torch.Tensor,
-            IMEXStepFunction.apply(step, t_new, known, self._prepare_step, *levels, *values),
-        )
+        stages = typing.cast(IMEXStepper, self.stepper).stages
+        if len(stages) > 1:  # each stage from the last one's state; u_n enters each sum
+            known = None  # the stages' states are not kept: solve them again
+        stage_state = state
+        for a, b in stages:
+            stage_levels = [stage_state, *levels[1:]]
+            values = []
+            for closure, operand_map in zip(self.closures, self._maps, strict=True):
+                if not operand_map.reads_levels:  # the operands do not read u_n, u_(n-1), ...
+                    inputs = operand_map.apply(None)
+                else:
+                    inputs = OperandFunction.apply(stage_state, operand_map, *levels[1:])
+                if isinstance(closure, NonlocalClosure):  # collective, agreed in its stages
+                    values.append(model_values(closure, inputs))
+                    continue
+                with rank_local(self.comm, f"The model of closure '{closure.name}'"):
+                    values.append(model_values(closure, inputs))
+            solved = typing.cast(
+                torch.Tensor,
+                IMEXStepFunction.apply(
+                    step, t_new, known, self._prepare_step, *stage_levels, *values
+                ),
+            )
+            stage_state = solved if (a, b) == (0.0, 1.0) else a * state + b * solved
+        return stage_state
 
     # -- the gradient --------------------------------------------------------------------
 

@@ -39,6 +39,15 @@ state; after a failed step they are unchanged::
     ...
     stepper = IMEXStepper(problem, u_h, u_n, dt=0.01, older=[u_nm1])
 
+**Several stages.** :class:`SSPRK3Stepper` takes three IMEX steps per time step and
+combines them as Shu and Osher's strong-stability-preserving Runge–Kutta method of order 3
+(SSP-RK3): the explicit terms (advection, forcing, closures) are integrated to third order
+and with SSP-RK3's stability region, which holds the imaginary axis up to ``√3`` (forward
+Euler's holds none of it). The implicit terms stay first order, so put in ``a`` only what
+must be implicit (a constraint such as a streamfunction, or stiff diffusion)::
+
+    stepper = SSPRK3Stepper(problem, u_h, u_n, dt=0.01)   # the same problem as IMEXStepper
+
 **Statistics.** Every successful step appends a :class:`StepStatistics` to
 ``stepper.history``: the time reached, the wall time, the solver's converged reason and its
 iterations (Newton and total KSP iterations for :class:`ImplicitStepper`, KSP iterations
@@ -61,7 +70,7 @@ from dolfinx_mno.closure import ClosureEvaluationError
 from dolfinx_mno.petsc import LinearProblem, NonlinearProblem
 from dolfinx_mno.validation import is_integer_at_least
 
-__all__ = ["IMEXStepper", "ImplicitStepper", "StepStatistics"]
+__all__ = ["IMEXStepper", "ImplicitStepper", "SSPRK3Stepper", "StepStatistics"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -376,11 +385,80 @@ class IMEXStepper(_Stepper[LinearProblem]):
         super().__init__(problem, u, u_previous, dt, t0, time, older)
         self.closure_interval = int(closure_interval)
 
+    #: The step's stages in Shu–Osher form: ``(a, b)`` per stage, the stage's state being
+    #: ``a uⁿ + b E(w)`` with ``E`` the IMEX step from the last stage's state ``w`` (``uⁿ``
+    #: for the first). One stage ``(0, 1)``: IMEX Euler.
+    stages: tuple[tuple[float, float], ...] = ((0.0, 1.0),)
+
     def _solve(self) -> tuple[int, int, int | None]:
-        self.problem.solve(update_closures=self.num_steps % self.closure_interval == 0)
-        ksp = self.problem.solver
-        reason: int = ksp.getConvergedReason()  # type: ignore[assignment]
-        return reason, ksp.getIterationNumber(), None
+        update = self.num_steps % self.closure_interval == 0
+        if len(self.stages) == 1:
+            self.problem.solve(update_closures=update)
+            ksp = self.problem.solver
+            reason: int = ksp.getConvergedReason()  # type: ignore[assignment]
+            return reason, ksp.getIterationNumber(), None
+        start = self.u_previous.x.array.copy()  # uⁿ
+        iterations = 0
+        try:
+            for stage, (a, b) in enumerate(self.stages):
+                self.problem.solve(update_closures=update)
+                ksp = self.problem.solver
+                reason = ksp.getConvergedReason()  # type: ignore[assignment]
+                iterations += ksp.getIterationNumber()  # type: ignore[operator]
+                if reason <= 0:
+                    break
+                self.u.x.array[:] = a * start + b * self.u.x.array
+                if stage < len(self.stages) - 1:
+                    self.u_previous.x.array[:] = self.u.x.array
+        finally:
+            self.u_previous.x.array[:] = start  # for the step's copy, or for _restore
+        return reason, iterations, None
+
+
+class SSPRK3Stepper(IMEXStepper):
+    """Three IMEX steps per time step, combined as SSP-RK3 (Shu and Osher 1988).
+
+    With ``E`` the IMEX step of ``problem`` (from ``u_previous`` into ``u``)::
+
+        w₁ = E(uⁿ),   w₂ = ¾ uⁿ + ¼ E(w₁),   uⁿ⁺¹ = ⅓ uⁿ + ⅔ E(w₂)
+
+    Three right-hand sides and solves per step with the same matrix (``reuse_matrix=True``
+    factorises it once). With ``a`` the mass matrix (only constraints such as a
+    streamfunction implicit beside it) the scheme is third order in time; the terms of
+    ``a`` beyond the mass matrix are integrated to first order. The closures are updated
+    at every stage, at the stage's state; the time constant holds ``tⁿ⁺¹`` in all three.
+    A stage that fails leaves ``u`` and ``u_previous`` at ``uⁿ``, as a failed IMEX step does.
+    :class:`~dolfinx_mno.rollout.Rollout` differentiates through the three stages.
+
+    Takes the arguments of :class:`IMEXStepper` except ``closure_interval`` (closures are
+    updated at every stage) and ``older`` (one-level states only).
+
+    Raises:
+        ValueError: The arguments :class:`IMEXStepper` refuses, ``closure_interval`` other
+            than 1 or older states.
+    """
+
+    stages = ((0.0, 1.0), (0.75, 0.25), (1.0 / 3.0, 2.0 / 3.0))
+
+    def __init__(
+        self,
+        problem: LinearProblem,
+        u: fem.Function,
+        u_previous: fem.Function,
+        dt: float,
+        t0: float = 0.0,
+        time: fem.Constant | None = None,
+        closure_interval: int = 1,
+        older: Sequence[fem.Function] = (),
+    ):
+        """Set up the time loop; see the class docstring for the arguments."""
+        if closure_interval != 1 or len(older) != 0:
+            raise ValueError(
+                "SSPRK3Stepper updates the closures at every stage and keeps one level: "
+                f"closure_interval must be 1 and older empty, got {closure_interval!r} and "
+                f"{len(older)} older states."
+            )
+        super().__init__(problem, u, u_previous, dt, t0, time)
 
 
 class ImplicitStepper(_Stepper[NonlinearProblem]):

@@ -38,7 +38,7 @@ import dolfinx_mno as mno
 from dolfinx_mno.petsc import LinearProblem, NonlinearProblem
 from dolfinx_mno.quadrature import quadrature_points
 from dolfinx_mno.rollout import Rollout, allreduce_gradients, rollout_loss
-from dolfinx_mno.timestepping import IMEXStepper, ImplicitStepper
+from dolfinx_mno.timestepping import IMEXStepper, ImplicitStepper, SSPRK3Stepper
 
 NUM_STEPS = 5
 
@@ -876,3 +876,69 @@ def test_restricted_normalized_closure_on_a_rank_without_its_cells(implicit, tin
         flat.append(flat_gradient(rollout.gradient(u0, targets(rollout), closures=closures)))
     assert np.linalg.norm(flat[1]) > 1e-4
     assert np.linalg.norm(flat[0] - flat[1]) <= 1e-12 * np.linalg.norm(flat[1])
+
+
+# -- SSP-RK3: three IMEX stages per step ------------------------------------------------
+
+
+def _ssprk3(stepper: IMEXStepper) -> SSPRK3Stepper:
+    """The same IMEX problem stepped by SSP-RK3."""
+    return SSPRK3Stepper(stepper.problem, stepper.u, stepper.u_previous, stepper.dt)
+
+
+@pytest.mark.mpi
+def test_ssprk3_rollout_states_are_the_steppers():
+    """The rollout of an SSP-RK3 stepper follows its three stages: its states are the
+    stepper's (to round-off), and differ from IMEX Euler's."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 5, 5)
+    euler, _ = heat(msh, 1, ("scalar", "flux"), nonlinear=True, prefix="rk3_forward_")
+    rollout = Rollout(_ssprk3(euler))
+    u0 = rollout.initial_state()
+    state, expected = stepper_and_rollout_states(rollout, u0, NUM_STEPS)
+    expected = expected.copy()  # a view of the stepper's u, which the Euler run reuses
+    scale, error = global_max(msh.comm, expected), global_max(msh.comm, state - expected)
+    assert scale > 0.04 and error <= 1e-13 * scale, (scale, error)
+    euler_state, _ = stepper_and_rollout_states(Rollout(euler), u0, NUM_STEPS)
+    assert global_max(msh.comm, euler_state - expected) > 1e-4 * scale
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("degree", [1, 2])
+def test_taylor_ssprk3(degree):
+    """Second-order Taylor remainders in θ and in u_0 through 5 SSP-RK3 steps, with a
+    right-hand side nonlinear in the state (its Jacobian at each stage's state)."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
+    euler, closures = heat(
+        msh, degree, ("scalar", "flux"), nonlinear=True, prefix=f"rk3_t{degree}_"
+    )
+    rollout = Rollout(_ssprk3(euler))
+    u0, data = rollout.initial_state(), targets(rollout)
+    remainders = taylor_parameters(rollout, closures, u0, data)
+    assert remainders[0] > 1e-9 and min(rates(remainders)) >= 1.9, remainders
+    result = rollout.gradient(u0, data, closures=[], initial_state=True)
+    remainders = initial_state_remainders(rollout, u0, data, result.initial_state, direction)
+    assert remainders[0] > 1e-9 and min(rates(remainders)) >= 1.9, remainders
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("cells", [(1, 1), (6, 5)])
+def test_ssprk3_gradients_do_not_depend_on_ranks_or_checkpoints(cells):
+    """COMM_WORLD against COMM_SELF ((1, 1) on 3 ranks: a rank owns no cell), and the
+    checkpointed gradient (stages solved again) against the full graph."""
+    results = []
+    for comm in (MPI.COMM_SELF, MPI.COMM_WORLD):
+        msh = mesh.create_unit_square(comm, *cells)
+        euler, _ = heat(msh, 1, ("scalar", "flux"), bcs=False, prefix=f"rk3_ranks{comm.size}_")
+        stepper = _ssprk3(euler)
+        rollout = Rollout(stepper)
+        u0 = rollout.initial_state()
+        result = rollout.gradient(u0, targets(rollout), initial_state=True)
+        slope = state_slope(rollout, result.initial_state, owned_values(rollout, direction))
+        results.append((result.loss, flat_gradient(result), slope))
+        for keep_states in (True, False):
+            checkpointed = Rollout(stepper, checkpoint_every=2, keep_states=keep_states)
+            again = checkpointed.gradient(u0, targets(checkpointed), initial_state=True)
+            assert again.loss == pytest.approx(result.loss, rel=1e-12)
+            difference = np.linalg.norm(flat_gradient(again) - results[-1][1])
+            assert difference <= 1e-12 * np.linalg.norm(results[-1][1])
+    assert_rank_invariant(*results)

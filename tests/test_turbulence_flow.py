@@ -72,8 +72,8 @@ def test_a_failed_stage_leaves_the_state_as_it_was(monkeypatch):
     flow.run(0.0, 0.05)
     reference = VorticityFlow(8, 0.05, 1e-3, scheme="ssprk3", name="reference")
     reference.set_vorticity(initial_vorticity(1, peak=2.0))
-    reference.run(0.0, 0.05)
-    assert np.array_equal(flow.w.x.array, reference.w.x.array)
+    reference.run(0.0, 0.05)  # another factorisation: equal to round-off
+    np.testing.assert_allclose(flow.w.x.array, reference.w.x.array, rtol=1e-12, atol=1e-13)
 
 
 @pytest.mark.mpi

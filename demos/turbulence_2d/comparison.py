@@ -23,7 +23,6 @@ from utilities import log, relative_l2_error
 import dolfinx_mno as mno
 from dolfinx_mno.data import ClosureSampler
 from dolfinx_mno.rollout import Rollout, rollout_loss
-from dolfinx_mno.timestepping import IMEXStepper
 from dolfinx_mno.training import fit_rollout
 from dolfinx_mno.training.aposteriori import RolloutObjective
 from dolfinx_mno.training.trajectories import TrajectoryWindows, Window, split_windows
@@ -160,11 +159,8 @@ class APosteriori:
 
 
 def _rollout(flow: VorticityFlow) -> Rollout:
-    """A differentiable rollout of ``flow``'s coarse step (its own IMEX stepper)."""
-    stepper = IMEXStepper(
-        flow.problem, flow.w, flow.w_previous, flow.dt, 0.0, flow.time, older=flow.older
-    )
-    return Rollout(stepper)
+    """A differentiable rollout of ``flow``'s coarse step (a stepper of its own scheme)."""
+    return Rollout(flow.stepper(closure_interval=1))
 
 
 def train_a_posteriori(

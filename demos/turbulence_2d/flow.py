@@ -31,8 +31,9 @@ the stepper's ``older`` states, as ``memory=True`` uses).
 The matrix of a step is constant (block lower-triangular), factorised once by MUMPS and
 reused, so a step is one right-hand side assembly and one pair of triangular solves.
 
-**A third-order alternative** (``scheme="ssprk3"``, for measuring what the time scheme
-costs the coarse models; ``experiments/turbulence_2d_time_scheme.py``). The forward Euler
+**A third-order alternative** (``scheme="ssprk3"``, :class:`dolfinx_mno.timestepping.SSPRK3Stepper`;
+``experiments/turbulence_2d_time_scheme.py`` measures what the time scheme costs the
+coarse models). The forward Euler
 step ``E`` of every term but the streamfunction (which stays implicit: the same block
 matrix, now with the mass matrix alone in the vorticity block), taken as the stage of Shu
 and Osher's SSP-RK3:
@@ -42,9 +43,8 @@ and Osher's SSP-RK3:
 Three right-hand sides and solves per step, with one constant matrix; third order in time,
 and stable on the imaginary axis up to ``|λΔt| = √3`` (advection) and on the negative real
 axis up to 2.5 (viscosity and drag: explicit viscosity needs ``ν Δt / h² ≲ 0.2``, which
-the meshes here satisfy by a factor of 20 or more). Closures are updated at every stage.
-The differentiable rollouts of :mod:`dolfinx_mno.rollout` take one-step steppers, so this
-scheme is for runs, not for a-posteriori training.
+the meshes here satisfy by a factor of 20 or more). Closures are updated at every stage,
+and a differentiable rollout (:mod:`dolfinx_mno.rollout`) follows the three stages.
 not for a-posteriori training.
 
 **The closure ``τ`` (a vector: a subgrid vorticity flux).** Testing the fine equations with
@@ -76,7 +76,7 @@ from utilities import boundary_dofs, march
 import dolfinx_mno as mno
 from dolfinx_mno.data import L2Projection
 from dolfinx_mno.petsc import LinearProblem
-from dolfinx_mno.timestepping import IMEXStepper
+from dolfinx_mno.timestepping import IMEXStepper, SSPRK3Stepper
 
 length = 2.0 * np.pi
 """Side of the box."""
@@ -323,15 +323,21 @@ class VorticityFlow:
         Returns:
             The wall time of the steps (closure updates included), the slowest rank's.
         """
-        stepper: IMEXStepper | SSPRK3Stepper
+        return march(self.stepper(t0), round((t1 - t0) / self.dt), callback, every, progress)
+
+    def stepper(self, t0: float = 0.0, closure_interval: int | None = None) -> IMEXStepper:
+        """The time loop of this flow's scheme from ``t0``.
+
+        ``closure_interval``: instead of the flow's (a rollout needs 1: the closures of
+        every step are differentiated).
+        """
         if self.scheme == "ssprk3":
-            stepper = SSPRK3Stepper(self.problem, self.w, self.w_previous, self.dt, t0, self.time)
-        else:
-            stepper = IMEXStepper(
-                self.problem, self.w, self.w_previous, self.dt, t0, self.time,
-                self.closure_interval, older=self.older,
-            )  # fmt: skip
-        return march(stepper, round((t1 - t0) / self.dt), callback, every, progress)
+            return SSPRK3Stepper(self.problem, self.w, self.w_previous, self.dt, t0, self.time)
+        interval = self.closure_interval if closure_interval is None else closure_interval
+        return IMEXStepper(
+            self.problem, self.w, self.w_previous, self.dt, t0, self.time, interval,
+            older=self.older,
+        )  # fmt: skip
 
     def energy(self) -> float:
         """Kinetic energy ``½∫|u|²`` of the current state (collective)."""
@@ -339,35 +345,6 @@ class VorticityFlow:
             u = velocity(ufl.split(self.w)[1])
             self._energy = fem.form(0.5 * ufl.inner(u, u) * ufl.dx)
         return self.comm.allreduce(fem.assemble_scalar(self._energy), op=MPI.SUM)
-
-
-class SSPRK3Stepper(IMEXStepper):
-    """Shu and Osher's SSP-RK3 of a one-step scheme (see the module docstring).
-
-    The step ``E`` of ``problem`` (a step from ``u_previous`` into ``u``) is
-    taken three times per :meth:`step`, each from a convex combination of ``uⁿ`` and the
-    last stage; the closures are updated at every stage. A failed stage restores ``uⁿ``.
-    The time constant holds ``tⁿ⁺¹`` in every stage (the flows here have no time-dependent
-    data).
-    """
-
-    _weights = ((0.0, 1.0), (0.75, 0.25), (1.0 / 3.0, 2.0 / 3.0))
-
-    def _solve(self) -> tuple[int, int, int | None]:
-        start = self.u_previous.x.array.copy()  # uⁿ
-        iterations, reason = 0, 1
-        try:
-            for stage, (a, b) in enumerate(self._weights):
-                self.problem.solve(update_closures=True)
-                ksp = self.problem.solver
-                reason = min(reason, ksp.getConvergedReason())  # type: ignore[type-var]
-                iterations += ksp.getIterationNumber()  # type: ignore[operator]
-                self.u.x.array[:] = a * start + b * self.u.x.array
-                if stage < 2:
-                    self.u_previous.x.array[:] = self.u.x.array
-        finally:
-            self.u_previous.x.array[:] = start  # the base class's restore reads it
-        return reason, iterations, None
 
 
 def spin_up(
