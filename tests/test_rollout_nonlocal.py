@@ -40,7 +40,7 @@ from problems import (
 import dolfinx_mno as mno
 from dolfinx_mno.petsc import NonlinearProblem
 from dolfinx_mno.rollout import Rollout
-from dolfinx_mno.timestepping import ImplicitStepper
+from dolfinx_mno.timestepping import ImplicitStepper, SSPRK3Stepper
 from dolfinx_mno.torch_bridge import to_precision
 
 try:
@@ -432,3 +432,31 @@ def test_a_dropped_implicit_rollout_frees_its_problem():
     del stepper, closures, rollout, result
     gc.collect()
     assert MPI.COMM_WORLD.allgather(problem() is None) == [True] * MPI.COMM_WORLD.size
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("cells", [2, 8])
+def test_ssprk3_nonlocal_rollout(cells):
+    """SSP-RK3 with a non-local and a local closure: the rollout's states are the stepper's,
+    Taylor rates ≥ 1.9 in θ, and the gradient equals on COMM_SELF and COMM_WORLD with
+    checkpoints (2 cells on 3 ranks: a rank owns none)."""
+    results = []
+    for comm in (MPI.COMM_SELF, MPI.COMM_WORLD):
+        msh = mesh.create_unit_interval(comm, cells)
+        euler, closures = heat(msh, 1, bcs=False, prefix=f"nl_rk3_{cells}_{comm.size}_", local=True)
+        stepper = SSPRK3Stepper(euler.problem, euler.u, euler.u_previous, euler.dt)
+        rollout = Rollout(stepper, checkpoint_every=2)
+        u0, data = rollout.initial_state(), targets(rollout)
+        state, expected = stepper_and_rollout_states(rollout, u0, NUM_STEPS)
+        scale, error = global_max(comm, expected), global_max(comm, state - expected)
+        assert scale > 0.04 and error <= 1e-12 * scale, (scale, error)
+        result = rollout.gradient(u0, data, initial_state=True)
+        slope = state_slope(rollout, result.initial_state, owned_values(rollout, direction))
+        results.append((result.loss, flat_gradient(result), slope))
+        if comm.size == 1 and cells == 8:
+            parameters = parameters_of(closures)
+            remainders = parameter_remainders(
+                rollout, u0, data, result, parameters, random_directions(parameters)
+            )
+            assert remainders[0] > 1e-9 and min(rates(remainders)) >= 1.9, remainders
+    assert_rank_invariant(*results)
