@@ -31,7 +31,8 @@ two coarse steps changes the Euler oracle's decorrelation time by 0.008.
     python experiments/turbulence_2d_time_scheme.py --quick          # smoke test, ~20 s
 
 Writes ``experiments/output/turbulence_2d_time_scheme/summary.json``
-(``summary_quick.json`` with ``--quick``) and prints the tables.
+(``summary_quick.json`` with ``--quick``, ``summary_9seeds.json`` with ``--train-seeds 9``)
+and prints the tables.
 """
 
 import argparse
@@ -83,11 +84,25 @@ parser.add_argument(
 parser.add_argument(
     "--window", type=positive_int, default=4, help="a-posteriori window, in samples (default 4)"
 )
+parser.add_argument(
+    "--train-seeds",
+    type=positive_int,
+    default=None,
+    metavar="N",
+    help="train the local closure on seeds 1, 2, ... without the test seed (default: the "
+    "demo's three)",
+)
+parser.add_argument(
+    "--mlp-epochs", type=positive_int, default=None, help="a-priori epochs (default 200)"
+)
 args = parser.parse_args()
 args.learned = args.learned or args.a_posteriori is not None
 comm = MPI.COMM_WORLD
 output = output_folder("turbulence_2d_time_scheme", root=REPOSITORY / "experiments" / "output")
 config = settings(args.quick)
+if args.train_seeds is not None:
+    seeds = [seed for seed in range(1, args.train_seeds + 2) if seed != config["test_seed"]]
+    config["train_seeds"] = seeds[: args.train_seeds]
 log(f"config: {config}, dt factors {args.dt_factors}")
 
 # ## The DNS with both schemes, the filter and the exact subgrid flux (as the limits)
@@ -143,7 +158,8 @@ def recorder(scheme: str):
 
 
 # (d) The a-priori data of the learned closure: the demo's seeds, spacing and fit.
-local_path = output / ("local_closure_quick.pt" if args.quick else "local_closure.pt")
+mode = ("quick" if args.quick else "") + (f"_{args.train_seeds}seeds" if args.train_seeds else "")
+local_path = output / (f"local_closure_{mode}.pt" if mode else "local_closure.pt")
 if args.learned:
     tic = time.perf_counter()
     demo_every = round((0.125 if args.quick else 0.0625) / data.dns.dt)
@@ -170,8 +186,8 @@ if args.learned:
         np.concatenate([sample.inputs for sample in samples]),
         np.concatenate([sample.targets for sample in samples]).reshape(-1, 2),
         groups=np.repeat(np.arange(len(samples)), points), comm=comm,
-        epochs=15 if args.quick else 200, batch_size=1024, learning_rate=3e-3, patience=20,
-        normalize_targets=True, seed=0, progress=False,
+        epochs=args.mlp_epochs or (15 if args.quick else 200), batch_size=1024,
+        learning_rate=3e-3, patience=20, normalize_targets=True, seed=0, progress=False,
     )  # fmt: skip
     save_model(local_path, local_fit.model, spec=sampler.spec, comm=comm)
     log(f"the local closure's data and fit: {time.perf_counter() - tic:.1f} s")
@@ -302,7 +318,7 @@ summary = {
     "runs": results,
 }
 if comm.rank == 0:  # a smoke test must not overwrite the measured numbers
-    (output / ("summary_quick.json" if args.quick else "summary.json")).write_text(
+    (output / (f"summary_{mode}.json" if mode else "summary.json")).write_text(
         json.dumps(summary, indent=2)
     )
 
