@@ -55,7 +55,17 @@ EXPERIMENTS = {
             "--memory",
         ],
         # the third-order time scheme: DNS, ladders, oracles, the closure trained both ways
-        ["turbulence_2d_time_scheme.py", "--quick", "--a-posteriori", "1", "--window", "2"],
+        [
+            "turbulence_2d_time_scheme.py",
+            "--quick",
+            "--a-posteriori",
+            "1",
+            "--window",
+            "2",
+            "--dt-factors",
+            "1",
+            "2",
+        ],
     ],
 }
 

@@ -935,7 +935,7 @@ def test_ssprk3_gradients_do_not_depend_on_ranks_or_checkpoints(cells):
         result = rollout.gradient(u0, targets(rollout), initial_state=True)
         slope = state_slope(rollout, result.initial_state, owned_values(rollout, direction))
         results.append((result.loss, flat_gradient(result), slope))
-        for keep_states in (True, False):
+        for keep_states in (True, False) if comm.size > 1 or cells == (6, 5) else ():
             checkpointed = Rollout(stepper, checkpoint_every=2, keep_states=keep_states)
             again = checkpointed.gradient(u0, targets(checkpointed), initial_state=True)
             assert again.loss == pytest.approx(result.loss, rel=1e-12)
