@@ -48,35 +48,6 @@ def test_time_scheme_order(scheme: str, low: float, high: float):
 
 
 @pytest.mark.mpi
-def test_a_failed_stage_leaves_the_state_as_it_was(monkeypatch):
-    """An error in the second stage of an SSP-RK3 step: the state, the previous state and
-    the time are those before the step, and the next step runs from there."""
-    flow = VorticityFlow(8, 0.05, 1e-3, scheme="ssprk3", name="failing")
-    flow.set_vorticity(initial_vorticity(1, peak=2.0))
-    before = flow.w.x.array.copy()
-    solve, calls = flow.problem.solve, []
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("stage failed")
-        return solve(*args, **kwargs)
-
-    monkeypatch.setattr(flow.problem, "solve", failing)
-    with pytest.raises(RuntimeError, match="stage failed"):
-        flow.run(0.0, 0.05)
-    assert np.array_equal(flow.w.x.array, before)
-    assert np.array_equal(flow.w_previous.x.array, before)
-    assert float(flow.time.value) == 0.0
-    monkeypatch.setattr(flow.problem, "solve", solve)
-    flow.run(0.0, 0.05)
-    reference = VorticityFlow(8, 0.05, 1e-3, scheme="ssprk3", name="reference")
-    reference.set_vorticity(initial_vorticity(1, peak=2.0))
-    reference.run(0.0, 0.05)  # another factorisation: equal to round-off
-    np.testing.assert_allclose(flow.w.x.array, reference.w.x.array, rtol=1e-12, atol=1e-13)
-
-
-@pytest.mark.mpi
 @pytest.mark.parametrize(
     "options, message",
     [
