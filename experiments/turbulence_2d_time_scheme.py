@@ -31,8 +31,8 @@ two coarse steps changes the Euler oracle's decorrelation time by 0.008.
     python experiments/turbulence_2d_time_scheme.py --quick          # smoke test, ~20 s
 
 Writes ``experiments/output/turbulence_2d_time_scheme/summary.json``
-(``summary_quick.json`` with ``--quick``, ``summary_9seeds.json`` with ``--train-seeds 9``)
-and prints the tables.
+(``summary_quick.json`` with ``--quick``, ``summary_9seeds.json`` with ``--train-seeds 9``,
+``summary_9seeds_lr0.0003.json`` with ``--learning-rate 3e-4`` too) and prints the tables.
 """
 
 import argparse
@@ -94,6 +94,14 @@ parser.add_argument(
 )
 parser.add_argument(
     "--mlp-epochs", type=positive_int, default=None, help="a-priori epochs (default 200)"
+)
+parser.add_argument(
+    "--learning-rate", type=float, default=1e-3, help="a-posteriori learning rate (1e-3)"
+)
+parser.add_argument(
+    "--reuse-fit",
+    action="store_true",
+    help="read the a-priori closure an earlier run with the same seeds saved, if any",
 )
 args = parser.parse_args()
 args.learned = args.learned or args.a_posteriori is not None
@@ -158,8 +166,13 @@ def recorder(scheme: str):
 
 
 # (d) The a-priori data of the learned closure: the demo's seeds, spacing and fit.
-mode = ("quick" if args.quick else "") + (f"_{args.train_seeds}seeds" if args.train_seeds else "")
+mode = "_".join(
+    (["quick"] if args.quick else []) + ([f"{args.train_seeds}seeds"] if args.train_seeds else [])
+)
 local_path = output / (f"local_closure_{mode}.pt" if mode else "local_closure.pt")
+reuse = args.reuse_fit and comm.allreduce(local_path.exists(), op=MPI.LAND)
+if args.learning_rate != 1e-3:
+    mode = f"{mode}_lr{args.learning_rate:g}".lstrip("_")
 if args.learned:
     tic = time.perf_counter()
     demo_every = round((0.125 if args.quick else 0.0625) / data.dns.dt)
@@ -181,6 +194,7 @@ if args.learned:
         aligned.append([])
         data.trajectory(seed, config["horizon"], record_training)
     points = samples[0].inputs.shape[0]
+if args.learned and not reuse:
     local_fit = fit(
         MLP(6, 2, hidden_features=[64, 64], seed=0),
         np.concatenate([sample.inputs for sample in samples]),
@@ -190,7 +204,8 @@ if args.learned:
         learning_rate=3e-3, patience=20, normalize_targets=True, seed=0, progress=False,
     )  # fmt: skip
     save_model(local_path, local_fit.model, spec=sampler.spec, comm=comm)
-    log(f"the local closure's data and fit: {time.perf_counter() - tic:.1f} s")
+if args.learned:
+    log(f"the local closure's data and fit: {time.perf_counter() - tic:.1f} s (reused: {reuse})")
 
 
 def local_closure(omega_n, velocity_n):
@@ -270,7 +285,8 @@ for scheme in schemes:
     if args.a_posteriori is not None:
         flow = data.coarse_model(f"tuned_{scheme}", closure=local_closure, scheme=scheme)
         tuned = train_a_posteriori(
-            flow, aligned, samples_every, args.window, args.a_posteriori, learning_rate=1e-3,
+            flow, aligned, samples_every, args.window, args.a_posteriori,
+            learning_rate=args.learning_rate,
             stride=1 if args.quick else 2,
         )  # fmt: skip
         training[scheme] = vars(tuned)
@@ -311,7 +327,13 @@ summary = {
     "config": config,
     "dt_factors": args.dt_factors,
     "learned": args.learned,
-    "a_posteriori": {"epochs": args.a_posteriori, "window": args.window, **training},
+    "a_posteriori": {
+        "epochs": args.a_posteriori,
+        "window": args.window,
+        "learning_rate": args.learning_rate,
+        **training,
+    },
+    "reused_fit": reuse,
     "dns_seconds_per_time_unit": {s: v / config["test_horizon"] for s, v in dns_seconds.items()},
     "dns_correlation": [float(r) for r in dns_rho],
     "dns_decorrelation_time": None if math.isinf(dns_time) else float(dns_time),
