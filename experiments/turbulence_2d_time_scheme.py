@@ -108,6 +108,13 @@ args.learned = args.learned or args.a_posteriori is not None
 comm = MPI.COMM_WORLD
 output = output_folder("turbulence_2d_time_scheme", root=REPOSITORY / "experiments" / "output")
 config = settings(args.quick)
+per_sample = steps(config["sample_every"], config["courant"] / config["coarse"])
+for factor in args.dt_factors:  # each run's steps must fall on the reference's samples
+    if per_sample % factor and factor % per_sample:
+        parser.error(
+            f"--dt-factors: {factor} neither divides nor is a multiple of the {per_sample} "
+            "coarse steps between two reference samples"
+        )
 if args.train_seeds is not None:
     seeds = [seed for seed in range(1, args.train_seeds + 2) if seed != config["test_seed"]]
     config["train_seeds"] = seeds[: args.train_seeds]

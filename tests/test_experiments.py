@@ -120,3 +120,18 @@ def test_step_correction_refuses_a_bound_before_the_dns(bound, monkeypatch, caps
         runpy.run_path(str(script), run_name="__main__")
     assert exit_info.value.code == 2
     assert f"--bound must be positive and finite, got {float(bound)}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("factor", "message"), [("3", "3 neither divides"), ("0", "got 0")])
+def test_time_scheme_refuses_a_step_off_the_reference_samples(factor, message, monkeypatch, capsys):
+    """A coarse step of 3× the demo's falls between the reference's samples (every 2 coarse
+    steps): the runs would be compared with the reference at other times. Refused before
+    any work."""
+    import runpy
+
+    script = EXPERIMENT_DIR / "turbulence_2d_time_scheme.py"
+    monkeypatch.setattr(sys, "path", [str(EXPERIMENT_DIR), *sys.path])  # as python script.py
+    monkeypatch.setattr(sys, "argv", [script.name, "--quick", "--dt-factors", "1", factor])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(script), run_name="__main__")
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
