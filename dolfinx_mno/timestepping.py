@@ -234,12 +234,11 @@ class _Stepper[Problem: (LinearProblem, NonlinearProblem)]:
                 failed on rank(s) [r, ...] (k of n ranks); on rank r: ..."``.
 
             On any error the step is undone: ``u`` and ``u_previous`` hold ``u_n`` (and the
-            older states are unchanged), the closures of :class:`ImplicitStepper` their
-            values at ``u_n``, the
-            time constant holds the old time, :attr:`t`, :attr:`num_steps` and
-            :attr:`history` are unchanged. What ``before_step`` changed is not undone:
-            it sets its data from the time it is given, so the next attempt sets them
-            again.
+            older states are unchanged), the closures of :class:`ImplicitStepper` and
+            :class:`SSPRK3Stepper` their values at ``u_n``, the time constant holds the old
+            time, :attr:`t`, :attr:`num_steps` and :attr:`history` are unchanged. What
+            ``before_step`` changed is not undone: it sets its data from the time it is
+            given, so the next attempt sets them again.
         """
         dt = self.dt
         t_new = self.t + dt
@@ -414,6 +413,41 @@ class IMEXStepper(_Stepper[LinearProblem]):
             self.u_previous.x.array[:] = start  # for the step's copy, or for _restore
         return reason, iterations, None
 
+    def _restore(self, error: Exception | None = None) -> None:
+        """Undo a failed step; with several stages the closures too.
+
+        A later stage left them at an intermediate stage state; they are evaluated at
+        ``u_n`` again (collective), as after a failed one-stage step.
+        """
+        super()._restore()
+        if len(self.stages) > 1:
+            _update_closures_at_u_n(self.problem, error, "the failed stage")
+
+
+def _update_closures_at_u_n(
+    problem: LinearProblem | NonlinearProblem, error: Exception | None, last: str
+) -> None:
+    """Evaluate the closures of ``problem`` at the restored ``u_n`` after a failed step.
+
+    Where that fails too (a model that fails everywhere now), they keep their values and
+    ``error`` says so; without ``error`` the failure is raised.
+
+    Args:
+        problem: The step's problem.
+        error: What failed in the step.
+        last: What the closures' values are from, for the note.
+    """
+    try:
+        for closure in problem.closures:
+            closure.update()
+    except ClosureEvaluationError as failure:
+        if error is None:
+            raise
+        error.add_note(
+            "The closures could not be evaluated at the restored state either and hold "
+            f"the values of {last}: {failure}"
+        )
+
 
 class SSPRK3Stepper(IMEXStepper):
     """Three IMEX steps per time step, combined as SSP-RK3 (Shu and Osher 1988).
@@ -427,7 +461,8 @@ class SSPRK3Stepper(IMEXStepper):
     streamfunction implicit beside it) the scheme is third order in time; the terms of
     ``a`` beyond the mass matrix are integrated to first order. The closures are updated
     at every stage, at the stage's state; the time constant holds ``tⁿ⁺¹`` in all three.
-    A stage that fails leaves ``u`` and ``u_previous`` at ``uⁿ``, as a failed IMEX step does.
+    A stage that fails leaves ``u`` and ``u_previous`` at ``uⁿ`` and the closures evaluated
+    at ``uⁿ``, as a failed IMEX step does.
     :class:`~dolfinx_mno.rollout.Rollout` differentiates through the three stages.
 
     Takes the arguments of :class:`IMEXStepper` except ``closure_interval`` (closures are
@@ -501,16 +536,7 @@ class ImplicitStepper(_Stepper[NonlinearProblem]):
         that fails everywhere now), they keep their values, and ``error`` says so.
         """
         super()._restore()
-        try:
-            for closure in self.problem.closures:
-                closure.update()
-        except ClosureEvaluationError as failure:
-            if error is None:
-                raise
-            error.add_note(
-                "The closures could not be evaluated at the restored state either and hold "
-                f"the values of Newton's last update: {failure}"
-            )
+        _update_closures_at_u_n(self.problem, error, "Newton's last update")
 
     def _solve(self) -> tuple[int, int, int | None]:
         self.problem.solve()

@@ -647,24 +647,31 @@ def test_ssprk3_equals_a_hand_written_loop_and_is_third_order():
 
 @pytest.mark.mpi
 def test_ssprk3_failed_stage_keeps_the_state(monkeypatch):
-    """A solve that fails in the second stage: u, u_previous, the time and the step count
-    are those before the step, and the next step gives what it gives without the failure."""
-    stepper, _ = _cubic_decay(0.1, closure=True, prefix="rk3_fail_")
+    """A solve that fails in the third stage (after the closure update at w₂): u,
+    u_previous, the time and the step count are those before the step, the closure holds
+    its values at u_n (u³ at the quadrature points), and the next step gives what it gives
+    without the failure."""
+    stepper, closure = _cubic_decay(0.1, closure=True, prefix="rk3_fail_")
     stepper.step()
     kept = stepper.u_previous.x.array.copy()
+    assert closure is not None
+    closure.update()
+    at_u_n = closure.x.array.copy()
     solve, calls = stepper.problem.solve, []
 
     def failing(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
+        solved = solve(*args, **kwargs)
+        if len(calls) == 3:
             raise RuntimeError("stage failed")
-        return solve(*args, **kwargs)
+        return solved
 
     monkeypatch.setattr(stepper.problem, "solve", failing)
     with pytest.raises(RuntimeError, match="stage failed"):
         stepper.step()
     np.testing.assert_array_equal(stepper.u_previous.x.array, kept)
     np.testing.assert_array_equal(stepper.u.x.array, kept)
+    np.testing.assert_allclose(closure.x.array, at_u_n, rtol=1e-14, atol=1e-14)
     assert (stepper.num_steps, stepper.t) == (1, pytest.approx(0.1))
     monkeypatch.setattr(stepper.problem, "solve", solve)
     stepper.step()
