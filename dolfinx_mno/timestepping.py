@@ -383,6 +383,7 @@ class IMEXStepper(_Stepper[LinearProblem]):
             )
         super().__init__(problem, u, u_previous, dt, t0, time, older)
         self.closure_interval = int(closure_interval)
+        self._closures_at_stage = False  # a failed step left them at a later stage's state
 
     #: The step's stages in Shu–Osher form: ``(a, b)`` per stage, the stage's state being
     #: ``a uⁿ + b E(w)`` with ``E`` the IMEX step from the last stage's state ``w`` (``uⁿ``
@@ -409,6 +410,9 @@ class IMEXStepper(_Stepper[LinearProblem]):
                 self.u.x.array[:] = a * start + b * self.u.x.array
                 if stage < len(self.stages) - 1:
                     self.u_previous.x.array[:] = self.u.x.array
+                    self._closures_at_stage = True  # the next stage updates them there
+            if reason > 0:
+                self._closures_at_stage = False
         finally:
             self.u_previous.x.array[:] = start  # for the step's copy, or for _restore
         return reason, iterations, None
@@ -420,7 +424,8 @@ class IMEXStepper(_Stepper[LinearProblem]):
         ``u_n`` again (collective), as after a failed one-stage step.
         """
         super()._restore()
-        if len(self.stages) > 1:
+        if self._closures_at_stage:  # not after a hook's error or a first stage's failure
+            self._closures_at_stage = False
             _update_closures_at_u_n(self.problem, error, "the failed stage")
 
 

@@ -672,6 +672,7 @@ def test_ssprk3_failed_stage_keeps_the_state(monkeypatch):
     np.testing.assert_array_equal(stepper.u_previous.x.array, kept)
     np.testing.assert_array_equal(stepper.u.x.array, kept)
     np.testing.assert_allclose(closure.x.array, at_u_n, rtol=1e-14, atol=1e-14)
+    assert closure.update_count == 3 + 1 + 3 + 1  # step, by hand, three stages, the restore
     assert (stepper.num_steps, stepper.t) == (1, pytest.approx(0.1))
     monkeypatch.setattr(stepper.problem, "solve", solve)
     stepper.step()
