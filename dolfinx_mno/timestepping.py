@@ -359,7 +359,9 @@ class IMEXStepper(_Stepper[LinearProblem]):
             a block problem (a list of unknowns).
         ValueError: ``u`` that is not ``problem.u``, a time step that is not positive,
             ``u`` and ``u_previous`` (or an older state) on different spaces, a function
-            given twice, or a bad ``closure_interval``.
+            given twice, or a bad ``closure_interval``; with several :attr:`stages` (a
+            subclass such as :class:`SSPRK3Stepper`), a ``closure_interval`` other than 1
+            or older states.
     """
 
     solver_name = "linear solver"
@@ -380,6 +382,12 @@ class IMEXStepper(_Stepper[LinearProblem]):
         if not is_integer_at_least(closure_interval, 1):
             raise ValueError(
                 f"closure_interval must be a positive integer, got {closure_interval!r}."
+            )
+        if len(self.stages) > 1 and (closure_interval != 1 or len(older) != 0):
+            raise ValueError(
+                f"{type(self).__name__} updates the closures at every stage and keeps one "
+                f"level: closure_interval must be 1 and older empty, got {closure_interval!r} "
+                f"and {len(older)} older states."
             )
         super().__init__(problem, u, u_previous, dt, t0, time, older)
         self.closure_interval = int(closure_interval)
@@ -479,26 +487,6 @@ class SSPRK3Stepper(IMEXStepper):
     """
 
     stages = ((0.0, 1.0), (0.75, 0.25), (1.0 / 3.0, 2.0 / 3.0))
-
-    def __init__(
-        self,
-        problem: LinearProblem,
-        u: fem.Function,
-        u_previous: fem.Function,
-        dt: float,
-        t0: float = 0.0,
-        time: fem.Constant | None = None,
-        closure_interval: int = 1,
-        older: Sequence[fem.Function] = (),
-    ):
-        """Set up the time loop; see the class docstring for the arguments."""
-        if closure_interval != 1 or len(older) != 0:
-            raise ValueError(
-                "SSPRK3Stepper updates the closures at every stage and keeps one level: "
-                f"closure_interval must be 1 and older empty, got {closure_interval!r} and "
-                f"{len(older)} older states."
-            )
-        super().__init__(problem, u, u_previous, dt, t0, time)
 
 
 class ImplicitStepper(_Stepper[NonlinearProblem]):

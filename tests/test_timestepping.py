@@ -683,9 +683,18 @@ def test_ssprk3_failed_stage_keeps_the_state(monkeypatch):
 
 @pytest.mark.mpi
 def test_ssprk3_refuses_a_closure_interval_and_older_states():
+    """So does any IMEXStepper subclass with several stages (here Heun's SSP-RK2), whose
+    older states the stages would not follow."""
+
+    class SSPRK2Stepper(IMEXStepper):
+        stages = ((0.0, 1.0), (0.5, 0.5))
+
     stepper, _ = _cubic_decay(0.1, closure=True, prefix="rk3_bad_")
     args = (stepper.problem, stepper.u, stepper.u_previous, 0.1)
     older = fem.Function(stepper.u.function_space)
-    for options in ({"closure_interval": 2}, {"older": [older]}):
-        with pytest.raises(ValueError, match="closure_interval must be 1 and older empty"):
-            timestepping.SSPRK3Stepper(*args, **options)
+    for kind in (timestepping.SSPRK3Stepper, SSPRK2Stepper):
+        for options in ({"closure_interval": 2}, {"older": [older]}):
+            message = f"{kind.__name__} updates the closures at every stage and keeps one level"
+            with pytest.raises(ValueError, match=message):
+                kind(*args, **options)
+    IMEXStepper(*args, closure_interval=2, older=[older])  # one stage: both allowed
