@@ -26,7 +26,7 @@ import dolfinx_mno as mno
 from dolfinx_mno import io
 from dolfinx_mno.models import MLP
 from dolfinx_mno.rollout import Rollout
-from dolfinx_mno.timestepping import IMEXStepper
+from dolfinx_mno.timestepping import IMEXStepper, SSPRK3Stepper
 from dolfinx_mno.training import fit_rollout, owned_states, shard
 from dolfinx_mno.training.aposteriori import RolloutObjective
 from dolfinx_mno.training.trajectories import TrajectoryWindows, split_windows
@@ -43,7 +43,7 @@ INITIAL = [
 ]
 
 
-def heat(msh, model=None, initial=INITIAL[0], k=K, s=S, before=None):
+def heat(msh, model=None, initial=INITIAL[0], k=K, s=S, before=None, stepper=IMEXStepper):
     """The IMEX step and its closure; ``model=None``: the exact reaction in UFL.
 
     ``before``: the stepper keeps ``u_{n-1}`` (``older=[u_nm1]``, interpolating ``before``
@@ -70,12 +70,12 @@ def heat(msh, model=None, initial=INITIAL[0], k=K, s=S, before=None):
     problem = mno.petsc.LinearProblem(
         a, L, u=uh, petsc_options=DIRECT, petsc_options_prefix=f"apost{next(_prefixes)}_"
     )
-    return IMEXStepper(problem, uh, u_n, dt=DT, time=time, older=older), closure
+    return stepper(problem, uh, u_n, dt=DT, time=time, older=older), closure
 
 
-def fine_trajectory(msh, initial, num_steps, k=K, s=S):
+def fine_trajectory(msh, initial, num_steps, k=K, s=S, stepper=IMEXStepper):
     """The exact scheme's states at t = 0, DT, ..., as owned arrays."""
-    stepper, _ = heat(msh, None, initial, k, s)
+    stepper, _ = heat(msh, None, initial, k, s, stepper=stepper)
     states = owned_states([stepper.u_previous])
     for _ in range(num_steps):
         stepper.step()
@@ -269,6 +269,32 @@ def test_weights_do_not_depend_on_ranks(cells):
     assert np.allclose(history.val_loss, serial_history.val_loss, rtol=1e-10, atol=0)
     gathered = MPI.COMM_WORLD.allgather(parallel)
     assert all(np.array_equal(g, gathered[0]) for g in gathered)
+
+
+def _train_ssprk3(comm, cells, epochs):
+    msh = mesh.create_unit_square(comm, *cells)
+    trajectories = [fine_trajectory(msh, f, 4, stepper=SSPRK3Stepper) for f in INITIAL[:2]]
+    stepper, closure = heat(msh, wrong_model(), stepper=SSPRK3Stepper)
+    result = fit_rollout(
+        Rollout(stepper), trajectories, horizon=3, validation_fraction=0.0, batch_size=2,
+        epochs=epochs, learning_rate=0.1, lr_patience=10, patience=100, progress=False,
+    )  # fmt: skip
+    return parameters(closure.model), result.history
+
+
+@pytest.mark.mpi
+def test_learns_a_linear_reaction_through_ssprk3_steps():
+    """Through the three stages of SSP-RK3 steps: from r = 0 towards r = -2u + 1 (the
+    reaction of the trajectories, stepped by the same scheme), with the same weights and
+    losses on COMM_SELF and COMM_WORLD (a 1×1 mesh: on 3 ranks a rank owns no cells)."""
+    weights, history = _train_ssprk3(MPI.COMM_WORLD, (3, 3), 40)
+    assert np.abs(weights - np.array([-K, S])).max() <= 0.02, weights
+    assert history.best_val_loss <= 1e-3 * history.val_loss[0]
+    serial, serial_history = _train_ssprk3(MPI.COMM_SELF, (1, 1), 3)
+    parallel, parallel_history = _train_ssprk3(MPI.COMM_WORLD, (1, 1), 3)
+    assert np.linalg.norm(serial) > 0.05  # it trained
+    assert np.linalg.norm(parallel - serial) <= 1e-10 * np.linalg.norm(serial)
+    assert np.allclose(parallel_history.train_loss, serial_history.train_loss, rtol=1e-10)
 
 
 @pytest.mark.mpi
