@@ -45,7 +45,7 @@
 # Kolmogorov forcing, drag $\alpha = 0.1$, $\nu = 10^{-3}$ (Re ≈ 1000). $\omega \in P_1$,
 # $\psi \in P_2$, IMEX Euler (diffusion, drag and $\psi$ implicit; advection explicit with
 # the Taylor–Galerkin correction; one constant matrix, factorised once): see `flow.py`.
-# Its first-order time error caps any closure here at 1.7× finer; `scheme="ssprk3"`
+# Its first-order time error caps even the exact closure at 1.7× finer; `scheme="ssprk3"`
 # (`dolfinx_mno.timestepping.SSPRK3Stepper`) lifts the cap to 3.8× (`docs/results.md`).
 # A closure adds a subgrid vorticity flux $\tau$, a vector, to the weak form:
 #
