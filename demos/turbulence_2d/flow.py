@@ -31,12 +31,12 @@ the stepper's ``older`` states, as ``memory=True`` uses).
 The matrix of a step is constant (block lower-triangular), factorised once by MUMPS and
 reused, so a step is one right-hand side assembly and one pair of triangular solves.
 
-**A third-order alternative** (``scheme="ssprk3"``, :class:`dolfinx_mno.timestepping.SSPRK3Stepper`;
-``experiments/turbulence_2d_time_scheme.py`` measures what the time scheme costs the
-coarse models). The forward Euler
-step ``E`` of every term but the streamfunction (which stays implicit: the same block
-matrix, now with the mass matrix alone in the vorticity block), taken as the stage of Shu
-and Osher's SSP-RK3:
+**A third-order alternative** (``scheme="ssprk3"``, with
+:class:`dolfinx_mno.timestepping.SSPRK3Stepper`; ``experiments/turbulence_2d_time_scheme.py``
+measures what the time scheme costs the coarse models). The forward Euler step ``E`` of
+every term but the streamfunction (which stays implicit: the same block matrix, now with
+the mass matrix alone in the vorticity block), taken as the stage of Shu and Osher's
+SSP-RK3:
 
     w⁽¹⁾ = E(wⁿ),   w⁽²⁾ = ¾ wⁿ + ¼ E(w⁽¹⁾),   wⁿ⁺¹ = ⅓ wⁿ + ⅔ E(w⁽²⁾)
 
@@ -45,7 +45,6 @@ and stable on the imaginary axis up to ``|λΔt| = √3`` (advection) and on the
 axis up to 2.5 (viscosity and drag: explicit viscosity needs ``ν Δt / h² ≲ 0.2``, which
 the meshes here satisfy by a factor of 20 or more). Closures are updated at every stage,
 and a differentiable rollout (:mod:`dolfinx_mno.rollout`) follows the three stages.
-not for a-posteriori training.
 
 **The closure ``τ`` (a vector: a subgrid vorticity flux).** Testing the fine equations with
 a coarse ``v`` (nested meshes: the coarse P1 space lies in the fine one) and writing ``ω̄``
