@@ -11,6 +11,7 @@ filtered DNS of the test seed. This module holds what both need:
   onto the coarse P1 functions vanishing on the walls, and the spun-up trajectories;
 * :class:`CoarseRuns`: a coarse (or ladder) run from the filtered test state, its
   vorticity correlation with the filtered DNS and its decorrelation time;
+* :class:`ExactFlux`: the exact subgrid flux ``τ`` of a DNS state on the coarse cells;
 * :func:`closure_grid`: the grid of the demo's non-local closures (spacing ``h/2`` with a
   zero margin of half the box beyond the walls);
 * :func:`over_seeds`: the decorrelation times of runs from several test seeds, their
@@ -37,12 +38,13 @@ from typing import Any
 from mpi4py import MPI
 
 import numpy as np
+import ufl
 from dolfinx import fem
-from flow import VorticityFlow, length, spin_up
+from flow import VorticityFlow, length, spin_up, velocity
 from utilities import boundary_dofs
 
 import dolfinx_mno as mno
-from dolfinx_mno.data import L2Projection
+from dolfinx_mno.data import CellAverage, ClosureSample, ClosureSampler, L2Projection, Tendency
 from dolfinx_mno.grid import Grid
 
 #: Viscosity of the demo (Re ≈ 1000).
@@ -194,6 +196,51 @@ class Turbulence:
         """
         dt = self.plain.dt if dt is None else dt
         return VorticityFlow(self.plain.n, dt, NU, domain=self.mesh, name=name, **closures)
+
+
+class ExactFlux:
+    """The exact subgrid flux ``τ = avg_K(uω − ν∇ω) − avg_K(ūω̄ − ν∇ω̄)`` on the coarse cells.
+
+    Args:
+        data: The DNS and coarse spaces; :meth:`__call__` sets ``data.plain`` to ``ω̄``.
+
+    Attributes:
+        space: The DG₀ vectors on the coarse mesh that ``τ`` lives in.
+        sampler: The a-priori sampler of ``τ`` with the inputs ``(∇ω̄, ∇ū)`` of the demo's
+            local closure at the degree-1 quadrature points.
+        ufl: ``τ`` as a UFL expression of the sampler's functions.
+        tau: ``τ`` as a function of :attr:`space`, set by :meth:`__call__`.
+    """
+
+    def __init__(self, data: Turbulence):
+        plain = data.plain
+        self.data = data
+        self.space = fem.functionspace(data.mesh, ("Discontinuous Lagrange", 0, (2,)))
+        flux = plain.velocity_n * plain.omega_n - NU * ufl.grad(plain.omega_n)
+        form = ufl.inner(flux, ufl.TestFunction(self.space)) * ufl.dx
+        coarse_flux = Tendency(form, name="coarse_flux")
+        operands = {"grad_omega": ufl.grad(plain.omega_n), "grad_u": ufl.grad(plain.velocity_n)}
+        self.sampler = ClosureSampler(
+            data.projection, data.omega_bar, operands, coarse_flux, quadrature_degree=1,
+            tendency_restriction=CellAverage(self.space, data.dns.mesh),
+        )  # fmt: skip
+        self.ufl = self.sampler.filtered_tendency - coarse_flux.function
+        self.tau = fem.Function(self.space, name="tau")
+        self._expression = fem.Expression(self.ufl, self.space.element.interpolation_points)
+
+    @staticmethod
+    def fine_flux(flow: VorticityFlow) -> Any:
+        """The flux ``uω − ν∇ω`` of ``flow``'s current state (UFL)."""
+        omega, psi = ufl.split(flow.w)
+        return velocity(psi) * omega - NU * ufl.grad(omega)
+
+    def __call__(self, omega: fem.Function, fine_flux: Any) -> ClosureSample:
+        """The sample of the DNS vorticity ``omega`` (its flux ``fine_flux``, from
+        :meth:`fine_flux` of the DNS flow); sets ``ω̄``, the coarse state and :attr:`tau`."""
+        self.data.filtered(omega)
+        sample = self.sampler.sample(omega, fine_flux)
+        self.tau.interpolate(self._expression)
+        return sample
 
 
 def decorrelation(sample_times: np.ndarray, rho: np.ndarray) -> float | None:

@@ -51,7 +51,6 @@ from dolfinx import fem
 from neuralop.models import FNO
 
 import dolfinx_mno as mno
-from dolfinx_mno.data import CellAverage, ClosureSampler, Tendency
 from dolfinx_mno.grid_gather import GriddedSampler
 from dolfinx_mno.io import save_model
 from dolfinx_mno.models import MLP
@@ -61,9 +60,10 @@ from dolfinx_mno.training import fit, shard
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPOSITORY / "demos"), str(REPOSITORY / "demos" / "turbulence_2d")]
 from comparison import smagorinsky_constant, train_a_posteriori
-from flow import VorticityFlow, length, smagorinsky, velocity
+from flow import VorticityFlow, length, smagorinsky
 from turbulence_2d_data import (
     CoarseRuns,
+    ExactFlux,
     Turbulence,
     closure_grid,
     grid_closure,
@@ -110,19 +110,9 @@ data = Turbulence(config, comm)
 dns, plain, omega_bar, filtered = data.dns, data.plain, data.omega_bar, data.filtered
 nu, nf, nc = plain.nu, config["dns"], config["coarse"]
 h, coarse_mesh, Vc = length / nc, data.mesh, data.V
-Wc = fem.functionspace(coarse_mesh, ("Discontinuous Lagrange", 0, (2,)))
-flux_c = plain.velocity_n * plain.omega_n - nu * ufl.grad(plain.omega_n)
-coarse_flux = Tendency(ufl.inner(flux_c, ufl.TestFunction(Wc)) * ufl.dx, name="coarse_flux")
-operands = {"grad_omega": ufl.grad(plain.omega_n), "grad_u": ufl.grad(plain.velocity_n)}
-sampler = ClosureSampler(
-    data.projection, omega_bar, operands, coarse_flux, quadrature_degree=1,
-    tendency_restriction=CellAverage(Wc, dns.mesh),
-)  # fmt: skip
-omega_f, psi_f = ufl.split(dns.w)
-fine_flux = velocity(psi_f) * omega_f - nu * ufl.grad(omega_f)
-tau_exact = sampler.filtered_tendency - coarse_flux.function
-tau = fem.Function(Wc, name="tau")
-tau_expression = fem.Expression(tau_exact, Wc.element.interpolation_points)
+exact = ExactFlux(data)
+Wc, sampler, tau_exact, tau = exact.space, exact.sampler, exact.ufl, exact.tau
+fine_flux = exact.fine_flux(dns)
 grid = closure_grid(nc)
 grid_inputs = GriddedSampler([plain.omega_n, plain.velocity_n], grid)
 grid_targets = GriddedSampler([tau_exact], grid, mesh=coarse_mesh)
@@ -131,11 +121,7 @@ num_owned = plain.W.dofmap.index_map.size_local * plain.W.dofmap.index_map_bs
 
 def exact_tau() -> np.ndarray:
     """The exact τ (DG₀ values, local) at the DNS's current state; sets `plain` to ω̄."""
-    omega = dns.omega
-    filtered(omega)
-    sample = sampler.sample(omega, fine_flux)
-    tau.interpolate(tau_expression)
-    return sample
+    return exact(dns.omega, fine_flux)
 
 
 every = steps(config["sample_every"], dns.dt)  # DNS steps per sample

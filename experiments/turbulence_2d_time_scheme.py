@@ -50,7 +50,6 @@ import ufl
 from dolfinx import fem
 
 import dolfinx_mno as mno
-from dolfinx_mno.data import CellAverage, ClosureSampler, Tendency
 from dolfinx_mno.io import save_model
 from dolfinx_mno.models import MLP
 from dolfinx_mno.training import fit
@@ -58,8 +57,8 @@ from dolfinx_mno.training import fit
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPOSITORY / "demos"), str(REPOSITORY / "demos" / "turbulence_2d")]
 from comparison import resolution_factor, train_a_posteriori
-from flow import VorticityFlow, schemes, velocity
-from turbulence_2d_data import NU, CoarseRuns, Turbulence, settings, steps
+from flow import VorticityFlow, schemes
+from turbulence_2d_data import NU, CoarseRuns, ExactFlux, Turbulence, settings, steps
 from utilities import log, output_folder, positive_int
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -129,25 +128,8 @@ dns = {
         config["dns"], data.dns.dt, NU, domain=data.dns.mesh, name="dns3", scheme="ssprk3"
     ),
 }
-Wc = fem.functionspace(data.mesh, ("Discontinuous Lagrange", 0, (2,)))
-coarse_flux = Tendency(
-    ufl.inner(plain.velocity_n * plain.omega_n - NU * ufl.grad(plain.omega_n),
-              ufl.TestFunction(Wc)) * ufl.dx, name="coarse_flux",
-)  # fmt: skip
-operands = {"grad_omega": ufl.grad(plain.omega_n), "grad_u": ufl.grad(plain.velocity_n)}
-sampler = ClosureSampler(
-    data.projection, omega_bar, operands, coarse_flux, quadrature_degree=1,
-    tendency_restriction=CellAverage(Wc, data.dns.mesh),
-)  # fmt: skip
-tau = fem.Function(Wc, name="tau")
-tau_expression = fem.Expression(
-    sampler.filtered_tendency - coarse_flux.function, Wc.element.interpolation_points
-)
-
-
-def fine_flux(flow: VorticityFlow):
-    omega, psi = ufl.split(flow.w)
-    return velocity(psi) * omega - NU * ufl.grad(omega)
+exact = ExactFlux(data)
+Wc, tau = exact.space, exact.tau
 
 
 fine_per_coarse = steps(plain.dt, data.dns.dt)
@@ -158,14 +140,11 @@ dns_seconds: dict[str, float] = {}
 
 
 def recorder(scheme: str):
-    flow, flux, stored = dns[scheme], fine_flux(dns[scheme]), trajectory[scheme]
+    flow, flux, stored = dns[scheme], exact.fine_flux(dns[scheme]), trajectory[scheme]
 
     def record(t: float) -> None:
         if round(t / flow.dt) % fine_per_coarse == 0:
-            omega = flow.omega
-            data.filtered(omega)  # sets ω̄ and the coarse state the coarse flux reads
-            sampler.sample(omega, flux)
-            tau.interpolate(tau_expression)
+            exact(flow.omega, flux)  # sets ω̄, the coarse state and τ
             stored["omega"].append(omega_bar.x.array.copy())
             stored["tau"].append(tau.x.array.copy())
 
@@ -184,16 +163,16 @@ if args.learned:
     tic = time.perf_counter()
     demo_every = round((0.125 if args.quick else 0.0625) / data.dns.dt)
     aligned_every = steps(config["sample_every"], data.dns.dt)
-    samples, flux, aligned = [], fine_flux(data.dns), []
+    samples, flux, aligned = [], exact.fine_flux(data.dns), []
     num_owned = plain.W.dofmap.index_map.size_local * plain.W.dofmap.index_map_bs
 
     def record_training(t: float) -> None:
         step = round(t / data.dns.dt)
         if step % demo_every == 0 or step % aligned_every == 0:
-            omega = data.dns.omega
-            data.filtered(omega)
-            if step % demo_every == 0:
-                samples.append(sampler.sample(omega, flux))
+            if step % demo_every == 0:  # sets ω̄ and the coarse state too
+                samples.append(exact(data.dns.omega, flux))
+            else:
+                data.filtered(data.dns.omega)
             if step % aligned_every == 0:  # the coarse state (ω̄, ψ̄) for fit_rollout
                 aligned[-1].append(plain.w.x.array[:num_owned].copy())
 
@@ -210,7 +189,7 @@ if args.learned and not reuse:
         epochs=args.mlp_epochs or (15 if args.quick else 200), batch_size=1024,
         learning_rate=3e-3, patience=20, normalize_targets=True, seed=0, progress=False,
     )  # fmt: skip
-    save_model(local_path, local_fit.model, spec=sampler.spec, comm=comm)
+    save_model(local_path, local_fit.model, spec=exact.sampler.spec, comm=comm)
 if args.learned:
     log(f"the local closure's data and fit: {time.perf_counter() - tic:.1f} s (reused: {reuse})")
 
