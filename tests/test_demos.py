@@ -66,6 +66,17 @@ EXPERIMENTS = {
             "1",
             "2",
         ],
+        # the closures fitted on the test trajectory itself, and the one the run above fitted
+        [
+            "turbulence_2d_in_sample.py",
+            "--quick",
+            "--a-posteriori",
+            "1",
+            "--window",
+            "2",
+            "--compare",
+            "output/turbulence_2d_time_scheme/local_closure_quick.pt",
+        ],
     ],
 }
 

@@ -135,3 +135,17 @@ def test_time_scheme_refuses_a_step_off_the_reference_samples(factor, message, m
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(script), run_name="__main__")
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_in_sample_refuses_a_missing_closure_file(monkeypatch, capsys, tmp_path):
+    """``--compare`` names a file that does not exist: refused before the DNS (which takes
+    minutes at the default settings), not when the closure is built after the fits."""
+    import runpy
+
+    script = EXPERIMENT_DIR / "turbulence_2d_in_sample.py"
+    missing = tmp_path / "none.pt"
+    monkeypatch.setattr(sys, "path", [str(EXPERIMENT_DIR), *sys.path])  # as python script.py
+    monkeypatch.setattr(sys, "argv", [script.name, "--quick", "--compare", str(missing)])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(script), run_name="__main__")
+    assert exit_info.value.code == 2 and f"--compare: no file {missing}" in capsys.readouterr().err

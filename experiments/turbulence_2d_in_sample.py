@@ -1,0 +1,391 @@
+"""2D turbulence: what a learned closure of τ could reach with perfect data (issue 14).
+
+``turbulence_2d_time_scheme.py`` measured, at 16² with the third-order time scheme
+(SSP-RK3), that the exact subgrid flux ``τ`` is worth a resolution factor of 3.8, and that
+the demo's local MLP of ``τ``, trained on eighteen trajectories, is worth 1.08. That gap has
+two possible causes, and they call for different remedies:
+
+* **expressivity**: what the closure reads (six cell-wise gradients) and its size cannot
+  represent enough of ``τ``: more data would not help, other inputs or a non-local
+  operator would;
+* **generalisation**: the closure could represent ``τ`` but its training trajectories do
+  not teach it the test trajectory's: more (or more varied) data would help.
+
+This experiment separates them by *cheating on purpose*: every closure is fitted **in
+sample**, on the test trajectory itself (the filtered SSP-RK3 DNS of test seed 5, at every
+coarse step of its 6 time units), and then run from its start. No closure of a given form
+can do better with any training set than it does here, up to the optimiser. It measures,
+from the same spun-up state as the time-scheme experiment:
+
+(a) the SSP-RK3 ladder without closure (16², 32², 64²) and the exact-τ oracle at 16²; the
+    oracle degraded to an unbiased prediction of τ that explains only part of its
+    variance (``--degraded``): how good a closure of τ must be to gain;
+(b) fitted in sample, a priori, and run: the demo's local MLP of ``(∇ω̄, ∇ū)`` (6 → 64 →
+    64 → 2), a wider and deeper one (6 → 128 → 128 → 128 → 2), and the MNO of the demo
+    (a neuraloperator FNO of ``(ω̄, ū)`` on the closure grid, in a ``NonlocalClosure``);
+(c) each closure's fraction of ``τ``'s variance explained over the test trajectory;
+(d) with ``--compare PATH``, a closure of the same inputs fitted elsewhere (out of sample,
+    e.g. ``turbulence_2d_time_scheme.py``'s ``local_closure_18seeds.pt``), the same way;
+(e) with ``--a-posteriori EPOCHS``, the in-sample local MLP and MNO trained further
+    through the SSP-RK3 solver (``fit_rollout``) on windows of the test trajectory.
+
+    mpirun -n 2 python experiments/turbulence_2d_in_sample.py --a-posteriori 30    # 30 min
+    python experiments/turbulence_2d_in_sample.py --quick          # smoke test, ~20 s
+
+Writes ``experiments/output/turbulence_2d_in_sample/summary.json`` (``summary_quick.json``
+with ``--quick``, ``summary_aposteriori10.json`` with ``--a-posteriori 10``) and prints the
+tables.
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+from mpi4py import MPI
+
+import numpy as np
+import torch
+import ufl
+from dolfinx import fem
+from neuralop.models import FNO
+
+import dolfinx_mno as mno
+from dolfinx_mno.grid_gather import GriddedSampler
+from dolfinx_mno.io import save_model
+from dolfinx_mno.models import MLP
+from dolfinx_mno.quadrature import measure
+from dolfinx_mno.training import fit, shard
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPOSITORY / "demos"), str(REPOSITORY / "demos" / "turbulence_2d")]
+from comparison import resolution_factor, train_a_posteriori
+from flow import VorticityFlow
+from turbulence_2d_data import (
+    NU,
+    CoarseRuns,
+    ExactFlux,
+    Turbulence,
+    closure_grid,
+    grid_closure,
+    settings,
+    steps,
+)
+from utilities import assemble_global, log, output_folder, positive_int
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("--quick", action="store_true", help="small problem, a smoke test")
+parser.add_argument(
+    "--mlp-epochs", type=positive_int, default=None, help="a-priori epochs of the MLPs (200)"
+)
+parser.add_argument(
+    "--fno-epochs", type=positive_int, default=None, help="a-priori epochs of the MNO (60)"
+)
+parser.add_argument(
+    "--compare",
+    type=Path,
+    default=None,
+    metavar="PATH",
+    help="a local closure of (∇ω̄, ∇ū) fitted out of sample, run the same way",
+)
+parser.add_argument(
+    "--degraded",
+    type=float,
+    nargs="*",
+    default=[0.9, 0.75, 0.5, 0.33],
+    metavar="F",
+    help="also run the oracle degraded to explain the fraction F of τ's variance "
+    "(default 0.9 0.75 0.5 0.33)",
+)
+parser.add_argument(
+    "--a-posteriori",
+    type=positive_int,
+    default=None,
+    metavar="EPOCHS",
+    help="also train the in-sample MLP and MNO through the SSP-RK3 solver",
+)
+parser.add_argument(
+    "--window", type=positive_int, default=4, help="a-posteriori window, in samples (default 4)"
+)
+parser.add_argument(
+    "--learning-rate", type=float, default=3e-4, help="a-posteriori learning rate (3e-4)"
+)
+args = parser.parse_args()
+comm = MPI.COMM_WORLD
+torch.set_num_threads(1)
+if not all(0.0 < fraction < 1.0 for fraction in args.degraded):
+    parser.error(f"--degraded: fractions must lie in (0, 1), got {args.degraded}")
+if args.compare is not None and not args.compare.is_file():
+    parser.error(f"--compare: no file {args.compare}")
+output = output_folder("turbulence_2d_in_sample", root=REPOSITORY / "experiments" / "output")
+config = settings(args.quick)
+config |= {"mlp_epochs": 15, "fno_epochs": 5} if args.quick else {}
+config |= {"fno_modes": 8, "fno_width": 16 if args.quick else 24}
+config["mlp_epochs"] = args.mlp_epochs or config.get("mlp_epochs", 200)
+config["fno_epochs"] = args.fno_epochs or config.get("fno_epochs", 60)
+log(f"config: {config}")
+
+# ## The SSP-RK3 DNS of the test seed, filtered, with τ and the closures' data
+data = Turbulence(config, comm)
+plain, omega_bar, nc = data.plain, data.omega_bar, config["coarse"]
+dns = VorticityFlow(
+    config["dns"], data.dns.dt, NU, domain=data.dns.mesh, name="dns3", scheme="ssprk3"
+)
+exact = ExactFlux(data)
+grid = closure_grid(nc)
+grid_inputs = GriddedSampler([plain.omega_n, plain.velocity_n], grid)
+grid_targets = GriddedSampler([exact.ufl], grid, mesh=data.mesh)
+num_owned = plain.W.dofmap.index_map.size_local * plain.W.dofmap.index_map_bs
+fine_per_coarse = steps(plain.dt, dns.dt)
+samples_every = steps(config["sample_every"], plain.dt)  # coarse steps per sample
+
+tic = time.perf_counter()
+start_fine = fem.Function(dns.V)
+
+
+def keep_start(t: float) -> None:
+    start_fine.x.array[:] = data.dns.omega.x.array
+
+
+data.trajectory(config["test_seed"], 0.0, keep_start)  # the spin-up only (IMEX Euler)
+recorded: dict[str, list] = {k: [] for k in ("samples", "tau", "omega", "w", "grid_x", "grid_y")}
+flux = exact.fine_flux(dns)
+
+
+def record(t: float) -> None:
+    """At every coarse step: the sample, τ, ω̄, the coarse state and the gridded data."""
+    if round(t / dns.dt) % fine_per_coarse == 0:
+        recorded["samples"].append(exact(dns.omega, flux))
+        recorded["tau"].append(exact.tau.x.array.copy())
+        recorded["omega"].append(omega_bar.x.array.copy())
+        recorded["w"].append(plain.w.x.array[:num_owned].copy())
+        recorded["grid_x"].append(grid_inputs())
+        recorded["grid_y"].append(grid_targets())
+
+
+dns.set_vorticity(start_fine)
+dns_seconds = dns.run(0.0, config["test_horizon"], record)
+log(f"the SSP-RK3 DNS of the test seed and its data: {time.perf_counter() - tic:.1f} s")
+start = fem.Function(data.V, name="start")
+start.x.array[:] = recorded["omega"][0]
+reference = recorded["omega"][::samples_every]
+runs_against_dns = CoarseRuns(data, reference)
+
+
+def coarse_model(name: str, closure=None) -> VorticityFlow:
+    return data.coarse_model(name, closure=closure, scheme="ssprk3")
+
+
+# ## (a) The ladder and the oracle
+runs: dict[str, dict] = {f"no closure, {nc}²": runs_against_dns.run(coarse_model("plain3"), start)}
+runs |= runs_against_dns.ladder(config["ladder"], start_fine, "ssprk3")
+oracle_tau = fem.Function(exact.space, name="oracle_tau")
+
+
+def oracle_step(step: int) -> None:
+    oracle_tau.x.array[:] = recorded["tau"][step]
+
+
+runs["oracle τ"] = runs_against_dns.run(
+    coarse_model("oracle3", lambda o, u: (oracle_tau, ufl.dx)), start, before_step=oracle_step
+)
+
+# How good must a closure of τ be? The oracle degraded to an unbiased prediction that
+# explains the fraction f of τ's variance: f τ + (1 − f) mean(τ) + √(f(1 − f)) σ ξ, with ξ
+# white noise, fresh at every step, the same on any number of ranks (drawn for every cell,
+# indexed by global cell number), σ τ's standard deviation at that step, per component.
+cells = exact.space.dofmap.index_map
+global_cells = cells.local_to_global(np.arange(cells.size_local + cells.num_ghosts, dtype=np.int32))
+
+
+def degraded_step(fraction: float):
+    def before_step(step: int) -> None:
+        values = recorded["tau"][step].reshape(-1, 2)
+        owned = values[: cells.size_local]
+        sums = comm.allreduce(np.array([*owned.sum(axis=0), *(owned**2).sum(axis=0)]))
+        mean = sums[:2] / cells.size_global
+        sigma = np.sqrt(np.maximum(sums[2:] / cells.size_global - mean**2, 0.0))
+        noise = np.random.default_rng([17, step]).standard_normal((cells.size_global, 2))
+        oracle_tau.x.array[:] = (
+            fraction * values + (1 - fraction) * mean
+            + np.sqrt(fraction * (1 - fraction)) * sigma * noise[global_cells]
+        ).ravel()  # fmt: skip
+
+    return before_step
+
+
+for fraction in args.degraded:
+    runs[f"oracle τ, {fraction:g} of its variance"] = runs_against_dns.run(
+        coarse_model(f"degraded{fraction:g}", lambda o, u: (oracle_tau, ufl.dx)),
+        start,
+        before_step=degraded_step(fraction),
+    )
+log(f"ladder and oracles: {[(k, v['decorrelation_time']) for k, v in runs.items()]}")
+
+# ## (b) The closures, fitted in sample: every coarse step of the test trajectory
+tic = time.perf_counter()
+samples = recorded["samples"]
+inputs = np.concatenate([s.inputs for s in samples])
+targets = np.concatenate([s.targets for s in samples]).reshape(-1, 2)
+groups = np.repeat(np.arange(len(samples)), samples[0].inputs.shape[0])
+paths: dict[str, Path] = {}
+for label, hidden in (("local MLP", [64, 64]), ("wide local MLP", [128, 128, 128])):
+    result = fit(
+        MLP(6, 2, hidden_features=hidden, seed=0), inputs, targets, groups=groups, comm=comm,
+        epochs=config["mlp_epochs"], batch_size=1024, learning_rate=3e-3, patience=20,
+        normalize_targets=True, seed=0, progress=False,
+    )  # fmt: skip
+    paths[label] = output / f"{label.replace(' ', '_')}{'_quick' if args.quick else ''}.pt"
+    save_model(paths[label], result.model, spec=exact.sampler.spec, comm=comm)
+grid_data = (np.array(recorded["grid_x"]), np.array(recorded["grid_y"])) if comm.rank == 0 else None
+grid_x, grid_y = comm.bcast(grid_data, root=0)
+torch.manual_seed(0)
+operator = FNO(n_modes=(config["fno_modes"],) * 2, hidden_channels=config["fno_width"],
+               in_channels=3, out_channels=2, n_layers=4)  # fmt: skip
+operator_fit = fit(
+    operator, shard(grid_x.astype(np.float32), comm), shard(grid_y.astype(np.float32), comm),
+    grid=True, comm=comm, epochs=config["fno_epochs"], batch_size=8, chunk_size=8,
+    learning_rate=3e-3, patience=20, normalize_targets=True, seed=0, progress=False,
+)  # fmt: skip
+paths["MNO"] = output / f"mno{'_quick' if args.quick else ''}.pt"
+save_model(paths["MNO"], operator_fit.model,
+           spec=mno.ClosureSpec(("omega", "u"), (1, 2), value_shape=(2,), quadrature_degree=1,
+                                grid=grid, mask_channel=False), comm=comm)  # fmt: skip
+fit_seconds = time.perf_counter() - tic
+log(f"in-sample fits: {fit_seconds:.1f} s")
+
+
+def local_closure(path: Path):
+    def factory(omega_n, velocity_n):
+        operands = {"grad_omega": ufl.grad(omega_n), "grad_u": ufl.grad(velocity_n)}
+        closure = mno.Closure(str(path), mno.Operands(operands))
+        return closure, closure.dx
+
+    return factory
+
+
+factories = {label: local_closure(path) for label, path in paths.items() if label != "MNO"}
+factories["MNO"] = grid_closure(paths["MNO"], grid)
+flows = {
+    f"{label}, in sample": coarse_model(f"closure{i}", factory)
+    for i, (label, factory) in enumerate(factories.items())
+}
+if args.compare is not None:
+    flows["local MLP, out of sample"] = coarse_model("compared", local_closure(args.compare))
+
+# ## (c) How much of τ each closure explains over the test trajectory
+dxq = measure(data.mesh, 1)
+tau = exact.tau
+moments = [fem.form(ufl.inner(tau, tau) * dxq), fem.form(1.0 * dxq)]
+moments += [fem.form(tau[i] * dxq) for i in range(2)]
+
+
+def variance_explained(flow: VorticityFlow) -> float:
+    """The fraction of τ's variance the closure of ``flow`` explains, over every sample of
+    the test trajectory (its mean over the samples; 1: exact, 0: no better than the mean)."""
+    predicted = flow.closure
+    error_form = fem.form(ufl.inner(predicted - tau, predicted - tau) * dxq)
+    fractions = []
+    for values, omega in zip(recorded["tau"][::samples_every], reference, strict=True):
+        tau.x.array[:] = values
+        omega_bar.x.array[:] = omega
+        norm, area, *mean = (assemble_global(form) for form in moments)
+        flow.set_vorticity(omega_bar)
+        predicted.update()
+        fractions.append(
+            1.0 - assemble_global(error_form) / (norm - (mean[0] ** 2 + mean[1] ** 2) / area)
+        )
+    return float(np.mean(fractions))
+
+
+skill = {label: variance_explained(flow) for label, flow in flows.items()}
+log(f"variance explained: {skill}")
+
+# ## (b, d) The runs, and (e) the same closures trained through the solver
+for label, flow in flows.items():
+    runs[label] = runs_against_dns.run(flow, start)
+    log(f"{label}: t(ρ<0.95) = {runs[label]['decorrelation_time']}")
+training: dict[str, dict] = {}
+if args.a_posteriori is not None:
+    trajectory = [recorded["w"][::samples_every]]
+    for label in ("local MLP", "MNO"):
+        flow = coarse_model(f"tuned_{label.replace(' ', '_')}", factories[label])
+        tuned = train_a_posteriori(
+            flow, trajectory, samples_every, args.window, args.a_posteriori,
+            learning_rate=args.learning_rate, stride=1 if args.quick else 2,
+        )  # fmt: skip
+        name = f"{label}, in sample, a posteriori"
+        training[name] = vars(tuned)
+        skill[name] = variance_explained(flow)
+        runs[name] = runs_against_dns.run(flow, start)
+        log(f"{name}: {training[name]}, t(ρ<0.95) = {runs[name]['decorrelation_time']}")
+
+
+def as_run(row: dict) -> SimpleNamespace:
+    t = row["decorrelation_time"]
+    return SimpleNamespace(
+        times=np.array([0.0, config["test_horizon"]]),
+        decorrelation_time=math.inf if t is None else t,
+        seconds_per_time_unit=row["seconds_per_time_unit"],
+    )
+
+
+ladder = {n: as_run(runs[f"no closure, {n}²"]) for n in config["ladder"]}
+for row in runs.values():
+    factor, ratio, capped = resolution_factor(ladder, nc, as_run(row))
+    row |= {"resolution_factor": factor, "wall_time_ratio": ratio, "factor_is_lower_bound": capped}
+
+summary = {
+    "quick": args.quick,
+    "ranks": comm.size,
+    "config": config,
+    "compare": None if args.compare is None else str(args.compare),
+    "dns_seconds_per_time_unit": dns_seconds / config["test_horizon"],
+    "fit_seconds": fit_seconds,
+    "variance_explained": skill,
+    "a_posteriori": {"window": args.window, "learning_rate": args.learning_rate, **training},
+    "runs": runs,
+}
+if comm.rank == 0:  # a smoke test must not overwrite the measured numbers
+    name = "_".join(
+        (["quick"] if args.quick else [])
+        + ([f"aposteriori{args.a_posteriori}"] if args.a_posteriori else [])
+    )
+    (output / (f"summary_{name}.json" if name else "summary.json")).write_text(
+        json.dumps(summary, indent=2)
+    )
+
+
+def cell(value: float | None) -> str:
+    return f"> {config['test_horizon']:g}" if value is None else f"{value:.3f}"
+
+
+log(f"\n{'SSP-RK3, 16² unless said':>42} | τ explained | t(ρ<0.95) | ρ at end | resolution"
+    " | wall-time ratio | s / unit")  # fmt: skip
+for label, row in runs.items():
+    explained = f"{skill[label]:11.3f}" if label in skill else " " * 11
+    bound = "≥" if row["factor_is_lower_bound"] else " "
+    log(
+        f"{label:>42} | {explained} | {cell(row['decorrelation_time']):>9} | "
+        f"{row['correlation_end']:8.3f} | {bound}{row['resolution_factor']:9.2f} | "
+        f"{row['wall_time_ratio']:15.2f} | {row['seconds_per_time_unit']:.3f}"
+    )
+for label, row in training.items():
+    before, after = row["held_out_before"], row["held_out_after"]
+    log(f"{label}: held-out rollout loss {before:.4g} → {after:.4g} in {row['epochs']} epochs")
+
+# ## Checks: every run starts correlated; the oracle lasts at least as long as no closure;
+# every in-sample fit explains part of τ on its own training data. (How much, and how long
+# the closures last, are the measurements, in docs/results.md.)
+for label, row in runs.items():
+    assert row["correlations"][0] > 0.99, (label, row["correlations"][:2])
+oracle_time, plain_time = (
+    as_run(runs[k]).decorrelation_time for k in ("oracle τ", f"no closure, {nc}²")
+)
+assert oracle_time >= plain_time, (oracle_time, plain_time)
+for label in (k for k in skill if "in sample" in k):
+    assert 0.0 < skill[label] <= 1.0, (label, skill[label])
+log(f"all checks passed; outputs in {output}")
