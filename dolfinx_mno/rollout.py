@@ -496,23 +496,15 @@ class Rollout:
                 torch.Tensor,
                 ImplicitStepFunction.apply(step, t_new, known, prepare, state, *parameters),
             )
-        stages = typing.cast(IMEXStepper, self.stepper).stages
-        if len(stages) > 1:  # each stage from the last one's state; u_n enters each sum
+        stepper = typing.cast(IMEXStepper, self.stepper)
+        if len(stepper.stages) > 1:  # each stage from the last one's state; u_n enters each sum
             known = None  # the stages' states are not kept: solve them again
         stage_state = state
-        for a, b in stages:
+        values: list[torch.Tensor] = []
+        for stage, (a, b) in enumerate(stepper.stages):
             stage_levels = [stage_state, *levels[1:]]
-            values = []
-            for closure, operand_map in zip(self.closures, self._maps, strict=True):
-                if not operand_map.reads_levels:  # the operands do not read u_n, u_(n-1), ...
-                    inputs = operand_map.apply(None)
-                else:
-                    inputs = OperandFunction.apply(stage_state, operand_map, *levels[1:])
-                if isinstance(closure, NonlocalClosure):  # collective, agreed in its stages
-                    values.append(model_values(closure, inputs))
-                    continue
-                with rank_local(self.comm, f"The model of closure '{closure.name}'"):
-                    values.append(model_values(closure, inputs))
+            if stage == 0 or not stepper.hold_closures:  # else the values at u_n, held
+                values = self._closure_values(stage_state, levels[1:])
             solved = typing.cast(
                 torch.Tensor,
                 IMEXStepFunction.apply(
@@ -521,6 +513,23 @@ class Rollout:
             )
             stage_state = solved if (a, b) == (0.0, 1.0) else a * state + b * solved
         return stage_state
+
+    def _closure_values(
+        self, state: torch.Tensor, older: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """The closures' values (graphs) at ``state``, with the older levels ``older``."""
+        values = []
+        for closure, operand_map in zip(self.closures, self._maps, strict=True):
+            if not operand_map.reads_levels:  # the operands do not read u_n, u_(n-1), ...
+                inputs = operand_map.apply(None)
+            else:
+                inputs = OperandFunction.apply(state, operand_map, *older)
+            if isinstance(closure, NonlocalClosure):  # collective, agreed in its stages
+                values.append(model_values(closure, inputs))
+                continue
+            with rank_local(self.comm, f"The model of closure '{closure.name}'"):
+                values.append(model_values(closure, inputs))
+        return values
 
     # -- the gradient --------------------------------------------------------------------
 

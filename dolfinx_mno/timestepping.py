@@ -48,6 +48,10 @@ must be implicit (a constraint such as a streamfunction, or stiff diffusion)::
 
     stepper = SSPRK3Stepper(problem, u_h, u_n, dt=0.01)   # the same problem as IMEXStepper
 
+The closures are updated at every stage. ``hold_closures=True`` updates them once per
+step, at ``uⁿ``, and keeps them over the stages: a third of their cost, at the price of a
+first-order closure term (a neural operator that costs more than a step's solves).
+
 **Statistics.** Every successful step appends a :class:`StepStatistics` to
 ``stepper.history``: the time reached, the wall time, the solver's converged reason and its
 iterations (Newton and total KSP iterations for :class:`ImplicitStepper`, KSP iterations
@@ -353,6 +357,11 @@ class IMEXStepper(_Stepper[LinearProblem]):
         older: ``[u_{n-1}, u_{n-2}, ...]``, states before ``u_previous`` that the forms or
             closures read, on the space of ``u``; each step shifts them (see the module
             docstring).
+        hold_closures: With several :attr:`stages` (:class:`SSPRK3Stepper`): update the
+            closures once per step, at ``uⁿ``, and keep their values over the step's
+            stages, instead of updating them at every stage. A closure then costs a
+            third as much per SSP-RK3 step, and its term is integrated to first order
+            in time (the rest of the step keeps its order).
 
     Raises:
         TypeError: A problem that is not a :class:`dolfinx_mno.petsc.LinearProblem`, or
@@ -361,7 +370,7 @@ class IMEXStepper(_Stepper[LinearProblem]):
             ``u`` and ``u_previous`` (or an older state) on different spaces, a function
             given twice, or a bad ``closure_interval``; with several :attr:`stages` (a
             subclass such as :class:`SSPRK3Stepper`), a ``closure_interval`` other than 1
-            or older states.
+            or older states; with one stage, ``hold_closures``.
     """
 
     solver_name = "linear solver"
@@ -377,6 +386,7 @@ class IMEXStepper(_Stepper[LinearProblem]):
         time: fem.Constant | None = None,
         closure_interval: int = 1,
         older: Sequence[fem.Function] = (),
+        hold_closures: bool = False,
     ):
         """Set up the time loop; see the class docstring for the arguments."""
         if not is_integer_at_least(closure_interval, 1):
@@ -389,8 +399,17 @@ class IMEXStepper(_Stepper[LinearProblem]):
                 f"level: closure_interval must be 1 and older empty, got {closure_interval!r} "
                 f"and {len(older)} older states."
             )
+        if not isinstance(hold_closures, bool):
+            raise TypeError(f"hold_closures must be True or False, got {hold_closures!r}.")
+        if hold_closures and len(self.stages) == 1:
+            raise ValueError(
+                f"hold_closures keeps the closures over the stages of a step, and "
+                f"{type(self).__name__} takes one stage: use closure_interval to hold them "
+                "over steps."
+            )
         super().__init__(problem, u, u_previous, dt, t0, time, older)
         self.closure_interval = int(closure_interval)
+        self.hold_closures = hold_closures
         self._closures_at_stage = False  # a failed step left them at a later stage's state
 
     #: The step's stages in Shu–Osher form: ``(a, b)`` per stage, the stage's state being
@@ -409,7 +428,7 @@ class IMEXStepper(_Stepper[LinearProblem]):
         iterations = 0
         try:
             for stage, (a, b) in enumerate(self.stages):
-                self.problem.solve(update_closures=update)
+                self.problem.solve(update_closures=stage == 0 or not self.hold_closures)
                 ksp = self.problem.solver
                 reason = ksp.getConvergedReason()  # type: ignore[assignment]
                 iterations += ksp.getIterationNumber()  # type: ignore[operator]
@@ -418,7 +437,8 @@ class IMEXStepper(_Stepper[LinearProblem]):
                 self.u.x.array[:] = a * start + b * self.u.x.array
                 if stage < len(self.stages) - 1:
                     self.u_previous.x.array[:] = self.u.x.array
-                    self._closures_at_stage = True  # the next stage updates them there
+                    # the next stage updates them there (unless held at uⁿ)
+                    self._closures_at_stage = not self.hold_closures
             if reason > 0:
                 self._closures_at_stage = False
         finally:
@@ -473,13 +493,14 @@ class SSPRK3Stepper(IMEXStepper):
     factorises it once). With ``a`` the mass matrix (only constraints such as a
     streamfunction implicit beside it) the scheme is third order in time; the terms of
     ``a`` beyond the mass matrix are integrated to first order. The closures are updated
-    at every stage, at the stage's state; the time constant holds ``tⁿ⁺¹`` in all three.
+    at every stage, at the stage's state (with ``hold_closures=True`` once per step, at
+    ``uⁿ``); the time constant holds ``tⁿ⁺¹`` in all three.
     A stage that fails leaves ``u`` and ``u_previous`` at ``uⁿ`` and the closures evaluated
     at ``uⁿ``, as a failed IMEX step does.
     :class:`~dolfinx_mno.rollout.Rollout` differentiates through the three stages.
 
     Takes the arguments of :class:`IMEXStepper` except ``closure_interval`` (closures are
-    updated at every stage) and ``older`` (one-level states only).
+    updated at every step) and ``older`` (one-level states only).
 
     Raises:
         ValueError: The arguments :class:`IMEXStepper` refuses, ``closure_interval`` other

@@ -881,18 +881,22 @@ def test_restricted_normalized_closure_on_a_rank_without_its_cells(implicit, tin
 # -- SSP-RK3: three IMEX stages per step ------------------------------------------------
 
 
-def _ssprk3(stepper: IMEXStepper) -> SSPRK3Stepper:
-    """The same IMEX problem stepped by SSP-RK3."""
-    return SSPRK3Stepper(stepper.problem, stepper.u, stepper.u_previous, stepper.dt)
+def _ssprk3(stepper: IMEXStepper, hold: bool = False) -> SSPRK3Stepper:
+    """The same IMEX problem stepped by SSP-RK3 (``hold``: ``hold_closures``)."""
+    return SSPRK3Stepper(
+        stepper.problem, stepper.u, stepper.u_previous, stepper.dt, hold_closures=hold
+    )
 
 
 @pytest.mark.mpi
-def test_ssprk3_rollout_states_are_the_steppers():
+@pytest.mark.parametrize("hold", [False, True])
+def test_ssprk3_rollout_states_are_the_steppers(hold):
     """The rollout of an SSP-RK3 stepper follows its three stages: its states are the
-    stepper's (to round-off), and differ from IMEX Euler's."""
+    stepper's (to round-off), and differ from IMEX Euler's. With ``hold_closures`` too
+    (the closures' values at uⁿ in every stage)."""
     msh = mesh.create_unit_square(MPI.COMM_WORLD, 5, 5)
-    euler, _ = heat(msh, 1, ("scalar", "flux"), nonlinear=True, prefix="rk3_forward_")
-    rollout = Rollout(_ssprk3(euler))
+    euler, _ = heat(msh, 1, ("scalar", "flux"), nonlinear=True, prefix=f"rk3_forward{hold}_")
+    rollout = Rollout(_ssprk3(euler, hold))
     u0 = rollout.initial_state()
     state, expected = stepper_and_rollout_states(rollout, u0, NUM_STEPS)
     expected = expected.copy()  # a view of the stepper's u, which the Euler run reuses
@@ -903,15 +907,16 @@ def test_ssprk3_rollout_states_are_the_steppers():
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("degree", [1, 2])
-def test_taylor_ssprk3(degree):
+@pytest.mark.parametrize(("degree", "hold"), [(1, False), (2, False), (1, True)])
+def test_taylor_ssprk3(degree, hold):
     """Second-order Taylor remainders in θ and in u_0 through 5 SSP-RK3 steps, with a
-    right-hand side nonlinear in the state (its Jacobian at each stage's state)."""
+    right-hand side nonlinear in the state (its Jacobian at each stage's state); with
+    ``hold_closures``, the closures' values at uⁿ feed all three stages."""
     msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
     euler, closures = heat(
-        msh, degree, ("scalar", "flux"), nonlinear=True, prefix=f"rk3_t{degree}_"
+        msh, degree, ("scalar", "flux"), nonlinear=True, prefix=f"rk3_t{degree}{hold}_"
     )
-    rollout = Rollout(_ssprk3(euler))
+    rollout = Rollout(_ssprk3(euler, hold))
     u0, data = rollout.initial_state(), targets(rollout)
     remainders = taylor_parameters(rollout, closures, u0, data)
     assert remainders[0] > 1e-9 and min(rates(remainders)) >= 1.9, remainders
@@ -921,15 +926,17 @@ def test_taylor_ssprk3(degree):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("cells", [(1, 1), (6, 5)])
-def test_ssprk3_gradients_do_not_depend_on_ranks_or_checkpoints(cells):
+@pytest.mark.parametrize(("cells", "hold"), [((1, 1), False), ((6, 5), False), ((1, 1), True)])
+def test_ssprk3_gradients_do_not_depend_on_ranks_or_checkpoints(cells, hold):
     """COMM_WORLD against COMM_SELF ((1, 1) on 3 ranks: a rank owns no cell), and the
-    checkpointed gradient (stages solved again) against the full graph."""
+    checkpointed gradient (stages solved again) against the full graph; with
+    ``hold_closures`` too."""
     results = []
     for comm in (MPI.COMM_SELF, MPI.COMM_WORLD):
         msh = mesh.create_unit_square(comm, *cells)
-        euler, _ = heat(msh, 1, ("scalar", "flux"), bcs=False, prefix=f"rk3_ranks{comm.size}_")
-        stepper = _ssprk3(euler)
+        prefix = f"rk3_ranks{comm.size}{hold}_"
+        euler, _ = heat(msh, 1, ("scalar", "flux"), bcs=False, prefix=prefix)
+        stepper = _ssprk3(euler, hold)
         rollout = Rollout(stepper)
         u0 = rollout.initial_state()
         result = rollout.gradient(u0, targets(rollout), initial_state=True)

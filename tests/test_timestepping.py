@@ -588,9 +588,9 @@ def test_a_stepper_refuses_a_u_that_the_solve_does_not_write(tiny_square):
     ImplicitStepper(nonlinear, w, w_n, dt=0.1)
 
 
-def _cubic_decay(dt: float, closure: bool, prefix: str, cells: int = 6):
+def _cubic_decay(dt: float, closure: bool, prefix: str, cells: int = 6, hold: bool = False):
     """``M u' = −(u³, v)`` on P1 (no boundary condition), the mass matrix alone implicit,
-    stepped by SSP-RK3: ``u³`` from a closure or in UFL."""
+    stepped by SSP-RK3: ``u³`` from a closure or in UFL; ``hold``: ``hold_closures``."""
     msh = mesh.create_unit_square(MPI.COMM_WORLD, cells, cells)
     V = fem.functionspace(msh, ("Lagrange", 1))
     u_n, uh = fem.Function(V, name="u_n"), fem.Function(V, name="u")
@@ -607,7 +607,7 @@ def _cubic_decay(dt: float, closure: bool, prefix: str, cells: int = 6):
         u * v * ufl.dx, L, u=uh, petsc_options=DIRECT, petsc_options_prefix=prefix,
         reuse_matrix=True,
     )  # fmt: skip
-    return timestepping.SSPRK3Stepper(problem, uh, u_n, dt=dt), made
+    return timestepping.SSPRK3Stepper(problem, uh, u_n, dt=dt, hold_closures=hold), made
 
 
 def _global_norm(values: np.ndarray, comm: MPI.Comm) -> float:
@@ -643,6 +643,62 @@ def test_ssprk3_equals_a_hand_written_loop_and_is_third_order():
     errors = [_global_norm(final(dt) - exact, comm) for dt in (0.1, 0.05, 0.025)]
     rates = np.log2(np.array(errors[:-1]) / errors[1:])
     assert np.all(rates >= 2.8), (errors, rates)
+
+
+@pytest.mark.mpi
+def test_ssprk3_held_closures_equal_a_hand_written_loop_and_are_first_order(monkeypatch):
+    """``hold_closures=True``: one closure update a step, at uⁿ, held over the three
+    stages. The run equals SSP-RK3 written by hand with ``u³`` of uⁿ in every stage (to
+    round-off) and converges at first order in time (the closure term's order: rates
+    0.9–1.2 against the third-order UFL run at a 32× smaller step). A stage that fails
+    leaves the closure at uⁿ without another update."""
+    stepper, closure = _cubic_decay(0.1, closure=True, prefix="held_", hold=True)
+    comm = stepper.u.function_space.mesh.comm
+    stepper.run(4, progress=False)
+    assert closure is not None and closure.update_count == 4  # once a step
+    V = stepper.u.function_space
+    u_n, held, uh = fem.Function(V), fem.Function(V), fem.Function(V)
+    u_n.interpolate(lambda x: 1.0 + np.sin(np.pi * x[0]) * x[1])
+    u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
+    L = (u_n - 0.1 * held**3) * v * ufl.dx(metadata={"quadrature_degree": 3})
+    by_hand = LinearProblem(
+        u * v * ufl.dx, L, u=uh, petsc_options=DIRECT, petsc_options_prefix="held_ufl_"
+    )
+    for _ in range(4):
+        start = u_n.x.array.copy()
+        held.x.array[:] = start
+        for a, b in ((0.0, 1.0), (0.75, 0.25), (1.0 / 3.0, 2.0 / 3.0)):
+            by_hand.solve()
+            u_n.x.array[:] = a * start + b * uh.x.array
+    scale = comm.allreduce(np.abs(u_n.x.array).max(), op=MPI.MAX)
+    error = comm.allreduce(np.abs(stepper.u.x.array - u_n.x.array).max(), op=MPI.MAX)
+    assert scale > 0.5 and error <= 1e-14 * scale, (scale, error)
+
+    def final(dt: float, hold: bool) -> np.ndarray:
+        run, _ = _cubic_decay(dt, closure=hold, prefix=f"held_order_{round(0.4 / dt)}_", hold=hold)
+        run.run(round(0.4 / dt), progress=False)
+        return run.u.x.array[: run.u.function_space.dofmap.index_map.size_local].copy()
+
+    exact = final(0.1 / 32, hold=False)
+    errors = [_global_norm(final(dt, hold=True) - exact, comm) for dt in (0.1, 0.05, 0.025)]
+    rates = np.log2(np.array(errors[:-1]) / errors[1:])
+    assert np.all((rates >= 0.9) & (rates <= 1.2)), (errors, rates)
+
+    closure.update()
+    at_u_n, count = closure.x.array.copy(), closure.update_count
+    solve, calls = stepper.problem.solve, []
+
+    def failing(*args, **kwargs):
+        calls.append(kwargs.get("update_closures"))
+        if len(calls) == 3:
+            raise RuntimeError("stage failed")
+        return solve(*args, **kwargs)
+
+    monkeypatch.setattr(stepper.problem, "solve", failing)
+    with pytest.raises(RuntimeError, match="stage failed"):
+        stepper.step()
+    assert calls == [True, False, False] and closure.update_count == count + 1
+    np.testing.assert_array_equal(closure.x.array, at_u_n)
 
 
 @pytest.mark.mpi
@@ -698,3 +754,7 @@ def test_ssprk3_refuses_a_closure_interval_and_older_states():
             with pytest.raises(ValueError, match=message):
                 kind(*args, **options)
     IMEXStepper(*args, closure_interval=2, older=[older])  # one stage: both allowed
+    with pytest.raises(ValueError, match="hold_closures keeps the closures over the stages of"):
+        IMEXStepper(*args, hold_closures=True)  # one stage: nothing to hold over
+    with pytest.raises(TypeError, match="hold_closures must be True or False, got 1"):
+        timestepping.SSPRK3Stepper(*args, hold_closures=1)  # type: ignore[arg-type]

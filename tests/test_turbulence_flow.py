@@ -54,6 +54,7 @@ def test_time_scheme_order(scheme: str, low: float, high: float):
         ({"scheme": "rk4"}, r"scheme must be one of \('euler', 'ssprk3'\), got 'rk4'"),
         ({"scheme": "ssprk3", "memory": True}, "takes neither memory nor a closure_interval"),
         ({"scheme": "ssprk3", "closure_interval": 2}, "takes neither memory"),
+        ({"hold_closures": True}, "hold_closures needs several stages: scheme='euler' has one"),
     ],
 )
 def test_bad_scheme_options_are_refused(options: dict, message: str):

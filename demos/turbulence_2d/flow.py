@@ -148,6 +148,9 @@ class VorticityFlow:
             ``"ssprk3"`` (three explicit Euler stages combined as SSP-RK3, the
             streamfunction implicit; see the module docstring), which takes neither
             ``memory`` nor a ``closure_interval``.
+        hold_closures: With ``"ssprk3"``: update the closures once per step, at ``wⁿ``,
+            and keep them over the three stages (a third of their cost; the closure term
+            first order in time), as the exact-τ oracles do.
         memory: Keep the vorticity of the step before too (``w_older``, ``older=`` of the
             stepper), and call ``source(omega_n, velocity_n, previous=omega_older)``: a
             source with memory of the last step, which a rollout differentiates through
@@ -171,12 +174,15 @@ class VorticityFlow:
         source_damping: fem.Constant | None = None,
         memory: bool = False,
         scheme: str = "euler",
+        hold_closures: bool = False,
     ):
         if scheme not in schemes:
             raise ValueError(f"scheme must be one of {schemes}, got {scheme!r}.")
         if scheme != "euler" and (memory or closure_interval != 1):
             raise ValueError(f"scheme={scheme!r} takes neither memory nor a closure_interval.")
-        self.scheme = scheme
+        if hold_closures and scheme != "ssprk3":
+            raise ValueError(f"hold_closures needs several stages: scheme={scheme!r} has one.")
+        self.scheme, self.hold_closures = scheme, hold_closures
         self.comm, self.n, self.dt, self.nu = comm, n, dt, nu
         self.closure_interval = closure_interval
         self.mesh = domain if domain is not None else box(comm, n)
@@ -331,7 +337,10 @@ class VorticityFlow:
         every step are differentiated).
         """
         if self.scheme == "ssprk3":
-            return SSPRK3Stepper(self.problem, self.w, self.w_previous, self.dt, t0, self.time)
+            return SSPRK3Stepper(
+                self.problem, self.w, self.w_previous, self.dt, t0, self.time,
+                hold_closures=self.hold_closures,
+            )  # fmt: skip
         interval = self.closure_interval if closure_interval is None else closure_interval
         return IMEXStepper(
             self.problem, self.w, self.w_previous, self.dt, t0, self.time, interval,
