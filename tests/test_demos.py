@@ -66,10 +66,12 @@ EXPERIMENTS = {
             "1",
             "2",
         ],
-        # the closures fitted on the test trajectory itself, and the one the run above fitted
+        # the closures fitted on the test trajectory itself, and the one the run above
+        # fitted, held over the SSP-RK3 stages
         [
             "turbulence_2d_in_sample.py",
             "--quick",
+            "--hold",
             "--a-posteriori",
             "1",
             "--window",
