@@ -15,7 +15,9 @@ filtered DNS of the test seed. This module holds what both need:
 * :func:`closure_grid`: the grid of the demo's non-local closures (spacing ``h/2`` with a
   zero margin of half the box beyond the walls);
 * :func:`over_seeds`: the decorrelation times of runs from several test seeds, their
-  spread, and the time of their seed-averaged correlation.
+  spread, and the time of their seed-averaged correlation;
+* :func:`as_run` and :func:`add_resolution_factors`: the demo's resolution factor and
+  wall-time ratio of the runs against the ladder.
 
 Like the experiments, it needs ``demos/`` and ``demos/turbulence_2d/`` on ``sys.path``.
 """
@@ -33,12 +35,14 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from mpi4py import MPI
 
 import numpy as np
 import ufl
+from comparison import resolution_factor
 from dolfinx import fem
 from flow import VorticityFlow, length, spin_up, velocity
 from utilities import boundary_dofs
@@ -438,3 +442,30 @@ def over_seeds(
         "mean_correlation": [float(r) for r in mean_rho],
         "averaged_time": decorrelation(sample_times, mean_rho),
     }
+
+
+def as_run(row: dict[str, Any], horizon: float) -> SimpleNamespace:
+    """A run's ``decorrelation_time`` (None: never) and ``seconds_per_time_unit`` over
+    ``horizon``, as :func:`comparison.resolution_factor` reads a run."""
+    t = row["decorrelation_time"]
+    return SimpleNamespace(
+        times=np.array([0.0, horizon]),
+        decorrelation_time=math.inf if t is None else t,
+        seconds_per_time_unit=row["seconds_per_time_unit"],
+    )
+
+
+def add_resolution_factors(
+    rows: dict[str, dict[str, Any]], ladder: dict[int, dict[str, Any]], coarse: int, horizon: float
+) -> None:
+    """Add each row's ``resolution_factor``, ``wall_time_ratio`` and
+    ``factor_is_lower_bound`` against the runs without closure of ``ladder`` (mesh size →
+    row), as the demo defines them (:func:`comparison.resolution_factor`)."""
+    runs = {n: as_run(row, horizon) for n, row in ladder.items()}
+    for row in rows.values():
+        factor, ratio, capped = resolution_factor(runs, coarse, as_run(row, horizon))
+        row |= {
+            "resolution_factor": factor,
+            "wall_time_ratio": ratio,
+            "factor_is_lower_bound": capped,
+        }

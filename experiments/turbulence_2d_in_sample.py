@@ -43,11 +43,9 @@ prints the tables.
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 from mpi4py import MPI
 
@@ -66,13 +64,15 @@ from dolfinx_mno.training import fit, shard
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPOSITORY / "demos"), str(REPOSITORY / "demos" / "turbulence_2d")]
-from comparison import resolution_factor, train_a_posteriori
+from comparison import train_a_posteriori
 from flow import VorticityFlow
 from turbulence_2d_data import (
     NU,
     CoarseRuns,
     ExactFlux,
     Turbulence,
+    add_resolution_factors,
+    as_run,
     closure_grid,
     grid_closure,
     settings,
@@ -334,19 +334,8 @@ if args.a_posteriori is not None:
         log(f"{name}: {training[name]}, t(ρ<0.95) = {runs[name]['decorrelation_time']}")
 
 
-def as_run(row: dict) -> SimpleNamespace:
-    t = row["decorrelation_time"]
-    return SimpleNamespace(
-        times=np.array([0.0, config["test_horizon"]]),
-        decorrelation_time=math.inf if t is None else t,
-        seconds_per_time_unit=row["seconds_per_time_unit"],
-    )
-
-
-ladder = {n: as_run(runs[f"no closure, {n}²"]) for n in config["ladder"]}
-for row in runs.values():
-    factor, ratio, capped = resolution_factor(ladder, nc, as_run(row))
-    row |= {"resolution_factor": factor, "wall_time_ratio": ratio, "factor_is_lower_bound": capped}
+ladder = {n: runs[f"no closure, {n}²"] for n in config["ladder"]}
+add_resolution_factors(runs, ladder, nc, config["test_horizon"])
 
 summary = {
     "quick": args.quick,
@@ -395,7 +384,8 @@ for label, row in training.items():
 for label, row in runs.items():
     assert row["correlations"][0] > 0.99, (label, row["correlations"][:2])
 oracle_time, plain_time = (
-    as_run(runs[k]).decorrelation_time for k in ("oracle τ", f"no closure, {nc}²")
+    as_run(runs[k], config["test_horizon"]).decorrelation_time
+    for k in ("oracle τ", f"no closure, {nc}²")
 )
 assert oracle_time >= plain_time, (oracle_time, plain_time)
 for label in (k for k in skill if "in sample" in k):

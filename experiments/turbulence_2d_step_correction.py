@@ -89,6 +89,8 @@ from flow import VorticityFlow
 from turbulence_2d_data import (
     CoarseRuns,
     Turbulence,
+    add_resolution_factors,
+    as_run,
     closure_grid,
     grid_closure,
     over_seeds,
@@ -667,24 +669,12 @@ else:
 horizon = config["test_horizon"]
 
 
-def as_run(row: dict) -> types.SimpleNamespace:
-    t = row["decorrelation_time"]
-    return types.SimpleNamespace(
-        times=np.array([0.0, horizon]),
-        decorrelation_time=np.inf if t is None else t,
-        seconds_per_time_unit=row["seconds_per_time_unit"],
-    )
-
-
 def ladder_label(n: int) -> str:
     return "no closure" if n == nc else f"no closure, {n}²"
 
 
 ladder_labels = [ladder_label(n) for n in config["ladder"] if n != nc]
-ladder = {n: as_run(runs[ladder_label(n)]) for n in config["ladder"]}
-for row in runs.values():
-    factor, ratio, capped = resolution_factor(ladder, nc, as_run(row))
-    row |= {"resolution_factor": factor, "wall_time_ratio": ratio, "factor_is_lower_bound": capped}
+add_resolution_factors(runs, {n: runs[ladder_label(n)] for n in config["ladder"]}, nc, horizon)
 
 
 # ## More test seeds: the spread of the decorrelation times (``--test-seeds``)
@@ -738,7 +728,8 @@ def more_test_seeds(count: int) -> dict[str, Any]:
     def averaged(label: str) -> types.SimpleNamespace:
         t = stats[label]["averaged_time"]
         return as_run({"decorrelation_time": t,
-                       "seconds_per_time_unit": stats[label]["seconds_per_time_unit"]})  # fmt: skip
+                       "seconds_per_time_unit": stats[label]["seconds_per_time_unit"]},
+                      horizon)  # fmt: skip
 
     seed_ladder = {n: averaged(ladder_label(n)) for n in config["ladder"]}
     for label, row in stats.items():

@@ -41,7 +41,6 @@ import math
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 from mpi4py import MPI
 
@@ -56,9 +55,18 @@ from dolfinx_mno.training import fit
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPOSITORY / "demos"), str(REPOSITORY / "demos" / "turbulence_2d")]
-from comparison import resolution_factor, train_a_posteriori
+from comparison import train_a_posteriori
 from flow import VorticityFlow, schemes
-from turbulence_2d_data import NU, CoarseRuns, ExactFlux, Turbulence, settings, steps
+from turbulence_2d_data import (
+    NU,
+    CoarseRuns,
+    ExactFlux,
+    Turbulence,
+    add_resolution_factors,
+    as_run,
+    settings,
+    steps,
+)
 from utilities import log, output_folder, positive_int
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -288,24 +296,9 @@ cross["oracle τ"] = coarse_run(runs, "euler", 1, oracle=True)
 results["euler against the SSP-RK3 DNS"] = cross
 
 
-def as_run(row: dict) -> SimpleNamespace:
-    t = row["decorrelation_time"]
-    return SimpleNamespace(
-        times=np.array([0.0, config["test_horizon"]]),
-        decorrelation_time=math.inf if t is None else t,
-        seconds_per_time_unit=row["seconds_per_time_unit"],
-    )
-
-
 for table in results.values():
-    ladder = {n: as_run(table[f"no closure, {n}²"]) for n in config["ladder"]}
-    for row in table.values():
-        factor, ratio, capped = resolution_factor(ladder, nc, as_run(row))
-        row |= {
-            "resolution_factor": factor,
-            "wall_time_ratio": ratio,
-            "factor_is_lower_bound": capped,
-        }
+    ladder = {n: table[f"no closure, {n}²"] for n in config["ladder"]}
+    add_resolution_factors(table, ladder, nc, config["test_horizon"])
 
 summary = {
     "quick": args.quick,
@@ -358,7 +351,8 @@ for name, table in results.items():
     for label, row in table.items():
         assert row["correlations"][0] > 0.99, (name, label, row["correlations"][:2])
     plain_time, oracle_time = (
-        as_run(table[key]).decorrelation_time for key in (f"no closure, {nc}²", "oracle τ")
+        as_run(table[key], config["test_horizon"]).decorrelation_time
+        for key in (f"no closure, {nc}²", "oracle τ")
     )
     assert oracle_time >= plain_time, (name, oracle_time, plain_time)
 log(f"all checks passed; outputs in {output}")

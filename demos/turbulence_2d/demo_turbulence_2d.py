@@ -46,7 +46,9 @@
 # $\psi \in P_2$, IMEX Euler (diffusion, drag and $\psi$ implicit; advection explicit with
 # the Taylor–Galerkin correction; one constant matrix, factorised once): see `flow.py`.
 # Its first-order time error caps even the exact closure at 1.7× finer; `scheme="ssprk3"`
-# (`dolfinx_mno.timestepping.SSPRK3Stepper`) lifts the cap to 3.8× (`docs/results.md`).
+# (`dolfinx_mno.timestepping.SSPRK3Stepper`) lifts the cap to 3.8× (`docs/results.md`);
+# what a learned closure reaches of it is limited by its form, even with perfect data
+# (`experiments/turbulence_2d_in_sample.py`).
 # A closure adds a subgrid vorticity flux $\tau$, a vector, to the weak form:
 #
 # $$
