@@ -11,7 +11,8 @@ filtered DNS of the test seed. This module holds what both need:
   onto the coarse P1 functions vanishing on the walls, and the spun-up trajectories;
 * :class:`CoarseRuns`: a coarse (or ladder) run from the filtered test state, its
   vorticity correlation with the filtered DNS and its decorrelation time;
-* :class:`ExactFlux`: the exact subgrid flux ``τ`` of a DNS state on the coarse cells;
+* :class:`ExactFlux`: the exact subgrid flux ``τ`` of a DNS state on the coarse cells, and
+  how much of it predictions of it explain (:meth:`ExactFlux.skill`);
 * :func:`closure_grid`: the grid of the demo's non-local closures (spacing ``h/2`` with a
   zero margin of half the box beyond the walls);
 * :func:`over_seeds`: the decorrelation times of runs from several test seeds, their
@@ -45,11 +46,12 @@ import ufl
 from comparison import resolution_factor
 from dolfinx import fem
 from flow import VorticityFlow, length, spin_up, velocity
-from utilities import boundary_dofs
+from utilities import assemble_global, boundary_dofs
 
 import dolfinx_mno as mno
 from dolfinx_mno.data import CellAverage, ClosureSample, ClosureSampler, L2Projection, Tendency
 from dolfinx_mno.grid import Grid
+from dolfinx_mno.quadrature import measure
 
 #: Viscosity of the demo (Re ≈ 1000).
 NU = 1e-3
@@ -245,6 +247,55 @@ class ExactFlux:
         sample = self.sampler.sample(omega, fine_flux)
         self.tau.interpolate(self._expression)
         return sample
+
+    def skill(
+        self,
+        predictions: dict[str, Any],
+        flows: Sequence[VorticityFlow],
+        taus: Sequence[np.ndarray],
+        omegas: Sequence[np.ndarray],
+    ) -> dict[str, dict[str, float]]:
+        """How well each prediction of ``τ`` matches it over a trajectory's samples.
+
+        For each sample, :attr:`tau` is set to ``taus[i]`` and ``ω̄`` to ``omegas[i]``; every
+        flow of ``flows`` is set to ``ω̄`` and its closure (if any) updated; then each UFL
+        expression of ``predictions`` (a flow's closure, say) is compared with ``τ`` at the
+        degree-1 quadrature points of the coarse mesh.
+
+        Returns:
+            Per prediction, the means over the samples of the relative L² error ``‖τ_pred −
+            τ‖ / ‖τ‖`` (``"relative_l2"``) and of the fraction of ``τ``'s variance explained
+            ``1 − ‖τ_pred − τ‖² / ‖τ − mean τ‖²`` (``"fve"``; 1: exact, 0: no better than
+            the mean).
+        """
+        tau, omega_bar = self.tau, self.data.omega_bar
+        dxq = measure(self.data.mesh, 1)
+        moments = [fem.form(ufl.inner(tau, tau) * dxq), fem.form(1.0 * dxq)]
+        moments += [fem.form(tau[i] * dxq) for i in range(2)]
+        errors = {
+            label: fem.form(ufl.inner(predicted - tau, predicted - tau) * dxq)
+            for label, predicted in predictions.items()
+        }
+        skill: dict[str, dict[str, list[float]]] = {
+            label: {"relative_l2": [], "fve": []} for label in errors
+        }
+        for values, omega in zip(taus, omegas, strict=True):
+            tau.x.array[:] = values
+            omega_bar.x.array[:] = omega
+            norm, area, *mean = (assemble_global(form) for form in moments)
+            variance = norm - (mean[0] ** 2 + mean[1] ** 2) / area
+            for flow in flows:
+                flow.set_vorticity(omega_bar)
+                if flow.closure is not None:
+                    flow.closure.update()
+            for label, form in errors.items():
+                error = assemble_global(form)
+                skill[label]["relative_l2"].append(float(np.sqrt(error / norm)))
+                skill[label]["fve"].append(float(1.0 - error / variance))
+        return {
+            label: {key: float(np.mean(values)) for key, values in rows.items()}
+            for label, rows in skill.items()
+        }
 
 
 def decorrelation(sample_times: np.ndarray, rho: np.ndarray) -> float | None:

@@ -22,7 +22,10 @@ from the same spun-up state as the time-scheme experiment:
     variance (``--degraded``): how good a closure of τ must be to gain;
 (b) fitted in sample, a priori, and run: the demo's local MLP of ``(∇ω̄, ∇ū)`` (6 → 64 →
     64 → 2), a wider and deeper one (6 → 128 → 128 → 128 → 2), and the MNO of the demo
-    (a neuraloperator FNO of ``(ω̄, ū)`` on the closure grid, in a ``NonlocalClosure``);
+    (a neuraloperator FNO of ``(ω̄, ū)`` on the closure grid, in a ``NonlocalClosure``),
+    or with ``--fno-modes`` several MNOs that keep more Fourier modes: the demo's 8 modes
+    per axis of the 64² grid (which spans twice the box) keep wavelengths of 8 coarse
+    cells and longer, while ``τ`` varies from cell to cell (``--no-local``: the MNOs only);
 (c) each closure's fraction of ``τ``'s variance explained over the test trajectory;
 (d) with ``--compare PATH``, a closure of the same inputs fitted elsewhere (out of sample,
     e.g. ``turbulence_2d_time_scheme.py``'s ``local_closure_18seeds.pt``), the same way;
@@ -34,11 +37,13 @@ With ``--hold`` the closures are updated once per step and held over its three s
 
     mpirun -n 2 python experiments/turbulence_2d_in_sample.py --a-posteriori 30    # 30 min
     mpirun -n 2 python experiments/turbulence_2d_in_sample.py --a-posteriori 30 --hold
+    mpirun -n 2 python experiments/turbulence_2d_in_sample.py --no-local --degraded \
+        --fno-modes 8 16 32 --fno-width 32 --hold                                  # MNOs only
     python experiments/turbulence_2d_in_sample.py --quick          # smoke test, ~20 s
 
 Writes ``experiments/output/turbulence_2d_in_sample/summary.json`` (``summary_quick.json``
-with ``--quick``, ``summary_aposteriori30_hold.json`` with ``--a-posteriori 30 --hold``) and
-prints the tables.
+with ``--quick``, ``summary_aposteriori30_hold.json`` with ``--a-posteriori 30 --hold``,
+``summary_..._mno8-16-32w32.json`` with other MNOs than the demo's) and prints the tables.
 """
 
 import argparse
@@ -59,7 +64,6 @@ import dolfinx_mno as mno
 from dolfinx_mno.grid_gather import GriddedSampler
 from dolfinx_mno.io import save_model
 from dolfinx_mno.models import MLP
-from dolfinx_mno.quadrature import measure
 from dolfinx_mno.training import fit, shard
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -78,7 +82,7 @@ from turbulence_2d_data import (
     settings,
     steps,
 )
-from utilities import assemble_global, log, output_folder, positive_int
+from utilities import log, output_folder, positive_int
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--quick", action="store_true", help="small problem, a smoke test")
@@ -87,6 +91,21 @@ parser.add_argument(
 )
 parser.add_argument(
     "--fno-epochs", type=positive_int, default=None, help="a-priori epochs of the MNO (60)"
+)
+parser.add_argument(
+    "--fno-modes",
+    type=positive_int,
+    nargs="+",
+    default=[8],
+    metavar="M",
+    help="Fourier modes per axis of each MNO fitted (default 8, the demo's; several values "
+    "fit and run one MNO each)",
+)
+parser.add_argument(
+    "--fno-width", type=positive_int, default=None, help="channels of the MNOs (24; --quick 16)"
+)
+parser.add_argument(
+    "--no-local", action="store_true", help="fit and run no local MLP in sample (the MNOs only)"
 )
 parser.add_argument(
     "--compare",
@@ -130,12 +149,16 @@ if not all(0.0 < fraction < 1.0 for fraction in args.degraded):
     parser.error(f"--degraded: fractions must lie in (0, 1), got {args.degraded}")
 if args.compare is not None and not args.compare.is_file():
     parser.error(f"--compare: no file {args.compare}")
+if len(set(args.fno_modes)) != len(args.fno_modes):
+    parser.error(f"--fno-modes: each value once, got {args.fno_modes}")
 output = output_folder("turbulence_2d_in_sample", root=REPOSITORY / "experiments" / "output")
 config = settings(args.quick)
 config |= {"mlp_epochs": 15, "fno_epochs": 5} if args.quick else {}
-config |= {"fno_modes": 8, "fno_width": 16 if args.quick else 24}
+config |= {"fno_modes": args.fno_modes, "fno_width": args.fno_width or (16 if args.quick else 24)}
 config["mlp_epochs"] = args.mlp_epochs or config.get("mlp_epochs", 200)
 config["fno_epochs"] = args.fno_epochs or config.get("fno_epochs", 60)
+if max(args.fno_modes) > (points := closure_grid(config["coarse"]).shape[0]):
+    parser.error(f"--fno-modes: at most {points}, the points per axis of the closure grid")
 log(f"config: {config}")
 
 # ## The SSP-RK3 DNS of the test seed, filtered, with τ and the closures' data
@@ -242,7 +265,8 @@ inputs = np.concatenate([s.inputs for s in samples])
 targets = np.concatenate([s.targets for s in samples]).reshape(-1, 2)
 groups = np.repeat(np.arange(len(samples)), samples[0].inputs.shape[0])
 paths: dict[str, Path] = {}
-for label, hidden in (("local MLP", [64, 64]), ("wide local MLP", [128, 128, 128])):
+local_mlps = [] if args.no_local else [("local MLP", [64, 64]), ("wide local MLP", [128, 128, 128])]
+for label, hidden in local_mlps:
     result = fit(
         MLP(6, 2, hidden_features=hidden, seed=0), inputs, targets, groups=groups, comm=comm,
         epochs=config["mlp_epochs"], batch_size=1024, learning_rate=3e-3, patience=20,
@@ -252,18 +276,31 @@ for label, hidden in (("local MLP", [64, 64]), ("wide local MLP", [128, 128, 128
     save_model(paths[label], result.model, spec=exact.sampler.spec, comm=comm)
 grid_data = (np.array(recorded["grid_x"]), np.array(recorded["grid_y"])) if comm.rank == 0 else None
 grid_x, grid_y = comm.bcast(grid_data, root=0)
-torch.manual_seed(0)
-operator = FNO(n_modes=(config["fno_modes"],) * 2, hidden_channels=config["fno_width"],
-               in_channels=3, out_channels=2, n_layers=4)  # fmt: skip
-operator_fit = fit(
-    operator, shard(grid_x.astype(np.float32), comm), shard(grid_y.astype(np.float32), comm),
-    grid=True, comm=comm, epochs=config["fno_epochs"], batch_size=8, chunk_size=8,
-    learning_rate=3e-3, patience=20, normalize_targets=True, seed=0, progress=False,
-)  # fmt: skip
-paths["MNO"] = output / f"mno{'_quick' if args.quick else ''}.pt"
-save_model(paths["MNO"], operator_fit.model,
-           spec=mno.ClosureSpec(("omega", "u"), (1, 2), value_shape=(2,), quadrature_degree=1,
-                                grid=grid, mask_channel=False), comm=comm)  # fmt: skip
+fno_fits: dict[str, dict] = {}
+mno_labels = {
+    modes: "MNO" if args.fno_modes == [8] else f"MNO, {modes} modes" for modes in args.fno_modes
+}
+for modes, label in mno_labels.items():
+    torch.manual_seed(0)
+    operator = FNO(n_modes=(modes, modes), hidden_channels=config["fno_width"], in_channels=3,
+                   out_channels=2, n_layers=4)  # fmt: skip
+    operator_fit = fit(
+        operator, shard(grid_x.astype(np.float32), comm), shard(grid_y.astype(np.float32), comm),
+        grid=True, comm=comm, epochs=config["fno_epochs"], batch_size=8, chunk_size=8,
+        learning_rate=3e-3, patience=20, normalize_targets=True, seed=0, progress=False,
+    )  # fmt: skip
+    paths[label] = output / f"mno{modes}w{config['fno_width']}{'_quick' if args.quick else ''}.pt"
+    spec = mno.ClosureSpec(("omega", "u"), (1, 2), value_shape=(2,), quadrature_degree=1,
+                           grid=grid, mask_channel=False)  # fmt: skip
+    save_model(paths[label], operator_fit.model, spec=spec, comm=comm)
+    history = operator_fit.history
+    fno_fits[label] = {
+        "epochs": history.epochs,
+        "best_epoch": history.best_epoch,
+        "val_loss": history.best_val_loss,
+        "train_loss": history.train_loss[-1],
+    }
+    log(f"{label}: {fno_fits[label]}")
 fit_seconds = time.perf_counter() - tic
 log(f"in-sample fits: {fit_seconds:.1f} s")
 
@@ -277,8 +314,10 @@ def local_closure(path: Path):
     return factory
 
 
-factories = {label: local_closure(path) for label, path in paths.items() if label != "MNO"}
-factories["MNO"] = grid_closure(paths["MNO"], grid)
+factories = {
+    label: grid_closure(path, grid) if label.startswith("MNO") else local_closure(path)
+    for label, path in paths.items()
+}
 flows = {
     f"{label}, in sample": coarse_model(f"closure{i}", factory)
     for i, (label, factory) in enumerate(factories.items())
@@ -287,31 +326,12 @@ if args.compare is not None:
     flows["local MLP, out of sample"] = coarse_model("compared", local_closure(args.compare))
 
 # ## (c) How much of τ each closure explains over the test trajectory
-dxq = measure(data.mesh, 1)
-tau = exact.tau
-moments = [fem.form(ufl.inner(tau, tau) * dxq), fem.form(1.0 * dxq)]
-moments += [fem.form(tau[i] * dxq) for i in range(2)]
-
-
-def variance_explained(flow: VorticityFlow) -> float:
-    """The fraction of τ's variance the closure of ``flow`` explains, over every sample of
-    the test trajectory (its mean over the samples; 1: exact, 0: no better than the mean)."""
-    predicted = flow.closure
-    error_form = fem.form(ufl.inner(predicted - tau, predicted - tau) * dxq)
-    fractions = []
-    for values, omega in zip(recorded["tau"][::samples_every], reference, strict=True):
-        tau.x.array[:] = values
-        omega_bar.x.array[:] = omega
-        norm, area, *mean = (assemble_global(form) for form in moments)
-        flow.set_vorticity(omega_bar)
-        predicted.update()
-        fractions.append(
-            1.0 - assemble_global(error_form) / (norm - (mean[0] ** 2 + mean[1] ** 2) / area)
-        )
-    return float(np.mean(fractions))
-
-
-skill = {label: variance_explained(flow) for label, flow in flows.items()}
+taus = recorded["tau"][::samples_every]
+predictions = {label: flow.closure for label, flow in flows.items()}
+skill = {
+    label: row["fve"]
+    for label, row in exact.skill(predictions, list(flows.values()), taus, reference).items()
+}
 log(f"variance explained: {skill}")
 
 # ## (b, d) The runs, and (e) the same closures trained through the solver
@@ -321,7 +341,7 @@ for label, flow in flows.items():
 training: dict[str, dict] = {}
 if args.a_posteriori is not None:
     trajectory = [recorded["w"][::samples_every]]
-    for label in ("local MLP", "MNO"):
+    for label in [label for label in factories if label in ("local MLP", *mno_labels.values())]:
         flow = coarse_model(f"tuned_{label.replace(' ', '_')}", factories[label])
         tuned = train_a_posteriori(
             flow, trajectory, samples_every, args.window, args.a_posteriori,
@@ -329,7 +349,7 @@ if args.a_posteriori is not None:
         )  # fmt: skip
         name = f"{label}, in sample, a posteriori"
         training[name] = vars(tuned)
-        skill[name] = variance_explained(flow)
+        skill[name] = exact.skill({name: flow.closure}, [flow], taus, reference)[name]["fve"]
         runs[name] = runs_against_dns.run(flow, start)
         log(f"{name}: {training[name]}, t(ρ<0.95) = {runs[name]['decorrelation_time']}")
 
@@ -345,15 +365,20 @@ summary = {
     "hold_closures": args.hold,
     "dns_seconds_per_time_unit": dns_seconds / config["test_horizon"],
     "fit_seconds": fit_seconds,
+    "fno_fits": fno_fits,
     "variance_explained": skill,
     "a_posteriori": {"window": args.window, "learning_rate": args.learning_rate, **training},
     "runs": runs,
 }
 if comm.rank == 0:  # a smoke test must not overwrite the measured numbers
+    modes_name = "-".join(map(str, args.fno_modes))
+    demo_mno = args.fno_modes == [8] and args.fno_width is None
+    mno_name = [] if demo_mno else [f"mno{modes_name}w{config['fno_width']}"]
     name = "_".join(
         (["quick"] if args.quick else [])
         + ([f"aposteriori{args.a_posteriori}"] if args.a_posteriori else [])
         + (["hold"] if args.hold else [])
+        + mno_name
     )
     (output / (f"summary_{name}.json" if name else "summary.json")).write_text(
         json.dumps(summary, indent=2)

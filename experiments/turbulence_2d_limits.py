@@ -54,7 +54,6 @@ import dolfinx_mno as mno
 from dolfinx_mno.grid_gather import GriddedSampler
 from dolfinx_mno.io import save_model
 from dolfinx_mno.models import MLP
-from dolfinx_mno.quadrature import measure
 from dolfinx_mno.training import fit, shard
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -70,7 +69,7 @@ from turbulence_2d_data import (
     settings,
     steps,
 )
-from utilities import assemble_global, log, output_folder, positive_int
+from utilities import log, output_folder, positive_int
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--quick", action="store_true", help="small problem, a smoke test")
@@ -307,38 +306,10 @@ a_posteriori(
 )
 
 # ## (b) A-priori skill on the test seed: every sample of the test trajectory
-dxq = measure(coarse_mesh, 1)
 predictions = {"Smagorinsky": smagorinsky(fem.Constant(coarse_mesh, c_s), h)(
     plain.omega_n, plain.velocity_n)[0]}  # fmt: skip
 predictions |= {label: flow.closure for label, flow in models.items() if flow.closure is not None}
-
-
-moments = [fem.form(ufl.inner(tau, tau) * dxq), fem.form(1.0 * dxq)]
-moments += [fem.form(tau[i] * dxq) for i in range(2)]
-errors = {
-    label: fem.form(ufl.inner(predicted - tau, predicted - tau) * dxq)
-    for label, predicted in predictions.items()
-}
-skill: dict[str, dict[str, list[float]]] = {
-    label: {"relative_l2": [], "fve": []} for label in errors
-}
-for values, omega in zip(tau_steps[::every], reference, strict=True):
-    tau.x.array[:] = values
-    omega_bar.x.array[:] = omega
-    norm, area, *mean = (assemble_global(form) for form in moments)
-    variance = norm - (mean[0] ** 2 + mean[1] ** 2) / area
-    for flow in (plain, *models.values()):
-        flow.set_vorticity(omega_bar)
-        if flow.closure is not None:
-            flow.closure.update()
-    for label, form in errors.items():
-        error = assemble_global(form)
-        skill[label]["relative_l2"].append(float(np.sqrt(error / norm)))
-        skill[label]["fve"].append(float(1.0 - error / variance))
-a_priori_skill = {
-    label: {"relative_l2": float(np.mean(s["relative_l2"])), "fve": float(np.mean(s["fve"]))}
-    for label, s in skill.items()
-}
+a_priori_skill = exact.skill(predictions, [plain, *models.values()], tau_steps[::every], reference)
 
 # ## The closures over the test horizon
 for label, flow in models.items():
