@@ -29,6 +29,8 @@ from the same spun-up state as the time-scheme experiment:
 (c) each closure's fraction of ``τ``'s variance explained over the test trajectory;
 (d) with ``--compare PATH``, a closure of the same inputs fitted elsewhere (out of sample,
     e.g. ``turbulence_2d_time_scheme.py``'s ``local_closure_18seeds.pt``), the same way;
+    with ``--train-seeds N``, each MNO fitted out of sample too, on the SSP-RK3 DNS of
+    ``N`` other seeds (the demo's training horizon each), and run the same way;
 (e) with ``--a-posteriori EPOCHS``, the in-sample local MLP and MNO trained further
     through the SSP-RK3 solver (``fit_rollout``) on windows of the test trajectory.
 
@@ -39,11 +41,14 @@ With ``--hold`` the closures are updated once per step and held over its three s
     mpirun -n 2 python experiments/turbulence_2d_in_sample.py --a-posteriori 30 --hold
     mpirun -n 2 python experiments/turbulence_2d_in_sample.py --no-local --degraded \
         --fno-modes 8 16 32 --fno-width 32 --hold                                  # MNOs only
+    mpirun -n 2 python experiments/turbulence_2d_in_sample.py --no-local --degraded \
+        --fno-modes 32 --fno-width 32 --hold --train-seeds 18        # and out of sample too
     python experiments/turbulence_2d_in_sample.py --quick          # smoke test, ~20 s
 
 Writes ``experiments/output/turbulence_2d_in_sample/summary.json`` (``summary_quick.json``
 with ``--quick``, ``summary_aposteriori30_hold.json`` with ``--a-posteriori 30 --hold``,
-``summary_..._mno8-16-32w32.json`` with other MNOs than the demo's) and prints the tables.
+``summary_..._mno8-16-32w32.json`` with other MNOs than the demo's, ``..._18seeds...`` with
+``--train-seeds 18``) and prints the tables.
 """
 
 import argparse
@@ -106,6 +111,14 @@ parser.add_argument(
 )
 parser.add_argument(
     "--no-local", action="store_true", help="fit and run no local MLP in sample (the MNOs only)"
+)
+parser.add_argument(
+    "--train-seeds",
+    type=positive_int,
+    default=None,
+    metavar="N",
+    help="also fit each MNO out of sample, on the SSP-RK3 DNS of seeds 1, 2, ... without the "
+    "test seed (N of them), and run it",
 )
 parser.add_argument(
     "--compare",
@@ -179,11 +192,19 @@ tic = time.perf_counter()
 start_fine = fem.Function(dns.V)
 
 
-def keep_start(t: float) -> None:
-    start_fine.x.array[:] = data.dns.omega.x.array
+def ssprk3_dns(seed: int, horizon: float, record, start: fem.Function) -> float:
+    """The SSP-RK3 DNS of ``seed`` over ``horizon`` after the demo's spin-up (IMEX Euler),
+    with ``record(t)`` at every DNS step; ``start`` keeps the spun-up state. Returns the
+    wall time of the run after the spin-up."""
+
+    def keep_start(t: float) -> None:
+        start.x.array[:] = data.dns.omega.x.array
+
+    data.trajectory(seed, 0.0, keep_start)  # the spin-up only
+    dns.set_vorticity(start)
+    return dns.run(0.0, horizon, record)
 
 
-data.trajectory(config["test_seed"], 0.0, keep_start)  # the spin-up only (IMEX Euler)
 recorded: dict[str, list] = {k: [] for k in ("samples", "tau", "omega", "w", "grid_x", "grid_y")}
 flux = exact.fine_flux(dns)
 
@@ -199,8 +220,7 @@ def record(t: float) -> None:
         recorded["grid_y"].append(grid_targets())
 
 
-dns.set_vorticity(start_fine)
-dns_seconds = dns.run(0.0, config["test_horizon"], record)
+dns_seconds = ssprk3_dns(config["test_seed"], config["test_horizon"], record, start_fine)
 log(f"the SSP-RK3 DNS of the test seed and its data: {time.perf_counter() - tic:.1f} s")
 start = fem.Function(data.V, name="start")
 start.x.array[:] = recorded["omega"][0]
@@ -265,6 +285,7 @@ inputs = np.concatenate([s.inputs for s in samples])
 targets = np.concatenate([s.targets for s in samples]).reshape(-1, 2)
 groups = np.repeat(np.arange(len(samples)), samples[0].inputs.shape[0])
 paths: dict[str, Path] = {}
+quick = "_quick" if args.quick else ""
 local_mlps = [] if args.no_local else [("local MLP", [64, 64]), ("wide local MLP", [128, 128, 128])]
 for label, hidden in local_mlps:
     result = fit(
@@ -272,37 +293,80 @@ for label, hidden in local_mlps:
         epochs=config["mlp_epochs"], batch_size=1024, learning_rate=3e-3, patience=20,
         normalize_targets=True, seed=0, progress=False,
     )  # fmt: skip
-    paths[label] = output / f"{label.replace(' ', '_')}{'_quick' if args.quick else ''}.pt"
+    paths[label] = output / f"{label.replace(' ', '_')}{quick}.pt"
     save_model(paths[label], result.model, spec=exact.sampler.spec, comm=comm)
 grid_data = (np.array(recorded["grid_x"]), np.array(recorded["grid_y"])) if comm.rank == 0 else None
 grid_x, grid_y = comm.bcast(grid_data, root=0)
-fno_fits: dict[str, dict] = {}
-mno_labels = {
-    modes: "MNO" if args.fno_modes == [8] else f"MNO, {modes} modes" for modes in args.fno_modes
-}
-for modes, label in mno_labels.items():
+
+
+def fit_mno(modes: int, fields_x: np.ndarray, fields_y: np.ndarray, path: Path) -> dict:
+    """Fits an FNO keeping ``modes`` Fourier modes per axis to the gridded ``(ω̄, ū) → τ``
+    of ``fields_x`` and ``fields_y``, saves it at ``path`` and returns its fit's losses."""
     torch.manual_seed(0)
     operator = FNO(n_modes=(modes, modes), hidden_channels=config["fno_width"], in_channels=3,
                    out_channels=2, n_layers=4)  # fmt: skip
     operator_fit = fit(
-        operator, shard(grid_x.astype(np.float32), comm), shard(grid_y.astype(np.float32), comm),
-        grid=True, comm=comm, epochs=config["fno_epochs"], batch_size=8, chunk_size=8,
-        learning_rate=3e-3, patience=20, normalize_targets=True, seed=0, progress=False,
+        operator, shard(fields_x.astype(np.float32), comm),
+        shard(fields_y.astype(np.float32), comm), grid=True, comm=comm,
+        epochs=config["fno_epochs"], batch_size=8, chunk_size=8, learning_rate=3e-3,
+        patience=20, normalize_targets=True, seed=0, progress=False,
     )  # fmt: skip
-    paths[label] = output / f"mno{modes}w{config['fno_width']}{'_quick' if args.quick else ''}.pt"
     spec = mno.ClosureSpec(("omega", "u"), (1, 2), value_shape=(2,), quadrature_degree=1,
                            grid=grid, mask_channel=False)  # fmt: skip
-    save_model(paths[label], operator_fit.model, spec=spec, comm=comm)
+    save_model(path, operator_fit.model, spec=spec, comm=comm)
     history = operator_fit.history
-    fno_fits[label] = {
+    return {
+        "fields": len(fields_x),
         "epochs": history.epochs,
         "best_epoch": history.best_epoch,
         "val_loss": history.best_val_loss,
         "train_loss": history.train_loss[-1],
     }
+
+
+fno_fits: dict[str, dict] = {}
+mno_labels = {
+    modes: "MNO" if args.fno_modes == [8] else f"MNO, {modes} modes" for modes in args.fno_modes
+}
+for modes, label in mno_labels.items():
+    paths[label] = output / f"mno{modes}w{config['fno_width']}{quick}.pt"
+    fno_fits[label] = fit_mno(modes, grid_x, grid_y, paths[label])
     log(f"{label}: {fno_fits[label]}")
 fit_seconds = time.perf_counter() - tic
 log(f"in-sample fits: {fit_seconds:.1f} s")
+
+# ## (d) The same MNOs fitted out of sample, on other seeds' SSP-RK3 DNS
+out_of_sample: dict[str, Path] = {}
+out_of_sample_seconds = None
+if args.train_seeds is not None:
+    tic = time.perf_counter()
+    seeds = [seed for seed in range(1, args.train_seeds + 2) if seed != config["test_seed"]]
+    seeds = seeds[: args.train_seeds]
+    training_grids: dict[str, list] = {"x": [], "y": []}
+
+    def record_training(t: float) -> None:
+        """The gridded inputs and τ at every sample of a training trajectory."""
+        if round(t / dns.dt) % (fine_per_coarse * samples_every) == 0:
+            exact(dns.omega, flux)
+            training_grids["x"].append(grid_inputs())
+            training_grids["y"].append(grid_targets())
+
+    seed_start = fem.Function(dns.V)
+    for seed in seeds:
+        ssprk3_dns(seed, config["horizon"], record_training, seed_start)
+    out_of_sample_data = (
+        (np.array(training_grids["x"]), np.array(training_grids["y"])) if comm.rank == 0 else None
+    )
+    train_x, train_y = comm.bcast(out_of_sample_data, root=0)
+    log(f"the SSP-RK3 DNS of seeds {seeds}: {time.perf_counter() - tic:.1f} s")
+    for modes, label in mno_labels.items():
+        name = f"{label}, out of sample ({len(seeds)} trajector{'y' if len(seeds) == 1 else 'ies'})"
+        out_of_sample[name] = (
+            output / f"mno{modes}w{config['fno_width']}_{len(seeds)}seeds{quick}.pt"
+        )
+        fno_fits[name] = fit_mno(modes, train_x, train_y, out_of_sample[name])
+        log(f"{name}: {fno_fits[name]}")
+    out_of_sample_seconds = time.perf_counter() - tic
 
 
 def local_closure(path: Path):
@@ -324,6 +388,8 @@ flows = {
 }
 if args.compare is not None:
     flows["local MLP, out of sample"] = coarse_model("compared", local_closure(args.compare))
+for i, (name, path) in enumerate(out_of_sample.items()):
+    flows[name] = coarse_model(f"out_of_sample{i}", grid_closure(path, grid))
 
 # ## (c) How much of τ each closure explains over the test trajectory
 taus = recorded["tau"][::samples_every]
@@ -365,6 +431,8 @@ summary = {
     "hold_closures": args.hold,
     "dns_seconds_per_time_unit": dns_seconds / config["test_horizon"],
     "fit_seconds": fit_seconds,
+    "train_seeds": args.train_seeds,
+    "out_of_sample_seconds": out_of_sample_seconds,
     "fno_fits": fno_fits,
     "variance_explained": skill,
     "a_posteriori": {"window": args.window, "learning_rate": args.learning_rate, **training},
@@ -378,6 +446,7 @@ if comm.rank == 0:  # a smoke test must not overwrite the measured numbers
         (["quick"] if args.quick else [])
         + ([f"aposteriori{args.a_posteriori}"] if args.a_posteriori else [])
         + (["hold"] if args.hold else [])
+        + ([f"{args.train_seeds}seeds"] if args.train_seeds else [])
         + mno_name
     )
     (output / (f"summary_{name}.json" if name else "summary.json")).write_text(
@@ -389,13 +458,13 @@ def cell(value: float | None) -> str:
     return f"> {config['test_horizon']:g}" if value is None else f"{value:.3f}"
 
 
-log(f"\n{'SSP-RK3, 16² unless said':>42} | τ explained | t(ρ<0.95) | ρ at end | resolution"
+log(f"\n{'SSP-RK3, 16² unless said':>46} | τ explained | t(ρ<0.95) | ρ at end | resolution"
     " | wall-time ratio | s / unit")  # fmt: skip
 for label, row in runs.items():
     explained = f"{skill[label]:11.3f}" if label in skill else " " * 11
     bound = "≥" if row["factor_is_lower_bound"] else " "
     log(
-        f"{label:>42} | {explained} | {cell(row['decorrelation_time']):>9} | "
+        f"{label:>46} | {explained} | {cell(row['decorrelation_time']):>9} | "
         f"{row['correlation_end']:8.3f} | {bound}{row['resolution_factor']:9.2f} | "
         f"{row['wall_time_ratio']:15.2f} | {row['seconds_per_time_unit']:.3f}"
     )

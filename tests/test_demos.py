@@ -66,12 +66,17 @@ EXPERIMENTS = {
             "1",
             "2",
         ],
-        # the closures fitted on the test trajectory itself, and the one the run above
-        # fitted, held over the SSP-RK3 stages
+        # the closures fitted on the test trajectory itself (two MNOs: 8 and 16 modes, also
+        # fitted on another seed), and the one the run above fitted, held over the stages
         [
             "turbulence_2d_in_sample.py",
             "--quick",
             "--hold",
+            "--fno-modes",
+            "8",
+            "16",
+            "--train-seeds",
+            "1",
             "--a-posteriori",
             "1",
             "--window",
