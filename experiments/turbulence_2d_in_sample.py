@@ -121,6 +121,11 @@ parser.add_argument(
     "test seed (N of them), and run it",
 )
 parser.add_argument(
+    "--no-in-sample",
+    action="store_true",
+    help="fit no closure in sample: only the out-of-sample MNOs of --train-seeds",
+)
+parser.add_argument(
     "--compare",
     type=Path,
     default=None,
@@ -162,6 +167,8 @@ if not all(0.0 < fraction < 1.0 for fraction in args.degraded):
     parser.error(f"--degraded: fractions must lie in (0, 1), got {args.degraded}")
 if args.compare is not None and not args.compare.is_file():
     parser.error(f"--compare: no file {args.compare}")
+if args.no_in_sample and args.train_seeds is None:
+    parser.error("--no-in-sample needs --train-seeds: there would be no closure to run")
 if len(set(args.fno_modes)) != len(args.fno_modes):
     parser.error(f"--fno-modes: each value once, got {args.fno_modes}")
 output = output_folder("turbulence_2d_in_sample", root=REPOSITORY / "experiments" / "output")
@@ -286,7 +293,8 @@ targets = np.concatenate([s.targets for s in samples]).reshape(-1, 2)
 groups = np.repeat(np.arange(len(samples)), samples[0].inputs.shape[0])
 paths: dict[str, Path] = {}
 quick = "_quick" if args.quick else ""
-local_mlps = [] if args.no_local else [("local MLP", [64, 64]), ("wide local MLP", [128, 128, 128])]
+local_mlps = [("local MLP", [64, 64]), ("wide local MLP", [128, 128, 128])]
+local_mlps = [] if args.no_local or args.no_in_sample else local_mlps
 for label, hidden in local_mlps:
     result = fit(
         MLP(6, 2, hidden_features=hidden, seed=0), inputs, targets, groups=groups, comm=comm,
@@ -328,7 +336,7 @@ fno_fits: dict[str, dict] = {}
 mno_labels = {
     modes: "MNO" if args.fno_modes == [8] else f"MNO, {modes} modes" for modes in args.fno_modes
 }
-for modes, label in mno_labels.items():
+for modes, label in mno_labels.items() if not args.no_in_sample else ():
     paths[label] = output / f"mno{modes}w{config['fno_width']}{quick}.pt"
     fno_fits[label] = fit_mno(modes, grid_x, grid_y, paths[label])
     log(f"{label}: {fno_fits[label]}")
@@ -343,16 +351,19 @@ if args.train_seeds is not None:
     seeds = [seed for seed in range(1, args.train_seeds + 2) if seed != config["test_seed"]]
     seeds = seeds[: args.train_seeds]
     training_grids: dict[str, list] = {"x": [], "y": []}
+    training_states: list[list[np.ndarray]] = []  # per seed, for training through the solver
 
     def record_training(t: float) -> None:
-        """The gridded inputs and τ at every sample of a training trajectory."""
+        """The gridded inputs, τ and the coarse state at every sample of a trajectory."""
         if round(t / dns.dt) % (fine_per_coarse * samples_every) == 0:
             exact(dns.omega, flux)
             training_grids["x"].append(grid_inputs())
             training_grids["y"].append(grid_targets())
+            training_states[-1].append(plain.w.x.array[:num_owned].copy())
 
     seed_start = fem.Function(dns.V)
     for seed in seeds:
+        training_states.append([])
         ssprk3_dns(seed, config["horizon"], record_training, seed_start)
     out_of_sample_data = (
         (np.array(training_grids["x"]), np.array(training_grids["y"])) if comm.rank == 0 else None
@@ -406,19 +417,24 @@ for label, flow in flows.items():
     log(f"{label}: t(ρ<0.95) = {runs[label]['decorrelation_time']}")
 training: dict[str, dict] = {}
 if args.a_posteriori is not None:
-    trajectory = [recorded["w"][::samples_every]]
-    for label in [label for label in factories if label in ("local MLP", *mno_labels.values())]:
-        flow = coarse_model(f"tuned_{label.replace(' ', '_')}", factories[label])
+    # in sample: on the test trajectory; out of sample: on the training trajectories
+    trained = [(label, f"{label}, in sample", [recorded["w"][::samples_every]])
+               for label in factories if label in ("local MLP", *mno_labels.values())]  # fmt: skip
+    trained += [(name, name, training_states) for name in out_of_sample]
+    for label, trained_from, trajectories in trained:
+        factory = (
+            factories[label] if label in factories else grid_closure(out_of_sample[label], grid)
+        )
+        flow = coarse_model(f"tuned_{len(training)}", factory)
         tuned = train_a_posteriori(
-            flow, trajectory, samples_every, args.window, args.a_posteriori,
+            flow, trajectories, samples_every, args.window, args.a_posteriori,
             learning_rate=args.learning_rate, stride=1 if args.quick else 2,
         )  # fmt: skip
-        name = f"{label}, in sample, a posteriori"
+        name = f"{trained_from}, a posteriori"
         training[name] = vars(tuned)
         skill[name] = exact.skill({name: flow.closure}, [flow], taus, reference)[name]["fve"]
         runs[name] = runs_against_dns.run(flow, start)
         log(f"{name}: {training[name]}, t(ρ<0.95) = {runs[name]['decorrelation_time']}")
-
 
 ladder = {n: runs[f"no closure, {n}²"] for n in config["ladder"]}
 add_resolution_factors(runs, ladder, nc, config["test_horizon"])
