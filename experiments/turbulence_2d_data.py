@@ -15,6 +15,8 @@ filtered DNS of the test seed. This module holds what both need:
   how much of it predictions of it explain (:meth:`ExactFlux.skill`);
 * :func:`closure_grid`: the grid of the demo's non-local closures (spacing ``h/2`` with a
   zero margin of half the box beyond the walls);
+* :func:`fno`, :func:`fit_grid_operator` and :func:`grid_spec`: the demo's FNO, its fit to
+  gridded samples, and the spec it is saved with;
 * :func:`over_seeds`: the decorrelation times of runs from several test seeds, their
   spread, and the time of their seed-averaged correlation;
 * :func:`as_run` and :func:`add_resolution_factors`: the demo's resolution factor and
@@ -42,16 +44,19 @@ from typing import Any
 from mpi4py import MPI
 
 import numpy as np
+import torch
 import ufl
 from comparison import resolution_factor
 from dolfinx import fem
 from flow import VorticityFlow, length, spin_up, velocity
+from neuralop.models import FNO
 from utilities import assemble_global, boundary_dofs
 
 import dolfinx_mno as mno
 from dolfinx_mno.data import CellAverage, ClosureSample, ClosureSampler, L2Projection, Tendency
 from dolfinx_mno.grid import Grid
 from dolfinx_mno.quadrature import measure
+from dolfinx_mno.training import FitResult, fit, shard
 
 #: Viscosity of the demo (Re ≈ 1000).
 NU = 1e-3
@@ -145,6 +150,50 @@ def grid_closure(
         return closure, closure.dx
 
     return factory
+
+
+def fno(modes: int, width: int, out_channels: int = 2) -> FNO:
+    """The demo's FNO on the ``(ω̄, ū)`` grid: ``modes`` Fourier modes per axis, ``width``
+    channels, four layers; its weights drawn after ``torch.manual_seed(0)``."""
+    torch.manual_seed(0)
+    return FNO(n_modes=(modes, modes), hidden_channels=width, in_channels=3,
+               out_channels=out_channels, n_layers=4)  # fmt: skip
+
+
+def fit_grid_operator(
+    operator: torch.nn.Module,
+    fields_x: Sequence[np.ndarray] | None,
+    fields_y: Sequence[np.ndarray] | None,
+    *,
+    epochs: int,
+    spec: mno.ClosureSpec,
+    path: Path,
+    comm: MPI.Comm,
+) -> FitResult:
+    """Fits ``operator`` to gridded samples as the demo fits its MNO and saves it at ``path``.
+
+    ``fields_x`` and ``fields_y`` are the inputs and targets on the grid, one array per
+    sample, as rank 0 holds them (the other ranks' are ignored: rank 0 broadcasts them, and
+    each rank trains on its share). The fit is :func:`~dolfinx_mno.training.fit` with
+    normalised targets, batches of 8, a learning rate of 3e-3 and a patience of 20 epochs.
+    """
+    data = (np.asarray(fields_x), np.asarray(fields_y)) if comm.rank == 0 else None
+    all_x, all_y = comm.bcast(data, root=0)
+    result = fit(
+        operator, shard(all_x.astype(np.float32), comm), shard(all_y.astype(np.float32), comm),
+        grid=True, comm=comm, epochs=epochs, batch_size=8, chunk_size=8, learning_rate=3e-3,
+        patience=20, normalize_targets=True, seed=0, progress=False,
+    )  # fmt: skip
+    mno.save_model(path, result.model, spec=spec, comm=comm)
+    return result
+
+
+def grid_spec(grid: Grid, value_shape: tuple[int, ...] = (2,), quadrature_degree: int = 1):
+    """The :class:`~dolfinx_mno.ClosureSpec` of an operator on ``grid`` from ``(ω̄, ū)``,
+    as :func:`grid_closure` builds its closure."""
+    return mno.ClosureSpec(("omega", "u"), (1, 2), value_shape=value_shape,
+                           quadrature_degree=quadrature_degree, grid=grid,
+                           mask_channel=False)  # fmt: skip
 
 
 class Turbulence:

@@ -48,13 +48,12 @@ import numpy as np
 import torch
 import ufl
 from dolfinx import fem
-from neuralop.models import FNO
 
 import dolfinx_mno as mno
 from dolfinx_mno.grid_gather import GriddedSampler
 from dolfinx_mno.io import save_model
 from dolfinx_mno.models import MLP
-from dolfinx_mno.training import fit, shard
+from dolfinx_mno.training import fit
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPOSITORY / "demos"), str(REPOSITORY / "demos" / "turbulence_2d")]
@@ -65,7 +64,10 @@ from turbulence_2d_data import (
     ExactFlux,
     Turbulence,
     closure_grid,
+    fit_grid_operator,
+    fno,
     grid_closure,
+    grid_spec,
     settings,
     steps,
 )
@@ -226,21 +228,11 @@ local_fit = fit(
 )  # fmt: skip
 local_path = output / "local_closure.pt"
 save_model(local_path, local_fit.model, spec=sampler.spec, comm=comm)
-grid_data = (np.array(grid_x), np.array(grid_y)) if comm.rank == 0 else None
-grid_x_all, grid_y_all = comm.bcast(grid_data, root=0)
-torch.manual_seed(0)
-operator = FNO(n_modes=(config["fno_modes"],) * 2, hidden_channels=config["fno_width"],
-               in_channels=3, out_channels=2, n_layers=4)  # fmt: skip
-operator_fit = fit(
-    operator, shard(grid_x_all.astype(np.float32), comm),
-    shard(grid_y_all.astype(np.float32), comm), grid=True, comm=comm,
-    epochs=config["fno_epochs"], batch_size=8, chunk_size=8, learning_rate=3e-3,
-    patience=20, normalize_targets=True, seed=0, progress=False,
-)  # fmt: skip
 operator_path = output / "mno_closure.pt"
-save_model(operator_path, operator_fit.model,
-           spec=mno.ClosureSpec(("omega", "u"), (1, 2), value_shape=(2,), quadrature_degree=1,
-                                grid=grid, mask_channel=False), comm=comm)  # fmt: skip
+fit_grid_operator(
+    fno(config["fno_modes"], config["fno_width"]), grid_x, grid_y, epochs=config["fno_epochs"],
+    spec=grid_spec(grid), path=operator_path, comm=comm,
+)  # fmt: skip
 log(f"fits: {time.perf_counter() - tic:.1f} s, C_s = {c_s:.3f}")
 
 

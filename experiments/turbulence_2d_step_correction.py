@@ -72,7 +72,6 @@ import numpy as np
 import torch
 import ufl
 from dolfinx import fem
-from neuralop.models import FNO
 from ufl.algorithms.estimate_degrees import estimate_total_polynomial_degree
 
 import dolfinx_mno as mno
@@ -80,7 +79,7 @@ from dolfinx_mno.data import MassSolver
 from dolfinx_mno.grid_gather import GriddedSampler
 from dolfinx_mno.models import MLP
 from dolfinx_mno.quadrature import measure, quadrature_points
-from dolfinx_mno.training import fit, shard
+from dolfinx_mno.training import fit
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPOSITORY / "demos"), str(REPOSITORY / "demos" / "turbulence_2d")]
@@ -92,7 +91,10 @@ from turbulence_2d_data import (
     add_resolution_factors,
     as_run,
     closure_grid,
+    fit_grid_operator,
+    fno,
     grid_closure,
+    grid_spec,
     over_seeds,
     read_cache,
     settings,
@@ -452,23 +454,15 @@ def fit_corrections() -> dict:
 def fit_operator(records: dict) -> dict:
     """Fit the non-local correction (FNO, or the CNN with ``--cnn``), save it; the records."""
     tic = time.perf_counter()
-    grid_data = (np.array(grid_x), np.array(grid_y)) if comm.rank == 0 else None
-    grid_x_all, grid_y_all = comm.bcast(grid_data, root=0)
-    torch.manual_seed(0)
     if args.cnn:
+        torch.manual_seed(0)
         operator: torch.nn.Module = StencilCNN()
     else:
-        operator = FNO(n_modes=(config["fno_modes"],) * 2, hidden_channels=config["fno_width"],
-                       in_channels=3, out_channels=1, n_layers=4)  # fmt: skip
-    operator_fit = fit(
-        bounded(operator), shard(grid_x_all.astype(np.float32), comm),
-        shard(grid_y_all.astype(np.float32), comm), grid=True, comm=comm,
-        epochs=config["fno_epochs"], batch_size=8, chunk_size=8, learning_rate=3e-3,
-        patience=20, normalize_targets=True, seed=0, progress=False,
+        operator = fno(config["fno_modes"], config["fno_width"], out_channels=1)
+    operator_fit = fit_grid_operator(
+        bounded(operator), grid_x, grid_y, epochs=config["fno_epochs"],
+        spec=grid_spec(grid, value_shape=(), quadrature_degree=q), path=operator_path, comm=comm,
     )  # fmt: skip
-    spec = mno.ClosureSpec(("omega", "u"), (1, 2), value_shape=(), quadrature_degree=q,
-                           grid=grid, mask_channel=False)  # fmt: skip
-    mno.save_model(operator_path, operator_fit.model, comm=comm, spec=spec)
     records[OPERATOR] = record_fit(operator_fit, tic)
     if comm.rank == 0:
         fits_path.write_text(json.dumps(records, indent=2))
