@@ -305,13 +305,12 @@ for label, hidden in local_mlps:
     )  # fmt: skip
     paths[label] = output / f"{label.replace(' ', '_')}{quick}.pt"
     save_model(paths[label], result.model, spec=exact.sampler.spec, comm=comm)
-grid_data = (np.array(recorded["grid_x"]), np.array(recorded["grid_y"])) if comm.rank == 0 else None
-grid_x, grid_y = comm.bcast(grid_data, root=0)
 
 
-def fit_mno(modes: int, fields_x: np.ndarray, fields_y: np.ndarray, path: Path) -> dict:
+def fit_mno(modes: int, fields_x: list, fields_y: list, path: Path) -> dict:
     """Fits an FNO keeping ``modes`` Fourier modes per axis to the gridded ``(ω̄, ū) → τ``
-    of ``fields_x`` and ``fields_y``, saves it at ``path`` and returns its fit's losses."""
+    of ``fields_x`` and ``fields_y`` (one entry per sample on every rank, rank 0's the
+    fields), saves it at ``path`` and returns its fit's losses."""
     operator_fit = fit_grid_operator(
         fno(modes, config["fno_width"]), fields_x, fields_y, epochs=config["fno_epochs"],
         spec=grid_spec(grid), path=path, comm=comm,
@@ -332,7 +331,7 @@ mno_labels = {
 }
 for modes, label in mno_labels.items() if not args.no_in_sample else ():
     paths[label] = output / f"mno{modes}w{config['fno_width']}{quick}.pt"
-    fno_fits[label] = fit_mno(modes, grid_x, grid_y, paths[label])
+    fno_fits[label] = fit_mno(modes, recorded["grid_x"], recorded["grid_y"], paths[label])
     log(f"{label}: {fno_fits[label]}")
 fit_seconds = time.perf_counter() - tic
 log(f"in-sample fits: {fit_seconds:.1f} s")
@@ -359,17 +358,15 @@ if args.train_seeds is not None:
     for seed in seeds:
         training_states.append([])
         ssprk3_dns(seed, config["horizon"], record_training, seed_start)
-    out_of_sample_data = (
-        (np.array(training_grids["x"]), np.array(training_grids["y"])) if comm.rank == 0 else None
-    )
-    train_x, train_y = comm.bcast(out_of_sample_data, root=0)
     log(f"the SSP-RK3 DNS of seeds {seeds}: {time.perf_counter() - tic:.1f} s")
     for modes, label in mno_labels.items():
         name = f"{label}, out of sample ({len(seeds)} trajector{'y' if len(seeds) == 1 else 'ies'})"
         out_of_sample[name] = (
             output / f"mno{modes}w{config['fno_width']}_{len(seeds)}seeds{quick}.pt"
         )
-        fno_fits[name] = fit_mno(modes, train_x, train_y, out_of_sample[name])
+        fno_fits[name] = fit_mno(
+            modes, training_grids["x"], training_grids["y"], out_of_sample[name]
+        )
         log(f"{name}: {fno_fits[name]}")
     out_of_sample_seconds = time.perf_counter() - tic
 
