@@ -17,6 +17,7 @@ filtered DNS of the test seed. This module holds what both need:
   zero margin of half the box beyond the walls);
 * :func:`fno`, :func:`fit_grid_operator` and :func:`grid_spec`: the demo's FNO, its fit to
   gridded samples, and the spec it is saved with;
+* :func:`mirror`: the gridded samples of the mirror image of a flow, the box's symmetry;
 * :func:`over_seeds`: the decorrelation times of runs from several test seeds, their
   spread, and the time of their seed-averaged correlation;
 * :func:`as_run` and :func:`add_resolution_factors`: the demo's resolution factor and
@@ -194,6 +195,30 @@ def grid_spec(grid: Grid, value_shape: tuple[int, ...] = (2,), quadrature_degree
     return mno.ClosureSpec(("omega", "u"), (1, 2), value_shape=value_shape,
                            quadrature_degree=quadrature_degree, grid=grid,
                            mask_channel=False)  # fmt: skip
+
+
+#: Signs of the channels ``(ω̄, ū_x, ū_y)`` and ``(τ_x, τ_y)`` in the mirror image of a flow.
+MIRROR_SIGNS = ((-1.0, 1.0, -1.0), (-1.0, 1.0))
+
+
+def mirror(fields: Sequence[np.ndarray], signs: Sequence[float]) -> list[np.ndarray]:
+    """The gridded fields of the mirror image ``y → L − y`` of the flow: the box's symmetry.
+
+    The equations, the walls and the forcing ``n sin(n y)`` (``n L/π`` even) are unchanged
+    by the mirror ``(x, y) → (x, L − y)`` with ``ω → −ω`` (a pseudo-scalar: the mirror
+    reverses the sense of rotation), ``u → (u_x, −u_y)`` and so ``τ → (−τ_x, τ_y)``: the
+    mirror image of a trajectory is a trajectory, and that of a random initial condition
+    (:func:`flow.initial_vorticity`'s Gaussian sine series) is as likely. The mirrored
+    samples double the training data for free; on the triangle meshes (their diagonals
+    are not mirrored) the symmetry holds up to the discretisation, not to round-off.
+
+    Args:
+        fields: One array ``(channels, nx, ny)`` per sample on a grid symmetric about
+            ``y = L/2``, e.g. :func:`closure_grid`'s.
+        signs: One sign per channel, from :data:`MIRROR_SIGNS`.
+    """
+    factors = np.asarray(signs).reshape(-1, 1, 1)
+    return [factors * field[..., ::-1] for field in fields]
 
 
 class Turbulence:

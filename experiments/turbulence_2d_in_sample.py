@@ -30,7 +30,9 @@ from the same spun-up state as the time-scheme experiment:
 (d) with ``--compare PATH``, a closure of the same inputs fitted elsewhere (out of sample,
     e.g. ``turbulence_2d_time_scheme.py``'s ``local_closure_18seeds.pt``), the same way;
     with ``--train-seeds N``, each MNO fitted out of sample too, on the SSP-RK3 DNS of
-    ``N`` other seeds (the demo's training horizon each), and run the same way;
+    ``N`` other seeds (the demo's training horizon each), and run the same way; with
+    ``--mirror`` also on the mirror images ``y → L − y`` of those samples (the box's
+    symmetry: twice the data without another DNS);
 (e) with ``--a-posteriori EPOCHS``, the in-sample local MLP and MNO trained further
     through the SSP-RK3 solver (``fit_rollout``) on windows of the test trajectory.
 
@@ -43,12 +45,15 @@ With ``--hold`` the closures are updated once per step and held over its three s
         --fno-modes 8 16 32 --fno-width 32 --hold                                  # MNOs only
     mpirun -n 2 python experiments/turbulence_2d_in_sample.py --no-local --degraded \
         --fno-modes 32 --fno-width 32 --hold --train-seeds 18        # and out of sample too
+    mpirun -n 2 python experiments/turbulence_2d_in_sample.py --no-in-sample --degraded \
+        --fno-modes 32 --fno-width 32 --hold --train-seeds 9 --mirror    # with the mirror
     python experiments/turbulence_2d_in_sample.py --quick          # smoke test, ~20 s
 
 Writes ``experiments/output/turbulence_2d_in_sample/summary.json`` (``summary_quick.json``
 with ``--quick``, ``summary_aposteriori30_hold.json`` with ``--a-posteriori 30 --hold``,
 ``summary_..._mno8-16-32w32.json`` with other MNOs than the demo's, ``..._18seeds...`` with
-``--train-seeds 18``) and prints the tables.
+``--train-seeds 18``, ``..._mirrored...`` with ``--mirror``) and prints the tables. Each
+training seed's DNS data are cached in ``dns_seed<N>_rank<r>of<size>.npz`` there.
 """
 
 import argparse
@@ -75,6 +80,7 @@ sys.path[:0] = [str(REPOSITORY / "demos"), str(REPOSITORY / "demos" / "turbulenc
 from comparison import train_a_posteriori
 from flow import VorticityFlow
 from turbulence_2d_data import (
+    MIRROR_SIGNS,
     NU,
     CoarseRuns,
     ExactFlux,
@@ -86,8 +92,11 @@ from turbulence_2d_data import (
     fno,
     grid_closure,
     grid_spec,
+    mirror,
+    read_cache,
     settings,
     steps,
+    write_cache,
 )
 from utilities import log, output_folder, positive_int
 
@@ -121,6 +130,12 @@ parser.add_argument(
     metavar="N",
     help="also fit each MNO out of sample, on the SSP-RK3 DNS of seeds 1, 2, ... without the "
     "test seed (N of them), and run it",
+)
+parser.add_argument(
+    "--mirror",
+    action="store_true",
+    help="fit the out-of-sample MNOs to the training samples and their mirror images "
+    "y → L − y (the box's symmetry), twice the data for free",
 )
 parser.add_argument(
     "--no-in-sample",
@@ -169,6 +184,8 @@ if not all(0.0 < fraction < 1.0 for fraction in args.degraded):
     parser.error(f"--degraded: fractions must lie in (0, 1), got {args.degraded}")
 if args.compare is not None and not args.compare.is_file():
     parser.error(f"--compare: no file {args.compare}")
+if args.mirror and args.train_seeds is None:
+    parser.error("--mirror needs --train-seeds: it mirrors the out-of-sample training data")
 if args.no_in_sample and args.train_seeds is None:
     parser.error("--no-in-sample needs --train-seeds: there would be no closure to run")
 if len(set(args.fno_modes)) != len(args.fno_modes):
@@ -356,13 +373,34 @@ if args.train_seeds is not None:
 
     seed_start = fem.Function(dns.V)
     for seed in seeds:
+        # Each seed's data are cached: another run with other MNOs or with --mirror reads
+        # them instead of repeating the DNS (a minute a seed).
+        cache = output / f"dns_seed{seed}{quick}_rank{comm.rank}of{comm.size}.npz"
+        key = json.dumps([{k: config[k] for k in settings(args.quick)}, seed, grid.shape])
+        if (cached := read_cache(cache, key, comm)) is not None:
+            training_states.append(list(cached["states"]))
+            count = len(cached["states"])
+            training_grids["x"] += list(cached["x"]) if comm.rank == 0 else [None] * count
+            training_grids["y"] += list(cached["y"]) if comm.rank == 0 else [None] * count
+            continue
         training_states.append([])
+        first = len(training_grids["x"])
         ssprk3_dns(seed, config["horizon"], record_training, seed_start)
+        grids = {
+            k: np.asarray(v[first:] if comm.rank == 0 else []) for k, v in training_grids.items()
+        }
+        write_cache(cache, key, {"states": np.asarray(training_states[-1]), **grids})
     log(f"the SSP-RK3 DNS of seeds {seeds}: {time.perf_counter() - tic:.1f} s")
+    if args.mirror:  # rank 0 holds the fields, the other ranks as many Nones
+        for k, signs in zip("xy", MIRROR_SIGNS, strict=True):
+            fields = training_grids[k]
+            fields += mirror(fields, signs) if comm.rank == 0 else [None] * len(fields)
     for modes, label in mno_labels.items():
-        name = f"{label}, out of sample ({len(seeds)} trajector{'y' if len(seeds) == 1 else 'ies'})"
+        trajectories = f"{len(seeds)} trajector{'y' if len(seeds) == 1 else 'ies'}"
+        name = f"{label}, out of sample ({trajectories}{' and mirrored' if args.mirror else ''})"
+        mirrored = "_mirrored" if args.mirror else ""
         out_of_sample[name] = (
-            output / f"mno{modes}w{config['fno_width']}_{len(seeds)}seeds{quick}.pt"
+            output / f"mno{modes}w{config['fno_width']}_{len(seeds)}seeds{mirrored}{quick}.pt"
         )
         fno_fits[name] = fit_mno(
             modes, training_grids["x"], training_grids["y"], out_of_sample[name]
@@ -441,6 +479,7 @@ summary = {
     "dns_seconds_per_time_unit": dns_seconds / config["test_horizon"],
     "fit_seconds": fit_seconds,
     "train_seeds": args.train_seeds,
+    "mirror": args.mirror,
     "out_of_sample_seconds": out_of_sample_seconds,
     "fno_fits": fno_fits,
     "variance_explained": skill,
@@ -456,6 +495,7 @@ if comm.rank == 0:  # a smoke test must not overwrite the measured numbers
         + ([f"aposteriori{args.a_posteriori}"] if args.a_posteriori else [])
         + (["hold"] if args.hold else [])
         + ([f"{args.train_seeds}seeds"] if args.train_seeds else [])
+        + (["mirrored"] if args.mirror else [])
         + mno_name
     )
     (output / (f"summary_{name}.json" if name else "summary.json")).write_text(

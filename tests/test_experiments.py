@@ -137,15 +137,62 @@ def test_time_scheme_refuses_a_step_off_the_reference_samples(factor, message, m
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_in_sample_refuses_a_missing_closure_file(monkeypatch, capsys, tmp_path):
-    """``--compare`` names a file that does not exist: refused before the DNS (which takes
-    minutes at the default settings), not when the closure is built after the fits."""
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--compare", "{missing}"], "--compare: no file {missing}"),
+        (["--mirror"], "--mirror needs --train-seeds"),
+    ],
+)
+def test_in_sample_refuses_bad_options(options, message, monkeypatch, capsys, tmp_path):
+    """``--compare`` names a file that does not exist, or ``--mirror`` has no training data
+    to mirror: refused before the DNS (which takes minutes at the default settings), not
+    after the fits."""
     import runpy
 
     script = EXPERIMENT_DIR / "turbulence_2d_in_sample.py"
-    missing = tmp_path / "none.pt"
+    missing = str(tmp_path / "none.pt")
+    options = [option.format(missing=missing) for option in options]
     monkeypatch.setattr(sys, "path", [str(EXPERIMENT_DIR), *sys.path])  # as python script.py
-    monkeypatch.setattr(sys, "argv", [script.name, "--quick", "--compare", str(missing)])
+    monkeypatch.setattr(sys, "argv", [script.name, "--quick", *options])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(script), run_name="__main__")
-    assert exit_info.value.code == 2 and f"--compare: no file {missing}" in capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert message.format(missing=missing) in capsys.readouterr().err
+
+
+def test_mirror_is_the_box_symmetry():
+    """``mirror`` (``turbulence_2d_in_sample.py --mirror``) maps the gridded ``(ω, u)`` and
+    flux ``uω`` of a flow to those of its mirror image ``ψ'(x, y) = −ψ(x, L − y)``."""
+    demos = EXPERIMENT_DIR.parent / "demos"
+    sys.path[:0] = [str(demos), str(demos / "turbulence_2d"), str(EXPERIMENT_DIR)]
+    try:
+        from flow import length
+        from turbulence_2d_data import MIRROR_SIGNS, closure_grid, mirror
+    finally:
+        del sys.path[:3]
+    grid = closure_grid(16)
+    x, y = grid.points()[:, 0], grid.points()[:, 1]
+
+    def fields(sign: float, reflect: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(ω, u_x, u_y) and uω of ``sign ψ(x, y)`` (``ψ(x, L − y)`` with ``reflect``), with
+        ψ = sin(x/2) sin(y) + ½ sin(3x/2) sin(y/2), no symmetry of its own in y."""
+        t, dt = (length - y, -1.0) if reflect else (y, 1.0)  # dt = dt/dy
+        psi_x = 0.5 * np.cos(x / 2) * np.sin(t) + 0.75 * np.cos(1.5 * x) * np.sin(t / 2)
+        psi_y = dt * (np.sin(x / 2) * np.cos(t) + 0.25 * np.sin(1.5 * x) * np.cos(t / 2))
+        omega = 1.25 * (np.sin(x / 2) * np.sin(t) + np.sin(1.5 * x) * np.sin(t / 2))  # −Δψ
+        u = sign * np.stack([psi_y, -psi_x])
+        omega = sign * omega
+        shape = (-1, *grid.shape)
+        return np.stack([omega, *u]).reshape(shape), (u * omega).reshape(shape)
+
+    inputs, flux = fields(1.0, reflect=False)
+    expected_inputs, expected_flux = fields(-1.0, reflect=True)
+    assert np.abs(inputs - expected_inputs).max() > 0.5  # not symmetric already
+    [mirrored_inputs] = mirror([inputs], MIRROR_SIGNS[0])
+    [mirrored_flux] = mirror([flux], MIRROR_SIGNS[1])
+    np.testing.assert_allclose(mirrored_inputs, expected_inputs, atol=1e-12)
+    np.testing.assert_allclose(mirrored_flux, expected_flux, atol=1e-12)
+    # The mirror of the mirror is the identity.
+    [twice] = mirror(mirror([inputs], MIRROR_SIGNS[0]), MIRROR_SIGNS[0])
+    np.testing.assert_array_equal(twice, inputs)
