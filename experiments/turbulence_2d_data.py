@@ -170,20 +170,24 @@ def fit_grid_operator(
     spec: mno.ClosureSpec,
     path: Path,
     comm: MPI.Comm,
+    groups: Sequence[int] | None = None,
 ) -> FitResult:
     """Fits ``operator`` to gridded samples as the demo fits its MNO and saves it at ``path``.
 
     ``fields_x`` and ``fields_y`` are the inputs and targets on the grid, one array per
     sample, as rank 0 holds them (the other ranks' are ignored: rank 0 broadcasts them, and
     each rank trains on its share). The fit is :func:`~dolfinx_mno.training.fit` with
-    normalised targets, batches of 8, a learning rate of 3e-3 and a patience of 20 epochs.
+    normalised targets, batches of 8, a learning rate of 3e-3 and a patience of 20 epochs;
+    its validation split takes random samples, or with ``groups`` (one id per sample, the
+    same on every rank, e.g. its trajectory) whole groups.
     """
     data = (np.asarray(fields_x), np.asarray(fields_y)) if comm.rank == 0 else None
     all_x, all_y = comm.bcast(data, root=0)
+    local_groups = None if groups is None else shard(np.asarray(groups, dtype=np.int64), comm)
     result = fit(
         operator, shard(all_x.astype(np.float32), comm), shard(all_y.astype(np.float32), comm),
         grid=True, comm=comm, epochs=epochs, batch_size=8, chunk_size=8, learning_rate=3e-3,
-        patience=20, normalize_targets=True, seed=0, progress=False,
+        patience=20, normalize_targets=True, seed=0, progress=False, groups=local_groups,
     )  # fmt: skip
     mno.save_model(path, result.model, spec=spec, comm=comm)
     return result

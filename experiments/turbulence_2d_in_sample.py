@@ -32,7 +32,9 @@ from the same spun-up state as the time-scheme experiment:
     with ``--train-seeds N``, each MNO fitted out of sample too, on the SSP-RK3 DNS of
     ``N`` other seeds (the demo's training horizon each), and run the same way; with
     ``--mirror`` also on the mirror images ``y → L − y`` of those samples (the box's
-    symmetry: twice the data without another DNS);
+    symmetry: twice the data without another DNS); with ``--trajectory-split``, their
+    fits validated (and stopped early) on whole held-out training trajectories rather
+    than on random samples, which neighbour training samples in time;
 (e) with ``--a-posteriori EPOCHS``, the in-sample local MLP and MNO trained further
     through the SSP-RK3 solver (``fit_rollout``) on windows of the test trajectory.
 
@@ -52,8 +54,9 @@ With ``--hold`` the closures are updated once per step and held over its three s
 Writes ``experiments/output/turbulence_2d_in_sample/summary.json`` (``summary_quick.json``
 with ``--quick``, ``summary_aposteriori30_hold.json`` with ``--a-posteriori 30 --hold``,
 ``summary_..._mno8-16-32w32.json`` with other MNOs than the demo's, ``..._18seeds...`` with
-``--train-seeds 18``, ``..._mirrored...`` with ``--mirror``) and prints the tables. Each
-training seed's DNS data are cached in ``dns_seed<N>_rank<r>of<size>.npz`` there.
+``--train-seeds 18``, ``..._mirrored...`` with ``--mirror``, ``..._split...`` with
+``--trajectory-split``) and prints the tables. Each training seed's DNS data are cached
+there, in ``dns_seed<N>_rank<r>of<size>.npz``.
 """
 
 import argparse
@@ -138,6 +141,14 @@ parser.add_argument(
     "y → L − y (the box's symmetry), twice the data for free",
 )
 parser.add_argument(
+    "--trajectory-split",
+    action="store_true",
+    help="validate the out-of-sample fits on whole held-out training trajectories (with "
+    "their mirror images), not on random samples, which neighbour training samples in "
+    "time: the validation loss then measures, and early stopping chooses, generalisation "
+    "across trajectories",
+)
+parser.add_argument(
     "--no-in-sample",
     action="store_true",
     help="fit no closure in sample: only the out-of-sample MNOs of --train-seeds",
@@ -186,6 +197,8 @@ if args.compare is not None and not args.compare.is_file():
     parser.error(f"--compare: no file {args.compare}")
 if args.mirror and args.train_seeds is None:
     parser.error("--mirror needs --train-seeds: it mirrors the out-of-sample training data")
+if args.trajectory_split and (args.train_seeds or 0) < 3:  # a fifth of them validate
+    parser.error("--trajectory-split needs --train-seeds 3 or more: trajectories to validate on")
 if args.no_in_sample and args.train_seeds is None:
     parser.error("--no-in-sample needs --train-seeds: there would be no closure to run")
 if len(set(args.fno_modes)) != len(args.fno_modes):
@@ -324,13 +337,14 @@ for label, hidden in local_mlps:
     save_model(paths[label], result.model, spec=exact.sampler.spec, comm=comm)
 
 
-def fit_mno(modes: int, fields_x: list, fields_y: list, path: Path) -> dict:
+def fit_mno(modes: int, fields_x: list, fields_y: list, path: Path, groups=None) -> dict:
     """Fits an FNO keeping ``modes`` Fourier modes per axis to the gridded ``(ω̄, ū) → τ``
     of ``fields_x`` and ``fields_y`` (one entry per sample on every rank, rank 0's the
-    fields), saves it at ``path`` and returns its fit's losses."""
+    fields; ``groups``: :func:`fit_grid_operator`'s), saves it at ``path`` and returns its
+    fit's losses."""
     operator_fit = fit_grid_operator(
         fno(modes, config["fno_width"]), fields_x, fields_y, epochs=config["fno_epochs"],
-        spec=grid_spec(grid), path=path, comm=comm,
+        spec=grid_spec(grid), path=path, comm=comm, groups=groups,
     )  # fmt: skip
     history = operator_fit.history
     return {
@@ -391,20 +405,26 @@ if args.train_seeds is not None:
         }
         write_cache(cache, key, {"states": np.asarray(training_states[-1]), **grids})
     log(f"the SSP-RK3 DNS of seeds {seeds}: {time.perf_counter() - tic:.1f} s")
+    # The trajectory of each sample (a mirror image's is that of its original).
+    trajectory_of = np.repeat(np.arange(len(seeds)), [len(states) for states in training_states])
     if args.mirror:  # rank 0 holds the fields, the other ranks as many Nones
         for k, signs in zip("xy", MIRROR_SIGNS, strict=True):
             fields = training_grids[k]
             fields += mirror(fields, signs) if comm.rank == 0 else [None] * len(fields)
+        trajectory_of = np.tile(trajectory_of, 2)
     for modes, label in mno_labels.items():
         trajectories = f"{len(seeds)} trajector{'y' if len(seeds) == 1 else 'ies'}"
-        name = f"{label}, out of sample ({trajectories}{' and mirrored' if args.mirror else ''})"
-        mirrored = "_mirrored" if args.mirror else ""
+        variant, suffix = (" and mirrored", "_mirrored") if args.mirror else ("", "")
+        if args.trajectory_split:
+            variant, suffix = f"{variant}, validated on whole ones", f"{suffix}_split"
+        name = f"{label}, out of sample ({trajectories}{variant})"
         out_of_sample[name] = (
-            output / f"mno{modes}w{config['fno_width']}_{len(seeds)}seeds{mirrored}{quick}.pt"
+            output / f"mno{modes}w{config['fno_width']}_{len(seeds)}seeds{suffix}{quick}.pt"
         )
         fno_fits[name] = fit_mno(
-            modes, training_grids["x"], training_grids["y"], out_of_sample[name]
-        )
+            modes, training_grids["x"], training_grids["y"], out_of_sample[name],
+            groups=trajectory_of if args.trajectory_split else None,
+        )  # fmt: skip
         log(f"{name}: {fno_fits[name]}")
     out_of_sample_seconds = time.perf_counter() - tic
 
@@ -480,6 +500,7 @@ summary = {
     "fit_seconds": fit_seconds,
     "train_seeds": args.train_seeds,
     "mirror": args.mirror,
+    "trajectory_split": args.trajectory_split,
     "out_of_sample_seconds": out_of_sample_seconds,
     "fno_fits": fno_fits,
     "variance_explained": skill,
@@ -496,6 +517,7 @@ if comm.rank == 0:  # a smoke test must not overwrite the measured numbers
         + (["hold"] if args.hold else [])
         + ([f"{args.train_seeds}seeds"] if args.train_seeds else [])
         + (["mirrored"] if args.mirror else [])
+        + (["split"] if args.trajectory_split else [])
         + mno_name
     )
     (output / (f"summary_{name}.json" if name else "summary.json")).write_text(

@@ -142,12 +142,13 @@ def test_time_scheme_refuses_a_step_off_the_reference_samples(factor, message, m
     [
         (["--compare", "{missing}"], "--compare: no file {missing}"),
         (["--mirror"], "--mirror needs --train-seeds"),
+        (["--train-seeds", "2", "--trajectory-split"], "--trajectory-split needs --train-seeds 3"),
     ],
 )
 def test_in_sample_refuses_bad_options(options, message, monkeypatch, capsys, tmp_path):
-    """``--compare`` names a file that does not exist, or ``--mirror`` has no training data
-    to mirror: refused before the DNS (which takes minutes at the default settings), not
-    after the fits."""
+    """``--compare`` names a file that does not exist, ``--mirror`` has no training data to
+    mirror, ``--trajectory-split`` too few trajectories to hold a fifth out: refused before
+    the DNS (which takes minutes at the default settings), not after it."""
     import runpy
 
     script = EXPERIMENT_DIR / "turbulence_2d_in_sample.py"
