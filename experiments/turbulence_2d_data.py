@@ -213,8 +213,10 @@ def mirror(fields: Sequence[np.ndarray], signs: Sequence[float]) -> list[np.ndar
     reverses the sense of rotation), ``u → (u_x, −u_y)`` and so ``τ → (−τ_x, τ_y)``: the
     mirror image of a trajectory is a trajectory, and that of a random initial condition
     (:func:`flow.initial_vorticity`'s Gaussian sine series) is as likely. The mirrored
-    samples double the training data for free; on the triangle meshes (their diagonals
-    are not mirrored) the symmetry holds up to the discretisation, not to round-off.
+    samples double the training data for free, but only down to a few cells: the
+    triangle meshes' diagonals are not mirrored, and on :func:`closure_grid` the cell-wise
+    ``τ`` shows them (three of a cell's four grid points lie in one of its two triangles,
+    the same three in every cell; in a mirrored sample, the other three).
 
     Args:
         fields: One array ``(channels, nx, ny)`` per sample on a grid symmetric about
