@@ -23,6 +23,7 @@ EXPERIMENTS = [
     "multiscale_diffusion_results.py",
     "transient_diffusion_results.py",
     "turbulence_2d_data_scaling.py",
+    "turbulence_2d_mirror_check.py",
 ]
 
 
