@@ -393,9 +393,8 @@ if args.train_seeds is not None:
         key = json.dumps([{k: config[k] for k in settings(args.quick)}, seed, grid.shape])
         if (cached := read_cache(cache, key, comm)) is not None:
             training_states.append(list(cached["states"]))
-            count = len(cached["states"])
-            training_grids["x"] += list(cached["x"]) if comm.rank == 0 else [None] * count
-            training_grids["y"] += list(cached["y"]) if comm.rank == 0 else [None] * count
+            for k, fields in training_grids.items():  # rank 0's fields, elsewhere Nones
+                fields += list(cached[k]) if comm.rank == 0 else [None] * len(cached["states"])
             continue
         training_states.append([])
         first = len(training_grids["x"])
