@@ -124,6 +124,27 @@ parser.add_argument(
     "--fno-width", type=positive_int, default=None, help="channels of the MNOs (24; --quick 16)"
 )
 parser.add_argument(
+    "--fno-factorization",
+    choices=("tucker", "cp", "tt"),
+    default=None,
+    help="store each spectral convolution's weights as this low-rank decomposition "
+    "(neuraloperator's TFNO; default: dense)",
+)
+parser.add_argument(
+    "--fno-rank",
+    type=float,
+    default=0.1,
+    metavar="R",
+    help="with --fno-factorization: the fraction of the dense weights kept (default 0.1)",
+)
+parser.add_argument(
+    "--weight-decay",
+    type=float,
+    default=0.0,
+    metavar="W",
+    help="fit the MNOs with AdamW and this decoupled weight decay (default 0: Adam)",
+)
+parser.add_argument(
     "--no-local", action="store_true", help="fit and run no local MLP in sample (the MNOs only)"
 )
 parser.add_argument(
@@ -201,12 +222,22 @@ if args.trajectory_split and (args.train_seeds or 0) < 3:  # a fifth of them val
     parser.error("--trajectory-split needs --train-seeds 3 or more: trajectories to validate on")
 if args.no_in_sample and args.train_seeds is None:
     parser.error("--no-in-sample needs --train-seeds: there would be no closure to run")
+if not 0.0 < args.fno_rank <= 1.0:
+    parser.error(f"--fno-rank: a fraction in (0, 1], got {args.fno_rank}")
+if args.fno_rank != 0.1 and args.fno_factorization is None:
+    parser.error("--fno-rank needs --fno-factorization: a dense FNO has no rank")
+if not args.weight_decay >= 0.0:
+    parser.error(f"--weight-decay: at least 0, got {args.weight_decay}")
 if len(set(args.fno_modes)) != len(args.fno_modes):
     parser.error(f"--fno-modes: each value once, got {args.fno_modes}")
 output = output_folder("turbulence_2d_in_sample", root=REPOSITORY / "experiments" / "output")
 config = settings(args.quick)
 config |= {"mlp_epochs": 15, "fno_epochs": 5} if args.quick else {}
 config |= {"fno_modes": args.fno_modes, "fno_width": args.fno_width or (16 if args.quick else 24)}
+if args.fno_factorization is not None:
+    config |= {"fno_factorization": args.fno_factorization, "fno_rank": args.fno_rank}
+if args.weight_decay > 0.0:
+    config["weight_decay"] = args.weight_decay
 config["mlp_epochs"] = args.mlp_epochs or config.get("mlp_epochs", 200)
 config["fno_epochs"] = args.fno_epochs or config.get("fno_epochs", 60)
 if max(args.fno_modes) > (points := closure_grid(config["coarse"]).shape[0]):
@@ -342,13 +373,16 @@ def fit_mno(modes: int, fields_x: list, fields_y: list, path: Path, groups=None)
     of ``fields_x`` and ``fields_y`` (one entry per sample on every rank, rank 0's the
     fields; ``groups``: :func:`fit_grid_operator`'s), saves it at ``path`` and returns its
     fit's losses."""
+    operator = fno(modes, config["fno_width"], factorization=args.fno_factorization,
+                   rank=args.fno_rank if args.fno_factorization else 1.0)  # fmt: skip
     operator_fit = fit_grid_operator(
-        fno(modes, config["fno_width"]), fields_x, fields_y, epochs=config["fno_epochs"],
-        spec=grid_spec(grid), path=path, comm=comm, groups=groups,
+        operator, fields_x, fields_y, epochs=config["fno_epochs"], spec=grid_spec(grid),
+        path=path, comm=comm, groups=groups, weight_decay=args.weight_decay,
     )  # fmt: skip
     history = operator_fit.history
     return {
         "fields": len(fields_x),
+        "weights": sum(parameter.numel() for parameter in operator.parameters()),
         "epochs": history.epochs,
         "best_epoch": history.best_epoch,
         "val_loss": history.best_val_loss,
@@ -357,11 +391,21 @@ def fit_mno(modes: int, fields_x: list, fields_y: list, path: Path, groups=None)
 
 
 fno_fits: dict[str, dict] = {}
+# How the MNOs are regularised, in their labels and in their files' names.
+regularised = ["", ""]
+if args.fno_factorization is not None:
+    regularised[0] += f", {args.fno_factorization} rank {args.fno_rank:g}"
+    regularised[1] += f"_{args.fno_factorization}{args.fno_rank:g}"
+if args.weight_decay > 0.0:
+    regularised[0] += f", weight decay {args.weight_decay:g}"
+    regularised[1] += f"_wd{args.weight_decay:g}"
 mno_labels = {
-    modes: "MNO" if args.fno_modes == [8] else f"MNO, {modes} modes" for modes in args.fno_modes
+    modes: ("MNO" if args.fno_modes == [8] else f"MNO, {modes} modes") + regularised[0]
+    for modes in args.fno_modes
 }
+mno_files = {modes: f"mno{modes}w{config['fno_width']}{regularised[1]}" for modes in args.fno_modes}
 for modes, label in mno_labels.items() if not args.no_in_sample else ():
-    paths[label] = output / f"mno{modes}w{config['fno_width']}{quick}.pt"
+    paths[label] = output / f"{mno_files[modes]}{quick}.pt"
     fno_fits[label] = fit_mno(modes, recorded["grid_x"], recorded["grid_y"], paths[label])
     log(f"{label}: {fno_fits[label]}")
 fit_seconds = time.perf_counter() - tic
@@ -417,9 +461,7 @@ if args.train_seeds is not None:
         if args.trajectory_split:
             variant, suffix = f"{variant}, validated on whole ones", f"{suffix}_split"
         name = f"{label}, out of sample ({trajectories}{variant})"
-        out_of_sample[name] = (
-            output / f"mno{modes}w{config['fno_width']}_{len(seeds)}seeds{suffix}{quick}.pt"
-        )
+        out_of_sample[name] = output / f"{mno_files[modes]}_{len(seeds)}seeds{suffix}{quick}.pt"
         fno_fits[name] = fit_mno(
             modes, training_grids["x"], training_grids["y"], out_of_sample[name],
             groups=trajectory_of if args.trajectory_split else None,

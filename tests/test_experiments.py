@@ -144,12 +144,17 @@ def test_time_scheme_refuses_a_step_off_the_reference_samples(factor, message, m
         (["--compare", "{missing}"], "--compare: no file {missing}"),
         (["--mirror"], "--mirror needs --train-seeds"),
         (["--train-seeds", "2", "--trajectory-split"], "--trajectory-split needs --train-seeds 3"),
+        (["--fno-rank", "0.2"], "--fno-rank needs --fno-factorization"),
+        (["--fno-factorization", "cp", "--fno-rank", "0"], "--fno-rank: a fraction in (0, 1]"),
+        (["--fno-factorization", "qr"], "invalid choice: 'qr'"),
+        (["--weight-decay=-1e-4"], "--weight-decay: at least 0, got -0.0001"),
+        (["--weight-decay", "nan"], "--weight-decay: at least 0, got nan"),
     ],
 )
 def test_in_sample_refuses_bad_options(options, message, monkeypatch, capsys, tmp_path):
     """``--compare`` names a file that does not exist, ``--mirror`` has no training data to
-    mirror, ``--trajectory-split`` too few trajectories to hold a fifth out: refused before
-    the DNS (which takes minutes at the default settings), not after it."""
+    mirror, ``--trajectory-split`` too few trajectories to hold a fifth out, a rank without a
+    factorisation or outside (0, 1], a negative weight decay: refused before the DNS (which takes minutes at the default settings), not after it."""
     import runpy
 
     script = EXPERIMENT_DIR / "turbulence_2d_in_sample.py"
