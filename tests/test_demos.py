@@ -84,6 +84,27 @@ EXPERIMENTS = {
             "--compare",
             "output/turbulence_2d_time_scheme/local_closure_quick.pt",
         ],
+        # out of sample only: a factorised MNO with weight decay, validated (a priori and
+        # through the solver) on a whole held-out trajectory, and mirrored data
+        [
+            "turbulence_2d_in_sample.py",
+            "--quick",
+            "--hold",
+            "--no-in-sample",
+            "--degraded",
+            "--train-seeds",
+            "3",
+            "--mirror",
+            "--trajectory-split",
+            "--fno-factorization",
+            "tucker",
+            "--weight-decay",
+            "1e-4",
+            "--a-posteriori",
+            "1",
+            "--window",
+            "2",
+        ],
     ],
 }
 

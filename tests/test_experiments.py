@@ -154,7 +154,8 @@ def test_time_scheme_refuses_a_step_off_the_reference_samples(factor, message, m
 def test_in_sample_refuses_bad_options(options, message, monkeypatch, capsys, tmp_path):
     """``--compare`` names a file that does not exist, ``--mirror`` has no training data to
     mirror, ``--trajectory-split`` too few trajectories to hold a fifth out, a rank without a
-    factorisation or outside (0, 1], a negative weight decay: refused before the DNS (which takes minutes at the default settings), not after it."""
+    factorisation or outside (0, 1], a negative weight decay: refused before the DNS (which
+    takes minutes at the default settings), not after it."""
     import runpy
 
     script = EXPERIMENT_DIR / "turbulence_2d_in_sample.py"

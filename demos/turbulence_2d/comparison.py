@@ -173,22 +173,27 @@ def train_a_posteriori(
     stride: int = 1,
     progress: bool = False,
     plain: VorticityFlow | None = None,
+    validation: list[list[np.ndarray]] | None = None,
 ) -> APosteriori:
     """Train ``flow``'s closure in place through its solver with ``fit_rollout``.
 
     ``trajectories``: per training seed, the owned dofs of the filtered coarse state
     ``w = (ω̄, ψ̄)`` every ``every`` coarse steps. Windows of ``window`` states; a seeded
     fifth of them is held out (early stopping) and their rollout loss measured before and
-    after. A flow with ``memory`` needs ``every = 1``: its windows start from two states.
-    ``progress``: a progress bar over the epochs on rank 0. ``plain``: the coarse model
-    without closure (on the same mesh), whose loss on the held-out windows is recorded too.
+    after, or with ``validation`` (trajectories of other seeds, the same format) the
+    windows of those. A flow with ``memory`` needs ``every = 1``: its windows start from
+    two states. ``progress``: a progress bar over the epochs on rank 0. ``plain``: the
+    coarse model without closure (on the same mesh), whose loss on the held-out windows is
+    recorded too.
     """
     rollout = _rollout(flow)
     windows = TrajectoryWindows(
-        trajectories, horizon=window, stride=stride, num_owned=rollout.num_owned,
-        what="training", num_older=rollout.num_older,
+        trajectories if validation is None else validation, horizon=window, stride=stride,
+        num_owned=rollout.num_owned, num_older=rollout.num_older,
+        what="training" if validation is None else "validation",
     ).windows  # fmt: skip
-    held_out = split_windows(windows, 0.2, seed=0)[1]  # fit_rollout's own split
+    # fit_rollout's own split, or the validation trajectories' windows
+    held_out = split_windows(windows, 0.2, seed=0)[1] if validation is None else windows
     closure = typing.cast(mno.Closure, flow.closure)
     objective = RolloutObjective(rollout, closure, horizon=window, scale=1.0, target_interval=every)
     before = objective.rollout_loss(held_out)
@@ -200,7 +205,8 @@ def train_a_posteriori(
         horizon=window,
         target_interval=every,
         stride=stride,
-        validation_fraction=0.2,
+        validation=validation,
+        validation_fraction=0.2 if validation is None else None,
         epochs=epochs,
         batch_size=4,
         learning_rate=learning_rate,
