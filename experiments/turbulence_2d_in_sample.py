@@ -34,9 +34,13 @@ from the same spun-up state as the time-scheme experiment:
     ``--mirror`` also on the mirror images ``y → L − y`` of those samples (the box's
     symmetry: twice the data without another DNS); with ``--trajectory-split``, their
     fits validated (and stopped early) on whole held-out training trajectories rather
-    than on random samples, which neighbour training samples in time;
+    than on random samples, which neighbour training samples in time; with
+    ``--fno-factorization`` (neuraloperator's low-rank spectral weights) or
+    ``--weight-decay`` (AdamW), every MNO regularised;
 (e) with ``--a-posteriori EPOCHS``, the in-sample local MLP and MNO trained further
-    through the SSP-RK3 solver (``fit_rollout``) on windows of the test trajectory.
+    through the SSP-RK3 solver (``fit_rollout``) on windows of the test trajectory, and
+    the out-of-sample MNOs on those of their training trajectories (with
+    ``--trajectory-split``, validated on the trajectories their fit held out).
 
 With ``--hold`` the closures are updated once per step and held over its three stages
 (``hold_closures=True`` of the stepper), as the oracle holds ``τ``: a third of their cost.
@@ -49,14 +53,18 @@ With ``--hold`` the closures are updated once per step and held over its three s
         --fno-modes 32 --fno-width 32 --hold --train-seeds 18        # and out of sample too
     mpirun -n 2 python experiments/turbulence_2d_in_sample.py --no-in-sample --degraded \
         --fno-modes 32 --fno-width 32 --hold --train-seeds 9 --mirror    # with the mirror
+    mpirun -n 2 python experiments/turbulence_2d_in_sample.py --no-in-sample --degraded \
+        --fno-modes 32 --fno-width 32 --hold --train-seeds 18 --trajectory-split \
+        --fno-factorization tucker --a-posteriori 10        # regularised, then the solver
     python experiments/turbulence_2d_in_sample.py --quick          # smoke test, ~20 s
 
 Writes ``experiments/output/turbulence_2d_in_sample/summary.json`` (``summary_quick.json``
 with ``--quick``, ``summary_aposteriori30_hold.json`` with ``--a-posteriori 30 --hold``,
 ``summary_..._mno8-16-32w32.json`` with other MNOs than the demo's, ``..._18seeds...`` with
 ``--train-seeds 18``, ``..._mirrored...`` with ``--mirror``, ``..._split...`` with
-``--trajectory-split``) and prints the tables. Each training seed's DNS data are cached
-there, in ``dns_seed<N>_rank<r>of<size>.npz``.
+``--trajectory-split``, ``..._tucker0.1_wd0.1`` with those regularisers, ``..._lr0.0001``
+with another a-posteriori learning rate) and prints the tables. Each training seed's DNS
+data are cached there, in ``dns_seed<N>_rank<r>of<size>.npz``.
 """
 
 import argparse
@@ -558,6 +566,7 @@ summary = {
 if comm.rank == 0:  # a smoke test must not overwrite the measured numbers
     modes_name = "-".join(map(str, args.fno_modes))
     demo_mno = args.fno_modes == [8] and args.fno_width is None
+    tuned_at_other_rate = args.a_posteriori is not None and args.learning_rate != 3e-4
     mno_name = [] if demo_mno else [f"mno{modes_name}w{config['fno_width']}"]
     mno_name += [regularised[1].lstrip("_")] if regularised[1] else []
     name = "_".join(
@@ -568,6 +577,7 @@ if comm.rank == 0:  # a smoke test must not overwrite the measured numbers
         + (["mirrored"] if args.mirror else [])
         + (["split"] if args.trajectory_split else [])
         + mno_name
+        + ([f"lr{args.learning_rate:g}"] if tuned_at_other_rate else [])
     )
     (output / (f"summary_{name}.json" if name else "summary.json")).write_text(
         json.dumps(summary, indent=2)
