@@ -231,10 +231,12 @@ def mirror(fields: Sequence[np.ndarray], signs: Sequence[float]) -> list[np.ndar
     reverses the sense of rotation), ``u → (u_x, −u_y)`` and so ``τ → (−τ_x, τ_y)``: the
     mirror image of a trajectory is a trajectory, and that of a random initial condition
     (:func:`flow.initial_vorticity`'s Gaussian sine series) is as likely. The mirrored
-    samples double the training data for free, but only down to a few cells: the
-    triangle meshes' diagonals are not mirrored, and on :func:`closure_grid` the cell-wise
+    samples double the training data for free, but on the default meshes only down to a
+    few cells: their diagonals are not mirrored, and on :func:`closure_grid` the cell-wise
     ``τ`` shows them (three of a cell's four grid points lie in one of its two triangles,
-    the same three in every cell; in a mirrored sample, the other three).
+    the same three in every cell; in a mirrored sample, the other three). On the meshes of
+    :func:`flow.box` with an even ``checkerboard`` (``config["checkerboard"]`` of
+    :class:`Turbulence`) the mirror holds at every scale.
 
     Args:
         fields: One array ``(channels, nx, ny)`` per sample on a grid symmetric about
@@ -249,7 +251,10 @@ class Turbulence:
     """The DNS, the coarse model without closure and the filter between them.
 
     Args:
-        config: :func:`settings` (or a dict with its keys).
+        config: :func:`settings` (or a dict with its keys), and optionally
+            ``checkerboard``: :func:`flow.box`'s, for every mesh (the DNS, the coarse and
+            the spin-up meshes, and :meth:`CoarseRuns.ladder`): meshes symmetric
+            under the mirror ``y → L − y`` (:func:`mirror`).
         comm: Communicator.
 
     Attributes:
@@ -263,15 +268,16 @@ class Turbulence:
     def __init__(self, config: dict[str, Any], comm: MPI.Comm = MPI.COMM_WORLD):
         self.config = config
         nf, nc, n = config["dns"], config["coarse"], config["spin_up_n"]
-        self.dns = VorticityFlow(nf, self.time_step(nf), NU, name="dns", comm=comm)
-        self.plain = VorticityFlow(nc, self.time_step(nc), NU, name="plain", comm=comm)
+        meshes = {"comm": comm, "checkerboard": config.get("checkerboard")}
+        self.dns = VorticityFlow(nf, self.time_step(nf), NU, name="dns", **meshes)
+        self.plain = VorticityFlow(nc, self.time_step(nc), NU, name="plain", **meshes)
         self.mesh, self.V = self.plain.mesh, self.plain.V
         self.bc = fem.dirichletbc(0.0, boundary_dofs(self.V), self.V)
         self.projection = L2Projection(self.V, subdivisions=nf // nc, bcs=[self.bc])
         self.omega_bar = fem.Function(self.V, name="omega_bar")
         self._cheap = None
         if n != nf:
-            self._cheap = VorticityFlow(n, self.time_step(n), NU, name="cheap", comm=comm)
+            self._cheap = VorticityFlow(n, self.time_step(n), NU, name="cheap", **meshes)
 
     def time_step(self, n: int) -> float:
         """The time step of an ``n²`` mesh (CFL ≈ 0.3)."""
@@ -528,8 +534,9 @@ class CoarseRuns:
         nf, nc = data.config["dns"], data.config["coarse"]
         for size in (n for n in sizes if n != nc):
             flow = VorticityFlow(
-                size, data.time_step(size), NU, name=f"ladder{size}_{scheme}", scheme=scheme
-            )
+                size, data.time_step(size), NU, name=f"ladder{size}_{scheme}", scheme=scheme,
+                checkerboard=data.config.get("checkerboard"),
+            )  # fmt: skip
             bc = fem.dirichletbc(0.0, boundary_dofs(flow.V), flow.V)
             to_flow = L2Projection(flow.V, subdivisions=nf // size, bcs=[bc])
             to_coarse = L2Projection(data.V, subdivisions=size // nc, bcs=[data.bc])

@@ -171,6 +171,13 @@ parser.add_argument(
     "y → L − y (the box's symmetry), twice the data for free",
 )
 parser.add_argument(
+    "--checkerboard",
+    action="store_true",
+    help="every mesh with the diagonals of the coarse mesh's alternating checkerboard "
+    "(flow.box's checkerboard): symmetric under the mirror, so that --mirror holds at the "
+    "cell scale too (another mesh: other results, and DNS caches of their own)",
+)
+parser.add_argument(
     "--trajectory-split",
     action="store_true",
     help="validate the out-of-sample fits on whole held-out training trajectories (with "
@@ -248,6 +255,9 @@ if args.fno_factorization is not None:
     config |= {"fno_factorization": args.fno_factorization, "fno_rank": args.fno_rank}
 if args.weight_decay > 0.0:
     config["weight_decay"] = args.weight_decay
+if args.checkerboard:
+    config["checkerboard"] = config["coarse"]
+mesh_tag = "_checkerboard" if args.checkerboard else ""  # in the names of its files
 config["mlp_epochs"] = args.mlp_epochs or config.get("mlp_epochs", 200)
 config["fno_epochs"] = args.fno_epochs or config.get("fno_epochs", 60)
 if max(args.fno_modes) > (points := closure_grid(config["coarse"]).shape[0]):
@@ -413,7 +423,9 @@ mno_labels = {
     modes: ("MNO" if args.fno_modes == [8] else f"MNO, {modes} modes") + regularised[0]
     for modes in args.fno_modes
 }
-mno_files = {modes: f"mno{modes}w{config['fno_width']}{regularised[1]}" for modes in args.fno_modes}
+mno_files = {
+    modes: f"mno{modes}w{config['fno_width']}{regularised[1]}{mesh_tag}" for modes in args.fno_modes
+}
 for modes, label in mno_labels.items() if not args.no_in_sample else ():
     paths[label] = output / f"{mno_files[modes]}{quick}.pt"
     fno_fits[label] = fit_mno(modes, recorded["grid_x"], recorded["grid_y"], paths[label])
@@ -443,8 +455,9 @@ if args.train_seeds is not None:
     for seed in seeds:
         # Each seed's data are cached: another run with other MNOs or with --mirror reads
         # them instead of repeating the DNS (a minute a seed).
-        cache = output / f"dns_seed{seed}{quick}_rank{comm.rank}of{comm.size}.npz"
-        key = json.dumps([{k: config[k] for k in settings(args.quick)}, seed, grid.shape])
+        cache = output / f"dns_seed{seed}{quick}{mesh_tag}_rank{comm.rank}of{comm.size}.npz"
+        key = json.dumps([{k: config[k] for k in settings(args.quick)}, seed, grid.shape]
+                         + ([config["checkerboard"]] if args.checkerboard else []))  # fmt: skip
         if (cached := read_cache(cache, key, comm)) is not None:
             training_states.append(list(cached["states"]))
             for k, fields in training_grids.items():  # rank 0's fields, elsewhere Nones
@@ -576,6 +589,7 @@ if comm.rank == 0:  # a smoke test must not overwrite the measured numbers
         + ([f"{args.train_seeds}seeds"] if args.train_seeds else [])
         + (["mirrored"] if args.mirror else [])
         + (["split"] if args.trajectory_split else [])
+        + (["checkerboard"] if args.checkerboard else [])
         + mno_name
         + ([f"lr{args.learning_rate:g}"] if tuned_at_other_rate else [])
     )

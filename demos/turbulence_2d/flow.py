@@ -92,9 +92,43 @@ schemes = ("euler", "ssprk3")
 ClosureCallback = Callable[[Any, Any], tuple[Any, ufl.Measure]]
 
 
-def box(comm: MPI.Comm, n: int) -> mesh.Mesh:
-    """The uniform ``n × n`` triangle mesh of the box (nested for meshes ``n`` divides)."""
-    return mesh.create_rectangle(comm, [[0.0, 0.0], [length, length]], [n, n])
+def box(comm: MPI.Comm, n: int, checkerboard: int | None = None) -> mesh.Mesh:
+    """The uniform ``n × n`` triangle mesh of the box (nested for meshes ``n`` divides).
+
+    By default every square is split along the same diagonal (DOLFINx's ``"right"``), so
+    the mesh is not symmetric under the flow's mirror ``y → L − y``. With
+    ``checkerboard=m`` (``n`` a multiple of ``m``), the squares inside square ``(I, J)`` of
+    an ``m × m`` partition take the diagonal ``/`` where ``I + J`` is even and ``\\``
+    where it is odd (DOLFINx's alternating ``"left_right"`` pattern for ``n = m``). For
+    even ``m`` the mirror maps the mesh onto itself, and for every ``n`` it is the uniform
+    red refinement of the ``m × m`` one: the nested-mesh restrictions
+    (``L2Projection(subdivisions=...)``, ``CellAverage``) stay exact between such meshes
+    of the same ``m``.
+
+    Raises:
+        ValueError: ``checkerboard`` is not a positive divisor of ``n``.
+    """
+    if checkerboard is None:
+        return mesh.create_rectangle(comm, [[0.0, 0.0], [length, length]], [n, n])
+    if not (0 < checkerboard <= n and n % checkerboard == 0):
+        raise ValueError(f"checkerboard must divide n = {n}, got {checkerboard}.")
+    cells, x = np.empty((0, 3), dtype=np.int64), np.empty((0, 2))
+    if comm.rank == 0:  # rank 0 builds the mesh, create_mesh distributes it
+        coordinates = np.linspace(0.0, length, n + 1)
+        x = np.stack(np.meshgrid(coordinates, coordinates, indexing="ij"), -1).reshape(-1, 2)
+        i, j = (index.ravel() for index in np.meshgrid(np.arange(n), np.arange(n), indexing="ij"))
+        v00 = i * (n + 1) + j  # the corners of square (i, j): vertex (a, b) is a (n + 1) + b
+        v10, v01, v11 = v00 + n + 1, v00 + 1, v00 + n + 2
+        block = n // checkerboard
+        rising = ((i // block + j // block) % 2 == 0)[:, None]  # diagonal v00–v11, else v10–v01
+        cells = np.concatenate([
+            np.where(rising, np.stack([v00, v10, v11], 1), np.stack([v00, v10, v01], 1)),
+            np.where(rising, np.stack([v00, v11, v01], 1), np.stack([v10, v11, v01], 1)),
+        ]).astype(np.int64)  # fmt: skip
+    element = basix.ufl.element("Lagrange", "triangle", 1, shape=(2,))
+    # ghosted as create_rectangle's (its default partitioner on several ranks)
+    partitioner = mesh.create_cell_partitioner(mesh.GhostMode.shared_facet, 2)
+    return mesh.create_mesh(comm, cells, element, x, partitioner=partitioner)
 
 
 def velocity(psi: Any) -> Any:
@@ -156,6 +190,8 @@ class VorticityFlow:
             source with memory of the last step, which a rollout differentiates through
             both time levels.
         domain: The mesh to use (else :func:`box` of ``n``), so that models share one.
+        checkerboard: Without ``domain``, :func:`box`'s: a mesh symmetric under the mirror
+            ``y → L − y``.
         name: Prefix of the PETSc options and function names.
         comm: Communicator.
     """
@@ -175,6 +211,7 @@ class VorticityFlow:
         memory: bool = False,
         scheme: str = "euler",
         hold_closures: bool = False,
+        checkerboard: int | None = None,
     ):
         if scheme not in schemes:
             raise ValueError(f"scheme must be one of {schemes}, got {scheme!r}.")
@@ -185,7 +222,9 @@ class VorticityFlow:
         self.scheme, self.hold_closures = scheme, hold_closures
         self.comm, self.n, self.dt, self.nu = comm, n, dt, nu
         self.closure_interval = closure_interval
-        self.mesh = domain if domain is not None else box(comm, n)
+        if domain is not None and checkerboard is not None:
+            raise ValueError("checkerboard shapes the mesh of n; a given domain has its own.")
+        self.mesh = domain if domain is not None else box(comm, n, checkerboard)
         cell = self.mesh.basix_cell()
         P1, P2 = basix.ufl.element("Lagrange", cell, 1), basix.ufl.element("Lagrange", cell, 2)
         self.W = fem.functionspace(self.mesh, basix.ufl.mixed_element([P1, P2]))
