@@ -16,7 +16,8 @@ filtered DNS of the test seed. This module holds what both need:
 * :func:`closure_grid`: the grid of the demo's non-local closures (spacing ``h/2`` with a
   zero margin of half the box beyond the walls);
 * :func:`fno`, :func:`fit_grid_operator` and :func:`grid_spec`: the demo's FNO, its fit to
-  gridded samples, and the spec it is saved with;
+  gridded samples, and the spec it is saved with; :func:`held_out_groups`: the groups
+  (trajectories) that fit validates on;
 * :func:`mirror`: the gridded samples of the mirror image of a flow, the box's symmetry;
 * :func:`over_seeds`: the decorrelation times of runs from several test seeds, their
   spread, and the time of their seed-averaged correlation;
@@ -59,6 +60,7 @@ from dolfinx_mno.data import CellAverage, ClosureSample, ClosureSampler, L2Proje
 from dolfinx_mno.grid import Grid
 from dolfinx_mno.quadrature import measure
 from dolfinx_mno.training import FitResult, fit, shard
+from dolfinx_mno.training.samples import split_samples
 
 #: Viscosity of the demo (Re ≈ 1000).
 NU = 1e-3
@@ -174,6 +176,20 @@ def fno(
                rank=rank)  # fmt: skip
 
 
+#: :func:`fit_grid_operator`'s validation split: the fraction of the samples (or of the
+#: groups) held out, and the seed of their choice.
+VALIDATION_FRACTION, SPLIT_SEED = 0.2, 0
+
+
+def held_out_groups(groups: Sequence[int]) -> np.ndarray:
+    """The sorted ids of the groups :func:`fit_grid_operator` validates on, given its
+    ``groups`` (one id per sample): the same split, from the same settings, so that other
+    training (through the solver) can hold out the same trajectories."""
+    ids = np.asarray(groups, dtype=np.int64)
+    _, val_index = split_samples(ids.size, VALIDATION_FRACTION, SPLIT_SEED, ids)
+    return np.unique(ids[val_index])
+
+
 def fit_grid_operator(
     operator: torch.nn.Module,
     fields_x: Sequence[np.ndarray] | None,
@@ -192,8 +208,9 @@ def fit_grid_operator(
     sample, as rank 0 holds them (the other ranks' are ignored: rank 0 broadcasts them, and
     each rank trains on its share). The fit is :func:`~dolfinx_mno.training.fit` with
     normalised targets, batches of 8, a learning rate of 3e-3 and a patience of 20 epochs;
-    its validation split takes random samples, or with ``groups`` (one id per sample, the
-    same on every rank, e.g. its trajectory) whole groups. A positive ``weight_decay``
+    its validation split (:data:`VALIDATION_FRACTION`, :data:`SPLIT_SEED`) takes random
+    samples, or with ``groups`` (one id per sample, the same on every rank, e.g. its
+    trajectory) whole groups: those of :func:`held_out_groups`. A positive ``weight_decay``
     replaces Adam by :class:`torch.optim.AdamW` with that decoupled weight decay.
     """
     data = (np.asarray(fields_x), np.asarray(fields_y)) if comm.rank == 0 else None
@@ -205,7 +222,8 @@ def fit_grid_operator(
     result = fit(
         operator, shard(all_x.astype(np.float32), comm), shard(all_y.astype(np.float32), comm),
         grid=True, comm=comm, epochs=epochs, batch_size=8, chunk_size=8, patience=20,
-        normalize_targets=True, seed=0, progress=False, groups=local_groups, **optimizer,
+        normalize_targets=True, seed=SPLIT_SEED, validation_fraction=VALIDATION_FRACTION,
+        progress=False, groups=local_groups, **optimizer,
     )  # fmt: skip
     mno.save_model(path, result.model, spec=spec, comm=comm)
     return result

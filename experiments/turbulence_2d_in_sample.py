@@ -85,7 +85,6 @@ from dolfinx_mno.grid_gather import GriddedSampler
 from dolfinx_mno.io import save_model
 from dolfinx_mno.models import MLP
 from dolfinx_mno.training import fit
-from dolfinx_mno.training.samples import split_samples  # fit's validation split
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPOSITORY / "demos"), str(REPOSITORY / "demos" / "turbulence_2d")]
@@ -104,6 +103,7 @@ from turbulence_2d_data import (
     fno,
     grid_closure,
     grid_spec,
+    held_out_groups,
     mirror,
     read_cache,
     settings,
@@ -535,7 +535,7 @@ if args.a_posteriori is not None:
                for label in factories if label in ("local MLP", *mno_labels.values())]  # fmt: skip
     validation = None  # with --trajectory-split: the trajectories the a-priori fit held out
     if out_of_sample and args.trajectory_split:
-        held = np.unique(trajectory_of[split_samples(len(trajectory_of), 0.2, 0, trajectory_of)[1]])
+        held = held_out_groups(trajectory_of)
         validation = [states for i, states in enumerate(training_states) if i in held]
         training_states = [states for i, states in enumerate(training_states) if i not in held]
     trained += [(name, name, training_states) for name in out_of_sample]

@@ -204,3 +204,44 @@ def test_mirror_is_the_box_symmetry():
     # The mirror of the mirror is the identity.
     [twice] = mirror(mirror([inputs], MIRROR_SIGNS[0]), MIRROR_SIGNS[0])
     np.testing.assert_array_equal(twice, inputs)
+
+
+@pytest.mark.mpi
+def test_held_out_groups_are_the_fits_validation(tmp_path, monkeypatch):
+    """``held_out_groups`` names the trajectories ``fit_grid_operator`` validates on, which
+    ``turbulence_2d_in_sample.py --trajectory-split --a-posteriori`` holds out of the
+    training through the solver: the same whole groups, a fifth of them, on every rank."""
+    demos = EXPERIMENT_DIR.parent / "demos"
+    sys.path[:0] = [str(demos), str(demos / "turbulence_2d"), str(EXPERIMENT_DIR)]
+    try:
+        import turbulence_2d_data as data
+    finally:
+        del sys.path[:3]
+    import dolfinx_mno.training.fitting as fitting
+
+    comm = MPI.COMM_WORLD
+    groups = np.repeat(np.arange(10), 3)  # ten trajectories of three samples
+    rng = np.random.default_rng(0)
+    grid = data.closure_grid(2)
+    fields_x = list(rng.standard_normal((groups.size, 3, *grid.shape)))
+    fields_y = list(rng.standard_normal((groups.size, 2, *grid.shape)))
+    splits = []
+
+    def recording_split(*args):
+        splits.append(fitting_split(*args))
+        return splits[-1]
+
+    fitting_split = fitting.split_samples
+    monkeypatch.setattr(fitting, "split_samples", recording_split)
+    path = comm.bcast(str(tmp_path / "fno.pt"), root=0)
+    data.fit_grid_operator(
+        data.fno(2, 4), fields_x, fields_y, epochs=1, spec=data.grid_spec(grid),
+        path=path, comm=comm, groups=groups,
+    )  # fmt: skip
+    [(train_index, val_index)] = splits
+    held = data.held_out_groups(groups)
+    assert held.size == 2  # a fifth of ten
+    np.testing.assert_array_equal(np.unique(groups[val_index]), held)
+    assert not np.isin(groups[train_index], held).any()  # whole trajectories
+    assert np.isin(groups[val_index], held).all()
+    assert comm.allgather(held.tolist()) == [held.tolist()] * comm.size
