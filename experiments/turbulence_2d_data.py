@@ -177,7 +177,7 @@ def fno(
 
 
 #: :func:`fit_grid_operator`'s validation split: the fraction of the samples (or of the
-#: groups) held out, and the seed of their choice.
+#: groups) held out, and fit's seed, which draws them (and the order of the batches).
 VALIDATION_FRACTION, SPLIT_SEED = 0.2, 0
 
 

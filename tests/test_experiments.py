@@ -226,12 +226,12 @@ def test_held_out_groups_are_the_fits_validation(tmp_path, monkeypatch):
     fields_x = list(rng.standard_normal((groups.size, 3, *grid.shape)))
     fields_y = list(rng.standard_normal((groups.size, 2, *grid.shape)))
     splits = []
+    fitting_split = fitting.split_samples
 
     def recording_split(*args):
         splits.append(fitting_split(*args))
         return splits[-1]
 
-    fitting_split = fitting.split_samples
     monkeypatch.setattr(fitting, "split_samples", recording_split)
     path = comm.bcast(str(tmp_path / "fno.pt"), root=0)
     data.fit_grid_operator(
