@@ -19,6 +19,7 @@ filtered DNS of the test seed. This module holds what both need:
   gridded samples, and the spec it is saved with; :func:`held_out_groups`: the groups
   (trajectories) that fit validates on;
 * :func:`mirror`: the gridded samples of the mirror image of a flow, the box's symmetry;
+  :class:`StateMirror`: the same of the coarse states, for training through the solver;
 * :func:`over_seeds`: the decorrelation times of runs from several test seeds, their
   spread, and the time of their seed-averaged correlation;
 * :func:`as_run` and :func:`add_resolution_factors`: the demo's resolution factor and
@@ -51,6 +52,7 @@ import torch
 import ufl
 from comparison import resolution_factor
 from dolfinx import fem
+from dolfinx import mesh as dmesh
 from flow import VorticityFlow, length, spin_up, velocity
 from neuralop.models import FNO
 from utilities import assemble_global, boundary_dofs
@@ -263,6 +265,100 @@ def mirror(fields: Sequence[np.ndarray], signs: Sequence[float]) -> list[np.ndar
     """
     factors = np.asarray(signs).reshape(-1, 1, 1)
     return [factors * field[..., ::-1] for field in fields]
+
+
+#: Signs of ``(ω̄, ψ̄)`` in the mirror image of a coarse state: both pseudo-scalars.
+STATE_MIRROR_SIGNS = (-1.0, -1.0)
+
+
+class StateMirror:
+    """The mirror image ``y → L − y`` of the coarse states ``w = (ω̄, ψ̄)`` of a flow.
+
+    The states of :func:`mirror`'s flows, as :func:`comparison.train_a_posteriori` reads
+    them (this rank's owned dofs of ``W``), so that the training through the solver sees
+    the mirror images of its trajectories too: ``(ω̄, ψ̄)(x, y) → −(ω̄, ψ̄)(x, L − y)``
+    (``u = curl ψ`` then maps to ``(u_x, −u_y)``). The mirror maps the dofs of ``W`` onto
+    one another only where it maps the mesh onto itself: the meshes of :func:`flow.box`
+    with an even ``checkerboard``; there a step of the mirrored state is the mirror image
+    of the step, to round-off.
+
+    The dofs are matched once, by their coordinates (about the box's middle line, found
+    from the mesh), over all ranks: a dof's image may be owned by another rank. A call
+    gathers the coarse state on every rank, which is small.
+
+    Args:
+        W: The mixed space of the states (P1 ``ω̄``, P2 ``ψ̄``), of a mesh the mirror maps
+            onto itself.
+
+    Raises:
+        ValueError: On every rank, if some dof has no image among the dofs (another mesh,
+            e.g. the default one, whose diagonals the mirror does not map onto diagonals).
+    """
+
+    def __init__(self, W: fem.FunctionSpace):
+        domain, index_map = W.mesh, W.dofmap.index_map
+        if W.dofmap.index_map_bs != 1 or W.num_sub_spaces != len(STATE_MIRROR_SIGNS):
+            raise ValueError(f"W must be the (ω̄, ψ̄) space of a flow, got {W}.")
+        self.comm, self.num_owned = domain.comm, index_map.size_local
+        y = domain.geometry.x[:, 1]
+        low = self.comm.allreduce(y.min() if y.size else np.inf, op=MPI.MIN)
+        high = self.comm.allreduce(y.max() if y.size else -np.inf, op=MPI.MAX)
+        # The cells first: on the default mesh the dofs' coordinates are symmetric (a
+        # diagonal's midpoint is a square's centre), its triangles are not.
+        tdim = domain.topology.dim
+        num_cells = domain.topology.index_map(tdim).size_local
+        centres = dmesh.compute_midpoints(domain, tdim, np.arange(num_cells, dtype=np.int32))
+        _, cells_unmatched = self._images(centres[:, :2], np.zeros(num_cells, np.int64), low, high)
+        num_local = index_map.size_local + index_map.num_ghosts
+        coordinates, sign = np.empty((num_local, 2)), np.empty(num_local)
+        component = np.empty(num_local, dtype=np.int64)
+        for i, factor in enumerate(STATE_MIRROR_SIGNS):
+            space, to_W = W.sub(i).collapse()
+            coordinates[to_W] = space.tabulate_dof_coordinates()[:, :2]
+            component[to_W], sign[to_W] = i, factor
+        owned = slice(0, self.num_owned)
+        self.partner, dofs_unmatched = self._images(coordinates[owned], component[owned], low, high)
+        if cells_unmatched or dofs_unmatched:  # every rank raises: the counts are global
+            raise ValueError(
+                f"{cells_unmatched} cells and {dofs_unmatched} dofs of W have no mirror image "
+                f"y -> {low + high:g} - y: the mirror does not map this mesh onto itself "
+                "(use flow.box's checkerboard meshes)."
+            )
+        self.sign = sign[owned]
+
+    def _images(
+        self, points: np.ndarray, component: np.ndarray, low: float, high: float
+    ) -> tuple[np.ndarray, int]:
+        """For this rank's ``points`` (``(n, 2)``, one ``component`` each, owned, in the
+        order of their global numbers), the global number of each one's mirror image of the
+        same component among all ranks' points, and how many (on all ranks) have none."""
+        from scipy.spatial import KDTree
+
+        everyone = np.concatenate(self.comm.allgather(points))
+        everyone_component = np.concatenate(self.comm.allgather(component))
+        images = points * [1.0, -1.0] + [0.0, low + high]
+        partner = np.zeros(len(points), dtype=np.int64)
+        distance = np.zeros(len(points))
+        for i in np.unique(everyone_component):
+            candidates = np.flatnonzero(everyone_component == i)
+            mine = np.flatnonzero(component == i)
+            if mine.size:
+                distance[mine], nearest = KDTree(everyone[candidates]).query(images[mine])
+                partner[mine] = candidates[nearest]
+        tolerance = 1e-8 * (high - low)
+        return partner, self.comm.allreduce(int(np.count_nonzero(distance > tolerance)))
+
+    def __call__(self, state: np.ndarray) -> np.ndarray:
+        """The mirror image of ``state`` (this rank's owned dofs; collective)."""
+        state = np.asarray(state)
+        wrong = self.comm.allreduce(state.shape != (self.num_owned,), op=MPI.LOR)
+        if wrong:  # agreed before the gather, so that no rank waits in it alone
+            raise ValueError(
+                f"a state of {self.num_owned} owned dofs on this rank, got {state.shape} "
+                "(on this rank or another)"
+            )
+        everyone = np.concatenate(self.comm.allgather(state))
+        return self.sign * everyone[self.partner]
 
 
 class Turbulence:

@@ -40,7 +40,13 @@ from the same spun-up state as the time-scheme experiment:
 (e) with ``--a-posteriori EPOCHS``, the in-sample local MLP and MNO trained further
     through the SSP-RK3 solver (``fit_rollout``) on windows of the test trajectory, and
     the out-of-sample MNOs on those of their training trajectories (with
-    ``--trajectory-split``, validated on the trajectories their fit held out).
+    ``--trajectory-split``, validated on the trajectories their fit held out), and the
+    latter saved beside their fits (``..._aposteriori<EPOCHS>.pt``); with
+    ``--mirror-rollouts`` (on the ``--checkerboard`` meshes, which the mirror maps onto
+    themselves) on the mirror images of those trajectories too
+    (:class:`turbulence_2d_data.StateMirror`); with ``--from PATH``, the out-of-sample MNO
+    is not fitted but read from ``PATH``, e.g. such a file, to run it again or to train it
+    further.
 
 With ``--hold`` the closures are updated once per step and held over its three stages
 (``hold_closures=True`` of the stepper), as the oracle holds ``τ``: a third of their cost.
@@ -56,15 +62,23 @@ With ``--hold`` the closures are updated once per step and held over its three s
     mpirun -n 2 python experiments/turbulence_2d_in_sample.py --no-in-sample --degraded \
         --fno-modes 32 --fno-width 32 --hold --train-seeds 18 --trajectory-split \
         --fno-factorization tucker --a-posteriori 10        # regularised, then the solver
+    mpirun -n 2 python experiments/turbulence_2d_in_sample.py --no-in-sample --degraded \
+        --fno-modes 64 --fno-width 32 --hold --train-seeds 18 --trajectory-split \
+        --from experiments/output/turbulence_2d_in_sample/mno64w32_18seeds_split.pt \
+        --a-posteriori 4                               # further through the solver, no fit
+    mpirun -n 2 python experiments/turbulence_2d_in_sample.py --no-in-sample --degraded \
+        --fno-modes 32 --fno-width 32 --hold --train-seeds 18 --trajectory-split \
+        --checkerboard --mirror --mirror-rollouts --a-posteriori 7    # mirrored rollouts
     python experiments/turbulence_2d_in_sample.py --quick          # smoke test, ~20 s
 
 Writes ``experiments/output/turbulence_2d_in_sample/summary.json`` (``summary_quick.json``
 with ``--quick``, ``summary_aposteriori30_hold.json`` with ``--a-posteriori 30 --hold``,
 ``summary_..._mno8-16-32w32.json`` with other MNOs than the demo's, ``..._18seeds...`` with
-``--train-seeds 18``, ``..._mirrored...`` with ``--mirror``, ``..._split...`` with
-``--trajectory-split``, ``..._tucker0.1_wd0.1`` with those regularisers, ``..._lr0.0001``
-with another a-posteriori learning rate) and prints the tables. Each training seed's DNS
-data are cached there, in ``dns_seed<N>_rank<r>of<size>.npz``.
+``--train-seeds 18``, ``..._mirrored...`` with ``--mirror``, ``..._mirroredrollouts...``
+with ``--mirror-rollouts``, ``..._split...`` with ``--trajectory-split``,
+``..._tucker0.1_wd0.1`` with those regularisers, ``..._lr0.0001`` with another
+a-posteriori learning rate, ``..._from_<stem>`` with ``--from``) and prints the tables.
+Each training seed's DNS data are cached there, in ``dns_seed<N>_rank<r>of<size>.npz``.
 """
 
 import argparse
@@ -82,7 +96,7 @@ from dolfinx import fem
 
 import dolfinx_mno as mno
 from dolfinx_mno.grid_gather import GriddedSampler
-from dolfinx_mno.io import save_model
+from dolfinx_mno.io import architecture_config, read_model_file, save_model
 from dolfinx_mno.models import MLP
 from dolfinx_mno.training import fit
 
@@ -95,6 +109,7 @@ from turbulence_2d_data import (
     NU,
     CoarseRuns,
     ExactFlux,
+    StateMirror,
     Turbulence,
     add_resolution_factors,
     as_run,
@@ -171,6 +186,13 @@ parser.add_argument(
     "y → L − y (the box's symmetry), twice the data for free",
 )
 parser.add_argument(
+    "--mirror-rollouts",
+    action="store_true",
+    help="with --mirror, --checkerboard and --a-posteriori: train the out-of-sample MNOs "
+    "through the solver on the mirror images of their trajectories too (and validate on "
+    "those of the held-out ones): twice the windows, twice the time per epoch",
+)
+parser.add_argument(
     "--checkerboard",
     action="store_true",
     help="every mesh with the diagonals of the coarse mesh's alternating checkerboard "
@@ -185,6 +207,17 @@ parser.add_argument(
     "time: the validation loss then measures, and early stopping chooses, generalisation "
     "across trajectories; with --a-posteriori, the training through the solver holds out "
     "the same trajectories",
+)
+parser.add_argument(
+    "--from",
+    dest="start_from",
+    type=Path,
+    default=None,
+    metavar="PATH",
+    help="with --train-seeds: run (and with --a-posteriori train further) the out-of-sample "
+    "MNO saved at PATH, e.g. one this script trained through the solver "
+    "(..._aposteriori<N>.pt), instead of fitting it (one --fno-modes and --fno-width, the "
+    "file's)",
 )
 parser.add_argument(
     "--no-in-sample",
@@ -235,8 +268,19 @@ if args.compare is not None and not args.compare.is_file():
     parser.error(f"--compare: no file {args.compare}")
 if args.mirror and args.train_seeds is None:
     parser.error("--mirror needs --train-seeds: it mirrors the out-of-sample training data")
+if args.mirror_rollouts and not (args.mirror and args.checkerboard and args.a_posteriori):
+    parser.error(
+        "--mirror-rollouts needs --mirror, --checkerboard (the mesh the mirror maps onto "
+        "itself) and --a-posteriori"
+    )
 if args.trajectory_split and (args.train_seeds or 0) < 3:  # a fifth of them validate
     parser.error("--trajectory-split needs --train-seeds 3 or more: trajectories to validate on")
+if args.start_from is not None and args.train_seeds is None:
+    parser.error("--from needs --train-seeds: it replaces the fit on those seeds' DNS")
+if args.start_from is not None and len(args.fno_modes) != 1:
+    parser.error(f"--from: one --fno-modes, the file's, got {args.fno_modes}")
+if args.start_from is not None and not args.start_from.is_file():
+    parser.error(f"--from: no file {args.start_from}")
 if args.no_in_sample and args.train_seeds is None:
     parser.error("--no-in-sample needs --train-seeds: there would be no closure to run")
 if not 0.0 < args.fno_rank <= 1.0:
@@ -262,6 +306,22 @@ config["mlp_epochs"] = args.mlp_epochs or config.get("mlp_epochs", 200)
 config["fno_epochs"] = args.fno_epochs or config.get("fno_epochs", 60)
 if max(args.fno_modes) > (points := closure_grid(config["coarse"]).shape[0]):
     parser.error(f"--fno-modes: at most {points}, the points per axis of the closure grid")
+if args.start_from is not None:  # the file's FNO must be the one its label will name
+    expected = architecture_config(
+        fno(args.fno_modes[0], config["fno_width"], factorization=args.fno_factorization,
+            rank=args.fno_rank if args.fno_factorization else 1.0)
+    )  # fmt: skip
+    try:
+        stored = read_model_file(args.start_from).architecture["kwargs"].get("model")
+    except (OSError, ValueError) as err:
+        parser.error(f"--from: {err}")
+    if stored != expected:
+        parser.error(
+            f"--from: {args.start_from} holds another operator than the FNO of --fno-modes "
+            f"{args.fno_modes[0]}, --fno-width {config['fno_width']} (its architecture: "
+            f"{stored})"
+        )
+    config["from"] = str(args.start_from)
 log(f"config: {config}")
 
 # ## The SSP-RK3 DNS of the test seed, filtered, with τ and the closures' data
@@ -484,6 +544,10 @@ if args.train_seeds is not None:
         if args.trajectory_split:
             variant, suffix = f"{variant}, validated on whole ones", f"{suffix}_split"
         name = f"{label}, out of sample ({trajectories}{variant})"
+        if args.start_from is not None:  # already fitted (and perhaps trained further)
+            name = f"{name}, from {args.start_from.name}"
+            out_of_sample[name] = args.start_from
+            continue
         out_of_sample[name] = output / f"{mno_files[modes]}_{len(seeds)}seeds{suffix}{quick}.pt"
         fno_fits[name] = fit_mno(
             modes, training_grids["x"], training_grids["y"], out_of_sample[name],
@@ -538,6 +602,11 @@ if args.a_posteriori is not None:
         held = held_out_groups(trajectory_of)
         validation = [states for i, states in enumerate(training_states) if i in held]
         training_states = [states for i, states in enumerate(training_states) if i not in held]
+    if args.mirror_rollouts:  # the mirror images of the trajectories are trajectories too
+        state_mirror = StateMirror(plain.W)
+        training_states += [[state_mirror(w) for w in states] for states in training_states]
+        if validation is not None:
+            validation += [[state_mirror(w) for w in states] for states in validation]
     trained += [(name, name, training_states) for name in out_of_sample]
     without_closure = coarse_model("plain_held_out")  # the held-out loss to beat
     for label, trained_from, trajectories in trained:
@@ -552,6 +621,14 @@ if args.a_posteriori is not None:
         )  # fmt: skip
         name = f"{trained_from}, a posteriori"
         training[name] = vars(tuned)
+        if label in out_of_sample:  # kept, to run again or to train further
+            tag = f"_aposteriori{args.a_posteriori}" + ("_mirrored" if args.mirror_rollouts else "")
+            tuned_path = out_of_sample[label].with_stem(f"{out_of_sample[label].stem}{tag}")
+            save_model(
+                tuned_path, flow.closure.model, spec=flow.closure.spec, comm=comm,
+                metadata={"trained_from": str(out_of_sample[label]), "epochs": tuned.epochs,
+                          "learning_rate": args.learning_rate, "window": args.window},
+            )  # fmt: skip
         skill[name] = exact.skill({name: flow.closure}, [flow], taus, reference)[name]["fve"]
         runs[name] = runs_against_dns.run(flow, start)
         log(f"{name}: {training[name]}, t(ρ<0.95) = {runs[name]['decorrelation_time']}")
@@ -569,6 +646,7 @@ summary = {
     "fit_seconds": fit_seconds,
     "train_seeds": args.train_seeds,
     "mirror": args.mirror,
+    "mirror_rollouts": args.mirror_rollouts,
     "trajectory_split": args.trajectory_split,
     "out_of_sample_seconds": out_of_sample_seconds,
     "fno_fits": fno_fits,
@@ -588,9 +666,11 @@ if comm.rank == 0:  # a smoke test must not overwrite the measured numbers
         + (["hold"] if args.hold else [])
         + ([f"{args.train_seeds}seeds"] if args.train_seeds else [])
         + (["mirrored"] if args.mirror else [])
+        + (["mirroredrollouts"] if args.mirror_rollouts else [])
         + (["split"] if args.trajectory_split else [])
         + (["checkerboard"] if args.checkerboard else [])
         + mno_name
+        + ([f"from_{args.start_from.stem}"] if args.start_from is not None else [])
         + ([f"lr{args.learning_rate:g}"] if tuned_at_other_rate else [])
     )
     (output / (f"summary_{name}.json" if name else "summary.json")).write_text(
