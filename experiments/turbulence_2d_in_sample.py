@@ -618,6 +618,7 @@ if args.a_posteriori is not None:
             flow, trajectories, samples_every, args.window, args.a_posteriori,
             learning_rate=args.learning_rate, stride=1 if args.quick else 2,
             plain=without_closure, validation=validation if label in out_of_sample else None,
+            progress=not args.quick,
         )  # fmt: skip
         name = f"{trained_from}, a posteriori"
         training[name] = vars(tuned)
