@@ -249,17 +249,24 @@ def test_mirror_is_the_box_symmetry():
     np.testing.assert_array_equal(twice, inputs)
 
 
+def _turbulence_2d_modules():
+    """``turbulence_2d_data`` and the demo's ``flow``, imported as the experiments do."""
+    demos = EXPERIMENT_DIR.parent / "demos"
+    sys.path[:0] = [str(demos), str(demos / "turbulence_2d"), str(EXPERIMENT_DIR)]
+    try:
+        import flow
+        import turbulence_2d_data
+    finally:
+        del sys.path[:3]
+    return turbulence_2d_data, flow
+
+
 @pytest.mark.mpi
 def test_held_out_groups_are_the_fits_validation(tmp_path, monkeypatch):
     """``held_out_groups`` names the trajectories ``fit_grid_operator`` validates on, which
     ``turbulence_2d_in_sample.py --trajectory-split --a-posteriori`` holds out of the
     training through the solver: the same whole groups, a fifth of them, on every rank."""
-    demos = EXPERIMENT_DIR.parent / "demos"
-    sys.path[:0] = [str(demos), str(demos / "turbulence_2d"), str(EXPERIMENT_DIR)]
-    try:
-        import turbulence_2d_data as data
-    finally:
-        del sys.path[:3]
+    data, _ = _turbulence_2d_modules()
     import dolfinx_mno.training.fitting as fitting
 
     comm = MPI.COMM_WORLD
@@ -297,13 +304,8 @@ def test_state_mirror_commutes_with_the_step():
     state are the mirror image of its three steps, to round-off; the mirror twice is the
     identity; the default mesh, which the mirror does not map onto itself, is refused on
     every rank. On 1, 2 and 3 ranks: a dof's image may be another rank's."""
-    demos = EXPERIMENT_DIR.parent / "demos"
-    sys.path[:0] = [str(demos), str(demos / "turbulence_2d"), str(EXPERIMENT_DIR)]
-    try:
-        import turbulence_2d_data as data
-        from flow import VorticityFlow, initial_vorticity
-    finally:
-        del sys.path[:3]
+    data, flow_module = _turbulence_2d_modules()
+    VorticityFlow, initial_vorticity = flow_module.VorticityFlow, flow_module.initial_vorticity
 
     comm = MPI.COMM_WORLD
     flow = VorticityFlow(8, 0.02, data.NU, checkerboard=2, scheme="ssprk3", name="mirrored")
