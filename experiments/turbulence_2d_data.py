@@ -282,8 +282,8 @@ class StateMirror:
     with an even ``checkerboard``; there a step of the mirrored state is the mirror image
     of the step, to round-off.
 
-    The dofs are matched once, by their coordinates (about the box's middle line, found
-    from the mesh), over all ranks: a dof's image may be owned by another rank. A call
+    The dofs are matched once, by their coordinates (about the box's middle line
+    ``y = L/2``), over all ranks: a dof's image may be owned by another rank. A call
     gathers the coarse state on every rank, which is small.
 
     Args:
@@ -300,15 +300,12 @@ class StateMirror:
         if W.dofmap.index_map_bs != 1 or W.num_sub_spaces != len(STATE_MIRROR_SIGNS):
             raise ValueError(f"W must be the (ω̄, ψ̄) space of a flow, got {W}.")
         self.comm, self.num_owned = domain.comm, index_map.size_local
-        y = domain.geometry.x[:, 1]
-        low = self.comm.allreduce(y.min() if y.size else np.inf, op=MPI.MIN)
-        high = self.comm.allreduce(y.max() if y.size else -np.inf, op=MPI.MAX)
         # The cells first: on the default mesh the dofs' coordinates are symmetric (a
         # diagonal's midpoint is a square's centre), its triangles are not.
         tdim = domain.topology.dim
         num_cells = domain.topology.index_map(tdim).size_local
         centres = dmesh.compute_midpoints(domain, tdim, np.arange(num_cells, dtype=np.int32))
-        _, cells_unmatched = self._images(centres[:, :2], np.zeros(num_cells, np.int64), low, high)
+        _, cells_unmatched = self._images(centres[:, :2], np.zeros(num_cells, np.int64))
         num_local = index_map.size_local + index_map.num_ghosts
         coordinates, sign = np.empty((num_local, 2)), np.empty(num_local)
         component = np.empty(num_local, dtype=np.int64)
@@ -317,18 +314,16 @@ class StateMirror:
             coordinates[to_W] = space.tabulate_dof_coordinates()[:, :2]
             component[to_W], sign[to_W] = i, factor
         owned = slice(0, self.num_owned)
-        self.partner, dofs_unmatched = self._images(coordinates[owned], component[owned], low, high)
+        self.partner, dofs_unmatched = self._images(coordinates[owned], component[owned])
         if cells_unmatched or dofs_unmatched:  # every rank raises: the counts are global
             raise ValueError(
                 f"{cells_unmatched} cells and {dofs_unmatched} dofs of W have no mirror image "
-                f"y -> {low + high:g} - y: the mirror does not map this mesh onto itself "
+                f"y -> {length:g} - y: the mirror does not map this mesh onto itself "
                 "(use flow.box's checkerboard meshes)."
             )
         self.sign = sign[owned]
 
-    def _images(
-        self, points: np.ndarray, component: np.ndarray, low: float, high: float
-    ) -> tuple[np.ndarray, int]:
+    def _images(self, points: np.ndarray, component: np.ndarray) -> tuple[np.ndarray, int]:
         """For this rank's ``points`` (``(n, 2)``, one ``component`` each, owned, in the
         order of their global numbers), the global number of each one's mirror image of the
         same component among all ranks' points, and how many (on all ranks) have none."""
@@ -336,7 +331,7 @@ class StateMirror:
 
         everyone = np.concatenate(self.comm.allgather(points))
         everyone_component = np.concatenate(self.comm.allgather(component))
-        images = points * [1.0, -1.0] + [0.0, low + high]
+        images = points * [1.0, -1.0] + [0.0, length]
         partner = np.zeros(len(points), dtype=np.int64)
         distance = np.zeros(len(points))
         for i in np.unique(everyone_component):
@@ -345,7 +340,7 @@ class StateMirror:
             if mine.size:
                 distance[mine], nearest = KDTree(everyone[candidates]).query(images[mine])
                 partner[mine] = candidates[nearest]
-        tolerance = 1e-8 * (high - low)
+        tolerance = 1e-8 * length
         return partner, self.comm.allreduce(int(np.count_nonzero(distance > tolerance)))
 
     def __call__(self, state: np.ndarray) -> np.ndarray:

@@ -179,6 +179,18 @@ def test_in_sample_refuses_bad_options(options, message, monkeypatch, capsys, tm
     assert message.format(missing=missing) in capsys.readouterr().err
 
 
+def _turbulence_2d_modules():
+    """``turbulence_2d_data`` and the demo's ``flow``, imported as the experiments do."""
+    demos = EXPERIMENT_DIR.parent / "demos"
+    sys.path[:0] = [str(demos), str(demos / "turbulence_2d"), str(EXPERIMENT_DIR)]
+    try:
+        import flow
+        import turbulence_2d_data
+    finally:
+        del sys.path[:3]
+    return turbulence_2d_data, flow
+
+
 def test_in_sample_from_refuses_another_operator(monkeypatch, capsys, tmp_path):
     """``--from`` reads an MNO instead of fitting it, and labels it by ``--fno-modes`` and
     ``--fno-width``: a file holding another FNO (4 modes, not 8) is refused before the DNS,
@@ -188,11 +200,8 @@ def test_in_sample_from_refuses_another_operator(monkeypatch, capsys, tmp_path):
     from dolfinx_mno.io import save_model
     from dolfinx_mno.normalization import AffineNormalization, NormalizedModel
 
-    demos = EXPERIMENT_DIR.parent / "demos"
-    monkeypatch.setattr(sys, "path", [str(EXPERIMENT_DIR), str(demos / "turbulence_2d"),
-                                      str(demos), *sys.path])  # fmt: skip
-    import turbulence_2d_data as data
-
+    data, _ = _turbulence_2d_modules()
+    monkeypatch.setattr(sys, "path", [str(EXPERIMENT_DIR), *sys.path])  # as python script.py
     path = tmp_path / "mno4w16.pt"
     normalized = NormalizedModel(data.fno(4, 16), AffineNormalization(width=3, axis=1),
                                  AffineNormalization(width=2, axis=1))  # fmt: skip
@@ -247,18 +256,6 @@ def test_mirror_is_the_box_symmetry():
     # The mirror of the mirror is the identity.
     [twice] = mirror(mirror([inputs], MIRROR_SIGNS[0]), MIRROR_SIGNS[0])
     np.testing.assert_array_equal(twice, inputs)
-
-
-def _turbulence_2d_modules():
-    """``turbulence_2d_data`` and the demo's ``flow``, imported as the experiments do."""
-    demos = EXPERIMENT_DIR.parent / "demos"
-    sys.path[:0] = [str(demos), str(demos / "turbulence_2d"), str(EXPERIMENT_DIR)]
-    try:
-        import flow
-        import turbulence_2d_data
-    finally:
-        del sys.path[:3]
-    return turbulence_2d_data, flow
 
 
 @pytest.mark.mpi
