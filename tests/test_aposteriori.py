@@ -286,10 +286,15 @@ def _train_ssprk3(comm, cells, epochs):
 def test_learns_a_linear_reaction_through_ssprk3_steps():
     """Through the three stages of SSP-RK3 steps: from r = 0 towards r = -2u + 1 (the
     reaction of the trajectories, stepped by the same scheme), with the same weights and
-    losses on COMM_SELF and COMM_WORLD (a 1×1 mesh: on 3 ranks a rank owns no cells)."""
-    weights, history = _train_ssprk3(MPI.COMM_WORLD, (3, 3), 40)
-    assert np.abs(weights - np.array([-K, S])).max() <= 0.02, weights
-    assert history.best_val_loss <= 1e-3 * history.val_loss[0]
+    losses on COMM_SELF and COMM_WORLD (a 1×1 mesh: on 3 ranks a rank owns no cells).
+
+    The 40 epochs to the reaction run in the serial suite only: under MPI, the three epochs
+    that equal the serial ones to 1e-10 show the same training (half the time it took).
+    """
+    if MPI.COMM_WORLD.size == 1:
+        weights, history = _train_ssprk3(MPI.COMM_WORLD, (3, 3), 40)
+        assert np.abs(weights - np.array([-K, S])).max() <= 0.02, weights
+        assert history.best_val_loss <= 1e-3 * history.val_loss[0]
     serial, serial_history = _train_ssprk3(MPI.COMM_SELF, (1, 1), 3)
     parallel, parallel_history = _train_ssprk3(MPI.COMM_WORLD, (1, 1), 3)
     assert np.linalg.norm(serial) > 0.05  # it trained
