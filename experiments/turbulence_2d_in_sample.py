@@ -46,7 +46,9 @@ from the same spun-up state as the time-scheme experiment:
     themselves) on the mirror images of those trajectories too
     (:class:`turbulence_2d_data.StateMirror`); with ``--from PATH``, the out-of-sample MNO
     is not fitted but read from ``PATH``, e.g. such a file, to run it again or to train it
-    further.
+    further. ``--test-seed SEED`` runs everything on another seed's test trajectory (never a
+    training seed; the training seeds stay those that leave out 5), e.g. a saved MNO on
+    seeds it has never seen, for a resolution factor over several test trajectories.
 
 With ``--hold`` the closures are updated once per step and held over its three stages
 (``hold_closures=True`` of the stepper), as the oracle holds ``τ``: a third of their cost.
@@ -69,6 +71,10 @@ With ``--hold`` the closures are updated once per step and held over its three s
     mpirun -n 2 python experiments/turbulence_2d_in_sample.py --no-in-sample --degraded \
         --fno-modes 32 --fno-width 32 --hold --train-seeds 18 --trajectory-split \
         --checkerboard --mirror --mirror-rollouts --a-posteriori 7    # mirrored rollouts
+    mpirun -n 2 python experiments/turbulence_2d_in_sample.py --no-in-sample --degraded \
+        --fno-modes 64 --fno-width 32 --hold --train-seeds 18 --trajectory-split \
+        --from experiments/output/turbulence_2d_in_sample/mno64w32_18seeds_split_aposteriori6.pt \
+        --test-seed 101                                # a saved MNO on another test seed
     python experiments/turbulence_2d_in_sample.py --quick          # smoke test, ~20 s
 
 Writes ``experiments/output/turbulence_2d_in_sample/summary.json`` (``summary_quick.json``
@@ -77,7 +83,8 @@ with ``--quick``, ``summary_aposteriori30_hold.json`` with ``--a-posteriori 30 -
 ``--train-seeds 18``, ``..._mirrored...`` with ``--mirror``, ``..._mirroredrollouts...``
 with ``--mirror-rollouts``, ``..._split...`` with ``--trajectory-split``,
 ``..._tucker0.1_wd0.1`` with those regularisers, ``..._lr0.0001`` with another
-a-posteriori learning rate, ``..._from_<stem>`` with ``--from``) and prints the tables.
+a-posteriori learning rate, ``..._from_<stem>`` with ``--from``, ``..._seed<N>`` with
+``--test-seed N``) and prints the tables.
 Each training seed's DNS data are cached there, in ``dns_seed<N>_rank<r>of<size>.npz``.
 """
 
@@ -220,6 +227,14 @@ parser.add_argument(
     "file's)",
 )
 parser.add_argument(
+    "--test-seed",
+    type=positive_int,
+    default=None,
+    metavar="SEED",
+    help="the seed of the test trajectory (default: the one the training seeds leave out, "
+    "5; --quick 3); never one of the training seeds",
+)
+parser.add_argument(
     "--no-in-sample",
     action="store_true",
     help="fit no closure in sample: only the out-of-sample MNOs of --train-seeds",
@@ -293,6 +308,15 @@ if len(set(args.fno_modes)) != len(args.fno_modes):
     parser.error(f"--fno-modes: each value once, got {args.fno_modes}")
 output = output_folder("turbulence_2d_in_sample", root=REPOSITORY / "experiments" / "output")
 config = settings(args.quick)
+# The training seeds leave out the settings' test seed whatever --test-seed says, so that the
+# MNOs fitted before (and their files) stay the ones a run on another test seed reads.
+left_out = config["test_seed"]
+seeds = [seed for seed in range(1, (args.train_seeds or 0) + 2) if seed != left_out]
+seeds = seeds[: args.train_seeds or 0]
+if args.test_seed is not None and args.test_seed in seeds:
+    parser.error(f"--test-seed {args.test_seed} is one of the training seeds {seeds}")
+config["test_seed"] = args.test_seed or left_out
+seed_tag = "" if config["test_seed"] == left_out else f"_seed{config['test_seed']}"
 config |= {"mlp_epochs": 15, "fno_epochs": 5} if args.quick else {}
 config |= {"fno_modes": args.fno_modes, "fno_width": args.fno_width or (16 if args.quick else 24)}
 if args.fno_factorization is not None:
@@ -444,7 +468,7 @@ for label, hidden in local_mlps:
         epochs=config["mlp_epochs"], batch_size=1024, learning_rate=3e-3, patience=20,
         normalize_targets=True, seed=0, progress=False,
     )  # fmt: skip
-    paths[label] = output / f"{label.replace(' ', '_')}{quick}.pt"
+    paths[label] = output / f"{label.replace(' ', '_')}{seed_tag}{quick}.pt"
     save_model(paths[label], result.model, spec=exact.sampler.spec, comm=comm)
 
 
@@ -487,7 +511,7 @@ mno_files = {
     modes: f"mno{modes}w{config['fno_width']}{regularised[1]}{mesh_tag}" for modes in args.fno_modes
 }
 for modes, label in mno_labels.items() if not args.no_in_sample else ():
-    paths[label] = output / f"{mno_files[modes]}{quick}.pt"
+    paths[label] = output / f"{mno_files[modes]}{seed_tag}{quick}.pt"
     fno_fits[label] = fit_mno(modes, recorded["grid_x"], recorded["grid_y"], paths[label])
     log(f"{label}: {fno_fits[label]}")
 fit_seconds = time.perf_counter() - tic
@@ -498,8 +522,6 @@ out_of_sample: dict[str, Path] = {}
 out_of_sample_seconds = None
 if args.train_seeds is not None:
     tic = time.perf_counter()
-    seeds = [seed for seed in range(1, args.train_seeds + 2) if seed != config["test_seed"]]
-    seeds = seeds[: args.train_seeds]
     training_grids: dict[str, list] = {"x": [], "y": []}
     training_states: list[list[np.ndarray]] = []  # per seed, for training through the solver
 
@@ -673,6 +695,7 @@ if comm.rank == 0:  # a smoke test must not overwrite the measured numbers
         + mno_name
         + ([f"from_{args.start_from.stem}"] if args.start_from is not None else [])
         + ([f"lr{args.learning_rate:g}"] if tuned_at_other_rate else [])
+        + ([seed_tag.lstrip("_")] if seed_tag else [])
     )
     (output / (f"summary_{name}.json" if name else "summary.json")).write_text(
         json.dumps(summary, indent=2)

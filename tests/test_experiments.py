@@ -159,13 +159,20 @@ def test_time_scheme_refuses_a_step_off_the_reference_samples(factor, message, m
             ["--train-seeds", "3", "--mirror", "--a-posteriori", "1", "--mirror-rollouts"],
             "--mirror-rollouts needs --mirror, --checkerboard",
         ),
+        # --quick leaves out its test seed, 3: the training seeds are 1, 2 and 4.
+        (
+            ["--train-seeds", "3", "--test-seed", "4"],
+            "--test-seed 4 is one of the training seeds [1, 2, 4]",
+        ),
+        (["--test-seed", "0"], "--test-seed: expected a positive integer, got 0"),
     ],
 )
 def test_in_sample_refuses_bad_options(options, message, monkeypatch, capsys, tmp_path):
     """``--compare`` names a file that does not exist, ``--mirror`` has no training data to
     mirror, ``--trajectory-split`` too few trajectories to hold a fifth out, a rank without a
-    factorisation or outside (0, 1], a negative weight decay: refused before the DNS (which
-    takes minutes at the default settings), not after it."""
+    factorisation or outside (0, 1], a negative weight decay, a test seed among the training
+    seeds: refused before the DNS (which takes minutes at the default settings), not after
+    it."""
     import runpy
 
     script = EXPERIMENT_DIR / "turbulence_2d_in_sample.py"
