@@ -534,11 +534,17 @@ if args.train_seeds is not None:
             training_states[-1].append(plain.w.x.array[:num_owned].copy())
 
     seed_start = fem.Function(dns.V)
-    for seed in seeds:
+    # A saved MNO run as it is needs none of the training data (only a fit or the training
+    # through the solver does).
+    needs_data = args.start_from is None or args.a_posteriori is not None
+    # The settings the training DNS depend on: not the test seed (--test-seed), so the
+    # cache written on any test seed serves all.
+    dns_settings = {k: config[k] for k in settings(args.quick)} | {"test_seed": left_out}
+    for seed in seeds if needs_data else ():
         # Each seed's data are cached: another run with other MNOs or with --mirror reads
         # them instead of repeating the DNS (a minute a seed).
         cache = output / f"dns_seed{seed}{quick}{mesh_tag}_rank{comm.rank}of{comm.size}.npz"
-        key = json.dumps([{k: config[k] for k in settings(args.quick)}, seed, grid.shape]
+        key = json.dumps([dns_settings, seed, grid.shape]
                          + ([config["checkerboard"]] if args.checkerboard else []))  # fmt: skip
         if (cached := read_cache(cache, key, comm)) is not None:
             training_states.append(list(cached["states"]))
@@ -552,10 +558,13 @@ if args.train_seeds is not None:
             k: np.asarray(v[first:] if comm.rank == 0 else []) for k, v in training_grids.items()
         }
         write_cache(cache, key, {"states": np.asarray(training_states[-1]), **grids})
-    log(f"the SSP-RK3 DNS of seeds {seeds}: {time.perf_counter() - tic:.1f} s")
+    if needs_data:
+        log(f"the SSP-RK3 DNS of seeds {seeds}: {time.perf_counter() - tic:.1f} s")
     # The trajectory of each sample (a mirror image's is that of its original).
-    trajectory_of = np.repeat(np.arange(len(seeds)), [len(states) for states in training_states])
-    if args.mirror:  # rank 0 holds the fields, the other ranks as many Nones
+    trajectory_of = np.repeat(
+        np.arange(len(training_states)), [len(states) for states in training_states]
+    )
+    if args.mirror and needs_data:  # rank 0 holds the fields, the other ranks as many Nones
         for k, signs in zip("xy", MIRROR_SIGNS, strict=True):
             fields = training_grids[k]
             fields += mirror(fields, signs) if comm.rank == 0 else [None] * len(fields)
