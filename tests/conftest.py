@@ -72,6 +72,30 @@ def collect_and_synchronise():
 
 
 @pytest.fixture
+def time_asleep(monkeypatch):
+    """The wall time spent asleep in ``dolfinx_mno._mpi``'s passive waits, as a one-item list.
+
+    Load only lengthens the sleeps, so the share of a wait spent asleep does not depend on
+    the machine's load, unlike its CPU time; a polling wait spends none of it asleep.
+    """
+    import time
+    from types import SimpleNamespace
+
+    from dolfinx_mno import _mpi
+
+    asleep = [0.0]
+
+    def timed_sleep(pause: float) -> None:
+        start = time.perf_counter()
+        time.sleep(pause)
+        asleep[0] += time.perf_counter() - start
+
+    clock = SimpleNamespace(perf_counter=time.perf_counter, sleep=timed_sleep)
+    monkeypatch.setattr(_mpi, "time", clock)
+    return asleep
+
+
+@pytest.fixture
 def tiny_square():
     """The unit square in two triangles: on 3 or more ranks, some rank owns no cells.
 
