@@ -247,7 +247,8 @@ class ChunkGradients:
             comm: The communicator.
 
         Returns:
-            The losses of all chunks, in chunk order.
+            The losses of all chunks, in chunk order: a copy, which does not hold the
+            gathered gradients alive (a training loop keeps an epoch's losses).
         """
         every = gather_chunks(rows, chunks_per_rank, comm)
         flat = every[:, : self.size].sum(axis=0)
@@ -259,4 +260,4 @@ class ChunkGradients:
                 g = torch.view_as_complex(g.reshape(*p.shape, 2))
             p.grad = g.reshape(p.shape).to(dtype=p.dtype, device=p.device)
             offset += n
-        return every[:, self.size]
+        return every[:, self.size].copy()
