@@ -203,6 +203,7 @@ def fit_grid_operator(
     comm: MPI.Comm,
     groups: Sequence[int] | None = None,
     weight_decay: float = 0.0,
+    progress: bool = False,
 ) -> FitResult:
     """Fits ``operator`` to gridded samples as the demo fits its MNO and saves it at ``path``.
 
@@ -213,7 +214,8 @@ def fit_grid_operator(
     its validation split (:data:`VALIDATION_FRACTION`, :data:`SPLIT_SEED`) takes random
     samples, or with ``groups`` (one id per sample, the same on every rank, e.g. its
     trajectory) whole groups: those of :func:`held_out_groups`. A positive ``weight_decay``
-    replaces Adam by :class:`torch.optim.AdamW` with that decoupled weight decay.
+    replaces Adam by :class:`torch.optim.AdamW` with that decoupled weight decay;
+    ``progress`` shows the fit's progress bar (on rank 0).
     """
     data = (np.asarray(fields_x), np.asarray(fields_y)) if comm.rank == 0 else None
     all_x, all_y = comm.bcast(data, root=0)
@@ -225,7 +227,7 @@ def fit_grid_operator(
         operator, shard(all_x.astype(np.float32), comm), shard(all_y.astype(np.float32), comm),
         grid=True, comm=comm, epochs=epochs, batch_size=8, chunk_size=8, patience=20,
         normalize_targets=True, seed=SPLIT_SEED, validation_fraction=VALIDATION_FRACTION,
-        progress=False, groups=local_groups, **optimizer,
+        progress=progress, groups=local_groups, **optimizer,
     )  # fmt: skip
     mno.save_model(path, result.model, spec=spec, comm=comm)
     return result

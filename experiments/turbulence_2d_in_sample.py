@@ -482,6 +482,7 @@ def fit_mno(modes: int, fields_x: list, fields_y: list, path: Path, groups=None)
     operator_fit = fit_grid_operator(
         operator, fields_x, fields_y, epochs=config["fno_epochs"], spec=grid_spec(grid),
         path=path, comm=comm, groups=groups, weight_decay=args.weight_decay,
+        progress=not args.quick,
     )  # fmt: skip
     history = operator_fit.history
     return {
