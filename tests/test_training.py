@@ -336,24 +336,26 @@ def test_an_epoch_does_not_keep_each_minibatch_gradients():
     the gathered gradients of every chunk, 36 MB for an FNO, until the epoch ended: fitting
     an FNO to 2,952 fields ran out of memory). A rank holding no sample takes part."""
     comm = MPI.COMM_WORLD
-    model_size = 2 * 200 + 200 + 200 * 200 + 200 + 200 + 1  # MLP(2, 1, [200, 200])
+    model_size = sum(p.numel() for p in MLP(2, 1, [200, 200]).parameters())
 
-    def peak_of_one_epoch(num_samples, traced=True):
+    def one_epoch(num_samples):
         x, y = known_function(num_samples)
         # Under MPI, rank 0 holds no sample.
         shares = [np.arange(0)] * (comm.size > 1) + np.array_split(
             np.arange(num_samples), max(comm.size - 1, 1)
         )
         mine = shares[comm.rank]
-        if traced:
-            tracemalloc.start()
         fit(MLP(2, 1, [200, 200], seed=0), x[mine], y[mine], epochs=1, batch_size=4,
             chunk_size=1, normalize=False, progress=False)  # fmt: skip
+
+    def peak_of_one_epoch(num_samples):
+        tracemalloc.start()
+        one_epoch(num_samples)
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         return comm.allreduce(peak, op=MPI.MAX)
 
-    peak_of_one_epoch(60, traced=False)  # the first fit's one-time allocations, untraced
+    one_epoch(60)  # the first fit's one-time allocations, untraced
     small, large = peak_of_one_epoch(60), peak_of_one_epoch(180)
     # 24 more minibatches of 4 chunks: 24 × 4 × 8 B × model_size ≈ 31 MB if each minibatch's
     # gradients were kept (they were: 31.5 MB); measured now: 35 kB apart (serial).
