@@ -24,6 +24,7 @@ EXPERIMENTS = [
     "transient_diffusion_results.py",
     "turbulence_2d_data_scaling.py",
     "turbulence_2d_mirror_check.py",
+    "turbulence_2d_skill.py",
 ]
 
 
@@ -335,3 +336,84 @@ def test_state_mirror_commutes_with_the_step():
     np.testing.assert_array_equal(mirror(mirror(start)), start)
     with pytest.raises(ValueError, match="no mirror image"):
         data.StateMirror(VorticityFlow(8, 0.02, data.NU, name="default").W)
+
+
+def _skill_summary(path: Path, seed: int, factors: dict, explained: float, **config) -> Path:
+    """A summary of ``turbulence_2d_in_sample.py`` with only what the skill plot reads."""
+    import json
+
+    runs = {"no closure, 16²": {"resolution_factor": 1.0, "factor_is_lower_bound": False}}
+    for name, (factor, bound) in factors.items():
+        runs[name] = {"resolution_factor": factor, "factor_is_lower_bound": bound}
+    summary = {
+        "quick": False,
+        "config": {"test_seed": seed, "coarse": 16} | config,
+        "runs": runs,
+        "variance_explained": {"MNO": explained},
+    }
+    path.write_text(json.dumps(summary))
+    return path
+
+
+def _run_skill(argv: list[str]) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(EXPERIMENT_DIR / "turbulence_2d_skill.py"), *argv]
+    return subprocess.run(
+        command, env=_child_environment(), capture_output=True, text=True, timeout=300
+    )
+
+
+def test_skill_averages_the_factors_over_test_seeds(tmp_path):
+    """``turbulence_2d_skill.py``: per share of τ explained, the mean resolution factor over
+    the test seeds and its standard error; the exact τ counts as a share of 1, a factor
+    beyond the ladder is kept as 4 and flagged; the learned closure gets its mean share."""
+    import json
+
+    if MPI.COMM_WORLD.size > 1:
+        pytest.skip("experiment tests start their own processes; run them serially")
+    half, exact = "oracle τ, 0.5 of its variance", "oracle τ"
+    first = _skill_summary(
+        tmp_path / "a.json", 5, {half: (1.1, False), exact: (4.0, True), "MNO": (1.05, False)}, 0.4
+    )
+    second = _skill_summary(
+        tmp_path / "b.json",
+        101,
+        {half: (1.3, False), exact: (3.0, False), "MNO": (1.15, False)},
+        0.5,
+    )
+    result = _run_skill([str(first), str(second), "--output-dir", str(tmp_path / "out")])
+    assert result.returncode == 0, result.stderr
+    skill = json.loads((tmp_path / "out" / "skill.json").read_text())
+    assert skill["test_seeds"] == [5, 101]
+    (a, b) = skill["oracle"]
+    assert a["fraction_explained"] == 0.5 and a["mean_factor"] == pytest.approx(1.2)
+    # The standard error of two values is |x − y| / 2.
+    assert a["standard_error"] == pytest.approx(0.1) and a["lower_bounds"] == [False, False]
+    assert b["fraction_explained"] == 1.0 and b["mean_factor"] == pytest.approx(3.5)
+    assert b["lower_bounds"] == [True, False]
+    (mno,) = skill["learned"]
+    assert mno["mean_fraction_explained"] == pytest.approx(0.45)
+    assert mno["mean_factor"] == pytest.approx(1.1) and mno[
+        "factor_standard_error"
+    ] == pytest.approx(0.05)
+    assert (tmp_path / "out" / "skill.png").stat().st_size > 10_000
+    assert "≥ on 1 of 2 seeds" in result.stdout
+
+
+def test_skill_refuses_summaries_that_do_not_compare(tmp_path):
+    """The same test seed twice, or runs with other settings, are refused by name."""
+    if MPI.COMM_WORLD.size > 1:
+        pytest.skip("experiment tests start their own processes; run them serially")
+    runs = {"oracle τ": (4.0, True)}
+    first = _skill_summary(tmp_path / "a.json", 5, runs, 0.4, fno_modes=[32])
+    again = _skill_summary(tmp_path / "b.json", 5, runs, 0.4, fno_modes=[32])
+    other = _skill_summary(tmp_path / "c.json", 101, runs, 0.4, fno_modes=[64])
+    plain = _skill_summary(tmp_path / "d.json", 102, {}, 0.4, fno_modes=[32])
+    for argv, message in [
+        ([first, again], "each summary must be a different test seed, got test seeds [5, 5]"),
+        ([first, other], "c.json differs from a.json in ['fno_modes']"),
+        ([first, plain], "no oracle run common to every summary"),
+        ([first, tmp_path / "none.json"], "missing summaries"),
+    ]:
+        result = _run_skill([str(p) for p in argv] + ["--output-dir", str(tmp_path / "out")])
+        assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
