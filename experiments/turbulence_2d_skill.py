@@ -117,33 +117,33 @@ def mean_and_error(values: list[float]) -> tuple[float, float]:
     return float(array.mean()), float(error)
 
 
-oracles = []
-for fraction in fractions:
-    pairs = [factor(degraded_runs(s)[fraction]) for s in summaries]
-    mean, error = mean_and_error([f for f, _ in pairs])
-    oracles.append(
-        {
-            "fraction_explained": fraction,
-            "factors": [f for f, _ in pairs],
-            "lower_bounds": [bound for _, bound in pairs],
-            "mean_factor": mean,
-            "standard_error": error,
-        }
-    )
+def factors_of(runs: list[dict]) -> dict:
+    """The runs' resolution factors, which are lower bounds, their mean and its error."""
+    factors, bounds = zip(*(factor(run) for run in runs), strict=True)
+    mean, error = mean_and_error(list(factors))
+    return {
+        "factors": list(factors),
+        "lower_bounds": list(bounds),
+        "mean_factor": mean,
+        "factor_standard_error": error,
+    }
+
+
+oracle_runs = [degraded_runs(s) for s in summaries]
+oracles = [
+    {"fraction_explained": fraction} | factors_of([runs[fraction] for runs in oracle_runs])
+    for fraction in fractions
+]
 closures = []
 for name in learned:
     shares = [float(s["variance_explained"][name]) for s in summaries]
-    pairs = [factor(s["runs"][name]) for s in summaries]
     closures.append(
         {
             "name": name,
             "fractions_explained": shares,
-            "factors": [f for f, _ in pairs],
-            "lower_bounds": [bound for _, bound in pairs],
             "mean_fraction_explained": mean_and_error(shares)[0],
-            "mean_factor": mean_and_error([f for f, _ in pairs])[0],
-            "factor_standard_error": mean_and_error([f for f, _ in pairs])[1],
         }
+        | factors_of([s["runs"][name] for s in summaries])
     )
 output = output_folder(args.output_dir.name, root=args.output_dir.parent)
 result = {
@@ -162,7 +162,7 @@ for row in oracles:
     label = "exact τ" if row["fraction_explained"] == 1.0 else "unbiased closure"
     log(
         f"{label + ', ' + format(row['fraction_explained'], '.2f'):>40} | "
-        f"{row['mean_factor']:.2f} ± {row['standard_error']:.2f}{note}"
+        f"{row['mean_factor']:.2f} ± {row['factor_standard_error']:.2f}{note}"
     )
 for row in closures:
     log(
@@ -184,7 +184,7 @@ for i in range(len(seeds)):
 axes.errorbar(
     [row["fraction_explained"] for row in oracles],
     [row["mean_factor"] for row in oracles],
-    yerr=[row["standard_error"] for row in oracles],
+    yerr=[row["factor_standard_error"] for row in oracles],
     marker="o", color="k", capsize=3, zorder=3,
     label=f"unbiased closure (exact τ + noise), mean of {len(seeds)} seeds",
 )  # fmt: skip

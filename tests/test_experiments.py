@@ -387,7 +387,7 @@ def test_skill_averages_the_factors_over_test_seeds(tmp_path):
     (a, b) = skill["oracle"]
     assert a["fraction_explained"] == 0.5 and a["mean_factor"] == pytest.approx(1.2)
     # The standard error of two values is |x − y| / 2.
-    assert a["standard_error"] == pytest.approx(0.1) and a["lower_bounds"] == [False, False]
+    assert a["factor_standard_error"] == pytest.approx(0.1) and a["lower_bounds"] == [False, False]
     assert b["fraction_explained"] == 1.0 and b["mean_factor"] == pytest.approx(3.5)
     assert b["lower_bounds"] == [True, False]
     (mno,) = skill["learned"]
